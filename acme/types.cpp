@@ -1,0 +1,18 @@
+#include "acme/types.h"
+
+#include <arpa/inet.h>
+
+#include <string>
+
+namespace autotls::acme {
+
+Identifier identifier_for(std::string_view name) {
+  std::string s(name);
+  unsigned char buf[16];
+  if (inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1) {
+    return Identifier::ip(std::move(s));
+  }
+  return Identifier::dns(std::move(s));
+}
+
+}  // namespace autotls::acme

@@ -1,0 +1,22 @@
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace autotls::acme {
+
+// Identifier is an ACME identifier (RFC 8555 §9.7.7): type "dns" (RFC 8555) or "ip" (RFC 8738).
+struct Identifier {
+  std::string type;
+  std::string value;
+
+  static Identifier dns(std::string name) { return {"dns", std::move(name)}; }
+  static Identifier ip(std::string address) { return {"ip", std::move(address)}; }
+  bool operator==(const Identifier&) const = default;
+};
+
+// identifier_for picks "ip" for an IPv4/IPv6 literal and "dns" for anything else.
+Identifier identifier_for(std::string_view name);
+
+}  // namespace autotls::acme
