@@ -165,8 +165,8 @@ class Client {
   Result<Authorization> deactivate_authorization(const std::string& url);
   // finalize submits the DER CSR (RFC 8555 §7.4) and returns the order as answered.
   Result<Order> finalize(const Order& order, std::string_view csr_der);
-  // poll_order waits until the order leaves "pending"/"processing" (or "ready" when
-  // wait_ready_only is false).
+  // poll_order waits until the order leaves "pending" and "processing" (that is, until it is
+  // "ready", "valid" or "invalid").
   Result<Order> poll_order(const std::string& url);
   Result<CertificateChain> download_certificate(const std::string& url);
 
@@ -197,6 +197,9 @@ class Client {
  private:
   explicit Client(ClientOptions options);
   Result<HttpResponse> get(std::string_view op, const std::string& url);
+  Result<HttpResponse> post_impl(std::string_view op, const std::string& url,
+                                 std::string_view payload, const Signer* signer_override,
+                                 bool use_jwk, std::string_view accept);
   Result<std::string> take_nonce(std::string_view op);
   void keep_nonce(const HttpResponse& response);
   bool wait(std::chrono::milliseconds d) const;

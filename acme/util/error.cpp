@@ -30,11 +30,8 @@ bool Error::retryable() const {
     case Errc::timeout:
       return true;
     case Errc::protocol:
-      if (problem) {
-        if (problem->is("rateLimited") || problem->is("badNonce")) return true;
-        return problem->status >= 500;
-      }
-      return false;
+      if (problem && (problem->is("rateLimited") || problem->is("badNonce"))) return true;
+      return http_status >= 500 || (problem && problem->status >= 500);
     default:
       return false;
   }

@@ -55,6 +55,7 @@ struct Error {
   std::string message;
   std::optional<acme::Problem> problem;
   std::optional<std::chrono::seconds> retry_after;
+  int http_status = 0;  // status of the HTTP reply that caused it; 0 when there was none
 
   Error() = default;
   Error(Errc c, std::string m) : code(c), message(std::move(m)) {}
