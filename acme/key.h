@@ -21,6 +21,12 @@ enum class KeyType { ec256, ec384, rsa2048, rsa3072, rsa4096 };
 std::optional<KeyType> parse_key_type(std::string_view name);
 std::string_view to_string(KeyType type);
 
+// jwk_thumbprint is base64url(SHA-256(canonical JSON of the required members)) of a public JWK
+// (RFC 7638 §3): "crv", "kty", "x", "y" for EC; "e", "kty", "n" for RSA; "crv", "kty", "x" for
+// OKP; "k", "kty" for oct. Other members (alg, kid, use) are ignored. Returns an empty string
+// when kty is missing or unknown or a required member is missing or not a string.
+std::string jwk_thumbprint(const nlohmann::json& jwk);
+
 // PrivateKey is an owned EC (P-256/P-384) or RSA private key. Copies share the key.
 class PrivateKey {
  public:
