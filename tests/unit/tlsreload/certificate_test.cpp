@@ -1,0 +1,267 @@
+#include <doctest/doctest.h>
+
+#include <chrono>
+
+#include "tests/support/fake_clock.h"
+#include "tests/unit/tlsreload/test_ca.h"
+#include "tlsreload/certificate.h"
+#include "tlsreload/detail/intern.h"
+
+#include <openssl/ssl.h>
+
+using namespace autotls;
+using namespace autotls::tlsreload;
+using autotls::testing::FakeClock;
+using autotls::testing::TestCa;
+using autotls::testing::TestKeyType;
+
+namespace {
+
+struct Fixture {
+  FakeClock clock;
+  TestCa ca{"Cert", clock.now()};
+  LoadOptions options() const {
+    LoadOptions o;
+    o.clock = &clock;
+    return o;
+  }
+};
+
+bool contains(const std::string& haystack, std::string_view needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+}  // namespace
+
+TEST_SUITE("tlsreload.certificate") {
+
+TEST_CASE_FIXTURE(Fixture, "certificate parses metadata of a valid ECDSA chain") {
+  auto spec = ca.spec({"WWW.Example.com", "example.com", "*.example.com"});
+  spec.ips = {"192.0.2.7", "2001:db8::1"};
+  auto leaf = ca.issue(spec);
+  auto cert = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, options());
+  REQUIRE_MESSAGE(cert, cert.error().message);
+  const Certificate& c = **cert;
+  CHECK(c.names() == std::vector<std::string>{"www.example.com", "example.com", "*.example.com",
+                                              "192.0.2.7", "2001:db8::1"});
+  CHECK(c.key_kind() == KeyKind::ecdsa);
+  CHECK(c.key_type() == "ec256");
+  CHECK(c.issuer_cn() == "Cert Intermediate");
+  CHECK(c.issuer_dn() == "CN=Cert Intermediate");
+  CHECK(c.chain_length() == 1);
+  CHECK(c.id().size() == 64);
+  CHECK(c.not_before() == std::chrono::time_point_cast<std::chrono::seconds>(spec.not_before));
+  CHECK(c.not_after() == std::chrono::time_point_cast<std::chrono::seconds>(spec.not_after));
+  CHECK_FALSE(c.serial_hex().empty());
+  CHECK(c.serial_hex().find_first_not_of("0123456789abcdef") == std::string::npos);
+
+  // The fingerprint is the SHA-256 of the leaf DER.
+  unsigned char md[32];
+  unsigned int len = 0;
+  X509_digest(leaf.cert.get(), EVP_sha256(), md, &len);
+  CHECK(std::equal(md, md + 32, c.fingerprint().begin()));
+  auto v = c.openssl();
+  CHECK(X509_cmp(v.leaf, leaf.cert.get()) == 0);
+  CHECK(sk_X509_num(v.chain) == 1);
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate accepts every key encoding") {
+  SUBCASE("ec256 sec1") {
+    auto leaf = ca.issue({"a.test"});
+    auto c = Certificate::from_pem(ca.chain_pem(leaf), testing::key_to_pem_traditional(leaf.key.get()), options());
+    REQUIRE_MESSAGE(c, c.error().message);
+    CHECK((*c)->key_type() == "ec256");
+  }
+  SUBCASE("ec384 pkcs8") {
+    auto leaf = ca.issue({"a.test"}, TestKeyType::ec384);
+    auto c = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, options());
+    REQUIRE_MESSAGE(c, c.error().message);
+    CHECK((*c)->key_type() == "ec384");
+  }
+  SUBCASE("rsa pkcs1 and pkcs8") {
+    auto leaf = ca.issue({"a.test"}, TestKeyType::rsa2048);
+    for (const std::string& key : {leaf.key_pem, testing::key_to_pem_traditional(leaf.key.get())}) {
+      auto c = Certificate::from_pem(ca.chain_pem(leaf), key, options());
+      REQUIRE_MESSAGE(c, c.error().message);
+      CHECK((*c)->key_kind() == KeyKind::rsa);
+      CHECK((*c)->key_type() == "rsa2048");
+    }
+  }
+  SUBCASE("text around the blocks is ignored") {
+    auto leaf = ca.issue({"a.test"});
+    auto c = Certificate::from_pem("subject=CN = a.test\n" + ca.chain_pem(leaf) + "\n\n",
+                                   "EC key follows\n" + leaf.key_pem, options());
+    CHECK_MESSAGE(c, c.error().message);
+  }
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate refuses a key that does not match the leaf") {
+  auto leaf = ca.issue({"a.test"});
+  auto other = ca.issue({"a.test"});
+  auto c = Certificate::from_pem(ca.chain_pem(leaf), other.key_pem, options());
+  REQUIRE_FALSE(c);
+  CHECK(c.error().code == Errc::invalid_input);
+  CHECK(c.error().message == "private key does not match the leaf certificate");
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate refuses an expired leaf") {
+  auto spec = ca.spec({"a.test"});
+  spec.not_before = clock.now() - std::chrono::hours(24 * 100);
+  spec.not_after = clock.now() - std::chrono::seconds(1);
+  auto leaf = ca.issue(spec);
+  auto c = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, options());
+  REQUIRE_FALSE(c);
+  CHECK_MESSAGE(contains(c.error().message, "leaf certificate expired"), c.error().message);
+  // The same certificate was fine a day earlier: the injected clock decides.
+  clock.advance(-std::chrono::hours(24));
+  CHECK(Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, options()));
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate refuses a not yet valid leaf unless allowed") {
+  auto spec = ca.spec({"a.test"});
+  spec.not_before = clock.now() + std::chrono::hours(2);
+  auto leaf = ca.issue(spec);
+  auto c = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, options());
+  REQUIRE_FALSE(c);
+  CHECK_MESSAGE(contains(c.error().message, "not yet valid"), c.error().message);
+  LoadOptions o = options();
+  o.allow_not_yet_valid = true;
+  CHECK(Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, o));
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate refuses a broken chain") {
+  auto leaf = ca.issue({"a.test"});
+  SUBCASE("wrong order") {
+    auto c = Certificate::from_pem(leaf.cert_pem + ca.root().cert_pem + ca.intermediate().cert_pem,
+                                   leaf.key_pem, options());
+    REQUIRE_FALSE(c);
+    CHECK_MESSAGE(contains(c.error().message, "certificate #2 (CN=Cert Root) did not issue "
+                                              "certificate #1 (CN=a.test): issuer name differs"),
+                  c.error().message);
+  }
+  SUBCASE("same names but another CA's key") {
+    TestCa impostor("Cert", clock.now());  // identical subject names, different keys
+    auto c = Certificate::from_pem(leaf.cert_pem + impostor.intermediate().cert_pem, leaf.key_pem,
+                                   options());
+    REQUIRE_FALSE(c);
+    CHECK_MESSAGE(contains(c.error().message, "signature does not verify"), c.error().message);
+  }
+  SUBCASE("full chain up to the root is fine") {
+    auto c = Certificate::from_pem(ca.chain_pem(leaf) + ca.root().cert_pem, leaf.key_pem, options());
+    REQUIRE_MESSAGE(c, c.error().message);
+    CHECK((*c)->chain_length() == 2);
+  }
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate reports garbage truncated and empty input precisely") {
+  auto leaf = ca.issue({"a.test"});
+  std::string chain = ca.chain_pem(leaf);
+  struct Case {
+    std::string what;
+    std::string chain;
+    std::string key;
+    const char* message;
+  };
+  std::vector<Case> cases = {
+      {"empty chain", "", leaf.key_pem, "certificate chain: empty PEM input"},
+      {"blank chain", " \n\t\n", leaf.key_pem, "certificate chain: empty PEM input"},
+      {"garbage chain", "hello, this is not a certificate", leaf.key_pem,
+       "certificate chain: no PEM block found"},
+      {"truncated chain", leaf.cert_pem.substr(0, leaf.cert_pem.size() / 2), leaf.key_pem,
+       "certificate chain: malformed PEM block #1"},
+      {"truncated second block", leaf.cert_pem + ca.intermediate().cert_pem.substr(0, 100),
+       leaf.key_pem, "certificate chain: malformed PEM block #2"},
+      {"bad base64 body", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+       leaf.key_pem, "certificate chain: certificate #1: not a DER certificate"},
+      {"key in the chain file", leaf.key_pem, leaf.key_pem,
+       "certificate chain: certificate #1: unexpected PEM block \"PRIVATE KEY\""},
+      {"empty key", chain, "", "private key: empty PEM input"},
+      {"garbage key", chain, "xyz", "private key: no PEM block found"},
+      {"truncated key", chain, leaf.key_pem.substr(0, leaf.key_pem.size() - 30),
+       "private key: malformed PEM block #1"},
+      {"certificate as key", chain, leaf.cert_pem, "private key: no PRIVATE KEY"},
+      {"two keys", chain, leaf.key_pem + leaf.key_pem, "private key: more than one private key"},
+  };
+  for (const Case& k : cases) {
+    CAPTURE(k.what);
+    auto c = Certificate::from_pem(k.chain, k.key, options());
+    REQUIRE_FALSE(c);
+    CHECK(c.error().code == Errc::invalid_input);
+    CHECK_MESSAGE(c.error().message.starts_with(k.message), c.error().message);
+  }
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate refuses an encrypted key without prompting") {
+  auto leaf = ca.issue({"a.test"});
+  for (const std::string& key : {testing::key_to_pem_encrypted_pkcs8(leaf.key.get()),
+                                 testing::key_to_pem_encrypted_traditional(leaf.key.get())}) {
+    auto c = Certificate::from_pem(ca.chain_pem(leaf), key, options());
+    REQUIRE_FALSE(c);
+    CHECK_MESSAGE(contains(c.error().message, "the key is encrypted"), c.error().message);
+  }
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate refuses a leaf without SANs") {
+  auto leaf = ca.issue(ca.spec({}));
+  auto c = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, options());
+  REQUIRE_FALSE(c);
+  CHECK(c.error().message == "leaf certificate: no dNSName or iPAddress subjectAltName");
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate refuses unusable SAN names") {
+  for (const char* bad : {"a.*.example.com", "f*.example.com", "*.*.example.com", "a..b"}) {
+    CAPTURE(bad);
+    auto leaf = ca.issue({bad});
+    auto c = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, options());
+    REQUIRE_FALSE(c);
+    CHECK(contains(c.error().message, "unusable dNSName"));
+  }
+}
+
+TEST_CASE("certificate lookup name syntax") {
+  CHECK(is_valid_lookup_name("example.com"));
+  CHECK(is_valid_lookup_name("*.example.com"));
+  CHECK(is_valid_lookup_name("xn--bcher-kva.example"));
+  CHECK(is_valid_lookup_name("_acme-challenge.example.com"));
+  CHECK(is_valid_lookup_name("2001:db8::1"));
+  CHECK(is_valid_lookup_name("localhost"));
+  CHECK_FALSE(is_valid_lookup_name(""));
+  CHECK_FALSE(is_valid_lookup_name("*."));
+  CHECK_FALSE(is_valid_lookup_name("*"));
+  CHECK_FALSE(is_valid_lookup_name("Example.com"));  // keys are lower-case
+  CHECK_FALSE(is_valid_lookup_name("bücher.example"));
+  CHECK_FALSE(is_valid_lookup_name("a..b"));
+  CHECK_FALSE(is_valid_lookup_name("a.b."));
+  CHECK_FALSE(is_valid_lookup_name(std::string(64, 'a') + ".com"));
+  CHECK_FALSE(is_valid_lookup_name("::zz"));
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate intermediates are interned and freed") {
+  std::size_t before = detail::interned_count_for_test();
+  auto l1 = ca.issue({"one.test"});
+  auto l2 = ca.issue({"two.test"});
+  auto c1 = Certificate::from_pem(ca.chain_pem(l1), l1.key_pem, options());
+  auto c2 = Certificate::from_pem(ca.chain_pem(l2), l2.key_pem, options());
+  REQUIRE(c1);
+  REQUIRE(c2);
+  X509* i1 = sk_X509_value((*c1)->openssl().chain, 0);
+  X509* i2 = sk_X509_value((*c2)->openssl().chain, 0);
+  CHECK(i1 == i2);  // one parsed copy shared by both leaves
+  CHECK((*c1)->openssl().leaf != (*c2)->openssl().leaf);
+  CHECK(detail::interned_count_for_test() == before + 1);
+
+  TestCa other("Other", clock.now());
+  auto l3 = other.issue({"three.test"});
+  auto c3 = Certificate::from_pem(other.chain_pem(l3), l3.key_pem, options());
+  REQUIRE(c3);
+  CHECK(sk_X509_value((*c3)->openssl().chain, 0) != i1);
+  CHECK(detail::interned_count_for_test() == before + 2);
+
+  // Weak references: once no certificate uses an intermediate, it leaves the table.
+  c1 = fail(Errc::invalid_input, "dropped");
+  c2 = fail(Errc::invalid_input, "dropped");
+  c3 = fail(Errc::invalid_input, "dropped");
+  CHECK(detail::interned_count_for_test() == before);
+}
+
+}  // TEST_SUITE

@@ -1,0 +1,215 @@
+#include <doctest/doctest.h>
+
+#include "tests/support/fake_clock.h"
+#include "tests/unit/tlsreload/test_ca.h"
+#include "tlsreload/store.h"
+
+using namespace autotls;
+using namespace autotls::tlsreload;
+using autotls::testing::FakeClock;
+using autotls::testing::TestCa;
+using autotls::testing::TestKeyType;
+
+namespace {
+
+struct Fixture {
+  FakeClock clock;
+  TestCa ca{"Store", clock.now()};
+  CertStore store;
+
+  std::shared_ptr<const Certificate> make(std::vector<std::string> names,
+                                          TestKeyType key = TestKeyType::ec256) {
+    auto leaf = ca.issue(std::move(names), key);
+    LoadOptions o;
+    o.clock = &clock;
+    auto c = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, o);
+    REQUIRE_MESSAGE(c, c.error().message);
+    return *c;
+  }
+  std::shared_ptr<const Certificate> put(std::vector<std::string> names,
+                                         TestKeyType key = TestKeyType::ec256) {
+    auto c = make(std::move(names), key);
+    REQUIRE(store.publish(c));
+    return c;
+  }
+  std::string served(std::string_view sni, bool ecdsa = true) {
+    auto c = store.lookup(sni, ecdsa);
+    return c ? c->names().front() : std::string("<none>");
+  }
+};
+
+}  // namespace
+
+TEST_SUITE("tlsreload.store") {
+
+TEST_CASE_FIXTURE(Fixture, "store matches exact names case-insensitively and ignores a trailing dot") {
+  put({"example.com", "www.example.com"});
+  put({"other.test"});
+  CHECK(served("example.com") == "example.com");
+  CHECK(served("WWW.EXAMPLE.COM") == "example.com");
+  CHECK(served("Www.Example.Com.") == "example.com");
+  CHECK(served("other.test") == "other.test");
+  CHECK(served("other.test..") == "<none>");
+  CHECK(served("nope.test") == "<none>");
+  CHECK(served("") == "<none>");
+  CHECK(served(".example.com") == "<none>");  // never reaches a wildcard key directly
+  CHECK(served(std::string(300, 'a')) == "<none>");
+}
+
+TEST_CASE_FIXTURE(Fixture, "store wildcard covers exactly one label") {
+  put({"*.example.com"});
+  CHECK(served("a.example.com") == "*.example.com");
+  CHECK(served("A.Example.COM.") == "*.example.com");
+  CHECK(served("a.b.example.com") == "<none>");
+  CHECK(served("example.com") == "<none>");
+  CHECK(served("*.example.com") == "<none>");  // a literal "*" is not a valid SNI byte
+  put({"api.example.com"});
+  CHECK(served("api.example.com") == "api.example.com");  // exact beats wildcard
+  CHECK(served("www.example.com") == "*.example.com");
+}
+
+TEST_CASE_FIXTURE(Fixture, "store serves punycode IDN names as ASCII") {
+  put({"xn--bcher-kva.example"});
+  CHECK(served("xn--bcher-kva.example") == "xn--bcher-kva.example");
+  CHECK(served("XN--BCHER-KVA.example") == "xn--bcher-kva.example");
+  CHECK(served("bücher.example") == "<none>");  // U-labels are the client's job to convert
+}
+
+TEST_CASE_FIXTURE(Fixture, "store falls back to the default certificate") {
+  put({"a.test"});
+  auto def = make({"default.test"});
+  CHECK(served("zzz.test") == "<none>");
+  REQUIRE(store.set_default(def));
+  CHECK(served("zzz.test") == "default.test");
+  CHECK(served("") == "default.test");
+  CHECK(served("bad name!") == "default.test");
+  CHECK(served("a.test") == "a.test");
+  CHECK(store.snapshot()->default_pair().ecdsa == def);
+  store.clear_default();
+  CHECK(served("zzz.test") == "<none>");
+}
+
+TEST_CASE_FIXTURE(Fixture, "store picks ECDSA or RSA by client support") {
+  auto ec = put({"dual.test"});
+  auto rsa = put({"dual.test"}, TestKeyType::rsa2048);
+  CHECK(store.lookup("dual.test", true) == ec);
+  CHECK(store.lookup("dual.test", false) == rsa);
+
+  SUBCASE("a step with only the other family defers to a usable later step") {
+    put({"ec-only.example.com"});
+    put({"*.example.com"}, TestKeyType::rsa2048);
+    CHECK(store.lookup("ec-only.example.com", true)->names().front() == "ec-only.example.com");
+    CHECK(store.lookup("ec-only.example.com", false)->names().front() == "*.example.com");
+  }
+  SUBCASE("with nothing usable the first match is served anyway") {
+    put({"only-ec.test"});
+    CHECK(store.lookup("only-ec.test", false)->names().front() == "only-ec.test");
+  }
+}
+
+TEST_CASE_FIXTURE(Fixture, "store publish replaces per name and key family and counts") {
+  auto v1 = put({"a.test", "b.test"});
+  CHECK(store.version() == 2);
+  CHECK(store.counters().publish_ok == 1);
+  auto v2 = put({"a.test"});  // renewal that dropped b.test
+  CHECK(store.lookup("a.test") == v2);
+  CHECK(store.lookup("b.test") == v1);  // v1 still holds b.test
+  auto snap = store.snapshot();
+  CHECK(snap->certificates().size() == 2);
+  CHECK(snap->name_count() == 2);
+
+  // Re-publishing what is already there is a no-op without a new version.
+  auto version = store.version();
+  REQUIRE(store.publish(v2));
+  CHECK(store.version() == version);
+  CHECK(store.counters().publish_ok == 3);
+}
+
+TEST_CASE_FIXTURE(Fixture, "store publish failure leaves the store unchanged and counts") {
+  auto good = put({"a.test"});
+  auto before = store.snapshot();
+  auto bad_leaf = ca.issue({"a.test"});
+  auto other = ca.issue({"a.test"});
+  LoadOptions o;
+  o.clock = &clock;
+  auto r = store.publish_pem(ca.chain_pem(bad_leaf), other.key_pem, o);  // mismatched key
+  REQUIRE_FALSE(r);
+  CHECK(r.error().message == "publish: private key does not match the leaf certificate");
+  CHECK_FALSE(store.publish(nullptr));
+  CHECK(store.counters().publish_failed == 2);
+  CHECK(store.counters().publish_ok == 1);
+  CHECK(store.snapshot() == before);  // not even a new version
+  CHECK(store.lookup("a.test") == good);
+
+  // Bad first, then good: the good one goes in.
+  auto ok = store.publish_pem(ca.chain_pem(other), other.key_pem, o);
+  REQUIRE(ok);
+  CHECK(store.lookup("a.test") == *ok);
+}
+
+TEST_CASE_FIXTURE(Fixture, "store remove by id and by name") {
+  auto a = put({"a.test", "*.a.test"});
+  auto b = put({"b.test"});
+  auto b_rsa = put({"b.test"}, TestKeyType::rsa2048);
+  REQUIRE(store.remove(a->id()));
+  CHECK(served("a.test") == "<none>");
+  CHECK(served("x.a.test") == "<none>");
+  CHECK_FALSE(store.remove(a->id()));
+  CHECK(store.counters().remove_failed == 1);
+
+  REQUIRE(store.remove_name("B.TEST."));
+  CHECK(store.lookup("b.test", true) == nullptr);
+  CHECK(store.lookup("b.test", false) == nullptr);
+  CHECK(store.snapshot()->certificates().empty());
+  CHECK(store.snapshot()->name_count() == 0);
+  CHECK_FALSE(store.remove_name("b.test"));
+
+  auto w = put({"*.w.test"});
+  REQUIRE(store.remove_name("*.w.test"));
+  CHECK(served("x.w.test") == "<none>");
+
+  // A certificate replaced on all its names has left the store: its id is gone.
+  auto c1 = put({"c.test"});
+  put({"c.test"});
+  CHECK_FALSE(store.remove(c1->id()));
+
+  // Removing the default by id.
+  auto d = make({"d.test"});
+  REQUIRE(store.set_default(d));
+  REQUIRE(store.remove(d->id()));
+  CHECK(served("anything") == "<none>");
+  (void)b;
+  (void)b_rsa;
+  (void)w;
+}
+
+TEST_CASE_FIXTURE(Fixture, "store snapshot held by a handshake survives later changes") {
+  auto a = put({"a.test"});
+  auto snap = store.snapshot();
+  std::weak_ptr<const Certificate> weak = a;
+  REQUIRE(store.remove(a->id()));
+  a.reset();
+  const auto* found = snap->find("a.test", true);
+  REQUIRE(found);
+  CHECK((*found)->names().front() == "a.test");
+  CHECK_FALSE(weak.expired());
+  snap.reset();
+  store.lookup("refresh-this-thread-cache");  // the thread cache held the old snapshot too
+  CHECK(weak.expired());
+}
+
+TEST_CASE_FIXTURE(Fixture, "store handles many names across shards") {
+  std::vector<std::shared_ptr<const Certificate>> certs;
+  for (int i = 0; i < 300; ++i) certs.push_back(put({"host" + std::to_string(i) + ".test"}));
+  CHECK(store.snapshot()->name_count() == 300);
+  for (int i = 0; i < 300; ++i) {
+    REQUIRE(store.lookup("host" + std::to_string(i) + ".test") == certs[i]);
+  }
+  CHECK(store.version() == 301);
+  // Lookups through two stores on one thread do not mix up the thread-local caches.
+  CertStore other;
+  CHECK(other.lookup("host1.test") == nullptr);
+  CHECK(store.lookup("host1.test") == certs[1]);
+}
+
+}  // TEST_SUITE

@@ -1,0 +1,66 @@
+#pragma once
+
+// Loading certificates from disk: certbot's layout and explicit cert/key pairs.
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "acme/util/error.h"
+#include "tlsreload/certificate.h"
+
+namespace autotls::tlsreload {
+
+class CertStore;
+
+// CertKeyPaths names one certificate chain file and its private key file.
+struct CertKeyPaths {
+  std::filesystem::path chain;  // leaf first, then intermediates (fullchain.pem)
+  std::filesystem::path key;    // privkey.pem
+};
+
+// LoadFailure is one file that could not be used: its path and why.
+struct LoadFailure {
+  std::filesystem::path path;
+  Error error;
+};
+
+// LoadReport is what a bulk load produced: the good certificates and each bad file. One bad
+// file never stops the others from loading.
+struct LoadReport {
+  std::vector<std::shared_ptr<const Certificate>> certificates;
+  std::vector<LoadFailure> failures;
+};
+
+// load_pair reads and validates one chain + key pair (Certificate::from_pem). Files larger
+// than 1 MiB are refused. Errors are prefixed with the path they concern.
+[[nodiscard]] Result<std::shared_ptr<const Certificate>> load_pair(const CertKeyPaths& paths,
+                                                                   const LoadOptions& options = {});
+
+// load_pairs loads each pair; failures are collected, not fatal.
+LoadReport load_pairs(const std::vector<CertKeyPaths>& pairs, const LoadOptions& options = {});
+
+// find_certbot_pairs lists the pairs of a certbot-style directory, in name order:
+// <dir>/<name>/{fullchain.pem,privkey.pem} and <dir>/live/<name>/{fullchain.pem,privkey.pem}
+// (certbot's live/ files are symlinks into archive/; they are followed). A subdirectory with
+// neither file is not a certificate directory and is skipped silently (archive/, renewal/...);
+// one with only one of the two is reported in failures. Fails only when dir itself cannot be
+// listed.
+struct DirectoryScan {
+  std::vector<CertKeyPaths> pairs;
+  std::vector<LoadFailure> failures;
+};
+[[nodiscard]] Result<DirectoryScan> find_certbot_pairs(const std::filesystem::path& dir);
+
+// load_directory is find_certbot_pairs followed by load_pairs.
+// TODO(store): watch the directory (inotify) and reload changed pairs; parallel loading for
+// the 100,000-certificates-in-2-seconds target.
+[[nodiscard]] Result<LoadReport> load_directory(const std::filesystem::path& dir,
+                                                const LoadOptions& options = {});
+
+// publish_all publishes every certificate of report into store. A certificate the store
+// refuses is moved to report.failures (with an empty path). Returns how many were published.
+std::size_t publish_all(CertStore& store, LoadReport& report);
+
+}  // namespace autotls::tlsreload

@@ -1,0 +1,181 @@
+#include "tlsreload/openssl_hook.h"
+
+#include <mutex>
+
+#include <openssl/ssl.h>
+#include <openssl/tls1.h>
+
+#include "acme/util/openssl.h"
+#include "tlsreload/detail/client_hello.h"
+
+namespace autotls::tlsreload {
+namespace {
+
+struct HookState {
+  std::shared_ptr<CertStore> store;
+  AttachOptions options;
+};
+
+void free_state(void* /*parent*/, void* ptr, CRYPTO_EX_DATA* /*ad*/, int /*idx*/, long /*argl*/,
+                void* /*argp*/) {
+  delete static_cast<HookState*>(ptr);
+}
+
+int state_index() {
+  static const int index = SSL_CTX_get_ex_new_index(0, nullptr, nullptr, nullptr, free_state);
+  return index;
+}
+
+detail::Bytes ext_bytes(const unsigned char* p, std::size_t n) { return {p, n}; }
+
+bool offers_ecdsa_cipher_suite(SSL* ssl) {
+  const unsigned char* p = nullptr;
+  std::size_t len = SSL_client_hello_get0_ciphers(ssl, &p);
+  for (std::size_t i = 0; i + 1 < len; i += 2) {
+    const SSL_CIPHER* c = SSL_CIPHER_find(ssl, p + i);
+    if (c && SSL_CIPHER_get_auth_nid(c) == NID_auth_ecdsa) return true;
+  }
+  return false;
+}
+
+// client_supports_ecdsa decides which key family to serve.
+bool client_supports_ecdsa(SSL* ssl) {
+  const unsigned char* p = nullptr;
+  std::size_t n = 0;
+  bool ecdsa_sigalg = true;
+  if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_signature_algorithms, &p, &n) == 1) {
+    // A malformed list is treated as "RSA only": the conservative answer.
+    if (!detail::sigalgs_offer_ecdsa(ext_bytes(p, n), ecdsa_sigalg)) return false;
+  }
+  // Without the extension RFC 5246 §7.4.1.4.1 has the server "behave as if client had sent the
+  // value {sha1,ecdsa}" (TLS 1.3 clients always send it), so ecdsa_sigalg stays true.
+  if (!ecdsa_sigalg) return false;
+  // TLS 1.3 suites do not name the certificate type; in TLS 1.2 the client must also offer an
+  // ECDHE_ECDSA suite, or an ECDSA certificate leaves no cipher suite to agree on.
+  bool tls13 = false;
+  if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_supported_versions, &p, &n) == 1 &&
+      detail::versions_offer_tls13(ext_bytes(p, n), tls13) && tls13) {
+    return true;
+  }
+  return offers_ecdsa_cipher_suite(ssl);
+}
+
+bool use_certificate(SSL* ssl, const Certificate& cert) {
+  OpenSslView v = cert.openssl();
+  // override=1 replaces whatever the SSL_CTX configured. OpenSSL takes its own references to
+  // the leaf, key and each chain certificate, so the Certificate may go away after this.
+  if (SSL_use_cert_and_key(ssl, v.leaf, v.key, v.chain, 1) != 1) {
+    ossl::drain_errors();
+    return false;
+  }
+  return true;
+}
+
+int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
+  // No exception may unwind into OpenSSL's C frames.
+  try {
+    const auto* state = static_cast<const HookState*>(arg);
+    const unsigned char* p = nullptr;
+    std::size_t n = 0;
+    std::string_view sni;
+    if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_server_name, &p, &n) == 1 &&
+        !detail::parse_server_name(ext_bytes(p, n), sni)) {
+      *alert = SSL_AD_DECODE_ERROR;
+      return SSL_CLIENT_HELLO_ERROR;
+    }
+
+    if (state->options.alpn_challenge &&
+        SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_application_layer_protocol_negotiation, &p,
+                                  &n) == 1) {
+      bool offered = false;
+      if (!detail::alpn_offers(ext_bytes(p, n), true, kAcmeTlsAlpn, offered)) {
+        *alert = SSL_AD_DECODE_ERROR;
+        return SSL_CLIENT_HELLO_ERROR;
+      }
+      if (offered) {
+        // RFC 8737 §3: answer acme-tls/1 with the challenge certificate for this SNI.
+        std::shared_ptr<const Certificate> challenge = state->options.alpn_challenge(sni);
+        if (!challenge) {
+          *alert = SSL_AD_UNRECOGNIZED_NAME;
+          return SSL_CLIENT_HELLO_ERROR;
+        }
+        if (!use_certificate(ssl, *challenge)) {
+          *alert = SSL_AD_INTERNAL_ERROR;
+          return SSL_CLIENT_HELLO_ERROR;
+        }
+        return SSL_CLIENT_HELLO_SUCCESS;
+      }
+    }
+
+    // The borrowed pointer stays valid until this thread's next lookup; use_certificate takes
+    // OpenSSL references before we return, so the handshake never depends on the store again.
+    const Certificate* cert =
+        state->store->lookup_for_handshake(sni, client_supports_ecdsa(ssl));
+    if (!cert) {
+      *alert = SSL_AD_UNRECOGNIZED_NAME;
+      return SSL_CLIENT_HELLO_ERROR;
+    }
+    if (!use_certificate(ssl, *cert)) {
+      *alert = SSL_AD_INTERNAL_ERROR;
+      return SSL_CLIENT_HELLO_ERROR;
+    }
+    return SSL_CLIENT_HELLO_SUCCESS;
+  } catch (...) {
+    *alert = SSL_AD_INTERNAL_ERROR;
+    return SSL_CLIENT_HELLO_ERROR;
+  }
+}
+
+// on_alpn_select runs after the client-hello callback (OpenSSL processes ALPN when it builds
+// the ServerHello), so acme-tls/1 offered here means the challenge certificate was served.
+int on_alpn_select(SSL* /*ssl*/, const unsigned char** out, unsigned char* outlen,
+                   const unsigned char* in, unsigned int inlen, void* arg) noexcept {
+  try {
+    const auto* state = static_cast<const HookState*>(arg);
+    detail::Bytes list(in, inlen);
+    auto choose = [&](std::string_view proto) {
+      bool offered = false;
+      if (!detail::alpn_offers(list, false, proto, offered) || !offered) return false;
+      // Point into the client's list, which outlives the callback (SSL_select_next_proto does
+      // the same).
+      for (unsigned i = 0; i < inlen;) {
+        unsigned len = in[i];
+        if (std::string_view(reinterpret_cast<const char*>(in + i + 1), len) == proto) {
+          *out = in + i + 1;
+          *outlen = static_cast<unsigned char>(len);
+          return true;
+        }
+        i += 1 + len;
+      }
+      return false;
+    };
+    if (state->options.alpn_challenge && choose(kAcmeTlsAlpn)) return SSL_TLSEXT_ERR_OK;
+    for (const std::string& proto : state->options.alpn_protocols) {
+      if (proto != kAcmeTlsAlpn && choose(proto)) return SSL_TLSEXT_ERR_OK;
+    }
+    return SSL_TLSEXT_ERR_NOACK;
+  } catch (...) {
+    return SSL_TLSEXT_ERR_ALERT_FATAL;
+  }
+}
+
+}  // namespace
+
+Status attach(SSL_CTX* ctx, std::shared_ptr<CertStore> store, AttachOptions options) {
+  if (!ctx || !store) return fail(Errc::invalid_input, "attach: null SSL_CTX or store");
+  int index = state_index();
+  if (index < 0) return fail(ossl::error("attach: SSL_CTX_get_ex_new_index"));
+  if (SSL_CTX_get_ex_data(ctx, index) != nullptr) {
+    return fail(Errc::invalid_input, "attach: this SSL_CTX already has a store attached");
+  }
+  auto state = std::make_unique<HookState>(HookState{std::move(store), std::move(options)});
+  if (SSL_CTX_set_ex_data(ctx, index, state.get()) != 1) {
+    return fail(ossl::error("attach: SSL_CTX_set_ex_data"));
+  }
+  HookState* raw = state.release();  // owned by ctx now: free_state runs in SSL_CTX_free
+  SSL_CTX_set_client_hello_cb(ctx, on_client_hello, raw);
+  SSL_CTX_set_alpn_select_cb(ctx, on_alpn_select, raw);
+  return {};
+}
+
+}  // namespace autotls::tlsreload

@@ -1,0 +1,49 @@
+#pragma once
+
+// attach: serve the certificates of a CertStore from an OpenSSL SSL_CTX, chosen per handshake
+// from the ClientHello (SNI, signature algorithms, ALPN).
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <openssl/types.h>
+
+#include "acme/util/error.h"
+#include "tlsreload/certificate.h"
+#include "tlsreload/store.h"
+
+namespace autotls::tlsreload {
+
+// kAcmeTlsAlpn is the ALPN protocol of the tls-alpn-01 challenge (RFC 8737 §6.2).
+inline constexpr std::string_view kAcmeTlsAlpn = "acme-tls/1";
+
+struct AttachOptions {
+  // alpn_challenge, when set, is consulted for ClientHellos that offer "acme-tls/1" (RFC 8737
+  // §3: the validation server connects with that protocol and the SNI of the identifier). It
+  // returns the challenge certificate for sni, or nullptr, which fails the handshake (a real
+  // certificate would only make the validation fail later). It runs inside the OpenSSL
+  // callback: it MUST be thread-safe, MUST return quickly and MUST NOT throw (a throw fails
+  // the handshake with internal_error). When unset, acme-tls/1 is never selected.
+  std::function<std::shared_ptr<const Certificate>(std::string_view sni)> alpn_challenge;
+  // alpn_protocols are the protocols the ALPN callback may select for ordinary connections,
+  // in server preference order. A client offering none of them gets no ALPN answer.
+  std::vector<std::string> alpn_protocols = {"http/1.1"};
+};
+
+// attach installs a client-hello callback and an ALPN select callback on ctx. On each
+// handshake the callback reads SNI, decides whether the client supports ECDSA, looks the
+// certificate up in store (lock-free) and sets it, with its chain, on the SSL. An unknown name
+// with no default certificate fails the handshake with an unrecognized_name alert; a malformed
+// extension with decode_error. ctx does not need a certificate of its own.
+//
+// attach MUST be called before ctx serves handshakes (a live SSL_CTX is never mutated), and at
+// most once per ctx (a second call fails). ctx owns the store reference and options from then
+// on and releases them in SSL_CTX_free. It replaces any client-hello or ALPN callback already
+// set on ctx.
+[[nodiscard]] Status attach(SSL_CTX* ctx, std::shared_ptr<CertStore> store,
+                            AttachOptions options = {});
+
+}  // namespace autotls::tlsreload

@@ -1,0 +1,178 @@
+#pragma once
+
+// CertStore: the set of certificates a TLS server can present, looked up by SNI on every
+// handshake without locks, and replaced piecemeal by renewals and reloads.
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "acme/util/error.h"
+#include "tlsreload/certificate.h"
+
+namespace autotls::tlsreload {
+
+namespace detail {
+struct Shard;
+struct SnapshotEditor;
+}  // namespace detail
+
+// kShardCount splits the name map so that a publish copies 1/kShardCount of it (about 100
+// entries at 100,000 names) plus an array of kShardCount pointers, never the whole map.
+inline constexpr std::size_t kShardCount = 1024;
+
+// CertPair is what one name (or one wildcard) maps to: at most one certificate per key family.
+struct CertPair {
+  std::shared_ptr<const Certificate> ecdsa;
+  std::shared_ptr<const Certificate> rsa;
+  bool empty() const { return !ecdsa && !rsa; }
+};
+
+// Snapshot is one immutable version of the store's contents. Any number of threads may read
+// it; holding a std::shared_ptr<const Snapshot> keeps every certificate in it alive.
+class Snapshot {
+ public:
+  // version increases by one with each change to the store.
+  std::uint64_t version() const { return version_; }
+
+  // find picks the certificate for a ClientHello:
+  //   1. the exact name;
+  //   2. the wildcard covering exactly the first label (RFC 6125 §6.4.3: "*.example.com"
+  //      matches "a.example.com", not "a.b.example.com" nor "example.com");
+  //   3. the default certificate.
+  // At each step the ECDSA certificate is taken when the client supports ECDSA and the RSA one
+  // otherwise. When a step has only the other family, later steps are tried for a certificate
+  // the client can use; if none has one, the first match found is returned anyway (the client
+  // may still cope; failing here would be certain). sni is compared case-insensitively and a
+  // trailing dot is ignored (RFC 4343; RFC 6066 §3 forbids the dot but clients send it);
+  // a malformed name goes straight to the default. Returns nullptr when nothing matches.
+  // The pointer lives as long as this Snapshot. Does not allocate.
+  const std::shared_ptr<const Certificate>* find(std::string_view sni,
+                                                 bool client_supports_ecdsa) const;
+
+  // certificates lists each distinct certificate once (including the defaults), ordered by id.
+  // O(n): for listing and status pages, not for handshakes.
+  std::vector<std::shared_ptr<const Certificate>> certificates() const;
+
+  // name_count counts the names (exact and wildcard keys) that map to something.
+  std::size_t name_count() const { return name_count_; }
+
+  // default_pair returns the default certificates (served when no name matches).
+  const CertPair& default_pair() const { return default_; }
+
+ private:
+  friend struct detail::SnapshotEditor;
+  Snapshot() = default;
+
+  std::uint64_t version_ = 0;
+  std::size_t name_count_ = 0;
+  CertPair default_;
+  std::array<std::shared_ptr<const detail::Shard>, kShardCount> shards_;
+};
+
+// CertStore maps SNI names to certificates.
+//
+// Concurrency contract: lookups (readers) never lock and never wait for a writer on the common
+// path; writers (publish, remove, set_default) are serialized by a mutex and never block
+// readers. Every reader sees either the old or the new snapshot, never a mix.
+//
+// How readers avoid locks (GCC 12's std::atomic<std::shared_ptr> is not lock-free: it spins on
+// a lock bit): each thread caches a std::shared_ptr<const Snapshot> per store and revalidates
+// it against the store's atomic version counter, one acquire load per lookup. Only when the
+// version changed does the thread refresh its copy, under a mutex that writers hold for one
+// pointer assignment (never while building a snapshot). That is the h2o "generation" scheme.
+// Consequence: a thread keeps its last snapshot (and the certificates in it) alive until its
+// next lookup on any store or its exit.
+class CertStore {
+ public:
+  struct Counters {
+    std::uint64_t publish_ok = 0;      // publish()/publish_pem() calls that took effect
+    std::uint64_t publish_failed = 0;  // refused: invalid PEM, failed validation, bad names
+    std::uint64_t remove_ok = 0;
+    std::uint64_t remove_failed = 0;   // nothing to remove
+    std::uint64_t version = 0;         // snapshot_version
+  };
+
+  CertStore();
+  ~CertStore();
+  CertStore(const CertStore&) = delete;
+  CertStore& operator=(const CertStore&) = delete;
+
+  // publish makes cert the certificate of each of its names for its key family, replacing
+  // whatever held those slots (a certificate replaced on all its names leaves the store).
+  // Other names and the other key family are untouched. Publishing a certificate that already
+  // holds all its slots is a no-op that succeeds without a new version.
+  // Fails (and counts publish_failed, store unchanged) on nullptr or an unusable name.
+  [[nodiscard]] Status publish(std::shared_ptr<const Certificate> cert);
+
+  // publish_pem validates (Certificate::from_pem) and then publishes. On failure the store is
+  // unchanged, publish_failed is counted and the validation Error is returned.
+  [[nodiscard]] Result<std::shared_ptr<const Certificate>> publish_pem(
+      std::string_view chain_pem, std::string_view key_pem, const LoadOptions& options = {});
+
+  // remove takes the certificate with this id (Certificate::id()) off every name it holds and
+  // off the default slot. Fails with Errc::invalid_input if the store does not hold it.
+  [[nodiscard]] Status remove(std::string_view cert_id);
+
+  // remove_name forgets a name (both key families). "*.example.com" removes the wildcard.
+  [[nodiscard]] Status remove_name(std::string_view name);
+
+  // set_default makes cert the default for its key family: served when no name matches (and
+  // to clients that send no SNI). It is not published under its names by this call.
+  [[nodiscard]] Status set_default(std::shared_ptr<const Certificate> cert);
+  // clear_default removes both default certificates.
+  void clear_default();
+
+  // lookup returns the certificate a handshake for sni should present (see Snapshot::find), or
+  // nullptr. Lock-free on the common path; the result stays valid however the store changes.
+  std::shared_ptr<const Certificate> lookup(std::string_view sni,
+                                            bool client_supports_ecdsa = true) const;
+
+  // lookup_for_handshake is lookup() without the reference count: the pointer is borrowed
+  // from this thread's cached snapshot and is valid only until this thread next calls any
+  // lookup function on any CertStore. For the OpenSSL client-hello callback, which copies what
+  // it needs (SSL_use_cert_and_key takes references) before returning.
+  const Certificate* lookup_for_handshake(std::string_view sni, bool client_supports_ecdsa) const;
+
+  // snapshot returns the current snapshot (for listing; a handshake should use lookup).
+  std::shared_ptr<const Snapshot> snapshot() const;
+
+  // version returns the current snapshot's version (starts at 1, +1 per change).
+  std::uint64_t version() const { return version_.load(std::memory_order_acquire); }
+
+  Counters counters() const;
+
+ private:
+  const Snapshot& pinned() const;
+  void commit(std::shared_ptr<const Snapshot> next);  // with write_mu_ held
+
+  const std::uint64_t id_;  // unique per store in the process, keys the thread-local caches
+
+  // Writers. by_id_ maps a certificate id to the certificate and how many slots it holds.
+  std::mutex write_mu_;
+  struct Held {
+    std::shared_ptr<const Certificate> cert;
+    std::size_t slots = 0;
+  };
+  std::unordered_map<std::string, Held> by_id_;
+
+  // The published snapshot. current_mu_ guards only the pointer copy (see class comment).
+  mutable std::mutex current_mu_;
+  std::shared_ptr<const Snapshot> current_;
+  std::atomic<std::uint64_t> version_{0};
+
+  std::atomic<std::uint64_t> publish_ok_{0};
+  std::atomic<std::uint64_t> publish_failed_{0};
+  std::atomic<std::uint64_t> remove_ok_{0};
+  std::atomic<std::uint64_t> remove_failed_{0};
+
+  friend struct detail::SnapshotEditor;
+};
+
+}  // namespace autotls::tlsreload
