@@ -1,0 +1,458 @@
+// Manager against the in-process fake CA: issuance, persistence, loading without a new order,
+// renewal scheduling (ratio and ARI), backoff, refusal of bad certificates, shared storage.
+
+#include <doctest/doctest.h>
+
+#include <sys/stat.h>
+
+#include <atomic>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "acme/ari.h"
+#include "tests/support/fake_acme.h"
+#include "tests/support/fake_clock.h"
+#include "tests/support/pebble_env.h"
+#include "tlsreload/manager.h"
+
+using namespace autotls;
+using namespace autotls::tlsreload;
+using autotls::testing::FakeAcmeServer;
+using autotls::testing::FakeAcmeTransport;
+using autotls::testing::FakeClock;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+namespace {
+
+acme::HttpResponse problem_reply(FakeAcmeServer& ca, int status, const std::string& type,
+                                 acme::HttpHeaders extra = {}) {
+  acme::HttpResponse r;
+  r.status = status;
+  r.headers = std::move(extra);
+  r.headers.emplace_back("Content-Type", "application/problem+json");
+  r.headers.emplace_back("Replay-Nonce", ca.issue_nonce());
+  r.body = nlohmann::json{{"type", "urn:ietf:params:acme:error:" + type}, {"detail", "injected"}}.dump();
+  return r;
+}
+
+struct Env {
+  fs::path dir;
+  FakeClock clock{std::chrono::system_clock::now()};  // the fake CA issues in real time
+  std::shared_ptr<FakeAcmeServer> ca;
+  std::shared_ptr<FakeAcmeTransport> transport;
+  std::shared_ptr<FileStorage> storage;
+  std::shared_ptr<CertStore> certs = std::make_shared<CertStore>();
+  std::shared_ptr<ChallengeStore> challenges = std::make_shared<ChallengeStore>();
+  std::mutex mu;
+  std::vector<ManagerEvent> events;
+
+  explicit Env(FakeAcmeServer::Options o = {}) {
+    std::string tmpl = (fs::temp_directory_path() / "autotls-mgr-XXXXXX").string();
+    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
+    dir = tmpl;
+    ca = std::make_shared<FakeAcmeServer>(o);
+    transport = std::make_shared<FakeAcmeTransport>(ca);
+    storage = std::make_shared<FileStorage>(dir, &clock);
+  }
+  ~Env() {
+    ca->intercept = nullptr;
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+
+  ManagerOptions options() {
+    ManagerOptions o;
+    o.directory_url = ca->directory_url();
+    o.email = "admin@example.test";
+    o.agree_to_terms = true;
+    o.transport = transport;
+    o.clock = &clock;
+    o.rng_seed = 42;
+    o.on_event = [this](const ManagerEvent& e) {
+      std::lock_guard lock(mu);
+      events.push_back(e);
+    };
+    return o;
+  }
+  std::unique_ptr<Manager> manager(std::shared_ptr<CertStore> store = nullptr) {
+    return std::make_unique<Manager>(options(), storage, store ? store : certs, challenges);
+  }
+  std::vector<ManagerEvent::Type> event_types() {
+    std::lock_guard lock(mu);
+    std::vector<ManagerEvent::Type> out;
+    for (auto& e : events) out.push_back(e.type);
+    return out;
+  }
+  std::string file(const std::string& key) {
+    auto v = storage->get(key);
+    REQUIRE(v.has_value());
+    return v->value_or("");
+  }
+  std::string served(const std::string& name) {
+    auto c = certs->lookup(name);
+    return c ? c->id() : std::string();
+  }
+};
+
+mode_t mode_of(const fs::path& p) {
+  struct stat sb {};
+  REQUIRE(::stat(p.c_str(), &sb) == 0);
+  return sb.st_mode & 0777;
+}
+
+FakeAcmeServer::Options no_ari() {
+  FakeAcmeServer::Options o;
+  o.ari = false;
+  return o;
+}
+
+const std::vector<std::string> kNames{"example.com", "www.example.com"};
+
+}  // namespace
+
+TEST_SUITE("tlsreload.manager") {
+
+TEST_CASE("obtains persists publishes and a second manager loads without an order") {
+  Env env;
+  auto m = env.manager();
+  auto st = m->manage(kNames);
+  REQUIRE_MESSAGE(st.has_value(), (st ? "" : st.error().message));
+  CHECK(env.ca->orders().size() == 1);
+  CHECK(env.ca->accounts() == 1);
+  CHECK(m->counters().obtained == 1);
+  std::string id = env.served("www.example.com");
+  REQUIRE_FALSE(id.empty());
+  CHECK(env.served("example.com") == id);
+  CHECK(env.event_types() == std::vector{ManagerEvent::Type::obtained});
+  CHECK(env.challenges->size() == 0);  // cleaned up after validation
+
+  // certbot-style files, the key private, and metadata describing the certificate.
+  fs::path live = env.dir / "live" / "example.com";
+  CHECK(mode_of(live / "privkey.pem") == 0600);
+  CHECK(mode_of(live) == 0700);
+  std::string fullchain = env.file("live/example.com/fullchain.pem");
+  CHECK(fullchain == env.file("live/example.com/cert.pem") + env.file("live/example.com/chain.pem"));
+  auto meta = CertificateState::from_json(env.file("live/example.com/meta.json"));
+  REQUIRE(meta.has_value());
+  CHECK(meta->cert_id == id);
+  CHECK(meta->names == kNames);
+  CHECK_FALSE(meta->ari_id.empty());
+  CHECK(meta->ari_id == acme::ari_cert_id(fullchain).value());
+  CHECK_FALSE(meta->issuer.empty());
+  auto accounts = env.storage->list("accounts");
+  REQUIRE(accounts.has_value());
+  CHECK(accounts->size() == 2);  // account.json + account.key
+  for (const auto& k : *accounts) {
+    if (k.ends_with("account.key")) CHECK(mode_of(env.dir / k) == 0600);
+  }
+
+  // A restart: a new Manager and a new store on the same storage serve the same certificate
+  // and ask the CA for nothing new.
+  auto store2 = std::make_shared<CertStore>();
+  auto m2 = env.manager(store2);
+  REQUIRE(m2->manage(kNames).has_value());
+  CHECK(m2->counters().loaded == 1);
+  auto c2 = store2->lookup("www.example.com");
+  REQUIRE(c2);
+  CHECK(c2->id() == id);
+  CHECK(env.ca->orders().size() == 1);
+  CHECK(env.ca->accounts() == 1);  // the stored account was reused
+  CHECK(env.event_types() == std::vector{ManagerEvent::Type::obtained, ManagerEvent::Type::loaded});
+}
+
+TEST_CASE("manage loads a stored certificate and places no order") {
+  Env env;
+  REQUIRE(env.manager()->manage(kNames).has_value());
+  auto store2 = std::make_shared<CertStore>();
+  auto m2 = env.manager(store2);
+  REQUIRE(m2->manage({"Example.COM", "www.example.com"}).has_value());
+  CHECK(env.ca->orders().size() == 1);
+  CHECK(m2->counters().loaded == 1);
+  CHECK(m2->counters().obtained == 0);
+  REQUIRE(store2->lookup("example.com"));
+  CHECK(store2->lookup("example.com")->id() == env.served("example.com"));
+}
+
+TEST_CASE("a stored certificate that does not cover the names is replaced") {
+  Env env;
+  REQUIRE(env.manager()->manage({"example.com"}).has_value());
+  auto m = env.manager();
+  REQUIRE(m->manage({"example.com", "api.example.com"}).has_value());
+  CHECK(env.ca->orders().size() == 2);
+  CHECK(m->counters().renewed == 1);
+  CHECK_FALSE(env.served("api.example.com").empty());
+}
+
+TEST_CASE("renews at two thirds of the lifetime and not before") {
+  Env env(no_ari());
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  auto old_id = env.served("example.com");
+  auto st = m->state(kNames);
+  REQUIRE(st.has_value());
+  auto lifetime = st->not_after - st->not_before;
+  auto expected = st->not_after - std::chrono::duration_cast<std::chrono::system_clock::duration>(lifetime / 3.0);
+  auto when = m->renewal_time(kNames);
+  REQUIRE(when.has_value());
+  CHECK(std::chrono::abs(*when - expected) < 1s);
+
+  env.clock.advance(std::chrono::duration_cast<std::chrono::milliseconds>(*when - env.clock.now() - 1min));
+  auto r = m->renew_due();
+  REQUIRE(r.has_value());
+  CHECK(*r == 0);
+  CHECK(env.ca->orders().size() == 1);
+
+  env.clock.advance(2min);
+  r = m->renew_due();
+  REQUIRE(r.has_value());
+  CHECK(*r == 1);
+  CHECK(env.ca->orders().size() == 2);
+  CHECK_FALSE(env.ca->orders()[1].payload.contains("replaces"));  // no ARI at this CA
+  CHECK(env.served("example.com") != old_id);
+  CHECK(env.served("www.example.com") == env.served("example.com"));
+  CHECK(m->counters().renewed == 1);
+  CHECK(env.event_types() == std::vector{ManagerEvent::Type::obtained, ManagerEvent::Type::renewed});
+  // The new certificate is stored with fresh metadata. (Its validity follows real time at the
+  // fake CA, so its own renewal time is not meaningful against the advanced fake clock.)
+  auto meta = CertificateState::from_json(env.file("live/example.com/meta.json")).value();
+  CHECK(meta.cert_id == env.served("example.com"));
+  CHECK(meta.failures == 0);
+}
+
+TEST_CASE("short lived certificates renew at half their lifetime") {
+  auto nb = std::chrono::system_clock::time_point(1000h);
+  CHECK(ratio_renewal_time(nb, nb + 90 * 24h, 1.0 / 3) == nb + 60 * 24h);
+  CHECK(ratio_renewal_time(nb, nb + 6 * 24h, 1.0 / 3) == nb + 3 * 24h);
+  CHECK(ratio_renewal_time(nb, nb + 6 * 24h, 0.8) < nb + 2 * 24h);
+}
+
+TEST_CASE("backoff doubles from a minute up to a day") {
+  CHECK(failure_backoff(1) == 60s);
+  CHECK(failure_backoff(2) == 120s);
+  CHECK(failure_backoff(5) == 960s);
+  CHECK(failure_backoff(11) == 61440s);
+  CHECK(failure_backoff(12) == 24h);
+  CHECK(failure_backoff(1000) == 24h);
+}
+
+TEST_CASE("renewal follows the ARI window and sets replaces") {
+  FakeAcmeServer::Options o;
+  auto now = std::chrono::system_clock::now();
+  o.renewal_window_start = acme::format_rfc3339(now + 10 * 24h);
+  o.renewal_window_end = acme::format_rfc3339(now + 11 * 24h);
+  Env env(o);
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  auto old = m->state(kNames).value();
+
+  CHECK(m->renew_due().value() == 0);  // fetches the window
+  auto st = m->state(kNames).value();
+  REQUIRE(st.ari_selected.has_value());
+  CHECK(*st.ari_selected >= now + 10 * 24h);
+  CHECK(*st.ari_selected < now + 11 * 24h);
+  CHECK(m->renewal_time(kNames) == st.ari_selected);
+  // Retry-After (6 h at the fake CA) sets the next poll.
+  REQUIRE(st.ari_next_fetch.has_value());
+  CHECK(*st.ari_next_fetch == env.clock.now() + 21600s);
+  // The choice is persisted for the next process.
+  CHECK(CertificateState::from_json(env.file("live/example.com/meta.json"))->ari_selected == st.ari_selected);
+
+  env.clock.advance(std::chrono::duration_cast<std::chrono::milliseconds>(*st.ari_selected - env.clock.now() - 1h));
+  CHECK(m->renew_due().value() == 0);
+  CHECK(env.ca->orders().size() == 1);
+  env.clock.advance(2h);
+  CHECK(m->renew_due().value() == 1);
+  REQUIRE(env.ca->orders().size() == 2);
+  // RFC 9773 §5: the renewal names the certificate it replaces.
+  CHECK(env.ca->orders()[1].payload.value("replaces", "") == old.ari_id);
+}
+
+TEST_CASE("renewal ignores a far ARI window when expiry is close") {
+  Env env;  // the fake CA suggests a window in 2030, past this certificate's expiry
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  CHECK(m->renew_due().value() == 0);
+  auto st = m->state(kNames).value();
+  REQUIRE(st.ari_selected.has_value());
+  auto when = m->renewal_time(kNames).value();
+  CHECK(when < *st.ari_selected);
+  CHECK(when < st.not_after);
+  env.clock.advance(std::chrono::duration_cast<std::chrono::milliseconds>(when - env.clock.now() + 1min));
+  CHECK(m->renew_due().value() == 1);
+}
+
+TEST_CASE("a failed renewal keeps the certificate and backs off") {
+  Env env(no_ari());
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  std::string good = env.served("example.com");
+  std::string good_chain = env.file("live/example.com/fullchain.pem");
+
+  std::atomic<int> refused{0};
+  FakeAcmeServer* ca = env.ca.get();
+  env.ca->intercept = [&](const acme::HttpRequest& req) -> std::optional<acme::HttpResponse> {
+    if (!req.url.ends_with("/new-order")) return std::nullopt;
+    ++refused;
+    return problem_reply(*ca, 403, "unauthorized");
+  };
+  env.clock.advance(std::chrono::duration_cast<std::chrono::milliseconds>(*m->renewal_time(kNames) - env.clock.now() + 1s));
+
+  CHECK(m->renew_due().value() == 0);
+  CHECK(refused == 1);
+  CHECK(env.served("example.com") == good);
+  CHECK(env.file("live/example.com/fullchain.pem") == good_chain);
+  CHECK(m->counters().failed == 1);
+  auto st = m->state(kNames).value();
+  CHECK(st.failures == 1);
+  CHECK(st.last_error.find("unauthorized") != std::string::npos);
+  REQUIRE(st.next_attempt.has_value());
+  CHECK(*st.next_attempt >= env.clock.now() + 60s);
+  CHECK(*st.next_attempt <= env.clock.now() + 66s);  // 1 min + at most 10% jitter
+  auto meta = CertificateState::from_json(env.file("live/example.com/meta.json")).value();
+  CHECK(meta.failures == 1);
+  CHECK(meta.next_attempt == st.next_attempt);
+  CHECK(env.event_types().back() == ManagerEvent::Type::failed);
+
+  CHECK(m->renew_due().value() == 0);  // in backoff: no attempt
+  env.clock.advance(30s);
+  CHECK(m->renew_due().value() == 0);
+  CHECK(refused == 1);
+
+  env.clock.advance(40s);  // past the first backoff
+  CHECK(m->renew_due().value() == 0);
+  CHECK(refused == 2);
+  st = m->state(kNames).value();
+  CHECK(st.failures == 2);
+  CHECK(*st.next_attempt >= env.clock.now() + 120s);
+  CHECK(*st.next_attempt <= env.clock.now() + 132s);
+
+  // A restarted process honours the recorded backoff too: it serves the old certificate.
+  auto store2 = std::make_shared<CertStore>();
+  auto m2 = env.manager(store2);
+  REQUIRE(m2->manage(kNames).has_value());
+  CHECK(refused == 2);
+  CHECK(store2->lookup("example.com")->id() == good);
+
+  env.ca->intercept = nullptr;
+  env.clock.advance(3min);
+  CHECK(m->renew_due().value() == 1);
+  CHECK(env.served("example.com") != good);
+  st = m->state(kNames).value();
+  CHECK(st.failures == 0);
+  CHECK(st.last_error.empty());
+  CHECK_FALSE(st.next_attempt.has_value());
+}
+
+TEST_CASE("rate limits are respected with Retry-After") {
+  Env env(no_ari());
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  FakeAcmeServer* ca = env.ca.get();
+  env.ca->intercept = [ca](const acme::HttpRequest& req) -> std::optional<acme::HttpResponse> {
+    if (!req.url.ends_with("/new-order")) return std::nullopt;
+    return problem_reply(*ca, 429, "rateLimited", {{"Retry-After", "7200"}});
+  };
+  REQUIRE_FALSE(m->renew(kNames, true).has_value());
+  auto st = m->state(kNames).value();
+  REQUIRE(st.next_attempt.has_value());
+  CHECK(*st.next_attempt >= env.clock.now() + 7200s);
+}
+
+TEST_CASE("a bad certificate from the CA never replaces the good one") {
+  Env env;
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  std::string good = env.served("example.com");
+  std::string good_chain = env.file("live/example.com/fullchain.pem");
+  std::string good_key = env.file("live/example.com/privkey.pem");
+
+  // The CA hands out a well-formed certificate for the right names whose key is not ours.
+  FakeAcmeServer* ca = env.ca.get();
+  std::atomic<bool> inside{false};
+  auto bad_certs = [&](std::vector<std::string> names) {
+    return [&inside, ca, names](const acme::HttpRequest& req) -> std::optional<acme::HttpResponse> {
+      if (inside || req.url.find("/cert/") == std::string::npos) return std::nullopt;
+      inside = true;
+      auto r = ca->handle(req);
+      inside = false;
+      if (r.status == 200) r.body = autotls::testing::make_test_leaf(names).value().cert_pem;
+      return r;
+    };
+  };
+  env.ca->intercept = bad_certs(kNames);
+  auto st = m->renew(kNames, true);
+  REQUIRE_FALSE(st.has_value());
+  CHECK(st.error().message.find("refused") != std::string::npos);
+  CHECK(env.ca->orders().size() == 2);
+  CHECK(env.served("example.com") == good);
+  CHECK(env.served("www.example.com") == good);
+  CHECK(env.file("live/example.com/fullchain.pem") == good_chain);
+  CHECK(env.file("live/example.com/privkey.pem") == good_key);
+  CHECK(m->counters().failed == 1);
+  CHECK(m->counters().renewed == 0);
+
+  // A first issuance that goes wrong the same way publishes and persists nothing.
+  env.ca->intercept = bad_certs({"new.example.com"});
+  auto first = m->manage({"new.example.com"});
+  REQUIRE_FALSE(first.has_value());
+  CHECK(env.served("new.example.com").empty());
+  CHECK_FALSE(env.storage->get("live/new.example.com/fullchain.pem")->has_value());
+  CHECK_FALSE(env.storage->get("live/new.example.com/privkey.pem")->has_value());
+  CHECK(m->counters().failed == 2);
+}
+
+TEST_CASE("two managers sharing storage issue once") {
+  Env env;
+  std::vector<std::string> ids(2);
+  std::vector<std::shared_ptr<CertStore>> stores{std::make_shared<CertStore>(), std::make_shared<CertStore>()};
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int i = 0; i < 2; ++i) {
+    threads.emplace_back([&, i] {
+      auto o = env.options();
+      o.clock = nullptr;  // real time: lock waits must really wait for the other issuer
+      // Each manager has its own storage object, as two processes would.
+      auto storage = std::make_shared<FileStorage>(env.dir);
+      Manager m(o, storage, stores[i], env.challenges);
+      if (!m.manage(kNames)) ++failures;
+      auto c = stores[i]->lookup("example.com");
+      if (c) ids[i] = c->id();
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(failures == 0);
+  CHECK_FALSE(ids[0].empty());
+  CHECK(ids[0] == ids[1]);
+  CHECK(env.ca->orders().size() == 1);
+  CHECK(env.ca->accounts() == 1);
+}
+
+TEST_CASE("the background thread renews and stops promptly") {
+  Env env(no_ari());
+  auto o = env.options();
+  o.check_interval = std::chrono::hours(1);
+  Manager m(o, env.storage, env.certs, env.challenges);
+  REQUIRE(m.manage(kNames).has_value());
+  std::string old = env.served("example.com");
+  env.clock.advance(std::chrono::duration_cast<std::chrono::milliseconds>(*m.renewal_time(kNames) - env.clock.now() + 1s));
+
+  m.start();
+  m.start();  // idempotent
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (m.counters().renewed < 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+  }
+  CHECK(m.counters().renewed == 1);
+  CHECK(env.served("example.com") != old);
+
+  auto t0 = std::chrono::steady_clock::now();
+  m.stop();
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+  m.stop();  // idempotent
+}
+
+}  // TEST_SUITE

@@ -1,0 +1,273 @@
+// FileStorage: keys, crash-safe writes, permissions, listing, change detection and locks.
+
+#include <doctest/doctest.h>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "tests/support/fake_clock.h"
+#include "tlsreload/storage.h"
+
+using namespace autotls;
+using namespace autotls::tlsreload;
+using autotls::testing::FakeClock;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct StorageDir {
+  fs::path path;
+  StorageDir() {
+    std::string tmpl = (fs::temp_directory_path() / "autotls-storage-XXXXXX").string();
+    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
+    path = tmpl;
+  }
+  ~StorageDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+mode_t mode_of(const fs::path& p) {
+  struct stat sb {};
+  REQUIRE(::stat(p.c_str(), &sb) == 0);
+  return sb.st_mode & 0777;
+}
+
+// leftovers lists the dot-files (temporary files) anywhere under root.
+std::vector<std::string> leftovers(const fs::path& root) {
+  std::vector<std::string> out;
+  for (auto& e : fs::recursive_directory_iterator(root)) {
+    if (e.path().filename().string().starts_with('.')) out.push_back(e.path().string());
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_SUITE("tlsreload.storage") {
+
+TEST_CASE("put get overwrite and missing keys") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  auto missing = s.get("live/example.com/cert.pem");
+  REQUIRE(missing.has_value());
+  CHECK_FALSE(missing->has_value());
+
+  REQUIRE(s.put("live/example.com/cert.pem", "one").has_value());
+  auto got = s.get("live/example.com/cert.pem");
+  REQUIRE(got.has_value());
+  REQUIRE(got->has_value());
+  CHECK(**got == "one");
+
+  REQUIRE(s.put("live/example.com/cert.pem", std::string(100000, 'x')).has_value());
+  CHECK(s.get("live/example.com/cert.pem")->value() == std::string(100000, 'x'));
+  CHECK(leftovers(dir.path).empty());
+}
+
+TEST_CASE("secret files are 0600 and directories 0700") {
+  StorageDir dir;
+  FileStorage s(dir.path / "root");
+  REQUIRE(s.put("live/example.com/privkey.pem", "key", true).has_value());
+  REQUIRE(s.put("live/example.com/fullchain.pem", "chain").has_value());
+  CHECK(mode_of(dir.path / "root/live/example.com/privkey.pem") == 0600);
+  CHECK(mode_of(dir.path / "root/live/example.com/fullchain.pem") == 0644);
+  CHECK(mode_of(dir.path / "root") == 0700);
+  CHECK(mode_of(dir.path / "root/live") == 0700);
+  CHECK(mode_of(dir.path / "root/live/example.com") == 0700);
+  // Overwriting a public file with a secret tightens it.
+  REQUIRE(s.put("live/example.com/fullchain.pem", "secret now", true).has_value());
+  CHECK(mode_of(dir.path / "root/live/example.com/fullchain.pem") == 0600);
+}
+
+TEST_CASE("invalid keys are refused") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  for (std::string key : {"", "/etc/passwd", "../escape", "a/../../b", "a//b", "a/", "./a", ".hidden",
+                          "live/.tmp-x", "live/*.example.com/cert.pem", "a b", "a\\b", "locks/x"}) {
+    CAPTURE(key);
+    auto st = s.put(key, "x");
+    REQUIRE_FALSE(st.has_value());
+    CHECK(st.error().code == Errc::invalid_input);
+  }
+  CHECK_FALSE(s.get("../x").has_value());
+  CHECK_FALSE(s.remove("/x").has_value());
+  CHECK_FALSE(s.list("..").has_value());
+  CHECK(valid_storage_key("live/_wildcard_.example.com/fullchain.pem"));
+  CHECK(valid_storage_key("accounts/127.0.0.1_14000-dir/account.key"));
+  CHECK(fs::is_empty(dir.path));
+}
+
+TEST_CASE("storage names for wildcards and CA URLs") {
+  CHECK(storage_name("*.Example.COM") == "_wildcard_.example.com");
+  CHECK(storage_name("www.example.com") == "www.example.com");
+  CHECK(valid_storage_key(storage_name("*.example.com")));
+  CHECK(ca_storage_name("https://acme-v02.api.letsencrypt.org/directory") ==
+        "acme-v02.api.letsencrypt.org-directory");
+  CHECK(ca_storage_name("https://127.0.0.1:14000/dir") == "127.0.0.1_14000-dir");
+  CHECK(ca_storage_name("https://ca.test/") == "ca.test");
+  CHECK(valid_storage_key("accounts/" + ca_storage_name("https://[::1]:443/acme/dir?x=1")));
+}
+
+TEST_CASE("list is recursive sorted and skips temporary files and locks") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  REQUIRE(s.put("live/b.example/cert.pem", "1").has_value());
+  REQUIRE(s.put("live/a.example/cert.pem", "2").has_value());
+  REQUIRE(s.put("live/a.example/meta.json", "3").has_value());
+  REQUIRE(s.put("accounts/ca/account.json", "4").has_value());
+  std::ofstream(dir.path / "live/a.example/.tmp-abandoned") << "half";
+  auto lock = s.try_lock("cert/a.example", std::chrono::seconds(60));
+  REQUIRE(lock.has_value());
+
+  auto live = s.list("live");
+  REQUIRE(live.has_value());
+  CHECK(*live == std::vector<std::string>{"live/a.example/cert.pem", "live/a.example/meta.json",
+                                          "live/b.example/cert.pem"});
+  auto all = s.list("");
+  REQUIRE(all.has_value());
+  CHECK(all->size() == 4);
+  CHECK(s.list("live/a.example")->size() == 2);
+  CHECK(s.list("nothing/here")->empty());
+}
+
+TEST_CASE("remove is idempotent") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  REQUIRE(s.put("a/b", "x").has_value());
+  REQUIRE(s.remove("a/b").has_value());
+  CHECK_FALSE(s.get("a/b")->has_value());
+  CHECK(s.remove("a/b").has_value());
+}
+
+TEST_CASE("generation changes with every put") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  CHECK(s.generation("live/x/meta.json").value() == "");
+  REQUIRE(s.put("live/x/meta.json", "1").has_value());
+  auto g1 = s.generation("live/x/meta.json").value();
+  CHECK_FALSE(g1.empty());
+  CHECK(s.generation("live/x/meta.json").value() == g1);
+  REQUIRE(s.put("live/x/meta.json", "1").has_value());  // same content, new file
+  auto g2 = s.generation("live/x/meta.json").value();
+  CHECK(g2 != g1);
+  REQUIRE(s.remove("live/x/meta.json").has_value());
+  CHECK(s.generation("live/x/meta.json").value() == "");
+}
+
+TEST_CASE("a lock is exclusive until unlocked") {
+  StorageDir dir;
+  FakeClock clock;
+  FileStorage a(dir.path, &clock), b(dir.path, &clock);
+  auto t1 = a.try_lock("cert/example.com", std::chrono::seconds(60));
+  REQUIRE(t1.has_value());
+  REQUIRE(t1->has_value());
+  auto t2 = b.try_lock("cert/example.com", std::chrono::seconds(60));
+  REQUIRE(t2.has_value());
+  CHECK_FALSE(t2->has_value());
+  // The same storage object is no exception: each acquisition has its own owner.
+  CHECK_FALSE(a.try_lock("cert/example.com", std::chrono::seconds(60))->has_value());
+  // Another name is independent.
+  CHECK(b.try_lock("cert/other.example", std::chrono::seconds(60))->has_value());
+
+  REQUIRE(a.unlock(**t1).has_value());
+  auto t3 = b.try_lock("cert/example.com", std::chrono::seconds(60));
+  REQUIRE(t3.has_value());
+  CHECK(t3->has_value());
+  CHECK(mode_of(dir.path / "locks") == 0700);
+}
+
+TEST_CASE("a stale lock is taken over and a refreshed one is not") {
+  StorageDir dir;
+  FakeClock clock;
+  FileStorage a(dir.path, &clock), b(dir.path, &clock);
+  auto held = a.try_lock("cert/example.com", std::chrono::seconds(60));
+  REQUIRE(held.has_value());
+  REQUIRE(held->has_value());
+
+  clock.advance(std::chrono::seconds(50));
+  REQUIRE(a.refresh(**held, std::chrono::seconds(60)).has_value());
+  clock.advance(std::chrono::seconds(50));  // 100 s after taking, 50 s after refreshing
+  CHECK_FALSE(b.try_lock("cert/example.com", std::chrono::seconds(60))->has_value());
+
+  clock.advance(std::chrono::seconds(11));  // now past the refreshed expiry
+  auto stolen = b.try_lock("cert/example.com", std::chrono::seconds(60));
+  REQUIRE(stolen.has_value());
+  REQUIRE(stolen->has_value());
+
+  // The old holder learns it lost the lock, and its unlock leaves the new holder's lock alone.
+  auto refreshed = a.refresh(**held, std::chrono::seconds(60));
+  REQUIRE_FALSE(refreshed.has_value());
+  CHECK(refreshed.error().code == Errc::invalid_input);
+  CHECK(a.unlock(**held).has_value());
+  CHECK_FALSE(a.try_lock("cert/example.com", std::chrono::seconds(60))->has_value());
+  CHECK(leftovers(dir.path).empty());
+}
+
+TEST_CASE("a corrupt lock file counts as stale") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  fs::create_directories(dir.path / "locks");
+  std::ofstream(dir.path / "locks" / "cert%example.com.lock") << "{not json";
+  auto t = s.try_lock("cert/example.com", std::chrono::seconds(60));
+  REQUIRE(t.has_value());
+  CHECK(t->has_value());
+}
+
+TEST_CASE("lock waits until its deadline") {
+  StorageDir dir;
+  FakeClock clock;
+  FileStorage s(dir.path, &clock);
+  auto held = s.try_lock("cert/example.com", std::chrono::seconds(600));
+  REQUIRE(held->has_value());
+  auto start = clock.now();
+  auto waited = s.lock("cert/example.com", std::chrono::seconds(60), start + std::chrono::seconds(5), clock);
+  REQUIRE_FALSE(waited.has_value());
+  CHECK(waited.error().code == Errc::timeout);
+  CHECK(clock.now() >= start + std::chrono::seconds(5));
+  CHECK(clock.now() < start + std::chrono::seconds(6));
+
+  // Once the holder's lock goes stale, lock() takes it over.
+  auto got = s.lock("cert/example.com", std::chrono::seconds(60), start + std::chrono::seconds(3600), clock);
+  REQUIRE(got.has_value());
+  CHECK(clock.now() >= start + std::chrono::seconds(600));
+}
+
+TEST_CASE("concurrent try_lock has exactly one winner") {
+  for (int round = 0; round < 20; ++round) {
+    StorageDir dir;
+    FakeClock clock;
+    bool stale = round % 2 == 1;
+    if (stale) {
+      // Start from a lock that expired long ago, so every thread races to take it over.
+      FileStorage old(dir.path, &clock);
+      REQUIRE(old.try_lock("cert/race", std::chrono::seconds(1))->has_value());
+      clock.advance(std::chrono::seconds(10));
+    }
+    std::atomic<int> winners{0}, errors{0};
+    std::atomic<bool> go{false};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 8; ++i) {
+      threads.emplace_back([&] {
+        FileStorage s(dir.path, &clock);
+        while (!go.load()) std::this_thread::yield();
+        auto t = s.try_lock("cert/race", std::chrono::seconds(60));
+        if (!t) ++errors;
+        else if (*t) ++winners;
+      });
+    }
+    go = true;
+    for (auto& t : threads) t.join();
+    CAPTURE(round);
+    CHECK(errors.load() == 0);
+    CHECK(winners.load() == 1);
+    CHECK(leftovers(dir.path).empty());
+  }
+}
+
+}  // TEST_SUITE

@@ -1,0 +1,698 @@
+#include "tlsreload/manager.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <nlohmann/json.hpp>
+
+#include "acme/ari.h"
+#include "acme/jws.h"
+#include "acme/types.h"
+
+namespace autotls::tlsreload {
+
+namespace {
+
+using json = nlohmann::json;
+using std::chrono::system_clock;
+constexpr std::string_view kLog = "tlsreload.manager";
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return out;
+}
+
+// normalize lower-cases names and drops trailing dots (RFC 4343: DNS names compare without
+// case) so that the same set always maps to the same storage name.
+std::vector<std::string> normalize(const std::vector<std::string>& names) {
+  std::vector<std::string> out;
+  for (const auto& n : names) {
+    std::string_view v = n;
+    while (v.ends_with('.')) v.remove_suffix(1);
+    std::string l = lower(v);
+    if (std::find(out.begin(), out.end(), l) == out.end()) out.push_back(std::move(l));
+  }
+  return out;
+}
+
+bool covers(const Certificate& cert, const std::vector<std::string>& names) {
+  const auto& have = cert.names();
+  return std::all_of(names.begin(), names.end(), [&](const std::string& n) {
+    return std::find(have.begin(), have.end(), n) != have.end();
+  });
+}
+
+std::string live_key(const std::string& name, std::string_view file) {
+  return "live/" + name + "/" + std::string(file);
+}
+
+void put_time(json& j, const char* field, const std::optional<system_clock::time_point>& t) {
+  if (t) j[field] = acme::format_rfc3339(*t);
+}
+
+std::optional<system_clock::time_point> get_time(const json& j, const char* field) {
+  auto it = j.find(field);
+  if (it == j.end() || !it->is_string()) return std::nullopt;
+  return acme::parse_rfc3339(it->get<std::string>());
+}
+
+std::string get_string(const json& j, const char* field) {
+  auto it = j.find(field);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
+// LockKeeper refreshes a held storage lock until destroyed, then releases it: an issuance may
+// outlast the lock's ttl (slow validation, Retry-After), and a lock that silently expired
+// would let another process issue the same names.
+class LockKeeper {
+ public:
+  LockKeeper(Storage& storage, LockToken token, std::chrono::seconds ttl, Logger& logger)
+      : storage_(storage), token_(std::move(token)), ttl_(ttl), logger_(logger) {
+    thread_ = std::thread([this] { run(); });
+  }
+  ~LockKeeper() {
+    {
+      std::lock_guard lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    if (auto st = storage_.unlock(token_); !st) {
+      logger_.log(LogLevel::warn, kLog, "unlock failed", {{"lock", token_.name}, {"error", st.error().message}});
+    }
+  }
+  LockKeeper(const LockKeeper&) = delete;
+  LockKeeper& operator=(const LockKeeper&) = delete;
+
+ private:
+  void run() {
+    std::unique_lock lock(mu_);
+    // Real time on purpose: the lease must be renewed however an injected clock moves.
+    auto period = std::max<std::chrono::milliseconds>(ttl_ / 3, std::chrono::milliseconds(100));
+    while (!cv_.wait_for(lock, period, [this] { return done_; })) {
+      if (auto st = storage_.refresh(token_, ttl_); !st) {
+        logger_.log(LogLevel::warn, kLog, "lock refresh failed", {{"lock", token_.name}, {"error", st.error().message}});
+      }
+    }
+  }
+
+  Storage& storage_;
+  LockToken token_;
+  std::chrono::seconds ttl_;
+  Logger& logger_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+}  // namespace
+
+std::string_view to_string(ManagerEvent::Type type) {
+  switch (type) {
+    case ManagerEvent::Type::loaded: return "loaded";
+    case ManagerEvent::Type::obtained: return "obtained";
+    case ManagerEvent::Type::renewed: return "renewed";
+    case ManagerEvent::Type::failed: return "failed";
+  }
+  return "unknown";
+}
+
+std::string CertificateState::to_json() const {
+  json j;
+  j["names"] = names;
+  j["directory_url"] = directory_url;
+  j["issuer"] = issuer;
+  j["cert_id"] = cert_id;
+  j["serial"] = serial;
+  j["ari_id"] = ari_id;
+  j["not_before"] = acme::format_rfc3339(not_before);
+  j["not_after"] = acme::format_rfc3339(not_after);
+  json ari = json::object();
+  put_time(ari, "window_start", ari_window_start);
+  put_time(ari, "window_end", ari_window_end);
+  put_time(ari, "selected", ari_selected);
+  put_time(ari, "next_fetch", ari_next_fetch);
+  if (!ari_explanation_url.empty()) ari["explanation_url"] = ari_explanation_url;
+  j["ari"] = ari;
+  j["failures"] = failures;
+  j["last_error"] = last_error;
+  put_time(j, "next_attempt", next_attempt);
+  return j.dump(2) + "\n";
+}
+
+Result<CertificateState> CertificateState::from_json(std::string_view text) {
+  auto j = json::parse(text, nullptr, false);
+  if (!j.is_object()) return fail(Errc::bad_response, "meta.json: not a JSON object");
+  CertificateState s;
+  if (auto it = j.find("names"); it != j.end() && it->is_array()) {
+    for (const auto& n : *it) {
+      if (n.is_string()) s.names.push_back(n.get<std::string>());
+    }
+  }
+  s.directory_url = get_string(j, "directory_url");
+  s.issuer = get_string(j, "issuer");
+  s.cert_id = get_string(j, "cert_id");
+  s.serial = get_string(j, "serial");
+  s.ari_id = get_string(j, "ari_id");
+  s.not_before = get_time(j, "not_before").value_or(system_clock::time_point{});
+  s.not_after = get_time(j, "not_after").value_or(system_clock::time_point{});
+  if (auto ari = j.find("ari"); ari != j.end() && ari->is_object()) {
+    s.ari_window_start = get_time(*ari, "window_start");
+    s.ari_window_end = get_time(*ari, "window_end");
+    s.ari_selected = get_time(*ari, "selected");
+    s.ari_next_fetch = get_time(*ari, "next_fetch");
+    s.ari_explanation_url = get_string(*ari, "explanation_url");
+  }
+  if (auto f = j.find("failures"); f != j.end() && f->is_number_integer()) s.failures = f->get<int>();
+  s.last_error = get_string(j, "last_error");
+  s.next_attempt = get_time(j, "next_attempt");
+  return s;
+}
+
+system_clock::time_point ratio_renewal_time(system_clock::time_point not_before,
+                                            system_clock::time_point not_after, double ratio) {
+  auto lifetime = not_after - not_before;
+  // Short-lived certificates get half their lifetime: a third of 6 days leaves too little
+  // room for a retry or two after a failed renewal.
+  if (lifetime < std::chrono::hours(24 * 10)) ratio = std::max(ratio, 0.5);
+  ratio = std::clamp(ratio, 0.0, 1.0);
+  auto remaining = std::chrono::duration_cast<system_clock::duration>(lifetime * ratio);
+  return not_after - remaining;
+}
+
+std::chrono::seconds failure_backoff(int failures) {
+  constexpr std::chrono::seconds kFirst{60};
+  constexpr std::chrono::seconds kCap{24 * 3600};
+  if (failures <= 1) return kFirst;
+  if (failures > 20) return kCap;
+  return std::min(kFirst * (int64_t{1} << (failures - 1)), kCap);
+}
+
+Manager::Manager(ManagerOptions options, std::shared_ptr<Storage> storage, std::shared_ptr<CertStore> store,
+                 std::shared_ptr<ChallengeStore> challenges)
+    : options_(std::move(options)),
+      storage_(std::move(storage)),
+      store_(std::move(store)),
+      challenges_(std::move(challenges)),
+      clock_(options_.clock ? options_.clock : &autotls::system_clock()),
+      logger_(options_.logger ? options_.logger : &null_logger()),
+      rng_(options_.rng_seed ? options_.rng_seed : std::random_device{}()) {}
+
+Manager::~Manager() { stop(); }
+
+Manager::Counters Manager::counters() const {
+  return {loaded_.load(), obtained_.load(), renewed_.load(), failed_.load()};
+}
+
+void Manager::emit(ManagerEvent::Type type, const Managed& m, const Error* error) {
+  ManagerEvent e{type, m.key, m.names, m.cert ? m.cert->id() : std::string(), std::nullopt};
+  if (error) e.error = *error;
+  pending_events_.push_back(std::move(e));
+}
+
+void Manager::flush_events() {
+  std::vector<ManagerEvent> events;
+  {
+    std::lock_guard lock(work_mu_);
+    events.swap(pending_events_);
+  }
+  if (!options_.on_event) return;
+  for (const auto& e : events) options_.on_event(e);
+}
+
+Result<acme::Client*> Manager::client() {
+  if (client_) return client_.get();
+  acme::ClientOptions o = options_.client_options;
+  o.directory_url = options_.directory_url;
+  o.transport = options_.transport;
+  if (!o.transport) {
+    acme::CurlOptions curl;
+    curl.ca_bundle = options_.ca_bundle;
+    o.transport = std::shared_ptr<acme::HttpTransport>(acme::make_curl_transport(curl));
+  }
+  o.clock = clock_;
+  o.logger = logger_;
+  auto c = acme::Client::create(std::move(o));
+  if (!c) return fail(c.error());
+  client_ = std::move(*c);
+  return client_.get();
+}
+
+// ensure_account loads the account for this CA from storage or registers one. Account data is
+// per directory URL: an account exists at one CA only (RFC 8555 §7.3).
+Status Manager::ensure_account(acme::Client& client, bool reregister) {
+  if (account_ready_ && !reregister) return {};
+  const std::string dir = "accounts/" + ca_storage_name(options_.directory_url);
+  const std::string key_key = dir + "/account.key", json_key = dir + "/account.json";
+
+  auto load = [&]() -> Result<std::pair<std::optional<acme::PrivateKey>, std::string>> {
+    auto key_pem = storage_->get(key_key);
+    if (!key_pem) return fail(key_pem.error());
+    if (!*key_pem) return std::pair<std::optional<acme::PrivateKey>, std::string>{};
+    auto key = acme::PrivateKey::from_pem(**key_pem);
+    if (!key) return fail(key.error().with_context("account key " + key_key));
+    auto text = storage_->get(json_key);
+    if (!text) return fail(text.error());
+    std::string url;
+    if (*text) url = get_string(json::parse(**text, nullptr, false), "url");
+    return std::pair<std::optional<acme::PrivateKey>, std::string>{std::move(*key), url};
+  };
+
+  auto loaded = load();
+  if (!loaded) return fail(loaded.error());
+  if (loaded->first && !loaded->second.empty() && !reregister) {
+    client.set_account(std::make_shared<acme::KeySigner>(*loaded->first), loaded->second);
+    account_ready_ = true;
+    return {};
+  }
+
+  // Creating an account: lock so that processes sharing the storage create one, not several.
+  auto token = storage_->lock("account/" + ca_storage_name(options_.directory_url), options_.lock_ttl,
+                              clock_->now() + options_.lock_wait, *clock_);
+  if (!token) return fail(token.error());
+  LockKeeper keeper(*storage_, *token, options_.lock_ttl, *logger_);
+  loaded = load();
+  if (!loaded) return fail(loaded.error());
+  if (loaded->first && !loaded->second.empty() && !reregister) {
+    client.set_account(std::make_shared<acme::KeySigner>(*loaded->first), loaded->second);
+    account_ready_ = true;
+    return {};
+  }
+  std::optional<acme::PrivateKey> key = loaded->first;
+  if (!key) {
+    auto k = acme::PrivateKey::generate(acme::KeyType::ec256);
+    if (!k) return fail(k.error());
+    auto pem = k->to_pem();
+    if (!pem) return fail(pem.error());
+    // The key is saved before registering: if we crash after the CA created the account, the
+    // next run finds it again with the same key (RFC 8555 §7.3.1).
+    if (auto st = storage_->put(key_key, *pem, /*secret=*/true); !st) return st;
+    key = std::move(*k);
+  }
+  client.set_account(std::make_shared<acme::KeySigner>(*key));
+  acme::NewAccountOptions na;
+  if (!options_.email.empty()) na.contact.push_back("mailto:" + options_.email);
+  na.agree_to_terms = options_.agree_to_terms;
+  na.eab = options_.eab;
+  auto account = client.register_account(na);
+  if (!account) return fail(account.error());
+  json j{{"url", account->url}, {"directory_url", options_.directory_url}, {"contact", account->contact},
+         {"status", account->status}, {"created", acme::format_rfc3339(clock_->now())}};
+  if (auto st = storage_->put(json_key, j.dump(2) + "\n"); !st) return st;
+  logger_->log(LogLevel::info, kLog, "ACME account ready", {{"account", account->url}});
+  account_ready_ = true;
+  return {};
+}
+
+// load_stored returns the certificate stored under key, validated, with its state; nullopt
+// when there is none or it is unusable (half-replaced pair, expired, corrupt), in which case
+// it will be issued again.
+Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& key,
+                                                            const std::vector<std::string>& names) {
+  auto chain = storage_->get(live_key(key, "fullchain.pem"));
+  if (!chain) return fail(chain.error());
+  auto priv = storage_->get(live_key(key, "privkey.pem"));
+  if (!priv) return fail(priv.error());
+  if (!*chain || !*priv) return std::optional<Managed>();
+  LoadOptions lo;
+  lo.clock = clock_;
+  auto cert = Certificate::from_pem(**chain, **priv, lo);
+  if (!cert) {
+    logger_->log(LogLevel::warn, kLog, "stored certificate unusable; it will be issued again",
+                 {{"name", key}, {"error", cert.error().message}});
+    return std::optional<Managed>();
+  }
+  Managed m;
+  m.names = names;
+  m.key = key;
+  m.cert = *cert;
+  m.chain_pem = **chain;
+  auto meta = storage_->get(live_key(key, "meta.json"));
+  if (!meta) return fail(meta.error());
+  if (*meta) {
+    auto s = CertificateState::from_json(**meta);
+    // State written for another certificate (a crash between the files) describes nothing here.
+    if (s && s->cert_id == (*cert)->id()) m.state = std::move(*s);
+  }
+  auto& st = m.state;
+  st.names = names;
+  st.directory_url = options_.directory_url;
+  st.issuer = (*cert)->issuer_dn();
+  st.cert_id = (*cert)->id();
+  st.serial = (*cert)->serial_hex();
+  st.not_before = (*cert)->not_before();
+  st.not_after = (*cert)->not_after();
+  if (st.ari_id.empty()) st.ari_id = acme::ari_cert_id(m.chain_pem).value_or("");
+  return std::optional<Managed>(std::move(m));
+}
+
+system_clock::time_point Manager::due_time(const Managed& m) const {
+  if (!m.cert) return system_clock::time_point{};
+  auto nb = m.cert->not_before(), na = m.cert->not_after();
+  if (m.state.ari_selected) {
+    // RFC 9773 §4.3.2 lets the CA move the window; whatever it says, a certificate this close
+    // to expiry is renewed now (half the usual remaining share).
+    auto emergency = ratio_renewal_time(nb, na, std::clamp(options_.renewal_ratio, 0.0, 1.0) / 2);
+    return std::min(*m.state.ari_selected, emergency);
+  }
+  return ratio_renewal_time(nb, na, options_.renewal_ratio);
+}
+
+bool Manager::due(const Managed& m) const {
+  return !m.cert || !covers(*m.cert, m.names) || clock_->now() >= due_time(m);
+}
+
+void Manager::record_failure(Managed& m, const Error& e) {
+  auto& s = m.state;
+  s.failures += 1;
+  s.last_error = e.message;
+  auto wait = failure_backoff(s.failures);
+  // Jitter (up to +10%) so that many certificates failing together do not retry in lockstep.
+  std::uniform_int_distribution<int64_t> jitter(0, wait.count() / 10);
+  wait += std::chrono::seconds(jitter(rng_));
+  // rateLimited and other answers with Retry-After: never come back earlier than asked
+  // (RFC 8555 §6.6).
+  if (e.retry_after) wait = std::max(wait, *e.retry_after);
+  s.next_attempt = clock_->now() + wait;
+  failed_.fetch_add(1);
+  logger_->log(LogLevel::error, kLog, "certificate issuance failed",
+               {{"name", m.key}, {"error", e.message}, {"failures", std::to_string(s.failures)},
+                {"next_attempt", acme::format_rfc3339(*s.next_attempt)}});
+  emit(ManagerEvent::Type::failed, m, &e);
+  if (m.cert) {
+    if (auto st = save_state(m); !st) {
+      logger_->log(LogLevel::warn, kLog, "cannot save meta.json", {{"name", m.key}, {"error", st.error().message}});
+    }
+  }
+}
+
+Status Manager::save_state(const Managed& m) { return storage_->put(live_key(m.key, "meta.json"), m.state.to_json()); }
+
+// persist writes the key first and meta.json last. A crash in between leaves a key that does
+// not match fullchain.pem: load_stored refuses such a pair and the name is issued again,
+// rather than ever serving a mismatched pair.
+Status Manager::persist(const Managed& m) {
+  auto parts = acme::split_pem_chain(m.chain_pem);
+  std::string leaf = parts.empty() ? std::string() : parts.front();
+  std::string rest;
+  for (size_t i = 1; i < parts.size(); ++i) rest += parts[i];
+  if (auto st = storage_->put(live_key(m.key, "privkey.pem"), m.key_pem, /*secret=*/true); !st) return st;
+  if (auto st = storage_->put(live_key(m.key, "cert.pem"), leaf); !st) return st;
+  if (auto st = storage_->put(live_key(m.key, "chain.pem"), rest); !st) return st;
+  if (auto st = storage_->put(live_key(m.key, "fullchain.pem"), m.chain_pem); !st) return st;
+  return save_state(m);
+}
+
+Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, const std::string& key,
+                                        const std::string& replaces) {
+  auto c = client();
+  if (!c) return fail(c.error().with_context("ACME directory"));
+  acme::Client& client = **c;
+  if (auto st = ensure_account(client, false); !st) return fail(st.error().with_context("ACME account"));
+
+  ChallengeSolver solver(challenges_, options_.dns_hook);
+  acme::ObtainRequest req;
+  for (const auto& n : names) req.identifiers.push_back(acme::identifier_for(n));
+  req.challenge_type = options_.challenge_type;
+  req.key_type = options_.key_type;
+  // RFC 9773 §5: "replaces" tells the CA which certificate this one renews.
+  if (!client.directory().renewal_info.empty()) req.replaces = replaces;
+  auto issued = acme::obtain(client, req, solver);
+  if (!issued && issued.error().problem && issued.error().problem->is("accountDoesNotExist")) {
+    // The CA forgot the stored account (a test CA restarted, or it was deleted): register the
+    // same key again and retry once.
+    if (auto st = ensure_account(client, true); !st) return fail(st.error().with_context("ACME account"));
+    issued = acme::obtain(client, req, solver);
+  }
+  if (!issued) return fail(issued.error());
+
+  // Validate before anyone can see it: a broken certificate from the CA must never reach
+  // storage or the store.
+  LoadOptions lo;
+  lo.clock = clock_;
+  auto cert = Certificate::from_pem(issued->chain_pem, issued->key_pem, lo);
+  if (!cert) return fail(cert.error().with_context("issued certificate refused"));
+  if (!covers(**cert, names)) {
+    return fail(Errc::bad_response, "issued certificate refused: it does not cover every requested name");
+  }
+  Managed m;
+  m.names = names;
+  m.key = key;
+  m.cert = *cert;
+  m.chain_pem = issued->chain_pem;
+  m.key_pem = issued->key_pem;
+  auto& s = m.state;
+  s.names = names;
+  s.directory_url = options_.directory_url;
+  s.issuer = (*cert)->issuer_dn();
+  s.cert_id = (*cert)->id();
+  s.serial = (*cert)->serial_hex();
+  s.not_before = (*cert)->not_before();
+  s.not_after = (*cert)->not_after();
+  s.ari_id = acme::ari_cert_id(m.chain_pem).value_or("");
+  return m;
+}
+
+// renew_locked issues a certificate for m under the storage lock of its name. Once the lock is
+// held, storage is read again: another process may have issued while we waited, and then its
+// certificate is adopted instead of ordering another one.
+Status Manager::renew_locked(Managed& m, bool force) {
+  const bool first = !m.cert;
+  auto token = storage_->lock("cert/" + m.key, options_.lock_ttl, clock_->now() + options_.lock_wait, *clock_);
+  if (!token) {
+    record_failure(m, token.error());
+    return fail(token.error());
+  }
+  LockKeeper keeper(*storage_, *token, options_.lock_ttl, *logger_);
+
+  auto stored = load_stored(m.key, m.names);
+  if (!stored) {
+    record_failure(m, stored.error());
+    return fail(stored.error());
+  }
+  if (!force && *stored && (!m.cert || (*stored)->cert->id() != m.cert->id()) && !due(**stored)) {
+    m = std::move(**stored);
+    if (auto st = store_->publish(m.cert); !st) return st;
+    loaded_.fetch_add(1);
+    emit(ManagerEvent::Type::loaded, m);
+    return {};
+  }
+
+  auto issued = issue(m.names, m.key, m.cert ? m.state.ari_id : std::string());
+  if (!issued) {
+    record_failure(m, issued.error());
+    return fail(issued.error());
+  }
+  Managed n = std::move(*issued);
+  Status persisted = persist(n);
+  n.key_pem.clear();
+  // A valid new certificate is served even if it could not be saved: it is strictly better
+  // than the old one. The error is still reported (a restart would issue again).
+  if (auto st = store_->publish(n.cert); !st) {
+    record_failure(m, st.error());
+    return st;
+  }
+  m = std::move(n);
+  (first ? obtained_ : renewed_).fetch_add(1);
+  logger_->log(LogLevel::info, kLog, first ? "certificate obtained" : "certificate renewed",
+               {{"name", m.key}, {"id", m.cert->id()}, {"not_after", acme::format_rfc3339(m.state.not_after)}});
+  emit(first ? ManagerEvent::Type::obtained : ManagerEvent::Type::renewed, m);
+  if (!persisted) {
+    logger_->log(LogLevel::error, kLog, "cannot persist certificate",
+                 {{"name", m.key}, {"error", persisted.error().message}});
+    return persisted;
+  }
+  return {};
+}
+
+Status Manager::manage(const std::vector<std::string>& input) {
+  auto names = normalize(input);
+  if (names.empty()) return fail(Errc::invalid_input, "manage: no names");
+  for (const auto& n : names) {
+    if (!is_valid_lookup_name(n)) return fail(Errc::invalid_input, "manage: invalid name \"" + n + "\"");
+  }
+  const std::string key = storage_name(names.front());
+  Status result;
+  {
+    std::lock_guard work(work_mu_);
+    auto stored = load_stored(key, names);
+    if (!stored) return fail(stored.error());
+    Managed m;
+    m.names = names;
+    m.key = key;
+    m.state.names = names;
+    if (*stored) {
+      m = std::move(**stored);
+      // Serve what we have at once, even if due: it is valid, and renewal may take a while.
+      if (auto st = store_->publish(m.cert); !st) return st;
+    }
+    const bool need = due(m);
+    const bool backing_off = m.cert && m.state.next_attempt && clock_->now() < *m.state.next_attempt;
+    if (m.cert && (!need || backing_off)) {
+      loaded_.fetch_add(1);
+      emit(ManagerEvent::Type::loaded, m);
+    } else {
+      result = renew_locked(m, /*force=*/false);
+      // Still serving a valid certificate: the failure is recorded for renew_due's backoff.
+      if (!result && m.cert) result = {};
+    }
+    std::lock_guard lock(mu_);
+    managed_[key] = m;
+  }
+  flush_events();
+  return result;
+}
+
+void Manager::refresh_ari(Managed& m) {
+  auto now = clock_->now();
+  if (m.state.ari_id.empty() || (m.state.ari_next_fetch && now < *m.state.ari_next_fetch)) return;
+  auto c = client();
+  if (!c || (*c)->directory().renewal_info.empty()) return;
+  auto info = (*c)->renewal_info(m.state.ari_id);
+  auto& s = m.state;
+  if (!info) {
+    // Keep the last window; ask again in an hour, or when the CA said.
+    s.ari_next_fetch = now + info.error().retry_after.value_or(std::chrono::hours(1));
+    logger_->log(LogLevel::warn, kLog, "renewalInfo failed", {{"name", m.key}, {"error", info.error().message}});
+  } else {
+    // RFC 9773 §4.3.2: pick a uniform random time in the window, and keep it while the window
+    // stays the same (re-picking on every poll would drift toward the window's start).
+    bool changed = s.ari_window_start != info->window_start || s.ari_window_end != info->window_end;
+    if (changed || !s.ari_selected) s.ari_selected = acme::pick_renewal_time(*info, rng_);
+    s.ari_window_start = info->window_start;
+    s.ari_window_end = info->window_end;
+    s.ari_explanation_url = info->explanation_url;
+    // RFC 9773 §4.3.3: honour Retry-After; but poll at least twice a day, and not more often
+    // than once a minute.
+    auto wait = std::clamp<std::chrono::seconds>(info->retry_after.value_or(std::chrono::hours(6)),
+                                                 std::chrono::minutes(1), std::chrono::hours(12));
+    s.ari_next_fetch = now + wait;
+  }
+  if (auto st = save_state(m); !st) {
+    logger_->log(LogLevel::warn, kLog, "cannot save meta.json", {{"name", m.key}, {"error", st.error().message}});
+  }
+}
+
+Result<int> Manager::renew_due() {
+  std::vector<std::string> keys;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [k, _] : managed_) keys.push_back(k);
+  }
+  int renewed = 0;
+  for (const auto& key : keys) {
+    {
+      std::lock_guard work(work_mu_);
+      Managed m;
+      {
+        std::lock_guard lock(mu_);
+        auto it = managed_.find(key);
+        if (it == managed_.end()) continue;
+        m = it->second;
+      }
+      refresh_ari(m);
+      bool backing_off = m.state.next_attempt && clock_->now() < *m.state.next_attempt;
+      if (due(m) && !backing_off) {
+        std::string before = m.cert ? m.cert->id() : std::string();
+        (void)renew_locked(m, /*force=*/false);
+        if (m.cert && m.cert->id() != before) ++renewed;
+      }
+      std::lock_guard lock(mu_);
+      managed_[key] = std::move(m);
+    }
+    flush_events();
+  }
+  return renewed;
+}
+
+Status Manager::renew(const std::vector<std::string>& input, bool force) {
+  auto names = normalize(input);
+  if (names.empty()) return fail(Errc::invalid_input, "renew: no names");
+  const std::string key = storage_name(names.front());
+  Status result;
+  {
+    std::lock_guard work(work_mu_);
+    Managed m;
+    {
+      std::lock_guard lock(mu_);
+      auto it = managed_.find(key);
+      if (it == managed_.end()) return fail(Errc::invalid_input, "renew: " + names.front() + " is not managed");
+      m = it->second;
+    }
+    m.names = names;
+    if (force || due(m)) result = renew_locked(m, force);
+    std::lock_guard lock(mu_);
+    managed_[key] = std::move(m);
+  }
+  flush_events();
+  return result;
+}
+
+std::optional<CertificateState> Manager::state(const std::vector<std::string>& names) const {
+  auto n = normalize(names);
+  if (n.empty()) return std::nullopt;
+  std::lock_guard lock(mu_);
+  auto it = managed_.find(storage_name(n.front()));
+  if (it == managed_.end()) return std::nullopt;
+  return it->second.state;
+}
+
+std::optional<system_clock::time_point> Manager::renewal_time(const std::vector<std::string>& names) const {
+  auto n = normalize(names);
+  if (n.empty()) return std::nullopt;
+  std::lock_guard lock(mu_);
+  auto it = managed_.find(storage_name(n.front()));
+  if (it == managed_.end() || !it->second.cert) return std::nullopt;
+  return due_time(it->second);
+}
+
+void Manager::start() {
+  std::lock_guard lock(loop_mu_);
+  if (thread_.joinable()) return;
+  stopping_ = false;
+  thread_ = std::thread([this] { run_loop(); });
+}
+
+void Manager::stop() {
+  {
+    std::lock_guard lock(loop_mu_);
+    stopping_ = true;
+  }
+  loop_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Manager::run_loop() {
+  for (;;) {
+    {
+      std::lock_guard lock(loop_mu_);
+      if (stopping_) return;
+    }
+    auto r = renew_due();
+    if (!r) logger_->log(LogLevel::error, kLog, "renewal check failed", {{"error", r.error().message}});
+
+    // Sleep until the next thing falls due (a renewal time or the end of a backoff), but at
+    // most check_interval: ARI windows and storage can change without us knowing.
+    auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(options_.check_interval);
+    {
+      std::lock_guard lock(mu_);
+      auto now = clock_->now();
+      for (const auto& [_, m] : managed_) {
+        auto next = due_time(m);
+        if (m.state.next_attempt) next = std::max(next, *m.state.next_attempt);
+        if (m.state.ari_next_fetch) next = std::min(next, *m.state.ari_next_fetch);
+        auto until = std::chrono::duration_cast<std::chrono::milliseconds>(next - now);
+        wait = std::min(wait, std::max(until, std::chrono::milliseconds(1000)));
+      }
+    }
+    std::unique_lock lock(loop_mu_);
+    // A condition variable, not a sleep: stop() must not wait for the interval to pass.
+    if (loop_cv_.wait_for(lock, wait, [this] { return stopping_; })) return;
+  }
+}
+
+}  // namespace autotls::tlsreload

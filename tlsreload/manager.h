@@ -1,0 +1,208 @@
+#pragma once
+
+// Manager: keeps certificates for sets of names issued, stored, published and renewed.
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "acme/client.h"
+#include "acme/key.h"
+#include "acme/transport.h"
+#include "acme/util/clock.h"
+#include "acme/util/error.h"
+#include "acme/util/logger.h"
+#include "tlsreload/certificate.h"
+#include "tlsreload/challenges.h"
+#include "tlsreload/storage.h"
+#include "tlsreload/store.h"
+
+namespace autotls::tlsreload {
+
+// ManagerEvent reports what happened to one managed certificate.
+struct ManagerEvent {
+  enum class Type { loaded, obtained, renewed, failed };
+  Type type;
+  std::string name;                // storage name ("_wildcard_.example.com")
+  std::vector<std::string> names;  // the managed name set
+  std::string cert_id;             // Certificate::id() of the certificate now served ("" if none)
+  std::optional<Error> error;      // for failed
+};
+std::string_view to_string(ManagerEvent::Type type);
+
+struct ManagerOptions {
+  std::string directory_url;  // the CA's ACME directory
+  std::string ca_bundle;      // PEM roots for the CA's HTTPS; empty: system store
+  std::string email;          // contact, sent as "mailto:<email>"; empty: none
+  bool agree_to_terms = false;
+  std::optional<acme::ExternalAccountBinding> eab;
+  std::string challenge_type = "http-01";  // "http-01", "tls-alpn-01" or "dns-01"
+  std::string dns_hook;                    // program for dns-01 (see ChallengeSolver)
+  acme::KeyType key_type = acme::KeyType::ec256;
+  // renewal_ratio: renew when this share of the lifetime remains (half, at least, for
+  // certificates shorter than 10 days). Used when the CA has no ARI.
+  double renewal_ratio = 1.0 / 3.0;
+  // check_interval: how often the background thread looks for due renewals at most.
+  std::chrono::seconds check_interval{600};
+  // Storage lock per certificate: its ttl (refreshed while held) and how long to wait for it.
+  std::chrono::seconds lock_ttl{60};
+  std::chrono::seconds lock_wait{600};
+  Clock* clock = nullptr;    // nullptr: system_clock()
+  Logger* logger = nullptr;  // nullptr: null_logger()
+  // transport replaces the libcurl transport (tests inject a fake CA here).
+  std::shared_ptr<acme::HttpTransport> transport;
+  // client_options tunes the ACME client (polling, retries); its directory_url, transport,
+  // clock and logger are overwritten from the fields above.
+  acme::ClientOptions client_options;
+  // on_event is called after each load, issuance, renewal and failure, from the thread that
+  // did the work, once the work is over and no Manager lock is held.
+  std::function<void(const ManagerEvent&)> on_event;
+  // rng_seed seeds the jitter and ARI choices; 0 means from std::random_device.
+  uint64_t rng_seed = 0;
+};
+
+// CertificateState is the per-certificate metadata kept in storage (meta.json).
+struct CertificateState {
+  std::vector<std::string> names;
+  std::string directory_url;
+  std::string issuer;  // issuer DN
+  std::string cert_id;  // Certificate::id()
+  std::string serial;
+  std::string ari_id;   // RFC 9773 §4.1 identifier ("" when the certificate has no AKI)
+  std::chrono::system_clock::time_point not_before{}, not_after{};
+  // ARI (RFC 9773 §4.2): the last window, the time picked in it, when to fetch again.
+  std::optional<std::chrono::system_clock::time_point> ari_window_start, ari_window_end;
+  std::optional<std::chrono::system_clock::time_point> ari_selected;
+  std::optional<std::chrono::system_clock::time_point> ari_next_fetch;
+  std::string ari_explanation_url;
+  // Failures since the last success, the last error, and the earliest next attempt.
+  int failures = 0;
+  std::string last_error;
+  std::optional<std::chrono::system_clock::time_point> next_attempt;
+
+  std::string to_json() const;
+  static Result<CertificateState> from_json(std::string_view text);
+};
+
+// ratio_renewal_time is when a certificate valid [not_before, not_after) is due without ARI:
+// when `ratio` of its lifetime remains, or half for lifetimes under 10 days.
+std::chrono::system_clock::time_point ratio_renewal_time(std::chrono::system_clock::time_point not_before,
+                                                         std::chrono::system_clock::time_point not_after,
+                                                         double ratio);
+
+// failure_backoff is the wait after the n-th consecutive failure (n >= 1), without jitter:
+// 1 minute, doubling, capped at 1 day.
+std::chrono::seconds failure_backoff(int failures);
+
+// Manager obtains, stores, publishes and renews certificates for name sets.
+//
+// Every certificate passes Certificate::from_pem (key matches, chain links, valid now, names
+// usable) and must cover the names asked for before it is persisted or published; a failed
+// issuance or renewal never removes or replaces the certificate being served. Issuance of a
+// name set is guarded by a storage lock, and storage is re-read once the lock is held, so
+// several Managers (processes, hosts) sharing one Storage issue a name set once.
+//
+// Methods are thread-safe; issuance work is serialized per Manager.
+class Manager {
+ public:
+  struct Counters {
+    uint64_t loaded = 0;    // certificates taken from storage instead of issued
+    uint64_t obtained = 0;  // first issuances
+    uint64_t renewed = 0;
+    uint64_t failed = 0;    // failed issuances and renewals
+  };
+
+  Manager(ManagerOptions options, std::shared_ptr<Storage> storage, std::shared_ptr<CertStore> store,
+          std::shared_ptr<ChallengeStore> challenges);
+  ~Manager();  // stops the background thread
+  Manager(const Manager&) = delete;
+  Manager& operator=(const Manager&) = delete;
+
+  // manage ensures a certificate for names (the first one names it in storage) is served: the
+  // stored one when it is valid, covers the names and is not due; otherwise a new one. A due
+  // certificate whose renewal fails keeps being served and manage() succeeds (the failure is
+  // recorded for renew_due's backoff); manage() fails only when nothing can be served.
+  [[nodiscard]] Status manage(const std::vector<std::string>& names);
+
+  // renew_due renews every managed certificate whose renewal time has come and whose backoff
+  // has passed, fetching ARI windows as they fall due. Returns how many were renewed; failures
+  // are counted, reported through on_event and recorded in meta.json, not returned.
+  [[nodiscard]] Result<int> renew_due();
+
+  // renew renews the certificate managed for names now if force or if it is due.
+  [[nodiscard]] Status renew(const std::vector<std::string>& names, bool force);
+
+  // start runs renew_due in a background thread every check_interval (sooner when a renewal
+  // falls due earlier); stop ends it and returns promptly (waiting only for an issuance in
+  // progress). Both are idempotent.
+  void start();
+  void stop();
+
+  // state returns the metadata of the certificate managed for names, if managed.
+  std::optional<CertificateState> state(const std::vector<std::string>& names) const;
+  // renewal_time returns when the certificate managed for names is due.
+  std::optional<std::chrono::system_clock::time_point> renewal_time(const std::vector<std::string>& names) const;
+
+  Counters counters() const;
+
+ private:
+  struct Managed {
+    std::vector<std::string> names;
+    std::string key;  // storage name
+    std::shared_ptr<const Certificate> cert;
+    std::string chain_pem;
+    std::string key_pem;  // set only between issue() and persist()
+    CertificateState state;
+  };
+
+  Result<acme::Client*> client();
+  Status ensure_account(acme::Client& client, bool reregister);
+  Result<std::optional<Managed>> load_stored(const std::string& key, const std::vector<std::string>& names);
+  Status renew_locked(Managed& m, bool force);
+  void flush_events();
+  Result<Managed> issue(const std::vector<std::string>& names, const std::string& key,
+                        const std::string& replaces);
+  Status persist(const Managed& m);
+  Status save_state(const Managed& m);
+  void refresh_ari(Managed& m);
+  std::chrono::system_clock::time_point due_time(const Managed& m) const;
+  bool due(const Managed& m) const;
+  void record_failure(Managed& m, const Error& e);
+  void emit(ManagerEvent::Type type, const Managed& m, const Error* error = nullptr);
+  void run_loop();
+
+  ManagerOptions options_;
+  std::shared_ptr<Storage> storage_;
+  std::shared_ptr<CertStore> store_;
+  std::shared_ptr<ChallengeStore> challenges_;
+  Clock* clock_;
+  Logger* logger_;
+
+  std::mutex work_mu_;  // serializes issuance, renewal and the client/account setup
+  std::unique_ptr<acme::Client> client_;
+  bool account_ready_ = false;
+  std::mt19937_64 rng_;
+  std::vector<ManagerEvent> pending_events_;  // emitted by flush_events() after work_mu_
+
+  mutable std::mutex mu_;  // guards managed_
+  std::map<std::string, Managed> managed_;  // by storage name
+
+  std::atomic<uint64_t> loaded_{0}, obtained_{0}, renewed_{0}, failed_{0};
+
+  std::mutex loop_mu_;
+  std::condition_variable loop_cv_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+}  // namespace autotls::tlsreload

@@ -1,0 +1,111 @@
+#pragma once
+
+// Storage: where certificates, keys, ACME accounts and renewal state live, and the locks that
+// let several processes (or hosts) share them. FileStorage is the embedded default; the
+// interface assumes no local disk, so a distributed backend can replace it (see docs/storage.md).
+
+#include <chrono>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "acme/util/clock.h"
+#include "acme/util/error.h"
+
+namespace autotls::tlsreload {
+
+// LockToken names one acquisition of a storage lock. Its owner is unique per acquisition (not
+// per process), so two holders in one process are told apart as well as two processes.
+struct LockToken {
+  std::string name;
+  std::string owner;
+};
+
+// Storage is a key-value store of small blobs with expiring locks.
+//
+// Keys are relative paths of '/'-separated components; each component is non-empty, is not
+// "." or "..", does not start with '.', and uses only [A-Za-z0-9._@+:=-] ('*' is refused:
+// wildcard names are stored as "_wildcard_.example.com"). A bad key is Errc::invalid_input.
+//
+// Implementations MUST be safe to call from several threads, and put() MUST be atomic: a get()
+// (from any process sharing the storage) sees the old value or the new one, never a mix.
+class Storage {
+ public:
+  virtual ~Storage() = default;
+
+  // get returns the value, std::nullopt when the key does not exist, or an Error.
+  [[nodiscard]] virtual Result<std::optional<std::string>> get(std::string_view key) = 0;
+  // put stores the value atomically and durably (it has reached stable storage on success).
+  // secret marks private keys: readable by the owner only.
+  [[nodiscard]] virtual Status put(std::string_view key, std::string_view value,
+                                   bool secret = false) = 0;
+  // list returns every key under prefix (a key prefix on component boundaries, "" = all),
+  // recursively, sorted. A prefix that does not exist gives an empty list.
+  [[nodiscard]] virtual Result<std::vector<std::string>> list(std::string_view prefix) = 0;
+  // remove deletes a key; removing a missing key succeeds.
+  [[nodiscard]] virtual Status remove(std::string_view key) = 0;
+  // generation returns an opaque token that changes whenever the key's value changes ("" when
+  // the key does not exist). Poll it to learn of changes made by other processes.
+  [[nodiscard]] virtual Result<std::string> generation(std::string_view key) = 0;
+
+  // try_lock takes the lock `name` (same syntax as a key) for ttl, or returns std::nullopt when
+  // someone else holds it and it has not expired. A lock whose expiry has passed is stale and
+  // is taken over. The holder MUST refresh() before ttl elapses if its work takes longer.
+  [[nodiscard]] virtual Result<std::optional<LockToken>> try_lock(std::string_view name,
+                                                                  std::chrono::seconds ttl) = 0;
+  // refresh extends a held lock to now + ttl. Errc::invalid_input when the token no longer
+  // holds the lock (it expired and was taken over).
+  [[nodiscard]] virtual Status refresh(const LockToken& token, std::chrono::seconds ttl) = 0;
+  // unlock releases a held lock; releasing a lock that was taken over is a no-op success.
+  [[nodiscard]] virtual Status unlock(const LockToken& token) = 0;
+
+  // lock waits (polling try_lock through clock) until the lock is taken or deadline passes
+  // (Errc::timeout), or the clock's sleep is cancelled (Errc::cancelled).
+  [[nodiscard]] Result<LockToken> lock(std::string_view name, std::chrono::seconds ttl,
+                                       Clock::time_point deadline, Clock& clock);
+};
+
+// valid_storage_key reports whether key follows the syntax above.
+bool valid_storage_key(std::string_view key);
+
+// storage_name turns a certificate name into a key component: lower-cased, "*." as
+// "_wildcard_." ("*.example.com" -> "_wildcard_.example.com").
+std::string storage_name(std::string_view name);
+
+// ca_storage_name turns a CA directory URL into a key component: scheme dropped, host and path
+// kept, other characters replaced ("https://acme.test:14000/dir" -> "acme.test_14000-dir").
+std::string ca_storage_name(std::string_view directory_url);
+
+// FileStorage keeps each key as a file under root (docs/storage.md).
+//
+// Writes are crash-safe: a temporary file in the same directory is written, fsync'ed, renamed
+// over the key and the directory is fsync'ed, so a reader never sees a partial file (the
+// atomicfile technique of certmagic). Directories are 0700, secret files 0600, others 0644.
+// Locks are files under <root>/locks/ holding the owner and expiry (JSON); see try_lock.
+class FileStorage : public Storage {
+ public:
+  // clock gives lock expiry times; nullptr means system_clock(). It MUST outlive the storage.
+  explicit FileStorage(std::filesystem::path root, Clock* clock = nullptr);
+
+  Result<std::optional<std::string>> get(std::string_view key) override;
+  Status put(std::string_view key, std::string_view value, bool secret = false) override;
+  Result<std::vector<std::string>> list(std::string_view prefix) override;
+  Status remove(std::string_view key) override;
+  Result<std::string> generation(std::string_view key) override;
+
+  Result<std::optional<LockToken>> try_lock(std::string_view name, std::chrono::seconds ttl) override;
+  Status refresh(const LockToken& token, std::chrono::seconds ttl) override;
+  Status unlock(const LockToken& token) override;
+
+  const std::filesystem::path& root() const { return root_; }
+
+ private:
+  std::filesystem::path lock_path(std::string_view name) const;
+
+  std::filesystem::path root_;
+  Clock* clock_;
+};
+
+}  // namespace autotls::tlsreload
