@@ -1,0 +1,99 @@
+#pragma once
+
+// ServerConfig: what the HTTPS frontend listens on, what it serves for each host name, and the
+// limits that keep slow or greedy clients from exhausting it.
+
+#include <chrono>
+#include <cstddef>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace autotls::server {
+
+// Endpoint is one listening address. address is numeric ("0.0.0.0", "::", "127.0.0.1"); port 0
+// asks the kernel for an ephemeral port (read it back with Server::https_port()/http_port()).
+struct Endpoint {
+  std::string address;
+  int port = 0;
+};
+
+// StaticSite serves files below root. Request paths are URL-decoded, must not contain a ".."
+// segment (400), and the resolved file (symlinks followed) must stay inside root (404).
+// A directory serves its index file. Only GET and HEAD are allowed (405 otherwise).
+struct StaticSite {
+  std::filesystem::path root;
+  std::string index = "index.html";
+};
+
+// ProxySite forwards requests to upstream, "http://host:port" or "https://host:port" (no path).
+// Method, target, headers (minus hop-by-hop ones) and body are passed on; the original Host is
+// kept; X-Forwarded-For/-Proto/-Host are set by us (client-supplied values are replaced, never
+// trusted). Connect failure answers 502, a connect or read timeout 504.
+struct ProxySite {
+  std::string upstream;
+  std::chrono::milliseconds connect_timeout{5'000};
+  std::chrono::milliseconds read_timeout{60'000};
+  std::chrono::milliseconds write_timeout{60'000};
+};
+
+using Site = std::variant<StaticSite, ProxySite>;
+
+struct Timeouts {
+  // handshake: from accept until the TLS handshake completes.
+  std::chrono::milliseconds handshake{10'000};
+  // header: until the request line and all header fields have arrived, counted from the end
+  // of the handshake (a new connection) or from the first byte of a request (keep-alive).
+  std::chrono::milliseconds header{10'000};
+  // read / write: the longest wait for one socket read (request body) or write (response).
+  std::chrono::milliseconds read{30'000};
+  std::chrono::milliseconds write{30'000};
+  // idle: how long a keep-alive connection may wait for the next request's first byte.
+  std::chrono::milliseconds idle{60'000};
+};
+
+// ServerConfig is validated by Server::create; the defaults are production values.
+struct ServerConfig {
+  // https listeners; at least one is required.
+  std::vector<Endpoint> https = {{"0.0.0.0", 443}, {"::", 443}};
+  // http listeners (http-01 challenges and redirects); empty disables plain HTTP.
+  std::vector<Endpoint> http = {{"0.0.0.0", 80}, {"::", 80}};
+  // redirect_to_https answers every plain-HTTP request other than an http-01 challenge with a
+  // 308 to https://<host><target>. When false the sites are served over plain HTTP too.
+  bool redirect_to_https = true;
+  // redirect_port is the port put into redirect URLs: 0 means the first https listener's port
+  // (omitted from the URL when it is 443). Set it when a NAT maps 443 to another local port.
+  int redirect_port = 0;
+
+  // sites maps lower-case host names (exact match, port ignored) to what they serve.
+  std::map<std::string, Site> sites;
+  // default_site serves hosts not in sites; without it they get 421 Misdirected Request.
+  std::optional<Site> default_site;
+
+  // hsts_max_age > 0 adds "Strict-Transport-Security: max-age=N" to HTTPS responses.
+  std::chrono::seconds hsts_max_age{0};
+  bool hsts_include_subdomains = false;
+
+  Timeouts timeouts;
+
+  // max_connections caps open client connections across all listeners; over the cap a new
+  // connection is closed at once.
+  std::size_t max_connections = 10'000;
+  // max_header_bytes caps the request line plus header fields (431 and close when exceeded).
+  std::size_t max_header_bytes = 16 * 1024;
+  // max_body_bytes caps a request body (413).
+  std::size_t max_body_bytes = 10 * 1024 * 1024;
+  // keep_alive_max_requests closes a connection after this many requests.
+  std::size_t keep_alive_max_requests = 1'000;
+  // worker_threads run request handlers (and proxy calls); 0 means max(8, 2 * cores).
+  std::size_t worker_threads = 0;
+  // backlog is the listen(2) queue length.
+  int backlog = 1'024;
+  // alpn_protocols offered on the https listeners, in preference order.
+  std::vector<std::string> alpn_protocols = {"http/1.1"};
+};
+
+}  // namespace autotls::server

@@ -1,0 +1,190 @@
+#include "server/detail/http_util.h"
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <system_error>
+#include <utility>
+
+namespace autotls::server::detail {
+namespace {
+
+char lower(char c) { return static_cast<char>(std::tolower(static_cast<unsigned char>(c))); }
+
+bool is_base64url(char c) {
+  return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_';
+}
+
+}  // namespace
+
+std::optional<std::string> host_of(std::string_view h) {
+  if (h.empty()) return std::nullopt;
+  std::string_view host = h;
+  if (h.front() == '[') {
+    auto close = h.find(']');
+    if (close == std::string_view::npos) return std::nullopt;
+    host = h.substr(1, close - 1);
+    auto rest = h.substr(close + 1);
+    if (!rest.empty() && rest.front() != ':') return std::nullopt;
+    for (char c : host) {
+      if (!std::isxdigit(static_cast<unsigned char>(c)) && c != ':' && c != '.') {
+        return std::nullopt;
+      }
+    }
+  } else {
+    auto colon = h.find(':');
+    if (colon != std::string_view::npos) host = h.substr(0, colon);
+    for (char c : host) {
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '.' && c != '_') {
+        return std::nullopt;
+      }
+    }
+  }
+  if (auto colon = h.rfind(':'); colon != std::string_view::npos && h.front() != '[') {
+    for (char c : h.substr(colon + 1)) {
+      if (!std::isdigit(static_cast<unsigned char>(c))) return std::nullopt;
+    }
+  }
+  if (host.empty()) return std::nullopt;
+  std::string out(host);
+  std::transform(out.begin(), out.end(), out.begin(), lower);
+  // RFC 4343: a trailing dot names the same host.
+  if (out.size() > 1 && out.back() == '.') out.pop_back();
+  return out;
+}
+
+std::string redirect_location(std::string_view host, std::string_view target, int port) {
+  std::string url = "https://";
+  bool v6 = host.find(':') != std::string_view::npos;
+  if (v6) url += '[';
+  url += host;
+  if (v6) url += ']';
+  if (port != 443) url += ":" + std::to_string(port);
+  if (target.empty() || target.front() != '/') url += '/';
+  url += target;
+  return url;
+}
+
+std::optional<std::string_view> acme_challenge_token(std::string_view path) {
+  constexpr std::string_view kPrefix = "/.well-known/acme-challenge/";
+  if (path.substr(0, kPrefix.size()) != kPrefix) return std::nullopt;
+  auto token = path.substr(kPrefix.size());
+  if (token.empty() || !std::all_of(token.begin(), token.end(), is_base64url)) {
+    return std::nullopt;
+  }
+  return token;
+}
+
+std::string_view content_type_for(const std::filesystem::path& file) {
+  static constexpr std::array<std::pair<std::string_view, std::string_view>, 30> kTypes = {{
+      {".html", "text/html; charset=utf-8"},
+      {".htm", "text/html; charset=utf-8"},
+      {".css", "text/css; charset=utf-8"},
+      {".js", "text/javascript; charset=utf-8"},
+      {".mjs", "text/javascript; charset=utf-8"},
+      {".json", "application/json"},
+      {".map", "application/json"},
+      {".txt", "text/plain; charset=utf-8"},
+      {".csv", "text/csv; charset=utf-8"},
+      {".xml", "application/xml"},
+      {".svg", "image/svg+xml"},
+      {".png", "image/png"},
+      {".jpg", "image/jpeg"},
+      {".jpeg", "image/jpeg"},
+      {".gif", "image/gif"},
+      {".webp", "image/webp"},
+      {".avif", "image/avif"},
+      {".ico", "image/x-icon"},
+      {".wasm", "application/wasm"},
+      {".pdf", "application/pdf"},
+      {".zip", "application/zip"},
+      {".gz", "application/gzip"},
+      {".woff", "font/woff"},
+      {".woff2", "font/woff2"},
+      {".ttf", "font/ttf"},
+      {".otf", "font/otf"},
+      {".mp4", "video/mp4"},
+      {".webm", "video/webm"},
+      {".mp3", "audio/mpeg"},
+      {".ogg", "audio/ogg"},
+  }};
+  std::string ext = file.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), lower);
+  for (const auto& [e, type] : kTypes) {
+    if (e == ext) return type;
+  }
+  return "application/octet-stream";
+}
+
+StaticLookup resolve_static(const std::filesystem::path& root, std::string_view url_path,
+                            std::string_view index, std::filesystem::path& out) {
+  namespace fs = std::filesystem;
+  if (url_path.empty() || url_path.front() != '/') return StaticLookup::bad_request;
+  if (url_path.find('\0') != std::string_view::npos ||
+      url_path.find('\\') != std::string_view::npos) {
+    return StaticLookup::bad_request;
+  }
+  // Refuse dot segments outright rather than normalizing them: no legitimate client sends them
+  // (RFC 3986 §5.2.4 has clients remove them), so they are probes.
+  fs::path rel;
+  std::size_t pos = 1;
+  while (pos <= url_path.size()) {
+    auto slash = url_path.find('/', pos);
+    if (slash == std::string_view::npos) slash = url_path.size();
+    auto seg = url_path.substr(pos, slash - pos);
+    if (seg == "." || seg == "..") return StaticLookup::bad_request;
+    if (!seg.empty()) rel /= std::string(seg);
+    pos = slash + 1;
+  }
+  std::error_code ec;
+  fs::path candidate = fs::canonical(root / rel, ec);
+  if (ec) return StaticLookup::not_found;
+  // The check that matters: symlinks may point anywhere, so compare the resolved path
+  // component by component with the root.
+  auto [root_end, cand_it] = std::mismatch(root.begin(), root.end(), candidate.begin(),
+                                           candidate.end());
+  if (root_end != root.end()) return StaticLookup::not_found;
+  if (fs::is_directory(candidate, ec)) {
+    if (index.empty()) return StaticLookup::not_found;
+    fs::path idx = fs::canonical(candidate / std::string(index), ec);
+    if (ec) return StaticLookup::not_found;
+    auto [r2, c2] = std::mismatch(root.begin(), root.end(), idx.begin(), idx.end());
+    if (r2 != root.end()) return StaticLookup::not_found;
+    candidate = std::move(idx);
+  }
+  if (!fs::is_regular_file(candidate, ec)) return StaticLookup::not_found;
+  out = std::move(candidate);
+  return StaticLookup::found;
+}
+
+bool is_hop_by_hop(std::string_view name) {
+  static constexpr std::array<std::string_view, 16> kHop = {
+      "connection",        "keep-alive",       "proxy-connection", "proxy-authenticate",
+      "proxy-authorization", "te",             "trailer",          "transfer-encoding",
+      "upgrade",           "content-length",   "remote_addr",      "remote_port",
+      "local_addr",        "local_port",       "x-forwarded-for",  "x-forwarded-proto",
+  };
+  std::string n(name);
+  std::transform(n.begin(), n.end(), n.begin(), lower);
+  if (n == "x-forwarded-host") return true;
+  return std::find(kHop.begin(), kHop.end(), n) != kHop.end();
+}
+
+std::size_t header_end(std::string_view buf) {
+  for (std::size_t i = 0; i < buf.size(); ++i) {
+    if (buf[i] != '\n') continue;
+    // "\n\n" or "\n\r\n" ends the header.
+    if (i + 1 < buf.size() && buf[i + 1] == '\n') return i + 2;
+    if (i + 2 < buf.size() && buf[i + 1] == '\r' && buf[i + 2] == '\n') return i + 3;
+  }
+  return 0;
+}
+
+std::string format_endpoint(std::string_view address, int port) {
+  if (address.find(':') != std::string_view::npos) {
+    return "[" + std::string(address) + "]:" + std::to_string(port);
+  }
+  return std::string(address) + ":" + std::to_string(port);
+}
+
+}  // namespace autotls::server::detail

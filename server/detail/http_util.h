@@ -1,0 +1,52 @@
+#pragma once
+
+// Pure helpers of the frontend (no sockets, no threads), kept apart so unit tests reach them.
+
+#include <cstddef>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace autotls::server::detail {
+
+// host_of returns the lower-cased host part of a Host header ("Example.COM:8443" ->
+// "example.com", "[::1]:443" -> "::1"), or nullopt when the value is empty or has characters
+// no host name or IP literal contains (so it is safe to put into a Location header).
+std::optional<std::string> host_of(std::string_view host_header);
+
+// redirect_location builds the https URL for a plain-HTTP request: the Host header's host,
+// ":port" unless port is 443, then target (path and query, as received).
+std::string redirect_location(std::string_view host, std::string_view target, int port);
+
+// acme_challenge_token returns the token of "/.well-known/acme-challenge/<token>" when the
+// token is non-empty base64url (RFC 8555 §8.3: "token ... MUST NOT contain any characters
+// outside the base64url alphabet"), nullopt for any other path.
+std::optional<std::string_view> acme_challenge_token(std::string_view path);
+
+// content_type_for maps a file extension (case-insensitive) to a media type;
+// "application/octet-stream" when unknown.
+std::string_view content_type_for(const std::filesystem::path& file);
+
+// StaticLookup is the outcome of resolving a URL path below a static root.
+enum class StaticLookup { found, bad_request, not_found };
+
+// resolve_static maps an already URL-decoded path to a regular file below root, which MUST be
+// canonical (std::filesystem::canonical). A NUL byte, a backslash or a "." / ".." segment is a
+// bad_request; a file that resolves (through symlinks) outside root, or does not exist, is
+// not_found; a directory resolves to its index file.
+StaticLookup resolve_static(const std::filesystem::path& root, std::string_view url_path,
+                            std::string_view index, std::filesystem::path& out);
+
+// is_hop_by_hop reports whether a header field is connection-specific (RFC 9110 §7.6.1) and so
+// must not be forwarded by a proxy, plus the ones we always set ourselves.
+bool is_hop_by_hop(std::string_view name);
+
+// header_end returns the offset just past the blank line that ends a request header in buf
+// (CRLF CRLF, or a bare LF LF), or 0 when the header is not complete yet.
+std::size_t header_end(std::string_view buf);
+
+// format_endpoint renders "0.0.0.0:443" or "[::]:443".
+std::string format_endpoint(std::string_view address, int port);
+
+}  // namespace autotls::server::detail

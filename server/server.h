@@ -1,0 +1,87 @@
+#pragma once
+
+// Server: the HTTPS (and plain HTTP) frontend. Certificates come from a tlsreload::CertStore
+// on every handshake, so renewals take effect without restarting a listener; challenge
+// material comes from a tlsreload::ChallengeStore (http-01 on the HTTP listener, tls-alpn-01
+// on the HTTPS listener).
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+
+#include "acme/util/error.h"
+#include "acme/util/logger.h"
+#include "server/config.h"
+
+namespace autotls::tlsreload {
+class CertStore;
+class ChallengeStore;
+}  // namespace autotls::tlsreload
+
+namespace autotls::server {
+
+// Server owns its listening sockets, one reactor thread and a pool of worker threads.
+//
+// The reactor accepts connections, runs TLS handshakes and reads request headers without
+// blocking; only a connection whose whole request header has arrived is given to a worker,
+// which runs the handler and writes the response, then gives a keep-alive connection back to
+// the reactor. A slow or silent client therefore never holds a worker: it holds one file
+// descriptor until its handshake / header / idle deadline closes it.
+//
+// Thread-safety: create, start and shutdown are called from one controlling thread; the
+// accessors may be called from any thread.
+class Server {
+ public:
+  struct Counters {
+    std::uint64_t accepted = 0;
+    std::uint64_t rejected_over_capacity = 0;  // closed at accept: max_connections reached
+    std::uint64_t handshake_failed = 0;
+    std::uint64_t handshake_timeout = 0;
+    std::uint64_t header_timeout = 0;       // request header not complete by its deadline
+    std::uint64_t idle_closed = 0;          // keep-alive connection idle past timeouts.idle
+    std::uint64_t header_too_large = 0;     // 431
+    std::uint64_t requests = 0;             // requests handled by workers
+    std::uint64_t forced_closed = 0;        // still open when the drain deadline passed
+    std::uint64_t open_connections = 0;     // gauge
+  };
+
+  // create validates config and binds every listening socket (so "address already in use" is
+  // reported here, as "https listener 0.0.0.0:443: address already in use", Errc::io), builds
+  // the TLS context (TLS 1.2+, Mozilla "intermediate" ciphers, no renegotiation) and attaches
+  // store and challenges to it. Nothing is served until start(). challenges may be null (no
+  // http-01 / tls-alpn-01 answers). logger may be null (silent); it MUST outlive the Server.
+  [[nodiscard]] static Result<std::unique_ptr<Server>> create(
+      ServerConfig config, std::shared_ptr<tlsreload::CertStore> store,
+      std::shared_ptr<tlsreload::ChallengeStore> challenges, Logger* logger);
+
+  // The destructor calls shutdown(0ms) if the server is still running.
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // start launches the reactor and worker threads. Fails if called twice or after shutdown.
+  [[nodiscard]] Status start();
+
+  // https_port / http_port return the bound port of the first https / http listener (the
+  // kernel's choice when the config said 0), or 0 when there is none.
+  int https_port() const;
+  int http_port() const;
+
+  // shutdown closes the listening sockets (new connections are refused), closes idle
+  // connections, lets requests in flight finish and answer with "Connection: close" until
+  // drain has passed, then shuts down the sockets still open and joins every thread.
+  // A handler blocked in a proxy call returns when its upstream timeout fires. Idempotent.
+  void shutdown(std::chrono::milliseconds drain);
+
+  // ready reports whether the server is started and not shutting down.
+  bool ready() const;
+
+  Counters counters() const;
+
+ private:
+  struct Impl;
+  explicit Server(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace autotls::server

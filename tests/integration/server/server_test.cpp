@@ -1,0 +1,689 @@
+#include <doctest/doctest.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <curl/curl.h>
+#include <httplib.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include "acme/types.h"
+#include "acme/util/openssl.h"
+#include "server/server.h"
+#include "tests/support/pebble_env.h"
+#include "tlsreload/challenges.h"
+#include "tlsreload/store.h"
+
+using namespace autotls;
+using namespace autotls::server;
+using autotls::testing::make_test_ca;
+using autotls::testing::make_test_leaf;
+using autotls::testing::PemPair;
+using std::chrono::milliseconds;
+using SteadyClock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path temp_dir(const std::string& tag) {
+  fs::path p = fs::temp_directory_path() /
+               ("autotls-srv-" + tag + "-" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+// Fixture: a test CA, a store with certificates, a server on 127.0.0.1 ephemeral ports.
+struct Env {
+  PemPair ca;
+  fs::path dir;
+  fs::path ca_file;
+  std::shared_ptr<tlsreload::CertStore> store = std::make_shared<tlsreload::CertStore>();
+  std::shared_ptr<tlsreload::ChallengeStore> challenges =
+      std::make_shared<tlsreload::ChallengeStore>();
+  std::unique_ptr<Server> server;
+
+  explicit Env(const std::string& tag) {
+    auto c = make_test_ca("autotls server test CA");
+    REQUIRE_MESSAGE(c, c.error().message);
+    ca = *c;
+    dir = temp_dir(tag);
+    ca_file = dir / "ca.pem";
+    std::ofstream(ca_file) << ca.cert_pem;
+  }
+  ~Env() {
+    if (server) server->shutdown(milliseconds(0));
+    server.reset();
+    fs::remove_all(dir);
+  }
+
+  void publish(const std::vector<std::string>& names) {
+    auto leaf = make_test_leaf(names, ca);
+    REQUIRE_MESSAGE(leaf, leaf.error().message);
+    auto r = store->publish_pem(leaf->cert_pem, leaf->key_pem);
+    REQUIRE_MESSAGE(r, r.error().message);
+  }
+
+  static ServerConfig base_config() {
+    ServerConfig cfg;
+    cfg.https = {{"127.0.0.1", 0}};
+    cfg.http = {{"127.0.0.1", 0}};
+    return cfg;
+  }
+
+  void start(ServerConfig cfg) {
+    auto s = Server::create(std::move(cfg), store, challenges, nullptr);
+    REQUIRE_MESSAGE(s, s.error().message);
+    server = std::move(*s);
+    REQUIRE(server->start());
+    REQUIRE(server->ready());
+    REQUIRE(server->https_port() > 0);
+  }
+};
+
+struct CurlReply {
+  CURLcode code = CURLE_OK;
+  long status = 0;
+  std::string body;
+  std::string headers;
+  std::string error;
+};
+
+size_t append_cb(char* p, size_t size, size_t n, void* user) {
+  static_cast<std::string*>(user)->append(p, size * n);
+  return size * n;
+}
+
+// curl_request fetches url; names in resolve_names map to 127.0.0.1:port.
+CurlReply curl_request(const std::string& url, const std::vector<std::string>& resolve_names,
+                       int port, const fs::path& ca_file, const std::string& method = "GET",
+                       const std::string& body = {}, bool path_as_is = false,
+                       long timeout_ms = 10'000) {
+  CurlReply out;
+  CURL* h = curl_easy_init();
+  curl_slist* resolve = nullptr;
+  for (const auto& n : resolve_names) {
+    resolve = curl_slist_append(resolve, (n + ":" + std::to_string(port) + ":127.0.0.1").c_str());
+  }
+  char err[CURL_ERROR_SIZE] = {};
+  curl_easy_setopt(h, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+  if (!ca_file.empty()) curl_easy_setopt(h, CURLOPT_CAINFO, ca_file.c_str());
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, append_cb);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, &out.body);
+  curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, append_cb);
+  curl_easy_setopt(h, CURLOPT_HEADERDATA, &out.headers);
+  curl_easy_setopt(h, CURLOPT_ERRORBUFFER, err);
+  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms);
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  if (path_as_is) curl_easy_setopt(h, CURLOPT_PATH_AS_IS, 1L);
+  if (method != "GET") curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method.c_str());
+  if (!body.empty()) {
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body.c_str());
+    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, static_cast<long>(body.size()));
+  }
+  out.code = curl_easy_perform(h);
+  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &out.status);
+  out.error = err;
+  curl_slist_free_all(resolve);
+  curl_easy_cleanup(h);
+  return out;
+}
+
+// s_client_san runs `openssl s_client` against 127.0.0.1:port with SNI name and returns the
+// served leaf's subject and subjectAltName extension as text.
+std::string s_client_san(int port, const std::string& name) {
+  std::string cmd = "echo | openssl s_client -connect 127.0.0.1:" + std::to_string(port) +
+                    " -servername " + name +
+                    " 2>/dev/null | openssl x509 -noout -subject -ext subjectAltName 2>&1";
+  std::string out;
+  FILE* f = ::popen(cmd.c_str(), "r");
+  if (!f) return out;
+  char buf[512];
+  while (size_t n = std::fread(buf, 1, sizeof buf, f)) out.append(buf, n);
+  ::pclose(f);
+  return out;
+}
+
+int connect_to(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// unused_port returns a port nothing listens on (bound, then closed).
+int unused_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// Upstream is a local httplib server for proxy tests.
+struct Upstream {
+  httplib::Server svr;
+  std::thread thread;
+  int port = 0;
+  Upstream() {
+    svr.Get("/echo", [](const httplib::Request& req, httplib::Response& res) {
+      std::string out = "xff=" + req.get_header_value("X-Forwarded-For") +
+                        ";proto=" + req.get_header_value("X-Forwarded-Proto") +
+                        ";fhost=" + req.get_header_value("X-Forwarded-Host") +
+                        ";host=" + req.get_header_value("Host") +
+                        ";xff_count=" + std::to_string(req.get_header_value_count("X-Forwarded-For")) +
+                        ";q=" + req.get_param_value("q") + ";custom=" + req.get_header_value("X-Custom");
+      res.set_header("X-Upstream", "yes");
+      res.set_content(out, "text/plain");
+    });
+    svr.Post("/echo", [](const httplib::Request& req, httplib::Response& res) {
+      res.status = 201;
+      res.set_content("method=" + req.method + ";body=" + req.body, "text/plain");
+    });
+    svr.Get("/slow", [](const httplib::Request&, httplib::Response& res) {
+      std::this_thread::sleep_for(milliseconds(1'000));
+      res.set_content("slow done", "text/plain");
+    });
+    port = svr.bind_to_any_port("127.0.0.1");
+    thread = std::thread([this] { svr.listen_after_bind(); });
+    while (!svr.is_running()) std::this_thread::sleep_for(milliseconds(5));
+  }
+  ~Upstream() {
+    svr.stop();
+    thread.join();
+  }
+};
+
+}  // namespace
+
+TEST_SUITE("server") {
+  TEST_CASE("create reports a port in use clearly") {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    REQUIRE(::listen(fd, 1) == 0);
+    socklen_t len = sizeof a;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    int port = ntohs(a.sin_port);
+
+    ServerConfig cfg = Env::base_config();
+    cfg.https = {{"127.0.0.1", port}};
+    auto s = Server::create(cfg, std::make_shared<tlsreload::CertStore>(), nullptr, nullptr);
+    REQUIRE_FALSE(s);
+    CHECK(s.error().code == Errc::io);
+    CHECK(s.error().message ==
+          "https listener 127.0.0.1:" + std::to_string(port) + ": address already in use");
+
+    cfg = Env::base_config();
+    cfg.http = {{"127.0.0.1", port}};
+    s = Server::create(cfg, std::make_shared<tlsreload::CertStore>(), nullptr, nullptr);
+    REQUIRE_FALSE(s);
+    CHECK(s.error().message ==
+          "http listener 127.0.0.1:" + std::to_string(port) + ": address already in use");
+    ::close(fd);
+
+    cfg = Env::base_config();
+    cfg.sites["static.test"] = StaticSite{"/nonexistent/autotls"};
+    s = Server::create(cfg, std::make_shared<tlsreload::CertStore>(), nullptr, nullptr);
+    REQUIRE_FALSE(s);
+    CHECK(s.error().code == Errc::invalid_input);
+    cfg = Env::base_config();
+    cfg.sites["proxy.test"] = ProxySite{"ftp://x"};
+    s = Server::create(cfg, std::make_shared<tlsreload::CertStore>(), nullptr, nullptr);
+    REQUIRE_FALSE(s);
+  }
+
+  TEST_CASE("sni selects the certificate for each name and a wildcard") {
+    Env env("sni");
+    env.publish({"a.test"});
+    env.publish({"b.test"});
+    env.publish({"*.wild.test"});
+    ServerConfig cfg = Env::base_config();
+    fs::create_directories(env.dir / "www");
+    std::ofstream(env.dir / "www" / "index.html") << "hello";
+    cfg.default_site = StaticSite{env.dir / "www"};
+    cfg.hsts_max_age = std::chrono::seconds(3600);
+    env.start(cfg);
+    int port = env.server->https_port();
+
+    for (std::string name : {"a.test", "b.test", "x.wild.test"}) {
+      CAPTURE(name);
+      auto r = curl_request("https://" + name + ":" + std::to_string(port) + "/", {name}, port,
+                            env.ca_file);
+      CHECK_MESSAGE(r.code == CURLE_OK, r.error);
+      CHECK(r.status == 200);
+      CHECK(r.body == "hello");
+      CHECK(r.headers.find("Strict-Transport-Security: max-age=3600") != std::string::npos);
+    }
+    // Verification must fail for a name no certificate covers (one label too deep).
+    auto bad = curl_request("https://a.b.wild.test:" + std::to_string(port) + "/",
+                            {"a.b.wild.test"}, port, env.ca_file);
+    CHECK(bad.code != CURLE_OK);
+
+    std::string a = s_client_san(port, "a.test");
+    CHECK_MESSAGE(a.find("DNS:a.test") != std::string::npos, a);
+    std::string b = s_client_san(port, "b.test");
+    CHECK_MESSAGE(b.find("DNS:b.test") != std::string::npos, b);
+    std::string w = s_client_san(port, "x.wild.test");
+    CHECK_MESSAGE(w.find("DNS:*.wild.test") != std::string::npos, w);
+  }
+
+  TEST_CASE("certificate swap under handshake load fails no handshake") {
+    Env env("swap");
+    env.publish({"swap.test"});
+    ServerConfig cfg = Env::base_config();
+    env.start(cfg);
+    int port = env.server->https_port();
+
+    constexpr int kSwaps = 300;
+    std::vector<PemPair> leaves;
+    for (int i = 0; i < kSwaps; ++i) {
+      auto l = make_test_leaf({"swap.test"}, env.ca);
+      REQUIRE(l);
+      leaves.push_back(*l);
+    }
+
+    ossl::SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
+    REQUIRE(ctx);
+    SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+    REQUIRE(SSL_CTX_load_verify_locations(ctx.get(), env.ca_file.c_str(), nullptr) == 1);
+
+    std::atomic<bool> stop{false};
+    std::atomic<int> ok{0}, failed{0};
+    std::set<std::string> serials_seen;
+    std::thread client([&] {
+      while (!stop.load()) {
+        int fd = connect_to(port);
+        if (fd < 0) {
+          ++failed;
+          continue;
+        }
+        timeval tv{5, 0};
+        ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        ossl::SslPtr ssl(SSL_new(ctx.get()));
+        SSL_set_fd(ssl.get(), fd);
+        SSL_set_tlsext_host_name(ssl.get(), "swap.test");
+        SSL_set1_host(ssl.get(), "swap.test");
+        if (SSL_connect(ssl.get()) == 1 && SSL_get_verify_result(ssl.get()) == X509_V_OK) {
+          ++ok;
+        } else {
+          ++failed;
+          ERR_clear_error();
+        }
+        ::close(fd);
+      }
+    });
+    auto t0 = SteadyClock::now();
+    for (const auto& l : leaves) {
+      auto r = env.store->publish_pem(l.cert_pem, l.key_pem);
+      REQUIRE_MESSAGE(r, r.error().message);
+      std::this_thread::sleep_for(milliseconds(2));
+    }
+    // Let the client see the last certificate too.
+    int before = ok.load();
+    while (ok.load() < before + 5 && SteadyClock::now() - t0 < std::chrono::seconds(20)) {
+      std::this_thread::sleep_for(milliseconds(5));
+    }
+    stop = true;
+    client.join();
+    auto elapsed = std::chrono::duration_cast<milliseconds>(SteadyClock::now() - t0).count();
+    MESSAGE("swaps=" << kSwaps << " handshakes=" << ok.load() << " failed=" << failed.load()
+                     << " in " << elapsed << " ms");
+    CHECK(failed.load() == 0);
+    CHECK(ok.load() > kSwaps / 2);
+    CHECK(env.server->counters().handshake_failed == 0);
+  }
+
+  TEST_CASE("tls-alpn-01 is answered on the live https listener") {
+    Env env("alpn");
+    env.publish({"alpn.test"});
+    env.start(Env::base_config());
+    int port = env.server->https_port();
+    auto put = env.challenges->put_tls_alpn(acme::Identifier::dns("alpn.test"),
+                                            "token.thumbprint");
+    REQUIRE_MESSAGE(put, put.error().message);
+
+    auto handshake = [&](bool acme_alpn, std::string& alpn, bool& has_acme_ext) {
+      ossl::SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
+      int fd = connect_to(port);
+      REQUIRE(fd >= 0);
+      ossl::SslPtr ssl(SSL_new(ctx.get()));
+      SSL_set_fd(ssl.get(), fd);
+      SSL_set_tlsext_host_name(ssl.get(), "alpn.test");
+      static const unsigned char kAcme[] = "\x0a" "acme-tls/1";
+      static const unsigned char kHttp[] = "\x08" "http/1.1";
+      if (acme_alpn) {
+        SSL_set_alpn_protos(ssl.get(), kAcme, sizeof kAcme - 1);
+      } else {
+        SSL_set_alpn_protos(ssl.get(), kHttp, sizeof kHttp - 1);
+      }
+      bool ok = SSL_connect(ssl.get()) == 1;
+      const unsigned char* sel = nullptr;
+      unsigned len = 0;
+      SSL_get0_alpn_selected(ssl.get(), &sel, &len);
+      alpn.assign(reinterpret_cast<const char*>(sel), len);
+      ossl::X509Ptr peer(SSL_get1_peer_certificate(ssl.get()));
+      // RFC 8737 §3: id-pe-acmeIdentifier is 1.3.6.1.5.5.7.1.31.
+      std::unique_ptr<ASN1_OBJECT, ossl::Free<ASN1_OBJECT_free>> oid(
+          OBJ_txt2obj("1.3.6.1.5.5.7.1.31", 1));
+      has_acme_ext = peer && X509_get_ext_by_OBJ(peer.get(), oid.get(), -1) >= 0;
+      ::close(fd);
+      return ok;
+    };
+    std::string alpn;
+    bool ext = false;
+    CHECK(handshake(true, alpn, ext));
+    CHECK(alpn == "acme-tls/1");
+    CHECK(ext);
+    CHECK(handshake(false, alpn, ext));
+    CHECK(alpn == "http/1.1");
+    CHECK_FALSE(ext);
+  }
+
+  TEST_CASE("http listener serves http-01 tokens and redirects the rest") {
+    Env env("http01");
+    env.publish({"example.test"});
+    env.start(Env::base_config());
+    env.challenges->put_http01("tok-EN_123", "tok-EN_123.thumbprint");
+    int hp = env.server->http_port();
+    std::string base = "http://example.test:" + std::to_string(hp);
+
+    auto r = curl_request(base + "/.well-known/acme-challenge/tok-EN_123", {"example.test"}, hp,
+                          {});
+    CHECK(r.code == CURLE_OK);
+    CHECK(r.status == 200);
+    CHECK(r.body == "tok-EN_123.thumbprint");
+    CHECK(r.headers.find("Content-Type: text/plain") != std::string::npos);
+
+    r = curl_request(base + "/.well-known/acme-challenge/unknown", {"example.test"}, hp, {});
+    CHECK(r.status == 404);
+
+    r = curl_request(base + "/some/path?x=1&y=two", {"example.test"}, hp, {});
+    CHECK(r.status == 308);
+    std::string want = "Location: https://example.test:" +
+                       std::to_string(env.server->https_port()) + "/some/path?x=1&y=two";
+    CHECK_MESSAGE(r.headers.find(want) != std::string::npos, r.headers);
+
+    r = curl_request(base + "/form", {"example.test"}, hp, {}, "POST", "a=b");
+    CHECK(r.status == 308);
+  }
+
+  TEST_CASE("static files are served without traversal") {
+    Env env("static");
+    env.publish({"static.test"});
+    fs::create_directories(env.dir / "www" / "css");
+    std::ofstream(env.dir / "www" / "index.html") << "<h1>home</h1>";
+    std::ofstream(env.dir / "www" / "css" / "site.css") << "body{}";
+    std::ofstream(env.dir / "secret.txt") << "secret";
+    ServerConfig cfg = Env::base_config();
+    cfg.sites["static.test"] = StaticSite{env.dir / "www"};
+    env.start(cfg);
+    int port = env.server->https_port();
+    std::string base = "https://static.test:" + std::to_string(port);
+    auto get = [&](const std::string& path, bool as_is = false) {
+      return curl_request(base + path, {"static.test"}, port, env.ca_file, "GET", {}, as_is);
+    };
+
+    auto r = get("/");
+    CHECK(r.status == 200);
+    CHECK(r.body == "<h1>home</h1>");
+    CHECK(r.headers.find("Content-Type: text/html") != std::string::npos);
+    r = get("/css/site.css");
+    CHECK(r.status == 200);
+    CHECK(r.body == "body{}");
+    CHECK(r.headers.find("Content-Type: text/css") != std::string::npos);
+    CHECK(get("/missing.txt").status == 404);
+    for (std::string probe : {"/../secret.txt", "/css/../../secret.txt", "/%2e%2e/secret.txt",
+                              "/css/%2E%2E/%2e%2e/secret.txt", "/..%2fsecret.txt"}) {
+      CAPTURE(probe);
+      auto p = get(probe, true);
+      CHECK((p.status == 400 || p.status == 404));
+      CHECK(p.body.find("secret") == std::string::npos);
+    }
+    auto post = curl_request(base + "/", {"static.test"}, port, env.ca_file, "POST", "x");
+    CHECK(post.status == 405);
+    // An unknown host with no default site.
+    auto other = curl_request("https://other.test:" + std::to_string(port) + "/",
+                              {"other.test"}, port, {}, "GET");
+    CHECK(other.code != CURLE_OK);  // no certificate for other.test: handshake refused
+  }
+
+  TEST_CASE("reverse proxy forwards with x-forwarded headers and maps upstream failures") {
+    Upstream up;
+    Env env("proxy");
+    env.publish({"app.test", "down.test"});
+    ServerConfig cfg = Env::base_config();
+    cfg.sites["app.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up.port)};
+    ProxySite down{"http://127.0.0.1:" + std::to_string(unused_port())};
+    cfg.sites["down.test"] = down;
+    env.start(cfg);
+    int port = env.server->https_port();
+    std::string host = "app.test:" + std::to_string(port);
+
+    CurlReply r;
+    {
+      CURL* h = curl_easy_init();
+      curl_slist* resolve = curl_slist_append(nullptr, (host + ":127.0.0.1").c_str());
+      curl_slist* hdrs = curl_slist_append(nullptr, "X-Custom: kept");
+      hdrs = curl_slist_append(hdrs, "X-Forwarded-For: 6.6.6.6");
+      std::string url = "https://" + host + "/echo?q=42";
+      curl_easy_setopt(h, CURLOPT_URL, url.c_str());
+      curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+      curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+      curl_easy_setopt(h, CURLOPT_CAINFO, env.ca_file.c_str());
+      curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, append_cb);
+      curl_easy_setopt(h, CURLOPT_WRITEDATA, &r.body);
+      curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, append_cb);
+      curl_easy_setopt(h, CURLOPT_HEADERDATA, &r.headers);
+      curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 10'000L);
+      r.code = curl_easy_perform(h);
+      curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &r.status);
+      curl_slist_free_all(hdrs);
+      curl_slist_free_all(resolve);
+      curl_easy_cleanup(h);
+    }
+    CHECK(r.code == CURLE_OK);
+    CHECK(r.status == 200);
+    CHECK(r.body == "xff=127.0.0.1;proto=https;fhost=" + host + ";host=" + host +
+                        ";xff_count=1;q=42;custom=kept");
+    CHECK(r.headers.find("X-Upstream: yes") != std::string::npos);
+
+    auto post = curl_request("https://" + host + "/echo", {"app.test"}, port, env.ca_file,
+                             "POST", "payload-123");
+    CHECK(post.status == 201);
+    CHECK(post.body == "method=POST;body=payload-123");
+
+    auto d = curl_request("https://down.test:" + std::to_string(port) + "/echo", {"down.test"},
+                          port, env.ca_file);
+    CHECK(d.code == CURLE_OK);
+    CHECK(d.status == 502);
+  }
+
+  TEST_CASE("proxy answers 504 when the upstream is too slow and 413 for a large body") {
+    Upstream up;
+    Env env("proxy504");
+    env.publish({"app.test"});
+    ServerConfig cfg = Env::base_config();
+    ProxySite site{"http://127.0.0.1:" + std::to_string(up.port)};
+    site.read_timeout = milliseconds(300);
+    cfg.sites["app.test"] = site;
+    cfg.max_body_bytes = 1024;
+    env.start(cfg);
+    int port = env.server->https_port();
+    std::string base = "https://app.test:" + std::to_string(port);
+    auto r = curl_request(base + "/slow", {"app.test"}, port, env.ca_file);
+    CHECK(r.status == 504);
+    auto big = curl_request(base + "/echo", {"app.test"}, port, env.ca_file, "POST",
+                            std::string(4096, 'x'));
+    CHECK(big.status == 413);
+  }
+
+  TEST_CASE("slowloris connections are closed at the header deadline") {
+    Env env("slowloris");
+    env.publish({"normal.test"});
+    fs::create_directories(env.dir / "www");
+    std::ofstream(env.dir / "www" / "index.html") << "ok";
+    ServerConfig cfg = Env::base_config();
+    cfg.default_site = StaticSite{env.dir / "www"};
+    cfg.timeouts.header = milliseconds(1'000);
+    cfg.timeouts.handshake = milliseconds(1'000);
+    cfg.worker_threads = 8;
+    env.start(cfg);
+    int hp = env.server->http_port();
+    int sp = env.server->https_port();
+
+    constexpr int kEach = 50;
+    std::vector<int> trickle, silent, silent_tls;
+    auto t0 = SteadyClock::now();
+    for (int i = 0; i < kEach; ++i) {
+      trickle.push_back(connect_to(hp));
+      silent.push_back(connect_to(hp));
+      silent_tls.push_back(connect_to(sp));
+    }
+    for (int fd : trickle) REQUIRE(fd >= 0);
+    std::atomic<bool> stop{false};
+    std::thread trickler([&] {
+      const std::string req = "GET / HTTP/1.1\r\nHost: normal.test\r\nX-Slow: aaaaaaaaaaaaaaaa";
+      for (size_t i = 0; !stop.load() && i < req.size(); ++i) {
+        for (int fd : trickle) ::send(fd, &req[i], 1, MSG_NOSIGNAL);
+        std::this_thread::sleep_for(milliseconds(200));
+      }
+    });
+
+    // A normal client is served at once while the slow ones hold their sockets.
+    std::this_thread::sleep_for(milliseconds(300));
+    auto n0 = SteadyClock::now();
+    auto r = curl_request("https://normal.test:" + std::to_string(sp) + "/", {"normal.test"}, sp,
+                          env.ca_file);
+    auto normal_ms = std::chrono::duration_cast<milliseconds>(SteadyClock::now() - n0).count();
+    CHECK(r.status == 200);
+    CHECK(r.body == "ok");
+    CHECK(normal_ms < 500);
+
+    // Every slow connection sees EOF by the deadline (plus the 50 ms scan and slack).
+    auto closed_by = [&](int fd) {
+      char buf[256];
+      for (;;) {
+        pollfd p{fd, POLLIN, 0};
+        if (::poll(&p, 1, 3'000) <= 0) return false;
+        ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+        if (n <= 0) return true;  // EOF or reset
+      }
+    };
+    int closed = 0;
+    for (auto* set : {&trickle, &silent, &silent_tls}) {
+      for (int fd : *set) closed += closed_by(fd) ? 1 : 0;
+    }
+    auto all_ms = std::chrono::duration_cast<milliseconds>(SteadyClock::now() - t0).count();
+    stop = true;
+    trickler.join();
+    for (auto* set : {&trickle, &silent, &silent_tls}) {
+      for (int fd : *set) ::close(fd);
+    }
+    MESSAGE("normal request " << normal_ms << " ms; " << closed << " slow connections closed after "
+                              << all_ms << " ms");
+    CHECK(closed == 3 * kEach);
+    CHECK(all_ms < 2'000);
+    auto c = env.server->counters();
+    CHECK(c.header_timeout >= 2 * kEach);
+    CHECK(c.handshake_timeout >= kEach);
+  }
+
+  TEST_CASE("connections over the cap are closed at once") {
+    Env env("cap");
+    env.publish({"cap.test"});
+    ServerConfig cfg = Env::base_config();
+    cfg.max_connections = 5;
+    env.start(cfg);
+    std::vector<int> fds;
+    for (int i = 0; i < 5; ++i) fds.push_back(connect_to(env.server->http_port()));
+    // Wait until the reactor accepted all five.
+    for (int i = 0; i < 200 && env.server->counters().open_connections < 5; ++i) {
+      std::this_thread::sleep_for(milliseconds(5));
+    }
+    int extra = connect_to(env.server->http_port());
+    REQUIRE(extra >= 0);
+    pollfd p{extra, POLLIN, 0};
+    REQUIRE(::poll(&p, 1, 2'000) == 1);
+    char b;
+    CHECK(::recv(extra, &b, 1, 0) <= 0);
+    CHECK(env.server->counters().rejected_over_capacity >= 1);
+    ::close(extra);
+    for (int fd : fds) ::close(fd);
+  }
+
+  TEST_CASE("graceful shutdown drains in-flight requests and refuses new ones") {
+    Upstream up;
+    Env env("drain");
+    env.publish({"app.test"});
+    ServerConfig cfg = Env::base_config();
+    cfg.sites["app.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up.port)};
+    env.start(cfg);
+    int port = env.server->https_port();
+
+    constexpr int kInFlight = 4;
+    std::vector<CurlReply> replies(kInFlight);
+    std::vector<std::thread> clients;
+    for (int i = 0; i < kInFlight; ++i) {
+      clients.emplace_back([&, i] {
+        replies[i] = curl_request("https://app.test:" + std::to_string(port) + "/slow",
+                                  {"app.test"}, port, env.ca_file);
+      });
+    }
+    // Wait until the requests are in the upstream handler (it sleeps 1 s).
+    for (int i = 0; i < 400 && env.server->counters().open_connections < kInFlight; ++i) {
+      std::this_thread::sleep_for(milliseconds(5));
+    }
+    std::this_thread::sleep_for(milliseconds(200));
+    std::atomic<int> refused_probe{-2};
+    std::thread prober([&] {
+      std::this_thread::sleep_for(milliseconds(200));
+      int fd = connect_to(port);
+      refused_probe = fd < 0 ? 1 : 0;
+      if (fd >= 0) ::close(fd);
+    });
+    auto s0 = SteadyClock::now();
+    env.server->shutdown(milliseconds(5'000));
+    auto shutdown_ms = std::chrono::duration_cast<milliseconds>(SteadyClock::now() - s0).count();
+    for (auto& t : clients) t.join();
+    prober.join();
+    MESSAGE("shutdown with " << kInFlight << " in flight took " << shutdown_ms << " ms");
+    for (const auto& r : replies) {
+      CHECK_MESSAGE(r.code == CURLE_OK, r.error);
+      CHECK(r.status == 200);
+      CHECK(r.body == "slow done");
+      CHECK(r.headers.find("Connection: close") != std::string::npos);
+    }
+    CHECK(refused_probe.load() == 1);
+    CHECK(shutdown_ms < 3'000);
+    CHECK_FALSE(env.server->ready());
+    CHECK(env.server->counters().forced_closed == 0);
+  }
+}
