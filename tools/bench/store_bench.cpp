@@ -1,0 +1,333 @@
+// store_bench: figures for the certificate store (tlsreload::CertStore).
+//
+//   store_bench gen DIR N        write N ECDSA P-256 leaves (one shared intermediate) in
+//                                certbot layout: DIR/live/<name>/{fullchain,privkey}.pem
+//   store_bench load DIR         load DIR into a fresh store; JSON: load_s, rss_bytes_per_cert
+//   store_bench lookup DIR       lookup latency at 1, 1,000 and all certificates; publish
+//                                latency; reader throughput under swaps; atomic<shared_ptr>
+//
+// Each mode prints one JSON object as its last line. tools/bench/run store merges them.
+// Every tenth name is a wildcard ("*.wN.bench.test"), so wildcard hits are measured too.
+
+#include <openssl/ec.h>
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "acme/util/openssl.h"
+#include "tlsreload/certificate.h"
+#include "tlsreload/loader.h"
+#include "tlsreload/store.h"
+
+namespace fs = std::filesystem;
+using namespace autotls;
+using SteadyClock = std::chrono::steady_clock;
+using nlohmann::json;
+
+namespace {
+
+std::string name_for(size_t i) {
+  if (i % 10 == 9) return "*.w" + std::to_string(i) + ".bench.test";
+  return "h" + std::to_string(i) + ".bench.test";
+}
+
+std::string dir_for(size_t i) {
+  if (i % 10 == 9) return "_wildcard_.w" + std::to_string(i) + ".bench.test";
+  return name_for(i);
+}
+
+// sni_for returns a name that hits certificate i (a label under a wildcard).
+std::string sni_for(size_t i) {
+  if (i % 10 == 9) return "x.w" + std::to_string(i) + ".bench.test";
+  return name_for(i);
+}
+
+std::string pem_of(X509* x) {
+  ossl::BioPtr bio(BIO_new(BIO_s_mem()));
+  PEM_write_bio_X509(bio.get(), x);
+  char* d = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &d);
+  return std::string(d, static_cast<size_t>(n));
+}
+
+std::string key_pem_of(EVP_PKEY* k) {
+  ossl::BioPtr bio(BIO_new(BIO_s_mem()));
+  PEM_write_bio_PrivateKey(bio.get(), k, nullptr, nullptr, 0, nullptr, nullptr);
+  char* d = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &d);
+  return std::string(d, static_cast<size_t>(n));
+}
+
+void ext(X509* cert, X509* issuer, int nid, const std::string& value) {
+  X509V3_CTX ctx;
+  X509V3_set_ctx_nodb(&ctx);
+  X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
+  ossl::X509ExtPtr e(X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str()));
+  X509_add_ext(cert, e.get(), -1);
+}
+
+ossl::X509Ptr make(const std::string& cn, EVP_PKEY* key, X509* issuer, EVP_PKEY* issuer_key, bool ca,
+                   const std::string& san, long serial) {
+  ossl::X509Ptr x(X509_new());
+  X509_set_version(x.get(), 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(x.get()), serial);
+  X509_gmtime_adj(X509_getm_notBefore(x.get()), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(x.get()), 90L * 86400);
+  X509_NAME_add_entry_by_txt(X509_get_subject_name(x.get()), "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>(cn.c_str()), -1, -1, 0);
+  X509_set_issuer_name(x.get(), issuer ? X509_get_subject_name(issuer) : X509_get_subject_name(x.get()));
+  X509_set_pubkey(x.get(), key);
+  X509* iss = issuer ? issuer : x.get();
+  ext(x.get(), iss, NID_subject_key_identifier, "hash");
+  ext(x.get(), iss, NID_authority_key_identifier, "keyid:always");
+  ext(x.get(), iss, NID_basic_constraints, ca ? "critical,CA:TRUE" : "critical,CA:FALSE");
+  if (!san.empty()) ext(x.get(), iss, NID_subject_alt_name, san);
+  X509_sign(x.get(), issuer_key, EVP_sha256());
+  return x;
+}
+
+ossl::EvpPkeyPtr p256() { return ossl::EvpPkeyPtr(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256")); }
+
+void write_file(const fs::path& p, const std::string& data) {
+  std::ofstream f(p, std::ios::binary);
+  f << data;
+}
+
+int gen(const fs::path& dir, size_t n) {
+  auto root_key = p256(), inter_key = p256();
+  auto root = make("Bench Root", root_key.get(), nullptr, root_key.get(), true, "", 1);
+  auto inter = make("Bench Intermediate", inter_key.get(), root.get(), root_key.get(), true, "", 2);
+  std::string inter_pem = pem_of(inter.get());
+  fs::create_directories(dir / "live");
+  write_file(dir / "root.pem", pem_of(root.get()));
+  // Two threads: generation is CPU-bound signing.
+  auto work = [&](size_t begin, size_t step) {
+    for (size_t i = begin; i < n; i += step) {
+      auto key = p256();
+      std::string name = name_for(i);
+      auto leaf = make(name, key.get(), inter.get(), inter_key.get(), false, "DNS:" + name, static_cast<long>(i + 100));
+      fs::path d = dir / "live" / dir_for(i);
+      fs::create_directories(d);
+      write_file(d / "fullchain.pem", pem_of(leaf.get()) + inter_pem);
+      write_file(d / "privkey.pem", key_pem_of(key.get()));
+    }
+  };
+  std::thread t(work, 1, 2);
+  work(0, 2);
+  t.join();
+  write_file(dir / "complete", std::to_string(n));
+  std::cout << json{{"generated", n}}.dump() << "\n";
+  return 0;
+}
+
+size_t rss_bytes() {
+  std::ifstream f("/proc/self/statm");
+  size_t pages = 0, resident = 0;
+  f >> pages >> resident;
+  return resident * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+struct Loaded {
+  std::shared_ptr<tlsreload::CertStore> store;
+  std::vector<std::shared_ptr<const tlsreload::Certificate>> certs;
+  double seconds = 0;
+  size_t failures = 0;
+};
+
+Loaded load(const fs::path& dir) {
+  Loaded out;
+  out.store = std::make_shared<tlsreload::CertStore>();
+  auto t0 = SteadyClock::now();
+  auto report = tlsreload::load_directory(dir / "live");
+  if (!report) {
+    std::cerr << "load: " << report.error().message << "\n";
+    std::exit(2);
+  }
+  tlsreload::publish_all(*out.store, *report);
+  out.seconds = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  out.failures = report->failures.size();
+  for (auto& f : report->failures) std::cerr << f.path << ": " << f.error.message << "\n";
+  out.certs = std::move(report->certificates);
+  return out;
+}
+
+int load_mode(const fs::path& dir) {
+  size_t before = rss_bytes();
+  Loaded l = load(dir);
+  size_t after = rss_bytes();
+  size_t n = l.certs.size();
+  std::cout << json{{"count", n}, {"failures", l.failures}, {"load_s", l.seconds},
+                    {"rss_bytes_per_cert", n ? double(after - before) / double(n) : 0.0}}
+                   .dump()
+            << "\n";
+  return 0;
+}
+
+// lookup_ns measures the median cost of lookup_for_handshake over batches of names.
+template <class F>
+double per_op_ns(const std::vector<std::string>& names, F&& op) {
+  const size_t batch = 1000;
+  std::vector<double> samples;
+  size_t idx = 0;
+  for (int b = 0; b < 200; ++b) {
+    auto t0 = SteadyClock::now();
+    for (size_t k = 0; k < batch; ++k) {
+      op(names[idx]);
+      if (++idx == names.size()) idx = 0;
+    }
+    samples.push_back(std::chrono::duration<double, std::nano>(SteadyClock::now() - t0).count() / batch);
+  }
+  return median(samples);
+}
+
+std::vector<std::string> sample_names(size_t count, size_t n, bool wildcard, std::mt19937_64& rng) {
+  std::vector<std::string> out;
+  if (wildcard && count < 10) return {sni_for(0)};  // no wildcard among so few
+  while (out.size() < 4096) {
+    size_t i = rng() % count;
+    if (wildcard != (i % 10 == 9)) continue;
+    out.push_back(sni_for(i));
+  }
+  (void)n;
+  return out;
+}
+
+volatile const void* g_sink;
+
+int lookup_mode(const fs::path& dir, double seconds_per_phase) {
+  Loaded l = load(dir);
+  const size_t total = l.certs.size();
+  std::mt19937_64 rng(42);
+  json out;
+
+  // Latency at several sizes: a store holding the first `size` certificates.
+  for (size_t size : {size_t(1), size_t(1000), total}) {
+    if (size > total) continue;
+    tlsreload::CertStore store;
+    for (size_t i = 0; i < size; ++i) (void)store.publish(l.certs[i]);
+    auto exact = sample_names(size, total, false, rng);
+    auto wild = sample_names(size, total, true, rng);
+    std::vector<std::string> miss;
+    for (int i = 0; i < 4096; ++i) miss.push_back("miss" + std::to_string(rng() % 1000000) + ".other.test");
+    auto op = [&](const std::string& s) { g_sink = store.lookup_for_handshake(s, true); };
+    std::string suffix = size == total ? "all" : std::to_string(size);
+    out["lookup_ns_p50_exact_" + suffix] = per_op_ns(exact, op);
+    if (size >= 10) out["lookup_ns_p50_wildcard_" + suffix] = per_op_ns(wild, op);
+    out["lookup_ns_p50_miss_" + suffix] = per_op_ns(miss, op);
+    auto shared_op = [&](const std::string& s) { g_sink = store.lookup(s, true).get(); };
+    out["lookup_shared_ns_p50_exact_" + suffix] = per_op_ns(exact, shared_op);
+  }
+  out["certificates"] = total;
+
+  // Baseline: the same names in one std::unordered_map behind std::atomic<std::shared_ptr>,
+  // GCC 12's version of which takes a spin lock on every load.
+  {
+    using Map = std::unordered_map<std::string, std::shared_ptr<const tlsreload::Certificate>>;
+    auto map = std::make_shared<Map>();
+    for (size_t i = 0; i < total; ++i) (*map)[sni_for(i)] = l.certs[i];
+    std::atomic<std::shared_ptr<const Map>> current(map);
+    auto exact = sample_names(total, total, false, rng);
+    out["atomic_shared_ptr_lookup_ns_p50"] = per_op_ns(exact, [&](const std::string& s) {
+      auto m = current.load(std::memory_order_acquire);
+      auto it = m->find(s);
+      g_sink = it == m->end() ? nullptr : it->second.get();
+    });
+    out["atomic_shared_ptr_is_lock_free"] = current.is_lock_free();
+  }
+
+  // Publish latency into the full store: alternate two certificates for one name's slot.
+  {
+    auto& store = *l.store;
+    std::vector<double> us;
+    // Re-publishing certificate i replaces whatever holds its names; to force a real change,
+    // alternate between two different certificates for name 0: certs[0] and a copy built from
+    // certs[1]'s key is not possible, so alternate remove+publish of one certificate.
+    for (int k = 0; k < 1000; ++k) {
+      auto& c = l.certs[static_cast<size_t>(k) % total];
+      (void)store.remove(c->id());
+      auto t0 = SteadyClock::now();
+      (void)store.publish(c);
+      us.push_back(std::chrono::duration<double, std::micro>(SteadyClock::now() - t0).count());
+    }
+    out["publish_us_p50"] = median(us);
+  }
+
+  // Reader throughput on 2 threads, without and with a writer publishing 1,000 times a second.
+  auto throughput = [&](bool writer_on) {
+    std::atomic<bool> stop{false};
+    std::atomic<uint64_t> ops{0};
+    auto names = sample_names(total, total, false, rng);
+    auto reader = [&] {
+      uint64_t local = 0;
+      size_t idx = 0;
+      while (!stop.load(std::memory_order_relaxed)) {
+        for (int k = 0; k < 256; ++k) {
+          g_sink = l.store->lookup_for_handshake(names[idx], true);
+          if (++idx == names.size()) idx = 0;
+        }
+        local += 256;
+      }
+      ops += local;
+    };
+    std::thread r1(reader), r2(reader);
+    std::thread w;
+    std::atomic<uint64_t> swaps{0};
+    if (writer_on) {
+      w = std::thread([&] {
+        size_t k = 0;
+        auto next = SteadyClock::now();
+        while (!stop.load()) {
+          auto& c = l.certs[k++ % total];
+          (void)l.store->remove(c->id());
+          (void)l.store->publish(c);
+          ++swaps;
+          next += std::chrono::milliseconds(1);
+          std::this_thread::sleep_until(next);
+        }
+      });
+    }
+    std::this_thread::sleep_for(std::chrono::duration<double>(seconds_per_phase));
+    stop = true;
+    r1.join();
+    r2.join();
+    if (w.joinable()) w.join();
+    return std::make_pair(double(ops.load()) / seconds_per_phase, double(swaps.load()) / seconds_per_phase);
+  };
+  auto [quiet, _] = throughput(false);
+  auto [busy, swaps_per_s] = throughput(true);
+  out["reader_lookups_per_s_no_writer"] = quiet;
+  out["reader_lookups_per_s_under_swaps"] = busy;
+  out["writer_swaps_per_s"] = swaps_per_s;
+  out["reader_throughput_ratio_under_swaps"] = busy / quiet;
+  std::cout << out.dump() << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc >= 4 && std::string(argv[1]) == "gen") return gen(argv[2], std::stoul(argv[3]));
+  if (argc >= 3 && std::string(argv[1]) == "load") return load_mode(argv[2]);
+  if (argc >= 3 && std::string(argv[1]) == "lookup") return lookup_mode(argv[2], argc >= 4 ? std::stod(argv[3]) : 2.0);
+  std::cerr << "usage: store_bench gen DIR N | load DIR | lookup DIR [seconds]\n";
+  return 2;
+}
