@@ -275,62 +275,64 @@ void Client::keep_nonce(const HttpResponse& response) {
   nonces_.push_back(*n);
 }
 
-Result<std::string> Client::take_nonce(std::string_view op) {
+Result<HttpResponse> Client::send_once(const HttpRequest& request) {
+  auto resp = options_.transport->send(request);
   {
     std::lock_guard lock(mu_);
-    if (!nonces_.empty()) {
-      std::string n = std::move(nonces_.back());
-      nonces_.pop_back();
-      return n;
-    }
+    ++stats_.requests;
   }
+  if (resp) keep_nonce(*resp);
+  return resp;
+}
+
+std::optional<milliseconds> Client::server_retry_delay(const Error& e, bool server_fault, int attempt) {
+  if (!server_fault || attempt >= options_.max_server_retries) return std::nullopt;
+  milliseconds delay = milliseconds(500) * (1 << attempt);
+  if (e.retry_after) {
+    // A long Retry-After is for the caller to schedule: holding a worker that long is worse.
+    if (*e.retry_after > options_.max_retry_wait) return std::nullopt;
+    delay = *e.retry_after;
+  }
+  std::lock_guard lock(mu_);
+  ++stats_.server_retries;
+  return delay;
+}
+
+Result<std::string> Client::take_nonce(std::string_view op) {
   HttpRequest req{"HEAD", directory_.new_nonce, {}, {}};
-  int tries = 0;
-  for (;;) {
-    auto resp = options_.transport->send(req);
+  for (int attempt = 0;; ++attempt) {
     {
       std::lock_guard lock(mu_);
-      ++stats_.requests;
+      if (!nonces_.empty()) {
+        std::string n = std::move(nonces_.back());
+        nonces_.pop_back();
+        return n;
+      }
     }
+    // RFC 8555 §7.2: a HEAD to newNonce answers with a fresh Replay-Nonce; send_once pools it.
+    auto resp = send_once(req);
     if (resp && resp->status >= 200 && resp->status < 300) {
-      auto n = resp->header("Replay-Nonce");
-      if (!n || n->empty()) {
+      if (!resp->header("Replay-Nonce")) {
         return fail(Errc::bad_response, std::string(op) + ": newNonce reply has no Replay-Nonce");
       }
-      return *n;
+      continue;
     }
     Error e = resp ? error_from_response("newNonce", *resp, clock_->now()) : resp.error();
-    if (!e.retryable() || tries >= options_.max_server_retries) return fail(e.with_context(op));
-    ++tries;
-    if (!wait(milliseconds(250) * (1 << tries))) return fail(Errc::cancelled, std::string(op) + ": cancelled");
+    auto delay = server_retry_delay(e, !resp || resp->status >= 500, attempt);
+    if (!delay) return fail(e.with_context(op));
+    if (!wait(*delay)) return fail(Errc::cancelled, std::string(op) + ": cancelled");
   }
 }
 
 Result<HttpResponse> Client::get(std::string_view op, const std::string& url) {
   HttpRequest req{"GET", url, {}, {}};
-  int tries = 0;
-  for (;;) {
-    auto resp = options_.transport->send(req);
-    {
-      std::lock_guard lock(mu_);
-      ++stats_.requests;
-    }
-    if (resp) keep_nonce(*resp);
+  for (int attempt = 0;; ++attempt) {
+    auto resp = send_once(req);
     if (resp && resp->status >= 200 && resp->status < 300) return resp;
     Error e = resp ? error_from_response(op, *resp, clock_->now()) : resp.error().with_context(op);
-    bool server_fault = !resp || resp->status >= 500;
-    if (!server_fault || tries >= options_.max_server_retries) return fail(e);
-    milliseconds delay = milliseconds(500) * (1 << tries);
-    if (e.retry_after) {
-      if (*e.retry_after > options_.max_retry_wait) return fail(e);
-      delay = *e.retry_after;
-    }
-    ++tries;
-    {
-      std::lock_guard lock(mu_);
-      ++stats_.server_retries;
-    }
-    if (!wait(delay)) return fail(Errc::cancelled, std::string(op) + ": cancelled");
+    auto delay = server_retry_delay(e, !resp || resp->status >= 500, attempt);
+    if (!delay) return fail(e);
+    if (!wait(*delay)) return fail(Errc::cancelled, std::string(op) + ": cancelled");
   }
 }
 
@@ -368,17 +370,12 @@ Result<HttpResponse> Client::post_impl(std::string_view op, const std::string& u
     HttpRequest req{"POST", url, {{"Content-Type", "application/jose+json"}}, jws->dump()};
     if (!accept.empty()) req.headers.emplace_back("Accept", std::string(accept));
 
-    auto resp = options_.transport->send(req);
-    {
-      std::lock_guard lock(mu_);
-      ++stats_.requests;
-    }
+    auto resp = send_once(req);
     if (logger_->enabled(LogLevel::debug)) {
       logger_->log(LogLevel::debug, "acme.request", "POST",
                    {{"op", std::string(op)}, {"url", url},
                     {"status", resp ? std::to_string(resp->status) : resp.error().message}});
     }
-    if (resp) keep_nonce(*resp);
     if (resp && resp->status >= 200 && resp->status < 300) return resp;
 
     Error e = resp ? error_from_response(op, *resp, clock_->now()) : resp.error().with_context(op);
@@ -399,19 +396,9 @@ Result<HttpResponse> Client::post_impl(std::string_view op, const std::string& u
     }
     // rateLimited is for the caller to schedule: waiting here would hold a worker for hours.
     if (e.problem && e.problem->is(problem_type::kRateLimited)) return fail(e);
-    bool server_fault = !resp || resp->status >= 500;
-    if (!server_fault || server_faults >= options_.max_server_retries) return fail(e);
-    milliseconds delay = milliseconds(500) * (1 << server_faults);
-    if (e.retry_after) {
-      if (*e.retry_after > options_.max_retry_wait) return fail(e);
-      delay = *e.retry_after;
-    }
-    ++server_faults;
-    {
-      std::lock_guard lock(mu_);
-      ++stats_.server_retries;
-    }
-    if (!wait(delay)) return fail(Errc::cancelled, std::string(op) + ": cancelled");
+    auto delay = server_retry_delay(e, !resp || resp->status >= 500, server_faults++);
+    if (!delay) return fail(e);
+    if (!wait(*delay)) return fail(Errc::cancelled, std::string(op) + ": cancelled");
   }
 }
 

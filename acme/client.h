@@ -201,6 +201,12 @@ class Client {
                                  std::string_view payload, const Signer* signer_override,
                                  bool use_jwk, std::string_view accept);
   Result<std::string> take_nonce(std::string_view op);
+  // send_once sends one request, counts it, and pools the reply's Replay-Nonce.
+  Result<HttpResponse> send_once(const HttpRequest& request);
+  // server_retry_delay says how long to wait before re-sending after a server fault (HTTP 5xx
+  // or no reply) on the given attempt, or nullopt to give up.
+  std::optional<std::chrono::milliseconds> server_retry_delay(const Error& e, bool server_fault,
+                                                              int attempt);
   void keep_nonce(const HttpResponse& response);
   bool wait(std::chrono::milliseconds d) const;
   Result<Account> account_post(std::string_view op, const std::string& url, std::string_view payload,
