@@ -414,11 +414,14 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
   acme::Client& client = **c;
   if (auto st = ensure_account(client, false); !st) return fail(st.error().with_context("ACME account"));
 
-  ChallengeSolver solver(challenges_, options_.dns_hook);
+  ChallengeSolver default_solver(challenges_, options_.dns_hook);
+  acme::Solver& solver = options_.solver ? *options_.solver : default_solver;
   acme::ObtainRequest req;
   for (const auto& n : names) req.identifiers.push_back(acme::identifier_for(n));
   req.challenge_type = options_.challenge_type;
   req.key_type = options_.key_type;
+  req.profile = options_.profile;
+  req.preferred_chain = options_.preferred_chain;
   // RFC 9773 §5: "replaces" tells the CA which certificate this one renews.
   if (!client.directory().renewal_info.empty()) req.replaces = replaces;
   auto issued = acme::obtain(client, req, solver);

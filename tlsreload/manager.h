@@ -49,6 +49,13 @@ struct ManagerOptions {
   std::string challenge_type = "http-01";  // "http-01", "tls-alpn-01" or "dns-01"
   std::string dns_hook;                    // program for dns-01 (see ChallengeSolver)
   acme::KeyType key_type = acme::KeyType::ec256;
+  // solver replaces the ChallengeSolver the manager builds over the challenge store and
+  // dns_hook (the CLI's --webroot solver, for one); null: that ChallengeSolver.
+  std::shared_ptr<acme::Solver> solver;
+  // profile (draft-aaron-acme-profiles) and preferred_chain (issuer CN of the chain's top
+  // certificate, RFC 8555 §7.4.2) are used for every order; empty: the CA's defaults.
+  std::string profile;
+  std::string preferred_chain;
   // renewal_ratio: renew when this share of the lifetime remains (half, at least, for
   // certificates shorter than 10 days). Used when the CA has no ARI.
   double renewal_ratio = 1.0 / 3.0;

@@ -1,6 +1,325 @@
-#include <iostream>
+// autotls: the command line. Parses flags (CLI11) and the JSON config file, then runs one
+// subcommand and maps its Result to the documented exit codes (docs/cli.md).
 
-int main() {
-  std::cout << "autotls " << AUTOTLS_VERSION << "\n";
-  return 0;
+#include <fstream>
+#include <iostream>
+#include <set>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include "tools/cli.h"
+
+namespace {
+
+using json = nlohmann::json;
+using namespace autotls;
+using namespace autotls::cli;
+
+constexpr const char* kExitCodes =
+    "Exit codes:\n"
+    "  0  success\n"
+    "  1  nothing to do (certificate still good, nothing due)\n"
+    "  2  usage or configuration error\n"
+    "  3  the CA refused (its problem document is printed; rateLimited prints when to retry)\n"
+    "  4  network failure (CA unreachable, timeout)\n"
+    "  5  validation failed (the CA could not verify a challenge)\n"
+    "  6  local I/O or other failure (storage, ports, hooks)\n";
+
+// selected_chain returns the root app and every selected subcommand, deepest last.
+std::vector<CLI::App*> selected_chain(CLI::App& app) {
+  std::vector<CLI::App*> chain{&app};
+  CLI::App* cur = &app;
+  for (;;) {
+    auto subs = cur->get_subcommands();
+    if (subs.empty()) break;
+    cur = subs.front();
+    chain.push_back(cur);
+  }
+  return chain;
+}
+
+CLI::Option* find_option(const std::vector<CLI::App*>& chain, const std::string& long_name) {
+  for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+    for (CLI::Option* opt : (*it)->get_options()) {
+      for (const auto& l : opt->get_lnames()) {
+        if (l == long_name) return opt;
+      }
+    }
+  }
+  return nullptr;
+}
+
+void collect_long_names(CLI::App* app, std::set<std::string>& out) {
+  for (CLI::Option* opt : app->get_options()) {
+    for (const auto& l : opt->get_lnames()) out.insert(l);
+  }
+  for (CLI::App* sub : app->get_subcommands([](CLI::App*) { return true; })) collect_long_names(sub, out);
+}
+
+std::string scalar_text(const json& v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+  return v.dump();
+}
+
+// apply_config sets every option the config file names and the command line did not.
+autotls::Status apply_config(CLI::App& app, Options& o, const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return fail(Errc::invalid_input, "config file " + file + ": cannot read: " + std::strerror(errno));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j;
+  try {
+    j = json::parse(ss.str());
+  } catch (const json::exception& e) {
+    return fail(Errc::invalid_input, "config file " + file + ": invalid JSON: " + e.what());
+  }
+  if (!j.is_object()) return fail(Errc::invalid_input, "config file " + file + ": the top level must be a JSON object");
+  auto chain = selected_chain(app);
+  std::set<std::string> known;
+  collect_long_names(&app, known);
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    std::string key = it.key();
+    if (key == "domains") key = "domain";
+    if (key == "sites") {
+      o.sites = it.value();
+      continue;
+    }
+    if (key == "config" || key == "help" || key == "version") {
+      return fail(Errc::invalid_input, "config file " + file + ": key \"" + it.key() + "\" is not allowed in a config file");
+    }
+    if (!known.count(key)) return fail(Errc::invalid_input, "config file " + file + ": unknown key \"" + it.key() + "\"");
+    CLI::Option* opt = find_option(chain, key);
+    if (!opt) continue;                // an option of another subcommand: not for this one
+    if (opt->count() > 0) continue;    // the command line wins
+    const json& v = it.value();
+    std::vector<std::string> values;
+    if (v.is_array()) {
+      for (const auto& e : v) {
+        if (e.is_object() || e.is_array()) {
+          return fail(Errc::invalid_input, "config file " + file + ": \"" + it.key() + "\" must be a list of strings");
+        }
+        values.push_back(scalar_text(e));
+      }
+    } else if (v.is_object() || v.is_null()) {
+      return fail(Errc::invalid_input, "config file " + file + ": \"" + it.key() + "\" must be a string, number, boolean or list");
+    } else {
+      if (opt->get_expected_max() == 0 && !v.is_boolean()) {
+        return fail(Errc::invalid_input, "config file " + file + ": \"" + it.key() + "\" must be true or false");
+      }
+      values.push_back(scalar_text(v));
+    }
+    if (values.empty()) continue;
+    try {
+      opt->add_result(values);
+      opt->run_callback();
+    } catch (const CLI::Error& e) {
+      return fail(Errc::invalid_input, "config file " + file + ": \"" + it.key() + "\": " + e.what());
+    }
+  }
+  return {};
+}
+
+void add_common(CLI::App& app, Options& o) {
+  app.add_option("--ca", o.ca, "ACME CA: letsencrypt, letsencrypt-staging, zerossl or a directory URL")
+      ->capture_default_str();
+  app.add_option("--ca-bundle", o.ca_bundle, "PEM file of roots trusted for the CA's HTTPS (default: system store)");
+  app.add_option("--storage", o.storage,
+                 "storage directory (default: /var/lib/autotls as root, else $XDG_DATA_HOME/autotls or "
+                 "~/.local/share/autotls)");
+  app.add_option("--config", o.config, "JSON config file; every flag has a key of its long name; flags win");
+  app.add_option("--email", o.email, "contact e-mail for the ACME account");
+  app.add_flag("--agree-tos", o.agree_tos, "agree to the CA's terms of service");
+  app.add_option("--eab-kid", o.eab_kid, "External Account Binding key id (ZeroSSL, some private CAs)");
+  app.add_option("--eab-hmac", o.eab_hmac, "EAB HMAC key, base64url (also AUTOTLS_EAB_HMAC or --eab-hmac-file)");
+  app.add_option("--eab-hmac-file", o.eab_hmac_file, "file holding the EAB HMAC key");
+  app.add_flag("--json", o.json, "machine-readable output: one JSON object per line on stdout");
+  app.add_flag("-q,--quiet", o.quiet, "no progress messages");
+  app.add_flag("-v,--verbose", o.verbose, "show library logs (ACME requests, listeners) on stderr");
+  app.add_option("--deploy-hook", o.deploy_hook,
+                 "shell command run after a certificate is issued or renewed, with AUTOTLS_NAMES, "
+                 "AUTOTLS_CERT_PATH, AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH, AUTOTLS_CHAIN_PATH");
+}
+
+void add_challenge_options(CLI::App* c, Options& o, bool standalone) {
+  c->add_option("-c,--challenge", o.challenge, "http-01, tls-alpn-01 or dns-01")->capture_default_str();
+  if (standalone) {
+    c->add_option("--http-address", o.http_addresses, "HOST:PORT of the standalone http-01 responder (default 0.0.0.0:80)")
+        ->expected(1);
+    c->add_option("--tls-address", o.tls_address, "HOST:PORT of the standalone tls-alpn-01 responder (default 0.0.0.0:443)");
+    c->add_option("--webroot", o.webroot, "write http-01 files to DIR/.well-known/acme-challenge/ for a running web server");
+  }
+  c->add_option("--dns-hook", o.dns_hook, "program for dns-01, run as `CMD add|del <record name> <value>`");
+  c->add_option("--key-type", o.key_type, "certificate key: ec256, ec384, rsa2048, rsa3072, rsa4096")->capture_default_str();
+  c->add_option("--profile", o.profile, "ACME profile name (if the CA offers profiles)");
+  c->add_option("--preferred-chain", o.preferred_chain, "issuer CN of the preferred chain's top certificate");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  CLI::App app{"autotls: ACME client and zero-downtime TLS certificate manager", "autotls"};
+  app.footer(std::string("\n") + kExitCodes +
+             "\nExamples:\n"
+             "  autotls issue -d example.com --agree-tos --email me@example.com\n"
+             "  autotls serve -d example.com --root /var/www --agree-tos\n"
+             "  autotls list\n"
+             "  autotls renew --all\n"
+             "\nSee docs/cli.md and docs/config.md.");
+  app.fallthrough();
+  app.require_subcommand(1);
+  bool show_version = false;
+  app.add_flag("--version", show_version, "print the version and exit");
+  add_common(app, o);
+
+  auto* version = app.add_subcommand("version", "print the version");
+
+  auto* issue = app.add_subcommand("issue", "obtain a certificate into storage");
+  issue->add_option("-d,--domain", o.domains, "a DNS name for the certificate (repeat for more)");
+  issue->add_option("--ip", o.ips, "an IP address for the certificate (RFC 8738; repeat for more)");
+  add_challenge_options(issue, o, true);
+  issue->add_flag("--force", o.force, "issue even if a stored certificate is still good");
+  issue->footer(std::string("\nExamples:\n"
+                            "  autotls issue -d example.com -d www.example.com --agree-tos --email me@example.com\n"
+                            "  autotls issue -d example.com --webroot /var/www/html\n"
+                            "  autotls issue -d example.com --challenge tls-alpn-01 --tls-address 0.0.0.0:443\n"
+                            "  autotls issue -d '*.example.com' --challenge dns-01 --dns-hook /usr/local/bin/dns-hook\n"
+                            "  autotls issue -d test.example --ca https://127.0.0.1:14000/dir --ca-bundle pebble.pem\n"
+                            "Files: <storage>/live/<first name>/{fullchain,privkey,cert,chain}.pem\n\n") +
+                kExitCodes);
+
+  auto* renew = app.add_subcommand("renew", "renew stored certificates that are due");
+  renew->add_option("names", o.renew_names, "stored certificate names (default: all)");
+  renew->add_flag("--all", o.all, "every stored certificate (the default)");
+  renew->add_flag("--force", o.force, "renew even if not due");
+  renew->add_flag("--no-random-sleep", o.no_random_sleep, "do not wait a random time when not on a terminal");
+  renew->add_option("--max-random-sleep", o.max_random_sleep, "longest random wait in seconds when not on a terminal")
+      ->capture_default_str();
+  add_challenge_options(renew, o, true);
+  renew->footer(std::string("\nSettings used at issue time (challenge, addresses, hooks) are kept in\n"
+                            "<storage>/live/<name>/renewal.json and reused unless given again.\n\n"
+                            "Examples:\n"
+                            "  autotls renew                       # everything that is due\n"
+                            "  autotls renew example.com --force   # now, due or not\n"
+                            "  autotls renew --no-random-sleep     # from a timer, without the random delay\n\n") +
+                kExitCodes);
+
+  auto* revoke = app.add_subcommand("revoke", "revoke a certificate");
+  revoke->add_option("name", o.revoke_name, "stored certificate name");
+  revoke->add_option("--cert", o.cert_file, "PEM certificate file to revoke instead of a stored one");
+  revoke->add_option("--reason", o.reason,
+                     "unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation");
+  revoke->add_option("--key", o.key_file, "sign with the certificate's private key instead of the account key");
+  revoke->footer(std::string("\nExamples:\n"
+                             "  autotls revoke example.com --reason superseded\n"
+                             "  autotls revoke --cert leaked.pem --key leaked.key --reason keyCompromise\n\n") +
+                 kExitCodes);
+
+  auto* list = app.add_subcommand("list", "show stored certificates");
+  list->footer(std::string("\nExamples:\n  autotls list\n  autotls list --json | jq .\n\n") + kExitCodes);
+
+  auto* account = app.add_subcommand("account", "manage the ACME account at a CA");
+  account->require_subcommand(1);
+  std::vector<std::pair<std::string, CLI::App*>> account_cmds;
+  for (auto [name, help] : std::initializer_list<std::pair<const char*, const char*>>{
+           {"register", "create the account (or find the existing one for the stored key)"},
+           {"show", "show the account as the CA knows it"},
+           {"update", "change the contact (--email)"},
+           {"rollover", "replace the account key (RFC 8555 §7.3.5)"},
+           {"deactivate", "deactivate the account for good and forget it locally"}}) {
+    auto* sub = account->add_subcommand(name, help);
+    if (std::string(name) == "register" || std::string(name) == "rollover") {
+      sub->add_option("--key-type", o.new_key_type, "account key type: ec256, ec384, rsa2048...")->capture_default_str();
+    }
+    account_cmds.emplace_back(name, sub);
+  }
+  account->footer(std::string("\nExamples:\n"
+                              "  autotls account register --agree-tos --email me@example.com\n"
+                              "  autotls account register --ca zerossl --eab-kid KID --eab-hmac-file eab.key --agree-tos\n"
+                              "  autotls account show\n"
+                              "  autotls account update --email new@example.com\n"
+                              "  autotls account rollover\n"
+                              "  autotls account deactivate\n\n") +
+                  kExitCodes);
+
+  auto* serve = app.add_subcommand("serve", "serve HTTPS for names, obtaining and renewing their certificates");
+  serve->add_option("-d,--domain", o.domains, "a name to serve (repeat for more; one certificate per name)");
+  serve->add_option("--ip", o.ips, "an IP address to serve");
+  serve->add_option("--https-address", o.https_addresses, "HTTPS listener HOST:PORT (repeatable; default 0.0.0.0:443 and [::]:443)");
+  serve->add_option("--http-address", o.http_addresses,
+                    "HTTP listener HOST:PORT for http-01 and redirects (repeatable; default 0.0.0.0:80 and [::]:80; "
+                    "\"off\" for none)");
+  serve->add_option("--root", o.root, "serve static files from DIR for every name");
+  serve->add_option("--proxy", o.proxy, "reverse-proxy every name to URL (http://host:port)");
+  serve->add_option("--drain", o.drain, "seconds to let requests finish on SIGTERM/SIGINT")->capture_default_str();
+  serve->add_flag("--no-redirect", o.no_redirect, "serve sites over plain HTTP too instead of redirecting to HTTPS");
+  serve->add_option("--hsts", o.hsts, "Strict-Transport-Security max-age in seconds (0: none)");
+  add_challenge_options(serve, o, false);
+  serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once);\n"
+                            "SIGHUP re-reads certificates from storage.\n\n"
+                            "Examples:\n"
+                            "  autotls serve -d example.com --root /var/www --agree-tos --email me@example.com\n"
+                            "  autotls serve -d app.example.com --proxy http://127.0.0.1:8080\n"
+                            "  autotls serve --config /etc/autotls.json\n\n") +
+                kExitCodes);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    if (show_version) {
+      std::cout << "autotls " << AUTOTLS_VERSION << "\n";
+      return kExitOk;
+    }
+    app.exit(e);
+    return kExitUsage;
+  }
+
+  Output out(o);
+  if (!o.config.empty()) {
+    if (auto st = apply_config(app, o, o.config); !st) {
+      out.error(st.error(), kExitUsage);
+      return kExitUsage;
+    }
+  }
+  Output output(o);  // --json / --quiet may have come from the config file
+  CliLogger logger(o.verbose, o.json);
+
+  if (version->parsed() || show_version) {
+    if (o.json) {
+      output.object({{"version", AUTOTLS_VERSION}});
+    } else {
+      std::cout << "autotls " << AUTOTLS_VERSION << "\n";
+    }
+    return kExitOk;
+  }
+
+  auto chain = selected_chain(app);
+  auto given = [chain](const std::string& name) {
+    CLI::Option* opt = find_option(chain, name);
+    return opt && opt->count() > 0;
+  };
+  Context ctx{o, output, logger, {}, given("ca"), {}, nullptr, given};
+  auto dir = directory_url_for(o.ca);
+  if (!dir) return usage_error(ctx, "--ca must be letsencrypt, letsencrypt-staging, zerossl or a directory URL, not \"" + o.ca + "\"");
+  ctx.directory_url = *dir;
+  ctx.storage_root = o.storage.empty() ? default_storage() : o.storage;
+  ctx.storage = std::make_shared<tlsreload::FileStorage>(ctx.storage_root);
+
+  if (issue->parsed()) return cmd_issue(ctx);
+  if (renew->parsed()) return cmd_renew(ctx);
+  if (revoke->parsed()) return cmd_revoke(ctx);
+  if (list->parsed()) return cmd_list(ctx);
+  if (serve->parsed()) return cmd_serve(ctx);
+  if (account->parsed()) {
+    for (const auto& [name, sub] : account_cmds) {
+      if (sub->parsed()) return cmd_account(ctx, name);
+    }
+  }
+  return usage_error(ctx, "no command given (see autotls --help)");
 }

@@ -1,0 +1,600 @@
+// The `autotls` binary against a real Pebble: issue by http-01, tls-alpn-01 and dns-01, list,
+// renew, revoke, accounts, usage and config errors with their exit codes, serve as a child
+// process (HTTPS checked with libcurl, SIGTERM exits 0), and tools/quickstart --check.
+
+#include <doctest/doctest.h>
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <curl/curl.h>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/support/pebble_env.h"
+
+using autotls::testing::PebbleEnv;
+using autotls::testing::PebbleOptions;
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+extern char** environ;
+
+namespace {
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "autotls-cli-XXXXXX").string();
+    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_file(const fs::path& p, const std::string& text, bool executable = false) {
+  std::ofstream(p, std::ios::binary) << text;
+  if (executable) fs::permissions(p, fs::perms::owner_all | fs::perms::group_read | fs::perms::others_read);
+}
+
+struct Run {
+  int code = -1;
+  std::string out, err;
+};
+
+// spawn starts argv with stdout/stderr to files and extra environment entries.
+pid_t spawn(const std::vector<std::string>& args, const fs::path& out, const fs::path& err,
+            const std::vector<std::string>& env_extra) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  for (const auto& e : env_extra) env.push_back(e);
+  std::vector<char*> argv, envp;
+  std::vector<std::string> a = args;
+  for (auto& s : a) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  for (auto& s : env) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int n = ::open("/dev/null", O_RDONLY);
+    ::dup2(n, 0);
+    ::dup2(o, 1);
+    ::dup2(e, 2);
+    ::setpgid(0, 0);
+    ::execve(argv[0], argv.data(), envp.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// wait_exit waits up to timeout for pid; on timeout it kills it and returns -1.
+int wait_exit(pid_t pid, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    int status = 0;
+    pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(-pid, SIGKILL);
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+}
+
+Run run(const std::vector<std::string>& args, const std::vector<std::string>& env = {},
+        std::chrono::milliseconds timeout = 120s, const std::vector<std::string>& program = {AUTOTLS_BINARY}) {
+  TempDir io;
+  std::vector<std::string> argv = program;
+  argv.insert(argv.end(), args.begin(), args.end());
+  pid_t pid = spawn(argv, io.path / "out", io.path / "err", env);
+  Run r;
+  r.code = wait_exit(pid, timeout);
+  r.out = read_file(io.path / "out");
+  r.err = read_file(io.path / "err");
+  return r;
+}
+
+std::string show(const Run& r) { return "exit " + std::to_string(r.code) + "\nstdout:\n" + r.out + "\nstderr:\n" + r.err; }
+
+// free_port returns a loopback port nobody listens on (bind-0 probe).
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// Cli holds a Pebble and the flags every command needs against it.
+struct Cli {
+  std::unique_ptr<PebbleEnv> env;
+  TempDir dir;
+  fs::path storage() const { return dir.path / "storage"; }
+  std::vector<std::string> common() const {
+    return {"--ca", env->directory_url(), "--ca-bundle", env->ca_bundle_path(), "--storage", storage().string()};
+  }
+  std::vector<std::string> args(std::initializer_list<std::string> cmd, std::initializer_list<std::string> more = {}) const {
+    std::vector<std::string> a(cmd);
+    auto c = common();
+    a.insert(a.end(), c.begin(), c.end());
+    a.insert(a.end(), more);
+    return a;
+  }
+  std::string http() const { return "127.0.0.1:" + std::to_string(env->http_port()); }
+};
+
+json last_json_line(const std::string& out) {
+  std::istringstream in(out);
+  std::string line, last;
+  while (std::getline(in, line)) {
+    if (!line.empty()) last = line;
+  }
+  auto j = json::parse(last, nullptr, false);
+  return j;
+}
+
+size_t append_cb(char* p, size_t s, size_t n, void* ud) {
+  static_cast<std::string*>(ud)->append(p, s * n);
+  return s * n;
+}
+
+// https_get fetches url with host resolved to 127.0.0.1, verifying against ca_file.
+std::pair<long, std::string> https_get(const std::string& host, int port, const fs::path& ca_file) {
+  CURL* h = curl_easy_init();
+  std::string body;
+  std::string url = "https://" + host + ":" + std::to_string(port) + "/";
+  std::string res = host + ":" + std::to_string(port) + ":127.0.0.1";
+  curl_slist* resolve = curl_slist_append(nullptr, res.c_str());
+  curl_easy_setopt(h, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+  curl_easy_setopt(h, CURLOPT_CAINFO, ca_file.c_str());
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, append_cb);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
+  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 5000L);
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  long status = 0;
+  if (curl_easy_perform(h) == CURLE_OK) curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+  curl_slist_free_all(resolve);
+  curl_easy_cleanup(h);
+  return {status, body};
+}
+
+
+}  // namespace
+
+TEST_SUITE("cli.usage") {
+  TEST_CASE("version help and usage errors have documented exit codes") {
+    auto v = run({"version"});
+    CHECK_MESSAGE(v.code == 0, show(v));
+    CHECK(v.out.find("autotls 0.1.0") != std::string::npos);
+
+    auto h = run({"--help"});
+    CHECK_MESSAGE(h.code == 0, show(h));
+    CHECK(h.out.find("Exit codes") != std::string::npos);
+    for (const char* sub : {"issue", "renew", "revoke", "list", "account", "serve"}) {
+      auto sh = run({sub, "--help"});
+      CHECK_MESSAGE(sh.code == 0, show(sh));
+      CHECK_MESSAGE(sh.out.find("Examples") != std::string::npos, sub);
+    }
+
+    TempDir d;
+    std::string storage = (d.path / "s").string();
+    CHECK(run({}).code == 2);
+    CHECK(run({"frobnicate"}).code == 2);
+    CHECK(run({"list", "--no-such-flag"}).code == 2);
+    auto no_names = run({"issue", "--storage", storage});
+    CHECK_MESSAGE(no_names.code == 2, show(no_names));
+    CHECK(no_names.err.find("-d NAME") != std::string::npos);
+    auto bad_ca = run({"issue", "-d", "a.test", "--ca", "nonsense", "--storage", storage});
+    CHECK_MESSAGE(bad_ca.code == 2, show(bad_ca));
+    auto bad_key = run({"issue", "-d", "a.test", "--key-type", "dsa", "--storage", storage});
+    CHECK_MESSAGE(bad_key.code == 2, show(bad_key));
+    auto bad_ch = run({"issue", "-d", "a.test", "--challenge", "carrier-pigeon", "--storage", storage});
+    CHECK_MESSAGE(bad_ch.code == 2, show(bad_ch));
+    auto dns_no_hook = run({"issue", "-d", "a.test", "--challenge", "dns-01", "--storage", storage});
+    CHECK_MESSAGE(dns_no_hook.code == 2, show(dns_no_hook));
+    auto bad_name = run({"issue", "-d", "bad name!", "--storage", storage});
+    CHECK_MESSAGE(bad_name.code == 2, show(bad_name));
+    auto revoke_nothing = run({"revoke", "--storage", storage});
+    CHECK_MESSAGE(revoke_nothing.code == 2, show(revoke_nothing));
+    auto renew_unknown = run({"renew", "nothere.test", "--storage", storage, "--no-random-sleep"});
+    CHECK_MESSAGE(renew_unknown.code == 2, show(renew_unknown));
+    auto eab_no_key = run({"account", "register", "--eab-kid", "k", "--storage", storage});
+    CHECK_MESSAGE(eab_no_key.code == 2, show(eab_no_key));
+    auto serve_nothing = run({"serve", "-d", "a.test", "--storage", storage});
+    CHECK_MESSAGE(serve_nothing.code == 2, show(serve_nothing));
+
+    auto empty = run({"list", "--json", "--storage", storage});
+    CHECK_MESSAGE(empty.code == 0, show(empty));
+    auto j = last_json_line(empty.out);
+    REQUIRE(j.is_object());
+    CHECK(j["certificates"].empty());
+  }
+
+  TEST_CASE("unreachable CA exits 4") {
+    TempDir d;
+    int port = free_port();
+    auto r = run({"account", "register", "--agree-tos", "--ca", "https://127.0.0.1:" + std::to_string(port) + "/dir",
+                  "--storage", (d.path / "s").string()});
+    CHECK_MESSAGE(r.code == 4, show(r));
+  }
+}
+
+TEST_SUITE("cli.config") {
+  TEST_CASE("config file keys apply and flags override them") {
+    TempDir d;
+    fs::path a = d.path / "a", b = d.path / "b";
+    write_file(d.path / "good.json", json{{"storage", a.string()}, {"json", true}}.dump());
+    auto r = run({"list", "--config", (d.path / "good.json").string()});
+    CHECK_MESSAGE(r.code == 0, show(r));
+    auto j = last_json_line(r.out);
+    REQUIRE(j.is_object());
+    CHECK(j["storage"] == a.string());
+
+    auto o = run({"list", "--config", (d.path / "good.json").string(), "--storage", b.string()});
+    CHECK_MESSAGE(o.code == 0, show(o));
+    CHECK(last_json_line(o.out)["storage"] == b.string());
+  }
+
+  TEST_CASE("bad JSON unknown keys and wrong types are errors naming the file") {
+    TempDir d;
+    fs::path bad = d.path / "bad.json", unknown = d.path / "unknown.json", type = d.path / "type.json";
+    write_file(bad, "{\"storage\": ");
+    write_file(unknown, R"({"storage": "/tmp/x", "colour": "blue"})");
+    write_file(type, R"({"json": "yes please"})");
+    auto r1 = run({"list", "--config", bad.string()});
+    CHECK_MESSAGE(r1.code == 2, show(r1));
+    CHECK(r1.err.find(bad.string()) != std::string::npos);
+    CHECK(r1.err.find("invalid JSON") != std::string::npos);
+    auto r2 = run({"list", "--config", unknown.string()});
+    CHECK_MESSAGE(r2.code == 2, show(r2));
+    CHECK(r2.err.find(unknown.string()) != std::string::npos);
+    CHECK(r2.err.find("colour") != std::string::npos);
+    auto r3 = run({"list", "--config", type.string()});
+    CHECK_MESSAGE(r3.code == 2, show(r3));
+    CHECK(r3.err.find(type.string()) != std::string::npos);
+    auto r4 = run({"list", "--config", (d.path / "missing.json").string()});
+    CHECK_MESSAGE(r4.code == 2, show(r4));
+    CHECK(r4.err.find("missing.json") != std::string::npos);
+  }
+}
+
+TEST_SUITE("cli.issue") {
+  TEST_CASE("http-01 standalone then reuse list renew and revoke") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    fs::path hook_out = c.dir.path / "hook.txt";
+    std::string hook = "printf '%s|%s|%s|%s' \"$AUTOTLS_NAMES\" \"$AUTOTLS_CERT_PATH\" \"$AUTOTLS_KEY_PATH\" "
+                       "\"$AUTOTLS_FULLCHAIN_PATH\" > " + hook_out.string();
+    auto r = run(c.args({"issue", "-d", "www.cli.test", "-d", "cli.test"},
+                        {"--agree-tos", "--email", "cli@example.com", "--http-address", c.http(), "--deploy-hook", hook}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    fs::path live = c.storage() / "live" / "www.cli.test";
+    for (const char* f : {"fullchain.pem", "privkey.pem", "cert.pem", "chain.pem", "meta.json", "renewal.json"}) {
+      CHECK_MESSAGE(fs::exists(live / f), f);
+    }
+    CHECK(r.out.find((live / "fullchain.pem").string()) != std::string::npos);
+    CHECK(read_file(hook_out) == "www.cli.test cli.test|" + (live / "cert.pem").string() + "|" +
+                                     (live / "privkey.pem").string() + "|" + (live / "fullchain.pem").string());
+    auto first = read_file(live / "cert.pem");
+
+    // A valid certificate that is not due is reused: nothing to do.
+    auto again = run(c.args({"issue", "-d", "www.cli.test", "-d", "cli.test"}, {"--http-address", c.http()}));
+    CHECK_MESSAGE(again.code == 1, show(again));
+    CHECK(again.out.find("nothing to do") != std::string::npos);
+    CHECK(read_file(live / "cert.pem") == first);
+
+    auto l = run(c.args({"list"}, {"--json"}));
+    REQUIRE_MESSAGE(l.code == 0, show(l));
+    auto j = last_json_line(l.out);
+    REQUIRE(j.is_object());
+    REQUIRE(j["certificates"].size() == 1);
+    auto cert = j["certificates"][0];
+    CHECK(cert["name"] == "www.cli.test");
+    CHECK(cert["names"] == json::array({"www.cli.test", "cli.test"}));
+    CHECK(cert["key_type"] == "ec256");
+    CHECK(cert["days_left"].get<int>() >= 1);
+    CHECK(cert["due"] == false);
+    CHECK(cert["issuer"].get<std::string>().find("Pebble") != std::string::npos);
+    CHECK(!cert["renewal_time"].get<std::string>().empty());
+    CHECK(!cert["renewal_reason"].get<std::string>().empty());
+    CHECK(cert["last_error"] == "");
+    auto human = run(c.args({"list"}));
+    CHECK_MESSAGE(human.code == 0, show(human));
+    CHECK(human.out.find("days left") != std::string::npos);
+
+    auto not_due = run(c.args({"renew"}, {"--no-random-sleep"}));
+    CHECK_MESSAGE(not_due.code == 1, show(not_due));
+    CHECK(not_due.out.find("skipped www.cli.test: not due until") != std::string::npos);
+
+    // Forced: the settings saved at issue time (http address, deploy hook) are reused.
+    fs::remove(hook_out);
+    auto forced = run(c.args({"renew", "www.cli.test"}, {"--force", "--json"}));
+    REQUIRE_MESSAGE(forced.code == 0, show(forced));
+    auto fj = last_json_line(forced.out);
+    CHECK(fj["action"] == "renewed");
+    CHECK(read_file(live / "cert.pem") != first);
+    CHECK(fs::exists(hook_out));
+
+    auto rv = run(c.args({"revoke", "www.cli.test"}, {"--reason", "superseded"}));
+    CHECK_MESSAGE(rv.code == 0, show(rv));
+    // Revoking twice: the CA refuses (alreadyRevoked), exit 3 with the problem printed.
+    auto rv2 = run(c.args({"revoke", "www.cli.test"}));
+    CHECK_MESSAGE(rv2.code == 3, show(rv2));
+    CHECK(rv2.err.find("alreadyRevoked") != std::string::npos);
+  }
+
+  TEST_CASE("tls-alpn-01 standalone with an rsa key and revoke by certificate key") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    auto r = run(c.args({"issue", "-d", "alpn.cli.test"},
+                        {"--agree-tos", "--challenge", "tls-alpn-01", "--key-type", "rsa2048", "--tls-address",
+                         "127.0.0.1:" + std::to_string(c.env->tls_port()), "--json"}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    auto j = last_json_line(r.out);
+    CHECK(j["status"] == "obtained");
+    CHECK(j["key_type"] == "rsa2048");
+    fs::path live = c.storage() / "live" / "alpn.cli.test";
+    auto rv = run(c.args({"revoke"}, {"--cert", (live / "cert.pem").string(), "--key", (live / "privkey.pem").string(),
+                                      "--reason", "keyCompromise"}));
+    CHECK_MESSAGE(rv.code == 0, show(rv));
+  }
+
+  TEST_CASE("dns-01 through a hook script that calls challtestsrv") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    fs::path hook = c.dir.path / "dns-hook.sh";
+    std::string mgmt = c.env->challtestsrv_management_url();
+    write_file(hook,
+               "#!/bin/sh\n"
+               "# dns-hook add|del <record> <value>\n"
+               "set -e\n"
+               "echo \"$1 $2\" >> " + (c.dir.path / "dns-hook.log").string() + "\n"
+               "if [ \"$1\" = add ]; then\n"
+               "  curl -fsS -X POST -d \"{\\\"host\\\":\\\"$2.\\\",\\\"value\\\":\\\"$3\\\"}\" " + mgmt + "/set-txt\n"
+               "else\n"
+               "  curl -fsS -X POST -d \"{\\\"host\\\":\\\"$2.\\\"}\" " + mgmt + "/clear-txt\n"
+               "fi\n",
+               true);
+    auto r = run(c.args({"issue", "-d", "*.wild.cli.test", "-d", "wild.cli.test"},
+                        {"--agree-tos", "--challenge", "dns-01", "--dns-hook", hook.string()}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK(fs::exists(c.storage() / "live" / "_wildcard_.wild.cli.test" / "fullchain.pem"));
+    auto log = read_file(c.dir.path / "dns-hook.log");
+    CHECK(log.find("add _acme-challenge.wild.cli.test") != std::string::npos);
+    CHECK(log.find("del _acme-challenge.wild.cli.test") != std::string::npos);
+  }
+
+  TEST_CASE("http-01 through a webroot served by another web server") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    fs::path webroot = c.dir.path / "webroot";
+    fs::create_directories(webroot);
+    httplib::Server web;
+    std::atomic<int> hits{0};
+    web.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response&) {
+      if (req.path.starts_with("/.well-known/acme-challenge/")) ++hits;
+      return httplib::Server::HandlerResponse::Unhandled;
+    });
+    REQUIRE(web.set_mount_point("/", webroot.string()));
+    REQUIRE(web.bind_to_port("127.0.0.1", c.env->http_port()));
+    std::thread t([&] { web.listen_after_bind(); });
+    auto r = run(c.args({"issue", "-d", "webroot.cli.test"}, {"--agree-tos", "--webroot", webroot.string()}));
+    web.stop();
+    t.join();
+    CHECK_MESSAGE(r.code == 0, show(r));
+    CHECK(hits.load() >= 1);
+    CHECK(fs::exists(c.storage() / "live" / "webroot.cli.test" / "fullchain.pem"));
+    // The challenge files are removed afterwards.
+    CHECK(fs::is_empty(webroot / ".well-known" / "acme-challenge"));
+  }
+
+  TEST_CASE("failures map to exit codes 5 and 6") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    // Nobody answers where Pebble validates: the challenge is invalid, exit 5.
+    auto v = run(c.args({"issue", "-d", "nobody.cli.test"},
+                        {"--agree-tos", "--http-address", "127.0.0.1:" + std::to_string(free_port())}));
+    CHECK_MESSAGE(v.code == 5, show(v));
+    CHECK(v.err.find("validation of nobody.cli.test") != std::string::npos);
+    auto l = run(c.args({"list"}, {"--json"}));
+    CHECK(last_json_line(l.out)["certificates"].empty());
+
+    // The standalone port is taken: a clear message, exit 6.
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    REQUIRE(::listen(fd, 1) == 0);
+    socklen_t len = sizeof a;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    int busy = ntohs(a.sin_port);
+    auto p = run(c.args({"issue", "-d", "busy.cli.test"}, {"--agree-tos", "--http-address", "127.0.0.1:" + std::to_string(busy)}));
+    ::close(fd);
+    CHECK_MESSAGE(p.code == 6, show(p));
+    CHECK(p.err.find("port " + std::to_string(busy) + " is in use by another process: use --webroot or --http-address") !=
+          std::string::npos);
+  }
+}
+
+TEST_SUITE("cli.account") {
+  TEST_CASE("register show update rollover deactivate") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    auto none = run(c.args({"account", "show"}));
+    CHECK_MESSAGE(none.code == 2, show(none));
+
+    auto reg = run(c.args({"account", "register"}, {"--agree-tos", "--email", "a@example.com", "--json"}));
+    REQUIRE_MESSAGE(reg.code == 0, show(reg));
+    auto rj = last_json_line(reg.out)["account"];
+    std::string url = rj["url"];
+    CHECK(!url.empty());
+    CHECK(rj["contact"] == json::array({"mailto:a@example.com"}));
+    CHECK(fs::exists(c.storage() / "accounts"));
+
+    auto shown = run(c.args({"account", "show"}, {"--json"}));
+    REQUIRE_MESSAGE(shown.code == 0, show(shown));
+    CHECK(last_json_line(shown.out)["account"]["url"] == url);
+
+    auto upd = run(c.args({"account", "update"}, {"--email", "b@example.com", "--json"}));
+    REQUIRE_MESSAGE(upd.code == 0, show(upd));
+    CHECK(last_json_line(upd.out)["account"]["contact"] == json::array({"mailto:b@example.com"}));
+    auto upd_none = run(c.args({"account", "update"}));
+    CHECK_MESSAGE(upd_none.code == 2, show(upd_none));
+
+    std::string thumb = rj["key_thumbprint"];
+    auto roll = run(c.args({"account", "rollover"}, {"--json"}));
+    REQUIRE_MESSAGE(roll.code == 0, show(roll));
+    auto roj = last_json_line(roll.out)["account"];
+    CHECK(roj["url"] == url);
+    CHECK(roj["key_thumbprint"] != thumb);
+    auto after = run(c.args({"account", "show"}, {"--json"}));
+    REQUIRE_MESSAGE(after.code == 0, show(after));
+    CHECK(last_json_line(after.out)["account"]["key_thumbprint"] == roj["key_thumbprint"]);
+
+    auto deact = run(c.args({"account", "deactivate"}, {"--json"}));
+    REQUIRE_MESSAGE(deact.code == 0, show(deact));
+    CHECK(last_json_line(deact.out)["account"]["status"] == "deactivated");
+    auto gone = run(c.args({"account", "show"}));
+    CHECK_MESSAGE(gone.code == 2, show(gone));
+  }
+
+  TEST_CASE("external account binding from the environment is never echoed") {
+    const std::string hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    PebbleOptions po;
+    po.eab_required = true;
+    po.eab_mac_keys = {{"kid-1", hmac}};
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, po);
+    c.env = std::move(env);
+    auto without = run(c.args({"account", "register"}, {"--agree-tos"}));
+    // The directory says externalAccountRequired: a configuration error, found before asking.
+    CHECK_MESSAGE(without.code == 2, show(without));
+    CHECK(without.err.find("External Account Binding") != std::string::npos);
+    auto with = run(c.args({"account", "register"}, {"--agree-tos", "--eab-kid", "kid-1", "--verbose"}),
+                    {"AUTOTLS_EAB_HMAC=" + hmac});
+    CHECK_MESSAGE(with.code == 0, show(with));
+    CHECK(with.out.find(hmac) == std::string::npos);
+    CHECK(with.err.find(hmac) == std::string::npos);
+  }
+}
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("serve obtains a certificate serves HTTPS and exits 0 on SIGTERM") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    fs::path www = c.dir.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "hello from autotls serve\n");
+    auto root = c.env->pebble_root_pem();
+    REQUIRE_MESSAGE(root, root.error().message);
+    fs::path root_file = c.dir.path / "pebble-root.pem";
+    write_file(root_file, *root);
+    int https = free_port();
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve"};
+    for (const auto& a : c.common()) argv.push_back(a);
+    for (const auto& a : {std::string("-d"), std::string("serve.cli.test"), std::string("--agree-tos"),
+                          std::string("--https-address"), "127.0.0.1:" + std::to_string(https), std::string("--http-address"),
+                          c.http(), std::string("--root"), www.string(), std::string("--json"), std::string("--drain"),
+                          std::string("2")}) {
+      argv.push_back(a);
+    }
+    pid_t pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
+    auto deadline = std::chrono::steady_clock::now() + 60s;
+    std::pair<long, std::string> got;
+    while (std::chrono::steady_clock::now() < deadline) {
+      got = https_get("serve.cli.test", https, root_file);
+      if (got.first == 200) break;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(200ms);
+    }
+    CHECK_MESSAGE(got.first == 200, (read_file(c.dir.path / "serve.err") + read_file(c.dir.path / "serve.out")));
+    CHECK(got.second == "hello from autotls serve\n");
+    CHECK(fs::exists(c.storage() / "live" / "serve.cli.test" / "fullchain.pem"));
+
+    // SIGHUP re-reads certificates from storage and keeps serving.
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    auto hup_deadline = std::chrono::steady_clock::now() + 10s;
+    while (std::chrono::steady_clock::now() < hup_deadline &&
+           read_file(c.dir.path / "serve.out").find("\"event\":\"reload\"") == std::string::npos) {
+      std::this_thread::sleep_for(50ms);
+    }
+    CHECK(read_file(c.dir.path / "serve.out").find("\"event\":\"reload\"") != std::string::npos);
+    CHECK(https_get("serve.cli.test", https, root_file).first == 200);
+
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    int code = wait_exit(pid, 20s);
+    auto out = read_file(c.dir.path / "serve.out");
+    CHECK_MESSAGE(code == 0, (out + read_file(c.dir.path / "serve.err")));
+    // One JSON object per line: listening, obtained, ready, shutdown, stopped.
+    std::istringstream lines(out);
+    std::string line;
+    std::vector<std::string> events;
+    while (std::getline(lines, line)) {
+      auto j = json::parse(line, nullptr, false);
+      REQUIRE_MESSAGE(j.is_object(), line);
+      events.push_back(j.value("event", ""));
+    }
+    for (const char* e : {"listening", "obtained", "ready", "reload", "loaded", "shutdown", "stopped"}) {
+      CHECK_MESSAGE(std::find(events.begin(), events.end(), e) != events.end(), (std::string(e) + "\n" + out));
+    }
+  }
+}
+
+TEST_SUITE("cli.quickstart") {
+  TEST_CASE("tools quickstart check serves the demo page over HTTPS") {
+    AUTOTLS_REQUIRE_PEBBLE();
+    auto r = run({"--check"}, {std::string("AUTOTLS_BIN=") + AUTOTLS_BINARY}, 180s,
+                 {"/bin/bash", std::string(AUTOTLS_SOURCE_DIR) + "/tools/quickstart"});
+    CHECK_MESSAGE(r.code == 0, show(r));
+    CHECK(r.err.find("OK: https://demo.autotls.test:") != std::string::npos);
+    CHECK(r.err.find("exited 0 after SIGTERM") != std::string::npos);
+  }
+}

@@ -1,0 +1,229 @@
+#pragma once
+
+// The `autotls` command line: options shared by every subcommand, exit codes, output, and the
+// helpers the subcommands share. Only tools/ reads argv, config files and the environment.
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "acme/client.h"
+#include "acme/key.h"
+#include "acme/util/error.h"
+#include "acme/util/logger.h"
+#include "tlsreload/challenges.h"
+#include "tlsreload/manager.h"
+#include "tlsreload/storage.h"
+
+namespace autotls::cli {
+
+// Exit codes (docs/cli.md). Never 0 on a failure.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitNothingToDo = 1;
+inline constexpr int kExitUsage = 2;
+inline constexpr int kExitCaRefused = 3;
+inline constexpr int kExitNetwork = 4;
+inline constexpr int kExitValidation = 5;
+inline constexpr int kExitLocal = 6;
+
+// Options holds every flag of every subcommand; CLI11 and the JSON config file both write it.
+struct Options {
+  // Common.
+  std::string ca = "letsencrypt";
+  std::string ca_bundle;
+  std::string storage;
+  std::string config;
+  std::string email;
+  bool agree_tos = false;
+  std::string eab_kid;
+  std::string eab_hmac;
+  std::string eab_hmac_file;
+  bool json = false;
+  bool quiet = false;
+  bool verbose = false;
+  std::string deploy_hook;
+
+  // issue / serve / renew: what to order and how to prove control.
+  std::vector<std::string> domains;
+  std::vector<std::string> ips;
+  std::string challenge = "http-01";
+  std::vector<std::string> http_addresses;   // issue: standalone; serve: http listeners
+  std::vector<std::string> https_addresses;  // serve: https listeners
+  std::string tls_address;                   // issue: standalone tls-alpn-01
+  std::string webroot;
+  std::string dns_hook;
+  std::string key_type = "ec256";
+  std::string profile;
+  std::string preferred_chain;
+  bool force = false;
+
+  // renew.
+  std::vector<std::string> renew_names;
+  bool all = false;
+  bool no_random_sleep = false;
+  int max_random_sleep = 480;
+
+  // revoke.
+  std::string revoke_name;
+  std::string cert_file;
+  std::string reason;
+  std::string key_file;
+
+  // account.
+  std::string new_key_type = "ec256";
+
+  // serve.
+  std::string root;
+  std::string proxy;
+  double drain = 15;
+  bool no_redirect = false;
+  int hsts = 0;
+  nlohmann::json sites;  // from the config file only: {"host": {"root": DIR} | {"proxy": URL}}
+};
+
+// Output prints results and progress: human text on stdout (progress on stderr), or with
+// --json one JSON object per line on stdout. Thread-safe.
+class Output {
+ public:
+  explicit Output(const Options& o) : json_(o.json), quiet_(o.quiet), verbose_(o.verbose) {}
+  bool is_json() const { return json_; }
+  bool verbose() const { return verbose_; }
+  // info prints a progress line (stderr, not with --quiet or --json).
+  void info(const std::string& line);
+  // result prints a line of the command's result (stdout, not with --json).
+  void result(const std::string& line);
+  // object prints one JSON line (only with --json).
+  void object(const nlohmann::json& j);
+  // error prints an Error for people (stderr), or as {"status":"error",...} with --json.
+  void error(const Error& e, int exit_code);
+  void error(const std::string& message, int exit_code);
+
+ private:
+  std::mutex mu_;
+  bool json_, quiet_, verbose_;
+};
+
+// CliLogger shows library logs on stderr: with --verbose from debug up, otherwise nothing.
+class CliLogger : public Logger {
+ public:
+  CliLogger(bool verbose, bool json) : verbose_(verbose), json_(json) {}
+  bool enabled(LogLevel level) const override;
+  void log(LogLevel level, std::string_view subsystem, std::string_view message,
+           std::initializer_list<LogField> fields) override;
+
+ private:
+  std::mutex mu_;
+  bool verbose_, json_;
+};
+
+// directory_url_for maps --ca (a short name or a URL) to a directory URL; nullopt if unknown.
+std::optional<std::string> directory_url_for(const std::string& ca);
+// default_storage is /var/lib/autotls for root, else $XDG_DATA_HOME/autotls or
+// ~/.local/share/autotls.
+std::string default_storage();
+// exit_code_for classifies an Error into the documented exit codes.
+int exit_code_for(const Error& e);
+// describe_error renders an Error with its problem document, subproblems and retry time.
+std::string describe_error(const Error& e);
+nlohmann::json error_json(const Error& e);
+// eab_from resolves --eab-kid with --eab-hmac, AUTOTLS_EAB_HMAC or --eab-hmac-file.
+Result<std::optional<acme::ExternalAccountBinding>> eab_from(const Options& o);
+
+// Paths of one stored certificate (docs/storage.md).
+struct LivePaths {
+  std::filesystem::path dir, cert, chain, fullchain, key, meta;
+};
+LivePaths live_paths(const std::string& storage_root, const std::string& storage_name);
+
+// run_deploy_hook runs `/bin/sh -c hook` with AUTOTLS_NAMES, AUTOTLS_CERT_PATH,
+// AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, and waits for it.
+Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names,
+                       const LivePaths& paths);
+
+// CertInfo is what `list` and `renew` know about a stored certificate without contacting a CA.
+struct CertInfo {
+  std::string key;  // storage name
+  std::vector<std::string> names;
+  std::string directory_url, issuer, key_type, serial;
+  std::chrono::system_clock::time_point not_before{}, not_after{};
+  std::chrono::system_clock::time_point renewal_time{};
+  std::string renewal_reason;  // why renewal_time
+  bool due = false;
+  int failures = 0;
+  std::string last_error;
+  std::optional<std::chrono::system_clock::time_point> next_attempt;
+  bool has_cert = false;
+  std::string problem;  // e.g. "no fullchain.pem"
+  nlohmann::json renewal;  // the CLI's renewal.json (settings used at issue time)
+};
+// stored_certificates lists every live/<name>/ in storage.
+Result<std::vector<CertInfo>> stored_certificates(tlsreload::Storage& storage);
+Result<std::optional<CertInfo>> stored_certificate(tlsreload::Storage& storage, const std::string& key);
+nlohmann::json cert_info_json(const CertInfo& c, const std::string& storage_root);
+
+// WebrootSolver writes http-01 key authorizations to
+// <root>/.well-known/acme-challenge/<token> for an existing web server to serve.
+class WebrootSolver : public acme::Solver {
+ public:
+  explicit WebrootSolver(std::filesystem::path root) : root_(std::move(root)) {}
+  Status present(const acme::Identifier& identifier, const acme::Challenge& challenge,
+                 std::string_view key_authorization) override;
+  void cleanup(const acme::Identifier& identifier, const acme::Challenge& challenge,
+               std::string_view key_authorization) override;
+
+ private:
+  std::filesystem::path root_;
+};
+
+// Responder is a standalone http-01 or tls-alpn-01 listener answering from a ChallengeStore.
+class Responder {
+ public:
+  virtual ~Responder() = default;
+};
+// start_responder binds address ("HOST:PORT") for challenge_type and serves challenges. A port
+// in use is an Errc::io naming --webroot / --http-address (or --tls-address).
+Result<std::unique_ptr<Responder>> start_responder(const std::string& challenge_type,
+                                                   const std::string& address,
+                                                   std::shared_ptr<tlsreload::ChallengeStore> challenges,
+                                                   Logger* logger);
+
+// parse_host_port reads "HOST:PORT", "[V6]:PORT" or ":PORT" (host 0.0.0.0).
+Result<std::pair<std::string, int>> parse_host_port(const std::string& text);
+
+// Context is what every command receives.
+struct Context {
+  Options& options;
+  Output& out;
+  CliLogger& logger;
+  std::string directory_url;  // resolved --ca
+  bool ca_given = false;      // --ca given on the command line or in the config
+  std::string storage_root;
+  std::shared_ptr<tlsreload::FileStorage> storage;
+  // given reports whether an option (long name without dashes) was set by flag or config.
+  std::function<bool(const std::string&)> given;
+};
+
+// manager_options builds ManagerOptions for the CA in directory_url from the options.
+Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url);
+// check_terms fails with a usage error when the CA has terms of service, no account is stored
+// yet and --agree-tos was not given.
+Status check_terms(Context& ctx, const std::string& directory_url);
+
+int cmd_issue(Context& ctx);
+int cmd_renew(Context& ctx);
+int cmd_revoke(Context& ctx);
+int cmd_list(Context& ctx);
+int cmd_account(Context& ctx, const std::string& action);
+int cmd_serve(Context& ctx);
+
+// Return from a command with an error printed.
+int report(Context& ctx, const Error& e);
+int usage_error(Context& ctx, const std::string& message);
+
+}  // namespace autotls::cli

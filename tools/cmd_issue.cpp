@@ -1,0 +1,309 @@
+// autotls issue / renew: obtain and renew certificates through tlsreload::Manager into storage.
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <random>
+#include <thread>
+
+#include "acme/ari.h"
+#include "tlsreload/store.h"
+#include "tools/cli.h"
+
+namespace autotls::cli {
+
+namespace {
+
+using json = nlohmann::json;
+using std::chrono::system_clock;
+
+std::vector<std::string> normalized(const std::vector<std::string>& in) {
+  std::vector<std::string> out;
+  for (auto n : in) {
+    while (!n.empty() && n.back() == '.') n.pop_back();
+    std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    if (!n.empty() && std::find(out.begin(), out.end(), n) == out.end()) out.push_back(n);
+  }
+  return out;
+}
+
+// RunResult is what one Manager run did for one name set.
+struct RunResult {
+  std::vector<tlsreload::ManagerEvent> events;
+  Status status;
+  bool changed() const {
+    return std::any_of(events.begin(), events.end(), [](const auto& e) {
+      return e.type == tlsreload::ManagerEvent::Type::obtained || e.type == tlsreload::ManagerEvent::Type::renewed;
+    });
+  }
+  std::optional<Error> failure() const {
+    for (const auto& e : events) {
+      if (e.type == tlsreload::ManagerEvent::Type::failed && e.error) return e.error;
+    }
+    if (!status) return status.error();
+    return std::nullopt;
+  }
+};
+
+// check_challenge_options refuses combinations that cannot work before anything is started.
+Status check_challenge_options(const Options& o) {
+  if (o.challenge != "http-01" && o.challenge != "tls-alpn-01" && o.challenge != "dns-01") {
+    return fail(Errc::invalid_input, "--challenge must be http-01, tls-alpn-01 or dns-01, not \"" + o.challenge + "\"");
+  }
+  if (!o.webroot.empty() && o.challenge != "http-01") return fail(Errc::invalid_input, "--webroot works with --challenge http-01 only");
+  if (o.challenge == "dns-01" && o.dns_hook.empty()) {
+    return fail(Errc::invalid_input, "--challenge dns-01 needs --dns-hook CMD (called as `CMD add|del <record> <value>`)");
+  }
+  if (!o.ips.empty() && o.challenge == "dns-01") return fail(Errc::invalid_input, "IP addresses cannot be validated by dns-01 (RFC 8738)");
+  return {};
+}
+
+// run_manager runs the Manager for names with the options' challenge set-up: a standalone
+// responder or a webroot solver for http-01, a standalone listener for tls-alpn-01.
+RunResult run_manager(Context& ctx, const Options& o, const std::string& directory_url,
+                      const std::vector<std::string>& names, bool force) {
+  RunResult r;
+  auto mo = manager_options(ctx, directory_url);
+  if (!mo) {
+    r.status = fail(mo.error());
+    return r;
+  }
+  auto challenges = std::make_shared<tlsreload::ChallengeStore>();
+  std::unique_ptr<Responder> responder;
+  if (o.challenge == "http-01" && !o.webroot.empty()) {
+    mo->solver = std::make_shared<WebrootSolver>(o.webroot);
+  } else if (o.challenge == "http-01" || o.challenge == "tls-alpn-01") {
+    std::string address = o.challenge == "http-01" ? (o.http_addresses.empty() ? "0.0.0.0:80" : o.http_addresses.front())
+                                                   : (o.tls_address.empty() ? "0.0.0.0:443" : o.tls_address);
+    auto started = start_responder(o.challenge, address, challenges, &ctx.logger);
+    if (!started) {
+      r.status = fail(started.error());
+      return r;
+    }
+    responder = std::move(*started);
+    ctx.out.info("answering " + o.challenge + " on " + address);
+  }
+  std::mutex mu;
+  mo->on_event = [&](const tlsreload::ManagerEvent& e) {
+    std::lock_guard lock(mu);
+    r.events.push_back(e);
+  };
+  tlsreload::Manager manager(std::move(*mo), ctx.storage, std::make_shared<tlsreload::CertStore>(), challenges);
+  r.status = manager.manage(names);
+  if (r.status && force && !r.changed() && !r.failure()) r.status = manager.renew(names, true);
+  return r;
+}
+
+json renewal_settings(const Options& o, const std::string& directory_url) {
+  json j = {{"directory_url", directory_url}, {"challenge", o.challenge}, {"key-type", o.key_type}};
+  if (!o.ca_bundle.empty()) j["ca-bundle"] = o.ca_bundle;
+  if (!o.http_addresses.empty()) j["http-address"] = o.http_addresses.front();
+  if (!o.tls_address.empty()) j["tls-address"] = o.tls_address;
+  if (!o.webroot.empty()) j["webroot"] = o.webroot;
+  if (!o.dns_hook.empty()) j["dns-hook"] = o.dns_hook;
+  if (!o.profile.empty()) j["profile"] = o.profile;
+  if (!o.preferred_chain.empty()) j["preferred-chain"] = o.preferred_chain;
+  if (!o.deploy_hook.empty()) j["deploy-hook"] = o.deploy_hook;
+  return j;
+}
+
+// after_success prints the paths, saves the renewal settings and runs the deploy hook.
+int after_success(Context& ctx, const Options& o, const std::string& key, const std::vector<std::string>& names,
+                  const std::string& directory_url, const std::string& action) {
+  auto paths = live_paths(ctx.storage_root, key);
+  if (auto st = ctx.storage->put("live/" + key + "/renewal.json", renewal_settings(o, directory_url).dump(2) + "\n"); !st) {
+    ctx.out.info("warning: cannot save renewal settings: " + st.error().message);
+  }
+  auto info = stored_certificate(*ctx.storage, key);
+  json j = {{"status", action}, {"name", key}, {"names", names}};
+  if (info && *info) j = cert_info_json(**info, ctx.storage_root), j["status"] = action;
+  ctx.out.object(j);
+  std::string list;
+  for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+  ctx.out.result("Certificate " + action + " for " + list);
+  if (info && *info && (*info)->has_cert) ctx.out.result("  expires:       " + acme::format_rfc3339((*info)->not_after));
+  ctx.out.result("  fullchain:     " + paths.fullchain.string());
+  ctx.out.result("  private key:   " + paths.key.string());
+  ctx.out.result("  certificate:   " + paths.cert.string());
+  ctx.out.result("  chain:         " + paths.chain.string());
+  if (!o.deploy_hook.empty()) {
+    ctx.out.info("running deploy hook");
+    if (auto st = run_deploy_hook(o.deploy_hook, names, paths); !st) {
+      ctx.out.error(st.error(), kExitLocal);
+      return kExitLocal;
+    }
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+int cmd_issue(Context& ctx) {
+  Options& o = ctx.options;
+  std::vector<std::string> requested = o.domains;
+  requested.insert(requested.end(), o.ips.begin(), o.ips.end());
+  auto names = normalized(requested);
+  if (names.empty()) return usage_error(ctx, "issue: give at least one name with -d NAME (or an address with --ip)");
+  for (const auto& ip : o.ips) {
+    if (acme::identifier_for(ip).type != "ip") return usage_error(ctx, "--ip " + ip + ": not an IP address");
+  }
+  for (const auto& n : names) {
+    if (!tlsreload::is_valid_lookup_name(n)) return usage_error(ctx, "issue: \"" + n + "\" is not a valid DNS name or IP address");
+  }
+  if (auto st = check_challenge_options(o); !st) return usage_error(ctx, st.error().message);
+  if (!o.webroot.empty() && !std::filesystem::is_directory(o.webroot)) {
+    return usage_error(ctx, "--webroot " + o.webroot + ": not a directory");
+  }
+  if (!acme::parse_key_type(o.key_type)) return usage_error(ctx, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
+  auto eab = eab_from(o);
+  if (!eab) return usage_error(ctx, eab.error().message);
+
+  const std::string key = tlsreload::storage_name(names.front());
+  bool force = o.force;
+  auto stored = stored_certificate(*ctx.storage, key);
+  if (!stored) return report(ctx, stored.error());
+  if (*stored && (*stored)->has_cert && !force) {
+    const CertInfo& c = **stored;
+    bool covers = std::all_of(names.begin(), names.end(), [&](const std::string& n) {
+      return std::find(c.names.begin(), c.names.end(), n) != c.names.end();
+    });
+    auto kt = acme::parse_key_type(o.key_type);
+    bool same_key = kt && c.key_type == acme::to_string(*kt);
+    bool same_ca = c.directory_url.empty() || c.directory_url == ctx.directory_url;
+    if (!covers || !same_key || !same_ca) {
+      force = true;
+      ctx.out.info(std::string("the stored certificate ") +
+                   (!covers ? "does not cover every name" : !same_key ? "has another key type" : "is from another CA") +
+                   ": issuing a new one");
+    } else if (!c.due) {
+      auto paths = live_paths(ctx.storage_root, key);
+      json j = cert_info_json(c, ctx.storage_root);
+      j["status"] = "nothing to do";
+      ctx.out.object(j);
+      ctx.out.result("nothing to do: the certificate for " + key + " is valid until " + acme::format_rfc3339(c.not_after) +
+                     " and not due for renewal until " + acme::format_rfc3339(c.renewal_time) + " (use --force to renew now)");
+      ctx.out.result("  fullchain:     " + paths.fullchain.string());
+      ctx.out.result("  private key:   " + paths.key.string());
+      return kExitNothingToDo;
+    }
+  }
+  if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
+
+  std::string list;
+  for (const auto& n : names) list += (list.empty() ? "" : " ") + n;
+  ctx.out.info("obtaining a certificate for " + list + " from " + ctx.directory_url + " (" + o.challenge + ")");
+  auto r = run_manager(ctx, o, ctx.directory_url, names, force);
+  if (auto err = r.failure()) return report(ctx, *err);
+  if (!r.changed()) {
+    ctx.out.result("nothing to do: the stored certificate for " + key + " is still good");
+    ctx.out.object({{"status", "nothing to do"}, {"name", key}});
+    return kExitNothingToDo;
+  }
+  return after_success(ctx, o, key, names, ctx.directory_url, "obtained");
+}
+
+int cmd_renew(Context& ctx) {
+  Options& o = ctx.options;
+  auto all = stored_certificates(*ctx.storage);
+  if (!all) return report(ctx, all.error());
+  std::vector<CertInfo> todo;
+  if (o.renew_names.empty() || o.all) {
+    if (!o.renew_names.empty()) return usage_error(ctx, "renew: give names or --all, not both");
+    todo = *all;
+  } else {
+    for (const auto& n : normalized(o.renew_names)) {
+      std::string key = tlsreload::storage_name(n);
+      auto it = std::find_if(all->begin(), all->end(), [&](const CertInfo& c) { return c.key == key; });
+      if (it == all->end()) return usage_error(ctx, "renew: no stored certificate named " + n + " in " + ctx.storage_root);
+      todo.push_back(*it);
+    }
+  }
+  if (todo.empty()) {
+    ctx.out.result("nothing to do: no certificates in " + ctx.storage_root);
+    return kExitNothingToDo;
+  }
+
+  // Spread renewals run from cron/timers over time, so that many hosts do not hit the CA at
+  // the same second (certbot does the same when not on a terminal).
+  bool any_due = std::any_of(todo.begin(), todo.end(), [](const CertInfo& c) { return c.due; });
+  if ((any_due || o.force) && !o.force && !o.no_random_sleep && !::isatty(STDOUT_FILENO) && o.max_random_sleep > 0) {
+    std::uniform_int_distribution<int> d(0, o.max_random_sleep);
+    std::random_device rd;
+    int s = d(rd);
+    ctx.out.info("not on a terminal: sleeping " + std::to_string(s) + " s before renewing (--no-random-sleep to skip)");
+    std::this_thread::sleep_for(std::chrono::seconds(s));
+  }
+
+  int renewed = 0;
+  int first_failure = 0;
+  for (const auto& c : todo) {
+    if (!c.due && !o.force) {
+      std::string why = "not due until " + acme::format_rfc3339(c.renewal_time) + " (" + c.renewal_reason + ")";
+      ctx.out.result("skipped " + c.key + ": " + why);
+      ctx.out.object({{"name", c.key}, {"action", "skipped"}, {"reason", why},
+                      {"renewal_time", acme::format_rfc3339(c.renewal_time)}});
+      continue;
+    }
+    // The settings used at issue time, unless overridden now.
+    Options co = o;
+    const json& rs = c.renewal;
+    auto take = [&](const char* k, std::string& field) {
+      if (!ctx.given(k) && rs.is_object() && rs.contains(k) && rs[k].is_string()) field = rs[k].get<std::string>();
+    };
+    take("challenge", co.challenge);
+    take("key-type", co.key_type);
+    take("ca-bundle", co.ca_bundle);
+    take("tls-address", co.tls_address);
+    take("webroot", co.webroot);
+    take("dns-hook", co.dns_hook);
+    take("profile", co.profile);
+    take("preferred-chain", co.preferred_chain);
+    take("deploy-hook", co.deploy_hook);
+    if (!ctx.given("http-address") && rs.is_object() && rs.contains("http-address") && rs["http-address"].is_string()) {
+      co.http_addresses = {rs["http-address"].get<std::string>()};
+    }
+    std::string dir = ctx.ca_given || c.directory_url.empty() ? ctx.directory_url : c.directory_url;
+    std::vector<std::string> names = c.names.empty() ? std::vector<std::string>{c.key} : c.names;
+
+    auto fail_one = [&](const Error& e) {
+      int code = exit_code_for(e);
+      if (!first_failure) first_failure = code;
+      ctx.out.result("failed " + c.key + ": " + describe_error(e));
+      ctx.out.object({{"name", c.key}, {"action", "failed"}, {"exit_code", code}, {"error", error_json(e)}});
+    };
+    if (auto st = check_challenge_options(co); !st) {
+      fail_one(st.error());
+      continue;
+    }
+    ctx.out.info("renewing " + c.key + " (" + (o.force && !c.due ? std::string("forced") : c.renewal_reason) + ") via " +
+                 co.challenge + " at " + dir);
+    auto r = run_manager(ctx, co, dir, names, o.force);
+    if (auto err = r.failure()) {
+      fail_one(*err);
+      continue;
+    }
+    if (!r.changed()) {
+      ctx.out.result("skipped " + c.key + ": the stored certificate is not due");
+      ctx.out.object({{"name", c.key}, {"action", "skipped"}, {"reason", "not due"}});
+      continue;
+    }
+    ++renewed;
+    auto info = stored_certificate(*ctx.storage, c.key);
+    json j = {{"name", c.key}, {"action", "renewed"}};
+    if (info && *info) {
+      j["not_after"] = acme::format_rfc3339((*info)->not_after);
+      j["fullchain_path"] = live_paths(ctx.storage_root, c.key).fullchain.string();
+      ctx.out.result("renewed " + c.key + ": valid until " + acme::format_rfc3339((*info)->not_after));
+    } else {
+      ctx.out.result("renewed " + c.key);
+    }
+    ctx.out.object(j);
+    if (!co.deploy_hook.empty()) {
+      if (auto st = run_deploy_hook(co.deploy_hook, names, live_paths(ctx.storage_root, c.key)); !st) fail_one(st.error());
+    }
+  }
+  if (first_failure) return first_failure;
+  return renewed > 0 ? kExitOk : kExitNothingToDo;
+}
+
+}  // namespace autotls::cli

@@ -1,0 +1,318 @@
+// autotls list / revoke / account: what is stored, revocation, and ACME account management.
+
+#include <fstream>
+#include <sstream>
+
+#include <openssl/bio.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include "acme/ari.h"
+#include "acme/jws.h"
+#include "acme/util/openssl.h"
+#include "tools/cli.h"
+
+namespace autotls::cli {
+
+namespace {
+
+using json = nlohmann::json;
+using std::chrono::system_clock;
+
+std::string join(const std::vector<std::string>& v, const char* sep = ", ") {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : sep) + x;
+  return s;
+}
+
+Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url) {
+  acme::CurlOptions curl;
+  curl.ca_bundle = ctx.options.ca_bundle;
+  acme::ClientOptions co;
+  co.directory_url = directory_url;
+  co.transport = std::shared_ptr<acme::HttpTransport>(acme::make_curl_transport(curl));
+  co.logger = &ctx.logger;
+  auto c = acme::Client::create(co);
+  if (!c) return fail(c.error().with_context("ACME directory " + directory_url));
+  return std::move(*c);
+}
+
+struct AccountKeys {
+  std::string dir, key, json, next_key;
+  explicit AccountKeys(const std::string& directory_url)
+      : dir("accounts/" + tlsreload::ca_storage_name(directory_url)),
+        key(dir + "/account.key"),
+        json(dir + "/account.json"),
+        next_key(dir + "/account.next.key") {}
+};
+
+struct StoredAccount {
+  acme::PrivateKey key;
+  std::string url;
+  json meta;
+};
+
+Result<std::optional<StoredAccount>> load_account(tlsreload::Storage& storage, const std::string& directory_url) {
+  AccountKeys k(directory_url);
+  auto pem = storage.get(k.key);
+  if (!pem) return fail(pem.error());
+  if (!*pem) return std::optional<StoredAccount>();
+  auto key = acme::PrivateKey::from_pem(**pem);
+  if (!key) return fail(key.error().with_context("account key " + k.key));
+  auto text = storage.get(k.json);
+  if (!text) return fail(text.error());
+  json meta = *text ? json::parse(**text, nullptr, false) : json::object();
+  if (!meta.is_object()) meta = json::object();
+  std::string url = meta.value("url", "");
+  return std::optional<StoredAccount>(StoredAccount{std::move(*key), url, meta});
+}
+
+Status save_account_json(tlsreload::Storage& storage, const std::string& directory_url, const acme::Account& a,
+                         const json& previous) {
+  AccountKeys k(directory_url);
+  json j = previous.is_object() ? previous : json::object();
+  j["url"] = a.url;
+  j["directory_url"] = directory_url;
+  j["contact"] = a.contact;
+  j["status"] = a.status;
+  if (!j.contains("created")) j["created"] = acme::format_rfc3339(system_clock::now());
+  return storage.put(k.json, j.dump(2) + "\n");
+}
+
+void print_account(Context& ctx, const std::string& action, const acme::Account& a, const std::string& directory_url,
+                   const std::string& thumbprint) {
+  ctx.out.object({{"status", action}, {"account", {{"url", a.url}, {"status", a.status}, {"contact", a.contact},
+                                                   {"directory_url", directory_url}, {"key_thumbprint", thumbprint}}}});
+  ctx.out.result("account " + action + ": " + a.url);
+  ctx.out.result("  CA:       " + directory_url);
+  ctx.out.result("  status:   " + a.status);
+  ctx.out.result("  contact:  " + (a.contact.empty() ? std::string("(none)") : join(a.contact)));
+  ctx.out.result("  key:      " + thumbprint + " (JWK thumbprint)");
+}
+
+Result<std::string> first_certificate_der(const std::string& pem) {
+  ossl::BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  X509* raw = bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr;
+  if (!raw) return fail(Errc::invalid_input, "no PEM certificate found");
+  ossl::X509Ptr x(raw);
+  unsigned char* der = nullptr;
+  int n = i2d_X509(x.get(), &der);
+  if (n <= 0) return fail(Errc::crypto, "cannot encode the certificate");
+  std::string out(reinterpret_cast<char*>(der), static_cast<size_t>(n));
+  OPENSSL_free(der);
+  return out;
+}
+
+Result<std::string> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return fail(Errc::invalid_input, path + ": cannot read");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+int cmd_list(Context& ctx) {
+  auto certs = stored_certificates(*ctx.storage);
+  if (!certs) return report(ctx, certs.error());
+  if (ctx.out.is_json()) {
+    json arr = json::array();
+    for (const auto& c : *certs) arr.push_back(cert_info_json(c, ctx.storage_root));
+    ctx.out.object({{"storage", ctx.storage_root}, {"certificates", arr}});
+    return kExitOk;
+  }
+  if (certs->empty()) {
+    ctx.out.result("no certificates in " + ctx.storage_root);
+    return kExitOk;
+  }
+  auto now = system_clock::now();
+  for (const auto& c : *certs) {
+    auto paths = live_paths(ctx.storage_root, c.key);
+    ctx.out.result(c.key);
+    ctx.out.result("  names:         " + join(c.names));
+    if (c.has_cert) {
+      auto days = std::chrono::duration_cast<std::chrono::hours>(c.not_after - now).count() / 24;
+      ctx.out.result("  issuer:        " + c.issuer);
+      ctx.out.result("  key type:      " + c.key_type);
+      ctx.out.result("  not after:     " + acme::format_rfc3339(c.not_after) +
+                     (now >= c.not_after ? std::string(" (EXPIRED)") : " (" + std::to_string(days) + " days left)"));
+    } else {
+      ctx.out.result("  problem:       " + c.problem);
+    }
+    ctx.out.result("  renewal:       " + std::string(c.due ? "due now" : acme::format_rfc3339(c.renewal_time)) + " (" +
+                   c.renewal_reason + ")");
+    if (!c.directory_url.empty()) ctx.out.result("  CA:            " + c.directory_url);
+    if (!c.last_error.empty()) {
+      ctx.out.result("  last error:    " + c.last_error + " (" + std::to_string(c.failures) + " failure(s))");
+    }
+    ctx.out.result("  fullchain:     " + paths.fullchain.string());
+    ctx.out.result("  private key:   " + paths.key.string());
+  }
+  return kExitOk;
+}
+
+int cmd_revoke(Context& ctx) {
+  const Options& o = ctx.options;
+  if (o.revoke_name.empty() == o.cert_file.empty()) return usage_error(ctx, "revoke: give a stored NAME or --cert FILE (one of them)");
+  std::optional<acme::RevocationReason> reason;
+  if (!o.reason.empty()) {
+    reason = acme::parse_revocation_reason(o.reason);
+    if (!reason) {
+      return usage_error(ctx, "--reason must be unspecified, keyCompromise, affiliationChanged, superseded or "
+                              "cessationOfOperation (or their numbers), not \"" + o.reason + "\"");
+    }
+  }
+  std::string pem;
+  std::string directory_url = ctx.directory_url;
+  std::string what;
+  if (!o.revoke_name.empty()) {
+    std::string key = tlsreload::storage_name(o.revoke_name);
+    auto c = stored_certificate(*ctx.storage, key);
+    if (!c) return report(ctx, c.error());
+    auto text = ctx.storage->get("live/" + key + "/cert.pem");
+    if (!text) return report(ctx, text.error());
+    if (!*c || !*text || text->value().empty()) return usage_error(ctx, "revoke: no stored certificate named " + o.revoke_name + " in " + ctx.storage_root);
+    pem = **text;
+    if (!ctx.ca_given && !(*c)->directory_url.empty()) directory_url = (*c)->directory_url;
+    what = key;
+  } else {
+    auto text = read_file(o.cert_file);
+    if (!text) return usage_error(ctx, text.error().message);
+    pem = *text;
+    what = o.cert_file;
+  }
+  auto der = first_certificate_der(pem);
+  if (!der) return usage_error(ctx, "revoke: " + what + ": " + der.error().message);
+
+  std::unique_ptr<acme::KeySigner> cert_signer;
+  if (!o.key_file.empty()) {
+    auto text = read_file(o.key_file);
+    if (!text) return usage_error(ctx, text.error().message);
+    auto key = acme::PrivateKey::from_pem(*text);
+    if (!key) return usage_error(ctx, "--key " + o.key_file + ": " + key.error().message);
+    cert_signer = std::make_unique<acme::KeySigner>(std::move(*key));
+  }
+  auto client = make_client(ctx, directory_url);
+  if (!client) return report(ctx, client.error());
+  if (!cert_signer) {
+    auto account = load_account(*ctx.storage, directory_url);
+    if (!account) return report(ctx, account.error());
+    if (!*account || (*account)->url.empty()) {
+      return usage_error(ctx, "revoke: no ACME account for " + directory_url + " in " + ctx.storage_root +
+                                  ": use --key with the certificate's private key, or the --ca that issued it");
+    }
+    (*client)->set_account(std::make_shared<acme::KeySigner>((*account)->key), (*account)->url);
+  }
+  ctx.out.info("revoking " + what + " at " + directory_url + (cert_signer ? " (signed by the certificate key)" : " (signed by the account key)"));
+  if (auto st = (*client)->revoke(*der, reason, cert_signer.get()); !st) return report(ctx, st.error());
+  ctx.out.result("revoked " + what);
+  ctx.out.object({{"status", "revoked"}, {"certificate", what}, {"directory_url", directory_url}});
+  return kExitOk;
+}
+
+int cmd_account(Context& ctx, const std::string& action) {
+  const Options& o = ctx.options;
+  const std::string& dir_url = ctx.directory_url;
+  AccountKeys keys(dir_url);
+  auto stored = load_account(*ctx.storage, dir_url);
+  if (!stored) return report(ctx, stored.error());
+
+  if (action == "register") {
+    auto eab = eab_from(o);
+    if (!eab) return usage_error(ctx, eab.error().message);
+    auto client = make_client(ctx, dir_url);
+    if (!client) return report(ctx, client.error());
+    if (!o.agree_tos && !(*stored && !(*stored)->url.empty()) && !(*client)->directory().terms_of_service.empty()) {
+      return usage_error(ctx, "account register: read the CA's terms of service at " +
+                                  (*client)->directory().terms_of_service + " and pass --agree-tos");
+    }
+    std::optional<acme::PrivateKey> key;
+    json previous = json::object();
+    if (*stored) {
+      key = (*stored)->key;
+      previous = (*stored)->meta;
+    } else {
+      auto kt = acme::parse_key_type(o.new_key_type);
+      if (!kt) return usage_error(ctx, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
+      auto k = acme::PrivateKey::generate(*kt);
+      if (!k) return report(ctx, k.error());
+      auto pem = k->to_pem();
+      if (!pem) return report(ctx, pem.error());
+      // Saved before registering: a crash after the CA created the account finds it again.
+      if (auto st = ctx.storage->put(keys.key, *pem, true); !st) return report(ctx, st.error());
+      key = std::move(*k);
+    }
+    (*client)->set_account(std::make_shared<acme::KeySigner>(*key));
+    acme::NewAccountOptions na;
+    if (!o.email.empty()) na.contact.push_back("mailto:" + o.email);
+    na.agree_to_terms = o.agree_tos;
+    na.eab = *eab;
+    auto a = (*client)->register_account(na);
+    if (!a) return report(ctx, a.error());
+    if (auto st = save_account_json(*ctx.storage, dir_url, *a, previous); !st) return report(ctx, st.error());
+    print_account(ctx, "registered", *a, dir_url, key->thumbprint());
+    return kExitOk;
+  }
+
+  if (!*stored || (*stored)->url.empty()) {
+    return usage_error(ctx, "account " + action + ": no ACME account for " + dir_url + " in " + ctx.storage_root +
+                                " (autotls account register --ca ... --agree-tos)");
+  }
+  auto client = make_client(ctx, dir_url);
+  if (!client) return report(ctx, client.error());
+  StoredAccount& acct = **stored;
+  (*client)->set_account(std::make_shared<acme::KeySigner>(acct.key), acct.url);
+
+  if (action == "show") {
+    auto a = (*client)->fetch_account();
+    if (!a) return report(ctx, a.error());
+    print_account(ctx, "found", *a, dir_url, acct.key.thumbprint());
+    return kExitOk;
+  }
+  if (action == "update") {
+    if (o.email.empty()) return usage_error(ctx, "account update: give the new contact with --email");
+    auto a = (*client)->update_account({"mailto:" + o.email});
+    if (!a) return report(ctx, a.error());
+    if (auto st = save_account_json(*ctx.storage, dir_url, *a, acct.meta); !st) return report(ctx, st.error());
+    print_account(ctx, "updated", *a, dir_url, acct.key.thumbprint());
+    return kExitOk;
+  }
+  if (action == "rollover") {
+    auto kt = acme::parse_key_type(o.new_key_type);
+    if (!kt) return usage_error(ctx, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
+    auto k = acme::PrivateKey::generate(*kt);
+    if (!k) return report(ctx, k.error());
+    auto pem = k->to_pem();
+    if (!pem) return report(ctx, pem.error());
+    // The new key is on disk before the CA switches to it: a crash in between leaves both keys,
+    // and account.next.key is the one to try.
+    if (auto st = ctx.storage->put(keys.next_key, *pem, true); !st) return report(ctx, st.error());
+    if (auto st = (*client)->change_key(std::make_shared<acme::KeySigner>(*k)); !st) {
+      (void)ctx.storage->remove(keys.next_key);
+      return report(ctx, st.error());
+    }
+    if (auto st = ctx.storage->put(keys.key, *pem, true); !st) return report(ctx, st.error());
+    (void)ctx.storage->remove(keys.next_key);
+    auto a = (*client)->fetch_account();
+    acme::Account shown;
+    if (a) shown = *a;
+    else shown.url = acct.url, shown.status = "valid";
+    print_account(ctx, "rolled over", shown, dir_url, k->thumbprint());
+    return kExitOk;
+  }
+  if (action == "deactivate") {
+    auto a = (*client)->deactivate_account();
+    if (!a) return report(ctx, a.error());
+    // A deactivated account can never be used again (RFC 8555 §7.3.6): forget it, so the next
+    // issuance registers a new one.
+    (void)ctx.storage->remove(keys.key);
+    (void)ctx.storage->remove(keys.json);
+    print_account(ctx, "deactivated", *a, dir_url, acct.key.thumbprint());
+    ctx.out.result("  local account files removed from " + ctx.storage_root + "/" + keys.dir);
+    return kExitOk;
+  }
+  return usage_error(ctx, "account: unknown action " + action);
+}
+
+}  // namespace autotls::cli

@@ -1,0 +1,274 @@
+// autotls serve: the Manager (issue, store, renew) and server::Server (HTTPS, http-01,
+// tls-alpn-01, static sites and reverse proxy) in one process, with signal handling.
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstdio>
+#include <iostream>
+#include <thread>
+
+#include "acme/ari.h"
+#include "server/server.h"
+#include "tlsreload/store.h"
+#include "tools/cli.h"
+
+namespace autotls::cli {
+
+namespace {
+
+using json = nlohmann::json;
+using std::chrono::system_clock;
+
+// CancellableClock lets shutdown cut short the Manager's waits (polling, lock waits): a
+// cancelled sleep returns false and the issuance in progress is abandoned.
+class CancellableClock : public Clock {
+ public:
+  time_point now() const override { return system_clock::now(); }
+  bool sleep_for(std::chrono::milliseconds d) override {
+    std::unique_lock lock(mu_);
+    return !cv_.wait_for(lock, d, [this] { return cancelled_; });
+  }
+  void cancel() {
+    {
+      std::lock_guard lock(mu_);
+      cancelled_ = true;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool cancelled_ = false;
+};
+
+Result<server::Site> site_from_json(const std::string& host, const json& j) {
+  if (!j.is_object()) return fail(Errc::invalid_input, "sites." + host + ": expected an object {\"root\": DIR} or {\"proxy\": URL}");
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key() != "root" && it.key() != "proxy" && it.key() != "index") {
+      return fail(Errc::invalid_input, "sites." + host + ": unknown key \"" + it.key() + "\" (root, index, proxy)");
+    }
+  }
+  bool root = j.contains("root"), proxy = j.contains("proxy");
+  if (root == proxy) return fail(Errc::invalid_input, "sites." + host + ": give exactly one of \"root\" and \"proxy\"");
+  if (root) {
+    if (!j["root"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".root: expected a string");
+    server::StaticSite s;
+    s.root = j["root"].get<std::string>();
+    if (j.contains("index") && j["index"].is_string()) s.index = j["index"].get<std::string>();
+    return server::Site(s);
+  }
+  if (!j["proxy"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".proxy: expected a string");
+  server::ProxySite p;
+  p.upstream = j["proxy"].get<std::string>();
+  return server::Site(p);
+}
+
+Result<std::vector<server::Endpoint>> endpoints(const std::vector<std::string>& addresses,
+                                                const std::vector<std::string>& defaults) {
+  std::vector<server::Endpoint> out;
+  const auto& list = addresses.empty() ? defaults : addresses;
+  for (const auto& a : list) {
+    if (a == "off" || a == "none") return std::vector<server::Endpoint>{};
+    auto hp = parse_host_port(a);
+    if (!hp) return fail(hp.error());
+    out.push_back({hp->first, hp->second});
+  }
+  return out;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : " ") + x;
+  return s;
+}
+
+}  // namespace
+
+int cmd_serve(Context& ctx) {
+  Options& o = ctx.options;
+  std::vector<std::string> names = o.domains;
+  names.insert(names.end(), o.ips.begin(), o.ips.end());
+  server::ServerConfig cfg;
+  if (o.sites.is_object()) {
+    for (auto it = o.sites.begin(); it != o.sites.end(); ++it) {
+      auto site = site_from_json(it.key(), it.value());
+      if (!site) return usage_error(ctx, (o.config.empty() ? "" : o.config + ": ") + site.error().message);
+      cfg.sites[it.key()] = *site;
+      if (std::find(names.begin(), names.end(), it.key()) == names.end() && o.domains.empty()) names.push_back(it.key());
+    }
+  } else if (!o.sites.is_null()) {
+    return usage_error(ctx, o.config + ": \"sites\" must be an object");
+  }
+  if (names.empty()) return usage_error(ctx, "serve: give the names to serve with -d NAME (or \"sites\" in the config file)");
+  if (!o.root.empty() && !o.proxy.empty()) return usage_error(ctx, "serve: give --root or --proxy, not both");
+  if (!o.root.empty()) cfg.default_site = server::StaticSite{o.root};
+  if (!o.proxy.empty()) cfg.default_site = server::ProxySite{o.proxy};
+  if (!cfg.default_site && cfg.sites.empty()) {
+    return usage_error(ctx, "serve: say what to serve: --root DIR, --proxy URL, or \"sites\" in the config file");
+  }
+  if (!o.webroot.empty()) return usage_error(ctx, "serve: --webroot is for issue; serve answers http-01 itself");
+  if (o.challenge == "dns-01" && o.dns_hook.empty()) return usage_error(ctx, "--challenge dns-01 needs --dns-hook CMD");
+  auto https = endpoints(o.https_addresses, {"0.0.0.0:443", "[::]:443"});
+  if (!https) return usage_error(ctx, https.error().message);
+  if (https->empty()) return usage_error(ctx, "serve: at least one --https-address is needed");
+  auto http = endpoints(o.http_addresses, {"0.0.0.0:80", "[::]:80"});
+  if (!http) return usage_error(ctx, http.error().message);
+  if (http->empty() && o.challenge == "http-01") {
+    return usage_error(ctx, "serve: http-01 needs an http listener: give --http-address or --challenge tls-alpn-01");
+  }
+  cfg.https = *https;
+  cfg.http = *http;
+  cfg.redirect_to_https = !o.no_redirect;
+  cfg.hsts_max_age = std::chrono::seconds(o.hsts);
+  if (o.drain < 0) return usage_error(ctx, "--drain must not be negative");
+  auto drain = std::chrono::milliseconds(static_cast<long long>(o.drain * 1000));
+
+  auto mo = manager_options(ctx, ctx.directory_url);
+  if (!mo) return report(ctx, mo.error());
+  if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
+
+  auto event_line = [&](const std::string& event, const json& fields, const std::string& text) {
+    json j = {{"time", acme::format_rfc3339(system_clock::now())}, {"event", event}};
+    for (auto it = fields.begin(); it != fields.end(); ++it) j[it.key()] = it.value();
+    if (ctx.out.is_json()) {
+      ctx.out.object(j);
+    } else {
+      ctx.out.result(acme::format_rfc3339(system_clock::now()) + " " + event + " " + text);
+    }
+  };
+
+  // Signals are taken by one thread with sigwait, so the handlers run no code in signal
+  // context. They are blocked before any thread starts, so every thread inherits the mask.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+
+  CancellableClock clock;
+  auto store = std::make_shared<tlsreload::CertStore>();
+  auto challenges = std::make_shared<tlsreload::ChallengeStore>();
+  mo->clock = &clock;
+  std::string deploy_hook = o.deploy_hook;
+  std::string storage_root = ctx.storage_root;
+  mo->on_event = [&, deploy_hook, storage_root](const tlsreload::ManagerEvent& e) {
+    json f = {{"name", e.name}, {"names", e.names}, {"cert_id", e.cert_id}};
+    std::string text = e.name + " (" + join(e.names) + ")";
+    if (e.error) {
+      f["error"] = error_json(*e.error);
+      text += ": " + describe_error(*e.error);
+    }
+    event_line(std::string(tlsreload::to_string(e.type)), f, text);
+    bool issued = e.type == tlsreload::ManagerEvent::Type::obtained || e.type == tlsreload::ManagerEvent::Type::renewed;
+    if (issued && !deploy_hook.empty()) {
+      if (auto st = run_deploy_hook(deploy_hook, e.names, live_paths(storage_root, e.name)); !st) {
+        event_line("deploy_hook_failed", {{"name", e.name}, {"error", st.error().message}}, e.name + ": " + st.error().message);
+      }
+    }
+  };
+
+  auto srv = server::Server::create(cfg, store, challenges, &ctx.logger);
+  if (!srv) return report(ctx, srv.error());
+  if (auto st = (*srv)->start(); !st) return report(ctx, st.error());
+  {
+    json f = {{"https_port", (*srv)->https_port()}, {"http_port", (*srv)->http_port()}};
+    std::string text = "https port " + std::to_string((*srv)->https_port());
+    if ((*srv)->http_port()) text += ", http port " + std::to_string((*srv)->http_port());
+    event_line("listening", f, text);
+  }
+
+  tlsreload::Manager manager(std::move(*mo), ctx.storage, store, challenges);
+
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stopping = false;
+  bool reload = true;  // the first pass manages every name
+  bool work_done = false;
+
+  // One certificate per name (like Caddy): a name the CA refuses does not hold up the others.
+  std::thread worker([&] {
+    bool first = true;
+    for (;;) {
+      {
+        std::unique_lock lock(mu);
+        cv.wait(lock, [&] { return stopping || reload; });
+        if (stopping) break;
+        reload = false;
+      }
+      if (!first) event_line("reload", json::object(), "re-reading certificates from storage");
+      for (const auto& n : names) {
+        {
+          std::lock_guard lock(mu);
+          if (stopping) break;
+        }
+        (void)manager.manage({n});
+      }
+      if (first) {
+        first = false;
+        manager.start();
+        event_line("ready", {{"names", names}}, "managing " + join(names));
+      }
+    }
+    std::lock_guard lock(mu);
+    work_done = true;
+    cv.notify_all();
+  });
+
+  std::thread signals([&] {
+    int count = 0;
+    for (;;) {
+      int sig = 0;
+      if (sigwait(&set, &sig) != 0) continue;
+      if (sig == SIGHUP) {
+        std::lock_guard lock(mu);
+        reload = true;
+        cv.notify_all();
+        continue;
+      }
+      if (++count > 1) {
+        // A second SIGTERM/SIGINT: the operator does not want to wait for the drain.
+        std::fflush(nullptr);
+        std::_Exit(kExitLocal);
+      }
+      std::lock_guard lock(mu);
+      stopping = true;
+      cv.notify_all();
+      if (sig == SIGINT || sig == SIGTERM) {
+        // Keep waiting: a second signal must still be caught while the drain runs.
+        continue;
+      }
+    }
+  });
+  signals.detach();
+
+  {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return stopping; });
+  }
+  event_line("shutdown", {{"drain_seconds", o.drain}}, "draining for up to " + std::to_string(drain.count()) + " ms");
+  clock.cancel();
+  (*srv)->shutdown(drain);
+  manager.stop();
+  {
+    std::unique_lock lock(mu);
+    // An issuance blocked in a network call cannot be interrupted; do not wait for it long.
+    if (!cv.wait_for(lock, std::chrono::seconds(5), [&] { return work_done; })) {
+      lock.unlock();
+      event_line("stopped", json::object(), "(an issuance was still running)");
+      std::fflush(nullptr);
+      std::_Exit(kExitOk);
+    }
+  }
+  worker.join();
+  event_line("stopped", json::object(), "");
+  std::fflush(nullptr);
+  // The signal thread is detached and blocked in sigwait; end the process without unwinding
+  // objects it might still read.
+  std::_Exit(kExitOk);
+}
+
+}  // namespace autotls::cli
