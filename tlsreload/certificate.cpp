@@ -9,23 +9,70 @@
 #include <openssl/err.h>
 #include <openssl/pem.h>
 
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+
 #include "acme/util/openssl.h"
+#include "tlsreload/detail/der.h"
 #include "tlsreload/detail/intern.h"
 
 namespace autotls::tlsreload {
+namespace detail {
 
-// CertificateBuilder is the one place allowed to fill a Certificate (it is a friend).
-struct CertificateBuilder {
-  static std::shared_ptr<Certificate> make() { return std::shared_ptr<Certificate>(new Certificate); }
-  static Certificate& mut(Certificate& c) { return c; }
+std::atomic<bool> g_any_verify_failed{false};
+
+struct IssuerNames {
+  std::string cn;
+  std::string dn;
 };
+
+// OpenSslObjects are what a handshake needs, built from a Certificate's DER. The chain stack
+// owns a reference to each intermediate, so a view may outlive its Certificate.
+struct OpenSslObjects {
+  ossl::X509Ptr leaf;
+  ossl::EvpPkeyPtr key;
+  ossl::X509StackPtr chain;
+};
+
+}  // namespace detail
+
+namespace {
+
+enum KeyFormat : std::uint8_t { kPkcs8 = 0, kSec1 = 1, kPkcs1 = 2 };
+
+// The OpenSSL object cache (see Certificate's class comment). Leaked: certificates held by
+// static objects or thread-local snapshot caches may be destroyed after function-local statics.
+struct ObjectCache {
+  std::mutex mu;
+  std::vector<const Certificate*> ring;  // the hot certificates; each knows its index
+  std::size_t hand = 0;                  // the CLOCK hand
+  std::size_t capacity = kDefaultOpenSslCacheCapacity;
+  std::uint64_t builds = 0;
+  std::uint64_t evictions = 0;
+  std::atomic<std::uint64_t> verify_failed{0};
+};
+ObjectCache& object_cache() {
+  static auto* c = new ObjectCache;
+  return *c;
+}
+
+// Deferred verification results are written once, under this mutex (rare: once per certificate).
+std::mutex& verify_mu() {
+  static auto* mu = new std::mutex;
+  return *mu;
+}
+
+constexpr std::size_t kNoSlot = static_cast<std::size_t>(-1);
+
+}  // namespace
 
 namespace {
 
 // A PEM file bigger than this is not a certificate chain or a key; refuse before parsing.
 constexpr std::size_t kMaxPemBytes = 1 << 20;
 
-struct PemBlock {
+struct PemBlock {  // from OpenSSL's PEM reader (the full path)
   std::string name;    // "CERTIFICATE", "PRIVATE KEY", ...
   std::string header;  // RFC 1421 headers, e.g. "Proc-Type: 4,ENCRYPTED" for legacy encryption
   std::string der;
@@ -156,7 +203,15 @@ Result<ossl::X509Ptr> parse_certificate(const PemBlock& b, std::size_t index) {
   return x;
 }
 
-Result<ossl::EvpPkeyPtr> parse_key(std::string_view key_pem) {
+
+struct KeyBlock {
+  std::string name;
+  std::string der;
+  KeyFormat format = kPkcs8;
+};
+
+// find_key_block picks the one private key block of key_pem (the full path's messages).
+Result<KeyBlock> find_key_block(std::string_view key_pem) {
   auto blocks = read_pem_blocks(key_pem, "private key");
   if (!blocks) return fail(blocks.error());
   const PemBlock* key_block = nullptr;
@@ -176,25 +231,45 @@ Result<ossl::EvpPkeyPtr> parse_key(std::string_view key_pem) {
     return fail(Errc::invalid_input, "private key: no PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE "
                                      "KEY block found");
   }
-  const auto* p = reinterpret_cast<const unsigned char*>(key_block->der.data());
-  const unsigned char* end = p + key_block->der.size();
-  long len = static_cast<long>(key_block->der.size());
-  ERR_clear_error();
-  ossl::EvpPkeyPtr key;
+  KeyBlock out;
   if (key_block->name == "PRIVATE KEY") {  // PKCS#8 (RFC 5208)
-    std::unique_ptr<PKCS8_PRIV_KEY_INFO, ossl::Free<PKCS8_PRIV_KEY_INFO_free>> info(
-        d2i_PKCS8_PRIV_KEY_INFO(nullptr, &p, len));
-    if (info) key.reset(EVP_PKCS82PKEY(info.get()));
+    out.format = kPkcs8;
   } else if (key_block->name == "EC PRIVATE KEY") {  // SEC1 (RFC 5915)
-    key.reset(d2i_PrivateKey(EVP_PKEY_EC, nullptr, &p, len));
+    out.format = kSec1;
   } else if (key_block->name == "RSA PRIVATE KEY") {  // PKCS#1 (RFC 8017)
-    key.reset(d2i_PrivateKey(EVP_PKEY_RSA, nullptr, &p, len));
+    out.format = kPkcs1;
   } else {
     return fail(Errc::invalid_input, "private key: unsupported format \"" + key_block->name + "\"");
   }
+  out.name = key_block->name;
+  out.der = key_block->der;
+  return out;
+}
+
+const char* format_name(std::uint8_t format) {
+  switch (format) {
+    case kSec1: return "EC PRIVATE KEY";
+    case kPkcs1: return "RSA PRIVATE KEY";
+    default: return "PRIVATE KEY";
+  }
+}
+
+Result<ossl::EvpPkeyPtr> decode_key(std::uint8_t format, std::string_view der) {
+  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+  const unsigned char* end = p + der.size();
+  long len = static_cast<long>(der.size());
+  ERR_clear_error();
+  ossl::EvpPkeyPtr key;
+  if (format == kPkcs8) {
+    std::unique_ptr<PKCS8_PRIV_KEY_INFO, ossl::Free<PKCS8_PRIV_KEY_INFO_free>> info(
+        d2i_PKCS8_PRIV_KEY_INFO(nullptr, &p, len));
+    if (info) key.reset(EVP_PKCS82PKEY(info.get()));
+  } else {
+    key.reset(d2i_PrivateKey(format == kSec1 ? EVP_PKEY_EC : EVP_PKEY_RSA, nullptr, &p, len));
+  }
   if (!key) {
-    return fail(Errc::invalid_input, "private key: cannot parse the " + key_block->name +
-                                         " block (" + ossl::drain_errors() + ")");
+    return fail(Errc::invalid_input, std::string("private key: cannot parse the ") +
+                                         format_name(format) + " block (" + ossl::drain_errors() + ")");
   }
   if (p != end) return fail(Errc::invalid_input, "private key: trailing bytes after the DER key");
   return key;
@@ -221,17 +296,14 @@ Result<std::pair<KeyKind, std::string>> classify_key(EVP_PKEY* key) {
                                    "P-521 or RSA)");
 }
 
-Result<std::vector<std::string>> san_names(X509* leaf) {
-  int crit = 0;
-  ossl::GeneralNamesPtr sans(static_cast<GENERAL_NAMES*>(
-      X509_get_ext_d2i(leaf, NID_subject_alt_name, &crit, nullptr)));
+using SanList = std::vector<std::pair<int, std::string_view>>;  // (2 dNSName | 7 iPAddress, bytes)
+
+// names_from_sans turns SAN entries into Certificate::names(), the same for both load paths.
+Result<std::vector<std::string>> names_from_sans(const SanList& sans) {
   std::vector<std::string> dns, ips;
-  for (int i = 0; sans && i < sk_GENERAL_NAME_num(sans.get()); ++i) {
-    const GENERAL_NAME* gn = sk_GENERAL_NAME_value(sans.get(), i);
-    if (gn->type == GEN_DNS) {
-      const ASN1_IA5STRING* s = gn->d.dNSName;
-      std::string name(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
-                       static_cast<std::size_t>(ASN1_STRING_length(s)));
+  for (const auto& [type, bytes] : sans) {
+    if (type == 2) {
+      std::string name(bytes);
       // RFC 4343: DNS names compare case-insensitively; keys are lower-case.
       for (char& c : name) {
         if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
@@ -242,18 +314,15 @@ Result<std::vector<std::string>> san_names(X509* leaf) {
                                              "IDNs in A-label form)");
       }
       dns.push_back(std::move(name));
-    } else if (gn->type == GEN_IPADD) {
-      const ASN1_OCTET_STRING* s = gn->d.iPAddress;
+    } else {
       char buf[INET6_ADDRSTRLEN] = {};
-      int len = ASN1_STRING_length(s);
-      const unsigned char* p = ASN1_STRING_get0_data(s);
-      if (len == 4) {
-        inet_ntop(AF_INET, p, buf, sizeof buf);
-      } else if (len == 16) {
-        inet_ntop(AF_INET6, p, buf, sizeof buf);
+      if (bytes.size() == 4) {
+        inet_ntop(AF_INET, bytes.data(), buf, sizeof buf);
+      } else if (bytes.size() == 16) {
+        inet_ntop(AF_INET6, bytes.data(), buf, sizeof buf);
       } else {
         return fail(Errc::invalid_input, "leaf certificate: iPAddress SAN of length " +
-                                             std::to_string(len));
+                                             std::to_string(bytes.size()));
       }
       ips.emplace_back(buf);
     }
@@ -272,6 +341,23 @@ Result<std::vector<std::string>> san_names(X509* leaf) {
   return out;
 }
 
+Result<std::vector<std::string>> san_names(X509* leaf) {
+  int crit = 0;
+  ossl::GeneralNamesPtr sans(static_cast<GENERAL_NAMES*>(
+      X509_get_ext_d2i(leaf, NID_subject_alt_name, &crit, nullptr)));
+  SanList list;
+  for (int i = 0; sans && i < sk_GENERAL_NAME_num(sans.get()); ++i) {
+    const GENERAL_NAME* gn = sk_GENERAL_NAME_value(sans.get(), i);
+    const ASN1_STRING* s = gn->type == GEN_DNS ? gn->d.dNSName
+                           : gn->type == GEN_IPADD ? gn->d.iPAddress : nullptr;
+    if (!s) continue;
+    list.emplace_back(gn->type == GEN_DNS ? 2 : 7,
+                      std::string_view(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
+                                       static_cast<std::size_t>(ASN1_STRING_length(s))));
+  }
+  return names_from_sans(list);
+}
+
 bool is_ldh_label(std::string_view label) {
   if (label.empty() || label.size() > 63) return false;
   for (char c : label) {
@@ -281,7 +367,119 @@ bool is_ldh_label(std::string_view label) {
   return true;
 }
 
+// check_links checks that each certificate is issued by the next one. Checked here, not left
+// to clients, because a misordered or foreign chain fails only on some clients and would
+// otherwise go unnoticed.
+Status check_links(const std::vector<X509*>& certs) {
+  for (std::size_t i = 0; i + 1 < certs.size(); ++i) {
+    X509* child = certs[i];
+    X509* parent = certs[i + 1];
+    std::string link = "certificate chain: certificate " + describe(i + 1, parent) +
+                       " did not issue certificate " + describe(i, child);
+    if (X509_NAME_cmp(X509_get_issuer_name(child), X509_get_subject_name(parent)) != 0) {
+      return fail(Errc::invalid_input, link + ": issuer name differs (wrong order or wrong chain)");
+    }
+    EVP_PKEY* parent_key = X509_get0_pubkey(parent);
+    if (!parent_key || X509_verify(child, parent_key) != 1) {
+      ossl::drain_errors();
+      return fail(Errc::invalid_input, link + ": signature does not verify");
+    }
+  }
+  return {};
+}
+
+Status check_window(std::chrono::system_clock::time_point not_before,
+                    std::chrono::system_clock::time_point not_after, const LoadOptions& options) {
+  const Clock& clock = options.clock ? *options.clock : system_clock();
+  auto now = clock.now();
+  // Only the leaf's window is enforced: an expired cross-signed root at the end of a chain is
+  // common (and harmless to clients that build a shorter path), so refusing it would do harm.
+  if (now > not_after) {
+    return fail(Errc::invalid_input, "leaf certificate expired: notAfter " + iso8601(not_after) +
+                                         " is before now " + iso8601(now));
+  }
+  if (now < not_before && !options.allow_not_yet_valid) {
+    return fail(Errc::invalid_input, "leaf certificate not yet valid: notBefore " +
+                                         iso8601(not_before) + " is after now " + iso8601(now));
+  }
+  return {};
+}
+
+std::chrono::system_clock::time_point clamp_time(std::int64_t secs) {
+  constexpr std::int64_t kMax = std::chrono::duration_cast<std::chrono::seconds>(
+                                    std::chrono::system_clock::time_point::max().time_since_epoch())
+                                    .count() - 1;
+  return std::chrono::system_clock::from_time_t(static_cast<std::time_t>(std::min(secs, kMax)));
+}
+
+std::string der_of(const X509_NAME* name) {
+  unsigned char* buf = nullptr;
+  int n = i2d_X509_NAME(name, &buf);
+  if (n <= 0) return {};
+  std::string out(reinterpret_cast<const char*>(buf), static_cast<std::size_t>(n));
+  OPENSSL_free(buf);
+  return out;
+}
+
+// intern_issuer shares the issuer names of every certificate from one CA (a few CAs, so the
+// table is never pruned). parsed may be null: the DER is then parsed on first sight.
+std::shared_ptr<const detail::IssuerNames> intern_issuer(std::string_view der, const X509_NAME* parsed) {
+  static auto* mu = new std::mutex;
+  static auto* table = new std::unordered_map<std::string, std::shared_ptr<const detail::IssuerNames>>;
+  {
+    std::lock_guard lock(*mu);
+    auto it = table->find(std::string(der));
+    if (it != table->end()) return it->second;
+  }
+  auto names = std::make_shared<detail::IssuerNames>();
+  ossl::X509NamePtr owned;
+  if (!parsed) {
+    const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+    owned.reset(d2i_X509_NAME(nullptr, &p, static_cast<long>(der.size())));
+    ERR_clear_error();
+    parsed = owned.get();
+  }
+  if (parsed) {
+    names->cn = name_cn(parsed);
+    names->dn = name_dn(parsed);
+  }
+  std::lock_guard lock(*mu);
+  return table->try_emplace(std::string(der), std::move(names)).first->second;
+}
+
+std::string sha256_hex(std::string_view der, Certificate::Sha256& out, bool& ok) {
+  unsigned int len = 0;
+  ok = EVP_Digest(der.data(), der.size(), out.data(), &len, EVP_sha256(), nullptr) == 1 &&
+       len == out.size();
+  return hex(out.data(), out.size());
+}
+
 }  // namespace
+
+// CertificateBuilder is the one place allowed to fill a Certificate (it is a friend), and the
+// owner of the object cache's bookkeeping.
+struct CertificateBuilder {
+  static std::shared_ptr<Certificate> make() { return std::shared_ptr<Certificate>(new Certificate); }
+
+  // Full validation with OpenSSL's parsers: what from_pem does by default.
+  static Result<std::shared_ptr<const Certificate>> full(std::string_view chain_pem,
+                                                          std::string_view key_pem,
+                                                          const LoadOptions& options);
+  // The deferred fast path; nullopt when it cannot decide (then full() runs).
+  static std::optional<Result<std::shared_ptr<const Certificate>>> fast(std::string_view chain_pem,
+                                                                        std::string_view key_pem,
+                                                                        const LoadOptions& options);
+
+  static Result<std::shared_ptr<const detail::OpenSslObjects>> build(const Certificate& c);
+  static Status deferred_checks(const Certificate& c, const detail::OpenSslObjects& o);
+  static void settle(const Certificate& c, const Status& st);
+  static std::shared_ptr<const detail::OpenSslObjects> miss(const Certificate& c);
+  static std::shared_ptr<const detail::OpenSslObjects> insert(
+      const Certificate& c, std::shared_ptr<const detail::OpenSslObjects> objs, bool count_build);
+  static void shrink(ObjectCache& cache, std::vector<std::shared_ptr<const detail::OpenSslObjects>>& dropped);
+  static void remove_at(ObjectCache& cache, std::size_t i);
+  static void forget(const Certificate& c);
+};
 
 bool is_valid_lookup_name(std::string_view name) {
   if (name.empty() || name.size() > 253) return false;
@@ -303,9 +501,9 @@ bool is_valid_lookup_name(std::string_view name) {
   }
 }
 
-Result<std::shared_ptr<const Certificate>> Certificate::from_pem(std::string_view chain_pem,
-                                                                 std::string_view key_pem,
-                                                                 const LoadOptions& options) {
+Result<std::shared_ptr<const Certificate>> CertificateBuilder::full(std::string_view chain_pem,
+                                                                    std::string_view key_pem,
+                                                                    const LoadOptions& options) {
   auto blocks = read_pem_blocks(chain_pem, "certificate chain");
   if (!blocks) return fail(blocks.error());
   std::vector<ossl::X509Ptr> certs;
@@ -314,7 +512,9 @@ Result<std::shared_ptr<const Certificate>> Certificate::from_pem(std::string_vie
     if (!x) return fail(x.error());
     certs.push_back(std::move(*x));
   }
-  auto key = parse_key(key_pem);
+  auto key_block = find_key_block(key_pem);
+  if (!key_block) return fail(key_block.error());
+  auto key = decode_key(key_block->format, key_block->der);
   if (!key) return fail(key.error());
   auto kind = classify_key(key->get());
   if (!kind) return fail(kind.error());
@@ -325,53 +525,27 @@ Result<std::shared_ptr<const Certificate>> Certificate::from_pem(std::string_vie
     ossl::drain_errors();
     return fail(Errc::invalid_input, "private key does not match the leaf certificate");
   }
+  std::vector<X509*> raw;
+  for (auto& x : certs) raw.push_back(x.get());
+  if (auto st = check_links(raw); !st) return fail(st.error());
 
-  // Each link must be issued by the next one. Checked here, not left to clients, because a
-  // misordered or foreign chain fails only on some clients and would otherwise go unnoticed.
-  for (std::size_t i = 0; i + 1 < certs.size(); ++i) {
-    X509* child = certs[i].get();
-    X509* parent = certs[i + 1].get();
-    std::string link = "certificate chain: certificate " + describe(i + 1, parent) +
-                       " did not issue certificate " + describe(i, child);
-    if (X509_NAME_cmp(X509_get_issuer_name(child), X509_get_subject_name(parent)) != 0) {
-      return fail(Errc::invalid_input, link + ": issuer name differs (wrong order or wrong chain)");
-    }
-    EVP_PKEY* parent_key = X509_get0_pubkey(parent);
-    if (!parent_key || X509_verify(child, parent_key) != 1) {
-      ossl::drain_errors();
-      return fail(Errc::invalid_input, link + ": signature does not verify");
-    }
-  }
-
-  const Clock& clock = options.clock ? *options.clock : system_clock();
-  auto now = clock.now();
   auto not_before = to_time_point(X509_get0_notBefore(leaf), "notBefore");
   if (!not_before) return fail(not_before.error());
   auto not_after = to_time_point(X509_get0_notAfter(leaf), "notAfter");
   if (!not_after) return fail(not_after.error());
-  // Only the leaf's window is enforced: an expired cross-signed root at the end of a chain is
-  // common (and harmless to clients that build a shorter path), so refusing it would do harm.
-  if (now > *not_after) {
-    return fail(Errc::invalid_input, "leaf certificate expired: notAfter " +
-                                         iso8601(*not_after) + " is before now " + iso8601(now));
-  }
-  if (now < *not_before && !options.allow_not_yet_valid) {
-    return fail(Errc::invalid_input, "leaf certificate not yet valid: notBefore " +
-                                         iso8601(*not_before) + " is after now " + iso8601(now));
-  }
+  if (auto st = check_window(*not_before, *not_after, options); !st) return fail(st.error());
 
   auto names = san_names(leaf);
   if (!names) return fail(names.error());
 
-  auto cert = CertificateBuilder::make();
+  auto cert = make();
   Certificate& c = *cert;
   c.names_ = std::move(*names);
   c.not_before_ = *not_before;
   c.not_after_ = *not_after;
   c.key_kind_ = kind->first;
   c.key_type_ = std::move(kind->second);
-  c.issuer_cn_ = name_cn(X509_get_issuer_name(leaf));
-  c.issuer_dn_ = name_dn(X509_get_issuer_name(leaf));
+  c.issuer_ = intern_issuer(der_of(X509_get_issuer_name(leaf)), X509_get_issuer_name(leaf));
   {
     ossl::BignumPtr bn(ASN1_INTEGER_to_BN(X509_get0_serialNumber(leaf), nullptr));
     if (!bn) return fail(ossl::error("leaf certificate: serial number"));
@@ -381,31 +555,273 @@ Result<std::shared_ptr<const Certificate>> Certificate::from_pem(std::string_vie
     OPENSSL_free(h);
     for (char& ch : c.serial_hex_) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   }
-  unsigned int md_len = 0;
-  if (X509_digest(leaf, EVP_sha256(), c.fingerprint_.data(), &md_len) != 1 ||
-      md_len != c.fingerprint_.size()) {
-    return fail(ossl::error("leaf certificate: SHA-256 fingerprint"));
-  }
-  c.id_ = hex(c.fingerprint_.data(), c.fingerprint_.size());
+  c.leaf_der_ = std::move((*blocks)[0].der);
+  bool ok = false;
+  c.id_ = sha256_hex(c.leaf_der_, c.fingerprint_, ok);
+  if (!ok) return fail(ossl::error("leaf certificate: SHA-256 fingerprint"));
+  c.key_der_ = std::move(key_block->der);
+  c.key_format_ = key_block->format;
 
-  c.chain_stack_ = sk_X509_new_reserve(nullptr, static_cast<int>(certs.size()));
-  if (!c.chain_stack_) return fail(ossl::error("certificate chain: sk_X509_new_reserve"));
+  auto objs = std::make_shared<detail::OpenSslObjects>();
+  objs->chain.reset(sk_X509_new_reserve(nullptr, static_cast<int>(certs.size())));
+  if (!objs->chain) return fail(ossl::error("certificate chain: sk_X509_new_reserve"));
   for (std::size_t i = 1; i < certs.size(); ++i) {
     auto shared = detail::intern(std::move(certs[i]));
     if (!shared) return fail(shared.error());
-    // The stack borrows the X509; chain_ keeps it alive for the Certificate's lifetime.
-    sk_X509_push(c.chain_stack_, (*shared)->x509());
+    sk_X509_push(objs->chain.get(), ossl::up_ref((*shared)->x509()).release());
     c.chain_.push_back(std::move(*shared));
   }
-  c.leaf_ = certs.front().release();
-  c.key_ = key->release();
+  objs->leaf = std::move(certs.front());
+  objs->key = std::move(*key);
+  c.verification_.store(Verification::verified, std::memory_order_relaxed);
+  // A certificate just validated is about to be served: start it hot.
+  insert(c, std::move(objs), false);
   return std::shared_ptr<const Certificate>(std::move(cert));
 }
 
+std::optional<Result<std::shared_ptr<const Certificate>>> CertificateBuilder::fast(
+    std::string_view chain_pem, std::string_view key_pem, const LoadOptions& options) {
+  if (chain_pem.size() > kMaxPemBytes || key_pem.size() > kMaxPemBytes) return std::nullopt;
+  auto blocks = detail::fast_pem_blocks(chain_pem);
+  auto key_blocks = detail::fast_pem_blocks(key_pem);
+  if (!blocks || !key_blocks) return std::nullopt;
+  for (const auto& b : *blocks) {
+    if (b.name != "CERTIFICATE") return std::nullopt;
+  }
+  const detail::PemDer* kb = nullptr;
+  for (const auto& b : *key_blocks) {
+    if (!b.name.ends_with("PRIVATE KEY")) continue;
+    if (kb || b.name.starts_with("ENCRYPTED")) return std::nullopt;
+    kb = &b;
+  }
+  if (!kb) return std::nullopt;
+  auto leaf = detail::parse_leaf((*blocks)[0].der);
+  auto key = detail::parse_key(kb->name, kb->der);
+  if (!leaf || !key) return std::nullopt;
+  auto match = detail::key_matches_leaf(*key, *leaf);
+  if (!match) return std::nullopt;
+  if (!*match) {
+    return Result<std::shared_ptr<const Certificate>>(
+        fail(Errc::invalid_input, "private key does not match the leaf certificate"));
+  }
+  std::vector<std::shared_ptr<const detail::Intermediate>> chain;
+  std::string_view issuer = leaf->issuer_der;
+  for (std::size_t i = 1; i < blocks->size(); ++i) {
+    auto inter = detail::intern_der((*blocks)[i].der);
+    if (!inter) return std::nullopt;
+    // Byte-equal DER names are equal names; anything else is for X509_NAME_cmp (full path).
+    if ((*inter)->subject_der() != issuer) return std::nullopt;
+    issuer = (*inter)->issuer_der();
+    chain.push_back(std::move(*inter));
+  }
+  auto not_before = clamp_time(leaf->not_before);
+  auto not_after = clamp_time(leaf->not_after);
+  if (auto st = check_window(not_before, not_after, options); !st) {
+    return Result<std::shared_ptr<const Certificate>>(fail(st.error()));
+  }
+  auto names = names_from_sans(leaf->sans);
+  if (!names) return Result<std::shared_ptr<const Certificate>>(fail(names.error()));
+
+  auto cert = make();
+  Certificate& c = *cert;
+  c.names_ = std::move(*names);
+  c.not_before_ = not_before;
+  c.not_after_ = not_after;
+  if (key->key_nid == NID_X9_62_id_ecPublicKey) {
+    c.key_kind_ = KeyKind::ecdsa;
+    c.key_type_ = key->curve_nid == NID_X9_62_prime256v1 ? "ec256"
+                  : key->curve_nid == NID_secp384r1       ? "ec384"
+                                                          : "ec521";
+  } else {
+    c.key_kind_ = KeyKind::rsa;
+    c.key_type_ = "rsa" + std::to_string(detail::rsa_bits(key->rsa_n));
+  }
+  c.serial_hex_ = std::move(leaf->serial_hex);
+  c.issuer_ = intern_issuer(leaf->issuer_der, nullptr);
+  bool ok = false;
+  c.id_ = sha256_hex((*blocks)[0].der, c.fingerprint_, ok);
+  if (!ok) return std::nullopt;
+  c.key_format_ = kb->name == "PRIVATE KEY" ? kPkcs8 : kb->name == "EC PRIVATE KEY" ? kSec1 : kPkcs1;
+  c.chain_ = std::move(chain);
+  c.verification_.store(Verification::pending, std::memory_order_relaxed);
+  // The views into the DER die with the blocks: move the DER last.
+  c.leaf_der_ = std::move((*blocks)[0].der);
+  c.key_der_ = std::move(const_cast<detail::PemDer*>(kb)->der);
+  return Result<std::shared_ptr<const Certificate>>(std::shared_ptr<const Certificate>(std::move(cert)));
+}
+
+Result<std::shared_ptr<const Certificate>> Certificate::from_pem(std::string_view chain_pem,
+                                                                 std::string_view key_pem,
+                                                                 const LoadOptions& options) {
+  if (options.chain_check == LoadOptions::ChainCheck::deferred) {
+    if (auto r = CertificateBuilder::fast(chain_pem, key_pem, options)) return std::move(*r);
+  }
+  return CertificateBuilder::full(chain_pem, key_pem, options);
+}
+
+Result<std::shared_ptr<const detail::OpenSslObjects>> CertificateBuilder::build(const Certificate& c) {
+  auto objs = std::make_shared<detail::OpenSslObjects>();
+  const auto* p = reinterpret_cast<const unsigned char*>(c.leaf_der_.data());
+  ERR_clear_error();
+  objs->leaf.reset(d2i_X509(nullptr, &p, static_cast<long>(c.leaf_der_.size())));
+  if (!objs->leaf || p != reinterpret_cast<const unsigned char*>(c.leaf_der_.data()) + c.leaf_der_.size()) {
+    return fail(Errc::invalid_input, "leaf certificate: not a DER certificate (" +
+                                         ossl::drain_errors() + ")");
+  }
+  auto key = decode_key(c.key_format_, c.key_der_);
+  if (!key) return fail(key.error());
+  objs->key = std::move(*key);
+  objs->chain.reset(sk_X509_new_reserve(nullptr, static_cast<int>(c.chain_.size()) + 1));
+  if (!objs->chain) return fail(ossl::error("certificate chain: sk_X509_new_reserve"));
+  for (const auto& inter : c.chain_) sk_X509_push(objs->chain.get(), ossl::up_ref(inter->x509()).release());
+  return std::shared_ptr<const detail::OpenSslObjects>(std::move(objs));
+}
+
+Status CertificateBuilder::deferred_checks(const Certificate& c, const detail::OpenSslObjects& o) {
+  ERR_clear_error();
+  if (X509_check_private_key(o.leaf.get(), o.key.get()) != 1) {
+    ossl::drain_errors();
+    return fail(Errc::invalid_input, "private key does not match the leaf certificate");
+  }
+  auto kind = classify_key(o.key.get());
+  if (!kind) return fail(kind.error());
+  if (kind->first != c.key_kind_ || kind->second != c.key_type_) {
+    return fail(Errc::invalid_input, "private key: OpenSSL reads a " + kind->second +
+                                         " key where the DER said " + c.key_type_);
+  }
+  std::vector<X509*> raw{o.leaf.get()};
+  for (const auto& inter : c.chain_) raw.push_back(inter->x509());
+  return check_links(raw);
+}
+
+void CertificateBuilder::settle(const Certificate& c, const Status& st) {
+  std::lock_guard lock(verify_mu());
+  if (c.verification_.load(std::memory_order_relaxed) != Verification::pending) return;
+  if (st) {
+    c.verification_.store(Verification::verified, std::memory_order_release);
+    return;
+  }
+  // Written once, before the release store that publishes it (readers acquire the state).
+  c.verify_error_ = std::make_unique<const std::string>("deferred verification of " + c.id_ +
+                                                        ": " + st.error().message);
+  // Counted before the state is published: a thread that sees this certificate failed also
+  // sees a non-zero count, which lets Snapshot::find skip per-certificate checks while it is 0.
+  object_cache().verify_failed.fetch_add(1, std::memory_order_relaxed);
+  detail::g_any_verify_failed.store(true, std::memory_order_relaxed);
+  c.verification_.store(Verification::failed, std::memory_order_release);
+}
+
+std::shared_ptr<const detail::OpenSslObjects> CertificateBuilder::miss(const Certificate& c) {
+  if (c.verification() == Verification::failed) return nullptr;
+  auto built = build(c);
+  if (c.verification() == Verification::pending) {
+    Status st = built ? deferred_checks(c, **built) : Status(fail(built.error()));
+    settle(c, st);
+  }
+  if (!built || c.verification() != Verification::verified) return nullptr;
+  return insert(c, std::move(*built), true);
+}
+
+std::shared_ptr<const detail::OpenSslObjects> CertificateBuilder::insert(
+    const Certificate& c, std::shared_ptr<const detail::OpenSslObjects> objs, bool count_build) {
+  std::vector<std::shared_ptr<const detail::OpenSslObjects>> dropped;  // freed after the lock
+  ObjectCache& cache = object_cache();
+  std::lock_guard lock(cache.mu);
+  if (count_build) ++cache.builds;
+  if (c.cache_slot_ != kNoSlot) {
+    // Another thread built it first: serve one copy.
+    if (auto current = c.hot_.load(std::memory_order_acquire)) return current;
+  }
+  if (cache.capacity == 0) return objs;
+  c.hot_.store(objs, std::memory_order_release);
+  c.referenced_.store(true, std::memory_order_relaxed);
+  c.cache_slot_ = cache.ring.size();
+  cache.ring.push_back(&c);
+  shrink(cache, dropped);
+  return objs;
+}
+
+void CertificateBuilder::remove_at(ObjectCache& cache, std::size_t i) {
+  const Certificate* victim = cache.ring[i];
+  const Certificate* last = cache.ring.back();
+  cache.ring[i] = last;
+  last->cache_slot_ = i;
+  cache.ring.pop_back();
+  victim->cache_slot_ = kNoSlot;
+}
+
+void CertificateBuilder::shrink(ObjectCache& cache,
+                                std::vector<std::shared_ptr<const detail::OpenSslObjects>>& dropped) {
+  // CLOCK: a referenced entry gets a second chance, so at most two sweeps.
+  while (cache.ring.size() > cache.capacity) {
+    if (cache.hand >= cache.ring.size()) cache.hand = 0;
+    const Certificate* victim = cache.ring[cache.hand];
+    if (victim->referenced_.load(std::memory_order_relaxed)) {
+      victim->referenced_.store(false, std::memory_order_relaxed);
+      ++cache.hand;
+      continue;
+    }
+    dropped.push_back(victim->hot_.exchange(nullptr, std::memory_order_acq_rel));
+    remove_at(cache, cache.hand);
+    ++cache.evictions;
+  }
+}
+
+void CertificateBuilder::forget(const Certificate& c) {
+  ObjectCache& cache = object_cache();
+  std::lock_guard lock(cache.mu);
+  if (c.cache_slot_ != kNoSlot) remove_at(cache, c.cache_slot_);
+}
+
+OpenSslView Certificate::openssl() const {
+  auto objs = hot_.load(std::memory_order_acquire);
+  if (objs) {
+    // Read before writing: a hot entry's bit is usually set, and a store would make every
+    // handshake on another core take the cache line.
+    if (!referenced_.load(std::memory_order_relaxed)) referenced_.store(true, std::memory_order_relaxed);
+  } else {
+    objs = CertificateBuilder::miss(*this);
+    if (!objs) return {};
+  }
+  return {objs->leaf.get(), objs->key.get(), objs->chain.get(), objs};
+}
+
+Status Certificate::verify() const {
+  if (verification() == Verification::pending) {
+    auto built = CertificateBuilder::build(*this);
+    Status st = built ? CertificateBuilder::deferred_checks(*this, **built) : Status(fail(built.error()));
+    CertificateBuilder::settle(*this, st);
+  }
+  if (verification() == Verification::failed) return fail(Errc::invalid_input, *verify_error_);
+  return {};
+}
+
+const std::string& Certificate::issuer_cn() const { return issuer_->cn; }
+const std::string& Certificate::issuer_dn() const { return issuer_->dn; }
+
 Certificate::~Certificate() {
-  sk_X509_free(chain_stack_);  // borrowing stack: the X509s belong to chain_
-  X509_free(leaf_);
-  EVP_PKEY_free(key_);
+  CertificateBuilder::forget(*this);
+  if (!key_der_.empty()) OPENSSL_cleanse(key_der_.data(), key_der_.size());
+}
+
+void set_openssl_cache_capacity(std::size_t capacity) {
+  std::vector<std::shared_ptr<const detail::OpenSslObjects>> dropped;
+  ObjectCache& cache = object_cache();
+  std::lock_guard lock(cache.mu);
+  cache.capacity = capacity;
+  CertificateBuilder::shrink(cache, dropped);
+}
+
+OpenSslCacheStats openssl_cache_stats() {
+  ObjectCache& cache = object_cache();
+  std::lock_guard lock(cache.mu);
+  OpenSslCacheStats s;
+  s.size = cache.ring.size();
+  s.capacity = cache.capacity;
+  s.builds = cache.builds;
+  s.evictions = cache.evictions;
+  s.verify_failed = cache.verify_failed.load(std::memory_order_relaxed);
+  return s;
 }
 
 }  // namespace autotls::tlsreload

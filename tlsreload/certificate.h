@@ -6,6 +6,7 @@
 // typedefs), so including it does not pull the OpenSSL API into callers.
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -23,7 +24,12 @@ struct stack_st_X509;  // STACK_OF(X509)
 namespace autotls::tlsreload {
 
 namespace detail {
-class Intermediate;  // an interned, shared intermediate certificate (detail/intern.h)
+class Intermediate;     // an interned, shared intermediate certificate (detail/intern.h)
+struct IssuerNames;     // an interned issuer commonName + DN
+struct OpenSslObjects;  // the built X509 / EVP_PKEY / chain stack of one certificate
+// g_any_verify_failed turns true (for good) when any certificate fails its deferred
+// verification; until then lookups need not read each certificate's state.
+extern std::atomic<bool> g_any_verify_failed;
 }
 
 // KeyKind is the family of the leaf key; it decides which slot of a name the certificate fills
@@ -38,16 +44,56 @@ struct LoadOptions {
   // allow_not_yet_valid accepts a leaf whose notBefore is in the future (pre-staging a renewal).
   // An expired leaf is always refused.
   bool allow_not_yet_valid = false;
+  // chain_check decides when the expensive half of validation runs (see ChainCheck).
+  enum class ChainCheck {
+    // at_load: everything before from_pem returns. The default, and what a new certificate
+    // from the CA or an operator gets.
+    at_load,
+    // deferred: for bulk loads of files we wrote ourselves (loader.h). from_pem still checks
+    // the syntax of everything it reads, the names, the validity window, that the key's public
+    // half equals the leaf's (byte comparison, no signing) and that each certificate's issuer
+    // name is the next one's subject; what it defers is parsing the DER with OpenSSL and
+    // verifying the chain signatures (hundreds of microseconds per certificate in OpenSSL 3.0,
+    // see docs/benchmarks.md). Those run on first use (openssl()) or in verify(). A
+    // certificate that then fails is never served: CertStore treats it as absent.
+    deferred,
+  };
+  ChainCheck chain_check = ChainCheck::at_load;
 };
 
-// OpenSslView is the pre-built OpenSSL form of a Certificate, borrowed: the pointers are owned
-// by the Certificate and live exactly as long as it. SSL_use_cert_and_key() takes its own
-// references, so a handshake may keep using them after it let go of the Certificate.
+// Verification is where a Certificate stands with respect to LoadOptions::ChainCheck.
+enum class Verification : std::uint8_t { verified, pending, failed };
+
+// OpenSslView is the OpenSSL form of a Certificate. The pointers are borrowed: they stay valid
+// as long as `hold` (or the Certificate's cache entry) keeps them alive, so keep the view, not
+// just a pointer, while using them. SSL_use_cert_and_key() takes its own references, so a
+// handshake may keep using them after it let go of the view. All three are null when the
+// certificate failed its deferred verification (or, on a cache miss, could not be rebuilt).
 struct OpenSslView {
   X509* leaf = nullptr;
   EVP_PKEY* key = nullptr;
   stack_st_X509* chain = nullptr;  // intermediates in order, never null (may be empty)
+  std::shared_ptr<const void> hold;
+  explicit operator bool() const { return leaf != nullptr; }
 };
+
+// OpenSslCacheStats describes the process-wide cache of built OpenSSL objects.
+struct OpenSslCacheStats {
+  std::size_t size = 0;          // certificates whose objects are built right now
+  std::size_t capacity = 0;
+  std::uint64_t builds = 0;      // cache misses that built objects from DER
+  std::uint64_t evictions = 0;
+  std::uint64_t verify_failed = 0;  // certificates whose deferred verification failed
+};
+
+// kDefaultOpenSslCacheCapacity bounds how many certificates keep their OpenSSL objects
+// (about 5 KiB each for ECDSA P-256) built at once.
+inline constexpr std::size_t kDefaultOpenSslCacheCapacity = 10000;
+
+// set_openssl_cache_capacity changes that bound (0: build on every use, keep nothing).
+// Thread-safe; evicts at once when shrinking.
+void set_openssl_cache_capacity(std::size_t capacity);
+OpenSslCacheStats openssl_cache_stats();
 
 // Certificate is immutable after from_pem() returns it, so any number of threads may read it
 // without synchronization. It is always handled through std::shared_ptr<const Certificate>.
@@ -55,9 +101,12 @@ struct OpenSslView {
 // Intermediates are interned process-wide by the SHA-256 of their DER: a thousand leaves from
 // one CA share one parsed X509 of its intermediate (detail/intern.h).
 //
-// TODO(store): the 4 KiB-per-certificate memory target at 100,000 certificates needs the
-// OpenSSL objects to be built lazily from compact DER into a bounded cache of hot entries. All
-// OpenSSL access already goes through openssl(), so that change stays inside this class.
+// Memory: a Certificate keeps only compact data (leaf DER, key DER, names, metadata, shared
+// intermediates and issuer names, about 1.5 KiB for ECDSA P-256). The OpenSSL objects of a
+// handshake are built from the DER on first use into a bounded process-wide cache of hot
+// certificates (CLOCK eviction, set_openssl_cache_capacity). A hit is one atomic shared_ptr
+// load and takes no mutex; a miss builds the objects (tens of microseconds) and then takes the
+// cache mutex for a few pointer moves.
 class Certificate {
  public:
   using Sha256 = std::array<std::uint8_t, 32>;
@@ -91,8 +140,8 @@ class Certificate {
   // serial_hex is the leaf serial number, lower-case hex without separators.
   const std::string& serial_hex() const { return serial_hex_; }
   // issuer_cn is the issuer's commonName ("" when it has none); issuer_dn its RFC 2253 form.
-  const std::string& issuer_cn() const { return issuer_cn_; }
-  const std::string& issuer_dn() const { return issuer_dn_; }
+  const std::string& issuer_cn() const;
+  const std::string& issuer_dn() const;
   KeyKind key_kind() const { return key_kind_; }
   // key_type names the key as the configuration does: "ec256", "ec384", "ec521", "rsa2048"...
   const std::string& key_type() const { return key_type_; }
@@ -103,8 +152,16 @@ class Certificate {
   // chain_length counts the intermediates (the leaf excluded).
   std::size_t chain_length() const { return chain_.size(); }
 
-  // openssl returns the pre-built OpenSSL objects, so the handshake path parses nothing.
-  OpenSslView openssl() const { return {leaf_, key_, chain_stack_}; }
+  // openssl returns the OpenSSL objects for a handshake: from the cache when hot, otherwise
+  // built from the DER (and, for a deferred certificate, verified first: a failure marks it
+  // failed and returns an empty view). Thread-safe; no mutex on a hit.
+  OpenSslView openssl() const;
+
+  // verification tells whether the deferred checks passed, are pending or failed.
+  Verification verification() const { return verification_.load(std::memory_order_acquire); }
+  // verify runs the deferred checks now if they are pending (without filling the cache) and
+  // returns their result; cheap once they have run. Thread-safe.
+  [[nodiscard]] Status verify() const;
 
  private:
   Certificate() = default;
@@ -114,18 +171,24 @@ class Certificate {
   std::chrono::system_clock::time_point not_before_{};
   std::chrono::system_clock::time_point not_after_{};
   std::string serial_hex_;
-  std::string issuer_cn_;
-  std::string issuer_dn_;
+  std::shared_ptr<const detail::IssuerNames> issuer_;
   std::string key_type_;
   std::string id_;
   Sha256 fingerprint_{};
   KeyKind key_kind_ = KeyKind::ecdsa;
+  std::uint8_t key_format_ = 0;  // which DER structure key_der_ is (certificate.cpp)
 
-  // Owned (freed in the destructor). chain_stack_ borrows the X509s that chain_ keeps alive.
-  X509* leaf_ = nullptr;
-  EVP_PKEY* key_ = nullptr;
-  stack_st_X509* chain_stack_ = nullptr;
+  std::string leaf_der_;
+  std::string key_der_;  // secret: wiped in the destructor
   std::vector<std::shared_ptr<const detail::Intermediate>> chain_;
+
+  mutable std::atomic<Verification> verification_{Verification::verified};
+  mutable std::unique_ptr<const std::string> verify_error_;  // set once, before failed
+  // The cache entry (see the class comment). hot_ is set only for a verified certificate;
+  // referenced_ is the CLOCK bit; cache_slot_ is guarded by the cache mutex.
+  mutable std::atomic<std::shared_ptr<const detail::OpenSslObjects>> hot_;
+  mutable std::atomic<bool> referenced_{false};
+  mutable std::size_t cache_slot_ = static_cast<std::size_t>(-1);
 };
 
 // is_valid_lookup_name reports whether name (already lower-case) can be a CertStore key: a DNS

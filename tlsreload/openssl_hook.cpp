@@ -60,10 +60,10 @@ bool client_supports_ecdsa(SSL* ssl) {
   return offers_ecdsa_cipher_suite(ssl);
 }
 
-bool use_certificate(SSL* ssl, const Certificate& cert) {
-  OpenSslView v = cert.openssl();
-  // override=1 replaces whatever the SSL_CTX configured. OpenSSL takes its own references to
-  // the leaf, key and each chain certificate, so the Certificate may go away after this.
+// use_view sets a certificate's objects on ssl. The view keeps them alive during the call;
+// override=1 replaces whatever the SSL_CTX configured, and OpenSSL takes its own references to
+// the leaf, key and each chain certificate, so nothing needs to outlive this call.
+bool use_view(SSL* ssl, const OpenSslView& v) {
   if (SSL_use_cert_and_key(ssl, v.leaf, v.key, v.chain, 1) != 1) {
     ossl::drain_errors();
     return false;
@@ -99,7 +99,8 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
           *alert = SSL_AD_UNRECOGNIZED_NAME;
           return SSL_CLIENT_HELLO_ERROR;
         }
-        if (!use_certificate(ssl, *challenge)) {
+        OpenSslView v = challenge->openssl();
+        if (!v || !use_view(ssl, v)) {
           *alert = SSL_AD_INTERNAL_ERROR;
           return SSL_CLIENT_HELLO_ERROR;
         }
@@ -107,19 +108,29 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
       }
     }
 
-    // The borrowed pointer stays valid until this thread's next lookup; use_certificate takes
-    // OpenSSL references before we return, so the handshake never depends on the store again.
-    const Certificate* cert =
-        state->store->lookup_for_handshake(sni, client_supports_ecdsa(ssl));
-    if (!cert) {
-      *alert = SSL_AD_UNRECOGNIZED_NAME;
-      return SSL_CLIENT_HELLO_ERROR;
+    // The borrowed pointer stays valid until this thread's next lookup; use_view takes OpenSSL
+    // references before we return, so the handshake never depends on the store again.
+    bool ecdsa = client_supports_ecdsa(ssl);
+    // An empty view means the certificate just failed its deferred verification (it is now
+    // marked failed, so the next lookup skips it as absent: wildcard, default or nothing) or
+    // could not be rebuilt. Each retry removes one certificate from the candidates (at most
+    // exact, wildcard and default in both families), so the loop is bounded.
+    for (int attempt = 0; attempt < 7; ++attempt) {
+      const Certificate* cert = state->store->lookup_for_handshake(sni, ecdsa);
+      if (!cert) {
+        *alert = SSL_AD_UNRECOGNIZED_NAME;
+        return SSL_CLIENT_HELLO_ERROR;
+      }
+      OpenSslView v = cert->openssl();
+      if (!v) {
+        if (cert->verification() == Verification::failed) continue;
+        break;  // verified but not rebuildable (out of memory): no point in retrying
+      }
+      if (!use_view(ssl, v)) break;
+      return SSL_CLIENT_HELLO_SUCCESS;
     }
-    if (!use_certificate(ssl, *cert)) {
-      *alert = SSL_AD_INTERNAL_ERROR;
-      return SSL_CLIENT_HELLO_ERROR;
-    }
-    return SSL_CLIENT_HELLO_SUCCESS;
+    *alert = SSL_AD_INTERNAL_ERROR;
+    return SSL_CLIENT_HELLO_ERROR;
   } catch (...) {
     *alert = SSL_AD_INTERNAL_ERROR;
     return SSL_CLIENT_HELLO_ERROR;

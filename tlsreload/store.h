@@ -25,6 +25,8 @@ struct SnapshotEditor;
 
 // kShardCount splits the name map so that a publish copies 1/kShardCount of it (about 100
 // entries at 100,000 names) plus an array of kShardCount pointers, never the whole map.
+// Each shard is a flat open-addressing table (detail::Shard in store.cpp): one probe usually
+// reads one slot and the key bytes next to the other keys of the shard.
 inline constexpr std::size_t kShardCount = 1024;
 
 // CertPair is what one name (or one wildcard) maps to: at most one certificate per key family.
@@ -46,7 +48,8 @@ class Snapshot {
   //   2. the wildcard covering exactly the first label (RFC 6125 §6.4.3: "*.example.com"
   //      matches "a.example.com", not "a.b.example.com" nor "example.com");
   //   3. the default certificate.
-  // At each step the ECDSA certificate is taken when the client supports ECDSA and the RSA one
+  // A certificate whose deferred verification failed (Certificate::verification()) is treated
+  // as absent at every step. At each step the ECDSA certificate is taken when the client supports ECDSA and the RSA one
   // otherwise. When a step has only the other family, later steps are tried for a certificate
   // the client can use; if none has one, the first match found is returned anyway (the client
   // may still cope; failing here would be certain). sni is compared case-insensitively and a
@@ -88,7 +91,8 @@ class Snapshot {
 // version changed does the thread refresh its copy, under a mutex that writers hold for one
 // pointer assignment (never while building a snapshot). That is the h2o "generation" scheme.
 // Consequence: a thread keeps its last snapshot (and the certificates in it) alive until its
-// next lookup on any store or its exit.
+// next lookup on any store or its exit; the snapshot is then freed by the store's next change
+// (writers free replaced snapshots, so a reader never pays for it).
 class CertStore {
  public:
   struct Counters {
@@ -110,6 +114,12 @@ class CertStore {
   // holds all its slots is a no-op that succeeds without a new version.
   // Fails (and counts publish_failed, store unchanged) on nullptr or an unusable name.
   [[nodiscard]] Status publish(std::shared_ptr<const Certificate> cert);
+
+  // publish_batch publishes each certificate as publish() would, in order, but builds one
+  // snapshot for all of them (one new version, each touched shard copied once): a bulk load
+  // of 100,000 certificates costs one publish, not 100,000. Returns one Status per
+  // certificate; a refused one changes nothing and counts publish_failed.
+  std::vector<Status> publish_batch(const std::vector<std::shared_ptr<const Certificate>>& certs);
 
   // publish_pem validates (Certificate::from_pem) and then publishes. On failure the store is
   // unchanged, publish_failed is counted and the validation Error is returned.
@@ -150,9 +160,15 @@ class CertStore {
 
  private:
   const Snapshot& pinned() const;
+  const Snapshot& refresh() const;                    // pinned()'s slow path
   void commit(std::shared_ptr<const Snapshot> next);  // with write_mu_ held
+  bool apply_publish(detail::SnapshotEditor& ed, const std::shared_ptr<const Certificate>& cert);
 
   const std::uint64_t id_;  // unique per store in the process, keys the thread-local caches
+
+  // Read by every lookup: alone on its cache line, so writers bumping counters or taking
+  // mutexes next to it do not make readers miss.
+  alignas(64) std::atomic<std::uint64_t> version_{0};
 
   // Writers. by_id_ maps a certificate id to the certificate and how many slots it holds.
   std::mutex write_mu_;
@@ -163,11 +179,14 @@ class CertStore {
   std::unordered_map<std::string, Held> by_id_;
 
   // The published snapshot. current_mu_ guards only the pointer copy (see class comment).
-  mutable std::mutex current_mu_;
+  alignas(64) mutable std::mutex current_mu_;
   std::shared_ptr<const Snapshot> current_;
-  std::atomic<std::uint64_t> version_{0};
+  // retired_ keeps replaced snapshots until no thread's cache holds them, so that the writer,
+  // not a reader refreshing its cache, pays for freeing them (a snapshot holds kShardCount
+  // shard references: releasing them is thousands of cycles). Guarded by write_mu_.
+  std::vector<std::shared_ptr<const Snapshot>> retired_;
 
-  std::atomic<std::uint64_t> publish_ok_{0};
+  alignas(64) std::atomic<std::uint64_t> publish_ok_{0};
   std::atomic<std::uint64_t> publish_failed_{0};
   std::atomic<std::uint64_t> remove_ok_{0};
   std::atomic<std::uint64_t> remove_failed_{0};

@@ -5,6 +5,8 @@
 #include <string_view>
 #include <unordered_map>
 
+#include <openssl/err.h>
+
 namespace autotls::tlsreload::detail {
 namespace {
 
@@ -43,7 +45,68 @@ struct EraseOnRelease {
   }
 };
 
+std::string name_der(const X509_NAME* name) {
+  unsigned char* buf = nullptr;
+  int n = i2d_X509_NAME(name, &buf);
+  if (n <= 0) return {};
+  std::string out(reinterpret_cast<const char*>(buf), static_cast<std::size_t>(n));
+  OPENSSL_free(buf);
+  return out;
+}
+
+Result<std::shared_ptr<const Intermediate>> intern_with_digest(ossl::X509Ptr parsed,
+                                                               const Intermediate::Sha256& digest);
+
+std::shared_ptr<const Intermediate> find_live(const Intermediate::Sha256& digest) {
+  InternTable& t = table();
+  std::lock_guard lock(t.mu);
+  auto it = t.map.find(digest);
+  return it == t.map.end() ? nullptr : it->second.lock();
+}
+
 }  // namespace
+
+Result<std::shared_ptr<const Intermediate>> intern_der_slow(std::string_view der);
+
+Intermediate::Intermediate(ossl::X509Ptr x509, const Sha256& digest)
+    : x509_(std::move(x509)),
+      digest_(digest),
+      subject_der_(name_der(X509_get_subject_name(x509_.get()))),
+      issuer_der_(name_der(X509_get_issuer_name(x509_.get()))) {}
+
+Result<std::shared_ptr<const Intermediate>> intern_der(std::string_view der) {
+  // A bulk load sees one intermediate over and over: comparing its bytes with the last one
+  // this thread interned is cheaper than hashing it and taking the table mutex.
+  thread_local std::string last_der;
+  thread_local std::weak_ptr<const Intermediate> last;
+  if (der == last_der) {
+    if (auto live = last.lock()) return live;
+  }
+  auto result = intern_der_slow(der);
+  if (result) {
+    last_der.assign(der);
+    last = *result;
+  }
+  return result;
+}
+
+Result<std::shared_ptr<const Intermediate>> intern_der_slow(std::string_view der) {
+  Intermediate::Sha256 digest{};
+  unsigned int len = 0;
+  if (EVP_Digest(der.data(), der.size(), digest.data(), &len, EVP_sha256(), nullptr) != 1 ||
+      len != digest.size()) {
+    return fail(ossl::error("intern intermediate: SHA-256 of DER"));
+  }
+  if (auto live = find_live(digest)) return live;
+  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+  ERR_clear_error();
+  ossl::X509Ptr x(d2i_X509(nullptr, &p, static_cast<long>(der.size())));
+  if (!x || p != reinterpret_cast<const unsigned char*>(der.data()) + der.size()) {
+    return fail(Errc::invalid_input, "intermediate certificate: not one DER certificate (" +
+                                         ossl::drain_errors() + ")");
+  }
+  return intern_with_digest(std::move(x), digest);
+}
 
 Result<std::shared_ptr<const Intermediate>> intern(ossl::X509Ptr parsed) {
   Intermediate::Sha256 digest{};
@@ -51,6 +114,12 @@ Result<std::shared_ptr<const Intermediate>> intern(ossl::X509Ptr parsed) {
   if (X509_digest(parsed.get(), EVP_sha256(), digest.data(), &len) != 1 || len != digest.size()) {
     return fail(ossl::error("intern intermediate: SHA-256 of DER"));
   }
+  return intern_with_digest(std::move(parsed), digest);
+}
+
+namespace {
+Result<std::shared_ptr<const Intermediate>> intern_with_digest(ossl::X509Ptr parsed,
+                                                               const Intermediate::Sha256& digest) {
   InternTable& t = table();
   {
     std::lock_guard lock(t.mu);
@@ -77,6 +146,7 @@ Result<std::shared_ptr<const Intermediate>> intern(ossl::X509Ptr parsed) {
   // fresh is released here, after the lock: its deleter takes the table mutex.
   return result;
 }
+}  // namespace
 
 std::size_t interned_count_for_test() {
   InternTable& t = table();

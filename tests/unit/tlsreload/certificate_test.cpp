@@ -264,4 +264,131 @@ TEST_CASE_FIXTURE(Fixture, "certificate intermediates are interned and freed") {
   CHECK(detail::interned_count_for_test() == before);
 }
 
+
+TEST_CASE_FIXTURE(Fixture, "certificate deferred fast path reads the same metadata as the full path") {
+  LoadOptions deferred = options();
+  deferred.chain_check = LoadOptions::ChainCheck::deferred;
+  auto check_same = [&](const std::string& chain, const std::string& key) {
+    auto full = Certificate::from_pem(chain, key, options());
+    auto fast = Certificate::from_pem(chain, key, deferred);
+    REQUIRE_MESSAGE(full, full.error().message);
+    REQUIRE_MESSAGE(fast, fast.error().message);
+    const Certificate& a = **full;
+    const Certificate& b = **fast;
+    CHECK(a.verification() == Verification::verified);
+    CHECK(b.verification() == Verification::pending);
+    CHECK(a.names() == b.names());
+    CHECK(a.not_before() == b.not_before());
+    CHECK(a.not_after() == b.not_after());
+    CHECK(a.serial_hex() == b.serial_hex());
+    CHECK(a.issuer_cn() == b.issuer_cn());
+    CHECK(a.issuer_dn() == b.issuer_dn());
+    CHECK(a.key_kind() == b.key_kind());
+    CHECK(a.key_type() == b.key_type());
+    CHECK(a.id() == b.id());
+    CHECK(a.chain_length() == b.chain_length());
+    CHECK(b.verify());
+    CHECK(b.verification() == Verification::verified);
+    auto v = b.openssl();
+    REQUIRE(v);
+    CHECK(X509_cmp(v.leaf, a.openssl().leaf) == 0);
+  };
+  SUBCASE("ec256 pkcs8 with an IP and a wildcard") {
+    auto s = ca.spec({"Fast.test", "*.fast.test"});
+    s.ips = {"192.0.2.7", "2001:db8::7"};
+    auto leaf = ca.issue(s);
+    check_same(ca.chain_pem(leaf), leaf.key_pem);
+  }
+  SUBCASE("ec384 sec1") {
+    auto leaf = ca.issue({"ec384.test"}, TestKeyType::ec384);
+    check_same(ca.chain_pem(leaf), testing::key_to_pem_traditional(leaf.key.get()));
+  }
+  SUBCASE("rsa pkcs1 and pkcs8, chain up to the root") {
+    auto leaf = ca.issue({"rsa.test"}, TestKeyType::rsa2048);
+    check_same(ca.chain_pem(leaf) + ca.root().cert_pem, testing::key_to_pem_traditional(leaf.key.get()));
+    check_same(ca.chain_pem(leaf), leaf.key_pem);
+  }
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate deferred path refuses what it can check at load") {
+  LoadOptions deferred = options();
+  deferred.chain_check = LoadOptions::ChainCheck::deferred;
+  auto leaf = ca.issue({"a.test"});
+  auto other = ca.issue({"b.test"});
+  auto mismatch = Certificate::from_pem(ca.chain_pem(leaf), other.key_pem, deferred);
+  REQUIRE_FALSE(mismatch);
+  CHECK(mismatch.error().message == "private key does not match the leaf certificate");
+  clock.advance(std::chrono::hours(24 * 91));
+  auto expired = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, deferred);
+  REQUIRE_FALSE(expired);
+  CHECK_MESSAGE(contains(expired.error().message, "leaf certificate expired"), expired.error().message);
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate deferred verification failure is final and reported") {
+  LoadOptions deferred = options();
+  deferred.chain_check = LoadOptions::ChainCheck::deferred;
+  TestCa impostor("Cert", clock.now());  // identical names: the byte check at load passes
+  auto leaf = ca.issue({"a.test"});
+  auto c = Certificate::from_pem(leaf.cert_pem + impostor.intermediate().cert_pem, leaf.key_pem,
+                                 deferred);
+  REQUIRE_MESSAGE(c, c.error().message);
+  CHECK((*c)->verification() == Verification::pending);
+  auto before = openssl_cache_stats().verify_failed;
+  auto v = (*c)->openssl();
+  CHECK_FALSE(v);
+  CHECK(v.leaf == nullptr);
+  CHECK((*c)->verification() == Verification::failed);
+  CHECK(openssl_cache_stats().verify_failed == before + 1);
+  auto st = (*c)->verify();
+  REQUIRE_FALSE(st);
+  CHECK_MESSAGE(contains(st.error().message, "signature does not verify"), st.error().message);
+  CHECK_FALSE((*c)->openssl());
+  CHECK(openssl_cache_stats().verify_failed == before + 1);  // counted once
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate OpenSSL object cache evicts and rebuilds") {
+  auto saved = openssl_cache_stats().capacity;
+  set_openssl_cache_capacity(2);
+  std::vector<std::shared_ptr<const Certificate>> certs;
+  for (int i = 0; i < 5; ++i) {
+    auto leaf = ca.issue({"lru" + std::to_string(i) + ".test"});
+    auto c = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, options());
+    REQUIRE(c);
+    certs.push_back(*c);
+  }
+  auto s = openssl_cache_stats();
+  CHECK(s.size == 2);
+  // A view keeps its objects alive through eviction.
+  auto held = certs[0]->openssl();
+  REQUIRE(held);
+  unsigned char* der = nullptr;
+  int len = i2d_X509(held.leaf, &der);
+  REQUIRE(len > 0);
+  std::string first(reinterpret_cast<char*>(der), static_cast<std::size_t>(len));
+  OPENSSL_free(der);
+  auto builds = openssl_cache_stats().builds;
+  for (auto& c : certs) REQUIRE(c->openssl());
+  for (auto& c : certs) REQUIRE(c->openssl());
+  s = openssl_cache_stats();
+  CHECK(s.size == 2);
+  CHECK(s.builds > builds);  // evicted entries were rebuilt from DER
+  CHECK(s.evictions >= 3);
+  der = nullptr;
+  len = i2d_X509(held.leaf, &der);  // still valid although evicted meanwhile
+  CHECK(std::string(reinterpret_cast<char*>(der), static_cast<std::size_t>(len)) == first);
+  OPENSSL_free(der);
+  auto rebuilt = certs[0]->openssl();
+  REQUIRE(rebuilt);
+  CHECK(X509_cmp(rebuilt.leaf, held.leaf) == 0);
+  CHECK(X509_check_private_key(rebuilt.leaf, rebuilt.key) == 1);
+  CHECK(sk_X509_num(rebuilt.chain) == 1);
+  // Capacity 0: nothing kept, every use builds.
+  set_openssl_cache_capacity(0);
+  CHECK(openssl_cache_stats().size == 0);
+  CHECK(certs[1]->openssl());
+  CHECK(openssl_cache_stats().size == 0);
+  certs.clear();  // destroying cached certificates leaves no dangling cache entries
+  set_openssl_cache_capacity(saved);
+}
+
 }  // TEST_SUITE

@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -115,6 +116,65 @@ TEST_CASE("loader explicit pairs and unreadable inputs") {
   auto big = load_pair({dir.path / "big.pem", dir.path / "k.pem"}, o);
   REQUIRE_FALSE(big);
   CHECK(big.error().message.ends_with("larger than 1 MiB, not a PEM file"));
+}
+
+
+TEST_CASE("loader loads many pairs in parallel, in order, and reports each bad file") {
+  testing::FakeClock clock;
+  testing::TestCa ca("Loader", clock.now());
+  testing::TestCa impostor("Loader", clock.now());  // same names, other keys
+  TempDir dir;
+  constexpr int kGood = 150;
+  auto name = [](int i) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "n%03d.test", i);
+    return std::string(buf);
+  };
+  for (int i = 0; i < kGood; ++i) {
+    auto leaf = ca.issue({name(i)});
+    write(dir.path / "live" / name(i) / "fullchain.pem", ca.chain_pem(leaf));
+    write(dir.path / "live" / name(i) / "privkey.pem", leaf.key_pem);
+  }
+  auto a = ca.issue({"bad-a.test"});
+  write(dir.path / "live" / "bad-a.test" / "fullchain.pem", "garbage");
+  write(dir.path / "live" / "bad-a.test" / "privkey.pem", a.key_pem);
+  write(dir.path / "live" / "bad-b.test" / "privkey.pem", a.key_pem);  // no chain
+  auto forged = ca.issue({"forged.test"});
+  write(dir.path / "live" / "zz-forged.test" / "fullchain.pem", forged.cert_pem + impostor.intermediate().cert_pem);
+  write(dir.path / "live" / "zz-forged.test" / "privkey.pem", forged.key_pem);
+
+  LoadOptions o = bulk_load_options();
+  o.clock = &clock;
+  auto report = load_directory(dir.path, o);
+  REQUIRE_MESSAGE(report, report.error().message);
+  REQUIRE(report->certificates.size() == kGood + 1);  // forged passes the load-time checks
+  for (int i = 0; i < kGood; ++i) {
+    CHECK(report->certificates[static_cast<std::size_t>(i)]->names().front() == name(i));
+  }
+  REQUIRE(report->failures.size() == 2);
+  CHECK(report->failures[0].path == dir.path / "live" / "bad-b.test" / "fullchain.pem");  // scan first
+  CHECK(report->failures[0].error.message.ends_with("fullchain.pem: missing"));
+  CHECK(report->failures[1].path == dir.path / "live" / "bad-a.test" / "fullchain.pem");
+
+  // The deferred chain check finds the forged chain; the store never serves it.
+  auto pending = verify_pending(report->certificates);
+  REQUIRE(pending.size() == 1);
+  CHECK_MESSAGE(pending[0].error.message.find("signature does not verify") != std::string::npos,
+                pending[0].error.message);
+  CertStore store;
+  CHECK(publish_all(store, *report) == kGood + 1);
+  CHECK(store.version() == 2);  // one snapshot for the whole load
+  CHECK(store.lookup("forged.test") == nullptr);
+  CHECK(store.lookup(name(7)) != nullptr);
+  CHECK(store.lookup(name(7))->openssl());
+
+  // With full validation at load, the forged chain is a load failure instead.
+  LoadOptions full;
+  full.clock = &clock;
+  auto strict = load_directory(dir.path, full);
+  REQUIRE(strict);
+  CHECK(strict->certificates.size() == kGood);
+  CHECK(strict->failures.size() == 3);
 }
 
 }  // TEST_SUITE

@@ -195,7 +195,55 @@ TEST_CASE_FIXTURE(Fixture, "store snapshot held by a handshake survives later ch
   CHECK_FALSE(weak.expired());
   snap.reset();
   store.lookup("refresh-this-thread-cache");  // the thread cache held the old snapshot too
+  // Replaced snapshots are freed by the writer (so that readers never pay for it): on the
+  // store's next change once no thread cache holds them.
+  REQUIRE(store.publish(make({"b.test"})));
   CHECK(weak.expired());
+}
+
+TEST_CASE_FIXTURE(Fixture, "store publish_batch makes one version and reports each refusal") {
+  auto a = make({"a.test"});
+  auto b = make({"b.test", "*.b.test"});
+  auto v = store.version();
+  auto results = store.publish_batch({a, nullptr, b, a});
+  REQUIRE(results.size() == 4);
+  CHECK(results[0]);
+  CHECK_FALSE(results[1]);
+  CHECK(results[2]);
+  CHECK(results[3]);
+  CHECK(store.version() == v + 1);
+  CHECK(served("a.test") == "a.test");
+  CHECK(served("x.b.test") == "b.test");
+  CHECK(store.counters().publish_failed == 1);
+  CHECK(store.counters().publish_ok == 3);
+  CHECK(store.publish_batch({a, b}).size() == 2);
+  CHECK(store.version() == v + 1);  // nothing changed: no new version
+  REQUIRE(store.remove(a->id()));
+  CHECK(served("a.test") == "<none>");
+}
+
+TEST_CASE_FIXTURE(Fixture, "store treats a certificate that failed deferred verification as absent") {
+  TestCa impostor("Store", clock.now());  // same names, other keys: passes the byte checks
+  LoadOptions deferred;
+  deferred.clock = &clock;
+  deferred.chain_check = LoadOptions::ChainCheck::deferred;
+  auto leaf = ca.issue({"bad.example.test"});
+  auto bad = Certificate::from_pem(leaf.cert_pem + impostor.intermediate().cert_pem, leaf.key_pem,
+                                   deferred);
+  REQUIRE(bad);
+  auto wildcard = put({"*.example.test"});
+  auto fallback = make({"default.test"});
+  REQUIRE(store.set_default(fallback));
+  REQUIRE(store.publish(*bad));
+  // Pending: served (its first use verifies it).
+  CHECK(store.lookup("bad.example.test") == *bad);
+  CHECK_FALSE((*bad)->openssl());
+  // Failed: absent, so the wildcard step applies, then the default.
+  CHECK(served("bad.example.test") == "*.example.test");
+  REQUIRE(store.remove(wildcard->id()));
+  CHECK(served("bad.example.test") == "default.test");
+  store.clear_default();
+  CHECK(store.lookup("bad.example.test") == nullptr);
 }
 
 TEST_CASE_FIXTURE(Fixture, "store handles many names across shards") {
