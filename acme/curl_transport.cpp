@@ -16,9 +16,10 @@ namespace autotls::acme {
 
 namespace {
 
-// Idle easy handles kept for reuse. Each keeps its own live connections, so a handful is enough
-// for the few concurrent ACME requests one process makes; extra handles are cleaned up.
-constexpr size_t kMaxIdleHandles = 8;
+// Idle easy handles kept for reuse. Each keeps its own live connections; a manager issuing
+// with 16 workers would otherwise close and re-open TLS connections (measured by
+// tools/bench/run issuance), so keep enough for that. Extra handles are cleaned up.
+constexpr size_t kMaxIdleHandles = 32;
 
 void global_init_once() {
   static std::once_flag once;
