@@ -412,14 +412,6 @@ std::chrono::system_clock::time_point clamp_time(std::int64_t secs) {
   return std::chrono::system_clock::from_time_t(static_cast<std::time_t>(std::min(secs, kMax)));
 }
 
-std::string der_of(const X509_NAME* name) {
-  unsigned char* buf = nullptr;
-  int n = i2d_X509_NAME(name, &buf);
-  if (n <= 0) return {};
-  std::string out(reinterpret_cast<const char*>(buf), static_cast<std::size_t>(n));
-  OPENSSL_free(buf);
-  return out;
-}
 
 // intern_issuer shares the issuer names of every certificate from one CA (a few CAs, so the
 // table is never pruned). parsed may be null: the DER is then parsed on first sight.
@@ -545,7 +537,7 @@ Result<std::shared_ptr<const Certificate>> CertificateBuilder::full(std::string_
   c.not_after_ = *not_after;
   c.key_kind_ = kind->first;
   c.key_type_ = std::move(kind->second);
-  c.issuer_ = intern_issuer(der_of(X509_get_issuer_name(leaf)), X509_get_issuer_name(leaf));
+  c.issuer_ = intern_issuer(detail::name_der(X509_get_issuer_name(leaf)), X509_get_issuer_name(leaf));
   {
     ossl::BignumPtr bn(ASN1_INTEGER_to_BN(X509_get0_serialNumber(leaf), nullptr));
     if (!bn) return fail(ossl::error("leaf certificate: serial number"));

@@ -211,6 +211,9 @@ struct Context {
 
 // manager_options builds ManagerOptions for the CA in directory_url from the options.
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url);
+// make_client connects to the CA at directory_url with the configured CA bundle and logger.
+Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url);
+
 // check_terms fails with a usage error when the CA has terms of service, no account is stored
 // yet and --agree-tos was not given.
 Status check_terms(Context& ctx, const std::string& directory_url);

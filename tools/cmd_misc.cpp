@@ -25,18 +25,6 @@ std::string join(const std::vector<std::string>& v, const char* sep = ", ") {
   return s;
 }
 
-Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url) {
-  acme::CurlOptions curl;
-  curl.ca_bundle = ctx.options.ca_bundle;
-  acme::ClientOptions co;
-  co.directory_url = directory_url;
-  co.transport = std::shared_ptr<acme::HttpTransport>(acme::make_curl_transport(curl));
-  co.logger = &ctx.logger;
-  auto c = acme::Client::create(co);
-  if (!c) return fail(c.error().with_context("ACME directory " + directory_url));
-  return std::move(*c);
-}
-
 struct AccountKeys {
   std::string dir, key, json, next_key;
   explicit AccountKeys(const std::string& directory_url)

@@ -565,18 +565,24 @@ Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::strin
   return mo;
 }
 
-Status check_terms(Context& ctx, const std::string& directory_url) {
-  if (ctx.options.agree_tos) return {};
-  auto stored = ctx.storage->get("accounts/" + tlsreload::ca_storage_name(directory_url) + "/account.json");
-  if (stored && *stored) return {};
+Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url) {
   acme::CurlOptions curl;
   curl.ca_bundle = ctx.options.ca_bundle;
   acme::ClientOptions co;
   co.directory_url = directory_url;
   co.transport = std::shared_ptr<acme::HttpTransport>(acme::make_curl_transport(curl));
   co.logger = &ctx.logger;
-  auto client = acme::Client::create(co);
-  if (!client) return fail(client.error().with_context("ACME directory " + directory_url));
+  auto c = acme::Client::create(co);
+  if (!c) return fail(c.error().with_context("ACME directory " + directory_url));
+  return std::move(*c);
+}
+
+Status check_terms(Context& ctx, const std::string& directory_url) {
+  if (ctx.options.agree_tos) return {};
+  auto stored = ctx.storage->get("accounts/" + tlsreload::ca_storage_name(directory_url) + "/account.json");
+  if (stored && *stored) return {};
+  auto client = make_client(ctx, directory_url);
+  if (!client) return fail(client.error());
   const auto& tos = (*client)->directory().terms_of_service;
   if (tos.empty()) return {};
   return fail(Errc::invalid_input,

@@ -45,14 +45,6 @@ struct EraseOnRelease {
   }
 };
 
-std::string name_der(const X509_NAME* name) {
-  unsigned char* buf = nullptr;
-  int n = i2d_X509_NAME(name, &buf);
-  if (n <= 0) return {};
-  std::string out(reinterpret_cast<const char*>(buf), static_cast<std::size_t>(n));
-  OPENSSL_free(buf);
-  return out;
-}
 
 Result<std::shared_ptr<const Intermediate>> intern_with_digest(ossl::X509Ptr parsed,
                                                                const Intermediate::Sha256& digest);
@@ -65,6 +57,15 @@ std::shared_ptr<const Intermediate> find_live(const Intermediate::Sha256& digest
 }
 
 }  // namespace
+
+std::string name_der(const X509_NAME* name) {
+  unsigned char* buf = nullptr;
+  int n = i2d_X509_NAME(name, &buf);
+  if (n <= 0) return {};
+  std::string out(reinterpret_cast<const char*>(buf), static_cast<std::size_t>(n));
+  OPENSSL_free(buf);
+  return out;
+}
 
 Result<std::shared_ptr<const Intermediate>> intern_der_slow(std::string_view der);
 

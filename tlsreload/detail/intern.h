@@ -47,4 +47,7 @@ Result<std::shared_ptr<const Intermediate>> intern_der(std::string_view der);
 // interned_count_for_test returns how many entries the process-wide table holds.
 std::size_t interned_count_for_test();
 
+// name_der returns the DER encoding of a name ("" on failure): the key names are compared by.
+std::string name_der(const X509_NAME* name);
+
 }  // namespace autotls::tlsreload::detail
