@@ -585,7 +585,8 @@ TEST_SUITE("server") {
     auto normal_ms = std::chrono::duration_cast<milliseconds>(SteadyClock::now() - n0).count();
     CHECK(r.status == 200);
     CHECK(r.body == "ok");
-    CHECK(normal_ms < 500);
+    // The requirement: a normal client is answered within 1 s while slow ones wait.
+    CHECK(normal_ms < 1'000);
 
     // Every slow connection sees EOF by the deadline (plus the 50 ms scan and slack).
     auto closed_by = [&](int fd) {
@@ -610,7 +611,8 @@ TEST_SUITE("server") {
     MESSAGE("normal request " << normal_ms << " ms; " << closed << " slow connections closed after "
                               << all_ms << " ms");
     CHECK(closed == 3 * kEach);
-    CHECK(all_ms < 2'000);
+    // Deadline 1 s, plus the 50 ms scan and generous slack for a loaded (sanitizer) CI run.
+    CHECK(all_ms < 3'000);
     auto c = env.server->counters();
     CHECK(c.header_timeout >= 2 * kEach);
     CHECK(c.handshake_timeout >= kEach);
