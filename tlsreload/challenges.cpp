@@ -131,11 +131,22 @@ Status run_dns_hook(const std::string& hook, std::string_view action, std::strin
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  // The hook starts with no signal blocked and default dispositions: a server that takes its
+  // signals with sigwait blocks them in every thread, and a child would inherit that mask.
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &all);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
   pid_t pid = -1;
   // posix_spawn, not system(): the arguments never pass through a shell, so a record value can
   // never be interpreted as shell syntax.
-  int rc = ::posix_spawn(&pid, hook.c_str(), &actions, nullptr, argv.data(), environ);
+  int rc = ::posix_spawn(&pid, hook.c_str(), &actions, &attr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
   if (rc != 0) return fail(Errc::io, op + ": cannot run " + hook + ": " + std::strerror(rc));
 
   // The wait is bounded in real time (it is a real process): a hung hook must not hold up an

@@ -2,6 +2,8 @@
 
 #include <doctest/doctest.h>
 
+#include <signal.h>
+
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -171,6 +173,30 @@ TEST_CASE("a hung dns hook is killed at its deadline") {
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().code == Errc::timeout);
   CHECK(took < std::chrono::seconds(5));
+}
+
+}  // TEST_SUITE
+
+TEST_SUITE("tlsreload.challenges") {
+
+TEST_CASE("a dns hook starts with no signal blocked") {
+  // `autotls serve` blocks SIGTERM in every thread to take it with sigwait; a hook must not
+  // inherit that, or it could not be stopped.
+  // Not a /bin/sh script: dash clears its mask at start and would hide the inherited one.
+  HookDir dir;
+  std::string hook = (dir.path / "mask.py").string();
+  std::ofstream(hook) << "#!/usr/bin/python3\n"
+                         "import sys\n"
+                         "blk = [l for l in open('/proc/self/status') if l.startswith('SigBlk:')][0]\n"
+                         "sys.exit(0 if int(blk.split()[1], 16) == 0 else 7)\n";
+  ::chmod(hook.c_str(), 0755);
+  sigset_t set, old;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, &old);
+  auto r = run_dns_hook(hook, "add", "_acme-challenge.example.com", "v", std::chrono::milliseconds(5000));
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  CHECK_MESSAGE(r.has_value(), (r ? "" : r.error().message));
 }
 
 }  // TEST_SUITE
