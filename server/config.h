@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstddef>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -55,6 +56,27 @@ struct Timeouts {
   std::chrono::milliseconds idle{60'000};
 };
 
+// AdminConfig is the operator endpoint: plain HTTP (no TLS), meant for loopback or a private
+// network, served by the same reactor and workers as the client listeners. Its connections
+// are capped separately (64), do not count toward max_connections or the client counters, and
+// its listener stays open during a drain so that /readyz can answer 503 to load balancers.
+//   GET /healthz      200 "ok" while the process serves requests at all.
+//   GET /readyz       200 "ready" when the server is started, not draining and ready() (if
+//                     set) returns true; 503 "not ready" otherwise.
+//   GET /metrics      Prometheus text format 0.0.4: the Server counters (autotls_server_*),
+//                     then whatever metrics() (if set) returns, appended verbatim.
+//   GET /certificates certificates() (if set) as application/json; 404 when unset.
+// The callbacks run on worker threads, possibly concurrently, and MUST be thread-safe, return
+// quickly and not throw. They MUST NOT call back into this Server's shutdown().
+struct AdminConfig {
+  // endpoint is the admin listener; empty disables it (the library default).
+  std::optional<Endpoint> endpoint;
+  std::function<bool()> ready;
+  // metrics returns extra exposition text (with its own # HELP / # TYPE lines, ending in \n).
+  std::function<std::string()> metrics;
+  std::function<std::string()> certificates;
+};
+
 // ServerConfig is validated by Server::create; the defaults are production values.
 struct ServerConfig {
   // https listeners; at least one is required.
@@ -94,6 +116,8 @@ struct ServerConfig {
   int backlog = 1'024;
   // alpn_protocols offered on the https listeners, in preference order.
   std::vector<std::string> alpn_protocols = {"http/1.1"};
+  // admin is the operator endpoint (/healthz, /readyz, /metrics, /certificates); off by default.
+  AdminConfig admin;
 };
 
 }  // namespace autotls::server

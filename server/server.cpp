@@ -42,6 +42,10 @@ using std::chrono::milliseconds;
 
 constexpr std::string_view kLog = "server";
 
+// kMaxAdminConnections caps admin connections apart from max_connections, so a flood of client
+// connections never locks the operator out and a busy scraper never takes client slots.
+constexpr std::size_t kMaxAdminConnections = 64;
+
 // Mozilla "intermediate" TLS 1.2 suites (https://ssl-config.mozilla.org/, guideline 5.7);
 // TLS 1.3 suites are OpenSSL's defaults, which match the guideline.
 constexpr const char* kIntermediateCiphers =
@@ -91,6 +95,7 @@ struct Listener : Pollable {
   Listener() : Pollable(Kind::listener) {}
   int fd = -1;
   bool tls = false;
+  bool admin = false;  // plain HTTP admin endpoint (AdminConfig)
   std::string name;  // "https listener 127.0.0.1:443"
   int port = 0;
 };
@@ -263,12 +268,14 @@ struct Server::Impl {
   std::vector<std::unique_ptr<Listener>> listeners;
   int https_port = 0;
   int http_port = 0;
+  int admin_port = 0;
   std::size_t worker_count = 8;
 
   // Routers exist from create() so that their constructor (which also ignores SIGPIPE: OpenSSL
   // writes to sockets with write(2), not send(MSG_NOSIGNAL)) runs before anything is served.
   Router https_router;
   Router http_router;
+  Router admin_router;
 
   int epoll_fd = -1;
   int wake_fd = -1;
@@ -297,6 +304,7 @@ struct Server::Impl {
   std::mutex open_mu;
   std::condition_variable open_cv;
   std::unordered_set<int> open_fds;
+  std::unordered_set<int> admin_fds;  // admin connections: capped apart, not drained for
 
   std::atomic<bool> started{false};
   std::atomic<bool> draining{false};
@@ -319,7 +327,9 @@ struct Server::Impl {
 
   Status validate_and_resolve() {
     if (cfg.https.empty()) return fail(Errc::invalid_input, "server config: no https listener");
-    for (const auto* list : {&cfg.https, &cfg.http}) {
+    std::vector<Endpoint> admin_list;
+    if (cfg.admin.endpoint) admin_list.push_back(*cfg.admin.endpoint);
+    for (const auto* list : {&cfg.https, &cfg.http, &admin_list}) {
       for (const auto& ep : *list) {
         if (ep.port < 0 || ep.port > 65535) {
           return fail(Errc::invalid_input,
@@ -391,10 +401,12 @@ struct Server::Impl {
     return {};
   }
 
-  Result<std::unique_ptr<Listener>> bind_listener(const Endpoint& ep, bool tls) {
+  Result<std::unique_ptr<Listener>> bind_listener(const Endpoint& ep, bool tls,
+                                                  bool admin = false) {
     auto l = std::make_unique<Listener>();
     l->tls = tls;
-    l->name = std::string(tls ? "https" : "http") + " listener " +
+    l->admin = admin;
+    l->name = std::string(admin ? "admin" : tls ? "https" : "http") + " listener " +
               detail::format_endpoint(ep.address, ep.port);
     addrinfo hints{};
     hints.ai_flags = AI_PASSIVE | AI_NUMERICHOST | AI_NUMERICSERV;
@@ -475,6 +487,7 @@ struct Server::Impl {
         .Patch(all, http_handler)
         .Delete(all, http_handler)
         .Options(all, http_handler);
+    setup_admin_routes();
     for (auto [router, tls] : {std::pair{&https_router, true}, std::pair{&http_router, false}}) {
       router->set_payload_max_length(cfg.max_body_bytes);
       router->set_keep_alive_max_count(cfg.keep_alive_max_requests);
@@ -491,6 +504,81 @@ struct Server::Impl {
             if (draining.load()) res.set_header("Connection", "close");
           });
     }
+  }
+
+  void setup_admin_routes() {
+    admin_router.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content("ok\n", "text/plain");
+    });
+    admin_router.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
+      bool ready = started.load() && !draining.load() && (!cfg.admin.ready || cfg.admin.ready());
+      // Checked again: shutdown() may have begun while the callback ran.
+      ready = ready && !draining.load();
+      res.status = ready ? 200 : 503;
+      res.set_content(ready ? "ready\n" : "not ready\n", "text/plain");
+    });
+    admin_router.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      std::string text = metrics_text();
+      if (cfg.admin.metrics) text += cfg.admin.metrics();
+      res.set_content(text, "text/plain; version=0.0.4; charset=utf-8");
+    });
+    admin_router.Get("/certificates", [this](const httplib::Request&, httplib::Response& res) {
+      if (!cfg.admin.certificates) {
+        res.status = 404;
+        res.set_content("no certificate source configured\n", "text/plain");
+        return;
+      }
+      res.set_content(cfg.admin.certificates(), "application/json");
+    });
+    admin_router.set_payload_max_length(64 * 1024);
+    admin_router.set_keep_alive_max_count(cfg.keep_alive_max_requests);
+    admin_router.set_keep_alive_timeout(std::max<time_t>(
+        1, std::chrono::duration_cast<std::chrono::seconds>(cfg.timeouts.idle).count()));
+    admin_router.set_post_routing_handler([this](const httplib::Request&, httplib::Response& res) {
+      res.set_header("Cache-Control", "no-store");
+      if (draining.load()) res.set_header("Connection", "close");
+    });
+  }
+
+  // metrics_text renders the client counters in the Prometheus text exposition format 0.0.4
+  // (https://prometheus.io/docs/instrumenting/exposition_formats/).
+  std::string metrics_text() {
+    struct Metric {
+      const char* name;
+      const char* type;
+      const char* help;
+      std::uint64_t value;
+    };
+    const Metric metrics[] = {
+        {"autotls_server_accepted_total", "counter", "Client connections accepted.",
+         accepted.load()},
+        {"autotls_server_rejected_over_capacity_total", "counter",
+         "Connections closed at accept because max_connections was reached.", rejected.load()},
+        {"autotls_server_handshake_failed_total", "counter", "TLS handshakes that failed.",
+         handshake_failed.load()},
+        {"autotls_server_handshake_timeout_total", "counter",
+         "TLS handshakes not complete by the handshake deadline.", handshake_timeout.load()},
+        {"autotls_server_header_timeout_total", "counter",
+         "Request headers not complete by the header deadline.", header_timeout.load()},
+        {"autotls_server_idle_closed_total", "counter",
+         "Keep-alive connections closed after the idle timeout.", idle_closed.load()},
+        {"autotls_server_header_too_large_total", "counter",
+         "Requests refused with 431 (max_header_bytes).", header_too_large.load()},
+        {"autotls_server_requests_total", "counter", "Requests handled by workers.",
+         requests.load()},
+        {"autotls_server_forced_closed_total", "counter",
+         "Connections still open when the drain deadline passed.", forced_closed.load()},
+        {"autotls_server_open_connections", "gauge", "Open client connections.", open_count()},
+        {"autotls_server_ready", "gauge", "1 when started and not draining.",
+         started.load() && !draining.load() ? 1u : 0u},
+    };
+    std::string out;
+    for (const auto& m : metrics) {
+      out += std::string("# HELP ") + m.name + " " + m.help + "\n";
+      out += std::string("# TYPE ") + m.name + " " + m.type + "\n";
+      out += std::string(m.name) + " " + std::to_string(m.value) + "\n";
+    }
+    return out;
   }
 
   // --- request handlers (worker threads) ------------------------------------------------------
@@ -644,10 +732,11 @@ struct Server::Impl {
 
   // --- connection table ----------------------------------------------------------------------
 
-  bool register_open(int fd) {
+  bool register_open(int fd, bool admin) {
     std::lock_guard lock(open_mu);
-    if (open_fds.size() >= cfg.max_connections) return false;
-    open_fds.insert(fd);
+    auto& set = admin ? admin_fds : open_fds;
+    if (set.size() >= (admin ? kMaxAdminConnections : cfg.max_connections)) return false;
+    set.insert(fd);
     return true;
   }
 
@@ -660,6 +749,7 @@ struct Server::Impl {
     {
       std::lock_guard lock(open_mu);
       open_fds.erase(c.fd);
+      admin_fds.erase(c.fd);
     }
     ::close(c.fd);
     c.fd = -1;
@@ -808,9 +898,9 @@ struct Server::Impl {
         }
         return;
       }
-      ++accepted;
-      if (!register_open(fd)) {
-        ++rejected;
+      if (!l.admin) ++accepted;
+      if (!register_open(fd, l.admin)) {
+        if (!l.admin) ++rejected;
         ::close(fd);
         continue;
       }
@@ -857,6 +947,7 @@ struct Server::Impl {
 
   void watch_listeners() {
     for (auto& l : listeners) {
+      if (l->fd < 0) continue;
       epoll_event ev{};
       ev.events = EPOLLIN;
       ev.data.ptr = static_cast<Pollable*>(l.get());
@@ -864,11 +955,13 @@ struct Server::Impl {
     }
   }
 
-  void close_listeners() {
-    if (listeners_closed) return;
+  // close_listeners closes the client listeners; the admin listener too when include_admin (at
+  // the end of the reactor), so /readyz keeps answering 503 while the drain runs.
+  void close_listeners(bool include_admin) {
+    if (listeners_closed && !include_admin) return;
     listeners_closed = true;
     for (auto& l : listeners) {
-      if (l->fd < 0) continue;
+      if (l->fd < 0 || (l->admin && !include_admin)) continue;
       if (!accept_paused) ::epoll_ctl(epoll_fd, EPOLL_CTL_DEL, l->fd, nullptr);
       ::close(l->fd);
       l->fd = -1;
@@ -881,7 +974,9 @@ struct Server::Impl {
       if (now >= c->deadline) expired.push_back(raw);
     }
     for (Connection* c : expired) {
-      if (c->phase == Connection::Phase::handshake) {
+      if (c->listener->admin) {
+        // Admin connections stay out of the client counters.
+      } else if (c->phase == Connection::Phase::handshake) {
         ++handshake_timeout;
       } else if (c->keep_alive_wait && !c->header_started) {
         ++idle_closed;
@@ -906,7 +1001,7 @@ struct Server::Impl {
             break;
           }
           case Pollable::Kind::listener:
-            if (!listeners_closed) on_accept(*static_cast<Listener*>(p));
+            if (auto* l = static_cast<Listener*>(p); l->fd >= 0) on_accept(*l);
             break;
           case Pollable::Kind::connection: {
             auto* c = static_cast<Connection*>(p);
@@ -927,22 +1022,25 @@ struct Server::Impl {
         advance(raw);
       }
       auto now = SteadyClock::now();
-      if (accept_paused && now >= accept_resume && !listeners_closed) {
+      if (accept_paused && now >= accept_resume) {
         accept_paused = false;
         watch_listeners();
       }
       if (draining.load() && !listeners_closed) {
-        close_listeners();
-        // Connections with no request under way have nothing to finish.
+        close_listeners(false);
+        // Client connections with no request under way have nothing to finish. Admin ones
+        // stay: a probe that connected just now must still get its 503, and shutdown does not
+        // wait for them.
         std::vector<Connection*> idle;
         for (auto& [raw, c] : owned) {
-          if (!c->header_started) idle.push_back(raw);
+          if (!c->header_started && !c->listener->admin) idle.push_back(raw);
         }
         for (Connection* c : idle) reactor_close(c);
       }
       expire(now);
       graveyard.clear();
     }
+    close_listeners(true);
     for (auto& [raw, c] : owned) {
       c->closed = true;
       close_socket(*c);
@@ -967,7 +1065,9 @@ struct Server::Impl {
   }
 
   void serve(std::unique_ptr<Connection> c) {
-    Router& router = c->listener->tls ? https_router : http_router;
+    Router& router = c->listener->admin ? admin_router
+                     : c->listener->tls ? https_router
+                                        : http_router;
     ConnStream stream(*c, cfg.timeouts.read, cfg.timeouts.write);
     for (;;) {
       bool close_connection =
@@ -975,7 +1075,7 @@ struct Server::Impl {
       bool connection_closed = false;
       bool ok = router.serve(stream, close_connection, connection_closed);
       ++c->requests;
-      ++requests;
+      if (!c->listener->admin) ++requests;
       if (!ok || connection_closed || close_connection || draining.load()) {
         close_socket(*c);
         return;
@@ -1032,6 +1132,12 @@ Result<std::unique_ptr<Server>> Server::create(ServerConfig config,
     if (impl->http_port == 0) impl->http_port = (*l)->port;
     impl->listeners.push_back(std::move(*l));
   }
+  if (impl->cfg.admin.endpoint) {
+    auto l = impl->bind_listener(*impl->cfg.admin.endpoint, false, true);
+    if (!l) return fail(l.error());
+    impl->admin_port = (*l)->port;
+    impl->listeners.push_back(std::move(*l));
+  }
   impl->setup_routes();
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
@@ -1065,6 +1171,7 @@ Status Server::start() {
 
 int Server::https_port() const { return impl_->https_port; }
 int Server::http_port() const { return impl_->http_port; }
+int Server::admin_port() const { return impl_->admin_port; }
 
 bool Server::ready() const { return impl_->started.load() && !impl_->draining.load(); }
 
@@ -1090,6 +1197,8 @@ void Server::shutdown(milliseconds drain) {
       ::shutdown(fd, SHUT_RDWR);
       ++m.forced_closed;
     }
+    // Admin connections are not waited for; they end with the reactor and workers.
+    for (int fd : m.admin_fds) ::shutdown(fd, SHUT_RDWR);
   }
   m.stop_reactor = true;
   m.wake();

@@ -32,6 +32,7 @@ namespace autotls::server {
 // accessors may be called from any thread.
 class Server {
  public:
+  // Counters cover the client (https / http) listeners only, never the admin listener.
   struct Counters {
     std::uint64_t accepted = 0;
     std::uint64_t rejected_over_capacity = 0;  // closed at accept: max_connections reached
@@ -66,6 +67,8 @@ class Server {
   // kernel's choice when the config said 0), or 0 when there is none.
   int https_port() const;
   int http_port() const;
+  // admin_port returns the bound port of the admin listener (ServerConfig::admin), or 0.
+  int admin_port() const;
 
   // shutdown closes the listening sockets (new connections are refused), closes idle
   // connections, lets requests in flight finish and answer with "Connection: close" until
@@ -73,7 +76,8 @@ class Server {
   // A handler blocked in a proxy call returns when its upstream timeout fires. Idempotent.
   void shutdown(std::chrono::milliseconds drain);
 
-  // ready reports whether the server is started and not shutting down.
+  // ready reports whether the server is started and not shutting down (the admin /readyz also
+  // asks AdminConfig::ready).
   bool ready() const;
 
   Counters counters() const;

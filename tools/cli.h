@@ -82,6 +82,7 @@ struct Options {
   std::string root;
   std::string proxy;
   double drain = 15;
+  std::string admin_address = "127.0.0.1:2019";  // serve: admin listener, "off" for none
   bool no_redirect = false;
   int hsts = 0;
   nlohmann::json sites;  // from the config file only: {"host": {"root": DIR} | {"proxy": URL}}

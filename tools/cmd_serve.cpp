@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <iostream>
@@ -79,6 +80,20 @@ Result<std::vector<server::Endpoint>> endpoints(const std::vector<std::string>& 
   return out;
 }
 
+// prometheus_label escapes a label value (text format 0.0.4: backslash, quote, newline).
+std::string prometheus_label(const std::string& v) {
+  std::string out;
+  for (char ch : v) {
+    if (ch == '\\' || ch == '"') out += '\\';
+    if (ch == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += ch;
+  }
+  return out;
+}
+
 std::string join(const std::vector<std::string>& v) {
   std::string s;
   for (const auto& x : v) s += (s.empty() ? "" : " ") + x;
@@ -123,6 +138,11 @@ int cmd_serve(Context& ctx) {
   cfg.http = *http;
   cfg.redirect_to_https = !o.no_redirect;
   cfg.hsts_max_age = std::chrono::seconds(o.hsts);
+  if (o.admin_address != "off" && o.admin_address != "none") {
+    auto hp = parse_host_port(o.admin_address);
+    if (!hp) return usage_error(ctx, "--admin-address: " + hp.error().message);
+    cfg.admin.endpoint = server::Endpoint{hp->first, hp->second};
+  }
   if (o.drain < 0) return usage_error(ctx, "--drain must not be negative");
   auto drain = std::chrono::milliseconds(static_cast<long long>(o.drain * 1000));
 
@@ -171,17 +191,72 @@ int cmd_serve(Context& ctx) {
     }
   };
 
+  // Constructed before the server so the admin callbacks can read it; it does no work until
+  // manage()/start().
+  tlsreload::Manager manager(std::move(*mo), ctx.storage, store, challenges);
+
+  // Admin callbacks run on server worker threads: Manager and CertStore reads are thread-safe.
+  cfg.admin.ready = [store, names] {
+    auto now = system_clock::now();
+    return std::all_of(names.begin(), names.end(), [&](const std::string& n) {
+      auto cert = store->lookup(n);
+      return cert && cert->not_after() > now;
+    });
+  };
+  cfg.admin.metrics = [&manager, store, names] {
+    std::string out =
+        "# HELP autotls_certificate_not_after_seconds Expiry (Unix time) of the certificate served "
+        "for a name.\n# TYPE autotls_certificate_not_after_seconds gauge\n";
+    for (const auto& n : names) {
+      auto cert = store->lookup(n);
+      if (!cert) continue;
+      auto secs = std::chrono::duration_cast<std::chrono::seconds>(cert->not_after().time_since_epoch());
+      out += "autotls_certificate_not_after_seconds{name=\"" + prometheus_label(n) + "\"} " +
+             std::to_string(secs.count()) + "\n";
+    }
+    auto c = manager.counters();
+    const std::pair<const char*, std::uint64_t> counters[] = {
+        {"loaded", c.loaded}, {"obtained", c.obtained}, {"renewed", c.renewed}, {"failed", c.failed}};
+    for (const auto& [what, value] : counters) {
+      std::string name = std::string("autotls_certificates_") + what + "_total";
+      out += "# HELP " + name + " Certificates " + what + " by the manager since start.\n";
+      out += "# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
+    }
+    return out;
+  };
+  cfg.admin.certificates = [&manager, names] {
+    json list = json::array();
+    for (const auto& n : names) {
+      json j = {{"name", n}, {"managed", false}};
+      if (auto st = manager.state({n})) {
+        j["managed"] = true;
+        j["names"] = st->names;
+        j["issuer"] = st->issuer;
+        j["serial"] = st->serial;
+        j["not_before"] = acme::format_rfc3339(st->not_before);
+        j["not_after"] = acme::format_rfc3339(st->not_after);
+        j["failures"] = st->failures;
+        j["last_error"] = st->last_error.empty() ? json(nullptr) : json(st->last_error);
+        j["next_attempt"] = st->next_attempt ? json(acme::format_rfc3339(*st->next_attempt)) : json(nullptr);
+      }
+      auto due = manager.renewal_time({n});
+      j["next_renewal"] = due ? json(acme::format_rfc3339(*due)) : json(nullptr);
+      list.push_back(std::move(j));
+    }
+    return list.dump();
+  };
+
   auto srv = server::Server::create(cfg, store, challenges, &ctx.logger);
   if (!srv) return report(ctx, srv.error());
   if (auto st = (*srv)->start(); !st) return report(ctx, st.error());
   {
-    json f = {{"https_port", (*srv)->https_port()}, {"http_port", (*srv)->http_port()}};
+    json f = {{"https_port", (*srv)->https_port()}, {"http_port", (*srv)->http_port()},
+              {"admin_port", (*srv)->admin_port()}};
     std::string text = "https port " + std::to_string((*srv)->https_port());
     if ((*srv)->http_port()) text += ", http port " + std::to_string((*srv)->http_port());
+    if ((*srv)->admin_port()) text += ", admin port " + std::to_string((*srv)->admin_port());
     event_line("listening", f, text);
   }
-
-  tlsreload::Manager manager(std::move(*mo), ctx.storage, store, challenges);
 
   std::mutex mu;
   std::condition_variable cv;

@@ -253,6 +253,10 @@ int main(int argc, char** argv) {
                     "\"off\" for none)");
   serve->add_option("--root", o.root, "serve static files from DIR for every name");
   serve->add_option("--proxy", o.proxy, "reverse-proxy every name to URL (http://host:port)");
+  serve->add_option("--admin-address", o.admin_address,
+                    "admin listener HOST:PORT for /healthz, /readyz, /metrics, /certificates (plain HTTP; "
+                    "\"off\" for none)")
+      ->capture_default_str();
   serve->add_option("--drain", o.drain, "seconds to let requests finish on SIGTERM/SIGINT")->capture_default_str();
   serve->add_flag("--no-redirect", o.no_redirect, "serve sites over plain HTTP too instead of redirecting to HTTPS");
   serve->add_option("--hsts", o.hsts, "Strict-Transport-Security max-age in seconds (0: none)");

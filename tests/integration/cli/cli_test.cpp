@@ -542,7 +542,7 @@ TEST_SUITE("cli.serve") {
     for (const auto& a : {std::string("-d"), std::string("serve.cli.test"), std::string("--agree-tos"),
                           std::string("--https-address"), "127.0.0.1:" + std::to_string(https), std::string("--http-address"),
                           c.http(), std::string("--root"), www.string(), std::string("--json"), std::string("--drain"),
-                          std::string("2")}) {
+                          std::string("2"), std::string("--admin-address"), std::string("127.0.0.1:0")}) {
       argv.push_back(a);
     }
     pid_t pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
@@ -558,6 +558,52 @@ TEST_SUITE("cli.serve") {
     CHECK_MESSAGE(got.first == 200, (read_file(c.dir.path / "serve.err") + read_file(c.dir.path / "serve.out")));
     CHECK(got.second == "hello from autotls serve\n");
     CHECK(fs::exists(c.storage() / "live" / "serve.cli.test" / "fullchain.pem"));
+
+    // The admin listener's ephemeral port is in the "listening" line.
+    int admin = 0;
+    {
+      std::istringstream lines(read_file(c.dir.path / "serve.out"));
+      std::string line;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
+      }
+    }
+    REQUIRE_MESSAGE(admin > 0, read_file(c.dir.path / "serve.out"));
+    {
+      httplib::Client adm("127.0.0.1", admin);
+      adm.set_read_timeout(std::chrono::seconds(5));
+      auto h = adm.Get("/healthz");
+      REQUIRE(h);
+      CHECK(h->status == 200);
+      CHECK(h->body == "ok\n");
+      // Ready once the served name has a certificate (it has: HTTPS answered above).
+      auto r = adm.Get("/readyz");
+      REQUIRE(r);
+      CHECK(r->status == 200);
+      auto m = adm.Get("/metrics");
+      REQUIRE(m);
+      CHECK(m->status == 200);
+      INFO(m->body);
+      CHECK(m->body.find("# TYPE autotls_certificate_not_after_seconds gauge\n") != std::string::npos);
+      CHECK(m->body.find("\nautotls_certificate_not_after_seconds{name=\"serve.cli.test\"} ") != std::string::npos);
+      CHECK(m->body.find("\nautotls_certificates_obtained_total 1\n") != std::string::npos);
+      CHECK(m->body.find("\nautotls_certificates_failed_total 0\n") != std::string::npos);
+      CHECK(m->body.find("\nautotls_server_requests_total ") != std::string::npos);
+      auto certs = adm.Get("/certificates");
+      REQUIRE(certs);
+      CHECK(certs->status == 200);
+      auto j = json::parse(certs->body, nullptr, false);
+      REQUIRE_MESSAGE(j.is_array(), certs->body);
+      REQUIRE(j.size() == 1);
+      CHECK(j[0]["name"] == "serve.cli.test");
+      CHECK(j[0]["managed"] == true);
+      CHECK(j[0]["names"] == json::array({"serve.cli.test"}));
+      CHECK(j[0]["issuer"].get<std::string>().find("Pebble") != std::string::npos);
+      CHECK(j[0]["not_after"].is_string());
+      CHECK(j[0]["next_renewal"].is_string());
+      CHECK(j[0]["last_error"].is_null());
+    }
 
     // SIGHUP re-reads certificates from storage and keeps serving.
     REQUIRE(::kill(pid, SIGHUP) == 0);
