@@ -5,6 +5,8 @@
 #include <vector>
 
 #include <doctest/doctest.h>
+
+#include "tests/support/test_keys.h"
 #include <openssl/objects.h>
 
 #include "acme/util/openssl.h"
@@ -17,16 +19,7 @@ using autotls::acme::KeyType;
 using autotls::acme::PrivateKey;
 namespace ossl = autotls::ossl;
 
-const PrivateKey& cached_key(KeyType type) {
-  static std::map<KeyType, PrivateKey> keys;
-  auto it = keys.find(type);
-  if (it == keys.end()) {
-    auto key = PrivateKey::generate(type);
-    REQUIRE(key.has_value());
-    it = keys.emplace(type, *key).first;
-  }
-  return it->second;
-}
+using autotls::testing::cached_key;
 
 ossl::X509ReqPtr parse(const std::string& der) {
   const auto* p = reinterpret_cast<const unsigned char*>(der.data());

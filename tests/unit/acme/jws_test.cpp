@@ -5,6 +5,8 @@
 #include <string>
 
 #include <doctest/doctest.h>
+
+#include "tests/support/test_keys.h"
 #include <openssl/core_names.h>
 #include <openssl/ec.h>
 
@@ -22,16 +24,7 @@ using autotls::acme::PrivateKey;
 using autotls::acme::Signer;
 namespace ossl = autotls::ossl;
 
-const PrivateKey& cached_key(KeyType type) {
-  static std::map<KeyType, PrivateKey> keys;
-  auto it = keys.find(type);
-  if (it == keys.end()) {
-    auto key = PrivateKey::generate(type);
-    REQUIRE(key.has_value());
-    it = keys.emplace(type, *key).first;
-  }
-  return it->second;
-}
+using autotls::testing::cached_key;
 
 std::string b64d(const nlohmann::json& v) {
   REQUIRE(v.is_string());

@@ -1,4 +1,5 @@
 #include "acme/key.h"
+#include "tests/support/test_keys.h"
 
 #include <cstring>
 #include <map>
@@ -157,12 +158,7 @@ PrivateKey must_generate(KeyType type) {
 }
 
 // A key of each type, generated once: RSA generation is slow.
-const PrivateKey& cached_key(KeyType type) {
-  static std::map<KeyType, PrivateKey> keys;
-  auto it = keys.find(type);
-  if (it == keys.end()) it = keys.emplace(type, must_generate(type)).first;
-  return it->second;
-}
+using autotls::testing::cached_key;
 
 // RFC 7638 §3.1 example JWK, including the optional members the thumbprint must ignore.
 constexpr const char* kRfc7638N =
