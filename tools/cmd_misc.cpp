@@ -25,6 +25,19 @@ std::string join(const std::vector<std::string>& v, const char* sep = ", ") {
   return s;
 }
 
+// new_stored_key generates an account key of the named type and writes it (0600) to
+// storage_key before anyone uses it. A bad type name is Errc::invalid_input (exit 2).
+Result<acme::PrivateKey> new_stored_key(Context& ctx, const std::string& type, const std::string& storage_key) {
+  auto kt = acme::parse_key_type(type);
+  if (!kt) return fail(Errc::invalid_input, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
+  auto k = acme::PrivateKey::generate(*kt);
+  if (!k) return fail(k.error());
+  auto pem = k->to_pem();
+  if (!pem) return fail(pem.error());
+  if (auto st = ctx.storage->put(storage_key, *pem, true); !st) return fail(st.error());
+  return k;
+}
+
 struct AccountKeys {
   std::string dir, key, json, next_key;
   explicit AccountKeys(const std::string& directory_url)
@@ -221,14 +234,9 @@ int cmd_account(Context& ctx, const std::string& action) {
       key = (*stored)->key;
       previous = (*stored)->meta;
     } else {
-      auto kt = acme::parse_key_type(o.new_key_type);
-      if (!kt) return usage_error(ctx, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
-      auto k = acme::PrivateKey::generate(*kt);
-      if (!k) return report(ctx, k.error());
-      auto pem = k->to_pem();
-      if (!pem) return report(ctx, pem.error());
       // Saved before registering: a crash after the CA created the account finds it again.
-      if (auto st = ctx.storage->put(keys.key, *pem, true); !st) return report(ctx, st.error());
+      auto k = new_stored_key(ctx, o.new_key_type, keys.key);
+      if (!k) return report(ctx, k.error());
       key = std::move(*k);
     }
     (*client)->set_account(std::make_shared<acme::KeySigner>(*key));
@@ -267,15 +275,12 @@ int cmd_account(Context& ctx, const std::string& action) {
     return kExitOk;
   }
   if (action == "rollover") {
-    auto kt = acme::parse_key_type(o.new_key_type);
-    if (!kt) return usage_error(ctx, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
-    auto k = acme::PrivateKey::generate(*kt);
+    // The new key is on disk before the CA switches to it: a crash in between leaves both keys,
+    // and account.next.key is the one to try.
+    auto k = new_stored_key(ctx, o.new_key_type, keys.next_key);
     if (!k) return report(ctx, k.error());
     auto pem = k->to_pem();
     if (!pem) return report(ctx, pem.error());
-    // The new key is on disk before the CA switches to it: a crash in between leaves both keys,
-    // and account.next.key is the one to try.
-    if (auto st = ctx.storage->put(keys.next_key, *pem, true); !st) return report(ctx, st.error());
     if (auto st = (*client)->change_key(std::make_shared<acme::KeySigner>(*k)); !st) {
       (void)ctx.storage->remove(keys.next_key);
       return report(ctx, st.error());
