@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstddef>
 #include <cstring>
 #include <functional>
 #include <unordered_set>
@@ -18,6 +19,10 @@ inline std::uint64_t mix(std::uint64_t a, std::uint64_t b) {
   __uint128_t r = static_cast<__uint128_t>(a) * b;
   return static_cast<std::uint64_t>(r) ^ static_cast<std::uint64_t>(r >> 64);
 }
+// Padded: the caller guarantees that the 7 bytes after the key are readable (a lookup's
+// normalized copy), so the tail is one masked load instead of a variable-length copy. Both
+// variants give the same hash.
+template <bool Padded = false>
 inline std::uint64_t name_hash(std::string_view s) {
   constexpr std::uint64_t k0 = 0xa0761d6478bd642full, k1 = 0xe7037ed1a0b428dbull,
                           k2 = 0x8ebc6af09c88c6e3ull;
@@ -32,61 +37,124 @@ inline std::uint64_t name_hash(std::string_view s) {
     n -= 8;
   }
   std::uint64_t w = 0;
-  std::memcpy(&w, p, n);  // n < 8
+  if constexpr (Padded) {
+    std::memcpy(&w, p, 8);
+    w &= n == 0 ? 0 : ~std::uint64_t{0} >> (64 - 8 * n);
+  } else {
+    std::memcpy(&w, p, n);  // n < 8
+  }
   return mix(mix(h ^ w, k2), k1 ^ s.size());
 }
 
-// Shard is a flat open-addressing table (linear probing, at most half full), immutable once
-// published; a writer edits a copy (SnapshotEditor) and freezes it into a new Shard. Keys live
-// back to back in one string, so a probe touches the slot and the shard's key bytes only.
-struct Shard {
-  struct Slot {
-    std::uint64_t hash = 0;
-    std::uint32_t key_offset = 0;
-    std::uint32_t key_length = 0;  // 0: empty slot (keys are never empty)
-    CertPair pair;
-  };
-  std::vector<Slot> slots;  // size is a power of two
-  std::string keys;
-  std::uint64_t mask = 0;
-  std::size_t count = 0;
+// Slot is one entry of a shard's open-addressing table, one cache line: a lookup that hits at
+// the first probe reads this line and nothing else of the store (the key is inline when it
+// fits, which covers most names; longer keys live in Shard::long_keys). The certificate
+// pointers are raw copies of the shared_ptrs in Shard::entries, which own them.
+inline constexpr std::size_t kInlineKey = 31;
+struct alignas(64) Slot {
+  std::uint64_t hash = 0;
+  const Certificate* ecdsa = nullptr;
+  const Certificate* rsa = nullptr;
+  const CertPair* pair = nullptr;  // in Shard::entries
+  char key[kInlineKey] = {};       // the key, or (length > kInlineKey) a pointer to it
+  std::uint8_t length = 0;         // key length, 0: empty slot (keys are never empty)
 
-  const CertPair* find(std::string_view key, std::uint64_t h) const {
+  const char* key_data() const {
+    if (length <= kInlineKey) return key;
+    const char* p;
+    std::memcpy(&p, key, sizeof p);
+    return p;
+  }
+
+  // same_key compares the slot's key with key, of the same length. Padded as in name_hash:
+  // an inline key is then compared 8 bytes at a time (key[] is followed by length, so the
+  // last word stays inside the slot), masking the bytes past the end.
+  template <bool Padded>
+  bool same_key(std::string_view k) const {
+    if (!Padded || length > kInlineKey) return std::memcmp(key_data(), k.data(), k.size()) == 0;
+    std::uint64_t diff = 0;
+    std::size_t i = 0;
+    for (; i + 8 <= k.size(); i += 8) {
+      std::uint64_t a, b;
+      std::memcpy(&a, key + i, 8);
+      std::memcpy(&b, k.data() + i, 8);
+      diff |= a ^ b;
+    }
+    if (std::size_t rest = k.size() - i) {
+      std::uint64_t a, b;
+      std::memcpy(&a, key + i, 8);
+      std::memcpy(&b, k.data() + i, 8);
+      diff |= (a ^ b) & (~std::uint64_t{0} >> (64 - 8 * rest));
+    }
+    return diff == 0;
+  }
+
+  // probe finds key (whose name_hash is h) in a table of mask + 1 slots, linear probing.
+  template <bool Padded = false>
+  static const Slot* probe(const Slot* slots, std::uint64_t mask, std::string_view key,
+                           std::uint64_t h) {
     for (std::uint64_t i = h & mask;; i = (i + 1) & mask) {
       const Slot& s = slots[i];
-      if (s.key_length == 0) return nullptr;
-      if (s.hash == h && s.key_length == key.size() &&
-          std::memcmp(keys.data() + s.key_offset, key.data(), key.size()) == 0) {
-        return &s.pair;
-      }
+      if (s.length == 0) return nullptr;
+      if (s.hash == h && s.length == key.size() && s.same_key<Padded>(key)) return &s;
     }
   }
+};
+static_assert(offsetof(Slot, length) == 63);
+static_assert(sizeof(Slot) == 64);
+
+// Shard is a flat open-addressing table (linear probing, at most half full), immutable once
+// published; a writer edits a copy (SnapshotEditor) and freezes it into a new Shard.
+struct Shard {
+  std::unique_ptr<Slot[]> slots;  // mask + 1 of them, a power of two
+  std::uint64_t mask = 0;
+  std::vector<CertPair> entries;  // owns the certificates; slots point here
+  std::string long_keys;          // keys longer than kInlineKey, back to back
+
+  std::size_t count() const { return entries.size(); }
 
   template <class It>
   static std::shared_ptr<const Shard> freeze(It begin, It end, std::size_t count) {
-    // Not make_shared: the reference count would share a cache line with the fields every
-    // lookup reads, and each publish increments the counts of all kShardCount shards, so
-    // readers would miss on every shard after every swap.
     std::shared_ptr<Shard> shard(new Shard);
     std::size_t size = 2;
     while (size < 2 * count) size *= 2;
-    shard->slots.resize(size);
+    shard->slots.reset(new Slot[size]);
     shard->mask = size - 1;
-    shard->count = count;
+    shard->entries.reserve(count);  // never reallocated: slots point into it
+    std::size_t long_bytes = 0;
+    for (It it = begin; it != end; ++it) {
+      if (it->first.size() > kInlineKey) long_bytes += it->first.size();
+    }
+    shard->long_keys.reserve(long_bytes);  // never reallocated: slots point into it
     for (It it = begin; it != end; ++it) {
       const std::string& key = it->first;
       std::uint64_t h = name_hash(key);
       std::uint64_t i = h & shard->mask;
-      while (shard->slots[i].key_length != 0) i = (i + 1) & shard->mask;
+      while (shard->slots[i].length != 0) i = (i + 1) & shard->mask;
       Slot& slot = shard->slots[i];
       slot.hash = h;
-      slot.key_offset = static_cast<std::uint32_t>(shard->keys.size());
-      slot.key_length = static_cast<std::uint32_t>(key.size());
-      slot.pair = it->second;
-      shard->keys += key;
+      slot.length = static_cast<std::uint8_t>(key.size());
+      if (key.size() <= kInlineKey) {
+        std::memcpy(slot.key, key.data(), key.size());
+      } else {
+        const char* p = shard->long_keys.data() + shard->long_keys.size();
+        shard->long_keys += key;
+        std::memcpy(slot.key, &p, sizeof p);
+      }
+      const CertPair& pair = shard->entries.emplace_back(it->second);
+      slot.pair = &pair;
+      slot.ecdsa = pair.ecdsa.get();
+      slot.rsa = pair.rsa.get();
     }
     return shard;
   }
+};
+
+inline constexpr std::size_t kGroupSize = kShardCount / kShardGroups;
+static_assert(kShardCount % kShardGroups == 0);
+
+struct ShardGroup {
+  std::array<std::shared_ptr<const Shard>, kGroupSize> shards;
 };
 
 }  // namespace detail
@@ -108,35 +176,68 @@ const std::shared_ptr<const detail::Shard>& empty_shard() {
   return *empty;
 }
 
+const std::shared_ptr<const detail::ShardGroup>& empty_group() {
+  static const auto* empty = new std::shared_ptr<const detail::ShardGroup>([] {
+    auto g = std::make_shared<detail::ShardGroup>();
+    g->shards.fill(empty_shard());
+    return g;
+  }());
+  return *empty;
+}
+
 // Lookup names are at most 253 characters (RFC 1035 §2.3.4) plus an optional trailing dot.
 constexpr std::size_t kMaxName = 253;
 
-// kSniByte maps a byte of an SNI name to its lower-case key byte, or 0 when it cannot occur in
-// a key: one table load per byte instead of a chain of range tests.
-constexpr std::array<char, 256> make_sni_table() {
-  std::array<char, 256> t{};
-  for (int c = 'a'; c <= 'z'; ++c) t[static_cast<std::size_t>(c)] = static_cast<char>(c);
-  for (int c = 'A'; c <= 'Z'; ++c) t[static_cast<std::size_t>(c)] = static_cast<char>(c - 'A' + 'a');
-  for (int c = '0'; c <= '9'; ++c) t[static_cast<std::size_t>(c)] = static_cast<char>(c);
-  for (char c : {'-', '.', '_', ':'}) t[static_cast<unsigned char>(c)] = c;
-  return t;
-}
-constexpr auto kSniByte = make_sni_table();
-
-// normalize_sni lower-cases sni into buf and drops one trailing dot. Returns the length, or 0
-// for a name that cannot be a key (empty, too long, leading dot, a byte outside
-// [A-Za-z0-9-_.:]), which then only gets the default certificate. A leading dot is refused so
-// that a client cannot name a wildcard key (".example.com") directly.
+// normalize_sni lower-cases sni into buf (at least kMaxName + 8 bytes) and drops one trailing
+// dot; the 8 bytes after the name are left zero (the padding name_hash<true> and
+// Slot::same_key<true> rely on). Returns the length, or 0 for a name that cannot be a key
+// (empty, too long, leading dot, a byte outside [A-Za-z0-9-_.:]), which then only gets the
+// default certificate. A leading dot is refused so that a client cannot name a wildcard key
+// (".example.com") directly. Works on 8 bytes at a time (SWAR range tests on each byte).
 std::size_t normalize_sni(std::string_view sni, char* buf) {
   if (!sni.empty() && sni.back() == '.') sni.remove_suffix(1);
-  if (sni.empty() || sni.size() > kMaxName || sni.front() == '.') return 0;
-  unsigned char bad = 0;
-  for (std::size_t i = 0; i < sni.size(); ++i) {
-    char c = kSniByte[static_cast<unsigned char>(sni[i])];
-    bad |= static_cast<unsigned char>(c == 0);
-    buf[i] = c;
+  const std::size_t n = sni.size();
+  if (n == 0 || n > kMaxName || sni.front() == '.') return 0;
+  constexpr std::uint64_t ones = 0x0101010101010101ull, high = 0x8080808080808080ull;
+  // in(x, lo, hi): 0x80 in each byte of x (all below 0x80) that lies in [lo, hi]; no carry
+  // crosses bytes because every byte sum stays below 0x100.
+  auto in = [](std::uint64_t x, std::uint64_t lo, std::uint64_t hi) {
+    return (x + ones * (0x80 - lo)) & ~(x + ones * (0x7f - hi)) & high;
+  };
+  std::uint64_t bad = 0;
+  // Words are read straight from sni and written to buf whole (8-byte loads of buf later then
+  // forward from one store each; copying first with memcpy stalled store forwarding).
+  auto one = [&](std::uint64_t x, std::size_t i, std::uint64_t live) {
+    std::uint64_t ascii = ~x & high;
+    std::uint64_t y = x & ~high;  // in() needs bytes below 0x80; ascii covers the rest
+    std::uint64_t letter = in(y | ones * 0x20, 'a', 'z');
+    std::uint64_t ok = letter | in(y, '0', '9') | in(y, '-', '.') | in(y, ':', ':') | in(y, '_', '_');
+    bad |= ~(ok & ascii) & high & live;
+    x = (x | letter >> 2) & live;  // 0x80 >> 2 == 0x20: lower case
+    std::memcpy(buf + i, &x, 8);
+  };
+  const char* p = sni.data();
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t x;
+    std::memcpy(&x, p + i, 8);
+    one(x, i, ~std::uint64_t{0});
   }
-  return bad ? 0 : sni.size();
+  const std::size_t rest = n - i;
+  std::uint64_t tail = 0;
+  if (rest != 0) {
+    if (n >= 8) {
+      std::memcpy(&tail, p + n - 8, 8);  // the last 8 bytes; keep the top `rest` of them
+      tail >>= 8 * (8 - rest);
+    } else {
+      for (std::size_t k = 0; k < rest; ++k) {
+        tail |= std::uint64_t{static_cast<unsigned char>(p[k])} << (8 * k);
+      }
+    }
+    one(tail, i, ~std::uint64_t{0} >> (64 - 8 * rest));
+  }
+  if (rest == 0) std::memset(buf + n, 0, 8);
+  return bad ? 0 : n;
 }
 
 // key_of turns a certificate name into its map key: wildcards are stored as ".example.com"
@@ -170,7 +271,9 @@ namespace detail {
 
 // SnapshotEditor builds the next snapshot from the current one, copying only the shards it
 // touches (copy-on-write): a touched shard is thawed into a hash map, edited, and frozen into
-// a new flat Shard by finish(). Used by writers with CertStore::write_mu_ held.
+// a new flat Shard by finish(), which also copies the touched shard groups (the ownership
+// side); the readers' table array is copied whole (16 KiB, no reference counts). Used by
+// writers with CertStore::write_mu_ held.
 struct SnapshotEditor {
   using Map = std::unordered_map<std::string, CertPair>;
 
@@ -181,13 +284,23 @@ struct SnapshotEditor {
   static std::shared_ptr<const Snapshot> empty() {
     std::shared_ptr<Snapshot> s(new Snapshot());
     s->version_ = 1;
-    s->shards_.fill(empty_shard());
+    s->groups_.fill(empty_group());
+    s->tables_.fill({empty_shard()->slots.get(), empty_shard()->mask});
     return s;
   }
 
+  static const Slot* probe(const Snapshot& s, std::string_view key, std::uint64_t h) {
+    const Snapshot::Table& t = s.tables_[shard_of(h)];
+    return Slot::probe(t.slots, t.mask, key, h);
+  }
+
   static const CertPair* peek(const Snapshot& s, std::string_view key) {
-    std::uint64_t h = name_hash(key);
-    return s.shards_[shard_of(h)]->find(key, h);
+    const Slot* slot = probe(s, key, name_hash(key));
+    return slot ? slot->pair : nullptr;
+  }
+
+  static const Shard& shard(const Snapshot& s, std::size_t index) {
+    return *s.groups_[index / kGroupSize]->shards[index % kGroupSize];
   }
 
   // current returns the entry as edited so far (nullptr if absent), without copying.
@@ -197,7 +310,8 @@ struct SnapshotEditor {
       auto it = m->find(std::string(key));
       return it == m->end() ? nullptr : &it->second;
     }
-    return next->shards_[shard_of(h)]->find(key, h);
+    const Slot* slot = probe(*next, key, h);
+    return slot ? slot->pair : nullptr;
   }
 
   CertPair* find(std::string_view key) {
@@ -226,8 +340,16 @@ struct SnapshotEditor {
 
   // finish freezes the edited shards and returns the snapshot to commit.
   std::shared_ptr<const Snapshot> finish() {
+    std::array<std::shared_ptr<ShardGroup>, kShardGroups> copied;
     for (auto& [index, map] : thawed_) {
-      next->shards_[index] = map.empty() ? empty_shard() : Shard::freeze(map.begin(), map.end(), map.size());
+      auto frozen = map.empty() ? empty_shard() : Shard::freeze(map.begin(), map.end(), map.size());
+      next->tables_[index] = {frozen->slots.get(), frozen->mask};
+      auto& group = copied[index / kGroupSize];
+      if (!group) {
+        group = std::make_shared<ShardGroup>(*next->groups_[index / kGroupSize]);
+        next->groups_[index / kGroupSize] = group;
+      }
+      group->shards[index % kGroupSize] = std::move(frozen);
     }
     thawed_.clear();
     return std::move(next);
@@ -244,10 +366,11 @@ struct SnapshotEditor {
   Map& writable(std::size_t index) {
     auto [it, inserted] = thawed_.try_emplace(index);
     if (inserted) {
-      const Shard& shard = *next->shards_[index];
-      it->second.reserve(shard.count + 1);
-      for (const Shard::Slot& s : shard.slots) {
-        if (s.key_length != 0) it->second.emplace(shard.keys.substr(s.key_offset, s.key_length), s.pair);
+      const Shard& sh = shard(*next, index);
+      it->second.reserve(sh.count() + 1);
+      for (std::size_t i = 0; i <= sh.mask; ++i) {
+        const Slot& s = sh.slots[i];
+        if (s.length != 0) it->second.emplace(std::string(s.key_data(), s.length), *s.pair);
       }
     }
     return it->second;
@@ -260,46 +383,71 @@ struct SnapshotEditor {
 
 // ---- Snapshot ----
 
-const std::shared_ptr<const Certificate>* Snapshot::find(std::string_view sni,
-                                                        bool client_supports_ecdsa) const {
-  const std::shared_ptr<const Certificate>* fallback = nullptr;
+template <bool Borrowed>
+auto Snapshot::find_impl(std::string_view sni, bool client_supports_ecdsa) const {
+  using R = std::conditional_t<Borrowed, const Certificate*, const std::shared_ptr<const Certificate>*>;
+  R fallback = nullptr;
   // A certificate whose deferred verification failed is never served: as if absent. Reading
   // its state costs a cache miss per lookup at 100,000 certificates, so it is skipped while no
   // certificate in the process has ever failed (the usual case).
   const bool check_failed = detail::g_any_verify_failed.load(std::memory_order_relaxed);
-  auto usable = [check_failed](const std::shared_ptr<const Certificate>& c) {
+  auto usable = [check_failed](const Certificate* c) {
     return c && (!check_failed || c->verification() != Verification::failed);
   };
-  auto pick = [&](const CertPair& p) -> const std::shared_ptr<const Certificate>* {
-    const auto& wanted = client_supports_ecdsa ? p.ecdsa : p.rsa;
-    if (usable(wanted)) return &wanted;
-    const auto& other = client_supports_ecdsa ? p.rsa : p.ecdsa;
-    if (usable(other) && !fallback) fallback = &other;
+  // pick chooses from one entry; ecdsa/rsa are the raw pointers of *pair (read from the slot,
+  // so the borrowed path never reads the CertPair).
+  auto pick = [&](const Certificate* ecdsa, const Certificate* rsa, const CertPair* pair) -> R {
+    const Certificate* wanted = client_supports_ecdsa ? ecdsa : rsa;
+    const Certificate* other = client_supports_ecdsa ? rsa : ecdsa;
+    if (usable(wanted)) {
+      if constexpr (Borrowed) {
+        return wanted;
+      } else {
+        return client_supports_ecdsa ? &pair->ecdsa : &pair->rsa;
+      }
+    }
+    if (!fallback && usable(other)) {
+      if constexpr (Borrowed) {
+        fallback = other;
+      } else {
+        fallback = client_supports_ecdsa ? &pair->rsa : &pair->ecdsa;
+      }
+    }
     return nullptr;
   };
-  auto entry = [&](std::string_view key) -> const CertPair* {
-    std::uint64_t h = detail::name_hash(key);
-    return shards_[shard_of(h)]->find(key, h);
+  auto entry = [&](std::string_view key) -> const detail::Slot* {
+    std::uint64_t h = detail::name_hash<true>(key);
+    const Table& t = tables_[shard_of(h)];
+    return detail::Slot::probe<true>(t.slots, t.mask, key, h);
   };
 
-  char buf[kMaxName];
+  char buf[kMaxName + 8];
   std::size_t n = normalize_sni(sni, buf);
   if (n != 0) {
     std::string_view name(buf, n);
-    if (const CertPair* p = entry(name)) {
-      if (auto r = pick(*p)) return r;
+    if (const detail::Slot* s = entry(name)) {
+      if (R r = pick(s->ecdsa, s->rsa, s->pair)) return r;
     }
     // RFC 6125 §6.4.3: the wildcard stands for exactly one whole left-most label, so the only
     // candidate key is the suffix after the first label.
     std::size_t dot = name.find('.');
     if (dot != std::string_view::npos && dot + 1 < n) {
-      if (const CertPair* p = entry(name.substr(dot))) {
-        if (auto r = pick(*p)) return r;
+      if (const detail::Slot* s = entry(name.substr(dot))) {
+        if (R r = pick(s->ecdsa, s->rsa, s->pair)) return r;
       }
     }
   }
-  if (auto r = pick(default_)) return r;
+  if (R r = pick(default_.ecdsa.get(), default_.rsa.get(), &default_)) return r;
   return fallback;
+}
+
+const std::shared_ptr<const Certificate>* Snapshot::find(std::string_view sni,
+                                                        bool client_supports_ecdsa) const {
+  return find_impl<false>(sni, client_supports_ecdsa);
+}
+
+const Certificate* Snapshot::find_borrowed(std::string_view sni, bool client_supports_ecdsa) const {
+  return find_impl<true>(sni, client_supports_ecdsa);
 }
 
 std::vector<std::shared_ptr<const Certificate>> Snapshot::certificates() const {
@@ -308,11 +456,12 @@ std::vector<std::shared_ptr<const Certificate>> Snapshot::certificates() const {
   auto add = [&](const std::shared_ptr<const Certificate>& c) {
     if (c && seen.insert(c.get()).second) out.push_back(c);
   };
-  for (const auto& shard : shards_) {
-    for (const auto& slot : shard->slots) {
-      if (slot.key_length == 0) continue;
-      add(slot.pair.ecdsa);
-      add(slot.pair.rsa);
+  for (const auto& group : groups_) {
+    for (const auto& shard : group->shards) {
+      for (const CertPair& pair : shard->entries) {
+        add(pair.ecdsa);
+        add(pair.rsa);
+      }
     }
   }
   add(default_.ecdsa);
@@ -386,8 +535,7 @@ std::shared_ptr<const Certificate> CertStore::lookup(std::string_view sni,
 
 const Certificate* CertStore::lookup_for_handshake(std::string_view sni,
                                                    bool client_supports_ecdsa) const {
-  const auto* found = pinned().find(sni, client_supports_ecdsa);
-  return found ? found->get() : nullptr;
+  return pinned().find_borrowed(sni, client_supports_ecdsa);
 }
 
 std::shared_ptr<const Snapshot> CertStore::snapshot() const {

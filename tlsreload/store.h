@@ -20,14 +20,20 @@ namespace autotls::tlsreload {
 
 namespace detail {
 struct Shard;
+struct ShardGroup;
+struct Slot;
 struct SnapshotEditor;
 }  // namespace detail
 
 // kShardCount splits the name map so that a publish copies 1/kShardCount of it (about 100
-// entries at 100,000 names) plus an array of kShardCount pointers, never the whole map.
-// Each shard is a flat open-addressing table (detail::Shard in store.cpp): one probe usually
-// reads one slot and the key bytes next to the other keys of the shard.
+// entries at 100,000 names) plus a 16 KiB array of {slots, mask} and kShardGroups owner
+// pointers, never the whole map. Each shard is a flat open-addressing table of 64-byte slots
+// (detail::Slot in store.cpp) holding the hash, the key (inline up to 31 bytes) and the
+// certificate pointers: a lookup reads the snapshot's table entry and usually one slot.
 inline constexpr std::size_t kShardCount = 1024;
+// Shards are owned in groups of kShardCount / kShardGroups, so that a publish copies
+// kShardGroups + one group of reference-counted pointers, not kShardCount of them.
+inline constexpr std::size_t kShardGroups = 32;
 
 // CertPair is what one name (or one wildcard) maps to: at most one certificate per key family.
 struct CertPair {
@@ -59,6 +65,10 @@ class Snapshot {
   const std::shared_ptr<const Certificate>* find(std::string_view sni,
                                                  bool client_supports_ecdsa) const;
 
+  // find_borrowed is find() returning the raw pointer (no reference count touched, and it
+  // reads only the table slot, not the CertPair): the hot path of a handshake.
+  const Certificate* find_borrowed(std::string_view sni, bool client_supports_ecdsa) const;
+
   // certificates lists each distinct certificate once (including the defaults), ordered by id.
   // O(n): for listing and status pages, not for handshakes.
   std::vector<std::shared_ptr<const Certificate>> certificates() const;
@@ -73,10 +83,21 @@ class Snapshot {
   friend struct detail::SnapshotEditor;
   Snapshot() = default;
 
+  template <bool Borrowed>
+  auto find_impl(std::string_view sni, bool client_supports_ecdsa) const;
+
+  // What lookups read: per shard, its slot array and mask (a copy of the Shard's fields, so a
+  // lookup never reads the Shard object or a reference count).
+  struct Table {
+    const detail::Slot* slots = nullptr;
+    std::uint64_t mask = 0;
+  };
+  std::array<Table, kShardCount> tables_;
   std::uint64_t version_ = 0;
   std::size_t name_count_ = 0;
   CertPair default_;
-  std::array<std::shared_ptr<const detail::Shard>, kShardCount> shards_;
+  // Ownership of the shards behind tables_, never read by lookups.
+  std::array<std::shared_ptr<const detail::ShardGroup>, kShardGroups> groups_;
 };
 
 // CertStore maps SNI names to certificates.
