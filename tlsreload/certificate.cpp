@@ -451,7 +451,10 @@ std::string sha256_hex(std::string_view der, Certificate::Sha256& out, bool& ok)
 // CertificateBuilder is the one place allowed to fill a Certificate (it is a friend), and the
 // owner of the object cache's bookkeeping.
 struct CertificateBuilder {
-  static std::shared_ptr<Certificate> make() { return std::shared_ptr<Certificate>(new Certificate); }
+  // One allocation with the reference count right before the object: a store writer that
+  // copies a shard's entries prefetches the counts through the raw pointer (store.cpp).
+  struct Allocated : Certificate {};
+  static std::shared_ptr<Certificate> make() { return std::make_shared<Allocated>(); }
 
   // Full validation with OpenSSL's parsers: what from_pem does by default.
   static Result<std::shared_ptr<const Certificate>> full(std::string_view chain_pem,

@@ -4,6 +4,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <unordered_set>
 #include <utility>
@@ -113,35 +114,41 @@ struct Shard {
 
   std::size_t count() const { return entries.size(); }
 
-  template <class It>
-  static std::shared_ptr<const Shard> freeze(It begin, It end, std::size_t count) {
+  // An entry being edited: its key points into the shard it was thawed from (kept alive by
+  // the editor) or into SnapshotEditor::new_keys_.
+  struct Draft {
+    std::uint64_t hash;
+    std::string_view key;
+    CertPair pair;
+  };
+
+  static std::shared_ptr<const Shard> freeze(std::vector<Draft>& drafts) {
     std::shared_ptr<Shard> shard(new Shard);
+    const std::size_t count = drafts.size();
     std::size_t size = 2;
     while (size < 2 * count) size *= 2;
     shard->slots.reset(new Slot[size]);
     shard->mask = size - 1;
     shard->entries.reserve(count);  // never reallocated: slots point into it
     std::size_t long_bytes = 0;
-    for (It it = begin; it != end; ++it) {
-      if (it->first.size() > kInlineKey) long_bytes += it->first.size();
+    for (const Draft& d : drafts) {
+      if (d.key.size() > kInlineKey) long_bytes += d.key.size();
     }
     shard->long_keys.reserve(long_bytes);  // never reallocated: slots point into it
-    for (It it = begin; it != end; ++it) {
-      const std::string& key = it->first;
-      std::uint64_t h = name_hash(key);
-      std::uint64_t i = h & shard->mask;
+    for (Draft& d : drafts) {
+      std::uint64_t i = d.hash & shard->mask;
       while (shard->slots[i].length != 0) i = (i + 1) & shard->mask;
       Slot& slot = shard->slots[i];
-      slot.hash = h;
-      slot.length = static_cast<std::uint8_t>(key.size());
-      if (key.size() <= kInlineKey) {
-        std::memcpy(slot.key, key.data(), key.size());
+      slot.hash = d.hash;
+      slot.length = static_cast<std::uint8_t>(d.key.size());
+      if (d.key.size() <= kInlineKey) {
+        std::memcpy(slot.key, d.key.data(), d.key.size());
       } else {
         const char* p = shard->long_keys.data() + shard->long_keys.size();
-        shard->long_keys += key;
+        shard->long_keys += d.key;
         std::memcpy(slot.key, &p, sizeof p);
       }
-      const CertPair& pair = shard->entries.emplace_back(it->second);
+      const CertPair& pair = shard->entries.emplace_back(std::move(d.pair));
       slot.pair = &pair;
       slot.ecdsa = pair.ecdsa.get();
       slot.rsa = pair.rsa.get();
@@ -170,8 +177,8 @@ std::size_t shard_of(std::uint64_t h) { return static_cast<std::size_t>(h >> kSh
 const std::shared_ptr<const detail::Shard>& empty_shard() {
   // Leaked: thread-local snapshot caches may outlive function-local statics at exit.
   static const auto* empty = new std::shared_ptr<const detail::Shard>([] {
-    std::vector<std::pair<std::string, CertPair>> none;
-    return detail::Shard::freeze(none.begin(), none.end(), 0);
+    std::vector<detail::Shard::Draft> none;
+    return detail::Shard::freeze(none);
   }());
   return *empty;
 }
@@ -270,12 +277,25 @@ thread_local std::array<CacheSlot, kCacheSlots> tl_cache;
 namespace detail {
 
 // SnapshotEditor builds the next snapshot from the current one, copying only the shards it
-// touches (copy-on-write): a touched shard is thawed into a hash map, edited, and frozen into
-// a new flat Shard by finish(), which also copies the touched shard groups (the ownership
-// side); the readers' table array is copied whole (16 KiB, no reference counts). Used by
-// writers with CertStore::write_mu_ held.
+// touches (copy-on-write): a touched shard is thawed into a small vector of drafts (about 100
+// at 100,000 names; found by hash with a linear scan, no allocation per key), edited, and
+// frozen into a new flat Shard by finish(), which also copies the touched shard groups (the
+// ownership side); the readers' table array is copied whole (16 KiB, no reference counts).
+// Used by writers with CertStore::write_mu_ held. A CertPair pointer or reference it returns
+// is valid until the next call that edits.
 struct SnapshotEditor {
-  using Map = std::unordered_map<std::string, CertPair>;
+  using Draft = Shard::Draft;
+  struct Thawed {
+    std::shared_ptr<const Shard> from;  // keeps the drafts' keys alive
+    std::vector<Draft> drafts;
+
+    Draft* find(std::string_view key, std::uint64_t h) {
+      for (Draft& d : drafts) {
+        if (d.hash == h && d.key == key) return &d;
+      }
+      return nullptr;
+    }
+  };
 
   explicit SnapshotEditor(const Snapshot& base) : next(new Snapshot(base)) {
     next->version_ = base.version_ + 1;
@@ -299,39 +319,43 @@ struct SnapshotEditor {
     return slot ? slot->pair : nullptr;
   }
 
-  static const Shard& shard(const Snapshot& s, std::size_t index) {
-    return *s.groups_[index / kGroupSize]->shards[index % kGroupSize];
+  static const std::shared_ptr<const Shard>& shard(const Snapshot& s, std::size_t index) {
+    return s.groups_[index / kGroupSize]->shards[index % kGroupSize];
   }
 
   // current returns the entry as edited so far (nullptr if absent), without copying.
-  const CertPair* current(std::string_view key) const {
+  const CertPair* current(std::string_view key) {
     std::uint64_t h = name_hash(key);
-    if (const Map* m = thawed(shard_of(h))) {
-      auto it = m->find(std::string(key));
-      return it == m->end() ? nullptr : &it->second;
+    if (Thawed* t = thawed(shard_of(h))) {
+      Draft* d = t->find(key, h);
+      return d ? &d->pair : nullptr;
     }
     const Slot* slot = probe(*next, key, h);
     return slot ? slot->pair : nullptr;
   }
 
   CertPair* find(std::string_view key) {
-    if (!current(key)) return nullptr;
-    Map& m = writable(shard_of(name_hash(key)));
-    return &m.find(std::string(key))->second;
+    std::uint64_t h = name_hash(key);
+    if (!thawed(shard_of(h)) && !probe(*next, key, h)) return nullptr;
+    Draft* d = writable(shard_of(h)).find(key, h);
+    return d ? &d->pair : nullptr;
   }
 
   CertPair& upsert(std::string_view key) {
-    Map& m = writable(shard_of(name_hash(key)));
-    auto [it, inserted] = m.try_emplace(std::string(key));
-    if (inserted) ++next->name_count_;
-    return it->second;
+    std::uint64_t h = name_hash(key);
+    Thawed& t = writable(shard_of(h));
+    if (Draft* d = t.find(key, h)) return d->pair;
+    ++next->name_count_;
+    return t.drafts.emplace_back(Draft{h, new_keys_.emplace_back(key), {}}).pair;
   }
 
   void erase_if_empty(std::string_view key) {
-    Map& m = writable(shard_of(name_hash(key)));
-    auto it = m.find(std::string(key));
-    if (it != m.end() && it->second.empty()) {
-      m.erase(it);
+    std::uint64_t h = name_hash(key);
+    Thawed& t = writable(shard_of(h));
+    Draft* d = t.find(key, h);
+    if (d && d->pair.empty()) {
+      if (d != &t.drafts.back()) *d = std::move(t.drafts.back());
+      t.drafts.pop_back();
       --next->name_count_;
     }
   }
@@ -341,8 +365,8 @@ struct SnapshotEditor {
   // finish freezes the edited shards and returns the snapshot to commit.
   std::shared_ptr<const Snapshot> finish() {
     std::array<std::shared_ptr<ShardGroup>, kShardGroups> copied;
-    for (auto& [index, map] : thawed_) {
-      auto frozen = map.empty() ? empty_shard() : Shard::freeze(map.begin(), map.end(), map.size());
+    for (auto& [index, t] : thawed_) {
+      auto frozen = t.drafts.empty() ? empty_shard() : Shard::freeze(t.drafts);
       next->tables_[index] = {frozen->slots.get(), frozen->mask};
       auto& group = copied[index / kGroupSize];
       if (!group) {
@@ -352,31 +376,49 @@ struct SnapshotEditor {
       group->shards[index % kGroupSize] = std::move(frozen);
     }
     thawed_.clear();
+    where_ = make_where();
     return std::move(next);
   }
 
   std::shared_ptr<Snapshot> next;
 
  private:
-  const Map* thawed(std::size_t index) const {
-    auto it = thawed_.find(index);
-    return it == thawed_.end() ? nullptr : &it->second;
+  Thawed* thawed(std::size_t index) {
+    return where_[index] < 0 ? nullptr : &thawed_[static_cast<std::size_t>(where_[index])].second;
   }
 
-  Map& writable(std::size_t index) {
-    auto [it, inserted] = thawed_.try_emplace(index);
-    if (inserted) {
-      const Shard& sh = shard(*next, index);
-      it->second.reserve(sh.count() + 1);
-      for (std::size_t i = 0; i <= sh.mask; ++i) {
-        const Slot& s = sh.slots[i];
-        if (s.length != 0) it->second.emplace(std::string(s.key_data(), s.length), *s.pair);
+  Thawed& writable(std::size_t index) {
+    if (Thawed* t = thawed(index)) return *t;
+    where_[index] = static_cast<std::int16_t>(thawed_.size());
+    Thawed& t = thawed_.emplace_back(index, Thawed{}).second;
+    t.from = shard(*next, index);
+    t.drafts.reserve(t.from->count() + 1);
+    // Copying a CertPair increments two reference counts spread over the heap; locked
+    // increments do not overlap their cache misses, so fetch those lines first, all at once
+    // (~10 us less per edit of a cold shard at 100,000 names). Certificates are allocated
+    // with make_shared: the count sits just before the object.
+    for (std::size_t i = 0; i <= t.from->mask; ++i) {
+      const Slot& s = t.from->slots[i];
+      for (const Certificate* c : {s.ecdsa, s.rsa}) {
+        if (c) __builtin_prefetch(reinterpret_cast<const char*>(c) - 16, 1);
       }
     }
-    return it->second;
+    for (std::size_t i = 0; i <= t.from->mask; ++i) {
+      const Slot& s = t.from->slots[i];
+      if (s.length != 0) t.drafts.push_back(Draft{s.hash, {s.key_data(), s.length}, *s.pair});
+    }
+    return t;
   }
 
-  std::unordered_map<std::size_t, Map> thawed_;
+  // The thawed shards, and where_[shard index] = position in thawed_ or -1.
+  std::deque<std::pair<std::size_t, Thawed>> thawed_;
+  std::array<std::int16_t, kShardCount> where_ = make_where();
+  static constexpr std::array<std::int16_t, kShardCount> make_where() {
+    std::array<std::int16_t, kShardCount> w{};
+    w.fill(-1);
+    return w;
+  }
+  std::deque<std::string> new_keys_;
 };
 
 }  // namespace detail
