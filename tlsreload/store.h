@@ -197,7 +197,8 @@ class CertStore {
     std::shared_ptr<const Certificate> cert;
     std::size_t slots = 0;
   };
-  std::unordered_map<std::string, Held> by_id_;
+  // The key views Held::cert->id() (no copy of 64 hex characters per certificate).
+  std::unordered_map<std::string_view, Held> by_id_;
 
   // The published snapshot. current_mu_ guards only the pointer copy (see class comment).
   alignas(64) mutable std::mutex current_mu_;
