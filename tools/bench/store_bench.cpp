@@ -24,6 +24,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <ctime>
 #include <unordered_map>
 #include <vector>
 
@@ -328,10 +329,17 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase) {
   auto throughput = [&](bool writer_on) {
     std::atomic<bool> stop{false};
     std::atomic<uint64_t> ops{0};
+    std::atomic<int64_t> cpu_ns{0};
     auto names = sample_names(total, total, false, rng);
+    auto thread_cpu_ns = [] {
+      timespec ts{};
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+      return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+    };
     auto reader = [&] {
       uint64_t local = 0;
       size_t idx = 0;
+      int64_t cpu0 = thread_cpu_ns();
       while (!stop.load(std::memory_order_relaxed)) {
         for (int k = 0; k < 256; ++k) {
           g_sink = l.store->lookup_for_handshake(names[idx], true);
@@ -340,6 +348,7 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase) {
         local += 256;
       }
       ops += local;
+      cpu_ns += thread_cpu_ns() - cpu0;
     };
     std::thread r1(reader), r2(reader);
     std::thread w;
@@ -363,21 +372,31 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase) {
     r1.join();
     r2.join();
     if (w.joinable()) w.join();
-    return std::make_pair(double(ops.load()) / seconds_per_phase, double(swaps.load()) / seconds_per_phase);
+    struct Phase {
+      double per_s, swaps_per_s, per_cpu_s;
+    };
+    return Phase{double(ops.load()) / seconds_per_phase, double(swaps.load()) / seconds_per_phase,
+                 double(ops.load()) / (double(cpu_ns.load()) / 1e9)};
   };
   // Quiet and busy phases alternate (5 pairs), and the ratio is the median of the per-pair
   // ratios: on a shared machine the background load drifts over seconds, and two long phases
   // in a row mostly measured that drift.
-  std::vector<double> quiet_v, busy_v, ratios, swaps_v;
+  // Also reported: the same ratio per reader CPU second (lookups / CPU time of the reader
+  // threads), which other processes' load does not move: it shows what the swaps cost the
+  // readers themselves (cache misses, refreshes), leaving out the writer's own CPU time.
+  std::vector<double> quiet_v, busy_v, ratios, swaps_v, cpu_ratios;
   seconds_per_phase /= 5;
   for (int pair = 0; pair < 5; ++pair) {
-    auto [quiet, _] = throughput(false);
-    auto [busy, swaps_per_s] = throughput(true);
-    quiet_v.push_back(quiet);
-    busy_v.push_back(busy);
-    swaps_v.push_back(swaps_per_s);
-    ratios.push_back(busy / quiet);
+    auto quiet = throughput(false);
+    auto busy = throughput(true);
+    quiet_v.push_back(quiet.per_s);
+    busy_v.push_back(busy.per_s);
+    swaps_v.push_back(busy.swaps_per_s);
+    ratios.push_back(busy.per_s / quiet.per_s);
+    cpu_ratios.push_back(busy.per_cpu_s / quiet.per_cpu_s);
   }
+  out["reader_throughput_ratio_per_cpu_s"] = median(cpu_ratios);
+  out["reader_throughput_ratios_per_cpu_s"] = cpu_ratios;
   out["reader_lookups_per_s_no_writer"] = median(quiet_v);
   out["reader_lookups_per_s_under_swaps"] = median(busy_v);
   out["writer_swaps_per_s"] = median(swaps_v);
