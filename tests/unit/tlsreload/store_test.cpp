@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <cctype>
+
 #include "tests/support/fake_clock.h"
 #include "tests/unit/tlsreload/test_ca.h"
 #include "tlsreload/store.h"
@@ -54,6 +56,54 @@ TEST_CASE_FIXTURE(Fixture, "store matches exact names case-insensitively and ign
   CHECK(served("") == "<none>");
   CHECK(served(".example.com") == "<none>");  // never reaches a wildcard key directly
   CHECK(served(std::string(300, 'a')) == "<none>");
+}
+
+// Names of every length around the 8-byte words the lookup folds case in and the 31 bytes a
+// slot holds inline; bytes next to the accepted ranges ('@' '[' '`' '{' '/' ';' 0x80+) anywhere
+// in the name must make it miss, both through lookup() and lookup_for_handshake().
+TEST_CASE_FIXTURE(Fixture, "store matches names of every length and refuses bytes outside the name alphabet") {
+  auto def = make({"default.test"});
+  REQUIRE(store.set_default(def));
+  std::vector<std::pair<std::string, std::shared_ptr<const Certificate>>> held;
+  for (std::size_t len : {1, 7, 8, 9, 15, 16, 17, 30, 31, 32, 33, 40, 63, 64, 65, 100}) {
+    // len characters in labels of at most 9 ("kb0-_z9ak.kb0..."), then ".t".
+    std::string name(len, 'k');
+    for (std::size_t i = 0; i < len; ++i) {
+      std::size_t in_label = i % 10;
+      if (in_label == 9 && i + 1 < len) name[i] = '.';
+      else if (in_label != 0 && in_label != 8 && i + 1 < len && (i + 1) % 10 != 9) name[i] = "ab0-_z9"[i % 7];
+    }
+    name += ".t";
+    held.emplace_back(name, put({name}));
+  }
+  auto wild = put({"*.abcdefghijklmnopqrstuvwxyz0123456789-long-parent.test"});
+  for (const auto& [name, cert] : held) {
+    CAPTURE(name);
+    std::string upper = name;
+    for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    CHECK(store.lookup(name) == cert);
+    CHECK(store.lookup(upper + ".") == cert);
+    CHECK(store.lookup_for_handshake(upper, true) == cert.get());
+    for (std::size_t pos : {std::size_t{0}, name.size() / 2, name.size() - 1}) {
+      for (char bad : {'@', '[', '`', '{', '/', ';', ' ', '\x7f', '\x80', '\xc3'}) {
+        std::string broken = name;
+        broken[pos] = bad;
+        CAPTURE(pos);
+        CAPTURE(static_cast<int>(static_cast<unsigned char>(bad)));
+        CHECK(store.lookup(broken) == def);
+        CHECK(store.lookup_for_handshake(broken, true) == def.get());
+      }
+    }
+  }
+  CHECK(store.lookup("X.ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-LONG-PARENT.TEST") == wild);
+  CHECK(store.lookup("x.y.abcdefghijklmnopqrstuvwxyz0123456789-long-parent.test") == def);
+  CHECK(store.lookup(std::string(253, 'a')) == def);
+  // Removing a long name and a short one by name works through the edited shards too.
+  REQUIRE(store.remove_name(held.back().first));
+  REQUIRE(store.remove_name(held.front().first));
+  CHECK(store.lookup(held.back().first) == def);
+  CHECK(store.lookup(held.front().first) == def);
+  CHECK(store.lookup(held[5].first) == held[5].second);
 }
 
 TEST_CASE_FIXTURE(Fixture, "store wildcard covers exactly one label") {
