@@ -205,8 +205,8 @@ class CertStore {
   alignas(64) mutable std::mutex current_mu_;
   std::shared_ptr<const Snapshot> current_;
   // retired_ keeps replaced snapshots until no thread's cache holds them, so that the writer,
-  // not a reader refreshing its cache, pays for freeing them (a snapshot holds kShardCount
-  // shard references: releasing them is thousands of cycles). Guarded by write_mu_.
+  // not a reader refreshing its cache, pays for freeing them (a snapshot holds kShardGroups
+  // group references, and a freed group releases its shards). Guarded by write_mu_.
   std::vector<std::shared_ptr<const Snapshot>> retired_;
 
   alignas(64) std::atomic<std::uint64_t> publish_ok_{0};
