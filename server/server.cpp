@@ -10,6 +10,8 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <linux/openat2.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -161,7 +163,8 @@ class ConnStream final : public httplib::Stream {
 
   bool is_readable() const override {
     if (!c_.unread().empty()) return true;
-    if (c_.ssl && SSL_pending(c_.ssl.get()) > 0) return true;
+    // SSL_has_pending, not SSL_pending: with read-ahead a whole record may sit unprocessed.
+    if (c_.ssl && SSL_has_pending(c_.ssl.get())) return true;
     if (inline_) return false;
     return wait(POLLIN, read_timeout_);
   }
@@ -400,6 +403,8 @@ struct Server::Impl {
   Router admin_router;
 
   std::vector<std::unique_ptr<Reactor>> reactors;
+  // Static roots (canonical path) opened O_PATH once, for open_beneath.
+  std::unordered_map<std::string, int> root_fds;
   std::vector<std::thread> workers;
 
   // Closing the client listeners at the drain and (re)adding them to an epoll set after an
@@ -434,6 +439,7 @@ struct Server::Impl {
     for (auto& l : listeners) {
       if (l->fd >= 0) ::close(l->fd);
     }
+    for (auto& [root, fd] : root_fds) ::close(fd);
   }
 
   // --- setup ---------------------------------------------------------------------------------
@@ -564,6 +570,11 @@ struct Server::Impl {
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
     // Idle keep-alive connections should not pin 34 KiB of TLS buffers each.
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    // Read-ahead: one read(2) fetches a record's header and body (and whatever follows)
+    // instead of one for the 5-byte header and one for the rest. Every reader loops until
+    // SSL_read says WANT_READ (the reactor) or checks SSL_has_pending before waiting (workers),
+    // so bytes held inside OpenSSL are never forgotten by epoll.
+    SSL_CTX_set_read_ahead(ctx, 1);
     static constexpr unsigned char kSidCtx[] = "autotls";
     SSL_CTX_set_session_id_context(ctx, kSidCtx, sizeof kSidCtx - 1);
     // Session tickets stay on (OpenSSL's default, a random ticket key per SSL_CTX).
@@ -577,6 +588,17 @@ struct Server::Impl {
     auto st = tlsreload::attach(ctx, store, std::move(opts));
     if (!st) return fail(st.error().with_context("https"));
     return {};
+  }
+
+  void open_roots() {
+    auto add = [this](const Site& site) {
+      const auto* s = std::get_if<StaticSite>(&site);
+      if (!s || root_fds.count(s->root.native())) return;
+      int fd = ::open(s->root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+      if (fd >= 0) root_fds.emplace(s->root.native(), fd);  // else: resolve_static only
+    };
+    for (const auto& [name, site] : cfg.sites) add(site);
+    if (cfg.default_site) add(*cfg.default_site);
   }
 
   void setup_routes() {
@@ -752,15 +774,81 @@ struct Server::Impl {
     }
   }
 
-  static void serve_static(const StaticSite& site, const httplib::Request& req,
-                           httplib::Response& res) {
+  // open_beneath is the fast path of resolve_static: one openat2(RESOLVE_BENEATH) from the
+  // root's descriptor, which the kernel guarantees never leaves the root, instead of a
+  // readlink per path component. It answers found (fd open) or not_found only when that is
+  // certainly resolve_static's answer too; anything else (dot segments, a symlink leaving the
+  // directory it starts from, an absolute symlink, no openat2) returns bad_request, meaning
+  // "ask resolve_static".
+  detail::StaticLookup open_beneath(const StaticSite& site, std::string_view url_path, int& fd,
+                                    std::filesystem::path& file) const {
+    constexpr auto kAsk = detail::StaticLookup::bad_request;
+    auto root = root_fds.find(site.root.native());
+    if (root == root_fds.end() || url_path.empty() || url_path.front() != '/' ||
+        url_path.find('\0') != std::string_view::npos ||
+        url_path.find('\\') != std::string_view::npos) {
+      return kAsk;
+    }
+    for (std::size_t pos = 1; pos <= url_path.size();) {
+      auto slash = std::min(url_path.find('/', pos), url_path.size());
+      auto seg = url_path.substr(pos, slash - pos);
+      if (seg == "." || seg == "..") return kAsk;
+      pos = slash + 1;
+    }
+    std::string rel(url_path.substr(1));
+    if (rel.empty()) rel = ".";
+    auto open_at = [](int dir, const char* path) {
+      open_how how{};
+      how.flags = O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
+      how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+      return static_cast<int>(::syscall(SYS_openat2, dir, path, &how, sizeof how));
+    };
+    int f = open_at(root->second, rel.c_str());
+    if (f < 0) return errno == ENOENT ? detail::StaticLookup::not_found : kAsk;
+    struct stat st {};
+    if (::fstat(f, &st) != 0) {
+      ::close(f);
+      return kAsk;
+    }
+    file = site.root / rel;
+    if (S_ISDIR(st.st_mode)) {
+      if (site.index.empty()) {
+        ::close(f);
+        return detail::StaticLookup::not_found;
+      }
+      int g = open_at(f, site.index.c_str());
+      int err = errno;
+      ::close(f);
+      if (g < 0) return err == ENOENT ? detail::StaticLookup::not_found : kAsk;
+      f = g;
+      file /= site.index;
+      if (::fstat(f, &st) != 0) {
+        ::close(f);
+        return kAsk;
+      }
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(f);
+      return detail::StaticLookup::not_found;
+    }
+    fd = f;
+    return detail::StaticLookup::found;
+  }
+
+  void serve_static(const StaticSite& site, const httplib::Request& req,
+                    httplib::Response& res) const {
     if (req.method != "GET" && req.method != "HEAD") {
       res.status = 405;
       res.set_header("Allow", "GET, HEAD");
       return;
     }
     std::filesystem::path file;
-    switch (detail::resolve_static(site.root, req.path, site.index, file)) {
+    int fd = -1;
+    auto lookup = open_beneath(site, req.path, fd, file);
+    if (lookup == detail::StaticLookup::bad_request) {
+      lookup = detail::resolve_static(site.root, req.path, site.index, file);
+    }
+    switch (lookup) {
       case detail::StaticLookup::bad_request:
         res.status = 400;
         res.set_content("bad path\n", "text/plain");
@@ -775,7 +863,7 @@ struct Server::Impl {
     if (tl_inline) {
       // On a reactor: a small file is read whole (one open, fstat, read); a larger one is
       // streamed by a worker.
-      int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
       struct stat st {};
       if (fd >= 0 && ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
           static_cast<std::uintmax_t>(st.st_size) <= kInlineFileBytes) {
@@ -801,6 +889,7 @@ struct Server::Impl {
       tl_inline->defer = true;
       return;
     }
+    if (fd >= 0) ::close(fd);
     std::error_code ec;
     auto size = std::filesystem::file_size(file, ec);
     auto in = std::make_shared<std::ifstream>(file, std::ios::binary);
@@ -1408,6 +1497,7 @@ Result<std::unique_ptr<Server>> Server::create(ServerConfig config,
     impl->admin_port = (*l)->port;
     impl->listeners.push_back(std::move(*l));
   }
+  impl->open_roots();
   impl->setup_routes();
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
