@@ -577,7 +577,14 @@ struct Server::Impl {
     SSL_CTX_set_read_ahead(ctx, 1);
     static constexpr unsigned char kSidCtx[] = "autotls";
     SSL_CTX_set_session_id_context(ctx, kSidCtx, sizeof kSidCtx - 1);
-    // Session tickets stay on (OpenSSL's default, a random ticket key per SSL_CTX).
+    // Session tickets stay on (OpenSSL's default, a random ticket key per SSL_CTX): they are
+    // stateless, so the server-side session cache is not used for storage or lookup (as
+    // nginx's default "ssl_session_cache none"): no shared lock taken by every handshake on
+    // every reactor, no periodic walk of the cache. Resumption without a ticket (TLS 1.2
+    // session IDs) is given up. One TLS 1.3 ticket per handshake instead of OpenSSL's two: a
+    // client resumes with one, and each costs an encryption and a record.
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_INTERNAL);
+    SSL_CTX_set_num_tickets(ctx, 1);
     tlsreload::AttachOptions opts;
     opts.alpn_protocols = cfg.alpn_protocols;
     if (challenges) {
