@@ -630,6 +630,32 @@ struct Server::Impl {
         .Patch(all, http_handler)
         .Delete(all, http_handler)
         .Options(all, http_handler);
+    // The same handlers as a pre-routing handler, which httplib calls before its route table:
+    // every request would match ".*" anyway, and this skips a std::regex match per request.
+    // httplib reads a request body only after pre-routing, so a request with a body goes
+    // through the table; other methods (TRACE, CONNECT) too, and get its 404, as before.
+    auto routed = [](const httplib::Request& req) {
+      const std::string& m = req.method;
+      if (req.has_header("Transfer-Encoding")) return false;
+      if (req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0") {
+        return false;
+      }
+      return m == "GET" || m == "HEAD" || m == "POST" || m == "PUT" || m == "PATCH" ||
+             m == "DELETE" || m == "OPTIONS";
+    };
+    using HR = httplib::Server::HandlerResponse;
+    https_router.set_pre_routing_handler(
+        [this, routed](const httplib::Request& req, httplib::Response& res) {
+          if (!routed(req)) return HR::Unhandled;
+          handle_site(req, res, true);
+          return HR::Handled;
+        });
+    http_router.set_pre_routing_handler(
+        [this, routed](const httplib::Request& req, httplib::Response& res) {
+          if (!routed(req)) return HR::Unhandled;
+          handle_http(req, res);
+          return HR::Handled;
+        });
     setup_admin_routes();
     for (auto [router, tls] : {std::pair{&https_router, true}, std::pair{&http_router, false}}) {
       router->set_payload_max_length(cfg.max_body_bytes);
@@ -707,7 +733,7 @@ struct Server::Impl {
          "Keep-alive connections closed after the idle timeout.", idle_closed.load()},
         {"autotls_server_header_too_large_total", "counter",
          "Requests refused with 431 (max_header_bytes).", header_too_large.load()},
-        {"autotls_server_requests_total", "counter", "Requests handled by workers.",
+        {"autotls_server_requests_total", "counter", "Requests answered.",
          requests.load()},
         {"autotls_server_forced_closed_total", "counter",
          "Connections still open when the drain deadline passed.", forced_closed.load()},

@@ -17,7 +17,9 @@
 #   many certificates: a second tls_bench holding N extra certificates (store_bench gen fixture,
 #     N = 100,000, or 1,000 with --quick; OpenSSL objects built before listening, --warm) is
 #     loaded by tls_bench's own client (wrk cannot vary SNI) with SNI drawn at random from the
-#     N names, against the one-certificate tls_bench with SNI bench.test, alternating;
+#     N names, against the one-certificate tls_bench with SNI bench.test, alternating; then
+#     once more "cold": the same N certificates with the default OpenSSL object cache (10,000)
+#     and nothing built in advance, as right after a start;
 #   reverse proxy: wrk keep-alive against nginx proxy_pass and a third tls_bench (--upstream),
 #     both to the same trivial upstream (one more nginx, 1 worker, plain HTTP, the 13-byte file).
 # Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_NICE (unset),
@@ -325,13 +327,24 @@ if [ -f "$fixture/complete" ]; then
   done
   kill -TERM "$many_pid" 2>/dev/null || true
   wait "$many_pid" 2>/dev/null || true
-  many_json=$(python3 - "$work" "$rounds" "$many_n" "$(getconf CLK_TCK)" "$(grep listening autotls-many.out | tail -n 1)" "$(grep accepted autotls-many.out | tail -n 1)" <<'PY'
+  # Cold: the same store with the library's default OpenSSL object cache (10,000) and nothing
+  # built beforehand, as a server right after start-up: first uses and evictions rebuild.
+  "$bench_bin" --port "$autotls_many_port" --root "$work/www" --cert a.pem --key a.key \
+    --store "$fixture" > autotls-cold.out 2> autotls-cold.err &
+  cold_pid=$!
+  extra_pids+=($cold_pid)
+  for _ in $(seq 3000); do grep -q listening autotls-cold.out 2>/dev/null && break; sleep 0.2; done
+  client_phase "cold_1" "$cold_pid" "$autotls_many_port" --names-dir "$fixture/live"
+  kill -TERM "$cold_pid" 2>/dev/null || true
+  wait "$cold_pid" 2>/dev/null || true
+  many_json=$(python3 - "$work" "$rounds" "$many_n" "$(getconf CLK_TCK)" "$(grep listening autotls-many.out | tail -n 1)" "$(grep accepted autotls-many.out | tail -n 1)" "$(grep accepted autotls-cold.out | tail -n 1)" <<'PY'
 import json, os, sys
 work, rounds, n, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 store = json.loads(sys.argv[5] or "{}").get("store", {}); counters = json.loads(sys.argv[6] or "{}")
+cold_counters = json.loads(sys.argv[7] or "{}")
 def load(kind):
   rs = []
-  for r in range(1, rounds + 1):
+  for r in range(1, (1 if kind == "cold" else rounds) + 1):
     c = json.load(open(os.path.join(work, "client-%s_%d.json" % (kind, r))))
     c.update(json.load(open(os.path.join(work, "client-cpu-%s_%d.json" % (kind, r)))))
     rs.append(c)
@@ -348,7 +361,14 @@ out = {"certificates": n, "one_cert_handshakes_per_s": rate(one), "many_certs_ha
        "rounds": [{"one": o["rate"], "many": m["rate"]} for o, m in zip(one, many)],
        "store": store}
 if counters and store:
-  out["openssl_cache_builds_while_serving"] = counters.get("openssl_cache_builds", 0) - store.get("openssl_cache_size", 0)
+  out["openssl_cache_builds_while_serving"] = counters.get("openssl_cache_builds", 0) - store.get("openssl_cache_builds", 0)
+cold = load("cold")[:1] if os.path.exists(os.path.join(work, "client-cold_1.json")) else []
+if cold:
+  out["cold_default_cache_handshakes_per_s"] = rate(cold)
+  out["cold_ratio_vs_one_cert"] = round(rate(cold) / rate(one), 3) if rate(one) else None
+  out["cold_cpu_us_per_handshake"] = cpu(cold)
+  out["cold_openssl_cache_builds"] = cold_counters.get("openssl_cache_builds")
+  out["cold_openssl_cache_evictions"] = cold_counters.get("openssl_cache_evictions")
 print(json.dumps(out))
 PY
 )

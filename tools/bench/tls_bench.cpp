@@ -239,7 +239,8 @@ int main(int argc, char** argv) {
     }
     auto stats = tlsreload::openssl_cache_stats();
     loaded = {{"loaded", n}, {"load_s", load_s}, {"warm_s", warm_s},
-              {"openssl_cache_capacity", stats.capacity}, {"openssl_cache_size", stats.size}};
+              {"openssl_cache_capacity", stats.capacity}, {"openssl_cache_size", stats.size},
+              {"openssl_cache_builds", stats.builds}};
     std::cerr << "tls_bench: " << loaded.dump() << "\n";
   }
 
