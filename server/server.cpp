@@ -102,6 +102,8 @@ struct Listener : Pollable {
   bool admin = false;  // plain HTTP admin endpoint (AdminConfig)
   std::string name;  // "https listener 127.0.0.1:443"
   int port = 0;
+  std::string address;    // numeric, as configured
+  bool wildcard = false;  // 0.0.0.0 or ::: the local address must be asked per connection
 };
 
 struct Reactor;
@@ -302,6 +304,7 @@ struct Reactor {
   bool accept_paused = false;
   SteadyClock::time_point accept_resume;
   bool drain_seen = false;
+  SteadyClock::time_point next_expire_scan;
   // Filled by workers.
   std::mutex back_mu;
   std::vector<std::unique_ptr<Connection>> back;
@@ -552,8 +555,8 @@ struct Server::Impl {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
     ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
-    std::string ip;
-    addr_to_text(ss, ip, l->port);
+    addr_to_text(ss, l->address, l->port);
+    l->wildcard = l->address == "0.0.0.0" || l->address == "::";
     return l;
   }
 
@@ -1054,7 +1057,9 @@ struct Server::Impl {
     if (c->closed) return;
     c->closed = true;
     Reactor& r = *c->home;
-    if (c->registered) ::epoll_ctl(r.epoll_fd, EPOLL_CTL_DEL, c->fd, nullptr);
+    // No EPOLL_CTL_DEL: close_socket closes the descriptor (never dup'ed), which removes it from
+    // the epoll set; an event already returned for it finds c->closed (c lives on in the
+    // graveyard until the batch is done).
     c->registered = false;
     close_socket(*c);
     auto it = r.owned.find(c);
@@ -1300,10 +1305,15 @@ struct Server::Impl {
       int one = 1;
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       addr_to_text(ss, c->remote_ip, c->remote_port);
-      sockaddr_storage local{};
-      socklen_t local_len = sizeof local;
-      if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) == 0) {
-        addr_to_text(local, c->local_ip, c->local_port);
+      if (!l.wildcard) {
+        c->local_ip = l.address;
+        c->local_port = l.port;
+      } else {
+        sockaddr_storage local{};
+        socklen_t local_len = sizeof local;
+        if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) == 0) {
+          addr_to_text(local, c->local_ip, c->local_port);
+        }
       }
       auto now = SteadyClock::now();
       if (l.tls) {
@@ -1322,8 +1332,9 @@ struct Server::Impl {
       }
       Connection* raw = c.get();
       r.owned.emplace(raw, std::move(c));
-      // The client speaks first (ClientHello / request): usually it is already here.
-      advance(raw);
+      // The client speaks first, but its ClientHello / request is often not here yet at
+      // accept: wait for epoll rather than try a read that would mostly fail.
+      interest(raw, EPOLLIN);
     }
   }
 
@@ -1435,7 +1446,12 @@ struct Server::Impl {
         }
         for (Connection* c : idle) reactor_close(c);
       }
-      expire(r, now);
+      // Deadlines are checked every 50 ms, not after every batch of events: under load a batch
+      // is a handful of events and the scan would cost more than they do.
+      if (now >= r.next_expire_scan) {
+        expire(r, now);
+        r.next_expire_scan = now + milliseconds(50);
+      }
       r.graveyard.clear();
     }
     for (auto& [raw, c] : r.owned) {
