@@ -560,6 +560,46 @@ TEST_SUITE("server") {
     CHECK(env.server->counters().requests == 5);
   }
 
+  TEST_CASE("a client that stops reading is closed at the write deadline") {
+    // Responses a reactor writes itself wait for the socket without blocking anything, and
+    // only until timeouts.write.
+    Env env("writedeadline");
+    env.publish({"s.test"});
+    fs::create_directories(env.dir / "www");
+    std::ofstream(env.dir / "www" / "f.bin", std::ios::binary) << std::string(60 * 1024, 'x');
+    ServerConfig cfg = Env::base_config();
+    cfg.redirect_to_https = false;
+    cfg.sites["s.test"] = StaticSite{env.dir / "www"};
+    cfg.timeouts.write = milliseconds(500);
+    env.start(cfg);
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    int small = 4096;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(env.server->http_port()));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    std::string reqs;
+    // 300 x 60 KiB = 18 MB, more than any socket buffer takes.
+    for (int i = 0; i < 300; ++i) reqs += "GET /f.bin HTTP/1.1\r\nHost: s.test\r\n\r\n";
+    REQUIRE(::send(fd, reqs.data(), reqs.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(reqs.size()));
+    // A normal client is answered meanwhile.
+    auto r = curl_request("http://s.test:" + std::to_string(env.server->http_port()) + "/f.bin",
+                          {"s.test"}, env.server->http_port(), {});
+    CHECK(r.status == 200);
+    CHECK(r.body.size() == 60 * 1024);
+    auto start = std::chrono::steady_clock::now();
+    while (env.server->counters().open_connections > 0 &&
+           std::chrono::steady_clock::now() - start < std::chrono::seconds(5)) {
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    auto waited = std::chrono::steady_clock::now() - start;
+    CHECK(env.server->counters().open_connections == 0);
+    CHECK(waited < std::chrono::seconds(3));
+    ::close(fd);
+  }
+
   TEST_CASE("reverse proxy forwards with x-forwarded headers and maps upstream failures") {
     Upstream up;
     Env env("proxy");
