@@ -1217,7 +1217,9 @@ struct Server::Impl {
           case Step::done:
             break;
         }
-        if (c->close_after_write) return reactor_close(c);
+        // A drain that began while the response was going out ends the connection too (the
+        // reactor's sweep of idle connections at the drain's start has passed it by).
+        if (c->close_after_write || draining.load()) return reactor_close(c);
         next_request(*c);
       }
       // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line.
@@ -1426,6 +1428,10 @@ struct Server::Impl {
       for (auto& c : returned) {
         Connection* raw = c.get();
         r.owned.emplace(raw, std::move(c));
+        if (draining.load() && !raw->header_started && !raw->listener->admin) {
+          reactor_close(raw);  // came back after the drain's sweep of idle connections
+          continue;
+        }
         // Bytes may already wait inside OpenSSL or our buffer, where epoll cannot see them.
         advance(raw);
       }
