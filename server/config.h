@@ -110,7 +110,12 @@ struct ServerConfig {
   std::size_t max_body_bytes = 10 * 1024 * 1024;
   // keep_alive_max_requests closes a connection after this many requests.
   std::size_t keep_alive_max_requests = 1'000;
-  // worker_threads run request handlers (and proxy calls); 0 means max(8, 2 * cores).
+  // reactor_threads accept connections, run TLS handshakes, read request headers and serve
+  // requests whose handler never blocks (static files up to 64 KiB, redirects, http-01);
+  // 0 means one per core.
+  std::size_t reactor_threads = 0;
+  // worker_threads run the handlers that may block (reverse proxy, request bodies still to
+  // arrive, large files, the admin endpoints); 0 means max(8, 2 * cores).
   std::size_t worker_threads = 0;
   // backlog is the listen(2) queue length.
   int backlog = 1'024;

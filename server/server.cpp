@@ -9,6 +9,9 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <linux/openat2.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -93,20 +96,26 @@ struct Pollable {
 
 struct Listener : Pollable {
   Listener() : Pollable(Kind::listener) {}
-  int fd = -1;
+  // Read by every reactor, closed by the first that sees the drain (under Impl::listen_mu).
+  std::atomic<int> fd{-1};
   bool tls = false;
   bool admin = false;  // plain HTTP admin endpoint (AdminConfig)
   std::string name;  // "https listener 127.0.0.1:443"
   int port = 0;
+  std::string address;    // numeric, as configured
+  bool wildcard = false;  // 0.0.0.0 or ::: the local address must be asked per connection
 };
 
-// Connection is owned by exactly one thread at a time: the reactor (phases handshake and
-// header) or a worker (phase busy). Only the open-connection table is shared.
+struct Reactor;
+
+// Connection is owned by exactly one thread at a time: its home reactor (phases handshake,
+// header, writing) or a worker (phase busy). Only the open-connection table is shared.
 struct Connection : Pollable {
   Connection() : Pollable(Kind::connection) {}
-  enum class Phase { handshake, header, busy };
+  enum class Phase { handshake, header, writing, busy };
   int fd = -1;
   const Listener* listener = nullptr;
+  Reactor* home = nullptr;  // the reactor whose epoll set watches it; never changes
   ossl::SslPtr ssl;
   Phase phase = Phase::header;
   std::string buf;  // received, not yet consumed bytes are buf[pos..]
@@ -118,6 +127,12 @@ struct Connection : Pollable {
   bool registered = false;      // in epoll
   bool closed = false;
   std::size_t requests = 0;
+  // A response a reactor serves is built in `out` and written without blocking (phase
+  // writing), then the connection closes when close_after_write, else waits for the next request.
+  std::string out;
+  std::size_t out_pos = 0;
+  bool close_after_write = false;
+  bool prefer_worker = false;  // its last request needed a worker: send the next one there
   std::string remote_ip, local_ip;
   int remote_port = 0, local_port = 0;
 
@@ -132,17 +147,33 @@ struct Connection : Pollable {
 
 // ConnStream is the httplib::Stream a worker hands to httplib's request parser: bytes the
 // reactor already read come first, then the socket (TLS or not) with read/write timeouts.
+//
+// Writes are collected in c.out so that a response's header and a small body leave as one TLS
+// record and one write(2). On a worker (blocking mode) out is flushed, waiting up to
+// write_timeout per wait, once it reaches kFlushBytes and by flush() after each response. On a
+// reactor (inline mode) nothing ever blocks: reads come only from bytes already received (the
+// reactor checked the whole request is there) and the whole response stays in out for the
+// reactor to write when the socket takes it.
 class ConnStream final : public httplib::Stream {
  public:
-  ConnStream(Connection& c, milliseconds read_timeout, milliseconds write_timeout)
-      : c_(c), read_timeout_(read_timeout), write_timeout_(write_timeout) {}
+  static constexpr std::size_t kFlushBytes = 16 * 1024;
+
+  ConnStream(Connection& c, milliseconds read_timeout, milliseconds write_timeout,
+             bool inline_mode = false)
+      : c_(c), read_timeout_(read_timeout), write_timeout_(write_timeout),
+        inline_(inline_mode) {}
 
   bool is_readable() const override {
     if (!c_.unread().empty()) return true;
-    if (c_.ssl && SSL_pending(c_.ssl.get()) > 0) return true;
+    // SSL_has_pending, not SSL_pending: with read-ahead a whole record may sit unprocessed.
+    if (c_.ssl && SSL_has_pending(c_.ssl.get())) return true;
+    if (inline_) return false;
     return wait(POLLIN, read_timeout_);
   }
-  bool is_writable() const override { return wait(POLLOUT, write_timeout_); }
+  bool is_writable() const override {
+    if (inline_ || c_.out.size() < kFlushBytes) return true;
+    return wait(POLLOUT, write_timeout_);
+  }
 
   ssize_t read(char* ptr, size_t size) override {
     if (size == 0) return 0;
@@ -150,12 +181,16 @@ class ConnStream final : public httplib::Stream {
       size_t n = std::min(size, u.size());
       std::memcpy(ptr, u.data(), n);
       c_.pos += n;
-      if (c_.pos == c_.buf.size()) {
+      // Inline mode keeps consumed bytes: a request sent on to a worker is parsed again.
+      if (c_.pos == c_.buf.size() && !inline_) {
         c_.buf.clear();
         c_.pos = 0;
       }
       return static_cast<ssize_t>(n);
     }
+    if (inline_) return -1;  // never happens: the reactor buffered the whole request
+    // Whatever we owe the client goes out before we wait for more from it.
+    if (!flush()) return -1;
     auto deadline = SteadyClock::now() + read_timeout_;
     for (;;) {
       short want = POLLIN;
@@ -182,6 +217,24 @@ class ConnStream final : public httplib::Stream {
 
   ssize_t write(const char* ptr, size_t size) override {
     if (size == 0) return 0;
+    c_.out.append(ptr, size);
+    if (!inline_ && c_.out.size() >= kFlushBytes && !flush()) return -1;
+    return static_cast<ssize_t>(size);
+  }
+
+  // flush writes out in full (blocking mode), each wait bounded by write_timeout.
+  bool flush() {
+    while (c_.out_pos < c_.out.size()) {
+      ssize_t n = write_socket(c_.out.data() + c_.out_pos, c_.out.size() - c_.out_pos);
+      if (n <= 0) return false;
+      c_.out_pos += static_cast<size_t>(n);
+    }
+    c_.out.clear();
+    c_.out_pos = 0;
+    return true;
+  }
+
+  ssize_t write_socket(const char* ptr, size_t size) {
     auto deadline = SteadyClock::now() + write_timeout_;
     for (;;) {
       short want = POLLOUT;
@@ -234,7 +287,81 @@ class ConnStream final : public httplib::Stream {
 
   Connection& c_;
   milliseconds read_timeout_, write_timeout_;
+  bool inline_;
 };
+
+// Reactor is one event loop thread: its own epoll set (the shared listeners are in every set
+// with EPOLLEXCLUSIVE, so a new connection wakes one reactor), the connections it accepted,
+// and the queue on which workers give connections back to it.
+struct Reactor {
+  int epoll_fd = -1;
+  int wake_fd = -1;
+  Pollable wake_tag{Pollable::Kind::wake};
+  std::thread thread;
+  // Reactor-thread-only state.
+  std::unordered_map<Connection*, std::unique_ptr<Connection>> owned;
+  std::vector<std::unique_ptr<Connection>> graveyard;  // freed after each epoll batch
+  bool accept_paused = false;
+  SteadyClock::time_point accept_resume;
+  bool drain_seen = false;
+  SteadyClock::time_point next_expire_scan;
+  // Filled by workers.
+  std::mutex back_mu;
+  std::vector<std::unique_ptr<Connection>> back;
+
+  Reactor() = default;
+  Reactor(const Reactor&) = delete;
+  Reactor& operator=(const Reactor&) = delete;
+  ~Reactor() {
+    if (epoll_fd >= 0) ::close(epoll_fd);
+    if (wake_fd >= 0) ::close(wake_fd);
+  }
+  void wake() {
+    uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(wake_fd, &one, sizeof one);
+  }
+};
+
+// InlineRequest is set (thread-local) while a reactor runs a handler itself. A handler that
+// would block (proxy, a large file) sets defer instead of answering; the reactor then discards
+// the response and hands the request, still buffered, to a worker.
+struct InlineRequest {
+  bool defer = false;
+};
+thread_local InlineRequest* tl_inline = nullptr;
+
+// Static files up to this size are read whole and served by a reactor; larger ones stream on
+// a worker.
+constexpr std::uintmax_t kInlineFileBytes = 64 * 1024;
+
+// request_fully_buffered tells whether the request whose header is buf[0, head) also has its
+// whole body in buf: no Transfer-Encoding and Content-Length (if any) bytes present.
+bool request_fully_buffered(std::string_view buf, std::size_t head) {
+  std::string_view h = buf.substr(0, head);
+  std::size_t line = h.find('\n');
+  while (line != std::string_view::npos && line + 1 < h.size()) {
+    std::size_t next = h.find('\n', line + 1);
+    std::string_view field = h.substr(line + 1, (next == std::string_view::npos ? h.size() : next) - line - 1);
+    line = next;
+    auto colon = field.find(':');
+    if (colon == std::string_view::npos) continue;
+    std::string_view name = field.substr(0, colon);
+    if (iequals(name, "transfer-encoding")) return false;
+    if (iequals(name, "content-length")) {
+      std::string_view v = field.substr(colon + 1);
+      while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
+      while (!v.empty() && (v.back() == ' ' || v.back() == '\t' || v.back() == '\r')) v.remove_suffix(1);
+      std::size_t len = 0;
+      if (v.empty() || v.size() > 12) return false;
+      for (char ch : v) {
+        if (ch < '0' || ch > '9') return false;
+        len = len * 10 + static_cast<std::size_t>(ch - '0');
+      }
+      if (buf.size() - head < len) return false;
+    }
+  }
+  return true;
+}
 
 // Router is httplib's request parser, router and response writer without its listener: our
 // reactor feeds it one complete request at a time through process_request (protected).
@@ -270,6 +397,7 @@ struct Server::Impl {
   int http_port = 0;
   int admin_port = 0;
   std::size_t worker_count = 8;
+  std::size_t reactor_count = 1;
 
   // Routers exist from create() so that their constructor (which also ignores SIGPIPE: OpenSSL
   // writes to sockets with write(2), not send(MSG_NOSIGNAL)) runs before anything is served.
@@ -277,26 +405,21 @@ struct Server::Impl {
   Router http_router;
   Router admin_router;
 
-  int epoll_fd = -1;
-  int wake_fd = -1;
-  Pollable wake_tag{Pollable::Kind::wake};
-  std::thread reactor;
+  std::vector<std::unique_ptr<Reactor>> reactors;
+  // Static roots (canonical path) opened O_PATH once, for open_beneath.
+  std::unordered_map<std::string, int> root_fds;
   std::vector<std::thread> workers;
 
-  // Reactor-only state.
-  std::unordered_map<Connection*, std::unique_ptr<Connection>> owned;
-  std::vector<std::unique_ptr<Connection>> graveyard;  // freed after each epoll batch
+  // Closing the client listeners at the drain and (re)adding them to an epoll set after an
+  // accept pause are serialized, so no reactor ever adds a closed (or reused) descriptor.
+  std::mutex listen_mu;
   bool listeners_closed = false;
-  bool accept_paused = false;
-  SteadyClock::time_point accept_resume;
 
-  // Worker queue and hand-back queue.
+  // Worker queue (connections go back to their home reactor's queue).
   std::mutex work_mu;
   std::condition_variable work_cv;
   std::deque<std::unique_ptr<Connection>> work;
   bool work_stop = false;
-  std::mutex back_mu;
-  std::vector<std::unique_ptr<Connection>> back;
 
   // Every open client socket, for the cap and the forced close at the drain deadline. A
   // socket leaves this set (under open_mu) before it is closed, so shutdown(2) on a member
@@ -319,8 +442,7 @@ struct Server::Impl {
     for (auto& l : listeners) {
       if (l->fd >= 0) ::close(l->fd);
     }
-    if (epoll_fd >= 0) ::close(epoll_fd);
-    if (wake_fd >= 0) ::close(wake_fd);
+    for (auto& [root, fd] : root_fds) ::close(fd);
   }
 
   // --- setup ---------------------------------------------------------------------------------
@@ -354,6 +476,7 @@ struct Server::Impl {
     }
     unsigned cores = std::max(1u, std::thread::hardware_concurrency());
     worker_count = cfg.worker_threads ? cfg.worker_threads : std::max<std::size_t>(8, 2 * cores);
+    reactor_count = cfg.reactor_threads ? cfg.reactor_threads : cores;
 
     std::map<std::string, Site> sites;
     for (auto& [name, site] : cfg.sites) {
@@ -432,8 +555,8 @@ struct Server::Impl {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
     ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
-    std::string ip;
-    addr_to_text(ss, ip, l->port);
+    addr_to_text(ss, l->address, l->port);
+    l->wildcard = l->address == "0.0.0.0" || l->address == "::";
     return l;
   }
 
@@ -450,9 +573,21 @@ struct Server::Impl {
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
     // Idle keep-alive connections should not pin 34 KiB of TLS buffers each.
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    // Read-ahead: one read(2) fetches a record's header and body (and whatever follows)
+    // instead of one for the 5-byte header and one for the rest. Every reader loops until
+    // SSL_read says WANT_READ (the reactor) or checks SSL_has_pending before waiting (workers),
+    // so bytes held inside OpenSSL are never forgotten by epoll.
+    SSL_CTX_set_read_ahead(ctx, 1);
     static constexpr unsigned char kSidCtx[] = "autotls";
     SSL_CTX_set_session_id_context(ctx, kSidCtx, sizeof kSidCtx - 1);
-    // Session tickets stay on (OpenSSL's default, a random ticket key per SSL_CTX).
+    // Session tickets stay on (OpenSSL's default, a random ticket key per SSL_CTX): they are
+    // stateless, so the server-side session cache is not used for storage or lookup (as
+    // nginx's default "ssl_session_cache none"): no shared lock taken by every handshake on
+    // every reactor, no periodic walk of the cache. Resumption without a ticket (TLS 1.2
+    // session IDs) is given up. One TLS 1.3 ticket per handshake instead of OpenSSL's two: a
+    // client resumes with one, and each costs an encryption and a record.
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_INTERNAL);
+    SSL_CTX_set_num_tickets(ctx, 1);
     tlsreload::AttachOptions opts;
     opts.alpn_protocols = cfg.alpn_protocols;
     if (challenges) {
@@ -463,6 +598,17 @@ struct Server::Impl {
     auto st = tlsreload::attach(ctx, store, std::move(opts));
     if (!st) return fail(st.error().with_context("https"));
     return {};
+  }
+
+  void open_roots() {
+    auto add = [this](const Site& site) {
+      const auto* s = std::get_if<StaticSite>(&site);
+      if (!s || root_fds.count(s->root.native())) return;
+      int fd = ::open(s->root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+      if (fd >= 0) root_fds.emplace(s->root.native(), fd);  // else: resolve_static only
+    };
+    for (const auto& [name, site] : cfg.sites) add(site);
+    if (cfg.default_site) add(*cfg.default_site);
   }
 
   void setup_routes() {
@@ -487,6 +633,32 @@ struct Server::Impl {
         .Patch(all, http_handler)
         .Delete(all, http_handler)
         .Options(all, http_handler);
+    // The same handlers as a pre-routing handler, which httplib calls before its route table:
+    // every request would match ".*" anyway, and this skips a std::regex match per request.
+    // httplib reads a request body only after pre-routing, so a request with a body goes
+    // through the table; other methods (TRACE, CONNECT) too, and get its 404, as before.
+    auto routed = [](const httplib::Request& req) {
+      const std::string& m = req.method;
+      if (req.has_header("Transfer-Encoding")) return false;
+      if (req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0") {
+        return false;
+      }
+      return m == "GET" || m == "HEAD" || m == "POST" || m == "PUT" || m == "PATCH" ||
+             m == "DELETE" || m == "OPTIONS";
+    };
+    using HR = httplib::Server::HandlerResponse;
+    https_router.set_pre_routing_handler(
+        [this, routed](const httplib::Request& req, httplib::Response& res) {
+          if (!routed(req)) return HR::Unhandled;
+          handle_site(req, res, true);
+          return HR::Handled;
+        });
+    http_router.set_pre_routing_handler(
+        [this, routed](const httplib::Request& req, httplib::Response& res) {
+          if (!routed(req)) return HR::Unhandled;
+          handle_http(req, res);
+          return HR::Handled;
+        });
     setup_admin_routes();
     for (auto [router, tls] : {std::pair{&https_router, true}, std::pair{&http_router, false}}) {
       router->set_payload_max_length(cfg.max_body_bytes);
@@ -564,7 +736,7 @@ struct Server::Impl {
          "Keep-alive connections closed after the idle timeout.", idle_closed.load()},
         {"autotls_server_header_too_large_total", "counter",
          "Requests refused with 431 (max_header_bytes).", header_too_large.load()},
-        {"autotls_server_requests_total", "counter", "Requests handled by workers.",
+        {"autotls_server_requests_total", "counter", "Requests answered.",
          requests.load()},
         {"autotls_server_forced_closed_total", "counter",
          "Connections still open when the drain deadline passed.", forced_closed.load()},
@@ -638,15 +810,81 @@ struct Server::Impl {
     }
   }
 
-  static void serve_static(const StaticSite& site, const httplib::Request& req,
-                           httplib::Response& res) {
+  // open_beneath is the fast path of resolve_static: one openat2(RESOLVE_BENEATH) from the
+  // root's descriptor, which the kernel guarantees never leaves the root, instead of a
+  // readlink per path component. It answers found (fd open) or not_found only when that is
+  // certainly resolve_static's answer too; anything else (dot segments, a symlink leaving the
+  // directory it starts from, an absolute symlink, no openat2) returns bad_request, meaning
+  // "ask resolve_static".
+  detail::StaticLookup open_beneath(const StaticSite& site, std::string_view url_path, int& fd,
+                                    std::filesystem::path& file) const {
+    constexpr auto kAsk = detail::StaticLookup::bad_request;
+    auto root = root_fds.find(site.root.native());
+    if (root == root_fds.end() || url_path.empty() || url_path.front() != '/' ||
+        url_path.find('\0') != std::string_view::npos ||
+        url_path.find('\\') != std::string_view::npos) {
+      return kAsk;
+    }
+    for (std::size_t pos = 1; pos <= url_path.size();) {
+      auto slash = std::min(url_path.find('/', pos), url_path.size());
+      auto seg = url_path.substr(pos, slash - pos);
+      if (seg == "." || seg == "..") return kAsk;
+      pos = slash + 1;
+    }
+    std::string rel(url_path.substr(1));
+    if (rel.empty()) rel = ".";
+    auto open_at = [](int dir, const char* path) {
+      open_how how{};
+      how.flags = O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
+      how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+      return static_cast<int>(::syscall(SYS_openat2, dir, path, &how, sizeof how));
+    };
+    int f = open_at(root->second, rel.c_str());
+    if (f < 0) return errno == ENOENT ? detail::StaticLookup::not_found : kAsk;
+    struct stat st {};
+    if (::fstat(f, &st) != 0) {
+      ::close(f);
+      return kAsk;
+    }
+    file = site.root / rel;
+    if (S_ISDIR(st.st_mode)) {
+      if (site.index.empty()) {
+        ::close(f);
+        return detail::StaticLookup::not_found;
+      }
+      int g = open_at(f, site.index.c_str());
+      int err = errno;
+      ::close(f);
+      if (g < 0) return err == ENOENT ? detail::StaticLookup::not_found : kAsk;
+      f = g;
+      file /= site.index;
+      if (::fstat(f, &st) != 0) {
+        ::close(f);
+        return kAsk;
+      }
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(f);
+      return detail::StaticLookup::not_found;
+    }
+    fd = f;
+    return detail::StaticLookup::found;
+  }
+
+  void serve_static(const StaticSite& site, const httplib::Request& req,
+                    httplib::Response& res) const {
     if (req.method != "GET" && req.method != "HEAD") {
       res.status = 405;
       res.set_header("Allow", "GET, HEAD");
       return;
     }
     std::filesystem::path file;
-    switch (detail::resolve_static(site.root, req.path, site.index, file)) {
+    int fd = -1;
+    auto lookup = open_beneath(site, req.path, fd, file);
+    if (lookup == detail::StaticLookup::bad_request) {
+      lookup = detail::resolve_static(site.root, req.path, site.index, file);
+    }
+    switch (lookup) {
       case detail::StaticLookup::bad_request:
         res.status = 400;
         res.set_content("bad path\n", "text/plain");
@@ -658,6 +896,36 @@ struct Server::Impl {
       case detail::StaticLookup::found:
         break;
     }
+    if (tl_inline) {
+      // On a reactor: a small file is read whole (one open, fstat, read); a larger one is
+      // streamed by a worker.
+      if (fd < 0) fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+      struct stat st {};
+      if (fd >= 0 && ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+          static_cast<std::uintmax_t>(st.st_size) <= kInlineFileBytes) {
+        std::string body(static_cast<std::size_t>(st.st_size), '\0');
+        std::size_t got = 0;
+        while (got < body.size()) {
+          ssize_t n = ::read(fd, body.data() + got, body.size() - got);
+          if (n < 0 && errno == EINTR) continue;
+          if (n <= 0) break;
+          got += static_cast<std::size_t>(n);
+        }
+        ::close(fd);
+        if (got != body.size()) {
+          res.status = 404;
+          res.set_content("not found\n", "text/plain");
+          return;
+        }
+        res.body = std::move(body);
+        res.set_header("Content-Type", std::string(detail::content_type_for(file)));
+        return;
+      }
+      if (fd >= 0) ::close(fd);
+      tl_inline->defer = true;
+      return;
+    }
+    if (fd >= 0) ::close(fd);
     std::error_code ec;
     auto size = std::filesystem::file_size(file, ec);
     auto in = std::make_shared<std::ifstream>(file, std::ios::binary);
@@ -682,6 +950,11 @@ struct Server::Impl {
 
   void serve_proxy(const ProxySite& site, const httplib::Request& req, httplib::Response& res,
                    bool tls) {
+    if (tl_inline) {
+      // The upstream may take its time: never on a reactor.
+      tl_inline->defer = true;
+      return;
+    }
     httplib::Client cli(site.upstream);
     cli.set_connection_timeout(site.connect_timeout);
     cli.set_read_timeout(site.read_timeout);
@@ -761,22 +1034,21 @@ struct Server::Impl {
     return open_fds.size();
   }
 
-  void wake() {
-    uint64_t one = 1;
-    [[maybe_unused]] auto n = ::write(wake_fd, &one, sizeof one);
+  void wake_all() {
+    for (auto& r : reactors) r->wake();
   }
 
-  // --- reactor -------------------------------------------------------------------------------
+  // --- reactors ------------------------------------------------------------------------------
 
-  void interest(Connection* c, uint32_t events) {
+  static void interest(Connection* c, uint32_t events) {
     epoll_event ev{};
     ev.events = events;
     ev.data.ptr = static_cast<Pollable*>(c);
     if (!c->registered) {
-      ::epoll_ctl(epoll_fd, EPOLL_CTL_ADD, c->fd, &ev);
+      ::epoll_ctl(c->home->epoll_fd, EPOLL_CTL_ADD, c->fd, &ev);
       c->registered = true;
     } else if (c->events != events) {
-      ::epoll_ctl(epoll_fd, EPOLL_CTL_MOD, c->fd, &ev);
+      ::epoll_ctl(c->home->epoll_fd, EPOLL_CTL_MOD, c->fd, &ev);
     }
     c->events = events;
   }
@@ -784,24 +1056,28 @@ struct Server::Impl {
   void reactor_close(Connection* c) {
     if (c->closed) return;
     c->closed = true;
-    if (c->registered) ::epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c->fd, nullptr);
+    Reactor& r = *c->home;
+    // No EPOLL_CTL_DEL: close_socket closes the descriptor (never dup'ed), which removes it from
+    // the epoll set; an event already returned for it finds c->closed (c lives on in the
+    // graveyard until the batch is done).
     c->registered = false;
     close_socket(*c);
-    auto it = owned.find(c);
-    if (it != owned.end()) {
-      graveyard.push_back(std::move(it->second));
-      owned.erase(it);
+    auto it = r.owned.find(c);
+    if (it != r.owned.end()) {
+      r.graveyard.push_back(std::move(it->second));
+      r.owned.erase(it);
     }
   }
 
   void dispatch(Connection* c) {
-    if (c->registered) ::epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c->fd, nullptr);
+    Reactor& r = *c->home;
+    if (c->registered) ::epoll_ctl(r.epoll_fd, EPOLL_CTL_DEL, c->fd, nullptr);
     c->registered = false;
     c->events = 0;
     c->phase = Connection::Phase::busy;
-    auto it = owned.find(c);
+    auto it = r.owned.find(c);
     std::unique_ptr<Connection> owned_ptr = std::move(it->second);
-    owned.erase(it);
+    r.owned.erase(it);
     {
       std::lock_guard lock(work_mu);
       work.push_back(std::move(owned_ptr));
@@ -821,23 +1097,131 @@ struct Server::Impl {
     reactor_close(c);
   }
 
+  enum class Step { done, wait_read, wait_write, failed };
+
+  // handshake_step runs the TLS handshake as far as it goes without blocking. It is the one
+  // place a connection's handshake advances.
+  Step handshake_step(Connection* c) {
+    ERR_clear_error();
+    int r = SSL_do_handshake(c->ssl.get());
+    if (r == 1) return Step::done;
+    int err = SSL_get_error(c->ssl.get(), r);
+    if (err == SSL_ERROR_WANT_READ) return Step::wait_read;
+    if (err == SSL_ERROR_WANT_WRITE) return Step::wait_write;
+    ERR_clear_error();
+    return Step::failed;
+  }
+
+  // write_step writes c->out without blocking.
+  Step write_step(Connection* c) {
+    while (c->out_pos < c->out.size()) {
+      const char* p = c->out.data() + c->out_pos;
+      std::size_t left = c->out.size() - c->out_pos;
+      if (c->ssl) {
+        ERR_clear_error();
+        // Retried with the same buffer after WANT_*, as SSL_write requires (out is untouched
+        // until it has all gone).
+        int n = SSL_write(c->ssl.get(), p, static_cast<int>(std::min<std::size_t>(left, 1 << 30)));
+        if (n > 0) {
+          c->out_pos += static_cast<std::size_t>(n);
+          continue;
+        }
+        int err = SSL_get_error(c->ssl.get(), n);
+        ERR_clear_error();
+        if (err == SSL_ERROR_WANT_WRITE) return Step::wait_write;
+        if (err == SSL_ERROR_WANT_READ) return Step::wait_read;
+        return Step::failed;
+      }
+      ssize_t n = ::send(c->fd, p, left, MSG_NOSIGNAL);
+      if (n >= 0) {
+        c->out_pos += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return Step::wait_write;
+      return Step::failed;
+    }
+    c->out.clear();
+    c->out_pos = 0;
+    return Step::done;
+  }
+
+  // next_request puts a connection whose response has gone out back on the wait for its next
+  // request (idle deadline, or header deadline when bytes of it are already here).
+  void next_request(Connection& c) {
+    c.compact();
+    c.phase = Connection::Phase::header;
+    c.header_started = !c.unread().empty();
+    c.keep_alive_wait = true;
+    c.deadline =
+        SteadyClock::now() + (c.header_started ? cfg.timeouts.header : cfg.timeouts.idle);
+  }
+
+  Router& router_for(const Connection& c) {
+    return c.listener->admin ? admin_router : c.listener->tls ? https_router : http_router;
+  }
+
+  // serve_inline runs the request at c->unread() (complete, body included) on the reactor.
+  // Returns false when the handler deferred it to a worker (already dispatched).
+  bool serve_inline(Connection* c) {
+    std::size_t start = c->pos;
+    InlineRequest state;
+    tl_inline = &state;
+    ConnStream stream(*c, cfg.timeouts.read, cfg.timeouts.write, /*inline_mode=*/true);
+    bool close_connection = draining.load() || c->requests + 1 >= cfg.keep_alive_max_requests;
+    bool connection_closed = false;
+    bool ok = router_for(*c).serve(stream, close_connection, connection_closed);
+    tl_inline = nullptr;
+    if (state.defer) {
+      c->pos = start;
+      c->out.clear();
+      c->out_pos = 0;
+      c->prefer_worker = true;
+      dispatch(c);
+      return false;
+    }
+    ++c->requests;
+    if (!c->listener->admin) ++requests;
+    c->close_after_write = !ok || connection_closed || close_connection || draining.load();
+    c->phase = Connection::Phase::writing;
+    c->deadline = SteadyClock::now() + cfg.timeouts.write;
+    return true;
+  }
+
   // advance moves a reactor-owned connection as far as it can go without blocking.
   void advance(Connection* c) {
     if (c->phase == Connection::Phase::handshake) {
-      ERR_clear_error();
-      int r = SSL_do_handshake(c->ssl.get());
-      if (r != 1) {
-        int err = SSL_get_error(c->ssl.get(), r);
-        if (err == SSL_ERROR_WANT_READ) return interest(c, EPOLLIN);
-        if (err == SSL_ERROR_WANT_WRITE) return interest(c, EPOLLOUT);
-        ERR_clear_error();
-        ++handshake_failed;
-        return reactor_close(c);
+      switch (handshake_step(c)) {
+        case Step::wait_read:
+          return interest(c, EPOLLIN);
+        case Step::wait_write:
+          return interest(c, EPOLLOUT);
+        case Step::failed:
+          ++handshake_failed;
+          return reactor_close(c);
+        case Step::done:
+          break;
       }
       c->phase = Connection::Phase::header;
       c->deadline = SteadyClock::now() + cfg.timeouts.header;
     }
     for (;;) {
+      if (c->phase == Connection::Phase::writing) {
+        switch (write_step(c)) {
+          case Step::wait_read:
+            return interest(c, EPOLLIN);
+          case Step::wait_write:
+            return interest(c, EPOLLOUT);
+          case Step::failed:
+            return reactor_close(c);
+          case Step::done:
+            break;
+        }
+        // A drain that began while the response was going out ends the connection too (the
+        // reactor's sweep of idle connections at the drain's start has passed it by).
+        if (c->close_after_write || draining.load()) return reactor_close(c);
+        next_request(*c);
+      }
       // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line.
       while (c->pos < c->buf.size() && (c->buf[c->pos] == '\r' || c->buf[c->pos] == '\n')) {
         ++c->pos;
@@ -846,7 +1230,15 @@ struct Server::Impl {
         c->buf.clear();
         c->pos = 0;
       }
-      if (detail::header_end(c->unread()) != 0) return dispatch(c);
+      if (std::size_t head = detail::header_end(c->unread()); head != 0) {
+        // Handlers that never block run here; anything that may wait goes to a worker.
+        if (c->listener->admin || c->prefer_worker ||
+            !request_fully_buffered(c->unread(), head)) {
+          return dispatch(c);
+        }
+        if (!serve_inline(c)) return;
+        continue;  // write the response
+      }
       if (c->unread().size() > cfg.max_header_bytes) {
         ++header_too_large;
         return reply_and_close(c,
@@ -882,11 +1274,15 @@ struct Server::Impl {
     }
   }
 
-  void on_accept(Listener& l) {
-    for (;;) {
+  // Connections accepted per listener wake-up: a reactor takes a few and leaves the rest of
+  // the queue to the others, so the handshakes spread over the cores.
+  static constexpr int kAcceptBatch = 8;
+
+  void on_accept(Reactor& r, Listener& l) {
+    for (int i = 0; i < kAcceptBatch; ++i) {
       sockaddr_storage ss{};
       socklen_t len = sizeof ss;
-      int fd = ::accept4(l.fd, reinterpret_cast<sockaddr*>(&ss), &len,
+      int fd = ::accept4(l.fd.load(), reinterpret_cast<sockaddr*>(&ss), &len,
                          SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
         if (errno == EINTR || errno == ECONNABORTED) continue;
@@ -894,7 +1290,7 @@ struct Server::Impl {
           // Out of descriptors: the listener stays readable, so stop polling it for a moment
           // instead of spinning.
           log->log(LogLevel::warn, kLog, "accept paused", {{"error", errno_text(errno)}});
-          pause_accept();
+          pause_accept(r);
         }
         return;
       }
@@ -907,13 +1303,19 @@ struct Server::Impl {
       auto c = std::make_unique<Connection>();
       c->fd = fd;
       c->listener = &l;
+      c->home = &r;
       int one = 1;
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       addr_to_text(ss, c->remote_ip, c->remote_port);
-      sockaddr_storage local{};
-      socklen_t local_len = sizeof local;
-      if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) == 0) {
-        addr_to_text(local, c->local_ip, c->local_port);
+      if (!l.wildcard) {
+        c->local_ip = l.address;
+        c->local_port = l.port;
+      } else {
+        sockaddr_storage local{};
+        socklen_t local_len = sizeof local;
+        if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) == 0) {
+          addr_to_text(local, c->local_ip, c->local_port);
+        }
       }
       auto now = SteadyClock::now();
       if (l.tls) {
@@ -931,46 +1333,51 @@ struct Server::Impl {
         c->deadline = now + cfg.timeouts.header;
       }
       Connection* raw = c.get();
-      owned.emplace(raw, std::move(c));
+      r.owned.emplace(raw, std::move(c));
+      // The client speaks first, but its ClientHello / request is often not here yet at
+      // accept: wait for epoll rather than try a read that would mostly fail.
       interest(raw, EPOLLIN);
     }
   }
 
-  void pause_accept() {
-    if (accept_paused) return;
+  void pause_accept(Reactor& r) {
+    if (r.accept_paused) return;
+    std::lock_guard lock(listen_mu);
     for (auto& l : listeners) {
-      if (l->fd >= 0) ::epoll_ctl(epoll_fd, EPOLL_CTL_DEL, l->fd, nullptr);
+      if (l->fd >= 0) ::epoll_ctl(r.epoll_fd, EPOLL_CTL_DEL, l->fd, nullptr);
     }
-    accept_paused = true;
-    accept_resume = SteadyClock::now() + milliseconds(100);
+    r.accept_paused = true;
+    r.accept_resume = SteadyClock::now() + milliseconds(100);
   }
 
-  void watch_listeners() {
+  void watch_listeners(Reactor& r) {
+    std::lock_guard lock(listen_mu);
     for (auto& l : listeners) {
       if (l->fd < 0) continue;
       epoll_event ev{};
-      ev.events = EPOLLIN;
+      // EPOLLEXCLUSIVE: one connection wakes one of the reactors blocked in epoll_wait, not all.
+      ev.events = EPOLLIN | EPOLLEXCLUSIVE;
       ev.data.ptr = static_cast<Pollable*>(l.get());
-      ::epoll_ctl(epoll_fd, EPOLL_CTL_ADD, l->fd, &ev);
+      ::epoll_ctl(r.epoll_fd, EPOLL_CTL_ADD, l->fd, &ev);
     }
   }
 
   // close_listeners closes the client listeners; the admin listener too when include_admin (at
-  // the end of the reactor), so /readyz keeps answering 503 while the drain runs.
+  // the very end), so /readyz keeps answering 503 while the drain runs. Closing a descriptor
+  // removes it from every reactor's epoll set.
   void close_listeners(bool include_admin) {
+    std::lock_guard lock(listen_mu);
     if (listeners_closed && !include_admin) return;
     listeners_closed = true;
     for (auto& l : listeners) {
       if (l->fd < 0 || (l->admin && !include_admin)) continue;
-      if (!accept_paused) ::epoll_ctl(epoll_fd, EPOLL_CTL_DEL, l->fd, nullptr);
-      ::close(l->fd);
-      l->fd = -1;
+      ::close(l->fd.exchange(-1));
     }
   }
 
-  void expire(SteadyClock::time_point now) {
+  void expire(Reactor& r, SteadyClock::time_point now) {
     std::vector<Connection*> expired;
-    for (auto& [raw, c] : owned) {
+    for (auto& [raw, c] : r.owned) {
       if (now >= c->deadline) expired.push_back(raw);
     }
     for (Connection* c : expired) {
@@ -978,6 +1385,9 @@ struct Server::Impl {
         // Admin connections stay out of the client counters.
       } else if (c->phase == Connection::Phase::handshake) {
         ++handshake_timeout;
+      } else if (c->phase == Connection::Phase::writing) {
+        // The client did not take its response within timeouts.write (no counter of its own,
+        // as on the worker path).
       } else if (c->keep_alive_wait && !c->header_started) {
         ++idle_closed;
       } else {
@@ -987,21 +1397,21 @@ struct Server::Impl {
     }
   }
 
-  void reactor_loop() {
+  void reactor_loop(Reactor& r) {
     std::vector<epoll_event> events(256);
     while (!stop_reactor.load()) {
       // 50 ms bounds how late a deadline fires; a timer wheel can replace the scan later.
-      int n = ::epoll_wait(epoll_fd, events.data(), static_cast<int>(events.size()), 50);
+      int n = ::epoll_wait(r.epoll_fd, events.data(), static_cast<int>(events.size()), 50);
       for (int i = 0; i < n; ++i) {
         auto* p = static_cast<Pollable*>(events[i].data.ptr);
         switch (p->kind) {
           case Pollable::Kind::wake: {
             uint64_t v;
-            [[maybe_unused]] auto r = ::read(wake_fd, &v, sizeof v);
+            [[maybe_unused]] auto rd = ::read(r.wake_fd, &v, sizeof v);
             break;
           }
           case Pollable::Kind::listener:
-            if (auto* l = static_cast<Listener*>(p); l->fd >= 0) on_accept(*l);
+            if (auto* l = static_cast<Listener*>(p); l->fd >= 0) on_accept(r, *l);
             break;
           case Pollable::Kind::connection: {
             auto* c = static_cast<Connection*>(p);
@@ -1012,40 +1422,49 @@ struct Server::Impl {
       }
       std::vector<std::unique_ptr<Connection>> returned;
       {
-        std::lock_guard lock(back_mu);
-        returned.swap(back);
+        std::lock_guard lock(r.back_mu);
+        returned.swap(r.back);
       }
       for (auto& c : returned) {
         Connection* raw = c.get();
-        owned.emplace(raw, std::move(c));
+        r.owned.emplace(raw, std::move(c));
+        if (draining.load() && !raw->header_started && !raw->listener->admin) {
+          reactor_close(raw);  // came back after the drain's sweep of idle connections
+          continue;
+        }
         // Bytes may already wait inside OpenSSL or our buffer, where epoll cannot see them.
         advance(raw);
       }
       auto now = SteadyClock::now();
-      if (accept_paused && now >= accept_resume) {
-        accept_paused = false;
-        watch_listeners();
+      if (r.accept_paused && now >= r.accept_resume) {
+        r.accept_paused = false;
+        watch_listeners(r);
       }
-      if (draining.load() && !listeners_closed) {
+      if (draining.load() && !r.drain_seen) {
+        r.drain_seen = true;
         close_listeners(false);
         // Client connections with no request under way have nothing to finish. Admin ones
         // stay: a probe that connected just now must still get its 503, and shutdown does not
         // wait for them.
         std::vector<Connection*> idle;
-        for (auto& [raw, c] : owned) {
+        for (auto& [raw, c] : r.owned) {
           if (!c->header_started && !c->listener->admin) idle.push_back(raw);
         }
         for (Connection* c : idle) reactor_close(c);
       }
-      expire(now);
-      graveyard.clear();
+      // Deadlines are checked every 50 ms, not after every batch of events: under load a batch
+      // is a handful of events and the scan would cost more than they do.
+      if (now >= r.next_expire_scan) {
+        expire(r, now);
+        r.next_expire_scan = now + milliseconds(50);
+      }
+      r.graveyard.clear();
     }
-    close_listeners(true);
-    for (auto& [raw, c] : owned) {
+    for (auto& [raw, c] : r.owned) {
       c->closed = true;
       close_socket(*c);
     }
-    owned.clear();
+    r.owned.clear();
   }
 
   // --- workers -------------------------------------------------------------------------------
@@ -1065,15 +1484,14 @@ struct Server::Impl {
   }
 
   void serve(std::unique_ptr<Connection> c) {
-    Router& router = c->listener->admin ? admin_router
-                     : c->listener->tls ? https_router
-                                        : http_router;
+    Router& router = router_for(*c);
     ConnStream stream(*c, cfg.timeouts.read, cfg.timeouts.write);
     for (;;) {
       bool close_connection =
           draining.load() || c->requests + 1 >= cfg.keep_alive_max_requests;
       bool connection_closed = false;
       bool ok = router.serve(stream, close_connection, connection_closed);
+      ok = stream.flush() && ok;
       ++c->requests;
       if (!c->listener->admin) ++requests;
       if (!ok || connection_closed || close_connection || draining.load()) {
@@ -1087,17 +1505,13 @@ struct Server::Impl {
       if (start != std::string_view::npos && detail::header_end(u.substr(start)) != 0) continue;
       break;
     }
-    c->compact();
-    c->phase = Connection::Phase::header;
-    c->header_started = !c->unread().empty();
-    c->keep_alive_wait = true;
-    c->deadline =
-        SteadyClock::now() + (c->header_started ? cfg.timeouts.header : cfg.timeouts.idle);
+    next_request(*c);
+    Reactor& home = *c->home;
     {
-      std::lock_guard lock(back_mu);
-      back.push_back(std::move(c));
+      std::lock_guard lock(home.back_mu);
+      home.back.push_back(std::move(c));
     }
-    wake();
+    home.wake();
   }
 };
 
@@ -1138,6 +1552,7 @@ Result<std::unique_ptr<Server>> Server::create(ServerConfig config,
     impl->admin_port = (*l)->port;
     impl->listeners.push_back(std::move(*l));
   }
+  impl->open_roots();
   impl->setup_routes();
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
@@ -1147,20 +1562,27 @@ Status Server::start() {
   if (m.started.load() || m.shut_down) {
     return fail(Errc::invalid_input, "server: start called twice or after shutdown");
   }
-  m.epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
-  m.wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (m.epoll_fd < 0 || m.wake_fd < 0) {
-    return fail(Errc::io, "server: epoll/eventfd: " + errno_text(errno));
+  for (std::size_t i = 0; i < m.reactor_count; ++i) {
+    auto r = std::make_unique<Reactor>();
+    r->epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
+    r->wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->epoll_fd < 0 || r->wake_fd < 0) {
+      m.reactors.clear();
+      return fail(Errc::io, "server: epoll/eventfd: " + errno_text(errno));
+    }
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.ptr = &r->wake_tag;
+    ::epoll_ctl(r->epoll_fd, EPOLL_CTL_ADD, r->wake_fd, &ev);
+    m.watch_listeners(*r);
+    m.reactors.push_back(std::move(r));
   }
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.ptr = &m.wake_tag;
-  ::epoll_ctl(m.epoll_fd, EPOLL_CTL_ADD, m.wake_fd, &ev);
-  m.watch_listeners();
   for (std::size_t i = 0; i < m.worker_count; ++i) {
     m.workers.emplace_back([&m] { m.worker_loop(); });
   }
-  m.reactor = std::thread([&m] { m.reactor_loop(); });
+  for (auto& r : m.reactors) {
+    r->thread = std::thread([&m, rp = r.get()] { m.reactor_loop(*rp); });
+  }
   m.started = true;
   for (const auto& l : m.listeners) {
     m.log->log(LogLevel::info, kLog, "listening",
@@ -1188,7 +1610,7 @@ void Server::shutdown(milliseconds drain) {
   }
   auto deadline = SteadyClock::now() + drain;
   m.draining = true;
-  m.wake();
+  m.wake_all();
   {
     std::unique_lock lock(m.open_mu);
     m.open_cv.wait_until(lock, deadline, [&] { return m.open_fds.empty(); });
@@ -1201,8 +1623,9 @@ void Server::shutdown(milliseconds drain) {
     for (int fd : m.admin_fds) ::shutdown(fd, SHUT_RDWR);
   }
   m.stop_reactor = true;
-  m.wake();
-  m.reactor.join();
+  m.wake_all();
+  for (auto& r : m.reactors) r->thread.join();
+  m.close_listeners(true);
   {
     std::lock_guard lock(m.work_mu);
     m.work_stop = true;
@@ -1212,8 +1635,10 @@ void Server::shutdown(milliseconds drain) {
   m.workers.clear();
   // A worker that looked at `draining` just before it was set may have handed a connection
   // back after the reactor left.
-  for (auto& c : m.back) m.close_socket(*c);
-  m.back.clear();
+  for (auto& r : m.reactors) {
+    for (auto& c : r->back) m.close_socket(*c);
+    r->back.clear();
+  }
   m.started = false;
   m.log->log(LogLevel::info, kLog, "stopped",
              {{"forced_closed", std::to_string(m.forced_closed.load())}});

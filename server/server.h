@@ -20,13 +20,16 @@ class ChallengeStore;
 
 namespace autotls::server {
 
-// Server owns its listening sockets, one reactor thread and a pool of worker threads.
+// Server owns its listening sockets, reactor threads (one per core by default) and a pool of
+// worker threads.
 //
-// The reactor accepts connections, runs TLS handshakes and reads request headers without
-// blocking; only a connection whose whole request header has arrived is given to a worker,
-// which runs the handler and writes the response, then gives a keep-alive connection back to
-// the reactor. A slow or silent client therefore never holds a worker: it holds one file
-// descriptor until its handshake / header / idle deadline closes it.
+// The reactors accept connections, run TLS handshakes and read request headers without
+// blocking. A complete request whose handler cannot block (small static files, redirects,
+// http-01) is answered by the reactor itself; anything else (reverse proxy, a body still to
+// come, large files, admin endpoints) is given to a worker, which runs the handler and writes
+// the response, then gives a keep-alive connection back to its reactor. A slow or silent
+// client therefore never holds a thread: it holds one file descriptor until its handshake /
+// header / idle / write deadline closes it.
 //
 // Thread-safety: create, start and shutdown are called from one controlling thread; the
 // accessors may be called from any thread.
@@ -41,7 +44,7 @@ class Server {
     std::uint64_t header_timeout = 0;       // request header not complete by its deadline
     std::uint64_t idle_closed = 0;          // keep-alive connection idle past timeouts.idle
     std::uint64_t header_too_large = 0;     // 431
-    std::uint64_t requests = 0;             // requests handled by workers
+    std::uint64_t requests = 0;             // requests answered (by a reactor or a worker)
     std::uint64_t forced_closed = 0;        // still open when the drain deadline passed
     std::uint64_t open_connections = 0;     // gauge
   };

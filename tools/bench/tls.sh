@@ -13,6 +13,15 @@
 # "swap" is "full" while tls_bench publishes a new certificate for bench.test 100 times a
 # second. Server CPU comes from /proc/PID/stat (utime + stime of nginx's master and workers /
 # of the tls_bench process) around each phase. The last line printed is one JSON object.
+# Then two more comparisons:
+#   many certificates: a second tls_bench holding N extra certificates (store_bench gen fixture,
+#     N = 100,000, or 1,000 with --quick; OpenSSL objects built before listening, --warm) is
+#     loaded by tls_bench's own client (wrk cannot vary SNI) with SNI drawn at random from the
+#     N names, against the one-certificate tls_bench with SNI bench.test, alternating; then
+#     once more "cold": the same N certificates with the default OpenSSL object cache (10,000)
+#     and nothing built in advance, as right after a start;
+#   reverse proxy: wrk keep-alive against nginx proxy_pass and a third tls_bench (--upstream),
+#     both to the same trivial upstream (one more nginx, 1 worker, plain HTTP, the 13-byte file).
 # Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_NICE (unset),
 # TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
 # (bounded by its -d) and clean up both servers.
@@ -32,6 +41,10 @@ if [ -n "${TLS_BENCH_NICE:-}" ]; then renice -n "$TLS_BENCH_NICE" -p $$ >/dev/nu
 bench_bin="$root/$build/tools/bench/tls_bench"
 [ -x "$bench_bin" ] || bench_bin="$build/tools/bench/tls_bench"
 [ -x "$bench_bin" ] || { echo "tls.sh: $bench_bin not built" >&2; exit 2; }
+store_bin="$(dirname "$bench_bin")/store_bench"
+many_n="${TLS_BENCH_MANY:-100000}"
+[ "$quick" = 1 ] && many_n="${TLS_BENCH_MANY:-1000}"
+fixture="$(cd "$(dirname "$bench_bin")/../.." && pwd)/fixtures/store-$many_n"
 
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
   echo "installing nginx-light and wrk" >&2
@@ -43,7 +56,16 @@ fi
 work="$(mktemp -d /tmp/tls-bench.XXXXXX)"
 nginx_pid=""
 autotls_pid=""
+extra_pids=()
 cleanup() {
+  local p
+  for p in "${extra_pids[@]}"; do
+    kill -TERM "$p" 2>/dev/null || true
+  done
+  for p in "${extra_pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
   if [ -n "$autotls_pid" ] && kill -0 "$autotls_pid" 2>/dev/null; then
     kill -TERM "$autotls_pid" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$autotls_pid" 2>/dev/null || break; sleep 0.1; done
@@ -84,6 +106,10 @@ echo "127.0.0.1 bench.test" > hosts
 # --- servers
 nginx_port=$(free_port)
 autotls_port=$(free_port)
+nginx_proxy_port=$(free_port)
+autotls_proxy_port=$(free_port)
+autotls_many_port=$(free_port)
+upstream_port=$(free_port)
 mkdir -p nginx/logs nginx/tmp
 cat > nginx/nginx.conf <<EOF
 user root;
@@ -111,13 +137,52 @@ http {
     root $work/www;
     index index.html;
   }
+  server {
+    listen 127.0.0.1:$nginx_proxy_port ssl;
+    server_name bench.test;
+    ssl_certificate $work/a.pem;
+    ssl_certificate_key $work/a.key;
+    ssl_protocols TLSv1.3;
+    location / { proxy_pass http://127.0.0.1:$upstream_port; }
+  }
+}
+EOF
+# The trivial upstream both proxies forward to: its own nginx, so its CPU counts for neither.
+mkdir -p upstream/logs upstream/tmp
+cat > upstream/nginx.conf <<EOF
+user root;
+worker_processes 1;
+daemon off;
+pid $work/upstream/nginx.pid;
+error_log $work/upstream/logs/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $work/upstream/tmp/body;
+  proxy_temp_path $work/upstream/tmp/proxy;
+  fastcgi_temp_path $work/upstream/tmp/fastcgi;
+  uwsgi_temp_path $work/upstream/tmp/uwsgi;
+  scgi_temp_path $work/upstream/tmp/scgi;
+  default_type text/html;
+  keepalive_requests 100000;
+  server {
+    listen 127.0.0.1:$upstream_port;
+    root $work/www;
+    index index.html;
+  }
 }
 EOF
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" 2>>"$work/nginx/logs/stderr" &
 nginx_pid=$!
+nginx -p "$work/upstream" -c "$work/upstream/nginx.conf" 2>>"$work/upstream/logs/stderr" &
+extra_pids+=($!)
 "$bench_bin" --port "$autotls_port" --root "$work/www" --cert a.pem --key a.key \
   --cert2 b.pem --key2 b.key --swaps-per-s "$swaps_per_s" > autotls.out 2> autotls.err &
 autotls_pid=$!
+"$bench_bin" --port "$autotls_proxy_port" --root "$work/www" --cert a.pem --key a.key \
+  --upstream "http://127.0.0.1:$upstream_port" > autotls-proxy.out 2> autotls-proxy.err &
+autotls_proxy_pid=$!
+extra_pids+=($autotls_proxy_pid)
 
 wait_port() {
   for _ in $(seq 100); do
@@ -129,6 +194,8 @@ wait_port() {
 }
 wait_port "$nginx_port" || { cat "$work/nginx/logs/"* >&2; exit 2; }
 wait_port "$autotls_port" || { cat autotls.err >&2; exit 2; }
+wait_port "$autotls_proxy_port" || { cat autotls-proxy.err >&2; exit 2; }
+wait_port "$upstream_port" || { cat "$work/upstream/logs/"* >&2; exit 2; }
 
 # wrk resolves bench.test through /etc/hosts, so SNI and Host are bench.test: a private mount
 # namespace gives wrk alone a hosts file with that name. Without unshare, fall back to the
@@ -173,9 +240,14 @@ task_ticks() {  # task_ticks PID: "TID TICKS" per thread
   done | sort
 }
 
-phase() {  # phase NAME SERVER(nginx|autotls) MODE(full|keepalive)
+phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(full|keepalive)
   local name=$1 server=$2 mode=$3 port pids args=()
-  if [ "$server" = nginx ]; then port=$nginx_port; pids=$(nginx_pids); else port=$autotls_port; pids=$autotls_pid; fi
+  case "$server" in
+    nginx) port=$nginx_port; pids=$(nginx_pids) ;;
+    nginx_proxy) port=$nginx_proxy_port; pids=$(nginx_pids); server=nginx ;;
+    autotls_proxy) port=$autotls_proxy_port; pids=$autotls_proxy_pid ;;
+    *) port=$autotls_port; pids=$autotls_pid ;;
+  esac
   [ "$mode" = full ] && args=(-H "Connection: close")
   local t0 t1 s0 s1 w busiest=null
   t0=$(cpu_ticks $pids)
@@ -187,7 +259,7 @@ phase() {  # phase NAME SERVER(nginx|autotls) MODE(full|keepalive)
   s1=$(date +%s.%N)
   t1=$(cpu_ticks $pids)
   if [ "$server" = autotls ]; then
-    # The busiest thread's ticks: the reactor, which runs every TLS handshake.
+    # The busiest thread's ticks: with one reactor per core, no thread should carry most of it.
     task_ticks "$autotls_pid" > "tasks1-$name"
     busiest=$(join "tasks0-$name" "tasks1-$name" | awk '{ d = $3 - $2; if (d > m) m = d } END { print m + 0 }')
   fi
@@ -213,6 +285,95 @@ phase nginx_full_2 nginx full
 phase nginx_keepalive nginx keepalive
 phase autotls_keepalive autotls keepalive
 
+# --- reverse proxy, keep-alive clients, a new upstream connection per request on both sides
+# (nginx proxy_pass defaults; autotls has no upstream pool yet).
+run_wrk "$autotls_proxy_port" 1 >/dev/null 2>&1 || true
+phase nginx_proxy nginx_proxy keepalive
+phase autotls_proxy autotls_proxy keepalive
+
+# --- many certificates: random SNI over many_n names vs one name, same client.
+many_json="{}"
+if [ ! -f "$fixture/complete" ]; then
+  if [ -x "$store_bin" ]; then
+    echo "generating $many_n certificates in $fixture (cached for later runs)" >&2
+    rm -rf "$fixture"
+    "$store_bin" gen "$fixture" "$many_n" >&2
+  else
+    echo "tls.sh: $store_bin not built, many-certificate phases skipped" >&2
+  fi
+fi
+if [ -f "$fixture/complete" ]; then
+  "$bench_bin" --port "$autotls_many_port" --root "$work/www" --cert a.pem --key a.key \
+    --store "$fixture" --cache $((many_n + 1000)) --warm > autotls-many.out 2> autotls-many.err &
+  many_pid=$!
+  extra_pids+=($many_pid)
+  for _ in $(seq 3000); do grep -q listening autotls-many.out 2>/dev/null && break; sleep 0.2; done
+  echo "many: $(cat autotls-many.err)" >&2
+  client_phase() {  # client_phase NAME PID PORT ARGS...
+    local name=$1 pid=$2 port=$3 t0 t1
+    shift 3
+    t0=$(cpu_ticks "$pid")
+    "$bench_bin" client --port "$port" --threads 2 --secs "$secs" "$@" > "client-$name.json"
+    t1=$(cpu_ticks "$pid")
+    echo "{\"cpu_ticks\": $((t1 - t0)), \"load\": \"$(cut -d' ' -f1 /proc/loadavg)\"}" > "client-cpu-$name.json"
+    echo "$name: $(cat "client-$name.json") cpu_ticks=$((t1 - t0))" >&2
+  }
+  "$bench_bin" client --port "$autotls_many_port" --threads 2 --secs 1 --names-dir "$fixture/live" >/dev/null
+  rounds=2
+  [ "$quick" = 1 ] && rounds=1
+  for r in $(seq "$rounds"); do
+    client_phase "one_cert_$r" "$autotls_pid" "$autotls_port" --name bench.test
+    client_phase "many_certs_$r" "$many_pid" "$autotls_many_port" --names-dir "$fixture/live"
+  done
+  kill -TERM "$many_pid" 2>/dev/null || true
+  wait "$many_pid" 2>/dev/null || true
+  # Cold: the same store with the library's default OpenSSL object cache (10,000) and nothing
+  # built beforehand, as a server right after start-up: first uses and evictions rebuild.
+  "$bench_bin" --port "$autotls_many_port" --root "$work/www" --cert a.pem --key a.key \
+    --store "$fixture" > autotls-cold.out 2> autotls-cold.err &
+  cold_pid=$!
+  extra_pids+=($cold_pid)
+  for _ in $(seq 3000); do grep -q listening autotls-cold.out 2>/dev/null && break; sleep 0.2; done
+  client_phase "cold_1" "$cold_pid" "$autotls_many_port" --names-dir "$fixture/live"
+  kill -TERM "$cold_pid" 2>/dev/null || true
+  wait "$cold_pid" 2>/dev/null || true
+  many_json=$(python3 - "$work" "$rounds" "$many_n" "$(getconf CLK_TCK)" "$(grep listening autotls-many.out | tail -n 1)" "$(grep accepted autotls-many.out | tail -n 1)" "$(grep accepted autotls-cold.out | tail -n 1)" <<'PY'
+import json, os, sys
+work, rounds, n, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+store = json.loads(sys.argv[5] or "{}").get("store", {}); counters = json.loads(sys.argv[6] or "{}")
+cold_counters = json.loads(sys.argv[7] or "{}")
+def load(kind):
+  rs = []
+  for r in range(1, (1 if kind == "cold" else rounds) + 1):
+    c = json.load(open(os.path.join(work, "client-%s_%d.json" % (kind, r))))
+    c.update(json.load(open(os.path.join(work, "client-cpu-%s_%d.json" % (kind, r)))))
+    rs.append(c)
+  return rs
+one, many = load("one_cert"), load("many_certs")
+def rate(rs): return round(sum(r["rate"] for r in rs) / len(rs), 1)
+def cpu(rs):
+  h = sum(r["handshakes"] for r in rs)
+  return round(sum(r["cpu_ticks"] for r in rs) / hz / h * 1e6, 1) if h else None
+out = {"certificates": n, "one_cert_handshakes_per_s": rate(one), "many_certs_handshakes_per_s": rate(many),
+       "many_certs_ratio": round(rate(many) / rate(one), 3) if rate(one) else None,
+       "one_cert_cpu_us_per_handshake": cpu(one), "many_certs_cpu_us_per_handshake": cpu(many),
+       "failures": sum(r["failures"] for r in one + many),
+       "rounds": [{"one": o["rate"], "many": m["rate"]} for o, m in zip(one, many)],
+       "store": store}
+if counters and store:
+  out["openssl_cache_builds_while_serving"] = counters.get("openssl_cache_builds", 0) - store.get("openssl_cache_builds", 0)
+cold = load("cold")[:1] if os.path.exists(os.path.join(work, "client-cold_1.json")) else []
+if cold:
+  out["cold_default_cache_handshakes_per_s"] = rate(cold)
+  out["cold_ratio_vs_one_cert"] = round(rate(cold) / rate(one), 3) if rate(one) else None
+  out["cold_cpu_us_per_handshake"] = cpu(cold)
+  out["cold_openssl_cache_builds"] = cold_counters.get("openssl_cache_builds")
+  out["cold_openssl_cache_evictions"] = cold_counters.get("openssl_cache_evictions")
+print(json.dumps(out))
+PY
+)
+fi
+
 swap_json=$(grep '"swaps"' autotls.out | tail -n 1 || true)
 kill -TERM "$autotls_pid" 2>/dev/null || true
 wait "$autotls_pid" 2>/dev/null || true
@@ -220,10 +381,11 @@ autotls_pid=""
 counters_json=$(grep '"accepted"' autotls.out | tail -n 1 || true)
 echo "autotls counters: $counters_json" >&2
 
-python3 - "$work" "$secs" "$conns" "$threads" "$swaps_per_s" "$host" "${swap_json:-{\}}" "${counters_json:-{\}}" "$(getconf CLK_TCK)" <<'PY'
+python3 - "$work" "$secs" "$conns" "$threads" "$swaps_per_s" "$host" "${swap_json:-{\}}" "${counters_json:-{\}}" "$(getconf CLK_TCK)" "$many_json" <<'PY'
 import json, os, re, sys
 work, secs, conns, threads, swaps_per_s, host = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 swap = json.loads(sys.argv[7] or "{}"); counters = json.loads(sys.argv[8] or "{}"); hz = int(sys.argv[9])
+many = json.loads(sys.argv[10] or "{}")
 notes = []
 
 def wrk(name):
@@ -254,7 +416,7 @@ def wrk(name):
 
 ph = {k: wrk(k) for k in ["nginx_full_1", "autotls_full_1", "autotls_swap_1", "autotls_full_2",
                            "autotls_swap_2", "autotls_full_3", "nginx_full_2", "nginx_keepalive",
-                           "autotls_keepalive"]}
+                           "autotls_keepalive", "nginx_proxy", "autotls_proxy"]}
 swap_names = ["autotls_swap_1", "autotls_swap_2"]
 a_full_names = ["autotls_full_1", "autotls_full_2", "autotls_full_3"]
 
@@ -308,6 +470,12 @@ out = {
   "keepalive_cpu_ratio_vs_nginx": ratio(cpu_per(["nginx_keepalive"]), cpu_per(["autotls_keepalive"])),
   # CPU per handshake without swaps / with swaps: below 1 means swaps cost CPU.
   "swap_cpu_ratio": ratio(cpu_per(a_full_names), cpu_per(swap_names)),
+  "proxy_requests_per_s": ph["autotls_proxy"]["rate"],
+  "nginx_proxy_requests_per_s": ph["nginx_proxy"]["rate"],
+  "proxy_ratio_vs_nginx": ratio(ph["autotls_proxy"]["rate"], ph["nginx_proxy"]["rate"]),
+  "cpu_us_per_request_proxy": cpu_per(["autotls_proxy"]),
+  "nginx_cpu_us_per_request_proxy": cpu_per(["nginx_proxy"]),
+  "many_certs": many,
   # The busiest autotls thread's share of the process's CPU in the full-handshake phases.
   "autotls_busiest_thread_share_full": ratio(sum(ph[n]["busiest_thread_cpu_s"] for n in a_full_names),
                                              sum(ph[n]["cpu_s"] for n in a_full_names)),
@@ -316,7 +484,7 @@ out = {
   "autotls_counters": counters,
   "phases": {n: {k: ph[n][k] for k in ["rate", "requests", "socket_errors", "non_2xx", "latency_avg", "cpu_s", "loadavg"]} for n in ph},
   "setup": {"secs_per_phase": secs, "wrk": "-t%d -c%d" % (threads, conns), "tls": "1.3", "cert": "ECDSA P-256 leaf + CA",
-            "body_bytes": 13, "nginx_workers": 2, "autotls_workers": "default (max(8, 2 x cores))", "sni": host,
+            "body_bytes": 13, "nginx_workers": 2, "autotls_threads": "defaults: one reactor per core, max(8, 2 x cores) workers", "sni": host,
             "swaps_per_s_asked": swaps_per_s},
   "nice": int(os.environ.get("TLS_BENCH_NICE") or 0),
   "notes": notes,

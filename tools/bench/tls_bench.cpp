@@ -2,7 +2,20 @@
 // fixed certificate, for tools/bench/tls.sh to load with wrk and compare with nginx.
 //
 //   tls_bench --port P --root DIR --cert A.pem --key A.key [--cert2 B.pem --key2 B.key]
-//             [--swaps-per-s N] [--workers N]
+//             [--swaps-per-s N] [--workers N] [--reactors N]
+//             [--store DIR [--cache N] [--warm]] [--upstream URL]
+//   tls_bench client --port P (--name NAME | --names-dir DIR) --threads T --secs S
+//
+// --store DIR also loads every certificate of a certbot-layout DIR/live (store_bench gen),
+// --cache sets the OpenSSL object cache capacity (default: the library's) and --warm builds
+// every certificate's OpenSSL objects before listening (what a long-running server has done by
+// the time each name has been seen once). --upstream serves every request by reverse proxy to
+// URL instead of the static root.
+//
+// client mode is the load generator for the many-certificates benchmark (wrk cannot vary SNI):
+// T threads, each in a loop: connect, full TLS handshake (no resumption, no verification, like
+// wrk) with SNI drawn at random from DIR's names (a label under each wildcard) or NAME, one
+// GET with Connection: close, read to EOF. Prints {"handshakes", "failures", "rate"}.
 //
 // No ACME and no storage: the certificate is published into a tlsreload::CertStore directly
 // (and made the default). The server uses the library's production defaults (workers, limits,
@@ -12,7 +25,14 @@
 //   SIGINT / SIGTERM  shut down (prints the server counters as one JSON line)
 // It prints {"listening": PORT} on stdout once the server is started.
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <openssl/ssl.h>
 
 #include <atomic>
 #include <chrono>
@@ -24,12 +44,15 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <random>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "server/server.h"
 #include "tlsreload/certificate.h"
+#include "tlsreload/loader.h"
 #include "tlsreload/store.h"
 
 namespace {
@@ -55,13 +78,107 @@ std::shared_ptr<const tlsreload::Certificate> load(const std::string& cert, cons
   return *c;
 }
 
+// client_once: one connection, one full handshake, one request; true when a 200 came back.
+bool client_once(SSL_CTX* ctx, int port, const std::string& name) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bool ok = false;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    SSL* ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    SSL_set_tlsext_host_name(ssl, name.c_str());
+    if (SSL_connect(ssl) == 1) {
+      std::string req = "GET / HTTP/1.1\r\nHost: " + name + "\r\nConnection: close\r\n\r\n";
+      if (SSL_write(ssl, req.data(), static_cast<int>(req.size())) > 0) {
+        std::string got;
+        char buf[4096];
+        int n;
+        while ((n = SSL_read(ssl, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
+        ok = got.rfind("HTTP/1.1 200", 0) == 0;
+      }
+    }
+    SSL_free(ssl);
+  }
+  ::close(fd);
+  return ok;
+}
+
+int client_main(int argc, char** argv) {
+  int port = 0, threads = 2;
+  double secs = 5;
+  std::string name, names_dir;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) die(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--port") port = std::stoi(next());
+    else if (a == "--name") name = next();
+    else if (a == "--names-dir") names_dir = next();
+    else if (a == "--threads") threads = std::stoi(next());
+    else if (a == "--secs") secs = std::stod(next());
+    else die("client: unknown option " + a);
+  }
+  std::vector<std::string> names;
+  if (!names_dir.empty()) {
+    for (const auto& e : std::filesystem::directory_iterator(names_dir)) {
+      std::string n = e.path().filename().string();
+      if (n.rfind("_wildcard_.", 0) == 0) n.replace(0, 10, "x");  // "x.<rest>" under "*.<rest>"
+      names.push_back(n);
+    }
+  } else {
+    names.push_back(name);
+  }
+  if (names.empty() || port == 0) die("client: needs --port and --name or a non-empty --names-dir");
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+  std::atomic<std::uint64_t> done{0}, failed{0};
+  auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(secs);
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(static_cast<std::uint64_t>(t) * 7919 + 1);
+      std::uniform_int_distribution<std::size_t> pick(0, names.size() - 1);
+      while (std::chrono::steady_clock::now() < until) {
+        if (client_once(ctx, port, names[pick(rng)])) ++done;
+        else ++failed;
+      }
+    });
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  for (auto& t : ts) t.join();
+  double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::cout << json{{"handshakes", done.load()}, {"failures", failed.load()},
+                    {"names", names.size()}, {"rate", double(done.load()) / wall}}
+                   .dump()
+            << std::endl;
+  SSL_CTX_free(ctx);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "client") return client_main(argc, argv);
   int port = 0;
   std::string root, cert, key, cert2, key2;
   double swaps_per_s = 100;
-  std::size_t workers = 0;
+  std::size_t workers = 0, reactors = 0;
+  std::string store_dir, upstream;
+  long cache = -1;
+  bool warm = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -76,6 +193,11 @@ int main(int argc, char** argv) {
     else if (a == "--key2") key2 = next();
     else if (a == "--swaps-per-s") swaps_per_s = std::stod(next());
     else if (a == "--workers") workers = std::stoul(next());
+    else if (a == "--reactors") reactors = std::stoul(next());
+    else if (a == "--store") store_dir = next();
+    else if (a == "--cache") cache = std::stol(next());
+    else if (a == "--warm") warm = true;
+    else if (a == "--upstream") upstream = next();
     else die("unknown option " + a);
   }
   if (root.empty() || cert.empty() || key.empty()) die("usage: tls_bench --port P --root DIR --cert PEM --key PEM ...");
@@ -93,16 +215,46 @@ int main(int argc, char** argv) {
   if (!cert2.empty()) b = load(cert2, key2);
   if (auto st = store->publish(a); !st) die("publish: " + st.error().message);
   if (auto st = store->set_default(a); !st) die("set_default: " + st.error().message);
+  json loaded;
+  if (!store_dir.empty()) {
+    if (cache >= 0) tlsreload::set_openssl_cache_capacity(static_cast<std::size_t>(cache));
+    auto t0 = std::chrono::steady_clock::now();
+    auto report = tlsreload::load_directory(std::filesystem::path(store_dir) / "live");
+    if (!report) die("load " + store_dir + ": " + report.error().message);
+    std::size_t n = tlsreload::publish_all(*store, *report);
+    double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    double warm_s = 0;
+    if (warm) {
+      auto t1 = std::chrono::steady_clock::now();
+      auto& certs = report->certificates;
+      std::atomic<std::size_t> next{0};
+      std::vector<std::thread> ts;
+      for (unsigned t = 0; t < std::max(1u, std::thread::hardware_concurrency()); ++t) {
+        ts.emplace_back([&] {
+          for (std::size_t i; (i = next++) < certs.size();) (void)certs[i]->openssl();
+        });
+      }
+      for (auto& t : ts) t.join();
+      warm_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+    }
+    auto stats = tlsreload::openssl_cache_stats();
+    loaded = {{"loaded", n}, {"load_s", load_s}, {"warm_s", warm_s},
+              {"openssl_cache_capacity", stats.capacity}, {"openssl_cache_size", stats.size},
+              {"openssl_cache_builds", stats.builds}};
+    std::cerr << "tls_bench: " << loaded.dump() << "\n";
+  }
 
   server::ServerConfig cfg;
   cfg.https = {{"127.0.0.1", port}};
   cfg.http = {};
   cfg.default_site = server::StaticSite{root};
+  if (!upstream.empty()) cfg.default_site = server::ProxySite{upstream};
   if (workers) cfg.worker_threads = workers;
+  if (reactors) cfg.reactor_threads = reactors;
   auto srv = server::Server::create(cfg, store, nullptr, nullptr);
   if (!srv) die("create: " + srv.error().message);
   if (auto st = (*srv)->start(); !st) die("start: " + st.error().message);
-  std::cout << json{{"listening", (*srv)->https_port()}}.dump() << std::endl;
+  std::cout << json{{"listening", (*srv)->https_port()}, {"store", loaded}}.dump() << std::endl;
 
   std::mutex mu;
   std::condition_variable cv;
@@ -167,7 +319,9 @@ int main(int argc, char** argv) {
                     {"requests", c.requests},
                     {"handshake_failed", c.handshake_failed},
                     {"handshake_timeout", c.handshake_timeout},
-                    {"rejected_over_capacity", c.rejected_over_capacity}}
+                    {"rejected_over_capacity", c.rejected_over_capacity},
+                    {"openssl_cache_builds", tlsreload::openssl_cache_stats().builds},
+                    {"openssl_cache_evictions", tlsreload::openssl_cache_stats().evictions}}
                    .dump()
             << std::endl;
   return 0;

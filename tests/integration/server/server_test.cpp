@@ -467,12 +467,137 @@ TEST_SUITE("server") {
       CHECK((p.status == 400 || p.status == 404));
       CHECK(p.body.find("secret") == std::string::npos);
     }
+    // Symlinks: followed while they stay under the root (relative, absolute, through a
+    // directory), refused when they leave it, whichever resolution path (openat2 or canonical)
+    // answers.
+    fs::create_directories(env.dir / "outside");
+    std::ofstream(env.dir / "outside" / "x.txt") << "secret";
+    fs::create_symlink("css/site.css", env.dir / "www" / "rel.css");
+    fs::create_symlink(env.dir / "www" / "css" / "site.css", env.dir / "www" / "abs.css");
+    fs::create_symlink("../css", env.dir / "www" / "css" / "up");
+    fs::create_symlink(env.dir / "secret.txt", env.dir / "www" / "escape.txt");
+    fs::create_symlink("../outside", env.dir / "www" / "escdir");
+    for (std::string ok : {"/rel.css", "/abs.css", "/css/up/site.css"}) {
+      CAPTURE(ok);
+      auto p = get(ok);
+      CHECK(p.status == 200);
+      CHECK(p.body == "body{}");
+    }
+    for (std::string bad : {"/escape.txt", "/escdir/x.txt"}) {
+      CAPTURE(bad);
+      auto p = get(bad);
+      CHECK(p.status == 404);
+      CHECK(p.body.find("secret") == std::string::npos);
+    }
+    // A file larger than a reactor serves itself (64 KiB) is streamed by a worker; a small one
+    // after it is served by the reactor again.
+    std::string big(300 * 1024, 'b');
+    for (std::size_t i = 0; i < big.size(); i += 997) big[i] = static_cast<char>('a' + i % 26);
+    std::ofstream(env.dir / "www" / "big.bin", std::ios::binary) << big;
+    for (int i = 0; i < 2; ++i) {
+      auto p = get("/big.bin");
+      CHECK(p.status == 200);
+      CHECK(p.body == big);
+    }
+    CHECK(get("/css/site.css").body == "body{}");
     auto post = curl_request(base + "/", {"static.test"}, port, env.ca_file, "POST", "x");
     CHECK(post.status == 405);
     // An unknown host with no default site.
     auto other = curl_request("https://other.test:" + std::to_string(port) + "/",
                               {"other.test"}, port, {}, "GET");
     CHECK(other.code != CURLE_OK);  // no certificate for other.test: handshake refused
+  }
+
+  TEST_CASE("pipelined requests on one connection mix reactor and worker handlers in order") {
+    // Static (served on the reactor), proxied with a body (sent on to a worker), a body that
+    // arrives later (worker), then static again: all on one kept-alive connection, in order.
+    Upstream up;
+    Env env("pipeline");
+    env.publish({"s.test"});
+    fs::create_directories(env.dir / "www");
+    std::ofstream(env.dir / "www" / "a.txt") << "AAA";
+    ServerConfig cfg = Env::base_config();
+    cfg.redirect_to_https = false;
+    cfg.sites["s.test"] = StaticSite{env.dir / "www"};
+    cfg.sites["p.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up.port)};
+    env.start(cfg);
+    int fd = connect_to(env.server->http_port());
+    REQUIRE(fd >= 0);
+    timeval tv{5, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    std::string first =
+        "GET /a.txt HTTP/1.1\r\nHost: s.test\r\n\r\n"
+        "POST /echo HTTP/1.1\r\nHost: p.test\r\nContent-Length: 5\r\n\r\nhello"
+        "GET /a.txt HTTP/1.1\r\nHost: s.test\r\n\r\n"
+        "POST /echo HTTP/1.1\r\nHost: p.test\r\nContent-Length: 4\r\n\r\nwo";
+    REQUIRE(::send(fd, first.data(), first.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(first.size()));
+    std::this_thread::sleep_for(milliseconds(100));
+    std::string rest = "rd" "GET /a.txt HTTP/1.1\r\nHost: s.test\r\nConnection: close\r\n\r\n";
+    REQUIRE(::send(fd, rest.data(), rest.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(rest.size()));
+    std::string got;
+    char buf[4096];
+    for (;;) {
+      ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      got.append(buf, static_cast<size_t>(n));
+    }
+    ::close(fd);
+    std::vector<std::string> statuses, bodies;
+    for (std::size_t pos = 0; (pos = got.find("HTTP/1.1 ", pos)) != std::string::npos;) {
+      statuses.push_back(got.substr(pos + 9, 3));
+      auto head_end = got.find("\r\n\r\n", pos);
+      auto cl = got.find("Content-Length: ", pos);
+      REQUIRE(head_end != std::string::npos);
+      REQUIRE(cl != std::string::npos);
+      auto len = std::stoul(got.substr(cl + 16));
+      bodies.push_back(got.substr(head_end + 4, len));
+      pos = head_end + 4 + len;
+    }
+    CAPTURE(got);
+    CHECK(statuses == std::vector<std::string>{"200", "201", "200", "201", "200"});
+    CHECK(bodies == std::vector<std::string>{"AAA", "method=POST;body=hello", "AAA",
+                                             "method=POST;body=word", "AAA"});
+    CHECK(env.server->counters().requests == 5);
+  }
+
+  TEST_CASE("a client that stops reading is closed at the write deadline") {
+    // Responses a reactor writes itself wait for the socket without blocking anything, and
+    // only until timeouts.write.
+    Env env("writedeadline");
+    env.publish({"s.test"});
+    fs::create_directories(env.dir / "www");
+    std::ofstream(env.dir / "www" / "f.bin", std::ios::binary) << std::string(60 * 1024, 'x');
+    ServerConfig cfg = Env::base_config();
+    cfg.redirect_to_https = false;
+    cfg.sites["s.test"] = StaticSite{env.dir / "www"};
+    cfg.timeouts.write = milliseconds(500);
+    env.start(cfg);
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    int small = 4096;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(env.server->http_port()));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    std::string reqs;
+    // 300 x 60 KiB = 18 MB, more than any socket buffer takes.
+    for (int i = 0; i < 300; ++i) reqs += "GET /f.bin HTTP/1.1\r\nHost: s.test\r\n\r\n";
+    REQUIRE(::send(fd, reqs.data(), reqs.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(reqs.size()));
+    // A normal client is answered meanwhile.
+    auto r = curl_request("http://s.test:" + std::to_string(env.server->http_port()) + "/f.bin",
+                          {"s.test"}, env.server->http_port(), {});
+    CHECK(r.status == 200);
+    CHECK(r.body.size() == 60 * 1024);
+    auto start = std::chrono::steady_clock::now();
+    while (env.server->counters().open_connections > 0 &&
+           std::chrono::steady_clock::now() - start < std::chrono::seconds(5)) {
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    auto waited = std::chrono::steady_clock::now() - start;
+    CHECK(env.server->counters().open_connections == 0);
+    CHECK(waited < std::chrono::seconds(3));
+    ::close(fd);
   }
 
   TEST_CASE("reverse proxy forwards with x-forwarded headers and maps upstream failures") {
