@@ -29,7 +29,9 @@
 #include <openssl/ssl.h>
 
 #include "acme/util/openssl.h"
+#include "server/detail/access_log.h"
 #include "server/detail/http_util.h"
+#include "server/detail/tickets.h"
 #include "tlsreload/challenges.h"
 #include "tlsreload/openssl_hook.h"
 #include "tlsreload/store.h"
@@ -84,6 +86,10 @@ void addr_to_text(const sockaddr_storage& ss, std::string& ip, int& port) {
   }
   ip = buf;
 }
+
+// t_request_start is when the current request's header was parsed on this worker thread (set
+// by the pre-routing handler, read by the logger after the response is written).
+thread_local SteadyClock::time_point t_request_start{};
 
 // Pollable is what an epoll event points at: a listener, the wake-up eventfd, or a connection.
 struct Pollable {
@@ -256,6 +262,30 @@ class Router final : public httplib::Server {
   }
 };
 
+// Routing is the part of the configuration that SIGHUP / Server::reload may replace while
+// requests run: a request takes one snapshot when its handler starts and keeps it to the end.
+struct Routing {
+  std::map<std::string, Site> sites;
+  std::optional<Site> default_site;
+  std::chrono::seconds hsts_max_age{0};
+  bool hsts_include_subdomains = false;
+  bool redirect_to_https = true;
+  int redirect_port = 0;
+  AccessLog access_log;
+
+  static std::shared_ptr<const Routing> from(const ServerConfig& c) {
+    auto r = std::make_shared<Routing>();
+    r->sites = c.sites;
+    r->default_site = c.default_site;
+    r->hsts_max_age = c.hsts_max_age;
+    r->hsts_include_subdomains = c.hsts_include_subdomains;
+    r->redirect_to_https = c.redirect_to_https;
+    r->redirect_port = c.redirect_port;
+    r->access_log = c.access_log;
+    return r;
+  }
+};
+
 }  // namespace
 
 struct Server::Impl {
@@ -264,7 +294,11 @@ struct Server::Impl {
   std::shared_ptr<tlsreload::ChallengeStore> challenges;
   Logger* log = &null_logger();
 
+  // Declared before ssl_ctx so it outlives the SSL_CTX whose ticket callback points at it.
+  std::unique_ptr<detail::TicketKeyRing> tickets;
   ossl::SslCtxPtr ssl_ctx;
+  mutable std::mutex routing_mu;
+  std::shared_ptr<const Routing> routing_ptr;
   std::vector<std::unique_ptr<Listener>> listeners;
   int https_port = 0;
   int http_port = 0;
@@ -311,6 +345,7 @@ struct Server::Impl {
   std::atomic<bool> stop_reactor{false};
   bool shut_down = false;
 
+  detail::LatencyHistogram latency;  // client requests, header parsed -> response written
   std::atomic<std::uint64_t> accepted{0}, rejected{0}, handshake_failed{0},
       handshake_timeout{0}, header_timeout{0}, idle_closed{0}, header_too_large{0},
       requests{0}, forced_closed{0};
@@ -349,12 +384,29 @@ struct Server::Impl {
                   "server config: max_connections, keep_alive_max_requests and backlog must be "
                   "positive, max_header_bytes at least 256");
     }
+    unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    worker_count = cfg.worker_threads ? cfg.worker_threads : std::max<std::size_t>(8, 2 * cores);
+    if (cfg.tickets.enabled &&
+        (cfg.tickets.rotate_every.count() <= 0 || cfg.tickets.lifetime.count() <= 0)) {
+      return fail(Errc::invalid_input,
+                  "server config: tickets.rotate_every and tickets.lifetime must be positive");
+    }
+    if (auto st = resolve_routing(cfg); !st) return st;
+    routing_ptr = Routing::from(cfg);
+    return {};
+  }
+
+  // resolve_routing checks the reloadable part of c (site names, static roots, upstreams,
+  // redirect port, access log format) and makes static roots canonical.
+  static Status resolve_routing(ServerConfig& cfg) {
     if (cfg.redirect_port < 0 || cfg.redirect_port > 65535) {
       return fail(Errc::invalid_input, "server config: bad redirect_port");
     }
-    unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-    worker_count = cfg.worker_threads ? cfg.worker_threads : std::max<std::size_t>(8, 2 * cores);
-
+    if (cfg.access_log.enabled && cfg.access_log.format != "json" &&
+        cfg.access_log.format != "combined") {
+      return fail(Errc::invalid_input, "server config: access log format '" +
+                                           cfg.access_log.format + "' (json or combined)");
+    }
     std::map<std::string, Site> sites;
     for (auto& [name, site] : cfg.sites) {
       auto host = detail::host_of(name);
@@ -452,7 +504,18 @@ struct Server::Impl {
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
     static constexpr unsigned char kSidCtx[] = "autotls";
     SSL_CTX_set_session_id_context(ctx, kSidCtx, sizeof kSidCtx - 1);
-    // Session tickets stay on (OpenSSL's default, a random ticket key per SSL_CTX).
+    // Resumption is stateless only: no server-side session cache (memory per client, and a
+    // session ID would resume even after its ticket key was retired).
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    if (cfg.tickets.enabled) {
+      tickets = std::make_unique<detail::TicketKeyRing>(cfg.tickets.rotate_every,
+                                                        cfg.tickets.lifetime);
+      if (auto st = tickets->install(ctx); !st) return st;
+    } else {
+      SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+      // TLS 1.3 would still send stateful tickets backed by the (disabled) cache.
+      SSL_CTX_set_num_tickets(ctx, 0);
+    }
     tlsreload::AttachOptions opts;
     opts.alpn_protocols = cfg.alpn_protocols;
     if (challenges) {
@@ -496,13 +559,58 @@ struct Server::Impl {
                                   .count()));
       router->set_post_routing_handler(
           [this, tls](const httplib::Request&, httplib::Response& res) {
-            if (tls && cfg.hsts_max_age.count() > 0) {
-              std::string v = "max-age=" + std::to_string(cfg.hsts_max_age.count());
-              if (cfg.hsts_include_subdomains) v += "; includeSubDomains";
+            auto r = routing();
+            if (tls && r->hsts_max_age.count() > 0) {
+              std::string v = "max-age=" + std::to_string(r->hsts_max_age.count());
+              if (r->hsts_include_subdomains) v += "; includeSubDomains";
               res.set_header("Strict-Transport-Security", v);
             }
             if (draining.load()) res.set_header("Connection", "close");
           });
+      router->set_pre_routing_handler([](const httplib::Request&, httplib::Response&) {
+        t_request_start = SteadyClock::now();
+        return httplib::Server::HandlerResponse::Unhandled;
+      });
+      router->set_logger([this, tls](const httplib::Request& req, const httplib::Response& res) {
+        on_request_done(req, res, tls);
+      });
+    }
+  }
+
+  // on_request_done runs on the worker after httplib wrote the response: latency histogram
+  // and access log.
+  void on_request_done(const httplib::Request& req, const httplib::Response& res, bool tls) {
+    auto now = SteadyClock::now();
+    // A request refused before routing (413, 400) has no start mark: count it as instant.
+    auto start = t_request_start == SteadyClock::time_point{} ? now : t_request_start;
+    t_request_start = {};
+    auto duration = now - start;
+    latency.observe(duration);
+    auto r = routing();
+    if (!r->access_log.enabled) return;
+    detail::AccessEntry e;
+    e.time = std::chrono::system_clock::now();
+    e.remote = req.remote_addr;
+    std::string host = req.get_header_value("Host");
+    std::string referer = req.get_header_value("Referer");
+    std::string agent = req.get_header_value("User-Agent");
+    e.host = host;
+    e.method = req.method;
+    e.target = req.target;
+    e.version = req.version;
+    e.referer = referer;
+    e.user_agent = agent;
+    e.status = res.status;
+    e.bytes = res.content_provider_ ? res.content_length_ : res.body.size();
+    e.duration = duration;
+    e.tls = tls;
+    std::string line = r->access_log.format == "combined" ? detail::format_access_combined(e)
+                                                           : detail::format_access_json(e);
+    if (r->access_log.sink) {
+      r->access_log.sink(line);
+    } else {
+      line += '\n';
+      [[maybe_unused]] auto n = ::write(STDERR_FILENO, line.data(), line.size());
     }
   }
 
@@ -578,6 +686,8 @@ struct Server::Impl {
       out += std::string("# TYPE ") + m.name + " " + m.type + "\n";
       out += std::string(m.name) + " " + std::to_string(m.value) + "\n";
     }
+    out += latency.render("autotls_server_request_duration_seconds",
+                          "Client request duration from parsed header to response written.");
     return out;
   }
 
@@ -597,7 +707,8 @@ struct Server::Impl {
       }
       return;
     }
-    if (!cfg.redirect_to_https) {
+    auto r = routing();
+    if (!r->redirect_to_https) {
       handle_site(req, res, false);
       return;
     }
@@ -607,7 +718,7 @@ struct Server::Impl {
       res.set_content("missing or bad Host header\n", "text/plain");
       return;
     }
-    int port = cfg.redirect_port ? cfg.redirect_port : https_port;
+    int port = r->redirect_port ? r->redirect_port : https_port;
     // 308 (RFC 9110 §15.4.9) keeps the method and body, unlike 301/302.
     res.status = 308;
     res.set_header("Location", detail::redirect_location(*host, req.target, port));
@@ -620,11 +731,13 @@ struct Server::Impl {
       res.set_content("missing or bad Host header\n", "text/plain");
       return;
     }
+    // The snapshot keeps the site alive for this request even if a reload removes it.
+    auto r = routing();
     const Site* site = nullptr;
-    if (auto it = cfg.sites.find(*host); it != cfg.sites.end()) {
+    if (auto it = r->sites.find(*host); it != r->sites.end()) {
       site = &it->second;
-    } else if (cfg.default_site) {
-      site = &*cfg.default_site;
+    } else if (r->default_site) {
+      site = &*r->default_site;
     }
     if (!site) {
       res.status = 421;
@@ -728,6 +841,11 @@ struct Server::Impl {
       if (!detail::is_hop_by_hop(k)) res.headers.emplace(k, v);
     }
     res.body = std::move(r->body);
+  }
+
+  std::shared_ptr<const Routing> routing() const {
+    std::lock_guard lock(routing_mu);
+    return routing_ptr;
   }
 
   // --- connection table ----------------------------------------------------------------------
@@ -1217,6 +1335,62 @@ void Server::shutdown(milliseconds drain) {
   m.started = false;
   m.log->log(LogLevel::info, kLog, "stopped",
              {{"forced_closed", std::to_string(m.forced_closed.load())}});
+}
+
+Result<Server::ReloadReport> Server::reload(ServerConfig config) {
+  Impl& m = *impl_;
+  if (auto st = Impl::resolve_routing(config); !st) return fail(st.error());
+  ReloadReport report;
+  const ServerConfig& old = m.cfg;
+  auto same_endpoints = [](const std::vector<Endpoint>& a, const std::vector<Endpoint>& b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](auto& x, auto& y) {
+             return x.address == y.address && x.port == y.port;
+           });
+  };
+  auto same_ms = [](milliseconds a, milliseconds b) { return a == b; };
+  if (!same_endpoints(old.https, config.https)) report.not_applied.push_back("https");
+  if (!same_endpoints(old.http, config.http)) report.not_applied.push_back("http");
+  bool admin_same = old.admin.endpoint.has_value() == config.admin.endpoint.has_value() &&
+                    (!old.admin.endpoint ||
+                     (old.admin.endpoint->address == config.admin.endpoint->address &&
+                      old.admin.endpoint->port == config.admin.endpoint->port));
+  if (!admin_same) report.not_applied.push_back("admin");
+  const auto &a = old.timeouts, &b = config.timeouts;
+  if (!same_ms(a.handshake, b.handshake) || !same_ms(a.header, b.header) ||
+      !same_ms(a.read, b.read) || !same_ms(a.write, b.write) || !same_ms(a.idle, b.idle)) {
+    report.not_applied.push_back("timeouts");
+  }
+  if (old.max_connections != config.max_connections) report.not_applied.push_back("max_connections");
+  if (old.max_header_bytes != config.max_header_bytes) report.not_applied.push_back("max_header_bytes");
+  if (old.max_body_bytes != config.max_body_bytes) report.not_applied.push_back("max_body_bytes");
+  if (old.keep_alive_max_requests != config.keep_alive_max_requests) {
+    report.not_applied.push_back("keep_alive_max_requests");
+  }
+  if (old.worker_threads != config.worker_threads) report.not_applied.push_back("worker_threads");
+  if (old.backlog != config.backlog) report.not_applied.push_back("backlog");
+  if (old.alpn_protocols != config.alpn_protocols) report.not_applied.push_back("alpn_protocols");
+  if (old.tickets.enabled != config.tickets.enabled ||
+      old.tickets.rotate_every != config.tickets.rotate_every ||
+      old.tickets.lifetime != config.tickets.lifetime) {
+    report.not_applied.push_back("tickets");
+  }
+  auto next = Routing::from(config);
+  {
+    std::lock_guard lock(m.routing_mu);
+    m.routing_ptr = std::move(next);
+  }
+  m.log->log(LogLevel::info, kLog, "configuration reloaded",
+             {{"sites", std::to_string(config.sites.size())},
+              {"not_applied", [&] {
+                 std::string s;
+                 for (const auto& f : report.not_applied) s += (s.empty() ? "" : ",") + f;
+                 return s;
+               }()}});
+  return report;
+}
+
+void Server::rotate_ticket_keys() {
+  if (impl_->tickets) impl_->tickets->rotate_now();
 }
 
 Server::Counters Server::counters() const {
