@@ -8,6 +8,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -262,6 +263,40 @@ TEST_SUITE("server") {
     SSL_CTX_set_cipher_list(old.ctx, "ALL:@SECLEVEL=0");
     auto r = old.connect(port, "t.test", nullptr);
     CHECK_FALSE(r.ok);
+    srv->shutdown(milliseconds(1'000));
+  }
+
+  TEST_CASE("a connection flood to twice the cap is refused and service returns after") {
+    Dir dir("flood");
+    auto cfg = plain_config();
+    cfg.sites["a.test"] = StaticSite{dir.site("a", "site a\n")};
+    cfg.max_connections = 20;
+    auto srv = start(cfg);
+    int port = srv->http_port();
+    std::vector<std::unique_ptr<Conn>> flood;
+    for (int i = 0; i < 40; ++i) flood.push_back(std::make_unique<Conn>(port));
+    // Every connection asks; the 20 within the cap are answered, the rest were closed at accept.
+    int answered = 0, refused = 0;
+    for (auto& c : flood) {
+      auto r = c->get("a.test");
+      if (r.first == 200) ++answered;
+      if (r.first == 0) ++refused;
+    }
+    CHECK(answered == 20);
+    CHECK(refused == 20);
+    CHECK(srv->counters().rejected_over_capacity == 20);
+    CHECK(srv->counters().open_connections == 20);
+    flood.clear();
+    for (int i = 0; i < 400 && srv->counters().open_connections > 0; ++i) {
+      std::this_thread::sleep_for(milliseconds(5));
+    }
+    CHECK(srv->counters().open_connections == 0);
+    // Back to normal: 20 new clients are all served.
+    for (int i = 0; i < 20; ++i) flood.push_back(std::make_unique<Conn>(port));
+    int after = 0;
+    for (auto& c : flood) after += c->get("a.test").first == 200 ? 1 : 0;
+    CHECK(after == 20);
+    flood.clear();
     srv->shutdown(milliseconds(1'000));
   }
 

@@ -190,7 +190,10 @@ struct Upstream {
   httplib::Server svr;
   std::thread thread;
   int port = 0;
+  std::atomic<int> slow_started{0};
   Upstream() {
+    // Enough threads that 50 slow requests wait side by side (httplib's default is 8).
+    svr.new_task_queue = [] { return new httplib::ThreadPool(64); };
     svr.Get("/echo", [](const httplib::Request& req, httplib::Response& res) {
       std::string out = "xff=" + req.get_header_value("X-Forwarded-For") +
                         ";proto=" + req.get_header_value("X-Forwarded-Proto") +
@@ -205,7 +208,8 @@ struct Upstream {
       res.status = 201;
       res.set_content("method=" + req.method + ";body=" + req.body, "text/plain");
     });
-    svr.Get("/slow", [](const httplib::Request&, httplib::Response& res) {
+    svr.Get("/slow", [this](const httplib::Request&, httplib::Response& res) {
+      ++slow_started;
       std::this_thread::sleep_for(milliseconds(1'000));
       res.set_content("slow done", "text/plain");
     });
@@ -647,10 +651,12 @@ TEST_SUITE("server") {
     env.publish({"app.test"});
     ServerConfig cfg = Env::base_config();
     cfg.sites["app.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up.port)};
+    // A proxied request holds its worker while the upstream answers.
+    cfg.worker_threads = 64;
     env.start(cfg);
     int port = env.server->https_port();
 
-    constexpr int kInFlight = 4;
+    constexpr int kInFlight = 50;
     std::vector<CurlReply> replies(kInFlight);
     std::vector<std::thread> clients;
     for (int i = 0; i < kInFlight; ++i) {
@@ -659,11 +665,11 @@ TEST_SUITE("server") {
                                   {"app.test"}, port, env.ca_file);
       });
     }
-    // Wait until the requests are in the upstream handler (it sleeps 1 s).
-    for (int i = 0; i < 400 && env.server->counters().open_connections < kInFlight; ++i) {
+    // Wait until every request is in the upstream handler (it sleeps 1 s).
+    for (int i = 0; i < 2'000 && up.slow_started.load() < kInFlight; ++i) {
       std::this_thread::sleep_for(milliseconds(5));
     }
-    std::this_thread::sleep_for(milliseconds(200));
+    REQUIRE(up.slow_started.load() == kInFlight);
     std::atomic<int> refused_probe{-2};
     std::thread prober([&] {
       std::this_thread::sleep_for(milliseconds(200));
