@@ -32,6 +32,7 @@
 #include "server/detail/access_log.h"
 #include "server/detail/http_util.h"
 #include "server/detail/tickets.h"
+#include "server/proxy.h"
 #include "tlsreload/challenges.h"
 #include "tlsreload/openssl_hook.h"
 #include "tlsreload/store.h"
@@ -64,13 +65,6 @@ std::string errno_text(int err) {
 
 int poll_ms(milliseconds d) {
   return static_cast<int>(std::clamp<long long>(d.count(), 0, 24LL * 3600 * 1000));
-}
-
-bool iequals(std::string_view a, std::string_view b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           return std::tolower(static_cast<unsigned char>(x)) ==
-                  std::tolower(static_cast<unsigned char>(y));
-         });
 }
 
 void addr_to_text(const sockaddr_storage& ss, std::string& ip, int& port) {
@@ -345,6 +339,7 @@ struct Server::Impl {
   std::atomic<bool> stop_reactor{false};
   bool shut_down = false;
 
+  detail::UpstreamPool upstreams;
   detail::LatencyHistogram latency;  // client requests, header parsed -> response written
   std::atomic<std::uint64_t> accepted{0}, rejected{0}, handshake_failed{0},
       handshake_timeout{0}, header_timeout{0}, idle_closed{0}, header_too_large{0},
@@ -531,24 +526,36 @@ struct Server::Impl {
   void setup_routes() {
     auto site_handler = [this](bool tls) {
       return [this, tls](const httplib::Request& req, httplib::Response& res) {
-        handle_site(req, res, tls);
+        handle_site(req, res, tls, nullptr);
+      };
+    };
+    // Methods with a body get it through a ContentReader: a proxied body is streamed to the
+    // upstream instead of being read whole into req.body first.
+    auto body_handler = [this](bool tls) {
+      return [this, tls](const httplib::Request& req, httplib::Response& res,
+                         const httplib::ContentReader& reader) {
+        handle_site(req, res, tls, &reader);
       };
     };
     auto http_handler = [this](const httplib::Request& req, httplib::Response& res) {
-      handle_http(req, res);
+      handle_http(req, res, nullptr);
+    };
+    auto http_body_handler = [this](const httplib::Request& req, httplib::Response& res,
+                                    const httplib::ContentReader& reader) {
+      handle_http(req, res, &reader);
     };
     const std::string all = ".*";
     https_router.Get(all, site_handler(true))
-        .Post(all, site_handler(true))
-        .Put(all, site_handler(true))
-        .Patch(all, site_handler(true))
-        .Delete(all, site_handler(true))
+        .Post(all, body_handler(true))
+        .Put(all, body_handler(true))
+        .Patch(all, body_handler(true))
+        .Delete(all, body_handler(true))
         .Options(all, site_handler(true));
     http_router.Get(all, http_handler)
-        .Post(all, http_handler)
-        .Put(all, http_handler)
-        .Patch(all, http_handler)
-        .Delete(all, http_handler)
+        .Post(all, http_body_handler)
+        .Put(all, http_body_handler)
+        .Patch(all, http_body_handler)
+        .Delete(all, http_body_handler)
         .Options(all, http_handler);
     setup_admin_routes();
     for (auto [router, tls] : {std::pair{&https_router, true}, std::pair{&http_router, false}}) {
@@ -693,7 +700,15 @@ struct Server::Impl {
 
   // --- request handlers (worker threads) ------------------------------------------------------
 
-  void handle_http(const httplib::Request& req, httplib::Response& res) {
+  void handle_http(const httplib::Request& req, httplib::Response& res,
+                   const httplib::ContentReader* reader) {
+    auto r = routing();
+    if (!r->redirect_to_https && !detail::acme_challenge_token(req.path)) {
+      handle_site(req, res, false, reader);
+      return;
+    }
+    // Nothing below reads a body: read it away so the connection stays in step.
+    if (reader) (*reader)([](const char*, size_t) { return true; });
     if (auto token = detail::acme_challenge_token(req.path)) {
       std::optional<std::string> key_auth;
       if (challenges) key_auth = challenges->http01(*token);
@@ -705,11 +720,6 @@ struct Server::Impl {
         res.status = 404;
         res.set_content("unknown challenge token\n", "text/plain");
       }
-      return;
-    }
-    auto r = routing();
-    if (!r->redirect_to_https) {
-      handle_site(req, res, false);
       return;
     }
     auto host = detail::host_of(req.get_header_value("Host"));
@@ -724,9 +734,16 @@ struct Server::Impl {
     res.set_header("Location", detail::redirect_location(*host, req.target, port));
   }
 
-  void handle_site(const httplib::Request& req, httplib::Response& res, bool tls) {
+  void handle_site(const httplib::Request& req, httplib::Response& res, bool tls,
+                   const httplib::ContentReader* reader) {
+    // A body nobody reads would be parsed as the next request: read it away (bounded by
+    // max_body_bytes and the read timeout) unless the proxy streams it.
+    auto discard_body = [&] {
+      if (reader) (*reader)([](const char*, size_t) { return true; });
+    };
     auto host = detail::host_of(req.get_header_value("Host"));
     if (!host) {
+      discard_body();
       res.status = 400;
       res.set_content("missing or bad Host header\n", "text/plain");
       return;
@@ -740,14 +757,17 @@ struct Server::Impl {
       site = &*r->default_site;
     }
     if (!site) {
+      discard_body();
       res.status = 421;
       res.set_content("no site for this host\n", "text/plain");
       return;
     }
     if (const auto* s = std::get_if<StaticSite>(site)) {
+      discard_body();
       serve_static(*s, req, res);
     } else {
-      serve_proxy(std::get<ProxySite>(*site), req, res, tls);
+      detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, cfg.max_body_bytes,
+                    upstreams, *log);
     }
   }
 
@@ -791,56 +811,6 @@ struct Server::Impl {
           if (n <= 0) return false;
           return sink.write(chunk, static_cast<size_t>(n));
         });
-  }
-
-  void serve_proxy(const ProxySite& site, const httplib::Request& req, httplib::Response& res,
-                   bool tls) {
-    httplib::Client cli(site.upstream);
-    cli.set_connection_timeout(site.connect_timeout);
-    cli.set_read_timeout(site.read_timeout);
-    cli.set_write_timeout(site.write_timeout);
-    cli.set_keep_alive(false);
-    cli.set_follow_location(false);
-    cli.set_decompress(false);
-
-    httplib::Request up;
-    up.method = req.method;
-    up.path = req.target;
-    for (const auto& [k, v] : req.headers) {
-      // Accept-Encoding is dropped so the upstream answers uncompressed and our own
-      // compression (httplib's, negotiated with the client) never encodes twice.
-      if (detail::is_hop_by_hop(k) || iequals(k, "accept-encoding")) {
-        continue;
-      }
-      up.headers.emplace(k, v);
-    }
-    // Client-supplied X-Forwarded-* were dropped above: we are the edge, nothing before us is
-    // trusted.
-    up.headers.emplace("X-Forwarded-For", req.remote_addr);
-    up.headers.emplace("X-Forwarded-Proto", tls ? "https" : "http");
-    up.headers.emplace("X-Forwarded-Host", req.get_header_value("Host"));
-    up.body = req.body;
-
-    auto started_at = SteadyClock::now();
-    auto r = cli.send(up);
-    if (!r) {
-      auto err = r.error();
-      auto elapsed = SteadyClock::now() - started_at;
-      bool timed_out = err == httplib::Error::ConnectionTimeout ||
-                       (err == httplib::Error::Read && elapsed >= site.read_timeout * 9 / 10);
-      res.status = timed_out ? 504 : 502;
-      res.set_content(timed_out ? "upstream timed out\n" : "upstream unavailable\n",
-                      "text/plain");
-      log->log(LogLevel::warn, kLog, "upstream request failed",
-               {{"upstream", site.upstream}, {"error", httplib::to_string(err)},
-                {"status", std::to_string(res.status)}});
-      return;
-    }
-    res.status = r->status;
-    for (const auto& [k, v] : r->headers) {
-      if (!detail::is_hop_by_hop(k)) res.headers.emplace(k, v);
-    }
-    res.body = std::move(r->body);
   }
 
   std::shared_ptr<const Routing> routing() const {

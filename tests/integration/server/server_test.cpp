@@ -191,6 +191,9 @@ struct Upstream {
   std::thread thread;
   int port = 0;
   std::atomic<int> slow_started{0};
+  // slow_gate > 0 holds every /slow request until that many have arrived (up to 10 s), so they
+  // all wait at once.
+  std::atomic<int> slow_gate{0};
   Upstream() {
     // Enough threads that 50 slow requests wait side by side (httplib's default is 8).
     svr.new_task_queue = [] { return new httplib::ThreadPool(64); };
@@ -210,6 +213,9 @@ struct Upstream {
     });
     svr.Get("/slow", [this](const httplib::Request&, httplib::Response& res) {
       ++slow_started;
+      for (int i = 0; i < 2'000 && slow_started.load() < slow_gate.load(); ++i) {
+        std::this_thread::sleep_for(milliseconds(5));
+      }
       std::this_thread::sleep_for(milliseconds(1'000));
       res.set_content("slow done", "text/plain");
     });
@@ -657,6 +663,7 @@ TEST_SUITE("server") {
     int port = env.server->https_port();
 
     constexpr int kInFlight = 50;
+    up.slow_gate = kInFlight;
     std::vector<CurlReply> replies(kInFlight);
     std::vector<std::thread> clients;
     for (int i = 0; i < kInFlight; ++i) {
@@ -687,7 +694,7 @@ TEST_SUITE("server") {
       CHECK_MESSAGE(r.code == CURLE_OK, r.error);
       CHECK(r.status == 200);
       CHECK(r.body == "slow done");
-      CHECK(r.headers.find("Connection: close") != std::string::npos);
+      CHECK_MESSAGE(r.headers.find("Connection: close") != std::string::npos, r.headers);
     }
     CHECK(refused_probe.load() == 1);
     CHECK(shutdown_ms < 3'000);
