@@ -38,7 +38,7 @@ struct Bridge {
   std::size_t queued = 0;
   std::thread thread;
   std::atomic<bool> reader_used{false};  // the request body was (partly) consumed
-  std::unique_ptr<httplib::Client> client;
+  std::unique_ptr<httplib::Client> client;  // used and released by the upstream thread only
   SteadyClock::time_point started = SteadyClock::now();
 
   void cancel() {
@@ -159,10 +159,18 @@ void proxy(const ProxySite& site, const httplib::Request& req,
     return true;
   };
 
-  b->thread = std::thread([b, up = std::move(up)]() mutable {
+  // The pool outlives every exchange: the response's releaser joins this thread.
+  b->thread = std::thread([b, up = std::move(up), &pool, upstream = site.upstream]() mutable {
     httplib::Response r;
     httplib::Error err = httplib::Error::Success;
     bool ok = b->client->send(up, r, err);
+    // The whole response is in our queue: the connection is free for the next request even
+    // before the client has read it all. A failed or cancelled exchange closes it instead.
+    if (ok) {
+      pool.release(upstream, std::move(b->client));
+    } else {
+      b->client.reset();
+    }
     {
       std::lock_guard lock(b->mu);
       b->ok = ok;
@@ -217,15 +225,9 @@ void proxy(const ProxySite& site, const httplib::Request& req,
   }
   bool no_body = req.method == "HEAD" || b->status == 204 || b->status == 304 ||
                  (b->status >= 100 && b->status < 200) || (length && *length == 0);
-  auto release = [b, &pool, upstream = site.upstream](bool) {
+  auto release = [b](bool) {
     b->cancel();
     b->join();
-    bool complete;
-    {
-      std::lock_guard lock(b->mu);
-      complete = b->ok && b->chunks.empty();
-    }
-    if (complete && b->client) pool.release(upstream, std::move(b->client));
   };
   if (no_body) {
     {
