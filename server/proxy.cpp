@@ -132,7 +132,12 @@ void proxy(const ProxySite& site, const httplib::Request& req,
       if (ok && chunked_out) sink.done();
       return ok;
     };
-    if (has_length) up.set_header("Content-Length", std::to_string(up.content_length_));
+    // httplib's send() frames a chunked provider but leaves the header to its callers.
+    if (has_length) {
+      up.set_header("Content-Length", std::to_string(up.content_length_));
+    } else {
+      up.set_header("Transfer-Encoding", "chunked");
+    }
   } else {
     up.body = req.body;
   }

@@ -284,6 +284,30 @@ TEST_SUITE("server") {
       CHECK(got == StreamingUpstream::kBig);
       curl_easy_cleanup(h);
     }
+    // A chunked upload (no Content-Length) stays chunked on the way up.
+    {
+      CURL* h = curl_easy_init();
+      Generated g{5u << 20};
+      std::string body;
+      curl_slist* hdrs = curl_slist_append(nullptr, "Transfer-Encoding: chunked");
+      curl_easy_setopt(h, CURLOPT_URL, (base + "/sink").c_str());
+      curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+      curl_easy_setopt(h, CURLOPT_POST, 1L);
+      curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+      curl_easy_setopt(h, CURLOPT_READFUNCTION, generate);
+      curl_easy_setopt(h, CURLOPT_READDATA, &g);
+      curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, +[](char* p, size_t s, size_t n, void* u) {
+        static_cast<std::string*>(u)->append(p, s * n);
+        return s * n;
+      });
+      curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
+      curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 60'000L);
+      curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+      CHECK(curl_easy_perform(h) == CURLE_OK);
+      CHECK(body == "got=" + std::to_string(5u << 20));
+      curl_slist_free_all(hdrs);
+      curl_easy_cleanup(h);
+    }
     long growth_mib = (peak_rss_kib() - before) / 1024;
     MESSAGE("peak RSS growth for 2 x 50 MB through the proxy: " << growth_mib << " MiB");
     // Buffering either body whole would hold at least 50 MB (twice that with the copies).
