@@ -329,14 +329,10 @@ int cmd_serve(Context& ctx) {
     if (!next) return refuse(next.error().message);
     auto ns = serve_setup(*next);
     if (!ns) return refuse(ns.error().message);
-    ns->cfg.admin = cfg.admin;  // same callbacks; the endpoint is compared by reload()
-    if (ns->cfg.admin.endpoint.has_value() != setup->cfg.admin.endpoint.has_value() ||
-        (ns->cfg.admin.endpoint && (ns->cfg.admin.endpoint->address != setup->cfg.admin.endpoint->address ||
-                                    ns->cfg.admin.endpoint->port != setup->cfg.admin.endpoint->port))) {
-      ns->cfg.admin.endpoint = std::nullopt;  // marks it changed for the report
-    } else {
-      ns->cfg.admin.endpoint = cfg.admin.endpoint;
-    }
+    // Same callbacks; the endpoint as the file now says, so reload() can report a change.
+    auto admin_endpoint = ns->cfg.admin.endpoint;
+    ns->cfg.admin = cfg.admin;
+    ns->cfg.admin.endpoint = admin_endpoint;
     auto rep = (*srv)->reload(ns->cfg);
     if (!rep) return refuse(rep.error().message);
     std::vector<std::string> not_applied = rep->not_applied;
