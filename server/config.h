@@ -77,6 +77,30 @@ struct AdminConfig {
   std::function<std::string()> certificates;
 };
 
+// SessionTickets: stateless TLS session resumption (TLS 1.2 tickets and TLS 1.3 PSK tickets).
+// Ticket keys are random, live in memory only (never on disk, never shared between processes)
+// and rotate every rotate_every; a retired key still opens tickets until lifetime has passed,
+// then it is wiped. A ticket whose key is gone, or older than lifetime, gets a full handshake.
+// Stateful session-ID resumption is off (no server-side session cache).
+struct SessionTickets {
+  bool enabled = true;
+  std::chrono::seconds rotate_every{3'600};
+  // lifetime is the ticket lifetime hint sent to clients and the longest a ticket is honoured.
+  std::chrono::seconds lifetime{12 * 3'600};
+};
+
+// AccessLog: one line per request (after the response is written). Off by default.
+//   format "json":     {"time":...,"remote":...,"host":...,"method":...,"target":...,
+//                       "status":...,"bytes":...,"duration_ms":...,"tls":true}
+//   format "combined": the NCSA combined log format of Apache/nginx.
+// sink receives each line without the trailing newline; it runs on worker threads, MUST be
+// thread-safe and quick. Empty sink: lines go to stderr.
+struct AccessLog {
+  bool enabled = false;
+  std::string format = "json";
+  std::function<void(const std::string&)> sink;
+};
+
 // ServerConfig is validated by Server::create; the defaults are production values.
 struct ServerConfig {
   // https listeners; at least one is required.
@@ -123,6 +147,8 @@ struct ServerConfig {
   std::vector<std::string> alpn_protocols = {"http/1.1"};
   // admin is the operator endpoint (/healthz, /readyz, /metrics, /certificates); off by default.
   AdminConfig admin;
+  SessionTickets tickets;
+  AccessLog access_log;
 };
 
 }  // namespace autotls::server

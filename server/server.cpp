@@ -32,7 +32,10 @@
 #include <openssl/ssl.h>
 
 #include "acme/util/openssl.h"
+#include "server/detail/access_log.h"
 #include "server/detail/http_util.h"
+#include "server/detail/tickets.h"
+#include "server/proxy.h"
 #include "tlsreload/challenges.h"
 #include "tlsreload/openssl_hook.h"
 #include "tlsreload/store.h"
@@ -67,13 +70,6 @@ int poll_ms(milliseconds d) {
   return static_cast<int>(std::clamp<long long>(d.count(), 0, 24LL * 3600 * 1000));
 }
 
-bool iequals(std::string_view a, std::string_view b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           return std::tolower(static_cast<unsigned char>(x)) ==
-                  std::tolower(static_cast<unsigned char>(y));
-         });
-}
-
 void addr_to_text(const sockaddr_storage& ss, std::string& ip, int& port) {
   char buf[INET6_ADDRSTRLEN] = {};
   if (ss.ss_family == AF_INET) {
@@ -87,6 +83,10 @@ void addr_to_text(const sockaddr_storage& ss, std::string& ip, int& port) {
   }
   ip = buf;
 }
+
+// t_request_start is when the current request's header was parsed on this worker thread (set
+// by the pre-routing handler, read by the logger after the response is written).
+thread_local SteadyClock::time_point t_request_start{};
 
 // Pollable is what an epoll event points at: a listener, the wake-up eventfd, or a connection.
 struct Pollable {
@@ -383,6 +383,30 @@ class Router final : public httplib::Server {
   }
 };
 
+// Routing is the part of the configuration that SIGHUP / Server::reload may replace while
+// requests run: a request takes one snapshot when its handler starts and keeps it to the end.
+struct Routing {
+  std::map<std::string, Site> sites;
+  std::optional<Site> default_site;
+  std::chrono::seconds hsts_max_age{0};
+  bool hsts_include_subdomains = false;
+  bool redirect_to_https = true;
+  int redirect_port = 0;
+  AccessLog access_log;
+
+  static std::shared_ptr<const Routing> from(const ServerConfig& c) {
+    auto r = std::make_shared<Routing>();
+    r->sites = c.sites;
+    r->default_site = c.default_site;
+    r->hsts_max_age = c.hsts_max_age;
+    r->hsts_include_subdomains = c.hsts_include_subdomains;
+    r->redirect_to_https = c.redirect_to_https;
+    r->redirect_port = c.redirect_port;
+    r->access_log = c.access_log;
+    return r;
+  }
+};
+
 }  // namespace
 
 struct Server::Impl {
@@ -391,7 +415,11 @@ struct Server::Impl {
   std::shared_ptr<tlsreload::ChallengeStore> challenges;
   Logger* log = &null_logger();
 
+  // Declared before ssl_ctx so it outlives the SSL_CTX whose ticket callback points at it.
+  std::unique_ptr<detail::TicketKeyRing> tickets;
   ossl::SslCtxPtr ssl_ctx;
+  mutable std::mutex routing_mu;
+  std::shared_ptr<const Routing> routing_ptr;
   std::vector<std::unique_ptr<Listener>> listeners;
   int https_port = 0;
   int http_port = 0;
@@ -434,6 +462,8 @@ struct Server::Impl {
   std::atomic<bool> stop_reactor{false};
   bool shut_down = false;
 
+  detail::UpstreamPool upstreams;
+  detail::LatencyHistogram latency;  // client requests, header parsed -> response written
   std::atomic<std::uint64_t> accepted{0}, rejected{0}, handshake_failed{0},
       handshake_timeout{0}, header_timeout{0}, idle_closed{0}, header_too_large{0},
       requests{0}, forced_closed{0};
@@ -471,13 +501,30 @@ struct Server::Impl {
                   "server config: max_connections, keep_alive_max_requests and backlog must be "
                   "positive, max_header_bytes at least 256");
     }
-    if (cfg.redirect_port < 0 || cfg.redirect_port > 65535) {
-      return fail(Errc::invalid_input, "server config: bad redirect_port");
-    }
     unsigned cores = std::max(1u, std::thread::hardware_concurrency());
     worker_count = cfg.worker_threads ? cfg.worker_threads : std::max<std::size_t>(8, 2 * cores);
     reactor_count = cfg.reactor_threads ? cfg.reactor_threads : cores;
+    if (cfg.tickets.enabled &&
+        (cfg.tickets.rotate_every.count() <= 0 || cfg.tickets.lifetime.count() <= 0)) {
+      return fail(Errc::invalid_input,
+                  "server config: tickets.rotate_every and tickets.lifetime must be positive");
+    }
+    if (auto st = resolve_routing(cfg); !st) return st;
+    routing_ptr = Routing::from(cfg);
+    return {};
+  }
 
+  // resolve_routing checks the reloadable part of c (site names, static roots, upstreams,
+  // redirect port, access log format) and makes static roots canonical.
+  static Status resolve_routing(ServerConfig& cfg) {
+    if (cfg.redirect_port < 0 || cfg.redirect_port > 65535) {
+      return fail(Errc::invalid_input, "server config: bad redirect_port");
+    }
+    if (cfg.access_log.enabled && cfg.access_log.format != "json" &&
+        cfg.access_log.format != "combined") {
+      return fail(Errc::invalid_input, "server config: access log format '" +
+                                           cfg.access_log.format + "' (json or combined)");
+    }
     std::map<std::string, Site> sites;
     for (auto& [name, site] : cfg.sites) {
       auto host = detail::host_of(name);
@@ -580,14 +627,21 @@ struct Server::Impl {
     SSL_CTX_set_read_ahead(ctx, 1);
     static constexpr unsigned char kSidCtx[] = "autotls";
     SSL_CTX_set_session_id_context(ctx, kSidCtx, sizeof kSidCtx - 1);
-    // Session tickets stay on (OpenSSL's default, a random ticket key per SSL_CTX): they are
-    // stateless, so the server-side session cache is not used for storage or lookup (as
-    // nginx's default "ssl_session_cache none"): no shared lock taken by every handshake on
-    // every reactor, no periodic walk of the cache. Resumption without a ticket (TLS 1.2
-    // session IDs) is given up. One TLS 1.3 ticket per handshake instead of OpenSSL's two: a
-    // client resumes with one, and each costs an encryption and a record.
-    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_INTERNAL);
-    SSL_CTX_set_num_tickets(ctx, 1);
+    // Resumption is stateless only: no server-side session cache (memory per client, and a
+    // session ID would resume even after its ticket key was retired).
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    if (cfg.tickets.enabled) {
+      tickets = std::make_unique<detail::TicketKeyRing>(cfg.tickets.rotate_every,
+                                                        cfg.tickets.lifetime);
+      if (auto st = tickets->install(ctx); !st) return st;
+      // One TLS 1.3 ticket per handshake instead of OpenSSL's two: a client resumes with one,
+      // and each costs an encryption and a record.
+      SSL_CTX_set_num_tickets(ctx, 1);
+    } else {
+      SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+      // TLS 1.3 would still send stateful tickets backed by the (disabled) cache.
+      SSL_CTX_set_num_tickets(ctx, 0);
+    }
     tlsreload::AttachOptions opts;
     opts.alpn_protocols = cfg.alpn_protocols;
     if (challenges) {
@@ -614,24 +668,36 @@ struct Server::Impl {
   void setup_routes() {
     auto site_handler = [this](bool tls) {
       return [this, tls](const httplib::Request& req, httplib::Response& res) {
-        handle_site(req, res, tls);
+        handle_site(req, res, tls, nullptr);
+      };
+    };
+    // Methods with a body get it through a ContentReader: a proxied body is streamed to the
+    // upstream instead of being read whole into req.body first.
+    auto body_handler = [this](bool tls) {
+      return [this, tls](const httplib::Request& req, httplib::Response& res,
+                         const httplib::ContentReader& reader) {
+        handle_site(req, res, tls, &reader);
       };
     };
     auto http_handler = [this](const httplib::Request& req, httplib::Response& res) {
-      handle_http(req, res);
+      handle_http(req, res, nullptr);
+    };
+    auto http_body_handler = [this](const httplib::Request& req, httplib::Response& res,
+                                    const httplib::ContentReader& reader) {
+      handle_http(req, res, &reader);
     };
     const std::string all = ".*";
     https_router.Get(all, site_handler(true))
-        .Post(all, site_handler(true))
-        .Put(all, site_handler(true))
-        .Patch(all, site_handler(true))
-        .Delete(all, site_handler(true))
+        .Post(all, body_handler(true))
+        .Put(all, body_handler(true))
+        .Patch(all, body_handler(true))
+        .Delete(all, body_handler(true))
         .Options(all, site_handler(true));
     http_router.Get(all, http_handler)
-        .Post(all, http_handler)
-        .Put(all, http_handler)
-        .Patch(all, http_handler)
-        .Delete(all, http_handler)
+        .Post(all, http_body_handler)
+        .Put(all, http_body_handler)
+        .Patch(all, http_body_handler)
+        .Delete(all, http_body_handler)
         .Options(all, http_handler);
     // The same handlers as a pre-routing handler, which httplib calls before its route table:
     // every request would match ".*" anyway, and this skips a std::regex match per request.
@@ -650,13 +716,13 @@ struct Server::Impl {
     https_router.set_pre_routing_handler(
         [this, routed](const httplib::Request& req, httplib::Response& res) {
           if (!routed(req)) return HR::Unhandled;
-          handle_site(req, res, true);
+          handle_site(req, res, true, nullptr);
           return HR::Handled;
         });
     http_router.set_pre_routing_handler(
         [this, routed](const httplib::Request& req, httplib::Response& res) {
           if (!routed(req)) return HR::Unhandled;
-          handle_http(req, res);
+          handle_http(req, res, nullptr);
           return HR::Handled;
         });
     setup_admin_routes();
@@ -668,13 +734,58 @@ struct Server::Impl {
                                   .count()));
       router->set_post_routing_handler(
           [this, tls](const httplib::Request&, httplib::Response& res) {
-            if (tls && cfg.hsts_max_age.count() > 0) {
-              std::string v = "max-age=" + std::to_string(cfg.hsts_max_age.count());
-              if (cfg.hsts_include_subdomains) v += "; includeSubDomains";
+            auto r = routing();
+            if (tls && r->hsts_max_age.count() > 0) {
+              std::string v = "max-age=" + std::to_string(r->hsts_max_age.count());
+              if (r->hsts_include_subdomains) v += "; includeSubDomains";
               res.set_header("Strict-Transport-Security", v);
             }
             if (draining.load()) res.set_header("Connection", "close");
           });
+      router->set_pre_routing_handler([](const httplib::Request&, httplib::Response&) {
+        t_request_start = SteadyClock::now();
+        return httplib::Server::HandlerResponse::Unhandled;
+      });
+      router->set_logger([this, tls](const httplib::Request& req, const httplib::Response& res) {
+        on_request_done(req, res, tls);
+      });
+    }
+  }
+
+  // on_request_done runs on the worker after httplib wrote the response: latency histogram
+  // and access log.
+  void on_request_done(const httplib::Request& req, const httplib::Response& res, bool tls) {
+    auto now = SteadyClock::now();
+    // A request refused before routing (413, 400) has no start mark: count it as instant.
+    auto start = t_request_start == SteadyClock::time_point{} ? now : t_request_start;
+    t_request_start = {};
+    auto duration = now - start;
+    latency.observe(duration);
+    auto r = routing();
+    if (!r->access_log.enabled) return;
+    detail::AccessEntry e;
+    e.time = std::chrono::system_clock::now();
+    e.remote = req.remote_addr;
+    std::string host = req.get_header_value("Host");
+    std::string referer = req.get_header_value("Referer");
+    std::string agent = req.get_header_value("User-Agent");
+    e.host = host;
+    e.method = req.method;
+    e.target = req.target;
+    e.version = req.version;
+    e.referer = referer;
+    e.user_agent = agent;
+    e.status = res.status;
+    e.bytes = res.content_provider_ ? res.content_length_ : res.body.size();
+    e.duration = duration;
+    e.tls = tls;
+    std::string line = r->access_log.format == "combined" ? detail::format_access_combined(e)
+                                                           : detail::format_access_json(e);
+    if (r->access_log.sink) {
+      r->access_log.sink(line);
+    } else {
+      line += '\n';
+      [[maybe_unused]] auto n = ::write(STDERR_FILENO, line.data(), line.size());
     }
   }
 
@@ -750,12 +861,22 @@ struct Server::Impl {
       out += std::string("# TYPE ") + m.name + " " + m.type + "\n";
       out += std::string(m.name) + " " + std::to_string(m.value) + "\n";
     }
+    out += latency.render("autotls_server_request_duration_seconds",
+                          "Client request duration from parsed header to response written.");
     return out;
   }
 
   // --- request handlers (worker threads) ------------------------------------------------------
 
-  void handle_http(const httplib::Request& req, httplib::Response& res) {
+  void handle_http(const httplib::Request& req, httplib::Response& res,
+                   const httplib::ContentReader* reader) {
+    auto r = routing();
+    if (!r->redirect_to_https && !detail::acme_challenge_token(req.path)) {
+      handle_site(req, res, false, reader);
+      return;
+    }
+    // Nothing below reads a body: read it away so the connection stays in step.
+    if (reader) (*reader)([](const char*, size_t) { return true; });
     if (auto token = detail::acme_challenge_token(req.path)) {
       std::optional<std::string> key_auth;
       if (challenges) key_auth = challenges->http01(*token);
@@ -769,44 +890,57 @@ struct Server::Impl {
       }
       return;
     }
-    if (!cfg.redirect_to_https) {
-      handle_site(req, res, false);
-      return;
-    }
     auto host = detail::host_of(req.get_header_value("Host"));
     if (!host) {
       res.status = 400;
       res.set_content("missing or bad Host header\n", "text/plain");
       return;
     }
-    int port = cfg.redirect_port ? cfg.redirect_port : https_port;
+    int port = r->redirect_port ? r->redirect_port : https_port;
     // 308 (RFC 9110 §15.4.9) keeps the method and body, unlike 301/302.
     res.status = 308;
     res.set_header("Location", detail::redirect_location(*host, req.target, port));
   }
 
-  void handle_site(const httplib::Request& req, httplib::Response& res, bool tls) {
+  void handle_site(const httplib::Request& req, httplib::Response& res, bool tls,
+                   const httplib::ContentReader* reader) {
+    // A body nobody reads would be parsed as the next request: read it away (bounded by
+    // max_body_bytes and the read timeout) unless the proxy streams it.
+    auto discard_body = [&] {
+      if (reader) (*reader)([](const char*, size_t) { return true; });
+    };
     auto host = detail::host_of(req.get_header_value("Host"));
     if (!host) {
+      discard_body();
       res.status = 400;
       res.set_content("missing or bad Host header\n", "text/plain");
       return;
     }
+    // The snapshot keeps the site alive for this request even if a reload removes it.
+    auto r = routing();
     const Site* site = nullptr;
-    if (auto it = cfg.sites.find(*host); it != cfg.sites.end()) {
+    if (auto it = r->sites.find(*host); it != r->sites.end()) {
       site = &it->second;
-    } else if (cfg.default_site) {
-      site = &*cfg.default_site;
+    } else if (r->default_site) {
+      site = &*r->default_site;
     }
     if (!site) {
+      discard_body();
       res.status = 421;
       res.set_content("no site for this host\n", "text/plain");
       return;
     }
     if (const auto* s = std::get_if<StaticSite>(site)) {
+      discard_body();
       serve_static(*s, req, res);
     } else {
-      serve_proxy(std::get<ProxySite>(*site), req, res, tls);
+      if (tl_inline) {
+        // The upstream may take its time: never on a reactor.
+        tl_inline->defer = true;
+        return;
+      }
+      detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, cfg.max_body_bytes,
+                    upstreams, *log);
     }
   }
 
@@ -948,59 +1082,9 @@ struct Server::Impl {
         });
   }
 
-  void serve_proxy(const ProxySite& site, const httplib::Request& req, httplib::Response& res,
-                   bool tls) {
-    if (tl_inline) {
-      // The upstream may take its time: never on a reactor.
-      tl_inline->defer = true;
-      return;
-    }
-    httplib::Client cli(site.upstream);
-    cli.set_connection_timeout(site.connect_timeout);
-    cli.set_read_timeout(site.read_timeout);
-    cli.set_write_timeout(site.write_timeout);
-    cli.set_keep_alive(false);
-    cli.set_follow_location(false);
-    cli.set_decompress(false);
-
-    httplib::Request up;
-    up.method = req.method;
-    up.path = req.target;
-    for (const auto& [k, v] : req.headers) {
-      // Accept-Encoding is dropped so the upstream answers uncompressed and our own
-      // compression (httplib's, negotiated with the client) never encodes twice.
-      if (detail::is_hop_by_hop(k) || iequals(k, "accept-encoding")) {
-        continue;
-      }
-      up.headers.emplace(k, v);
-    }
-    // Client-supplied X-Forwarded-* were dropped above: we are the edge, nothing before us is
-    // trusted.
-    up.headers.emplace("X-Forwarded-For", req.remote_addr);
-    up.headers.emplace("X-Forwarded-Proto", tls ? "https" : "http");
-    up.headers.emplace("X-Forwarded-Host", req.get_header_value("Host"));
-    up.body = req.body;
-
-    auto started_at = SteadyClock::now();
-    auto r = cli.send(up);
-    if (!r) {
-      auto err = r.error();
-      auto elapsed = SteadyClock::now() - started_at;
-      bool timed_out = err == httplib::Error::ConnectionTimeout ||
-                       (err == httplib::Error::Read && elapsed >= site.read_timeout * 9 / 10);
-      res.status = timed_out ? 504 : 502;
-      res.set_content(timed_out ? "upstream timed out\n" : "upstream unavailable\n",
-                      "text/plain");
-      log->log(LogLevel::warn, kLog, "upstream request failed",
-               {{"upstream", site.upstream}, {"error", httplib::to_string(err)},
-                {"status", std::to_string(res.status)}});
-      return;
-    }
-    res.status = r->status;
-    for (const auto& [k, v] : r->headers) {
-      if (!detail::is_hop_by_hop(k)) res.headers.emplace(k, v);
-    }
-    res.body = std::move(r->body);
+  std::shared_ptr<const Routing> routing() const {
+    std::lock_guard lock(routing_mu);
+    return routing_ptr;
   }
 
   // --- connection table ----------------------------------------------------------------------
@@ -1642,6 +1726,62 @@ void Server::shutdown(milliseconds drain) {
   m.started = false;
   m.log->log(LogLevel::info, kLog, "stopped",
              {{"forced_closed", std::to_string(m.forced_closed.load())}});
+}
+
+Result<Server::ReloadReport> Server::reload(ServerConfig config) {
+  Impl& m = *impl_;
+  if (auto st = Impl::resolve_routing(config); !st) return fail(st.error());
+  ReloadReport report;
+  const ServerConfig& old = m.cfg;
+  auto same_endpoints = [](const std::vector<Endpoint>& a, const std::vector<Endpoint>& b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](auto& x, auto& y) {
+             return x.address == y.address && x.port == y.port;
+           });
+  };
+  auto same_ms = [](milliseconds a, milliseconds b) { return a == b; };
+  if (!same_endpoints(old.https, config.https)) report.not_applied.push_back("https");
+  if (!same_endpoints(old.http, config.http)) report.not_applied.push_back("http");
+  bool admin_same = old.admin.endpoint.has_value() == config.admin.endpoint.has_value() &&
+                    (!old.admin.endpoint ||
+                     (old.admin.endpoint->address == config.admin.endpoint->address &&
+                      old.admin.endpoint->port == config.admin.endpoint->port));
+  if (!admin_same) report.not_applied.push_back("admin");
+  const auto &a = old.timeouts, &b = config.timeouts;
+  if (!same_ms(a.handshake, b.handshake) || !same_ms(a.header, b.header) ||
+      !same_ms(a.read, b.read) || !same_ms(a.write, b.write) || !same_ms(a.idle, b.idle)) {
+    report.not_applied.push_back("timeouts");
+  }
+  if (old.max_connections != config.max_connections) report.not_applied.push_back("max_connections");
+  if (old.max_header_bytes != config.max_header_bytes) report.not_applied.push_back("max_header_bytes");
+  if (old.max_body_bytes != config.max_body_bytes) report.not_applied.push_back("max_body_bytes");
+  if (old.keep_alive_max_requests != config.keep_alive_max_requests) {
+    report.not_applied.push_back("keep_alive_max_requests");
+  }
+  if (old.worker_threads != config.worker_threads) report.not_applied.push_back("worker_threads");
+  if (old.backlog != config.backlog) report.not_applied.push_back("backlog");
+  if (old.alpn_protocols != config.alpn_protocols) report.not_applied.push_back("alpn_protocols");
+  if (old.tickets.enabled != config.tickets.enabled ||
+      old.tickets.rotate_every != config.tickets.rotate_every ||
+      old.tickets.lifetime != config.tickets.lifetime) {
+    report.not_applied.push_back("tickets");
+  }
+  auto next = Routing::from(config);
+  {
+    std::lock_guard lock(m.routing_mu);
+    m.routing_ptr = std::move(next);
+  }
+  m.log->log(LogLevel::info, kLog, "configuration reloaded",
+             {{"sites", std::to_string(config.sites.size())},
+              {"not_applied", [&] {
+                 std::string s;
+                 for (const auto& f : report.not_applied) s += (s.empty() ? "" : ",") + f;
+                 return s;
+               }()}});
+  return report;
+}
+
+void Server::rotate_ticket_keys() {
+  if (impl_->tickets) impl_->tickets->rotate_now();
 }
 
 Server::Counters Server::counters() const {

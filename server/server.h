@@ -8,6 +8,8 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "acme/util/error.h"
 #include "acme/util/logger.h"
@@ -84,6 +86,24 @@ class Server {
   bool ready() const;
 
   Counters counters() const;
+
+  // reload applies a new configuration to a running server without closing any listener or
+  // connection: sites, default_site, hsts_*, redirect_to_https, redirect_port and access_log
+  // take effect for every request whose header is parsed after reload returns (a request in
+  // flight finishes with the site it started with). The new config is validated first (site
+  // names, static roots, upstream URLs): on error nothing changes and the error says why.
+  // Fields that need new sockets or threads (listeners, timeouts, caps, worker_threads,
+  // backlog, alpn_protocols, tickets, admin) are not applied; their names are returned so the
+  // caller can say "restart to apply". Thread-safe against requests; call it from the
+  // controlling thread.
+  struct ReloadReport {
+    std::vector<std::string> not_applied;  // e.g. {"https", "timeouts"}
+  };
+  [[nodiscard]] Result<ReloadReport> reload(ServerConfig config);
+
+  // rotate_ticket_keys makes a new session-ticket key current now (as if its schedule had come
+  // due); older keys still open tickets for SessionTickets::lifetime. For operators and tests.
+  void rotate_ticket_keys();
 
  private:
   struct Impl;

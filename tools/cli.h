@@ -85,6 +85,7 @@ struct Options {
   std::string admin_address = "127.0.0.1:2019";  // serve: admin listener, "off" for none
   bool no_redirect = false;
   int hsts = 0;
+  std::string access_log = "off";  // serve: off, json or combined (stderr)
   nlohmann::json sites;  // from the config file only: {"host": {"root": DIR} | {"proxy": URL}}
 };
 
@@ -208,6 +209,9 @@ struct Context {
   std::shared_ptr<tlsreload::FileStorage> storage;
   // given reports whether an option (long name without dashes) was set by flag or config.
   std::function<bool(const std::string&)> given;
+  // reparse reads the same command line and config file again into fresh Options (serve's
+  // SIGHUP); empty in tests that build a Context by hand.
+  std::function<Result<Options>()> reparse;
 };
 
 // manager_options builds ManagerOptions for the CA in directory_url from the options.

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <iostream>
@@ -100,39 +101,46 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-}  // namespace
-
-int cmd_serve(Context& ctx) {
-  Options& o = ctx.options;
-  std::vector<std::string> names = o.domains;
-  names.insert(names.end(), o.ips.begin(), o.ips.end());
+// ServeSetup is what the options say to serve: the server configuration (without the admin
+// callbacks) and the names to hold certificates for. Built at start and again on SIGHUP.
+struct ServeSetup {
   server::ServerConfig cfg;
+  std::vector<std::string> names;
+};
+
+Result<ServeSetup> serve_setup(const Options& o) {
+  auto bad = [](const std::string& m) { return fail(Errc::invalid_input, m); };
+  ServeSetup out;
+  auto& cfg = out.cfg;
+  auto& names = out.names;
+  names = o.domains;
+  names.insert(names.end(), o.ips.begin(), o.ips.end());
   if (o.sites.is_object()) {
     for (auto it = o.sites.begin(); it != o.sites.end(); ++it) {
       auto site = site_from_json(it.key(), it.value());
-      if (!site) return usage_error(ctx, (o.config.empty() ? "" : o.config + ": ") + site.error().message);
+      if (!site) return bad((o.config.empty() ? "" : o.config + ": ") + site.error().message);
       cfg.sites[it.key()] = *site;
       if (std::find(names.begin(), names.end(), it.key()) == names.end() && o.domains.empty()) names.push_back(it.key());
     }
   } else if (!o.sites.is_null()) {
-    return usage_error(ctx, o.config + ": \"sites\" must be an object");
+    return bad(o.config + ": \"sites\" must be an object");
   }
-  if (names.empty()) return usage_error(ctx, "serve: give the names to serve with -d NAME (or \"sites\" in the config file)");
-  if (!o.root.empty() && !o.proxy.empty()) return usage_error(ctx, "serve: give --root or --proxy, not both");
+  if (names.empty()) return bad("serve: give the names to serve with -d NAME (or \"sites\" in the config file)");
+  if (!o.root.empty() && !o.proxy.empty()) return bad("serve: give --root or --proxy, not both");
   if (!o.root.empty()) cfg.default_site = server::StaticSite{o.root};
   if (!o.proxy.empty()) cfg.default_site = server::ProxySite{o.proxy};
   if (!cfg.default_site && cfg.sites.empty()) {
-    return usage_error(ctx, "serve: say what to serve: --root DIR, --proxy URL, or \"sites\" in the config file");
+    return bad("serve: say what to serve: --root DIR, --proxy URL, or \"sites\" in the config file");
   }
-  if (!o.webroot.empty()) return usage_error(ctx, "serve: --webroot is for issue; serve answers http-01 itself");
-  if (o.challenge == "dns-01" && o.dns_hook.empty()) return usage_error(ctx, "--challenge dns-01 needs --dns-hook CMD");
+  if (!o.webroot.empty()) return bad("serve: --webroot is for issue; serve answers http-01 itself");
+  if (o.challenge == "dns-01" && o.dns_hook.empty()) return bad("--challenge dns-01 needs --dns-hook CMD");
   auto https = endpoints(o.https_addresses, {"0.0.0.0:443", "[::]:443"});
-  if (!https) return usage_error(ctx, https.error().message);
-  if (https->empty()) return usage_error(ctx, "serve: at least one --https-address is needed");
+  if (!https) return bad(https.error().message);
+  if (https->empty()) return bad("serve: at least one --https-address is needed");
   auto http = endpoints(o.http_addresses, {"0.0.0.0:80", "[::]:80"});
-  if (!http) return usage_error(ctx, http.error().message);
+  if (!http) return bad(http.error().message);
   if (http->empty() && o.challenge == "http-01") {
-    return usage_error(ctx, "serve: http-01 needs an http listener: give --http-address or --challenge tls-alpn-01");
+    return bad("serve: http-01 needs an http listener: give --http-address or --challenge tls-alpn-01");
   }
   cfg.https = *https;
   cfg.http = *http;
@@ -140,11 +148,48 @@ int cmd_serve(Context& ctx) {
   cfg.hsts_max_age = std::chrono::seconds(o.hsts);
   if (o.admin_address != "off" && o.admin_address != "none") {
     auto hp = parse_host_port(o.admin_address);
-    if (!hp) return usage_error(ctx, "--admin-address: " + hp.error().message);
+    if (!hp) return bad("--admin-address: " + hp.error().message);
     cfg.admin.endpoint = server::Endpoint{hp->first, hp->second};
   }
-  if (o.drain < 0) return usage_error(ctx, "--drain must not be negative");
-  auto drain = std::chrono::milliseconds(static_cast<long long>(o.drain * 1000));
+  if (o.access_log != "off") {
+    if (o.access_log != "json" && o.access_log != "combined") {
+      return bad("--access-log must be off, json or combined, not \"" + o.access_log + "\"");
+    }
+    cfg.access_log.enabled = true;
+    cfg.access_log.format = o.access_log;
+  }
+  if (o.drain < 0) return bad("--drain must not be negative");
+  return out;
+}
+
+// NameList is the set of names served, read by the admin callbacks and replaced on SIGHUP.
+class NameList {
+ public:
+  explicit NameList(std::vector<std::string> v) : names_(std::move(v)) {}
+  std::vector<std::string> get() const {
+    std::lock_guard lock(mu_);
+    return names_;
+  }
+  void set(std::vector<std::string> v) {
+    std::lock_guard lock(mu_);
+    names_ = std::move(v);
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::string> names_;
+};
+
+}  // namespace
+
+int cmd_serve(Context& ctx) {
+  Options& o = ctx.options;
+  auto setup = serve_setup(o);
+  if (!setup) return usage_error(ctx, setup.error().message);
+  server::ServerConfig cfg = setup->cfg;
+  auto live_names = std::make_shared<NameList>(setup->names);
+  // Written by a SIGHUP reload on the worker thread, read by the shutdown path.
+  std::atomic<long long> drain_ms{static_cast<long long>(o.drain * 1000)};
 
   auto mo = manager_options(ctx, ctx.directory_url);
   if (!mo) return report(ctx, mo.error());
@@ -196,14 +241,16 @@ int cmd_serve(Context& ctx) {
   tlsreload::Manager manager(std::move(*mo), ctx.storage, store, challenges);
 
   // Admin callbacks run on server worker threads: Manager and CertStore reads are thread-safe.
-  cfg.admin.ready = [store, names] {
+  cfg.admin.ready = [store, live_names] {
     auto now = system_clock::now();
+    auto names = live_names->get();
     return std::all_of(names.begin(), names.end(), [&](const std::string& n) {
       auto cert = store->lookup(n);
       return cert && cert->not_after() > now;
     });
   };
-  cfg.admin.metrics = [&manager, store, names] {
+  cfg.admin.metrics = [&manager, store, live_names] {
+    auto names = live_names->get();
     std::string out =
         "# HELP autotls_certificate_not_after_seconds Expiry (Unix time) of the certificate served "
         "for a name.\n# TYPE autotls_certificate_not_after_seconds gauge\n";
@@ -224,7 +271,8 @@ int cmd_serve(Context& ctx) {
     }
     return out;
   };
-  cfg.admin.certificates = [&manager, names] {
+  cfg.admin.certificates = [&manager, live_names] {
+    auto names = live_names->get();
     json list = json::array();
     for (const auto& n : names) {
       json j = {{"name", n}, {"managed", false}};
@@ -264,6 +312,61 @@ int cmd_serve(Context& ctx) {
   bool reload = true;  // the first pass manages every name
   bool work_done = false;
 
+  // reload_config re-reads the command line and config file (SIGHUP). A configuration that
+  // does not parse or validate is refused with one "reload_failed" line and the running one
+  // stays; otherwise sites, redirects, HSTS and the access log change at once (listeners and
+  // open connections untouched), new names get certificates and removed names stop being
+  // reported. Settings that need a restart are named in the "reload" line.
+  auto reload_config = [&] {
+    auto refuse = [&](const std::string& why) {
+      event_line("reload_failed", {{"error", why}}, "configuration not reloaded, the running one stays: " + why);
+    };
+    if (!ctx.reparse) {
+      event_line("reload", json::object(), "re-reading certificates from storage");
+      return;
+    }
+    auto next = ctx.reparse();
+    if (!next) return refuse(next.error().message);
+    auto ns = serve_setup(*next);
+    if (!ns) return refuse(ns.error().message);
+    // Same callbacks; the endpoint as the file now says, so reload() can report a change.
+    auto admin_endpoint = ns->cfg.admin.endpoint;
+    ns->cfg.admin = cfg.admin;
+    ns->cfg.admin.endpoint = admin_endpoint;
+    auto rep = (*srv)->reload(ns->cfg);
+    if (!rep) return refuse(rep.error().message);
+    std::vector<std::string> not_applied = rep->not_applied;
+    const std::pair<const char*, bool> restart_only[] = {
+        {"ca", next->ca != o.ca},
+        {"storage", next->storage != o.storage},
+        {"email", next->email != o.email},
+        {"challenge", next->challenge != o.challenge},
+        {"key-type", next->key_type != o.key_type},
+        {"deploy-hook", next->deploy_hook != o.deploy_hook},
+    };
+    for (const auto& [key, changed] : restart_only) {
+      if (changed) not_applied.push_back(key);
+    }
+    auto old_names = live_names->get();
+    std::vector<std::string> added, removed;
+    for (const auto& n : ns->names) {
+      if (std::find(old_names.begin(), old_names.end(), n) == old_names.end()) added.push_back(n);
+    }
+    for (const auto& n : old_names) {
+      if (std::find(ns->names.begin(), ns->names.end(), n) == ns->names.end()) removed.push_back(n);
+    }
+    live_names->set(ns->names);
+    drain_ms = static_cast<long long>(next->drain * 1000);
+    std::string text = "configuration reloaded: " + std::to_string(ns->cfg.sites.size()) + " sites";
+    if (!added.empty()) text += ", new names " + join(added);
+    if (!removed.empty()) text += ", removed names " + join(removed);
+    if (!not_applied.empty()) text += "; restart to apply " + join(not_applied);
+    event_line("reload",
+               {{"sites", ns->cfg.sites.size()}, {"names", ns->names}, {"added", added},
+                {"removed", removed}, {"not_applied", not_applied}},
+               text);
+  };
+
   // One certificate per name (like Caddy): a name the CA refuses does not hold up the others.
   std::thread worker([&] {
     bool first = true;
@@ -274,8 +377,8 @@ int cmd_serve(Context& ctx) {
         if (stopping) break;
         reload = false;
       }
-      if (!first) event_line("reload", json::object(), "re-reading certificates from storage");
-      for (const auto& n : names) {
+      if (!first) reload_config();
+      for (const auto& n : live_names->get()) {
         {
           std::lock_guard lock(mu);
           if (stopping) break;
@@ -285,7 +388,7 @@ int cmd_serve(Context& ctx) {
       if (first) {
         first = false;
         manager.start();
-        event_line("ready", {{"names", names}}, "managing " + join(names));
+        event_line("ready", {{"names", live_names->get()}}, "managing " + join(live_names->get()));
       }
     }
     std::lock_guard lock(mu);
@@ -324,7 +427,9 @@ int cmd_serve(Context& ctx) {
     std::unique_lock lock(mu);
     cv.wait(lock, [&] { return stopping; });
   }
-  event_line("shutdown", {{"drain_seconds", o.drain}}, "draining for up to " + std::to_string(drain.count()) + " ms");
+  auto drain = std::chrono::milliseconds(drain_ms.load());
+  event_line("shutdown", {{"drain_seconds", static_cast<double>(drain.count()) / 1000}},
+             "draining for up to " + std::to_string(drain.count()) + " ms");
   clock.cancel();
   (*srv)->shutdown(drain);
   manager.stop();

@@ -156,11 +156,25 @@ void add_challenge_options(CLI::App* c, Options& o, bool standalone) {
   c->add_option("--preferred-chain", o.preferred_chain, "issuer CN of the preferred chain's top certificate");
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  Options o;
+// Cli is the command line definition bound to one Options. It is built by a function so that
+// `serve` can build a fresh one on SIGHUP and re-read the same argv and config file.
+struct Cli {
   CLI::App app{"autotls: ACME client and zero-downtime TLS certificate manager", "autotls"};
+  bool show_version = false;
+  CLI::App* version = nullptr;
+  CLI::App* issue = nullptr;
+  CLI::App* renew = nullptr;
+  CLI::App* revoke = nullptr;
+  CLI::App* list = nullptr;
+  CLI::App* account = nullptr;
+  CLI::App* serve = nullptr;
+  std::vector<std::pair<std::string, CLI::App*>> account_cmds;
+};
+
+void build_cli(Cli& cli, Options& o) {
+  CLI::App& app = cli.app;
+  bool& show_version = cli.show_version;
+  auto& account_cmds = cli.account_cmds;
   app.footer(std::string("\n") + kExitCodes +
              "\nExamples:\n"
              "  autotls issue -d example.com --agree-tos --email me@example.com\n"
@@ -170,13 +184,12 @@ int main(int argc, char** argv) {
              "\nSee docs/cli.md and docs/config.md.");
   app.fallthrough();
   app.require_subcommand(1);
-  bool show_version = false;
   app.add_flag("--version", show_version, "print the version and exit");
   add_common(app, o);
 
-  auto* version = app.add_subcommand("version", "print the version");
+  cli.version = app.add_subcommand("version", "print the version");
 
-  auto* issue = app.add_subcommand("issue", "obtain a certificate into storage");
+  auto* issue = cli.issue = app.add_subcommand("issue", "obtain a certificate into storage");
   issue->add_option("-d,--domain", o.domains, "a DNS name for the certificate (repeat for more)");
   issue->add_option("--ip", o.ips, "an IP address for the certificate (RFC 8738; repeat for more)");
   add_challenge_options(issue, o, true);
@@ -190,7 +203,7 @@ int main(int argc, char** argv) {
                             "Files: <storage>/live/<first name>/{fullchain,privkey,cert,chain}.pem\n\n") +
                 kExitCodes);
 
-  auto* renew = app.add_subcommand("renew", "renew stored certificates that are due");
+  auto* renew = cli.renew = app.add_subcommand("renew", "renew stored certificates that are due");
   renew->add_option("names", o.renew_names, "stored certificate names (default: all)");
   renew->add_flag("--all", o.all, "every stored certificate (the default)");
   renew->add_flag("--force", o.force, "renew even if not due");
@@ -206,7 +219,7 @@ int main(int argc, char** argv) {
                             "  autotls renew --no-random-sleep     # from a timer, without the random delay\n\n") +
                 kExitCodes);
 
-  auto* revoke = app.add_subcommand("revoke", "revoke a certificate");
+  auto* revoke = cli.revoke = app.add_subcommand("revoke", "revoke a certificate");
   revoke->add_option("name", o.revoke_name, "stored certificate name");
   revoke->add_option("--cert", o.cert_file, "PEM certificate file to revoke instead of a stored one");
   revoke->add_option("--reason", o.reason,
@@ -217,12 +230,11 @@ int main(int argc, char** argv) {
                              "  autotls revoke --cert leaked.pem --key leaked.key --reason keyCompromise\n\n") +
                  kExitCodes);
 
-  auto* list = app.add_subcommand("list", "show stored certificates");
+  auto* list = cli.list = app.add_subcommand("list", "show stored certificates");
   list->footer(std::string("\nExamples:\n  autotls list\n  autotls list --json | jq .\n\n") + kExitCodes);
 
-  auto* account = app.add_subcommand("account", "manage the ACME account at a CA");
+  auto* account = cli.account = app.add_subcommand("account", "manage the ACME account at a CA");
   account->require_subcommand(1);
-  std::vector<std::pair<std::string, CLI::App*>> account_cmds;
   for (auto [name, help] : std::initializer_list<std::pair<const char*, const char*>>{
            {"register", "create the account (or find the existing one for the stored key)"},
            {"show", "show the account as the CA knows it"},
@@ -244,7 +256,7 @@ int main(int argc, char** argv) {
                               "  autotls account deactivate\n\n") +
                   kExitCodes);
 
-  auto* serve = app.add_subcommand("serve", "serve HTTPS for names, obtaining and renewing their certificates");
+  auto* serve = cli.serve = app.add_subcommand("serve", "serve HTTPS for names, obtaining and renewing their certificates");
   serve->add_option("-d,--domain", o.domains, "a name to serve (repeat for more; one certificate per name)");
   serve->add_option("--ip", o.ips, "an IP address to serve");
   serve->add_option("--https-address", o.https_addresses, "HTTPS listener HOST:PORT (repeatable; default 0.0.0.0:443 and [::]:443)");
@@ -260,14 +272,54 @@ int main(int argc, char** argv) {
   serve->add_option("--drain", o.drain, "seconds to let requests finish on SIGTERM/SIGINT")->capture_default_str();
   serve->add_flag("--no-redirect", o.no_redirect, "serve sites over plain HTTP too instead of redirecting to HTTPS");
   serve->add_option("--hsts", o.hsts, "Strict-Transport-Security max-age in seconds (0: none)");
+  serve->add_option("--access-log", o.access_log,
+                    "one line per request on stderr: off, json or combined (NCSA, as nginx/Apache)")
+      ->check(CLI::IsMember({"off", "json", "combined"}))
+      ->capture_default_str();
   add_challenge_options(serve, o, false);
   serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once);\n"
-                            "SIGHUP re-reads certificates from storage.\n\n"
+                            "SIGHUP re-reads the config file (sites, access log) and certificates.\n\n"
                             "Examples:\n"
                             "  autotls serve -d example.com --root /var/www --agree-tos --email me@example.com\n"
                             "  autotls serve -d app.example.com --proxy http://127.0.0.1:8080\n"
                             "  autotls serve --config /etc/autotls.json\n\n") +
                 kExitCodes);
+}
+
+// reparse builds a fresh command line, parses argv again and re-reads the config file it names:
+// what `serve` does on SIGHUP. Errors are the ones a start would report.
+Result<Options> reparse(int argc, char** argv) {
+  auto cli = std::make_unique<Cli>();
+  Options o;
+  build_cli(*cli, o);
+  try {
+    cli->app.parse(argc, argv);
+  } catch (const CLI::Error& e) {
+    return fail(Errc::invalid_input, std::string("command line: ") + e.what());
+  }
+  if (!o.config.empty()) {
+    if (auto st = apply_config(cli->app, o, o.config); !st) return fail(st.error());
+  }
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  auto cli_ptr = std::make_unique<Cli>();
+  Cli& cli = *cli_ptr;
+  build_cli(cli, o);
+  CLI::App& app = cli.app;
+  bool& show_version = cli.show_version;
+  auto* version = cli.version;
+  auto* issue = cli.issue;
+  auto* renew = cli.renew;
+  auto* revoke = cli.revoke;
+  auto* list = cli.list;
+  auto* account = cli.account;
+  auto* serve = cli.serve;
+  auto& account_cmds = cli.account_cmds;
 
   try {
     app.parse(argc, argv);
@@ -308,7 +360,8 @@ int main(int argc, char** argv) {
     CLI::Option* opt = find_option(chain, name);
     return opt && opt->count() > 0;
   };
-  Context ctx{o, output, logger, {}, given("ca"), {}, nullptr, given};
+  Context ctx{o, output, logger, {}, given("ca"), {}, nullptr, given, {}};
+  ctx.reparse = [argc, argv] { return reparse(argc, argv); };
   auto dir = directory_url_for(o.ca);
   if (!dir) return usage_error(ctx, "--ca must be letsencrypt, letsencrypt-staging, zerossl or a directory URL, not \"" + o.ca + "\"");
   ctx.directory_url = *dir;

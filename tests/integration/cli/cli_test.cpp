@@ -634,6 +634,116 @@ TEST_SUITE("cli.serve") {
   }
 }
 
+TEST_SUITE("cli.serve") {
+  TEST_CASE("sighup applies a changed config file and keeps an open connection") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    for (const char* s : {"a", "b"}) {
+      fs::create_directories(c.dir.path / s);
+      write_file(c.dir.path / s / "index.html", std::string("site ") + s + "\n");
+    }
+    auto root = c.env->pebble_root_pem();
+    REQUIRE_MESSAGE(root, root.error().message);
+    fs::path root_file = c.dir.path / "pebble-root.pem";
+    write_file(root_file, *root);
+    int https = free_port();
+    fs::path config = c.dir.path / "serve.json";
+    auto write_config = [&](bool with_b) {
+      json sites = {{"a.cli.test", {{"root", (c.dir.path / "a").string()}}}};
+      if (with_b) sites["b.cli.test"] = {{"root", (c.dir.path / "b").string()}};
+      json j = {{"agree-tos", true}, {"https-address", {"127.0.0.1:" + std::to_string(https)}},
+                {"http-address", {c.http()}}, {"admin-address", "off"}, {"drain", 2},
+                {"sites", sites}};
+      write_file(config, j.dump());
+    };
+    write_config(false);
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--config", config.string(), "--json"};
+    for (const auto& a : c.common()) argv.push_back(a);
+    pid_t pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
+    auto logs = [&] { return read_file(c.dir.path / "serve.out") + read_file(c.dir.path / "serve.err"); };
+    auto wait_200 = [&](const std::string& host) {
+      auto deadline = std::chrono::steady_clock::now() + 60s;
+      std::pair<long, std::string> got;
+      while (std::chrono::steady_clock::now() < deadline) {
+        got = https_get(host, https, root_file);
+        if (got.first == 200) break;
+        std::this_thread::sleep_for(200ms);
+      }
+      return got;
+    };
+    REQUIRE_MESSAGE(wait_200("a.cli.test").first == 200, logs());
+
+    // One connection kept open from before the reload (libcurl reuses it: no new connect).
+    CURL* h = curl_easy_init();
+    std::string res = "a.cli.test:" + std::to_string(https) + ":127.0.0.1";
+    curl_slist* resolve = curl_slist_append(nullptr, res.c_str());
+    std::string body;
+    std::string url = "https://a.cli.test:" + std::to_string(https) + "/";
+    curl_easy_setopt(h, CURLOPT_URL, url.c_str());
+    curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+    curl_easy_setopt(h, CURLOPT_CAINFO, root_file.c_str());
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, append_cb);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 5000L);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    auto kept_get = [&](long& new_connects) {
+      body.clear();
+      long status = 0;
+      if (curl_easy_perform(h) == CURLE_OK) curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+      curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &new_connects);
+      return status;
+    };
+    long connects = -1;
+    REQUIRE(kept_get(connects) == 200);
+    CHECK(connects == 1);
+    CHECK(https_get("b.cli.test", https, root_file).first != 200);
+
+    auto count_events = [&](const std::string& event) {
+      std::istringstream lines(read_file(c.dir.path / "serve.out"));
+      std::string line;
+      int n = 0;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value("event", "") == event) ++n;
+      }
+      return n;
+    };
+    auto wait_event = [&](const std::string& event, int n) {
+      auto deadline = std::chrono::steady_clock::now() + 10s;
+      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) {
+        std::this_thread::sleep_for(50ms);
+      }
+      return count_events(event) >= n;
+    };
+
+    write_config(true);
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(wait_event("reload", 1), logs());
+    auto b = wait_200("b.cli.test");
+    CHECK_MESSAGE(b.first == 200, logs());
+    CHECK(b.second == "site b\n");
+    CHECK(kept_get(connects) == 200);
+    CHECK(connects == 0);  // the connection from before the reload answered
+    CHECK(body == "site a\n");
+    CHECK(logs().find("\"added\":[\"b.cli.test\"]") != std::string::npos);
+
+    // A broken file is refused with one line; the running configuration stays.
+    write_file(config, "{\"sites\": ");
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(wait_event("reload_failed", 1), logs());
+    CHECK(logs().find("invalid JSON") != std::string::npos);
+    CHECK(https_get("b.cli.test", https, root_file).first == 200);
+    CHECK(kept_get(connects) == 200);
+    CHECK(connects == 0);
+    curl_slist_free_all(resolve);
+    curl_easy_cleanup(h);
+
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
+  }
+}
+
 TEST_SUITE("cli.quickstart") {
   TEST_CASE("tools quickstart check serves the demo page over HTTPS") {
     AUTOTLS_REQUIRE_PEBBLE();

@@ -190,7 +190,13 @@ struct Upstream {
   httplib::Server svr;
   std::thread thread;
   int port = 0;
+  std::atomic<int> slow_started{0};
+  // slow_gate > 0 holds every /slow request until that many have arrived (up to 10 s), so they
+  // all wait at once.
+  std::atomic<int> slow_gate{0};
   Upstream() {
+    // Enough threads that 50 slow requests wait side by side (httplib's default is 8).
+    svr.new_task_queue = [] { return new httplib::ThreadPool(64); };
     svr.Get("/echo", [](const httplib::Request& req, httplib::Response& res) {
       std::string out = "xff=" + req.get_header_value("X-Forwarded-For") +
                         ";proto=" + req.get_header_value("X-Forwarded-Proto") +
@@ -205,7 +211,11 @@ struct Upstream {
       res.status = 201;
       res.set_content("method=" + req.method + ";body=" + req.body, "text/plain");
     });
-    svr.Get("/slow", [](const httplib::Request&, httplib::Response& res) {
+    svr.Get("/slow", [this](const httplib::Request&, httplib::Response& res) {
+      ++slow_started;
+      for (int i = 0; i < 2'000 && slow_started.load() < slow_gate.load(); ++i) {
+        std::this_thread::sleep_for(milliseconds(5));
+      }
       std::this_thread::sleep_for(milliseconds(1'000));
       res.set_content("slow done", "text/plain");
     });
@@ -772,10 +782,13 @@ TEST_SUITE("server") {
     env.publish({"app.test"});
     ServerConfig cfg = Env::base_config();
     cfg.sites["app.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up.port)};
+    // A proxied request holds its worker while the upstream answers.
+    cfg.worker_threads = 64;
     env.start(cfg);
     int port = env.server->https_port();
 
-    constexpr int kInFlight = 4;
+    constexpr int kInFlight = 50;
+    up.slow_gate = kInFlight;
     std::vector<CurlReply> replies(kInFlight);
     std::vector<std::thread> clients;
     for (int i = 0; i < kInFlight; ++i) {
@@ -784,11 +797,11 @@ TEST_SUITE("server") {
                                   {"app.test"}, port, env.ca_file);
       });
     }
-    // Wait until the requests are in the upstream handler (it sleeps 1 s).
-    for (int i = 0; i < 400 && env.server->counters().open_connections < kInFlight; ++i) {
+    // Wait until every request is in the upstream handler (it sleeps 1 s).
+    for (int i = 0; i < 2'000 && up.slow_started.load() < kInFlight; ++i) {
       std::this_thread::sleep_for(milliseconds(5));
     }
-    std::this_thread::sleep_for(milliseconds(200));
+    REQUIRE(up.slow_started.load() == kInFlight);
     std::atomic<int> refused_probe{-2};
     std::thread prober([&] {
       std::this_thread::sleep_for(milliseconds(200));
@@ -806,7 +819,7 @@ TEST_SUITE("server") {
       CHECK_MESSAGE(r.code == CURLE_OK, r.error);
       CHECK(r.status == 200);
       CHECK(r.body == "slow done");
-      CHECK(r.headers.find("Connection: close") != std::string::npos);
+      CHECK_MESSAGE(r.headers.find("Connection: close") != std::string::npos, r.headers);
     }
     CHECK(refused_probe.load() == 1);
     CHECK(shutdown_ms < 3'000);

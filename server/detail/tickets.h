@@ -1,0 +1,71 @@
+#pragma once
+
+// TicketKeyRing: the keys that encrypt TLS session tickets (RFC 5077 / RFC 8446 §4.6.1), kept
+// in memory only and rotated on a schedule. New tickets are sealed with the newest key; older
+// keys stay for decryption until every ticket they sealed has outlived `lifetime`, then they are
+// wiped. A ticket sealed with a key that has left the ring gets a full handshake.
+
+#include <openssl/ssl.h>
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+
+#include "acme/util/error.h"
+
+namespace autotls::server::detail {
+
+class TicketKeyRing {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // rotate_every > 0 and lifetime > 0; now may be empty (steady_clock::now).
+  TicketKeyRing(std::chrono::seconds rotate_every, std::chrono::seconds lifetime,
+                std::function<Clock::time_point()> now = {});
+  ~TicketKeyRing();
+  TicketKeyRing(const TicketKeyRing&) = delete;
+  TicketKeyRing& operator=(const TicketKeyRing&) = delete;
+
+  // install makes ctx seal and open tickets with this ring (SSL_CTX_set_tlsext_ticket_key_evp_cb)
+  // and sets the ticket lifetime hint and session timeout. The ring MUST outlive ctx's
+  // handshakes: the caller keeps both in the same owner.
+  Status install(SSL_CTX* ctx);
+
+  // rotate_now starts a new current key at once (as if the schedule had come due).
+  void rotate_now();
+  // size is the number of keys held (current + previous).
+  std::size_t size() const;
+  // rotations counts keys made since construction (the first key included).
+  std::uint64_t rotations() const;
+
+ private:
+  struct Key {
+    std::array<unsigned char, 16> name{};
+    std::array<unsigned char, 32> aes{};
+    std::array<unsigned char, 32> hmac{};
+    Clock::time_point created;
+    Clock::time_point retired;  // when a newer key replaced it (max() while current)
+  };
+
+  static int callback(SSL* ssl, unsigned char key_name[16], unsigned char iv[16],
+                      EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc);
+  int seal_or_open(unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX* cipher,
+                   EVP_MAC_CTX* mac, int enc);
+  // maintain rotates when due and drops expired keys; mu_ held.
+  void maintain(Clock::time_point now);
+  void add_key(Clock::time_point now);  // mu_ held
+  static void wipe(Key& k);
+
+  std::chrono::seconds rotate_every_;
+  std::chrono::seconds lifetime_;
+  std::size_t max_keys_;
+  std::function<Clock::time_point()> now_;
+  mutable std::mutex mu_;
+  std::deque<Key> keys_;  // front: current
+  std::uint64_t rotations_ = 0;
+};
+
+}  // namespace autotls::server::detail
