@@ -15,13 +15,6 @@ namespace {
 
 using SteadyClock = std::chrono::steady_clock;
 
-bool iequals(std::string_view a, std::string_view b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           return std::tolower(static_cast<unsigned char>(x)) ==
-                  std::tolower(static_cast<unsigned char>(y));
-         });
-}
-
 // Bridge joins the upstream thread (httplib client: sends the request, receives the response)
 // and the worker (httplib server: writes our response to the client).
 struct Bridge {

@@ -346,8 +346,8 @@ bool request_fully_buffered(std::string_view buf, std::size_t head) {
     auto colon = field.find(':');
     if (colon == std::string_view::npos) continue;
     std::string_view name = field.substr(0, colon);
-    if (iequals(name, "transfer-encoding")) return false;
-    if (iequals(name, "content-length")) {
+    if (detail::iequals(name, "transfer-encoding")) return false;
+    if (detail::iequals(name, "content-length")) {
       std::string_view v = field.substr(colon + 1);
       while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
       while (!v.empty() && (v.back() == ' ' || v.back() == '\t' || v.back() == '\r')) v.remove_suffix(1);

@@ -157,6 +157,13 @@ StaticLookup resolve_static(const std::filesystem::path& root, std::string_view 
   return StaticLookup::found;
 }
 
+bool iequals(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return std::tolower(static_cast<unsigned char>(x)) ==
+                  std::tolower(static_cast<unsigned char>(y));
+         });
+}
+
 bool is_hop_by_hop(std::string_view name) {
   static constexpr std::array<std::string_view, 16> kHop = {
       "connection",        "keep-alive",       "proxy-connection", "proxy-authenticate",

@@ -38,6 +38,9 @@ enum class StaticLookup { found, bad_request, not_found };
 StaticLookup resolve_static(const std::filesystem::path& root, std::string_view url_path,
                             std::string_view index, std::filesystem::path& out);
 
+// iequals compares two ASCII strings ignoring case (header field names).
+bool iequals(std::string_view a, std::string_view b);
+
 // is_hop_by_hop reports whether a header field is connection-specific (RFC 9110 §7.6.1) and so
 // must not be forwarded by a proxy, plus the ones we always set ourselves.
 bool is_hop_by_hop(std::string_view name);
