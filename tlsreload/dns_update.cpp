@@ -400,30 +400,35 @@ Result<TsigKey> parse_bind_key_text(std::string_view text) {
 }
 
 Result<TsigKey> parse_tsig_key(const std::string& text) {
-  std::error_code ec;
-  if (text.find('/') != std::string::npos || std::filesystem::is_regular_file(text, ec)) {
+  // NAME:ALGORITHM:SECRET when the middle field is an algorithm (a base64 secret may contain
+  // '/', so the presence of a slash says nothing); anything else is a key file. Messages never
+  // repeat text that may hold a secret.
+  auto a = text.find(':');
+  auto b = a == std::string::npos ? std::string::npos : text.find(':', a + 1);
+  bool inline_form = b != std::string::npos && digest_for(text.substr(a + 1, b - a - 1)) != nullptr;
+  if (!inline_form) {
+    bool may_hold_secret = b != std::string::npos;
+    std::string what = may_hold_secret ? std::string("--tsig-key") : "--tsig-key file " + text;
     std::ifstream in(text, std::ios::binary);
-    if (!in) return fail(Errc::invalid_input, "--tsig-key file " + text + ": cannot read: " + std::strerror(errno));
+    if (!in) {
+      if (may_hold_secret) {
+        return fail(Errc::invalid_input,
+                    "--tsig-key is neither NAME:ALGORITHM:BASE64SECRET with a supported algorithm (hmac-sha256, "
+                    "hmac-sha384, hmac-sha512, hmac-sha224, hmac-sha1) nor a readable BIND key file");
+      }
+      return fail(Errc::invalid_input, what + ": cannot read (" + std::strerror(errno) +
+                                           "); expected a BIND key file or NAME:ALGORITHM:BASE64SECRET");
+    }
     std::stringstream ss;
     ss << in.rdbuf();
     auto k = parse_bind_key_text(ss.str());
-    if (!k) return fail(Errc::invalid_input, "--tsig-key file " + text + ": " + k.error().message);
+    if (!k) return fail(Errc::invalid_input, what + ": " + k.error().message);
     return k;
-  }
-  auto a = text.find(':');
-  auto b = a == std::string::npos ? std::string::npos : text.find(':', a + 1);
-  if (a == std::string::npos || b == std::string::npos) {
-    return fail(Errc::invalid_input,
-                "--tsig-key must be NAME:ALGORITHM:BASE64SECRET (e.g. acme-key:hmac-sha256:...) or a BIND key file");
   }
   TsigKey key;
   key.name = text.substr(0, a);
   key.algorithm = lower(text.substr(a + 1, b - a - 1));
   if (key.name.empty()) return fail(Errc::invalid_input, "--tsig-key: the key name is empty");
-  if (!digest_for(key.algorithm)) {
-    return fail(Errc::invalid_input, "--tsig-key: algorithm \"" + key.algorithm +
-                                         "\" is not supported (hmac-sha256, hmac-sha384, hmac-sha512, hmac-sha224, hmac-sha1)");
-  }
   auto secret = autotls::base64_decode(text.substr(b + 1));
   if (!secret || secret->empty()) return fail(Errc::invalid_input, "--tsig-key: the secret of key \"" + key.name + "\" is not valid base64");
   key.secret = std::move(*secret);
@@ -742,10 +747,16 @@ Status Rfc2136Solver::present(const acme::Identifier& identifier, const acme::Ch
                               std::string_view key_authorization) {
   if (challenge.type != "dns-01") return fail(Errc::invalid_input, "RFC 2136 updates answer dns-01 only, not " + challenge.type);
   std::string record = acme::dns01_record_name(identifier.value);
+  // A DNS server that refuses the update is a local set-up failure (like a failing hook), not
+  // the CA refusing: protocol errors from the DNS exchange become Errc::io.
+  auto local = [&](Error e) {
+    if (e.code == Errc::protocol || e.code == Errc::bad_response) e.code = Errc::io;
+    return fail(e.with_context("dns-01 for " + identifier.value));
+  };
   auto zone = zone_for(record);
-  if (!zone) return fail(zone.error().with_context("dns-01 for " + identifier.value));
+  if (!zone) return local(zone.error());
   auto st = client_.update(*zone, {{true, record, acme::dns01_txt_value(key_authorization), 60}});
-  if (!st) return fail(st.error().with_context("dns-01 for " + identifier.value));
+  if (!st) return local(st.error());
   return {};
 }
 

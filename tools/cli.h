@@ -58,6 +58,9 @@ struct Options {
   std::string tls_address;                   // issue: standalone tls-alpn-01
   std::string webroot;
   std::string dns_hook;
+  std::string dns_server;  // dns-01 by RFC 2136: HOST[:PORT] of the primary server
+  std::string tsig_key;    // NAME:ALGORITHM:BASE64 or a BIND key file (also AUTOTLS_TSIG_KEY)
+  std::string dns_zone;    // zone to update (default: found with an SOA query)
   std::string key_type = "ec256";
   std::string profile;
   std::string preferred_chain;
@@ -135,6 +138,12 @@ std::string describe_error(const Error& e);
 nlohmann::json error_json(const Error& e);
 // eab_from resolves --eab-kid with --eab-hmac, AUTOTLS_EAB_HMAC or --eab-hmac-file.
 Result<std::optional<acme::ExternalAccountBinding>> eab_from(const Options& o);
+
+// tsig_key_text is --tsig-key, else AUTOTLS_TSIG_KEY (empty when neither is set).
+std::string tsig_key_text(const Options& o);
+// dns_update_solver builds the RFC 2136 solver from --dns-server/--tsig-key/--dns-zone; null
+// when --dns-server is not set. Usage errors (bad server, bad key) never contain the secret.
+Result<std::shared_ptr<acme::Solver>> dns_update_solver(const Options& o);
 
 // Paths of one stored certificate (docs/storage.md).
 struct LivePaths {

@@ -51,8 +51,13 @@ Status check_challenge_options(const Options& o) {
     return fail(Errc::invalid_input, "--challenge must be http-01, tls-alpn-01 or dns-01, not \"" + o.challenge + "\"");
   }
   if (!o.webroot.empty() && o.challenge != "http-01") return fail(Errc::invalid_input, "--webroot works with --challenge http-01 only");
-  if (o.challenge == "dns-01" && o.dns_hook.empty()) {
-    return fail(Errc::invalid_input, "--challenge dns-01 needs --dns-hook CMD (called as `CMD add|del <record> <value>`)");
+  if (o.challenge == "dns-01" && o.dns_hook.empty() && o.dns_server.empty()) {
+    return fail(Errc::invalid_input,
+                "--challenge dns-01 needs --dns-server HOST[:PORT] with --tsig-key (RFC 2136), or --dns-hook CMD "
+                "(called as `CMD add|del <record> <value>`)");
+  }
+  if (o.challenge == "dns-01") {
+    if (auto s = dns_update_solver(o); !s) return fail(s.error());
   }
   if (!o.ips.empty() && o.challenge == "dns-01") return fail(Errc::invalid_input, "IP addresses cannot be validated by dns-01 (RFC 8738)");
   return {};
@@ -101,6 +106,11 @@ json renewal_settings(const Options& o, const std::string& directory_url) {
   if (!o.tls_address.empty()) j["tls-address"] = o.tls_address;
   if (!o.webroot.empty()) j["webroot"] = o.webroot;
   if (!o.dns_hook.empty()) j["dns-hook"] = o.dns_hook;
+  if (!o.dns_server.empty()) j["dns-server"] = o.dns_server;
+  if (!o.dns_zone.empty()) j["dns-zone"] = o.dns_zone;
+  // The TSIG key is kept for renew (renewal.json is then written 0600, like private keys)
+  // unless it came from AUTOTLS_TSIG_KEY, which renew reads again.
+  if (!o.tsig_key.empty()) j["tsig-key"] = o.tsig_key;
   if (!o.profile.empty()) j["profile"] = o.profile;
   if (!o.preferred_chain.empty()) j["preferred-chain"] = o.preferred_chain;
   if (!o.deploy_hook.empty()) j["deploy-hook"] = o.deploy_hook;
@@ -111,7 +121,9 @@ json renewal_settings(const Options& o, const std::string& directory_url) {
 int after_success(Context& ctx, const Options& o, const std::string& key, const std::vector<std::string>& names,
                   const std::string& directory_url, const std::string& action) {
   auto paths = live_paths(ctx.storage_root, key);
-  if (auto st = ctx.storage->put("live/" + key + "/renewal.json", renewal_settings(o, directory_url).dump(2) + "\n"); !st) {
+  if (auto st = ctx.storage->put("live/" + key + "/renewal.json", renewal_settings(o, directory_url).dump(2) + "\n",
+                                 !o.tsig_key.empty());
+      !st) {
     ctx.out.info("warning: cannot save renewal settings: " + st.error().message);
   }
   auto info = stored_certificate(*ctx.storage, key);
@@ -256,6 +268,9 @@ int cmd_renew(Context& ctx) {
     take("tls-address", co.tls_address);
     take("webroot", co.webroot);
     take("dns-hook", co.dns_hook);
+    take("dns-server", co.dns_server);
+    take("dns-zone", co.dns_zone);
+    take("tsig-key", co.tsig_key);
     take("profile", co.profile);
     take("preferred-chain", co.preferred_chain);
     take("deploy-hook", co.deploy_hook);

@@ -23,6 +23,7 @@
 #include "acme/problem.h"
 #include "acme/util/openssl.h"
 #include "server/server.h"
+#include "tlsreload/dns_update.h"
 #include "tlsreload/store.h"
 
 extern char** environ;
@@ -161,6 +162,35 @@ Result<std::optional<acme::ExternalAccountBinding>> eab_from(const Options& o) {
   eab.kid = o.eab_kid;
   eab.hmac_key = hmac;
   return std::optional<acme::ExternalAccountBinding>(std::move(eab));
+}
+
+std::string tsig_key_text(const Options& o) {
+  if (!o.tsig_key.empty()) return o.tsig_key;
+  if (const char* e = std::getenv("AUTOTLS_TSIG_KEY"); e) return e;
+  return {};
+}
+
+Result<std::shared_ptr<acme::Solver>> dns_update_solver(const Options& o) {
+  if (o.dns_server.empty()) {
+    if (!o.tsig_key.empty() || !o.dns_zone.empty()) {
+      return fail(Errc::invalid_input, "--tsig-key and --dns-zone need --dns-server HOST[:PORT]");
+    }
+    return std::shared_ptr<acme::Solver>();
+  }
+  if (!o.dns_hook.empty()) return fail(Errc::invalid_input, "give --dns-hook or --dns-server, not both");
+  auto server = tlsreload::dns::parse_server(o.dns_server);
+  if (!server) return fail(server.error());
+  std::string key_text = tsig_key_text(o);
+  if (key_text.empty()) {
+    return fail(Errc::invalid_input,
+                "--dns-server needs --tsig-key NAME:ALGORITHM:BASE64SECRET or a BIND key file (or AUTOTLS_TSIG_KEY)");
+  }
+  auto key = tlsreload::dns::parse_tsig_key(key_text);
+  if (!key) return fail(key.error());
+  if (!o.dns_zone.empty()) {
+    if (auto z = tlsreload::dns::wire::encode_name(o.dns_zone); !z) return fail(Errc::invalid_input, "--dns-zone: " + z.error().message);
+  }
+  return std::shared_ptr<acme::Solver>(std::make_shared<tlsreload::dns::Rfc2136Solver>(*server, *key, o.dns_zone));
 }
 
 // ---------------------------------------------------------------- errors
@@ -556,6 +586,11 @@ Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::strin
   }
   mo.challenge_type = o.challenge;
   mo.dns_hook = o.dns_hook;
+  if (o.challenge == "dns-01") {
+    auto solver = dns_update_solver(o);
+    if (!solver) return fail(solver.error());
+    if (*solver) mo.solver = *solver;
+  }
   auto kt = acme::parse_key_type(o.key_type);
   if (!kt) return fail(Errc::invalid_input, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096, not \"" + o.key_type + "\"");
   mo.key_type = *kt;

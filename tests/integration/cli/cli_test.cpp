@@ -404,6 +404,66 @@ TEST_SUITE("cli.issue") {
     CHECK(log.find("del _acme-challenge.wild.cli.test") != std::string::npos);
   }
 
+  TEST_CASE("dns-01 by RFC 2136 against BIND with a TSIG key") {
+    if (!autotls::testing::BindEnv::available()) {
+      if (PebbleEnv::required_by_ci()) FAIL("named not installed and CI=true: install Debian package bind9 (tools/setup)");
+      MESSAGE("SKIPPED: named not installed (Debian package bind9)");
+      return;
+    }
+    auto bind_result = autotls::testing::BindEnv::start("cli.test");
+    REQUIRE_MESSAGE(bind_result.has_value(), bind_result.error().message);
+    auto bind = std::move(*bind_result);
+    PebbleOptions po;
+    po.dns_server = bind->address();  // Pebble looks up _acme-challenge TXT records at BIND
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, po);
+    c.env = std::move(env);
+    auto no_secret = [&](const Run& r) {
+      return r.out.find(bind->secret_base64()) == std::string::npos && r.err.find(bind->secret_base64()) == std::string::npos;
+    };
+
+    // A secret BIND does not have: it answers BADSIG, the command names it and fails.
+    std::string wrong = "acme-key:hmac-sha256:" + std::string("c2VjcmV0LXRoYXQtYmluZC1kb2VzLW5vdC1rbm93Cg==");
+    auto bad = run(c.args({"issue", "-d", "bad.cli.test"},
+                          {"--agree-tos", "--challenge", "dns-01", "--dns-server", bind->address(), "--tsig-key", wrong}),
+                   {}, 60s);
+    CHECK_MESSAGE(bad.code == 6, show(bad));
+    CHECK_MESSAGE(bad.err.find("BADSIG") != std::string::npos, show(bad));
+    CHECK(bad.err.find("c2VjcmV0LXRoYXQtYmluZC1kb2VzLW5vdC1rbm93") == std::string::npos);
+    // A key name BIND does not know: BADKEY.
+    auto unknown = run(c.args({"issue", "-d", "bad.cli.test"},
+                              {"--agree-tos", "--challenge", "dns-01", "--dns-server", bind->address(), "--tsig-key",
+                               "other-key:hmac-sha256:" + bind->secret_base64()}),
+                       {}, 60s);
+    CHECK_MESSAGE(unknown.code == 6, show(unknown));
+    CHECK_MESSAGE(unknown.err.find("BADKEY") != std::string::npos, show(unknown));
+    CHECK(no_secret(unknown));
+
+    // The key in BIND's file format; a wildcard and its apex share one record name.
+    auto r = run(c.args({"issue", "-d", "*.bind.cli.test", "-d", "bind.cli.test"},
+                        {"--agree-tos", "--challenge", "dns-01", "--dns-server", bind->address(), "--tsig-key",
+                         bind->key_file().string()}));
+    REQUIRE_MESSAGE(r.code == 0, (show(r) + "\n" + bind->log_tail()));
+    CHECK(fs::exists(c.storage() / "live" / "_wildcard_.bind.cli.test" / "fullchain.pem"));
+    auto log = read_file(bind->dir() / "named.log");
+    CHECK_MESSAGE(log.find("adding an RR at '_acme-challenge.bind.cli.test' TXT") != std::string::npos, log);
+    CHECK_MESSAGE(log.find("deleting an RR at _acme-challenge.bind.cli.test TXT") != std::string::npos, log);
+
+    // The inline form, then renew --force reusing it from renewal.json (kept 0600).
+    auto r2 = run(c.args({"issue", "-d", "inline.cli.test"},
+                         {"--agree-tos", "--challenge", "dns-01", "--dns-server", bind->address(), "--tsig-key",
+                          bind->tsig_key(), "--json"}));
+    REQUIRE_MESSAGE(r2.code == 0, show(r2));
+    CHECK(no_secret(r2));
+    struct stat st{};
+    REQUIRE(::stat((c.storage() / "live" / "inline.cli.test" / "renewal.json").c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0600);
+    auto rn = run(c.args({"renew", "inline.cli.test"}, {"--force", "--json"}));
+    CHECK_MESSAGE(rn.code == 0, show(rn));
+    CHECK(last_json_line(rn.out).value("action", "") == "renewed");
+    CHECK(no_secret(rn));
+  }
+
   TEST_CASE("http-01 through a webroot served by another web server") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});

@@ -204,7 +204,12 @@ TEST_SUITE("tlsreload") {
 
     auto bad_alg = parse_tsig_key("acme-key:hmac-md4:" + autotls::base64_encode("0123456789abcdef"));
     REQUIRE_FALSE(bad_alg);
-    CHECK(bad_alg.error().message.find("not supported") != std::string::npos);
+    CHECK(bad_alg.error().message.find("supported algorithm") != std::string::npos);
+    CHECK(bad_alg.error().message.find(autotls::base64_encode("0123456789abcdef")) == std::string::npos);
+    // A secret with '/' in it is still the inline form, not a path.
+    auto slash = parse_tsig_key("k:hmac-sha256:" + autotls::base64_encode("\xff\xff\xff\xfe"));
+    REQUIRE(slash);
+    CHECK(slash->secret == "\xff\xff\xff\xfe");
     std::string secret_text = "c2VjcmV0IQ=!!";
     auto bad_secret = parse_tsig_key("acme-key:hmac-sha256:" + secret_text);
     REQUIRE_FALSE(bad_secret);
