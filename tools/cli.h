@@ -145,6 +145,19 @@ std::string tsig_key_text(const Options& o);
 // when --dns-server is not set. Usage errors (bad server, bad key) never contain the secret.
 Result<std::shared_ptr<acme::Solver>> dns_update_solver(const Options& o);
 
+// IdnName is a name as the CA sees it (ASCII; punycode for Unicode labels) and as people
+// write it (Unicode; the same as ascii for plain names).
+struct IdnName {
+  std::string ascii, unicode;
+};
+// idn_name converts a DNS name given in Unicode (UTF-8) to punycode with libidn2 (IDNA2008,
+// TR46 non-transitional, NFC), keeping a leading "*." and dropping a trailing dot; an ASCII
+// name is lower-cased and its xn-- labels are decoded for display. IP addresses pass through.
+// Errc::invalid_input naming the name and libidn2's reason for an invalid IDN.
+Result<IdnName> idn_name(const std::string& name);
+// show_name is "ascii (unicode)" when they differ, else ascii.
+std::string show_name(const std::string& ascii);
+
 // Paths of one stored certificate (docs/storage.md).
 struct LivePaths {
   std::filesystem::path dir, cert, chain, fullchain, key, meta;

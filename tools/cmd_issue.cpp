@@ -17,14 +17,31 @@ namespace {
 using json = nlohmann::json;
 using std::chrono::system_clock;
 
-std::vector<std::string> normalized(const std::vector<std::string>& in) {
+// normalized lower-cases names, drops trailing dots and duplicates, and converts Unicode names
+// to punycode (idn_name); an invalid internationalized name is an error.
+Result<std::vector<std::string>> normalized(const std::vector<std::string>& in) {
   std::vector<std::string> out;
-  for (auto n : in) {
-    while (!n.empty() && n.back() == '.') n.pop_back();
-    std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-    if (!n.empty() && std::find(out.begin(), out.end(), n) == out.end()) out.push_back(n);
+  for (const auto& raw : in) {
+    auto n = idn_name(raw);
+    if (!n) return fail(n.error());
+    if (!n->ascii.empty() && std::find(out.begin(), out.end(), n->ascii) == out.end()) out.push_back(n->ascii);
   }
   return out;
+}
+
+std::string shown_list(const std::vector<std::string>& names, const char* sep) {
+  std::string list;
+  for (const auto& n : names) list += (list.empty() ? "" : sep) + show_name(n);
+  return list;
+}
+
+json unicode_names(const std::vector<std::string>& names) {
+  json j = json::array();
+  for (const auto& n : names) {
+    auto i = idn_name(n);
+    j.push_back(i ? i->unicode : n);
+  }
+  return j;
 }
 
 // RunResult is what one Manager run did for one name set.
@@ -129,10 +146,9 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   auto info = stored_certificate(*ctx.storage, key);
   json j = {{"status", action}, {"name", key}, {"names", names}};
   if (info && *info) j = cert_info_json(**info, ctx.storage_root), j["status"] = action;
+  j["unicode_names"] = unicode_names(names);
   ctx.out.object(j);
-  std::string list;
-  for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
-  ctx.out.result("Certificate " + action + " for " + list);
+  ctx.out.result("Certificate " + action + " for " + shown_list(names, ", "));
   if (info && *info && (*info)->has_cert) ctx.out.result("  expires:       " + acme::format_rfc3339((*info)->not_after));
   ctx.out.result("  fullchain:     " + paths.fullchain.string());
   ctx.out.result("  private key:   " + paths.key.string());
@@ -154,7 +170,9 @@ int cmd_issue(Context& ctx) {
   Options& o = ctx.options;
   std::vector<std::string> requested = o.domains;
   requested.insert(requested.end(), o.ips.begin(), o.ips.end());
-  auto names = normalized(requested);
+  auto normal = normalized(requested);
+  if (!normal) return usage_error(ctx, "issue: " + normal.error().message);
+  const std::vector<std::string>& names = *normal;
   if (names.empty()) return usage_error(ctx, "issue: give at least one name with -d NAME (or an address with --ip)");
   for (const auto& ip : o.ips) {
     if (acme::identifier_for(ip).type != "ip") return usage_error(ctx, "--ip " + ip + ": not an IP address");
@@ -201,9 +219,7 @@ int cmd_issue(Context& ctx) {
   }
   if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
 
-  std::string list;
-  for (const auto& n : names) list += (list.empty() ? "" : " ") + n;
-  ctx.out.info("obtaining a certificate for " + list + " from " + ctx.directory_url + " (" + o.challenge + ")");
+  ctx.out.info("obtaining a certificate for " + shown_list(names, " ") + " from " + ctx.directory_url + " (" + o.challenge + ")");
   auto r = run_manager(ctx, o, ctx.directory_url, names, force);
   if (auto err = r.failure()) return report(ctx, *err);
   if (!r.changed()) {
@@ -223,7 +239,9 @@ int cmd_renew(Context& ctx) {
     if (!o.renew_names.empty()) return usage_error(ctx, "renew: give names or --all, not both");
     todo = *all;
   } else {
-    for (const auto& n : normalized(o.renew_names)) {
+    auto wanted = normalized(o.renew_names);
+    if (!wanted) return usage_error(ctx, "renew: " + wanted.error().message);
+    for (const auto& n : *wanted) {
       std::string key = tlsreload::storage_name(n);
       auto it = std::find_if(all->begin(), all->end(), [&](const CertInfo& c) { return c.key == key; });
       if (it == all->end()) return usage_error(ctx, "renew: no stored certificate named " + n + " in " + ctx.storage_root);

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -14,6 +15,7 @@
 #include <iostream>
 #include <sstream>
 
+#include <idn2.h>
 #include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -191,6 +193,59 @@ Result<std::shared_ptr<acme::Solver>> dns_update_solver(const Options& o) {
     if (auto z = tlsreload::dns::wire::encode_name(o.dns_zone); !z) return fail(Errc::invalid_input, "--dns-zone: " + z.error().message);
   }
   return std::shared_ptr<acme::Solver>(std::make_shared<tlsreload::dns::Rfc2136Solver>(*server, *key, o.dns_zone));
+}
+
+// ---------------------------------------------------------------- names
+
+Result<IdnName> idn_name(const std::string& input) {
+  std::string n = input;
+  while (!n.empty() && n.back() == '.') n.pop_back();
+  if (acme::identifier_for(n).type == "ip") return IdnName{n, n};
+  std::string prefix;
+  if (n.starts_with("*.")) {
+    prefix = "*.";
+    n = n.substr(2);
+  }
+  bool ascii = std::all_of(n.begin(), n.end(), [](unsigned char c) { return c < 0x80; });
+  IdnName out;
+  if (ascii) {
+    std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    out.ascii = prefix + n;
+    out.unicode = out.ascii;
+    if (n.starts_with("xn--") || contains(n, ".xn--")) {
+      char* u = nullptr;
+      int rc = idn2_to_unicode_8z8z(n.c_str(), &u, 0);
+      if (rc != IDN2_OK) {
+        return fail(Errc::invalid_input, "\"" + input + "\" is not a valid internationalized domain name: " +
+                                             idn2_strerror(rc));
+      }
+      out.unicode = prefix + u;
+      idn2_free(u);
+    }
+    return out;
+  }
+  char* a = nullptr;
+  int rc = idn2_to_ascii_8z(n.c_str(), &a, IDN2_NFC_INPUT | IDN2_NONTRANSITIONAL);
+  if (rc != IDN2_OK) {
+    return fail(Errc::invalid_input, "\"" + input + "\" is not a valid internationalized domain name: " +
+                                         idn2_strerror(rc) + " (names must be UTF-8; see IDNA2008)");
+  }
+  out.ascii = prefix + a;
+  idn2_free(a);
+  char* u = nullptr;
+  if (idn2_to_unicode_8z8z(out.ascii.c_str() + prefix.size(), &u, 0) == IDN2_OK) {
+    out.unicode = prefix + u;
+    idn2_free(u);
+  } else {
+    out.unicode = prefix + n;
+  }
+  return out;
+}
+
+std::string show_name(const std::string& ascii) {
+  auto n = idn_name(ascii);
+  if (!n || n->unicode == n->ascii) return ascii;
+  return ascii + " (" + n->unicode + ")";
 }
 
 // ---------------------------------------------------------------- errors

@@ -464,6 +464,34 @@ TEST_SUITE("cli.issue") {
     CHECK(no_secret(rn));
   }
 
+  TEST_CASE("unicode names are issued as punycode and shown both ways") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    // An invalid IDN is a usage error before anything is contacted.
+    auto bad = run(c.args({"issue", "-d", "\xe2\x98\x83.cli.test"}, {"--agree-tos", "--http-address", c.http()}));
+    CHECK_MESSAGE(bad.code == 2, show(bad));
+    CHECK_MESSAGE(bad.err.find("not a valid internationalized domain name") != std::string::npos, show(bad));
+    CHECK_FALSE(fs::exists(c.storage() / "accounts"));
+    auto bad_puny = run(c.args({"issue", "-d", "xn--zz.cli.test"}, {"--agree-tos", "--http-address", c.http()}));
+    CHECK_MESSAGE(bad_puny.code == 2, show(bad_puny));
+
+    // "bücher" in UTF-8; NFC and TR46 mapping lower-case "B".
+    auto r = run(c.args({"issue", "-d", "Bücher.cli.test"}, {"--agree-tos", "--http-address", c.http()}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK(fs::exists(c.storage() / "live" / "xn--bcher-kva.cli.test" / "fullchain.pem"));
+    CHECK_MESSAGE(r.out.find("xn--bcher-kva.cli.test (bücher.cli.test)") != std::string::npos, show(r));
+    CHECK_MESSAGE(r.err.find("xn--bcher-kva.cli.test (bücher.cli.test)") != std::string::npos, show(r));
+    // The punycode form names the same certificate; --json has both forms.
+    auto again = run(c.args({"issue", "-d", "xn--bcher-kva.cli.test"}, {"--http-address", c.http(), "--force", "--json"}));
+    REQUIRE_MESSAGE(again.code == 0, show(again));
+    auto j = last_json_line(again.out);
+    CHECK(j["names"] == json::array({"xn--bcher-kva.cli.test"}));
+    CHECK(j["unicode_names"] == json::array({"bücher.cli.test"}));
+    auto rn = run(c.args({"renew", "bücher.cli.test"}, {"--no-random-sleep"}));
+    CHECK_MESSAGE(rn.code == 1, show(rn));
+  }
+
   TEST_CASE("http-01 through a webroot served by another web server") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});
