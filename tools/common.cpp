@@ -251,8 +251,7 @@ std::string show_name(const std::string& ascii) {
 // ---------------------------------------------------------------- errors
 
 int exit_code_for(const Error& e) {
-  // acme::obtain words a failed authorization "validation of <name> by <type> failed: ...".
-  if (contains(e.message, "validation of ") && contains(e.message, " failed: authorization is ")) return kExitValidation;
+  if (e.validation_failed) return kExitValidation;
   if (e.problem) return kExitCaRefused;
   switch (e.code) {
     case Errc::transport:

@@ -26,6 +26,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "tests/support/fake_ca_endpoint.h"
 #include "tests/support/pebble_env.h"
 
 using autotls::testing::PebbleEnv;
@@ -550,6 +551,72 @@ TEST_SUITE("cli.issue") {
 }
 
 TEST_SUITE("cli.account") {
+  TEST_CASE("exit codes 3 and 5 from a fake CA over HTTP with the problem document") {
+    // The test tree's fake CA on loopback: it never connects back, so validation results and
+    // problem documents are chosen by the test.
+    autotls::testing::FakeAcmeServer::Options o;
+    o.failing_identifiers = {"bad.cli.test"};
+    autotls::testing::FakeCaEndpoint ep(o);
+    REQUIRE(ep.port() > 0);
+    TempDir dir;
+    auto args = [&](std::initializer_list<std::string> more) {
+      std::vector<std::string> a = {"issue", "--ca", ep.directory_url(), "--storage", (dir.path / "storage").string(),
+                                    "--agree-tos", "--http-address", "127.0.0.1:" + std::to_string(free_port())};
+      a.insert(a.end(), more);
+      return a;
+    };
+    auto ok = run(args({"-d", "good.cli.test"}));
+    REQUIRE_MESSAGE(ok.code == 0, show(ok));
+
+    // Validation failed: 5, with the challenge's error.
+    auto v = run(args({"-d", "bad.cli.test"}));
+    CHECK_MESSAGE(v.code == 5, show(v));
+    CHECK_MESSAGE(v.err.find("incorrectResponse") != std::string::npos, show(v));
+
+    // rateLimited with Retry-After: 3, the problem type and detail, and when to retry.
+    std::atomic<bool> limit{true};
+    ep.ca().intercept = [&](const autotls::acme::HttpRequest& req) -> std::optional<autotls::acme::HttpResponse> {
+      if (limit && req.method == "POST" && req.url.ends_with("/new-order")) {
+        return autotls::testing::make_problem(ep.ca(), 429, "rateLimited",
+                                              "too many certificates (5) already issued for this exact set of identifiers",
+                                              {{"Retry-After", "7200"}});
+      }
+      return std::nullopt;
+    };
+    auto rl = run(args({"-d", "limited.cli.test"}));
+    CHECK_MESSAGE(rl.code == 3, show(rl));
+    CHECK_MESSAGE(rl.err.find("urn:ietf:params:acme:error:rateLimited") != std::string::npos, show(rl));
+    CHECK_MESSAGE(rl.err.find("too many certificates (5)") != std::string::npos, show(rl));
+    auto at = rl.err.find("retry after ");
+    REQUIRE_MESSAGE(at != std::string::npos, show(rl));
+    // About two hours from now, as an RFC 3339 UTC time.
+    std::string when = rl.err.substr(at + 12, 19);
+    std::tm tm{};
+    REQUIRE_MESSAGE(::strptime(when.c_str(), "%Y-%m-%dT%H:%M:%S", &tm) != nullptr, when);
+    auto delta = ::timegm(&tm) - std::time(nullptr);
+    CHECK_MESSAGE((delta > 7000 && delta <= 7200), when);
+    auto rlj = run(args({"-d", "limited.cli.test", "--json"}));
+    CHECK(rlj.code == 3);
+    auto j = last_json_line(rlj.out);
+    CHECK(j.value("exit_code", 0) == 3);
+    CHECK(j["error"]["problem"]["type"] == "urn:ietf:params:acme:error:rateLimited");
+    CHECK(j["error"].contains("retry_after"));
+
+    // Any other refusal: 3 with the problem document.
+    limit = false;
+    ep.ca().intercept = [&](const autotls::acme::HttpRequest& req) -> std::optional<autotls::acme::HttpResponse> {
+      if (req.method == "POST" && req.url.ends_with("/new-order")) {
+        return autotls::testing::make_problem(ep.ca(), 400, "rejectedIdentifier", "cli.test is on a block list");
+      }
+      return std::nullopt;
+    };
+    auto rej = run(args({"-d", "rejected.cli.test"}));
+    CHECK_MESSAGE(rej.code == 3, show(rej));
+    CHECK_MESSAGE(rej.err.find("problem: urn:ietf:params:acme:error:rejectedIdentifier") != std::string::npos, show(rej));
+    CHECK_MESSAGE(rej.err.find("detail: cli.test is on a block list") != std::string::npos, show(rej));
+    ep.ca().intercept = nullptr;
+  }
+
   TEST_CASE("register show update rollover deactivate") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});
@@ -725,8 +792,21 @@ TEST_SUITE("cli.serve") {
 TEST_SUITE("cli.quickstart") {
   TEST_CASE("tools quickstart check serves the demo page over HTTPS") {
     AUTOTLS_REQUIRE_PEBBLE();
+    // README's commands run from a clean clone of the committed tree (no build directory, no
+    // local files), with AUTOTLS_BIN pointing at the binary already built so that there is no
+    // second full build: tools/quickstart --check end to end, and tools/test up to its CMake
+    // configure step (--configure-only; running the suite from inside the suite would recurse).
+    TempDir clean;
+    fs::path src = clean.path / "autotls";
+    auto clone = run({"clone", "--quiet", AUTOTLS_SOURCE_DIR, src.string()}, {}, 60s, {"/usr/bin/git"});
+    REQUIRE_MESSAGE(clone.code == 0, show(clone));
+    CHECK_FALSE(fs::exists(src / "build"));
+    auto configure = run({"--configure-only"}, {"BUILD_DIR=" + (clean.path / "build").string()}, 120s,
+                         {"/bin/bash", (src / "tools" / "test").string()});
+    CHECK_MESSAGE(configure.code == 0, show(configure));
+    CHECK(fs::exists(clean.path / "build" / "build.ninja"));
     auto r = run({"--check"}, {std::string("AUTOTLS_BIN=") + AUTOTLS_BINARY}, 180s,
-                 {"/bin/bash", std::string(AUTOTLS_SOURCE_DIR) + "/tools/quickstart"});
+                 {"/bin/bash", (src / "tools" / "quickstart").string()});
     CHECK_MESSAGE(r.code == 0, show(r));
     CHECK(r.err.find("OK: https://demo.autotls.test:") != std::string::npos);
     CHECK(r.err.find("exited 0 after SIGTERM") != std::string::npos);
