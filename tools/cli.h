@@ -234,6 +234,8 @@ struct Context {
 
 // manager_options builds ManagerOptions for the CA in directory_url from the options.
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url);
+// The same from options o instead of ctx.options (renew: the settings saved at issue time).
+Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const Options& o, const std::string& directory_url);
 // make_client connects to the CA at directory_url with the configured CA bundle and logger.
 Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url);
 

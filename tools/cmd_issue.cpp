@@ -85,7 +85,8 @@ Status check_challenge_options(const Options& o) {
 RunResult run_manager(Context& ctx, const Options& o, const std::string& directory_url,
                       const std::vector<std::string>& names, bool force) {
   RunResult r;
-  auto mo = manager_options(ctx, directory_url);
+  // o, not ctx.options: renew passes the settings saved in renewal.json.
+  auto mo = manager_options(ctx, o, directory_url);
   if (!mo) {
     r.status = fail(mo.error());
     return r;

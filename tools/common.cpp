@@ -626,7 +626,10 @@ Result<std::unique_ptr<Responder>> start_responder(const std::string& challenge_
 // ---------------------------------------------------------------- manager set-up
 
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url) {
-  const Options& o = ctx.options;
+  return manager_options(ctx, ctx.options, directory_url);
+}
+
+Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const Options& o, const std::string& directory_url) {
   tlsreload::ManagerOptions mo;
   mo.directory_url = directory_url;
   mo.ca_bundle = o.ca_bundle;

@@ -416,6 +416,7 @@ TEST_SUITE("cli.issue") {
     auto bind = std::move(*bind_result);
     PebbleOptions po;
     po.dns_server = bind->address();  // Pebble looks up _acme-challenge TXT records at BIND
+    po.authz_reuse_percent = 0;       // every order, the renewal's too, is validated again
     Cli c;
     AUTOTLS_START_PEBBLE(env, po);
     c.env = std::move(env);
@@ -463,6 +464,13 @@ TEST_SUITE("cli.issue") {
     CHECK_MESSAGE(rn.code == 0, show(rn));
     CHECK(last_json_line(rn.out).value("action", "") == "renewed");
     CHECK(no_secret(rn));
+    // Both the issue and the renewal went through BIND (renew took dns-01 from renewal.json).
+    auto full_log = read_file(bind->dir() / "named.log");
+    size_t adds = 0;
+    for (size_t at = 0; (at = full_log.find("adding an RR at '_acme-challenge.inline.cli.test' TXT", at)) != std::string::npos; ++at) {
+      ++adds;
+    }
+    CHECK_MESSAGE(adds == 2, full_log);
   }
 
   TEST_CASE("unicode names are issued as punycode and shown both ways") {
