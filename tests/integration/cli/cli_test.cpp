@@ -473,6 +473,26 @@ TEST_SUITE("cli.issue") {
     CHECK_MESSAGE(adds == 2, full_log);
   }
 
+  TEST_CASE("renew off a terminal waits a random delay unless told not to") {
+    PebbleOptions po;
+    po.certificate_validity_seconds = 6;  // due once half of this short lifetime has passed
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, po);
+    c.env = std::move(env);
+    auto r = run(c.args({"issue", "-d", "cron.cli.test"}, {"--agree-tos", "--http-address", c.http()}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    std::this_thread::sleep_for(3500ms);
+    // stdout is a file here, as under cron: renew sleeps (at most 1 s) before renewing.
+    auto rn = run(c.args({"renew"}, {"--max-random-sleep", "1", "--http-address", c.http()}));
+    CHECK_MESSAGE(rn.code == 0, show(rn));
+    CHECK_MESSAGE(rn.err.find("not on a terminal: sleeping") != std::string::npos, show(rn));
+    CHECK_MESSAGE(rn.out.find("renewed cron.cli.test") != std::string::npos, show(rn));
+    std::this_thread::sleep_for(3500ms);
+    auto quiet = run(c.args({"renew"}, {"--no-random-sleep", "--http-address", c.http()}));
+    CHECK_MESSAGE(quiet.code == 0, show(quiet));
+    CHECK(quiet.err.find("sleeping") == std::string::npos);
+  }
+
   TEST_CASE("unicode names are issued as punycode and shown both ways") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});
