@@ -765,6 +765,7 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
       if (a->status != "valid") {
         Error e(Errc::protocol, "validation of " + p.identifier.value + " by " + p.challenge.type +
                                     " failed: authorization is " + a->status);
+        e.validation_failed = true;
         if (const Challenge* c = a->find(p.challenge.type); c && c->error) {
           e.message += ": " + describe(*c->error);
           e.problem = c->error;

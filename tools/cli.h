@@ -58,6 +58,9 @@ struct Options {
   std::string tls_address;                   // issue: standalone tls-alpn-01
   std::string webroot;
   std::string dns_hook;
+  std::string dns_server;  // dns-01 by RFC 2136: HOST[:PORT] of the primary server
+  std::string tsig_key;    // NAME:ALGORITHM:BASE64 or a BIND key file (also AUTOTLS_TSIG_KEY)
+  std::string dns_zone;    // zone to update (default: found with an SOA query)
   std::string key_type = "ec256";
   std::string profile;
   std::string preferred_chain;
@@ -136,6 +139,25 @@ std::string describe_error(const Error& e);
 nlohmann::json error_json(const Error& e);
 // eab_from resolves --eab-kid with --eab-hmac, AUTOTLS_EAB_HMAC or --eab-hmac-file.
 Result<std::optional<acme::ExternalAccountBinding>> eab_from(const Options& o);
+
+// tsig_key_text is --tsig-key, else AUTOTLS_TSIG_KEY (empty when neither is set).
+std::string tsig_key_text(const Options& o);
+// dns_update_solver builds the RFC 2136 solver from --dns-server/--tsig-key/--dns-zone; null
+// when --dns-server is not set. Usage errors (bad server, bad key) never contain the secret.
+Result<std::shared_ptr<acme::Solver>> dns_update_solver(const Options& o);
+
+// IdnName is a name as the CA sees it (ASCII; punycode for Unicode labels) and as people
+// write it (Unicode; the same as ascii for plain names).
+struct IdnName {
+  std::string ascii, unicode;
+};
+// idn_name converts a DNS name given in Unicode (UTF-8) to punycode with libidn2 (IDNA2008,
+// TR46 non-transitional, NFC), keeping a leading "*." and dropping a trailing dot; an ASCII
+// name is lower-cased and its xn-- labels are decoded for display. IP addresses pass through.
+// Errc::invalid_input naming the name and libidn2's reason for an invalid IDN.
+Result<IdnName> idn_name(const std::string& name);
+// show_name is "ascii (unicode)" when they differ, else ascii.
+std::string show_name(const std::string& ascii);
 
 // Paths of one stored certificate (docs/storage.md).
 struct LivePaths {
@@ -216,6 +238,8 @@ struct Context {
 
 // manager_options builds ManagerOptions for the CA in directory_url from the options.
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url);
+// The same from options o instead of ctx.options (renew: the settings saved at issue time).
+Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const Options& o, const std::string& directory_url);
 // make_client connects to the CA at directory_url with the configured CA bundle and logger.
 Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url);
 

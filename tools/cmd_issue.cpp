@@ -17,14 +17,31 @@ namespace {
 using json = nlohmann::json;
 using std::chrono::system_clock;
 
-std::vector<std::string> normalized(const std::vector<std::string>& in) {
+// normalized lower-cases names, drops trailing dots and duplicates, and converts Unicode names
+// to punycode (idn_name); an invalid internationalized name is an error.
+Result<std::vector<std::string>> normalized(const std::vector<std::string>& in) {
   std::vector<std::string> out;
-  for (auto n : in) {
-    while (!n.empty() && n.back() == '.') n.pop_back();
-    std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-    if (!n.empty() && std::find(out.begin(), out.end(), n) == out.end()) out.push_back(n);
+  for (const auto& raw : in) {
+    auto n = idn_name(raw);
+    if (!n) return fail(n.error());
+    if (!n->ascii.empty() && std::find(out.begin(), out.end(), n->ascii) == out.end()) out.push_back(n->ascii);
   }
   return out;
+}
+
+std::string shown_list(const std::vector<std::string>& names, const char* sep) {
+  std::string list;
+  for (const auto& n : names) list += (list.empty() ? "" : sep) + show_name(n);
+  return list;
+}
+
+json unicode_names(const std::vector<std::string>& names) {
+  json j = json::array();
+  for (const auto& n : names) {
+    auto i = idn_name(n);
+    j.push_back(i ? i->unicode : n);
+  }
+  return j;
 }
 
 // RunResult is what one Manager run did for one name set.
@@ -51,8 +68,13 @@ Status check_challenge_options(const Options& o) {
     return fail(Errc::invalid_input, "--challenge must be http-01, tls-alpn-01 or dns-01, not \"" + o.challenge + "\"");
   }
   if (!o.webroot.empty() && o.challenge != "http-01") return fail(Errc::invalid_input, "--webroot works with --challenge http-01 only");
-  if (o.challenge == "dns-01" && o.dns_hook.empty()) {
-    return fail(Errc::invalid_input, "--challenge dns-01 needs --dns-hook CMD (called as `CMD add|del <record> <value>`)");
+  if (o.challenge == "dns-01" && o.dns_hook.empty() && o.dns_server.empty()) {
+    return fail(Errc::invalid_input,
+                "--challenge dns-01 needs --dns-server HOST[:PORT] with --tsig-key (RFC 2136), or --dns-hook CMD "
+                "(called as `CMD add|del <record> <value>`)");
+  }
+  if (o.challenge == "dns-01") {
+    if (auto s = dns_update_solver(o); !s) return fail(s.error());
   }
   if (!o.ips.empty() && o.challenge == "dns-01") return fail(Errc::invalid_input, "IP addresses cannot be validated by dns-01 (RFC 8738)");
   return {};
@@ -63,7 +85,8 @@ Status check_challenge_options(const Options& o) {
 RunResult run_manager(Context& ctx, const Options& o, const std::string& directory_url,
                       const std::vector<std::string>& names, bool force) {
   RunResult r;
-  auto mo = manager_options(ctx, directory_url);
+  // o, not ctx.options: renew passes the settings saved in renewal.json.
+  auto mo = manager_options(ctx, o, directory_url);
   if (!mo) {
     r.status = fail(mo.error());
     return r;
@@ -101,6 +124,11 @@ json renewal_settings(const Options& o, const std::string& directory_url) {
   if (!o.tls_address.empty()) j["tls-address"] = o.tls_address;
   if (!o.webroot.empty()) j["webroot"] = o.webroot;
   if (!o.dns_hook.empty()) j["dns-hook"] = o.dns_hook;
+  if (!o.dns_server.empty()) j["dns-server"] = o.dns_server;
+  if (!o.dns_zone.empty()) j["dns-zone"] = o.dns_zone;
+  // The TSIG key is kept for renew (renewal.json is then written 0600, like private keys)
+  // unless it came from AUTOTLS_TSIG_KEY, which renew reads again.
+  if (!o.tsig_key.empty()) j["tsig-key"] = o.tsig_key;
   if (!o.profile.empty()) j["profile"] = o.profile;
   if (!o.preferred_chain.empty()) j["preferred-chain"] = o.preferred_chain;
   if (!o.deploy_hook.empty()) j["deploy-hook"] = o.deploy_hook;
@@ -111,16 +139,17 @@ json renewal_settings(const Options& o, const std::string& directory_url) {
 int after_success(Context& ctx, const Options& o, const std::string& key, const std::vector<std::string>& names,
                   const std::string& directory_url, const std::string& action) {
   auto paths = live_paths(ctx.storage_root, key);
-  if (auto st = ctx.storage->put("live/" + key + "/renewal.json", renewal_settings(o, directory_url).dump(2) + "\n"); !st) {
+  if (auto st = ctx.storage->put("live/" + key + "/renewal.json", renewal_settings(o, directory_url).dump(2) + "\n",
+                                 !o.tsig_key.empty());
+      !st) {
     ctx.out.info("warning: cannot save renewal settings: " + st.error().message);
   }
   auto info = stored_certificate(*ctx.storage, key);
   json j = {{"status", action}, {"name", key}, {"names", names}};
   if (info && *info) j = cert_info_json(**info, ctx.storage_root), j["status"] = action;
+  j["unicode_names"] = unicode_names(names);
   ctx.out.object(j);
-  std::string list;
-  for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
-  ctx.out.result("Certificate " + action + " for " + list);
+  ctx.out.result("Certificate " + action + " for " + shown_list(names, ", "));
   if (info && *info && (*info)->has_cert) ctx.out.result("  expires:       " + acme::format_rfc3339((*info)->not_after));
   ctx.out.result("  fullchain:     " + paths.fullchain.string());
   ctx.out.result("  private key:   " + paths.key.string());
@@ -142,7 +171,9 @@ int cmd_issue(Context& ctx) {
   Options& o = ctx.options;
   std::vector<std::string> requested = o.domains;
   requested.insert(requested.end(), o.ips.begin(), o.ips.end());
-  auto names = normalized(requested);
+  auto normal = normalized(requested);
+  if (!normal) return usage_error(ctx, "issue: " + normal.error().message);
+  const std::vector<std::string>& names = *normal;
   if (names.empty()) return usage_error(ctx, "issue: give at least one name with -d NAME (or an address with --ip)");
   for (const auto& ip : o.ips) {
     if (acme::identifier_for(ip).type != "ip") return usage_error(ctx, "--ip " + ip + ": not an IP address");
@@ -189,9 +220,7 @@ int cmd_issue(Context& ctx) {
   }
   if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
 
-  std::string list;
-  for (const auto& n : names) list += (list.empty() ? "" : " ") + n;
-  ctx.out.info("obtaining a certificate for " + list + " from " + ctx.directory_url + " (" + o.challenge + ")");
+  ctx.out.info("obtaining a certificate for " + shown_list(names, " ") + " from " + ctx.directory_url + " (" + o.challenge + ")");
   auto r = run_manager(ctx, o, ctx.directory_url, names, force);
   if (auto err = r.failure()) return report(ctx, *err);
   if (!r.changed()) {
@@ -211,7 +240,9 @@ int cmd_renew(Context& ctx) {
     if (!o.renew_names.empty()) return usage_error(ctx, "renew: give names or --all, not both");
     todo = *all;
   } else {
-    for (const auto& n : normalized(o.renew_names)) {
+    auto wanted = normalized(o.renew_names);
+    if (!wanted) return usage_error(ctx, "renew: " + wanted.error().message);
+    for (const auto& n : *wanted) {
       std::string key = tlsreload::storage_name(n);
       auto it = std::find_if(all->begin(), all->end(), [&](const CertInfo& c) { return c.key == key; });
       if (it == all->end()) return usage_error(ctx, "renew: no stored certificate named " + n + " in " + ctx.storage_root);
@@ -256,6 +287,9 @@ int cmd_renew(Context& ctx) {
     take("tls-address", co.tls_address);
     take("webroot", co.webroot);
     take("dns-hook", co.dns_hook);
+    take("dns-server", co.dns_server);
+    take("dns-zone", co.dns_zone);
+    take("tsig-key", co.tsig_key);
     take("profile", co.profile);
     take("preferred-chain", co.preferred_chain);
     take("deploy-hook", co.deploy_hook);

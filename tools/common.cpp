@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -14,6 +15,7 @@
 #include <iostream>
 #include <sstream>
 
+#include <idn2.h>
 #include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -23,6 +25,7 @@
 #include "acme/problem.h"
 #include "acme/util/openssl.h"
 #include "server/server.h"
+#include "tlsreload/dns_update.h"
 #include "tlsreload/store.h"
 
 extern char** environ;
@@ -163,11 +166,92 @@ Result<std::optional<acme::ExternalAccountBinding>> eab_from(const Options& o) {
   return std::optional<acme::ExternalAccountBinding>(std::move(eab));
 }
 
+std::string tsig_key_text(const Options& o) {
+  if (!o.tsig_key.empty()) return o.tsig_key;
+  if (const char* e = std::getenv("AUTOTLS_TSIG_KEY"); e) return e;
+  return {};
+}
+
+Result<std::shared_ptr<acme::Solver>> dns_update_solver(const Options& o) {
+  if (o.dns_server.empty()) {
+    if (!o.tsig_key.empty() || !o.dns_zone.empty()) {
+      return fail(Errc::invalid_input, "--tsig-key and --dns-zone need --dns-server HOST[:PORT]");
+    }
+    return std::shared_ptr<acme::Solver>();
+  }
+  if (!o.dns_hook.empty()) return fail(Errc::invalid_input, "give --dns-hook or --dns-server, not both");
+  auto server = tlsreload::dns::parse_server(o.dns_server);
+  if (!server) return fail(server.error());
+  std::string key_text = tsig_key_text(o);
+  if (key_text.empty()) {
+    return fail(Errc::invalid_input,
+                "--dns-server needs --tsig-key NAME:ALGORITHM:BASE64SECRET or a BIND key file (or AUTOTLS_TSIG_KEY)");
+  }
+  auto key = tlsreload::dns::parse_tsig_key(key_text);
+  if (!key) return fail(key.error());
+  if (!o.dns_zone.empty()) {
+    if (auto z = tlsreload::dns::wire::encode_name(o.dns_zone); !z) return fail(Errc::invalid_input, "--dns-zone: " + z.error().message);
+  }
+  return std::shared_ptr<acme::Solver>(std::make_shared<tlsreload::dns::Rfc2136Solver>(*server, *key, o.dns_zone));
+}
+
+// ---------------------------------------------------------------- names
+
+Result<IdnName> idn_name(const std::string& input) {
+  std::string n = input;
+  while (!n.empty() && n.back() == '.') n.pop_back();
+  if (acme::identifier_for(n).type == "ip") return IdnName{n, n};
+  std::string prefix;
+  if (n.starts_with("*.")) {
+    prefix = "*.";
+    n = n.substr(2);
+  }
+  bool ascii = std::all_of(n.begin(), n.end(), [](unsigned char c) { return c < 0x80; });
+  IdnName out;
+  if (ascii) {
+    std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    out.ascii = prefix + n;
+    out.unicode = out.ascii;
+    if (n.starts_with("xn--") || contains(n, ".xn--")) {
+      char* u = nullptr;
+      int rc = idn2_to_unicode_8z8z(n.c_str(), &u, 0);
+      if (rc != IDN2_OK) {
+        return fail(Errc::invalid_input, "\"" + input + "\" is not a valid internationalized domain name: " +
+                                             idn2_strerror(rc));
+      }
+      out.unicode = prefix + u;
+      idn2_free(u);
+    }
+    return out;
+  }
+  char* a = nullptr;
+  int rc = idn2_to_ascii_8z(n.c_str(), &a, IDN2_NFC_INPUT | IDN2_NONTRANSITIONAL);
+  if (rc != IDN2_OK) {
+    return fail(Errc::invalid_input, "\"" + input + "\" is not a valid internationalized domain name: " +
+                                         idn2_strerror(rc) + " (names must be UTF-8; see IDNA2008)");
+  }
+  out.ascii = prefix + a;
+  idn2_free(a);
+  char* u = nullptr;
+  if (idn2_to_unicode_8z8z(out.ascii.c_str() + prefix.size(), &u, 0) == IDN2_OK) {
+    out.unicode = prefix + u;
+    idn2_free(u);
+  } else {
+    out.unicode = prefix + n;
+  }
+  return out;
+}
+
+std::string show_name(const std::string& ascii) {
+  auto n = idn_name(ascii);
+  if (!n || n->unicode == n->ascii) return ascii;
+  return ascii + " (" + n->unicode + ")";
+}
+
 // ---------------------------------------------------------------- errors
 
 int exit_code_for(const Error& e) {
-  // acme::obtain words a failed authorization "validation of <name> by <type> failed: ...".
-  if (contains(e.message, "validation of ") && contains(e.message, " failed: authorization is ")) return kExitValidation;
+  if (e.validation_failed) return kExitValidation;
   if (e.problem) return kExitCaRefused;
   switch (e.code) {
     case Errc::transport:
@@ -542,7 +626,10 @@ Result<std::unique_ptr<Responder>> start_responder(const std::string& challenge_
 // ---------------------------------------------------------------- manager set-up
 
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url) {
-  const Options& o = ctx.options;
+  return manager_options(ctx, ctx.options, directory_url);
+}
+
+Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const Options& o, const std::string& directory_url) {
   tlsreload::ManagerOptions mo;
   mo.directory_url = directory_url;
   mo.ca_bundle = o.ca_bundle;
@@ -556,6 +643,11 @@ Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::strin
   }
   mo.challenge_type = o.challenge;
   mo.dns_hook = o.dns_hook;
+  if (o.challenge == "dns-01") {
+    auto solver = dns_update_solver(o);
+    if (!solver) return fail(solver.error());
+    if (*solver) mo.solver = *solver;
+  }
   auto kt = acme::parse_key_type(o.key_type);
   if (!kt) return fail(Errc::invalid_input, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096, not \"" + o.key_type + "\"");
   mo.key_type = *kt;

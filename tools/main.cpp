@@ -151,6 +151,13 @@ void add_challenge_options(CLI::App* c, Options& o, bool standalone) {
     c->add_option("--webroot", o.webroot, "write http-01 files to DIR/.well-known/acme-challenge/ for a running web server");
   }
   c->add_option("--dns-hook", o.dns_hook, "program for dns-01, run as `CMD add|del <record name> <value>`");
+  if (standalone) {
+    c->add_option("--dns-server", o.dns_server, "dns-01 by RFC 2136 dynamic update: HOST[:PORT] of the primary server");
+    c->add_option("--tsig-key", o.tsig_key,
+                  "TSIG key for --dns-server: NAME:ALGORITHM:BASE64SECRET or a BIND key file (also AUTOTLS_TSIG_KEY); "
+                  "never printed");
+    c->add_option("--dns-zone", o.dns_zone, "zone for --dns-server updates (default: found with an SOA query)");
+  }
   c->add_option("--key-type", o.key_type, "certificate key: ec256, ec384, rsa2048, rsa3072, rsa4096")->capture_default_str();
   c->add_option("--profile", o.profile, "ACME profile name (if the CA offers profiles)");
   c->add_option("--preferred-chain", o.preferred_chain, "issuer CN of the preferred chain's top certificate");
@@ -199,6 +206,8 @@ void build_cli(Cli& cli, Options& o) {
                             "  autotls issue -d example.com --webroot /var/www/html\n"
                             "  autotls issue -d example.com --challenge tls-alpn-01 --tls-address 0.0.0.0:443\n"
                             "  autotls issue -d '*.example.com' --challenge dns-01 --dns-hook /usr/local/bin/dns-hook\n"
+                            "  autotls issue -d '*.example.com' -d example.com --challenge dns-01 --dns-server ns1.example.com \\\n"
+                            "      --tsig-key /etc/bind/acme.key\n"
                             "  autotls issue -d test.example --ca https://127.0.0.1:14000/dir --ca-bundle pebble.pem\n"
                             "Files: <storage>/live/<first name>/{fullchain,privkey,cert,chain}.pem\n\n") +
                 kExitCodes);

@@ -56,6 +56,9 @@ struct Error {
   std::optional<acme::Problem> problem;
   std::optional<std::chrono::seconds> retry_after;
   int http_status = 0;  // status of the HTTP reply that caused it; 0 when there was none
+  // validation_failed marks the CA's verdict that a challenge failed (set by acme::obtain when
+  // an authorization ends other than valid), as opposed to the CA refusing a request.
+  bool validation_failed = false;
 
   Error() = default;
   Error(Errc c, std::string m) : code(c), message(std::move(m)) {}

@@ -22,6 +22,7 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 
+#include "acme/util/base64.h"
 #include "acme/util/openssl.h"
 
 extern char** environ;
@@ -463,8 +464,9 @@ Status PebbleEnv::launch(const PebbleOptions& options) {
     env.push_back("PEBBLE_ALTERNATE_ROOTS=" + std::to_string(*options.alternate_roots));
   }
   if (options.va_always_valid) env.push_back("PEBBLE_VA_ALWAYS_VALID=1");
-  auto peb = spawn({"pebble", "-config", config.string(), "-dnsserver",
-                    "127.0.0.1:" + std::to_string(dns_port_)},
+  std::string resolver =
+      options.dns_server.empty() ? "127.0.0.1:" + std::to_string(dns_port_) : options.dns_server;
+  auto peb = spawn({"pebble", "-config", config.string(), "-dnsserver", resolver},
                    dir_ / "pebble.log", env);
   if (!peb) return fail(peb.error());
   pebble_pid_ = *peb;
@@ -588,6 +590,81 @@ Status PebbleEnv::clear_a(const std::string& host) {
 std::string PebbleEnv::log_tail(size_t max_bytes) const {
   return "--- pebble.log ---\n" + read_tail(dir_ / "pebble.log", max_bytes) +
          "--- challtestsrv.log ---\n" + read_tail(dir_ / "challtestsrv.log", max_bytes);
+}
+
+// ---- BindEnv ---------------------------------------------------------------------------------
+
+namespace {
+std::optional<std::string> named_path() {
+  if (auto p = find_on_path("named")) return p;
+  if (::access("/usr/sbin/named", X_OK) == 0) return std::string("/usr/sbin/named");
+  return std::nullopt;
+}
+}  // namespace
+
+bool BindEnv::available() { return named_path().has_value(); }
+
+Result<std::unique_ptr<BindEnv>> BindEnv::start(const std::string& zone, const std::string& key_name) {
+  auto named = named_path();
+  if (!named) return fail(Errc::io, "BindEnv: named not found (install Debian package bind9: tools/setup)");
+  std::unique_ptr<BindEnv> b(new BindEnv());
+  std::string tmpl = (std::filesystem::temp_directory_path() / "autotls-bind-XXXXXX").string();
+  if (::mkdtemp(tmpl.data()) == nullptr) return fail(Errc::io, "BindEnv: mkdtemp: " + std::string(std::strerror(errno)));
+  b->dir_ = tmpl;
+  b->key_name_ = key_name;
+  unsigned char secret[32];
+  if (RAND_bytes(secret, sizeof secret) != 1) return fail(Errc::crypto, "BindEnv: RAND_bytes failed");
+  b->secret_b64_ = base64_encode(std::string_view(reinterpret_cast<char*>(secret), sizeof secret));
+  std::string key_stmt = "key \"" + key_name + "\" {\n\talgorithm hmac-sha256;\n\tsecret \"" + b->secret_b64_ + "\";\n};\n";
+  if (auto st = write_file(b->key_file(), key_stmt); !st) return fail(st.error());
+  std::string d = b->dir_.string();
+  if (auto st = write_file(b->dir_ / "zone.db", "$TTL 60\n@ IN SOA ns." + zone + ". admin." + zone +
+                                                   ". 1 60 60 600 60\n@ IN NS ns." + zone + ".\nns IN A 127.0.0.1\n");
+      !st) {
+    return fail(st.error());
+  }
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto ports = pick_ports(1);
+    if (!ports) return fail(ports.error());
+    b->port_ = (*ports)[0];
+    std::string conf = "options {\n  directory \"" + d + "\";\n  listen-on port " + std::to_string(b->port_) +
+                       " { 127.0.0.1; };\n  listen-on-v6 { none; };\n  pid-file \"" + d + "/named.pid\";\n"
+                       "  session-keyfile \"" + d + "/session.key\";\n  managed-keys-directory \"" + d + "\";\n"
+                       "  recursion no;\n  dnssec-validation no;\n  notify no;\n};\ncontrols { };\n" + key_stmt +
+                       "zone \"" + zone + "\" {\n  type primary;\n  file \"" + d + "/zone.db\";\n"
+                       "  update-policy { grant " + key_name + " zonesub TXT; };\n};\n";
+    if (auto st = write_file(b->dir_ / "named.conf", conf); !st) return fail(st.error());
+    auto log = b->dir_ / "named.log";
+    std::error_code ec;
+    std::filesystem::remove(log, ec);
+    auto pid = spawn({*named, "-g", "-c", (b->dir_ / "named.conf").string(), "-p", std::to_string(b->port_)}, log, {});
+    if (!pid) return fail(pid.error());
+    b->pid_ = *pid;
+    auto deadline = Clock::now() + std::chrono::seconds(15);
+    while (Clock::now() < deadline && alive(b->pid_)) {
+      if (read_tail(log, 100000).find("\nrunning") != std::string::npos ||
+          read_tail(log, 100000).find(" running\n") != std::string::npos) {
+        return b;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    bool port_taken = read_tail(log, 100000).find("address in use") != std::string::npos;
+    terminate(b->pid_);
+    if (!port_taken) return fail(Errc::timeout, "BindEnv: named did not start:\n" + b->log_tail());
+  }
+  return fail(Errc::io, "BindEnv: named could not bind a port:\n" + b->log_tail());
+}
+
+BindEnv::~BindEnv() {
+  terminate(pid_);
+  if (!dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+}
+
+std::string BindEnv::log_tail(size_t max_bytes) const {
+  return "--- named.log ---\n" + read_tail(dir_ / "named.log", max_bytes);
 }
 
 }  // namespace autotls::testing

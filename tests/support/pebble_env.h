@@ -35,6 +35,9 @@ struct PebbleOptions {
   std::optional<int> alternate_roots;
   // PEBBLE_VA_ALWAYS_VALID=1: every challenge validates without contacting the client.
   bool va_always_valid = false;
+  // dns_server ("127.0.0.1:PORT") replaces challtestsrv as the resolver Pebble validates
+  // through (-dnsserver), e.g. a BindEnv; empty: challtestsrv.
+  std::string dns_server;
   // How long start() waits for both servers to answer.
   std::chrono::milliseconds ready_timeout{15'000};
 };
@@ -129,6 +132,41 @@ class PebbleEnv {
   mutable pid_t challtestsrv_pid_ = -1;
   std::unique_ptr<acme::HttpTransport> https_;  // trusts ca_bundle_path()
   std::unique_ptr<acme::HttpTransport> http_;   // plain HTTP to challtestsrv
+};
+
+// BindEnv is a BIND 9 `named` started for one test: its own config, zone files and working
+// directory in a temporary directory, listening on 127.0.0.1 (UDP and TCP) on a free high
+// port, primary for one zone that accepts TSIG-signed dynamic updates of TXT records
+// (update-policy grant KEY zonesub TXT), recursion off. The destructor stops it (SIGTERM,
+// SIGKILL after 3 s) and removes the directory; it also dies with the test (pdeathsig).
+class BindEnv {
+ public:
+  // start launches named for zone with a random hmac-sha256 key named key_name, and waits
+  // (up to 15 s) until it reports "running".
+  static Result<std::unique_ptr<BindEnv>> start(const std::string& zone, const std::string& key_name = "acme-key");
+  // available reports whether named is installed (Debian package bind9).
+  static bool available();
+  ~BindEnv();
+  BindEnv(const BindEnv&) = delete;
+  BindEnv& operator=(const BindEnv&) = delete;
+
+  int port() const { return port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  const std::string& key_name() const { return key_name_; }
+  // secret_base64 is the key's secret; tsig_key is "name:hmac-sha256:secret".
+  const std::string& secret_base64() const { return secret_b64_; }
+  std::string tsig_key() const { return key_name_ + ":hmac-sha256:" + secret_b64_; }
+  // key_file is the key in BIND's own format (as tsig-keygen writes it).
+  std::filesystem::path key_file() const { return dir_ / "acme.key"; }
+  const std::filesystem::path& dir() const { return dir_; }
+  std::string log_tail(size_t max_bytes = 4000) const;
+
+ private:
+  BindEnv() = default;
+  std::filesystem::path dir_;
+  int port_ = 0;
+  pid_t pid_ = -1;
+  std::string key_name_, secret_b64_;
 };
 
 // make_test_ca creates a self-signed P-256 CA certificate named common_name.

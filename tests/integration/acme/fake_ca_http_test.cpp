@@ -11,54 +11,14 @@
 #include "acme/client.h"
 #include "acme/problem.h"
 #include "tests/support/fake_acme.h"
+#include "tests/support/fake_ca_endpoint.h"
 
 using namespace autotls;
 using namespace autotls::acme;
 using autotls::testing::FakeAcmeServer;
+using autotls::testing::FakeCaEndpoint;
 
 namespace {
-
-// FakeCaEndpoint serves a FakeAcmeServer over plain HTTP on 127.0.0.1.
-class FakeCaEndpoint {
- public:
-  explicit FakeCaEndpoint(FakeAcmeServer::Options options) {
-    port_ = server_.bind_to_any_port("127.0.0.1");
-    REQUIRE(port_ > 0);
-    options.base = "http://127.0.0.1:" + std::to_string(port_);
-    ca_ = std::make_shared<FakeAcmeServer>(options);
-    auto handler = [this](const httplib::Request& req, httplib::Response& res) {
-      HttpRequest r{req.method, ca_->options().base + req.target, {}, req.body};
-      for (const auto& [k, v] : req.headers) r.headers.emplace_back(k, v);
-      HttpResponse out = ca_->handle(r);
-      res.status = out.status;
-      std::string type = "application/octet-stream";
-      for (const auto& [k, v] : out.headers) {
-        if (strcasecmp(k.c_str(), "Content-Type") == 0) type = v;
-        else res.set_header(k, v);
-      }
-      res.set_content(out.body, type);
-    };
-    server_.Get(".*", handler);
-    server_.Post(".*", handler);
-    server_.Options(".*", handler);
-    // HEAD is answered by httplib from the GET handler.
-    server_.set_tcp_nodelay(true);
-    thread_ = std::thread([this] { server_.listen_after_bind(); });
-    // bind_to_any_port already listens: connections queue until the accept loop runs.
-  }
-  ~FakeCaEndpoint() {
-    server_.stop();
-    thread_.join();
-  }
-  FakeAcmeServer& ca() { return *ca_; }
-  std::string directory_url() const { return ca_->directory_url(); }
-
- private:
-  httplib::Server server_;
-  std::shared_ptr<FakeAcmeServer> ca_;
-  int port_ = 0;
-  std::thread thread_;
-};
 
 struct NullSolver : Solver {
   Status present(const Identifier&, const Challenge&, std::string_view) override { return {}; }
@@ -89,6 +49,7 @@ TEST_CASE("ARI window and replaces over HTTP") {
   o.renewal_window_end = "2031-03-03T00:00:00Z";
   o.renewal_retry_after = 3600;
   FakeCaEndpoint ep(o);
+  REQUIRE(ep.port() > 0);
   auto client = connect(ep);
   CHECK(client->directory().renewal_info == ep.ca().options().base + "/renewal-info");
 
@@ -129,6 +90,7 @@ TEST_CASE("profiles over HTTP") {
   FakeAcmeServer::Options o;
   o.profiles = {{"classic", "90 days"}, {"shortlived", "6 days"}, {"tlsserver", "server auth only"}};
   FakeCaEndpoint ep(o);
+  REQUIRE(ep.port() > 0);
   auto client = connect(ep);
   CHECK(client->directory().profiles.size() == 3);
   NullSolver solver;

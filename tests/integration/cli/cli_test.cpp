@@ -26,6 +26,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "tests/support/fake_ca_endpoint.h"
 #include "tests/support/pebble_env.h"
 
 using autotls::testing::PebbleEnv;
@@ -404,6 +405,122 @@ TEST_SUITE("cli.issue") {
     CHECK(log.find("del _acme-challenge.wild.cli.test") != std::string::npos);
   }
 
+  TEST_CASE("dns-01 by RFC 2136 against BIND with a TSIG key") {
+    if (!autotls::testing::BindEnv::available()) {
+      if (PebbleEnv::required_by_ci()) FAIL("named not installed and CI=true: install Debian package bind9 (tools/setup)");
+      MESSAGE("SKIPPED: named not installed (Debian package bind9)");
+      return;
+    }
+    auto bind_result = autotls::testing::BindEnv::start("cli.test");
+    REQUIRE_MESSAGE(bind_result.has_value(), bind_result.error().message);
+    auto bind = std::move(*bind_result);
+    PebbleOptions po;
+    po.dns_server = bind->address();  // Pebble looks up _acme-challenge TXT records at BIND
+    po.authz_reuse_percent = 0;       // every order, the renewal's too, is validated again
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, po);
+    c.env = std::move(env);
+    auto no_secret = [&](const Run& r) {
+      return r.out.find(bind->secret_base64()) == std::string::npos && r.err.find(bind->secret_base64()) == std::string::npos;
+    };
+
+    // A secret BIND does not have: it answers BADSIG, the command names it and fails.
+    std::string wrong = "acme-key:hmac-sha256:" + std::string("c2VjcmV0LXRoYXQtYmluZC1kb2VzLW5vdC1rbm93Cg==");
+    auto bad = run(c.args({"issue", "-d", "bad.cli.test"},
+                          {"--agree-tos", "--challenge", "dns-01", "--dns-server", bind->address(), "--tsig-key", wrong}),
+                   {}, 60s);
+    CHECK_MESSAGE(bad.code == 6, show(bad));
+    CHECK_MESSAGE(bad.err.find("BADSIG") != std::string::npos, show(bad));
+    CHECK(bad.err.find("c2VjcmV0LXRoYXQtYmluZC1kb2VzLW5vdC1rbm93") == std::string::npos);
+    // A key name BIND does not know: BADKEY.
+    auto unknown = run(c.args({"issue", "-d", "bad.cli.test"},
+                              {"--agree-tos", "--challenge", "dns-01", "--dns-server", bind->address(), "--tsig-key",
+                               "other-key:hmac-sha256:" + bind->secret_base64()}),
+                       {}, 60s);
+    CHECK_MESSAGE(unknown.code == 6, show(unknown));
+    CHECK_MESSAGE(unknown.err.find("BADKEY") != std::string::npos, show(unknown));
+    CHECK(no_secret(unknown));
+
+    // The key in BIND's file format; a wildcard and its apex share one record name.
+    auto r = run(c.args({"issue", "-d", "*.bind.cli.test", "-d", "bind.cli.test"},
+                        {"--agree-tos", "--challenge", "dns-01", "--dns-server", bind->address(), "--tsig-key",
+                         bind->key_file().string()}));
+    REQUIRE_MESSAGE(r.code == 0, (show(r) + "\n" + bind->log_tail()));
+    CHECK(fs::exists(c.storage() / "live" / "_wildcard_.bind.cli.test" / "fullchain.pem"));
+    auto log = read_file(bind->dir() / "named.log");
+    CHECK_MESSAGE(log.find("adding an RR at '_acme-challenge.bind.cli.test' TXT") != std::string::npos, log);
+    CHECK_MESSAGE(log.find("deleting an RR at _acme-challenge.bind.cli.test TXT") != std::string::npos, log);
+
+    // The inline form, then renew --force reusing it from renewal.json (kept 0600).
+    auto r2 = run(c.args({"issue", "-d", "inline.cli.test"},
+                         {"--agree-tos", "--challenge", "dns-01", "--dns-server", bind->address(), "--tsig-key",
+                          bind->tsig_key(), "--json"}));
+    REQUIRE_MESSAGE(r2.code == 0, show(r2));
+    CHECK(no_secret(r2));
+    struct stat st{};
+    REQUIRE(::stat((c.storage() / "live" / "inline.cli.test" / "renewal.json").c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0600);
+    auto rn = run(c.args({"renew", "inline.cli.test"}, {"--force", "--json"}));
+    CHECK_MESSAGE(rn.code == 0, show(rn));
+    CHECK(last_json_line(rn.out).value("action", "") == "renewed");
+    CHECK(no_secret(rn));
+    // Both the issue and the renewal went through BIND (renew took dns-01 from renewal.json).
+    auto full_log = read_file(bind->dir() / "named.log");
+    size_t adds = 0;
+    for (size_t at = 0; (at = full_log.find("adding an RR at '_acme-challenge.inline.cli.test' TXT", at)) != std::string::npos; ++at) {
+      ++adds;
+    }
+    CHECK_MESSAGE(adds == 2, full_log);
+  }
+
+  TEST_CASE("renew off a terminal waits a random delay unless told not to") {
+    PebbleOptions po;
+    po.certificate_validity_seconds = 6;  // due once half of this short lifetime has passed
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, po);
+    c.env = std::move(env);
+    auto r = run(c.args({"issue", "-d", "cron.cli.test"}, {"--agree-tos", "--http-address", c.http()}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    std::this_thread::sleep_for(3500ms);
+    // stdout is a file here, as under cron: renew sleeps (at most 1 s) before renewing.
+    auto rn = run(c.args({"renew"}, {"--max-random-sleep", "1", "--http-address", c.http()}));
+    CHECK_MESSAGE(rn.code == 0, show(rn));
+    CHECK_MESSAGE(rn.err.find("not on a terminal: sleeping") != std::string::npos, show(rn));
+    CHECK_MESSAGE(rn.out.find("renewed cron.cli.test") != std::string::npos, show(rn));
+    std::this_thread::sleep_for(3500ms);
+    auto quiet = run(c.args({"renew"}, {"--no-random-sleep", "--http-address", c.http()}));
+    CHECK_MESSAGE(quiet.code == 0, show(quiet));
+    CHECK(quiet.err.find("sleeping") == std::string::npos);
+  }
+
+  TEST_CASE("unicode names are issued as punycode and shown both ways") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    // An invalid IDN is a usage error before anything is contacted.
+    auto bad = run(c.args({"issue", "-d", "\xe2\x98\x83.cli.test"}, {"--agree-tos", "--http-address", c.http()}));
+    CHECK_MESSAGE(bad.code == 2, show(bad));
+    CHECK_MESSAGE(bad.err.find("not a valid internationalized domain name") != std::string::npos, show(bad));
+    CHECK_FALSE(fs::exists(c.storage() / "accounts"));
+    auto bad_puny = run(c.args({"issue", "-d", "xn--zz.cli.test"}, {"--agree-tos", "--http-address", c.http()}));
+    CHECK_MESSAGE(bad_puny.code == 2, show(bad_puny));
+
+    // "bücher" in UTF-8; NFC and TR46 mapping lower-case "B".
+    auto r = run(c.args({"issue", "-d", "Bücher.cli.test"}, {"--agree-tos", "--http-address", c.http()}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK(fs::exists(c.storage() / "live" / "xn--bcher-kva.cli.test" / "fullchain.pem"));
+    CHECK_MESSAGE(r.out.find("xn--bcher-kva.cli.test (bücher.cli.test)") != std::string::npos, show(r));
+    CHECK_MESSAGE(r.err.find("xn--bcher-kva.cli.test (bücher.cli.test)") != std::string::npos, show(r));
+    // The punycode form names the same certificate; --json has both forms.
+    auto again = run(c.args({"issue", "-d", "xn--bcher-kva.cli.test"}, {"--http-address", c.http(), "--force", "--json"}));
+    REQUIRE_MESSAGE(again.code == 0, show(again));
+    auto j = last_json_line(again.out);
+    CHECK(j["names"] == json::array({"xn--bcher-kva.cli.test"}));
+    CHECK(j["unicode_names"] == json::array({"bücher.cli.test"}));
+    auto rn = run(c.args({"renew", "bücher.cli.test"}, {"--no-random-sleep"}));
+    CHECK_MESSAGE(rn.code == 1, show(rn));
+  }
+
   TEST_CASE("http-01 through a webroot served by another web server") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});
@@ -462,6 +579,72 @@ TEST_SUITE("cli.issue") {
 }
 
 TEST_SUITE("cli.account") {
+  TEST_CASE("exit codes 3 and 5 from a fake CA over HTTP with the problem document") {
+    // The test tree's fake CA on loopback: it never connects back, so validation results and
+    // problem documents are chosen by the test.
+    autotls::testing::FakeAcmeServer::Options o;
+    o.failing_identifiers = {"bad.cli.test"};
+    autotls::testing::FakeCaEndpoint ep(o);
+    REQUIRE(ep.port() > 0);
+    TempDir dir;
+    auto args = [&](std::initializer_list<std::string> more) {
+      std::vector<std::string> a = {"issue", "--ca", ep.directory_url(), "--storage", (dir.path / "storage").string(),
+                                    "--agree-tos", "--http-address", "127.0.0.1:" + std::to_string(free_port())};
+      a.insert(a.end(), more);
+      return a;
+    };
+    auto ok = run(args({"-d", "good.cli.test"}));
+    REQUIRE_MESSAGE(ok.code == 0, show(ok));
+
+    // Validation failed: 5, with the challenge's error.
+    auto v = run(args({"-d", "bad.cli.test"}));
+    CHECK_MESSAGE(v.code == 5, show(v));
+    CHECK_MESSAGE(v.err.find("incorrectResponse") != std::string::npos, show(v));
+
+    // rateLimited with Retry-After: 3, the problem type and detail, and when to retry.
+    std::atomic<bool> limit{true};
+    ep.ca().intercept = [&](const autotls::acme::HttpRequest& req) -> std::optional<autotls::acme::HttpResponse> {
+      if (limit && req.method == "POST" && req.url.ends_with("/new-order")) {
+        return autotls::testing::make_problem(ep.ca(), 429, "rateLimited",
+                                              "too many certificates (5) already issued for this exact set of identifiers",
+                                              {{"Retry-After", "7200"}});
+      }
+      return std::nullopt;
+    };
+    auto rl = run(args({"-d", "limited.cli.test"}));
+    CHECK_MESSAGE(rl.code == 3, show(rl));
+    CHECK_MESSAGE(rl.err.find("urn:ietf:params:acme:error:rateLimited") != std::string::npos, show(rl));
+    CHECK_MESSAGE(rl.err.find("too many certificates (5)") != std::string::npos, show(rl));
+    auto at = rl.err.find("retry after ");
+    REQUIRE_MESSAGE(at != std::string::npos, show(rl));
+    // About two hours from now, as an RFC 3339 UTC time.
+    std::string when = rl.err.substr(at + 12, 19);
+    std::tm tm{};
+    REQUIRE_MESSAGE(::strptime(when.c_str(), "%Y-%m-%dT%H:%M:%S", &tm) != nullptr, when);
+    auto delta = ::timegm(&tm) - std::time(nullptr);
+    CHECK_MESSAGE((delta > 7000 && delta <= 7200), when);
+    auto rlj = run(args({"-d", "limited.cli.test", "--json"}));
+    CHECK(rlj.code == 3);
+    auto j = last_json_line(rlj.out);
+    CHECK(j.value("exit_code", 0) == 3);
+    CHECK(j["error"]["problem"]["type"] == "urn:ietf:params:acme:error:rateLimited");
+    CHECK(j["error"].contains("retry_after"));
+
+    // Any other refusal: 3 with the problem document.
+    limit = false;
+    ep.ca().intercept = [&](const autotls::acme::HttpRequest& req) -> std::optional<autotls::acme::HttpResponse> {
+      if (req.method == "POST" && req.url.ends_with("/new-order")) {
+        return autotls::testing::make_problem(ep.ca(), 400, "rejectedIdentifier", "cli.test is on a block list");
+      }
+      return std::nullopt;
+    };
+    auto rej = run(args({"-d", "rejected.cli.test"}));
+    CHECK_MESSAGE(rej.code == 3, show(rej));
+    CHECK_MESSAGE(rej.err.find("problem: urn:ietf:params:acme:error:rejectedIdentifier") != std::string::npos, show(rej));
+    CHECK_MESSAGE(rej.err.find("detail: cli.test is on a block list") != std::string::npos, show(rej));
+    ep.ca().intercept = nullptr;
+  }
+
   TEST_CASE("register show update rollover deactivate") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});
@@ -747,8 +930,21 @@ TEST_SUITE("cli.serve") {
 TEST_SUITE("cli.quickstart") {
   TEST_CASE("tools quickstart check serves the demo page over HTTPS") {
     AUTOTLS_REQUIRE_PEBBLE();
+    // README's commands run from a clean clone of the committed tree (no build directory, no
+    // local files), with AUTOTLS_BIN pointing at the binary already built so that there is no
+    // second full build: tools/quickstart --check end to end, and tools/test up to its CMake
+    // configure step (--configure-only; running the suite from inside the suite would recurse).
+    TempDir clean;
+    fs::path src = clean.path / "autotls";
+    auto clone = run({"clone", "--quiet", AUTOTLS_SOURCE_DIR, src.string()}, {}, 60s, {"/usr/bin/git"});
+    REQUIRE_MESSAGE(clone.code == 0, show(clone));
+    CHECK_FALSE(fs::exists(src / "build"));
+    auto configure = run({"--configure-only"}, {"BUILD_DIR=" + (clean.path / "build").string()}, 120s,
+                         {"/bin/bash", (src / "tools" / "test").string()});
+    CHECK_MESSAGE(configure.code == 0, show(configure));
+    CHECK(fs::exists(clean.path / "build" / "build.ninja"));
     auto r = run({"--check"}, {std::string("AUTOTLS_BIN=") + AUTOTLS_BINARY}, 180s,
-                 {"/bin/bash", std::string(AUTOTLS_SOURCE_DIR) + "/tools/quickstart"});
+                 {"/bin/bash", (src / "tools" / "quickstart").string()});
     CHECK_MESSAGE(r.code == 0, show(r));
     CHECK(r.err.find("OK: https://demo.autotls.test:") != std::string::npos);
     CHECK(r.err.find("exited 0 after SIGTERM") != std::string::npos);

@@ -14,6 +14,7 @@
 #include "acme/problem.h"
 #include "acme/util/openssl.h"
 #include "tests/support/fake_acme.h"
+#include "tests/support/fake_ca_endpoint.h"
 #include "tests/support/fake_clock.h"
 
 using namespace autotls;
@@ -21,6 +22,7 @@ using namespace autotls::acme;
 using autotls::testing::FakeAcmeServer;
 using autotls::testing::FakeAcmeTransport;
 using autotls::testing::FakeClock;
+using autotls::testing::make_problem;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
@@ -37,19 +39,6 @@ struct RecordingSolver : Solver {
     cleaned.push_back(id.value + " " + ch.type);
   }
 };
-
-// make_problem builds an error reply carrying a nonce the fake CA will accept, as RFC 8555
-// §6.5 requires of badNonce replies.
-acme::HttpResponse make_problem(FakeAcmeServer& ca, int status, const std::string& type,
-                                const std::string& detail, acme::HttpHeaders extra = {}) {
-  acme::HttpResponse r;
-  r.status = status;
-  r.headers = std::move(extra);
-  r.headers.emplace_back("Content-Type", "application/problem+json");
-  r.headers.emplace_back("Replay-Nonce", ca.issue_nonce());
-  r.body = nlohmann::json{{"type", "urn:ietf:params:acme:error:" + type}, {"detail", detail}}.dump();
-  return r;
-}
 
 struct Fixture {
   std::shared_ptr<FakeAcmeServer> ca;
@@ -317,6 +306,7 @@ TEST_CASE("failed validation is reported and material cleaned up") {
   CHECK(r.error().message.find("bad.example.test") != std::string::npos);
   REQUIRE(r.error().problem.has_value());
   CHECK(r.error().problem->is(problem_type::kIncorrectResponse));
+  CHECK(r.error().validation_failed);
   CHECK(solver.cleaned.size() == 2);
 }
 
@@ -402,6 +392,7 @@ TEST_CASE("rateLimited is returned at once with its Retry-After") {
   REQUIRE_FALSE(o.has_value());
   CHECK(posts == 1);
   CHECK(o.error().problem->is(problem_type::kRateLimited));
+  CHECK_FALSE(o.error().validation_failed);
   REQUIRE(o.error().retry_after.has_value());
   CHECK(o.error().retry_after->count() > 0);
   CHECK(o.error().message.find("newOrder: HTTP 429: rateLimited: too many") == 0);
