@@ -14,8 +14,10 @@ namespace autotls::testing {
 
 struct TempDir {
   std::filesystem::path path;
-  explicit TempDir(const std::string& prefix = "autotls-test") {
-    std::string tmpl = (std::filesystem::temp_directory_path() / (prefix + "-XXXXXX")).string();
+  // base: where to create it; empty means the system temp directory.
+  explicit TempDir(const std::string& prefix = "autotls-test", std::filesystem::path base = {}) {
+    if (base.empty()) base = std::filesystem::temp_directory_path();
+    std::string tmpl = (base / (prefix + "-XXXXXX")).string();
     if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp " + tmpl + " failed");
     path = tmpl;
   }
