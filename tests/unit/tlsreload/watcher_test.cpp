@@ -56,6 +56,26 @@ std::string id_of(const testing::Issued& i) {
   return (*c)->id();
 }
 
+// RecordingLogger keeps every message with its fields flattened, for assertions.
+class RecordingLogger : public Logger {
+ public:
+  bool enabled(LogLevel) const override { return true; }
+  void log(LogLevel level, std::string_view, std::string_view message, std::initializer_list<LogField> fields) override {
+    std::string line = std::string(to_string(level)) + " " + std::string(message);
+    for (const auto& f : fields) line += " " + std::string(f.key) + "=" + f.value;
+    std::lock_guard lock(mu_);
+    lines_.push_back(std::move(line));
+  }
+  std::vector<std::string> lines() const {
+    std::lock_guard lock(mu_);
+    return lines_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::string> lines_;
+};
+
 struct Fixture {
   testing::TestCa ca{"Watch"};
   testing::TempDir dir{"tlsreload-watch"};
@@ -63,8 +83,10 @@ struct Fixture {
   std::mutex mu;
   std::vector<WatchEvent> events;
   WatcherOptions options;
+  RecordingLogger logger;
 
   Fixture() {
+    options.logger = &logger;
     options.debounce = 50ms;
     options.pair_grace = 1500ms;
     options.on_event = [this](const WatchEvent& e) {
@@ -129,6 +151,12 @@ TEST_CASE("watcher reloads a replaced pair and serves the new certificate") {
   f.write_pair(f.dir.path / "a.test", v3);
   CHECK(wait_for([&] { return f.served("a.test") == id_of(v3); }));
   CHECK(w.failures().empty());
+
+  // Reading the files does not wake the watcher again: with nothing changing it stays idle.
+  std::this_thread::sleep_for(200ms);
+  auto checks = w.counters().checks;
+  std::this_thread::sleep_for(300ms);
+  CHECK(w.counters().checks == checks);
 }
 
 TEST_CASE("watcher follows certbot symlink swaps in live and archive") {
@@ -205,6 +233,15 @@ TEST_CASE("watcher reports a bad replacement naming the file and keeps the old c
   CHECK(f.served("a.test") == id_of(v1));
   REQUIRE(w.failures().size() == 1);
   CHECK(w.failures()[0].path == chain);
+  // The log names the file and the reason too.
+  int logged = 0;
+  for (const auto& l : f.logger.lines()) {
+    if (l.starts_with("error ") && l.find("file=" + chain.string()) != std::string::npos &&
+        l.find("error=") != std::string::npos) {
+      ++logged;
+    }
+  }
+  CHECK(logged == 1);
 
   // The same bad file is reported once, not on every look.
   w.rescan();
