@@ -394,14 +394,17 @@ Status FileStorage::put_set(std::string_view prefix_in, const std::vector<Storag
     std::error_code ec;
     fs::remove_all(archive / std::to_string(have[i]), ec);
   }
-  // Staging directories left by a crash (never read: hidden names) once surely abandoned.
-  std::error_code ec;
-  for (fs::directory_iterator d(archive, ec), end; !ec && d != end; d.increment(ec)) {
-    struct stat ds {};
-    if (d->path().filename().string().starts_with(".tmp-") && ::lstat(d->path().c_str(), &ds) == 0 &&
-        ds.st_mtime + 600 < ::time(nullptr)) {
-      std::error_code rec;
-      fs::remove_all(d->path(), rec);
+  // Staging directories and symlinks left by a crash (never read: hidden names), once surely
+  // abandoned.
+  for (const fs::path& where : {archive, parent}) {
+    std::error_code ec;
+    for (fs::directory_iterator d(where, ec), end; !ec && d != end; d.increment(ec)) {
+      struct stat ds {};
+      if (d->path().filename().string().starts_with(".tmp-") && ::lstat(d->path().c_str(), &ds) == 0 &&
+          ds.st_mtime + 600 < ::time(nullptr)) {
+        std::error_code rec;
+        fs::remove_all(d->path(), rec);
+      }
     }
   }
   return {};
