@@ -680,8 +680,14 @@ int Manager::adopt_stored() {
       auto gen = storage_->generation(live_key(key, "fullchain.pem"));
       if (!gen || gen->empty() || *gen == m.generation) continue;
       auto stored = load_stored(key, m.names);
-      // Unusable (being written, mismatched, expired): keep serving ours, look again next time.
-      if (!stored || !*stored || !covers(*(*stored)->cert, m.names)) continue;
+      if (!stored) continue;  // storage unreadable now: look again next time
+      if (!*stored || !covers(*(*stored)->cert, m.names)) {
+        // Unusable (mismatched, expired, other names; load_stored logged why): keep serving
+        // ours, and say it once per stored version, not at every poll.
+        std::lock_guard lock(mu_);
+        if (auto it = managed_.find(key); it != managed_.end()) it->second.generation = *gen;
+        continue;
+      }
       Managed n = std::move(**stored);
       n.names = m.names;
       if (!m.cert || n.cert->id() != m.cert->id()) {
