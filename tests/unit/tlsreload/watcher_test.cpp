@@ -379,4 +379,26 @@ TEST_CASE("watcher stop returns promptly while a change waits for its debounce")
   w.stop();
 }
 
+TEST_CASE("watcher polls a watched directory that was deleted until it comes back") {
+  Fixture f;
+  f.options.fallback_poll = 200ms;
+  fs::path root = f.dir.path / "certs";
+  auto a = f.ca.issue({"a.test"});
+  f.write_pair(root / "a.test", a);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(root).has_value());
+  REQUIRE(w.start());
+  fs::remove_all(root);
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::removed) == 1; }));
+  CHECK(f.served("a.test") == id_of(a));  // still serving the last good one
+  // Recreated (a deploy that replaces the whole directory): found by polling, then watched.
+  auto a2 = f.ca.issue({"a.test"});
+  f.write_pair(root / "a.test", a2);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(a2); }));
+  auto a3 = f.ca.issue({"a.test"});
+  f.write_pair(root / "a.test", a3);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(a3); }));
+  CHECK(w.counters().failed == 0);
+}
+
 }  // TEST_SUITE
