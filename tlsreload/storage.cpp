@@ -267,16 +267,6 @@ Status Storage::put_set(std::string_view prefix, const std::vector<StorageFile>&
   for (const auto& f : files) {
     if (auto st = put(p + "/" + f.name, f.value, f.secret); !st) return st;
   }
-  auto keys = list(p);
-  if (!keys) return fail(keys.error());
-  for (const auto& k : *keys) {
-    std::string_view rest = std::string_view(k).substr(p.size() + 1);
-    if (rest.find('/') != std::string_view::npos) continue;
-    bool kept = std::any_of(files.begin(), files.end(), [&](const StorageFile& f) { return f.name == rest; });
-    if (!kept) {
-      if (auto st = remove(k); !st) return st;
-    }
-  }
   return {};
 }
 
@@ -341,6 +331,26 @@ Status FileStorage::put_set(std::string_view prefix_in, const std::vector<Storag
       Error e = errno_error("rename to", staging / f.name);
       cleanup();
       return fail(e);
+    }
+  }
+  // Other files of the current version (the CLI's renewal.json, say) are carried over with
+  // their mode. A put() into the current version racing with this switch can be lost; the
+  // manager's own puts are serialized with its put_set.
+  {
+    std::error_code ec;
+    for (fs::directory_iterator d(link, ec), end; !ec && d != end; d.increment(ec)) {
+      std::string name = d->path().filename().string();
+      if (name.starts_with('.') || !valid_component(name)) continue;
+      if (std::any_of(files.begin(), files.end(), [&](const StorageFile& f) { return f.name == name; })) continue;
+      struct stat info {};
+      auto data = read_file(d->path(), &info);
+      if (!data || !*data) continue;  // not a regular file, or gone meanwhile
+      auto tmp = write_temp(staging, **data, info.st_mode & 0777);
+      if (!tmp || ::rename(tmp->c_str(), (staging / name).c_str()) != 0) {
+        Error e = tmp ? errno_error("rename to", staging / name) : tmp.error();
+        cleanup();
+        return fail(e);
+      }
     }
   }
   if (auto st = fsync_dir(staging); !st) {

@@ -48,12 +48,12 @@ class Storage {
   // secret marks private keys: readable by the owner only.
   [[nodiscard]] virtual Status put(std::string_view key, std::string_view value,
                                    bool secret = false) = 0;
-  // put_set replaces the keys under prefix by files, as one change where the backend can:
-  // afterwards the keys directly under prefix are exactly "<prefix>/<name>" of each file.
-  // FileStorage switches the whole set at once (a reader of the files sees the old set or the
-  // new one, never a new certificate with an old key). This default writes each file with
-  // put() in the order given and removes the other keys: a crash can leave a mix, which the
-  // caller must detect (the manager validates the pair it reads back).
+  // put_set writes the keys "<prefix>/<name>" of files as one change where the backend can;
+  // other keys directly under prefix are kept (carried over). FileStorage switches the whole
+  // set at once (a reader of the files sees the old set or the new one, never a new
+  // certificate with an old key). This default writes each file with put() in the order
+  // given: a crash can leave a mix, which the caller must detect (the manager validates the
+  // pair it reads back).
   [[nodiscard]] virtual Status put_set(std::string_view prefix, const std::vector<StorageFile>& files);
   // list returns every key under prefix (a key prefix on component boundaries, "" = all),
   // recursively, sorted. A prefix that does not exist gives an empty list.
@@ -105,8 +105,9 @@ class FileStorage : public Storage {
 
   Result<std::optional<std::string>> get(std::string_view key) override;
   Status put(std::string_view key, std::string_view value, bool secret = false) override;
-  // put_set writes the files into a new version directory archive/<name>/<N>/ (for a prefix
-  // live/<name>; archive/<prefix>/<N>/ otherwise) and points the directory symlink
+  // put_set writes the files, and copies of the other files of the current version, into a
+  // new version directory archive/<name>/<N>/ (for a prefix live/<name>;
+  // archive/<prefix>/<N>/ otherwise) and points the directory symlink
   // <prefix> -> ../archive/<name>/<N> at it with one rename, so the set changes at once for
   // every reader. The newest kKeepVersions versions are kept, older ones deleted. A prefix that
   // is still a plain directory (older layout) is swapped for the symlink atomically

@@ -315,7 +315,11 @@ TEST_CASE("put_set switches a live directory symlink to a new archive version") 
   std::sort(versions.begin(), versions.end());
   CHECK(versions == std::vector<std::string>{"4", "5", "6"});
   CHECK(s.get("live/example.com/fullchain.pem")->value() == "chain6");
-  CHECK_FALSE(s.get("live/example.com/privkey.pem")->has_value());  // not in the last set
+  // Files not in a set are carried over from the version before, with their mode.
+  CHECK(s.get("live/example.com/privkey.pem")->value() == "key2");
+  CHECK(s.get("live/example.com/meta.json")->value() == "{}");
+  CHECK(mode_of(root / "archive/example.com/6/privkey.pem") == 0600);
+  CHECK(mode_of(root / "archive/example.com/6/meta.json") == 0644);
   CHECK(leftovers(root / "archive").empty());
 }
 
@@ -329,6 +333,9 @@ TEST_CASE("put_set replaces an old layout plain directory atomically") {
   CHECK(fs::is_symlink(dir.path / "live/old.example"));
   CHECK(s.get("live/old.example/fullchain.pem")->value() == "new chain");
   CHECK(s.get("live/old.example/privkey.pem")->value() == "new key");
+  REQUIRE(s.put("live/old.example/renewal.json", "settings").has_value());
+  REQUIRE(s.put_set("live/old.example", {{"fullchain.pem", "newer chain"}}).has_value());
+  CHECK(s.get("live/old.example/renewal.json")->value() == "settings");
   CHECK(leftovers(dir.path / "live").empty());  // the exchanged old directory is gone
 }
 
