@@ -207,6 +207,13 @@ LoadReport load_pairs(const std::vector<CertKeyPaths>& pairs, const LoadOptions&
   return load_all(pairs, options, false);
 }
 
+std::vector<Result<std::shared_ptr<const Certificate>>> load_each(const std::vector<CertKeyPaths>& pairs,
+                                                                 const LoadOptions& options) {
+  std::vector<Result<std::shared_ptr<const Certificate>>> out(pairs.size());
+  parallel_for(pairs.size(), [&](std::size_t i) { out[i] = load_pair(pairs[i], options); }, true);
+  return out;
+}
+
 std::vector<LoadFailure> verify_pending(const std::vector<std::shared_ptr<const Certificate>>& certs) {
   std::vector<std::optional<Error>> errors(certs.size());
   parallel_for(certs.size(), [&](std::size_t i) {

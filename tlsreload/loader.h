@@ -56,6 +56,11 @@ inline LoadOptions bulk_load_options() {
 LoadReport load_pairs(const std::vector<CertKeyPaths>& pairs,
                       const LoadOptions& options = bulk_load_options());
 
+// load_each loads each pair on all cores like load_pairs, but returns one result per pair, in
+// the order of pairs (for callers that must know which pair produced which certificate).
+std::vector<Result<std::shared_ptr<const Certificate>>> load_each(
+    const std::vector<CertKeyPaths>& pairs, const LoadOptions& options = bulk_load_options());
+
 // verify_pending runs the deferred checks (Certificate::verify) of every certificate whose
 // verification is pending, on all cores, and returns one failure (with an empty path) per
 // certificate that failed them. Such certificates are already treated as absent by CertStore;
@@ -76,7 +81,7 @@ struct DirectoryScan {
 
 // load_directory is find_certbot_pairs followed by load_pairs (with the existence checks of
 // the scan done by the loading threads, one open() per file).
-// TODO(store): watch the directory (inotify) and reload changed pairs.
+// To reload on change, see CertWatcher (tlsreload/watcher.h).
 [[nodiscard]] Result<LoadReport> load_directory(const std::filesystem::path& dir,
                                                 const LoadOptions& options = bulk_load_options());
 

@@ -313,6 +313,9 @@ Status Manager::ensure_account(acme::Client& client, bool reregister) {
 // it will be issued again.
 Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& key,
                                                             const std::vector<std::string>& names) {
+  // The generation first: a change after it is noticed by adopt_stored's next look.
+  auto generation = storage_->generation(live_key(key, "fullchain.pem"));
+  if (!generation) return fail(generation.error());
   auto chain = storage_->get(live_key(key, "fullchain.pem"));
   if (!chain) return fail(chain.error());
   auto priv = storage_->get(live_key(key, "privkey.pem"));
@@ -331,6 +334,7 @@ Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& 
   m.key = key;
   m.cert = *cert;
   m.chain_pem = **chain;
+  m.generation = *generation;
   auto meta = storage_->get(live_key(key, "meta.json"));
   if (!meta) return fail(meta.error());
   if (*meta) {
@@ -392,19 +396,21 @@ void Manager::record_failure(Managed& m, const Error& e) {
 
 Status Manager::save_state(const Managed& m) { return storage_->put(live_key(m.key, "meta.json"), m.state.to_json()); }
 
-// persist writes the key first and meta.json last. A crash in between leaves a key that does
-// not match fullchain.pem: load_stored refuses such a pair and the name is issued again,
-// rather than ever serving a mismatched pair.
+// persist writes every file of the certificate as one set (Storage::put_set): FileStorage
+// switches live/<name> to the new version with one rename, so neither load_stored nor an
+// outside reader (nginx) ever sees the new certificate with the old key. A backend without
+// atomic sets may leave a mixed pair after a crash: load_stored refuses it and the name is
+// issued again, rather than ever serving a mismatched pair.
 Status Manager::persist(const Managed& m) {
   auto parts = acme::split_pem_chain(m.chain_pem);
   std::string leaf = parts.empty() ? std::string() : parts.front();
   std::string rest;
   for (size_t i = 1; i < parts.size(); ++i) rest += parts[i];
-  if (auto st = storage_->put(live_key(m.key, "privkey.pem"), m.key_pem, /*secret=*/true); !st) return st;
-  if (auto st = storage_->put(live_key(m.key, "cert.pem"), leaf); !st) return st;
-  if (auto st = storage_->put(live_key(m.key, "chain.pem"), rest); !st) return st;
-  if (auto st = storage_->put(live_key(m.key, "fullchain.pem"), m.chain_pem); !st) return st;
-  return save_state(m);
+  return storage_->put_set("live/" + m.key, {{"privkey.pem", m.key_pem, /*secret=*/true},
+                                             {"cert.pem", leaf},
+                                             {"chain.pem", rest},
+                                             {"fullchain.pem", m.chain_pem},
+                                             {"meta.json", m.state.to_json()}});
 }
 
 Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, const std::string& key,
@@ -493,6 +499,7 @@ Status Manager::renew_locked(Managed& m, bool force) {
   Managed n = std::move(*issued);
   Status persisted = persist(n);
   n.key_pem.clear();
+  if (persisted) n.generation = storage_->generation(live_key(n.key, "fullchain.pem")).value_or("");
   // A valid new certificate is served even if it could not be saved: it is strictly better
   // than the old one. The error is still reported (a restart would issue again).
   if (auto st = store_->publish(n.cert); !st) {
@@ -653,6 +660,56 @@ std::optional<system_clock::time_point> Manager::renewal_time(const std::vector<
   return due_time(it->second);
 }
 
+int Manager::adopt_stored() {
+  std::vector<std::string> keys;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [k, _] : managed_) keys.push_back(k);
+  }
+  int adopted = 0;
+  for (const auto& key : keys) {
+    {
+      std::lock_guard work(work_mu_);
+      Managed m;
+      {
+        std::lock_guard lock(mu_);
+        auto it = managed_.find(key);
+        if (it == managed_.end()) continue;
+        m = it->second;
+      }
+      auto gen = storage_->generation(live_key(key, "fullchain.pem"));
+      if (!gen || gen->empty() || *gen == m.generation) continue;
+      auto stored = load_stored(key, m.names);
+      if (!stored) continue;  // storage unreadable now: look again next time
+      if (!*stored || !covers(*(*stored)->cert, m.names)) {
+        // Unusable (mismatched, expired, other names; load_stored logged why): keep serving
+        // ours, and say it once per stored version, not at every poll.
+        std::lock_guard lock(mu_);
+        if (auto it = managed_.find(key); it != managed_.end()) it->second.generation = *gen;
+        continue;
+      }
+      Managed n = std::move(**stored);
+      n.names = m.names;
+      if (!m.cert || n.cert->id() != m.cert->id()) {
+        if (auto st = store_->publish(n.cert); !st) {
+          logger_->log(LogLevel::warn, kLog, "certificate from storage refused by the store",
+                       {{"name", key}, {"error", st.error().message}});
+          continue;
+        }
+        ++adopted;
+        loaded_.fetch_add(1);
+        logger_->log(LogLevel::info, kLog, "certificate replaced in storage by another process; serving it",
+                     {{"name", key}, {"id", n.cert->id()}, {"not_after", acme::format_rfc3339(n.state.not_after)}});
+        emit(ManagerEvent::Type::loaded, n);
+      }
+      std::lock_guard lock(mu_);
+      managed_[key] = std::move(n);
+    }
+    flush_events();
+  }
+  return adopted;
+}
+
 void Manager::start() {
   std::lock_guard lock(loop_mu_);
   if (thread_.joinable()) return;
@@ -670,10 +727,16 @@ void Manager::stop() {
 }
 
 void Manager::run_loop() {
+  auto next_adopt = std::chrono::steady_clock::now() + options_.storage_poll_interval;
   for (;;) {
     {
       std::lock_guard lock(loop_mu_);
       if (stopping_) return;
+    }
+    // Real time: how often storage is asked does not depend on an injected clock.
+    if (std::chrono::steady_clock::now() >= next_adopt) {
+      (void)adopt_stored();
+      next_adopt = std::chrono::steady_clock::now() + options_.storage_poll_interval;
     }
     auto r = renew_due();
     if (!r) logger_->log(LogLevel::error, kLog, "renewal check failed", {{"error", r.error().message}});
@@ -692,6 +755,8 @@ void Manager::run_loop() {
         wait = std::min(wait, std::max(until, std::chrono::milliseconds(1000)));
       }
     }
+    auto to_adopt = std::chrono::ceil<std::chrono::milliseconds>(next_adopt - std::chrono::steady_clock::now());
+    wait = std::min(wait, std::max(to_adopt, std::chrono::milliseconds(1)));
     std::unique_lock lock(loop_mu_);
     // A condition variable, not a sleep: stop() must not wait for the interval to pass.
     if (loop_cv_.wait_for(lock, wait, [this] { return stopping_; })) return;

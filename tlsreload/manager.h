@@ -61,6 +61,10 @@ struct ManagerOptions {
   double renewal_ratio = 1.0 / 3.0;
   // check_interval: how often the background thread looks for due renewals at most.
   std::chrono::seconds check_interval{600};
+  // storage_poll_interval: how often the background thread asks storage whether a managed
+  // certificate was replaced by someone else (another instance, `autotls renew`): one
+  // Storage::generation() per certificate. A replaced, valid certificate is served at once.
+  std::chrono::milliseconds storage_poll_interval{std::chrono::seconds(30)};
   // Storage lock per certificate: its ttl (refreshed while held) and how long to wait for it.
   std::chrono::seconds lock_ttl{60};
   std::chrono::seconds lock_wait{600};
@@ -149,6 +153,13 @@ class Manager {
   // renew renews the certificate managed for names now if force or if it is due.
   [[nodiscard]] Status renew(const std::vector<std::string>& names, bool force);
 
+  // adopt_stored serves the certificates that another process wrote to storage since this
+  // manager last read or wrote them (Storage::generation changed): each is validated like any
+  // stored certificate (a half-written or bad one is ignored until the next look) and must
+  // cover the names. Returns how many were adopted. The background thread calls it every
+  // storage_poll_interval.
+  int adopt_stored();
+
   // start runs renew_due in a background thread every check_interval (sooner when a renewal
   // falls due earlier); stop ends it and returns promptly (waiting only for an issuance in
   // progress). Both are idempotent.
@@ -169,6 +180,7 @@ class Manager {
     std::shared_ptr<const Certificate> cert;
     std::string chain_pem;
     std::string key_pem;  // set only between issue() and persist()
+    std::string generation;  // Storage::generation of fullchain.pem as last read or written
     CertificateState state;
   };
 

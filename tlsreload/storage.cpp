@@ -21,6 +21,8 @@ using json = nlohmann::json;
 
 // The first key component reserved for FileStorage's lock files.
 constexpr std::string_view kLockDir = "locks";
+// The first key component reserved for FileStorage's versions of put_set prefixes.
+constexpr std::string_view kArchiveDir = "archive";
 
 Error errno_error(std::string_view op, const fs::path& path, int err = errno) {
   return Error(Errc::io, std::string(op) + " " + path.string() + ": " + std::strerror(err));
@@ -242,8 +244,9 @@ Result<std::optional<std::string>> FileStorage::get(std::string_view key) {
 Status FileStorage::put(std::string_view key, std::string_view value, bool secret) {
   if (auto st = check_key(key); !st) return st;
   fs::path rel(std::string{key});
-  if (*rel.begin() == kLockDir) {
-    return fail(Errc::invalid_input, "storage: key \"" + std::string(key) + "\" is reserved for locks");
+  if (*rel.begin() == kLockDir || *rel.begin() == kArchiveDir) {
+    return fail(Errc::invalid_input, "storage: key \"" + std::string(key) + "\" is in a reserved directory (" +
+                                         std::string(kLockDir) + "/, " + std::string(kArchiveDir) + "/)");
   }
   fs::path dir = (root_ / rel).parent_path();
   if (auto st = make_dirs(root_, rel.parent_path()); !st) return st;
@@ -256,6 +259,165 @@ Status FileStorage::put(std::string_view key, std::string_view value, bool secre
     return fail(e);
   }
   return fsync_dir(dir);
+}
+
+Status Storage::put_set(std::string_view prefix, const std::vector<StorageFile>& files) {
+  std::string p(prefix);
+  while (p.ends_with('/')) p.pop_back();
+  for (const auto& f : files) {
+    if (auto st = put(p + "/" + f.name, f.value, f.secret); !st) return st;
+  }
+  return {};
+}
+
+namespace {
+
+// version_numbers lists the numeric entries of an archive directory, ascending.
+std::vector<long> version_numbers(const fs::path& dir) {
+  std::vector<long> out;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string n = it->path().filename().string();
+    if (n.empty() || n.size() > 15 || !std::all_of(n.begin(), n.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      continue;
+    }
+    out.push_back(std::stol(n));
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
+
+Status FileStorage::put_set(std::string_view prefix_in, const std::vector<StorageFile>& files) {
+  std::string prefix(prefix_in);
+  while (prefix.ends_with('/')) prefix.pop_back();
+  if (auto st = check_key(prefix); !st) return st;
+  fs::path rel(prefix);
+  if (*rel.begin() == kLockDir || *rel.begin() == kArchiveDir) {
+    return fail(Errc::invalid_input, "storage: prefix \"" + prefix + "\" is in a reserved directory");
+  }
+  if (files.empty()) return fail(Errc::invalid_input, "storage: put_set of " + prefix + " with no files");
+  for (const auto& f : files) {
+    if (!valid_component(f.name)) return fail(Errc::invalid_input, "storage: invalid file name \"" + f.name + "\"");
+  }
+  // live/<name> keeps its versions in archive/<name>/ (certbot's names); other prefixes in
+  // archive/<prefix>/.
+  fs::path arel = fs::path(std::string(kArchiveDir));
+  auto it = rel.begin();
+  if (*it == "live" && std::next(it) != rel.end()) ++it;
+  for (; it != rel.end(); ++it) arel /= *it;
+  if (auto st = make_dirs(root_, arel); !st) return st;
+  if (auto st = make_dirs(root_, rel.parent_path()); !st) return st;
+  const fs::path archive = root_ / arel;
+  const fs::path link = root_ / rel;
+  const fs::path parent = link.parent_path();
+
+  // 1. The new version, complete and durable, under a hidden name.
+  std::string tmpl = (archive / ".tmp-XXXXXX").string();
+  if (::mkdtemp(tmpl.data()) == nullptr) return fail(errno_error("create temporary directory in", archive));
+  fs::path staging(tmpl);
+  auto cleanup = [&] {
+    std::error_code ec;
+    fs::remove_all(staging, ec);
+  };
+  for (const auto& f : files) {
+    auto tmp = write_temp(staging, f.value, f.secret ? 0600 : 0644);
+    if (!tmp) {
+      cleanup();
+      return fail(tmp.error());
+    }
+    if (::rename(tmp->c_str(), (staging / f.name).c_str()) != 0) {
+      Error e = errno_error("rename to", staging / f.name);
+      cleanup();
+      return fail(e);
+    }
+  }
+  // Other files of the current version (the CLI's renewal.json, say) are carried over with
+  // their mode. A put() into the current version racing with this switch can be lost; the
+  // manager's own puts are serialized with its put_set.
+  {
+    std::error_code ec;
+    for (fs::directory_iterator d(link, ec), end; !ec && d != end; d.increment(ec)) {
+      std::string name = d->path().filename().string();
+      if (name.starts_with('.') || !valid_component(name)) continue;
+      if (std::any_of(files.begin(), files.end(), [&](const StorageFile& f) { return f.name == name; })) continue;
+      struct stat info {};
+      auto data = read_file(d->path(), &info);
+      if (!data || !*data) continue;  // not a regular file, or gone meanwhile
+      auto tmp = write_temp(staging, **data, info.st_mode & 0777);
+      if (!tmp || ::rename(tmp->c_str(), (staging / name).c_str()) != 0) {
+        Error e = tmp ? errno_error("rename to", staging / name) : tmp.error();
+        cleanup();
+        return fail(e);
+      }
+    }
+  }
+  if (auto st = fsync_dir(staging); !st) {
+    cleanup();
+    return st;
+  }
+
+  // 2. Named as the next version number (rename fails if another writer took it: try the next).
+  fs::path version;
+  long n = 0;
+  {
+    auto have = version_numbers(archive);
+    n = have.empty() ? 1 : have.back() + 1;
+  }
+  for (int attempt = 0;; ++attempt, ++n) {
+    version = archive / std::to_string(n);
+    if (::rename(staging.c_str(), version.c_str()) == 0) break;
+    if ((errno != EEXIST && errno != ENOTEMPTY) || attempt > 100) {
+      Error e = errno_error("rename to", version);
+      cleanup();
+      return fail(e);
+    }
+  }
+  if (auto st = fsync_dir(archive); !st) return st;
+
+  // 3. The switch: a new symlink renamed over the old one (or exchanged with an old-layout
+  // directory). Readers resolve the path once per open, so each sees one version.
+  fs::path target = version.lexically_relative(parent);
+  std::string link_tmp = (parent / (".tmp-link-" + random_hex(8))).string();
+  if (::symlink(target.c_str(), link_tmp.c_str()) != 0) return fail(errno_error("symlink", link_tmp));
+  struct stat sb {};
+  bool old_dir = ::lstat(link.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode);
+  int rc = old_dir ? ::renameat2(AT_FDCWD, link_tmp.c_str(), AT_FDCWD, link.c_str(), RENAME_EXCHANGE)
+                   : ::rename(link_tmp.c_str(), link.c_str());
+  if (rc != 0) {
+    Error e = errno_error(old_dir ? "exchange with" : "rename to", link);
+    ::unlink(link_tmp.c_str());
+    return fail(e);
+  }
+  if (auto st = fsync_dir(parent); !st) return st;
+  if (old_dir) {
+    // link_tmp now names the old plain directory: its files are superseded.
+    std::error_code ec;
+    fs::remove_all(link_tmp, ec);
+  }
+
+  // 4. Prune: keep the newest versions (a reader that opened an older file keeps reading it).
+  auto have = version_numbers(archive);
+  for (size_t i = 0; i + kKeepVersions < have.size(); ++i) {
+    if (have[i] == n) continue;
+    std::error_code ec;
+    fs::remove_all(archive / std::to_string(have[i]), ec);
+  }
+  // Staging directories and symlinks left by a crash (never read: hidden names), once surely
+  // abandoned.
+  for (const fs::path& where : {archive, parent}) {
+    std::error_code ec;
+    for (fs::directory_iterator d(where, ec), end; !ec && d != end; d.increment(ec)) {
+      struct stat ds {};
+      if (d->path().filename().string().starts_with(".tmp-") && ::lstat(d->path().c_str(), &ds) == 0 &&
+          ds.st_mtime + 600 < ::time(nullptr)) {
+        std::error_code rec;
+        fs::remove_all(d->path(), rec);
+      }
+    }
+  }
+  return {};
 }
 
 Result<std::vector<std::string>> FileStorage::list(std::string_view prefix) {
@@ -275,14 +437,15 @@ Result<std::vector<std::string>> FileStorage::list(std::string_view prefix) {
     out.emplace_back(prefix);
     return out;
   }
-  fs::recursive_directory_iterator it(base, ec), end;
+  // Followed: live/<name> is a symlink to its current version (put_set).
+  fs::recursive_directory_iterator it(base, fs::directory_options::follow_directory_symlink, ec), end;
   if (ec) return fail(Errc::io, "list " + base.string() + ": " + ec.message());
   for (; it != end; it.increment(ec)) {
     if (ec) return fail(Errc::io, "list " + base.string() + ": " + ec.message());
     const auto& entry = *it;
     std::string fname = entry.path().filename().string();
     fs::path rel = entry.path().lexically_relative(root_);
-    bool is_lock_dir = rel == fs::path(kLockDir);
+    bool is_lock_dir = rel == fs::path(kLockDir) || rel == fs::path(kArchiveDir);
     if (fname.starts_with('.') || is_lock_dir) {
       if (entry.is_directory(ec)) it.disable_recursion_pending();
       continue;

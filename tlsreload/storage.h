@@ -16,6 +16,13 @@
 
 namespace autotls::tlsreload {
 
+// StorageFile is one key of a set written together by Storage::put_set.
+struct StorageFile {
+  std::string name;  // one key component: the key is "<prefix>/<name>"
+  std::string value;
+  bool secret = false;
+};
+
 // LockToken names one acquisition of a storage lock. Its owner is unique per acquisition (not
 // per process), so two holders in one process are told apart as well as two processes.
 struct LockToken {
@@ -41,6 +48,13 @@ class Storage {
   // secret marks private keys: readable by the owner only.
   [[nodiscard]] virtual Status put(std::string_view key, std::string_view value,
                                    bool secret = false) = 0;
+  // put_set writes the keys "<prefix>/<name>" of files as one change where the backend can;
+  // other keys directly under prefix are kept (carried over). FileStorage switches the whole
+  // set at once (a reader of the files sees the old set or the new one, never a new
+  // certificate with an old key). This default writes each file with put() in the order
+  // given: a crash can leave a mix, which the caller must detect (the manager validates the
+  // pair it reads back).
+  [[nodiscard]] virtual Status put_set(std::string_view prefix, const std::vector<StorageFile>& files);
   // list returns every key under prefix (a key prefix on component boundaries, "" = all),
   // recursively, sorted. A prefix that does not exist gives an empty list.
   [[nodiscard]] virtual Result<std::vector<std::string>> list(std::string_view prefix) = 0;
@@ -91,6 +105,15 @@ class FileStorage : public Storage {
 
   Result<std::optional<std::string>> get(std::string_view key) override;
   Status put(std::string_view key, std::string_view value, bool secret = false) override;
+  // put_set writes the files, and copies of the other files of the current version, into a
+  // new version directory archive/<name>/<N>/ (for a prefix live/<name>;
+  // archive/<prefix>/<N>/ otherwise) and points the directory symlink
+  // <prefix> -> ../archive/<name>/<N> at it with one rename, so the set changes at once for
+  // every reader. The newest kKeepVersions versions are kept, older ones deleted. A prefix that
+  // is still a plain directory (older layout) is swapped for the symlink atomically
+  // (renameat2 RENAME_EXCHANGE) and its old contents deleted. See docs/storage.md.
+  Status put_set(std::string_view prefix, const std::vector<StorageFile>& files) override;
+  static constexpr int kKeepVersions = 3;
   Result<std::vector<std::string>> list(std::string_view prefix) override;
   Status remove(std::string_view key) override;
   Result<std::string> generation(std::string_view key) override;

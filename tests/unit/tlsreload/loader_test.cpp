@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "tests/support/fake_clock.h"
+#include "tests/support/temp_dir.h"
 #include "tests/unit/tlsreload/test_ca.h"
 #include "tlsreload/loader.h"
 #include "tlsreload/store.h"
@@ -16,17 +17,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "tlsreload-loader-XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+struct TempDir : testing::TempDir {
+  TempDir() : testing::TempDir("tlsreload-loader") {}
 };
 
 void write(const fs::path& p, const std::string& data) {

@@ -455,4 +455,45 @@ TEST_CASE("the background thread renews and stops promptly") {
   m.stop();  // idempotent
 }
 
+TEST_CASE("a certificate renewed by another manager is picked up without a new order") {
+  Env env;
+  auto storage_a = std::make_shared<FileStorage>(env.dir, &env.clock);
+  auto storage_b = std::make_shared<FileStorage>(env.dir, &env.clock);  // as a second process would
+  auto store_b = std::make_shared<CertStore>();
+  auto oa = env.options();
+  oa.check_interval = std::chrono::hours(1);
+  oa.storage_poll_interval = 50ms;
+  Manager a(oa, storage_a, env.certs, env.challenges);
+  Manager b(env.options(), storage_b, store_b, env.challenges);
+  REQUIRE(a.manage(kNames).has_value());
+  REQUIRE(b.manage(kNames).has_value());
+  const std::string first = env.served("example.com");
+  CHECK(env.ca->orders().size() == 1);
+  a.start();
+
+  REQUIRE(b.renew(kNames, /*force=*/true).has_value());
+  const std::string renewed = store_b->lookup("example.com")->id();
+  REQUIRE(renewed != first);
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (env.served("example.com") != renewed && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  CHECK(env.served("example.com") == renewed);
+  CHECK(env.served("www.example.com") == renewed);
+  CHECK(env.ca->orders().size() == 2);  // B's renewal only: A placed no order
+  CHECK(a.counters().renewed == 0);
+  CHECK(a.counters().obtained == 1);
+  REQUIRE(a.state(kNames).has_value());
+  CHECK(a.state(kNames)->cert_id == renewed);
+
+  // A pair that does not match (someone else's half-finished write) is not adopted.
+  auto other = env.ca->orders().size();
+  REQUIRE(storage_b->put("live/example.com/fullchain.pem", env.file("live/example.com/cert.pem")).has_value());
+  REQUIRE(storage_b->put("live/example.com/privkey.pem", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", true).has_value());
+  std::this_thread::sleep_for(300ms);
+  CHECK(env.served("example.com") == renewed);
+  a.stop();
+  CHECK(env.ca->orders().size() == other);
+}
+
 }  // TEST_SUITE

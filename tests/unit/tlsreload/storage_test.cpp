@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -268,6 +269,107 @@ TEST_CASE("concurrent try_lock has exactly one winner") {
     CHECK(winners.load() == 1);
     CHECK(leftovers(dir.path).empty());
   }
+}
+
+TEST_CASE("put_set switches a live directory symlink to a new archive version") {
+  StorageDir dir;
+  FileStorage s(dir.path / "root");
+  fs::path root = dir.path / "root";
+  REQUIRE(s.put_set("live/example.com", {{"privkey.pem", "key1", true}, {"fullchain.pem", "chain1"}}).has_value());
+  CHECK(fs::is_symlink(root / "live/example.com"));
+  CHECK(fs::read_symlink(root / "live/example.com") == fs::path("../archive/example.com/1"));
+  CHECK(s.get("live/example.com/fullchain.pem")->value() == "chain1");
+  CHECK(mode_of(root / "archive/example.com/1/privkey.pem") == 0600);
+  CHECK(mode_of(root / "archive/example.com/1/fullchain.pem") == 0644);
+  CHECK(mode_of(root / "archive/example.com/1") == 0700);
+  CHECK(mode_of(root / "archive/example.com") == 0700);
+  CHECK(mode_of(root / "archive") == 0700);
+
+  auto gen1 = s.generation("live/example.com/fullchain.pem");
+  REQUIRE(s.put_set("live/example.com", {{"privkey.pem", "key2", true}, {"fullchain.pem", "chain2"}}).has_value());
+  CHECK(fs::read_symlink(root / "live/example.com") == fs::path("../archive/example.com/2"));
+  CHECK(s.get("live/example.com/privkey.pem")->value() == "key2");
+  CHECK(*s.generation("live/example.com/fullchain.pem") != *gen1);
+  // A single put goes into the current version.
+  REQUIRE(s.put("live/example.com/meta.json", "{}").has_value());
+  CHECK(fs::exists(root / "archive/example.com/2/meta.json"));
+  // Keys are listed through the symlink; archive/ is not part of the key space.
+  auto keys = s.list("live");
+  REQUIRE(keys.has_value());
+  CHECK(*keys == std::vector<std::string>{"live/example.com/fullchain.pem", "live/example.com/meta.json",
+                                          "live/example.com/privkey.pem"});
+  auto all = s.list("");
+  REQUIRE(all.has_value());
+  CHECK(*all == *keys);
+  CHECK_FALSE(s.put("archive/example.com/1/x", "no").has_value());
+  CHECK_FALSE(s.put_set("archive/example.com", {{"x", "no"}}).has_value());
+  CHECK_FALSE(s.put_set("live/example.com", {{"../x", "no"}}).has_value());
+  CHECK_FALSE(s.put_set("live/example.com", {}).has_value());
+
+  // Old versions are pruned: the newest kKeepVersions stay.
+  for (int i = 3; i <= 6; ++i) {
+    REQUIRE(s.put_set("live/example.com", {{"fullchain.pem", "chain" + std::to_string(i)}}).has_value());
+  }
+  std::vector<std::string> versions;
+  for (auto& e : fs::directory_iterator(root / "archive/example.com")) versions.push_back(e.path().filename().string());
+  std::sort(versions.begin(), versions.end());
+  CHECK(versions == std::vector<std::string>{"4", "5", "6"});
+  CHECK(s.get("live/example.com/fullchain.pem")->value() == "chain6");
+  // Files not in a set are carried over from the version before, with their mode.
+  CHECK(s.get("live/example.com/privkey.pem")->value() == "key2");
+  CHECK(s.get("live/example.com/meta.json")->value() == "{}");
+  CHECK(mode_of(root / "archive/example.com/6/privkey.pem") == 0600);
+  CHECK(mode_of(root / "archive/example.com/6/meta.json") == 0644);
+  CHECK(leftovers(root / "archive").empty());
+}
+
+TEST_CASE("put_set replaces an old layout plain directory atomically") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  REQUIRE(s.put("live/old.example/fullchain.pem", "old chain").has_value());
+  REQUIRE(s.put("live/old.example/privkey.pem", "old key", true).has_value());
+  CHECK_FALSE(fs::is_symlink(dir.path / "live/old.example"));
+  REQUIRE(s.put_set("live/old.example", {{"privkey.pem", "new key", true}, {"fullchain.pem", "new chain"}}).has_value());
+  CHECK(fs::is_symlink(dir.path / "live/old.example"));
+  CHECK(s.get("live/old.example/fullchain.pem")->value() == "new chain");
+  CHECK(s.get("live/old.example/privkey.pem")->value() == "new key");
+  REQUIRE(s.put("live/old.example/renewal.json", "settings").has_value());
+  REQUIRE(s.put_set("live/old.example", {{"fullchain.pem", "newer chain"}}).has_value());
+  CHECK(s.get("live/old.example/renewal.json")->value() == "settings");
+  CHECK(leftovers(dir.path / "live").empty());  // the exchanged old directory is gone
+}
+
+TEST_CASE("put_set readers never see a new chain with an old key") {
+  // A reader opening the two files through live/<name>/ while a writer switches versions sees
+  // a matching pair whenever both opens resolve the same version; readers that re-open after
+  // a switch see the new pair. Here: every pair read whole from one resolved directory matches.
+  StorageDir dir;
+  FileStorage s(dir.path);
+  REQUIRE(s.put_set("live/a.example", {{"privkey.pem", "k0", true}, {"fullchain.pem", "c0"}}).has_value());
+  std::atomic<bool> stop{false};
+  std::atomic<int> mismatches{0}, reads{0};
+  std::thread reader([&] {
+    while (!stop) {
+      std::error_code ec;
+      fs::path version = fs::canonical(dir.path / "live/a.example", ec);  // one resolution
+      if (ec) continue;
+      std::ifstream c(version / "fullchain.pem"), k(version / "privkey.pem");
+      std::string cs, ks;
+      std::getline(c, cs);
+      std::getline(k, ks);
+      if (cs.empty() || ks.empty()) continue;  // pruned under us: an old version, skip
+      ++reads;
+      if (cs.substr(1) != ks.substr(1)) ++mismatches;
+    }
+  });
+  for (int i = 1; i <= 200; ++i) {
+    REQUIRE(s.put_set("live/a.example", {{"privkey.pem", "k" + std::to_string(i), true},
+                                         {"fullchain.pem", "c" + std::to_string(i)}}).has_value());
+  }
+  stop = true;
+  reader.join();
+  CHECK(mismatches == 0);
+  CHECK(reads > 0);
 }
 
 }  // TEST_SUITE

@@ -1,0 +1,404 @@
+// CertWatcher over real files and inotify: replaced pairs reload, bad files are reported once
+// and change nothing, half-written pairs wait, new directories load, removed ones keep serving.
+
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <thread>
+
+#include "tests/support/temp_dir.h"
+#include "tests/unit/tlsreload/test_ca.h"
+#include "tlsreload/store.h"
+#include "tlsreload/watcher.h"
+
+using namespace autotls;
+using namespace autotls::tlsreload;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+namespace {
+
+// put writes a file the way careful writers do: a temporary file renamed over the target.
+void put(const fs::path& p, const std::string& data) {
+  fs::create_directories(p.parent_path());
+  fs::path tmp = p.parent_path() / (".tmp-" + p.filename().string());
+  std::ofstream(tmp, std::ios::binary) << data;
+  fs::rename(tmp, p);
+}
+
+// relink points link at target by renaming a new symlink over it (atomic, as certbot does).
+void relink(const fs::path& link, const fs::path& target) {
+  fs::path tmp = link.parent_path() / (".new-" + link.filename().string());
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  fs::create_symlink(target, tmp);
+  fs::rename(tmp, link);
+}
+
+template <class Pred>
+bool wait_for(Pred pred, std::chrono::milliseconds limit = 10s) {
+  auto end = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return pred();
+}
+
+std::string id_of(const testing::Issued& i) {
+  auto c = Certificate::from_pem(i.cert_pem, i.key_pem, LoadOptions{});
+  REQUIRE(c.has_value());
+  return (*c)->id();
+}
+
+// RecordingLogger keeps every message with its fields flattened, for assertions.
+class RecordingLogger : public Logger {
+ public:
+  bool enabled(LogLevel) const override { return true; }
+  void log(LogLevel level, std::string_view, std::string_view message, std::initializer_list<LogField> fields) override {
+    std::string line = std::string(to_string(level)) + " " + std::string(message);
+    for (const auto& f : fields) line += " " + std::string(f.key) + "=" + f.value;
+    std::lock_guard lock(mu_);
+    lines_.push_back(std::move(line));
+  }
+  std::vector<std::string> lines() const {
+    std::lock_guard lock(mu_);
+    return lines_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::string> lines_;
+};
+
+struct Fixture {
+  testing::TestCa ca{"Watch"};
+  testing::TempDir dir{"tlsreload-watch"};
+  std::shared_ptr<CertStore> store = std::make_shared<CertStore>();
+  std::mutex mu;
+  std::vector<WatchEvent> events;
+  WatcherOptions options;
+  RecordingLogger logger;
+
+  Fixture() {
+    options.logger = &logger;
+    options.debounce = 50ms;
+    options.pair_grace = 1500ms;
+    options.on_event = [this](const WatchEvent& e) {
+      std::lock_guard lock(mu);
+      events.push_back(e);
+    };
+  }
+  std::string served(const std::string& name) {
+    auto c = store->lookup(name);
+    return c ? c->id() : std::string();
+  }
+  int count(WatchEvent::Type t) {
+    std::lock_guard lock(mu);
+    int n = 0;
+    for (auto& e : events) n += e.type == t;
+    return n;
+  }
+  std::vector<WatchEvent> of(WatchEvent::Type t) {
+    std::lock_guard lock(mu);
+    std::vector<WatchEvent> out;
+    for (auto& e : events) {
+      if (e.type == t) out.push_back(e);
+    }
+    return out;
+  }
+  void write_pair(const fs::path& d, const testing::Issued& i) {
+    put(d / "privkey.pem", i.key_pem);
+    put(d / "fullchain.pem", ca.chain_pem(i));
+  }
+};
+
+}  // namespace
+
+TEST_SUITE("tlsreload.watcher") {
+
+TEST_CASE("watcher reloads a replaced pair and serves the new certificate") {
+  Fixture f;
+  auto v1 = f.ca.issue({"a.test"});
+  auto b = f.ca.issue({"b.test"});
+  f.write_pair(f.dir.path / "a.test", v1);
+  f.write_pair(f.dir.path / "b.test", b);
+  CertWatcher w(f.store, f.options);
+  auto report = w.add_directory(f.dir.path);
+  REQUIRE(report.has_value());
+  CHECK(report->certificates.size() == 2);
+  CHECK(report->failures.empty());
+  CHECK(f.served("a.test") == id_of(v1));
+  REQUIRE(w.start());
+
+  auto v2 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", v2);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(v2); }));
+  CHECK(w.counters().reloaded == 1);
+  CHECK(w.counters().failed == 0);
+  CHECK(f.served("b.test") == id_of(b));  // the other pair is untouched
+  // The old certificate left the store: it is no longer held by any name.
+  auto listed = f.store->snapshot()->certificates();
+  CHECK(listed.size() == 2);
+
+  // A second replacement in the same directory works as well (watches survive renames).
+  auto v3 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", v3);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(v3); }));
+  CHECK(w.failures().empty());
+
+  // Reading the files does not wake the watcher again: with nothing changing it stays idle.
+  std::this_thread::sleep_for(200ms);
+  auto checks = w.counters().checks;
+  std::this_thread::sleep_for(300ms);
+  CHECK(w.counters().checks == checks);
+}
+
+TEST_CASE("watcher follows certbot symlink swaps in live and archive") {
+  Fixture f;
+  fs::path live = f.dir.path / "live" / "c.test", archive = f.dir.path / "archive" / "c.test";
+  auto v1 = f.ca.issue({"c.test"});
+  put(archive / "fullchain1.pem", f.ca.chain_pem(v1));
+  put(archive / "privkey1.pem", v1.key_pem);
+  fs::create_directories(live);
+  fs::create_symlink("../../archive/c.test/fullchain1.pem", live / "fullchain.pem");
+  fs::create_symlink("../../archive/c.test/privkey1.pem", live / "privkey.pem");
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  CHECK(f.served("c.test") == id_of(v1));
+  REQUIRE(w.start());
+
+  // certbot's renewal: new archive files, then each live symlink replaced by rename.
+  auto v2 = f.ca.issue({"c.test"});
+  put(archive / "fullchain2.pem", f.ca.chain_pem(v2));
+  put(archive / "privkey2.pem", v2.key_pem);
+  relink(live / "privkey.pem", "../../archive/c.test/privkey2.pem");
+  relink(live / "fullchain.pem", "../../archive/c.test/fullchain2.pem");
+  CHECK(wait_for([&] { return f.served("c.test") == id_of(v2); }));
+  CHECK(w.counters().failed == 0);
+
+  // An archive file rewritten in place (no symlink change) is seen through the target's
+  // directory watch.
+  auto v3 = f.ca.issue({"c.test"});
+  put(archive / "privkey2.pem", v3.key_pem);
+  put(archive / "fullchain2.pem", f.ca.chain_pem(v3));
+  CHECK(wait_for([&] { return f.served("c.test") == id_of(v3); }));
+}
+
+TEST_CASE("watcher swaps a directory symlink pair at once") {
+  // The layout FileStorage writes: live/<name> is a symlink to archive/<name>/<N>/.
+  Fixture f;
+  auto v1 = f.ca.issue({"d.test"});
+  f.write_pair(f.dir.path / "archive" / "d.test" / "1", v1);
+  fs::create_directories(f.dir.path / "live");
+  fs::create_symlink("../archive/d.test/1", f.dir.path / "live" / "d.test");
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path / "live").has_value());
+  CHECK(f.served("d.test") == id_of(v1));
+  REQUIRE(w.start());
+  auto v2 = f.ca.issue({"d.test"});
+  f.write_pair(f.dir.path / "archive" / "d.test" / "2", v2);
+  relink(f.dir.path / "live" / "d.test", "../archive/d.test/2");
+  CHECK(wait_for([&] { return f.served("d.test") == id_of(v2); }));
+  // And again: the watch follows the new target, not the first one.
+  auto v3 = f.ca.issue({"d.test"});
+  f.write_pair(f.dir.path / "archive" / "d.test" / "3", v3);
+  relink(f.dir.path / "live" / "d.test", "../archive/d.test/3");
+  fs::remove_all(f.dir.path / "archive" / "d.test" / "1");
+  CHECK(wait_for([&] { return f.served("d.test") == id_of(v3); }));
+  CHECK(w.counters().failed == 0);
+}
+
+TEST_CASE("watcher reports a bad replacement naming the file and keeps the old certificate") {
+  Fixture f;
+  f.options.pair_grace = 200ms;
+  auto v1 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", v1);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  REQUIRE(w.start());
+
+  fs::path chain = f.dir.path / "a.test" / "fullchain.pem";
+  put(chain, "-----BEGIN CERTIFICATE-----\ngarbage\n");
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::failed) == 1; }));
+  auto failed = f.of(WatchEvent::Type::failed);
+  CHECK(failed[0].path == chain);
+  REQUIRE(failed[0].error.has_value());
+  CHECK(failed[0].error->message.find(chain.string()) != std::string::npos);
+  CHECK(f.served("a.test") == id_of(v1));
+  REQUIRE(w.failures().size() == 1);
+  CHECK(w.failures()[0].path == chain);
+  // The log names the file and the reason too.
+  int logged = 0;
+  for (const auto& l : f.logger.lines()) {
+    if (l.starts_with("error ") && l.find("file=" + chain.string()) != std::string::npos &&
+        l.find("error=") != std::string::npos) {
+      ++logged;
+    }
+  }
+  CHECK(logged == 1);
+
+  // The same bad file is reported once, not on every look.
+  w.rescan();
+  std::this_thread::sleep_for(300ms);
+  CHECK(w.counters().failed == 1);
+
+  // An expired certificate with its key names the chain file too.
+  auto spec = f.ca.spec({"a.test"});
+  spec.not_before = f.ca.now() - 48h;
+  spec.not_after = f.ca.now() - 24h;
+  auto expired = f.ca.issue(spec);
+  f.write_pair(f.dir.path / "a.test", expired);
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::failed) == 2; }));
+  CHECK(f.of(WatchEvent::Type::failed)[1].error->message.find("expired") != std::string::npos);
+  CHECK(f.served("a.test") == id_of(v1));
+
+  // A key file that is not a key names the key file.
+  auto v2 = f.ca.issue({"a.test"});
+  put(chain, f.ca.chain_pem(v2));
+  put(f.dir.path / "a.test" / "privkey.pem", "not a key\n");
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::failed) == 3; }));
+  CHECK(f.of(WatchEvent::Type::failed)[2].path == f.dir.path / "a.test" / "privkey.pem");
+  CHECK(f.served("a.test") == id_of(v1));
+
+  // Fixed: the good pair is published and the failure is gone.
+  put(f.dir.path / "a.test" / "privkey.pem", v2.key_pem);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(v2); }));
+  CHECK(w.failures().empty());
+}
+
+TEST_CASE("watcher waits for the second file of a half written pair") {
+  Fixture f;
+  f.options.pair_grace = 3s;
+  auto v1 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", v1);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  REQUIRE(w.start());
+
+  // The certificate first; the key well after the debounce (a slow writer).
+  auto v2 = f.ca.issue({"a.test"});
+  put(f.dir.path / "a.test" / "fullchain.pem", f.ca.chain_pem(v2));
+  std::this_thread::sleep_for(400ms);
+  CHECK(w.counters().failed == 0);
+  CHECK(f.served("a.test") == id_of(v1));
+  put(f.dir.path / "a.test" / "privkey.pem", v2.key_pem);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(v2); }));
+  CHECK(w.counters().failed == 0);
+
+  // A mismatch that stays is reported once the grace is over, once.
+  auto v3 = f.ca.issue({"a.test"});
+  put(f.dir.path / "a.test" / "fullchain.pem", f.ca.chain_pem(v3));
+  REQUIRE(wait_for([&] { return w.counters().failed == 1; }));
+  CHECK(f.of(WatchEvent::Type::failed)[0].error->message.find("does not match") != std::string::npos);
+  CHECK(f.served("a.test") == id_of(v2));
+  std::this_thread::sleep_for(300ms);
+  CHECK(w.counters().failed == 1);
+}
+
+TEST_CASE("watcher serves a new directory and keeps serving a removed one") {
+  Fixture f;
+  auto a = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", a);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  REQUIRE(w.start());
+
+  // A new directory, created the way a copy creates it: directory, then files.
+  auto n = f.ca.issue({"new.test", "www.new.test"});
+  f.write_pair(f.dir.path / "new.test", n);
+  CHECK(wait_for([&] { return f.served("www.new.test") == id_of(n); }));
+  CHECK(w.counters().loaded == 2);
+
+  // Removing a directory keeps its last good certificate serving, and says so.
+  fs::remove_all(f.dir.path / "a.test");
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::removed) == 1; }));
+  CHECK(f.of(WatchEvent::Type::removed)[0].path == f.dir.path / "a.test" / "fullchain.pem");
+  CHECK(f.served("a.test") == id_of(a));
+  CHECK(w.counters().failed == 0);
+
+  // Put back with a new certificate: served.
+  auto a2 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", a2);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(a2); }));
+}
+
+TEST_CASE("watcher reloads an explicit pair behind a swapped data symlink") {
+  // A Kubernetes secret mount: tls.crt -> ..data/tls.crt, ..data -> ..<timestamp>/.
+  Fixture f;
+  fs::path mount = f.dir.path / "secret";
+  auto v1 = f.ca.issue({"k.test"});
+  put(mount / "..v1" / "tls.crt", f.ca.chain_pem(v1));
+  put(mount / "..v1" / "tls.key", v1.key_pem);
+  fs::create_symlink("..v1", mount / "..data");
+  fs::create_symlink("..data/tls.crt", mount / "tls.crt");
+  fs::create_symlink("..data/tls.key", mount / "tls.key");
+  CertWatcher w(f.store, f.options);
+  auto report = w.add_pair({mount / "tls.crt", mount / "tls.key"});
+  REQUIRE(report.has_value());
+  CHECK(report->certificates.size() == 1);
+  CHECK(f.served("k.test") == id_of(v1));
+  REQUIRE(w.start());
+  auto v2 = f.ca.issue({"k.test"});
+  put(mount / "..v2" / "tls.crt", f.ca.chain_pem(v2));
+  put(mount / "..v2" / "tls.key", v2.key_pem);
+  relink(mount / "..data", "..v2");
+  fs::remove_all(mount / "..v1");
+  CHECK(wait_for([&] { return f.served("k.test") == id_of(v2); }));
+  CHECK(w.counters().failed == 0);
+
+  // A pair whose directory does not exist cannot be watched.
+  CHECK_FALSE(w.add_pair({f.dir.path / "nope" / "c.pem", f.dir.path / "nope" / "k.pem"}).has_value());
+  CHECK_FALSE(w.add_directory(f.dir.path / "nope").has_value());
+}
+
+TEST_CASE("watcher stop returns promptly while a change waits for its debounce") {
+  Fixture f;
+  f.options.debounce = 60s;
+  f.options.max_delay = 120s;
+  auto a = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", a);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  REQUIRE(w.start());
+  f.write_pair(f.dir.path / "a.test", f.ca.issue({"a.test"}));
+  std::this_thread::sleep_for(100ms);
+  auto t0 = std::chrono::steady_clock::now();
+  w.stop();
+  CHECK(std::chrono::steady_clock::now() - t0 < 5s);
+  CHECK(f.served("a.test") == id_of(a));  // the debounce had not passed
+  // Restartable, and rescan() applies pending changes at once.
+  w.rescan();
+  CHECK(f.served("a.test") != id_of(a));
+  REQUIRE(w.start());
+  w.stop();
+}
+
+TEST_CASE("watcher polls a watched directory that was deleted until it comes back") {
+  Fixture f;
+  f.options.fallback_poll = 200ms;
+  fs::path root = f.dir.path / "certs";
+  auto a = f.ca.issue({"a.test"});
+  f.write_pair(root / "a.test", a);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(root).has_value());
+  REQUIRE(w.start());
+  fs::remove_all(root);
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::removed) == 1; }));
+  CHECK(f.served("a.test") == id_of(a));  // still serving the last good one
+  // Recreated (a deploy that replaces the whole directory): found by polling, then watched.
+  auto a2 = f.ca.issue({"a.test"});
+  f.write_pair(root / "a.test", a2);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(a2); }));
+  auto a3 = f.ca.issue({"a.test"});
+  f.write_pair(root / "a.test", a3);
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(a3); }));
+  CHECK(w.counters().failed == 0);
+}
+
+}  // TEST_SUITE

@@ -1,0 +1,562 @@
+#include "tlsreload/watcher.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/inotify.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <system_error>
+
+#include "tlsreload/store.h"
+
+namespace autotls::tlsreload {
+
+namespace {
+
+namespace fs = std::filesystem;
+using steady = std::chrono::steady_clock;
+constexpr std::string_view kLog = "tlsreload.watcher";
+
+// Every way a writer replaces a file or a symlink in a watched directory, plus in-place writes
+// (IN_MODIFY keeps the debounce waiting while a slow writer is still writing).
+constexpr uint32_t kDirMask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE |
+                              IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR;
+
+int64_t ns(const struct timespec& t) { return int64_t{t.tv_sec} * 1000000000 + t.tv_nsec; }
+
+// half_written tells whether a failed pair looks like a writer caught between its two files:
+// exactly one file missing, or a key that does not match the certificate.
+bool half_written(int chain_err, int key_err, const Error& e) {
+  if ((chain_err == ENOENT) != (key_err == ENOENT)) return true;
+  return e.message.find("private key does not match the leaf certificate") != std::string::npos;
+}
+
+}  // namespace
+
+std::string_view to_string(WatchEvent::Type type) {
+  switch (type) {
+    case WatchEvent::Type::loaded: return "loaded";
+    case WatchEvent::Type::reloaded: return "reloaded";
+    case WatchEvent::Type::failed: return "failed";
+    case WatchEvent::Type::removed: return "removed";
+  }
+  return "unknown";
+}
+
+CertWatcher::CertWatcher(std::shared_ptr<CertStore> store, WatcherOptions options)
+    : store_(std::move(store)),
+      options_(std::move(options)),
+      logger_(options_.logger ? options_.logger : &null_logger()) {}
+
+CertWatcher::~CertWatcher() {
+  stop();
+  if (inotify_fd_ >= 0) ::close(inotify_fd_);
+  if (stop_fd_ >= 0) ::close(stop_fd_);
+}
+
+CertWatcher::PairSig CertWatcher::signature(const CertKeyPaths& paths) {
+  auto one = [](const fs::path& p) {
+    FileSig s;
+    struct stat sb {};
+    if (::stat(p.c_str(), &sb) != 0) {  // follows symlinks: the file served, not the link
+      s.err = errno;
+      return s;
+    }
+    s.dev = sb.st_dev;
+    s.ino = sb.st_ino;
+    s.size = static_cast<uint64_t>(sb.st_size);
+    s.mtime_ns = ns(sb.st_mtim);
+    s.ctime_ns = ns(sb.st_ctim);
+    return s;
+  };
+  return {one(paths.chain), one(paths.key)};
+}
+
+Status CertWatcher::ensure_inotify() {
+  if (inotify_fd_ >= 0) return {};
+  inotify_fd_ = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  if (inotify_fd_ < 0) {
+    return fail(Errc::io, std::string("inotify_init1: ") + std::strerror(errno) +
+                              " (raise fs.inotify.max_user_instances, or load certificates without watching)");
+  }
+  stop_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (stop_fd_ < 0) return fail(Errc::io, std::string("eventfd: ") + std::strerror(errno));
+  return {};
+}
+
+std::size_t CertWatcher::add_source(Source s) {
+  sources_.push_back(std::move(s));
+  return sources_.size() - 1;
+}
+
+Result<LoadReport> CertWatcher::add_directory(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    return fail(Errc::io, dir.string() + ": not a directory" + (ec ? " (" + ec.message() + ")" : ""));
+  }
+  LoadReport report;
+  std::vector<WatchEvent> events;
+  {
+    std::lock_guard lock(mu_);
+    if (auto st = ensure_inotify(); !st) return fail(st.error());
+    Source s;
+    s.directory = true;
+    s.path = dir;
+    std::size_t i = add_source(std::move(s));
+    // Watch first, then read: a change after the watch is seen as an event, one before it by
+    // the read. sync_watches adds the pair directories the scan found; check again after that
+    // (cheap: unchanged files are not read) for changes made before their watch existed.
+    sync_watches(i);
+    check_source(i, true, events, &report);
+    if (sync_watches(i)) check_source(i, false, events, &report);
+  }
+  emit(events);
+  return report;
+}
+
+Result<LoadReport> CertWatcher::add_pair(const CertKeyPaths& pair) {
+  for (const auto& p : {pair.chain, pair.key}) {
+    std::error_code ec;
+    if (!fs::is_directory(p.parent_path(), ec)) {
+      return fail(Errc::io, p.parent_path().string() + ": not a directory (the directory of " + p.string() +
+                                " must exist to be watched)");
+    }
+  }
+  LoadReport report;
+  std::vector<WatchEvent> events;
+  {
+    std::lock_guard lock(mu_);
+    if (auto st = ensure_inotify(); !st) return fail(st.error());
+    Source s;
+    s.path = pair.chain;
+    s.pair = pair;
+    std::size_t i = add_source(std::move(s));
+    sync_watches(i);
+    check_source(i, true, events, &report);
+    if (sync_watches(i)) check_source(i, false, events, &report);
+  }
+  emit(events);
+  return report;
+}
+
+// check_source looks at every pair of a source: pairs whose files changed since last time are
+// loaded (in parallel) and published together; pairs gone from a directory are reported as
+// removed and keep serving.
+void CertWatcher::check_source(std::size_t index, bool initial, std::vector<WatchEvent>& events,
+                               LoadReport* report) {
+  Source& s = sources_[index];
+  const auto now = steady::now();
+  s.last_check = now;
+  s.first_change.reset();
+  s.last_change.reset();
+  s.retry_at.reset();
+  checks_.fetch_add(1);
+
+  std::vector<CertKeyPaths> pairs;
+  if (s.directory) {
+    auto scan = find_certbot_pairs(s.path);
+    if (!scan) {
+      logger_->log(LogLevel::warn, kLog, "watched directory unreadable; its certificates keep serving",
+                   {{"dir", s.path.string()}, {"error", scan.error().message}});
+    } else {
+      pairs = std::move(scan->pairs);
+      // A directory with one of the two files is a pair being written (or broken): check it
+      // like the others, so it gets the same grace before being reported.
+      for (const auto& f : scan->failures) {
+        fs::path d = f.path.parent_path();
+        pairs.push_back({d / "fullchain.pem", d / "privkey.pem"});
+      }
+    }
+  } else {
+    pairs.push_back(s.pair);
+  }
+
+  std::set<std::string> seen;
+  std::vector<Entry*> todo;
+  std::vector<PairSig> sigs;
+  std::vector<CertKeyPaths> to_load;
+  for (auto& p : pairs) {
+    std::string k = p.chain.string();
+    seen.insert(k);
+    auto [it, fresh] = entries_.try_emplace(k);
+    Entry& e = it->second;
+    if (fresh) {
+      e.paths = p;
+      e.source = index;
+    }
+    PairSig sig = signature(e.paths);
+    if (e.sig && *e.sig == sig && !e.held_since) continue;  // unchanged since last look
+    if (!initial && !s.directory && sig.chain.err == ENOENT && sig.key.err == ENOENT) {
+      // An explicit pair whose files are gone: as for a directory removed below.
+      if (e.present && (e.cert || e.failure)) {
+        e.present = false;
+        e.failure.reset();
+        removed_.fetch_add(1);
+        logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
+                     {{"file", e.paths.chain.string()}});
+        events.push_back({WatchEvent::Type::removed, e.paths.chain, e.cert ? e.cert->id() : "", std::nullopt});
+      }
+      e.sig = sig;
+      continue;
+    }
+    e.present = true;
+    todo.push_back(&e);
+    sigs.push_back(sig);
+    to_load.push_back(e.paths);
+  }
+  if (s.directory) {
+    for (auto& [k, e] : entries_) {
+      if (e.source != index || seen.count(k) || !e.present) continue;
+      e.present = false;
+      e.sig.reset();
+      e.held_since.reset();
+      e.failure.reset();
+      if (!e.cert) continue;
+      removed_.fetch_add(1);
+      logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
+                   {{"file", e.paths.chain.string()}});
+      events.push_back({WatchEvent::Type::removed, e.paths.chain, e.cert->id(), std::nullopt});
+    }
+  }
+  if (todo.empty()) return;
+
+  auto results = load_each(to_load, initial ? options_.initial_options : options_.reload_options);
+  std::vector<Entry*> good;
+  std::vector<PairSig> good_sigs;
+  std::vector<std::shared_ptr<const Certificate>> certs;
+  for (std::size_t k = 0; k < todo.size(); ++k) {
+    Entry& e = *todo[k];
+    const PairSig& sig = sigs[k];
+    if (results[k]) {
+      if (e.cert && e.cert->id() == (*results[k])->id()) {
+        // Same certificate (touched, or rewritten identically): nothing to publish.
+        e.sig = sig;
+        e.held_since.reset();
+        if (e.failure) {
+          logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", e.paths.chain.string()}});
+        }
+        e.failure.reset();
+        continue;
+      }
+      good.push_back(&e);
+      good_sigs.push_back(sig);
+      certs.push_back(std::move(*results[k]));
+      continue;
+    }
+    Error err = results[k].error();
+    if (!initial && half_written(sig.chain.err, sig.key.err, err)) {
+      if (!e.held_since) e.held_since = now;
+      auto until = *e.held_since + options_.pair_grace;
+      if (now < until) {
+        // Probably a writer between the two files: look again when the other file arrives
+        // (an event) or when the grace ends, and say nothing yet.
+        s.retry_at = s.retry_at ? std::min(*s.retry_at, until) : until;
+        continue;
+      }
+    }
+    fs::path bad = e.paths.chain;
+    if (sig.chain.err == 0 && (sig.key.err != 0 || err.message.starts_with(e.paths.key.string() + ":"))) {
+      bad = e.paths.key;
+    }
+    e.sig = sig;
+    report_failure(e, bad, std::move(err), events, report);
+  }
+  if (certs.empty()) return;
+
+  // One snapshot for all the good pairs; the certificates they replace leave afterwards, so a
+  // name is never without a certificate in between.
+  auto statuses = store_->publish_batch(certs);
+  for (std::size_t k = 0; k < good.size(); ++k) {
+    Entry& e = *good[k];
+    e.sig = good_sigs[k];
+    e.held_since.reset();
+    if (!statuses[k]) {
+      report_failure(e, e.paths.chain, statuses[k].error(), events, report);
+      continue;
+    }
+    const bool first = !e.cert;
+    held_[certs[k]->id()] += 1;
+    if (e.cert) drop_cert(e.cert->id());
+    e.cert = certs[k];
+    e.failure.reset();
+    if (report) report->certificates.push_back(e.cert);
+    if (first) {
+      loaded_.fetch_add(1);
+      if (!initial) {
+        logger_->log(LogLevel::info, kLog, "certificate loaded",
+                     {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+      }
+    } else {
+      reloaded_.fetch_add(1);
+      logger_->log(LogLevel::info, kLog, "certificate reloaded",
+                   {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+    }
+    events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, e.paths.chain, e.cert->id(),
+                      std::nullopt});
+  }
+}
+
+void CertWatcher::report_failure(Entry& e, const fs::path& path, Error error, std::vector<WatchEvent>& events,
+                                 LoadReport* report) {
+  e.held_since.reset();
+  if (!error.message.starts_with(path.string())) error.message = path.string() + ": " + error.message;
+  e.failure = LoadFailure{path, error};
+  failed_.fetch_add(1);
+  logger_->log(LogLevel::error, kLog,
+               e.cert ? "certificate file refused; the previous certificate keeps serving"
+                      : "certificate file refused",
+               {{"file", path.string()}, {"error", error.message}});
+  if (report) report->failures.push_back(*e.failure);
+  events.push_back({WatchEvent::Type::failed, path, e.cert ? e.cert->id() : "", std::move(error)});
+}
+
+void CertWatcher::drop_cert(const std::string& id) {
+  auto it = held_.find(id);
+  if (it == held_.end()) return;
+  if (--it->second > 0) return;
+  held_.erase(it);
+  (void)store_->remove(id);  // fails only if it already left (replaced on all its names)
+}
+
+// sync_watches points the source's inotify watches at the directories it needs now: the
+// directory itself (and live/), each pair's directory, and the directories symlinked files
+// resolve to. A path re-added after a symlink swap gets the new target's watch. Returns true
+// when a directory was watched for the first time.
+bool CertWatcher::sync_watches(std::size_t index) {
+  Source& s = sources_[index];
+  std::set<std::string> want;
+  std::error_code ec;
+  auto add_file = [&](const fs::path& f) {
+    want.insert(f.parent_path().string());
+    std::error_code e;
+    if (fs::is_symlink(f, e)) {
+      auto target = fs::canonical(f, e);
+      if (!e) want.insert(target.parent_path().string());
+    }
+  };
+  if (s.directory) {
+    want.insert(s.path.string());
+    if (fs::is_directory(s.path / "live", ec)) want.insert((s.path / "live").string());
+    for (const auto& [k, e] : entries_) {
+      if (e.source != index || !e.present) continue;
+      add_file(e.paths.chain);
+      add_file(e.paths.key);
+    }
+  } else {
+    add_file(s.pair.chain);
+    add_file(s.pair.key);
+  }
+  s.unwatched = false;
+  bool added = false;
+  for (const auto& d : want) {
+    if (!s.watched.count(d)) added = true;
+    add_watch(d, index);
+  }
+  std::vector<std::string> stale;
+  for (const auto& d : s.watched) {
+    if (!want.count(d)) stale.push_back(d);
+  }
+  for (const auto& d : stale) release_watch(d, index);
+  return added;
+}
+
+void CertWatcher::add_watch(const std::string& dir, std::size_t index) {
+  Source& s = sources_[index];
+  int wd = ::inotify_add_watch(inotify_fd_, dir.c_str(), kDirMask);
+  if (wd < 0) {
+    int err = errno;
+    s.unwatched = true;  // polled every fallback_poll instead
+    if (err == ENOSPC && !warned_limit_) {
+      warned_limit_ = true;
+      logger_->log(LogLevel::warn, kLog,
+                   "inotify watch limit reached; polling instead (raise fs.inotify.max_user_watches)",
+                   {{"dir", dir}});
+    }
+    return;
+  }
+  auto& dw = dirs_[dir];
+  if (dw.wd != wd) {
+    if (dw.wd >= 0) {
+      auto it = wd_dirs_.find(dw.wd);
+      if (it != wd_dirs_.end()) {
+        it->second.erase(dir);
+        if (it->second.empty()) {
+          ::inotify_rm_watch(inotify_fd_, dw.wd);
+          wd_dirs_.erase(it);
+        }
+      }
+    }
+    dw.wd = wd;
+    wd_dirs_[wd].insert(dir);
+  }
+  dw.sources.insert(index);
+  s.watched.insert(dir);
+}
+
+void CertWatcher::release_watch(const std::string& dir, std::size_t index) {
+  sources_[index].watched.erase(dir);
+  auto it = dirs_.find(dir);
+  if (it == dirs_.end()) return;
+  it->second.sources.erase(index);
+  if (!it->second.sources.empty()) return;
+  if (it->second.wd >= 0) {
+    auto w = wd_dirs_.find(it->second.wd);
+    if (w != wd_dirs_.end()) {
+      w->second.erase(dir);
+      if (w->second.empty()) {
+        ::inotify_rm_watch(inotify_fd_, it->second.wd);
+        wd_dirs_.erase(w);
+      }
+    }
+  }
+  dirs_.erase(it);
+}
+
+// read_events drains the inotify queue and marks the sources whose directories changed.
+// Returns false when the queue overflowed (every source is then marked).
+bool CertWatcher::read_events() {
+  alignas(struct inotify_event) char buf[16384];
+  const auto now = steady::now();
+  auto mark = [&](std::size_t i) {
+    Source& s = sources_[i];
+    if (!s.first_change) s.first_change = now;
+    s.last_change = now;
+  };
+  bool ok = true;
+  for (;;) {
+    ssize_t n = ::read(inotify_fd_, buf, sizeof buf);
+    if (n <= 0) break;  // EAGAIN: drained
+    for (char* p = buf; p < buf + n;) {
+      auto* ev = reinterpret_cast<struct inotify_event*>(p);
+      p += sizeof(struct inotify_event) + ev->len;
+      if (ev->mask & IN_Q_OVERFLOW) {
+        ok = false;
+        for (std::size_t i = 0; i < sources_.size(); ++i) mark(i);
+        continue;
+      }
+      auto it = wd_dirs_.find(ev->wd);
+      if (it == wd_dirs_.end()) continue;
+      for (const auto& d : it->second) {
+        auto dw = dirs_.find(d);
+        if (dw == dirs_.end()) continue;
+        for (std::size_t i : dw->second.sources) mark(i);
+        // The directory went away (deleted, or its watch removed): forget the watch so that
+        // the next sync adds one on whatever the path names then.
+        if (ev->mask & IN_IGNORED) dw->second.wd = -1;
+      }
+      if (ev->mask & IN_IGNORED) wd_dirs_.erase(it);
+    }
+  }
+  return ok;
+}
+
+void CertWatcher::emit(std::vector<WatchEvent>& events) {
+  if (options_.on_event) {
+    for (const auto& e : events) options_.on_event(e);
+  }
+  events.clear();
+}
+
+Status CertWatcher::start() {
+  std::lock_guard tl(thread_mu_);
+  if (thread_.joinable()) return {};
+  {
+    std::lock_guard lock(mu_);
+    if (auto st = ensure_inotify(); !st) return st;
+    uint64_t v;
+    while (::read(stop_fd_, &v, sizeof v) > 0) {
+    }
+  }
+  stopping_ = false;
+  thread_ = std::thread([this] { run(); });
+  return {};
+}
+
+void CertWatcher::stop() {
+  std::lock_guard tl(thread_mu_);
+  if (!thread_.joinable()) return;
+  stopping_ = true;
+  uint64_t one = 1;
+  (void)!::write(stop_fd_, &one, sizeof one);
+  thread_.join();
+}
+
+void CertWatcher::rescan() {
+  std::vector<WatchEvent> events;
+  {
+    std::lock_guard lock(mu_);
+    for (std::size_t i = 0; i < sources_.size(); ++i) {
+      check_source(i, false, events, nullptr);
+      if (sync_watches(i)) check_source(i, false, events, nullptr);
+    }
+  }
+  emit(events);
+}
+
+void CertWatcher::run() {
+  std::vector<WatchEvent> events;
+  while (!stopping_) {
+    int timeout_ms = -1;
+    {
+      std::lock_guard lock(mu_);
+      const auto now = steady::now();
+      std::optional<steady::time_point> next;
+      auto consider = [&](steady::time_point t) { next = next ? std::min(*next, t) : t; };
+      for (const auto& s : sources_) {
+        if (s.last_change) consider(std::min(*s.last_change + options_.debounce, *s.first_change + options_.max_delay));
+        if (s.retry_at) consider(*s.retry_at);
+        if (s.unwatched) consider(s.last_check + options_.fallback_poll);
+      }
+      if (next) {
+        auto ms = std::chrono::ceil<std::chrono::milliseconds>(*next - now).count();
+        timeout_ms = static_cast<int>(std::clamp<int64_t>(ms, 0, 60000));
+      }
+    }
+    struct pollfd fds[2] = {{stop_fd_, POLLIN, 0}, {inotify_fd_, POLLIN, 0}};
+    int rc = ::poll(fds, 2, timeout_ms);
+    if (stopping_) break;
+    if (rc < 0 && errno != EINTR) {
+      logger_->log(LogLevel::error, kLog, "poll failed; watcher stopped", {{"error", std::strerror(errno)}});
+      break;
+    }
+    {
+      std::lock_guard lock(mu_);
+      if (rc > 0 && (fds[1].revents & POLLIN)) {
+        if (!read_events()) {
+          logger_->log(LogLevel::warn, kLog, "inotify queue overflowed; checking every source", {});
+        }
+      }
+      const auto now = steady::now();
+      for (std::size_t i = 0; i < sources_.size(); ++i) {
+        const Source& s = sources_[i];
+        bool due = (s.last_change && (now >= *s.last_change + options_.debounce ||
+                                      now >= *s.first_change + options_.max_delay)) ||
+                   (s.retry_at && now >= *s.retry_at) ||
+                   (s.unwatched && now >= s.last_check + options_.fallback_poll);
+        if (!due) continue;
+        check_source(i, false, events, nullptr);
+        if (sync_watches(i)) check_source(i, false, events, nullptr);
+      }
+    }
+    emit(events);
+  }
+}
+
+CertWatcher::Counters CertWatcher::counters() const {
+  return {loaded_.load(), reloaded_.load(), failed_.load(), removed_.load(), checks_.load()};
+}
+
+std::vector<LoadFailure> CertWatcher::failures() const {
+  std::lock_guard lock(mu_);
+  std::vector<LoadFailure> out;
+  for (const auto& [k, e] : entries_) {
+    if (e.failure) out.push_back(*e.failure);
+  }
+  return out;
+}
+
+}  // namespace autotls::tlsreload
