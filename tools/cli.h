@@ -86,6 +86,10 @@ struct Options {
   bool no_redirect = false;
   int hsts = 0;
   nlohmann::json sites;  // from the config file only: {"host": {"root": DIR} | {"proxy": URL}}
+  // serve: issuers tried in order (--issuer, repeatable: a --ca value); "issuers" in the config
+  // file gives objects with per-issuer settings (docs/config.md). Empty: --ca alone.
+  std::vector<std::string> issuers;
+  nlohmann::json issuer_objects;
 };
 
 // Output prints results and progress: human text on stdout (progress on stderr), or with
@@ -210,8 +214,11 @@ struct Context {
   std::function<bool(const std::string&)> given;
 };
 
-// manager_options builds ManagerOptions for the CA in directory_url from the options.
+// manager_options builds ManagerOptions for the CA in directory_url from the options, and
+// its issuer list from --issuer / "issuers" when given (serve).
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url);
+// issuer_list reads --issuer and the config file's "issuers" (empty when neither is given).
+Result<std::vector<tlsreload::IssuerConfig>> issuer_list(const Options& o);
 // make_client connects to the CA at directory_url with the configured CA bundle and logger.
 Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url);
 

@@ -70,7 +70,9 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
   }
   auto challenges = std::make_shared<tlsreload::ChallengeStore>();
   std::unique_ptr<Responder> responder;
-  if (o.challenge == "http-01" && !o.webroot.empty()) {
+  if (directory_url == tlsreload::kInternalIssuer) {
+    // The internal CA validates nothing: no responder.
+  } else if (o.challenge == "http-01" && !o.webroot.empty()) {
     mo->solver = std::make_shared<WebrootSolver>(o.webroot);
   } else if (o.challenge == "http-01" || o.challenge == "tls-alpn-01") {
     std::string address = o.challenge == "http-01" ? (o.http_addresses.empty() ? "0.0.0.0:80" : o.http_addresses.front())
@@ -126,6 +128,9 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   ctx.out.result("  private key:   " + paths.key.string());
   ctx.out.result("  certificate:   " + paths.cert.string());
   ctx.out.result("  chain:         " + paths.chain.string());
+  if (directory_url == tlsreload::kInternalIssuer) {
+    ctx.out.result("  trust root:    " + (std::filesystem::path(ctx.storage_root) / "internal" / "root.pem").string());
+  }
   if (!o.deploy_hook.empty()) {
     ctx.out.info("running deploy hook");
     if (auto st = run_deploy_hook(o.deploy_hook, names, paths); !st) {

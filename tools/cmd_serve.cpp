@@ -12,6 +12,7 @@
 
 #include "acme/ari.h"
 #include "server/server.h"
+#include "tlsreload/internal_ca.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
 
@@ -148,7 +149,13 @@ int cmd_serve(Context& ctx) {
 
   auto mo = manager_options(ctx, ctx.directory_url);
   if (!mo) return report(ctx, mo.error());
-  if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
+  if (mo->issuers.empty()) {
+    if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
+  }
+  for (const auto& is : mo->issuers) {
+    if (is.internal) continue;
+    if (auto st = check_terms(ctx, is.directory_url); !st) return report(ctx, st.error());
+  }
 
   auto event_line = [&](const std::string& event, const json& fields, const std::string& text) {
     json j = {{"time", acme::format_rfc3339(system_clock::now())}, {"event", event}};
@@ -193,7 +200,17 @@ int cmd_serve(Context& ctx) {
 
   // Constructed before the server so the admin callbacks can read it; it does no work until
   // manage()/start().
+  const bool internal = mo->issuers.empty() ? ctx.directory_url == tlsreload::kInternalIssuer
+                                             : std::any_of(mo->issuers.begin(), mo->issuers.end(),
+                                                           [](const auto& is) { return is.internal; });
   tlsreload::Manager manager(std::move(*mo), ctx.storage, store, challenges);
+  if (internal) {
+    // Made now (not at the first issuance) so that its path is printed before anything else.
+    auto root = manager.internal_root_pem();
+    if (!root) return report(ctx, root.error());
+    std::string path = (std::filesystem::path(storage_root) / std::string(tlsreload::InternalCA::kRootCertKey)).string();
+    event_line("internal_ca", {{"root", path}}, "the internal CA's root is " + path + ": add it to your trust store");
+  }
 
   // Admin callbacks run on server worker threads: Manager and CertStore reads are thread-safe.
   cfg.admin.ready = [store, names] {
@@ -215,11 +232,17 @@ int cmd_serve(Context& ctx) {
              std::to_string(secs.count()) + "\n";
     }
     auto c = manager.counters();
-    const std::pair<const char*, std::uint64_t> counters[] = {
-        {"loaded", c.loaded}, {"obtained", c.obtained}, {"renewed", c.renewed}, {"failed", c.failed}};
-    for (const auto& [what, value] : counters) {
+    const std::tuple<const char*, std::uint64_t, const char*> counters[] = {
+        {"loaded", c.loaded, "Certificates loaded from storage by the manager since start."},
+        {"obtained", c.obtained, "Certificates obtained by the manager since start."},
+        {"renewed", c.renewed, "Certificates renewed by the manager since start."},
+        {"failed", c.failed, "Failed issuances and renewals since start."},
+        {"fallbacks", c.fallbacks, "Certificates issued by an issuer other than the first since start."},
+        {"expiring", c.expiring, "Failed renewals of a certificate with at most 7 days (and a third of its lifetime) left."},
+        {"abandoned", c.abandoned, "Issuances abandoned at shutdown."}};
+    for (const auto& [what, value, help] : counters) {
       std::string name = std::string("autotls_certificates_") + what + "_total";
-      out += "# HELP " + name + " Certificates " + what + " by the manager since start.\n";
+      out += "# HELP " + name + " " + help + "\n";
       out += "# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
     }
     return out;
