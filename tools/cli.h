@@ -147,9 +147,10 @@ struct LivePaths {
 LivePaths live_paths(const std::string& storage_root, const std::string& storage_name);
 
 // run_deploy_hook runs `/bin/sh -c hook` with AUTOTLS_NAMES, AUTOTLS_CERT_PATH,
-// AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, and waits for it.
+// AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, and AUTOTLS_EVENT
+// ("obtained" or "renewed") when event is given, and waits for it.
 Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names,
-                       const LivePaths& paths);
+                       const LivePaths& paths, const std::string& event = "");
 
 // CertInfo is what `list` and `renew` know about a stored certificate without contacting a CA.
 struct CertInfo {

@@ -133,7 +133,7 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   }
   if (!o.deploy_hook.empty()) {
     ctx.out.info("running deploy hook");
-    if (auto st = run_deploy_hook(o.deploy_hook, names, paths); !st) {
+    if (auto st = run_deploy_hook(o.deploy_hook, names, paths, action); !st) {
       ctx.out.error(st.error(), kExitLocal);
       return kExitLocal;
     }
@@ -304,7 +304,7 @@ int cmd_renew(Context& ctx) {
     }
     ctx.out.object(j);
     if (!co.deploy_hook.empty()) {
-      if (auto st = run_deploy_hook(co.deploy_hook, names, live_paths(ctx.storage_root, c.key)); !st) fail_one(st.error());
+      if (auto st = run_deploy_hook(co.deploy_hook, names, live_paths(ctx.storage_root, c.key), "renewed"); !st) fail_one(st.error());
     }
   }
   if (first_failure) return first_failure;

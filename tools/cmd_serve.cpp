@@ -192,7 +192,8 @@ int cmd_serve(Context& ctx) {
     event_line(std::string(tlsreload::to_string(e.type)), f, text);
     bool issued = e.type == tlsreload::ManagerEvent::Type::obtained || e.type == tlsreload::ManagerEvent::Type::renewed;
     if (issued && !deploy_hook.empty()) {
-      if (auto st = run_deploy_hook(deploy_hook, e.names, live_paths(storage_root, e.name)); !st) {
+      if (auto st = run_deploy_hook(deploy_hook, e.names, live_paths(storage_root, e.name), std::string(tlsreload::to_string(e.type)));
+          !st) {
         event_line("deploy_hook_failed", {{"name", e.name}, {"error", st.error().message}}, e.name + ": " + st.error().message);
       }
     }

@@ -248,7 +248,8 @@ LivePaths live_paths(const std::string& storage_root, const std::string& name) {
   return p;
 }
 
-Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names, const LivePaths& paths) {
+Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names, const LivePaths& paths,
+                       const std::string& event) {
   std::string all;
   for (const auto& n : names) all += (all.empty() ? "" : " ") + n;
   // The environment is built before fork(): between fork and exec only async-signal-safe
@@ -257,7 +258,8 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
   for (char** e = environ; e && *e; ++e) {
     std::string_view v(*e);
     if (v.starts_with("AUTOTLS_NAMES=") || v.starts_with("AUTOTLS_CERT_PATH=") || v.starts_with("AUTOTLS_KEY_PATH=") ||
-        v.starts_with("AUTOTLS_FULLCHAIN_PATH=") || v.starts_with("AUTOTLS_CHAIN_PATH=")) {
+        v.starts_with("AUTOTLS_FULLCHAIN_PATH=") || v.starts_with("AUTOTLS_CHAIN_PATH=") ||
+        v.starts_with("AUTOTLS_EVENT=")) {
       continue;
     }
     env.emplace_back(v);
@@ -267,6 +269,7 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
   env.push_back("AUTOTLS_KEY_PATH=" + paths.key.string());
   env.push_back("AUTOTLS_FULLCHAIN_PATH=" + paths.fullchain.string());
   env.push_back("AUTOTLS_CHAIN_PATH=" + paths.chain.string());
+  if (!event.empty()) env.push_back("AUTOTLS_EVENT=" + event);
   std::vector<char*> envp;
   for (auto& s : env) envp.push_back(s.data());
   envp.push_back(nullptr);
