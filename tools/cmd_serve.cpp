@@ -154,7 +154,11 @@ int cmd_serve(Context& ctx) {
   }
   for (const auto& is : mo->issuers) {
     if (is.internal) continue;
-    if (auto st = check_terms(ctx, is.directory_url); !st) return report(ctx, st.error());
+    // Terms not agreed to stop us; a CA that cannot be reached now does not: issuance falls
+    // back past it.
+    if (auto st = check_terms(ctx, is.directory_url); !st && st.error().code == Errc::invalid_input) {
+      return report(ctx, st.error());
+    }
   }
 
   auto event_line = [&](const std::string& event, const json& fields, const std::string& text) {
@@ -184,6 +188,8 @@ int cmd_serve(Context& ctx) {
   std::string storage_root = ctx.storage_root;
   mo->on_event = [&, deploy_hook, storage_root](const tlsreload::ManagerEvent& e) {
     json f = {{"name", e.name}, {"names", e.names}, {"cert_id", e.cert_id}};
+    if (!e.issuer.empty()) f["issuer"] = e.issuer;
+    if (e.not_after) f["not_after"] = acme::format_rfc3339(*e.not_after);
     std::string text = e.name + " (" + join(e.names) + ")";
     if (e.error) {
       f["error"] = error_json(*e.error);
