@@ -272,6 +272,34 @@ TEST_SUITE("cli.config") {
     CHECK(last_json_line(o.out)["storage"] == b.string());
   }
 
+  TEST_CASE("bad issuer lists are usage errors naming the entry") {
+    TempDir d;
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    auto serve = [&](const json& cfg, std::vector<std::string> extra = {}) {
+      write_file(d.path / "c.json", cfg.dump());
+      std::vector<std::string> a = {"serve", "--config", (d.path / "c.json").string(), "--storage", (d.path / "s").string(),
+                                    "-d", "x.test", "--root", www.string(), "--admin-address", "off"};
+      a.insert(a.end(), extra.begin(), extra.end());
+      return run(a, {}, 20s);
+    };
+    auto r1 = serve({{"issuers", {{{"ca", "nope"}}}}});
+    CHECK_MESSAGE(r1.code == 2, show(r1));
+    CHECK(r1.err.find("issuers[0].ca") != std::string::npos);
+    auto r2 = serve({{"issuers", {{{"ca", "internal"}}, {{"ca", "zerossl"}, {"bogus", "1"}}}}});
+    CHECK_MESSAGE(r2.code == 2, show(r2));
+    CHECK(r2.err.find("issuers[1]: unknown key \"bogus\"") != std::string::npos);
+    auto r3 = serve({{"issuers", {{{"ca", "zerossl"}, {"eab-kid", "kid"}}}}});
+    CHECK_MESSAGE(r3.code == 2, show(r3));
+    CHECK(r3.err.find("eab-kid needs eab-hmac-file") != std::string::npos);
+    auto r4 = serve({{"issuers", {{{"ca", "internal"}}}}}, {"--issuer", "letsencrypt"});
+    CHECK_MESSAGE(r4.code == 2, show(r4));
+    CHECK(r4.err.find("not both") != std::string::npos);
+    auto r5 = serve(json::object(), {"--issuer", "bogus"});
+    CHECK_MESSAGE(r5.code == 2, show(r5));
+    CHECK(r5.err.find("--issuer must be") != std::string::npos);
+  }
+
   TEST_CASE("bad JSON unknown keys and wrong types are errors naming the file") {
     TempDir d;
     fs::path bad = d.path / "bad.json", unknown = d.path / "unknown.json", type = d.path / "type.json";
