@@ -608,7 +608,10 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
       lo.clock = clock_;
       cert = Certificate::from_pem(got->chain_pem, got->key_pem, lo);
       if (!cert) {
-        cert = fail(cert.error().with_context("issued certificate refused"));
+        // The CA's fault, whatever OpenSSL called it: the next issuer may do better.
+        Error refused = cert.error().with_context("issued certificate refused");
+        refused.code = Errc::bad_response;
+        cert = fail(refused);
       } else if (!covers(**cert, names)) {
         cert = fail(Errc::bad_response, "issued certificate refused: it does not cover every requested name");
       }
