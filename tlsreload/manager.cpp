@@ -8,6 +8,7 @@
 #include "acme/ari.h"
 #include "acme/jws.h"
 #include "acme/types.h"
+#include "tlsreload/internal_ca.h"
 
 namespace autotls::tlsreload {
 
@@ -117,6 +118,7 @@ std::string_view to_string(ManagerEvent::Type type) {
     case ManagerEvent::Type::obtained: return "obtained";
     case ManagerEvent::Type::renewed: return "renewed";
     case ManagerEvent::Type::failed: return "failed";
+    case ManagerEvent::Type::expiring: return "expiring";
   }
   return "unknown";
 }
@@ -125,6 +127,7 @@ std::string CertificateState::to_json() const {
   json j;
   j["names"] = names;
   j["directory_url"] = directory_url;
+  j["issuer_name"] = issuer_name;
   j["issuer"] = issuer;
   j["cert_id"] = cert_id;
   j["serial"] = serial;
@@ -154,6 +157,7 @@ Result<CertificateState> CertificateState::from_json(std::string_view text) {
     }
   }
   s.directory_url = get_string(j, "directory_url");
+  s.issuer_name = get_string(j, "issuer_name");
   s.issuer = get_string(j, "issuer");
   s.cert_id = get_string(j, "cert_id");
   s.serial = get_string(j, "serial");
@@ -192,25 +196,94 @@ std::chrono::seconds failure_backoff(int failures) {
   return std::min(kFirst * (int64_t{1} << (failures - 1)), kCap);
 }
 
+// StopClock delegates to the configured clock, and lets stop(grace) cut every wait short: a
+// cancelled sleep returns false, which the ACME client and Storage::lock treat as "abandon".
+class Manager::StopClock : public Clock {
+ public:
+  explicit StopClock(Clock& inner) : inner_(inner) {}
+  time_point now() const override { return inner_.now(); }
+  bool sleep_for(std::chrono::milliseconds d) override {
+    if (cancelled()) return false;
+    if (&inner_ != &autotls::system_clock()) {
+      // An injected clock (tests, the CLI's own cancellable clock) decides how to wait.
+      return inner_.sleep_for(d) && !cancelled();
+    }
+    std::unique_lock lock(mu_);
+    return !cv_.wait_for(lock, d, [this] { return cancelled_; });
+  }
+  void cancel(bool on) {
+    {
+      std::lock_guard lock(mu_);
+      cancelled_ = on;
+    }
+    cv_.notify_all();
+  }
+  bool cancelled() const {
+    std::lock_guard lock(mu_);
+    return cancelled_;
+  }
+
+ private:
+  Clock& inner_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool cancelled_ = false;
+};
+
+// IssuerSlot is one configured issuer with its lazily made client, account and internal CA.
+struct Manager::IssuerSlot {
+  IssuerConfig cfg;
+  std::mutex mu;  // guards the members below and the account set-up
+  std::unique_ptr<acme::Client> client;
+  bool account_ready = false;
+  std::shared_ptr<InternalCA> internal;
+};
+
 Manager::Manager(ManagerOptions options, std::shared_ptr<Storage> storage, std::shared_ptr<CertStore> store,
                  std::shared_ptr<ChallengeStore> challenges)
     : options_(std::move(options)),
       storage_(std::move(storage)),
       store_(std::move(store)),
       challenges_(std::move(challenges)),
-      clock_(options_.clock ? options_.clock : &autotls::system_clock()),
+      stop_clock_(std::make_unique<StopClock>(options_.clock ? *options_.clock : autotls::system_clock())),
+      clock_(stop_clock_.get()),
       logger_(options_.logger ? options_.logger : &null_logger()),
-      rng_(options_.rng_seed ? options_.rng_seed : std::random_device{}()) {}
+      rng_(options_.rng_seed ? options_.rng_seed : std::random_device{}()) {
+  std::vector<IssuerConfig> list = options_.issuers;
+  if (list.empty()) {
+    IssuerConfig one;
+    one.internal = options_.directory_url == kInternalIssuer;
+    if (!one.internal) one.directory_url = options_.directory_url;
+    list.push_back(std::move(one));
+  }
+  for (auto& cfg : list) {
+    // What an issuer leaves empty comes from the top-level options.
+    if (cfg.directory_url == kInternalIssuer) cfg.internal = true;
+    if (cfg.ca_bundle.empty()) cfg.ca_bundle = options_.ca_bundle;
+    if (cfg.email.empty()) cfg.email = options_.email;
+    if (!cfg.eab && options_.issuers.empty()) cfg.eab = options_.eab;
+    if (cfg.profile.empty()) cfg.profile = options_.profile;
+    if (cfg.preferred_chain.empty()) cfg.preferred_chain = options_.preferred_chain;
+    if (!cfg.key_type) cfg.key_type = options_.key_type;
+    if (!cfg.transport) cfg.transport = options_.transport;
+    auto slot = std::make_unique<IssuerSlot>();
+    slot->cfg = std::move(cfg);
+    issuers_.push_back(std::move(slot));
+  }
+}
 
 Manager::~Manager() { stop(); }
 
 Manager::Counters Manager::counters() const {
-  return {loaded_.load(), obtained_.load(), renewed_.load(), failed_.load()};
+  return {loaded_.load(),    obtained_.load(), renewed_.load(),  failed_.load(),
+          fallbacks_.load(), expiring_.load(), abandoned_.load()};
 }
 
 void Manager::emit(ManagerEvent::Type type, const Managed& m, const Error* error) {
-  ManagerEvent e{type, m.key, m.names, m.cert ? m.cert->id() : std::string(), std::nullopt};
+  ManagerEvent e{type, m.key, m.names, m.cert ? m.cert->id() : std::string(), std::nullopt, m.state.issuer_name,
+                 std::nullopt};
   if (error) e.error = *error;
+  if (m.cert) e.not_after = m.cert->not_after();
   pending_events_.push_back(std::move(e));
 }
 
@@ -224,29 +297,66 @@ void Manager::flush_events() {
   for (const auto& e : events) options_.on_event(e);
 }
 
-Result<acme::Client*> Manager::client() {
-  if (client_) return client_.get();
+// client returns the ACME client of an issuer, connecting on first use. Call with slot.mu held.
+Result<acme::Client*> Manager::client(IssuerSlot& slot) {
+  if (slot.client) return slot.client.get();
   acme::ClientOptions o = options_.client_options;
-  o.directory_url = options_.directory_url;
-  o.transport = options_.transport;
+  o.directory_url = slot.cfg.directory_url;
+  o.transport = slot.cfg.transport;
   if (!o.transport) {
     acme::CurlOptions curl;
-    curl.ca_bundle = options_.ca_bundle;
+    curl.ca_bundle = slot.cfg.ca_bundle;
     o.transport = std::shared_ptr<acme::HttpTransport>(acme::make_curl_transport(curl));
   }
   o.clock = clock_;
   o.logger = logger_;
   auto c = acme::Client::create(std::move(o));
   if (!c) return fail(c.error());
-  client_ = std::move(*c);
-  return client_.get();
+  slot.client = std::move(*c);
+  return slot.client.get();
+}
+
+Manager::IssuerSlot* Manager::slot_for(const std::string& account_id) {
+  for (auto& s : issuers_) {
+    if (s->cfg.account_id() == account_id) return s.get();
+  }
+  return nullptr;
+}
+
+bool Manager::cancelled() const { return stop_clock_->cancelled(); }
+
+Result<std::shared_ptr<InternalCA>> Manager::internal_ca(IssuerSlot& slot) {
+  if (slot.internal) return slot.internal;
+  InternalCA::Options o;
+  o.leaf_lifetime = options_.internal_lifetime;
+  o.lock_ttl = options_.lock_ttl;
+  o.lock_wait = options_.lock_wait;
+  auto ca = InternalCA::load_or_create(*storage_, *clock_, *logger_, o);
+  if (!ca) return fail(ca.error());
+  slot.internal = *ca;
+  logger_->log(LogLevel::info, kLog, "internal CA ready: trust its root to trust its certificates",
+               {{"root", std::string(InternalCA::kRootCertKey)}});
+  return slot.internal;
+}
+
+Result<std::string> Manager::internal_root_pem() {
+  for (auto& s : issuers_) {
+    if (!s->cfg.internal) continue;
+    std::lock_guard lock(s->mu);
+    auto ca = internal_ca(*s);
+    if (!ca) return fail(ca.error());
+    return (*ca)->root_pem();
+  }
+  return fail(Errc::invalid_input, "no internal issuer is configured");
 }
 
 // ensure_account loads the account for this CA from storage or registers one. Account data is
 // per directory URL: an account exists at one CA only (RFC 8555 §7.3).
-Status Manager::ensure_account(acme::Client& client, bool reregister) {
-  if (account_ready_ && !reregister) return {};
-  const std::string dir = "accounts/" + ca_storage_name(options_.directory_url);
+// Call with slot.mu held.
+Status Manager::ensure_account(IssuerSlot& slot, acme::Client& client, bool reregister) {
+  if (slot.account_ready && !reregister) return {};
+  const std::string& directory_url = slot.cfg.directory_url;
+  const std::string dir = "accounts/" + ca_storage_name(directory_url);
   const std::string key_key = dir + "/account.key", json_key = dir + "/account.json";
 
   auto load = [&]() -> Result<std::pair<std::optional<acme::PrivateKey>, std::string>> {
@@ -266,12 +376,12 @@ Status Manager::ensure_account(acme::Client& client, bool reregister) {
   if (!loaded) return fail(loaded.error());
   if (loaded->first && !loaded->second.empty() && !reregister) {
     client.set_account(std::make_shared<acme::KeySigner>(*loaded->first), loaded->second);
-    account_ready_ = true;
+    slot.account_ready = true;
     return {};
   }
 
   // Creating an account: lock so that processes sharing the storage create one, not several.
-  auto token = storage_->lock("account/" + ca_storage_name(options_.directory_url), options_.lock_ttl,
+  auto token = storage_->lock("account/" + ca_storage_name(directory_url), options_.lock_ttl,
                               clock_->now() + options_.lock_wait, *clock_);
   if (!token) return fail(token.error());
   LockKeeper keeper(*storage_, *token, options_.lock_ttl, *logger_);
@@ -279,7 +389,7 @@ Status Manager::ensure_account(acme::Client& client, bool reregister) {
   if (!loaded) return fail(loaded.error());
   if (loaded->first && !loaded->second.empty() && !reregister) {
     client.set_account(std::make_shared<acme::KeySigner>(*loaded->first), loaded->second);
-    account_ready_ = true;
+    slot.account_ready = true;
     return {};
   }
   std::optional<acme::PrivateKey> key = loaded->first;
@@ -295,16 +405,16 @@ Status Manager::ensure_account(acme::Client& client, bool reregister) {
   }
   client.set_account(std::make_shared<acme::KeySigner>(*key));
   acme::NewAccountOptions na;
-  if (!options_.email.empty()) na.contact.push_back("mailto:" + options_.email);
+  if (!slot.cfg.email.empty()) na.contact.push_back("mailto:" + slot.cfg.email);
   na.agree_to_terms = options_.agree_to_terms;
-  na.eab = options_.eab;
+  na.eab = slot.cfg.eab;
   auto account = client.register_account(na);
   if (!account) return fail(account.error());
-  json j{{"url", account->url}, {"directory_url", options_.directory_url}, {"contact", account->contact},
+  json j{{"url", account->url}, {"directory_url", directory_url}, {"contact", account->contact},
          {"status", account->status}, {"created", acme::format_rfc3339(clock_->now())}};
   if (auto st = storage_->put(json_key, j.dump(2) + "\n"); !st) return st;
-  logger_->log(LogLevel::info, kLog, "ACME account ready", {{"account", account->url}});
-  account_ready_ = true;
+  logger_->log(LogLevel::info, kLog, "ACME account ready", {{"account", account->url}, {"issuer", slot.cfg.label()}});
+  slot.account_ready = true;
   return {};
 }
 
@@ -344,7 +454,11 @@ Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& 
   }
   auto& st = m.state;
   st.names = names;
-  st.directory_url = options_.directory_url;
+  // A certificate without state (written by someone else) is taken as the first issuer's.
+  if (st.directory_url.empty()) {
+    st.directory_url = issuers_.front()->cfg.account_id();
+    st.issuer_name = issuers_.front()->cfg.label();
+  }
   st.issuer = (*cert)->issuer_dn();
   st.cert_id = (*cert)->id();
   st.serial = (*cert)->serial_hex();
@@ -387,11 +501,29 @@ void Manager::record_failure(Managed& m, const Error& e) {
                {{"name", m.key}, {"error", e.message}, {"failures", std::to_string(s.failures)},
                 {"next_attempt", acme::format_rfc3339(*s.next_attempt)}});
   emit(ManagerEvent::Type::failed, m, &e);
+  check_expiring(m, e);
   if (m.cert) {
     if (auto st = save_state(m); !st) {
       logger_->log(LogLevel::warn, kLog, "cannot save meta.json", {{"name", m.key}, {"error", st.error().message}});
     }
   }
+}
+
+// check_expiring raises the alarm when renewal keeps failing and the certificate served is
+// close to its end: at most 7 days left and at most a third of its lifetime (so a 6-day
+// certificate, renewed at half its lifetime, gets a retry or two before the alarm).
+void Manager::check_expiring(Managed& m, const Error& e) {
+  if (!m.cert) return;
+  auto now = clock_->now();
+  auto nb = m.cert->not_before(), na = m.cert->not_after();
+  auto threshold = std::min<system_clock::duration>(std::chrono::hours(24 * 7), (na - nb) / 3);
+  if (na - now > threshold) return;
+  expiring_.fetch_add(1);
+  auto hours = std::chrono::duration_cast<std::chrono::hours>(na - now).count();
+  logger_->log(LogLevel::error, kLog, "certificate expires soon and renewal is failing",
+               {{"name", m.key}, {"not_after", acme::format_rfc3339(na)}, {"hours_left", std::to_string(hours)},
+                {"error", e.message}});
+  emit(ManagerEvent::Type::expiring, m, &e);
 }
 
 Status Manager::save_state(const Managed& m) { return storage_->put(live_key(m.key, "meta.json"), m.state.to_json()); }
@@ -413,57 +545,124 @@ Status Manager::persist(const Managed& m) {
                                              {"meta.json", m.state.to_json()}});
 }
 
-Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, const std::string& key,
-                                        const std::string& replaces) {
-  auto c = client();
-  if (!c) return fail(c.error().with_context("ACME directory"));
-  acme::Client& client = **c;
-  if (auto st = ensure_account(client, false); !st) return fail(st.error().with_context("ACME account"));
-
+// issue_at obtains a chain and key from one issuer.
+Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<std::string>& names,
+                                          const std::string& replaces) {
+  const IssuerConfig& cfg = slot.cfg;
+  if (cfg.internal) {
+    std::shared_ptr<InternalCA> ca;
+    {
+      std::lock_guard lock(slot.mu);
+      auto c = internal_ca(slot);
+      if (!c) return fail(c.error());
+      ca = *c;
+    }
+    auto issued = ca->issue(names, *cfg.key_type);
+    if (!issued) return fail(issued.error());
+    return Issued{std::move(issued->chain_pem), std::move(issued->key_pem)};
+  }
+  acme::Client* acme_client = nullptr;
+  {
+    std::lock_guard lock(slot.mu);
+    auto c = client(slot);
+    if (!c) return fail(c.error().with_context("ACME directory"));
+    acme_client = *c;
+    if (auto st = ensure_account(slot, *acme_client, false); !st) return fail(st.error().with_context("ACME account"));
+  }
   ChallengeSolver default_solver(challenges_, options_.dns_hook);
   acme::Solver& solver = options_.solver ? *options_.solver : default_solver;
   acme::ObtainRequest req;
   for (const auto& n : names) req.identifiers.push_back(acme::identifier_for(n));
   req.challenge_type = options_.challenge_type;
-  req.key_type = options_.key_type;
-  req.profile = options_.profile;
-  req.preferred_chain = options_.preferred_chain;
+  req.key_type = *cfg.key_type;
+  req.profile = cfg.profile;
+  req.preferred_chain = cfg.preferred_chain;
   // RFC 9773 §5: "replaces" tells the CA which certificate this one renews.
-  if (!client.directory().renewal_info.empty()) req.replaces = replaces;
-  auto issued = acme::obtain(client, req, solver);
+  if (!acme_client->directory().renewal_info.empty()) req.replaces = replaces;
+  auto issued = acme::obtain(*acme_client, req, solver);
   if (!issued && issued.error().problem && issued.error().problem->is("accountDoesNotExist")) {
     // The CA forgot the stored account (a test CA restarted, or it was deleted): register the
     // same key again and retry once.
-    if (auto st = ensure_account(client, true); !st) return fail(st.error().with_context("ACME account"));
-    issued = acme::obtain(client, req, solver);
+    {
+      std::lock_guard lock(slot.mu);
+      if (auto st = ensure_account(slot, *acme_client, true); !st) return fail(st.error().with_context("ACME account"));
+    }
+    issued = acme::obtain(*acme_client, req, solver);
   }
   if (!issued) return fail(issued.error());
+  return Issued{std::move(issued->chain_pem), std::move(issued->key_pem)};
+}
 
-  // Validate before anyone can see it: a broken certificate from the CA must never reach
-  // storage or the store.
-  LoadOptions lo;
-  lo.clock = clock_;
-  auto cert = Certificate::from_pem(issued->chain_pem, issued->key_pem, lo);
-  if (!cert) return fail(cert.error().with_context("issued certificate refused"));
-  if (!covers(**cert, names)) {
-    return fail(Errc::bad_response, "issued certificate refused: it does not cover every requested name");
+// issue tries each issuer in order until one gives a valid certificate, or a failure that
+// must not fall through (falls_through()) ends the attempt. The error returned is the last
+// one, its message listing every issuer's failure.
+Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, const std::string& key,
+                                        const Managed* current) {
+  std::string messages;
+  for (size_t i = 0; i < issuers_.size(); ++i) {
+    IssuerSlot& slot = *issuers_[i];
+    const IssuerConfig& cfg = slot.cfg;
+    // "replaces" only means something to the CA that issued the certificate being replaced.
+    std::string replaces;
+    if (current && current->cert && current->state.directory_url == cfg.account_id()) replaces = current->state.ari_id;
+    auto got = issue_at(slot, names, replaces);
+    Result<std::shared_ptr<const Certificate>> cert = fail(Errc::invalid_input, "");
+    if (got) {
+      // Validate before anyone can see it: a broken certificate from the CA must never reach
+      // storage or the store.
+      LoadOptions lo;
+      lo.clock = clock_;
+      cert = Certificate::from_pem(got->chain_pem, got->key_pem, lo);
+      if (!cert) {
+        // The CA's fault, whatever OpenSSL called it: the next issuer may do better.
+        Error refused = cert.error().with_context("issued certificate refused");
+        refused.code = Errc::bad_response;
+        cert = fail(refused);
+      } else if (!covers(**cert, names)) {
+        cert = fail(Errc::bad_response, "issued certificate refused: it does not cover every requested name");
+      }
+    } else {
+      cert = fail(got.error());
+    }
+    if (cert) {
+      if (i > 0) {
+        fallbacks_.fetch_add(1);
+        logger_->log(LogLevel::warn, kLog, "certificate issued by a fallback issuer",
+                     {{"name", key}, {"issuer", cfg.label()}, {"earlier_failures", messages}});
+      }
+      Managed m;
+      m.names = names;
+      m.key = key;
+      m.cert = *cert;
+      m.chain_pem = std::move(got->chain_pem);
+      m.key_pem = std::move(got->key_pem);
+      auto& s = m.state;
+      s.names = names;
+      s.directory_url = cfg.account_id();
+      s.issuer_name = cfg.label();
+      s.issuer = (*cert)->issuer_dn();
+      s.cert_id = (*cert)->id();
+      s.serial = (*cert)->serial_hex();
+      s.not_before = (*cert)->not_before();
+      s.not_after = (*cert)->not_after();
+      s.ari_id = acme::ari_cert_id(m.chain_pem).value_or("");
+      return m;
+    }
+    Error e = cert.error();
+    messages += (messages.empty() ? "" : "; ") + ("issuer " + cfg.label() + ": " + e.message);
+    const bool last = i + 1 == issuers_.size();
+    const bool next = !last && falls_through(e) && !cancelled();
+    if (!last) {
+      logger_->log(next ? LogLevel::warn : LogLevel::error, kLog,
+                   next ? "issuer failed; trying the next one" : "issuer failed; not trying the next one",
+                   {{"name", key}, {"issuer", cfg.label()}, {"next", issuers_[i + 1]->cfg.label()}, {"error", e.message}});
+    }
+    if (!next) {
+      if (issuers_.size() > 1) e.message = messages;
+      return fail(e);
+    }
   }
-  Managed m;
-  m.names = names;
-  m.key = key;
-  m.cert = *cert;
-  m.chain_pem = issued->chain_pem;
-  m.key_pem = issued->key_pem;
-  auto& s = m.state;
-  s.names = names;
-  s.directory_url = options_.directory_url;
-  s.issuer = (*cert)->issuer_dn();
-  s.cert_id = (*cert)->id();
-  s.serial = (*cert)->serial_hex();
-  s.not_before = (*cert)->not_before();
-  s.not_after = (*cert)->not_after();
-  s.ari_id = acme::ari_cert_id(m.chain_pem).value_or("");
-  return m;
+  return fail(Errc::invalid_input, "no issuer configured");
 }
 
 // renew_locked issues a certificate for m under the storage lock of its name. Once the lock is
@@ -473,6 +672,7 @@ Status Manager::renew_locked(Managed& m, bool force) {
   const bool first = !m.cert;
   auto token = storage_->lock("cert/" + m.key, options_.lock_ttl, clock_->now() + options_.lock_wait, *clock_);
   if (!token) {
+    if (token.error().code == Errc::cancelled) return fail(token.error());
     record_failure(m, token.error());
     return fail(token.error());
   }
@@ -491,8 +691,14 @@ Status Manager::renew_locked(Managed& m, bool force) {
     return {};
   }
 
-  auto issued = issue(m.names, m.key, m.cert ? m.state.ari_id : std::string());
+  auto issued = issue(m.names, m.key, m.cert ? &m : nullptr);
   if (!issued) {
+    if (issued.error().code == Errc::cancelled) {
+      // Abandoned at shutdown: not the CA's fault, so no failure and no backoff recorded.
+      abandoned_.fetch_add(1);
+      logger_->log(LogLevel::warn, kLog, "issuance abandoned at shutdown", {{"name", m.key}});
+      return fail(issued.error());
+    }
     record_failure(m, issued.error());
     return fail(issued.error());
   }
@@ -560,9 +766,18 @@ Status Manager::manage(const std::vector<std::string>& input) {
 void Manager::refresh_ari(Managed& m) {
   auto now = clock_->now();
   if (m.state.ari_id.empty() || (m.state.ari_next_fetch && now < *m.state.ari_next_fetch)) return;
-  auto c = client();
-  if (!c || (*c)->directory().renewal_info.empty()) return;
-  auto info = (*c)->renewal_info(m.state.ari_id);
+  // ARI is asked of the CA that issued the certificate, if it is still configured.
+  IssuerSlot* slot = slot_for(m.state.directory_url);
+  if (!slot || slot->cfg.internal) return;
+  acme::Client* acme_client = nullptr;
+  {
+    std::lock_guard lock(slot->mu);
+    auto c = client(*slot);
+    if (!c) return;
+    acme_client = *c;
+  }
+  if (acme_client->directory().renewal_info.empty()) return;
+  auto info = acme_client->renewal_info(m.state.ari_id);
   auto& s = m.state;
   if (!info) {
     // Keep the last window; ask again in an hour, or when the CA said.
@@ -712,9 +927,16 @@ int Manager::adopt_stored() {
 
 void Manager::start() {
   std::lock_guard lock(loop_mu_);
+  stop_clock_->cancel(false);
   if (thread_.joinable()) return;
   stopping_ = false;
-  thread_ = std::thread([this] { run_loop(); });
+  loop_done_ = false;
+  thread_ = std::thread([this] {
+    run_loop();
+    std::lock_guard lock(loop_mu_);
+    loop_done_ = true;
+    loop_cv_.notify_all();
+  });
 }
 
 void Manager::stop() {
@@ -723,6 +945,28 @@ void Manager::stop() {
     stopping_ = true;
   }
   loop_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Manager::stop(std::chrono::milliseconds grace) {
+  {
+    std::unique_lock lock(loop_mu_);
+    stopping_ = true;
+    loop_cv_.notify_all();
+    if (thread_.joinable()) {
+      // Real time: the grace period is the operator's, whatever clock is injected.
+      loop_cv_.wait_for(lock, grace, [this] { return loop_done_; });
+    } else if (grace.count() > 0) {
+      // No background thread: give work on other threads (manage, renew) the grace period.
+      lock.unlock();
+      std::unique_lock work(work_mu_, std::defer_lock);
+      auto until = std::chrono::steady_clock::now() + grace;
+      while (!work.try_lock() && std::chrono::steady_clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+  }
+  stop_clock_->cancel(true);
   if (thread_.joinable()) thread_.join();
 }
 

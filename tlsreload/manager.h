@@ -24,23 +24,38 @@
 #include "acme/util/logger.h"
 #include "tlsreload/certificate.h"
 #include "tlsreload/challenges.h"
+#include "tlsreload/issuer.h"
 #include "tlsreload/storage.h"
 #include "tlsreload/store.h"
 
 namespace autotls::tlsreload {
 
+class InternalCA;
+
 // ManagerEvent reports what happened to one managed certificate.
 struct ManagerEvent {
-  enum class Type { loaded, obtained, renewed, failed };
+  // expiring: a renewal failed and the certificate served has little time left (at most 7
+  // days, and at most a third of its lifetime): someone must look now.
+  enum class Type { loaded, obtained, renewed, failed, expiring };
   Type type;
   std::string name;                // storage name ("_wildcard_.example.com")
   std::vector<std::string> names;  // the managed name set
   std::string cert_id;             // Certificate::id() of the certificate now served ("" if none)
-  std::optional<Error> error;      // for failed
+  std::optional<Error> error;      // for failed and expiring
+  std::string issuer;              // IssuerConfig::label() of the CA that issued the certificate
+  std::optional<std::chrono::system_clock::time_point> not_after;  // of the certificate served
 };
 std::string_view to_string(ManagerEvent::Type type);
 
 struct ManagerOptions {
+  // issuers are tried in order for every issuance and renewal; a failure at one moves on to
+  // the next when falls_through() says so (tlsreload/issuer.h). Renewal starts at the first
+  // again. Empty: one issuer made of directory_url, ca_bundle, email, eab, profile,
+  // preferred_chain and transport below (directory_url "internal": the internal CA). Fields an
+  // IssuerConfig leaves empty take the values below.
+  std::vector<IssuerConfig> issuers;
+  // internal_lifetime is how long leaves of the internal CA are valid.
+  std::chrono::hours internal_lifetime{24 * 7};
   std::string directory_url;  // the CA's ACME directory
   std::string ca_bundle;      // PEM roots for the CA's HTTPS; empty: system store
   std::string email;          // contact, sent as "mailto:<email>"; empty: none
@@ -85,7 +100,8 @@ struct ManagerOptions {
 // CertificateState is the per-certificate metadata kept in storage (meta.json).
 struct CertificateState {
   std::vector<std::string> names;
-  std::string directory_url;
+  std::string directory_url;  // of the CA that issued it ("internal" for the internal CA)
+  std::string issuer_name;    // IssuerConfig::label() of that CA
   std::string issuer;  // issuer DN
   std::string cert_id;  // Certificate::id()
   std::string serial;
@@ -131,6 +147,9 @@ class Manager {
     uint64_t obtained = 0;  // first issuances
     uint64_t renewed = 0;
     uint64_t failed = 0;    // failed issuances and renewals
+    uint64_t fallbacks = 0;  // issuances that succeeded at an issuer other than the first
+    uint64_t expiring = 0;   // expiring events
+    uint64_t abandoned = 0;  // issuances abandoned at shutdown (stop with a grace period)
   };
 
   Manager(ManagerOptions options, std::shared_ptr<Storage> storage, std::shared_ptr<CertStore> store,
@@ -165,6 +184,17 @@ class Manager {
   // progress). Both are idempotent.
   void start();
   void stop();
+  // stop(grace) also gives issuances in flight (in the background thread or in manage()/renew()
+  // on other threads) until grace to finish; then they are abandoned: every wait of the ACME
+  // client and of the storage lock is cut short, the issuance fails with Errc::cancelled
+  // (not counted as a failure, no backoff recorded), its storage lock is released, and nothing
+  // is written. A blocking HTTP request still runs to its own timeout. start() clears the
+  // cancellation.
+  void stop(std::chrono::milliseconds grace);
+
+  // internal_root_pem returns the internal CA's root certificate (creating it if needed) when
+  // an issuer is internal; its storage key is InternalCA::kRootCertKey.
+  Result<std::string> internal_root_pem();
 
   // state returns the metadata of the certificate managed for names, if managed.
   std::optional<CertificateState> state(const std::vector<std::string>& names) const;
@@ -184,13 +214,20 @@ class Manager {
     CertificateState state;
   };
 
-  Result<acme::Client*> client();
-  Status ensure_account(acme::Client& client, bool reregister);
+  struct IssuerSlot;
+  struct Issued {
+    std::string chain_pem, key_pem;
+  };
+  Result<acme::Client*> client(IssuerSlot& slot);
+  Status ensure_account(IssuerSlot& slot, acme::Client& client, bool reregister);
+  Result<std::shared_ptr<InternalCA>> internal_ca(IssuerSlot& slot);
+  Result<Issued> issue_at(IssuerSlot& slot, const std::vector<std::string>& names, const std::string& replaces);
+  IssuerSlot* slot_for(const std::string& account_id);
+  bool cancelled() const;
   Result<std::optional<Managed>> load_stored(const std::string& key, const std::vector<std::string>& names);
   Status renew_locked(Managed& m, bool force);
   void flush_events();
-  Result<Managed> issue(const std::vector<std::string>& names, const std::string& key,
-                        const std::string& replaces);
+  Result<Managed> issue(const std::vector<std::string>& names, const std::string& key, const Managed* current);
   Status persist(const Managed& m);
   Status save_state(const Managed& m);
   void refresh_ari(Managed& m);
@@ -198,29 +235,32 @@ class Manager {
   bool due(const Managed& m) const;
   void record_failure(Managed& m, const Error& e);
   void emit(ManagerEvent::Type type, const Managed& m, const Error* error = nullptr);
+  void check_expiring(Managed& m, const Error& e);
   void run_loop();
 
   ManagerOptions options_;
   std::shared_ptr<Storage> storage_;
   std::shared_ptr<CertStore> store_;
   std::shared_ptr<ChallengeStore> challenges_;
+  class StopClock;
+  std::unique_ptr<StopClock> stop_clock_;  // wraps options_.clock; stop(grace) cancels it
   Clock* clock_;
   Logger* logger_;
 
-  std::mutex work_mu_;  // serializes issuance, renewal and the client/account setup
-  std::unique_ptr<acme::Client> client_;
-  bool account_ready_ = false;
+  std::mutex work_mu_;  // serializes issuance and renewal
+  std::vector<std::unique_ptr<IssuerSlot>> issuers_;  // each with its own lock
   std::mt19937_64 rng_;
   std::vector<ManagerEvent> pending_events_;  // emitted by flush_events() after work_mu_
 
   mutable std::mutex mu_;  // guards managed_
   std::map<std::string, Managed> managed_;  // by storage name
 
-  std::atomic<uint64_t> loaded_{0}, obtained_{0}, renewed_{0}, failed_{0};
+  std::atomic<uint64_t> loaded_{0}, obtained_{0}, renewed_{0}, failed_{0}, fallbacks_{0}, expiring_{0}, abandoned_{0};
 
   std::mutex loop_mu_;
   std::condition_variable loop_cv_;
   bool stopping_ = false;
+  bool loop_done_ = false;
   std::thread thread_;
 };
 

@@ -90,6 +90,10 @@ struct Options {
   int hsts = 0;
   std::string access_log = "off";  // serve: off, json or combined (stderr)
   nlohmann::json sites;  // from the config file only: {"host": {"root": DIR} | {"proxy": URL}}
+  // serve: issuers tried in order (--issuer, repeatable: a --ca value); "issuers" in the config
+  // file gives objects with per-issuer settings (docs/config.md). Empty: --ca alone.
+  std::vector<std::string> issuers;
+  nlohmann::json issuer_objects;
 };
 
 // Output prints results and progress: human text on stdout (progress on stderr), or with
@@ -166,9 +170,10 @@ struct LivePaths {
 LivePaths live_paths(const std::string& storage_root, const std::string& storage_name);
 
 // run_deploy_hook runs `/bin/sh -c hook` with AUTOTLS_NAMES, AUTOTLS_CERT_PATH,
-// AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, and waits for it.
+// AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, and AUTOTLS_EVENT
+// ("obtained" or "renewed") when event is given, and waits for it.
 Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names,
-                       const LivePaths& paths);
+                       const LivePaths& paths, const std::string& event = "");
 
 // CertInfo is what `list` and `renew` know about a stored certificate without contacting a CA.
 struct CertInfo {
@@ -236,10 +241,13 @@ struct Context {
   std::function<Result<Options>()> reparse;
 };
 
-// manager_options builds ManagerOptions for the CA in directory_url from the options.
+// manager_options builds ManagerOptions for the CA in directory_url from the options, and
+// its issuer list from --issuer / "issuers" when given (serve).
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url);
 // The same from options o instead of ctx.options (renew: the settings saved at issue time).
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const Options& o, const std::string& directory_url);
+// issuer_list reads --issuer and the config file's "issuers" (empty when neither is given).
+Result<std::vector<tlsreload::IssuerConfig>> issuer_list(const Options& o);
 // make_client connects to the CA at directory_url with the configured CA bundle and logger.
 Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url);
 

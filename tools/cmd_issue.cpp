@@ -93,7 +93,9 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
   }
   auto challenges = std::make_shared<tlsreload::ChallengeStore>();
   std::unique_ptr<Responder> responder;
-  if (o.challenge == "http-01" && !o.webroot.empty()) {
+  if (directory_url == tlsreload::kInternalIssuer) {
+    // The internal CA validates nothing: no responder.
+  } else if (o.challenge == "http-01" && !o.webroot.empty()) {
     mo->solver = std::make_shared<WebrootSolver>(o.webroot);
   } else if (o.challenge == "http-01" || o.challenge == "tls-alpn-01") {
     std::string address = o.challenge == "http-01" ? (o.http_addresses.empty() ? "0.0.0.0:80" : o.http_addresses.front())
@@ -155,9 +157,12 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   ctx.out.result("  private key:   " + paths.key.string());
   ctx.out.result("  certificate:   " + paths.cert.string());
   ctx.out.result("  chain:         " + paths.chain.string());
+  if (directory_url == tlsreload::kInternalIssuer) {
+    ctx.out.result("  trust root:    " + (std::filesystem::path(ctx.storage_root) / "internal" / "root.pem").string());
+  }
   if (!o.deploy_hook.empty()) {
     ctx.out.info("running deploy hook");
-    if (auto st = run_deploy_hook(o.deploy_hook, names, paths); !st) {
+    if (auto st = run_deploy_hook(o.deploy_hook, names, paths, action); !st) {
       ctx.out.error(st.error(), kExitLocal);
       return kExitLocal;
     }
@@ -333,7 +338,7 @@ int cmd_renew(Context& ctx) {
     }
     ctx.out.object(j);
     if (!co.deploy_hook.empty()) {
-      if (auto st = run_deploy_hook(co.deploy_hook, names, live_paths(ctx.storage_root, c.key)); !st) fail_one(st.error());
+      if (auto st = run_deploy_hook(co.deploy_hook, names, live_paths(ctx.storage_root, c.key), "renewed"); !st) fail_one(st.error());
     }
   }
   if (first_failure) return first_failure;

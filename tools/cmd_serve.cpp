@@ -13,6 +13,7 @@
 
 #include "acme/ari.h"
 #include "server/server.h"
+#include "tlsreload/internal_ca.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
 
@@ -193,7 +194,17 @@ int cmd_serve(Context& ctx) {
 
   auto mo = manager_options(ctx, ctx.directory_url);
   if (!mo) return report(ctx, mo.error());
-  if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
+  if (mo->issuers.empty()) {
+    if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
+  }
+  for (const auto& is : mo->issuers) {
+    if (is.internal) continue;
+    // Terms not agreed to stop us; a CA that cannot be reached now does not: issuance falls
+    // back past it.
+    if (auto st = check_terms(ctx, is.directory_url); !st && st.error().code == Errc::invalid_input) {
+      return report(ctx, st.error());
+    }
+  }
 
   auto event_line = [&](const std::string& event, const json& fields, const std::string& text) {
     json j = {{"time", acme::format_rfc3339(system_clock::now())}, {"event", event}};
@@ -222,6 +233,8 @@ int cmd_serve(Context& ctx) {
   std::string storage_root = ctx.storage_root;
   mo->on_event = [&, deploy_hook, storage_root](const tlsreload::ManagerEvent& e) {
     json f = {{"name", e.name}, {"names", e.names}, {"cert_id", e.cert_id}};
+    if (!e.issuer.empty()) f["issuer"] = e.issuer;
+    if (e.not_after) f["not_after"] = acme::format_rfc3339(*e.not_after);
     std::string text = e.name + " (" + join(e.names) + ")";
     if (e.error) {
       f["error"] = error_json(*e.error);
@@ -230,7 +243,8 @@ int cmd_serve(Context& ctx) {
     event_line(std::string(tlsreload::to_string(e.type)), f, text);
     bool issued = e.type == tlsreload::ManagerEvent::Type::obtained || e.type == tlsreload::ManagerEvent::Type::renewed;
     if (issued && !deploy_hook.empty()) {
-      if (auto st = run_deploy_hook(deploy_hook, e.names, live_paths(storage_root, e.name)); !st) {
+      if (auto st = run_deploy_hook(deploy_hook, e.names, live_paths(storage_root, e.name), std::string(tlsreload::to_string(e.type)));
+          !st) {
         event_line("deploy_hook_failed", {{"name", e.name}, {"error", st.error().message}}, e.name + ": " + st.error().message);
       }
     }
@@ -238,7 +252,17 @@ int cmd_serve(Context& ctx) {
 
   // Constructed before the server so the admin callbacks can read it; it does no work until
   // manage()/start().
+  const bool internal = mo->issuers.empty() ? ctx.directory_url == tlsreload::kInternalIssuer
+                                             : std::any_of(mo->issuers.begin(), mo->issuers.end(),
+                                                           [](const auto& is) { return is.internal; });
   tlsreload::Manager manager(std::move(*mo), ctx.storage, store, challenges);
+  if (internal) {
+    // Made now (not at the first issuance) so that its path is printed before anything else.
+    auto root = manager.internal_root_pem();
+    if (!root) return report(ctx, root.error());
+    std::string path = (std::filesystem::path(storage_root) / std::string(tlsreload::InternalCA::kRootCertKey)).string();
+    event_line("internal_ca", {{"root", path}}, "the internal CA's root is " + path + ": add it to your trust store");
+  }
 
   // Admin callbacks run on server worker threads: Manager and CertStore reads are thread-safe.
   cfg.admin.ready = [store, live_names] {
@@ -262,11 +286,17 @@ int cmd_serve(Context& ctx) {
              std::to_string(secs.count()) + "\n";
     }
     auto c = manager.counters();
-    const std::pair<const char*, std::uint64_t> counters[] = {
-        {"loaded", c.loaded}, {"obtained", c.obtained}, {"renewed", c.renewed}, {"failed", c.failed}};
-    for (const auto& [what, value] : counters) {
+    const std::tuple<const char*, std::uint64_t, const char*> counters[] = {
+        {"loaded", c.loaded, "Certificates loaded from storage by the manager since start."},
+        {"obtained", c.obtained, "Certificates obtained by the manager since start."},
+        {"renewed", c.renewed, "Certificates renewed by the manager since start."},
+        {"failed", c.failed, "Failed issuances and renewals since start."},
+        {"fallbacks", c.fallbacks, "Certificates issued by an issuer other than the first since start."},
+        {"expiring", c.expiring, "Failed renewals of a certificate with at most 7 days (and a third of its lifetime) left."},
+        {"abandoned", c.abandoned, "Issuances abandoned at shutdown."}};
+    for (const auto& [what, value, help] : counters) {
       std::string name = std::string("autotls_certificates_") + what + "_total";
-      out += "# HELP " + name + " Certificates " + what + " by the manager since start.\n";
+      out += "# HELP " + name + " " + help + "\n";
       out += "# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
     }
     return out;

@@ -102,6 +102,7 @@ std::optional<std::string> directory_url_for(const std::string& ca) {
   if (ca == "letsencrypt") return "https://acme-v02.api.letsencrypt.org/directory";
   if (ca == "letsencrypt-staging") return "https://acme-staging-v02.api.letsencrypt.org/directory";
   if (ca == "zerossl") return "https://acme.zerossl.com/v2/DV90";
+  if (ca == tlsreload::kInternalIssuer) return std::string(tlsreload::kInternalIssuer);
   if (ca.starts_with("https://") || ca.starts_with("http://")) return ca;
   return std::nullopt;
 }
@@ -330,7 +331,8 @@ LivePaths live_paths(const std::string& storage_root, const std::string& name) {
   return p;
 }
 
-Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names, const LivePaths& paths) {
+Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names, const LivePaths& paths,
+                       const std::string& event) {
   std::string all;
   for (const auto& n : names) all += (all.empty() ? "" : " ") + n;
   // The environment is built before fork(): between fork and exec only async-signal-safe
@@ -339,7 +341,8 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
   for (char** e = environ; e && *e; ++e) {
     std::string_view v(*e);
     if (v.starts_with("AUTOTLS_NAMES=") || v.starts_with("AUTOTLS_CERT_PATH=") || v.starts_with("AUTOTLS_KEY_PATH=") ||
-        v.starts_with("AUTOTLS_FULLCHAIN_PATH=") || v.starts_with("AUTOTLS_CHAIN_PATH=")) {
+        v.starts_with("AUTOTLS_FULLCHAIN_PATH=") || v.starts_with("AUTOTLS_CHAIN_PATH=") ||
+        v.starts_with("AUTOTLS_EVENT=")) {
       continue;
     }
     env.emplace_back(v);
@@ -349,6 +352,7 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
   env.push_back("AUTOTLS_KEY_PATH=" + paths.key.string());
   env.push_back("AUTOTLS_FULLCHAIN_PATH=" + paths.fullchain.string());
   env.push_back("AUTOTLS_CHAIN_PATH=" + paths.chain.string());
+  if (!event.empty()) env.push_back("AUTOTLS_EVENT=" + event);
   std::vector<char*> envp;
   for (auto& s : env) envp.push_back(s.data());
   envp.push_back(nullptr);
@@ -654,7 +658,78 @@ Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const Options& o
   mo.profile = o.profile;
   mo.preferred_chain = o.preferred_chain;
   mo.logger = &ctx.logger;
+  auto issuers = issuer_list(o);
+  if (!issuers) return fail(issuers.error());
+  mo.issuers = std::move(*issuers);
   return mo;
+}
+
+Result<std::vector<tlsreload::IssuerConfig>> issuer_list(const Options& o) {
+  std::vector<tlsreload::IssuerConfig> out;
+  auto eab = eab_from(o);
+  if (!eab) return fail(eab.error());
+  for (const auto& ca : o.issuers) {
+    auto dir = directory_url_for(ca);
+    if (!dir) return fail(Errc::invalid_input, "--issuer must be letsencrypt, letsencrypt-staging, zerossl, internal or a directory URL, not \"" + ca + "\"");
+    tlsreload::IssuerConfig c;
+    c.name = ca.starts_with("http") ? std::string() : ca;
+    c.internal = *dir == tlsreload::kInternalIssuer;
+    if (!c.internal) c.directory_url = *dir;
+    // Let's Encrypt takes no EAB, the internal CA no account: --eab-* is for the others.
+    if (!c.internal && !ca.starts_with("letsencrypt")) c.eab = *eab;
+    out.push_back(std::move(c));
+  }
+  if (o.issuer_objects.is_null()) return out;
+  if (!out.empty()) return fail(Errc::invalid_input, "give the issuers with --issuer or with \"issuers\" in the config file, not both");
+  if (!o.issuer_objects.is_array()) return fail(Errc::invalid_input, "config: \"issuers\" must be a list of objects");
+  const std::vector<std::string> known{"ca", "ca-bundle", "email", "eab-kid", "eab-hmac", "eab-hmac-file",
+                                       "profile", "preferred-chain", "key-type"};
+  for (size_t i = 0; i < o.issuer_objects.size(); ++i) {
+    const auto& j = o.issuer_objects[i];
+    std::string where = "config: issuers[" + std::to_string(i) + "]";
+    if (!j.is_object()) return fail(Errc::invalid_input, where + ": expected an object such as {\"ca\": \"letsencrypt\"}");
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      if (std::find(known.begin(), known.end(), it.key()) == known.end()) {
+        return fail(Errc::invalid_input, where + ": unknown key \"" + it.key() + "\" (ca, ca-bundle, email, eab-kid, "
+                                         "eab-hmac, eab-hmac-file, profile, preferred-chain, key-type)");
+      }
+      if (!it.value().is_string()) return fail(Errc::invalid_input, where + "." + it.key() + ": expected a string");
+    }
+    auto str = [&](const char* k) { return j.contains(k) ? j[k].get<std::string>() : std::string(); };
+    std::string ca = str("ca");
+    auto dir = directory_url_for(ca);
+    if (!dir) return fail(Errc::invalid_input, where + ".ca: letsencrypt, letsencrypt-staging, zerossl, internal or a directory URL, not \"" + ca + "\"");
+    tlsreload::IssuerConfig c;
+    c.name = ca.starts_with("http") ? std::string() : ca;
+    c.internal = *dir == tlsreload::kInternalIssuer;
+    if (!c.internal) c.directory_url = *dir;
+    c.ca_bundle = str("ca-bundle");
+    c.email = str("email");
+    c.profile = str("profile");
+    c.preferred_chain = str("preferred-chain");
+    if (j.contains("key-type")) {
+      auto kt = acme::parse_key_type(str("key-type"));
+      if (!kt) return fail(Errc::invalid_input, where + ".key-type: ec256, ec384, rsa2048, rsa3072 or rsa4096");
+      c.key_type = *kt;
+    }
+    Options eo;
+    eo.eab_kid = str("eab-kid");
+    eo.eab_hmac = str("eab-hmac");
+    eo.eab_hmac_file = str("eab-hmac-file");
+    if (!eo.eab_kid.empty()) {
+      // AUTOTLS_EAB_HMAC is for the single --eab-kid; here the key must be in the object.
+      if (eo.eab_hmac.empty() && eo.eab_hmac_file.empty()) {
+        return fail(Errc::invalid_input, where + ": eab-kid needs eab-hmac-file (or eab-hmac)");
+      }
+      auto e = eab_from(eo);
+      if (!e) return fail(e.error().with_context(where));
+      c.eab = *e;
+    } else if (!eo.eab_hmac.empty() || !eo.eab_hmac_file.empty()) {
+      return fail(Errc::invalid_input, where + ": an EAB HMAC key without eab-kid");
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
 }
 
 Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url) {
@@ -670,7 +745,7 @@ Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::strin
 }
 
 Status check_terms(Context& ctx, const std::string& directory_url) {
-  if (ctx.options.agree_tos) return {};
+  if (ctx.options.agree_tos || directory_url == tlsreload::kInternalIssuer) return {};
   auto stored = ctx.storage->get("accounts/" + tlsreload::ca_storage_name(directory_url) + "/account.json");
   if (stored && *stored) return {};
   auto client = make_client(ctx, directory_url);

@@ -82,6 +82,10 @@ autotls::Status apply_config(CLI::App& app, Options& o, const std::string& file)
   for (auto it = j.begin(); it != j.end(); ++it) {
     std::string key = it.key();
     if (key == "domains") key = "domain";
+    if (key == "issuers") {
+      o.issuer_objects = it.value();
+      continue;
+    }
     if (key == "sites") {
       o.sites = it.value();
       continue;
@@ -122,7 +126,7 @@ autotls::Status apply_config(CLI::App& app, Options& o, const std::string& file)
 }
 
 void add_common(CLI::App& app, Options& o) {
-  app.add_option("--ca", o.ca, "ACME CA: letsencrypt, letsencrypt-staging, zerossl or a directory URL")
+  app.add_option("--ca", o.ca, "ACME CA: letsencrypt, letsencrypt-staging, zerossl, a directory URL, or internal (a local CA)")
       ->capture_default_str();
   app.add_option("--ca-bundle", o.ca_bundle, "PEM file of roots trusted for the CA's HTTPS (default: system store)");
   app.add_option("--storage", o.storage,
@@ -279,6 +283,8 @@ void build_cli(Cli& cli, Options& o) {
                     "\"off\" for none)")
       ->capture_default_str();
   serve->add_option("--drain", o.drain, "seconds to let requests finish on SIGTERM/SIGINT")->capture_default_str();
+  serve->add_option("--issuer", o.issuers,
+                    "CA to try in order, falling back to the next on failure (repeat; values as for --ca)");
   serve->add_flag("--no-redirect", o.no_redirect, "serve sites over plain HTTP too instead of redirecting to HTTPS");
   serve->add_option("--hsts", o.hsts, "Strict-Transport-Security max-age in seconds (0: none)");
   serve->add_option("--access-log", o.access_log,
@@ -372,7 +378,9 @@ int main(int argc, char** argv) {
   Context ctx{o, output, logger, {}, given("ca"), {}, nullptr, given, {}};
   ctx.reparse = [argc, argv] { return reparse(argc, argv); };
   auto dir = directory_url_for(o.ca);
-  if (!dir) return usage_error(ctx, "--ca must be letsencrypt, letsencrypt-staging, zerossl or a directory URL, not \"" + o.ca + "\"");
+  if (!dir) {
+    return usage_error(ctx, "--ca must be letsencrypt, letsencrypt-staging, zerossl, internal or a directory URL, not \"" + o.ca + "\"");
+  }
   ctx.directory_url = *dir;
   ctx.storage_root = o.storage.empty() ? default_storage() : o.storage;
   ctx.storage = std::make_shared<tlsreload::FileStorage>(ctx.storage_root);

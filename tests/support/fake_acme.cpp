@@ -696,4 +696,14 @@ acme::HttpResponse FakeAcmeServer::handle(const acme::HttpRequest& req) {
   return with_nonce(problem(404, "malformed", "no such resource: " + path));
 }
 
+acme::HttpResponse problem_reply(FakeAcmeServer& ca, int status, const std::string& type, acme::HttpHeaders extra) {
+  acme::HttpResponse r;
+  r.status = status;
+  r.headers = std::move(extra);
+  r.headers.emplace_back("Content-Type", "application/problem+json");
+  r.headers.emplace_back("Replay-Nonce", ca.issue_nonce());
+  r.body = nlohmann::json{{"type", "urn:ietf:params:acme:error:" + type}, {"detail", "injected"}}.dump();
+  return r;
+}
+
 }  // namespace autotls::testing

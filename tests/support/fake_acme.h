@@ -75,6 +75,11 @@ class FakeAcmeServer {
   std::unique_ptr<Impl> impl_;
 };
 
+// problem_reply is an ACME problem answer (type "urn:ietf:params:acme:error:<type>") carrying
+// a nonce `ca` accepts, for `intercept` to return.
+acme::HttpResponse problem_reply(FakeAcmeServer& ca, int status, const std::string& type,
+                                 acme::HttpHeaders extra = {});
+
 // FakeAcmeTransport adapts a FakeAcmeServer to the transport seam.
 class FakeAcmeTransport : public acme::HttpTransport {
  public:

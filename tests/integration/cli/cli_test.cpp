@@ -273,6 +273,34 @@ TEST_SUITE("cli.config") {
     CHECK(last_json_line(o.out)["storage"] == b.string());
   }
 
+  TEST_CASE("bad issuer lists are usage errors naming the entry") {
+    TempDir d;
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    auto serve = [&](const json& cfg, std::vector<std::string> extra = {}) {
+      write_file(d.path / "c.json", cfg.dump());
+      std::vector<std::string> a = {"serve", "--config", (d.path / "c.json").string(), "--storage", (d.path / "s").string(),
+                                    "-d", "x.test", "--root", www.string(), "--admin-address", "off"};
+      a.insert(a.end(), extra.begin(), extra.end());
+      return run(a, {}, 20s);
+    };
+    auto r1 = serve({{"issuers", {{{"ca", "nope"}}}}});
+    CHECK_MESSAGE(r1.code == 2, show(r1));
+    CHECK(r1.err.find("issuers[0].ca") != std::string::npos);
+    auto r2 = serve({{"issuers", {{{"ca", "internal"}}, {{"ca", "zerossl"}, {"bogus", "1"}}}}});
+    CHECK_MESSAGE(r2.code == 2, show(r2));
+    CHECK(r2.err.find("issuers[1]: unknown key \"bogus\"") != std::string::npos);
+    auto r3 = serve({{"issuers", {{{"ca", "zerossl"}, {"eab-kid", "kid"}}}}});
+    CHECK_MESSAGE(r3.code == 2, show(r3));
+    CHECK(r3.err.find("eab-kid needs eab-hmac-file") != std::string::npos);
+    auto r4 = serve({{"issuers", {{{"ca", "internal"}}}}}, {"--issuer", "letsencrypt"});
+    CHECK_MESSAGE(r4.code == 2, show(r4));
+    CHECK(r4.err.find("not both") != std::string::npos);
+    auto r5 = serve(json::object(), {"--issuer", "bogus"});
+    CHECK_MESSAGE(r5.code == 2, show(r5));
+    CHECK(r5.err.find("--issuer must be") != std::string::npos);
+  }
+
   TEST_CASE("bad JSON unknown keys and wrong types are errors naming the file") {
     TempDir d;
     fs::path bad = d.path / "bad.json", unknown = d.path / "unknown.json", type = d.path / "type.json";
@@ -814,6 +842,50 @@ TEST_SUITE("cli.serve") {
     for (const char* e : {"listening", "obtained", "ready", "reload", "loaded", "shutdown", "stopped"}) {
       CHECK_MESSAGE(std::find(events.begin(), events.end(), e) != events.end(), (std::string(e) + "\n" + out));
     }
+  }
+
+  TEST_CASE("serve with the internal issuer prints its root and runs the deploy hook") {
+    TempDir d;
+    fs::path storage = d.path / "storage";
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "internal hello\n");
+    fs::path hook_out = d.path / "hook.txt";
+    std::string hook = "printf '%s|%s|%s\\n' \"$AUTOTLS_EVENT\" \"$AUTOTLS_NAMES\" \"$AUTOTLS_FULLCHAIN_PATH\" >> " +
+                       hook_out.string();
+    int https = free_port();
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--ca", "internal", "--storage", storage.string(),
+                                     "-d", "internal.cli.test", "--https-address", "127.0.0.1:" + std::to_string(https),
+                                     "--http-address", "127.0.0.1:" + std::to_string(free_port()), "--root", www.string(),
+                                     "--json", "--drain", "1", "--admin-address", "off", "--deploy-hook", hook};
+    pid_t pid = spawn(argv, d.path / "serve.out", d.path / "serve.err", {});
+    fs::path root = storage / "internal" / "root.pem";
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    std::pair<long, std::string> got;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (fs::exists(root)) got = https_get("internal.cli.test", https, root);
+      if (got.first == 200) break;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    CHECK_MESSAGE(got.first == 200, (read_file(d.path / "serve.err") + read_file(d.path / "serve.out")));
+    CHECK(got.second == "internal hello\n");
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    int code = wait_exit(pid, 20s);
+    auto out = read_file(d.path / "serve.out");
+    CHECK_MESSAGE(code == 0, (out + read_file(d.path / "serve.err")));
+    // The root's path is printed, and the hook saw the event, the names and the paths.
+    bool printed = false;
+    std::istringstream lines(out);
+    std::string line;
+    while (std::getline(lines, line)) {
+      auto j = json::parse(line, nullptr, false);
+      if (j.is_object() && j.value("event", "") == "internal_ca") printed = j.value("root", "") == root.string();
+    }
+    CHECK_MESSAGE(printed, out);
+    CHECK(read_file(hook_out) ==
+          "obtained|internal.cli.test|" + (storage / "live" / "internal.cli.test" / "fullchain.pem").string() + "\n");
   }
 }
 

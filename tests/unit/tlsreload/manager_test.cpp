@@ -23,21 +23,11 @@ using namespace autotls::tlsreload;
 using autotls::testing::FakeAcmeServer;
 using autotls::testing::FakeAcmeTransport;
 using autotls::testing::FakeClock;
+using autotls::testing::problem_reply;
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
 namespace {
-
-acme::HttpResponse problem_reply(FakeAcmeServer& ca, int status, const std::string& type,
-                                 acme::HttpHeaders extra = {}) {
-  acme::HttpResponse r;
-  r.status = status;
-  r.headers = std::move(extra);
-  r.headers.emplace_back("Content-Type", "application/problem+json");
-  r.headers.emplace_back("Replay-Nonce", ca.issue_nonce());
-  r.body = nlohmann::json{{"type", "urn:ietf:params:acme:error:" + type}, {"detail", "injected"}}.dump();
-  return r;
-}
 
 struct Env {
   fs::path dir;
