@@ -117,6 +117,10 @@ struct Connection : Pollable {
   uint32_t events = 0;          // current epoll interest
   bool registered = false;      // in epoll
   bool closed = false;
+  // hello_retry: the client-hello callback asked to be run again (on-demand issuance); the
+  // connection is out of epoll and retry_hellos() re-drives it at retry_at.
+  bool hello_retry = false;
+  SteadyClock::time_point retry_at;
   std::size_t requests = 0;
   std::string remote_ip, local_ip;
   int remote_port = 0, local_port = 0;
@@ -459,6 +463,7 @@ struct Server::Impl {
       // Holds the ChallengeStore alive as long as the SSL_CTX (attach owns the options).
       opts.alpn_challenge = [ch = challenges](std::string_view sni) { return ch->tls_alpn(sni); };
     }
+    if (cfg.tls_hooks) cfg.tls_hooks(opts);
     // The SSL_CTX is fully configured here, before any handshake: it is never mutated live.
     auto st = tlsreload::attach(ctx, store, std::move(opts));
     if (!st) return fail(st.error().with_context("https"));
@@ -825,11 +830,13 @@ struct Server::Impl {
   void advance(Connection* c) {
     if (c->phase == Connection::Phase::handshake) {
       ERR_clear_error();
+      c->hello_retry = false;
       int r = SSL_do_handshake(c->ssl.get());
       if (r != 1) {
         int err = SSL_get_error(c->ssl.get(), r);
         if (err == SSL_ERROR_WANT_READ) return interest(c, EPOLLIN);
         if (err == SSL_ERROR_WANT_WRITE) return interest(c, EPOLLOUT);
+        if (err == SSL_ERROR_WANT_CLIENT_HELLO_CB) return wait_hello(c);
         ERR_clear_error();
         ++handshake_failed;
         return reactor_close(c);
@@ -879,6 +886,26 @@ struct Server::Impl {
         if (c->keep_alive_wait) c->deadline = SteadyClock::now() + cfg.timeouts.header;
       }
       c->buf.append(tmp, static_cast<size_t>(n));
+    }
+  }
+
+  // wait_hello parks a connection whose client-hello callback answered retry: out of epoll (a
+  // readable or hung-up socket must not spin the loop), re-driven by retry_hellos().
+  void wait_hello(Connection* c) {
+    if (c->registered) ::epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c->fd, nullptr);
+    c->registered = false;
+    c->events = 0;
+    c->hello_retry = true;
+    c->retry_at = SteadyClock::now() + milliseconds(25);
+  }
+
+  void retry_hellos(SteadyClock::time_point now) {
+    std::vector<Connection*> due;
+    for (auto& [raw, c] : owned) {
+      if (c->hello_retry && now >= c->retry_at && now < c->deadline) due.push_back(raw);
+    }
+    for (Connection* c : due) {
+      if (!c->closed) advance(c);
     }
   }
 
@@ -1037,6 +1064,7 @@ struct Server::Impl {
         }
         for (Connection* c : idle) reactor_close(c);
       }
+      retry_hellos(now);
       expire(now);
       graveyard.clear();
     }

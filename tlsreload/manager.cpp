@@ -211,13 +211,44 @@ Manager::Counters Manager::counters() const {
 void Manager::emit(ManagerEvent::Type type, const Managed& m, const Error* error) {
   ManagerEvent e{type, m.key, m.names, m.cert ? m.cert->id() : std::string(), std::nullopt};
   if (error) e.error = *error;
+  std::lock_guard lock(events_mu_);
   pending_events_.push_back(std::move(e));
+}
+
+// IssueSlot is a counting semaphore's hold: at most max_concurrent_issuances orders at once.
+class Manager::IssueSlot {
+ public:
+  explicit IssueSlot(Manager& m) : m_(m) {
+    const int cap = std::max(1, m_.options_.max_concurrent_issuances);
+    std::unique_lock lock(m_.slots_mu_);
+    m_.slots_cv_.wait(lock, [&] { return m_.slots_used_ < cap; });
+    ++m_.slots_used_;
+  }
+  ~IssueSlot() {
+    {
+      std::lock_guard lock(m_.slots_mu_);
+      --m_.slots_used_;
+    }
+    m_.slots_cv_.notify_one();
+  }
+  IssueSlot(const IssueSlot&) = delete;
+  IssueSlot& operator=(const IssueSlot&) = delete;
+
+ private:
+  Manager& m_;
+};
+
+std::shared_ptr<std::mutex> Manager::name_mutex(const std::string& key) {
+  std::lock_guard lock(names_mu_);
+  auto& m = name_mutexes_[key];
+  if (!m) m = std::make_shared<std::mutex>();
+  return m;
 }
 
 void Manager::flush_events() {
   std::vector<ManagerEvent> events;
   {
-    std::lock_guard lock(work_mu_);
+    std::lock_guard lock(events_mu_);
     events.swap(pending_events_);
   }
   if (!options_.on_event) return;
@@ -373,7 +404,10 @@ void Manager::record_failure(Managed& m, const Error& e) {
   auto wait = failure_backoff(s.failures);
   // Jitter (up to +10%) so that many certificates failing together do not retry in lockstep.
   std::uniform_int_distribution<int64_t> jitter(0, wait.count() / 10);
-  wait += std::chrono::seconds(jitter(rng_));
+  {
+    std::lock_guard lock(rng_mu_);
+    wait += std::chrono::seconds(jitter(rng_));
+  }
   // rateLimited and other answers with Retry-After: never come back earlier than asked
   // (RFC 8555 §6.6).
   if (e.retry_after) wait = std::max(wait, *e.retry_after);
@@ -409,10 +443,17 @@ Status Manager::persist(const Managed& m) {
 
 Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, const std::string& key,
                                         const std::string& replaces) {
-  auto c = client();
-  if (!c) return fail(c.error().with_context("ACME directory"));
-  acme::Client& client = **c;
-  if (auto st = ensure_account(client, false); !st) return fail(st.error().with_context("ACME account"));
+  acme::Client* cp = nullptr;
+  {
+    // The client and account are set up once; concurrent issuances wait for that, then share
+    // the client (acme::Client is safe for concurrent orders).
+    std::lock_guard setup(setup_mu_);
+    auto c = client();
+    if (!c) return fail(c.error().with_context("ACME directory"));
+    cp = *c;
+    if (auto st = ensure_account(*cp, false); !st) return fail(st.error().with_context("ACME account"));
+  }
+  acme::Client& client = *cp;
 
   ChallengeSolver default_solver(challenges_, options_.dns_hook);
   acme::Solver& solver = options_.solver ? *options_.solver : default_solver;
@@ -428,7 +469,10 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
   if (!issued && issued.error().problem && issued.error().problem->is("accountDoesNotExist")) {
     // The CA forgot the stored account (a test CA restarted, or it was deleted): register the
     // same key again and retry once.
-    if (auto st = ensure_account(client, true); !st) return fail(st.error().with_context("ACME account"));
+    {
+      std::lock_guard setup(setup_mu_);
+      if (auto st = ensure_account(client, true); !st) return fail(st.error().with_context("ACME account"));
+    }
     issued = acme::obtain(client, req, solver);
   }
   if (!issued) return fail(issued.error());
@@ -485,7 +529,10 @@ Status Manager::renew_locked(Managed& m, bool force) {
     return {};
   }
 
-  auto issued = issue(m.names, m.key, m.cert ? m.state.ari_id : std::string());
+  auto issued = [&] {
+    IssueSlot slot(*this);
+    return issue(m.names, m.key, m.cert ? m.state.ari_id : std::string());
+  }();
   if (!issued) {
     record_failure(m, issued.error());
     return fail(issued.error());
@@ -521,7 +568,8 @@ Status Manager::manage(const std::vector<std::string>& input) {
   const std::string key = storage_name(names.front());
   Status result;
   {
-    std::lock_guard work(work_mu_);
+    auto name_mu = name_mutex(key);
+    std::lock_guard work(*name_mu);
     auto stored = load_stored(key, names);
     if (!stored) return fail(stored.error());
     Managed m;
@@ -553,7 +601,11 @@ Status Manager::manage(const std::vector<std::string>& input) {
 void Manager::refresh_ari(Managed& m) {
   auto now = clock_->now();
   if (m.state.ari_id.empty() || (m.state.ari_next_fetch && now < *m.state.ari_next_fetch)) return;
-  auto c = client();
+  Result<acme::Client*> c = fail(Errc::invalid_input, "no client");
+  {
+    std::lock_guard setup(setup_mu_);
+    c = client();
+  }
   if (!c || (*c)->directory().renewal_info.empty()) return;
   auto info = (*c)->renewal_info(m.state.ari_id);
   auto& s = m.state;
@@ -565,7 +617,10 @@ void Manager::refresh_ari(Managed& m) {
     // RFC 9773 §4.3.2: pick a uniform random time in the window, and keep it while the window
     // stays the same (re-picking on every poll would drift toward the window's start).
     bool changed = s.ari_window_start != info->window_start || s.ari_window_end != info->window_end;
-    if (changed || !s.ari_selected) s.ari_selected = acme::pick_renewal_time(*info, rng_);
+    if (changed || !s.ari_selected) {
+      std::lock_guard lock(rng_mu_);
+      s.ari_selected = acme::pick_renewal_time(*info, rng_);
+    }
     s.ari_window_start = info->window_start;
     s.ari_window_end = info->window_end;
     s.ari_explanation_url = info->explanation_url;
@@ -589,7 +644,8 @@ Result<int> Manager::renew_due() {
   int renewed = 0;
   for (const auto& key : keys) {
     {
-      std::lock_guard work(work_mu_);
+      auto name_mu = name_mutex(key);
+      std::lock_guard work(*name_mu);
       Managed m;
       {
         std::lock_guard lock(mu_);
@@ -618,7 +674,8 @@ Status Manager::renew(const std::vector<std::string>& input, bool force) {
   const std::string key = storage_name(names.front());
   Status result;
   {
-    std::lock_guard work(work_mu_);
+    auto name_mu = name_mutex(key);
+    std::lock_guard work(*name_mu);
     Managed m;
     {
       std::lock_guard lock(mu_);
@@ -633,6 +690,47 @@ Status Manager::renew(const std::vector<std::string>& input, bool force) {
   }
   flush_events();
   return result;
+}
+
+Result<bool> Manager::load_stored_only(const std::vector<std::string>& input) {
+  auto names = normalize(input);
+  if (names.empty()) return fail(Errc::invalid_input, "load: no names");
+  for (const auto& n : names) {
+    if (!is_valid_lookup_name(n)) return fail(Errc::invalid_input, "load: invalid name \"" + n + "\"");
+  }
+  const std::string key = storage_name(names.front());
+  bool loaded = false;
+  {
+    auto name_mu = name_mutex(key);
+    std::lock_guard work(*name_mu);
+    auto stored = load_stored(key, names);
+    if (!stored) return fail(stored.error());
+    if (*stored && covers(*(*stored)->cert, names)) {
+      Managed m = std::move(**stored);
+      if (auto st = store_->publish(m.cert); !st) return fail(st.error());
+      loaded_.fetch_add(1);
+      emit(ManagerEvent::Type::loaded, m);
+      std::lock_guard lock(mu_);
+      managed_[key] = std::move(m);
+      loaded = true;
+    }
+  }
+  flush_events();
+  return loaded;
+}
+
+std::string Manager::forget(const std::vector<std::string>& input) {
+  auto names = normalize(input);
+  if (names.empty()) return {};
+  const std::string key = storage_name(names.front());
+  auto name_mu = name_mutex(key);
+  std::lock_guard work(*name_mu);
+  std::lock_guard lock(mu_);
+  auto it = managed_.find(key);
+  if (it == managed_.end()) return {};
+  std::string id = it->second.cert ? it->second.cert->id() : std::string();
+  managed_.erase(it);
+  return id;
 }
 
 std::optional<CertificateState> Manager::state(const std::vector<std::string>& names) const {

@@ -12,6 +12,7 @@
 
 #include "acme/ari.h"
 #include "server/server.h"
+#include "tlsreload/on_demand.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
 
@@ -100,6 +101,63 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
+// parse_rate reads "N/DURATION" (DURATION: a number with s, m or h, e.g. "20/1m"; "0/1s" is
+// unlimited).
+Result<tlsreload::Rate> parse_rate(const std::string& flag, const std::string& text) {
+  auto bad = [&] {
+    return fail(Errc::invalid_input, flag + ": \"" + text + "\" is not N/DURATION (for example 20/1m, 2/1h)");
+  };
+  auto slash = text.find('/');
+  if (slash == std::string::npos || slash == 0 || slash + 2 > text.size()) return bad();
+  tlsreload::Rate r;
+  long long secs = 0;
+  try {
+    size_t used = 0;
+    r.count = std::stoi(text.substr(0, slash), &used);
+    if (used != slash || r.count < 0) return bad();
+    std::string d = text.substr(slash + 1);
+    long long mult = d.back() == 's' ? 1 : d.back() == 'm' ? 60 : d.back() == 'h' ? 3600 : 0;
+    if (mult == 0) return bad();
+    d.pop_back();
+    secs = std::stoll(d, &used) * mult;
+    if (used != d.size() || secs <= 0) return bad();
+  } catch (const std::exception&) {
+    return bad();
+  }
+  r.per = std::chrono::seconds(secs);
+  return r;
+}
+
+Result<tlsreload::OnDemandOptions> on_demand_options(const Options& o, const std::string& ca_bundle) {
+  tlsreload::OnDemandOptions od;
+  od.enabled = o.on_demand;
+  od.allowed = o.on_demand_allow;
+  for (auto& p : od.allowed) {
+    for (char& c : p) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  }
+  od.ask_url = o.on_demand_ask;
+  od.ca_bundle = ca_bundle;
+  auto rate = parse_rate("--on-demand-rate", o.on_demand_rate);
+  if (!rate) return fail(rate.error());
+  od.global_rate = *rate;
+  rate = parse_rate("--on-demand-name-rate", o.on_demand_name_rate);
+  if (!rate) return fail(rate.error());
+  od.per_name_rate = *rate;
+  od.max_concurrent = o.on_demand_max_concurrent;
+  if (o.on_demand_max_cached < 1) return fail(Errc::invalid_input, "--on-demand-max-cached must be at least 1");
+  od.max_cached = static_cast<size_t>(o.on_demand_max_cached);
+  od.handshake_wait = std::chrono::milliseconds(static_cast<long long>(o.on_demand_wait * 1000));
+  od.ask_timeout = std::chrono::milliseconds(static_cast<long long>(o.on_demand_ask_timeout * 1000));
+  if (o.on_demand_deny_ttl < 0) return fail(Errc::invalid_input, "--on-demand-deny-ttl must not be negative");
+  od.deny_ttl = std::chrono::seconds(o.on_demand_deny_ttl);
+  if (auto st = tlsreload::validate_on_demand(od); !st) return fail(st.error());
+  if (!od.enabled && (!od.allowed.empty() || !od.ask_url.empty())) {
+    return fail(Errc::invalid_input, "--on-demand-allow/--on-demand-ask given without --on-demand: add --on-demand "
+                                     "(\"on-demand\": true) to enable on-demand issuance");
+  }
+  return od;
+}
+
 }  // namespace
 
 int cmd_serve(Context& ctx) {
@@ -117,7 +175,11 @@ int cmd_serve(Context& ctx) {
   } else if (!o.sites.is_null()) {
     return usage_error(ctx, o.config + ": \"sites\" must be an object");
   }
-  if (names.empty()) return usage_error(ctx, "serve: give the names to serve with -d NAME (or \"sites\" in the config file)");
+  auto od = on_demand_options(o, {});  // the ask URL uses the system roots
+  if (!od) return usage_error(ctx, "serve: " + od.error().message);
+  if (names.empty() && !od->enabled) {
+    return usage_error(ctx, "serve: give the names to serve with -d NAME (or \"sites\" in the config file, or --on-demand)");
+  }
   if (!o.root.empty() && !o.proxy.empty()) return usage_error(ctx, "serve: give --root or --proxy, not both");
   if (!o.root.empty()) cfg.default_site = server::StaticSite{o.root};
   if (!o.proxy.empty()) cfg.default_site = server::ProxySite{o.proxy};
@@ -245,6 +307,23 @@ int cmd_serve(Context& ctx) {
     }
     return list.dump();
   };
+
+  // On-demand: names no one configured get a certificate at their first handshake (policy
+  // checked first); declared before the server, whose SSL_CTX calls into it.
+  std::unique_ptr<tlsreload::OnDemand> on_demand;
+  if (od->enabled) {
+    od->clock = &clock;
+    od->logger = &ctx.logger;
+    auto created = tlsreload::OnDemand::create(*od, tlsreload::manager_backend(manager, *store));
+    if (!created) return usage_error(ctx, "serve: " + created.error().message);
+    on_demand = std::move(*created);
+    cfg.tls_hooks = [p = on_demand.get()](tlsreload::AttachOptions& a) { p->install(a); };
+    // The on-demand wait ends a handshake with an alert; the server's own deadline must not
+    // cut it short.
+    cfg.timeouts.handshake = std::max(cfg.timeouts.handshake,
+                                      std::chrono::duration_cast<std::chrono::milliseconds>(od->handshake_wait) +
+                                          std::chrono::seconds(2));
+  }
 
   auto srv = server::Server::create(cfg, store, challenges, &ctx.logger);
   if (!srv) return report(ctx, srv.error());
