@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -245,6 +246,29 @@ TEST_SUITE("cli.usage") {
     auto j = last_json_line(empty.out);
     REQUIRE(j.is_object());
     CHECK(j["certificates"].empty());
+  }
+
+  TEST_CASE("serve refuses on-demand without a policy") {
+    TempDir d;
+    std::string storage = (d.path / "s").string();
+    auto no_policy = run({"serve", "--on-demand", "--root", d.path.string(), "--storage", storage});
+    CHECK_MESSAGE(no_policy.code == 2, show(no_policy));
+    CHECK(no_policy.err.find("without a policy") != std::string::npos);
+    CHECK(std::count(no_policy.err.begin(), no_policy.err.end(), '\n') == 1);  // one line
+    std::string cfg = (d.path / "od.json").string();
+    std::ofstream(cfg) << R"({"on-demand": true, "on-demand-rate": "10/1m", "root": "/tmp"})";
+    auto from_file = run({"serve", "--config", cfg, "--storage", storage});
+    CHECK_MESSAGE(from_file.code == 2, show(from_file));
+    CHECK(from_file.err.find("without a policy") != std::string::npos);
+    auto bad_rate = run({"serve", "--on-demand", "--on-demand-allow", "*.a.test", "--on-demand-rate", "ten",
+                         "--root", d.path.string(), "--storage", storage});
+    CHECK_MESSAGE(bad_rate.code == 2, show(bad_rate));
+    auto bad_pattern = run({"serve", "--on-demand", "--on-demand-allow", "a/b.test", "--root", d.path.string(),
+                            "--storage", storage});
+    CHECK_MESSAGE(bad_pattern.code == 2, show(bad_pattern));
+    auto stray = run({"serve", "-d", "a.test", "--on-demand-ask", "http://127.0.0.1:1/", "--root", d.path.string(),
+                      "--storage", storage});
+    CHECK_MESSAGE(stray.code == 2, show(stray));
   }
 
   TEST_CASE("unreachable CA exits 4") {
