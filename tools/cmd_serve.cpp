@@ -257,6 +257,10 @@ int cmd_serve(Context& ctx) {
   // manage()/start().
   tlsreload::Manager manager(std::move(*mo), ctx.storage, store, challenges);
 
+  // On-demand: names no one configured get a certificate at their first handshake (policy
+  // checked first); created before the server, whose SSL_CTX calls into it.
+  std::unique_ptr<tlsreload::OnDemand> on_demand;
+
   // Admin callbacks run on server worker threads: Manager and CertStore reads are thread-safe.
   cfg.admin.ready = [store, names] {
     auto now = system_clock::now();
@@ -265,7 +269,7 @@ int cmd_serve(Context& ctx) {
       return cert && cert->not_after() > now;
     });
   };
-  cfg.admin.metrics = [&manager, store, names] {
+  cfg.admin.metrics = [&manager, &on_demand, store, names] {
     std::string out =
         "# HELP autotls_certificate_not_after_seconds Expiry (Unix time) of the certificate served "
         "for a name.\n# TYPE autotls_certificate_not_after_seconds gauge\n";
@@ -283,6 +287,18 @@ int cmd_serve(Context& ctx) {
       std::string name = std::string("autotls_certificates_") + what + "_total";
       out += "# HELP " + name + " Certificates " + what + " by the manager since start.\n";
       out += "# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
+    }
+    if (on_demand) {
+      auto d = on_demand->counters();
+      const std::pair<const char*, std::uint64_t> od[] = {
+          {"invalid", d.invalid}, {"denied", d.denied},   {"negative_hits", d.negative_hits},
+          {"asked", d.asked},     {"throttled", d.throttled}, {"loaded", d.loaded},
+          {"obtained", d.obtained}, {"failed", d.failed}, {"evicted", d.evicted}};
+      out += "# HELP autotls_on_demand_total On-demand decisions and jobs by outcome.\n"
+             "# TYPE autotls_on_demand_total counter\n";
+      for (const auto& [what, value] : od) {
+        out += std::string("autotls_on_demand_total{outcome=\"") + what + "\"} " + std::to_string(value) + "\n";
+      }
     }
     return out;
   };
@@ -308,9 +324,6 @@ int cmd_serve(Context& ctx) {
     return list.dump();
   };
 
-  // On-demand: names no one configured get a certificate at their first handshake (policy
-  // checked first); declared before the server, whose SSL_CTX calls into it.
-  std::unique_ptr<tlsreload::OnDemand> on_demand;
   if (od->enabled) {
     od->clock = &clock;
     od->logger = &ctx.logger;
