@@ -198,6 +198,7 @@ TEST_SUITE("on_demand") {
     r = env.handshake("Shop.OnDemand.test");
     CHECK(r.ok);
     CHECK(env.ca->orders().size() == 1);
+    REQUIRE(env.on_demand->wait_idle(10s));
     CHECK(env.on_demand->counters().obtained == 1);
     CHECK(env.manager->state({"shop.ondemand.test"}));  // managed: renewals apply
   }
@@ -306,6 +307,8 @@ TEST_SUITE("on_demand") {
     REQUIRE(env.manager->manage({"configured.test"}));
     CHECK(env.handshake("a.ondemand.test").ok);
     CHECK(env.handshake("b.ondemand.test").ok);  // evicts a
+    // The handshake completes as soon as the certificate is published; the job then evicts.
+    REQUIRE(env.on_demand->wait_idle(10s));
     auto a = env.store->lookup("a.ondemand.test");
     CHECK((a == nullptr || a->names() != std::vector<std::string>{"a.ondemand.test"}));
     CHECK_FALSE(env.manager->state({"a.ondemand.test"}));
@@ -315,6 +318,7 @@ TEST_SUITE("on_demand") {
     CHECK_MESSAGE(r.ok, r.error);
     CHECK(r.verified);
     CHECK(env.ca->orders().size() == 3);
+    REQUIRE(env.on_demand->wait_idle(10s));
     CHECK(env.on_demand->counters().loaded == 1);
     CHECK(env.on_demand->counters().evicted == 2);
   }
