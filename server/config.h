@@ -13,6 +13,10 @@
 #include <variant>
 #include <vector>
 
+namespace autotls::tlsreload {
+struct AttachOptions;
+}  // namespace autotls::tlsreload
+
 namespace autotls::server {
 
 // Endpoint is one listening address. address is numeric ("0.0.0.0", "::", "127.0.0.1"); port 0
@@ -149,6 +153,11 @@ struct ServerConfig {
   AdminConfig admin;
   SessionTickets tickets;
   AccessLog access_log;
+  // tls_hooks, when set, may add to the tlsreload::AttachOptions of the https listeners just
+  // before they are attached (on-demand issuance sets on_unknown_name and on_served there).
+  // A hook answering UnknownName::retry suspends the handshake: the reactor re-runs it every
+  // ~25 ms until it completes, fails, or timeouts.handshake passes.
+  std::function<void(tlsreload::AttachOptions&)> tls_hooks;
 };
 
 }  // namespace autotls::server

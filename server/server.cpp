@@ -126,6 +126,10 @@ struct Connection : Pollable {
   uint32_t events = 0;          // current epoll interest
   bool registered = false;      // in epoll
   bool closed = false;
+  // hello_retry: the client-hello callback asked to be run again (on-demand issuance); the
+  // connection is out of epoll and retry_hellos() re-drives it at retry_at.
+  bool hello_retry = false;
+  SteadyClock::time_point retry_at;
   std::size_t requests = 0;
   // A response a reactor serves is built in `out` and written without blocking (phase
   // writing), then the connection closes when close_after_write, else waits for the next request.
@@ -305,6 +309,8 @@ struct Reactor {
   SteadyClock::time_point accept_resume;
   bool drain_seen = false;
   SteadyClock::time_point next_expire_scan;
+  // Handshakes parked by wait_hello (may hold connections closed since: checked in owned).
+  std::vector<Connection*> parked_hellos;
   // Filled by workers.
   std::mutex back_mu;
   std::vector<std::unique_ptr<Connection>> back;
@@ -648,6 +654,7 @@ struct Server::Impl {
       // Holds the ChallengeStore alive as long as the SSL_CTX (attach owns the options).
       opts.alpn_challenge = [ch = challenges](std::string_view sni) { return ch->tls_alpn(sni); };
     }
+    if (cfg.tls_hooks) cfg.tls_hooks(opts);
     // The SSL_CTX is fully configured here, before any handshake: it is never mutated live.
     auto st = tlsreload::attach(ctx, store, std::move(opts));
     if (!st) return fail(st.error().with_context("https"));
@@ -1181,17 +1188,20 @@ struct Server::Impl {
     reactor_close(c);
   }
 
-  enum class Step { done, wait_read, wait_write, failed };
+  // wait_hello: the client-hello callback answered retry (on-demand issuance under way).
+  enum class Step { done, wait_read, wait_write, wait_hello, failed };
 
   // handshake_step runs the TLS handshake as far as it goes without blocking. It is the one
   // place a connection's handshake advances.
   Step handshake_step(Connection* c) {
     ERR_clear_error();
+    c->hello_retry = false;
     int r = SSL_do_handshake(c->ssl.get());
     if (r == 1) return Step::done;
     int err = SSL_get_error(c->ssl.get(), r);
     if (err == SSL_ERROR_WANT_READ) return Step::wait_read;
     if (err == SSL_ERROR_WANT_WRITE) return Step::wait_write;
+    if (err == SSL_ERROR_WANT_CLIENT_HELLO_CB) return Step::wait_hello;
     ERR_clear_error();
     return Step::failed;
   }
@@ -1280,6 +1290,8 @@ struct Server::Impl {
           return interest(c, EPOLLIN);
         case Step::wait_write:
           return interest(c, EPOLLOUT);
+        case Step::wait_hello:
+          return wait_hello(c);
         case Step::failed:
           ++handshake_failed;
           return reactor_close(c);
@@ -1296,6 +1308,7 @@ struct Server::Impl {
             return interest(c, EPOLLIN);
           case Step::wait_write:
             return interest(c, EPOLLOUT);
+          case Step::wait_hello:  // a handshake-only state; write_step never returns it
           case Step::failed:
             return reactor_close(c);
           case Step::done:
@@ -1355,6 +1368,32 @@ struct Server::Impl {
         if (c->keep_alive_wait) c->deadline = SteadyClock::now() + cfg.timeouts.header;
       }
       c->buf.append(tmp, static_cast<size_t>(n));
+    }
+  }
+
+  // wait_hello parks a connection whose client-hello callback answered retry: out of epoll (a
+  // readable or hung-up socket must not spin the loop), re-driven by retry_hellos().
+  void wait_hello(Connection* c) {
+    if (c->registered) ::epoll_ctl(c->home->epoll_fd, EPOLL_CTL_DEL, c->fd, nullptr);
+    c->registered = false;
+    c->events = 0;
+    c->hello_retry = true;
+    c->retry_at = SteadyClock::now() + milliseconds(25);
+    c->home->parked_hellos.push_back(c);
+  }
+
+  void retry_hellos(Reactor& r, SteadyClock::time_point now) {
+    if (r.parked_hellos.empty()) return;
+    std::vector<Connection*> parked;
+    parked.swap(r.parked_hellos);
+    for (Connection* c : parked) {
+      // A parked connection may have been closed (deadline, drain) and freed since.
+      if (!r.owned.count(c) || c->closed || !c->hello_retry) continue;
+      if (now < c->retry_at) {
+        r.parked_hellos.push_back(c);
+      } else if (now < c->deadline) {
+        advance(c);  // may park it again
+      }
     }
   }
 
@@ -1542,6 +1581,7 @@ struct Server::Impl {
         expire(r, now);
         r.next_expire_scan = now + milliseconds(50);
       }
+      retry_hellos(r, now);
       r.graveyard.clear();
     }
     for (auto& [raw, c] : r.owned) {

@@ -284,13 +284,45 @@ void Manager::emit(ManagerEvent::Type type, const Managed& m, const Error* error
                  std::nullopt};
   if (error) e.error = *error;
   if (m.cert) e.not_after = m.cert->not_after();
+  std::lock_guard lock(events_mu_);
   pending_events_.push_back(std::move(e));
+}
+
+// IssueSlot is a counting semaphore's hold: at most max_concurrent_issuances orders at once.
+class Manager::IssueSlot {
+ public:
+  explicit IssueSlot(Manager& m) : m_(m) {
+    const int cap = std::max(1, m_.options_.max_concurrent_issuances);
+    std::unique_lock lock(m_.slots_mu_);
+    m_.slots_cv_.wait(lock, [&] { return m_.slots_used_ < cap; });
+    ++m_.slots_used_;
+  }
+  ~IssueSlot() {
+    {
+      std::lock_guard lock(m_.slots_mu_);
+      --m_.slots_used_;
+    }
+    // notify_all: stop(grace) waits on the same condition for no order in flight.
+    m_.slots_cv_.notify_all();
+  }
+  IssueSlot(const IssueSlot&) = delete;
+  IssueSlot& operator=(const IssueSlot&) = delete;
+
+ private:
+  Manager& m_;
+};
+
+std::shared_ptr<std::mutex> Manager::name_mutex(const std::string& key) {
+  std::lock_guard lock(names_mu_);
+  auto& m = name_mutexes_[key];
+  if (!m) m = std::make_shared<std::mutex>();
+  return m;
 }
 
 void Manager::flush_events() {
   std::vector<ManagerEvent> events;
   {
-    std::lock_guard lock(work_mu_);
+    std::lock_guard lock(events_mu_);
     events.swap(pending_events_);
   }
   if (!options_.on_event) return;
@@ -491,7 +523,10 @@ void Manager::record_failure(Managed& m, const Error& e) {
   auto wait = failure_backoff(s.failures);
   // Jitter (up to +10%) so that many certificates failing together do not retry in lockstep.
   std::uniform_int_distribution<int64_t> jitter(0, wait.count() / 10);
-  wait += std::chrono::seconds(jitter(rng_));
+  {
+    std::lock_guard lock(rng_mu_);
+    wait += std::chrono::seconds(jitter(rng_));
+  }
   // rateLimited and other answers with Retry-After: never come back earlier than asked
   // (RFC 8555 §6.6).
   if (e.retry_after) wait = std::max(wait, *e.retry_after);
@@ -561,6 +596,8 @@ Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<st
     if (!issued) return fail(issued.error());
     return Issued{std::move(issued->chain_pem), std::move(issued->key_pem)};
   }
+  // The client and account are set up once per issuer; concurrent issuances wait for that,
+  // then share the client (acme::Client is safe for concurrent orders).
   acme::Client* acme_client = nullptr;
   {
     std::lock_guard lock(slot.mu);
@@ -691,7 +728,10 @@ Status Manager::renew_locked(Managed& m, bool force) {
     return {};
   }
 
-  auto issued = issue(m.names, m.key, m.cert ? &m : nullptr);
+  auto issued = [&] {
+    IssueSlot slot(*this);
+    return issue(m.names, m.key, m.cert ? &m : nullptr);
+  }();
   if (!issued) {
     if (issued.error().code == Errc::cancelled) {
       // Abandoned at shutdown: not the CA's fault, so no failure and no backoff recorded.
@@ -734,7 +774,8 @@ Status Manager::manage(const std::vector<std::string>& input) {
   const std::string key = storage_name(names.front());
   Status result;
   {
-    std::lock_guard work(work_mu_);
+    auto name_mu = name_mutex(key);
+    std::lock_guard work(*name_mu);
     auto stored = load_stored(key, names);
     if (!stored) return fail(stored.error());
     Managed m;
@@ -787,7 +828,10 @@ void Manager::refresh_ari(Managed& m) {
     // RFC 9773 §4.3.2: pick a uniform random time in the window, and keep it while the window
     // stays the same (re-picking on every poll would drift toward the window's start).
     bool changed = s.ari_window_start != info->window_start || s.ari_window_end != info->window_end;
-    if (changed || !s.ari_selected) s.ari_selected = acme::pick_renewal_time(*info, rng_);
+    if (changed || !s.ari_selected) {
+      std::lock_guard lock(rng_mu_);
+      s.ari_selected = acme::pick_renewal_time(*info, rng_);
+    }
     s.ari_window_start = info->window_start;
     s.ari_window_end = info->window_end;
     s.ari_explanation_url = info->explanation_url;
@@ -811,7 +855,8 @@ Result<int> Manager::renew_due() {
   int renewed = 0;
   for (const auto& key : keys) {
     {
-      std::lock_guard work(work_mu_);
+      auto name_mu = name_mutex(key);
+      std::lock_guard work(*name_mu);
       Managed m;
       {
         std::lock_guard lock(mu_);
@@ -840,7 +885,8 @@ Status Manager::renew(const std::vector<std::string>& input, bool force) {
   const std::string key = storage_name(names.front());
   Status result;
   {
-    std::lock_guard work(work_mu_);
+    auto name_mu = name_mutex(key);
+    std::lock_guard work(*name_mu);
     Managed m;
     {
       std::lock_guard lock(mu_);
@@ -855,6 +901,47 @@ Status Manager::renew(const std::vector<std::string>& input, bool force) {
   }
   flush_events();
   return result;
+}
+
+Result<bool> Manager::load_stored_only(const std::vector<std::string>& input) {
+  auto names = normalize(input);
+  if (names.empty()) return fail(Errc::invalid_input, "load: no names");
+  for (const auto& n : names) {
+    if (!is_valid_lookup_name(n)) return fail(Errc::invalid_input, "load: invalid name \"" + n + "\"");
+  }
+  const std::string key = storage_name(names.front());
+  bool loaded = false;
+  {
+    auto name_mu = name_mutex(key);
+    std::lock_guard work(*name_mu);
+    auto stored = load_stored(key, names);
+    if (!stored) return fail(stored.error());
+    if (*stored && covers(*(*stored)->cert, names)) {
+      Managed m = std::move(**stored);
+      if (auto st = store_->publish(m.cert); !st) return fail(st.error());
+      loaded_.fetch_add(1);
+      emit(ManagerEvent::Type::loaded, m);
+      std::lock_guard lock(mu_);
+      managed_[key] = std::move(m);
+      loaded = true;
+    }
+  }
+  flush_events();
+  return loaded;
+}
+
+std::string Manager::forget(const std::vector<std::string>& input) {
+  auto names = normalize(input);
+  if (names.empty()) return {};
+  const std::string key = storage_name(names.front());
+  auto name_mu = name_mutex(key);
+  std::lock_guard work(*name_mu);
+  std::lock_guard lock(mu_);
+  auto it = managed_.find(key);
+  if (it == managed_.end()) return {};
+  std::string id = it->second.cert ? it->second.cert->id() : std::string();
+  managed_.erase(it);
+  return id;
 }
 
 std::optional<CertificateState> Manager::state(const std::vector<std::string>& names) const {
@@ -884,7 +971,8 @@ int Manager::adopt_stored() {
   int adopted = 0;
   for (const auto& key : keys) {
     {
-      std::lock_guard work(work_mu_);
+      auto name_mu = name_mutex(key);
+      std::lock_guard work(*name_mu);
       Managed m;
       {
         std::lock_guard lock(mu_);
@@ -957,13 +1045,11 @@ void Manager::stop(std::chrono::milliseconds grace) {
       // Real time: the grace period is the operator's, whatever clock is injected.
       loop_cv_.wait_for(lock, grace, [this] { return loop_done_; });
     } else if (grace.count() > 0) {
-      // No background thread: give work on other threads (manage, renew) the grace period.
+      // No background thread: give orders in flight on other threads (manage, renew,
+      // on-demand) the grace period.
       lock.unlock();
-      std::unique_lock work(work_mu_, std::defer_lock);
-      auto until = std::chrono::steady_clock::now() + grace;
-      while (!work.try_lock() && std::chrono::steady_clock::now() < until) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
+      std::unique_lock slots(slots_mu_);
+      slots_cv_.wait_for(slots, grace, [this] { return slots_used_ == 0; });
     }
   }
   stop_clock_->cancel(true);

@@ -95,6 +95,9 @@ struct ManagerOptions {
   std::function<void(const ManagerEvent&)> on_event;
   // rng_seed seeds the jitter and ARI choices; 0 means from std::random_device.
   uint64_t rng_seed = 0;
+  // max_concurrent_issuances caps the orders this Manager runs at once (different name sets
+  // issue in parallel up to the cap; one name set never has two in flight). At least 1.
+  int max_concurrent_issuances = 8;
 };
 
 // CertificateState is the per-certificate metadata kept in storage (meta.json).
@@ -139,7 +142,10 @@ std::chrono::seconds failure_backoff(int failures);
 // name set is guarded by a storage lock, and storage is re-read once the lock is held, so
 // several Managers (processes, hosts) sharing one Storage issue a name set once.
 //
-// Methods are thread-safe; issuance work is serialized per Manager.
+// Methods are thread-safe. Work on one name set (load, issue, renew) is serialized; different
+// name sets are issued concurrently, at most max_concurrent_issuances orders at a time. The
+// ACME client and account are created once, under their own lock; acme::Client is safe for
+// concurrent orders (its nonce pool and account state are behind its mutex).
 class Manager {
  public:
   struct Counters {
@@ -203,6 +209,16 @@ class Manager {
 
   Counters counters() const;
 
+  // load_stored_only serves the certificate stored for names, if storage holds a valid one
+  // that covers them, and manages it from then on (renewals); it never orders. Returns
+  // whether one was loaded. For on-demand names: storage first, the CA only if this is false.
+  [[nodiscard]] Result<bool> load_stored_only(const std::vector<std::string>& names);
+
+  // forget stops managing names (no more renewals, state() empty) and returns the id of the
+  // certificate that was served for them ("" if none). The CertStore and storage are not
+  // touched. For on-demand eviction: the certificate comes back with load_stored_only.
+  std::string forget(const std::vector<std::string>& names);
+
  private:
   struct Managed {
     std::vector<std::string> names;
@@ -247,10 +263,21 @@ class Manager {
   Clock* clock_;
   Logger* logger_;
 
-  std::mutex work_mu_;  // serializes issuance and renewal
+  // name_mutex returns the mutex that serializes work on one storage name.
+  std::shared_ptr<std::mutex> name_mutex(const std::string& key);
+  // IssueSlot holds one of max_concurrent_issuances while an order runs.
+  class IssueSlot;
+
   std::vector<std::unique_ptr<IssuerSlot>> issuers_;  // each with its own lock
+  std::mutex rng_mu_;  // guards rng_
   std::mt19937_64 rng_;
-  std::vector<ManagerEvent> pending_events_;  // emitted by flush_events() after work_mu_
+  std::mutex events_mu_;  // guards pending_events_
+  std::vector<ManagerEvent> pending_events_;  // emitted by flush_events() after the work
+  std::mutex names_mu_;  // guards name_mutexes_
+  std::map<std::string, std::shared_ptr<std::mutex>> name_mutexes_;  // by storage name
+  std::mutex slots_mu_;
+  std::condition_variable slots_cv_;
+  int slots_used_ = 0;
 
   mutable std::mutex mu_;  // guards managed_
   std::map<std::string, Managed> managed_;  // by storage name

@@ -1,5 +1,7 @@
 #include "tlsreload/openssl_hook.h"
 
+#include <chrono>
+#include <cstdint>
 #include <mutex>
 
 #include <openssl/ssl.h>
@@ -71,6 +73,53 @@ bool use_view(SSL* ssl, const OpenSslView& v) {
   return true;
 }
 
+// sni_covered reports whether cert names sni itself (exactly, or by a wildcard over its first
+// label), as opposed to being the default certificate served for any name.
+bool sni_covered(const Certificate& cert, std::string_view sni) {
+  auto eq = [](std::string_view a, std::string_view b) {
+    if (a.size() != b.size()) return false;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      char x = a[i], y = b[i];
+      if (x >= 'A' && x <= 'Z') x = static_cast<char>(x - 'A' + 'a');
+      if (y >= 'A' && y <= 'Z') y = static_cast<char>(y - 'A' + 'a');
+      if (x != y) return false;
+    }
+    return true;
+  };
+  if (sni.ends_with('.')) sni.remove_suffix(1);
+  for (const std::string& n : cert.names()) {
+    if (eq(n, sni)) return true;
+    if (n.starts_with("*.")) {
+      auto dot = sni.find('.');
+      if (dot != std::string_view::npos && dot > 0 && eq(std::string_view(n).substr(1), sni.substr(dot))) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// The time of a connection's first on-demand retry, kept in the SSL's ex_data as
+// milliseconds of the steady clock plus one (0: none yet), so nothing needs freeing.
+int retry_index() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
+
+// retry_expired records the first retry of ssl and reports whether wait has passed since.
+bool retry_expired(SSL* ssl, std::chrono::milliseconds wait) {
+  using namespace std::chrono;
+  auto now = duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+  int index = retry_index();
+  if (index < 0) return true;
+  auto first = reinterpret_cast<std::uintptr_t>(SSL_get_ex_data(ssl, index));
+  if (first == 0) {
+    SSL_set_ex_data(ssl, index, reinterpret_cast<void*>(static_cast<std::uintptr_t>(now) + 1));
+    return false;
+  }
+  return now - static_cast<long long>(first - 1) >= wait.count();
+}
+
 int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
   // No exception may unwind into OpenSSL's C frames.
   try {
@@ -111,6 +160,22 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
     // The borrowed pointer stays valid until this thread's next lookup; use_view takes OpenSSL
     // references before we return, so the handshake never depends on the store again.
     bool ecdsa = client_supports_ecdsa(ssl);
+    if (state->options.on_unknown_name && !sni.empty()) {
+      const Certificate* found = state->store->lookup_for_handshake(sni, ecdsa);
+      if (!found || !sni_covered(*found, sni)) {
+        switch (state->options.on_unknown_name(sni)) {
+          case UnknownName::serve_default:
+            break;
+          case UnknownName::retry:
+            if (!retry_expired(ssl, state->options.unknown_name_wait)) return SSL_CLIENT_HELLO_RETRY;
+            *alert = SSL_AD_UNRECOGNIZED_NAME;
+            return SSL_CLIENT_HELLO_ERROR;
+          case UnknownName::fail:
+            *alert = SSL_AD_UNRECOGNIZED_NAME;
+            return SSL_CLIENT_HELLO_ERROR;
+        }
+      }
+    }
     // An empty view means the certificate just failed its deferred verification (it is now
     // marked failed, so the next lookup skips it as absent: wildcard, default or nothing) or
     // could not be rebuilt. Each retry removes one certificate from the candidates (at most
@@ -127,6 +192,7 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
         break;  // verified but not rebuildable (out of memory): no point in retrying
       }
       if (!use_view(ssl, v)) break;
+      if (state->options.on_served && !sni.empty()) state->options.on_served(sni);
       return SSL_CLIENT_HELLO_SUCCESS;
     }
     *alert = SSL_AD_INTERNAL_ERROR;

@@ -3,6 +3,7 @@
 // attach: serve the certificates of a CertStore from an OpenSSL SSL_CTX, chosen per handshake
 // from the ClientHello (SNI, signature algorithms, ALPN).
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -20,6 +21,14 @@ namespace autotls::tlsreload {
 // kAcmeTlsAlpn is the ALPN protocol of the tls-alpn-01 challenge (RFC 8737 §6.2).
 inline constexpr std::string_view kAcmeTlsAlpn = "acme-tls/1";
 
+// UnknownName is what the client-hello callback does for an SNI that no certificate in the
+// store covers (nothing matched, or only the default certificate did).
+enum class UnknownName {
+  serve_default,  // as without the hook: the default certificate, or unrecognized_name
+  retry,          // suspend the handshake (SSL_CLIENT_HELLO_RETRY) and ask again later
+  fail,           // fail the handshake with an unrecognized_name alert
+};
+
 struct AttachOptions {
   // alpn_challenge, when set, is consulted for ClientHellos that offer "acme-tls/1" (RFC 8737
   // §3: the validation server connects with that protocol and the SNI of the identifier). It
@@ -31,8 +40,25 @@ struct AttachOptions {
   // alpn_protocols are the protocols the ALPN callback may select for ordinary connections,
   // in server preference order. A client offering none of them gets no ALPN answer.
   std::vector<std::string> alpn_protocols = {"http/1.1"};
+
+  // on_unknown_name, when set, is asked about every non-empty SNI that no certificate in the
+  // store covers (on-demand issuance). Same rules as alpn_challenge: thread-safe, quick, no
+  // throw, and it MUST NOT block (the server runs handshakes on a reactor). Answering retry
+  // makes SSL_do_handshake fail with SSL_ERROR_WANT_CLIENT_HELLO_CB; the server calls
+  // SSL_do_handshake again later, which runs the callback again (the certificate may be in
+  // the store by then). After unknown_name_wait since the first retry of a connection, retry
+  // turns into an unrecognized_name alert, so a handshake never waits longer than that.
+  std::function<UnknownName(std::string_view sni)> on_unknown_name;
+  std::chrono::milliseconds unknown_name_wait{10'000};
+  // on_served, when set, is called with the SNI of every handshake that got a certificate
+  // from the store (not the challenge ones): on-demand uses it to keep its LRU order. Same
+  // rules as on_unknown_name.
+  std::function<void(std::string_view sni)> on_served;
 };
 
+// A server that attaches with on_unknown_name MUST handle SSL_ERROR_WANT_CLIENT_HELLO_CB from
+// SSL_do_handshake by calling it again later (a short timer), until its handshake deadline.
+//
 // attach installs a client-hello callback and an ALPN select callback on ctx. On each
 // handshake the callback reads SNI, decides whether the client supports ECDSA, looks the
 // certificate up in store (lock-free) and sets it, with its chain, on the SSL. An unknown name

@@ -94,6 +94,17 @@ struct Options {
   // file gives objects with per-issuer settings (docs/config.md). Empty: --ca alone.
   std::vector<std::string> issuers;
   nlohmann::json issuer_objects;
+  // serve: on-demand issuance (docs/config.md).
+  bool on_demand = false;
+  std::vector<std::string> on_demand_allow;
+  std::string on_demand_ask;
+  std::string on_demand_rate = "20/1m";
+  std::string on_demand_name_rate = "2/1h";
+  int on_demand_max_concurrent = 4;
+  int on_demand_max_cached = 10'000;
+  double on_demand_wait = 10;
+  double on_demand_ask_timeout = 3;
+  int on_demand_deny_ttl = 600;
 };
 
 // Output prints results and progress: human text on stdout (progress on stderr), or with

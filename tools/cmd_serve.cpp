@@ -14,6 +14,7 @@
 #include "acme/ari.h"
 #include "server/server.h"
 #include "tlsreload/internal_ca.h"
+#include "tlsreload/on_demand.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
 
@@ -102,11 +103,69 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
+// parse_rate reads "N/DURATION" (DURATION: a number with s, m or h, e.g. "20/1m"; "0/1s" is
+// unlimited).
+Result<tlsreload::Rate> parse_rate(const std::string& flag, const std::string& text) {
+  auto bad = [&] {
+    return fail(Errc::invalid_input, flag + ": \"" + text + "\" is not N/DURATION (for example 20/1m, 2/1h)");
+  };
+  auto slash = text.find('/');
+  if (slash == std::string::npos || slash == 0 || slash + 2 > text.size()) return bad();
+  tlsreload::Rate r;
+  long long secs = 0;
+  try {
+    size_t used = 0;
+    r.count = std::stoi(text.substr(0, slash), &used);
+    if (used != slash || r.count < 0) return bad();
+    std::string d = text.substr(slash + 1);
+    long long mult = d.back() == 's' ? 1 : d.back() == 'm' ? 60 : d.back() == 'h' ? 3600 : 0;
+    if (mult == 0) return bad();
+    d.pop_back();
+    secs = std::stoll(d, &used) * mult;
+    if (used != d.size() || secs <= 0) return bad();
+  } catch (const std::exception&) {
+    return bad();
+  }
+  r.per = std::chrono::seconds(secs);
+  return r;
+}
+
+Result<tlsreload::OnDemandOptions> on_demand_options(const Options& o, const std::string& ca_bundle) {
+  tlsreload::OnDemandOptions od;
+  od.enabled = o.on_demand;
+  od.allowed = o.on_demand_allow;
+  for (auto& p : od.allowed) {
+    for (char& c : p) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  }
+  od.ask_url = o.on_demand_ask;
+  od.ca_bundle = ca_bundle;
+  auto rate = parse_rate("--on-demand-rate", o.on_demand_rate);
+  if (!rate) return fail(rate.error());
+  od.global_rate = *rate;
+  rate = parse_rate("--on-demand-name-rate", o.on_demand_name_rate);
+  if (!rate) return fail(rate.error());
+  od.per_name_rate = *rate;
+  od.max_concurrent = o.on_demand_max_concurrent;
+  if (o.on_demand_max_cached < 1) return fail(Errc::invalid_input, "--on-demand-max-cached must be at least 1");
+  od.max_cached = static_cast<size_t>(o.on_demand_max_cached);
+  od.handshake_wait = std::chrono::milliseconds(static_cast<long long>(o.on_demand_wait * 1000));
+  od.ask_timeout = std::chrono::milliseconds(static_cast<long long>(o.on_demand_ask_timeout * 1000));
+  if (o.on_demand_deny_ttl < 0) return fail(Errc::invalid_input, "--on-demand-deny-ttl must not be negative");
+  od.deny_ttl = std::chrono::seconds(o.on_demand_deny_ttl);
+  if (auto st = tlsreload::validate_on_demand(od); !st) return fail(st.error());
+  if (!od.enabled && (!od.allowed.empty() || !od.ask_url.empty())) {
+    return fail(Errc::invalid_input, "--on-demand-allow/--on-demand-ask given without --on-demand: add --on-demand "
+                                     "(\"on-demand\": true) to enable on-demand issuance");
+  }
+  return od;
+}
+
 // ServeSetup is what the options say to serve: the server configuration (without the admin
 // callbacks) and the names to hold certificates for. Built at start and again on SIGHUP.
 struct ServeSetup {
   server::ServerConfig cfg;
   std::vector<std::string> names;
+  tlsreload::OnDemandOptions on_demand;  // checked; not reloadable on SIGHUP
 };
 
 Result<ServeSetup> serve_setup(const Options& o) {
@@ -126,7 +185,12 @@ Result<ServeSetup> serve_setup(const Options& o) {
   } else if (!o.sites.is_null()) {
     return bad(o.config + ": \"sites\" must be an object");
   }
-  if (names.empty()) return bad("serve: give the names to serve with -d NAME (or \"sites\" in the config file)");
+  auto od = on_demand_options(o, {});  // the ask URL uses the system roots
+  if (!od) return bad("serve: " + od.error().message);
+  out.on_demand = *od;
+  if (names.empty() && !od->enabled) {
+    return bad("serve: give the names to serve with -d NAME (or \"sites\" in the config file, or --on-demand)");
+  }
   if (!o.root.empty() && !o.proxy.empty()) return bad("serve: give --root or --proxy, not both");
   if (!o.root.empty()) cfg.default_site = server::StaticSite{o.root};
   if (!o.proxy.empty()) cfg.default_site = server::ProxySite{o.proxy};
@@ -264,6 +328,10 @@ int cmd_serve(Context& ctx) {
     event_line("internal_ca", {{"root", path}}, "the internal CA's root is " + path + ": add it to your trust store");
   }
 
+  // On-demand: names no one configured get a certificate at their first handshake (policy
+  // checked first); created before the server, whose SSL_CTX calls into it.
+  std::unique_ptr<tlsreload::OnDemand> on_demand;
+
   // Admin callbacks run on server worker threads: Manager and CertStore reads are thread-safe.
   cfg.admin.ready = [store, live_names] {
     auto now = system_clock::now();
@@ -273,7 +341,7 @@ int cmd_serve(Context& ctx) {
       return cert && cert->not_after() > now;
     });
   };
-  cfg.admin.metrics = [&manager, store, live_names] {
+  cfg.admin.metrics = [&manager, &on_demand, store, live_names] {
     auto names = live_names->get();
     std::string out =
         "# HELP autotls_certificate_not_after_seconds Expiry (Unix time) of the certificate served "
@@ -299,6 +367,18 @@ int cmd_serve(Context& ctx) {
       out += "# HELP " + name + " " + help + "\n";
       out += "# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
     }
+    if (on_demand) {
+      auto d = on_demand->counters();
+      const std::pair<const char*, std::uint64_t> od[] = {
+          {"invalid", d.invalid}, {"denied", d.denied},   {"negative_hits", d.negative_hits},
+          {"asked", d.asked},     {"throttled", d.throttled}, {"loaded", d.loaded},
+          {"obtained", d.obtained}, {"failed", d.failed}, {"evicted", d.evicted}};
+      out += "# HELP autotls_on_demand_total On-demand decisions and jobs by outcome.\n"
+             "# TYPE autotls_on_demand_total counter\n";
+      for (const auto& [what, value] : od) {
+        out += std::string("autotls_on_demand_total{outcome=\"") + what + "\"} " + std::to_string(value) + "\n";
+      }
+    }
     return out;
   };
   cfg.admin.certificates = [&manager, live_names] {
@@ -323,6 +403,20 @@ int cmd_serve(Context& ctx) {
     }
     return list.dump();
   };
+
+  if (tlsreload::OnDemandOptions od = setup->on_demand; od.enabled) {
+    od.clock = &clock;
+    od.logger = &ctx.logger;
+    auto created = tlsreload::OnDemand::create(od, tlsreload::manager_backend(manager, *store));
+    if (!created) return usage_error(ctx, "serve: " + created.error().message);
+    on_demand = std::move(*created);
+    cfg.tls_hooks = [p = on_demand.get()](tlsreload::AttachOptions& a) { p->install(a); };
+    // The on-demand wait ends a handshake with an alert; the server's own deadline must not
+    // cut it short.
+    cfg.timeouts.handshake = std::max(cfg.timeouts.handshake,
+                                      std::chrono::duration_cast<std::chrono::milliseconds>(od.handshake_wait) +
+                                          std::chrono::seconds(2));
+  }
 
   auto srv = server::Server::create(cfg, store, challenges, &ctx.logger);
   if (!srv) return report(ctx, srv.error());

@@ -291,6 +291,27 @@ void build_cli(Cli& cli, Options& o) {
                     "one line per request on stderr: off, json or combined (NCSA, as nginx/Apache)")
       ->check(CLI::IsMember({"off", "json", "combined"}))
       ->capture_default_str();
+  serve->add_flag("--on-demand", o.on_demand,
+                  "issue certificates at the TLS handshake for names not configured (needs --on-demand-allow "
+                  "and/or --on-demand-ask)");
+  serve->add_option("--on-demand-allow", o.on_demand_allow,
+                    "on-demand: allowed name pattern (NAME, *.NAME for one label, **.NAME for any depth; repeatable)");
+  serve->add_option("--on-demand-ask", o.on_demand_ask, "on-demand: URL asked GET URL?domain=NAME; 200 allows");
+  serve->add_option("--on-demand-ask-timeout", o.on_demand_ask_timeout, "on-demand: seconds to wait for the ask URL")
+      ->capture_default_str();
+  serve->add_option("--on-demand-rate", o.on_demand_rate, "on-demand: issuances allowed across all names, N/DURATION")
+      ->capture_default_str();
+  serve->add_option("--on-demand-name-rate", o.on_demand_name_rate, "on-demand: issuances allowed per name, N/DURATION")
+      ->capture_default_str();
+  serve->add_option("--on-demand-max-concurrent", o.on_demand_max_concurrent, "on-demand: jobs (ask, load, issue) at once")
+      ->capture_default_str();
+  serve->add_option("--on-demand-max-cached", o.on_demand_max_cached,
+                    "on-demand: certificates held in memory (least recently used evicted)")
+      ->capture_default_str();
+  serve->add_option("--on-demand-wait", o.on_demand_wait, "on-demand: seconds a handshake waits for its certificate")
+      ->capture_default_str();
+  serve->add_option("--on-demand-deny-ttl", o.on_demand_deny_ttl, "on-demand: seconds a denied name stays denied")
+      ->capture_default_str();
   add_challenge_options(serve, o, false);
   serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once);\n"
                             "SIGHUP re-reads the config file (sites, access log) and certificates.\n\n"

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -246,6 +247,29 @@ TEST_SUITE("cli.usage") {
     auto j = last_json_line(empty.out);
     REQUIRE(j.is_object());
     CHECK(j["certificates"].empty());
+  }
+
+  TEST_CASE("serve refuses on-demand without a policy") {
+    TempDir d;
+    std::string storage = (d.path / "s").string();
+    auto no_policy = run({"serve", "--on-demand", "--root", d.path.string(), "--storage", storage});
+    CHECK_MESSAGE(no_policy.code == 2, show(no_policy));
+    CHECK(no_policy.err.find("without a policy") != std::string::npos);
+    CHECK(std::count(no_policy.err.begin(), no_policy.err.end(), '\n') == 1);  // one line
+    std::string cfg = (d.path / "od.json").string();
+    std::ofstream(cfg) << R"({"on-demand": true, "on-demand-rate": "10/1m", "root": "/tmp"})";
+    auto from_file = run({"serve", "--config", cfg, "--storage", storage});
+    CHECK_MESSAGE(from_file.code == 2, show(from_file));
+    CHECK(from_file.err.find("without a policy") != std::string::npos);
+    auto bad_rate = run({"serve", "--on-demand", "--on-demand-allow", "*.a.test", "--on-demand-rate", "ten",
+                         "--root", d.path.string(), "--storage", storage});
+    CHECK_MESSAGE(bad_rate.code == 2, show(bad_rate));
+    auto bad_pattern = run({"serve", "--on-demand", "--on-demand-allow", "a/b.test", "--root", d.path.string(),
+                            "--storage", storage});
+    CHECK_MESSAGE(bad_pattern.code == 2, show(bad_pattern));
+    auto stray = run({"serve", "-d", "a.test", "--on-demand-ask", "http://127.0.0.1:1/", "--root", d.path.string(),
+                      "--storage", storage});
+    CHECK_MESSAGE(stray.code == 2, show(stray));
   }
 
   TEST_CASE("unreachable CA exits 4") {
@@ -996,6 +1020,70 @@ TEST_SUITE("cli.serve") {
 
     REQUIRE(::kill(pid, SIGTERM) == 0);
     CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
+  }
+}
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("serve on-demand issues an allowed name at its handshake against Pebble and refuses others") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    fs::path www = c.dir.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "on demand\n");
+    auto root = c.env->pebble_root_pem();
+    REQUIRE_MESSAGE(root, root.error().message);
+    fs::path root_file = c.dir.path / "pebble-root.pem";
+    write_file(root_file, *root);
+    int https = free_port();
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve"};
+    for (const auto& a : c.common()) argv.push_back(a);
+    for (const auto& a : {std::string("--on-demand"), std::string("--on-demand-allow"), std::string("*.od.cli.test"),
+                          std::string("--agree-tos"), std::string("--https-address"),
+                          "127.0.0.1:" + std::to_string(https), std::string("--http-address"), c.http(),
+                          std::string("--root"), www.string(), std::string("--json"), std::string("--drain"),
+                          std::string("1"), std::string("--admin-address"), std::string("127.0.0.1:0")}) {
+      argv.push_back(a);
+    }
+    pid_t pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
+    auto deadline = std::chrono::steady_clock::now() + 60s;
+    std::pair<long, std::string> got;
+    while (std::chrono::steady_clock::now() < deadline) {
+      // The first handshake starts the issuance; curl's 5 s may end before Pebble is done.
+      got = https_get("shop.od.cli.test", https, root_file);
+      if (got.first == 200) break;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(200ms);
+    }
+    CHECK_MESSAGE(got.first == 200, (read_file(c.dir.path / "serve.err") + read_file(c.dir.path / "serve.out")));
+    CHECK(got.second == "on demand\n");
+    CHECK(fs::exists(c.storage() / "live" / "shop.od.cli.test" / "fullchain.pem"));
+    // Names outside the policy: a failed handshake, nothing stored.
+    CHECK(https_get("evil.example.org", https, root_file).first == 0);
+    CHECK(https_get("a.b.od.cli.test", https, root_file).first == 0);
+    CHECK_FALSE(fs::exists(c.storage() / "live" / "evil.example.org"));
+    CHECK_FALSE(fs::exists(c.storage() / "live" / "a.b.od.cli.test"));
+    int admin = 0;
+    {
+      std::istringstream lines(read_file(c.dir.path / "serve.out"));
+      std::string line;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
+      }
+    }
+    REQUIRE(admin > 0);
+    httplib::Client adm("127.0.0.1", admin);
+    adm.set_read_timeout(std::chrono::seconds(5));
+    auto m = adm.Get("/metrics");
+    REQUIRE(m);
+    INFO(m->body);
+    CHECK(m->body.find("autotls_on_demand_total{outcome=\"obtained\"} 1\n") != std::string::npos);
+    CHECK(m->body.find("autotls_on_demand_total{outcome=\"denied\"} 2\n") != std::string::npos);
+    CHECK(m->body.find("\nautotls_certificates_obtained_total 1\n") != std::string::npos);
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK(wait_exit(pid, 20s) == 0);
   }
 }
 

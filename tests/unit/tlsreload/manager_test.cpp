@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <filesystem>
 #include <mutex>
 #include <thread>
@@ -484,6 +485,84 @@ TEST_CASE("a certificate renewed by another manager is picked up without a new o
   CHECK(env.served("example.com") == renewed);
   a.stop();
   CHECK(env.ca->orders().size() == other);
+}
+
+TEST_CASE("different name sets are issued concurrently up to the cap") {
+  Env env;
+  // The solver holds each validation until the cap's worth of orders are in flight together
+  // (or 3 s pass): a Manager that serialized issuance would never get past one.
+  struct Gate : acme::Solver {
+    std::mutex mu;
+    std::condition_variable cv;
+    int in_flight = 0, max_in_flight = 0, cap = 0;
+    std::shared_ptr<ChallengeStore> challenges;
+    Status present(const acme::Identifier&, const acme::Challenge&, std::string_view) override {
+      std::unique_lock lock(mu);
+      max_in_flight = std::max(max_in_flight, ++in_flight);
+      cv.notify_all();
+      cv.wait_for(lock, 3s, [&] { return in_flight >= cap; });
+      --in_flight;
+      return {};
+    }
+    void cleanup(const acme::Identifier&, const acme::Challenge&, std::string_view) override {}
+  };
+  auto gate = std::make_shared<Gate>();
+  gate->cap = 3;
+  auto o = env.options();
+  o.solver = gate;
+  o.max_concurrent_issuances = 3;
+  Manager m(o, env.storage, env.certs, env.challenges);
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 6; ++i) {
+    threads.emplace_back([&, i] {
+      if (m.manage({"n" + std::to_string(i) + ".example.com"})) ++ok;
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(ok == 6);
+  CHECK(gate->max_in_flight == 3);  // concurrent, and never above the cap
+  CHECK(env.ca->orders().size() == 6);
+  CHECK(env.ca->accounts() == 1);   // the account is set up once
+  CHECK(env.ca->nonce_errors() == 0);
+  CHECK(m.counters().obtained == 6);
+}
+
+TEST_CASE("one name set managed from several threads is ordered once") {
+  Env env;
+  auto m = env.manager();
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&] {
+      if (m->manage(kNames)) ++ok;
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(ok == 4);
+  CHECK(env.ca->orders().size() == 1);
+  CHECK(m->counters().obtained == 1);
+}
+
+TEST_CASE("load_stored_only serves what storage holds and never orders") {
+  Env env;
+  {
+    auto first = env.manager();
+    REQUIRE(first->manage({"stored.example.com"}));
+  }
+  auto certs = std::make_shared<CertStore>();
+  auto m = env.manager(certs);
+  auto loaded = m->load_stored_only({"stored.example.com"});
+  REQUIRE(loaded);
+  CHECK(*loaded);
+  CHECK(certs->lookup("stored.example.com"));
+  auto missing = m->load_stored_only({"missing.example.com"});
+  REQUIRE(missing);
+  CHECK_FALSE(*missing);
+  CHECK(env.ca->orders().size() == 1);
+  CHECK(m->state({"stored.example.com"}));
+  CHECK_FALSE(m->forget({"stored.example.com"}).empty());
+  CHECK_FALSE(m->state({"stored.example.com"}));
 }
 
 }  // TEST_SUITE

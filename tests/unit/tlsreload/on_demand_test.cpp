@@ -1,0 +1,354 @@
+// OnDemand with a fake backend, a fake clock and a fake ask transport: name validation,
+// policy (patterns, ask), negative cache, throttles, concurrency cap, lazy load, LRU eviction.
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "tests/support/fake_clock.h"
+#include "tests/support/fake_transport.h"
+#include "tlsreload/on_demand.h"
+
+using namespace autotls;
+using namespace autotls::tlsreload;
+using autotls::testing::FakeClock;
+using autotls::testing::FakeTransport;
+using namespace std::chrono_literals;
+
+namespace {
+
+// FakeBackend records every call; `stored` names load, obtain succeeds unless in `failing`.
+struct FakeBackend {
+  std::mutex mu;
+  std::set<std::string> stored, failing;
+  std::vector<std::string> loads, obtains, evictions;
+  std::function<void()> during_obtain;  // runs inside obtain (concurrency tests)
+
+  OnDemandBackend backend() {
+    OnDemandBackend b;
+    b.load = [this](const std::string& n) -> Result<bool> {
+      std::lock_guard lock(mu);
+      loads.push_back(n);
+      return stored.count(n) > 0;
+    };
+    b.obtain = [this](const std::string& n) -> Status {
+      if (during_obtain) during_obtain();
+      std::lock_guard lock(mu);
+      obtains.push_back(n);
+      if (failing.count(n)) return fail(Errc::protocol, "CA refused (fake)");
+      stored.insert(n);
+      return {};
+    };
+    b.evict = [this](const std::string& n) {
+      std::lock_guard lock(mu);
+      evictions.push_back(n);
+    };
+    return b;
+  }
+  size_t count(const std::vector<std::string>& v) {
+    std::lock_guard lock(mu);
+    return v.size();
+  }
+};
+
+OnDemandOptions base_options(FakeClock& clock) {
+  OnDemandOptions o;
+  o.enabled = true;
+  o.allowed = {"*.allowed.test"};
+  o.clock = &clock;
+  return o;
+}
+
+// run decides sni and, when told to retry, waits for the job: fail if the handshake would
+// fail (refused at once, or the job ended in the negative cache), retry if the name was
+// served (a real handshake would find the certificate in the store on its next try).
+UnknownName run(OnDemand& od, std::string_view sni) {
+  auto a = od.decide(sni);
+  if (a != UnknownName::retry) return a;
+  REQUIRE(od.wait_idle(5s));
+  return od.denied(sni) ? UnknownName::fail : UnknownName::retry;
+}
+
+}  // namespace
+
+TEST_SUITE("on_demand") {
+  TEST_CASE("on-demand names must be valid DNS names") {
+    for (const char* ok : {"a.example.com", "A.Example.COM.", "xn--bcher-kva.example", "a-b.c1.test",
+                           "1.example.com"}) {
+      CAPTURE(ok);
+      CHECK(on_demand_name(ok));
+    }
+    CHECK(*on_demand_name("A.Example.COM.") == "a.example.com");
+    std::string long_label(64, 'a');
+    std::string long_name;
+    while (long_name.size() < 250) long_name += "abcdefghi.";
+    long_name += "commm";
+    for (std::string bad : {std::string(""), std::string("."), std::string("localhost"), std::string("a..b.com"),
+                            std::string(".a.com"), std::string("a.com.."), std::string("a_b.example.com"),
+                            std::string("*.example.com"), std::string("a/b.example.com"),
+                            std::string("..%2f..%2fetc.example.com"), std::string("a\\b.example.com"),
+                            std::string("a b.example.com"), std::string("-a.example.com"),
+                            std::string("a-.example.com"), std::string("127.0.0.1"), std::string("10.1.2.3."),
+                            std::string("::1"), std::string("[::1]"), std::string("fe80::1.example.com"),
+                            long_label + ".example.com", long_name, std::string("a.example.com\x01", 14),
+                            std::string("a.exa\0mple.com", 14), std::string("\xc3\xa9.example.com")}) {
+      CAPTURE(bad);
+      CHECK_FALSE(on_demand_name(bad));
+    }
+    CHECK(long_name.size() > 253);
+  }
+
+  TEST_CASE("on-demand patterns match exact names and one or more labels") {
+    CHECK(matches_pattern("a.test", "a.test"));
+    CHECK_FALSE(matches_pattern("a.test", "b.a.test"));
+    CHECK(matches_pattern("*.a.test", "b.a.test"));
+    CHECK_FALSE(matches_pattern("*.a.test", "c.b.a.test"));
+    CHECK_FALSE(matches_pattern("*.a.test", "a.test"));
+    CHECK_FALSE(matches_pattern("*.a.test", "ba.test"));
+    CHECK(matches_pattern("**.a.test", "c.b.a.test"));
+    CHECK(matches_pattern("**.a.test", "b.a.test"));
+    CHECK_FALSE(matches_pattern("**.a.test", "a.test"));
+    CHECK_FALSE(matches_pattern("**.a.test", "xa.test"));
+  }
+
+  TEST_CASE("on-demand enabled without a policy is a configuration error") {
+    OnDemandOptions o;
+    CHECK(validate_on_demand(o));  // disabled: nothing to check
+    o.enabled = true;
+    auto st = validate_on_demand(o);
+    REQUIRE_FALSE(st);
+    CHECK(st.error().message.find("without a policy") != std::string::npos);
+    FakeBackend fb;
+    CHECK_FALSE(OnDemand::create(o, fb.backend()));
+    o.allowed = {"Bad_Pattern.test"};
+    CHECK_FALSE(validate_on_demand(o));
+    o.allowed = {"*.ok.test", "**.deep.test", "exact.test"};
+    CHECK(validate_on_demand(o));
+    o.allowed.clear();
+    o.ask_url = "ftp://x";
+    CHECK_FALSE(validate_on_demand(o));
+    o.ask_url = "http://127.0.0.1:9/ask";
+    CHECK(validate_on_demand(o));
+    o.max_concurrent = 0;
+    CHECK_FALSE(validate_on_demand(o));
+  }
+
+  TEST_CASE("on-demand pattern policy allows and denies without touching the backend for denied names") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto od = OnDemand::create(base_options(clock), fb.backend());
+    REQUIRE(od);
+    CHECK((*od)->decide("a.allowed.test") == UnknownName::retry);
+    REQUIRE((*od)->wait_idle(5s));
+    CHECK(fb.count(fb.obtains) == 1);
+    CHECK((*od)->decide("evil.example.com") == UnknownName::fail);
+    CHECK((*od)->decide("b.a.allowed.test") == UnknownName::fail);  // one label only
+    CHECK((*od)->decide("bad_name.allowed.test") == UnknownName::fail);
+    CHECK((*od)->decide("10.0.0.1") == UnknownName::fail);
+    REQUIRE((*od)->wait_idle(5s));
+    CHECK(fb.count(fb.loads) == 1);  // only a.allowed.test
+    CHECK(fb.count(fb.obtains) == 1);
+    auto c = (*od)->counters();
+    CHECK(c.denied == 2);
+    CHECK(c.invalid == 2);
+    CHECK(c.obtained == 1);
+  }
+
+  TEST_CASE("on-demand negative cache refuses denied names until their ttl passes") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto o = base_options(clock);
+    o.deny_ttl = 600s;
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    CHECK((*od)->decide("x.example.com") == UnknownName::fail);
+    CHECK((*od)->decide("X.Example.com.") == UnknownName::fail);
+    auto c = (*od)->counters();
+    CHECK(c.denied == 1);
+    CHECK(c.negative_hits == 1);
+    clock.advance(599s);
+    CHECK((*od)->decide("x.example.com") == UnknownName::fail);
+    CHECK((*od)->counters().negative_hits == 2);
+    clock.advance(2s);
+    CHECK((*od)->decide("x.example.com") == UnknownName::fail);
+    CHECK((*od)->counters().denied == 2);  // checked again after the ttl
+  }
+
+  TEST_CASE("on-demand ask URL allows on 200 and denies on anything else or an error") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto ask = std::make_shared<FakeTransport>();
+    const std::string base = "http://ask.test/check";
+    ask->on_reply(base + "?domain=ok.example.com", 200, "");
+    ask->on_reply(base + "?domain=no.example.com", 403, "");
+    ask->on(base + "?domain=down.example.com",
+            [](const acme::HttpRequest&) -> Result<acme::HttpResponse> { return fail(Errc::timeout, "timed out"); });
+    auto o = base_options(clock);
+    o.allowed.clear();
+    o.ask_url = base;
+    o.ask_transport = ask;
+    o.deny_ttl = 600s;
+    o.failure_ttl = 60s;
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    CHECK(run(**od, "ok.example.com") != UnknownName::fail);  // retry: the name is being issued
+    CHECK(fb.count(fb.obtains) == 1);
+    CHECK(run(**od, "no.example.com") == UnknownName::fail);
+    CHECK(run(**od, "down.example.com") == UnknownName::fail);
+    CHECK(run(**od, "other.example.com") == UnknownName::fail);  // 599 from the fake
+    CHECK(fb.count(fb.obtains) == 1);
+    CHECK(fb.count(fb.loads) == 1);
+    CHECK(ask->requests().size() == 4);
+    CHECK(ask->requests()[0].method == "GET");
+    // A failed ask is remembered for failure_ttl only, a 403 for deny_ttl.
+    clock.advance(61s);
+    CHECK((*od)->decide("no.example.com") == UnknownName::fail);
+    CHECK((*od)->decide("down.example.com") == UnknownName::retry);
+    REQUIRE((*od)->wait_idle(5s));
+    CHECK(ask->requests().size() == 5);
+  }
+
+  TEST_CASE("on-demand patterns and ask URL must both allow") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto ask = std::make_shared<FakeTransport>();
+    ask->on_reply("http://ask.test/?x=1&domain=a.allowed.test", 200, "");
+    auto o = base_options(clock);
+    o.ask_url = "http://ask.test/?x=1";
+    o.ask_transport = ask;
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    CHECK(run(**od, "elsewhere.test") == UnknownName::fail);
+    CHECK(ask->requests().empty());  // the pattern refused it first
+    run(**od, "a.allowed.test");
+    CHECK(fb.count(fb.obtains) == 1);
+  }
+
+  TEST_CASE("on-demand loads stored certificates instead of issuing") {
+    FakeClock clock;
+    FakeBackend fb;
+    fb.stored = {"old.allowed.test"};
+    auto od = OnDemand::create(base_options(clock), fb.backend());
+    REQUIRE(od);
+    run(**od, "old.allowed.test");
+    CHECK(fb.count(fb.loads) == 1);
+    CHECK(fb.count(fb.obtains) == 0);
+    CHECK((*od)->counters().loaded == 1);
+    CHECK((*od)->cached() == std::vector<std::string>{"old.allowed.test"});
+  }
+
+  TEST_CASE("on-demand global rate throttles issuance") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto o = base_options(clock);
+    o.global_rate = {2, 60s};
+    o.per_name_rate = {0, 0s};
+    o.failure_ttl = 30s;
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    run(**od, "a.allowed.test");
+    run(**od, "b.allowed.test");
+    CHECK(run(**od, "c.allowed.test") == UnknownName::fail);
+    CHECK(fb.count(fb.obtains) == 2);
+    CHECK((*od)->counters().throttled == 1);
+    // A stored certificate is not an issuance: loads are never throttled.
+    fb.stored.insert("d.allowed.test");
+    run(**od, "d.allowed.test");
+    CHECK((*od)->counters().loaded == 1);
+    clock.advance(61s);
+    run(**od, "c.allowed.test");
+    CHECK(fb.count(fb.obtains) == 3);
+  }
+
+  TEST_CASE("on-demand per-name rate throttles repeated issuance of one name") {
+    FakeClock clock;
+    FakeBackend fb;
+    fb.failing = {"flaky.allowed.test"};
+    auto o = base_options(clock);
+    o.global_rate = {0, 0s};
+    o.per_name_rate = {1, 3600s};
+    o.failure_ttl = 60s;
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    CHECK(run(**od, "flaky.allowed.test") == UnknownName::fail);
+    CHECK((*od)->counters().failed == 1);
+    clock.advance(61s);  // out of the negative cache, but not out of the per-name window
+    CHECK(run(**od, "flaky.allowed.test") == UnknownName::fail);
+    CHECK(fb.count(fb.obtains) == 1);
+    CHECK((*od)->counters().throttled == 1);
+    run(**od, "other.allowed.test");  // other names are not affected
+    CHECK(fb.count(fb.obtains) == 2);
+    clock.advance(3600s);
+    fb.failing.clear();
+    run(**od, "flaky.allowed.test");
+    CHECK(fb.count(fb.obtains) == 3);
+  }
+
+  TEST_CASE("on-demand caps concurrent jobs and joins a name already in flight") {
+    FakeClock clock;
+    FakeBackend fb;
+    std::mutex mu;
+    std::condition_variable cv;
+    int running = 0, max_running = 0;
+    bool release = false;
+    fb.during_obtain = [&] {
+      std::unique_lock lock(mu);
+      max_running = std::max(max_running, ++running);
+      cv.notify_all();
+      cv.wait_for(lock, 5s, [&] { return release; });
+      --running;
+    };
+    auto o = base_options(clock);
+    o.max_concurrent = 2;
+    o.max_queued = 3;
+    o.global_rate = {0, 0s};
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    for (int i = 0; i < 2; ++i) CHECK((*od)->decide("n" + std::to_string(i) + ".allowed.test") == UnknownName::retry);
+    {
+      std::unique_lock lock(mu);
+      CHECK(cv.wait_for(lock, 5s, [&] { return running == 2; }));
+    }
+    for (int i = 2; i < 5; ++i) CHECK((*od)->decide("n" + std::to_string(i) + ".allowed.test") == UnknownName::retry);
+    // Two running, three queued: the queue is full, a sixth name fails at once; a name
+    // already queued is joined, not queued twice.
+    CHECK((*od)->decide("n5.allowed.test") == UnknownName::fail);
+    CHECK((*od)->decide("n4.allowed.test") == UnknownName::retry);
+    {
+      std::lock_guard lock(mu);
+      release = true;
+    }
+    cv.notify_all();
+    REQUIRE((*od)->wait_idle(5s));
+    CHECK(max_running == 2);
+    CHECK(fb.count(fb.obtains) == 5);
+    CHECK((*od)->counters().throttled == 1);
+  }
+
+  TEST_CASE("on-demand evicts the least recently used certificate beyond max_cached") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto o = base_options(clock);
+    o.max_cached = 2;
+    o.global_rate = {0, 0s};
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    run(**od, "a.allowed.test");
+    run(**od, "b.allowed.test");
+    (*od)->touch("A.allowed.test.");  // a handshake used a: b is now the least recent
+    (*od)->touch("configured.example.com");  // not on-demand: ignored
+    run(**od, "c.allowed.test");
+    CHECK(fb.evictions == std::vector<std::string>{"b.allowed.test"});
+    CHECK((*od)->cached() == std::vector<std::string>{"c.allowed.test", "a.allowed.test"});
+    // b comes back from storage, not from the CA, and evicts a.
+    run(**od, "b.allowed.test");
+    CHECK(fb.count(fb.obtains) == 3);
+    CHECK((*od)->counters().loaded == 1);
+    CHECK(fb.evictions.back() == "a.allowed.test");
+    CHECK((*od)->counters().evicted == 2);
+  }
+}

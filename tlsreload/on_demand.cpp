@@ -1,0 +1,402 @@
+#include "tlsreload/on_demand.h"
+
+#include <algorithm>
+
+#include "tlsreload/manager.h"
+#include "tlsreload/store.h"
+
+namespace autotls::tlsreload {
+
+namespace {
+
+constexpr std::string_view kLog = "tlsreload.on_demand";
+
+bool is_ldh(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-'; }
+
+// split_labels splits a name at dots (empty labels kept, so they can be refused).
+std::vector<std::string_view> split_labels(std::string_view name) {
+  std::vector<std::string_view> out;
+  size_t start = 0;
+  for (;;) {
+    size_t dot = name.find('.', start);
+    if (dot == std::string_view::npos) {
+      out.push_back(name.substr(start));
+      return out;
+    }
+    out.push_back(name.substr(start, dot - start));
+    start = dot + 1;
+  }
+}
+
+// valid_pattern checks an allowed pattern: a valid name, optionally after "*." or "**.".
+Status valid_pattern(const std::string& pattern) {
+  std::string_view rest = pattern;
+  if (rest.starts_with("**.")) {
+    rest.remove_prefix(3);
+  } else if (rest.starts_with("*.")) {
+    rest.remove_prefix(2);
+  }
+  auto n = on_demand_name(rest);
+  if (!n || *n != rest) {
+    return fail(Errc::invalid_input, "on-demand: allowed pattern \"" + pattern +
+                                         "\" is not a lower-case DNS name, \"*.NAME\" or \"**.NAME\"");
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<std::string> on_demand_name(std::string_view sni) {
+  if (sni.ends_with('.')) sni.remove_suffix(1);
+  if (sni.empty()) return fail(Errc::invalid_input, "empty name");
+  if (sni.size() > 253) return fail(Errc::invalid_input, "name longer than 253 octets");
+  std::string name(sni);
+  for (char& c : name) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+    if (!is_ldh(c) && c != '.') {
+      return fail(Errc::invalid_input, "name contains a character other than letters, digits, '-' and '.'");
+    }
+  }
+  auto labels = split_labels(name);
+  if (labels.size() < 2) return fail(Errc::invalid_input, "name has a single label");
+  for (auto label : labels) {
+    if (label.empty()) return fail(Errc::invalid_input, "name has an empty label");
+    if (label.size() > 63) return fail(Errc::invalid_input, "name has a label longer than 63 octets");
+    if (label.front() == '-' || label.back() == '-') {
+      return fail(Errc::invalid_input, "name has a label starting or ending with '-'");
+    }
+  }
+  // An all-numeric last label is an IPv4 literal (or would be read as one); IPv6 literals
+  // already failed on ':'. IP addresses are never issued on demand.
+  if (std::all_of(labels.back().begin(), labels.back().end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return fail(Errc::invalid_input, "name is an IP address literal");
+  }
+  return name;
+}
+
+bool matches_pattern(std::string_view pattern, std::string_view name) {
+  if (pattern.starts_with("**.")) {
+    std::string_view suffix = pattern.substr(2);  // ".example.com"
+    return name.size() > suffix.size() && name.ends_with(suffix);
+  }
+  if (pattern.starts_with("*.")) {
+    std::string_view suffix = pattern.substr(1);
+    auto dot = name.find('.');
+    return dot != std::string_view::npos && dot > 0 && name.substr(dot) == suffix;
+  }
+  return pattern == name;
+}
+
+Status validate_on_demand(const OnDemandOptions& o) {
+  if (!o.enabled) return {};
+  if (o.allowed.empty() && o.ask_url.empty()) {
+    return fail(Errc::invalid_input,
+                "on-demand is enabled without a policy: set \"on-demand-allow\" (name patterns) and/or "
+                "\"on-demand-ask\" (a URL that answers 200 for allowed names)");
+  }
+  for (const auto& p : o.allowed) {
+    if (auto st = valid_pattern(p); !st) return st;
+  }
+  if (!o.ask_url.empty() && !o.ask_url.starts_with("http://") && !o.ask_url.starts_with("https://")) {
+    return fail(Errc::invalid_input, "on-demand: ask URL \"" + o.ask_url + "\" must start with http:// or https://");
+  }
+  if (o.max_concurrent < 1) return fail(Errc::invalid_input, "on-demand: max concurrent issuances must be at least 1");
+  if (o.max_cached < 1) return fail(Errc::invalid_input, "on-demand: max cached certificates must be at least 1");
+  if (o.global_rate.count < 0 || o.per_name_rate.count < 0) {
+    return fail(Errc::invalid_input, "on-demand: rates must not be negative");
+  }
+  if ((o.global_rate.count > 0 && o.global_rate.per.count() <= 0) ||
+      (o.per_name_rate.count > 0 && o.per_name_rate.per.count() <= 0)) {
+    return fail(Errc::invalid_input, "on-demand: a rate needs a positive interval");
+  }
+  if (o.handshake_wait.count() <= 0 || o.ask_timeout.count() <= 0) {
+    return fail(Errc::invalid_input, "on-demand: handshake wait and ask timeout must be positive");
+  }
+  return {};
+}
+
+OnDemandBackend manager_backend(Manager& manager, CertStore& store) {
+  OnDemandBackend b;
+  b.load = [&manager](const std::string& name) { return manager.load_stored_only({name}); };
+  b.obtain = [&manager](const std::string& name) { return manager.manage({name}); };
+  b.evict = [&manager, &store](const std::string& name) {
+    std::string id = manager.forget({name});
+    if (!id.empty()) (void)store.remove(id);
+  };
+  return b;
+}
+
+Result<std::unique_ptr<OnDemand>> OnDemand::create(OnDemandOptions options, OnDemandBackend backend) {
+  if (auto st = validate_on_demand(options); !st) return fail(st.error());
+  if (!options.enabled) return fail(Errc::invalid_input, "on-demand: not enabled");
+  if (!backend.load || !backend.obtain || !backend.evict) {
+    return fail(Errc::invalid_input, "on-demand: backend needs load, obtain and evict");
+  }
+  std::unique_ptr<OnDemand> od(new OnDemand(std::move(options), std::move(backend)));
+  if (!od->options_.ask_url.empty() && !od->ask_transport_) {
+    acme::CurlOptions curl;
+    curl.ca_bundle = od->options_.ca_bundle;
+    curl.total_timeout = od->options_.ask_timeout;
+    curl.connect_timeout = std::min(od->options_.ask_timeout, std::chrono::milliseconds(2'000));
+    curl.max_body_bytes = 64 * 1024;
+    od->ask_transport_ = std::shared_ptr<acme::HttpTransport>(acme::make_curl_transport(curl));
+  }
+  for (int i = 0; i < od->options_.max_concurrent; ++i) {
+    od->workers_.emplace_back([p = od.get()] { p->worker(); });
+  }
+  return od;
+}
+
+OnDemand::OnDemand(OnDemandOptions options, OnDemandBackend backend)
+    : options_(std::move(options)),
+      backend_(std::move(backend)),
+      clock_(options_.clock ? options_.clock : &autotls::system_clock()),
+      logger_(options_.logger ? options_.logger : &null_logger()),
+      ask_transport_(options_.ask_transport) {}
+
+OnDemand::~OnDemand() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void OnDemand::install(AttachOptions& options) {
+  options.on_unknown_name = [this](std::string_view sni) { return decide(sni); };
+  options.on_served = [this](std::string_view sni) { touch(sni); };
+  options.unknown_name_wait = options_.handshake_wait;
+}
+
+bool OnDemand::allowed_by_patterns(const std::string& name) const {
+  if (options_.allowed.empty()) return true;  // the ask URL decides alone
+  return std::any_of(options_.allowed.begin(), options_.allowed.end(),
+                     [&](const std::string& p) { return matches_pattern(p, name); });
+}
+
+void OnDemand::deny(const std::string& name, std::chrono::seconds ttl) {
+  auto now = clock_->now();
+  if (denied_.size() >= options_.max_denied) {
+    std::erase_if(denied_, [&](const auto& e) { return e.second <= now; });
+    // Still full (a flood of distinct names): drop arbitrary entries; a dropped name is only
+    // checked again (patterns, ask), never allowed by it.
+    while (denied_.size() >= options_.max_denied && !denied_.empty()) denied_.erase(denied_.begin());
+  }
+  denied_[name] = now + ttl;
+}
+
+UnknownName OnDemand::decide(std::string_view sni) {
+  auto name = on_demand_name(sni);
+  std::lock_guard lock(mu_);
+  if (!name) {
+    // Not cached: refusing costs no more than the lookup would, and keeps junk out of memory.
+    ++counters_.invalid;
+    return UnknownName::fail;
+  }
+  if (pending_.count(*name)) return UnknownName::retry;
+  if (auto it = denied_.find(*name); it != denied_.end()) {
+    if (clock_->now() < it->second) {
+      ++counters_.negative_hits;
+      return UnknownName::fail;
+    }
+    denied_.erase(it);
+  }
+  if (!allowed_by_patterns(*name)) {
+    ++counters_.denied;
+    deny(*name, options_.deny_ttl);
+    return UnknownName::fail;
+  }
+  if (stopping_ || queue_.size() >= options_.max_queued) {
+    ++counters_.throttled;
+    return UnknownName::fail;
+  }
+  pending_.insert(*name);
+  queue_.push_back(std::move(*name));
+  cv_.notify_one();
+  return UnknownName::retry;
+}
+
+void OnDemand::touch(std::string_view sni) {
+  std::string name(sni);
+  if (!name.empty() && name.back() == '.') name.pop_back();
+  for (char& c : name) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  std::lock_guard lock(lru_mu_);
+  auto it = lru_index_.find(name);
+  if (it != lru_index_.end()) lru_.splice(lru_.begin(), lru_, it->second);
+}
+
+void OnDemand::remember(const std::string& name) {
+  std::vector<std::string> evict;
+  {
+    std::lock_guard lock(lru_mu_);
+    auto it = lru_index_.find(name);
+    if (it != lru_index_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second);
+    } else {
+      lru_.push_front(name);
+      lru_index_[name] = lru_.begin();
+    }
+    while (lru_.size() > options_.max_cached) {
+      evict.push_back(lru_.back());
+      lru_index_.erase(lru_.back());
+      lru_.pop_back();
+    }
+  }
+  for (const auto& e : evict) {
+    backend_.evict(e);
+    logger_->log(LogLevel::debug, kLog, "certificate evicted from memory", {{"name", e}});
+    std::lock_guard lock(mu_);
+    ++counters_.evicted;
+  }
+}
+
+bool OnDemand::take_rate(const std::string& name) {
+  auto now = clock_->now();
+  auto within = [&](std::deque<Clock::time_point>& q, const Rate& r) {
+    if (r.count <= 0) return true;
+    while (!q.empty() && q.front() <= now - r.per) q.pop_front();
+    return q.size() < static_cast<size_t>(r.count);
+  };
+  auto& mine = name_issued_[name];
+  if (!within(global_issued_, options_.global_rate) || !within(mine, options_.per_name_rate)) {
+    if (mine.empty()) name_issued_.erase(name);
+    return false;
+  }
+  global_issued_.push_back(now);
+  mine.push_back(now);
+  // Forget names whose window is over, so the map does not grow with every name ever issued.
+  if (name_issued_.size() > 4096) {
+    std::erase_if(name_issued_, [&](const auto& e) {
+      return e.second.empty() || e.second.back() <= now - options_.per_name_rate.per;
+    });
+  }
+  return true;
+}
+
+int OnDemand::ask(const std::string& name) {
+  {
+    std::lock_guard lock(mu_);
+    ++counters_.asked;
+  }
+  acme::HttpRequest req;
+  req.method = "GET";
+  req.url = options_.ask_url + (options_.ask_url.find('?') == std::string::npos ? "?" : "&") + "domain=" + name;
+  auto start = std::chrono::steady_clock::now();
+  auto r = ask_transport_->send(req);
+  // An injected transport may not enforce the timeout itself: a late answer is a timeout.
+  if (r && std::chrono::steady_clock::now() - start > options_.ask_timeout) {
+    r = fail(Errc::timeout, "ask: no answer within the timeout");
+  }
+  if (!r) {
+    logger_->log(LogLevel::warn, kLog, "ask request failed; name denied",
+                 {{"name", name}, {"error", r.error().message}});
+    return -1;
+  }
+  return r->status == 200 ? 1 : 0;
+}
+
+void OnDemand::run_job(const std::string& name) {
+  if (!options_.ask_url.empty()) {
+    int a = ask(name);
+    if (a != 1) {
+      std::lock_guard lock(mu_);
+      ++counters_.denied;
+      deny(name, a == 0 ? options_.deny_ttl : options_.failure_ttl);
+      logger_->log(LogLevel::info, kLog, "on-demand name denied by the ask URL", {{"name", name}});
+      return;
+    }
+  }
+  // Storage first: a certificate issued before (by this or another instance, or evicted from
+  // memory) is loaded, not issued again.
+  auto loaded = backend_.load(name);
+  if (loaded && *loaded) {
+    std::lock_guard lock(mu_);
+    ++counters_.loaded;
+  }
+  if (loaded && *loaded) {
+    remember(name);
+    return;
+  }
+  if (!loaded) {
+    logger_->log(LogLevel::warn, kLog, "storage read failed", {{"name", name}, {"error", loaded.error().message}});
+    std::lock_guard lock(mu_);
+    ++counters_.failed;
+    deny(name, options_.failure_ttl);
+    return;
+  }
+  {
+    std::lock_guard lock(mu_);
+    if (!take_rate(name)) {
+      ++counters_.throttled;
+      deny(name, options_.failure_ttl);
+      logger_->log(LogLevel::warn, kLog, "on-demand issuance throttled", {{"name", name}});
+      return;
+    }
+  }
+  auto st = backend_.obtain(name);
+  if (!st) {
+    logger_->log(LogLevel::warn, kLog, "on-demand issuance failed", {{"name", name}, {"error", st.error().message}});
+    std::lock_guard lock(mu_);
+    ++counters_.failed;
+    deny(name, options_.failure_ttl);
+    return;
+  }
+  {
+    std::lock_guard lock(mu_);
+    ++counters_.obtained;
+  }
+  remember(name);
+}
+
+void OnDemand::worker() {
+  for (;;) {
+    std::string name;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (stopping_) return;
+      name = std::move(queue_.front());
+      queue_.pop_front();
+      ++running_;
+    }
+    try {
+      run_job(name);
+    } catch (const std::exception& e) {
+      logger_->log(LogLevel::error, kLog, "on-demand job failed", {{"name", name}, {"error", e.what()}});
+    }
+    {
+      std::lock_guard lock(mu_);
+      pending_.erase(name);
+      --running_;
+    }
+    idle_cv_.notify_all();
+  }
+}
+
+bool OnDemand::wait_idle(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  return idle_cv_.wait_for(lock, timeout, [&] { return queue_.empty() && running_ == 0; });
+}
+
+bool OnDemand::denied(std::string_view sni) const {
+  auto name = on_demand_name(sni);
+  if (!name) return false;
+  std::lock_guard lock(mu_);
+  auto it = denied_.find(*name);
+  return it != denied_.end() && clock_->now() < it->second;
+}
+
+std::vector<std::string> OnDemand::cached() const {
+  std::lock_guard lock(lru_mu_);
+  return {lru_.begin(), lru_.end()};
+}
+
+OnDemand::Counters OnDemand::counters() const {
+  std::lock_guard lock(mu_);
+  return counters_;
+}
+
+}  // namespace autotls::tlsreload
