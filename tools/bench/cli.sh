@@ -17,7 +17,9 @@
 # or its largest waited-for child, KiB). The last line is one JSON object with the medians.
 #
 # Environment: CLI_RUNS (rounds), CLI_PEERS ("uacme lego certbot"), KEEP_TMP=1 (keep the
-# scratch dir and logs; also kept when a run fails), CLI_TIMEOUT_S (60, per client run).
+# scratch dir and logs; also kept when a run fails), CLI_TIMEOUT_S (60, per client run),
+# CLI_VERBOSE=1 (autotls --verbose instead of --quiet: timestamped steps in autotls.log, for
+# profiling; not for the headline figure).
 set -euo pipefail
 
 build="${1:?usage: cli.sh BUILD_DIR [--quick]}"
@@ -32,6 +34,8 @@ runs="${CLI_RUNS:-5}"
 [ "$quick" = 1 ] && runs="${CLI_RUNS:-3}"
 peers="${CLI_PEERS-uacme lego certbot}"
 per_run_timeout="${CLI_TIMEOUT_S:-60}"
+autotls_verbosity=(--quiet)
+[ "${CLI_VERBOSE:-0}" = 1 ] && autotls_verbosity=(--verbose)
 
 BENCH_NAME=cli
 # shellcheck source=tools/bench/pebble_lib.sh
@@ -63,7 +67,7 @@ timed() {  # timed LOG CMD...: wall time + peak RSS of CMD
 
 run_autotls() {
   timed "$tmp/autotls.log" "$autotls" issue --ca "$directory" --ca-bundle "$tmp/ca.pem" \
-    --storage "$tmp/autotls" --agree-tos --email bench@example.test --quiet \
+    --storage "$tmp/autotls" --agree-tos --email bench@example.test "${autotls_verbosity[@]}" \
     -d "$1" --challenge http-01 --http-address "127.0.0.1:$p_http" --key-type ec256
   [ -s "$tmp/autotls/live/$1/fullchain.pem" ] || set_failed "$1"
 }
