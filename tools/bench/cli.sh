@@ -87,7 +87,6 @@ run_certbot() {
 }
 # uacme has no CA option and its libcurl-gnutls reads only the compiled-in /etc/ssl/certs, so it
 # runs in a private mount namespace where /etc/ssl/certs holds just the listener CA.
-uacme_ready=0
 uacme_setup() {
   if ! command -v uacme >/dev/null; then uacme_note="uacme is not installed (Debian package uacme)"; return 1; fi
   if ! unshare -m --propagation private true 2>/dev/null; then
@@ -103,7 +102,6 @@ mount --bind "$CERTS" /etc/ssl/certs || exit 3
 exec "$@"
 EOF
   chmod +x "$tmp/uacme-ns.sh"
-  uacme_ready=1
 }
 uacme_ns() { CERTS="$tmp/certs" unshare -m --propagation private "$tmp/uacme-ns.sh" "$@"; }
 run_uacme() {
@@ -114,7 +112,7 @@ run_uacme() {
   if [ ! -e "$tmp/uacme/private/key.pem" ]; then
     uacme_ns timeout 60 uacme -y -v -t EC -a "$directory" -c "$tmp/uacme" new bench@example.test >>"$tmp/uacme.log" 2>&1 || true
   fi
-  # timed runs inside the namespace too: export what it needs and call it through bash.
+  # Timed inside the namespace, so unshare and the bind mount are not counted.
   local out
   out=$(uacme_ns bash -c '
     t0=$EPOCHREALTIME; rc=0
