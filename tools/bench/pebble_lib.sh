@@ -37,7 +37,7 @@ bench_install() {
 
 pids=()
 bench_scratch() {
-  tmp="$(mktemp -d "/tmp/autotls-${BENCH_NAME:-bench}-XXXXXX")"
+  tmp="$(mktemp -d "/tmp/autotls-bench-${BENCH_NAME:-bench}-XXXXXX")"  # not autotls-cli-: the cli tests use that
   trap bench_cleanup EXIT
   trap 'exit 130' INT TERM
 }
