@@ -437,8 +437,10 @@ TEST_SUITE("cli.issue") {
     // Each progress line starts with the elapsed seconds ("   0.1s  ").
     CHECK(r.err.find("s  order created for " + name) != std::string::npos);
 
-    // --json: progress as JSON lines on stderr, stdout holds only the result objects.
-    auto j = run(c.args({"issue", "-d", name}, {"--http-address", c.http(), "--force", "--json"}));
+    // --json: progress as JSON lines on stderr, stdout holds only the result objects. Another
+    // name, so that Pebble has no valid authorization to reuse and every step happens.
+    const std::string name2 = "json.progress.cli.test";
+    auto j = run(c.args({"issue", "-d", name2}, {"--http-address", c.http(), "--json"}));
     REQUIRE_MESSAGE(j.code == 0, show(j));
     CHECK(last_json_line(j.out)["status"] == "obtained");
     CHECK(j.out.find("\"progress\"") == std::string::npos);
@@ -450,7 +452,7 @@ TEST_SUITE("cli.issue") {
       auto e = json::parse(line, nullptr, false);
       REQUIRE_MESSAGE(e.is_object(), line);
       CHECK(e["event"] == "progress");
-      CHECK(e["subject"] == name);
+      CHECK(e["subject"] == name2);
       long ms = e["elapsed_ms"].get<long>();
       CHECK(ms >= last_ms);
       last_ms = ms;
@@ -467,6 +469,32 @@ TEST_SUITE("cli.issue") {
     auto q = run(c.args({"issue", "-d", name}, {"--http-address", c.http(), "--force", "--quiet"}));
     REQUIRE_MESSAGE(q.code == 0, show(q));
     CHECK_MESSAGE(q.err.empty(), show(q));
+  }
+
+  TEST_CASE("progress on a terminal redraws a spinner line while waiting on the CA") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    const std::string name = "tty.cli.test";
+    // util-linux script(1) runs the command on a pseudo-terminal and copies what it writes.
+    std::string cmd = AUTOTLS_BINARY;
+    for (const auto& a : c.args({"issue", "-d", name}, {"--agree-tos", "--http-address", c.http()})) cmd += " '" + a + "'";
+    auto r = run({"-q", "-e", "-c", cmd, "/dev/null"}, {"TERM=xterm"}, 60s, {"/usr/bin/script"});
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    // The waiting step is drawn in place (carriage return, erase line) with a spinner frame...
+    auto spin = r.out.find("\r\033[K");
+    CHECK_MESSAGE(spin != std::string::npos, show(r));
+    CHECK_MESSAGE(r.out.find("waiting for the CA to validate " + name + " (http-01)") != std::string::npos, show(r));
+    bool framed = false;
+    for (const char* f : {"| waiting", "/ waiting", "- waiting", "\\ waiting"}) framed = framed || r.out.find(f) != std::string::npos;
+    CHECK_MESSAGE(framed, show(r));
+    // ...and completed steps are printed as lines of their own.
+    CHECK_MESSAGE(r.out.find(name + " validated") != std::string::npos, show(r));
+    CHECK_MESSAGE(r.out.find("certificate downloaded: ") != std::string::npos, show(r));
+    // The spinner line is erased before the result is printed.
+    auto result = r.out.find("Certificate obtained for " + name);
+    CHECK_MESSAGE(result != std::string::npos, show(r));
+    CHECK(r.out.rfind("\r\033[K") < result);
   }
 
   TEST_CASE("tls-alpn-01 standalone with an rsa key and revoke by certificate key") {
