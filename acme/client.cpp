@@ -181,6 +181,22 @@ const Challenge* Authorization::find(std::string_view type) const {
   return nullptr;
 }
 
+std::string_view to_string(ProgressEvent::Step step) {
+  switch (step) {
+    case ProgressEvent::Step::directory: return "directory";
+    case ProgressEvent::Step::account: return "account";
+    case ProgressEvent::Step::order: return "order";
+    case ProgressEvent::Step::authorization: return "authorization";
+    case ProgressEvent::Step::presented: return "presented";
+    case ProgressEvent::Step::validating: return "validating";
+    case ProgressEvent::Step::validated: return "validated";
+    case ProgressEvent::Step::finalizing: return "finalizing";
+    case ProgressEvent::Step::issuing: return "issuing";
+    case ProgressEvent::Step::downloaded: return "downloaded";
+  }
+  return "unknown";
+}
+
 std::optional<RevocationReason> parse_revocation_reason(std::string_view name) {
   if (name == "unspecified" || name == "0") return RevocationReason::unspecified;
   if (name == "keyCompromise" || name == "key-compromise" || name == "1") return RevocationReason::key_compromise;
@@ -552,7 +568,7 @@ Result<Challenge> Client::respond(const Challenge& challenge) {
 
 template <class T, class Parse>
 Result<T> Client::poll(std::string_view op, const std::string& url, Parse parse,
-                       bool (*done)(const T&)) {
+                       bool (*done)(const T&), const PollTick& on_poll) {
   const auto start = clock_->now();
   milliseconds delay = options_.poll_initial;
   for (;;) {
@@ -563,6 +579,7 @@ Result<T> Client::poll(std::string_view op, const std::string& url, Parse parse,
     auto value = parse(op, *body, url);
     if (!value) return fail(value.error());
     if (done(*value)) return value;
+    if (on_poll) on_poll(value->status);
 
     milliseconds next = delay;
     // RFC 8555 §7.5.1 / §7.4: the server may say how long to wait with Retry-After.
@@ -583,18 +600,18 @@ Result<T> Client::poll(std::string_view op, const std::string& url, Parse parse,
   }
 }
 
-Result<Authorization> Client::poll_authorization(const std::string& url) {
+Result<Authorization> Client::poll_authorization(const std::string& url, const PollTick& on_poll) {
   return poll<Authorization>(
       "authorization", url,
       [](std::string_view op, const json& j, const std::string& u) { return parse_authorization(op, j, u); },
-      +[](const Authorization& a) { return a.status != "pending"; });
+      +[](const Authorization& a) { return a.status != "pending"; }, on_poll);
 }
 
-Result<Order> Client::poll_order(const std::string& url) {
+Result<Order> Client::poll_order(const std::string& url, const PollTick& on_poll) {
   return poll<Order>(
       "order", url,
       [](std::string_view op, const json& j, const std::string& u) { return parse_order(op, j, u); },
-      +[](const Order& o) { return o.status != "pending" && o.status != "processing"; });
+      +[](const Order& o) { return o.status != "pending" && o.status != "processing"; }, on_poll);
 }
 
 Result<Order> Client::finalize(const Order& order, std::string_view csr_der) {
@@ -726,17 +743,67 @@ std::string offered_types(const Authorization& a) {
   return s;
 }
 
+ProgressEvent progress_event(ProgressEvent::Step step, std::string identifier, std::string challenge_type,
+                             std::string status, std::string detail) {
+  ProgressEvent e;
+  e.step = step;
+  e.identifier = std::move(identifier);
+  e.challenge_type = std::move(challenge_type);
+  e.status = std::move(status);
+  e.detail = std::move(detail);
+  return e;
+}
+
+// Progress sends ProgressEvents for one obtain() call; it does nothing without a callback.
+class Progress {
+ public:
+  Progress(const Client& client, const ObtainRequest& request)
+      : cb_(request.progress),
+        clock_(client.options().clock ? *client.options().clock : system_clock()),
+        start_(request.progress_start ? *request.progress_start : clock_.now()),
+        subject_(request.identifiers.empty() ? std::string() : request.identifiers.front().value) {}
+  explicit operator bool() const { return static_cast<bool>(cb_); }
+  void operator()(ProgressEvent e) const {
+    if (!cb_) return;
+    e.subject = subject_;
+    e.waiting = e.step == ProgressEvent::Step::validating || e.step == ProgressEvent::Step::issuing;
+    e.elapsed = std::chrono::duration_cast<milliseconds>(clock_.now() - start_);
+    cb_(e);
+  }
+  // ticker returns a poll callback that reports repeated ticks of a waiting step.
+  Client::PollTick ticker(ProgressEvent base) const {
+    if (!cb_) return {};
+    return [this, base, n = 0](const std::string& status) mutable {
+      ProgressEvent e = base;
+      e.tick = ++n;
+      e.status = status;
+      (*this)(e);
+    };
+  }
+
+ private:
+  const ProgressCallback& cb_;
+  const Clock& clock_;
+  Clock::time_point start_;
+  std::string subject_;
+};
+
 }  // namespace
 
 Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, Solver& solver) {
+  using Step = ProgressEvent::Step;
+  const Progress progress(client, request);
   auto order = client.new_order({request.identifiers, request.profile, request.replaces});
   if (!order) return fail(order.error());
+  progress(progress_event(Step::order, {}, {}, order->status, order->url));
 
   {
     CleanupGuard guard(solver);
     for (const auto& url : order->authorizations) {
       auto authz = client.fetch_authorization(url);
       if (!authz) return fail(authz.error());
+      progress(progress_event(Step::authorization, authz->identifier.value,
+                              authz->status == "valid" ? std::string() : request.challenge_type, authz->status, url));
       if (authz->status == "valid") continue;
       if (authz->status != "pending") {
         return fail(Errc::protocol, "authorization for " + authz->identifier.value + " is " + authz->status);
@@ -753,6 +820,7 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
         return fail(st.error().with_context("presenting " + ch->type + " for " + id.value));
       }
       guard.presented().push_back({id, *ch, ka, url});
+      progress(progress_event(Step::presented, id.value, ch->type, {}, {}));
     }
     // Respond to every challenge before polling any: the CA validates them in parallel.
     for (const auto& p : guard.presented()) {
@@ -760,7 +828,9 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
       if (!r) return fail(r.error());
     }
     for (const auto& p : guard.presented()) {
-      auto a = client.poll_authorization(p.authz_url);
+      ProgressEvent waiting = progress_event(Step::validating, p.identifier.value, p.challenge.type, "pending", {});
+      progress(waiting);
+      auto a = client.poll_authorization(p.authz_url, progress.ticker(waiting));
       if (!a) return fail(a.error());
       if (a->status != "valid") {
         Error e(Errc::protocol, "validation of " + p.identifier.value + " by " + p.challenge.type +
@@ -772,6 +842,7 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
         }
         return fail(e);
       }
+      progress(progress_event(Step::validated, p.identifier.value, p.challenge.type, a->status, {}));
     }
   }
 
@@ -799,10 +870,13 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
     }
     return fail(e);
   }
+  progress(progress_event(Step::finalizing, {}, {}, order->status, order->url));
   auto done = client.finalize(*order, *csr);
   if (!done) return fail(done.error());
   if (done->status != "valid") {
-    done = client.poll_order(order->url);
+    ProgressEvent waiting = progress_event(Step::issuing, {}, {}, done->status, order->url);
+    progress(waiting);
+    done = client.poll_order(order->url, progress.ticker(waiting));
     if (!done) return fail(done.error());
   }
   if (done->status != "valid" || done->certificate.empty()) {
@@ -829,6 +903,7 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
       }
     }
   }
+  progress(progress_event(Step::downloaded, {}, {}, done->status, chosen_url));
   return IssuedCertificate{std::move(chosen), std::move(*key_pem), std::move(chosen_url), std::move(*done)};
 }
 

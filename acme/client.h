@@ -1,6 +1,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -160,14 +161,16 @@ class Client {
   // respond tells the CA the challenge is ready to be validated (RFC 8555 §7.5.1).
   Result<Challenge> respond(const Challenge& challenge);
   // poll_authorization waits until the authorization leaves "pending".
-  Result<Authorization> poll_authorization(const std::string& url);
+  // on_poll, when set, is called after each reply that is still pending, with its status.
+  using PollTick = std::function<void(const std::string& status)>;
+  Result<Authorization> poll_authorization(const std::string& url, const PollTick& on_poll = {});
   // deactivate_authorization relinquishes an authorization (RFC 8555 §7.5.2).
   Result<Authorization> deactivate_authorization(const std::string& url);
   // finalize submits the DER CSR (RFC 8555 §7.4) and returns the order as answered.
   Result<Order> finalize(const Order& order, std::string_view csr_der);
   // poll_order waits until the order leaves "pending" and "processing" (that is, until it is
   // "ready", "valid" or "invalid").
-  Result<Order> poll_order(const std::string& url);
+  Result<Order> poll_order(const std::string& url, const PollTick& on_poll = {});
   Result<CertificateChain> download_certificate(const std::string& url);
 
   // revoke revokes a DER certificate (RFC 8555 §7.6). With cert_key, the request is signed by
@@ -213,7 +216,7 @@ class Client {
                                bool use_jwk);
   template <class T, class Parse>
   Result<T> poll(std::string_view op, const std::string& url, Parse parse,
-                 bool (*done)(const T&));
+                 bool (*done)(const T&), const PollTick& on_poll);
 
   ClientOptions options_;
   Directory directory_;
@@ -238,6 +241,29 @@ class Solver {
                        std::string_view key_authorization) = 0;
 };
 
+// ProgressEvent reports one step of an issuance as it happens (for progress displays). The
+// steps come in this order: directory, account (both from the caller that sets up the client,
+// e.g. tlsreload::Manager), order, then per identifier authorization and presented, then per
+// identifier validating (with repeated ticks while polling) and validated, then finalizing,
+// issuing (with ticks) and downloaded. Authorizations the CA already holds as valid report
+// authorization with status "valid" and nothing more.
+struct ProgressEvent {
+  enum class Step { directory, account, order, authorization, presented, validating, validated, finalizing, issuing, downloaded };
+  Step step;
+  // waiting is true for validating and issuing: the client is waiting on the CA until the next
+  // step. tick is 0 for the first event of a step and counts the polls after it.
+  bool waiting = false;
+  int tick = 0;
+  std::string subject;         // the order's first identifier (names the certificate)
+  std::string identifier;      // authorization, presented, validating, validated
+  std::string challenge_type;  // authorization, presented, validating
+  std::string status;          // the CA's status of what was fetched or polled, when known
+  std::string detail;          // directory and account URL, order URL, certificate URL
+  std::chrono::milliseconds elapsed{0};  // since ObtainRequest::progress_start
+};
+std::string_view to_string(ProgressEvent::Step step);
+using ProgressCallback = std::function<void(const ProgressEvent&)>;
+
 struct ObtainRequest {
   std::vector<Identifier> identifiers;
   std::string challenge_type = "http-01";
@@ -246,6 +272,10 @@ struct ObtainRequest {
   std::string replaces;
   std::string preferred_chain;  // issuer common name of the chain's top certificate; empty: default
   std::optional<PrivateKey> key;  // reuse this certificate key instead of generating one
+  // progress, when set, is called from obtain's thread at each step; elapsed counts from
+  // progress_start (default: when obtain starts) on the client's clock.
+  ProgressCallback progress;
+  std::optional<Clock::time_point> progress_start;
 };
 
 struct IssuedCertificate {

@@ -599,12 +599,24 @@ Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<st
   // The client and account are set up once per issuer; concurrent issuances wait for that,
   // then share the client (acme::Client is safe for concurrent orders).
   acme::Client* acme_client = nullptr;
+  const auto started = clock_->now();
+  auto progress = [&](acme::ProgressEvent::Step step, std::string detail) {
+    if (!options_.on_progress) return;
+    acme::ProgressEvent e;
+    e.step = step;
+    e.subject = names.empty() ? std::string() : names.front();
+    e.detail = std::move(detail);
+    e.elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(clock_->now() - started);
+    options_.on_progress(e);
+  };
   {
     std::lock_guard lock(slot.mu);
     auto c = client(slot);
     if (!c) return fail(c.error().with_context("ACME directory"));
     acme_client = *c;
+    progress(acme::ProgressEvent::Step::directory, cfg.directory_url);
     if (auto st = ensure_account(slot, *acme_client, false); !st) return fail(st.error().with_context("ACME account"));
+    progress(acme::ProgressEvent::Step::account, acme_client->account_url());
   }
   ChallengeSolver default_solver(challenges_, options_.dns_hook);
   acme::Solver& solver = options_.solver ? *options_.solver : default_solver;
@@ -616,6 +628,8 @@ Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<st
   req.preferred_chain = cfg.preferred_chain;
   // RFC 9773 §5: "replaces" tells the CA which certificate this one renews.
   if (!acme_client->directory().renewal_info.empty()) req.replaces = replaces;
+  req.progress = options_.on_progress;
+  req.progress_start = started;
   auto issued = acme::obtain(*acme_client, req, solver);
   if (!issued && issued.error().problem && issued.error().problem->is("accountDoesNotExist")) {
     // The CA forgot the stored account (a test CA restarted, or it was deleted): register the

@@ -93,6 +93,12 @@ struct ManagerOptions {
   // on_event is called after each load, issuance, renewal and failure, from the thread that
   // did the work, once the work is over and no Manager lock is held.
   std::function<void(const ManagerEvent&)> on_event;
+  // on_progress, when set, is called at each step of an ACME issuance (acme::ProgressEvent:
+  // directory, account, then what acme::obtain reports), from the thread doing the issuance,
+  // with elapsed time counted from the start of the attempt at one issuer; it must return
+  // quickly and not call into the Manager (an issuer lock may be held). The internal CA
+  // reports nothing.
+  acme::ProgressCallback on_progress;
   // rng_seed seeds the jitter and ARI choices; 0 means from std::random_device.
   uint64_t rng_seed = 0;
   // max_concurrent_issuances caps the orders this Manager runs at once (different name sets

@@ -9,6 +9,7 @@
 #include "acme/ari.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
+#include "tools/progress.h"
 
 namespace autotls::cli {
 
@@ -113,6 +114,10 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
     std::lock_guard lock(mu);
     r.events.push_back(e);
   };
+  // Declared before the manager so that it outlives it; its destructor clears a spinner line
+  // before the command prints its result or error.
+  ProgressPrinter progress(ProgressPrinter::mode_for(o));
+  mo->on_progress = progress.callback();
   tlsreload::Manager manager(std::move(*mo), ctx.storage, std::make_shared<tlsreload::CertStore>(), challenges);
   r.status = manager.manage(names);
   if (r.status && force && !r.changed() && !r.failure()) r.status = manager.renew(names, true);

@@ -414,6 +414,89 @@ TEST_SUITE("cli.issue") {
     CHECK(rv2.err.find("alreadyRevoked") != std::string::npos);
   }
 
+  TEST_CASE("progress is plain lines off a terminal and JSON events with --json") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    const std::string name = "progress.cli.test";
+    // stderr is a file here: one plain line per step, no control characters.
+    auto r = run(c.args({"issue", "-d", name}, {"--agree-tos", "--http-address", c.http()}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK(r.err.find('\r') == std::string::npos);
+    CHECK(r.err.find('\033') == std::string::npos);
+    size_t at = 0;
+    for (std::string want : {"CA directory fetched: " + c.env->directory_url(), std::string("ACME account ready: "),
+                             "order created for " + name, "authorization for " + name + ": using http-01",
+                             "http-01 challenge presented for " + name,
+                             "waiting for the CA to validate " + name + " (http-01)", name + " validated",
+                             std::string("finalizing the order"), std::string("certificate downloaded: ")}) {
+      auto found = r.err.find(want, at);
+      CHECK_MESSAGE(found != std::string::npos, (want + "\n" + show(r)));
+      if (found != std::string::npos) at = found;
+    }
+    // Each progress line starts with the elapsed seconds ("   0.1s  ").
+    CHECK(r.err.find("s  order created for " + name) != std::string::npos);
+
+    // --json: progress as JSON lines on stderr, stdout holds only the result objects. Another
+    // name, so that Pebble has no valid authorization to reuse and every step happens.
+    const std::string name2 = "json.progress.cli.test";
+    auto j = run(c.args({"issue", "-d", name2}, {"--http-address", c.http(), "--json"}));
+    REQUIRE_MESSAGE(j.code == 0, show(j));
+    CHECK(last_json_line(j.out)["status"] == "obtained");
+    CHECK(j.out.find("\"progress\"") == std::string::npos);
+    std::vector<std::string> steps;
+    long last_ms = -1;
+    std::istringstream err(j.err);
+    for (std::string line; std::getline(err, line);) {
+      if (line.empty()) continue;
+      auto e = json::parse(line, nullptr, false);
+      REQUIRE_MESSAGE(e.is_object(), line);
+      CHECK(e["event"] == "progress");
+      CHECK(e["subject"] == name2);
+      long ms = e["elapsed_ms"].get<long>();
+      CHECK(ms >= last_ms);
+      last_ms = ms;
+      if (e["tick"].get<int>() == 0) steps.push_back(e["step"].get<std::string>());
+      if (e["step"] == "presented") CHECK(e["challenge"] == "http-01");
+    }
+    std::vector<std::string> want = {"directory", "account", "order", "authorization", "presented",
+                                     "validating", "validated", "finalizing"};
+    REQUIRE_MESSAGE(steps.size() >= want.size() + 1, j.err);
+    CHECK(std::vector<std::string>(steps.begin(), steps.begin() + want.size()) == want);
+    CHECK(steps.back() == "downloaded");
+
+    // --quiet: no progress at all.
+    auto q = run(c.args({"issue", "-d", name}, {"--http-address", c.http(), "--force", "--quiet"}));
+    REQUIRE_MESSAGE(q.code == 0, show(q));
+    CHECK_MESSAGE(q.err.empty(), show(q));
+  }
+
+  TEST_CASE("progress on a terminal redraws a spinner line while waiting on the CA") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    const std::string name = "tty.cli.test";
+    // util-linux script(1) runs the command on a pseudo-terminal and copies what it writes.
+    std::string cmd = AUTOTLS_BINARY;
+    for (const auto& a : c.args({"issue", "-d", name}, {"--agree-tos", "--http-address", c.http()})) cmd += " '" + a + "'";
+    auto r = run({"-q", "-e", "-c", cmd, "/dev/null"}, {"TERM=xterm"}, 60s, {"/usr/bin/script"});
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    // The waiting step is drawn in place (carriage return, erase line) with a spinner frame...
+    auto spin = r.out.find("\r\033[K");
+    CHECK_MESSAGE(spin != std::string::npos, show(r));
+    CHECK_MESSAGE(r.out.find("waiting for the CA to validate " + name + " (http-01)") != std::string::npos, show(r));
+    bool framed = false;
+    for (const char* f : {"| waiting", "/ waiting", "- waiting", "\\ waiting"}) framed = framed || r.out.find(f) != std::string::npos;
+    CHECK_MESSAGE(framed, show(r));
+    // ...and completed steps are printed as lines of their own.
+    CHECK_MESSAGE(r.out.find(name + " validated") != std::string::npos, show(r));
+    CHECK_MESSAGE(r.out.find("certificate downloaded: ") != std::string::npos, show(r));
+    // The spinner line is erased before the result is printed.
+    auto result = r.out.find("Certificate obtained for " + name);
+    CHECK_MESSAGE(result != std::string::npos, show(r));
+    CHECK(r.out.rfind("\r\033[K") < result);
+  }
+
   TEST_CASE("tls-alpn-01 standalone with an rsa key and revoke by certificate key") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});

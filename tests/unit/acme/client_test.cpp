@@ -739,3 +739,66 @@ TEST_CASE("Link headers") {
 }
 
 }  // TEST_SUITE
+
+TEST_CASE("obtain reports its steps in order with elapsed time") {
+  FakeAcmeServer::Options o;
+  o.authz_pending_polls = 2;
+  o.order_processing_polls = 2;
+  Fixture f(o);
+  f.register_new();
+  RecordingSolver solver;
+  ObtainRequest req;
+  req.identifiers = {{"dns", "a.example.test"}, {"dns", "b.example.test"}};
+  std::vector<ProgressEvent> events;
+  req.progress = [&](const ProgressEvent& e) { events.push_back(e); };
+  auto r = obtain(*f.client, req, solver);
+  REQUIRE_MESSAGE(r.has_value(), (r ? "" : r.error().message));
+
+  // The steps without the polling ticks, in the order they happened.
+  std::vector<std::string> steps;
+  int validating_ticks = 0, issuing_ticks = 0;
+  for (const auto& e : events) {
+    CHECK(e.subject == "a.example.test");
+    if (e.tick > 0) {
+      CHECK(e.waiting);
+      CHECK(!steps.empty());
+      if (e.step == ProgressEvent::Step::validating) ++validating_ticks;
+      if (e.step == ProgressEvent::Step::issuing) ++issuing_ticks;
+      continue;
+    }
+    std::string s(to_string(e.step));
+    if (!e.identifier.empty()) s += " " + e.identifier;
+    if (!e.challenge_type.empty()) s += " " + e.challenge_type;
+    steps.push_back(s);
+  }
+  std::vector<std::string> want = {
+      "order",
+      "authorization a.example.test http-01",
+      "presented a.example.test http-01",
+      "authorization b.example.test http-01",
+      "presented b.example.test http-01",
+      "validating a.example.test http-01",
+      "validated a.example.test http-01",
+      "validating b.example.test http-01",
+      "validated b.example.test http-01",
+      "finalizing",
+      "issuing",
+      "downloaded",
+  };
+  CHECK(steps == want);
+  // The CA kept each authorization pending for a poll and the order processing for one: at
+  // least one tick each while waiting.
+  CHECK(validating_ticks >= 1);
+  CHECK(issuing_ticks >= 1);
+  // Elapsed time runs on the client's clock (FakeClock advances by the poll delays) and never
+  // goes back; the poll delays make the last step later than the first.
+  for (size_t i = 1; i < events.size(); ++i) CHECK(events[i].elapsed >= events[i - 1].elapsed);
+  CHECK(events.back().elapsed > events.front().elapsed);
+  CHECK(events.back().detail == r->url);
+  CHECK(events.front().detail == r->order.url);
+
+  // Without a callback obtain is unchanged (and reports nothing).
+  ObtainRequest quiet;
+  quiet.identifiers = {{"dns", "c.example.test"}};
+  CHECK(obtain(*f.client, quiet, solver).has_value());
+}

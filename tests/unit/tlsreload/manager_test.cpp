@@ -565,4 +565,24 @@ TEST_CASE("load_stored_only serves what storage holds and never orders") {
   CHECK_FALSE(m->state({"stored.example.com"}));
 }
 
+TEST_CASE("on_progress passes the ACME steps through starting with directory and account") {
+  Env env;
+  ManagerOptions o = env.options();
+  std::vector<acme::ProgressEvent> steps;
+  o.on_progress = [&](const acme::ProgressEvent& e) {
+    if (e.tick == 0) steps.push_back(e);
+  };
+  Manager m(std::move(o), env.storage, env.certs, env.challenges);
+  REQUIRE(m.manage(kNames));
+  REQUIRE(steps.size() >= 4);
+  CHECK(steps[0].step == acme::ProgressEvent::Step::directory);
+  CHECK(steps[0].detail == env.ca->directory_url());
+  CHECK(steps[1].step == acme::ProgressEvent::Step::account);
+  CHECK_FALSE(steps[1].detail.empty());
+  CHECK(steps[2].step == acme::ProgressEvent::Step::order);
+  CHECK(steps.back().step == acme::ProgressEvent::Step::downloaded);
+  for (const auto& e : steps) CHECK(e.subject == kNames.front());
+  for (size_t i = 1; i < steps.size(); ++i) CHECK(steps[i].elapsed >= steps[i - 1].elapsed);
+}
+
 }  // TEST_SUITE
