@@ -571,7 +571,8 @@ int cmd_serve(Context& ctx) {
       if (first) {
         first = false;
         manager.start();
-        event_line("ready", {{"names", acme_names()}}, "managing " + join(acme_names()));
+        auto managed = acme_names();
+        event_line("ready", {{"names", managed}}, managed.empty() ? "nothing to issue" : "managing " + join(managed));
       }
     }
     std::lock_guard lock(mu);
