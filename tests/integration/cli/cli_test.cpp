@@ -1323,3 +1323,52 @@ TEST_SUITE("cli.serve_files") {
     CHECK_MESSAGE(code == 0, logs());
   }
 }
+
+TEST_SUITE("cli.serve_files") {
+  TEST_CASE("serve serves a certbot directory from its live symlinks") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli certbot CA");
+    REQUIRE(ca);
+    auto one = make_test_leaf({"one.cli.test"}, *ca);
+    auto wild = make_test_leaf({"*.two.cli.test"}, *ca);
+    REQUIRE(one);
+    REQUIRE(wild);
+    fs::path ca_file = d.path / "ca.pem";
+    write_file(ca_file, ca->cert_pem);
+    // certbot's layout: live/<name>/*.pem are symlinks into archive/<name>/*1.pem.
+    fs::path le = d.path / "letsencrypt";
+    for (const auto& [name, pair] : {std::pair{std::string("one.cli.test"), *one}, std::pair{std::string("two.cli.test"), *wild}}) {
+      fs::create_directories(le / "archive" / name);
+      fs::create_directories(le / "live" / name);
+      put(le / "archive" / name / "fullchain1.pem", pair.cert_pem + ca->cert_pem);
+      put(le / "archive" / name / "privkey1.pem", pair.key_pem);
+      fs::create_symlink("../../archive/" + name + "/fullchain1.pem", le / "live" / name / "fullchain.pem");
+      fs::create_symlink("../../archive/" + name + "/privkey1.pem", le / "live" / name / "privkey.pem");
+    }
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "certbot\n");
+    int https = free_port();
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--cert-dir", le.string(), "--root", www.string(),
+                                     "--https-address", "127.0.0.1:" + std::to_string(https), "--http-address", "off",
+                                     "--admin-address", "off", "--json", "--drain", "1",
+                                     "--storage", (d.path / "s").string(), "--ca", "https://127.0.0.1:1/unreachable"};
+    fs::path out = d.path / "serve.out", err = d.path / "serve.err";
+    pid_t pid = spawn(argv, out, err, {});
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    std::pair<long, std::string> got;
+    while (std::chrono::steady_clock::now() < deadline) {
+      got = https_get("one.cli.test", https, ca_file);
+      if (got.first == 200) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    CHECK_MESSAGE(got.first == 200, (read_file(out) + read_file(err)));
+    CHECK(got.second == "certbot\n");
+    CHECK(https_get("a.two.cli.test", https, ca_file).first == 200);
+    CHECK_MESSAGE(read_file(out).find("\"event\":\"cert_files\"") != std::string::npos, read_file(out));
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK(wait_exit(pid, 15s) == 0);
+  }
+}
