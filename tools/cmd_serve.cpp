@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <iostream>
+#include <set>
 #include <thread>
 
 #include "acme/ari.h"
@@ -232,8 +233,9 @@ Result<ServeSetup> serve_setup(const Options& o) {
 
 // with_file_names is names plus the names the certificate files cover (served, not issued).
 std::vector<std::string> with_file_names(std::vector<std::string> names, const std::vector<std::string>& file_names) {
+  std::set<std::string> have(names.begin(), names.end());
   for (const auto& n : file_names) {
-    if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
+    if (have.insert(n).second) names.push_back(n);
   }
   return names;
 }
@@ -308,18 +310,22 @@ int cmd_serve(Context& ctx) {
   });
   if (!files) return usage_error(ctx, files.error().message);
   const std::vector<std::string> file_names = files->names;
+  const std::set<std::string> file_covered = files->covered;
   auto live_names = std::make_shared<NameList>(with_file_names(setup->names, file_names));
-  auto acme_names = [live_names, file_names] {
+  auto acme_names = [live_names, file_covered] {
     std::vector<std::string> out;
     for (const auto& n : live_names->get()) {
-      if (!covered_by(file_names, n)) out.push_back(n);
+      if (!covered_by(file_covered, n)) out.push_back(n);
     }
     return out;
   };
   if (files->watcher) {
     files_started->store(true);
-    event_line("cert_files", {{"names", file_names}},
-               "serving certificate files for " + join(file_names) + " (reloaded on change)");
+    // A directory may hold thousands of names: the line shows the first ones and the count.
+    std::vector<std::string> shown(file_names.begin(), file_names.begin() + std::min<size_t>(file_names.size(), 20));
+    std::string more = shown.size() < file_names.size() ? " and " + std::to_string(file_names.size() - shown.size()) + " more" : "";
+    event_line("cert_files", {{"names", shown}, {"count", file_names.size()}},
+               "serving certificate files for " + join(shown) + more + " (reloaded on change)");
   }
 
   // The CA is asked about its terms only when something may be issued.
@@ -426,12 +432,12 @@ int cmd_serve(Context& ctx) {
     if (files->watcher) out += watcher_metrics(*files->watcher);
     return out;
   };
-  cfg.admin.certificates = [&manager, store, live_names, file_names] {
+  cfg.admin.certificates = [&manager, store, live_names, file_covered] {
     auto names = live_names->get();
     json list = json::array();
     for (const auto& n : names) {
       json j = {{"name", n}, {"managed", false}};
-      if (covered_by(file_names, n)) {
+      if (covered_by(file_covered, n)) {
         j["source"] = "files";
         if (auto cert = store->lookup(n)) {
           j["names"] = cert->names();

@@ -42,18 +42,12 @@ Status check_key_permissions(const std::string& path, const std::string& flag) {
                                        "): run `chmod 600 " + path + "` (a private key must be readable by its owner only)");
 }
 
-bool covered_by(const std::vector<std::string>& names, const std::string& name) {
+bool covered_by(const std::set<std::string>& covered, const std::string& name) {
+  if (covered.empty()) return false;
   std::string n = lower_name(name);
+  if (covered.count(n)) return true;
   auto dot = n.find('.');
-  for (const auto& c : names) {
-    std::string have = lower_name(c);
-    if (have == n) return true;
-    if (have.size() > 2 && have.compare(0, 2, "*.") == 0 && dot != std::string::npos && dot > 0 &&
-        n.compare(dot + 1, std::string::npos, have, 2, std::string::npos) == 0) {
-      return true;
-    }
-  }
-  return false;
+  return dot != std::string::npos && dot > 0 && covered.count("*" + n.substr(dot));
 }
 
 Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::CertStore> store, Logger* logger,
@@ -121,6 +115,7 @@ Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::C
   if (auto st = out.watcher->start(); !st) return fail(st.error());
   std::sort(out.names.begin(), out.names.end());
   out.names.erase(std::unique(out.names.begin(), out.names.end()), out.names.end());
+  for (const auto& n : out.names) out.covered.insert(lower_name(n));
   return out;
 }
 

@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@ namespace autotls::cli {
 struct FileCerts {
   std::unique_ptr<tlsreload::CertWatcher> watcher;
   std::vector<std::string> names;
+  std::set<std::string> covered;  // the same, lower-case without a trailing dot, for covered_by
 };
 
 // check_key_permissions refuses a private key file readable or writable by group or others
@@ -33,9 +35,9 @@ Status check_key_permissions(const std::string& path, const std::string& flag);
 Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::CertStore> store, Logger* logger,
                                   std::function<void(const tlsreload::WatchEvent&)> on_event);
 
-// covered_by tells whether a certificate for names covers name (exact, or a wildcard for
-// exactly one label; case-insensitive, trailing dot ignored).
-bool covered_by(const std::vector<std::string>& names, const std::string& name);
+// covered_by tells whether a certificate for one of covered (FileCerts::covered) serves name:
+// exact, or a wildcard for exactly one label; case-insensitive, trailing dot ignored.
+bool covered_by(const std::set<std::string>& covered, const std::string& name);
 
 // watcher_metrics renders the watcher's counters in Prometheus text format.
 std::string watcher_metrics(const tlsreload::CertWatcher& w);
