@@ -105,6 +105,11 @@ struct Options {
   double on_demand_wait = 10;
   double on_demand_ask_timeout = 3;
   int on_demand_deny_ttl = 600;
+  // serve: certificate files served as they are (not issued over ACME), watched and reloaded
+  // on change: --cert/--key pairs (repeatable, in order) and certbot-style --cert-dir.
+  std::vector<std::string> serve_certs;
+  std::vector<std::string> serve_keys;
+  std::vector<std::string> cert_dirs;
 };
 
 // Output prints results and progress: human text on stdout (progress on stderr), or with

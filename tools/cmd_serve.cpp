@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <iostream>
+#include <set>
 #include <thread>
 
 #include "acme/ari.h"
@@ -17,6 +18,7 @@
 #include "tlsreload/on_demand.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
+#include "tools/serve_files.h"
 
 namespace autotls::cli {
 
@@ -188,8 +190,10 @@ Result<ServeSetup> serve_setup(const Options& o) {
   auto od = on_demand_options(o, {});  // the ask URL uses the system roots
   if (!od) return bad("serve: " + od.error().message);
   out.on_demand = *od;
-  if (names.empty() && !od->enabled) {
-    return bad("serve: give the names to serve with -d NAME (or \"sites\" in the config file, or --on-demand)");
+  const bool files = !o.serve_certs.empty() || !o.serve_keys.empty() || !o.cert_dirs.empty();
+  if (names.empty() && !od->enabled && !files) {
+    return bad("serve: give the names to serve with -d NAME (or \"sites\" in the config file, --cert/--key, "
+               "--cert-dir, or --on-demand)");
   }
   if (!o.root.empty() && !o.proxy.empty()) return bad("serve: give --root or --proxy, not both");
   if (!o.root.empty()) cfg.default_site = server::StaticSite{o.root};
@@ -204,7 +208,7 @@ Result<ServeSetup> serve_setup(const Options& o) {
   if (https->empty()) return bad("serve: at least one --https-address is needed");
   auto http = endpoints(o.http_addresses, {"0.0.0.0:80", "[::]:80"});
   if (!http) return bad(http.error().message);
-  if (http->empty() && o.challenge == "http-01") {
+  if (http->empty() && o.challenge == "http-01" && (od->enabled || (!names.empty() && !files))) {
     return bad("serve: http-01 needs an http listener: give --http-address or --challenge tls-alpn-01");
   }
   cfg.https = *https;
@@ -225,6 +229,15 @@ Result<ServeSetup> serve_setup(const Options& o) {
   }
   if (o.drain < 0) return bad("--drain must not be negative");
   return out;
+}
+
+// with_file_names is names plus the names the certificate files cover (served, not issued).
+std::vector<std::string> with_file_names(std::vector<std::string> names, const std::vector<std::string>& file_names) {
+  std::set<std::string> have(names.begin(), names.end());
+  for (const auto& n : file_names) {
+    if (have.insert(n).second) names.push_back(n);
+  }
+  return names;
 }
 
 // NameList is the set of names served, read by the admin callbacks and replaced on SIGHUP.
@@ -252,23 +265,11 @@ int cmd_serve(Context& ctx) {
   auto setup = serve_setup(o);
   if (!setup) return usage_error(ctx, setup.error().message);
   server::ServerConfig cfg = setup->cfg;
-  auto live_names = std::make_shared<NameList>(setup->names);
   // Written by a SIGHUP reload on the worker thread, read by the shutdown path.
   std::atomic<long long> drain_ms{static_cast<long long>(o.drain * 1000)};
 
   auto mo = manager_options(ctx, ctx.directory_url);
   if (!mo) return report(ctx, mo.error());
-  if (mo->issuers.empty()) {
-    if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
-  }
-  for (const auto& is : mo->issuers) {
-    if (is.internal) continue;
-    // Terms not agreed to stop us; a CA that cannot be reached now does not: issuance falls
-    // back past it.
-    if (auto st = check_terms(ctx, is.directory_url); !st && st.error().code == Errc::invalid_input) {
-      return report(ctx, st.error());
-    }
-  }
 
   auto event_line = [&](const std::string& event, const json& fields, const std::string& text) {
     json j = {{"time", acme::format_rfc3339(system_clock::now())}, {"event", event}};
@@ -292,6 +293,55 @@ int cmd_serve(Context& ctx) {
   CancellableClock clock;
   auto store = std::make_shared<tlsreload::CertStore>();
   auto challenges = std::make_shared<tlsreload::ChallengeStore>();
+
+  // Certificate files (--cert/--key, --cert-dir): checked whole and published before anything
+  // listens; their names are served from them, not issued. The watcher thread starts after the
+  // signal mask, so it never takes SIGHUP itself. Events are printed once serving started.
+  auto files_started = std::make_shared<std::atomic<bool>>(false);
+  auto files = load_cert_files(o, store, &ctx.logger, [&event_line, files_started](const tlsreload::WatchEvent& e) {
+    if (!files_started->load()) return;
+    json f = {{"path", e.path.string()}, {"cert_id", e.cert_id}};
+    std::string text = e.path.string();
+    if (e.error) {
+      f["error"] = error_json(*e.error);
+      text += ": " + e.error->message + " (the last good certificate keeps serving)";
+    }
+    event_line("cert_file_" + std::string(tlsreload::to_string(e.type)), f, text);
+  });
+  if (!files) return usage_error(ctx, files.error().message);
+  const std::vector<std::string> file_names = files->names;
+  const std::set<std::string> file_covered = files->covered;
+  auto live_names = std::make_shared<NameList>(with_file_names(setup->names, file_names));
+  auto acme_names = [live_names, file_covered] {
+    std::vector<std::string> out;
+    for (const auto& n : live_names->get()) {
+      if (!covered_by(file_covered, n)) out.push_back(n);
+    }
+    return out;
+  };
+  if (files->watcher) {
+    files_started->store(true);
+    // A directory may hold thousands of names: the line shows the first ones and the count.
+    std::vector<std::string> shown(file_names.begin(), file_names.begin() + std::min<size_t>(file_names.size(), 20));
+    std::string more = shown.size() < file_names.size() ? " and " + std::to_string(file_names.size() - shown.size()) + " more" : "";
+    event_line("cert_files", {{"names", shown}, {"count", file_names.size()}},
+               "serving certificate files for " + join(shown) + more + " (reloaded on change)");
+  }
+
+  // The CA is asked about its terms only when something may be issued.
+  if (!acme_names().empty() || setup->on_demand.enabled) {
+    if (mo->issuers.empty()) {
+      if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
+    }
+    for (const auto& is : mo->issuers) {
+      if (is.internal) continue;
+      // Terms not agreed to stop us; a CA that cannot be reached now does not: issuance falls
+      // back past it.
+      if (auto st = check_terms(ctx, is.directory_url); !st && st.error().code == Errc::invalid_input) {
+        return report(ctx, st.error());
+      }
+    }
+  }
   mo->clock = &clock;
   std::string deploy_hook = o.deploy_hook;
   std::string storage_root = ctx.storage_root;
@@ -341,7 +391,7 @@ int cmd_serve(Context& ctx) {
       return cert && cert->not_after() > now;
     });
   };
-  cfg.admin.metrics = [&manager, &on_demand, store, live_names] {
+  cfg.admin.metrics = [&manager, &on_demand, &files, store, live_names] {
     auto names = live_names->get();
     std::string out =
         "# HELP autotls_certificate_not_after_seconds Expiry (Unix time) of the certificate served "
@@ -379,13 +429,23 @@ int cmd_serve(Context& ctx) {
         out += std::string("autotls_on_demand_total{outcome=\"") + what + "\"} " + std::to_string(value) + "\n";
       }
     }
+    if (files->watcher) out += watcher_metrics(*files->watcher);
     return out;
   };
-  cfg.admin.certificates = [&manager, live_names] {
+  cfg.admin.certificates = [&manager, store, live_names, file_covered] {
     auto names = live_names->get();
     json list = json::array();
     for (const auto& n : names) {
       json j = {{"name", n}, {"managed", false}};
+      if (covered_by(file_covered, n)) {
+        j["source"] = "files";
+        if (auto cert = store->lookup(n)) {
+          j["names"] = cert->names();
+          j["not_after"] = acme::format_rfc3339(cert->not_after());
+        }
+        list.push_back(std::move(j));
+        continue;
+      }
       if (auto st = manager.state({n})) {
         j["managed"] = true;
         j["names"] = st->names;
@@ -445,6 +505,7 @@ int cmd_serve(Context& ctx) {
     auto refuse = [&](const std::string& why) {
       event_line("reload_failed", {{"error", why}}, "configuration not reloaded, the running one stays: " + why);
     };
+    if (files->watcher) files->watcher->rescan();
     if (!ctx.reparse) {
       event_line("reload", json::object(), "re-reading certificates from storage");
       return;
@@ -467,10 +528,14 @@ int cmd_serve(Context& ctx) {
         {"challenge", next->challenge != o.challenge},
         {"key-type", next->key_type != o.key_type},
         {"deploy-hook", next->deploy_hook != o.deploy_hook},
+        {"cert", next->serve_certs != o.serve_certs},
+        {"key", next->serve_keys != o.serve_keys},
+        {"cert-dir", next->cert_dirs != o.cert_dirs},
     };
     for (const auto& [key, changed] : restart_only) {
       if (changed) not_applied.push_back(key);
     }
+    ns->names = with_file_names(ns->names, file_names);
     auto old_names = live_names->get();
     std::vector<std::string> added, removed;
     for (const auto& n : ns->names) {
@@ -502,7 +567,7 @@ int cmd_serve(Context& ctx) {
         reload = false;
       }
       if (!first) reload_config();
-      for (const auto& n : live_names->get()) {
+      for (const auto& n : acme_names()) {
         {
           std::lock_guard lock(mu);
           if (stopping) break;
@@ -512,7 +577,8 @@ int cmd_serve(Context& ctx) {
       if (first) {
         first = false;
         manager.start();
-        event_line("ready", {{"names", live_names->get()}}, "managing " + join(live_names->get()));
+        auto managed = acme_names();
+        event_line("ready", {{"names", managed}}, managed.empty() ? "nothing to issue" : "managing " + join(managed));
       }
     }
     std::lock_guard lock(mu);

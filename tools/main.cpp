@@ -312,12 +312,21 @@ void build_cli(Cli& cli, Options& o) {
       ->capture_default_str();
   serve->add_option("--on-demand-deny-ttl", o.on_demand_deny_ttl, "on-demand: seconds a denied name stays denied")
       ->capture_default_str();
+  serve->add_option("--cert", o.serve_certs,
+                    "certificate chain file (PEM, leaf first) to serve as is; repeat with one --key each; its "
+                    "names are not issued over ACME");
+  serve->add_option("--key", o.serve_keys, "private key file of the --cert at the same position (mode 0600 or stricter)");
+  serve->add_option("--cert-dir", o.cert_dirs,
+                    "serve every <DIR>/<name>/{fullchain,privkey}.pem (certbot layout, also <DIR>/live/<name>/); "
+                    "repeatable; files are reloaded on change");
   add_challenge_options(serve, o, false);
   serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once);\n"
                             "SIGHUP re-reads the config file (sites, access log) and certificates.\n\n"
                             "Examples:\n"
                             "  autotls serve -d example.com --root /var/www --agree-tos --email me@example.com\n"
                             "  autotls serve -d app.example.com --proxy http://127.0.0.1:8080\n"
+                            "  autotls serve --cert /etc/ssl/site.pem --key /etc/ssl/site.key --root /var/www\n"
+                            "  autotls serve --cert-dir /etc/letsencrypt --proxy http://127.0.0.1:8080\n"
                             "  autotls serve --config /etc/autotls.json\n\n") +
                 kExitCodes);
 }

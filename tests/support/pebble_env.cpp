@@ -315,13 +315,17 @@ Result<PemPair> make_test_ca(const std::string& common_name) {
   return PemPair{*cert_pem, *key_pem};
 }
 
-Result<PemPair> make_test_leaf(const std::vector<std::string>& names, const PemPair& ca) {
+Result<PemPair> make_test_leaf(const std::vector<std::string>& names, const PemPair& ca,
+                               std::chrono::seconds not_after_from_now) {
   if (names.empty()) return fail(Errc::invalid_input, "make_test_leaf: no names");
   auto key = p256_key();
   if (!key) return fail(key.error());
   auto cert = new_cert(names.front(), key->get());
   if (!cert) return fail(cert.error());
   X509* c = cert->get();
+  const long after = static_cast<long>(not_after_from_now.count());
+  X509_gmtime_adj(X509_getm_notAfter(c), after);
+  if (after < 0) X509_gmtime_adj(X509_getm_notBefore(c), after - 24L * 3600);
 
   ossl::X509Ptr ca_cert;
   ossl::EvpPkeyPtr ca_key;

@@ -172,8 +172,11 @@ class BindEnv {
 // make_test_ca creates a self-signed P-256 CA certificate named common_name.
 Result<PemPair> make_test_ca(const std::string& common_name);
 // make_test_leaf creates a P-256 server certificate for names (DNS names or IP literals),
-// signed by ca (as returned by make_test_ca). An empty ca makes it self-signed.
-Result<PemPair> make_test_leaf(const std::vector<std::string>& names, const PemPair& ca = {});
+// signed by ca (as returned by make_test_ca). An empty ca makes it self-signed. It is valid
+// from an hour ago until not_after_from_now (a week by default); a negative value makes an
+// expired certificate (valid for the day before its notAfter).
+Result<PemPair> make_test_leaf(const std::vector<std::string>& names, const PemPair& ca = {},
+                               std::chrono::seconds not_after_from_now = std::chrono::hours(7 * 24));
 
 }  // namespace autotls::testing
 

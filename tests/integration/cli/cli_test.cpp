@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -1191,5 +1192,266 @@ TEST_SUITE("cli.quickstart") {
     CHECK_MESSAGE(r.code == 0, show(r));
     CHECK(r.err.find("OK: https://demo.autotls.test:") != std::string::npos);
     CHECK(r.err.find("exited 0 after SIGTERM") != std::string::npos);
+  }
+}
+
+namespace {
+
+// put writes text to p by a temporary file and a rename (as deploy tools replace files), with
+// mode (0600 for keys).
+void put(const fs::path& p, const std::string& text, fs::perms mode = fs::perms::owner_read | fs::perms::owner_write) {
+  fs::path tmp = p.string() + ".tmp";
+  write_file(tmp, text);
+  fs::permissions(tmp, mode);
+  fs::rename(tmp, p);
+}
+
+// one_line is the first line of stderr and whether it was the only one.
+bool one_line(const std::string& err) { return std::count(err.begin(), err.end(), '\n') == 1; }
+
+}  // namespace
+
+TEST_SUITE("cli.serve_files") {
+  TEST_CASE("serve refuses bad certificate files and config with one line and exit 2") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli files CA");
+    REQUIRE_MESSAGE(ca, ca.error().message);
+    auto good = make_test_leaf({"files.cli.test"}, *ca);
+    auto other = make_test_leaf({"files.cli.test"}, *ca);
+    auto expired = make_test_leaf({"files.cli.test"}, *ca, -std::chrono::hours(24));
+    REQUIRE(good);
+    REQUIRE(other);
+    REQUIRE(expired);
+    fs::path cert = d.path / "cert.pem", key = d.path / "key.pem";
+    put(cert, good->cert_pem + ca->cert_pem, fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read |
+                                                 fs::perms::others_read);
+    put(key, good->key_pem);
+    fs::path other_key = d.path / "other.key", exp_cert = d.path / "expired.pem", exp_key = d.path / "expired.key";
+    put(other_key, other->key_pem);
+    put(exp_cert, expired->cert_pem + ca->cert_pem);
+    put(exp_key, expired->key_pem);
+    fs::create_directories(d.path / "www");
+    std::string storage = (d.path / "s").string();
+    auto serve = [&](std::vector<std::string> more) {
+      std::vector<std::string> a = {"serve", "--root", (d.path / "www").string(), "--https-address",
+                                    "127.0.0.1:" + std::to_string(free_port()), "--http-address", "off",
+                                    "--admin-address", "off", "--storage", storage};
+      a.insert(a.end(), more.begin(), more.end());
+      return run(a, {}, 20s);
+    };
+    auto expect = [&](const Run& r, const std::vector<std::string>& needles) {
+      CHECK_MESSAGE(r.code == 2, show(r));
+      CHECK_MESSAGE(one_line(r.err), show(r));
+      for (const auto& needle : needles) {
+        std::string why = needle + "\n" + show(r);
+        CHECK_MESSAGE(r.err.find(needle) != std::string::npos, why);
+      }
+    };
+
+    // A missing certificate file, named.
+    expect(serve({"--cert", (d.path / "nope.pem").string(), "--key", key.string()}),
+           {(d.path / "nope.pem").string(), "No such file or directory"});
+    // An unreadable key. root reads any file whatever its mode: then a directory stands where
+    // the key file should be (the same open-and-read failure path).
+    if (::geteuid() == 0) {
+      MESSAGE("running as root: chmod 000 does not stop root; checking a directory in place of the key instead");
+      fs::create_directories(d.path / "keydir");
+      expect(serve({"--cert", cert.string(), "--key", (d.path / "keydir").string()}),
+             {(d.path / "keydir").string(), "directory"});
+    } else {
+      fs::path locked = d.path / "locked.key";
+      put(locked, good->key_pem, fs::perms::none);
+      expect(serve({"--cert", cert.string(), "--key", locked.string()}), {locked.string(), "Permission denied"});
+    }
+    // A key that does not belong to the certificate.
+    expect(serve({"--cert", cert.string(), "--key", other_key.string()}),
+           {cert.string(), "private key does not match"});
+    // An expired certificate.
+    expect(serve({"--cert", exp_cert.string(), "--key", exp_key.string()}), {exp_cert.string(), "expired"});
+    // A key readable by others: refused like ssh does, naming the file and the fix.
+    fs::permissions(key, fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read);
+    expect(serve({"--cert", cert.string(), "--key", key.string()}), {key.string(), "0644", "chmod 600 " + key.string()});
+    fs::permissions(key, fs::perms::owner_read | fs::perms::owner_write);
+    // Pairs must be pairs; an empty --cert-dir is named.
+    expect(serve({"--cert", cert.string()}), {"--cert and --key in pairs"});
+    fs::create_directories(d.path / "empty");
+    expect(serve({"--cert-dir", (d.path / "empty").string()}), {(d.path / "empty").string(), "no certificates found"});
+    // A certbot-style directory with a bad pair fails the start naming the file.
+    fs::create_directories(d.path / "live" / "live" / "files.cli.test");
+    put(d.path / "live" / "live" / "files.cli.test" / "fullchain.pem", good->cert_pem);
+    put(d.path / "live" / "live" / "files.cli.test" / "privkey.pem", other->key_pem);
+    expect(serve({"--cert-dir", (d.path / "live").string()}), {"files.cli.test", "does not match"});
+
+    // The config file: its keys are the flag names; bad JSON and unknown keys are named.
+    fs::path cfg = d.path / "serve.json";
+    write_file(cfg, json({{"cert", {cert.string()}}, {"key", {other_key.string()}}}).dump());
+    expect(serve({"--config", cfg.string()}), {"private key does not match"});
+    write_file(cfg, R"({"cert": [")" + cert.string() + R"("], "key": )");
+    expect(serve({"--config", cfg.string()}), {cfg.string(), "invalid JSON"});
+    write_file(cfg, json({{"cert", {cert.string()}}, {"key", {key.string()}}, {"certs-dir", "/tmp"}}).dump());
+    expect(serve({"--config", cfg.string()}), {cfg.string(), "unknown key \"certs-dir\""});
+    CHECK_FALSE(fs::exists(d.path / "core"));
+  }
+
+  TEST_CASE("serve reloads replaced certificate files without restart and keeps the old on a bad pair") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca1 = make_test_ca("autotls cli files CA one");
+    auto ca2 = make_test_ca("autotls cli files CA two");
+    REQUIRE(ca1);
+    REQUIRE(ca2);
+    auto a = make_test_leaf({"files.cli.test"}, *ca1);
+    auto b = make_test_leaf({"files.cli.test"}, *ca2);
+    auto c = make_test_leaf({"files.cli.test"}, *ca1);
+    REQUIRE(a);
+    REQUIRE(b);
+    REQUIRE(c);
+    fs::path ca1_file = d.path / "ca1.pem", ca2_file = d.path / "ca2.pem";
+    write_file(ca1_file, ca1->cert_pem);
+    write_file(ca2_file, ca2->cert_pem);
+    fs::path certs = d.path / "certs";
+    fs::create_directories(certs);
+    fs::path cert = certs / "site.pem", key = certs / "site.key";
+    put(cert, a->cert_pem + ca1->cert_pem);
+    put(key, a->key_pem);
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "from files\n");
+    int https = free_port();
+    // A -d name the files cover is not issued: the CA (unreachable) is never contacted, or
+    // serve would exit 4 at its terms check.
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "-d", "FILES.cli.test", "--cert", cert.string(), "--key", key.string(),
+                                     "--root", www.string(), "--https-address", "127.0.0.1:" + std::to_string(https),
+                                     "--http-address", "off", "--admin-address", "127.0.0.1:0", "--json",
+                                     "--drain", "1", "--storage", (d.path / "s").string(), "--ca",
+                                     "https://127.0.0.1:1/unreachable"};
+    fs::path out = d.path / "serve.out", err = d.path / "serve.err";
+    pid_t pid = spawn(argv, out, err, {});
+    auto logs = [&] { return read_file(out) + read_file(err); };
+    auto wait_for = [&](const std::function<bool()>& ok, std::chrono::seconds limit) {
+      auto deadline = std::chrono::steady_clock::now() + limit;
+      while (std::chrono::steady_clock::now() < deadline) {
+        if (ok()) return true;
+        int status = 0;
+        if (::waitpid(pid, &status, WNOHANG) == pid) return false;
+        std::this_thread::sleep_for(100ms);
+      }
+      return ok();
+    };
+    auto served_by = [&](const fs::path& ca_file) { return https_get("files.cli.test", https, ca_file); };
+    REQUIRE_MESSAGE(wait_for([&] { return served_by(ca1_file).first == 200; }, 10s), logs());
+    CHECK(served_by(ca1_file).second == "from files\n");
+    CHECK(served_by(ca2_file).first == 0);  // not trusted: the certificate is from CA one
+
+    // Replace the pair on disk: the new certificate is served within a bounded wait.
+    put(cert, b->cert_pem + ca2->cert_pem);
+    put(key, b->key_pem);
+    CHECK_MESSAGE(wait_for([&] { return served_by(ca2_file).first == 200; }, 10s), logs());
+    CHECK(served_by(ca1_file).first == 0);
+    CHECK(read_file(out).find("\"event\":\"cert_file_reloaded\"") != std::string::npos);
+
+    // A bad pair (certificate and key that do not belong together): logged naming the file, and
+    // the last good certificate keeps serving.
+    put(cert, c->cert_pem + ca1->cert_pem);
+    CHECK_MESSAGE(wait_for([&] { return read_file(out).find("\"event\":\"cert_file_failed\"") != std::string::npos; }, 12s),
+                  logs());
+    {
+      std::istringstream lines(read_file(out));
+      std::string line;
+      bool named = false;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (!j.is_object() || j.value("event", "") != "cert_file_failed") continue;
+        named = j.value("path", "") == cert.string() &&
+                j["error"].dump().find("private key does not match") != std::string::npos;
+      }
+      CHECK_MESSAGE(named, read_file(out));
+    }
+    CHECK(served_by(ca2_file).first == 200);
+    CHECK(served_by(ca1_file).first == 0);
+
+    // SIGHUP rescans the files; the metrics count what the watcher did.
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    CHECK(wait_for([&] { return read_file(out).find("\"event\":\"reload\"") != std::string::npos; }, 10s));
+    CHECK(served_by(ca2_file).first == 200);
+    int admin = 0;
+    {
+      std::istringstream lines(read_file(out));
+      std::string line;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
+      }
+    }
+    REQUIRE_MESSAGE(admin > 0, logs());
+    httplib::Client adm("127.0.0.1", admin);
+    adm.set_read_timeout(std::chrono::seconds(5));
+    auto m = adm.Get("/metrics");
+    REQUIRE(m);
+    INFO(m->body);
+    CHECK(m->body.find("\nautotls_cert_files_total{event=\"loaded\"} 1\n") != std::string::npos);
+    CHECK(m->body.find("\nautotls_cert_files_total{event=\"reloaded\"} 1\n") != std::string::npos);
+    CHECK(m->body.find("\nautotls_cert_files_total{event=\"failed\"} 1\n") != std::string::npos);
+    CHECK(m->body.find("\nautotls_cert_files_failing 1\n") != std::string::npos);
+    CHECK(m->body.find("autotls_certificate_not_after_seconds{name=\"files.cli.test\"} ") != std::string::npos);
+    auto ready = adm.Get("/readyz");
+    REQUIRE(ready);
+    CHECK(ready->status == 200);
+
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    int code = wait_exit(pid, 15s);
+    CHECK_MESSAGE(code == 0, logs());
+  }
+}
+
+TEST_SUITE("cli.serve_files") {
+  TEST_CASE("serve serves a certbot directory from its live symlinks") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli certbot CA");
+    REQUIRE(ca);
+    auto one = make_test_leaf({"one.cli.test"}, *ca);
+    auto wild = make_test_leaf({"*.two.cli.test"}, *ca);
+    REQUIRE(one);
+    REQUIRE(wild);
+    fs::path ca_file = d.path / "ca.pem";
+    write_file(ca_file, ca->cert_pem);
+    // certbot's layout: live/<name>/*.pem are symlinks into archive/<name>/*1.pem.
+    fs::path le = d.path / "letsencrypt";
+    for (const auto& [name, pair] : {std::pair{std::string("one.cli.test"), *one}, std::pair{std::string("two.cli.test"), *wild}}) {
+      fs::create_directories(le / "archive" / name);
+      fs::create_directories(le / "live" / name);
+      put(le / "archive" / name / "fullchain1.pem", pair.cert_pem + ca->cert_pem);
+      put(le / "archive" / name / "privkey1.pem", pair.key_pem);
+      fs::create_symlink("../../archive/" + name + "/fullchain1.pem", le / "live" / name / "fullchain.pem");
+      fs::create_symlink("../../archive/" + name + "/privkey1.pem", le / "live" / name / "privkey.pem");
+    }
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "certbot\n");
+    int https = free_port();
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--cert-dir", le.string(), "--root", www.string(),
+                                     "--https-address", "127.0.0.1:" + std::to_string(https), "--http-address", "off",
+                                     "--admin-address", "off", "--json", "--drain", "1",
+                                     "--storage", (d.path / "s").string(), "--ca", "https://127.0.0.1:1/unreachable"};
+    fs::path out = d.path / "serve.out", err = d.path / "serve.err";
+    pid_t pid = spawn(argv, out, err, {});
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    std::pair<long, std::string> got;
+    while (std::chrono::steady_clock::now() < deadline) {
+      got = https_get("one.cli.test", https, ca_file);
+      if (got.first == 200) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    CHECK_MESSAGE(got.first == 200, (read_file(out) + read_file(err)));
+    CHECK(got.second == "certbot\n");
+    CHECK(https_get("a.two.cli.test", https, ca_file).first == 200);
+    CHECK_MESSAGE(read_file(out).find("\"event\":\"cert_files\"") != std::string::npos, read_file(out));
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK(wait_exit(pid, 15s) == 0);
   }
 }
