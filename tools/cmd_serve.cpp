@@ -294,8 +294,9 @@ int cmd_serve(Context& ctx) {
   auto challenges = std::make_shared<tlsreload::ChallengeStore>();
   mo->clock = &clock;
   std::string deploy_hook = o.deploy_hook;
+  std::string event_hook = o.event_hook;
   std::string storage_root = ctx.storage_root;
-  mo->on_event = [&, deploy_hook, storage_root](const tlsreload::ManagerEvent& e) {
+  mo->on_event = [&, deploy_hook, event_hook, storage_root](const tlsreload::ManagerEvent& e) {
     json f = {{"name", e.name}, {"names", e.names}, {"cert_id", e.cert_id}};
     if (!e.issuer.empty()) f["issuer"] = e.issuer;
     if (e.not_after) f["not_after"] = acme::format_rfc3339(*e.not_after);
@@ -310,6 +311,14 @@ int cmd_serve(Context& ctx) {
       if (auto st = run_deploy_hook(deploy_hook, e.names, live_paths(storage_root, e.name), std::string(tlsreload::to_string(e.type)));
           !st) {
         event_line("deploy_hook_failed", {{"name", e.name}, {"error", st.error().message}}, e.name + ": " + st.error().message);
+      }
+    }
+    // The event hook hears every event but "loaded": failures too (CAs no longer email).
+    if (!event_hook.empty() && e.type != tlsreload::ManagerEvent::Type::loaded) {
+      if (auto st = run_event_hook(event_hook, std::string(tlsreload::to_string(e.type)), e.names,
+                                   live_paths(storage_root, e.name), e.error ? describe_error(*e.error) : "");
+          !st) {
+        event_line("event_hook_failed", {{"name", e.name}, {"error", st.error().message}}, e.name + ": " + st.error().message);
       }
     }
   };
@@ -361,7 +370,8 @@ int cmd_serve(Context& ctx) {
         {"failed", c.failed, "Failed issuances and renewals since start."},
         {"fallbacks", c.fallbacks, "Certificates issued by an issuer other than the first since start."},
         {"expiring", c.expiring, "Failed renewals of a certificate with at most 7 days (and a third of its lifetime) left."},
-        {"abandoned", c.abandoned, "Issuances abandoned at shutdown."}};
+        {"abandoned", c.abandoned, "Issuances abandoned at shutdown."},
+        {"revoked", c.revoked, "Revoked certificates found in storage (renewed at once) since start."}};
     for (const auto& [what, value, help] : counters) {
       std::string name = std::string("autotls_certificates_") + what + "_total";
       out += "# HELP " + name + " " + help + "\n";
@@ -467,6 +477,7 @@ int cmd_serve(Context& ctx) {
         {"challenge", next->challenge != o.challenge},
         {"key-type", next->key_type != o.key_type},
         {"deploy-hook", next->deploy_hook != o.deploy_hook},
+        {"event-hook", next->event_hook != o.event_hook},
     };
     for (const auto& [key, changed] : restart_only) {
       if (changed) not_applied.push_back(key);
