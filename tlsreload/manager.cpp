@@ -1086,20 +1086,18 @@ void Manager::stop() {
 }
 
 void Manager::stop(std::chrono::milliseconds grace) {
+  // Real time: the grace period is the operator's, whatever clock is injected.
+  const auto deadline = std::chrono::steady_clock::now() + grace;
   {
     std::unique_lock lock(loop_mu_);
     stopping_ = true;
     loop_cv_.notify_all();
-    if (thread_.joinable()) {
-      // Real time: the grace period is the operator's, whatever clock is injected.
-      loop_cv_.wait_for(lock, grace, [this] { return loop_done_; });
-    } else if (grace.count() > 0) {
-      // No background thread: give orders in flight on other threads (manage, renew,
-      // on-demand) the grace period.
-      lock.unlock();
-      std::unique_lock slots(slots_mu_);
-      slots_cv_.wait_for(slots, grace, [this] { return slots_used_ == 0; });
-    }
+    if (thread_.joinable()) loop_cv_.wait_until(lock, deadline, [this] { return loop_done_; });
+  }
+  if (grace.count() > 0) {
+    // Orders in flight on other threads (manage, renew, on-demand) get what is left of it.
+    std::unique_lock slots(slots_mu_);
+    slots_cv_.wait_until(slots, deadline, [this] { return slots_used_ == 0; });
   }
   stop_clock_->cancel(true);
   if (thread_.joinable()) thread_.join();

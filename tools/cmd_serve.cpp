@@ -522,6 +522,10 @@ int cmd_serve(Context& ctx) {
       }
       if (first) {
         first = false;
+        {
+          std::lock_guard lock(mu);
+          if (stopping) break;  // never start renewals once the drain began
+        }
         manager.start();
         event_line("ready", {{"names", live_names->get()}}, "managing " + join(live_names->get()));
       }
@@ -565,9 +569,14 @@ int cmd_serve(Context& ctx) {
   auto drain = std::chrono::milliseconds(drain_ms.load());
   event_line("shutdown", {{"drain_seconds", static_cast<double>(drain.count()) / 1000}},
              "draining for up to " + std::to_string(drain.count()) + " ms");
-  clock.cancel();
+  // Issuances in flight get the drain period too, alongside the connections; then they are
+  // abandoned (every wait cut short, storage lock released, nothing written).
+  std::thread manager_stop([&] {
+    manager.stop(drain);
+    clock.cancel();
+  });
   (*srv)->shutdown(drain);
-  manager.stop();
+  manager_stop.join();
   {
     std::unique_lock lock(mu);
     // An issuance blocked in a network call cannot be interrupted; do not wait for it long.

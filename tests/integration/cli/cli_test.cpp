@@ -760,6 +760,60 @@ TEST_SUITE("cli.account") {
     CHECK_FALSE(after.contains("revoked"));
   }
 
+  TEST_CASE("serve gives an issuance in flight the drain period then abandons it and frees its lock") {
+    autotls::testing::FakeAcmeServer::Options o;
+    o.order_processing_polls = 4;  // about 4 s in "processing" after finalize
+    o.poll_retry_after = 1;
+    autotls::testing::FakeCaEndpoint ep(o);
+    REQUIRE(ep.port() > 0);
+    std::atomic<bool> finalized{false};
+    ep.ca().intercept = [&](const autotls::acme::HttpRequest& req) -> std::optional<autotls::acme::HttpResponse> {
+      if (req.url.find("/finalize/") != std::string::npos) finalized = true;
+      return std::nullopt;
+    };
+    TempDir dir;
+    const std::string storage = (dir.path / "storage").string();
+    fs::create_directories(dir.path / "www");
+    // serve_until_finalize starts serve for name, sends SIGTERM once the order is finalized
+    // (in processing) and returns the exit code.
+    auto serve_until_finalize = [&](const std::string& name, const std::string& drain) {
+      finalized = false;
+      std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--ca", ep.directory_url(), "--storage", storage,
+                                       "--agree-tos", "-d", name, "--https-address",
+                                       "127.0.0.1:" + std::to_string(free_port()), "--http-address",
+                                       "127.0.0.1:" + std::to_string(free_port()), "--root", (dir.path / "www").string(),
+                                       "--json", "--drain", drain, "--admin-address", "off"};
+      pid_t pid = spawn(argv, dir.path / "serve.out", dir.path / "serve.err", {});
+      auto deadline = std::chrono::steady_clock::now() + 20s;
+      while (!finalized && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
+      CHECK(finalized);
+      REQUIRE(::kill(pid, SIGTERM) == 0);
+      return wait_exit(pid, 30s);
+    };
+    auto logs = [&] { return read_file(dir.path / "serve.out") + read_file(dir.path / "serve.err"); };
+
+    // A drain longer than the order: the certificate is obtained and written before exit.
+    int a = serve_until_finalize("drained.cli.test", "10");
+    CHECK_MESSAGE(a == 0, logs());
+    CHECK_MESSAGE(fs::exists(fs::path(storage) / "live" / "drained.cli.test" / "fullchain.pem"), logs());
+    CHECK_MESSAGE(read_file(dir.path / "serve.out").find("\"obtained\"") != std::string::npos, logs());
+
+    // A drain shorter than the order: abandoned at its end, nothing written, exit 0.
+    auto t0 = std::chrono::steady_clock::now();
+    int b = serve_until_finalize("abandoned.cli.test", "1");
+    CHECK_MESSAGE(b == 0, logs());
+    CHECK(std::chrono::steady_clock::now() - t0 < 25s);
+    CHECK_MESSAGE(!fs::exists(fs::path(storage) / "live" / "abandoned.cli.test" / "fullchain.pem"), logs());
+    CHECK(read_file(dir.path / "serve.out").find("\"obtained\"") == std::string::npos);
+    // Its storage lock was released: the next process issues the name at once instead of
+    // waiting for the lock to go stale (60 s, beyond this run's timeout).
+    auto next = run({"issue", "--ca", ep.directory_url(), "--storage", storage, "--http-address",
+                     "127.0.0.1:" + std::to_string(free_port()), "-d", "abandoned.cli.test"},
+                    {}, 20s);
+    CHECK_MESSAGE(next.code == 0, show(next));
+    ep.ca().intercept = nullptr;
+  }
+
   TEST_CASE("register show update rollover deactivate") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});
