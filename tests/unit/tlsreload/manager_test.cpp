@@ -634,4 +634,19 @@ TEST_CASE("a certificate marked revoked in storage is renewed at once without re
   CHECK(certs->lookup("example.com")->id() != second);
 }
 
+TEST_CASE("ARI is polled at least twice a day and at most once a minute whatever Retry-After says") {
+  for (auto [retry_after, expected] : {std::pair{3 * 24 * 3600, 12h}, std::pair{5, std::chrono::hours(0)}}) {
+    FakeAcmeServer::Options o;
+    o.renewal_retry_after = retry_after;
+    Env env(o);
+    auto m = env.manager();
+    REQUIRE(m->manage(kNames).has_value());
+    CHECK(m->renew_due().value() == 0);
+    auto st = m->state(kNames).value();
+    REQUIRE(st.ari_next_fetch.has_value());
+    auto want = expected.count() ? env.clock.now() + expected : env.clock.now() + 1min;
+    CHECK(*st.ari_next_fetch == want);
+  }
+}
+
 }  // TEST_SUITE
