@@ -119,6 +119,7 @@ std::string_view to_string(ManagerEvent::Type type) {
     case ManagerEvent::Type::renewed: return "renewed";
     case ManagerEvent::Type::failed: return "failed";
     case ManagerEvent::Type::expiring: return "expiring";
+    case ManagerEvent::Type::revoked: return "revoked";
   }
   return "unknown";
 }
@@ -144,6 +145,11 @@ std::string CertificateState::to_json() const {
   j["failures"] = failures;
   j["last_error"] = last_error;
   put_time(j, "next_attempt", next_attempt);
+  if (revoked_at) {
+    json r = {{"at", acme::format_rfc3339(*revoked_at)}};
+    if (!revocation_reason.empty()) r["reason"] = revocation_reason;
+    j["revoked"] = r;
+  }
   return j.dump(2) + "\n";
 }
 
@@ -174,6 +180,10 @@ Result<CertificateState> CertificateState::from_json(std::string_view text) {
   if (auto f = j.find("failures"); f != j.end() && f->is_number_integer()) s.failures = f->get<int>();
   s.last_error = get_string(j, "last_error");
   s.next_attempt = get_time(j, "next_attempt");
+  if (auto r = j.find("revoked"); r != j.end() && r->is_object()) {
+    s.revoked_at = get_time(*r, "at");
+    if (s.revoked_at) s.revocation_reason = get_string(*r, "reason");
+  }
   return s;
 }
 
@@ -276,7 +286,7 @@ Manager::~Manager() { stop(); }
 
 Manager::Counters Manager::counters() const {
   return {loaded_.load(),    obtained_.load(), renewed_.load(),  failed_.load(),
-          fallbacks_.load(), expiring_.load(), abandoned_.load()};
+          fallbacks_.load(), expiring_.load(), abandoned_.load(), revoked_.load()};
 }
 
 void Manager::emit(ManagerEvent::Type type, const Managed& m, const Error* error) {
@@ -477,6 +487,9 @@ Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& 
   m.cert = *cert;
   m.chain_pem = **chain;
   m.generation = *generation;
+  auto meta_generation = storage_->generation(live_key(key, "meta.json"));
+  if (!meta_generation) return fail(meta_generation.error());
+  m.meta_generation = *meta_generation;
   auto meta = storage_->get(live_key(key, "meta.json"));
   if (!meta) return fail(meta.error());
   if (*meta) {
@@ -501,7 +514,8 @@ Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& 
 }
 
 system_clock::time_point Manager::due_time(const Managed& m) const {
-  if (!m.cert) return system_clock::time_point{};
+  // Nothing served, or a revoked certificate: due now.
+  if (!m.cert || m.state.revoked_at) return system_clock::time_point{};
   auto nb = m.cert->not_before(), na = m.cert->not_after();
   if (m.state.ari_selected) {
     // RFC 9773 §4.3.2 lets the CA move the window; whatever it says, a certificate this close
@@ -559,6 +573,16 @@ void Manager::check_expiring(Managed& m, const Error& e) {
                {{"name", m.key}, {"not_after", acme::format_rfc3339(na)}, {"hours_left", std::to_string(hours)},
                 {"error", e.message}});
   emit(ManagerEvent::Type::expiring, m, &e);
+}
+
+void Manager::note_revoked(const Managed& m) {
+  revoked_.fetch_add(1);
+  logger_->log(LogLevel::error, kLog, "the certificate served was revoked; renewing it now",
+               {{"name", m.key},
+                {"id", m.cert ? m.cert->id() : std::string()},
+                {"revoked_at", acme::format_rfc3339(*m.state.revoked_at)},
+                {"reason", m.state.revocation_reason}});
+  emit(ManagerEvent::Type::revoked, m);
 }
 
 Status Manager::save_state(const Managed& m) { return storage_->put(live_key(m.key, "meta.json"), m.state.to_json()); }
@@ -655,7 +679,11 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
     const IssuerConfig& cfg = slot.cfg;
     // "replaces" only means something to the CA that issued the certificate being replaced.
     std::string replaces;
-    if (current && current->cert && current->state.directory_url == cfg.account_id()) replaces = current->state.ari_id;
+    // Nor for a revoked certificate: it is replaced because it is revoked, not renewed in a
+    // window, and CAs may refuse "replaces" for it.
+    if (current && current->cert && !current->state.revoked_at && current->state.directory_url == cfg.account_id()) {
+      replaces = current->state.ari_id;
+    }
     auto got = issue_at(slot, names, replaces);
     Result<std::shared_ptr<const Certificate>> cert = fail(Errc::invalid_input, "");
     if (got) {
@@ -801,6 +829,7 @@ Status Manager::manage(const std::vector<std::string>& input) {
       // Serve what we have at once, even if due: it is valid, and renewal may take a while.
       if (auto st = store_->publish(m.cert); !st) return st;
     }
+    if (m.cert && m.state.revoked_at) note_revoked(m);
     const bool need = due(m);
     const bool backing_off = m.cert && m.state.next_attempt && clock_->now() < *m.state.next_attempt;
     if (m.cert && (!need || backing_off)) {
@@ -984,6 +1013,7 @@ int Manager::adopt_stored() {
   }
   int adopted = 0;
   for (const auto& key : keys) {
+    flush_events();  // the previous name's, with no lock held (a continue skips the end)
     {
       auto name_mu = name_mutex(key);
       std::lock_guard work(*name_mu);
@@ -995,7 +1025,26 @@ int Manager::adopt_stored() {
         m = it->second;
       }
       auto gen = storage_->generation(live_key(key, "fullchain.pem"));
-      if (!gen || gen->empty() || *gen == m.generation) continue;
+      if (!gen || gen->empty()) continue;
+      if (*gen == m.generation) {
+        // Same certificate; its meta.json may say it was revoked meanwhile.
+        auto mgen = storage_->generation(live_key(key, "meta.json"));
+        if (!mgen || *mgen == m.meta_generation || !m.cert) continue;
+        auto text = storage_->get(live_key(key, "meta.json"));
+        if (!text) continue;
+        m.meta_generation = *mgen;
+        if (*text && !m.state.revoked_at) {
+          auto s = CertificateState::from_json(**text);
+          if (s && s->cert_id == m.cert->id() && s->revoked_at) {
+            m.state.revoked_at = s->revoked_at;
+            m.state.revocation_reason = s->revocation_reason;
+            note_revoked(m);
+          }
+        }
+        std::lock_guard lock(mu_);
+        if (auto it = managed_.find(key); it != managed_.end()) it->second = std::move(m);
+        continue;
+      }
       auto stored = load_stored(key, m.names);
       if (!stored) continue;  // storage unreadable now: look again next time
       if (!*stored || !covers(*(*stored)->cert, m.names)) {
@@ -1022,8 +1071,8 @@ int Manager::adopt_stored() {
       std::lock_guard lock(mu_);
       managed_[key] = std::move(n);
     }
-    flush_events();
   }
+  flush_events();
   return adopted;
 }
 
@@ -1051,20 +1100,18 @@ void Manager::stop() {
 }
 
 void Manager::stop(std::chrono::milliseconds grace) {
+  // Real time: the grace period is the operator's, whatever clock is injected.
+  const auto deadline = std::chrono::steady_clock::now() + grace;
   {
     std::unique_lock lock(loop_mu_);
     stopping_ = true;
     loop_cv_.notify_all();
-    if (thread_.joinable()) {
-      // Real time: the grace period is the operator's, whatever clock is injected.
-      loop_cv_.wait_for(lock, grace, [this] { return loop_done_; });
-    } else if (grace.count() > 0) {
-      // No background thread: give orders in flight on other threads (manage, renew,
-      // on-demand) the grace period.
-      lock.unlock();
-      std::unique_lock slots(slots_mu_);
-      slots_cv_.wait_for(slots, grace, [this] { return slots_used_ == 0; });
-    }
+    if (thread_.joinable()) loop_cv_.wait_until(lock, deadline, [this] { return loop_done_; });
+  }
+  if (grace.count() > 0) {
+    // Orders in flight on other threads (manage, renew, on-demand) get what is left of it.
+    std::unique_lock slots(slots_mu_);
+    slots_cv_.wait_until(slots, deadline, [this] { return slots_used_ == 0; });
   }
   stop_clock_->cancel(true);
   if (thread_.joinable()) thread_.join();

@@ -36,7 +36,9 @@ class InternalCA;
 struct ManagerEvent {
   // expiring: a renewal failed and the certificate served has little time left (at most 7
   // days, and at most a third of its lifetime): someone must look now.
-  enum class Type { loaded, obtained, renewed, failed, expiring };
+  // revoked: the certificate served was revoked (meta.json says so, written by `autotls
+  // revoke`); it is renewed at once, without "replaces".
+  enum class Type { loaded, obtained, renewed, failed, expiring, revoked };
   Type type;
   std::string name;                // storage name ("_wildcard_.example.com")
   std::vector<std::string> names;  // the managed name set
@@ -125,6 +127,9 @@ struct CertificateState {
   int failures = 0;
   std::string last_error;
   std::optional<std::chrono::system_clock::time_point> next_attempt;
+  // Set when this certificate was revoked (`autotls revoke`): it is due at once.
+  std::optional<std::chrono::system_clock::time_point> revoked_at;
+  std::string revocation_reason;  // as given to revoke ("" when unspecified)
 
   std::string to_json() const;
   static Result<CertificateState> from_json(std::string_view text);
@@ -162,6 +167,7 @@ class Manager {
     uint64_t fallbacks = 0;  // issuances that succeeded at an issuer other than the first
     uint64_t expiring = 0;   // expiring events
     uint64_t abandoned = 0;  // issuances abandoned at shutdown (stop with a grace period)
+    uint64_t revoked = 0;    // revoked certificates found in storage (then renewed at once)
   };
 
   Manager(ManagerOptions options, std::shared_ptr<Storage> storage, std::shared_ptr<CertStore> store,
@@ -187,8 +193,10 @@ class Manager {
   // adopt_stored serves the certificates that another process wrote to storage since this
   // manager last read or wrote them (Storage::generation changed): each is validated like any
   // stored certificate (a half-written or bad one is ignored until the next look) and must
-  // cover the names. Returns how many were adopted. The background thread calls it every
-  // storage_poll_interval.
+  // cover the names. Returns how many were adopted. It also reads meta.json when that changed:
+  // a certificate served that was marked revoked there (`autotls revoke`) gets a revoked event
+  // and is due at once (the next renew_due renews it). The background thread calls it every
+  // storage_poll_interval, then renew_due.
   int adopt_stored();
 
   // start runs renew_due in a background thread every check_interval (sooner when a renewal
@@ -233,6 +241,7 @@ class Manager {
     std::string chain_pem;
     std::string key_pem;  // set only between issue() and persist()
     std::string generation;  // Storage::generation of fullchain.pem as last read or written
+    std::string meta_generation;  // Storage::generation of meta.json as last read
     CertificateState state;
   };
 
@@ -258,6 +267,7 @@ class Manager {
   void record_failure(Managed& m, const Error& e);
   void emit(ManagerEvent::Type type, const Managed& m, const Error* error = nullptr);
   void check_expiring(Managed& m, const Error& e);
+  void note_revoked(const Managed& m);  // counts, logs and emits a revoked event
   void run_loop();
 
   ManagerOptions options_;
@@ -288,7 +298,8 @@ class Manager {
   mutable std::mutex mu_;  // guards managed_
   std::map<std::string, Managed> managed_;  // by storage name
 
-  std::atomic<uint64_t> loaded_{0}, obtained_{0}, renewed_{0}, failed_{0}, fallbacks_{0}, expiring_{0}, abandoned_{0};
+  std::atomic<uint64_t> loaded_{0}, obtained_{0}, renewed_{0}, failed_{0}, fallbacks_{0}, expiring_{0}, abandoned_{0},
+      revoked_{0};
 
   std::mutex loop_mu_;
   std::condition_variable loop_cv_;

@@ -48,6 +48,7 @@ struct Options {
   bool quiet = false;
   bool verbose = false;
   std::string deploy_hook;
+  std::string event_hook;  // run for every certificate event (obtained, renewed, failed, expiring, revoked)
 
   // issue / serve / renew: what to order and how to prove control.
   std::vector<std::string> domains;
@@ -186,10 +187,19 @@ struct LivePaths {
 LivePaths live_paths(const std::string& storage_root, const std::string& storage_name);
 
 // run_deploy_hook runs `/bin/sh -c hook` with AUTOTLS_NAMES, AUTOTLS_CERT_PATH,
-// AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, and AUTOTLS_EVENT
-// ("obtained" or "renewed") when event is given, and waits for it.
+// AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, AUTOTLS_EVENT
+// ("obtained" or "renewed") when event is given and AUTOTLS_ERROR when error is, and waits for
+// it. Names and paths reach the hook only through the environment, never in the command
+// string. label names the hook in errors ("deploy hook", "event hook").
 Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names,
-                       const LivePaths& paths, const std::string& event = "");
+                       const LivePaths& paths, const std::string& event = "", const std::string& error = "",
+                       const std::string& label = "deploy hook");
+
+// run_event_hook runs the --event-hook command for one certificate event (obtained, renewed,
+// failed, expiring, revoked): run_deploy_hook with AUTOTLS_EVENT, and AUTOTLS_ERROR for
+// failures.
+Status run_event_hook(const std::string& hook, const std::string& event, const std::vector<std::string>& names,
+                      const LivePaths& paths, const std::string& error = "");
 
 // CertInfo is what `list` and `renew` know about a stored certificate without contacting a CA.
 struct CertInfo {

@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include <openssl/bio.h>
+#include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
@@ -153,6 +154,39 @@ int cmd_list(Context& ctx) {
   return kExitOk;
 }
 
+// mark_revoked records a revocation in the stored certificate's meta.json ("revoked"), so that
+// a running `serve` (it polls storage) or the next start replaces the certificate at once.
+// Nothing is written when storage now holds another certificate under that name (renewed
+// meanwhile). Returns the state written, or nullopt.
+Result<std::optional<tlsreload::CertificateState>> mark_revoked(tlsreload::Storage& storage, const std::string& key,
+                                                                const std::string& der, const std::string& reason) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (EVP_Digest(der.data(), der.size(), md, &len, EVP_sha256(), nullptr) != 1) {
+    return fail(Errc::io, "SHA-256 of the revoked certificate failed");
+  }
+  static const char* kHex = "0123456789abcdef";
+  std::string id;
+  for (unsigned int i = 0; i < len; ++i) {
+    id += kHex[md[i] >> 4];
+    id += kHex[md[i] & 15];
+  }
+  const std::string meta_key = "live/" + key + "/meta.json";
+  auto meta = storage.get(meta_key);
+  if (!meta) return fail(meta.error());
+  tlsreload::CertificateState s;
+  if (*meta) {
+    auto parsed = tlsreload::CertificateState::from_json(**meta);
+    if (parsed && !parsed->cert_id.empty() && parsed->cert_id != id) return std::optional<tlsreload::CertificateState>();
+    if (parsed) s = std::move(*parsed);
+  }
+  s.cert_id = id;  // a certificate stored without meta.json gets a minimal one
+  s.revoked_at = std::chrono::system_clock::now();
+  s.revocation_reason = reason;
+  if (auto st = storage.put(meta_key, s.to_json()); !st) return fail(st.error());
+  return std::optional<tlsreload::CertificateState>(std::move(s));
+}
+
 int cmd_revoke(Context& ctx) {
   const Options& o = ctx.options;
   if (o.revoke_name.empty() == o.cert_file.empty()) return usage_error(ctx, "revoke: give a stored NAME or --cert FILE (one of them)");
@@ -208,7 +242,29 @@ int cmd_revoke(Context& ctx) {
   ctx.out.info("revoking " + what + " at " + directory_url + (cert_signer ? " (signed by the certificate key)" : " (signed by the account key)"));
   if (auto st = (*client)->revoke(*der, reason, cert_signer.get()); !st) return report(ctx, st.error());
   ctx.out.result("revoked " + what);
-  ctx.out.object({{"status", "revoked"}, {"certificate", what}, {"directory_url", directory_url}});
+  if (o.revoke_name.empty()) {
+    ctx.out.object({{"status", "revoked"}, {"certificate", what}, {"directory_url", directory_url}});
+    return kExitOk;
+  }
+  // A stored certificate: say so in meta.json (a running serve renews it at once), print the
+  // revoked event and run the event hook.
+  auto marked = mark_revoked(*ctx.storage, what, *der, o.reason);
+  if (!marked) return report(ctx, marked.error().with_context("revoked, but meta.json not updated"));
+  std::vector<std::string> names = *marked ? (*marked)->names : std::vector<std::string>{};
+  if (names.empty()) names = {what};
+  json j = {{"event", "revoked"}, {"status", "revoked"}, {"certificate", what}, {"names", names},
+            {"directory_url", directory_url}};
+  if (*marked) {
+    j["revoked_at"] = acme::format_rfc3339(*(*marked)->revoked_at);
+    ctx.out.info("recorded in " + live_paths(ctx.storage_root, what).meta.string() +
+                 ": a running `autotls serve` renews it at once");
+  }
+  ctx.out.object(j);
+  if (!o.event_hook.empty()) {
+    if (auto st = run_event_hook(o.event_hook, "revoked", names, live_paths(ctx.storage_root, what)); !st) {
+      return report(ctx, st.error());
+    }
+  }
   return kExitOk;
 }
 

@@ -344,8 +344,9 @@ int cmd_serve(Context& ctx) {
   }
   mo->clock = &clock;
   std::string deploy_hook = o.deploy_hook;
+  std::string event_hook = o.event_hook;
   std::string storage_root = ctx.storage_root;
-  mo->on_event = [&, deploy_hook, storage_root](const tlsreload::ManagerEvent& e) {
+  mo->on_event = [&, deploy_hook, event_hook, storage_root](const tlsreload::ManagerEvent& e) {
     json f = {{"name", e.name}, {"names", e.names}, {"cert_id", e.cert_id}};
     if (!e.issuer.empty()) f["issuer"] = e.issuer;
     if (e.not_after) f["not_after"] = acme::format_rfc3339(*e.not_after);
@@ -360,6 +361,14 @@ int cmd_serve(Context& ctx) {
       if (auto st = run_deploy_hook(deploy_hook, e.names, live_paths(storage_root, e.name), std::string(tlsreload::to_string(e.type)));
           !st) {
         event_line("deploy_hook_failed", {{"name", e.name}, {"error", st.error().message}}, e.name + ": " + st.error().message);
+      }
+    }
+    // The event hook hears every event but "loaded": failures too (CAs no longer email).
+    if (!event_hook.empty() && e.type != tlsreload::ManagerEvent::Type::loaded) {
+      if (auto st = run_event_hook(event_hook, std::string(tlsreload::to_string(e.type)), e.names,
+                                   live_paths(storage_root, e.name), e.error ? describe_error(*e.error) : "");
+          !st) {
+        event_line("event_hook_failed", {{"name", e.name}, {"error", st.error().message}}, e.name + ": " + st.error().message);
       }
     }
   };
@@ -411,7 +420,8 @@ int cmd_serve(Context& ctx) {
         {"failed", c.failed, "Failed issuances and renewals since start."},
         {"fallbacks", c.fallbacks, "Certificates issued by an issuer other than the first since start."},
         {"expiring", c.expiring, "Failed renewals of a certificate with at most 7 days (and a third of its lifetime) left."},
-        {"abandoned", c.abandoned, "Issuances abandoned at shutdown."}};
+        {"abandoned", c.abandoned, "Issuances abandoned at shutdown."},
+        {"revoked", c.revoked, "Revoked certificates found in storage (renewed at once) since start."}};
     for (const auto& [what, value, help] : counters) {
       std::string name = std::string("autotls_certificates_") + what + "_total";
       out += "# HELP " + name + " " + help + "\n";
@@ -531,6 +541,7 @@ int cmd_serve(Context& ctx) {
         {"cert", next->serve_certs != o.serve_certs},
         {"key", next->serve_keys != o.serve_keys},
         {"cert-dir", next->cert_dirs != o.cert_dirs},
+        {"event-hook", next->event_hook != o.event_hook},
     };
     for (const auto& [key, changed] : restart_only) {
       if (changed) not_applied.push_back(key);
@@ -576,6 +587,10 @@ int cmd_serve(Context& ctx) {
       }
       if (first) {
         first = false;
+        {
+          std::lock_guard lock(mu);
+          if (stopping) break;  // never start renewals once the drain began
+        }
         manager.start();
         auto managed = acme_names();
         event_line("ready", {{"names", managed}}, managed.empty() ? "nothing to issue" : "managing " + join(managed));
@@ -620,9 +635,14 @@ int cmd_serve(Context& ctx) {
   auto drain = std::chrono::milliseconds(drain_ms.load());
   event_line("shutdown", {{"drain_seconds", static_cast<double>(drain.count()) / 1000}},
              "draining for up to " + std::to_string(drain.count()) + " ms");
-  clock.cancel();
+  // Issuances in flight get the drain period too, alongside the connections; then they are
+  // abandoned (every wait cut short, storage lock released, nothing written).
+  std::thread manager_stop([&] {
+    manager.stop(drain);
+    clock.cancel();
+  });
   (*srv)->shutdown(drain);
-  manager.stop();
+  manager_stop.join();
   {
     std::unique_lock lock(mu);
     // An issuance blocked in a network call cannot be interrupted; do not wait for it long.

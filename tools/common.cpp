@@ -332,7 +332,7 @@ LivePaths live_paths(const std::string& storage_root, const std::string& name) {
 }
 
 Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names, const LivePaths& paths,
-                       const std::string& event) {
+                       const std::string& event, const std::string& error, const std::string& label) {
   std::string all;
   for (const auto& n : names) all += (all.empty() ? "" : " ") + n;
   // The environment is built before fork(): between fork and exec only async-signal-safe
@@ -342,7 +342,7 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
     std::string_view v(*e);
     if (v.starts_with("AUTOTLS_NAMES=") || v.starts_with("AUTOTLS_CERT_PATH=") || v.starts_with("AUTOTLS_KEY_PATH=") ||
         v.starts_with("AUTOTLS_FULLCHAIN_PATH=") || v.starts_with("AUTOTLS_CHAIN_PATH=") ||
-        v.starts_with("AUTOTLS_EVENT=")) {
+        v.starts_with("AUTOTLS_EVENT=") || v.starts_with("AUTOTLS_ERROR=") || v.starts_with("AUTOTLS_META_PATH=")) {
       continue;
     }
     env.emplace_back(v);
@@ -353,13 +353,15 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
   env.push_back("AUTOTLS_FULLCHAIN_PATH=" + paths.fullchain.string());
   env.push_back("AUTOTLS_CHAIN_PATH=" + paths.chain.string());
   if (!event.empty()) env.push_back("AUTOTLS_EVENT=" + event);
+  if (!error.empty()) env.push_back("AUTOTLS_ERROR=" + error);
+  env.push_back("AUTOTLS_META_PATH=" + paths.meta.string());
   std::vector<char*> envp;
   for (auto& s : env) envp.push_back(s.data());
   envp.push_back(nullptr);
   std::string sh = "/bin/sh", dash_c = "-c", cmd = hook;
   char* argv[] = {sh.data(), dash_c.data(), cmd.data(), nullptr};
   pid_t pid = ::fork();
-  if (pid < 0) return fail(Errc::io, "deploy hook: fork: " + std::string(std::strerror(errno)));
+  if (pid < 0) return fail(Errc::io, label + ": fork: " + std::string(std::strerror(errno)));
   if (pid == 0) {
     // serve blocks SIGTERM/SIGINT/SIGHUP in every thread (it takes them with sigwait); the
     // hook must not inherit that mask.
@@ -371,12 +373,17 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
   }
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) return fail(Errc::io, "deploy hook: waitpid: " + std::string(std::strerror(errno)));
+    if (errno != EINTR) return fail(Errc::io, label + ": waitpid: " + std::string(std::strerror(errno)));
   }
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return {};
   std::string why = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                       : "killed by signal " + std::to_string(WTERMSIG(status));
-  return fail(Errc::io, "deploy hook `" + hook + "` " + why);
+  return fail(Errc::io, label + " `" + hook + "` " + why);
+}
+
+Status run_event_hook(const std::string& hook, const std::string& event, const std::vector<std::string>& names,
+                      const LivePaths& paths, const std::string& error) {
+  return run_deploy_hook(hook, names, paths, event, error, "event hook");
 }
 
 namespace {

@@ -144,6 +144,9 @@ void add_common(CLI::App& app, Options& o) {
   app.add_option("--deploy-hook", o.deploy_hook,
                  "shell command run after a certificate is issued or renewed, with AUTOTLS_NAMES, "
                  "AUTOTLS_CERT_PATH, AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH, AUTOTLS_CHAIN_PATH");
+  app.add_option("--event-hook", o.event_hook,
+                 "shell command run for every certificate event (obtained, renewed, failed, expiring, revoked), "
+                 "with AUTOTLS_EVENT, AUTOTLS_NAMES, AUTOTLS_ERROR (failures) and the paths as for --deploy-hook");
 }
 
 void add_challenge_options(CLI::App* c, Options& o, bool standalone) {

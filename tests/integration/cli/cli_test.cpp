@@ -781,6 +781,123 @@ TEST_SUITE("cli.account") {
     ep.ca().intercept = nullptr;
   }
 
+  TEST_CASE("revoke records revoked and serve renews it and runs the event hook for every event") {
+    autotls::testing::FakeAcmeServer::Options o;
+    o.failing_identifiers = {"bad.cli.test"};
+    autotls::testing::FakeCaEndpoint ep(o);
+    REQUIRE(ep.port() > 0);
+    TempDir dir;
+    const std::string storage = (dir.path / "storage").string();
+    fs::path hook_out = dir.path / "events.txt";
+    // Names, paths and errors reach the hook only in its environment.
+    std::string hook = "printf '%s|%s|%s|%s\\n' \"$AUTOTLS_EVENT\" \"$AUTOTLS_NAMES\" \"$AUTOTLS_META_PATH\" "
+                       "\"$AUTOTLS_ERROR\" >> " + hook_out.string();
+    auto ok = run({"issue", "--ca", ep.directory_url(), "--storage", storage, "--agree-tos", "--http-address",
+                   "127.0.0.1:" + std::to_string(free_port()), "-d", "good.cli.test"});
+    REQUIRE_MESSAGE(ok.code == 0, show(ok));
+    fs::path meta = fs::path(storage) / "live" / "good.cli.test" / "meta.json";
+
+    auto rv = run({"revoke", "good.cli.test", "--ca", ep.directory_url(), "--storage", storage, "--reason",
+                   "keyCompromise", "--json", "--event-hook", hook});
+    REQUIRE_MESSAGE(rv.code == 0, show(rv));
+    CHECK(ep.ca().revoked_serials().size() == 1);
+    auto rj = last_json_line(rv.out);
+    CHECK(rj.value("event", "") == "revoked");
+    CHECK(!rj.value("revoked_at", "").empty());
+    auto mj = json::parse(read_file(meta), nullptr, false);
+    REQUIRE(mj.is_object());
+    CHECK(mj["revoked"]["reason"] == "keyCompromise");
+    CHECK(read_file(hook_out) == "revoked|good.cli.test|" + meta.string() + "|\n");
+    fs::remove(hook_out);
+
+    // serve starts on the revoked certificate: revoked, then renewed at once; the name the CA
+    // refuses gives a failed event with the error.
+    fs::path www = dir.path / "www";
+    fs::create_directories(www);
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--ca", ep.directory_url(), "--storage", storage,
+                                     "-d", "good.cli.test", "-d", "bad.cli.test", "--https-address",
+                                     "127.0.0.1:" + std::to_string(free_port()), "--http-address",
+                                     "127.0.0.1:" + std::to_string(free_port()), "--root", www.string(), "--json",
+                                     "--drain", "1", "--admin-address", "off", "--event-hook", hook};
+    pid_t pid = spawn(argv, dir.path / "serve.out", dir.path / "serve.err", {});
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    auto has = [&](const std::string& what) { return read_file(hook_out).find(what) != std::string::npos; };
+    while (std::chrono::steady_clock::now() < deadline && !(has("renewed|good.cli.test|") && has("failed|bad.cli.test|"))) {
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    int code = wait_exit(pid, 20s);
+    std::string events = read_file(hook_out);
+    std::string logs = read_file(dir.path / "serve.out") + read_file(dir.path / "serve.err");
+    CHECK_MESSAGE(code == 0, logs);
+    CHECK_MESSAGE(events.find("revoked|good.cli.test|" + meta.string() + "|\n") != std::string::npos, (events + logs));
+    CHECK_MESSAGE(events.find("renewed|good.cli.test|") != std::string::npos, (events + logs));
+    CHECK_MESSAGE(events.find("revoked|") < events.find("renewed|"), events);
+    auto failed = events.find("failed|bad.cli.test|");
+    REQUIRE_MESSAGE(failed != std::string::npos, (events + logs));
+    CHECK_MESSAGE(events.find("incorrectResponse", failed) != std::string::npos, events);
+    // The renewed certificate is no longer marked revoked.
+    auto after = json::parse(read_file(meta), nullptr, false);
+    REQUIRE(after.is_object());
+    CHECK_FALSE(after.contains("revoked"));
+  }
+
+  TEST_CASE("serve gives an issuance in flight the drain period then abandons it and frees its lock") {
+    autotls::testing::FakeAcmeServer::Options o;
+    o.order_processing_polls = 4;  // about 4 s in "processing" after finalize
+    o.poll_retry_after = 1;
+    autotls::testing::FakeCaEndpoint ep(o);
+    REQUIRE(ep.port() > 0);
+    std::atomic<bool> finalized{false};
+    ep.ca().intercept = [&](const autotls::acme::HttpRequest& req) -> std::optional<autotls::acme::HttpResponse> {
+      if (req.url.find("/finalize/") != std::string::npos) finalized = true;
+      return std::nullopt;
+    };
+    TempDir dir;
+    const std::string storage = (dir.path / "storage").string();
+    fs::create_directories(dir.path / "www");
+    // serve_until_finalize starts serve for name, sends SIGTERM once the order is finalized
+    // (in processing) and returns the exit code.
+    auto serve_until_finalize = [&](const std::string& name, const std::string& drain) {
+      finalized = false;
+      std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--ca", ep.directory_url(), "--storage", storage,
+                                       "--agree-tos", "-d", name, "--https-address",
+                                       "127.0.0.1:" + std::to_string(free_port()), "--http-address",
+                                       "127.0.0.1:" + std::to_string(free_port()), "--root", (dir.path / "www").string(),
+                                       "--json", "--drain", drain, "--admin-address", "off"};
+      pid_t pid = spawn(argv, dir.path / "serve.out", dir.path / "serve.err", {});
+      auto deadline = std::chrono::steady_clock::now() + 20s;
+      while (!finalized && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
+      CHECK(finalized);
+      REQUIRE(::kill(pid, SIGTERM) == 0);
+      return wait_exit(pid, 30s);
+    };
+    auto logs = [&] { return read_file(dir.path / "serve.out") + read_file(dir.path / "serve.err"); };
+
+    // A drain longer than the order: the certificate is obtained and written before exit.
+    int a = serve_until_finalize("drained.cli.test", "10");
+    CHECK_MESSAGE(a == 0, logs());
+    CHECK_MESSAGE(fs::exists(fs::path(storage) / "live" / "drained.cli.test" / "fullchain.pem"), logs());
+    CHECK_MESSAGE(read_file(dir.path / "serve.out").find("\"obtained\"") != std::string::npos, logs());
+
+    // A drain shorter than the order: abandoned at its end, nothing written, exit 0.
+    auto t0 = std::chrono::steady_clock::now();
+    int b = serve_until_finalize("abandoned.cli.test", "1");
+    CHECK_MESSAGE(b == 0, logs());
+    CHECK(std::chrono::steady_clock::now() - t0 < 25s);
+    CHECK_MESSAGE(!fs::exists(fs::path(storage) / "live" / "abandoned.cli.test" / "fullchain.pem"), logs());
+    CHECK(read_file(dir.path / "serve.out").find("\"obtained\"") == std::string::npos);
+    // Its storage lock was released: the next process issues the name at once instead of
+    // waiting for the lock to go stale (60 s, beyond this run's timeout).
+    auto next = run({"issue", "--ca", ep.directory_url(), "--storage", storage, "--http-address",
+                     "127.0.0.1:" + std::to_string(free_port()), "-d", "abandoned.cli.test"},
+                    {}, 20s);
+    CHECK_MESSAGE(next.code == 0, show(next));
+    ep.ca().intercept = nullptr;
+  }
+
   TEST_CASE("register show update rollover deactivate") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});

@@ -5,6 +5,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
@@ -583,6 +584,89 @@ TEST_CASE("on_progress passes the ACME steps through starting with directory and
   CHECK(steps.back().step == acme::ProgressEvent::Step::downloaded);
   for (const auto& e : steps) CHECK(e.subject == kNames.front());
   for (size_t i = 1; i < steps.size(); ++i) CHECK(steps[i].elapsed >= steps[i - 1].elapsed);
+}
+
+TEST_CASE("an ARI window entirely in the past renews at once") {
+  FakeAcmeServer::Options o;
+  auto now = std::chrono::system_clock::now();
+  o.renewal_window_start = acme::format_rfc3339(now - 2 * 24h);
+  o.renewal_window_end = acme::format_rfc3339(now - 24h);
+  Env env(o);
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  auto old = m->state(kNames).value();
+  // Fresh (90 days left) and far from the ratio time, but the CA says "renew already".
+  CHECK(m->renewal_time(kNames).value() > env.clock.now() + 24h);
+  CHECK(m->renew_due().value() == 1);  // fetches the window and renews in the same pass
+  REQUIRE(env.ca->orders().size() == 2);
+  CHECK(env.ca->orders()[1].payload.value("replaces", "") == old.ari_id);
+}
+
+TEST_CASE("a certificate marked revoked in storage is renewed at once without replaces") {
+  Env env;  // ARI window in 2030: nothing is due by time
+  auto mark_revoked = [&] {
+    FileStorage other(env.dir, &env.clock);  // as `autotls revoke` in another process
+    auto s = CertificateState::from_json(env.file("live/example.com/meta.json"));
+    REQUIRE(s.has_value());
+    s->revoked_at = env.clock.now();
+    s->revocation_reason = "keyCompromise";
+    REQUIRE(other.put("live/example.com/meta.json", s->to_json()).has_value());
+  };
+  auto o = env.options();
+  o.check_interval = std::chrono::hours(1);
+  o.storage_poll_interval = 50ms;
+  Manager a(o, env.storage, env.certs, env.challenges);
+  REQUIRE(a.manage(kNames).has_value());
+  const std::string first = env.served("example.com");
+  a.start();
+  CHECK(a.renew_due().value() == 0);
+  mark_revoked();
+  auto parsed = CertificateState::from_json(env.file("live/example.com/meta.json"));
+  REQUIRE(parsed.has_value());
+  CHECK(parsed->revocation_reason == "keyCompromise");
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (env.served("example.com") == first && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  a.stop();
+  const std::string second = env.served("example.com");
+  CHECK(second != first);
+  REQUIRE(env.ca->orders().size() == 2);
+  CHECK_FALSE(env.ca->orders()[1].payload.contains("replaces"));
+  CHECK(a.counters().revoked == 1);
+  CHECK(a.counters().renewed == 1);
+  auto types = env.event_types();
+  auto rv = std::find(types.begin(), types.end(), ManagerEvent::Type::revoked);
+  REQUIRE(rv != types.end());
+  CHECK(std::find(rv, types.end(), ManagerEvent::Type::renewed) != types.end());
+  // The new certificate is not revoked, in memory or in storage.
+  CHECK_FALSE(a.state(kNames)->revoked_at.has_value());
+  CHECK_FALSE(CertificateState::from_json(env.file("live/example.com/meta.json"))->revoked_at.has_value());
+
+  // A process starting on a revoked certificate renews it in manage(), not at its renewal time.
+  mark_revoked();
+  auto certs = std::make_shared<CertStore>();
+  auto b = env.manager(certs);
+  REQUIRE(b->manage(kNames).has_value());
+  CHECK(env.ca->orders().size() == 3);
+  CHECK(b->counters().revoked == 1);
+  REQUIRE(certs->lookup("example.com"));
+  CHECK(certs->lookup("example.com")->id() != second);
+}
+
+TEST_CASE("ARI is polled at least twice a day and at most once a minute whatever Retry-After says") {
+  for (auto [retry_after, expected] : {std::pair{3 * 24 * 3600, 12h}, std::pair{5, std::chrono::hours(0)}}) {
+    FakeAcmeServer::Options o;
+    o.renewal_retry_after = retry_after;
+    Env env(o);
+    auto m = env.manager();
+    REQUIRE(m->manage(kNames).has_value());
+    CHECK(m->renew_due().value() == 0);
+    auto st = m->state(kNames).value();
+    REQUIRE(st.ari_next_fetch.has_value());
+    auto want = expected.count() ? env.clock.now() + expected : env.clock.now() + 1min;
+    CHECK(*st.ari_next_fetch == want);
+  }
 }
 
 }  // TEST_SUITE
