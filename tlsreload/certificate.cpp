@@ -1,12 +1,17 @@
 #include "tlsreload/certificate.h"
 
 #include <algorithm>
+#include <bit>
 #include <cctype>
 #include <cstring>
 #include <ctime>
 
 #include <arpa/inet.h>
+#include <openssl/core_names.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/objects.h>
+#include <openssl/params.h>
 #include <openssl/pem.h>
 
 #include <mutex>
@@ -47,7 +52,8 @@ struct ObjectCache {
   std::mutex mu;
   std::vector<const Certificate*> ring;  // the hot certificates; each knows its index
   std::size_t hand = 0;                  // the CLOCK hand
-  std::size_t capacity = kDefaultOpenSslCacheCapacity;
+  std::size_t capacity = kDefaultOpenSslCacheCapacity;  // when !automatic
+  bool automatic = true;                                // see openssl_cache_capacity_for()
   std::uint64_t builds = 0;
   std::uint64_t evictions = 0;
   std::atomic<std::uint64_t> verify_failed{0};
@@ -55,6 +61,15 @@ struct ObjectCache {
 ObjectCache& object_cache() {
   static auto* c = new ObjectCache;
   return *c;
+}
+
+// Certificates alive in the process (built and not yet destroyed): sizes the automatic bound.
+std::atomic<std::size_t> g_live_certificates{0};
+
+// capacity_of is the cache bound in force (under cache.mu).
+std::size_t capacity_of(const ObjectCache& cache) {
+  if (!cache.automatic) return cache.capacity;
+  return openssl_cache_capacity_for(g_live_certificates.load(std::memory_order_relaxed));
 }
 
 // Deferred verification results are written once, under this mutex (rare: once per certificate).
@@ -275,6 +290,47 @@ Result<ossl::EvpPkeyPtr> decode_key(std::uint8_t format, std::string_view der) {
   return key;
 }
 
+// fast_ec_key builds an EC key straight from its parts (curve, private scalar, the public point
+// embedded in the DER) with EVP_PKEY_fromdata. OpenSSL 3.0's DER readers (d2i_PrivateKey,
+// EVP_PKCS82PKEY) go through the OSSL_DECODER framework, which enumerates and tries every
+// decoder under global locks: about 1 ms per key on this machine, most of a cold handshake
+// (docs/benchmarks.md). The result is the same key: OpenSSL's reader also takes the embedded
+// point as the public key without recomputing it. nullptr when the DER is not an EC key with an
+// embedded point (the caller then uses decode_key).
+ossl::EvpPkeyPtr fast_ec_key(std::uint8_t format, std::string_view der) {
+  if (format == kPkcs1) return nullptr;
+  auto k = detail::parse_key(format == kPkcs8 ? "PRIVATE KEY" : "EC PRIVATE KEY", der);
+  if (!k || k->key_nid != NID_X9_62_id_ecPublicKey || k->public_key.empty() ||
+      k->ec_private.empty() || k->ec_private.size() > 66) {
+    return nullptr;
+  }
+  const char* group = OBJ_nid2sn(k->curve_nid);
+  if (!group) return nullptr;
+  // OSSL_PARAM integers are in native byte order; the DER scalar is big-endian.
+  unsigned char scalar[66];
+  std::size_t n = k->ec_private.size();
+  for (std::size_t i = 0; i < n; ++i) scalar[i] = static_cast<unsigned char>(k->ec_private[n - 1 - i]);
+  if constexpr (std::endian::native == std::endian::big) std::reverse(scalar, scalar + n);
+  OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, const_cast<char*>(group), 0),
+      OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_PRIV_KEY, scalar, n),
+      OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
+                                        const_cast<char*>(k->public_key.data()), k->public_key.size()),
+      OSSL_PARAM_construct_end(),
+  };
+  ossl::EvpPkeyPtr key;
+  std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> ctx(
+      EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
+  EVP_PKEY* raw = nullptr;
+  if (ctx && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
+      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_KEYPAIR, params) == 1) {
+    key.reset(raw);
+  }
+  OPENSSL_cleanse(scalar, sizeof scalar);
+  ERR_clear_error();
+  return key;
+}
+
 Result<std::pair<KeyKind, std::string>> classify_key(EVP_PKEY* key) {
   switch (EVP_PKEY_get_base_id(key)) {
     case EVP_PKEY_EC: {
@@ -454,7 +510,12 @@ struct CertificateBuilder {
   // One allocation with the reference count right before the object: a store writer that
   // copies a shard's entries prefetches the counts through the raw pointer (store.cpp).
   struct Allocated : Certificate {};
-  static std::shared_ptr<Certificate> make() { return std::make_shared<Allocated>(); }
+  static std::shared_ptr<Certificate> make() {
+    auto c = std::make_shared<Allocated>();
+    c->counted_ = true;
+    g_live_certificates.fetch_add(1, std::memory_order_relaxed);
+    return c;
+  }
 
   // Full validation with OpenSSL's parsers: what from_pem does by default.
   static Result<std::shared_ptr<const Certificate>> full(std::string_view chain_pem,
@@ -663,9 +724,12 @@ Result<std::shared_ptr<const detail::OpenSslObjects>> CertificateBuilder::build(
     return fail(Errc::invalid_input, "leaf certificate: not a DER certificate (" +
                                          ossl::drain_errors() + ")");
   }
-  auto key = decode_key(c.key_format_, c.key_der_);
-  if (!key) return fail(key.error());
-  objs->key = std::move(*key);
+  objs->key = fast_ec_key(c.key_format_, c.key_der_);
+  if (!objs->key) {
+    auto key = decode_key(c.key_format_, c.key_der_);
+    if (!key) return fail(key.error());
+    objs->key = std::move(*key);
+  }
   objs->chain.reset(sk_X509_new_reserve(nullptr, static_cast<int>(c.chain_.size()) + 1));
   if (!objs->chain) return fail(ossl::error("certificate chain: sk_X509_new_reserve"));
   for (const auto& inter : c.chain_) sk_X509_push(objs->chain.get(), ossl::up_ref(inter->x509()).release());
@@ -727,7 +791,7 @@ std::shared_ptr<const detail::OpenSslObjects> CertificateBuilder::insert(
     // Another thread built it first: serve one copy.
     if (auto current = c.hot_.load(std::memory_order_acquire)) return current;
   }
-  if (cache.capacity == 0) return objs;
+  if (capacity_of(cache) == 0) return objs;
   c.hot_.store(objs, std::memory_order_release);
   c.referenced_.store(true, std::memory_order_relaxed);
   c.cache_slot_ = cache.ring.size();
@@ -748,7 +812,8 @@ void CertificateBuilder::remove_at(ObjectCache& cache, std::size_t i) {
 void CertificateBuilder::shrink(ObjectCache& cache,
                                 std::vector<std::shared_ptr<const detail::OpenSslObjects>>& dropped) {
   // CLOCK: a referenced entry gets a second chance, so at most two sweeps.
-  while (cache.ring.size() > cache.capacity) {
+  const std::size_t capacity = capacity_of(cache);
+  while (cache.ring.size() > capacity) {
     if (cache.hand >= cache.ring.size()) cache.hand = 0;
     const Certificate* victim = cache.ring[cache.hand];
     if (victim->referenced_.load(std::memory_order_relaxed)) {
@@ -795,6 +860,7 @@ const std::string& Certificate::issuer_cn() const { return issuer_->cn; }
 const std::string& Certificate::issuer_dn() const { return issuer_->dn; }
 
 Certificate::~Certificate() {
+  if (counted_) g_live_certificates.fetch_sub(1, std::memory_order_relaxed);
   CertificateBuilder::forget(*this);
   if (!key_der_.empty()) OPENSSL_cleanse(key_der_.data(), key_der_.size());
 }
@@ -804,7 +870,20 @@ void set_openssl_cache_capacity(std::size_t capacity) {
   ObjectCache& cache = object_cache();
   std::lock_guard lock(cache.mu);
   cache.capacity = capacity;
+  cache.automatic = false;
   CertificateBuilder::shrink(cache, dropped);
+}
+
+void set_openssl_cache_capacity_automatic() {
+  std::vector<std::shared_ptr<const detail::OpenSslObjects>> dropped;
+  ObjectCache& cache = object_cache();
+  std::lock_guard lock(cache.mu);
+  cache.automatic = true;
+  CertificateBuilder::shrink(cache, dropped);
+}
+
+std::size_t openssl_cache_capacity_for(std::size_t certificates) {
+  return std::max(kDefaultOpenSslCacheCapacity, certificates / 4);
 }
 
 OpenSslCacheStats openssl_cache_stats() {
@@ -812,7 +891,7 @@ OpenSslCacheStats openssl_cache_stats() {
   std::lock_guard lock(cache.mu);
   OpenSslCacheStats s;
   s.size = cache.ring.size();
-  s.capacity = cache.capacity;
+  s.capacity = capacity_of(cache);
   s.builds = cache.builds;
   s.evictions = cache.evictions;
   s.verify_failed = cache.verify_failed.load(std::memory_order_relaxed);

@@ -86,13 +86,21 @@ struct OpenSslCacheStats {
   std::uint64_t verify_failed = 0;  // certificates whose deferred verification failed
 };
 
-// kDefaultOpenSslCacheCapacity bounds how many certificates keep their OpenSSL objects
-// (about 5 KiB each for ECDSA P-256) built at once.
+// The cache bounds how many certificates keep their OpenSSL objects built at once (about
+// 6.4 KiB of RSS each for ECDSA P-256, measured at 100,000). By default the bound follows the
+// number of Certificates alive: openssl_cache_capacity_for(alive), the larger of
+// kDefaultOpenSslCacheCapacity and a quarter of them. A quarter keeps a full cache inside the
+// memory target of 4 KiB per certificate (compact form 1.8 KiB + a quarter of 6.4 KiB) while a
+// random SNI over all of them hits a quarter of the time; a miss costs about 110 µs
+// (docs/benchmarks.md).
 inline constexpr std::size_t kDefaultOpenSslCacheCapacity = 10000;
+std::size_t openssl_cache_capacity_for(std::size_t certificates);
 
-// set_openssl_cache_capacity changes that bound (0: build on every use, keep nothing).
-// Thread-safe; evicts at once when shrinking.
+// set_openssl_cache_capacity fixes that bound (0: build on every use, keep nothing);
+// set_openssl_cache_capacity_automatic returns to the default. Thread-safe; evicts at once
+// when shrinking.
 void set_openssl_cache_capacity(std::size_t capacity);
+void set_openssl_cache_capacity_automatic();
 OpenSslCacheStats openssl_cache_stats();
 
 // Certificate is immutable after from_pem() returns it, so any number of threads may read it
@@ -189,6 +197,7 @@ class Certificate {
   mutable std::atomic<std::shared_ptr<const detail::OpenSslObjects>> hot_;
   mutable std::atomic<bool> referenced_{false};
   mutable std::size_t cache_slot_ = static_cast<std::size_t>(-1);
+  bool counted_ = false;  // counted in the live certificates (set by the builder)
 };
 
 // is_valid_lookup_name reports whether name (already lower-case) can be a CertStore key: a DNS

@@ -181,7 +181,8 @@ bool parse_general_names(std::string_view seq, std::vector<std::pair<int, std::s
   return true;
 }
 
-bool parse_ec_private(std::string_view seq, int& curve, std::string_view& pub) {
+bool parse_ec_private(std::string_view seq, int& curve, std::string_view& pub,
+                      std::string_view& scalar) {
   // RFC 5915 §3: ECPrivateKey ::= SEQUENCE { version INTEGER { ecPrivkeyVer1(1) },
   //   privateKey OCTET STRING, parameters [0] ECParameters OPTIONAL,
   //   publicKey [1] BIT STRING OPTIONAL }
@@ -189,6 +190,7 @@ bool parse_ec_private(std::string_view seq, int& curve, std::string_view& pub) {
   std::string_view version, priv;
   if (!r.expect(kInt, version) || version != std::string_view("\x01", 1)) return false;
   if (!r.expect(kOctets, priv) || priv.empty()) return false;
+  scalar = priv;
   while (!r.empty()) {
     Tlv t;
     if (!r.next(t)) return false;
@@ -339,7 +341,7 @@ std::optional<KeyFields> parse_key(std::string_view pem_name, std::string_view d
   if (!top.expect(kSeq, seq) || !top.empty()) return std::nullopt;
   if (pem_name == "EC PRIVATE KEY") {
     k.key_nid = NID_X9_62_id_ecPublicKey;
-    if (!parse_ec_private(seq, k.curve_nid, k.public_key)) return std::nullopt;
+    if (!parse_ec_private(seq, k.curve_nid, k.public_key, k.ec_private)) return std::nullopt;
     return k;
   }
   if (pem_name == "RSA PRIVATE KEY") {
@@ -370,7 +372,7 @@ std::optional<KeyFields> parse_key(std::string_view pem_name, std::string_view d
     if (!a.expect(kOid, curve_oid) || !a.empty()) return std::nullopt;
     k.key_nid = NID_X9_62_id_ecPublicKey;
     k.curve_nid = curve_nid(curve_oid);
-    if (k.curve_nid == 0 || !parse_ec_private(inner_seq, k.curve_nid, k.public_key)) return std::nullopt;
+    if (k.curve_nid == 0 || !parse_ec_private(inner_seq, k.curve_nid, k.public_key, k.ec_private)) return std::nullopt;
     return k;
   }
   if (oid == kOidRsa) {

@@ -54,6 +54,7 @@ struct KeyFields {
   int key_nid = 0;
   int curve_nid = 0;
   std::string_view public_key;  // EC: the embedded point; RSA: empty (see rsa_n / rsa_e)
+  std::string_view ec_private;  // EC: the private scalar (big-endian octets); secret
   std::string_view rsa_n;       // RSA modulus and exponent INTEGER contents
   std::string_view rsa_e;
 };

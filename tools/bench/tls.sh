@@ -18,7 +18,7 @@
 #     N = 100,000, or 1,000 with --quick; OpenSSL objects built before listening, --warm) is
 #     loaded by tls_bench's own client (wrk cannot vary SNI) with SNI drawn at random from the
 #     N names, against the one-certificate tls_bench with SNI bench.test, alternating; then
-#     once more "cold": the same N certificates with the default OpenSSL object cache (10,000)
+#     once more "cold": the same N certificates with the default OpenSSL object cache (max(10,000, N/4) entries)
 #     and nothing built in advance, as right after a start;
 #   reverse proxy: wrk keep-alive against nginx proxy_pass and a third tls_bench (--upstream),
 #     both to the same trivial upstream (one more nginx, 1 worker, plain HTTP, the 13-byte file).

@@ -346,8 +346,50 @@ TEST_CASE_FIXTURE(Fixture, "certificate deferred verification failure is final a
   CHECK(openssl_cache_stats().verify_failed == before + 1);  // counted once
 }
 
+TEST_CASE_FIXTURE(Fixture, "certificate deferred keys built on first use sign for the leaf") {
+  // The handshake objects of a deferred certificate are built from the key's parts (not
+  // OpenSSL's DER decoder): a signature made with the built key must verify with the leaf's
+  // public key, for each curve and each key format (PKCS#8, SEC1) and for RSA.
+  LoadOptions deferred = options();
+  deferred.chain_check = LoadOptions::ChainCheck::deferred;
+  for (auto type : {testing::TestKeyType::ec256, testing::TestKeyType::ec384, testing::TestKeyType::rsa2048}) {
+    auto spec = ca.spec({"sign.test"});
+    spec.key = type;
+    auto leaf = ca.issue(spec);
+    ossl::BioPtr bio(BIO_new_mem_buf(leaf.key_pem.data(), static_cast<int>(leaf.key_pem.size())));
+    ossl::EvpPkeyPtr parsed(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
+    REQUIRE(parsed);
+    for (const std::string& key_pem : {leaf.key_pem, testing::key_to_pem_traditional(parsed.get())}) {
+      auto c = Certificate::from_pem(ca.chain_pem(leaf), key_pem, deferred);
+      REQUIRE_MESSAGE(c, c.error().message);
+      auto view = (*c)->openssl();
+      REQUIRE(view);
+      CHECK((*c)->verification() == Verification::verified);
+      unsigned char digest[32] = {1, 2, 3};
+      unsigned char sig[1024];
+      std::size_t sig_len = sizeof sig;
+      std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> sctx(EVP_PKEY_CTX_new(view.key, nullptr));
+      REQUIRE(EVP_PKEY_sign_init(sctx.get()) == 1);
+      REQUIRE(EVP_PKEY_sign(sctx.get(), sig, &sig_len, digest, sizeof digest) == 1);
+      std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> vctx(
+          EVP_PKEY_CTX_new(X509_get0_pubkey(view.leaf), nullptr));
+      REQUIRE(EVP_PKEY_verify_init(vctx.get()) == 1);
+      CHECK(EVP_PKEY_verify(vctx.get(), sig, sig_len, digest, sizeof digest) == 1);
+      CHECK(EVP_PKEY_eq(view.key, parsed.get()) == 1);
+    }
+  }
+}
+
+TEST_CASE("certificate OpenSSL object cache bound follows the live certificates") {
+  CHECK(openssl_cache_capacity_for(0) == kDefaultOpenSslCacheCapacity);
+  CHECK(openssl_cache_capacity_for(100000) == 25000);
+  set_openssl_cache_capacity(7);
+  CHECK(openssl_cache_stats().capacity == 7);
+  set_openssl_cache_capacity_automatic();
+  CHECK(openssl_cache_stats().capacity >= kDefaultOpenSslCacheCapacity);
+}
+
 TEST_CASE_FIXTURE(Fixture, "certificate OpenSSL object cache evicts and rebuilds") {
-  auto saved = openssl_cache_stats().capacity;
   set_openssl_cache_capacity(2);
   std::vector<std::shared_ptr<const Certificate>> certs;
   for (int i = 0; i < 5; ++i) {
@@ -388,7 +430,7 @@ TEST_CASE_FIXTURE(Fixture, "certificate OpenSSL object cache evicts and rebuilds
   CHECK(certs[1]->openssl());
   CHECK(openssl_cache_stats().size == 0);
   certs.clear();  // destroying cached certificates leaves no dangling cache entries
-  set_openssl_cache_capacity(saved);
+  set_openssl_cache_capacity_automatic();
 }
 
 }  // TEST_SUITE
