@@ -787,7 +787,10 @@ Status Manager::renew_locked(Managed& m, bool force) {
   Managed n = std::move(*issued);
   Status persisted = persist(n);
   n.key_pem.clear();
-  if (persisted) n.generation = storage_->generation(live_key(n.key, "fullchain.pem")).value_or("");
+  // The generation of what storage holds now: the new files, or (when saving failed) the old
+  // ones, which adopt_stored() must then not take for a change made by another process and
+  // serve over the newer certificate.
+  n.generation = storage_->generation(live_key(n.key, "fullchain.pem")).value_or(persisted ? "" : m.generation);
   // A valid new certificate is served even if it could not be saved: it is strictly better
   // than the old one. The error is still reported (a restart would issue again).
   if (auto st = store_->publish(n.cert); !st) {
@@ -969,6 +972,7 @@ Result<bool> Manager::load_stored_only(const std::vector<std::string>& input) {
       loaded = true;
     }
   }
+  if (!loaded) prune_name_mutex(key);
   flush_events();
   return loaded;
 }
@@ -978,13 +982,30 @@ std::string Manager::forget(const std::vector<std::string>& input) {
   if (names.empty()) return {};
   const std::string key = storage_name(names.front());
   auto name_mu = name_mutex(key);
-  std::lock_guard work(*name_mu);
-  std::lock_guard lock(mu_);
-  auto it = managed_.find(key);
-  if (it == managed_.end()) return {};
-  std::string id = it->second.cert ? it->second.cert->id() : std::string();
-  managed_.erase(it);
+  std::string id;
+  {
+    std::lock_guard work(*name_mu);
+    std::lock_guard lock(mu_);
+    auto it = managed_.find(key);
+    if (it == managed_.end()) return {};
+    id = it->second.cert ? it->second.cert->id() : std::string();
+    managed_.erase(it);
+  }
+  name_mu.reset();
+  prune_name_mutex(key);
   return id;
+}
+
+void Manager::prune_name_mutex(const std::string& key) {
+  {
+    std::lock_guard lock(mu_);
+    if (managed_.count(key)) return;
+  }
+  // use_count 1: only the map holds it, so nobody waits on or holds it, and nobody can take a
+  // copy while names_mu_ is held.
+  std::lock_guard lock(names_mu_);
+  auto it = name_mutexes_.find(key);
+  if (it != name_mutexes_.end() && it->second.use_count() == 1) name_mutexes_.erase(it);
 }
 
 std::optional<CertificateState> Manager::state(const std::vector<std::string>& names) const {

@@ -281,6 +281,9 @@ class Manager {
 
   // name_mutex returns the mutex that serializes work on one storage name.
   std::shared_ptr<std::mutex> name_mutex(const std::string& key);
+  // prune_name_mutex drops key's mutex when key is not managed and nobody holds it, so names
+  // looked up once (on-demand) do not grow the map without bound.
+  void prune_name_mutex(const std::string& key);
   // IssueSlot holds one of max_concurrent_issuances while an order runs.
   class IssueSlot;
 

@@ -118,7 +118,14 @@ Status validate_on_demand(const OnDemandOptions& o) {
 OnDemandBackend manager_backend(Manager& manager, CertStore& store) {
   OnDemandBackend b;
   b.load = [&manager](const std::string& name) { return manager.load_stored_only({name}); };
-  b.obtain = [&manager](const std::string& name) { return manager.manage({name}); };
+  b.obtain = [&manager](const std::string& name) {
+    auto st = manager.manage({name});
+    // A name that got no certificate is not kept managed: renew_due would retry it forever
+    // (spending the CA's failed-validation limit) and the LRU never sees it. The negative
+    // cache holds it off; a later handshake may try again.
+    if (!st) (void)manager.forget({name});
+    return st;
+  };
   b.evict = [&manager, &store](const std::string& name) {
     std::string id = manager.forget({name});
     if (!id.empty()) (void)store.remove(id);
