@@ -720,14 +720,18 @@ struct Server::Impl {
              m == "DELETE" || m == "OPTIONS";
     };
     using HR = httplib::Server::HandlerResponse;
+    // Each also marks the request's start for the latency histogram (one pre-routing handler
+    // per server: this is it).
     https_router.set_pre_routing_handler(
         [this, routed](const httplib::Request& req, httplib::Response& res) {
+          t_request_start = SteadyClock::now();
           if (!routed(req)) return HR::Unhandled;
           handle_site(req, res, true, nullptr);
           return HR::Handled;
         });
     http_router.set_pre_routing_handler(
         [this, routed](const httplib::Request& req, httplib::Response& res) {
+          t_request_start = SteadyClock::now();
           if (!routed(req)) return HR::Unhandled;
           handle_http(req, res, nullptr);
           return HR::Handled;
@@ -749,10 +753,6 @@ struct Server::Impl {
             }
             if (draining.load()) res.set_header("Connection", "close");
           });
-      router->set_pre_routing_handler([](const httplib::Request&, httplib::Response&) {
-        t_request_start = SteadyClock::now();
-        return httplib::Server::HandlerResponse::Unhandled;
-      });
       router->set_logger([this, tls](const httplib::Request& req, const httplib::Response& res) {
         on_request_done(req, res, tls);
       });
@@ -762,6 +762,12 @@ struct Server::Impl {
   // on_request_done runs on the worker after httplib wrote the response: latency histogram
   // and access log.
   void on_request_done(const httplib::Request& req, const httplib::Response& res, bool tls) {
+    // A request the reactor deferred is replayed on a worker, which logs it; the reactor's
+    // pass wrote only a placeholder response, discarded.
+    if (tl_inline && tl_inline->defer) {
+      t_request_start = {};
+      return;
+    }
     auto now = SteadyClock::now();
     // A request refused before routing (413, 400) has no start mark: count it as instant.
     auto start = t_request_start == SteadyClock::time_point{} ? now : t_request_start;
@@ -1148,9 +1154,11 @@ struct Server::Impl {
     if (c->closed) return;
     c->closed = true;
     Reactor& r = *c->home;
-    // No EPOLL_CTL_DEL: close_socket closes the descriptor (never dup'ed), which removes it from
-    // the epoll set; an event already returned for it finds c->closed (c lives on in the
-    // graveyard until the batch is done).
+    // Removed from the epoll set explicitly: close() alone removes it only when no other copy
+    // of the descriptor exists, and a hook's fork() holds copies until its exec. A stale entry
+    // would return this Connection after the graveyard freed it. An event already returned in
+    // this batch finds c->closed (c lives on in the graveyard until the batch is done).
+    if (c->registered) ::epoll_ctl(r.epoll_fd, EPOLL_CTL_DEL, c->fd, nullptr);
     c->registered = false;
     close_socket(*c);
     auto it = r.owned.find(c);
