@@ -28,8 +28,14 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "acme/client.h"
+#include "acme/jws.h"
+#include "acme/key.h"
+#include "acme/transport.h"
+#include "acme/util/openssl.h"
 #include "tests/support/fake_ca_endpoint.h"
 #include "tests/support/pebble_env.h"
+#include "tests/support/sni_handshake.h"
 
 using autotls::testing::PebbleEnv;
 using autotls::testing::PebbleOptions;
@@ -1224,19 +1230,28 @@ TEST_SUITE("cli.serve") {
   }
 }
 
-TEST_SUITE("cli.serve") {
-  TEST_CASE("serve on-demand issues an allowed name at its handshake against Pebble and refuses others") {
-    Cli c;
-    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+namespace {
+
+// OnDemandServe runs `autotls serve --on-demand --on-demand-allow *.od.cli.test` (plus `more`
+// flags) against a fresh Pebble, serving a static page over HTTPS on 127.0.0.1, with the admin
+// listener on a port it reads from the "listening" event.
+struct OnDemandServe {
+  Cli c;
+  fs::path root_file;  // Pebble's root: what verifies the issued certificates
+  int https = 0;
+  int admin = 0;
+  pid_t pid = -1;
+
+  explicit OnDemandServe(std::unique_ptr<PebbleEnv> env, const std::vector<std::string>& more = {}) {
     c.env = std::move(env);
     fs::path www = c.dir.path / "www";
     fs::create_directories(www);
     write_file(www / "index.html", "on demand\n");
     auto root = c.env->pebble_root_pem();
     REQUIRE_MESSAGE(root, root.error().message);
-    fs::path root_file = c.dir.path / "pebble-root.pem";
+    root_file = c.dir.path / "pebble-root.pem";
     write_file(root_file, *root);
-    int https = free_port();
+    https = free_port();
     std::vector<std::string> argv = {AUTOTLS_BINARY, "serve"};
     for (const auto& a : c.common()) argv.push_back(a);
     for (const auto& a : {std::string("--on-demand"), std::string("--on-demand-allow"), std::string("*.od.cli.test"),
@@ -1246,45 +1261,182 @@ TEST_SUITE("cli.serve") {
                           std::string("1"), std::string("--admin-address"), std::string("127.0.0.1:0")}) {
       argv.push_back(a);
     }
-    pid_t pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
-    auto deadline = std::chrono::steady_clock::now() + 60s;
-    std::pair<long, std::string> got;
-    while (std::chrono::steady_clock::now() < deadline) {
-      // The first handshake starts the issuance; curl's 5 s may end before Pebble is done.
-      got = https_get("shop.od.cli.test", https, root_file);
-      if (got.first == 200) break;
-      int status = 0;
-      if (::waitpid(pid, &status, WNOHANG) == pid) break;
-      std::this_thread::sleep_for(200ms);
-    }
-    CHECK_MESSAGE(got.first == 200, (read_file(c.dir.path / "serve.err") + read_file(c.dir.path / "serve.out")));
-    CHECK(got.second == "on demand\n");
-    CHECK(fs::exists(c.storage() / "live" / "shop.od.cli.test" / "fullchain.pem"));
-    // Names outside the policy: a failed handshake, nothing stored.
-    CHECK(https_get("evil.example.org", https, root_file).first == 0);
-    CHECK(https_get("a.b.od.cli.test", https, root_file).first == 0);
-    CHECK_FALSE(fs::exists(c.storage() / "live" / "evil.example.org"));
-    CHECK_FALSE(fs::exists(c.storage() / "live" / "a.b.od.cli.test"));
-    int admin = 0;
-    {
+    argv.insert(argv.end(), more.begin(), more.end());
+    pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
+    auto deadline = std::chrono::steady_clock::now() + 20s;
+    while (admin == 0 && std::chrono::steady_clock::now() < deadline) {
       std::istringstream lines(read_file(c.dir.path / "serve.out"));
       std::string line;
       while (std::getline(lines, line)) {
         auto j = json::parse(line, nullptr, false);
         if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
       }
+      int status = 0;
+      if (admin == 0 && ::waitpid(pid, &status, WNOHANG) == pid) {
+        pid = -1;
+        break;
+      }
+      if (admin == 0) std::this_thread::sleep_for(50ms);
     }
-    REQUIRE(admin > 0);
+    REQUIRE_MESSAGE(admin > 0, logs());
+  }
+  ~OnDemandServe() {
+    if (pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  }
+  std::string logs() const { return read_file(c.dir.path / "serve.err") + read_file(c.dir.path / "serve.out"); }
+
+  // get_until_served repeats an HTTPS GET for host until it answers 200 (the first handshake
+  // starts the issuance; curl's 5 s may end before Pebble is done) or 60 s pass.
+  std::pair<long, std::string> get_until_served(const std::string& host) {
+    auto deadline = std::chrono::steady_clock::now() + 60s;
+    std::pair<long, std::string> got;
+    while (std::chrono::steady_clock::now() < deadline) {
+      got = https_get(host, https, root_file);
+      if (got.first == 200) break;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) {
+        pid = -1;
+        break;
+      }
+      std::this_thread::sleep_for(200ms);
+    }
+    return got;
+  }
+
+  std::string metrics() const {
     httplib::Client adm("127.0.0.1", admin);
     adm.set_read_timeout(std::chrono::seconds(5));
     auto m = adm.Get("/metrics");
-    REQUIRE(m);
-    INFO(m->body);
-    CHECK(m->body.find("autotls_on_demand_total{outcome=\"obtained\"} 1\n") != std::string::npos);
-    CHECK(m->body.find("autotls_on_demand_total{outcome=\"denied\"} 2\n") != std::string::npos);
-    CHECK(m->body.find("\nautotls_certificates_obtained_total 1\n") != std::string::npos);
+    return m ? m->body : std::string();
+  }
+
+  // stop sends SIGTERM and returns the exit code.
+  int stop() {
     REQUIRE(::kill(pid, SIGTERM) == 0);
-    CHECK(wait_exit(pid, 20s) == 0);
+    int code = wait_exit(pid, 20s);
+    pid = -1;
+    return code;
+  }
+};
+
+// metric returns the value of the sample named exactly `sample` (with its labels) in a
+// Prometheus text body, or -1 when it is missing.
+long metric(const std::string& body, const std::string& sample) {
+  std::istringstream in(body);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.size() > sample.size() && line.compare(0, sample.size(), sample) == 0 && line[sample.size()] == ' ') {
+      return std::stol(line.substr(sample.size() + 1));
+    }
+  }
+  return -1;
+}
+
+// pebble_orders counts the orders Pebble holds for the account autotls stored under `storage`,
+// asked at the CA itself: the account's orders list (RFC 8555 §7.1.2.1), POST-as-GET with the
+// stored account key, following Link rel="next" pages.
+autotls::Result<size_t> pebble_orders(const PebbleEnv& env, const fs::path& storage) {
+  using autotls::Errc;
+  using autotls::fail;
+  fs::path key_file, account_file;
+  std::error_code ec;
+  for (const auto& d : fs::directory_iterator(storage / "accounts", ec)) {
+    if (fs::exists(d.path() / "account.key")) {
+      key_file = d.path() / "account.key";
+      account_file = d.path() / "account.json";
+    }
+  }
+  if (key_file.empty()) return fail(Errc::io, "no account stored under " + storage.string());
+  auto key = autotls::acme::PrivateKey::from_pem(read_file(key_file));
+  if (!key) return fail(key.error());
+  auto account = json::parse(read_file(account_file), nullptr, false);
+  if (!account.is_object() || !account.contains("url")) return fail(Errc::bad_response, "bad " + account_file.string());
+  autotls::acme::ClientOptions o;
+  o.directory_url = env.directory_url();
+  o.transport = std::shared_ptr<autotls::acme::HttpTransport>(autotls::acme::make_curl_transport(env.curl_options()));
+  auto client = autotls::acme::Client::create(o);
+  if (!client) return fail(client.error());
+  (*client)->set_account(std::make_shared<autotls::acme::KeySigner>(std::move(*key)), account["url"].get<std::string>());
+  auto acct = (*client)->fetch_account();
+  if (!acct) return fail(acct.error());
+  if (acct->orders.empty()) return fail(Errc::bad_response, "the account has no orders URL");
+  size_t n = 0;
+  std::string url = acct->orders;
+  for (int page = 0; !url.empty() && page < 1000; ++page) {
+    auto r = (*client)->post("orders", url, "");
+    if (!r) return fail(r.error());
+    auto j = json::parse(r->body, nullptr, false);
+    if (!j.is_object() || !j.contains("orders") || !j["orders"].is_array()) {
+      return fail(Errc::bad_response, "orders list: " + r->body);
+    }
+    n += j["orders"].size();
+    url.clear();
+    for (const auto& link : r->headers_named("Link")) {
+      if (link.find("rel=\"next\"") == std::string::npos) continue;
+      auto lt = link.find('<'), gt = link.find('>');
+      if (lt != std::string::npos && gt != std::string::npos && gt > lt) url = link.substr(lt + 1, gt - lt - 1);
+    }
+  }
+  return n;
+}
+
+}  // namespace
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("serve on-demand issues an allowed name at its handshake against Pebble and refuses others") {
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    OnDemandServe s(std::move(env));
+    auto got = s.get_until_served("shop.od.cli.test");
+    CHECK_MESSAGE(got.first == 200, s.logs());
+    CHECK(got.second == "on demand\n");
+    CHECK(fs::exists(s.c.storage() / "live" / "shop.od.cli.test" / "fullchain.pem"));
+    // Names outside the policy: a failed handshake, nothing stored.
+    CHECK(https_get("evil.example.org", s.https, s.root_file).first == 0);
+    CHECK(https_get("a.b.od.cli.test", s.https, s.root_file).first == 0);
+    CHECK_FALSE(fs::exists(s.c.storage() / "live" / "evil.example.org"));
+    CHECK_FALSE(fs::exists(s.c.storage() / "live" / "a.b.od.cli.test"));
+    auto m = s.metrics();
+    INFO(m);
+    CHECK(m.find("autotls_on_demand_total{outcome=\"obtained\"} 1\n") != std::string::npos);
+    CHECK(m.find("autotls_on_demand_total{outcome=\"denied\"} 2\n") != std::string::npos);
+    CHECK(m.find("\nautotls_certificates_obtained_total 1\n") != std::string::npos);
+    CHECK(s.stop() == 0);
+  }
+
+  TEST_CASE("serve on-demand against Pebble orders nothing for 1000 random SNI names or a throttled name") {
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    OnDemandServe s(std::move(env), {"--on-demand-rate", "1/1h"});
+    autotls::ossl::SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
+    REQUIRE(ctx);
+    // 1000 names outside the policy from 8 client threads, while the rate still allows an
+    // issuance: every handshake fails.
+    auto names = autotls::testing::random_sni_names(1000);
+    CHECK(autotls::testing::tls_handshakes(s.https, names, 8, ctx.get()) == 0);
+    // An allowed name is issued at its handshake: the one issuance the rate allows.
+    auto got = s.get_until_served("first.od.cli.test");
+    REQUIRE_MESSAGE(got.first == 200, s.logs());
+    // Counted at the CA: the account holds that one order and none for the 1000 names.
+    auto before = pebble_orders(*s.c.env, s.c.storage());
+    REQUIRE_MESSAGE(before, before.error().message);
+    CHECK(*before == 1);
+    // A second allowed name over the rate: refused at once, no certificate, no order.
+    auto second = autotls::testing::tls_handshake(s.https, "second.od.cli.test", ctx.get());
+    CHECK_FALSE(second.ok);
+    CHECK(second.took < 10s);
+    CHECK_FALSE(fs::exists(s.c.storage() / "live" / "second.od.cli.test"));
+    auto after = pebble_orders(*s.c.env, s.c.storage());
+    REQUIRE_MESSAGE(after, after.error().message);
+    CHECK(*after == *before);
+    auto m = s.metrics();
+    INFO(m);
+    CHECK(metric(m, "autotls_on_demand_total{outcome=\"denied\"}") + metric(m, "autotls_on_demand_total{outcome=\"invalid\"}") == 1000);
+    CHECK(metric(m, "autotls_on_demand_total{outcome=\"throttled\"}") == 1);
+    CHECK(metric(m, "autotls_on_demand_total{outcome=\"obtained\"}") == 1);
+    CHECK(metric(m, "autotls_certificates_obtained_total") == 1);
+    CHECK_MESSAGE(s.stop() == 0, s.logs());
   }
 }
 

@@ -26,6 +26,7 @@
 #include "server/server.h"
 #include "tests/support/fake_acme.h"
 #include "tests/support/fake_transport.h"
+#include "tests/support/sni_handshake.h"
 #include "tlsreload/challenges.h"
 #include "tlsreload/manager.h"
 #include "tlsreload/on_demand.h"
@@ -36,18 +37,12 @@
 using namespace autotls;
 using autotls::testing::FakeAcmeServer;
 using autotls::testing::FakeAcmeTransport;
+using autotls::testing::HandshakeResult;
 using SteadyClock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct HandshakeResult {
-  bool ok = false;
-  bool verified = false;
-  std::string error;  // OpenSSL's reason when it failed
-  std::chrono::milliseconds took{0};
-};
 
 // Env: fake CA, storage in a temp dir, Manager, OnDemand and a Server on 127.0.0.1.
 struct Env {
@@ -104,37 +99,7 @@ struct Env {
   }
 
   HandshakeResult handshake(const std::string& sni) {
-    HandshakeResult r;
-    auto t0 = SteadyClock::now();
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(static_cast<uint16_t>(server->https_port()));
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    timeval tv{15, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-      ::close(fd);
-      r.error = "connect failed";
-      return r;
-    }
-    ossl::SslPtr ssl(SSL_new(client_ctx.get()));
-    SSL_set_fd(ssl.get(), fd);
-    SSL_set_tlsext_host_name(ssl.get(), sni.c_str());
-    SSL_set1_host(ssl.get(), sni.c_str());
-    ERR_clear_error();
-    r.ok = SSL_connect(ssl.get()) == 1;
-    if (r.ok) {
-      r.verified = SSL_get_verify_result(ssl.get()) == X509_V_OK;
-      SSL_shutdown(ssl.get());
-    } else {
-      unsigned long e = ERR_peek_last_error();
-      r.error = e ? ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "unknown" : "closed";
-    }
-    ERR_clear_error();
-    ::close(fd);
-    r.took = std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - t0);
-    return r;
+    return autotls::testing::tls_handshake(server->https_port(), sni, client_ctx.get());
   }
 };
 
@@ -146,42 +111,10 @@ tlsreload::OnDemandOptions pattern_policy() {
   return o;
 }
 
-// random_names makes n distinct SNI values nobody allowed: mostly plausible DNS names, some
-// junk (IP literals, bad characters, path tricks, overlong labels).
-std::vector<std::string> random_names(int n) {
-  std::mt19937 rng(12345);
-  std::uniform_int_distribution<int> len(3, 20), letter(0, 25), kind(0, 9);
-  std::vector<std::string> out;
-  for (int i = 0; i < n; ++i) {
-    std::string label;
-    for (int k = len(rng); k > 0; --k) label += static_cast<char>('a' + letter(rng));
-    label += std::to_string(i);
-    switch (kind(rng)) {
-      case 0: out.push_back("10." + std::to_string(i % 256) + ".0.1"); break;
-      case 1: out.push_back(label + "/../etc.example.org"); break;
-      case 2: out.push_back(label + "_x.example.org"); break;
-      case 3: out.push_back(std::string(64, 'a') + label + ".example.org"); break;
-      default: out.push_back(label + (i % 2 ? ".example.org" : ".other.ondemand.test")); break;
-    }
-  }
-  return out;
-}
-
 // handshakes runs one handshake per name from `threads` client threads; returns how many
 // succeeded.
 int handshakes(Env& env, const std::vector<std::string>& names, int threads) {
-  std::atomic<size_t> next{0};
-  std::atomic<int> ok{0};
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&] {
-      for (size_t i; (i = next++) < names.size();) {
-        if (env.handshake(names[i]).ok) ++ok;
-      }
-    });
-  }
-  for (auto& t : ts) t.join();
-  return ok;
+  return autotls::testing::tls_handshakes(env.server->https_port(), names, threads, env.client_ctx.get());
 }
 
 }  // namespace
@@ -233,7 +166,7 @@ TEST_SUITE("on_demand") {
   TEST_CASE("on-demand 1000 random SNI names without permission place no order") {
     SUBCASE("pattern policy") {
       Env env(pattern_policy());
-      auto names = random_names(1000);
+      auto names = autotls::testing::random_sni_names(1000);
       CHECK(handshakes(env, names, 8) == 0);
       CHECK(env.ca->orders().empty());
       auto c = env.on_demand->counters();
@@ -248,7 +181,7 @@ TEST_SUITE("on_demand") {
       o.ask_url = "http://ask.test/allow";
       o.ask_transport = ask;
       Env env(o);
-      auto names = random_names(1000);
+      auto names = autotls::testing::random_sni_names(1000);
       CHECK(handshakes(env, names, 32) == 0);
       CHECK(env.ca->orders().empty());
       CHECK(env.ca->accounts() == 0);
