@@ -585,7 +585,22 @@ void Manager::note_revoked(const Managed& m) {
   emit(ManagerEvent::Type::revoked, m);
 }
 
-Status Manager::save_state(const Managed& m) { return storage_->put(live_key(m.key, "meta.json"), m.state.to_json()); }
+Status Manager::save_state(const Managed& m) {
+  const std::string path = live_key(m.key, "meta.json");
+  CertificateState state = m.state;
+  // `autotls revoke` (another process) may have marked this certificate revoked since we last
+  // read meta.json: carry its mark over instead of writing over it (adopt_stored acts on it).
+  if (!state.revoked_at) {
+    if (auto text = storage_->get(path); text && *text) {
+      auto stored = CertificateState::from_json(**text);
+      if (stored && stored->cert_id == state.cert_id && stored->revoked_at) {
+        state.revoked_at = stored->revoked_at;
+        state.revocation_reason = stored->revocation_reason;
+      }
+    }
+  }
+  return storage_->put(path, state.to_json());
+}
 
 // persist writes every file of the certificate as one set (Storage::put_set): FileStorage
 // switches live/<name> to the new version with one rename, so neither load_stored nor an

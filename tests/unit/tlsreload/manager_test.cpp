@@ -670,3 +670,28 @@ TEST_CASE("ARI is polled at least twice a day and at most once a minute whatever
 }
 
 }  // TEST_SUITE
+
+TEST_CASE("a meta.json save keeps a revoked mark written by another process") {
+  Env env;  // ARI window in 2030: the ARI fetch writes meta.json, nothing is renewed
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  CHECK(m->renew_due().value() == 0);
+  auto st = m->state(kNames).value();
+  REQUIRE(st.ari_next_fetch.has_value());
+  {
+    FileStorage other(env.dir, &env.clock);  // as `autotls revoke` in another process
+    auto s = CertificateState::from_json(env.file("live/example.com/meta.json"));
+    REQUIRE(s.has_value());
+    s->revoked_at = env.clock.now();
+    s->revocation_reason = "keyCompromise";
+    REQUIRE(other.put("live/example.com/meta.json", s->to_json()).has_value());
+  }
+  // The next ARI fetch saves the manager's in-memory state, which has no mark.
+  env.clock.advance(std::chrono::duration_cast<std::chrono::milliseconds>(*st.ari_next_fetch - env.clock.now() + 1min));
+  CHECK(m->renew_due().value() == 0);
+  REQUIRE(m->state(kNames)->ari_next_fetch > st.ari_next_fetch);  // meta.json was written again
+  auto after = CertificateState::from_json(env.file("live/example.com/meta.json"));
+  REQUIRE(after.has_value());
+  CHECK(after->revoked_at.has_value());
+  CHECK(after->revocation_reason == "keyCompromise");
+}
