@@ -528,6 +528,11 @@ int cmd_serve(Context& ctx) {
     auto admin_endpoint = ns->cfg.admin.endpoint;
     ns->cfg.admin = cfg.admin;
     ns->cfg.admin.endpoint = admin_endpoint;
+    if (on_demand) {
+      // As at start: the on-demand wait, not the server's deadline, ends a waiting handshake
+      // (otherwise every reload would report "timeouts" as not applied).
+      ns->cfg.timeouts.handshake = std::max(ns->cfg.timeouts.handshake, cfg.timeouts.handshake);
+    }
     auto rep = (*srv)->reload(ns->cfg);
     if (!rep) return refuse(rep.error().message);
     std::vector<std::string> not_applied = rep->not_applied;

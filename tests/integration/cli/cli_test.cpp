@@ -1403,6 +1403,24 @@ TEST_SUITE("cli.serve") {
     CHECK(m.find("autotls_on_demand_total{outcome=\"obtained\"} 1\n") != std::string::npos);
     CHECK(m.find("autotls_on_demand_total{outcome=\"denied\"} 2\n") != std::string::npos);
     CHECK(m.find("\nautotls_certificates_obtained_total 1\n") != std::string::npos);
+    // SIGHUP with the same configuration: nothing to restart for (the on-demand handshake
+    // timeout is kept as at start, not reported as a changed timeout).
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    json reload;
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (reload.is_null() && std::chrono::steady_clock::now() < deadline) {
+      std::istringstream lines(read_file(s.c.dir.path / "serve.out"));
+      std::string line;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value("event", "").rfind("reload", 0) == 0) reload = j;
+      }
+      if (reload.is_null()) std::this_thread::sleep_for(50ms);
+    }
+    REQUIRE_MESSAGE(reload.is_object(), s.logs());
+    CHECK(reload.value("event", "") == "reload");
+    CHECK(reload.value("not_applied", json::array()) == json::array());
+    CHECK(https_get("shop.od.cli.test", s.https, s.root_file).first == 200);
     CHECK(s.stop() == 0);
   }
 
