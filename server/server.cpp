@@ -484,7 +484,11 @@ struct Server::Impl {
   // --- setup ---------------------------------------------------------------------------------
 
   Status validate_and_resolve() {
-    if (cfg.https.empty()) return fail(Errc::invalid_input, "server config: no https listener");
+    // An http-only server (the CLI's standalone http-01 responder) is allowed; with no listener
+    // at all there is nothing to serve.
+    if (cfg.https.empty() && cfg.http.empty()) {
+      return fail(Errc::invalid_input, "server config: no https or http listener");
+    }
     std::vector<Endpoint> admin_list;
     if (cfg.admin.endpoint) admin_list.push_back(*cfg.admin.endpoint);
     for (const auto* list : {&cfg.https, &cfg.http, &admin_list}) {
@@ -910,6 +914,12 @@ struct Server::Impl {
       return;
     }
     int port = r->redirect_port ? r->redirect_port : https_port;
+    if (port == 0) {
+      // No https listener to send the client to (an http-only responder).
+      res.status = 404;
+      res.set_content("not found: this listener answers only ACME http-01 challenges\n", "text/plain");
+      return;
+    }
     // 308 (RFC 9110 §15.4.9) keeps the method and body, unlike 301/302.
     res.status = 308;
     res.set_header("Location", detail::redirect_location(*host, req.target, port));

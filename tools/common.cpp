@@ -609,9 +609,8 @@ Result<std::unique_ptr<Responder>> start_responder(const std::string& challenge_
   cfg.worker_threads = 2;
   const bool http = challenge_type == "http-01";
   if (http) {
-    // server::Server needs an https listener; this one, on a loopback ephemeral port with no
-    // certificate, only exists to satisfy that and answers nobody.
-    cfg.https = {{"127.0.0.1", 0}};
+    // Only the http listener: http-01 needs nothing else (other requests get a 404).
+    cfg.https = {};
     cfg.http = {{hp->first, hp->second}};
   } else {
     cfg.https = {{hp->first, hp->second}};

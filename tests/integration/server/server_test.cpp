@@ -445,6 +445,28 @@ TEST_SUITE("server") {
     CHECK(r.status == 308);
   }
 
+  TEST_CASE("an http-only server answers http-01 tokens and 404 for the rest") {
+    Env env("http01only");
+    ServerConfig cfg = Env::base_config();
+    cfg.https = {};
+    cfg.http = {{"127.0.0.1", 0}};
+    auto s = Server::create(std::move(cfg), env.store, env.challenges, nullptr);
+    REQUIRE_MESSAGE(s, s.error().message);
+    auto& server = *s;
+    REQUIRE(server->start());
+    env.challenges->put_http01("tok-only", "tok-only.thumbprint");
+    CHECK(server->https_port() == 0);
+    int hp = server->http_port();
+    REQUIRE(hp > 0);
+    std::string base = "http://example.test:" + std::to_string(hp);
+    auto r = curl_request(base + "/.well-known/acme-challenge/tok-only", {"example.test"}, hp, {});
+    CHECK(r.status == 200);
+    CHECK(r.body == "tok-only.thumbprint");
+    r = curl_request(base + "/some/path", {"example.test"}, hp, {});
+    CHECK(r.status == 404);
+    CHECK(r.headers.find("Location:") == std::string::npos);
+  }
+
   TEST_CASE("static files are served without traversal") {
     Env env("static");
     env.publish({"static.test"});
