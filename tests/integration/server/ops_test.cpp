@@ -311,7 +311,13 @@ TEST_SUITE("server") {
     long growth_mib = (peak_rss_kib() - before) / 1024;
     MESSAGE("peak RSS growth for 2 x 50 MB through the proxy: " << growth_mib << " MiB");
     // Buffering either body whole would hold at least 50 MB (twice that with the copies).
+#if defined(__SANITIZE_ADDRESS__)
+    // ASan's quarantine keeps freed chunks out of reuse (256 MiB by default), so every chunk
+    // that passed through counts as growth: RSS says nothing here. The normal build checks it.
+    MESSAGE("ASan build: peak RSS not checked (allocator quarantine)");
+#else
     CHECK(growth_mib < 32);
+#endif
 
     // Sequential requests ride one kept-alive upstream connection (it goes back to the pool as
     // soon as the upstream response is in, before the client has read it).
