@@ -130,6 +130,7 @@ std::string CertificateState::to_json() const {
   j["directory_url"] = directory_url;
   j["issuer_name"] = issuer_name;
   j["issuer"] = issuer;
+  if (!profile.empty()) j["profile"] = profile;
   j["cert_id"] = cert_id;
   j["serial"] = serial;
   j["ari_id"] = ari_id;
@@ -165,6 +166,7 @@ Result<CertificateState> CertificateState::from_json(std::string_view text) {
   s.directory_url = get_string(j, "directory_url");
   s.issuer_name = get_string(j, "issuer_name");
   s.issuer = get_string(j, "issuer");
+  s.profile = get_string(j, "profile");
   s.cert_id = get_string(j, "cert_id");
   s.serial = get_string(j, "serial");
   s.ari_id = get_string(j, "ari_id");
@@ -464,7 +466,8 @@ Status Manager::ensure_account(IssuerSlot& slot, acme::Client& client, bool rere
 // when there is none or it is unusable (half-replaced pair, expired, corrupt), in which case
 // it will be issued again.
 Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& key,
-                                                            const std::vector<std::string>& names) {
+                                                            const std::vector<std::string>& names,
+                                                            const CertificateSettings& settings) {
   // The generation first: a change after it is noticed by adopt_stored's next look.
   auto generation = storage_->generation(live_key(key, "fullchain.pem"));
   if (!generation) return fail(generation.error());
@@ -484,6 +487,7 @@ Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& 
   Managed m;
   m.names = names;
   m.key = key;
+  m.settings = settings;
   m.cert = *cert;
   m.chain_pem = **chain;
   m.generation = *generation;
@@ -514,8 +518,9 @@ Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& 
 }
 
 system_clock::time_point Manager::due_time(const Managed& m) const {
-  // Nothing served, or a revoked certificate: due now.
-  if (!m.cert || m.state.revoked_at) return system_clock::time_point{};
+  // Nothing served, a revoked certificate, or one whose key type is no longer the configured
+  // one: due now.
+  if (!m.cert || m.state.revoked_at || key_type_changed(m)) return system_clock::time_point{};
   auto nb = m.cert->not_before(), na = m.cert->not_after();
   if (m.state.ari_selected) {
     // RFC 9773 §4.3.2 lets the CA move the window; whatever it says, a certificate this close
@@ -524,6 +529,27 @@ system_clock::time_point Manager::due_time(const Managed& m) const {
     return std::min(*m.state.ari_selected, emergency);
   }
   return ratio_renewal_time(nb, na, options_.renewal_ratio);
+}
+
+acme::KeyType Manager::expected_key_type(const Managed& m) const {
+  if (m.settings.key_type) return *m.settings.key_type;
+  for (const auto& s : issuers_) {
+    if (s->cfg.account_id() == m.state.directory_url) return *s->cfg.key_type;
+  }
+  return *issuers_.front()->cfg.key_type;
+}
+
+bool Manager::key_type_changed(const Managed& m) const {
+  return m.cert && m.cert->key_type() != acme::to_string(expected_key_type(m));
+}
+
+Status Manager::publish_replacing(const std::shared_ptr<const Certificate>& next, const Certificate* previous) {
+  if (auto st = store_->publish(next); !st) return st;
+  if (previous && previous->key_kind() != next->key_kind() && previous->id() != next->id()) {
+    // Nothing to undo if it is gone already (another path removed it): the new one serves.
+    (void)store_->remove(previous->id());
+  }
+  return {};
 }
 
 bool Manager::due(const Managed& m) const {
@@ -621,8 +647,10 @@ Status Manager::persist(const Managed& m) {
 
 // issue_at obtains a chain and key from one issuer.
 Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<std::string>& names,
-                                          const std::string& replaces) {
+                                          const std::string& replaces, const CertificateSettings& settings) {
   const IssuerConfig& cfg = slot.cfg;
+  // The name set's own settings first, then the issuer's (which default to the global ones).
+  const acme::KeyType key_type = settings.key_type.value_or(*cfg.key_type);
   if (cfg.internal) {
     std::shared_ptr<InternalCA> ca;
     {
@@ -631,7 +659,7 @@ Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<st
       if (!c) return fail(c.error());
       ca = *c;
     }
-    auto issued = ca->issue(names, *cfg.key_type);
+    auto issued = ca->issue(names, key_type);
     if (!issued) return fail(issued.error());
     return Issued{std::move(issued->chain_pem), std::move(issued->key_pem)};
   }
@@ -662,9 +690,9 @@ Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<st
   acme::ObtainRequest req;
   for (const auto& n : names) req.identifiers.push_back(acme::identifier_for(n));
   req.challenge_type = options_.challenge_type;
-  req.key_type = *cfg.key_type;
-  req.profile = cfg.profile;
-  req.preferred_chain = cfg.preferred_chain;
+  req.key_type = key_type;
+  req.profile = settings.profile.empty() ? cfg.profile : settings.profile;
+  req.preferred_chain = settings.preferred_chain.empty() ? cfg.preferred_chain : settings.preferred_chain;
   // RFC 9773 §5: "replaces" tells the CA which certificate this one renews.
   if (!acme_client->directory().renewal_info.empty()) req.replaces = replaces;
   req.progress = options_.on_progress;
@@ -687,7 +715,7 @@ Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<st
 // must not fall through (falls_through()) ends the attempt. The error returned is the last
 // one, its message listing every issuer's failure.
 Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, const std::string& key,
-                                        const Managed* current) {
+                                        const CertificateSettings& settings, const Managed* current) {
   std::string messages;
   for (size_t i = 0; i < issuers_.size(); ++i) {
     IssuerSlot& slot = *issuers_[i];
@@ -699,7 +727,8 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
     if (current && current->cert && !current->state.revoked_at && current->state.directory_url == cfg.account_id()) {
       replaces = current->state.ari_id;
     }
-    auto got = issue_at(slot, names, replaces);
+    auto got = issue_at(slot, names, replaces, settings);
+    const acme::KeyType want = settings.key_type.value_or(*cfg.key_type);
     Result<std::shared_ptr<const Certificate>> cert = fail(Errc::invalid_input, "");
     if (got) {
       // Validate before anyone can see it: a broken certificate from the CA must never reach
@@ -714,6 +743,11 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
         cert = fail(refused);
       } else if (!covers(**cert, names)) {
         cert = fail(Errc::bad_response, "issued certificate refused: it does not cover every requested name");
+      } else if ((*cert)->key_type() != acme::to_string(want)) {
+        // Our own CSR names the key, so this is a defect somewhere; never serve it as if it
+        // were what the configuration asked for.
+        cert = fail(Errc::bad_response, "issued certificate refused: its key is " + (*cert)->key_type() + ", but " +
+                                            std::string(acme::to_string(want)) + " is configured");
       }
     } else {
       cert = fail(got.error());
@@ -727,6 +761,7 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
       Managed m;
       m.names = names;
       m.key = key;
+      m.settings = settings;
       m.cert = *cert;
       m.chain_pem = std::move(got->chain_pem);
       m.key_pem = std::move(got->key_pem);
@@ -735,6 +770,7 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
       s.directory_url = cfg.account_id();
       s.issuer_name = cfg.label();
       s.issuer = (*cert)->issuer_dn();
+      if (!cfg.internal) s.profile = settings.profile.empty() ? cfg.profile : settings.profile;
       s.cert_id = (*cert)->id();
       s.serial = (*cert)->serial_hex();
       s.not_before = (*cert)->not_before();
@@ -772,14 +808,14 @@ Status Manager::renew_locked(Managed& m, bool force) {
   }
   LockKeeper keeper(*storage_, *token, options_.lock_ttl, *logger_);
 
-  auto stored = load_stored(m.key, m.names);
+  auto stored = load_stored(m.key, m.names, m.settings);
   if (!stored) {
     record_failure(m, stored.error());
     return fail(stored.error());
   }
   if (!force && *stored && (!m.cert || (*stored)->cert->id() != m.cert->id()) && !due(**stored)) {
+    if (auto st = publish_replacing((*stored)->cert, m.cert.get()); !st) return st;
     m = std::move(**stored);
-    if (auto st = store_->publish(m.cert); !st) return st;
     loaded_.fetch_add(1);
     emit(ManagerEvent::Type::loaded, m);
     return {};
@@ -787,7 +823,7 @@ Status Manager::renew_locked(Managed& m, bool force) {
 
   auto issued = [&] {
     IssueSlot slot(*this);
-    return issue(m.names, m.key, m.cert ? &m : nullptr);
+    return issue(m.names, m.key, m.settings, m.cert ? &m : nullptr);
   }();
   if (!issued) {
     if (issued.error().code == Errc::cancelled) {
@@ -808,7 +844,7 @@ Status Manager::renew_locked(Managed& m, bool force) {
   n.generation = storage_->generation(live_key(n.key, "fullchain.pem")).value_or(persisted ? "" : m.generation);
   // A valid new certificate is served even if it could not be saved: it is strictly better
   // than the old one. The error is still reported (a restart would issue again).
-  if (auto st = store_->publish(n.cert); !st) {
+  if (auto st = publish_replacing(n.cert, m.cert.get()); !st) {
     record_failure(m, st.error());
     return st;
   }
@@ -825,7 +861,7 @@ Status Manager::renew_locked(Managed& m, bool force) {
   return {};
 }
 
-Status Manager::manage(const std::vector<std::string>& input) {
+Status Manager::manage(const std::vector<std::string>& input, const CertificateSettings& settings) {
   auto names = normalize(input);
   if (names.empty()) return fail(Errc::invalid_input, "manage: no names");
   for (const auto& n : names) {
@@ -836,16 +872,24 @@ Status Manager::manage(const std::vector<std::string>& input) {
   {
     auto name_mu = name_mutex(key);
     std::lock_guard work(*name_mu);
-    auto stored = load_stored(key, names);
+    auto stored = load_stored(key, names, settings);
     if (!stored) return fail(stored.error());
+    // Managed already (manage() called again, e.g. on a configuration reload): the certificate
+    // served now, which a stored one of the other key family must not leave in the store.
+    std::shared_ptr<const Certificate> previous;
+    {
+      std::lock_guard lock(mu_);
+      if (auto it = managed_.find(key); it != managed_.end()) previous = it->second.cert;
+    }
     Managed m;
     m.names = names;
     m.key = key;
+    m.settings = settings;
     m.state.names = names;
     if (*stored) {
       m = std::move(**stored);
       // Serve what we have at once, even if due: it is valid, and renewal may take a while.
-      if (auto st = store_->publish(m.cert); !st) return st;
+      if (auto st = publish_replacing(m.cert, previous.get()); !st) return st;
     }
     if (m.cert && m.state.revoked_at) note_revoked(m);
     const bool need = due(m);
@@ -975,7 +1019,7 @@ Result<bool> Manager::load_stored_only(const std::vector<std::string>& input) {
   {
     auto name_mu = name_mutex(key);
     std::lock_guard work(*name_mu);
-    auto stored = load_stored(key, names);
+    auto stored = load_stored(key, names, {});
     if (!stored) return fail(stored.error());
     if (*stored && covers(*(*stored)->cert, names)) {
       Managed m = std::move(**stored);
@@ -1081,7 +1125,7 @@ int Manager::adopt_stored() {
         if (auto it = managed_.find(key); it != managed_.end()) it->second = std::move(m);
         continue;
       }
-      auto stored = load_stored(key, m.names);
+      auto stored = load_stored(key, m.names, m.settings);
       if (!stored) continue;  // storage unreadable now: look again next time
       if (!*stored || !covers(*(*stored)->cert, m.names)) {
         // Unusable (mismatched, expired, other names; load_stored logged why): keep serving
@@ -1093,7 +1137,7 @@ int Manager::adopt_stored() {
       Managed n = std::move(**stored);
       n.names = m.names;
       if (!m.cert || n.cert->id() != m.cert->id()) {
-        if (auto st = store_->publish(n.cert); !st) {
+        if (auto st = publish_replacing(n.cert, m.cert.get()); !st) {
           logger_->log(LogLevel::warn, kLog, "certificate from storage refused by the store",
                        {{"name", key}, {"error", st.error().message}});
           continue;

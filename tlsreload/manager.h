@@ -49,6 +49,24 @@ struct ManagerEvent {
 };
 std::string_view to_string(ManagerEvent::Type type);
 
+// CertificateSettings are what one managed name set may choose for itself (a site of `autotls
+// serve`). A field left empty takes the issuer's value, which defaults to ManagerOptions'
+// (site > issuer > global). Renewals keep using the settings the name set was managed with.
+struct CertificateSettings {
+  // key_type of the certificate's key. A served certificate whose key is of another type
+  // (Certificate::key_type()) is due at once: the configuration changed, so it is issued again
+  // (the old one keeps serving until the new one is in hand, and if issuance fails).
+  std::optional<acme::KeyType> key_type;
+  // profile (draft-aaron-acme-profiles: "classic", "tlsserver", "shortlived" at Let's
+  // Encrypt) is sent in newOrder; a change takes effect at the next renewal.
+  std::string profile;
+  // preferred_chain is the issuer CN of the chain's top certificate (RFC 8555 §7.4.2); a
+  // change takes effect at the next renewal.
+  std::string preferred_chain;
+
+  bool operator==(const CertificateSettings&) const = default;
+};
+
 struct ManagerOptions {
   // issuers are tried in order for every issuance and renewal; a failure at one moves on to
   // the next when falls_through() says so (tlsreload/issuer.h). Renewal starts at the first
@@ -114,6 +132,7 @@ struct CertificateState {
   std::string directory_url;  // of the CA that issued it ("internal" for the internal CA)
   std::string issuer_name;    // IssuerConfig::label() of that CA
   std::string issuer;  // issuer DN
+  std::string profile;  // the ACME profile asked for in the order ("" for the CA's default)
   std::string cert_id;  // Certificate::id()
   std::string serial;
   std::string ari_id;   // RFC 9773 §4.1 identifier ("" when the certificate has no AKI)
@@ -180,7 +199,11 @@ class Manager {
   // stored one when it is valid, covers the names and is not due; otherwise a new one. A due
   // certificate whose renewal fails keeps being served and manage() succeeds (the failure is
   // recorded for renew_due's backoff); manage() fails only when nothing can be served.
-  [[nodiscard]] Status manage(const std::vector<std::string>& names);
+  //
+  // settings (key type, profile, preferred chain) override the issuer's and global options for
+  // this name set, now and at every renewal; calling manage() again with other settings
+  // replaces them (a changed key type makes the certificate due at once).
+  [[nodiscard]] Status manage(const std::vector<std::string>& names, const CertificateSettings& settings = {});
 
   // renew_due renews every managed certificate whose renewal time has come and whose backoff
   // has passed, fetching ARI windows as they fall due. Returns how many were renewed; failures
@@ -243,6 +266,7 @@ class Manager {
     std::string generation;  // Storage::generation of fullchain.pem as last read or written
     std::string meta_generation;  // Storage::generation of meta.json as last read
     CertificateState state;
+    CertificateSettings settings;  // the name set's own (empty fields: issuer, then global)
   };
 
   struct IssuerSlot;
@@ -252,13 +276,25 @@ class Manager {
   Result<acme::Client*> client(IssuerSlot& slot);
   Status ensure_account(IssuerSlot& slot, acme::Client& client, bool reregister);
   Result<std::shared_ptr<InternalCA>> internal_ca(IssuerSlot& slot);
-  Result<Issued> issue_at(IssuerSlot& slot, const std::vector<std::string>& names, const std::string& replaces);
+  Result<Issued> issue_at(IssuerSlot& slot, const std::vector<std::string>& names, const std::string& replaces,
+                          const CertificateSettings& settings);
   IssuerSlot* slot_for(const std::string& account_id);
   bool cancelled() const;
-  Result<std::optional<Managed>> load_stored(const std::string& key, const std::vector<std::string>& names);
+  Result<std::optional<Managed>> load_stored(const std::string& key, const std::vector<std::string>& names,
+                                            const CertificateSettings& settings);
   Status renew_locked(Managed& m, bool force);
   void flush_events();
-  Result<Managed> issue(const std::vector<std::string>& names, const std::string& key, const Managed* current);
+  Result<Managed> issue(const std::vector<std::string>& names, const std::string& key,
+                        const CertificateSettings& settings, const Managed* current);
+  // expected_key_type is the key type m's certificate must have: its own setting, else that of
+  // the issuer that issued it (if still configured), else the first issuer's.
+  acme::KeyType expected_key_type(const Managed& m) const;
+  // key_type_changed: m serves a certificate whose key is not of expected_key_type(m).
+  bool key_type_changed(const Managed& m) const;
+  // publish_replacing publishes next and takes previous out of the store when it is of the
+  // other key family (publish replaces only the slots of next's family: an ECDSA certificate
+  // would otherwise keep serving ECDSA clients after a change to RSA).
+  Status publish_replacing(const std::shared_ptr<const Certificate>& next, const Certificate* previous);
   Status persist(const Managed& m);
   Status save_state(const Managed& m);
   void refresh_ari(Managed& m);

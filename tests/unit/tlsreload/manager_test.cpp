@@ -13,8 +13,11 @@
 #include <thread>
 
 #include <nlohmann/json.hpp>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #include "acme/ari.h"
+#include "acme/client.h"
 #include "tests/support/fake_acme.h"
 #include "tests/support/fake_clock.h"
 #include "tests/support/pebble_env.h"
@@ -695,3 +698,184 @@ TEST_CASE("a meta.json save keeps a revoked mark written by another process") {
   CHECK(after->revoked_at.has_value());
   CHECK(after->revocation_reason == "keyCompromise");
 }
+
+namespace {
+
+// top_issuer_cn is the issuer commonName of the last certificate of a PEM chain: which root
+// the chain leads to (RFC 8555 §7.4.2 alternates differ there).
+std::string top_issuer_cn(const std::string& chain_pem) {
+  auto parts = acme::split_pem_chain(chain_pem);
+  if (parts.empty()) return {};
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_mem_buf(parts.back().data(), static_cast<int>(parts.back().size())),
+                                                BIO_free);
+  std::unique_ptr<X509, decltype(&X509_free)> x(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr), X509_free);
+  if (!x) return {};
+  char cn[256] = {};
+  if (X509_NAME_get_text_by_NID(X509_get_issuer_name(x.get()), NID_commonName, cn, sizeof cn) < 0) return {};
+  return cn;
+}
+
+CertificateSettings key_type(acme::KeyType t) {
+  CertificateSettings s;
+  s.key_type = t;
+  return s;
+}
+
+}  // namespace
+
+TEST_SUITE("tlsreload.manager") {
+
+TEST_CASE("per-site key type: an rsa2048 site gets an RSA certificate while the others get the issuer's EC type") {
+  Env env(no_ari());
+  auto o = env.options();
+  o.key_type = acme::KeyType::ec384;  // global, and so the issuer's
+  Manager m(o, env.storage, env.certs, env.challenges);
+  REQUIRE(m.manage({"rsa.example.com"}, key_type(acme::KeyType::rsa2048)).has_value());
+  REQUIRE(m.manage({"ec.example.com"}).has_value());
+  REQUIRE(m.manage({"p256.example.com"}, key_type(acme::KeyType::ec256)).has_value());
+  auto rsa = env.certs->lookup("rsa.example.com", /*client_supports_ecdsa=*/false);
+  REQUIRE(rsa);
+  CHECK(rsa->key_type() == "rsa2048");
+  CHECK(rsa->key_kind() == KeyKind::rsa);
+  CHECK(env.certs->lookup("ec.example.com")->key_type() == "ec384");
+  CHECK(env.certs->lookup("p256.example.com")->key_type() == "ec256");
+  CHECK(env.ca->orders().size() == 3);
+
+  // Renewal keeps the site's key type (forced here; renew_due takes the same path).
+  REQUIRE(m.renew({"rsa.example.com"}, true).has_value());
+  CHECK(env.ca->orders().size() == 4);
+  auto renewed = env.certs->lookup("rsa.example.com", false);
+  REQUIRE(renewed);
+  CHECK(renewed->id() != rsa->id());
+  CHECK(renewed->key_type() == "rsa2048");
+
+  // A restart with the same settings loads all three and orders nothing.
+  auto store2 = std::make_shared<CertStore>();
+  Manager m2(o, env.storage, store2, env.challenges);
+  REQUIRE(m2.manage({"rsa.example.com"}, key_type(acme::KeyType::rsa2048)).has_value());
+  REQUIRE(m2.manage({"ec.example.com"}).has_value());
+  REQUIRE(m2.manage({"p256.example.com"}, key_type(acme::KeyType::ec256)).has_value());
+  CHECK(env.ca->orders().size() == 4);
+  CHECK(m2.counters().loaded == 3);
+}
+
+TEST_CASE("per-site profile is sent in newOrder at issuance and renewal and recorded in meta.json") {
+  FakeAcmeServer::Options fo = no_ari();
+  fo.profiles = {{"classic", "90 days"}, {"shortlived", "6 days"}, {"tlsserver", "server auth only"}};
+  Env env(fo);
+  auto o = env.options();
+  o.profile = "classic";
+  Manager m(o, env.storage, env.certs, env.challenges);
+  CertificateSettings shortlived;
+  shortlived.profile = "shortlived";
+  REQUIRE(m.manage({"short.example.com"}, shortlived).has_value());
+  REQUIRE(m.manage({"plain.example.com"}).has_value());
+  auto orders = env.ca->orders();
+  REQUIRE(orders.size() == 2);
+  CHECK(orders[0].payload.value("profile", "") == "shortlived");
+  CHECK(orders[1].payload.value("profile", "") == "classic");
+  CHECK(CertificateState::from_json(env.file("live/short.example.com/meta.json"))->profile == "shortlived");
+  CHECK(CertificateState::from_json(env.file("live/plain.example.com/meta.json"))->profile == "classic");
+  CHECK(m.state({"short.example.com"})->profile == "shortlived");
+
+  REQUIRE(m.renew({"short.example.com"}, true).has_value());
+  orders = env.ca->orders();
+  REQUIRE(orders.size() == 3);
+  CHECK(orders[2].payload.value("profile", "") == "shortlived");
+
+  // A profile the CA does not offer fails that site only, with the CA's list in the error.
+  CertificateSettings bogus;
+  bogus.profile = "nonesuch";
+  auto st = m.manage({"bogus.example.com"}, bogus);
+  REQUIRE_FALSE(st.has_value());
+  CHECK(st.error().message.find("nonesuch") != std::string::npos);
+  CHECK(env.served("bogus.example.com").empty());
+}
+
+TEST_CASE("per-site preferred chain picks the alternate chain for that site only") {
+  Env env(no_ari());
+  auto m = env.manager();
+  CertificateSettings alt;
+  alt.preferred_chain = env.ca->alternate_root_cn();
+  REQUIRE(m->manage({"alt.example.com"}, alt).has_value());
+  REQUIRE(m->manage({"default.example.com"}).has_value());
+  CHECK(top_issuer_cn(env.file("live/alt.example.com/fullchain.pem")) == "Fake Root B");
+  CHECK(top_issuer_cn(env.file("live/default.example.com/fullchain.pem")) == "Fake Root A");
+  REQUIRE(m->renew({"alt.example.com"}, true).has_value());
+  CHECK(top_issuer_cn(env.file("live/alt.example.com/fullchain.pem")) == "Fake Root B");
+}
+
+TEST_CASE("a changed key type reissues at once and a failed reissue keeps the old certificate serving") {
+  Env env(no_ari());
+  const std::vector<std::string> names{"site.example.com"};
+  REQUIRE(env.manager()->manage(names).has_value());  // ec256, the default
+  const std::string ec_id = env.served("site.example.com");
+  REQUIRE(env.certs->lookup("site.example.com")->key_type() == "ec256");
+
+  // The configuration now says rsa2048: the stored EC certificate no longer matches.
+  auto store2 = std::make_shared<CertStore>();
+  auto m2 = env.manager(store2);
+  REQUIRE(m2->manage(names, key_type(acme::KeyType::rsa2048)).has_value());
+  CHECK(env.ca->orders().size() == 2);
+  CHECK(m2->counters().renewed == 1);
+  auto rsa = store2->lookup("site.example.com", false);
+  REQUIRE(rsa);
+  CHECK(rsa->key_type() == "rsa2048");
+  // The EC certificate left the store: ECDSA clients get the new RSA one, not the old key.
+  auto for_ecdsa = store2->lookup("site.example.com", true);
+  REQUIRE(for_ecdsa);
+  CHECK(for_ecdsa->id() == rsa->id());
+  CHECK(store2->lookup("site.example.com", true)->id() != ec_id);
+
+  // Same settings again: nothing to do.
+  REQUIRE(m2->manage(names, key_type(acme::KeyType::rsa2048)).has_value());
+  CHECK(env.ca->orders().size() == 2);
+
+  // Changed again (a reload with ec384) while the CA refuses: the RSA certificate keeps
+  // serving, the failure is recorded and backed off, and it is due at once.
+  std::atomic<int> refused{0};
+  FakeAcmeServer* ca = env.ca.get();
+  env.ca->intercept = [&](const acme::HttpRequest& req) -> std::optional<acme::HttpResponse> {
+    if (!req.url.ends_with("/new-order")) return std::nullopt;
+    ++refused;
+    return problem_reply(*ca, 403, "unauthorized");
+  };
+  REQUIRE(m2->manage(names, key_type(acme::KeyType::ec384)).has_value());  // something still serves
+  CHECK(refused == 1);
+  CHECK(store2->lookup("site.example.com", true)->id() == rsa->id());
+  auto st = m2->state(names).value();
+  CHECK(st.failures == 1);
+  CHECK(st.last_error.find("unauthorized") != std::string::npos);
+  REQUIRE(m2->renewal_time(names).has_value());
+  CHECK(*m2->renewal_time(names) <= env.clock.now());  // due now, held off by the backoff only
+  CHECK(m2->renew_due().value() == 0);
+  CHECK(refused == 1);
+
+  env.ca->intercept = nullptr;
+  env.clock.advance(2min);
+  CHECK(m2->renew_due().value() == 1);
+  auto ec384 = store2->lookup("site.example.com", false);  // an RSA-only client gets it too now
+  REQUIRE(ec384);
+  CHECK(ec384->key_type() == "ec384");
+  CHECK(store2->lookup("site.example.com", true)->id() == ec384->id());
+}
+
+TEST_CASE("a site's key type overrides its issuer's key type") {
+  Env env(no_ari());
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  const std::string good = env.served("example.com");
+  auto o = env.options();
+  IssuerConfig is;
+  is.directory_url = env.ca->directory_url();
+  is.key_type = acme::KeyType::ec384;
+  o.issuers = {is};
+  Manager m2(o, env.storage, env.certs, env.challenges);
+  REQUIRE(m2.manage({"other.example.com"}).has_value());
+  CHECK(env.certs->lookup("other.example.com")->key_type() == "ec384");
+  REQUIRE(m2.manage({"rsa.example.com"}, key_type(acme::KeyType::rsa3072)).has_value());
+  CHECK(env.certs->lookup("rsa.example.com", false)->key_type() == "rsa3072");
+  CHECK(env.served("example.com") == good);
+}
+
+}  // TEST_SUITE
