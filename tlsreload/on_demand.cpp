@@ -1,6 +1,8 @@
 #include "tlsreload/on_demand.h"
 
 #include <algorithm>
+#include <array>
+#include <functional>
 
 #include "tlsreload/manager.h"
 #include "tlsreload/store.h"
@@ -42,6 +44,68 @@ Status valid_pattern(const std::string& pattern) {
                                          "\" is not a lower-case DNS name, \"*.NAME\" or \"**.NAME\"");
   }
   return {};
+}
+
+// Process-wide versions of LRU indexes, so that a thread's cached copy can never be taken for
+// another OnDemand's index of the same number.
+std::atomic<uint64_t> g_lru_versions{0};
+
+}  // namespace
+
+namespace detail {
+
+struct NameHash {
+  using is_transparent = void;
+  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+};
+
+// OnDemandLruEntry is one on-demand name in memory; last_used is written by handshakes
+// (relaxed: only the order of stamps matters, and a stale read only makes eviction a little
+// less exact) and read by the evictor.
+struct OnDemandLruEntry {
+  explicit OnDemandLruEntry(uint64_t stamp) : last_used(stamp) {}
+  std::atomic<uint64_t> last_used;
+};
+
+using LruShard = std::unordered_map<std::string, std::shared_ptr<OnDemandLruEntry>, NameHash, std::equal_to<>>;
+constexpr std::size_t kLruShards = 64;
+
+// OnDemandLru is one immutable version of the index. A change copies the array of shard
+// pointers and the shards it edits, never the others, so adding a name to 10,000 costs about
+// 160 map entries, not 10,000.
+struct OnDemandLru {
+  uint64_t version = 0;
+  std::size_t size = 0;
+  std::array<std::shared_ptr<const LruShard>, kLruShards> shards;  // never null
+
+  static std::size_t shard_of(std::string_view name) { return NameHash{}(name) % kLruShards; }
+  // find: entries are shared with later versions; only their stamp ever changes.
+  OnDemandLruEntry* find(std::string_view name) const {
+    const LruShard& s = *shards[shard_of(name)];
+    auto it = s.find(name);
+    return it == s.end() ? nullptr : it->second.get();
+  }
+};
+
+}  // namespace detail
+
+namespace {
+
+using detail::OnDemandLru;
+
+// The per-thread copy of the last LRU index a handshake on this thread used.
+struct LruCache {
+  uint64_t version = 0;
+  std::shared_ptr<const OnDemandLru> index;
+};
+thread_local LruCache tl_lru;
+
+std::shared_ptr<const OnDemandLru> empty_lru() {
+  auto e = std::make_shared<OnDemandLru>();
+  auto shard = std::make_shared<const detail::LruShard>();
+  e->shards.fill(shard);
+  e->version = g_lru_versions.fetch_add(1, std::memory_order_relaxed) + 1;
+  return e;
 }
 
 }  // namespace
@@ -159,7 +223,8 @@ OnDemand::OnDemand(OnDemandOptions options, OnDemandBackend backend)
       backend_(std::move(backend)),
       clock_(options_.clock ? options_.clock : &autotls::system_clock()),
       logger_(options_.logger ? options_.logger : &null_logger()),
-      ask_transport_(options_.ask_transport) {}
+      ask_transport_(options_.ask_transport),
+      lru_(empty_lru()) {}
 
 OnDemand::~OnDemand() {
   {
@@ -225,31 +290,85 @@ UnknownName OnDemand::decide(std::string_view sni) {
 }
 
 void OnDemand::touch(std::string_view sni) {
-  std::string name(sni);
-  if (!name.empty() && name.back() == '.') name.pop_back();
-  for (char& c : name) {
-    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  // Every handshake with a certificate comes here; most are for configured names. Nothing on
+  // this path locks, allocates or writes shared memory unless the name is an on-demand one.
+  const uint64_t v = lru_version_.load(std::memory_order_acquire);
+  if (v == 0) return;  // no on-demand certificate in memory
+  if (sni.ends_with('.')) sni.remove_suffix(1);
+  if (sni.empty() || sni.size() > 253) return;  // never an on-demand name (on_demand_name)
+  char buf[253];
+  for (std::size_t i = 0; i < sni.size(); ++i) {
+    char c = sni[i];
+    buf[i] = c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c;
   }
-  std::lock_guard lock(lru_mu_);
-  auto it = lru_index_.find(name);
-  if (it != lru_index_.end()) lru_.splice(lru_.begin(), lru_, it->second);
+  LruCache& cache = tl_lru;
+  if (cache.version != v) [[unlikely]] {
+    std::shared_ptr<const OnDemandLru> fresh;
+    {
+      // Only after the index changed (an on-demand load, issuance or eviction): one short
+      // lock to copy a pointer, never while a writer builds an index.
+      std::lock_guard lock(lru_mu_);
+      fresh = lru_;
+    }
+    cache.version = fresh->version;
+    // The previous copy is parked in lru_retired_ by the writer: dropping it is a decrement.
+    cache.index.swap(fresh);
+  }
+  detail::OnDemandLruEntry* e = cache.index->find(std::string_view(buf, sni.size()));
+  if (!e) return;
+  e->last_used.store(tick_.fetch_add(1, std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
+void OnDemand::publish_lru(std::shared_ptr<const OnDemandLru> next) {
+  const uint64_t v = next->size ? next->version : 0;
+  lru_.swap(next);
+  lru_version_.store(v, std::memory_order_release);
+  // next is the previous index now. Threads may still hold it in their copy; free it (and
+  // every parked one) once only lru_retired_ does, so a handshake never pays for the free.
+  lru_retired_.push_back(std::move(next));
+  std::erase_if(lru_retired_, [](const auto& p) { return p.use_count() == 1; });
 }
 
 void OnDemand::remember(const std::string& name) {
   std::vector<std::string> evict;
   {
     std::lock_guard lock(lru_mu_);
-    auto it = lru_index_.find(name);
-    if (it != lru_index_.end()) {
-      lru_.splice(lru_.begin(), lru_, it->second);
+    ++remembered_;
+    const uint64_t stamp = tick_.fetch_add(1, std::memory_order_relaxed) + 1;
+    if (auto* e = lru_->find(name)) {
+      e->last_used.store(stamp, std::memory_order_relaxed);
     } else {
-      lru_.push_front(name);
-      lru_index_[name] = lru_.begin();
-    }
-    while (lru_.size() > options_.max_cached) {
-      evict.push_back(lru_.back());
-      lru_index_.erase(lru_.back());
-      lru_.pop_back();
+      auto next = std::make_shared<OnDemandLru>(*lru_);
+      std::array<detail::LruShard*, detail::kLruShards> copied{};  // shards of next already copied
+      auto edit = [&](std::size_t s) {
+        if (!copied[s]) {
+          auto shard = std::make_shared<detail::LruShard>(*next->shards[s]);
+          copied[s] = shard.get();
+          next->shards[s] = std::move(shard);
+        }
+        return copied[s];
+      };
+      edit(OnDemandLru::shard_of(name))->emplace(name, std::make_shared<detail::OnDemandLruEntry>(stamp));
+      next->size += 1;
+      if (next->size > options_.max_cached) {
+        // The least recent by stamp; never the name just added (a handshake may have stamped
+        // others since, but it is the one a handshake is waiting for).
+        std::vector<std::pair<uint64_t, const std::string*>> all;
+        all.reserve(next->size);
+        for (const auto& shard : next->shards) {
+          for (const auto& [n, entry] : *shard) {
+            if (n != name) all.emplace_back(entry->last_used.load(std::memory_order_relaxed), &n);
+          }
+        }
+        const std::size_t over = next->size - options_.max_cached;
+        std::nth_element(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(over - 1), all.end());
+        std::sort(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(over));
+        for (std::size_t i = 0; i < over; ++i) evict.push_back(*all[i].second);  // copied before erasing
+        for (const auto& n : evict) edit(OnDemandLru::shard_of(n))->erase(n);
+        next->size -= over;
+      }
+      next->version = g_lru_versions.fetch_add(1, std::memory_order_relaxed) + 1;
+      publish_lru(std::move(next));
     }
   }
   for (const auto& e : evict) {
@@ -397,13 +516,30 @@ bool OnDemand::denied(std::string_view sni) const {
 }
 
 std::vector<std::string> OnDemand::cached() const {
-  std::lock_guard lock(lru_mu_);
-  return {lru_.begin(), lru_.end()};
+  std::vector<std::pair<uint64_t, std::string>> all;
+  {
+    std::lock_guard lock(lru_mu_);
+    for (const auto& shard : lru_->shards) {
+      for (const auto& [n, entry] : *shard) all.emplace_back(entry->last_used.load(std::memory_order_relaxed), n);
+    }
+  }
+  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<std::string> out;
+  out.reserve(all.size());
+  for (auto& [_, n] : all) out.push_back(std::move(n));
+  return out;
 }
 
 OnDemand::Counters OnDemand::counters() const {
-  std::lock_guard lock(mu_);
-  return counters_;
+  Counters c;
+  {
+    std::lock_guard lock(mu_);
+    c = counters_;
+  }
+  std::lock_guard lock(lru_mu_);
+  // Every stamp is a handshake's touch or a remember(); the latter are counted.
+  c.touched = tick_.load(std::memory_order_relaxed) - remembered_;
+  return c;
 }
 
 }  // namespace autotls::tlsreload

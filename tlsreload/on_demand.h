@@ -4,12 +4,12 @@
 // "on_demand_tls"). Off unless enabled, allowed only by a policy (name patterns and/or an "ask"
 // URL), throttled, and never blocking a handshake thread.
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
-#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -94,6 +94,9 @@ struct OnDemandBackend {
 
 class Manager;
 class CertStore;
+namespace detail {
+struct OnDemandLru;  // the LRU index of on-demand certificates (on_demand.cpp)
+}
 // manager_backend wires OnDemand to a Manager: load is Manager::load_stored_only, obtain is
 // Manager::manage, evict is Manager::forget plus CertStore::remove. Both MUST outlive the
 // OnDemand.
@@ -111,6 +114,9 @@ class OnDemand {
     uint64_t obtained = 0;       // certificates issued
     uint64_t failed = 0;         // failed loads and issuances
     uint64_t evicted = 0;        // certificates evicted from memory
+    // touched: handshakes that refreshed an on-demand certificate's LRU stamp. Handshakes
+    // served a configured certificate never count here (nor take any lock in touch()).
+    uint64_t touched = 0;
   };
 
   // create validates options (validate_on_demand) and starts max_concurrent worker threads.
@@ -124,7 +130,10 @@ class OnDemand {
   // the negative cache or outside the patterns fails; otherwise a job for the name is started
   // (or joined) and the handshake is told to retry.
   UnknownName decide(std::string_view sni);
-  // touch is AttachOptions::on_served: moves an on-demand name to the front of the LRU.
+  // touch is AttachOptions::on_served: marks an on-demand name as just used. It takes no lock
+  // and allocates nothing: with no on-demand certificate in memory it is one atomic load; else
+  // a lookup in a per-thread copy of the LRU index, and for an on-demand name one relaxed
+  // atomic increment and store. Names not obtained on demand are left alone.
   void touch(std::string_view sni);
   // install sets on_unknown_name, on_served and unknown_name_wait in attach options. This
   // OnDemand MUST outlive the SSL_CTX they are attached to.
@@ -148,6 +157,8 @@ class OnDemand {
   void deny(const std::string& name, std::chrono::seconds ttl);  // with mu_ held
   bool take_rate(const std::string& name);                        // with mu_ held
   void remember(const std::string& name);  // adds to the LRU, evicts beyond max_cached
+  // publish_lru makes next the LRU index (with lru_mu_ held).
+  void publish_lru(std::shared_ptr<const detail::OnDemandLru> next);
 
   OnDemandOptions options_;
   OnDemandBackend backend_;
@@ -167,9 +178,18 @@ class OnDemand {
   std::unordered_map<std::string, std::deque<Clock::time_point>> name_issued_;
   Counters counters_;
 
+  // The LRU of on-demand certificates in memory. Handshakes (touch) never lock it: the index
+  // (name -> entry, in shards) is immutable and replaced under lru_mu_ when a name comes or
+  // goes, copying only the shard that changed; a handshake uses its thread's copy of the
+  // index, revalidated against lru_version_ (the CertStore scheme). Each entry has a last-used
+  // stamp, a relaxed atomic taken from tick_, that the evictor reads to pick the least recent.
   mutable std::mutex lru_mu_;
-  std::list<std::string> lru_;  // most recent first
-  std::unordered_map<std::string, std::list<std::string>::iterator> lru_index_;
+  std::shared_ptr<const detail::OnDemandLru> lru_;                   // guarded by lru_mu_
+  std::vector<std::shared_ptr<const detail::OnDemandLru>> lru_retired_;  // freed by writers
+  uint64_t remembered_ = 0;  // stamps taken by remember(), not handshakes (lru_mu_)
+  // lru_version_: the version of lru_ (process-wide unique), 0 while it is empty.
+  alignas(64) std::atomic<uint64_t> lru_version_{0};
+  alignas(64) std::atomic<uint64_t> tick_{0};
 
   std::vector<std::thread> workers_;
 };

@@ -257,4 +257,21 @@ TEST_SUITE("on_demand") {
     CHECK(env.on_demand->counters().loaded == 1);
     CHECK(env.on_demand->counters().evicted == 2);
   }
+
+  TEST_CASE("a configured certificate's handshake does not touch the on-demand LRU") {
+    Env env(pattern_policy());
+    REQUIRE(env.manager->manage({"configured.test"}));
+    for (int i = 0; i < 3; ++i) CHECK(env.handshake("configured.test").ok);  // no on-demand name yet
+    CHECK(env.on_demand->counters().touched == 0);
+    auto first = env.handshake("a.ondemand.test");
+    CHECK_MESSAGE(first.ok, first.error);
+    REQUIRE(env.on_demand->wait_idle(10s));  // remembered in the LRU once its job ends
+    const auto before = env.on_demand->counters().touched;
+    for (int i = 0; i < 5; ++i) CHECK(env.handshake("configured.test").ok);
+    CHECK(env.on_demand->counters().touched == before);
+    CHECK(env.handshake("a.ondemand.test").ok);
+    CHECK(env.handshake("A.OnDemand.Test").ok);
+    CHECK(env.on_demand->counters().touched == before + 2);
+    CHECK(env.on_demand->cached() == std::vector<std::string>{"a.ondemand.test"});
+  }
 }

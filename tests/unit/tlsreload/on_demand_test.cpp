@@ -351,4 +351,59 @@ TEST_SUITE("on_demand") {
     CHECK(fb.evictions.back() == "a.allowed.test");
     CHECK((*od)->counters().evicted == 2);
   }
+
+  TEST_CASE("on-demand touch refreshes only on-demand names and keeps the LRU order across threads") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto o = base_options(clock);
+    o.max_cached = 3;
+    o.global_rate = {0, 0s};
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    // Nothing on demand in memory yet: a handshake for any name touches nothing.
+    (*od)->touch("configured.example.com");
+    (*od)->touch("a.allowed.test");
+    CHECK((*od)->counters().touched == 0);
+    run(**od, "a.allowed.test");
+    run(**od, "b.allowed.test");
+    run(**od, "c.allowed.test");
+    CHECK((*od)->counters().touched == 0);  // obtaining is not a handshake's touch
+    for (int i = 0; i < 100; ++i) (*od)->touch("configured.example.com");  // a configured name
+    (*od)->touch("");
+    (*od)->touch(std::string(300, 'a'));
+    CHECK((*od)->counters().touched == 0);
+    CHECK((*od)->cached() == std::vector<std::string>{"c.allowed.test", "b.allowed.test", "a.allowed.test"});
+    // Touches from other threads (each with its own copy of the index) reorder the LRU.
+    std::thread t1([&] { (*od)->touch("B.allowed.test"); });
+    t1.join();
+    std::thread t2([&] { (*od)->touch("a.allowed.test."); });
+    t2.join();
+    CHECK((*od)->counters().touched == 2);
+    CHECK((*od)->cached() == std::vector<std::string>{"a.allowed.test", "b.allowed.test", "c.allowed.test"});
+    run(**od, "d.allowed.test");  // evicts c, the least recent
+    CHECK(fb.evictions == std::vector<std::string>{"c.allowed.test"});
+    (*od)->touch("c.allowed.test");  // evicted: no longer on demand in memory
+    CHECK((*od)->counters().touched == 2);
+    CHECK((*od)->cached() == std::vector<std::string>{"d.allowed.test", "a.allowed.test", "b.allowed.test"});
+  }
+
+  TEST_CASE("on-demand eviction beyond a large max_cached evicts exactly the least recent names") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto o = base_options(clock);
+    o.max_cached = 500;
+    o.global_rate = {0, 0s};
+    o.per_name_rate = {0, 0s};
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    for (int i = 0; i < 500; ++i) run(**od, "n" + std::to_string(i) + ".allowed.test");
+    // Keep the even ones warm: the odd ones are the least recent, oldest first.
+    for (int i = 0; i < 500; i += 2) (*od)->touch("n" + std::to_string(i) + ".allowed.test");
+    for (int i = 500; i < 510; ++i) run(**od, "n" + std::to_string(i) + ".allowed.test");
+    std::vector<std::string> want;
+    for (int i = 1; i < 20; i += 2) want.push_back("n" + std::to_string(i) + ".allowed.test");
+    CHECK(fb.evictions == want);
+    CHECK((*od)->cached().size() == 500);
+    CHECK((*od)->counters().evicted == 10);
+  }
 }
