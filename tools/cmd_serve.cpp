@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <condition_variable>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -50,13 +52,77 @@ class CancellableClock : public Clock {
   bool cancelled_ = false;
 };
 
-Result<server::Site> site_from_json(const std::string& host, const json& j) {
-  if (!j.is_object()) return fail(Errc::invalid_input, "sites." + host + ": expected an object {\"root\": DIR} or {\"proxy\": URL}");
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    if (it.key() != "root" && it.key() != "proxy" && it.key() != "index") {
-      return fail(Errc::invalid_input, "sites." + host + ": unknown key \"" + it.key() + "\" (root, index, proxy)");
+// SiteEntry is one entry of "sites": what to serve, and the certificate settings of the
+// site's name (empty fields: the issuer's, then the top-level ones).
+struct SiteEntry {
+  server::Site site;
+  tlsreload::CertificateSettings cert;
+};
+
+// The certificate keys of a site, each also accepted with an underscore (key_type), as Caddy
+// and the issue text spell them; giving both spellings is an error.
+constexpr std::pair<const char*, const char*> kSiteCertKeys[] = {
+    {"key-type", "key_type"}, {"profile", "profile"}, {"preferred-chain", "preferred_chain"}};
+
+// site_cert_settings reads a site's key-type, profile and preferred-chain. Errors name the site
+// and the key as written.
+Result<tlsreload::CertificateSettings> site_cert_settings(const std::string& host, const json& j) {
+  tlsreload::CertificateSettings out;
+  for (const auto& [dash, under] : kSiteCertKeys) {
+    const bool has_dash = j.contains(dash), has_under = std::string_view(dash) != under && j.contains(under);
+    if (has_dash && has_under) {
+      return fail(Errc::invalid_input, "sites." + host + ": give \"" + dash + "\" or \"" + under + "\", not both");
+    }
+    if (!has_dash && !has_under) continue;
+    const std::string key = has_dash ? dash : under;
+    const std::string where = "sites." + host + "." + key;
+    const json& v = j[key];
+    if (!v.is_string()) return fail(Errc::invalid_input, where + ": expected a string");
+    std::string text = v.get<std::string>();
+    if (std::string_view(dash) == "key-type") {
+      auto kt = acme::parse_key_type(text);
+      if (!kt) {
+        return fail(Errc::invalid_input, where + ": must be ec256, ec384, rsa2048, rsa3072 or rsa4096, not \"" + text + "\"");
+      }
+      out.key_type = *kt;
+    } else if (std::string_view(dash) == "profile") {
+      // Profile names are the CA's (draft-aaron-acme-profiles); Let's Encrypt's are classic,
+      // tlsserver and shortlived. Whether the CA offers it is checked at the order.
+      bool ok = !text.empty() && text.size() <= 64 && std::all_of(text.begin(), text.end(), [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+      });
+      if (!ok) {
+        return fail(Errc::invalid_input, where + ": \"" + text + "\" is not a profile name (letters, digits, '-', '_', '.'; "
+                                         "for example classic, tlsserver or shortlived)");
+      }
+      out.profile = std::move(text);
+    } else {
+      bool ok = !text.empty() && std::none_of(text.begin(), text.end(), [](char c) {
+        return static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+      });
+      if (!ok) {
+        return fail(Errc::invalid_input, where + ": expected the common name of a root or intermediate, such as "
+                                         "\"ISRG Root X1\"");
+      }
+      out.preferred_chain = std::move(text);
     }
   }
+  return out;
+}
+
+Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
+  if (!j.is_object()) return fail(Errc::invalid_input, "sites." + host + ": expected an object {\"root\": DIR} or {\"proxy\": URL}");
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& k = it.key();
+    bool cert_key = std::any_of(std::begin(kSiteCertKeys), std::end(kSiteCertKeys),
+                                [&](const auto& p) { return k == p.first || k == p.second; });
+    if (k != "root" && k != "proxy" && k != "index" && !cert_key) {
+      return fail(Errc::invalid_input,
+                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, key-type, profile, preferred-chain)");
+    }
+  }
+  auto cert = site_cert_settings(host, j);
+  if (!cert) return fail(cert.error());
   bool root = j.contains("root"), proxy = j.contains("proxy");
   if (root == proxy) return fail(Errc::invalid_input, "sites." + host + ": give exactly one of \"root\" and \"proxy\"");
   if (root) {
@@ -64,12 +130,12 @@ Result<server::Site> site_from_json(const std::string& host, const json& j) {
     server::StaticSite s;
     s.root = j["root"].get<std::string>();
     if (j.contains("index") && j["index"].is_string()) s.index = j["index"].get<std::string>();
-    return server::Site(s);
+    return SiteEntry{server::Site(s), *cert};
   }
   if (!j["proxy"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".proxy: expected a string");
   server::ProxySite p;
   p.upstream = j["proxy"].get<std::string>();
-  return server::Site(p);
+  return SiteEntry{server::Site(p), *cert};
 }
 
 Result<std::vector<server::Endpoint>> endpoints(const std::vector<std::string>& addresses,
@@ -167,6 +233,8 @@ Result<tlsreload::OnDemandOptions> on_demand_options(const Options& o, const std
 struct ServeSetup {
   server::ServerConfig cfg;
   std::vector<std::string> names;
+  // cert_settings: the certificate settings of each site that sets any (by site name).
+  std::map<std::string, tlsreload::CertificateSettings> cert_settings;
   tlsreload::OnDemandOptions on_demand;  // checked; not reloadable on SIGHUP
 };
 
@@ -181,7 +249,8 @@ Result<ServeSetup> serve_setup(const Options& o) {
     for (auto it = o.sites.begin(); it != o.sites.end(); ++it) {
       auto site = site_from_json(it.key(), it.value());
       if (!site) return bad((o.config.empty() ? "" : o.config + ": ") + site.error().message);
-      cfg.sites[it.key()] = *site;
+      cfg.sites[it.key()] = site->site;
+      if (site->cert != tlsreload::CertificateSettings{}) out.cert_settings[it.key()] = site->cert;
       if (std::find(names.begin(), names.end(), it.key()) == names.end() && o.domains.empty()) names.push_back(it.key());
     }
   } else if (!o.sites.is_null()) {
@@ -500,6 +569,9 @@ int cmd_serve(Context& ctx) {
     event_line("listening", f, text);
   }
 
+  // Per-site certificate settings; read and replaced (SIGHUP) on the worker thread only.
+  std::map<std::string, tlsreload::CertificateSettings> cert_settings = setup->cert_settings;
+
   std::mutex mu;
   std::condition_variable cv;
   bool stopping = false;
@@ -561,6 +633,8 @@ int cmd_serve(Context& ctx) {
       if (std::find(ns->names.begin(), ns->names.end(), n) == ns->names.end()) removed.push_back(n);
     }
     live_names->set(ns->names);
+    // Applied by the manage() pass that follows: a site whose key type changed is reissued.
+    cert_settings = ns->cert_settings;
     drain_ms = static_cast<long long>(next->drain * 1000);
     std::string text = "configuration reloaded: " + std::to_string(ns->cfg.sites.size()) + " sites";
     if (!added.empty()) text += ", new names " + join(added);
@@ -588,7 +662,8 @@ int cmd_serve(Context& ctx) {
           std::lock_guard lock(mu);
           if (stopping) break;
         }
-        (void)manager.manage({n});
+        auto site = cert_settings.find(n);
+        (void)manager.manage({n}, site == cert_settings.end() ? tlsreload::CertificateSettings{} : site->second);
       }
       if (first) {
         first = false;

@@ -27,6 +27,7 @@
 #include <curl/curl.h>
 #include <httplib.h>
 #include <nlohmann/json.hpp>
+#include <openssl/pem.h>
 
 #include "acme/client.h"
 #include "acme/jws.h"
@@ -330,6 +331,39 @@ TEST_SUITE("cli.config") {
     auto r5 = serve(json::object(), {"--issuer", "bogus"});
     CHECK_MESSAGE(r5.code == 2, show(r5));
     CHECK(r5.err.find("--issuer must be") != std::string::npos);
+  }
+
+  TEST_CASE("bad per-site key-type profile and preferred-chain values are usage errors naming the site and key") {
+    TempDir d;
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    fs::path cfg = d.path / "sites.json";
+    auto serve = [&](const json& site) {
+      json c = {{"sites", {{"good.test", {{"root", www.string()}}}, {"shop.test", site}}}};
+      write_file(cfg, c.dump());
+      return run({"serve", "--config", cfg.string(), "--storage", (d.path / "s").string(), "--admin-address", "off",
+                  "--ca", "internal", "--https-address", "127.0.0.1:0", "--http-address", "off",
+                  "--challenge", "tls-alpn-01"},
+                 {}, 20s);
+    };
+    auto expect = [&](const json& site, const std::vector<std::string>& parts) {
+      auto r = serve(site);
+      CHECK_MESSAGE(r.code == 2, show(r));
+      CHECK_MESSAGE(r.err.find(cfg.string()) != std::string::npos, show(r));
+      for (const auto& p : parts) CHECK_MESSAGE(r.err.find(p) != std::string::npos, (p + "\n" + show(r)));
+      CHECK(r.out.find("listening") == std::string::npos);  // refused before anything started
+    };
+    const std::string root = www.string();
+    expect({{"root", root}, {"key-type", "rsa1024"}}, {"sites.shop.test.key-type", "\"rsa1024\"", "rsa2048"});
+    expect({{"root", root}, {"key_type", "dsa"}}, {"sites.shop.test.key_type", "\"dsa\""});
+    expect({{"root", root}, {"key-type", 2048}}, {"sites.shop.test.key-type: expected a string"});
+    expect({{"root", root}, {"key-type", "ec256"}, {"key_type", "ec384"}}, {"sites.shop.test", "not both"});
+    expect({{"root", root}, {"profile", ""}}, {"sites.shop.test.profile", "not a profile name"});
+    expect({{"root", root}, {"profile", "short lived"}}, {"sites.shop.test.profile", "\"short lived\""});
+    expect({{"root", root}, {"profile", true}}, {"sites.shop.test.profile: expected a string"});
+    expect({{"root", root}, {"preferred-chain", ""}}, {"sites.shop.test.preferred-chain"});
+    expect({{"root", root}, {"preferred_chain", "Root\nX"}}, {"sites.shop.test.preferred_chain"});
+    expect({{"root", root}, {"key-typ", "rsa2048"}}, {"sites.shop.test: unknown key \"key-typ\"", "key-type"});
   }
 
   TEST_CASE("bad JSON unknown keys and wrong types are errors naming the file") {
@@ -1455,6 +1489,105 @@ TEST_SUITE("cli.serve") {
     CHECK(metric(m, "autotls_on_demand_total{outcome=\"obtained\"}") == 1);
     CHECK(metric(m, "autotls_certificates_obtained_total") == 1);
     CHECK_MESSAGE(s.stop() == 0, s.logs());
+  }
+}
+
+namespace {
+
+// top_issuer_cn is the issuer commonName of the last certificate in a PEM chain.
+std::string top_issuer_cn(const std::string& chain_pem) {
+  auto parts = autotls::acme::split_pem_chain(chain_pem);
+  if (parts.empty()) return {};
+  autotls::ossl::BioPtr bio(BIO_new_mem_buf(parts.back().data(), static_cast<int>(parts.back().size())));
+  autotls::ossl::X509Ptr x(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+  if (!x) return {};
+  char cn[256] = {};
+  if (X509_NAME_get_text_by_NID(X509_get_issuer_name(x.get()), NID_commonName, cn, sizeof cn) < 0) return {};
+  return cn;
+}
+
+}  // namespace
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("serve gives each site its key type profile and preferred chain and reissues a site whose key type changed") {
+    autotls::testing::FakeAcmeServer::Options o;
+    o.profiles = {{"classic", "90 days"}, {"shortlived", "6 days"}, {"tlsserver", "server auth only"}};
+    autotls::testing::FakeCaEndpoint ep(o);
+    REQUIRE(ep.port() > 0);
+    TempDir dir;
+    const fs::path storage = dir.path / "storage";
+    fs::create_directories(dir.path / "www");
+    const std::string www = (dir.path / "www").string();
+    fs::path config = dir.path / "serve.json";
+    auto write_config = [&](const std::string& ec_key_type) {
+      json ec_site = {{"root", www}};
+      if (!ec_key_type.empty()) ec_site["key_type"] = ec_key_type;
+      json j = {{"agree-tos", true},
+                {"profile", "classic"},
+                {"https-address", {"127.0.0.1:" + std::to_string(free_port())}},
+                {"http-address", {"127.0.0.1:" + std::to_string(free_port())}},
+                {"admin-address", "off"},
+                {"drain", 1},
+                {"sites",
+                 {{"rsa.cli.test",
+                   {{"root", www}, {"key-type", "rsa2048"}, {"profile", "shortlived"}, {"preferred-chain", "Fake Root B"}}},
+                  {"ec.cli.test", ec_site}}}};
+      write_file(config, j.dump());
+    };
+    write_config("");
+    pid_t pid = spawn({AUTOTLS_BINARY, "serve", "--config", config.string(), "--ca", ep.directory_url(), "--storage",
+                       storage.string(), "--json"},
+                      dir.path / "serve.out", dir.path / "serve.err", {});
+    auto logs = [&] { return read_file(dir.path / "serve.out") + read_file(dir.path / "serve.err"); };
+    auto count_events = [&](const std::string& event) {
+      std::istringstream lines(read_file(dir.path / "serve.out"));
+      std::string line;
+      int n = 0;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value("event", "") == event) ++n;
+      }
+      return n;
+    };
+    auto wait_event = [&](const std::string& event, int n) {
+      auto deadline = std::chrono::steady_clock::now() + 30s;
+      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) std::this_thread::sleep_for(50ms);
+      return count_events(event) >= n;
+    };
+    auto key_type_of = [&](const std::string& name) {
+      auto k = autotls::acme::PrivateKey::from_pem(read_file(storage / "live" / name / "privkey.pem"));
+      return k ? std::string(autotls::acme::to_string(k->type())) : "unreadable";
+    };
+    auto profile_of_order = [&](const std::string& name) {
+      std::string found = "no order";
+      for (const auto& order : ep.ca().orders()) {
+        if (order.payload["identifiers"][0].value("value", "") == name) found = order.payload.value("profile", "");
+      }
+      return found;
+    };
+    REQUIRE_MESSAGE(wait_event("ready", 1), logs());
+    CHECK(ep.ca().orders().size() == 2);
+    CHECK_MESSAGE(key_type_of("rsa.cli.test") == "rsa2048", logs());
+    CHECK(key_type_of("ec.cli.test") == "ec256");
+    CHECK(profile_of_order("rsa.cli.test") == "shortlived");
+    CHECK(profile_of_order("ec.cli.test") == "classic");  // the top-level profile
+    CHECK(top_issuer_cn(read_file(storage / "live" / "rsa.cli.test" / "fullchain.pem")) == "Fake Root B");
+    CHECK(top_issuer_cn(read_file(storage / "live" / "ec.cli.test" / "fullchain.pem")) == "Fake Root A");
+    auto meta = json::parse(read_file(storage / "live" / "rsa.cli.test" / "meta.json"), nullptr, false);
+    CHECK(meta.value("profile", "") == "shortlived");
+
+    // SIGHUP with ec.cli.test now ec384: that site is reissued at once, the other is not.
+    write_config("ec384");
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(wait_event("reload", 1), logs());
+    REQUIRE_MESSAGE(wait_event("renewed", 1), logs());
+    CHECK(key_type_of("ec.cli.test") == "ec384");
+    CHECK(key_type_of("rsa.cli.test") == "rsa2048");
+    CHECK(ep.ca().orders().size() == 3);
+    CHECK(logs().find("renewed\",\"name\":\"rsa.cli.test") == std::string::npos);
+
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 30s) == 0, logs());
   }
 }
 
