@@ -2031,3 +2031,28 @@ TEST_SUITE("cli.serve") {
     }
   }
 }
+
+TEST_SUITE("cli.account") {
+  TEST_CASE("account register on a terminal draws a spinner while the CA is asked and erases it") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    std::string cmd = AUTOTLS_BINARY;
+    for (const auto& a : c.args({"account", "register"}, {"--agree-tos"})) cmd += " '" + a + "'";
+    auto r = run({"-q", "-e", "-c", cmd, "/dev/null"}, {"TERM=xterm"}, 60s, {"/usr/bin/script"});
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK_MESSAGE(r.out.find("\r\033[K") != std::string::npos, show(r));
+    bool framed = false;
+    for (const char* f : {"| registering", "/ registering", "- registering", "\\ registering"}) {
+      framed = framed || r.out.find(f) != std::string::npos;
+    }
+    CHECK_MESSAGE(framed, show(r));
+    // The completed step is a line of its own after the erased spinner, before the result.
+    auto step = r.out.find("s  account registered: https://");
+    auto result = r.out.find("\naccount registered: https://");
+    REQUIRE_MESSAGE(step != std::string::npos, show(r));
+    REQUIRE_MESSAGE(result != std::string::npos, show(r));
+    CHECK(r.out.rfind("\r\033[K", step) != std::string::npos);
+    CHECK(step < result);
+  }
+}
