@@ -190,7 +190,8 @@ LivePaths live_paths(const std::string& storage_root, const std::string& storage
 // AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, AUTOTLS_EVENT
 // ("obtained" or "renewed") when event is given and AUTOTLS_ERROR when error is, and waits for
 // it. Names and paths reach the hook only through the environment, never in the command
-// string. label names the hook in errors ("deploy hook", "event hook").
+// string. The hook's stdout is our stderr (stdout is for results). label names the hook in
+// errors ("deploy hook", "event hook").
 Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names,
                        const LivePaths& paths, const std::string& event = "", const std::string& error = "",
                        const std::string& label = "deploy hook");

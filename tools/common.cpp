@@ -368,6 +368,9 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    // stdout carries the command's results (one JSON object per line with --json): what the
+    // hook prints goes to stderr.
+    ::dup2(STDERR_FILENO, STDOUT_FILENO);
     ::execve("/bin/sh", argv, envp.data());
     ::_exit(127);
   }

@@ -1828,7 +1828,8 @@ TEST_SUITE("cli.issue") {
     // A failing deploy hook: the renewed certificate is saved, a warning, exit 6; with --json
     // the last line says which hook failed.
     auto second = read_file(live / "cert.pem");
-    auto bad = run(c.args({"renew", "hook.cli.test"}, {"--force", "--json", "--deploy-hook", "exit 3"}));
+    // What the hook prints goes to stderr: stdout stays one JSON object per line.
+    auto bad = run(c.args({"renew", "hook.cli.test"}, {"--force", "--json", "--deploy-hook", "echo hook-noise; exit 3"}));
     CHECK_MESSAGE(bad.code == 6, show(bad));
     CHECK(read_file(live / "cert.pem") != second);
     bool renewed_line = false;
@@ -1843,6 +1844,7 @@ TEST_SUITE("cli.issue") {
     CHECK(last.value("name", "") == "hook.cli.test");
     CHECK(last.value("exit_code", 0) == 6);
     CHECK(last["error"].value("message", "").find("exited with status 3") != std::string::npos);
+    CHECK(bad.err.find("hook-noise") != std::string::npos);
     // The event hook saved at issue time still ran.
     CHECK(read_file(events_out).find("renewed|hook.cli.test www.hook.cli.test|\nrenewed|") != std::string::npos);
 
