@@ -91,7 +91,7 @@ struct Options {
   int hsts = 0;
   std::string access_log = "off";  // serve: off, json or combined (stderr)
   nlohmann::json sites;  // from the config file only: {"host": {"root": DIR} | {"proxy": URL}}
-  // serve: issuers tried in order (--issuer, repeatable: a --ca value); "issuers" in the config
+  // serve, issue, renew: issuers tried in order (--issuer, repeatable: a --ca value); "issuers" in the config
   // file gives objects with per-issuer settings (docs/config.md). Empty: --ca alone.
   std::vector<std::string> issuers;
   nlohmann::json issuer_objects;
@@ -190,7 +190,8 @@ LivePaths live_paths(const std::string& storage_root, const std::string& storage
 // AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH (and AUTOTLS_CHAIN_PATH) set, AUTOTLS_EVENT
 // ("obtained" or "renewed") when event is given and AUTOTLS_ERROR when error is, and waits for
 // it. Names and paths reach the hook only through the environment, never in the command
-// string. label names the hook in errors ("deploy hook", "event hook").
+// string. The hook's stdout is our stderr (stdout is for results). label names the hook in
+// errors ("deploy hook", "event hook").
 Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& names,
                        const LivePaths& paths, const std::string& event = "", const std::string& error = "",
                        const std::string& label = "deploy hook");
@@ -268,18 +269,23 @@ struct Context {
 };
 
 // manager_options builds ManagerOptions for the CA in directory_url from the options, and
-// its issuer list from --issuer / "issuers" when given (serve).
+// its issuer list from --issuer / "issuers" when given (serve, issue, renew).
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const std::string& directory_url);
 // The same from options o instead of ctx.options (renew: the settings saved at issue time).
 Result<tlsreload::ManagerOptions> manager_options(Context& ctx, const Options& o, const std::string& directory_url);
 // issuer_list reads --issuer and the config file's "issuers" (empty when neither is given).
 Result<std::vector<tlsreload::IssuerConfig>> issuer_list(const Options& o);
-// make_client connects to the CA at directory_url with the configured CA bundle and logger.
-Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url);
+// make_client connects to the CA at directory_url with the configured CA bundle and logger;
+// no_retries: a transport failure or 5xx is not retried (a quick probe).
+Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url, bool no_retries = false);
 
 // check_terms fails with a usage error when the CA has terms of service, no account is stored
-// yet and --agree-tos was not given.
-Status check_terms(Context& ctx, const std::string& directory_url);
+// yet and --agree-tos was not given. probe: the directory is asked once, without retries.
+Status check_terms(Context& ctx, const std::string& directory_url, bool probe = false);
+// check_issuer_terms is check_terms for an issuer list (issue, renew): each ACME issuer's
+// terms must be agreed to, but a CA that cannot be reached now does not stop the command
+// (issuance falls back past it). An empty list checks ctx.directory_url alone.
+Status check_issuer_terms(Context& ctx, const std::vector<tlsreload::IssuerConfig>& issuers);
 
 int cmd_issue(Context& ctx);
 int cmd_renew(Context& ctx);

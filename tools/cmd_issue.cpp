@@ -49,6 +49,19 @@ json unicode_names(const std::vector<std::string>& names) {
 struct RunResult {
   std::vector<tlsreload::ManagerEvent> events;
   Status status;
+  std::string first_issuer;  // label of the first issuer tried ("" with one issuer)
+  // issued is the obtained or renewed event, if any.
+  const tlsreload::ManagerEvent* issued() const {
+    for (const auto& e : events) {
+      if (e.type == tlsreload::ManagerEvent::Type::obtained || e.type == tlsreload::ManagerEvent::Type::renewed) return &e;
+    }
+    return nullptr;
+  }
+  // fallback reports whether the certificate came from an issuer other than the first.
+  bool fallback() const {
+    const auto* e = issued();
+    return e && !first_issuer.empty() && e->issuer != first_issuer;
+  }
   bool changed() const {
     return std::any_of(events.begin(), events.end(), [](const auto& e) {
       return e.type == tlsreload::ManagerEvent::Type::obtained || e.type == tlsreload::ManagerEvent::Type::renewed;
@@ -81,6 +94,40 @@ Status check_challenge_options(const Options& o) {
   return {};
 }
 
+// issuer_labels names the CAs tried, in order: the --issuer / "issuers" list, else the one CA.
+std::string issuer_labels(const std::vector<tlsreload::IssuerConfig>& issuers, const std::string& directory_url) {
+  if (issuers.empty()) return directory_url;
+  std::string s;
+  for (const auto& i : issuers) s += (s.empty() ? "" : ", then ") + i.label();
+  return s;
+}
+
+// NotingLogger passes library logs on to the CLI's logger and, whatever --verbose says, turns
+// the Manager's "issuer failed; trying the next one" warning into a progress note, so that a
+// fallback to the next issuer is said as it happens.
+class NotingLogger : public Logger {
+ public:
+  NotingLogger(Logger& inner, ProgressPrinter& progress) : inner_(inner), progress_(progress) {}
+  bool enabled(LogLevel level) const override { return level >= LogLevel::warn || inner_.enabled(level); }
+  void log(LogLevel level, std::string_view subsystem, std::string_view message,
+           std::initializer_list<LogField> fields) override {
+    if (inner_.enabled(level)) inner_.log(level, subsystem, message, fields);
+    if (level < LogLevel::warn || !message.starts_with("issuer failed")) return;
+    json j = json::object();
+    for (const auto& f : fields) j[std::string(f.key)] = f.value;
+    auto field = [&](const char* k) { return j.contains(k) ? j[k].get<std::string>() : std::string(); };
+    const bool next = message.find("trying the next") != std::string_view::npos;
+    std::string text = "issuer " + field("issuer") + " failed for " + field("name") + ": " + field("error") +
+                       (next ? "; trying the next issuer, " + field("next") : "; not trying the next issuer (" +
+                                                                                  field("next") + ")");
+    progress_.note(next ? "issuer_fallback" : "issuer_failed", j, text);
+  }
+
+ private:
+  Logger& inner_;
+  ProgressPrinter& progress_;
+};
+
 // run_manager runs the Manager for names with the options' challenge set-up: a standalone
 // responder or a webroot solver for http-01, a standalone listener for tls-alpn-01.
 RunResult run_manager(Context& ctx, const Options& o, const std::string& directory_url,
@@ -92,6 +139,7 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
     r.status = fail(mo.error());
     return r;
   }
+  if (mo->issuers.size() > 1) r.first_issuer = mo->issuers.front().label();
   auto challenges = std::make_shared<tlsreload::ChallengeStore>();
   std::unique_ptr<Responder> responder;
   if (directory_url == tlsreload::kInternalIssuer) {
@@ -118,6 +166,8 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
   // before the command prints its result or error.
   ProgressPrinter progress(ProgressPrinter::mode_for(o));
   mo->on_progress = progress.callback();
+  NotingLogger logger(ctx.logger, progress);
+  mo->logger = &logger;
   tlsreload::Manager manager(std::move(*mo), ctx.storage, std::make_shared<tlsreload::CertStore>(), challenges);
   r.status = manager.manage(names);
   if (r.status && force && !r.changed() && !r.failure()) r.status = manager.renew(names, true);
@@ -139,15 +189,57 @@ json renewal_settings(const Options& o, const std::string& directory_url) {
   if (!o.profile.empty()) j["profile"] = o.profile;
   if (!o.preferred_chain.empty()) j["preferred-chain"] = o.preferred_chain;
   if (!o.deploy_hook.empty()) j["deploy-hook"] = o.deploy_hook;
+  if (!o.event_hook.empty()) j["event-hook"] = o.event_hook;
+  if (!o.issuers.empty()) j["issuer"] = o.issuers;
+  if (!o.issuer_objects.is_null()) j["issuers"] = o.issuer_objects;
   return j;
+}
+
+// secret_settings reports whether renewal.json holds a secret (then written 0600): an inline
+// TSIG key, or an EAB HMAC key inside "issuers".
+bool secret_settings(const Options& o) {
+  if (!o.tsig_key.empty()) return true;
+  if (!o.issuer_objects.is_array()) return false;
+  return std::any_of(o.issuer_objects.begin(), o.issuer_objects.end(),
+                     [](const json& i) { return i.is_object() && i.contains("eab-hmac"); });
+}
+
+// run_hooks runs, as serve does, --deploy-hook for each obtained or renewed event and
+// --event-hook for every event but "loaded" (failed and expiring with AUTOTLS_ERROR). A hook
+// that fails is a warning (with --json a {"event":"deploy_hook_failed"|"event_hook_failed"}
+// line) and the result is false: the command then exits 6, the certificate staying saved.
+bool run_hooks(Context& ctx, const Options& o, const std::vector<tlsreload::ManagerEvent>& events) {
+  bool ok = true;
+  auto failed = [&](const std::string& event, const std::string& name, const Error& e) {
+    ok = false;
+    ctx.out.object({{"event", event}, {"name", name}, {"exit_code", kExitLocal}, {"error", error_json(e)}});
+    ctx.out.info("autotls: warning: " + e.message + " (for " + name + "; the certificate stays saved; exit status " +
+                 std::to_string(kExitLocal) + ")");
+  };
+  for (const auto& e : events) {
+    const std::string type(tlsreload::to_string(e.type));
+    const bool issued = e.type == tlsreload::ManagerEvent::Type::obtained || e.type == tlsreload::ManagerEvent::Type::renewed;
+    auto paths = live_paths(ctx.storage_root, e.name);
+    if (issued && !o.deploy_hook.empty()) {
+      ctx.out.info("running the deploy hook for " + e.name);
+      if (auto st = run_deploy_hook(o.deploy_hook, e.names, paths, type); !st) failed("deploy_hook_failed", e.name, st.error());
+    }
+    if (!o.event_hook.empty() && e.type != tlsreload::ManagerEvent::Type::loaded) {
+      ctx.out.info("running the event hook for " + e.name + " (" + type + ")");
+      if (auto st = run_event_hook(o.event_hook, type, e.names, paths, e.error ? describe_error(*e.error) : ""); !st) {
+        failed("event_hook_failed", e.name, st.error());
+      }
+    }
+  }
+  return ok;
 }
 
 // after_success prints the paths, saves the renewal settings and runs the deploy hook.
 int after_success(Context& ctx, const Options& o, const std::string& key, const std::vector<std::string>& names,
-                  const std::string& directory_url, const std::string& action) {
+                  const std::string& directory_url, const std::string& action, const RunResult& r) {
   auto paths = live_paths(ctx.storage_root, key);
   if (auto st = ctx.storage->put("live/" + key + "/renewal.json", renewal_settings(o, directory_url).dump(2) + "\n",
-                                 !o.tsig_key.empty());
+                                 secret_settings(o));
       !st) {
     ctx.out.info("warning: cannot save renewal settings: " + st.error().message);
   }
@@ -155,8 +247,16 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   json j = {{"status", action}, {"name", key}, {"names", names}};
   if (info && *info) j = cert_info_json(**info, ctx.storage_root), j["status"] = action;
   j["unicode_names"] = unicode_names(names);
+  const auto* issued = r.issued();
+  if (issued) j["issuer_name"] = issued->issuer;
+  j["fallback"] = r.fallback();
   ctx.out.object(j);
   ctx.out.result("Certificate " + action + " for " + shown_list(names, ", "));
+  if (issued && r.fallback()) {
+    ctx.out.result("  issued by:     " + issued->issuer + " (fallback: " + r.first_issuer + " failed)");
+  } else if (issued && !r.first_issuer.empty()) {
+    ctx.out.result("  issued by:     " + issued->issuer);
+  }
   if (info && *info && (*info)->has_cert) ctx.out.result("  expires:       " + acme::format_rfc3339((*info)->not_after));
   ctx.out.result("  fullchain:     " + paths.fullchain.string());
   ctx.out.result("  private key:   " + paths.key.string());
@@ -165,14 +265,7 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   if (directory_url == tlsreload::kInternalIssuer) {
     ctx.out.result("  trust root:    " + (std::filesystem::path(ctx.storage_root) / "internal" / "root.pem").string());
   }
-  if (!o.deploy_hook.empty()) {
-    ctx.out.info("running deploy hook");
-    if (auto st = run_deploy_hook(o.deploy_hook, names, paths, action); !st) {
-      ctx.out.error(st.error(), kExitLocal);
-      return kExitLocal;
-    }
-  }
-  return kExitOk;
+  return run_hooks(ctx, o, r.events) ? kExitOk : kExitLocal;
 }
 
 }  // namespace
@@ -198,6 +291,12 @@ int cmd_issue(Context& ctx) {
   if (!acme::parse_key_type(o.key_type)) return usage_error(ctx, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
   auto eab = eab_from(o);
   if (!eab) return usage_error(ctx, eab.error().message);
+  // --issuer / "issuers": the CAs tried in order, as in serve (tlsreload/issuer.h).
+  auto issuers = issuer_list(o);
+  if (!issuers) return usage_error(ctx, issuers.error().message);
+  std::vector<std::string> accepted_cas;  // a stored certificate from any of them is reused
+  for (const auto& i : *issuers) accepted_cas.push_back(i.account_id());
+  if (accepted_cas.empty()) accepted_cas.push_back(ctx.directory_url);
 
   const std::string key = tlsreload::storage_name(names.front());
   bool force = o.force;
@@ -210,7 +309,8 @@ int cmd_issue(Context& ctx) {
     });
     auto kt = acme::parse_key_type(o.key_type);
     bool same_key = kt && c.key_type == acme::to_string(*kt);
-    bool same_ca = c.directory_url.empty() || c.directory_url == ctx.directory_url;
+    bool same_ca = c.directory_url.empty() ||
+                   std::find(accepted_cas.begin(), accepted_cas.end(), c.directory_url) != accepted_cas.end();
     if (!covers || !same_key || !same_ca) {
       force = true;
       ctx.out.info(std::string("the stored certificate ") +
@@ -228,17 +328,22 @@ int cmd_issue(Context& ctx) {
       return kExitNothingToDo;
     }
   }
-  if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
+  if (auto st = check_issuer_terms(ctx, *issuers); !st) return report(ctx, st.error());
 
-  ctx.out.info("obtaining a certificate for " + shown_list(names, " ") + " from " + ctx.directory_url + " (" + o.challenge + ")");
+  ctx.out.info("obtaining a certificate for " + shown_list(names, " ") + " from " + issuer_labels(*issuers, ctx.directory_url) +
+               " (" + o.challenge + ")");
   auto r = run_manager(ctx, o, ctx.directory_url, names, force);
-  if (auto err = r.failure()) return report(ctx, *err);
+  if (auto err = r.failure()) {
+    // The failure is an event too: the event hook hears it (CAs no longer email about expiry).
+    run_hooks(ctx, o, r.events);
+    return report(ctx, *err);
+  }
   if (!r.changed()) {
     ctx.out.result("nothing to do: the stored certificate for " + key + " is still good");
     ctx.out.object({{"status", "nothing to do"}, {"name", key}});
     return kExitNothingToDo;
   }
-  return after_success(ctx, o, key, names, ctx.directory_url, "obtained");
+  return after_success(ctx, o, key, names, ctx.directory_url, "obtained", r);
 }
 
 int cmd_renew(Context& ctx) {
@@ -303,6 +408,17 @@ int cmd_renew(Context& ctx) {
     take("profile", co.profile);
     take("preferred-chain", co.preferred_chain);
     take("deploy-hook", co.deploy_hook);
+    take("event-hook", co.event_hook);
+    // The issuer list saved at issue time, unless --ca, --issuer or "issuers" is given now.
+    if (!ctx.ca_given && !ctx.given("issuer") && co.issuer_objects.is_null() && rs.is_object()) {
+      if (rs.contains("issuer") && rs["issuer"].is_array()) {
+        co.issuers.clear();
+        for (const auto& i : rs["issuer"]) {
+          if (i.is_string()) co.issuers.push_back(i.get<std::string>());
+        }
+      }
+      if (rs.contains("issuers") && rs["issuers"].is_array()) co.issuer_objects = rs["issuers"];
+    }
     if (!ctx.given("http-address") && rs.is_object() && rs.contains("http-address") && rs["http-address"].is_string()) {
       co.http_addresses = {rs["http-address"].get<std::string>()};
     }
@@ -319,11 +435,17 @@ int cmd_renew(Context& ctx) {
       fail_one(st.error());
       continue;
     }
+    auto issuers = issuer_list(co);
+    if (!issuers) {
+      fail_one(issuers.error());
+      continue;
+    }
     ctx.out.info("renewing " + c.key + " (" + (o.force && !c.due ? std::string("forced") : c.renewal_reason) + ") via " +
-                 co.challenge + " at " + dir);
+                 co.challenge + " at " + issuer_labels(*issuers, dir));
     auto r = run_manager(ctx, co, dir, names, o.force);
     if (auto err = r.failure()) {
       fail_one(*err);
+      if (!run_hooks(ctx, co, r.events) && !first_failure) first_failure = kExitLocal;
       continue;
     }
     if (!r.changed()) {
@@ -334,17 +456,22 @@ int cmd_renew(Context& ctx) {
     ++renewed;
     auto info = stored_certificate(*ctx.storage, c.key);
     json j = {{"name", c.key}, {"action", "renewed"}};
+    std::string by;
+    if (const auto* issued = r.issued()) {
+      j["issuer_name"] = issued->issuer;
+      j["fallback"] = r.fallback();
+      if (r.fallback()) by = " (issued by " + issued->issuer + ": fallback, " + r.first_issuer + " failed)";
+    }
     if (info && *info) {
       j["not_after"] = acme::format_rfc3339((*info)->not_after);
       j["fullchain_path"] = live_paths(ctx.storage_root, c.key).fullchain.string();
-      ctx.out.result("renewed " + c.key + ": valid until " + acme::format_rfc3339((*info)->not_after));
+      ctx.out.result("renewed " + c.key + ": valid until " + acme::format_rfc3339((*info)->not_after) + by);
     } else {
-      ctx.out.result("renewed " + c.key);
+      ctx.out.result("renewed " + c.key + by);
     }
     ctx.out.object(j);
-    if (!co.deploy_hook.empty()) {
-      if (auto st = run_deploy_hook(co.deploy_hook, names, live_paths(ctx.storage_root, c.key), "renewed"); !st) fail_one(st.error());
-    }
+    // A failing hook: the renewed certificate is saved; the run exits 6 unless something failed first.
+    if (!run_hooks(ctx, co, r.events) && !first_failure) first_failure = kExitLocal;
   }
   if (first_failure) return first_failure;
   return renewed > 0 ? kExitOk : kExitNothingToDo;

@@ -12,6 +12,7 @@
 #include "acme/jws.h"
 #include "acme/util/openssl.h"
 #include "tools/cli.h"
+#include "tools/progress.h"
 
 namespace autotls::cli {
 
@@ -103,6 +104,15 @@ Result<std::string> first_certificate_der(const std::string& pem) {
   std::string out(reinterpret_cast<char*>(der), static_cast<size_t>(n));
   OPENSSL_free(der);
   return out;
+}
+
+// connect is make_client with its directory request shown as progress.
+Result<std::unique_ptr<acme::Client>> connect(Context& ctx, ProgressPrinter& progress, const std::string& directory_url,
+                                              const std::string& subject) {
+  auto c = progress.wait("directory", "fetching the CA directory " + directory_url, subject,
+                         [&] { return make_client(ctx, directory_url); });
+  if (c) progress.step("directory", "CA directory fetched: " + directory_url, false, subject, directory_url);
+  return c;
 }
 
 Result<std::string> read_file(const std::string& path) {
@@ -228,7 +238,9 @@ int cmd_revoke(Context& ctx) {
     if (!key) return usage_error(ctx, "--key " + o.key_file + ": " + key.error().message);
     cert_signer = std::make_unique<acme::KeySigner>(std::move(*key));
   }
-  auto client = make_client(ctx, directory_url);
+  ctx.out.info("revoking " + what + " at " + directory_url + (cert_signer ? " (signed by the certificate key)" : " (signed by the account key)"));
+  ProgressPrinter progress(ProgressPrinter::mode_for(o));
+  auto client = connect(ctx, progress, directory_url, what);
   if (!client) return report(ctx, client.error());
   if (!cert_signer) {
     auto account = load_account(*ctx.storage, directory_url);
@@ -238,9 +250,12 @@ int cmd_revoke(Context& ctx) {
                                   ": use --key with the certificate's private key, or the --ca that issued it");
     }
     (*client)->set_account(std::make_shared<acme::KeySigner>((*account)->key), (*account)->url);
+    progress.step("account", "ACME account ready: " + (*account)->url, false, what, (*account)->url);
   }
-  ctx.out.info("revoking " + what + " at " + directory_url + (cert_signer ? " (signed by the certificate key)" : " (signed by the account key)"));
-  if (auto st = (*client)->revoke(*der, reason, cert_signer.get()); !st) return report(ctx, st.error());
+  auto revoked = progress.wait("revoke", "asking the CA to revoke " + what, what,
+                               [&] { return (*client)->revoke(*der, reason, cert_signer.get()); });
+  if (!revoked) return report(ctx, revoked.error());
+  progress.step("revoke", "certificate revoked: " + what + (o.reason.empty() ? "" : " (" + o.reason + ")"), false, what);
   ctx.out.result("revoked " + what);
   if (o.revoke_name.empty()) {
     ctx.out.object({{"status", "revoked"}, {"certificate", what}, {"directory_url", directory_url}});
@@ -274,11 +289,13 @@ int cmd_account(Context& ctx, const std::string& action) {
   AccountKeys keys(dir_url);
   auto stored = load_account(*ctx.storage, dir_url);
   if (!stored) return report(ctx, stored.error());
+  // Declared before the client: a spinner line is cleared before anything else is printed.
+  ProgressPrinter progress(ProgressPrinter::mode_for(o));
 
   if (action == "register") {
     auto eab = eab_from(o);
     if (!eab) return usage_error(ctx, eab.error().message);
-    auto client = make_client(ctx, dir_url);
+    auto client = connect(ctx, progress, dir_url, dir_url);
     if (!client) return report(ctx, client.error());
     if (!o.agree_tos && !(*stored && !(*stored)->url.empty()) && !(*client)->directory().terms_of_service.empty()) {
       return usage_error(ctx, "account register: read the CA's terms of service at " +
@@ -294,14 +311,17 @@ int cmd_account(Context& ctx, const std::string& action) {
       auto k = new_stored_key(ctx, o.new_key_type, keys.key);
       if (!k) return report(ctx, k.error());
       key = std::move(*k);
+      progress.step("key", "account key generated (" + o.new_key_type + ") and saved", false, dir_url);
     }
     (*client)->set_account(std::make_shared<acme::KeySigner>(*key));
     acme::NewAccountOptions na;
     if (!o.email.empty()) na.contact.push_back("mailto:" + o.email);
     na.agree_to_terms = o.agree_tos;
     na.eab = *eab;
-    auto a = (*client)->register_account(na);
+    auto a = progress.wait("register", "registering the account at the CA", dir_url,
+                           [&] { return (*client)->register_account(na); });
     if (!a) return report(ctx, a.error());
+    progress.step("register", "account registered: " + a->url, false, dir_url, a->url);
     if (auto st = save_account_json(*ctx.storage, dir_url, *a, previous); !st) return report(ctx, st.error());
     print_account(ctx, "registered", *a, dir_url, key->thumbprint());
     return kExitOk;
@@ -311,21 +331,24 @@ int cmd_account(Context& ctx, const std::string& action) {
     return usage_error(ctx, "account " + action + ": no ACME account for " + dir_url + " in " + ctx.storage_root +
                                 " (autotls account register --ca ... --agree-tos)");
   }
-  auto client = make_client(ctx, dir_url);
+  auto client = connect(ctx, progress, dir_url, dir_url);
   if (!client) return report(ctx, client.error());
   StoredAccount& acct = **stored;
   (*client)->set_account(std::make_shared<acme::KeySigner>(acct.key), acct.url);
 
   if (action == "show") {
-    auto a = (*client)->fetch_account();
+    auto a = progress.wait("account", "fetching the account " + acct.url, dir_url, [&] { return (*client)->fetch_account(); });
     if (!a) return report(ctx, a.error());
+    progress.step("account", "account fetched: " + a->url, false, dir_url, a->url);
     print_account(ctx, "found", *a, dir_url, acct.key.thumbprint());
     return kExitOk;
   }
   if (action == "update") {
     if (o.email.empty()) return usage_error(ctx, "account update: give the new contact with --email");
-    auto a = (*client)->update_account({"mailto:" + o.email});
+    auto a = progress.wait("update", "updating the account contact to mailto:" + o.email, dir_url,
+                           [&] { return (*client)->update_account({"mailto:" + o.email}); });
     if (!a) return report(ctx, a.error());
+    progress.step("update", "account contact updated: " + a->url, false, dir_url, a->url);
     if (auto st = save_account_json(*ctx.storage, dir_url, *a, acct.meta); !st) return report(ctx, st.error());
     print_account(ctx, "updated", *a, dir_url, acct.key.thumbprint());
     return kExitOk;
@@ -337,13 +360,18 @@ int cmd_account(Context& ctx, const std::string& action) {
     if (!k) return report(ctx, k.error());
     auto pem = k->to_pem();
     if (!pem) return report(ctx, pem.error());
-    if (auto st = (*client)->change_key(std::make_shared<acme::KeySigner>(*k)); !st) {
+    progress.step("key", "new account key generated (" + o.new_key_type + ") and saved", false, dir_url);
+    if (auto st = progress.wait("rollover", "replacing the account key at the CA (RFC 8555 section 7.3.5)", dir_url,
+                                [&] { return (*client)->change_key(std::make_shared<acme::KeySigner>(*k)); });
+        !st) {
       (void)ctx.storage->remove(keys.next_key);
       return report(ctx, st.error());
     }
     if (auto st = ctx.storage->put(keys.key, *pem, true); !st) return report(ctx, st.error());
     (void)ctx.storage->remove(keys.next_key);
-    auto a = (*client)->fetch_account();
+    progress.step("rollover", "account key replaced: " + acct.url, false, dir_url, acct.url);
+    auto a = progress.wait("account", "fetching the account " + acct.url, dir_url, [&] { return (*client)->fetch_account(); });
+    if (a) progress.step("account", "account fetched: " + a->url, false, dir_url, a->url);
     acme::Account shown;
     if (a) shown = *a;
     else shown.url = acct.url, shown.status = "valid";
@@ -351,8 +379,10 @@ int cmd_account(Context& ctx, const std::string& action) {
     return kExitOk;
   }
   if (action == "deactivate") {
-    auto a = (*client)->deactivate_account();
+    auto a = progress.wait("deactivate", "deactivating the account " + acct.url, dir_url,
+                           [&] { return (*client)->deactivate_account(); });
     if (!a) return report(ctx, a.error());
+    progress.step("deactivate", "account deactivated: " + a->url, false, dir_url, a->url);
     // A deactivated account can never be used again (RFC 8555 §7.3.6): forget it, so the next
     // issuance registers a new one.
     (void)ctx.storage->remove(keys.key);

@@ -20,6 +20,7 @@
 #include "tlsreload/on_demand.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
+#include "tools/progress.h"
 #include "tools/serve_files.h"
 
 namespace autotls::cli {
@@ -412,6 +413,10 @@ int cmd_serve(Context& ctx) {
     }
   }
   mo->clock = &clock;
+  // Each ACME step of each issuance, as a plain line on stderr naming its certificate (a JSON
+  // line with --json); declared before the Manager so that it outlives it.
+  ProgressPrinter progress(ProgressPrinter::mode_for_log(o), stderr, true);
+  mo->on_progress = progress.callback();
   std::string deploy_hook = o.deploy_hook;
   std::string event_hook = o.event_hook;
   std::string storage_root = ctx.storage_root;

@@ -368,6 +368,9 @@ Status run_deploy_hook(const std::string& hook, const std::vector<std::string>& 
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    // stdout carries the command's results (one JSON object per line with --json): what the
+    // hook prints goes to stderr.
+    ::dup2(STDERR_FILENO, STDOUT_FILENO);
     ::execve("/bin/sh", argv, envp.data());
     ::_exit(127);
   }
@@ -738,11 +741,12 @@ Result<std::vector<tlsreload::IssuerConfig>> issuer_list(const Options& o) {
   return out;
 }
 
-Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url) {
+Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::string& directory_url, bool no_retries) {
   acme::CurlOptions curl;
   curl.ca_bundle = ctx.options.ca_bundle;
   acme::ClientOptions co;
   co.directory_url = directory_url;
+  if (no_retries) co.max_server_retries = 0;
   co.transport = std::shared_ptr<acme::HttpTransport>(acme::make_curl_transport(curl));
   co.logger = &ctx.logger;
   auto c = acme::Client::create(co);
@@ -750,17 +754,28 @@ Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::strin
   return std::move(*c);
 }
 
-Status check_terms(Context& ctx, const std::string& directory_url) {
+Status check_terms(Context& ctx, const std::string& directory_url, bool probe) {
   if (ctx.options.agree_tos || directory_url == tlsreload::kInternalIssuer) return {};
   auto stored = ctx.storage->get("accounts/" + tlsreload::ca_storage_name(directory_url) + "/account.json");
   if (stored && *stored) return {};
-  auto client = make_client(ctx, directory_url);
+  auto client = make_client(ctx, directory_url, probe);
   if (!client) return fail(client.error());
   const auto& tos = (*client)->directory().terms_of_service;
   if (tos.empty()) return {};
   return fail(Errc::invalid_input,
               "no ACME account yet at " + directory_url + ": read the CA's terms of service at " + tos +
                   " and pass --agree-tos (or \"agree-tos\": true in the config file)");
+}
+
+Status check_issuer_terms(Context& ctx, const std::vector<tlsreload::IssuerConfig>& issuers) {
+  if (issuers.empty()) return check_terms(ctx, ctx.directory_url);
+  for (const auto& is : issuers) {
+    if (is.internal) continue;
+    // Terms not agreed to stop us; a CA that cannot be reached now does not (asked once, not
+    // retried: the Manager tries it again in earnest).
+    if (auto st = check_terms(ctx, is.directory_url, true); !st && st.error().code == Errc::invalid_input) return st;
+  }
+  return {};
 }
 
 }  // namespace autotls::cli

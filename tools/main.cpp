@@ -142,12 +142,28 @@ void add_common(CLI::App& app, Options& o) {
   app.add_flag("-q,--quiet", o.quiet, "no progress messages");
   app.add_flag("-v,--verbose", o.verbose, "show library logs (ACME requests, listeners) on stderr");
   app.add_option("--deploy-hook", o.deploy_hook,
-                 "shell command run after a certificate is issued or renewed, with AUTOTLS_NAMES, "
-                 "AUTOTLS_CERT_PATH, AUTOTLS_KEY_PATH, AUTOTLS_FULLCHAIN_PATH, AUTOTLS_CHAIN_PATH");
+                 "shell command run (issue, renew, serve) after a certificate is obtained or renewed, with "
+                 "AUTOTLS_EVENT (obtained|renewed), AUTOTLS_NAMES, AUTOTLS_CERT_PATH, AUTOTLS_KEY_PATH, "
+                 "AUTOTLS_FULLCHAIN_PATH, AUTOTLS_CHAIN_PATH, AUTOTLS_META_PATH; if it fails the certificate stays "
+                 "saved and issue/renew exit 6");
   app.add_option("--event-hook", o.event_hook,
-                 "shell command run for every certificate event (obtained, renewed, failed, expiring, revoked), "
-                 "with AUTOTLS_EVENT, AUTOTLS_NAMES, AUTOTLS_ERROR (failures) and the paths as for --deploy-hook");
+                 "shell command run (issue, renew, serve, revoke) for every certificate event: obtained, renewed, "
+                 "failed, expiring, revoked; environment as for --deploy-hook plus AUTOTLS_ERROR for failed/expiring");
 }
+
+void add_issuer_option(CLI::App* c, Options& o) {
+  c->add_option("--issuer", o.issuers,
+                "CA to try in order, falling back to the next on failure (repeat; values as for --ca; "
+                "\"issuers\" in the config file for per-CA settings)");
+}
+
+constexpr const char* kHookHelp =
+    "Hooks (run with /bin/sh -c; names and paths only in the environment):\n"
+    "  --deploy-hook CMD  after a certificate is obtained or renewed\n"
+    "  --event-hook CMD   for every event: obtained, renewed, failed, expiring, revoked\n"
+    "  AUTOTLS_EVENT, AUTOTLS_NAMES (space-separated), AUTOTLS_CERT_PATH, AUTOTLS_KEY_PATH,\n"
+    "  AUTOTLS_FULLCHAIN_PATH, AUTOTLS_CHAIN_PATH, AUTOTLS_META_PATH, AUTOTLS_ERROR (failed, expiring)\n"
+    "  A hook that fails prints a warning; the certificate stays saved and the exit status is 6.\n\n";
 
 void add_challenge_options(CLI::App* c, Options& o, bool standalone) {
   c->add_option("-c,--challenge", o.challenge, "http-01, tls-alpn-01 or dns-01")->capture_default_str();
@@ -208,6 +224,7 @@ void build_cli(Cli& cli, Options& o) {
   issue->add_option("--ip", o.ips, "an IP address for the certificate (RFC 8738; repeat for more)");
   add_challenge_options(issue, o, true);
   issue->add_flag("--force", o.force, "issue even if a stored certificate is still good");
+  add_issuer_option(issue, o);
   issue->footer(std::string("\nExamples:\n"
                             "  autotls issue -d example.com -d www.example.com --agree-tos --email me@example.com\n"
                             "  autotls issue -d example.com --webroot /var/www/html\n"
@@ -216,8 +233,12 @@ void build_cli(Cli& cli, Options& o) {
                             "  autotls issue -d '*.example.com' -d example.com --challenge dns-01 --dns-server ns1.example.com \\\n"
                             "      --tsig-key /etc/bind/acme.key\n"
                             "  autotls issue -d test.example --ca https://127.0.0.1:14000/dir --ca-bundle pebble.pem\n"
+                            "  autotls issue -d example.com --issuer letsencrypt --issuer zerossl --eab-kid KID \\\n"
+                            "      --eab-hmac-file zerossl.key     # ZeroSSL if Let's Encrypt fails\n"
+                            "  autotls issue -d example.com --deploy-hook 'systemctl reload nginx' \\\n"
+                            "      --event-hook '/usr/local/bin/notify \"$AUTOTLS_EVENT\" \"$AUTOTLS_NAMES\"'\n"
                             "Files: <storage>/live/<first name>/{fullchain,privkey,cert,chain}.pem\n\n") +
-                kExitCodes);
+                kHookHelp + kExitCodes);
 
   auto* renew = cli.renew = app.add_subcommand("renew", "renew stored certificates that are due");
   renew->add_option("names", o.renew_names, "stored certificate names (default: all)");
@@ -227,13 +248,16 @@ void build_cli(Cli& cli, Options& o) {
   renew->add_option("--max-random-sleep", o.max_random_sleep, "longest random wait in seconds when not on a terminal")
       ->capture_default_str();
   add_challenge_options(renew, o, true);
-  renew->footer(std::string("\nSettings used at issue time (challenge, addresses, hooks) are kept in\n"
+  add_issuer_option(renew, o);
+  renew->footer(std::string("\nSettings used at issue time (challenge, addresses, hooks, issuers) are kept in\n"
                             "<storage>/live/<name>/renewal.json and reused unless given again.\n\n"
                             "Examples:\n"
                             "  autotls renew                       # everything that is due\n"
                             "  autotls renew example.com --force   # now, due or not\n"
-                            "  autotls renew --no-random-sleep     # from a timer, without the random delay\n\n") +
-                kExitCodes);
+                            "  autotls renew --no-random-sleep     # from a timer, without the random delay\n"
+                            "  autotls renew --deploy-hook 'systemctl reload haproxy'\n"
+                            "  autotls renew --issuer letsencrypt --issuer https://acme.internal.example/directory\n\n") +
+                kHookHelp + kExitCodes);
 
   auto* revoke = cli.revoke = app.add_subcommand("revoke", "revoke a certificate");
   revoke->add_option("name", o.revoke_name, "stored certificate name");
@@ -243,7 +267,11 @@ void build_cli(Cli& cli, Options& o) {
   revoke->add_option("--key", o.key_file, "sign with the certificate's private key instead of the account key");
   revoke->footer(std::string("\nExamples:\n"
                              "  autotls revoke example.com --reason superseded\n"
-                             "  autotls revoke --cert leaked.pem --key leaked.key --reason keyCompromise\n\n") +
+                             "  autotls revoke --cert leaked.pem --key leaked.key --reason keyCompromise\n"
+                             "  autotls revoke example.com --event-hook 'logger -t autotls \"$AUTOTLS_EVENT $AUTOTLS_NAMES\"'\n"
+                             "  autotls revoke example.com --json   # progress as JSON lines on stderr\n\n"
+                             "Progress (each request to the CA) goes to stderr: a spinner on a terminal, plain\n"
+                             "lines otherwise, JSON lines with --json, nothing with --quiet.\n\n") +
                  kExitCodes);
 
   auto* list = cli.list = app.add_subcommand("list", "show stored certificates");
@@ -269,7 +297,10 @@ void build_cli(Cli& cli, Options& o) {
                               "  autotls account show\n"
                               "  autotls account update --email new@example.com\n"
                               "  autotls account rollover\n"
-                              "  autotls account deactivate\n\n") +
+                              "  autotls account deactivate\n"
+                              "  autotls account show --json 2>progress.jsonl\n\n"
+                              "Progress (each request to the CA) goes to stderr: a spinner on a terminal, plain\n"
+                              "lines otherwise, JSON lines with --json, nothing with --quiet.\n\n") +
                   kExitCodes);
 
   auto* serve = cli.serve = app.add_subcommand("serve", "serve HTTPS for names, obtaining and renewing their certificates");
@@ -286,8 +317,7 @@ void build_cli(Cli& cli, Options& o) {
                     "\"off\" for none)")
       ->capture_default_str();
   serve->add_option("--drain", o.drain, "seconds to let requests finish on SIGTERM/SIGINT")->capture_default_str();
-  serve->add_option("--issuer", o.issuers,
-                    "CA to try in order, falling back to the next on failure (repeat; values as for --ca)");
+  add_issuer_option(serve, o);
   serve->add_flag("--no-redirect", o.no_redirect, "serve sites over plain HTTP too instead of redirecting to HTTPS");
   serve->add_option("--hsts", o.hsts, "Strict-Transport-Security max-age in seconds (0: none)");
   serve->add_option("--access-log", o.access_log,
@@ -324,7 +354,9 @@ void build_cli(Cli& cli, Options& o) {
                     "repeatable; files are reloaded on change");
   add_challenge_options(serve, o, false);
   serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once);\n"
-                            "SIGHUP re-reads the config file (sites, access log) and certificates.\n\n"
+                            "SIGHUP re-reads the config file (sites, access log) and certificates.\n"
+                            "Each ACME step of each issuance is a line on stderr (\"<name>: order created...\"),\n"
+                            "a JSON line with --json, nothing with --quiet.\n\n"
                             "Examples:\n"
                             "  autotls serve -d example.com --root /var/www --agree-tos --email me@example.com\n"
                             "  autotls serve -d app.example.com --proxy http://127.0.0.1:8080\n"

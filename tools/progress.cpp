@@ -33,7 +33,14 @@ ProgressPrinter::Mode ProgressPrinter::mode_for(const Options& o) {
   return Mode::plain;
 }
 
-ProgressPrinter::ProgressPrinter(Mode mode, std::FILE* out) : mode_(mode), out_(out) {}
+ProgressPrinter::Mode ProgressPrinter::mode_for_log(const Options& o) {
+  if (o.quiet) return Mode::off;
+  if (o.json) return Mode::json;
+  return Mode::plain;
+}
+
+ProgressPrinter::ProgressPrinter(Mode mode, std::FILE* out, bool show_subject)
+    : mode_(mode), out_(out), show_subject_(show_subject) {}
 
 ProgressPrinter::~ProgressPrinter() {
   {
@@ -66,26 +73,62 @@ std::string ProgressPrinter::describe(const acme::ProgressEvent& e) {
 
 void ProgressPrinter::operator()(const acme::ProgressEvent& e) {
   if (mode_ == Mode::off) return;
+  nlohmann::json j;
   if (mode_ == Mode::json) {
-    nlohmann::json j = {{"event", "progress"},
-                        {"step", acme::to_string(e.step)},
-                        {"elapsed_ms", e.elapsed.count()},
-                        {"subject", e.subject},
-                        {"waiting", e.waiting},
-                        {"tick", e.tick}};
+    j = {{"event", "progress"},
+         {"step", acme::to_string(e.step)},
+         {"elapsed_ms", e.elapsed.count()},
+         {"subject", e.subject},
+         {"waiting", e.waiting},
+         {"tick", e.tick}};
     if (!e.identifier.empty()) j["identifier"] = e.identifier;
     if (!e.challenge_type.empty()) j["challenge"] = e.challenge_type;
     if (!e.status.empty()) j["status"] = e.status;
     if (!e.detail.empty()) j["detail"] = e.detail;
-    std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  }
+  std::string text = describe(e);
+  if (show_subject_ && !e.subject.empty()) text = e.subject + ": " + text;
+  emit(j, text, e.waiting, e.tick, e.elapsed);
+}
+
+void ProgressPrinter::step(const std::string& name, const std::string& text, bool waiting, const std::string& subject,
+                           const std::string& detail) {
+  if (mode_ == Mode::off) return;
+  auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - created_);
+  nlohmann::json j;
+  if (mode_ == Mode::json) {
+    j = {{"event", "progress"}, {"step", name},   {"elapsed_ms", elapsed.count()},
+         {"subject", subject},  {"waiting", waiting}, {"tick", 0}};
+    if (!detail.empty()) j["detail"] = detail;
+  }
+  std::string line = show_subject_ && !subject.empty() ? subject + ": " + text : text;
+  emit(j, line, waiting, 0, elapsed);
+}
+
+void ProgressPrinter::note(const std::string& event, const nlohmann::json& fields, const std::string& text) {
+  if (mode_ == Mode::off) return;
+  auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - created_);
+  nlohmann::json j;
+  if (mode_ == Mode::json) {
+    j = {{"event", event}, {"elapsed_ms", elapsed.count()}};
+    if (fields.is_object()) j.update(fields);
+  }
+  emit(j, text, false, 0, elapsed);
+}
+
+void ProgressPrinter::emit(const nlohmann::json& json_line, const std::string& text, bool waiting, int tick,
+                           std::chrono::milliseconds elapsed) {
+  if (mode_ == Mode::off) return;
+  if (mode_ == Mode::json) {
+    std::string line = json_line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
     std::lock_guard lock(mu_);
     std::fputs(line.c_str(), out_);
     std::fflush(out_);
     return;
   }
   if (mode_ == Mode::plain) {
-    if (e.tick > 0) return;  // one line per step: the polling ticks are for spinners
-    std::string line = seconds_text(e.elapsed) + "  " + describe(e) + "\n";
+    if (tick > 0) return;  // one line per step: the polling ticks are for spinners
+    std::string line = seconds_text(elapsed) + "  " + text + "\n";
     std::lock_guard lock(mu_);
     std::fputs(line.c_str(), out_);
     std::fflush(out_);
@@ -93,11 +136,11 @@ void ProgressPrinter::operator()(const acme::ProgressEvent& e) {
   }
   // Terminal.
   std::unique_lock lock(mu_);
-  if (e.waiting) {
-    if (e.tick > 0 && spinning_) return;  // the spinner thread redraws on its own
+  if (waiting) {
+    if (tick > 0 && spinning_) return;  // the spinner thread redraws on its own
     clear_spinner_locked();
-    waiting_text_ = describe(e);
-    base_ = std::chrono::steady_clock::now() - e.elapsed;
+    waiting_text_ = text;
+    base_ = std::chrono::steady_clock::now() - elapsed;
     spinning_ = true;
     draw_spinner_locked();
     if (!thread_.joinable()) thread_ = std::thread([this] { spin_loop(); });
@@ -106,9 +149,15 @@ void ProgressPrinter::operator()(const acme::ProgressEvent& e) {
   // A completed step ends any wait: the wait's line is replaced by the step that ended it.
   clear_spinner_locked();
   spinning_ = false;
-  std::string line = seconds_text(e.elapsed) + "  " + describe(e) + "\n";
+  std::string line = seconds_text(elapsed) + "  " + text + "\n";
   std::fputs(line.c_str(), out_);
   std::fflush(out_);
+}
+
+void ProgressPrinter::finish() {
+  std::lock_guard lock(mu_);
+  clear_spinner_locked();
+  spinning_ = false;
 }
 
 void ProgressPrinter::spin_loop() {

@@ -1107,6 +1107,16 @@ TEST_SUITE("cli.serve") {
     for (const char* e : {"listening", "obtained", "ready", "reload", "loaded", "shutdown", "stopped"}) {
       CHECK_MESSAGE(std::find(events.begin(), events.end(), e) != events.end(), (std::string(e) + "\n" + out));
     }
+    // The issuance's ACME steps are JSON progress lines on stderr, naming the certificate.
+    bool downloaded = false;
+    std::istringstream err_lines(read_file(c.dir.path / "serve.err"));
+    while (std::getline(err_lines, line)) {
+      auto j = json::parse(line, nullptr, false);
+      if (!j.is_object() || j.value("event", "") != "progress") continue;
+      CHECK(j.value("subject", "") == "serve.cli.test");
+      downloaded = downloaded || j.value("step", "") == "downloaded";
+    }
+    CHECK_MESSAGE(downloaded, read_file(c.dir.path / "serve.err"));
   }
 
   TEST_CASE("serve with the internal issuer prints its root and runs the deploy hook") {
@@ -1873,5 +1883,311 @@ TEST_SUITE("cli.serve_files") {
     CHECK_MESSAGE(read_file(out).find("\"event\":\"cert_files\"") != std::string::npos, read_file(out));
     REQUIRE(::kill(pid, SIGTERM) == 0);
     CHECK(wait_exit(pid, 15s) == 0);
+  }
+}
+
+namespace {
+
+// lines_of splits a text into its non-empty lines.
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty()) out.push_back(line);
+  }
+  return out;
+}
+
+// in_order checks that every string of want appears in text, each after the previous one.
+void check_in_order(const std::string& text, const std::vector<std::string>& want) {
+  size_t at = 0;
+  for (const auto& w : want) {
+    auto found = text.find(w, at);
+    CHECK_MESSAGE(found != std::string::npos, (w + "\n---\n" + text));
+    if (found != std::string::npos) at = found + w.size();
+  }
+}
+
+// progress_steps parses --json progress on stderr: every line must be a JSON object; returns
+// the "step" of each "event":"progress" line that is not a polling tick, with ":wait" added
+// for waiting steps.
+std::vector<std::string> progress_steps(const std::string& err) {
+  std::vector<std::string> steps;
+  for (const auto& line : lines_of(err)) {
+    auto j = json::parse(line, nullptr, false);
+    REQUIRE_MESSAGE(j.is_object(), line);
+    if (j.value("event", "") != "progress" || j.value("tick", 0) > 0) continue;
+    steps.push_back(j.value("step", "") + (j.value("waiting", false) ? ":wait" : ""));
+  }
+  return steps;
+}
+
+}  // namespace
+
+TEST_SUITE("cli.issue") {
+  TEST_CASE("issue and renew run the deploy hook and the event hook with the documented environment") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    fs::path deploy_out = c.dir.path / "deploy.txt";
+    fs::path events_out = c.dir.path / "events.txt";
+    const std::string deploy =
+        "env | grep -E '^AUTOTLS_(NAMES|CERT_PATH|KEY_PATH|FULLCHAIN_PATH|CHAIN_PATH|META_PATH|EVENT|ERROR)=' | sort > " +
+        deploy_out.string();
+    const std::string event =
+        "printf '%s|%s|%s\\n' \"$AUTOTLS_EVENT\" \"$AUTOTLS_NAMES\" \"$AUTOTLS_ERROR\" >> " + events_out.string();
+    auto r = run(c.args({"issue", "-d", "hook.cli.test", "-d", "www.hook.cli.test"},
+                        {"--agree-tos", "--http-address", c.http(), "--deploy-hook", deploy, "--event-hook", event}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    fs::path live = c.storage() / "live" / "hook.cli.test";
+    auto env_for = [&](const std::string& ev) {
+      return "AUTOTLS_CERT_PATH=" + (live / "cert.pem").string() + "\nAUTOTLS_CHAIN_PATH=" + (live / "chain.pem").string() +
+             "\nAUTOTLS_EVENT=" + ev + "\nAUTOTLS_FULLCHAIN_PATH=" + (live / "fullchain.pem").string() +
+             "\nAUTOTLS_KEY_PATH=" + (live / "privkey.pem").string() + "\nAUTOTLS_META_PATH=" + (live / "meta.json").string() +
+             "\nAUTOTLS_NAMES=hook.cli.test www.hook.cli.test\n";
+    };
+    CHECK(read_file(deploy_out) == env_for("obtained"));
+    CHECK(read_file(events_out) == "obtained|hook.cli.test www.hook.cli.test|\n");
+
+    // renew --force reuses both hooks from renewal.json.
+    fs::remove(deploy_out);
+    auto first = read_file(live / "cert.pem");
+    auto rn = run(c.args({"renew", "hook.cli.test"}, {"--force", "--http-address", c.http()}));
+    REQUIRE_MESSAGE(rn.code == 0, show(rn));
+    CHECK(read_file(live / "cert.pem") != first);
+    CHECK(read_file(deploy_out) == env_for("renewed"));
+    CHECK(read_file(events_out) == "obtained|hook.cli.test www.hook.cli.test|\nrenewed|hook.cli.test www.hook.cli.test|\n");
+
+    // A failing deploy hook: the renewed certificate is saved, a warning, exit 6; with --json
+    // the last line says which hook failed.
+    auto second = read_file(live / "cert.pem");
+    // What the hook prints goes to stderr: stdout stays one JSON object per line.
+    auto bad = run(c.args({"renew", "hook.cli.test"}, {"--force", "--json", "--deploy-hook", "echo hook-noise; exit 3"}));
+    CHECK_MESSAGE(bad.code == 6, show(bad));
+    CHECK(read_file(live / "cert.pem") != second);
+    bool renewed_line = false;
+    for (const auto& line : lines_of(bad.out)) {
+      auto j = json::parse(line, nullptr, false);
+      REQUIRE_MESSAGE(j.is_object(), line);
+      renewed_line = renewed_line || j.value("action", "") == "renewed";
+    }
+    CHECK_MESSAGE(renewed_line, show(bad));
+    auto last = last_json_line(bad.out);
+    CHECK(last.value("event", "") == "deploy_hook_failed");
+    CHECK(last.value("name", "") == "hook.cli.test");
+    CHECK(last.value("exit_code", 0) == 6);
+    CHECK(last["error"].value("message", "").find("exited with status 3") != std::string::npos);
+    CHECK(bad.err.find("hook-noise") != std::string::npos);
+    // The event hook saved at issue time still ran.
+    CHECK(read_file(events_out).find("renewed|hook.cli.test www.hook.cli.test|\nrenewed|") != std::string::npos);
+
+    // issue: the same warning for people.
+    auto third = read_file(live / "cert.pem");
+    auto bad2 = run(c.args({"issue", "-d", "hook.cli.test", "-d", "www.hook.cli.test"},
+                           {"--force", "--http-address", c.http(), "--deploy-hook", "exit 4"}));
+    CHECK_MESSAGE(bad2.code == 6, show(bad2));
+    CHECK(read_file(live / "cert.pem") != third);
+    CHECK(bad2.out.find("Certificate obtained for hook.cli.test") != std::string::npos);
+    CHECK_MESSAGE(bad2.err.find("warning: deploy hook `exit 4` exited with status 4") != std::string::npos, show(bad2));
+    CHECK(bad2.err.find("the certificate stays saved") != std::string::npos);
+
+    // A failed issuance is an event too: the event hook hears it with the error.
+    auto v = run(c.args({"issue", "-d", "nobody.hook.cli.test"},
+                        {"--http-address", "127.0.0.1:" + std::to_string(free_port()), "--event-hook", event}));
+    CHECK_MESSAGE(v.code == 5, show(v));
+    auto events = read_file(events_out);
+    auto failed = events.find("failed|nobody.hook.cli.test|");
+    REQUIRE_MESSAGE(failed != std::string::npos, (events + show(v)));
+    CHECK_MESSAGE(events.find("nobody.hook.cli.test", failed + 30) != std::string::npos, events);
+  }
+
+  TEST_CASE("issue falls back to the next issuer when the first is unreachable and renew keeps the list") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    const std::string dead = "https://127.0.0.1:" + std::to_string(free_port()) + "/dir";
+    const std::string pebble = c.env->directory_url();
+    // No --ca: the issuers are the CAs.
+    std::vector<std::string> base = {"--ca-bundle", c.env->ca_bundle_path(), "--storage", c.storage().string(),
+                                     "--http-address", c.http()};
+    auto with = [&](std::vector<std::string> a) {
+      a.insert(a.end(), base.begin(), base.end());
+      return a;
+    };
+    auto r = run(with({"issue", "-d", "fallback.cli.test", "--issuer", dead, "--issuer", pebble, "--agree-tos"}));
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK_MESSAGE(r.err.find("from " + dead + ", then " + pebble) != std::string::npos, show(r));
+    check_in_order(r.err, {"issuer " + dead + " failed for fallback.cli.test: ", "; trying the next issuer, " + pebble,
+                           "CA directory fetched: " + pebble, "certificate downloaded: "});
+    CHECK_MESSAGE(r.out.find("issued by:     " + pebble + " (fallback: " + dead + " failed)") != std::string::npos, show(r));
+    auto rs = json::parse(read_file(c.storage() / "live" / "fallback.cli.test" / "renewal.json"), nullptr, false);
+    REQUIRE(rs.is_object());
+    CHECK(rs["issuer"] == json::array({dead, pebble}));
+
+    // renew uses the saved list: the same fallback, said in JSON on stderr and in the result.
+    auto rn = run(with({"renew", "fallback.cli.test", "--force", "--json"}));
+    REQUIRE_MESSAGE(rn.code == 0, show(rn));
+    auto j = last_json_line(rn.out);
+    CHECK(j.value("action", "") == "renewed");
+    CHECK(j.value("fallback", false) == true);
+    CHECK(j.value("issuer_name", "") == pebble);
+    bool noted = false;
+    for (const auto& line : lines_of(rn.err)) {
+      auto e = json::parse(line, nullptr, false);
+      REQUIRE_MESSAGE(e.is_object(), line);
+      if (e.value("event", "") == "issuer_fallback") {
+        noted = true;
+        CHECK(e.value("issuer", "") == dead);
+        CHECK(e.value("next", "") == pebble);
+        CHECK(!e.value("error", "").empty());
+      }
+    }
+    CHECK_MESSAGE(noted, show(rn));
+
+    // The config file's "issuers" does the same for issue.
+    fs::path cfg = c.dir.path / "issuers.json";
+    write_file(cfg, json{{"issuers", json::array({{{"ca", dead}}, {{"ca", pebble}}})}}.dump());
+    auto fromfile = run(with({"issue", "-d", "file.fallback.cli.test", "--config", cfg.string(), "--json"}));
+    REQUIRE_MESSAGE(fromfile.code == 0, show(fromfile));
+    auto fj = last_json_line(fromfile.out);
+    CHECK(fj.value("status", "") == "obtained");
+    CHECK(fj.value("fallback", false) == true);
+    CHECK(fj.value("issuer_name", "") == pebble);
+
+    // A second issue of the first name reuses the fallback CA's certificate: nothing to do.
+    auto again = run(with({"issue", "-d", "fallback.cli.test", "--issuer", dead, "--issuer", pebble}));
+    CHECK_MESSAGE(again.code == 1, show(again));
+  }
+}
+
+TEST_SUITE("cli.account") {
+  TEST_CASE("account and revoke print progress lines off a terminal and JSON with --json") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    const std::string dir = c.env->directory_url();
+    auto plain = [](const Run& r) {
+      CHECK(r.err.find('\r') == std::string::npos);
+      CHECK(r.err.find('\033') == std::string::npos);
+    };
+    auto reg = run(c.args({"account", "register"}, {"--agree-tos", "--email", "p@example.com"}));
+    REQUIRE_MESSAGE(reg.code == 0, show(reg));
+    plain(reg);
+    check_in_order(reg.err, {"fetching the CA directory " + dir, "CA directory fetched: " + dir, "account key generated (ec256)",
+                             "registering the account at the CA", "s  account registered: https://"});
+
+    auto shown = run(c.args({"account", "show"}, {"--json"}));
+    REQUIRE_MESSAGE(shown.code == 0, show(shown));
+    CHECK(last_json_line(shown.out).value("status", "") == "found");
+    CHECK(shown.out.find("\"progress\"") == std::string::npos);
+    CHECK(progress_steps(shown.err) == std::vector<std::string>{"directory:wait", "directory", "account:wait", "account"});
+
+    auto upd = run(c.args({"account", "update"}, {"--email", "q@example.com"}));
+    REQUIRE_MESSAGE(upd.code == 0, show(upd));
+    plain(upd);
+    check_in_order(upd.err, {"CA directory fetched: ", "updating the account contact to mailto:q@example.com",
+                             "account contact updated: "});
+
+    auto roll = run(c.args({"account", "rollover"}, {"--json"}));
+    REQUIRE_MESSAGE(roll.code == 0, show(roll));
+    CHECK(progress_steps(roll.err) == std::vector<std::string>{"directory:wait", "directory", "key", "rollover:wait",
+                                                               "rollover", "account:wait", "account"});
+
+    // revoke, plain and JSON.
+    for (const char* n : {"rv1.cli.test", "rv2.cli.test"}) {
+      auto i = run(c.args({"issue", "-d", n}, {"--http-address", c.http(), "--quiet"}));
+      REQUIRE_MESSAGE(i.code == 0, show(i));
+    }
+    auto rv = run(c.args({"revoke", "rv1.cli.test"}, {"--reason", "superseded"}));
+    REQUIRE_MESSAGE(rv.code == 0, show(rv));
+    plain(rv);
+    check_in_order(rv.err, {"CA directory fetched: " + dir, "ACME account ready: https://",
+                            "asking the CA to revoke rv1.cli.test", "certificate revoked: rv1.cli.test (superseded)"});
+    auto rvj = run(c.args({"revoke", "rv2.cli.test"}, {"--json"}));
+    REQUIRE_MESSAGE(rvj.code == 0, show(rvj));
+    CHECK(last_json_line(rvj.out).value("event", "") == "revoked");
+    CHECK(progress_steps(rvj.err) ==
+          std::vector<std::string>{"directory:wait", "directory", "account", "revoke:wait", "revoke"});
+    for (const auto& line : lines_of(rvj.err)) CHECK(json::parse(line).value("subject", "") == "rv2.cli.test");
+    // A refusal after the wait: the error is printed on a clean line, exit 3.
+    auto again = run(c.args({"revoke", "rv2.cli.test"}));
+    CHECK_MESSAGE(again.code == 3, show(again));
+    check_in_order(again.err, {"asking the CA to revoke rv2.cli.test\n", "autotls: error: "});
+
+    auto quiet = run(c.args({"account", "show"}, {"--quiet"}));
+    CHECK_MESSAGE(quiet.code == 0, show(quiet));
+    CHECK_MESSAGE(quiet.err.empty(), show(quiet));
+
+    auto deact = run(c.args({"account", "deactivate"}));
+    REQUIRE_MESSAGE(deact.code == 0, show(deact));
+    plain(deact);
+    check_in_order(deact.err, {"deactivating the account https://", "account deactivated: https://"});
+  }
+}
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("serve logs each ACME step of each name as a plain line naming it") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    fs::path www = c.dir.path / "www";
+    fs::create_directories(www);
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve"};
+    for (const auto& a : c.common()) argv.push_back(a);
+    for (const auto& a : std::vector<std::string>{"-d", "a.steps.cli.test", "-d", "b.steps.cli.test", "--agree-tos",
+                                                  "--https-address", "127.0.0.1:" + std::to_string(free_port()),
+                                                  "--http-address", c.http(), "--root", www.string(), "--drain", "1",
+                                                  "--admin-address", "off"}) {
+      argv.push_back(a);
+    }
+    pid_t pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
+    auto deadline = std::chrono::steady_clock::now() + 60s;
+    auto out = [&] { return read_file(c.dir.path / "serve.out"); };
+    while (std::chrono::steady_clock::now() < deadline &&
+           !(out().find(" obtained a.steps.cli.test") != std::string::npos &&
+             out().find(" obtained b.steps.cli.test") != std::string::npos)) {
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    int code = wait_exit(pid, 20s);
+    std::string err = read_file(c.dir.path / "serve.err");
+    CHECK_MESSAGE(code == 0, (out() + err));
+    CHECK(err.find('\r') == std::string::npos);
+    for (const std::string n : {"a.steps.cli.test", "b.steps.cli.test"}) {
+      // Issuances may overlap: the lines of one name are in order among themselves.
+      std::string mine;
+      for (const auto& line : lines_of(err)) {
+        if (line.find("  " + n + ": ") != std::string::npos) mine += line + "\n";
+      }
+      check_in_order(mine, {n + ": CA directory fetched: ", n + ": order created for " + n, n + ": " + n + " validated",
+                            n + ": certificate downloaded: "});
+    }
+  }
+}
+
+TEST_SUITE("cli.account") {
+  TEST_CASE("account register on a terminal draws a spinner while the CA is asked and erases it") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    std::string cmd = AUTOTLS_BINARY;
+    for (const auto& a : c.args({"account", "register"}, {"--agree-tos"})) cmd += " '" + a + "'";
+    auto r = run({"-q", "-e", "-c", cmd, "/dev/null"}, {"TERM=xterm"}, 60s, {"/usr/bin/script"});
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK_MESSAGE(r.out.find("\r\033[K") != std::string::npos, show(r));
+    bool framed = false;
+    for (const char* f : {"| registering", "/ registering", "- registering", "\\ registering"}) {
+      framed = framed || r.out.find(f) != std::string::npos;
+    }
+    CHECK_MESSAGE(framed, show(r));
+    // The completed step is a line of its own after the erased spinner, before the result.
+    auto step = r.out.find("s  account registered: https://");
+    auto result = r.out.find("\naccount registered: https://");
+    REQUIRE_MESSAGE(step != std::string::npos, show(r));
+    REQUIRE_MESSAGE(result != std::string::npos, show(r));
+    CHECK(r.out.rfind("\r\033[K", step) != std::string::npos);
+    CHECK(step < result);
   }
 }
