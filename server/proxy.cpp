@@ -12,8 +12,8 @@
 
 namespace autotls::server::detail {
 namespace {
-
 using SteadyClock = std::chrono::steady_clock;
+}  // namespace
 
 // Bridge joins the upstream thread (httplib client: sends the request, receives the response)
 // and the worker (httplib server: writes our response to the client).
@@ -23,30 +23,68 @@ struct Bridge {
   bool headers_ready = false;
   bool done = false;       // upstream exchange over (ok or not)
   bool ok = false;         // send() succeeded: the whole response body was received
-  bool cancelled = false;  // the client side gave up: stop receiving
+  bool cancelled = false;  // the client side gave up, or abort_all: stop receiving
+  bool aborted = false;    // abort_all cut the exchange (the drain deadline passed)
   httplib::Error error = httplib::Error::Success;
   int status = 0;
   httplib::Headers headers;
   std::deque<std::string> chunks;
   std::size_t queued = 0;
   std::thread thread;
-  std::atomic<bool> reader_used{false};  // the request body was (partly) consumed
-  std::unique_ptr<httplib::Client> client;  // used and released by the upstream thread only
+  std::atomic<bool> reader_used{false};    // the request body was (partly) consumed
+  std::atomic<bool> body_complete{false};  // ... and read to its end
+  // client is used by the upstream thread; client_mu guards its lifetime against stop_client()
+  // from other threads (httplib's Client::stop() is the one call safe during a send()).
+  std::mutex client_mu;
+  std::unique_ptr<httplib::Client> client;
+  UpstreamPool* pool = nullptr;  // set by UpstreamPool::enter
   SteadyClock::time_point started = SteadyClock::now();
 
-  void cancel() {
+  Bridge() = default;
+  Bridge(const Bridge&) = delete;
+  Bridge& operator=(const Bridge&) = delete;
+  ~Bridge() {
+    if (pool) pool->leave(this);
+  }
+
+  // stop_client shuts down the upstream socket of a send() in progress, so it fails at once
+  // instead of at its read timeout.
+  void stop_client() {
+    std::lock_guard lock(client_mu);
+    if (client) client->stop();
+  }
+  // cancel tells the upstream thread to stop receiving; abort (abort_all) also shuts its socket
+  // down at once.
+  void cancel(bool abort = false) {
     {
       std::lock_guard lock(mu);
       cancelled = true;
+      if (abort) aborted = true;
     }
     cv.notify_all();
+    if (abort) stop_client();
+  }
+  // finish cancels the exchange and waits for the upstream thread. An exchange that is not over
+  // within 20 ms (an upstream that sends nothing) gets its socket shut down. A stop() that came
+  // before send() had its socket finds nothing to shut down, so it is repeated until the thread
+  // is done (httplib holds the client's lock while it connects: a connect in progress ends at
+  // its connect_timeout at worst). A complete exchange ends at once, so its connection, already
+  // back in the pool or about to be, is never stopped.
+  void finish() {
+    cancel();
+    std::unique_lock lock(mu);
+    while (!cv.wait_for(lock, std::chrono::milliseconds(20), [&] { return done; })) {
+      lock.unlock();
+      stop_client();
+      lock.lock();
+    }
+    lock.unlock();
+    join();
   }
   void join() {
     if (thread.joinable()) thread.join();
   }
 };
-
-}  // namespace
 
 std::unique_ptr<httplib::Client> UpstreamPool::acquire(const ProxySite& site) {
   std::unique_ptr<httplib::Client> cli;
@@ -82,7 +120,33 @@ std::size_t UpstreamPool::idle(const std::string& upstream) const {
   return it == idle_.end() ? 0 : it->second.size();
 }
 
-void proxy(const ProxySite& site, const httplib::Request& req,
+bool UpstreamPool::enter(const std::shared_ptr<Bridge>& b) {
+  std::lock_guard lock(mu_);
+  if (aborting_) return false;
+  active_.emplace(b.get(), b);
+  b->pool = this;
+  return true;
+}
+
+void UpstreamPool::leave(const Bridge* b) {
+  std::lock_guard lock(mu_);
+  active_.erase(b);
+}
+
+void UpstreamPool::abort_all() {
+  std::vector<std::shared_ptr<Bridge>> live;
+  {
+    std::lock_guard lock(mu_);
+    aborting_ = true;
+    for (auto& [raw, weak] : active_) {
+      if (auto b = weak.lock()) live.push_back(std::move(b));
+    }
+  }
+  // Outside mu_: stop() may wait for a connect in progress, and a Bridge dropped here leaves.
+  for (auto& b : live) b->cancel(/*abort=*/true);
+}
+
+bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
            std::size_t max_body, UpstreamPool& pool, Logger& log) {
   auto b = std::make_shared<Bridge>();
@@ -109,7 +173,13 @@ void proxy(const ProxySite& site, const httplib::Request& req,
     (*reader)([](const char*, size_t) { return true; });
     res.status = 413;
     res.set_content("request body too large\n", "text/plain");
-    return;
+    return true;  // httplib skipped the body: the connection is still in step
+  }
+  if (!pool.enter(b)) {
+    // The drain deadline has passed: no new exchange starts (the connection is being cut).
+    res.status = 503;
+    res.set_content("shutting down\n", "text/plain");
+    return false;
   }
   b->client = pool.acquire(site);
   if (reader && (has_length || chunked)) {
@@ -122,6 +192,7 @@ void proxy(const ProxySite& site, const httplib::Request& req,
                                                                  httplib::DataSink& sink) {
       b->reader_used = true;
       bool ok = (*reader)([&](const char* data, size_t n) { return sink.write(data, n); });
+      b->body_complete = ok;
       if (ok && chunked_out) sink.done();
       return ok;
     };
@@ -160,15 +231,21 @@ void proxy(const ProxySite& site, const httplib::Request& req,
   // The pool outlives every exchange: the response's releaser joins this thread.
   b->thread = std::thread([b, up = std::move(up), &pool, upstream = site.upstream]() mutable {
     httplib::Response r;
-    httplib::Error err = httplib::Error::Success;
-    bool ok = b->client->send(up, r, err);
+    httplib::Error err = httplib::Error::Canceled;
+    bool go;
+    {
+      std::lock_guard lock(b->mu);
+      go = !b->cancelled;
+    }
+    bool ok = go && b->client->send(up, r, err);
     // The whole response is in our queue: the connection is free for the next request even
     // before the client has read it all. A failed or cancelled exchange closes it instead.
-    if (ok) {
-      pool.release(upstream, std::move(b->client));
-    } else {
-      b->client.reset();
+    std::unique_ptr<httplib::Client> client;
+    {
+      std::lock_guard lock(b->client_mu);
+      client = std::move(b->client);
     }
+    if (ok) pool.release(upstream, std::move(client));
     {
       std::lock_guard lock(b->mu);
       b->ok = ok;
@@ -178,19 +255,33 @@ void proxy(const ProxySite& site, const httplib::Request& req,
     b->cv.notify_all();
   });
 
+  bool aborted;
   {
     std::unique_lock lock(b->mu);
-    b->cv.wait(lock, [&] { return b->headers_ready || b->done; });
+    b->cv.wait(lock, [&] { return b->headers_ready || b->done || b->aborted; });
+    aborted = b->aborted;
   }
-  if (!b->headers_ready) {
-    b->join();
+  if (aborted || !b->headers_ready) {
+    if (aborted) {
+      b->finish();
+    } else {
+      b->join();
+    }
     // Never connected: the request body is still on the client connection; read it away so
-    // the next request on this keep-alive connection parses from the right place.
-    if (reader && !b->reader_used) (*reader)([](const char*, size_t) { return true; });
+    // the next request on this keep-alive connection parses from the right place. A body the
+    // upstream thread began to stream and did not finish leaves the connection out of step:
+    // it is closed after this answer (its remaining bytes must never parse as a request).
+    bool in_step = true;
+    if (reader && !aborted) {
+      in_step = b->reader_used ? b->body_complete.load()
+                               : (*reader)([](const char*, size_t) { return true; });
+    } else if (reader) {
+      in_step = false;
+    }
     if (res.status == 413) {
       // A chunked body ran past the payload limit inside httplib's reader.
       res.set_content("request body too large\n", "text/plain");
-      return;
+      return false;
     }
     auto elapsed = SteadyClock::now() - b->started;
     auto err = b->error;
@@ -199,9 +290,11 @@ void proxy(const ProxySite& site, const httplib::Request& req,
     res.status = timed_out ? 504 : 502;
     res.set_content(timed_out ? "upstream timed out\n" : "upstream unavailable\n", "text/plain");
     log.log(LogLevel::warn, "server", "upstream request failed",
-            {{"upstream", site.upstream}, {"error", httplib::to_string(err)},
-             {"status", std::to_string(res.status)}});
-    return;
+            {{"upstream", site.upstream},
+             {"error", aborted ? "cut at the drain deadline" : httplib::to_string(err)},
+             {"status", std::to_string(res.status)},
+             {"connection", in_step ? "kept" : "closed"}});
+    return in_step && !aborted;
   }
 
   res.status = b->status;
@@ -223,14 +316,14 @@ void proxy(const ProxySite& site, const httplib::Request& req,
   }
   bool no_body = req.method == "HEAD" || b->status == 204 || b->status == 304 ||
                  (b->status >= 100 && b->status < 200) || (length && *length == 0);
-  auto release = [b](bool) {
-    b->cancel();
-    b->join();
-  };
+  // The upstream thread may be blocked in a read (a client that went away, a drain cut):
+  // finish() shuts its socket down instead of waiting for its read timeout.
+  auto release = [b](bool) { b->finish(); };
   if (no_body) {
     {
       std::unique_lock lock(b->mu);
-      b->cv.wait(lock, [&] { return b->done; });
+      b->cv.wait(lock, [&] { return b->done || b->aborted; });
+      aborted = b->aborted;
     }
     if (length && req.method == "HEAD") res.set_header("Content-Length", std::to_string(*length));
     if (b->status != 204 && b->status != 304 && req.method != "HEAD") {
@@ -239,7 +332,7 @@ void proxy(const ProxySite& site, const httplib::Request& req,
       res.set_header("Content-Type", content_type);
     }
     release(true);
-    return;
+    return !aborted;
   }
   // Pull side: the worker writes chunks as the upstream thread queues them.
   auto pull = [b](httplib::DataSink& sink, bool chunked_out) {
@@ -247,7 +340,8 @@ void proxy(const ProxySite& site, const httplib::Request& req,
       std::string chunk;
       {
         std::unique_lock lock(b->mu);
-        b->cv.wait(lock, [&] { return !b->chunks.empty() || b->done; });
+        b->cv.wait(lock, [&] { return !b->chunks.empty() || b->done || b->aborted; });
+        if (b->aborted) return false;  // cut at the drain deadline: the response stays short
         if (b->chunks.empty()) {
           // Upstream finished: a complete body ends the response, a broken one aborts it.
           // With a Content-Length httplib only asks while bytes are missing: a short body.
@@ -273,6 +367,10 @@ void proxy(const ProxySite& site, const httplib::Request& req,
         content_type, [pull](size_t, httplib::DataSink& sink) { return pull(sink, true); },
         release);
   }
+  // The upstream read the whole request before it answered: the client connection is in step.
+  // A response that breaks off later fails its content provider, and httplib reports the
+  // write as failed, which closes the connection.
+  return true;
 }
 
 }  // namespace autotls::server::detail

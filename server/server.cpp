@@ -88,6 +88,11 @@ void addr_to_text(const sockaddr_storage& ss, std::string& ip, int& port) {
 // by the pre-routing handler, read by the logger after the response is written).
 thread_local SteadyClock::time_point t_request_start{};
 
+// t_close_after is set by a handler that left the connection out of step (a request body not
+// read to its end, a proxy exchange cut at the drain deadline): the response says
+// "Connection: close" and the connection closes once it is written. Reset before each request.
+thread_local bool t_close_after = false;
+
 // Pollable is what an epoll event points at: a listener, the wake-up eventfd, or a connection.
 struct Pollable {
   enum class Kind { listener, wake, connection } kind;
@@ -755,7 +760,12 @@ struct Server::Impl {
               if (r->hsts_include_subdomains) v += "; includeSubDomains";
               res.set_header("Strict-Transport-Security", v);
             }
-            if (draining.load()) res.set_header("Connection", "close");
+            if (draining.load() || t_close_after) {
+              // httplib offered keep-alive before this handler ran; take it back.
+              res.headers.erase("Keep-Alive");
+              res.headers.erase("Connection");
+              res.set_header("Connection", "close");
+            }
           });
       router->set_logger([this, tls](const httplib::Request& req, const httplib::Response& res) {
         on_request_done(req, res, tls);
@@ -892,8 +902,9 @@ struct Server::Impl {
       handle_site(req, res, false, reader);
       return;
     }
-    // Nothing below reads a body: read it away so the connection stays in step.
-    if (reader) (*reader)([](const char*, size_t) { return true; });
+    // Nothing below reads a body: read it away so the connection stays in step (or close it
+    // when that fails).
+    if (reader && !(*reader)([](const char*, size_t) { return true; })) t_close_after = true;
     if (auto token = detail::acme_challenge_token(req.path)) {
       std::optional<std::string> key_auth;
       if (challenges) key_auth = challenges->http01(*token);
@@ -930,7 +941,7 @@ struct Server::Impl {
     // A body nobody reads would be parsed as the next request: read it away (bounded by
     // max_body_bytes and the read timeout) unless the proxy streams it.
     auto discard_body = [&] {
-      if (reader) (*reader)([](const char*, size_t) { return true; });
+      if (reader && !(*reader)([](const char*, size_t) { return true; })) t_close_after = true;
     };
     auto host = detail::host_of(req.get_header_value("Host"));
     if (!host) {
@@ -962,8 +973,10 @@ struct Server::Impl {
         tl_inline->defer = true;
         return;
       }
-      detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, cfg.max_body_bytes,
-                    upstreams, *log);
+      if (!detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, cfg.max_body_bytes,
+                         upstreams, *log)) {
+        t_close_after = true;
+      }
     }
   }
 
@@ -1282,6 +1295,7 @@ struct Server::Impl {
     ConnStream stream(*c, cfg.timeouts.read, cfg.timeouts.write, /*inline_mode=*/true);
     bool close_connection = draining.load() || c->requests + 1 >= cfg.keep_alive_max_requests;
     bool connection_closed = false;
+    t_close_after = false;
     bool ok = router_for(*c).serve(stream, close_connection, connection_closed);
     tl_inline = nullptr;
     if (state.defer) {
@@ -1294,7 +1308,8 @@ struct Server::Impl {
     }
     ++c->requests;
     if (!c->listener->admin) ++requests;
-    c->close_after_write = !ok || connection_closed || close_connection || draining.load();
+    c->close_after_write =
+        !ok || connection_closed || close_connection || t_close_after || draining.load();
     c->phase = Connection::Phase::writing;
     c->deadline = SteadyClock::now() + cfg.timeouts.write;
     return true;
@@ -1632,11 +1647,12 @@ struct Server::Impl {
       bool close_connection =
           draining.load() || c->requests + 1 >= cfg.keep_alive_max_requests;
       bool connection_closed = false;
+      t_close_after = false;
       bool ok = router.serve(stream, close_connection, connection_closed);
       ok = stream.flush() && ok;
       ++c->requests;
       if (!c->listener->admin) ++requests;
-      if (!ok || connection_closed || close_connection || draining.load()) {
+      if (!ok || connection_closed || close_connection || t_close_after || draining.load()) {
         close_socket(*c);
         return;
       }
@@ -1764,6 +1780,9 @@ void Server::shutdown(milliseconds drain) {
     // Admin connections are not waited for; they end with the reactor and workers.
     for (int fd : m.admin_fds) ::shutdown(fd, SHUT_RDWR);
   }
+  // A worker waiting on an upstream would otherwise wait up to the site's read_timeout. Its
+  // client socket is already shut down above, so no answer can reach the client now.
+  m.upstreams.abort_all();
   m.stop_reactor = true;
   m.wake_all();
   for (auto& r : m.reactors) r->thread.join();

@@ -77,8 +77,11 @@ class Server {
 
   // shutdown closes the listening sockets (new connections are refused), closes idle
   // connections, lets requests in flight finish and answer with "Connection: close" until
-  // drain has passed, then shuts down the sockets still open and joins every thread.
-  // A handler blocked in a proxy call returns when its upstream timeout fires. Idempotent.
+  // drain has passed, then shuts down the sockets still open, cuts the proxied requests still
+  // waiting on their upstream (their clients see the connection close, without a response) and
+  // joins every thread: it returns shortly after drain, not after an upstream's read_timeout
+  // (an upstream connect in progress at that moment may still take its connect_timeout).
+  // Idempotent.
   void shutdown(std::chrono::milliseconds drain);
 
   // ready reports whether the server is started and not shutting down (the admin /readyz also
