@@ -2000,6 +2000,7 @@ Status Server::start() {
   }
   m.started = true;
   for (const auto& l : m.listeners) {
+    if (l->fd < 0) continue;  // retired by a reload before start
     m.log->log(LogLevel::info, kLog, "listening",
                {{"listener", l->name}, {"port", std::to_string(l->port)}});
   }
