@@ -2158,6 +2158,9 @@ Result<Server::ReloadReport> Server::reload(ServerConfig config) {
   old.hsts_include_subdomains = config.hsts_include_subdomains;
   old.redirect_to_https = config.redirect_to_https;
   old.redirect_port = config.redirect_port;
+  // Drops this copy's hold on the previous access-log file: its descriptor closes when the
+  // last request using the previous snapshot is done (a rotated file is not kept open).
+  old.access_log = std::move(config.access_log);
   auto join = [](const std::vector<std::string>& v) {
     std::string s;
     for (const auto& f : v) s += (s.empty() ? "" : ",") + f;

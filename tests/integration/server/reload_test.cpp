@@ -407,6 +407,15 @@ TEST_SUITE("server") {
     CHECK(eventually([&] { return line_count(dir.path / "access.log") == 1; }));
     CHECK(line_count(dir.path / "access.log.1") == 2);
     CHECK(read_file(dir.path / "access.log").find("\"host\":\"a.test\"") != std::string::npos);
+    // The rotated file is no longer held open (its space can be freed).
+    auto holds_rotated = [&] {
+      for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
+        std::error_code ec;
+        if (fs::read_symlink(e.path(), ec).filename() == "access.log.1") return true;
+      }
+      return false;
+    };
+    CHECK(eventually([&] { return !holds_rotated(); }));
     // A path that cannot be opened refuses the reload, which changes nothing.
     auto bad = cfg;
     bad.access_log.file = dir.path / "no-such-dir" / "access.log";
