@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <iostream>
 #include <set>
+#include <sstream>
 #include <thread>
 #include <tuple>
 
@@ -178,7 +179,9 @@ Status server_limits(const Options& o, server::ServerConfig& cfg) {
   auto seconds = [&](const char* flag, double v, std::chrono::milliseconds& out) -> Status {
     // At least 10 ms (a deadline below the reactor's 50 ms tick is not meaningful), at most a day.
     if (!(v >= 0.01 && v <= 86'400)) {
-      return bad(std::string(flag) + " must be between 0.01 and 86400 seconds, not " + std::to_string(v));
+      std::ostringstream text;
+      text << flag << " must be between 0.01 and 86400 seconds, not " << v;
+      return bad(text.str());
     }
     out = std::chrono::milliseconds(static_cast<long long>(v * 1000));
     return {};

@@ -1772,6 +1772,20 @@ TEST_SUITE("cli.serve") {
                 {"ticket-rotation", 600}};
       write_file(config, j.dump());
     };
+    // Limits out of range stop the start with one line naming the key.
+    auto bad_start = run({"serve", "--ca", "internal", "--storage", (d.path / "st0").string(), "-d", "x.cli.test",
+                          "--root", www.string(), "--header-timeout", "0"});
+    CHECK(bad_start.code == 2);
+    CHECK_MESSAGE(bad_start.err.find("--header-timeout must be between 0.01 and 86400 seconds, not 0\n") !=
+                      std::string::npos,
+                  show(bad_start));
+    auto bad_rotation = run({"serve", "--ca", "internal", "--storage", (d.path / "st0").string(), "-d", "x.cli.test",
+                             "--root", www.string(), "--ticket-rotation", "7200", "--ticket-lifetime", "3600"});
+    CHECK(bad_rotation.code == 2);
+    CHECK_MESSAGE(bad_rotation.err.find("--ticket-rotation (7200 s) must not exceed --ticket-lifetime (3600 s)") !=
+                      std::string::npos,
+                  show(bad_rotation));
+
     write_config({p1}, 2);
     pid_t pid = spawn({AUTOTLS_BINARY, "serve", "--config", config.string(), "--json", "--verbose"}, d.path / "serve.out",
                       d.path / "serve.err", {});
