@@ -86,6 +86,8 @@ struct AdminConfig {
 // and rotate every rotate_every; a retired key still opens tickets until lifetime has passed,
 // then it is wiped. A ticket whose key is gone, or older than lifetime, gets a full handshake.
 // Stateful session-ID resumption is off (no server-side session cache).
+// A reload (Server::reload) applies a new rotate_every to the running key ring; enabled and
+// lifetime need a restart.
 struct SessionTickets {
   bool enabled = true;
   std::chrono::seconds rotate_every{3'600};
@@ -98,10 +100,13 @@ struct SessionTickets {
 //                       "status":...,"bytes":...,"duration_ms":...,"tls":true}
 //   format "combined": the NCSA combined log format of Apache/nginx.
 // sink receives each line without the trailing newline; it runs on worker threads, MUST be
-// thread-safe and quick. Empty sink: lines go to stderr.
+// thread-safe and quick. Without a sink, lines are appended to file (created 0640 if missing,
+// opened again by every Server::reload, so a reload after a rename - logrotate - writes to a
+// new file at the same path), or go to stderr when file is empty.
 struct AccessLog {
   bool enabled = false;
   std::string format = "json";
+  std::filesystem::path file;
   std::function<void(const std::string&)> sink;
 };
 

@@ -109,7 +109,14 @@ struct Listener : Pollable {
   int port = 0;
   std::string address;    // numeric, as configured
   bool wildcard = false;  // 0.0.0.0 or ::: the local address must be asked per connection
+  Endpoint configured;    // as the config said (port 0 kept): what a reload compares
+  // retired: a reload removed this listener. Its socket is closed at once; its connections
+  // finish the request under way and close. The object lives until the Server goes (its
+  // connections point at it).
+  std::atomic<bool> retired{false};
 };
+
+struct Limits;
 
 struct Reactor;
 
@@ -121,6 +128,9 @@ struct Connection : Pollable {
   int fd = -1;
   const Listener* listener = nullptr;
   Reactor* home = nullptr;  // the reactor whose epoll set watches it; never changes
+  // The timeouts, caps and routers in force when it was accepted (a reload changes them for
+  // connections accepted afterwards only).
+  std::shared_ptr<Limits> lim;
   ossl::SslPtr ssl;
   Phase phase = Phase::header;
   std::string buf;  // received, not yet consumed bytes are buf[pos..]
@@ -316,6 +326,10 @@ struct Reactor {
   SteadyClock::time_point next_expire_scan;
   // Handshakes parked by wait_hello (may hold connections closed since: checked in owned).
   std::vector<Connection*> parked_hellos;
+  // The limits given to new connections, refreshed when Impl::limits_version moves.
+  std::shared_ptr<Limits> lim;
+  std::uint64_t lim_version = 0;
+  std::uint64_t retired_seen = 0;  // Impl::retired_version last swept
   // Filled by workers.
   std::mutex back_mu;
   std::vector<std::unique_ptr<Connection>> back;
@@ -340,6 +354,10 @@ struct InlineRequest {
   bool defer = false;
 };
 thread_local InlineRequest* tl_inline = nullptr;
+
+// tl_conn is the connection whose request this thread (reactor or worker) is running, so the
+// post-routing handler can see that its listener was retired by a reload meanwhile.
+thread_local const Connection* tl_conn = nullptr;
 
 // Static files up to this size are read whole and served by a reactor; larger ones stream on
 // a worker.
@@ -418,6 +436,39 @@ struct Routing {
   }
 };
 
+// Limits is the part of the configuration a connection keeps from accept to close: a reload
+// makes a new one for the connections accepted after it (a connection never sees its deadlines
+// or caps change under it).
+struct Limits {
+  Timeouts timeouts;
+  std::size_t max_header_bytes = 0;
+  std::size_t max_body_bytes = 0;
+  std::size_t keep_alive_max_requests = 0;
+  // httplib's payload limit (max_body_bytes) is a router setting, so each Limits has its own
+  // routers; they are configured once, before any connection can use them.
+  Router https_router;
+  Router http_router;
+
+  bool same(const ServerConfig& c) const {
+    return timeouts.handshake == c.timeouts.handshake && timeouts.header == c.timeouts.header &&
+           timeouts.read == c.timeouts.read && timeouts.write == c.timeouts.write &&
+           timeouts.idle == c.timeouts.idle && max_header_bytes == c.max_header_bytes &&
+           max_body_bytes == c.max_body_bytes &&
+           keep_alive_max_requests == c.keep_alive_max_requests;
+  }
+};
+
+// Worker is one thread of the worker pool; done is set as its last act, so a reload can join
+// the threads a smaller pool let go without waiting.
+struct Worker {
+  std::thread thread;
+  std::atomic<bool> done{false};
+};
+
+bool same_endpoint(const Endpoint& a, const Endpoint& b) {
+  return a.address == b.address && a.port == b.port;
+}
+
 }  // namespace
 
 struct Server::Impl {
@@ -431,23 +482,38 @@ struct Server::Impl {
   ossl::SslCtxPtr ssl_ctx;
   mutable std::mutex routing_mu;
   std::shared_ptr<const Routing> routing_ptr;
+  // Every listener ever opened (retired ones too: connections point at them); changed under
+  // listen_mu by the controlling thread, read under it by the reactors.
   std::vector<std::unique_ptr<Listener>> listeners;
-  int https_port = 0;
-  int http_port = 0;
-  int admin_port = 0;
+  std::atomic<int> https_port{0};
+  std::atomic<int> http_port{0};
+  std::atomic<int> admin_port{0};
   std::size_t worker_count = 8;
   std::size_t reactor_count = 1;
+  std::atomic<std::size_t> max_connections{0};
 
   // Routers exist from create() so that their constructor (which also ignores SIGPIPE: OpenSSL
   // writes to sockets with write(2), not send(MSG_NOSIGNAL)) runs before anything is served.
-  Router https_router;
-  Router http_router;
+  // The client routers live in Limits (one pair per reload generation).
   Router admin_router;
+  // The Limits new connections get; replaced by reload (under limits_mu, bumping the version).
+  std::mutex limits_mu;
+  std::shared_ptr<Limits> limits;
+  std::atomic<std::uint64_t> limits_version{1};
+  // Bumped (under listen_mu) each time a reload retires listeners: reactors then close the idle
+  // connections of retired listeners.
+  std::atomic<std::uint64_t> retired_version{0};
+  // Serializes reload against shutdown (both from controlling threads).
+  std::mutex control_mu;
 
   std::vector<std::unique_ptr<Reactor>> reactors;
   // Static roots (canonical path) opened O_PATH once, for open_beneath.
   std::unordered_map<std::string, int> root_fds;
-  std::vector<std::thread> workers;
+  // Worker pool: worker_target is the size asked for, worker_running the threads still in
+  // worker_loop (both under work_mu); a loop over the target leaves.
+  std::vector<std::unique_ptr<Worker>> workers;
+  std::size_t worker_target = 0;
+  std::size_t worker_running = 0;
 
   // Closing the client listeners at the drain and (re)adding them to an epoll set after an
   // accept pause are serialized, so no reactor ever adds a closed (or reused) descriptor.
@@ -489,13 +555,32 @@ struct Server::Impl {
   // --- setup ---------------------------------------------------------------------------------
 
   Status validate_and_resolve() {
+    if (auto st = validate_limits(cfg); !st) return st;
+    unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    worker_count = resolved_workers(cfg);
+    reactor_count = cfg.reactor_threads ? cfg.reactor_threads : cores;
+    max_connections = cfg.max_connections;
+    if (auto st = resolve_routing(cfg); !st) return st;
+    routing_ptr = Routing::from(cfg);
+    return {};
+  }
+
+  static std::size_t resolved_workers(const ServerConfig& c) {
+    unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    return c.worker_threads ? c.worker_threads : std::max<std::size_t>(8, 2 * cores);
+  }
+
+  // validate_limits checks what create and reload both refuse: listeners, timeouts, caps,
+  // tickets.
+  static Status validate_limits(const ServerConfig& cfg) {
     // An http-only server (the CLI's standalone http-01 responder) is allowed; with no listener
     // at all there is nothing to serve.
     if (cfg.https.empty() && cfg.http.empty()) {
       return fail(Errc::invalid_input, "server config: no https or http listener");
     }
-    std::vector<Endpoint> admin_list;
-    if (cfg.admin.endpoint) admin_list.push_back(*cfg.admin.endpoint);
+    std::vector<Endpoint> admin_eps;
+    if (cfg.admin.endpoint) admin_eps.push_back(*cfg.admin.endpoint);
+    const auto& admin_list = admin_eps;
     for (const auto* list : {&cfg.https, &cfg.http, &admin_list}) {
       for (const auto& ep : *list) {
         if (ep.port < 0 || ep.port > 65535) {
@@ -516,16 +601,11 @@ struct Server::Impl {
                   "server config: max_connections, keep_alive_max_requests and backlog must be "
                   "positive, max_header_bytes at least 256");
     }
-    unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-    worker_count = cfg.worker_threads ? cfg.worker_threads : std::max<std::size_t>(8, 2 * cores);
-    reactor_count = cfg.reactor_threads ? cfg.reactor_threads : cores;
     if (cfg.tickets.enabled &&
         (cfg.tickets.rotate_every.count() <= 0 || cfg.tickets.lifetime.count() <= 0)) {
       return fail(Errc::invalid_input,
                   "server config: tickets.rotate_every and tickets.lifetime must be positive");
     }
-    if (auto st = resolve_routing(cfg); !st) return st;
-    routing_ptr = Routing::from(cfg);
     return {};
   }
 
@@ -539,6 +619,24 @@ struct Server::Impl {
         cfg.access_log.format != "combined") {
       return fail(Errc::invalid_input, "server config: access log format '" +
                                            cfg.access_log.format + "' (json or combined)");
+    }
+    if (cfg.access_log.enabled && !cfg.access_log.file.empty() && !cfg.access_log.sink) {
+      // Opened here, on every create and reload: a reload after logrotate renamed the file
+      // writes to a new one at the same path. Lines are appended with one write(2) each.
+      int fd = ::open(cfg.access_log.file.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC,
+                      0640);
+      if (fd < 0) {
+        return fail(Errc::io, "server config: access log " + cfg.access_log.file.string() + ": " +
+                                  errno_text(errno));
+      }
+      auto file = std::shared_ptr<int>(new int(fd), [](int* p) {
+        ::close(*p);
+        delete p;
+      });
+      cfg.access_log.sink = [file](const std::string& line) {
+        std::string out = line + '\n';
+        [[maybe_unused]] auto n = ::write(*file, out.data(), out.size());
+      };
     }
     std::map<std::string, Site> sites;
     for (auto& [name, site] : cfg.sites) {
@@ -586,11 +684,12 @@ struct Server::Impl {
     return {};
   }
 
-  Result<std::unique_ptr<Listener>> bind_listener(const Endpoint& ep, bool tls,
-                                                  bool admin = false) {
+  Result<std::unique_ptr<Listener>> bind_listener(const Endpoint& ep, bool tls, bool admin,
+                                                  int backlog) {
     auto l = std::make_unique<Listener>();
     l->tls = tls;
     l->admin = admin;
+    l->configured = ep;
     l->name = std::string(admin ? "admin" : tls ? "https" : "http") + " listener " +
               detail::format_endpoint(ep.address, ep.port);
     addrinfo hints{};
@@ -609,7 +708,7 @@ struct Server::Impl {
     ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     // So that "0.0.0.0:443" and "[::]:443" can both be bound, as the defaults do.
     if (res->ai_family == AF_INET6) ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
-    if (::bind(fd, res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd, cfg.backlog) != 0) {
+    if (::bind(fd, res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd, backlog) != 0) {
       int err = errno;
       ::close(fd);
       return fail(Errc::io, l->name + ": " + errno_text(err));
@@ -681,26 +780,46 @@ struct Server::Impl {
     if (cfg.default_site) add(*cfg.default_site);
   }
 
+  // make_limits builds the Limits (and its client routers) for c.
+  std::shared_ptr<Limits> make_limits(const ServerConfig& c) {
+    auto lim = std::make_shared<Limits>();
+    lim->timeouts = c.timeouts;
+    lim->max_header_bytes = c.max_header_bytes;
+    lim->max_body_bytes = c.max_body_bytes;
+    lim->keep_alive_max_requests = c.keep_alive_max_requests;
+    setup_client_routes(*lim);
+    return lim;
+  }
+
   void setup_routes() {
-    auto site_handler = [this](bool tls) {
-      return [this, tls](const httplib::Request& req, httplib::Response& res) {
-        handle_site(req, res, tls, nullptr);
+    limits = make_limits(cfg);
+    setup_admin_routes();
+  }
+
+  void setup_client_routes(Limits& lim) {
+    Router& https_router = lim.https_router;
+    Router& http_router = lim.http_router;
+    const std::size_t max_body = lim.max_body_bytes;
+    auto site_handler = [this, max_body](bool tls) {
+      return [this, tls, max_body](const httplib::Request& req, httplib::Response& res) {
+        handle_site(req, res, tls, nullptr, max_body);
       };
     };
     // Methods with a body get it through a ContentReader: a proxied body is streamed to the
     // upstream instead of being read whole into req.body first.
-    auto body_handler = [this](bool tls) {
-      return [this, tls](const httplib::Request& req, httplib::Response& res,
-                         const httplib::ContentReader& reader) {
-        handle_site(req, res, tls, &reader);
+    auto body_handler = [this, max_body](bool tls) {
+      return [this, tls, max_body](const httplib::Request& req, httplib::Response& res,
+                                   const httplib::ContentReader& reader) {
+        handle_site(req, res, tls, &reader, max_body);
       };
     };
-    auto http_handler = [this](const httplib::Request& req, httplib::Response& res) {
-      handle_http(req, res, nullptr);
+    auto http_handler = [this, max_body](const httplib::Request& req, httplib::Response& res) {
+      handle_http(req, res, nullptr, max_body);
     };
-    auto http_body_handler = [this](const httplib::Request& req, httplib::Response& res,
-                                    const httplib::ContentReader& reader) {
-      handle_http(req, res, &reader);
+    auto http_body_handler = [this, max_body](const httplib::Request& req,
+                                              httplib::Response& res,
+                                              const httplib::ContentReader& reader) {
+      handle_http(req, res, &reader, max_body);
     };
     const std::string all = ".*";
     https_router.Get(all, site_handler(true))
@@ -732,25 +851,24 @@ struct Server::Impl {
     // Each also marks the request's start for the latency histogram (one pre-routing handler
     // per server: this is it).
     https_router.set_pre_routing_handler(
-        [this, routed](const httplib::Request& req, httplib::Response& res) {
+        [this, routed, max_body](const httplib::Request& req, httplib::Response& res) {
           t_request_start = SteadyClock::now();
           if (!routed(req)) return HR::Unhandled;
-          handle_site(req, res, true, nullptr);
+          handle_site(req, res, true, nullptr, max_body);
           return HR::Handled;
         });
     http_router.set_pre_routing_handler(
-        [this, routed](const httplib::Request& req, httplib::Response& res) {
+        [this, routed, max_body](const httplib::Request& req, httplib::Response& res) {
           t_request_start = SteadyClock::now();
           if (!routed(req)) return HR::Unhandled;
-          handle_http(req, res, nullptr);
+          handle_http(req, res, nullptr, max_body);
           return HR::Handled;
         });
-    setup_admin_routes();
     for (auto [router, tls] : {std::pair{&https_router, true}, std::pair{&http_router, false}}) {
-      router->set_payload_max_length(cfg.max_body_bytes);
-      router->set_keep_alive_max_count(cfg.keep_alive_max_requests);
+      router->set_payload_max_length(lim.max_body_bytes);
+      router->set_keep_alive_max_count(lim.keep_alive_max_requests);
       router->set_keep_alive_timeout(
-          std::max<time_t>(1, std::chrono::duration_cast<std::chrono::seconds>(cfg.timeouts.idle)
+          std::max<time_t>(1, std::chrono::duration_cast<std::chrono::seconds>(lim.timeouts.idle)
                                   .count()));
       router->set_post_routing_handler(
           [this, tls](const httplib::Request&, httplib::Response& res) {
@@ -760,7 +878,8 @@ struct Server::Impl {
               if (r->hsts_include_subdomains) v += "; includeSubDomains";
               res.set_header("Strict-Transport-Security", v);
             }
-            if (draining.load() || t_close_after) {
+            if (draining.load() || t_close_after ||
+                (tl_conn && tl_conn->listener->retired.load())) {
               // httplib offered keep-alive before this handler ran; take it back.
               res.headers.erase("Keep-Alive");
               res.headers.erase("Connection");
@@ -896,10 +1015,10 @@ struct Server::Impl {
   // --- request handlers (worker threads) ------------------------------------------------------
 
   void handle_http(const httplib::Request& req, httplib::Response& res,
-                   const httplib::ContentReader* reader) {
+                   const httplib::ContentReader* reader, std::size_t max_body) {
     auto r = routing();
     if (!r->redirect_to_https && !detail::acme_challenge_token(req.path)) {
-      handle_site(req, res, false, reader);
+      handle_site(req, res, false, reader, max_body);
       return;
     }
     // Nothing below reads a body: read it away so the connection stays in step (or close it
@@ -924,7 +1043,7 @@ struct Server::Impl {
       res.set_content("missing or bad Host header\n", "text/plain");
       return;
     }
-    int port = r->redirect_port ? r->redirect_port : https_port;
+    int port = r->redirect_port ? r->redirect_port : https_port.load();
     if (port == 0) {
       // No https listener to send the client to (an http-only responder).
       res.status = 404;
@@ -937,7 +1056,7 @@ struct Server::Impl {
   }
 
   void handle_site(const httplib::Request& req, httplib::Response& res, bool tls,
-                   const httplib::ContentReader* reader) {
+                   const httplib::ContentReader* reader, std::size_t max_body) {
     // A body nobody reads would be parsed as the next request: read it away (bounded by
     // max_body_bytes and the read timeout) unless the proxy streams it.
     auto discard_body = [&] {
@@ -973,7 +1092,7 @@ struct Server::Impl {
         tl_inline->defer = true;
         return;
       }
-      if (!detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, cfg.max_body_bytes,
+      if (!detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, max_body,
                          upstreams, *log)) {
         t_close_after = true;
       }
@@ -1128,7 +1247,7 @@ struct Server::Impl {
   bool register_open(int fd, bool admin) {
     std::lock_guard lock(open_mu);
     auto& set = admin ? admin_fds : open_fds;
-    if (set.size() >= (admin ? kMaxAdminConnections : cfg.max_connections)) return false;
+    if (set.size() >= (admin ? kMaxAdminConnections : max_connections.load())) return false;
     set.insert(fd);
     return true;
   }
@@ -1278,12 +1397,30 @@ struct Server::Impl {
     c.phase = Connection::Phase::header;
     c.header_started = !c.unread().empty();
     c.keep_alive_wait = true;
-    c.deadline =
-        SteadyClock::now() + (c.header_started ? cfg.timeouts.header : cfg.timeouts.idle);
+    c.deadline = SteadyClock::now() +
+                 (c.header_started ? c.lim->timeouts.header : c.lim->timeouts.idle);
   }
 
   Router& router_for(const Connection& c) {
-    return c.listener->admin ? admin_router : c.listener->tls ? https_router : http_router;
+    return c.listener->admin ? admin_router
+           : c.listener->tls ? c.lim->https_router
+                             : c.lim->http_router;
+  }
+
+  // closing: the connection ends after the request under way (drain, or its listener was
+  // removed by a reload).
+  bool closing(const Connection& c) const {
+    return draining.load() || c.listener->retired.load(std::memory_order_relaxed);
+  }
+
+  // current_limits is the Limits for a connection this reactor accepts now.
+  const std::shared_ptr<Limits>& current_limits(Reactor& r) {
+    if (limits_version.load(std::memory_order_acquire) != r.lim_version) {
+      std::lock_guard lock(limits_mu);
+      r.lim = limits;
+      r.lim_version = limits_version.load();
+    }
+    return r.lim;
   }
 
   // serve_inline runs the request at c->unread() (complete, body included) on the reactor.
@@ -1292,11 +1429,13 @@ struct Server::Impl {
     std::size_t start = c->pos;
     InlineRequest state;
     tl_inline = &state;
-    ConnStream stream(*c, cfg.timeouts.read, cfg.timeouts.write, /*inline_mode=*/true);
-    bool close_connection = draining.load() || c->requests + 1 >= cfg.keep_alive_max_requests;
+    ConnStream stream(*c, c->lim->timeouts.read, c->lim->timeouts.write, /*inline_mode=*/true);
+    bool close_connection = closing(*c) || c->requests + 1 >= c->lim->keep_alive_max_requests;
     bool connection_closed = false;
     t_close_after = false;
+    tl_conn = c;
     bool ok = router_for(*c).serve(stream, close_connection, connection_closed);
+    tl_conn = nullptr;
     tl_inline = nullptr;
     if (state.defer) {
       c->pos = start;
@@ -1309,9 +1448,9 @@ struct Server::Impl {
     ++c->requests;
     if (!c->listener->admin) ++requests;
     c->close_after_write =
-        !ok || connection_closed || close_connection || t_close_after || draining.load();
+        !ok || connection_closed || close_connection || t_close_after || closing(*c);
     c->phase = Connection::Phase::writing;
-    c->deadline = SteadyClock::now() + cfg.timeouts.write;
+    c->deadline = SteadyClock::now() + c->lim->timeouts.write;
     return true;
   }
 
@@ -1332,7 +1471,7 @@ struct Server::Impl {
           break;
       }
       c->phase = Connection::Phase::header;
-      c->deadline = SteadyClock::now() + cfg.timeouts.header;
+      c->deadline = SteadyClock::now() + c->lim->timeouts.header;
     }
     for (;;) {
       if (c->phase == Connection::Phase::writing) {
@@ -1349,7 +1488,7 @@ struct Server::Impl {
         }
         // A drain that began while the response was going out ends the connection too (the
         // reactor's sweep of idle connections at the drain's start has passed it by).
-        if (c->close_after_write || draining.load()) return reactor_close(c);
+        if (c->close_after_write || closing(*c)) return reactor_close(c);
         next_request(*c);
       }
       // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line.
@@ -1369,7 +1508,7 @@ struct Server::Impl {
         if (!serve_inline(c)) return;
         continue;  // write the response
       }
-      if (c->unread().size() > cfg.max_header_bytes) {
+      if (c->unread().size() > c->lim->max_header_bytes) {
         ++header_too_large;
         return reply_and_close(c,
                                "HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -1398,7 +1537,7 @@ struct Server::Impl {
       if (!c->header_started) {
         c->header_started = true;
         // A kept-alive connection was on its idle deadline; its request gets the header one.
-        if (c->keep_alive_wait) c->deadline = SteadyClock::now() + cfg.timeouts.header;
+        if (c->keep_alive_wait) c->deadline = SteadyClock::now() + c->lim->timeouts.header;
       }
       c->buf.append(tmp, static_cast<size_t>(n));
     }
@@ -1460,6 +1599,7 @@ struct Server::Impl {
       c->fd = fd;
       c->listener = &l;
       c->home = &r;
+      c->lim = current_limits(r);
       int one = 1;
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       addr_to_text(ss, c->remote_ip, c->remote_port);
@@ -1483,10 +1623,10 @@ struct Server::Impl {
         }
         SSL_set_accept_state(c->ssl.get());
         c->phase = Connection::Phase::handshake;
-        c->deadline = now + cfg.timeouts.handshake;
+        c->deadline = now + c->lim->timeouts.handshake;
       } else {
         c->phase = Connection::Phase::header;
-        c->deadline = now + cfg.timeouts.header;
+        c->deadline = now + c->lim->timeouts.header;
       }
       Connection* raw = c.get();
       r.owned.emplace(raw, std::move(c));
@@ -1584,8 +1724,8 @@ struct Server::Impl {
       for (auto& c : returned) {
         Connection* raw = c.get();
         r.owned.emplace(raw, std::move(c));
-        if (draining.load() && !raw->header_started && !raw->listener->admin) {
-          reactor_close(raw);  // came back after the drain's sweep of idle connections
+        if (closing(*raw) && !raw->header_started && !raw->listener->admin) {
+          reactor_close(raw);  // came back after the drain's (or a retirement's) sweep
           continue;
         }
         // Bytes may already wait inside OpenSSL or our buffer, where epoll cannot see them.
@@ -1608,6 +1748,16 @@ struct Server::Impl {
         }
         for (Connection* c : idle) reactor_close(c);
       }
+      if (auto v = retired_version.load(); v != r.retired_seen) {
+        r.retired_seen = v;
+        // A reload removed listeners: their connections with no request under way close now,
+        // the others after their response (closing()).
+        std::vector<Connection*> idle;
+        for (auto& [raw, c] : r.owned) {
+          if (!c->header_started && c->listener->retired.load()) idle.push_back(raw);
+        }
+        for (Connection* c : idle) reactor_close(c);
+      }
       // Deadlines are checked every 50 ms, not after every batch of events: under load a batch
       // is a handful of events and the scan would cost more than they do.
       if (now >= r.next_expire_scan) {
@@ -1624,6 +1774,123 @@ struct Server::Impl {
     r.owned.clear();
   }
 
+  // --- reload ---------------------------------------------------------------------------------
+
+  // resize_workers makes the pool n threads: missing ones start at once, extra ones leave when
+  // next idle (a request in flight finishes first). Threads that have left are joined here.
+  void resize_workers(std::size_t n) {
+    std::size_t more = 0;
+    {
+      std::lock_guard lock(work_mu);
+      worker_target = n;
+      if (worker_running < n) {
+        more = n - worker_running;
+        worker_running = n;
+      }
+    }
+    work_cv.notify_all();
+    std::erase_if(workers, [](const std::unique_ptr<Worker>& w) {
+      if (!w->done.load()) return false;
+      w->thread.join();
+      return true;
+    });
+    for (std::size_t i = 0; i < more; ++i) {
+      auto w = std::make_unique<Worker>();
+      Worker* raw = w.get();
+      w->thread = std::thread([this, raw] {
+        worker_loop();
+        raw->done = true;
+      });
+      workers.push_back(std::move(w));
+    }
+  }
+
+  // reload_listeners makes the open listeners of one kind (https, http or admin) those of
+  // want. A listener whose configured endpoint is still wanted is kept as it is (never closed
+  // or rebound, its connections untouched); new endpoints are bound; the others are retired:
+  // closed at once, their connections closed once idle. All or nothing: when a new endpoint
+  // cannot be bound, those bound so far are closed again, nothing changes and the bind error
+  // is returned. Controlling thread only.
+  Status reload_listeners(const std::vector<Endpoint>& want, bool tls, bool admin,
+                          int backlog) {
+    std::vector<Listener*> current;
+    for (auto& l : listeners) {
+      if (l->tls == tls && l->admin == admin && !l->retired.load() && l->fd >= 0) {
+        current.push_back(l.get());
+      }
+    }
+    auto wanted = [&](const Endpoint& ep) {
+      return std::any_of(want.begin(), want.end(),
+                         [&](const Endpoint& w) { return same_endpoint(w, ep); });
+    };
+    std::vector<std::unique_ptr<Listener>> added;
+    for (const auto& ep : want) {
+      bool have = std::any_of(current.begin(), current.end(),
+                              [&](const Listener* l) { return same_endpoint(l->configured, ep); });
+      if (have) continue;
+      auto l = bind_listener(ep, tls, admin, backlog);
+      if (!l) {
+        for (auto& a : added) ::close(a->fd.exchange(-1));
+        return fail(l.error());
+      }
+      added.push_back(std::move(*l));
+    }
+    std::vector<Listener*> removed;
+    for (Listener* l : current) {
+      if (!wanted(l->configured)) removed.push_back(l);
+    }
+    if (added.empty() && removed.empty()) return {};
+    {
+      std::lock_guard lock(listen_mu);
+      for (Listener* l : removed) {
+        l->retired = true;
+        int fd = l->fd.exchange(-1);
+        // Out of every epoll set before the close: a copy of the descriptor (a hook's fork
+        // before its exec) would otherwise keep the registration alive.
+        for (auto& r : reactors) ::epoll_ctl(r->epoll_fd, EPOLL_CTL_DEL, fd, nullptr);
+        ::close(fd);
+        log->log(LogLevel::info, kLog, "listener closed", {{"listener", l->name}});
+      }
+      for (auto& a : added) {
+        for (auto& r : reactors) {
+          epoll_event ev{};
+          ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+          ev.data.ptr = static_cast<Pollable*>(a.get());
+          ::epoll_ctl(r->epoll_fd, EPOLL_CTL_ADD, a->fd, &ev);
+        }
+        if (started.load()) {
+          log->log(LogLevel::info, kLog, "listening",
+                   {{"listener", a->name}, {"port", std::to_string(a->port)}});
+        }
+        listeners.push_back(std::move(a));
+      }
+      if (!removed.empty()) retired_version.fetch_add(1);
+    }
+    wake_all();  // the reactors sweep the idle connections of retired listeners now
+    return {};
+  }
+
+  // refresh_ports recomputes https_port / http_port / admin_port: the port of the listener of
+  // the first configured endpoint of each kind.
+  void refresh_ports() {
+    auto port_of = [&](const std::vector<Endpoint>& eps, bool tls, bool admin) {
+      for (const auto& ep : eps) {
+        for (auto& l : listeners) {
+          if (l->tls == tls && l->admin == admin && !l->retired.load() &&
+              same_endpoint(l->configured, ep)) {
+            return l->port;
+          }
+        }
+      }
+      return 0;
+    };
+    https_port = port_of(cfg.https, true, false);
+    http_port = port_of(cfg.http, false, false);
+    std::vector<Endpoint> admin_eps;
+    if (cfg.admin.endpoint) admin_eps.push_back(*cfg.admin.endpoint);
+    admin_port = port_of(admin_eps, false, true);
+  }
+
   // --- workers -------------------------------------------------------------------------------
 
   void worker_loop() {
@@ -1631,8 +1898,13 @@ struct Server::Impl {
       std::unique_ptr<Connection> c;
       {
         std::unique_lock lock(work_mu);
-        work_cv.wait(lock, [&] { return work_stop || !work.empty(); });
-        if (work.empty()) return;
+        work_cv.wait(lock, [&] {
+          return work_stop || !work.empty() || worker_running > worker_target;
+        });
+        if (work.empty() || worker_running > worker_target) {
+          --worker_running;  // stopping, or a reload made the pool smaller
+          return;
+        }
         c = std::move(work.front());
         work.pop_front();
       }
@@ -1642,17 +1914,19 @@ struct Server::Impl {
 
   void serve(std::unique_ptr<Connection> c) {
     Router& router = router_for(*c);
-    ConnStream stream(*c, cfg.timeouts.read, cfg.timeouts.write);
+    ConnStream stream(*c, c->lim->timeouts.read, c->lim->timeouts.write);
     for (;;) {
       bool close_connection =
-          draining.load() || c->requests + 1 >= cfg.keep_alive_max_requests;
+          closing(*c) || c->requests + 1 >= c->lim->keep_alive_max_requests;
       bool connection_closed = false;
       t_close_after = false;
+      tl_conn = c.get();
       bool ok = router.serve(stream, close_connection, connection_closed);
+      tl_conn = nullptr;
       ok = stream.flush() && ok;
       ++c->requests;
       if (!c->listener->admin) ++requests;
-      if (!ok || connection_closed || close_connection || t_close_after || draining.load()) {
+      if (!ok || connection_closed || close_connection || t_close_after || closing(*c)) {
         close_socket(*c);
         return;
       }
@@ -1693,19 +1967,19 @@ Result<std::unique_ptr<Server>> Server::create(ServerConfig config,
   if (auto st = impl->validate_and_resolve(); !st) return fail(st.error());
   if (auto st = impl->build_tls(); !st) return fail(st.error());
   for (const auto& ep : impl->cfg.https) {
-    auto l = impl->bind_listener(ep, true);
+    auto l = impl->bind_listener(ep, true, false, impl->cfg.backlog);
     if (!l) return fail(l.error());
     if (impl->https_port == 0) impl->https_port = (*l)->port;
     impl->listeners.push_back(std::move(*l));
   }
   for (const auto& ep : impl->cfg.http) {
-    auto l = impl->bind_listener(ep, false);
+    auto l = impl->bind_listener(ep, false, false, impl->cfg.backlog);
     if (!l) return fail(l.error());
     if (impl->http_port == 0) impl->http_port = (*l)->port;
     impl->listeners.push_back(std::move(*l));
   }
   if (impl->cfg.admin.endpoint) {
-    auto l = impl->bind_listener(*impl->cfg.admin.endpoint, false, true);
+    auto l = impl->bind_listener(*impl->cfg.admin.endpoint, false, true, impl->cfg.backlog);
     if (!l) return fail(l.error());
     impl->admin_port = (*l)->port;
     impl->listeners.push_back(std::move(*l));
@@ -1735,14 +2009,13 @@ Status Server::start() {
     m.watch_listeners(*r);
     m.reactors.push_back(std::move(r));
   }
-  for (std::size_t i = 0; i < m.worker_count; ++i) {
-    m.workers.emplace_back([&m] { m.worker_loop(); });
-  }
+  m.resize_workers(m.worker_count);
   for (auto& r : m.reactors) {
     r->thread = std::thread([&m, rp = r.get()] { m.reactor_loop(*rp); });
   }
   m.started = true;
   for (const auto& l : m.listeners) {
+    if (l->fd < 0) continue;  // retired by a reload before start
     m.log->log(LogLevel::info, kLog, "listening",
                {{"listener", l->name}, {"port", std::to_string(l->port)}});
   }
@@ -1757,6 +2030,7 @@ bool Server::ready() const { return impl_->started.load() && !impl_->draining.lo
 
 void Server::shutdown(milliseconds drain) {
   Impl& m = *impl_;
+  std::lock_guard control(m.control_mu);
   if (m.shut_down) return;
   m.shut_down = true;
   if (!m.started.load()) {
@@ -1792,7 +2066,7 @@ void Server::shutdown(milliseconds drain) {
     m.work_stop = true;
   }
   m.work_cv.notify_all();
-  for (auto& w : m.workers) w.join();
+  for (auto& w : m.workers) w->thread.join();
   m.workers.clear();
   // A worker that looked at `draining` just before it was set may have handed a connection
   // back after the reactor left.
@@ -1807,53 +2081,113 @@ void Server::shutdown(milliseconds drain) {
 
 Result<Server::ReloadReport> Server::reload(ServerConfig config) {
   Impl& m = *impl_;
+  std::lock_guard control(m.control_mu);
+  if (m.shut_down || m.draining.load()) {
+    return fail(Errc::invalid_input, "server: reload during shutdown");
+  }
+  // Everything is checked before anything changes: an invalid config changes nothing.
+  if (auto st = Impl::validate_limits(config); !st) return fail(st.error());
   if (auto st = Impl::resolve_routing(config); !st) return fail(st.error());
   ReloadReport report;
-  const ServerConfig& old = m.cfg;
-  auto same_endpoints = [](const std::vector<Endpoint>& a, const std::vector<Endpoint>& b) {
-    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](auto& x, auto& y) {
-             return x.address == y.address && x.port == y.port;
-           });
+  ServerConfig& old = m.cfg;
+
+  // Listeners, per kind, all or nothing: a kind whose new listener cannot be bound keeps its
+  // old listeners (and is compared against them again at the next reload).
+  const int backlog_for_new = config.backlog;
+  auto apply = [&](std::vector<Endpoint>& current, const std::vector<Endpoint>& want, bool tls,
+                   bool admin, const char* field) {
+    auto st = m.reload_listeners(want, tls, admin, backlog_for_new);
+    if (st) {
+      current = want;
+      return;
+    }
+    report.failed.push_back(st.error().message);
+    m.log->log(LogLevel::error, kLog, "listener not changed",
+               {{"field", field}, {"error", st.error().message}});
   };
-  auto same_ms = [](milliseconds a, milliseconds b) { return a == b; };
-  if (!same_endpoints(old.https, config.https)) report.not_applied.push_back("https");
-  if (!same_endpoints(old.http, config.http)) report.not_applied.push_back("http");
-  bool admin_same = old.admin.endpoint.has_value() == config.admin.endpoint.has_value() &&
-                    (!old.admin.endpoint ||
-                     (old.admin.endpoint->address == config.admin.endpoint->address &&
-                      old.admin.endpoint->port == config.admin.endpoint->port));
-  if (!admin_same) report.not_applied.push_back("admin");
-  const auto &a = old.timeouts, &b = config.timeouts;
-  if (!same_ms(a.handshake, b.handshake) || !same_ms(a.header, b.header) ||
-      !same_ms(a.read, b.read) || !same_ms(a.write, b.write) || !same_ms(a.idle, b.idle)) {
-    report.not_applied.push_back("timeouts");
+  apply(old.https, config.https, true, false, "https");
+  apply(old.http, config.http, false, false, "http");
+  {
+    std::vector<Endpoint> cur, want;
+    if (old.admin.endpoint) cur.push_back(*old.admin.endpoint);
+    if (config.admin.endpoint) want.push_back(*config.admin.endpoint);
+    apply(cur, want, false, true, "admin");
+    old.admin.endpoint = cur.empty() ? std::nullopt : std::optional<Endpoint>(cur.front());
   }
-  if (old.max_connections != config.max_connections) report.not_applied.push_back("max_connections");
-  if (old.max_header_bytes != config.max_header_bytes) report.not_applied.push_back("max_header_bytes");
-  if (old.max_body_bytes != config.max_body_bytes) report.not_applied.push_back("max_body_bytes");
-  if (old.keep_alive_max_requests != config.keep_alive_max_requests) {
-    report.not_applied.push_back("keep_alive_max_requests");
+  if (old.backlog != config.backlog) {
+    // listen(2) again on a listening socket only changes its queue length (Linux).
+    std::lock_guard lock(m.listen_mu);
+    for (auto& l : m.listeners) {
+      if (l->fd >= 0) ::listen(l->fd, config.backlog);
+    }
+    old.backlog = config.backlog;
   }
-  if (old.worker_threads != config.worker_threads) report.not_applied.push_back("worker_threads");
-  if (old.backlog != config.backlog) report.not_applied.push_back("backlog");
+  m.refresh_ports();
+
+  // Timeouts and caps: connections accepted from now on get the new Limits.
+  if (!m.limits->same(config)) {
+    auto next = m.make_limits(config);
+    std::lock_guard lock(m.limits_mu);
+    m.limits = std::move(next);
+    m.limits_version.fetch_add(1, std::memory_order_release);
+  }
+  old.timeouts = config.timeouts;
+  old.max_header_bytes = config.max_header_bytes;
+  old.max_body_bytes = config.max_body_bytes;
+  old.keep_alive_max_requests = config.keep_alive_max_requests;
+  old.max_connections = config.max_connections;
+  m.max_connections = config.max_connections;
+
+  if (std::size_t n = Impl::resolved_workers(config); n != m.worker_count) {
+    m.worker_count = n;
+    if (m.started.load()) m.resize_workers(n);
+  }
+  old.worker_threads = config.worker_threads;
+
+  unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  std::size_t reactors = config.reactor_threads ? config.reactor_threads : cores;
+  if (reactors != m.reactor_count) {
+    // A connection stays on the reactor that accepted it for its whole life: moving them to a
+    // new set of epoll loops is not worth it for a setting changed this rarely.
+    report.not_applied.push_back("reactor_threads");
+    m.log->log(LogLevel::warn, kLog, "reactor_threads change needs a restart to take effect",
+               {{"running", std::to_string(m.reactor_count)},
+                {"configured", std::to_string(reactors)}});
+  }
   if (old.alpn_protocols != config.alpn_protocols) report.not_applied.push_back("alpn_protocols");
   if (old.tickets.enabled != config.tickets.enabled ||
-      old.tickets.rotate_every != config.tickets.rotate_every ||
       old.tickets.lifetime != config.tickets.lifetime) {
+    // The lifetime is the SSL_CTX's session timeout, and the SSL_CTX is never changed live.
     report.not_applied.push_back("tickets");
+  } else if (m.tickets && old.tickets.rotate_every != config.tickets.rotate_every) {
+    m.tickets->set_rotate_every(config.tickets.rotate_every);
+    old.tickets.rotate_every = config.tickets.rotate_every;
   }
+
   auto next = Routing::from(config);
   {
     std::lock_guard lock(m.routing_mu);
     m.routing_ptr = std::move(next);
   }
+  // Fields only this thread reads (the routing snapshot is what requests see).
+  old.sites = std::move(config.sites);
+  old.default_site = std::move(config.default_site);
+  old.hsts_max_age = config.hsts_max_age;
+  old.hsts_include_subdomains = config.hsts_include_subdomains;
+  old.redirect_to_https = config.redirect_to_https;
+  old.redirect_port = config.redirect_port;
+  // Drops this copy's hold on the previous access-log file: its descriptor closes when the
+  // last request using the previous snapshot is done (a rotated file is not kept open).
+  old.access_log = std::move(config.access_log);
+  auto join = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& f : v) s += (s.empty() ? "" : ",") + f;
+    return s;
+  };
   m.log->log(LogLevel::info, kLog, "configuration reloaded",
-             {{"sites", std::to_string(config.sites.size())},
-              {"not_applied", [&] {
-                 std::string s;
-                 for (const auto& f : report.not_applied) s += (s.empty() ? "" : ",") + f;
-                 return s;
-               }()}});
+             {{"sites", std::to_string(old.sites.size())},
+              {"not_applied", join(report.not_applied)},
+              {"failed", join(report.failed)}});
   return report;
 }
 

@@ -69,7 +69,7 @@ class Server {
   [[nodiscard]] Status start();
 
   // https_port / http_port return the bound port of the first https / http listener (the
-  // kernel's choice when the config said 0), or 0 when there is none.
+  // kernel's choice when the config said 0), or 0 when there is none; a reload may change it.
   int https_port() const;
   int http_port() const;
   // admin_port returns the bound port of the admin listener (ServerConfig::admin), or 0.
@@ -90,17 +90,31 @@ class Server {
 
   Counters counters() const;
 
-  // reload applies a new configuration to a running server without closing any listener or
-  // connection: sites, default_site, hsts_*, redirect_to_https, redirect_port and access_log
-  // take effect for every request whose header is parsed after reload returns (a request in
-  // flight finishes with the site it started with). The new config is validated first (site
-  // names, static roots, upstream URLs): on error nothing changes and the error says why.
-  // Fields that need new sockets or threads (listeners, timeouts, caps, worker_threads,
-  // backlog, alpn_protocols, tickets, admin) are not applied; their names are returned so the
-  // caller can say "restart to apply". Thread-safe against requests; call it from the
-  // controlling thread.
+  // reload applies a new configuration to a running server (SIGHUP in `autotls serve`). The
+  // new config is validated first (as create does: listeners, timeouts, caps, site names,
+  // static roots, upstream URLs, the access log file opens): on error nothing changes and the
+  // error says why. Then:
+  //  - listeners (https, http, admin): an endpoint still configured keeps its socket and its
+  //    connections untouched; a new one is bound and served; one no longer configured is
+  //    closed at once and its connections close after the request under way. Per kind, all or
+  //    nothing: when a new endpoint cannot be bound (in use, permission) that kind keeps its
+  //    old listeners, the error is logged and listed in ReloadReport::failed, and the rest of
+  //    the reload still applies. backlog applies to every listener (listen(2) again).
+  //  - timeouts, max_header_bytes, max_body_bytes, keep_alive_max_requests apply to
+  //    connections accepted after reload returns (a connection keeps those it was accepted
+  //    with); max_connections applies to the next accept.
+  //  - worker_threads: the pool grows at once or shrinks as workers become idle.
+  //  - sites, default_site, hsts_*, redirect_*, access_log: for every request whose header is
+  //    parsed after reload returns (a request in flight finishes with the site it started
+  //    with); an access_log.file is opened again (logrotate: rename, then reload).
+  //  - tickets.rotate_every applies to the running key ring.
+  // Not applied, named in ReloadReport::not_applied ("restart to apply"): reactor_threads,
+  // alpn_protocols, tickets.enabled / tickets.lifetime (the TLS context is never changed
+  // live). Call it from a controlling thread; it is serialized with shutdown() and refused
+  // once shutdown began.
   struct ReloadReport {
-    std::vector<std::string> not_applied;  // e.g. {"https", "timeouts"}
+    std::vector<std::string> not_applied;  // e.g. {"reactor_threads"}
+    std::vector<std::string> failed;       // e.g. {"https listener 0.0.0.0:443: address already in use"}
   };
   [[nodiscard]] Result<ReloadReport> reload(ServerConfig config);
 

@@ -90,6 +90,22 @@ struct Options {
   bool no_redirect = false;
   int hsts = 0;
   std::string access_log = "off";  // serve: off, json or combined (stderr)
+  std::string access_log_file;     // serve: append access-log lines here (reopened on SIGHUP)
+  // serve: server limits (docs/config.md, "Server limits"); defaults are server::ServerConfig's.
+  double handshake_timeout = 10;
+  double header_timeout = 10;
+  double read_timeout = 30;
+  double write_timeout = 30;
+  double idle_timeout = 60;
+  long long max_connections = 10'000;
+  long long max_header_bytes = 16 * 1024;
+  long long max_body_bytes = 10 * 1024 * 1024;
+  long long keep_alive_max_requests = 1'000;
+  int worker_threads = 0;   // 0: max(8, 2 x cores)
+  int reactor_threads = 0;  // 0: one per core
+  int backlog = 1'024;
+  int ticket_rotation = 3'600;       // seconds between session-ticket key rotations
+  int ticket_lifetime = 12 * 3'600;  // seconds a session ticket is honoured
   nlohmann::json sites;  // from the config file only: {"host": {"root": DIR} | {"proxy": URL}}
   // serve, issue, renew: issuers tried in order (--issuer, repeatable: a --ca value); "issuers" in the config
   // file gives objects with per-issuer settings (docs/config.md). Empty: --ca alone.

@@ -12,7 +12,9 @@
 #include <iostream>
 #include <map>
 #include <set>
+#include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "acme/ari.h"
 #include "server/server.h"
@@ -239,6 +241,66 @@ struct ServeSetup {
   tlsreload::OnDemandOptions on_demand;  // checked; not reloadable on SIGHUP
 };
 
+// server_limits copies the timeouts, caps, thread counts and ticket schedule into cfg, each
+// checked against a sane range.
+Status server_limits(const Options& o, server::ServerConfig& cfg) {
+  auto bad = [](const std::string& m) { return fail(Errc::invalid_input, m); };
+  auto seconds = [&](const char* flag, double v, std::chrono::milliseconds& out) -> Status {
+    // At least 10 ms (a deadline below the reactor's 50 ms tick is not meaningful), at most a day.
+    if (!(v >= 0.01 && v <= 86'400)) {
+      std::ostringstream text;
+      text << flag << " must be between 0.01 and 86400 seconds, not " << v;
+      return bad(text.str());
+    }
+    out = std::chrono::milliseconds(static_cast<long long>(v * 1000));
+    return {};
+  };
+  auto& t = cfg.timeouts;
+  for (auto [flag, v, out] : {std::tuple{"--handshake-timeout", o.handshake_timeout, &t.handshake},
+                              std::tuple{"--header-timeout", o.header_timeout, &t.header},
+                              std::tuple{"--read-timeout", o.read_timeout, &t.read},
+                              std::tuple{"--write-timeout", o.write_timeout, &t.write},
+                              std::tuple{"--idle-timeout", o.idle_timeout, &t.idle}}) {
+    if (auto st = seconds(flag, v, *out); !st) return st;
+  }
+  auto range = [&](const char* flag, long long v, long long lo, long long hi) -> Status {
+    if (v < lo || v > hi) {
+      return bad(std::string(flag) + " must be between " + std::to_string(lo) + " and " + std::to_string(hi) +
+                 ", not " + std::to_string(v));
+    }
+    return {};
+  };
+  const std::tuple<const char*, long long, long long, long long> ranges[] = {
+      {"--max-connections", o.max_connections, 1, 10'000'000},
+      {"--max-header-bytes", o.max_header_bytes, 256, 1 << 20},
+      {"--max-body-bytes", o.max_body_bytes, 0, 1LL << 40},
+      {"--keep-alive-max-requests", o.keep_alive_max_requests, 1, 1'000'000'000},
+      {"--worker-threads", o.worker_threads, 0, 1024},
+      {"--reactor-threads", o.reactor_threads, 0, 256},
+      {"--backlog", o.backlog, 1, 65'535},
+      // Keys rotate at least a minute and at most a day apart; a ticket lives 1 min..7 days.
+      {"--ticket-rotation", o.ticket_rotation, 60, 86'400},
+      {"--ticket-lifetime", o.ticket_lifetime, 60, 7 * 86'400},
+  };
+  for (const auto& [flag, v, lo, hi] : ranges) {
+    if (auto st = range(flag, v, lo, hi); !st) return st;
+  }
+  if (o.ticket_rotation > o.ticket_lifetime) {
+    return bad("--ticket-rotation (" + std::to_string(o.ticket_rotation) + " s) must not exceed --ticket-lifetime (" +
+               std::to_string(o.ticket_lifetime) + " s)");
+  }
+  cfg.max_connections = static_cast<std::size_t>(o.max_connections);
+  cfg.max_header_bytes = static_cast<std::size_t>(o.max_header_bytes);
+  cfg.max_body_bytes = static_cast<std::size_t>(o.max_body_bytes);
+  cfg.keep_alive_max_requests = static_cast<std::size_t>(o.keep_alive_max_requests);
+  cfg.worker_threads = static_cast<std::size_t>(o.worker_threads);
+  cfg.reactor_threads = static_cast<std::size_t>(o.reactor_threads);
+  cfg.backlog = o.backlog;
+  cfg.tickets.rotate_every = std::chrono::seconds(o.ticket_rotation);
+  cfg.tickets.lifetime = std::chrono::seconds(o.ticket_lifetime);
+  return {};
+}
+
 Result<ServeSetup> serve_setup(const Options& o) {
   auto bad = [](const std::string& m) { return fail(Errc::invalid_input, m); };
   ServeSetup out;
@@ -297,7 +359,12 @@ Result<ServeSetup> serve_setup(const Options& o) {
     cfg.access_log.enabled = true;
     cfg.access_log.format = o.access_log;
   }
+  if (!o.access_log_file.empty()) {
+    if (o.access_log == "off") return bad("--access-log-file needs --access-log json or combined");
+    cfg.access_log.file = o.access_log_file;
+  }
   if (o.drain < 0) return bad("--drain must not be negative");
+  if (auto st = server_limits(o, cfg); !st) return bad(st.error().message);
   return out;
 }
 
@@ -644,10 +711,11 @@ int cmd_serve(Context& ctx) {
     std::string text = "configuration reloaded: " + std::to_string(ns->cfg.sites.size()) + " sites";
     if (!added.empty()) text += ", new names " + join(added);
     if (!removed.empty()) text += ", removed names " + join(removed);
-    if (!not_applied.empty()) text += "; restart to apply " + join(not_applied);
+    if (!not_applied.empty()) text += "; needs a restart to take effect: " + join(not_applied);
+    if (!rep->failed.empty()) text += "; kept the old listeners: " + join(rep->failed);
     event_line("reload",
                {{"sites", ns->cfg.sites.size()}, {"names", ns->names}, {"added", added},
-                {"removed", removed}, {"not_applied", not_applied}},
+                {"removed", removed}, {"not_applied", not_applied}, {"failed", rep->failed}},
                text);
   };
 

@@ -324,6 +324,34 @@ void build_cli(Cli& cli, Options& o) {
                     "one line per request on stderr: off, json or combined (NCSA, as nginx/Apache)")
       ->check(CLI::IsMember({"off", "json", "combined"}))
       ->capture_default_str();
+  serve->add_option("--access-log-file", o.access_log_file,
+                    "append the access log to FILE instead of stderr (reopened on SIGHUP, for logrotate)");
+  serve->add_option("--handshake-timeout", o.handshake_timeout, "seconds from accept to a finished TLS handshake")
+      ->capture_default_str();
+  serve->add_option("--header-timeout", o.header_timeout, "seconds for a complete request header")
+      ->capture_default_str();
+  serve->add_option("--read-timeout", o.read_timeout, "seconds one socket read of a request body may wait")
+      ->capture_default_str();
+  serve->add_option("--write-timeout", o.write_timeout, "seconds one socket write of a response may wait")
+      ->capture_default_str();
+  serve->add_option("--idle-timeout", o.idle_timeout, "seconds a keep-alive connection may wait for its next request")
+      ->capture_default_str();
+  serve->add_option("--max-connections", o.max_connections, "open client connections at most (more are closed at accept)")
+      ->capture_default_str();
+  serve->add_option("--max-header-bytes", o.max_header_bytes, "request line and header fields at most (431 beyond)")
+      ->capture_default_str();
+  serve->add_option("--max-body-bytes", o.max_body_bytes, "request body at most (413 beyond)")->capture_default_str();
+  serve->add_option("--keep-alive-max-requests", o.keep_alive_max_requests, "requests per connection at most")
+      ->capture_default_str();
+  serve->add_option("--worker-threads", o.worker_threads, "threads for handlers that may block (0: max(8, 2 x cores))")
+      ->capture_default_str();
+  serve->add_option("--reactor-threads", o.reactor_threads, "event-loop threads (0: one per core; restart to change)")
+      ->capture_default_str();
+  serve->add_option("--backlog", o.backlog, "listen(2) queue length")->capture_default_str();
+  serve->add_option("--ticket-rotation", o.ticket_rotation, "seconds between TLS session-ticket key rotations")
+      ->capture_default_str();
+  serve->add_option("--ticket-lifetime", o.ticket_lifetime, "seconds a TLS session ticket is honoured (restart to change)")
+      ->capture_default_str();
   serve->add_flag("--on-demand", o.on_demand,
                   "issue certificates at the TLS handshake for names not configured (needs --on-demand-allow "
                   "and/or --on-demand-ask)");
@@ -354,7 +382,7 @@ void build_cli(Cli& cli, Options& o) {
                     "repeatable; files are reloaded on change");
   add_challenge_options(serve, o, false);
   serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once);\n"
-                            "SIGHUP re-reads the config file (sites, access log) and certificates.\n"
+                            "SIGHUP re-reads the config file (sites, listeners, limits; reopens the access log file) and certificates.\n"
                             "Each ACME step of each issuance is a line on stderr (\"<name>: order created...\"),\n"
                             "a JSON line with --json, nothing with --quiet.\n\n"
                             "Examples:\n"

@@ -29,10 +29,28 @@ TicketKeyRing::TicketKeyRing(std::chrono::seconds rotate_every, std::chrono::sec
       now_(now ? std::move(now) : [] { return Clock::now(); }) {
   // A ticket is at most `lifetime` old, so keys retired longer ago than that open nothing:
   // the current key plus ceil(lifetime / rotate_every) retired ones cover every live ticket.
-  max_keys_ = 1 + static_cast<std::size_t>((lifetime_.count() + rotate_every_.count() - 1) /
-                                           rotate_every_.count());
+  max_keys_ = max_keys(rotate_every_, lifetime_);
   std::lock_guard lock(mu_);
   add_key(now_());
+}
+
+std::size_t TicketKeyRing::max_keys(std::chrono::seconds rotate_every,
+                                    std::chrono::seconds lifetime) {
+  return 1 + static_cast<std::size_t>((lifetime.count() + rotate_every.count() - 1) /
+                                      rotate_every.count());
+}
+
+void TicketKeyRing::set_rotate_every(std::chrono::seconds rotate_every) {
+  std::lock_guard lock(mu_);
+  rotate_every_ = std::max(rotate_every, std::chrono::seconds(1));
+  // Never fewer slots than keys held: a shorter interval keeps the retired keys already
+  // there (they still open tickets until lifetime); the ring trims itself as they expire.
+  max_keys_ = std::max(max_keys(rotate_every_, lifetime_), keys_.size());
+}
+
+std::chrono::seconds TicketKeyRing::rotate_every() const {
+  std::lock_guard lock(mu_);
+  return rotate_every_;
 }
 
 TicketKeyRing::~TicketKeyRing() {

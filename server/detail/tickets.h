@@ -36,6 +36,10 @@ class TicketKeyRing {
 
   // rotate_now starts a new current key at once (as if the schedule had come due).
   void rotate_now();
+  // set_rotate_every changes the rotation interval (SIGHUP): the current key is replaced once
+  // it is older than the new interval; the lifetime (and so which tickets open) is unchanged.
+  void set_rotate_every(std::chrono::seconds rotate_every);
+  std::chrono::seconds rotate_every() const;
   // size is the number of keys held (current + previous).
   std::size_t size() const;
   // rotations counts keys made since construction (the first key included).
@@ -58,6 +62,7 @@ class TicketKeyRing {
   void maintain(Clock::time_point now);
   void add_key(Clock::time_point now);  // mu_ held
   static void wipe(Key& k);
+  static std::size_t max_keys(std::chrono::seconds rotate_every, std::chrono::seconds lifetime);
 
   std::chrono::seconds rotate_every_;
   std::chrono::seconds lifetime_;

@@ -2191,3 +2191,159 @@ TEST_SUITE("cli.account") {
     CHECK(step < result);
   }
 }
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("sighup opens and closes listeners reopens the access log and reports reactor threads") {
+    // The internal CA: no Pebble; the test speaks plain HTTP (no-redirect) to the listeners.
+    TempDir d;
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "reload hello\n");
+    fs::path config = d.path / "serve.json";
+    fs::path access = d.path / "access.log";
+    int https = free_port(), p1 = free_port(), p2 = free_port();
+    auto write_config = [&](std::vector<int> http_ports, int reactors) {
+      json http = json::array();
+      for (int p : http_ports) http.push_back("127.0.0.1:" + std::to_string(p));
+      json j = {{"ca", "internal"},
+                {"storage", (d.path / "storage").string()},
+                {"domain", {"reload.cli.test"}},
+                {"https-address", {"127.0.0.1:" + std::to_string(https)}},
+                {"http-address", http},
+                {"no-redirect", true},
+                {"root", www.string()},
+                {"admin-address", "off"},
+                {"drain", 1},
+                {"access-log", "json"},
+                {"access-log-file", access.string()},
+                {"reactor-threads", reactors},
+                {"worker-threads", 2},
+                {"ticket-rotation", 600}};
+      write_file(config, j.dump());
+    };
+    // Limits out of range stop the start with one line naming the key.
+    auto bad_start = run({"serve", "--ca", "internal", "--storage", (d.path / "st0").string(), "-d", "x.cli.test",
+                          "--root", www.string(), "--header-timeout", "0"});
+    CHECK(bad_start.code == 2);
+    CHECK_MESSAGE(bad_start.err.find("--header-timeout must be between 0.01 and 86400 seconds, not 0\n") !=
+                      std::string::npos,
+                  show(bad_start));
+    auto bad_rotation = run({"serve", "--ca", "internal", "--storage", (d.path / "st0").string(), "-d", "x.cli.test",
+                             "--root", www.string(), "--ticket-rotation", "7200", "--ticket-lifetime", "3600"});
+    CHECK(bad_rotation.code == 2);
+    CHECK_MESSAGE(bad_rotation.err.find("--ticket-rotation (7200 s) must not exceed --ticket-lifetime (3600 s)") !=
+                      std::string::npos,
+                  show(bad_rotation));
+
+    write_config({p1}, 2);
+    pid_t pid = spawn({AUTOTLS_BINARY, "serve", "--config", config.string(), "--json", "--verbose"}, d.path / "serve.out",
+                      d.path / "serve.err", {});
+    auto logs = [&] { return read_file(d.path / "serve.out") + read_file(d.path / "serve.err"); };
+    auto count_events = [&](const std::string& event) {
+      std::istringstream lines(read_file(d.path / "serve.out"));
+      std::string line;
+      int n = 0;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value("event", "") == event) ++n;
+      }
+      return n;
+    };
+    auto wait_event = [&](const std::string& event, int n) {
+      auto deadline = std::chrono::steady_clock::now() + 15s;
+      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) {
+        std::this_thread::sleep_for(50ms);
+      }
+      return count_events(event) >= n;
+    };
+    auto last_event = [&](const std::string& event) {
+      std::istringstream lines(read_file(d.path / "serve.out"));
+      std::string line;
+      json last;
+      while (std::getline(lines, line)) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value("event", "") == event) last = j;
+      }
+      return last;
+    };
+    // get fetches http://reload.cli.test:port/ on handle h (kept alive between calls).
+    std::string body;
+    auto get = [&](CURL* h, int port, long* new_connects = nullptr) {
+      body.clear();
+      std::string url = "http://reload.cli.test:" + std::to_string(port) + "/";
+      std::string res = "reload.cli.test:" + std::to_string(port) + ":127.0.0.1";
+      curl_slist* resolve = curl_slist_append(nullptr, res.c_str());
+      curl_easy_setopt(h, CURLOPT_URL, url.c_str());
+      curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+      curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, append_cb);
+      curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
+      curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 5000L);
+      curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+      long status = 0;
+      if (curl_easy_perform(h) == CURLE_OK) curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+      if (new_connects) curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, new_connects);
+      curl_slist_free_all(resolve);
+      return status;
+    };
+    auto lines_in = [](const fs::path& p) {
+      std::istringstream in(read_file(p));
+      std::string l;
+      int n = 0;
+      while (std::getline(in, l)) ++n;
+      return n;
+    };
+    auto eventually = [](const std::function<bool()>& ok) {
+      auto deadline = std::chrono::steady_clock::now() + 10s;
+      while (std::chrono::steady_clock::now() < deadline && !ok()) std::this_thread::sleep_for(50ms);
+      return ok();
+    };
+
+    REQUIRE_MESSAGE(wait_event("listening", 1), logs());
+    CURL* kept = curl_easy_init();
+    long connects = -1;
+    REQUIRE_MESSAGE(get(kept, p1, &connects) == 200, logs());
+    CHECK(body == "reload hello\n");
+    CHECK(eventually([&] { return lines_in(access) == 1; }));
+
+    // logrotate: rename, then SIGHUP; a second listener and a reactor count in the new file.
+    fs::rename(access, d.path / "access.log.1");
+    write_config({p1, p2}, 3);
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(wait_event("reload", 1), logs());
+    auto reload = last_event("reload");
+    CHECK_MESSAGE(reload.value("not_applied", json::array()) == json::array({"reactor_threads"}), logs());
+    CHECK(reload.value("failed", json::array()) == json::array());
+    CHECK(logs().find("reactor_threads change needs a restart to take effect") != std::string::npos);
+    CURL* fresh = curl_easy_init();
+    CHECK_MESSAGE(get(fresh, p2) == 200, logs());
+    curl_easy_cleanup(fresh);
+    // The connection from before the reload, on the unchanged listener, answers again.
+    CHECK(get(kept, p1, &connects) == 200);
+    CHECK(connects == 0);
+    CHECK(eventually([&] { return lines_in(access) == 2; }));
+    CHECK(lines_in(d.path / "access.log.1") == 1);
+    CHECK(read_file(access).find("\"host\":\"reload.cli.test") != std::string::npos);
+
+    // p1 removed: its kept connection is closed, new ones refused; p2 serves on.
+    write_config({p2}, 2);
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(wait_event("reload", 2), logs());
+    CHECK(last_event("reload").value("not_applied", json::array()) == json::array());
+    CHECK(get(kept, p1) == 0);
+    curl_easy_cleanup(kept);
+    CURL* after = curl_easy_init();
+    CHECK(get(after, p2) == 200);
+    curl_easy_cleanup(after);
+
+    // A ticket rotation out of range is refused by the reload; the running configuration stays.
+    json bad = json::parse(read_file(config));
+    bad["ticket-rotation"] = 10;
+    write_file(config, bad.dump());
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(wait_event("reload_failed", 1), logs());
+    CHECK(logs().find("--ticket-rotation must be between 60 and 86400, not 10") != std::string::npos);
+
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
+  }
+}
