@@ -3,6 +3,7 @@
 
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -462,14 +463,20 @@ TEST_CASE("watcher falls back to a full check when the inotify queue overflowed"
   REQUIRE(w.add_directory(f.dir.path).has_value());
   REQUIRE(w.start());
   // With the thread stopped nobody reads the queue; the watches stay. Fill the queue past its
-  // limit (a directory created and removed: two events that the kernel does not merge), then
-  // change a pair: its events are lost, only the overflow marker says something happened.
+  // limit (a file in the watched directory written and chmod-ed in turn: two events that the
+  // kernel does not merge, and cheap), then change a pair: its events are lost, only the
+  // overflow marker says something happened.
   w.stop();
   fs::path junk = f.dir.path / "junk";
+  int fd = ::open(junk.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  REQUIRE(fd >= 0);
+  long failed_calls = 0;
   for (long i = 0; i < max_queued / 2 + 100; ++i) {
-    REQUIRE(::mkdir(junk.c_str(), 0700) == 0);
-    REQUIRE(::rmdir(junk.c_str()) == 0);
+    failed_calls += ::write(fd, "x", 1) != 1;
+    failed_calls += ::fchmod(fd, (i % 2) ? 0600 : 0640) != 0;
   }
+  ::close(fd);
+  REQUIRE(failed_calls == 0);
   auto a2 = f.ca.issue({"a.test"});
   f.write_pair(f.dir.path / "a.test", a2);
   CHECK(f.served("a.test") == id_of(a));
