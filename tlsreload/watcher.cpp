@@ -107,12 +107,7 @@ Result<LoadReport> CertWatcher::add_directory(const fs::path& dir) {
     s.directory = true;
     s.path = dir;
     std::size_t i = add_source(std::move(s));
-    // Watch first, then read: a change after the watch is seen as an event, one before it by
-    // the read. sync_watches adds the pair directories the scan found; check again after that
-    // (cheap: unchanged files are not read) for changes made before their watch existed.
-    sync_watches(i);
-    check_source(i, true, events, &report);
-    if (sync_watches(i)) check_source(i, false, events, &report);
+    check_source(i, true, true, events, &report);
   }
   emit(events);
   return report;
@@ -135,63 +130,132 @@ Result<LoadReport> CertWatcher::add_pair(const CertKeyPaths& pair) {
     s.path = pair.chain;
     s.pair = pair;
     std::size_t i = add_source(std::move(s));
-    sync_watches(i);
-    check_source(i, true, events, &report);
-    if (sync_watches(i)) check_source(i, false, events, &report);
+    check_source(i, true, true, events, &report);
   }
   emit(events);
   return report;
 }
 
-// check_source looks at every pair of a source: pairs whose files changed since last time are
-// loaded (in parallel) and published together; pairs gone from a directory are reported as
-// removed and keep serving.
-void CertWatcher::check_source(std::size_t index, bool initial, std::vector<WatchEvent>& events,
+// check_source checks what changed in a source since the last check: the candidates the
+// events named and those waiting for a second file, or every candidate when full (or when an
+// event asked for it). Watches are added before the files are read, so a change after the
+// read is an event; a directory first watched after the read (a symlink target) gets its
+// candidate checked once more, for a change made before its watch existed.
+void CertWatcher::check_source(std::size_t index, bool initial, bool full, std::vector<WatchEvent>& events,
                                LoadReport* report) {
   Source& s = sources_[index];
-  const auto now = steady::now();
-  s.last_check = now;
+  s.last_check = steady::now();
   s.first_change.reset();
   s.last_change.reset();
   s.retry_at.reset();
+  full = full || s.full;
+  s.full = false;
+  std::set<std::string> cands = std::move(s.dirty);
+  s.dirty.clear();
+  cands.merge(s.held);
+  s.held.clear();
   checks_.fetch_add(1);
+  if (full) full_checks_.fetch_add(1);
 
-  std::vector<CertKeyPaths> pairs;
-  if (s.directory) {
-    auto scan = find_certbot_pairs(s.path);
-    if (!scan) {
-      logger_->log(LogLevel::warn, kLog, "watched directory unreadable; its certificates keep serving",
-                   {{"dir", s.path.string()}, {"error", scan.error().message}});
-    } else {
-      pairs = std::move(scan->pairs);
-      // A directory with one of the two files is a pair being written (or broken): check it
-      // like the others, so it gets the same grace before being reported.
-      for (const auto& f : scan->failures) {
-        fs::path d = f.path.parent_path();
-        pairs.push_back({d / "fullchain.pem", d / "privkey.pem"});
+  if (!s.directory) {
+    cands = {std::string()};
+    if (full) s.unwatched = false;
+  } else if (full) {
+    // Everything: the subdirectories there are now, and the candidates known from before
+    // (gone ones are reported removed).
+    s.unwatched = false;
+    sync_root_watches(index);
+    auto list = [&](const fs::path& d, bool descend_into_live) {
+      std::error_code ec;
+      fs::directory_iterator it(d, ec), end;
+      if (ec) return ec;
+      for (; !ec && it != end; it.increment(ec)) {
+        std::error_code se;
+        if (!it->is_directory(se)) continue;
+        if (descend_into_live && it->path().filename() == "live") continue;  // listed below
+        cands.insert(it->path().string());
       }
+      return std::error_code();
+    };
+    if (auto ec = list(s.path, true)) {
+      logger_->log(LogLevel::warn, kLog, "watched directory unreadable; its certificates keep serving",
+                   {{"dir", s.path.string()}, {"error", s.path.string() + ": " + ec.message()}});
     }
-  } else {
-    pairs.push_back(s.pair);
+    std::error_code ec;
+    if (fs::is_directory(s.path / "live", ec)) (void)list(s.path / "live", false);
+    for (const auto& [c, dirs] : s.cands) cands.insert(c);
   }
+  // Only the very first check of a source may skip re-adding watches it already has.
+  const bool refresh = !initial;
+  std::set<std::string> again = check_cands(index, cands, initial, refresh, events, report);
+  if (!again.empty()) (void)check_cands(index, again, false, true, events, report);
+}
 
-  std::set<std::string> seen;
+// mark_removed handles a candidate of a directory source that no longer holds a pair (its
+// directory or both files gone): its last good certificate keeps serving.
+void CertWatcher::mark_removed(std::size_t index, const std::string& cand, std::vector<WatchEvent>& events) {
+  auto it = entries_.find((fs::path(cand) / "fullchain.pem").string());
+  if (it == entries_.end()) return;
+  Entry& e = it->second;
+  if (e.source != index || !e.present) return;
+  e.present = false;
+  e.sig.reset();
+  e.held_since.reset();
+  e.failure.reset();
+  if (!e.cert) return;
+  removed_.fetch_add(1);
+  logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
+               {{"file", e.paths.chain.string()}});
+  events.push_back({WatchEvent::Type::removed, e.paths.chain, e.cert->id(), std::nullopt});
+}
+
+// check_cands looks at the given candidates of a source: pairs whose files changed since last
+// time are loaded (in parallel) and published together; pairs gone are reported as removed
+// and keep serving. Returns the candidates that got a new directory watch after their files
+// were read (to be checked again).
+std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set<std::string>& cands,
+                                               bool initial, bool refresh, std::vector<WatchEvent>& events,
+                                               LoadReport* report) {
+  const auto now = steady::now();
+  std::vector<std::string> looked;  // candidates whose watches are synced after the loads
   std::vector<Entry*> todo;
   std::vector<PairSig> sigs;
   std::vector<CertKeyPaths> to_load;
-  for (auto& p : pairs) {
-    std::string k = p.chain.string();
-    seen.insert(k);
-    auto [it, fresh] = entries_.try_emplace(k);
+  std::vector<std::string> todo_cands;
+  for (const auto& c : cands) {
+    Source& s = sources_[index];
+    CertKeyPaths paths;
+    if (s.directory) {
+      struct stat sb {};
+      if (::stat(c.c_str(), &sb) != 0 || !S_ISDIR(sb.st_mode)) {
+        // Gone (or never a directory: a file event in the source directory).
+        forget_cand(index, c);
+        mark_removed(index, c, events);
+        continue;
+      }
+      paths = {fs::path(c) / "fullchain.pem", fs::path(c) / "privkey.pem"};
+    } else {
+      paths = s.pair;
+    }
+    (void)sync_cand(index, c, false, refresh);  // watch first, then read
+    looked.push_back(c);
+    pairs_checked_.fetch_add(1);
+    PairSig sig = signature(paths);
+    if (s.directory && sig.chain.err != 0 && sig.key.err != 0) {
+      // A directory with neither file is not (or no longer) a pair; it stays watched, so that
+      // files written into it later are seen.
+      mark_removed(index, c, events);
+      continue;
+    }
+    auto [it, fresh] = entries_.try_emplace(paths.chain.string());
     Entry& e = it->second;
     if (fresh) {
-      e.paths = p;
+      e.paths = paths;
       e.source = index;
     }
-    PairSig sig = signature(e.paths);
     if (e.sig && *e.sig == sig && !e.held_since) continue;  // unchanged since last look
     if (!initial && !s.directory && sig.chain.err == ENOENT && sig.key.err == ENOENT) {
-      // An explicit pair whose files are gone: as for a directory removed below.
+      // An explicit pair whose files are gone: as for a directory removed above.
       if (e.present && (e.cert || e.failure)) {
         e.present = false;
         e.failure.reset();
@@ -207,97 +271,97 @@ void CertWatcher::check_source(std::size_t index, bool initial, std::vector<Watc
     todo.push_back(&e);
     sigs.push_back(sig);
     to_load.push_back(e.paths);
+    todo_cands.push_back(c);
   }
-  if (s.directory) {
-    for (auto& [k, e] : entries_) {
-      if (e.source != index || seen.count(k) || !e.present) continue;
-      e.present = false;
-      e.sig.reset();
-      e.held_since.reset();
-      e.failure.reset();
-      if (!e.cert) continue;
-      removed_.fetch_add(1);
-      logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
-                   {{"file", e.paths.chain.string()}});
-      events.push_back({WatchEvent::Type::removed, e.paths.chain, e.cert->id(), std::nullopt});
-    }
-  }
-  if (todo.empty()) return;
 
-  auto results = load_each(to_load, initial ? options_.initial_options : options_.reload_options);
-  std::vector<Entry*> good;
-  std::vector<PairSig> good_sigs;
-  std::vector<std::shared_ptr<const Certificate>> certs;
-  for (std::size_t k = 0; k < todo.size(); ++k) {
-    Entry& e = *todo[k];
-    const PairSig& sig = sigs[k];
-    if (results[k]) {
-      if (e.cert && e.cert->id() == (*results[k])->id()) {
-        // Same certificate (touched, or rewritten identically): nothing to publish.
-        e.sig = sig;
-        e.held_since.reset();
-        if (e.failure) {
-          logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", e.paths.chain.string()}});
+  if (!todo.empty()) {
+    pairs_parsed_.fetch_add(to_load.size());
+    auto results = load_each(to_load, initial ? options_.initial_options : options_.reload_options);
+    std::vector<Entry*> good;
+    std::vector<PairSig> good_sigs;
+    std::vector<std::shared_ptr<const Certificate>> certs;
+    for (std::size_t k = 0; k < todo.size(); ++k) {
+      Entry& e = *todo[k];
+      const PairSig& sig = sigs[k];
+      if (results[k]) {
+        if (e.cert && e.cert->id() == (*results[k])->id()) {
+          // Same certificate (touched, or rewritten identically): nothing to publish.
+          e.sig = sig;
+          e.held_since.reset();
+          if (e.failure) {
+            logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", e.paths.chain.string()}});
+          }
+          e.failure.reset();
+          continue;
         }
-        e.failure.reset();
+        good.push_back(&e);
+        good_sigs.push_back(sig);
+        certs.push_back(std::move(*results[k]));
         continue;
       }
-      good.push_back(&e);
-      good_sigs.push_back(sig);
-      certs.push_back(std::move(*results[k]));
-      continue;
-    }
-    Error err = results[k].error();
-    if (!initial && half_written(sig.chain.err, sig.key.err, err)) {
-      if (!e.held_since) e.held_since = now;
-      auto until = *e.held_since + options_.pair_grace;
-      if (now < until) {
-        // Probably a writer between the two files: look again when the other file arrives
-        // (an event) or when the grace ends, and say nothing yet.
-        s.retry_at = s.retry_at ? std::min(*s.retry_at, until) : until;
-        continue;
+      Error err = results[k].error();
+      if (!initial && half_written(sig.chain.err, sig.key.err, err)) {
+        if (!e.held_since) e.held_since = now;
+        auto until = *e.held_since + options_.pair_grace;
+        if (now < until) {
+          // Probably a writer between the two files: look again when the other file arrives
+          // (an event) or when the grace ends, and say nothing yet.
+          Source& s = sources_[index];
+          s.held.insert(todo_cands[k]);
+          s.retry_at = s.retry_at ? std::min(*s.retry_at, until) : until;
+          continue;
+        }
       }
+      fs::path bad = e.paths.chain;
+      if (sig.chain.err == 0 && (sig.key.err != 0 || err.message.starts_with(e.paths.key.string() + ":"))) {
+        bad = e.paths.key;
+      }
+      e.sig = sig;
+      report_failure(e, bad, std::move(err), events, report);
     }
-    fs::path bad = e.paths.chain;
-    if (sig.chain.err == 0 && (sig.key.err != 0 || err.message.starts_with(e.paths.key.string() + ":"))) {
-      bad = e.paths.key;
-    }
-    e.sig = sig;
-    report_failure(e, bad, std::move(err), events, report);
-  }
-  if (certs.empty()) return;
 
-  // One snapshot for all the good pairs; the certificates they replace leave afterwards, so a
-  // name is never without a certificate in between.
-  auto statuses = store_->publish_batch(certs);
-  for (std::size_t k = 0; k < good.size(); ++k) {
-    Entry& e = *good[k];
-    e.sig = good_sigs[k];
-    e.held_since.reset();
-    if (!statuses[k]) {
-      report_failure(e, e.paths.chain, statuses[k].error(), events, report);
-      continue;
-    }
-    const bool first = !e.cert;
-    held_[certs[k]->id()] += 1;
-    if (e.cert) drop_cert(e.cert->id());
-    e.cert = certs[k];
-    e.failure.reset();
-    if (report) report->certificates.push_back(e.cert);
-    if (first) {
-      loaded_.fetch_add(1);
-      if (!initial) {
-        logger_->log(LogLevel::info, kLog, "certificate loaded",
-                     {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+    if (!certs.empty()) {
+      // One snapshot for all the good pairs; the certificates they replace leave afterwards,
+      // so a name is never without a certificate in between.
+      auto statuses = store_->publish_batch(certs);
+      for (std::size_t k = 0; k < good.size(); ++k) {
+        Entry& e = *good[k];
+        e.sig = good_sigs[k];
+        e.held_since.reset();
+        if (!statuses[k]) {
+          report_failure(e, e.paths.chain, statuses[k].error(), events, report);
+          continue;
+        }
+        const bool first = !e.cert;
+        held_[certs[k]->id()] += 1;
+        if (e.cert) drop_cert(e.cert->id());
+        e.cert = certs[k];
+        e.failure.reset();
+        if (report) report->certificates.push_back(e.cert);
+        if (first) {
+          loaded_.fetch_add(1);
+          if (!initial) {
+            logger_->log(LogLevel::info, kLog, "certificate loaded",
+                         {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+          }
+        } else {
+          reloaded_.fetch_add(1);
+          logger_->log(LogLevel::info, kLog, "certificate reloaded",
+                       {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+        }
+        events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, e.paths.chain,
+                          e.cert->id(), std::nullopt});
       }
-    } else {
-      reloaded_.fetch_add(1);
-      logger_->log(LogLevel::info, kLog, "certificate reloaded",
-                   {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
     }
-    events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, e.paths.chain, e.cert->id(),
-                      std::nullopt});
   }
+
+  // Now that the files were read: watch where their symlinks point (and stop watching where
+  // they used to).
+  std::set<std::string> again;
+  for (const auto& c : looked) {
+    if (sync_cand(index, c, true, refresh)) again.insert(c);
+  }
+  return again;
 }
 
 void CertWatcher::report_failure(Entry& e, const fs::path& path, Error error, std::vector<WatchEvent>& events,
@@ -322,64 +386,110 @@ void CertWatcher::drop_cert(const std::string& id) {
   (void)store_->remove(id);  // fails only if it already left (replaced on all its names)
 }
 
-// sync_watches points the source's inotify watches at the directories it needs now: the
-// directory itself (and live/), each pair's directory, and the directories symlinked files
-// resolve to. A path re-added after a symlink swap gets the new target's watch. Returns true
-// when a directory was watched for the first time.
-bool CertWatcher::sync_watches(std::size_t index) {
+// sync_root_watches watches a directory source's directory and its live/: their events name
+// the candidates that changed.
+void CertWatcher::sync_root_watches(std::size_t index) {
   Source& s = sources_[index];
-  std::set<std::string> want;
+  std::set<std::string> want{s.path.string()};
   std::error_code ec;
-  auto add_file = [&](const fs::path& f) {
+  if (fs::is_directory(s.path / "live", ec)) want.insert((s.path / "live").string());
+  for (const auto& d : want) {
+    if (watch_dir(d, index, nullptr) != 0) s.root_watched.insert(d);
+  }
+  std::vector<std::string> stale;
+  for (const auto& d : s.root_watched) {
+    if (!want.count(d)) stale.push_back(d);
+  }
+  for (const auto& d : stale) {
+    unwatch_dir(d, index, nullptr);
+    sources_[index].root_watched.erase(d);
+  }
+}
+
+// wanted_dirs lists the directories a candidate needs watched: before its files are read, the
+// directories that hold them; after, also the directories its symlinked files resolve to (a
+// pair in a directory source that no longer holds files needs only its own directory).
+std::set<std::string> CertWatcher::wanted_dirs(std::size_t index, const std::string& cand, bool after_read) const {
+  const Source& s = sources_[index];
+  std::set<std::string> want;
+  CertKeyPaths paths = s.pair;
+  if (s.directory) {
+    want.insert(cand);
+    if (!after_read) return want;
+    auto it = entries_.find((fs::path(cand) / "fullchain.pem").string());
+    if (it == entries_.end() || it->second.source != index || !it->second.present) return want;
+    paths = it->second.paths;
+  }
+  for (const fs::path& f : {paths.chain, paths.key}) {
     want.insert(f.parent_path().string());
+    if (!after_read) continue;
     std::error_code e;
     if (fs::is_symlink(f, e)) {
       auto target = fs::canonical(f, e);
       if (!e) want.insert(target.parent_path().string());
     }
-  };
-  if (s.directory) {
-    want.insert(s.path.string());
-    if (fs::is_directory(s.path / "live", ec)) want.insert((s.path / "live").string());
-    for (const auto& [k, e] : entries_) {
-      if (e.source != index || !e.present) continue;
-      add_file(e.paths.chain);
-      add_file(e.paths.key);
-    }
-  } else {
-    add_file(s.pair.chain);
-    add_file(s.pair.key);
   }
-  s.unwatched = false;
+  return want;
+}
+
+// sync_cand points a candidate's watches at the directories it needs now. With refresh, the
+// watches it already has are added again, so that a path that names another directory since
+// (a swapped directory symlink: live/<name>, ..data) gets the new directory's watch. After
+// the read, directories no longer wanted are released. Returns true when a directory was
+// watched for the first time (or re-pointed) after the read.
+bool CertWatcher::sync_cand(std::size_t index, const std::string& cand, bool after_read, bool refresh) {
+  std::set<std::string> want = wanted_dirs(index, cand, after_read);
+  // Those were (re-)added before the read already.
+  std::set<std::string> before = after_read ? wanted_dirs(index, cand, false) : std::set<std::string>{};
   bool added = false;
   for (const auto& d : want) {
-    if (!s.watched.count(d)) added = true;
-    add_watch(d, index);
+    auto& watched = sources_[index].cands[cand];
+    bool had = watched.count(d) > 0;
+    if (had && (!refresh || before.count(d))) continue;
+    int r = watch_dir(d, index, &cand);
+    if (r == 0) continue;
+    sources_[index].cands[cand].insert(d);
+    if (r == 2 && after_read && !before.count(d)) added = true;
   }
-  std::vector<std::string> stale;
-  for (const auto& d : s.watched) {
-    if (!want.count(d)) stale.push_back(d);
+  if (after_read) {
+    auto& watched = sources_[index].cands[cand];
+    std::vector<std::string> stale;
+    for (const auto& d : watched) {
+      if (!want.count(d)) stale.push_back(d);
+    }
+    for (const auto& d : stale) {
+      unwatch_dir(d, index, &cand);
+      sources_[index].cands[cand].erase(d);
+    }
   }
-  for (const auto& d : stale) release_watch(d, index);
   return added;
 }
 
-void CertWatcher::add_watch(const std::string& dir, std::size_t index) {
-  Source& s = sources_[index];
+// forget_cand releases the watches of a candidate that is gone.
+void CertWatcher::forget_cand(std::size_t index, const std::string& cand) {
+  auto it = sources_[index].cands.find(cand);
+  if (it == sources_[index].cands.end()) return;
+  for (const auto& d : it->second) unwatch_dir(d, index, &cand);
+  sources_[index].cands.erase(it);
+}
+
+int CertWatcher::watch_dir(const std::string& dir, std::size_t index, const std::string* cand) {
   int wd = ::inotify_add_watch(inotify_fd_, dir.c_str(), kDirMask);
   if (wd < 0) {
     int err = errno;
-    s.unwatched = true;  // polled every fallback_poll instead
+    sources_[index].unwatched = true;  // polled every fallback_poll instead
     if (err == ENOSPC && !warned_limit_) {
       warned_limit_ = true;
       logger_->log(LogLevel::warn, kLog,
                    "inotify watch limit reached; polling instead (raise fs.inotify.max_user_watches)",
                    {{"dir", dir}});
     }
-    return;
+    return 0;
   }
   auto& dw = dirs_[dir];
+  bool changed = false;
   if (dw.wd != wd) {
+    changed = true;
     if (dw.wd >= 0) {
       auto it = wd_dirs_.find(dw.wd);
       if (it != wd_dirs_.end()) {
@@ -393,16 +503,19 @@ void CertWatcher::add_watch(const std::string& dir, std::size_t index) {
     dw.wd = wd;
     wd_dirs_[wd].insert(dir);
   }
-  dw.sources.insert(index);
-  s.watched.insert(dir);
+  bool fresh = cand ? dw.cands.emplace(index, *cand).second : dw.roots.insert(index).second;
+  return changed || fresh ? 2 : 1;
 }
 
-void CertWatcher::release_watch(const std::string& dir, std::size_t index) {
-  sources_[index].watched.erase(dir);
+void CertWatcher::unwatch_dir(const std::string& dir, std::size_t index, const std::string* cand) {
   auto it = dirs_.find(dir);
   if (it == dirs_.end()) return;
-  it->second.sources.erase(index);
-  if (!it->second.sources.empty()) return;
+  if (cand) {
+    it->second.cands.erase({index, *cand});
+  } else {
+    it->second.roots.erase(index);
+  }
+  if (!it->second.cands.empty() || !it->second.roots.empty()) return;
   if (it->second.wd >= 0) {
     auto w = wd_dirs_.find(it->second.wd);
     if (w != wd_dirs_.end()) {
@@ -416,8 +529,10 @@ void CertWatcher::release_watch(const std::string& dir, std::size_t index) {
   dirs_.erase(it);
 }
 
-// read_events drains the inotify queue and marks the sources whose directories changed.
-// Returns false when the queue overflowed (every source is then marked).
+// read_events drains the inotify queue and marks what changed: in a source's directory (or its
+// live/), the subdirectory the event names; anywhere else, the candidates the directory was
+// watched for. Returns false when the queue overflowed: events were lost, so every source is
+// marked for a full check.
 bool CertWatcher::read_events() {
   alignas(struct inotify_event) char buf[16384];
   const auto now = steady::now();
@@ -435,15 +550,34 @@ bool CertWatcher::read_events() {
       p += sizeof(struct inotify_event) + ev->len;
       if (ev->mask & IN_Q_OVERFLOW) {
         ok = false;
-        for (std::size_t i = 0; i < sources_.size(); ++i) mark(i);
+        for (std::size_t i = 0; i < sources_.size(); ++i) {
+          sources_[i].full = true;
+          mark(i);
+        }
         continue;
       }
       auto it = wd_dirs_.find(ev->wd);
       if (it == wd_dirs_.end()) continue;
+      // The name is NUL-padded to len; empty for events on the watched directory itself.
+      const std::string name = ev->len > 0 ? std::string(ev->name) : std::string();
       for (const auto& d : it->second) {
         auto dw = dirs_.find(d);
         if (dw == dirs_.end()) continue;
-        for (std::size_t i : dw->second.sources) mark(i);
+        for (std::size_t i : dw->second.roots) {
+          Source& s = sources_[i];
+          if (name.empty() || (name == "live" && d == s.path.string())) {
+            // The source directory itself (deleted, moved, its attributes) or its live/
+            // changed: look at everything.
+            s.full = true;
+          } else {
+            s.dirty.insert((fs::path(d) / name).string());
+          }
+          mark(i);
+        }
+        for (const auto& [i, cand] : dw->second.cands) {
+          sources_[i].dirty.insert(cand);
+          mark(i);
+        }
         // The directory went away (deleted, or its watch removed): forget the watch so that
         // the next sync adds one on whatever the path names then.
         if (ev->mask & IN_IGNORED) dw->second.wd = -1;
@@ -489,10 +623,7 @@ void CertWatcher::rescan() {
   std::vector<WatchEvent> events;
   {
     std::lock_guard lock(mu_);
-    for (std::size_t i = 0; i < sources_.size(); ++i) {
-      check_source(i, false, events, nullptr);
-      if (sync_watches(i)) check_source(i, false, events, nullptr);
-    }
+    for (std::size_t i = 0; i < sources_.size(); ++i) check_source(i, false, true, events, nullptr);
   }
   emit(events);
 }
@@ -527,7 +658,7 @@ void CertWatcher::run() {
       std::lock_guard lock(mu_);
       if (rc > 0 && (fds[1].revents & POLLIN)) {
         if (!read_events()) {
-          logger_->log(LogLevel::warn, kLog, "inotify queue overflowed; checking every source", {});
+          logger_->log(LogLevel::warn, kLog, "inotify queue overflowed; checking every pair of every source", {});
         }
       }
       const auto now = steady::now();
@@ -538,8 +669,9 @@ void CertWatcher::run() {
                    (s.retry_at && now >= *s.retry_at) ||
                    (s.unwatched && now >= s.last_check + options_.fallback_poll);
         if (!due) continue;
-        check_source(i, false, events, nullptr);
-        if (sync_watches(i)) check_source(i, false, events, nullptr);
+        // Polling an unwatched source looks at everything: what changed there is unknown.
+        const bool poll = s.unwatched && now >= s.last_check + options_.fallback_poll;
+        check_source(i, false, poll, events, nullptr);
       }
     }
     emit(events);
@@ -547,7 +679,8 @@ void CertWatcher::run() {
 }
 
 CertWatcher::Counters CertWatcher::counters() const {
-  return {loaded_.load(), reloaded_.load(), failed_.load(), removed_.load(), checks_.load()};
+  return {loaded_.load(),      reloaded_.load(),      failed_.load(),       removed_.load(),
+          checks_.load(),      full_checks_.load(),   pairs_checked_.load(), pairs_parsed_.load()};
 }
 
 std::vector<LoadFailure> CertWatcher::failures() const {

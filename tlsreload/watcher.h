@@ -70,12 +70,19 @@ struct WatcherOptions {
 // <dir>/live/<name>/..., symlinks followed) and explicit pairs. The watcher watches the
 // directories that hold the files, not the files: writers (certbot, Kubernetes secret mounts,
 // our FileStorage) replace files by rename and swap symlinks, which a watch on the old inode
-// would miss. It also watches the directories symlink targets live in, and re-points its
-// watches after each change.
+// would miss. It also watches the directories symlink targets live in, and re-points the
+// watches of each pair it checks.
 //
-// A change to a pair is handled after `debounce` of quiet: the files are stat()ed, and if
-// either changed (inode, size, times) the pair is loaded and validated (Certificate::from_pem)
-// and published; the certificate it replaces leaves the store when no other pair holds it.
+// A change is handled after `debounce` of quiet, and only where it happened: an inotify event
+// names the watched directory (and, in a source directory or its live/, the subdirectory), so
+// only the pairs those directories concern are checked; a new subdirectory is watched and
+// loaded, and a directory source with 100,000 pairs costs the same per change as one with
+// one. A check stat()s the pair's files, and if either changed (inode, size, times) loads and
+// validates the pair (Certificate::from_pem) and publishes it; the certificate it replaces
+// leaves the store when no other pair holds it. Every pair of a source is checked (a full
+// check) when it is added, by rescan(), when the inotify queue overflowed (events were lost),
+// when the source directory itself changed (deleted, moved, live/ replaced), and every
+// `fallback_poll` while some directory of the source cannot be watched.
 // A bad pair is reported once per state of its files (log, counter, on_event) and changes
 // nothing: the old certificate keeps serving. A pair whose files disappear keeps serving its
 // last good certificate (a deleted directory is more often a mistake or a half-finished
@@ -90,7 +97,13 @@ class CertWatcher {
     std::uint64_t reloaded = 0;  // changed pairs published
     std::uint64_t failed = 0;    // bad pairs reported
     std::uint64_t removed = 0;   // pairs whose files disappeared
-    std::uint64_t checks = 0;    // sources checked after a change
+    std::uint64_t checks = 0;    // sources checked after a change (full or not)
+    // full_checks: checks that looked at every pair of a source (add, rescan(), queue
+    // overflow, a change of the source directory itself, polling); the others looked only at
+    // the pairs the events named.
+    std::uint64_t full_checks = 0;
+    std::uint64_t pairs_checked = 0;  // pair directories (or pairs) whose files were stat()ed
+    std::uint64_t pairs_parsed = 0;   // pairs read and parsed (their files had changed)
   };
 
   explicit CertWatcher(std::shared_ptr<CertStore> store, WatcherOptions options = {});
@@ -110,7 +123,8 @@ class CertWatcher {
   [[nodiscard]] Status start();
   void stop();
 
-  // rescan checks every source now, as if each had changed (for SIGHUP).
+  // rescan checks every pair of every source now, as if each had changed (for SIGHUP), and
+  // re-points every watch.
   void rescan();
 
   Counters counters() const;
@@ -138,28 +152,52 @@ class CertWatcher {
     // A half-written-looking failure seen at held_since with these files, not yet reported.
     std::optional<std::chrono::steady_clock::time_point> held_since;
   };
+  // A candidate is what one check looks at: in a directory source, a subdirectory of it (or
+  // of its live/) by path, which holds a pair or may come to; in a pair source, "" (its pair).
   struct Source {
     bool directory = false;
     std::filesystem::path path;  // the directory, or the pair's chain file
     CertKeyPaths pair;           // for a pair source
-    std::set<std::string> watched;  // directories it wants watched
-    bool unwatched = false;         // some directory could not be watched: poll it
-    // Debounce state: first and last change seen since the last check.
+    std::set<std::string> root_watched;  // directory source: the directory and its live/
+    // Every candidate known to exist (or to hold an entry), with the directories watched for
+    // it: its own directory, the pair's directories and those its symlinks resolve to.
+    std::map<std::string, std::set<std::string>> cands;
+    bool unwatched = false;  // some directory could not be watched: poll (full check)
+    // Debounce state: first and last change seen since the last check, and what changed.
     std::optional<std::chrono::steady_clock::time_point> first_change, last_change;
+    bool full = false;             // the next check looks at every candidate
+    std::set<std::string> dirty;   // candidates named by events since the last check
+    std::set<std::string> held;    // candidates waiting for their second file
     std::optional<std::chrono::steady_clock::time_point> retry_at;  // pending grace re-check
     std::chrono::steady_clock::time_point last_check{};
+  };
+  // DirWatch is one watched directory (by the path string it was added under) and whom its
+  // events concern.
+  struct DirWatch {
+    int wd = -1;
+    std::set<std::size_t> roots;  // sources it is the directory (or live/) of: names are candidates
+    std::set<std::pair<std::size_t, std::string>> cands;  // (source, candidate) it was watched for
   };
 
   static PairSig signature(const CertKeyPaths& paths);
   Status ensure_inotify();
   std::size_t add_source(Source s);
-  void check_source(std::size_t index, bool initial, std::vector<WatchEvent>& events, LoadReport* report);
+  void check_source(std::size_t index, bool initial, bool full, std::vector<WatchEvent>& events,
+                    LoadReport* report);
+  std::set<std::string> check_cands(std::size_t index, const std::set<std::string>& cands, bool initial,
+                                    bool refresh, std::vector<WatchEvent>& events, LoadReport* report);
+  void mark_removed(std::size_t index, const std::string& cand, std::vector<WatchEvent>& events);
   void report_failure(Entry& e, const std::filesystem::path& path, Error error,
                       std::vector<WatchEvent>& events, LoadReport* report);
   void drop_cert(const std::string& id);
-  bool sync_watches(std::size_t index);
-  void add_watch(const std::string& dir, std::size_t index);
-  void release_watch(const std::string& dir, std::size_t index);
+  void sync_root_watches(std::size_t index);
+  std::set<std::string> wanted_dirs(std::size_t index, const std::string& cand, bool after_read) const;
+  bool sync_cand(std::size_t index, const std::string& cand, bool after_read, bool refresh);
+  void forget_cand(std::size_t index, const std::string& cand);
+  // watch_dir adds (or re-points) the watch on dir for a role: a source's root when cand is
+  // null, else (index, *cand). Returns 0 if it failed, 1 if unchanged, 2 if new or re-pointed.
+  int watch_dir(const std::string& dir, std::size_t index, const std::string* cand);
+  void unwatch_dir(const std::string& dir, std::size_t index, const std::string* cand);
   void emit(std::vector<WatchEvent>& events);
   void run();
   bool read_events();
@@ -174,15 +212,12 @@ class CertWatcher {
   std::vector<Source> sources_;
   std::map<std::string, Entry> entries_;  // by chain path
   std::map<std::string, int> held_;       // certificate id -> entries serving it
-  std::map<int, std::set<std::string>> wd_dirs_;
-  struct DirWatch {
-    int wd = -1;
-    std::set<std::size_t> sources;
-  };
+  std::map<int, std::set<std::string>> wd_dirs_;  // wd -> the path strings it was added under
   std::map<std::string, DirWatch> dirs_;
   bool warned_limit_ = false;
 
   std::atomic<std::uint64_t> loaded_{0}, reloaded_{0}, failed_{0}, removed_{0}, checks_{0};
+  std::atomic<std::uint64_t> full_checks_{0}, pairs_checked_{0}, pairs_parsed_{0};
 
   std::mutex thread_mu_;
   std::thread thread_;

@@ -3,6 +3,8 @@
 
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -181,6 +183,7 @@ TEST_CASE("watcher follows certbot symlink swaps in live and archive") {
   relink(live / "fullchain.pem", "../../archive/c.test/fullchain2.pem");
   CHECK(wait_for([&] { return f.served("c.test") == id_of(v2); }));
   CHECK(w.counters().failed == 0);
+  CHECK(w.counters().full_checks == 1);  // the add only: the swap was found from its events
 
   // An archive file rewritten in place (no symlink change) is seen through the target's
   // directory watch.
@@ -212,6 +215,11 @@ TEST_CASE("watcher swaps a directory symlink pair at once") {
   fs::remove_all(f.dir.path / "archive" / "d.test" / "1");
   CHECK(wait_for([&] { return f.served("d.test") == id_of(v3); }));
   CHECK(w.counters().failed == 0);
+  CHECK(w.counters().full_checks == 1);
+  // The third target is watched through the swapped link: a rewrite there is seen.
+  auto v4 = f.ca.issue({"d.test"});
+  f.write_pair(f.dir.path / "archive" / "d.test" / "3", v4);
+  CHECK(wait_for([&] { return f.served("d.test") == id_of(v4); }));
 }
 
 TEST_CASE("watcher reports a bad replacement naming the file and keeps the old certificate") {
@@ -351,10 +359,139 @@ TEST_CASE("watcher reloads an explicit pair behind a swapped data symlink") {
   fs::remove_all(mount / "..v1");
   CHECK(wait_for([&] { return f.served("k.test") == id_of(v2); }));
   CHECK(w.counters().failed == 0);
+  CHECK(w.counters().full_checks == 1);
+  // Swapped again: the watch moved to ..v2 and on to ..v3.
+  auto v3 = f.ca.issue({"k.test"});
+  put(mount / "..v3" / "tls.crt", f.ca.chain_pem(v3));
+  put(mount / "..v3" / "tls.key", v3.key_pem);
+  relink(mount / "..data", "..v3");
+  fs::remove_all(mount / "..v2");
+  CHECK(wait_for([&] { return f.served("k.test") == id_of(v3); }));
 
   // A pair whose directory does not exist cannot be watched.
   CHECK_FALSE(w.add_pair({f.dir.path / "nope" / "c.pem", f.dir.path / "nope" / "k.pem"}).has_value());
   CHECK_FALSE(w.add_directory(f.dir.path / "nope").has_value());
+}
+
+TEST_CASE("watcher checks only the pairs a change names, among 200") {
+  Fixture f;
+  // Long enough that the two files of a pair written back to back land in one check even on a
+  // loaded machine; the bounds below allow for a second check anyway.
+  f.options.debounce = 300ms;
+  constexpr int kPairs = 200;
+  std::vector<testing::Issued> issued;
+  for (int i = 0; i < kPairs; ++i) {
+    issued.push_back(f.ca.issue({"p" + std::to_string(i) + ".test"}));
+    f.write_pair(f.dir.path / "live" / ("p" + std::to_string(i) + ".test"), issued.back());
+  }
+  CertWatcher w(f.store, f.options);
+  auto report = w.add_directory(f.dir.path);
+  REQUIRE(report.has_value());
+  CHECK(report->certificates.size() == kPairs);
+  auto c0 = w.counters();
+  CHECK(c0.full_checks == 1);
+  CHECK(c0.pairs_checked >= kPairs);
+  CHECK(c0.pairs_parsed == kPairs);
+  REQUIRE(w.start());
+
+  // One pair replaced: one pair looked at and parsed, one reloaded, no full check.
+  auto v2 = f.ca.issue({"p17.test"});
+  f.write_pair(f.dir.path / "live" / "p17.test", v2);
+  REQUIRE(wait_for([&] { return f.served("p17.test") == id_of(v2); }));
+  REQUIRE(wait_for([&] { return w.counters().reloaded == 1; }));
+  auto c1 = w.counters();
+  CHECK(c1.full_checks == c0.full_checks);
+  CHECK(c1.reloaded == 1);
+  CHECK(c1.loaded == kPairs);
+  CHECK(c1.pairs_parsed - c0.pairs_parsed <= 2);  // 2: a check fell between the two files
+  CHECK(c1.pairs_checked - c0.pairs_checked <= 6);  // not 200
+  CHECK(f.served("p16.test") == id_of(issued[16]));
+
+  // A new directory: watched and loaded, still without looking at the 200 others.
+  auto n = f.ca.issue({"new.test"});
+  f.write_pair(f.dir.path / "live" / "new.test", n);
+  REQUIRE(wait_for([&] { return f.served("new.test") == id_of(n); }));
+  auto c2 = w.counters();
+  CHECK(c2.full_checks == c0.full_checks);
+  CHECK(c2.loaded == kPairs + 1);
+  CHECK(c2.pairs_checked - c1.pairs_checked <= 6);
+  // ... and watched from then on.
+  auto n2 = f.ca.issue({"new.test"});
+  f.write_pair(f.dir.path / "live" / "new.test", n2);
+  REQUIRE(wait_for([&] { return f.served("new.test") == id_of(n2); }));
+
+  // A directory created empty and filled only after a check looked at it is still seen: the
+  // empty directory is watched too.
+  auto checks = w.counters().checks;
+  fs::create_directories(f.dir.path / "live" / "late.test");
+  REQUIRE(wait_for([&] { return w.counters().checks > checks; }));
+  auto late = f.ca.issue({"late.test"});
+  f.write_pair(f.dir.path / "live" / "late.test", late);
+  REQUIRE(wait_for([&] { return f.served("late.test") == id_of(late); }));
+
+  // A removed directory: reported, its certificate keeps serving.
+  fs::remove_all(f.dir.path / "live" / "p3.test");
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::removed) == 1; }));
+  CHECK(f.served("p3.test") == id_of(issued[3]));
+  auto c3 = w.counters();
+  CHECK(c3.full_checks == c0.full_checks);
+  CHECK(c3.pairs_parsed - c0.pairs_parsed <= 8);
+  CHECK(c3.failed == 0);
+
+  // rescan() (SIGHUP) still looks at every pair, and parses none that did not change.
+  w.rescan();
+  auto c4 = w.counters();
+  CHECK(c4.full_checks == c0.full_checks + 1);
+  CHECK(c4.pairs_checked - c3.pairs_checked >= kPairs);
+  CHECK(c4.pairs_parsed == c3.pairs_parsed);
+  CHECK(c4.removed == 1);  // not reported again
+}
+
+TEST_CASE("watcher falls back to a full check when the inotify queue overflowed") {
+  long max_queued = 0;
+  std::ifstream("/proc/sys/fs/inotify/max_queued_events") >> max_queued;
+  if (max_queued <= 0 || max_queued > 200000) {
+    MESSAGE("skipped: fs.inotify.max_queued_events is " << max_queued << " (too many events to overflow it)");
+    return;
+  }
+  Fixture f;
+  auto a = f.ca.issue({"a.test"});
+  auto b = f.ca.issue({"b.test"});
+  f.write_pair(f.dir.path / "a.test", a);
+  f.write_pair(f.dir.path / "b.test", b);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  REQUIRE(w.start());
+  // With the thread stopped nobody reads the queue; the watches stay. Fill the queue past its
+  // limit (a file in the watched directory written and chmod-ed in turn: two events that the
+  // kernel does not merge, and cheap), then change a pair: its events are lost, only the
+  // overflow marker says something happened.
+  w.stop();
+  fs::path junk = f.dir.path / "junk";
+  int fd = ::open(junk.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  REQUIRE(fd >= 0);
+  long failed_calls = 0;
+  for (long i = 0; i < max_queued / 2 + 100; ++i) {
+    failed_calls += ::write(fd, "x", 1) != 1;
+    failed_calls += ::fchmod(fd, (i % 2) ? 0600 : 0640) != 0;
+  }
+  ::close(fd);
+  REQUIRE(failed_calls == 0);
+  auto a2 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", a2);
+  CHECK(f.served("a.test") == id_of(a));
+  auto before = w.counters();
+  REQUIRE(w.start());
+  CHECK(wait_for([&] { return f.served("a.test") == id_of(a2); }));
+  auto after = w.counters();
+  CHECK(after.full_checks >= before.full_checks + 1);
+  CHECK(after.pairs_checked - before.pairs_checked >= 2);  // b.test was looked at as well
+  CHECK(f.served("b.test") == id_of(b));
+  CHECK(after.failed == 0);
+  bool logged = false;
+  for (const auto& l : f.logger.lines()) logged = logged || l.find("inotify queue overflowed") != std::string::npos;
+  CHECK(logged);
+  w.stop();
 }
 
 TEST_CASE("watcher stop returns promptly while a change waits for its debounce") {
