@@ -33,6 +33,7 @@
 #include <ctime>
 #include <sys/resource.h>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -371,8 +372,11 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
     auto ca_key = p256();
     auto ca = make("Bench Swap CA", ca_key.get(), nullptr, ca_key.get(), true, "", 1);
     std::string ca_pem = pem_of(ca.get());
+    // l.certs is in directory order, not in i order: find each name's certificate.
+    std::unordered_map<std::string, std::shared_ptr<const tlsreload::Certificate>> by_name;
+    for (const auto& c : l.certs) by_name[c->names().front()] = c;
     for (size_t i = 0; i < total && swap_set.size() < 512; ++i) {
-      if (i % 10 == 9) continue;
+      if (i % 10 == 9 || !by_name.count(name_for(i))) continue;
       auto key = p256();
       auto leaf = make(name_for(i), key.get(), ca.get(), ca_key.get(), false, "DNS:" + name_for(i),
                        static_cast<long>(i + 1000000));
@@ -381,7 +385,7 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
         std::cerr << "swap set: " << alt.error().message << "\n";
         std::exit(2);
       }
-      swap_set.emplace_back(l.certs[i], *alt);
+      swap_set.emplace_back(by_name[name_for(i)], *alt);
     }
   }
   enum class Writer { none, swap, idle, remove_publish };
@@ -395,8 +399,20 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
     double per_cpu_s = 0;   // lookups per reader CPU second
     double swaps_per_s = 0;
     double writer_cpu_us_per_swap = 0;
+    double versions_per_swap = 0;  // new snapshots per swap: 1 for a replacing publish
   };
   size_t swap_k = 0;  // carries on across phases, so each phase swaps different names
+  // remove + publish walks the other certificates (one in the swap set would take its name
+  // back from the alternative and turn later swaps into no-ops).
+  std::vector<std::shared_ptr<const tlsreload::Certificate>> rp_certs;
+  {
+    std::unordered_set<const tlsreload::Certificate*> in_set;
+    for (auto& [a, b] : swap_set) in_set.insert(a.get());
+    for (auto& c : l.certs) {
+      if (!in_set.count(c.get())) rp_certs.push_back(c);
+    }
+  }
+  size_t rp_k = 0;
   auto names = sample_names(total, total, false, rng);
   auto throughput = [&](Writer kind) {
     std::atomic<bool> stop{false};
@@ -429,6 +445,7 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
     uint64_t swaps = 0;
     double writer_wall_s = 0;
     int64_t writer_cpu_ns = 0;
+    const uint64_t version0 = l.store->version();
     if (kind != Writer::none) {
       w = std::thread([&] {
         int64_t cpu0 = thread_cpu_ns();
@@ -439,11 +456,11 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
             auto& [a, b] = swap_set[swap_k % swap_set.size()];
             (void)l.store->publish((swap_k / swap_set.size()) % 2 == 0 ? b : a);
           } else if (kind == Writer::remove_publish) {
-            auto& c = l.certs[swap_k % total];
+            auto& c = rp_certs[rp_k++ % rp_certs.size()];
             (void)l.store->remove(c->id());
             (void)l.store->publish(c);
           }
-          ++swap_k;
+          if (kind == Writer::swap) ++swap_k;
           ++swaps;
           // Paced by absolute deadlines 1 ms apart (not sleep(1 ms), which drifts below the
           // rate): one swap per wake-up, except after a preemption, when the writer catches up
@@ -472,6 +489,7 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
     p.per_cpu_s = double(ops) / (double(cpu) / 1e9);
     if (writer_wall_s > 0) p.swaps_per_s = double(swaps) / writer_wall_s;
     if (swaps > 0) p.writer_cpu_us_per_swap = double(writer_cpu_ns) / 1e3 / double(swaps);
+    if (swaps > 0) p.versions_per_swap = double(l.store->version() - version0) / double(swaps);
     return p;
   };
   // The phases alternate (`rounds` rounds, 5 by default, of: no writer, swaps, idle writer, remove+publish), and each
@@ -484,7 +502,7 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
   // the readers themselves (cache misses, refreshes, interrupts), leaving out its own CPU time,
   // which writer_cpu_us_per_swap gives.
   struct Series {
-    std::vector<double> ratio, cpu_ratio, swaps, writer_us;
+    std::vector<double> ratio, cpu_ratio, swaps, writer_us, versions;
   };
   std::map<std::string, Series> series;
   std::vector<double> quiet_v, busy_v;
@@ -500,6 +518,7 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
       s.cpu_ratio.push_back(busy.per_cpu_s / quiet.per_cpu_s);
       s.swaps.push_back(busy.swaps_per_s);
       s.writer_us.push_back(busy.writer_cpu_us_per_swap);
+      s.versions.push_back(busy.versions_per_swap);
       if (kind == Writer::swap) busy_v.push_back(busy.per_s);
     }
   }
@@ -513,6 +532,7 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool 
     out["reader_throughput_ratios_per_cpu_s_" + suffix] = s.cpu_ratio;
     out["writer_per_s_" + suffix] = median(s.swaps);
     out["writer_cpu_us_per_swap_" + suffix] = median(s.writer_us);
+    out["snapshots_per_swap_" + suffix] = median(s.versions);
   }
   out["writer_swaps_per_s"] = median(series["swap"].swaps);
   std::cout << out.dump() << "\n";
