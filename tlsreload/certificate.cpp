@@ -474,10 +474,20 @@ std::chrono::system_clock::time_point clamp_time(std::int64_t secs) {
 std::shared_ptr<const detail::IssuerNames> intern_issuer(std::string_view der, const X509_NAME* parsed) {
   static auto* mu = new std::mutex;
   static auto* table = new std::unordered_map<std::string, std::shared_ptr<const detail::IssuerNames>>;
+  // A bulk load sees one issuer over and over: compare with this thread's last one first
+  // (no allocation, no mutex). Entries are never removed, so the last one stays valid.
+  thread_local std::string last_der;
+  thread_local std::shared_ptr<const detail::IssuerNames> last;
+  if (last && der == last_der) return last;
+  auto remember = [&](std::shared_ptr<const detail::IssuerNames> found) {
+    last_der.assign(der);
+    last = found;
+    return found;
+  };
   {
     std::lock_guard lock(*mu);
     auto it = table->find(std::string(der));
-    if (it != table->end()) return it->second;
+    if (it != table->end()) return remember(it->second);
   }
   auto names = std::make_shared<detail::IssuerNames>();
   ossl::X509NamePtr owned;
@@ -492,13 +502,23 @@ std::shared_ptr<const detail::IssuerNames> intern_issuer(std::string_view der, c
     names->dn = name_dn(parsed);
   }
   std::lock_guard lock(*mu);
-  return table->try_emplace(std::string(der), std::move(names)).first->second;
+  return remember(table->try_emplace(std::string(der), std::move(names)).first->second);
 }
 
+// sha256_hex computes a leaf's fingerprint. The digest is fetched from the provider once and
+// each thread reuses one context: EVP_Digest(EVP_sha256()) fetched the algorithm on every call
+// (OpenSSL 3.0's provider lookup takes a global lock and compares names), about as costly as
+// hashing the certificate itself at bulk-load rates.
 std::string sha256_hex(std::string_view der, Certificate::Sha256& out, bool& ok) {
+  static const EVP_MD* md = [] {
+    const EVP_MD* fetched = EVP_MD_fetch(nullptr, "SHA256", nullptr);  // leaked: process-wide
+    return fetched ? fetched : EVP_sha256();
+  }();
+  thread_local ossl::EvpMdCtxPtr ctx(EVP_MD_CTX_new());
   unsigned int len = 0;
-  ok = EVP_Digest(der.data(), der.size(), out.data(), &len, EVP_sha256(), nullptr) == 1 &&
-       len == out.size();
+  ok = ctx && EVP_DigestInit_ex2(ctx.get(), md, nullptr) == 1 &&
+       EVP_DigestUpdate(ctx.get(), der.data(), der.size()) == 1 &&
+       EVP_DigestFinal_ex(ctx.get(), out.data(), &len) == 1 && len == out.size();
   return hex(out.data(), out.size());
 }
 

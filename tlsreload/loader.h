@@ -80,7 +80,9 @@ struct DirectoryScan {
 [[nodiscard]] Result<DirectoryScan> find_certbot_pairs(const std::filesystem::path& dir);
 
 // load_directory is find_certbot_pairs followed by load_pairs (with the existence checks of
-// the scan done by the loading threads, one open() per file).
+// the scan done by the loading threads, one openat() per file relative to the directory's
+// descriptor). Each file is read with fstat and one read() when it is a regular file; other
+// files (a FIFO) are read until end of file. Same results and messages as the two calls.
 // To reload on change, see CertWatcher (tlsreload/watcher.h).
 [[nodiscard]] Result<LoadReport> load_directory(const std::filesystem::path& dir,
                                                 const LoadOptions& options = bulk_load_options());

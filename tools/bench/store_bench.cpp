@@ -6,9 +6,11 @@
 //   store_bench watch DIR        CertWatcher: time to add DIR/live (load + inotify watches),
 //                                time from a new certificate written for one pair to its
 //                                publish, and the cost of a full rescan (SIGHUP)
-//   store_bench lookup DIR [S]   lookup latency at 1, 1,000 and all certificates; publish
-//                                latency; reader throughput under swaps (S seconds with and
-//                                S without a writer, in 5 alternating pairs); atomic<shared_ptr>
+//   store_bench lookup DIR [S [R]]  lookup latency at 1, 1,000 and all certificates; publish
+//                                latency; reader throughput under swaps (S seconds, default 2,
+//                                of each kind of phase, in R rounds, default 5, of alternating
+//                                phases); atomic<shared_ptr>
+//   store_bench swaps DIR [S [R]]   only the reader throughput part of lookup
 //
 // Each mode prints one JSON object as its last line. tools/bench/run store merges them.
 // Every tenth name is a wildcard ("*.wN.bench.test"), so wildcard hits are measured too.
@@ -24,6 +26,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <array>
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -31,7 +35,9 @@
 #include <string>
 #include <thread>
 #include <ctime>
+#include <sys/resource.h>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -160,12 +166,15 @@ struct Loaded {
   std::shared_ptr<tlsreload::CertStore> store;
   std::vector<std::shared_ptr<const tlsreload::Certificate>> certs;
   double seconds = 0;
+  double user_s = 0, sys_s = 0;  // CPU time of the load, all threads (getrusage)
   size_t failures = 0;
 };
 
 Loaded load(const fs::path& dir) {
   Loaded out;
   out.store = std::make_shared<tlsreload::CertStore>();
+  rusage ru0{};
+  getrusage(RUSAGE_SELF, &ru0);
   auto t0 = SteadyClock::now();
   auto report = tlsreload::load_directory(dir / "live");
   if (!report) {
@@ -174,6 +183,11 @@ Loaded load(const fs::path& dir) {
   }
   tlsreload::publish_all(*out.store, *report);
   out.seconds = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  rusage ru1{};
+  getrusage(RUSAGE_SELF, &ru1);
+  auto secs = [](const timeval& t) { return double(t.tv_sec) + double(t.tv_usec) / 1e6; };
+  out.user_s = secs(ru1.ru_utime) - secs(ru0.ru_utime);
+  out.sys_s = secs(ru1.ru_stime) - secs(ru0.ru_stime);
   out.failures = report->failures.size();
   for (auto& f : report->failures) std::cerr << f.path << ": " << f.error.message << "\n";
   out.certs = std::move(report->certificates);
@@ -186,6 +200,7 @@ int load_mode(const fs::path& dir) {
   size_t after = rss_bytes();
   size_t n = l.certs.size();
   json out{{"count", n}, {"failures", l.failures}, {"load_s", l.seconds},
+           {"load_user_s", l.user_s}, {"load_sys_s", l.sys_s}, {"load_cpu_s", l.user_s + l.sys_s},
            {"rss_bytes_per_cert", n ? double(after - before) / double(n) : 0.0}};
   // The same store with the OpenSSL object cache full (every certificate used once, so the
   // cache holds its capacity of hot entries): the memory a busy server actually has.
@@ -286,14 +301,14 @@ int openssl_mode(const fs::path& dir) {
   return 0;
 }
 
-int lookup_mode(const fs::path& dir, double seconds_per_phase) {
+int lookup_mode(const fs::path& dir, double seconds_per_phase, int rounds, bool latency) {
   Loaded l = load(dir);
   const size_t total = l.certs.size();
   std::mt19937_64 rng(42);
   json out;
 
   // Latency at several sizes: a store holding the first `size` certificates.
-  for (size_t size : {size_t(1), size_t(1000), total}) {
+  for (size_t size : latency ? std::vector<size_t>{1, 1000, total} : std::vector<size_t>{}) {
     if (size > total) continue;
     tlsreload::CertStore store;
     for (size_t i = 0; i < size; ++i) (void)store.publish(l.certs[i]);
@@ -311,11 +326,11 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase) {
   }
   out["certificates"] = total;
 
-  openssl_figures(l, out);
+  if (latency) openssl_figures(l, out);
 
   // Baseline: the same names in one std::unordered_map behind std::atomic<std::shared_ptr>,
   // GCC 12's version of which takes a spin lock on every load.
-  {
+  if (latency) {
     using Map = std::unordered_map<std::string, std::shared_ptr<const tlsreload::Certificate>>;
     auto map = std::make_shared<Map>();
     for (size_t i = 0; i < total; ++i) (*map)[sni_for(i)] = l.certs[i];
@@ -330,7 +345,7 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase) {
   }
 
   // Publish latency into the full store: alternate two certificates for one name's slot.
-  {
+  if (latency) {
     auto& store = *l.store;
     std::vector<double> us;
     // Re-publishing certificate i replaces whatever holds its names; to force a real change,
@@ -346,46 +361,120 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase) {
     out["publish_us_p50"] = median(us);
   }
 
-  // Reader throughput on 2 threads, without and with a writer publishing 1,000 times a second.
-  auto throughput = [&](bool writer_on) {
+  // Reader throughput on 2 threads, without and with a writer making 1,000 swaps a second.
+  //
+  // A swap is one publish() that replaces the certificate of a name by another one (what a
+  // renewal or a reload does): one new snapshot, and the name is never absent. The second set
+  // of certificates is built here (same names as the first 512 non-wildcard certificates, a
+  // throwaway CA, fully validated before the phases start); the writer alternates them.
+  // The earlier definition, remove() + publish() of one certificate (two snapshots, and the
+  // name missing in between), is still measured for comparison ("remove_publish"). "idle" is a
+  // writer that wakes up 1,000 times a second and does nothing: what the wake-ups alone cost.
+  std::vector<std::pair<std::shared_ptr<const tlsreload::Certificate>,
+                        std::shared_ptr<const tlsreload::Certificate>>> swap_set;
+  {
+    auto ca_key = p256();
+    auto ca = make("Bench Swap CA", ca_key.get(), nullptr, ca_key.get(), true, "", 1);
+    std::string ca_pem = pem_of(ca.get());
+    // l.certs is in directory order, not in i order: find each name's certificate.
+    std::unordered_map<std::string, std::shared_ptr<const tlsreload::Certificate>> by_name;
+    for (const auto& c : l.certs) by_name[c->names().front()] = c;
+    for (size_t i = 0; i < total && swap_set.size() < 512; ++i) {
+      if (i % 10 == 9 || !by_name.count(name_for(i))) continue;
+      auto key = p256();
+      auto leaf = make(name_for(i), key.get(), ca.get(), ca_key.get(), false, "DNS:" + name_for(i),
+                       static_cast<long>(i + 1000000));
+      auto alt = tlsreload::Certificate::from_pem(pem_of(leaf.get()) + ca_pem, key_pem_of(key.get()));
+      if (!alt) {
+        std::cerr << "swap set: " << alt.error().message << "\n";
+        std::exit(2);
+      }
+      swap_set.emplace_back(by_name[name_for(i)], *alt);
+    }
+  }
+  enum class Writer { none, swap, idle, remove_publish };
+  auto thread_cpu_ns = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+  };
+  struct Phase {
+    double per_s = 0;       // lookups per second, both readers (each over its own run time)
+    double per_cpu_s = 0;   // lookups per reader CPU second
+    double swaps_per_s = 0;
+    double writer_cpu_us_per_swap = 0;
+    double versions_per_swap = 0;  // new snapshots per swap: 1 for a replacing publish
+  };
+  size_t swap_k = 0;  // carries on across phases, so each phase swaps different names
+  // remove + publish walks the other certificates (one in the swap set would take its name
+  // back from the alternative and turn later swaps into no-ops).
+  std::vector<std::shared_ptr<const tlsreload::Certificate>> rp_certs;
+  {
+    std::unordered_set<const tlsreload::Certificate*> in_set;
+    for (auto& [a, b] : swap_set) in_set.insert(a.get());
+    for (auto& c : l.certs) {
+      if (!in_set.count(c.get())) rp_certs.push_back(c);
+    }
+  }
+  size_t rp_k = 0;
+  auto names = sample_names(total, total, false, rng);
+  auto throughput = [&](Writer kind) {
     std::atomic<bool> stop{false};
-    std::atomic<uint64_t> ops{0};
-    std::atomic<int64_t> cpu_ns{0};
-    auto names = sample_names(total, total, false, rng);
-    auto thread_cpu_ns = [] {
-      timespec ts{};
-      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-      return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+    struct alignas(64) ReaderResult {
+      uint64_t ops = 0;
+      double wall_s = 0;
+      int64_t cpu_ns = 0;
     };
-    auto reader = [&] {
+    std::array<ReaderResult, 2> results;
+    auto reader = [&](ReaderResult& r, size_t idx) {
       uint64_t local = 0;
-      size_t idx = 0;
+      uintptr_t sink = 0;  // per thread: a shared sink line would bounce between the readers
       int64_t cpu0 = thread_cpu_ns();
+      auto t0 = SteadyClock::now();
       while (!stop.load(std::memory_order_relaxed)) {
         for (int k = 0; k < 256; ++k) {
-          g_sink = l.store->lookup_for_handshake(names[idx], true);
+          sink ^= reinterpret_cast<uintptr_t>(l.store->lookup_for_handshake(names[idx], true));
           if (++idx == names.size()) idx = 0;
         }
         local += 256;
       }
-      ops += local;
-      cpu_ns += thread_cpu_ns() - cpu0;
+      r.wall_s = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+      r.cpu_ns = thread_cpu_ns() - cpu0;
+      r.ops = local;
+      g_sink = reinterpret_cast<const void*>(sink);
     };
-    std::thread r1(reader), r2(reader);
+    std::thread r1(reader, std::ref(results[0]), size_t{0}),
+        r2(reader, std::ref(results[1]), names.size() / 2);
     std::thread w;
-    std::atomic<uint64_t> swaps{0};
-    if (writer_on) {
+    uint64_t swaps = 0;
+    double writer_wall_s = 0;
+    int64_t writer_cpu_ns = 0;
+    const uint64_t version0 = l.store->version();
+    if (kind != Writer::none) {
       w = std::thread([&] {
-        size_t k = 0;
-        auto next = SteadyClock::now();
-        while (!stop.load()) {
-          auto& c = l.certs[k++ % total];
-          (void)l.store->remove(c->id());
-          (void)l.store->publish(c);
+        int64_t cpu0 = thread_cpu_ns();
+        auto t0 = SteadyClock::now();
+        auto next = t0;
+        while (!stop.load(std::memory_order_relaxed)) {
+          if (kind == Writer::swap) {
+            auto& [a, b] = swap_set[swap_k % swap_set.size()];
+            (void)l.store->publish((swap_k / swap_set.size()) % 2 == 0 ? b : a);
+          } else if (kind == Writer::remove_publish) {
+            auto& c = rp_certs[rp_k++ % rp_certs.size()];
+            (void)l.store->remove(c->id());
+            (void)l.store->publish(c);
+          }
+          if (kind == Writer::swap) ++swap_k;
           ++swaps;
+          // Paced by absolute deadlines 1 ms apart (not sleep(1 ms), which drifts below the
+          // rate): one swap per wake-up, except after a preemption, when the writer catches up
+          // back to back so that the average stays 1,000 a second. The rate achieved (over the
+          // writer's own run time) is reported.
           next += std::chrono::milliseconds(1);
           std::this_thread::sleep_until(next);
         }
+        writer_wall_s = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+        writer_cpu_ns = thread_cpu_ns() - cpu0;
       });
     }
     std::this_thread::sleep_for(std::chrono::duration<double>(seconds_per_phase));
@@ -393,36 +482,63 @@ int lookup_mode(const fs::path& dir, double seconds_per_phase) {
     r1.join();
     r2.join();
     if (w.joinable()) w.join();
-    struct Phase {
-      double per_s, swaps_per_s, per_cpu_s;
-    };
-    return Phase{double(ops.load()) / seconds_per_phase, double(swaps.load()) / seconds_per_phase,
-                 double(ops.load()) / (double(cpu_ns.load()) / 1e9)};
+    Phase p;
+    uint64_t ops = 0;
+    int64_t cpu = 0;
+    for (auto& r : results) {
+      p.per_s += double(r.ops) / r.wall_s;
+      ops += r.ops;
+      cpu += r.cpu_ns;
+    }
+    p.per_cpu_s = double(ops) / (double(cpu) / 1e9);
+    if (writer_wall_s > 0) p.swaps_per_s = double(swaps) / writer_wall_s;
+    if (swaps > 0) p.writer_cpu_us_per_swap = double(writer_cpu_ns) / 1e3 / double(swaps);
+    if (swaps > 0) p.versions_per_swap = double(l.store->version() - version0) / double(swaps);
+    return p;
   };
-  // Quiet and busy phases alternate (5 pairs), and the ratio is the median of the per-pair
-  // ratios: on a shared machine the background load drifts over seconds, and two long phases
-  // in a row mostly measured that drift.
-  // Also reported: the same ratio per reader CPU second (lookups / CPU time of the reader
-  // threads), which other processes' load does not move: it shows what the swaps cost the
-  // readers themselves (cache misses, refreshes), leaving out the writer's own CPU time.
-  std::vector<double> quiet_v, busy_v, ratios, swaps_v, cpu_ratios;
-  seconds_per_phase /= 5;
-  for (int pair = 0; pair < 5; ++pair) {
-    auto quiet = throughput(false);
-    auto busy = throughput(true);
+  // The phases alternate (`rounds` rounds, 5 by default, of: no writer, swaps, idle writer, remove+publish), and each
+  // ratio is the median of the per-round ratios against that round's no-writer phase: on a
+  // shared machine the background load drifts over seconds, and long phases in a row mostly
+  // measured that drift. Every phase has the same two reader threads, the same names and the
+  // same length (unpinned, like the server's threads); rates use each reader's own run time.
+  // Also reported: the ratios per reader CPU second (lookups / CPU time of the reader threads,
+  // CLOCK_THREAD_CPUTIME_ID), which other processes' load does not move: what the writer costs
+  // the readers themselves (cache misses, refreshes, interrupts), leaving out its own CPU time,
+  // which writer_cpu_us_per_swap gives.
+  struct Series {
+    std::vector<double> ratio, cpu_ratio, swaps, writer_us, versions;
+  };
+  std::map<std::string, Series> series;
+  std::vector<double> quiet_v, busy_v;
+  seconds_per_phase /= rounds;
+  for (int round = 0; round < rounds; ++round) {
+    Phase quiet = throughput(Writer::none);
     quiet_v.push_back(quiet.per_s);
-    busy_v.push_back(busy.per_s);
-    swaps_v.push_back(busy.swaps_per_s);
-    ratios.push_back(busy.per_s / quiet.per_s);
-    cpu_ratios.push_back(busy.per_cpu_s / quiet.per_cpu_s);
+    for (auto [kind, label] : {std::pair{Writer::swap, "swap"}, std::pair{Writer::idle, "idle"},
+                               std::pair{Writer::remove_publish, "remove_publish"}}) {
+      Phase busy = throughput(kind);
+      auto& s = series[label];
+      s.ratio.push_back(busy.per_s / quiet.per_s);
+      s.cpu_ratio.push_back(busy.per_cpu_s / quiet.per_cpu_s);
+      s.swaps.push_back(busy.swaps_per_s);
+      s.writer_us.push_back(busy.writer_cpu_us_per_swap);
+      s.versions.push_back(busy.versions_per_swap);
+      if (kind == Writer::swap) busy_v.push_back(busy.per_s);
+    }
   }
-  out["reader_throughput_ratio_per_cpu_s"] = median(cpu_ratios);
-  out["reader_throughput_ratios_per_cpu_s"] = cpu_ratios;
   out["reader_lookups_per_s_no_writer"] = median(quiet_v);
   out["reader_lookups_per_s_under_swaps"] = median(busy_v);
-  out["writer_swaps_per_s"] = median(swaps_v);
-  out["reader_throughput_ratio_under_swaps"] = median(ratios);
-  out["reader_throughput_ratios"] = ratios;
+  for (auto& [label, s] : series) {
+    std::string suffix = label == "swap" ? "under_swaps" : label;
+    out["reader_throughput_ratio_" + suffix] = median(s.ratio);
+    out["reader_throughput_ratios_" + suffix] = s.ratio;
+    out["reader_throughput_ratio_per_cpu_s_" + suffix] = median(s.cpu_ratio);
+    out["reader_throughput_ratios_per_cpu_s_" + suffix] = s.cpu_ratio;
+    out["writer_per_s_" + suffix] = median(s.swaps);
+    out["writer_cpu_us_per_swap_" + suffix] = median(s.writer_us);
+    out["snapshots_per_swap_" + suffix] = median(s.versions);
+  }
+  out["writer_swaps_per_s"] = median(series["swap"].swaps);
   std::cout << out.dump() << "\n";
   return 0;
 }
@@ -554,7 +670,13 @@ int main(int argc, char** argv) {
   if (argc >= 4 && std::string(argv[1]) == "gen") return gen(argv[2], std::stoul(argv[3]));
   if (argc >= 3 && std::string(argv[1]) == "load") return load_mode(argv[2]);
   if (argc >= 3 && std::string(argv[1]) == "openssl") return openssl_mode(argv[2]);
-  if (argc >= 3 && std::string(argv[1]) == "lookup") return lookup_mode(argv[2], argc >= 4 ? std::stod(argv[3]) : 2.0);
-  std::cerr << "usage: store_bench gen DIR N | load DIR | watch DIR | lookup DIR [seconds]\n";
+  if (argc >= 3 && std::string(argv[1]) == "lookup") {
+    return lookup_mode(argv[2], argc >= 4 ? std::stod(argv[3]) : 2.0, argc >= 5 ? std::stoi(argv[4]) : 5, true);
+  }
+  if (argc >= 3 && std::string(argv[1]) == "swaps") {
+    return lookup_mode(argv[2], argc >= 4 ? std::stod(argv[3]) : 2.0, argc >= 5 ? std::stoi(argv[4]) : 5, false);
+  }
+  std::cerr << "usage: store_bench gen DIR N | load DIR | lookup DIR [S [R]] | swaps DIR [S [R]] | "
+               "openssl DIR | watch DIR\n";
   return 2;
 }

@@ -27,6 +27,30 @@ struct Fixture {
   }
 };
 
+// reflow rewrites each PEM block's base64 body with `width` characters a line (0: one line)
+// and `eol` line endings, to exercise the base64 decoder's line handling.
+std::string reflow(const std::string& pem, std::size_t width, const std::string& eol) {
+  std::string out, body;
+  std::size_t pos = 0;
+  while (pos < pem.size()) {
+    std::size_t nl = pem.find('\n', pos);
+    std::string line = pem.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos);
+    pos = nl == std::string::npos ? pem.size() : nl + 1;
+    if (line.starts_with("-----BEGIN")) {
+      out += line + eol;
+      body.clear();
+    } else if (line.starts_with("-----END")) {
+      for (std::size_t i = 0; i < body.size(); i += width ? width : body.size()) {
+        out += body.substr(i, width ? width : body.size()) + eol;
+      }
+      out += line + eol;
+    } else {
+      body += line;
+    }
+  }
+  return out;
+}
+
 bool contains(const std::string& haystack, std::string_view needle) {
   return haystack.find(needle) != std::string::npos;
 }
@@ -302,6 +326,15 @@ TEST_CASE_FIXTURE(Fixture, "certificate deferred fast path reads the same metada
   SUBCASE("ec384 sec1") {
     auto leaf = ca.issue({"ec384.test"}, TestKeyType::ec384);
     check_same(ca.chain_pem(leaf), testing::key_to_pem_traditional(leaf.key.get()));
+  }
+  SUBCASE("base64 bodies with other line shapes (the fast decoder's line handling)") {
+    auto leaf = ca.issue({"lines.test"});
+    for (std::size_t width : {std::size_t{76}, std::size_t{4}, std::size_t{5}, std::size_t{0}}) {
+      for (std::string eol : {"\n", "\r\n"}) {
+        CAPTURE(width);
+        check_same(reflow(ca.chain_pem(leaf), width, eol), reflow(leaf.key_pem, width, eol));
+      }
+    }
   }
   SUBCASE("rsa pkcs1 and pkcs8, chain up to the root") {
     auto leaf = ca.issue({"rsa.test"}, TestKeyType::rsa2048);

@@ -86,6 +86,46 @@ TEST_CASE("loader reads a certbot directory and reports each bad file") {
   CHECK(store.lookup("bad.test") == nullptr);
 }
 
+TEST_CASE("loader follows certbot's symbolic links and reports a directory or oversized file") {
+  testing::FakeClock clock;
+  testing::TestCa ca("Loader", clock.now());
+  TempDir dir;
+  auto a = ca.issue({"a.test"});
+  auto b = ca.issue({"b.test"});
+  // certbot: live/<name>/*.pem are links into archive/<name>/; here also a linked pair directory.
+  write(dir.path / "archive" / "a.test" / "fullchain1.pem", ca.chain_pem(a));
+  write(dir.path / "archive" / "a.test" / "privkey1.pem", a.key_pem);
+  fs::create_directories(dir.path / "live" / "a.test");
+  fs::create_symlink("../../archive/a.test/fullchain1.pem", dir.path / "live" / "a.test" / "fullchain.pem");
+  fs::create_symlink("../../archive/a.test/privkey1.pem", dir.path / "live" / "a.test" / "privkey.pem");
+  write(dir.path / "elsewhere" / "b" / "fullchain.pem", ca.chain_pem(b));
+  write(dir.path / "elsewhere" / "b" / "privkey.pem", b.key_pem);
+  fs::create_directory_symlink(dir.path / "elsewhere" / "b", dir.path / "live" / "b.test");
+  fs::create_directories(dir.path / "live" / "dir.test" / "fullchain.pem");  // a directory
+  write(dir.path / "live" / "dir.test" / "privkey.pem", a.key_pem);
+  write(dir.path / "live" / "big.test" / "fullchain.pem", std::string((1 << 20) + 1, 'A'));
+  write(dir.path / "live" / "big.test" / "privkey.pem", a.key_pem);
+  write(dir.path / "live" / "empty.test" / "fullchain.pem", "");
+  write(dir.path / "live" / "empty.test" / "privkey.pem", a.key_pem);
+
+  LoadOptions o = bulk_load_options();
+  o.clock = &clock;
+  auto report = load_directory(dir.path, o);
+  REQUIRE_MESSAGE(report, report.error().message);
+  std::vector<std::string> names;
+  for (const auto& c : report->certificates) names.push_back(c->names().front());
+  CHECK(names == std::vector<std::string>{"a.test", "b.test"});
+  REQUIRE(report->failures.size() == 3);  // in name order: big, dir, empty
+  CHECK(report->failures[0].path == dir.path / "live" / "big.test" / "fullchain.pem");
+  CHECK(report->failures[0].error.message ==
+        (dir.path / "live" / "big.test" / "fullchain.pem").string() + ": larger than 1 MiB, not a PEM file");
+  CHECK(report->failures[1].path == dir.path / "live" / "dir.test" / "fullchain.pem");
+  CHECK(report->failures[1].error.message ==
+        (dir.path / "live" / "dir.test" / "fullchain.pem").string() + ": Is a directory");
+  CHECK(report->failures[2].path == dir.path / "live" / "empty.test" / "fullchain.pem");
+  CHECK(report->failures[2].error.message.ends_with("certificate chain: empty PEM input"));
+}
+
 TEST_CASE("loader explicit pairs and unreadable inputs") {
   testing::FakeClock clock;
   testing::TestCa ca("Loader", clock.now());
