@@ -139,6 +139,15 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
     r.status = fail(mo.error());
     return r;
   }
+  if (directory_url != tlsreload::kInternalIssuer && mo->issuers.empty() && !mo->transport) {
+    // One CA: connect to it and fetch its directory and a nonce now, while the responder
+    // starts and the manager takes the storage lock and loads the account (acme/prefetch.h).
+    // If the responder cannot start, returning waits for these requests (bounded by the
+    // transport's timeouts).
+    acme::CurlOptions curl;
+    curl.ca_bundle = mo->ca_bundle;
+    mo->transport = acme::make_prefetching_transport(acme::make_curl_transport(curl), directory_url);
+  }
   auto challenges = std::make_shared<tlsreload::ChallengeStore>();
   std::unique_ptr<Responder> responder;
   if (directory_url == tlsreload::kInternalIssuer) {
@@ -155,13 +164,6 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
     }
     responder = std::move(*started);
     ctx.out.info("answering " + o.challenge + " on " + address);
-  }
-  if (directory_url != tlsreload::kInternalIssuer && mo->issuers.empty() && !mo->transport) {
-    // One CA: connect to it and fetch its directory and a nonce now, while the manager takes
-    // the storage lock and loads the account (acme/prefetch.h).
-    acme::CurlOptions curl;
-    curl.ca_bundle = mo->ca_bundle;
-    mo->transport = acme::make_prefetching_transport(acme::make_curl_transport(curl), directory_url);
   }
   std::mutex mu;
   mo->on_event = [&](const tlsreload::ManagerEvent& e) {
