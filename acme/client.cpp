@@ -797,6 +797,31 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
   if (!order) return fail(order.error());
   progress(progress_event(Step::order, {}, {}, order->status, order->url));
 
+  Clock& clock = client.options().clock ? *client.options().clock : system_clock();
+  // settle waits until one poll step has passed since `since`.
+  auto settle = [&](Clock::time_point since) -> Status {
+    auto left = client.options().poll_initial - std::chrono::duration_cast<milliseconds>(clock.now() - since);
+    if (left > milliseconds(0) && !clock.sleep_for(left)) return fail(Errc::cancelled, "obtain: cancelled");
+    return {};
+  };
+  std::optional<PrivateKey> key = request.key;
+  std::string key_pem;
+  std::optional<std::string> csr;
+  auto make_key_and_csr = [&]() -> Status {
+    if (!key) {
+      auto k = PrivateKey::generate(request.key_type);
+      if (!k) return fail(k.error());
+      key = std::move(*k);
+    }
+    auto pem = key->to_pem();
+    if (!pem) return fail(pem.error());
+    key_pem = std::move(*pem);
+    auto der = make_csr(*key, request.identifiers);
+    if (!der) return fail(der.error());
+    csr = std::move(*der);
+    return {};
+  };
+
   {
     CleanupGuard guard(solver);
     for (const auto& url : order->authorizations) {
@@ -827,9 +852,20 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
       auto r = client.respond(p.challenge);
       if (!r) return fail(r.error());
     }
+    const auto responded = clock.now();
+    // The certificate key and CSR are made while the CA validates (instead of after): for an
+    // RSA key that is most of a second the polls would otherwise spend waiting.
+    if (auto st = make_key_and_csr(); !st) return fail(st.error());
+    bool first = true;
     for (const auto& p : guard.presented()) {
       ProgressEvent waiting = progress_event(Step::validating, p.identifier.value, p.challenge.type, "pending", {});
       progress(waiting);
+      // No CA has validated at the instant it was told to: the first poll is one poll step
+      // after responding (less the time the key took), not at once.
+      if (first) {
+        if (auto st = settle(responded); !st) return fail(st.error());
+        first = false;
+      }
       auto a = client.poll_authorization(p.authz_url, progress.ticker(waiting));
       if (!a) return fail(a.error());
       if (a->status != "valid") {
@@ -846,36 +882,43 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
     }
   }
 
-  std::optional<PrivateKey> key = request.key;
-  if (!key) {
-    auto k = PrivateKey::generate(request.key_type);
-    if (!k) return fail(k.error());
-    key = std::move(*k);
+  if (!csr) {
+    // Every authorization was valid already: nothing was presented.
+    if (auto st = make_key_and_csr(); !st) return fail(st.error());
   }
-  auto key_pem = key->to_pem();
-  if (!key_pem) return fail(key_pem.error());
-  auto csr = make_csr(*key, request.identifiers);
-  if (!csr) return fail(csr.error());
 
-  // The order may still read "pending" for a moment after its last authorization turned valid.
-  if (order->status != "ready") {
+  // The order may still read "pending" for a moment after its last authorization turned
+  // valid. CAs that work its status out at each request (Boulder, Pebble) take the finalize at
+  // once, so it is sent without polling the order first; an orderNotReady answer (a CA that
+  // updates the order later) makes us poll until it is ready and finalize then.
+  progress(progress_event(Step::finalizing, {}, {}, order->status, order->url));
+  Result<Order> done = fail(Errc::protocol, "order not finalized");
+  bool finalized = false;
+  if (order->status == "ready" || order->status == "pending") {
+    done = client.finalize(*order, *csr);
+    finalized = done || !done.error().problem || !done.error().problem->is(problem_type::kOrderNotReady) ||
+                order->status == "ready";
+  }
+  if (!finalized) {
     order = client.poll_order(order->url);
     if (!order) return fail(order.error());
-  }
-  if (order->status != "ready") {
-    Error e(Errc::protocol, "order is " + order->status + ", not ready to finalize");
-    if (order->error) {
-      e.message += ": " + describe(*order->error);
-      e.problem = order->error;
+    if (order->status != "ready") {
+      Error e(Errc::protocol, "order is " + order->status + ", not ready to finalize");
+      if (order->error) {
+        e.message += ": " + describe(*order->error);
+        e.problem = order->error;
+      }
+      return fail(e);
     }
-    return fail(e);
+    done = client.finalize(*order, *csr);
   }
-  progress(progress_event(Step::finalizing, {}, {}, order->status, order->url));
-  auto done = client.finalize(*order, *csr);
   if (!done) return fail(done.error());
   if (done->status != "valid") {
+    const auto submitted = clock.now();
     ProgressEvent waiting = progress_event(Step::issuing, {}, {}, done->status, order->url);
     progress(waiting);
+    // Nor has a CA issued at the instant it got the CSR: the first poll is one step later.
+    if (auto st = settle(submitted); !st) return fail(st.error());
     done = client.poll_order(order->url, progress.ticker(waiting));
     if (!done) return fail(done.error());
   }
@@ -904,7 +947,7 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
     }
   }
   progress(progress_event(Step::downloaded, {}, {}, done->status, chosen_url));
-  return IssuedCertificate{std::move(chosen), std::move(*key_pem), std::move(chosen_url), std::move(*done)};
+  return IssuedCertificate{std::move(chosen), std::move(key_pem), std::move(chosen_url), std::move(*done)};
 }
 
 }  // namespace autotls::acme

@@ -96,7 +96,9 @@ std::string ca_storage_name(std::string_view directory_url);
 //
 // Writes are crash-safe: a temporary file in the same directory is written, fsync'ed, renamed
 // over the key and the directory is fsync'ed, so a reader never sees a partial file (the
-// atomicfile technique of certmagic). Directories are 0700, secret files 0600, others 0644.
+// atomicfile technique of certmagic); put_set writes a whole hidden version, makes it durable
+// with one sync (Sync) and switches to it with one rename. Directories are 0700, secret files
+// 0600, others 0644.
 // Locks are files under <root>/locks/ holding the owner and expiry (JSON); see try_lock.
 class FileStorage : public Storage {
  public:
@@ -114,6 +116,19 @@ class FileStorage : public Storage {
   // (renameat2 RENAME_EXCHANGE) and its old contents deleted. See docs/storage.md.
   Status put_set(std::string_view prefix, const std::vector<StorageFile>& files) override;
   static constexpr int kKeepVersions = 3;
+
+  // Sync is how put_set makes a new version durable before it switches live/<name> to it.
+  enum class Sync {
+    // One syncfs(2) of the storage's filesystem after the last file is written: one journal
+    // commit for every file and directory of the version (the default; docs/storage.md).
+    filesystem,
+    // fsync of each file, then of the version directory and archive/<name>/: for a storage
+    // on a filesystem where others keep much unwritten data, which syncfs would wait for too.
+    per_file,
+  };
+  // set_sync chooses the Sync; call it before the storage is used.
+  void set_sync(Sync sync) { sync_ = sync; }
+  Sync sync() const { return sync_; }
   Result<std::vector<std::string>> list(std::string_view prefix) override;
   Status remove(std::string_view key) override;
   Result<std::string> generation(std::string_view key) override;
@@ -129,6 +144,7 @@ class FileStorage : public Storage {
 
   std::filesystem::path root_;
   Clock* clock_;
+  Sync sync_ = Sync::filesystem;
 };
 
 }  // namespace autotls::tlsreload

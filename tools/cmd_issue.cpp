@@ -3,10 +3,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <random>
 #include <thread>
 
 #include "acme/ari.h"
+#include "acme/prefetch.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
 #include "tools/progress.h"
@@ -62,6 +64,7 @@ struct RunResult {
     const auto* e = issued();
     return e && !first_issuer.empty() && e->issuer != first_issuer;
   }
+  bool settings_saved = false;  // renewal.json went into the certificate's set (SettingsInSet)
   bool changed() const {
     return std::any_of(events.begin(), events.end(), [](const auto& e) {
       return e.type == tlsreload::ManagerEvent::Type::obtained || e.type == tlsreload::ManagerEvent::Type::renewed;
@@ -74,6 +77,48 @@ struct RunResult {
     if (!status) return status.error();
     return std::nullopt;
   }
+};
+
+// SettingsInSet is the storage the manager of `issue` writes through. It adds one more file
+// (renewal.json, the renewal settings) to the set of files of the certificate it persists
+// (put_set of live/<name>), so the settings land with the certificate in the same durable
+// switch instead of costing a put of their own (two more syncs) afterwards. Everything else
+// goes straight to the storage it wraps.
+class SettingsInSet final : public tlsreload::Storage {
+ public:
+  SettingsInSet(std::shared_ptr<tlsreload::Storage> inner, std::string prefix, tlsreload::StorageFile extra)
+      : inner_(std::move(inner)), prefix_(std::move(prefix)), extra_(std::move(extra)) {}
+
+  // saved reports whether a set with the extra file was stored.
+  bool saved() const { return saved_.load(); }
+
+  Result<std::optional<std::string>> get(std::string_view key) override { return inner_->get(key); }
+  Status put(std::string_view key, std::string_view value, bool secret) override { return inner_->put(key, value, secret); }
+  Status put_set(std::string_view prefix, const std::vector<tlsreload::StorageFile>& files) override {
+    if (prefix != prefix_ ||
+        std::any_of(files.begin(), files.end(), [&](const auto& f) { return f.name == extra_.name; })) {
+      return inner_->put_set(prefix, files);
+    }
+    std::vector<tlsreload::StorageFile> all = files;
+    all.push_back(extra_);
+    Status st = inner_->put_set(prefix, all);
+    if (st) saved_.store(true);
+    return st;
+  }
+  Result<std::vector<std::string>> list(std::string_view prefix) override { return inner_->list(prefix); }
+  Status remove(std::string_view key) override { return inner_->remove(key); }
+  Result<std::string> generation(std::string_view key) override { return inner_->generation(key); }
+  Result<std::optional<tlsreload::LockToken>> try_lock(std::string_view name, std::chrono::seconds ttl) override {
+    return inner_->try_lock(name, ttl);
+  }
+  Status refresh(const tlsreload::LockToken& token, std::chrono::seconds ttl) override { return inner_->refresh(token, ttl); }
+  Status unlock(const tlsreload::LockToken& token) override { return inner_->unlock(token); }
+
+ private:
+  std::shared_ptr<tlsreload::Storage> inner_;
+  std::string prefix_;
+  tlsreload::StorageFile extra_;
+  std::atomic<bool> saved_{false};
 };
 
 // check_challenge_options refuses combinations that cannot work before anything is started.
@@ -129,9 +174,11 @@ class NotingLogger : public Logger {
 };
 
 // run_manager runs the Manager for names with the options' challenge set-up: a standalone
-// responder or a webroot solver for http-01, a standalone listener for tls-alpn-01.
+// responder or a webroot solver for http-01, a standalone listener for tls-alpn-01. settings,
+// when given, is written with the certificate's files if one is obtained (SettingsInSet).
 RunResult run_manager(Context& ctx, const Options& o, const std::string& directory_url,
-                      const std::vector<std::string>& names, bool force) {
+                      const std::vector<std::string>& names, bool force,
+                      const tlsreload::StorageFile* settings = nullptr) {
   RunResult r;
   // o, not ctx.options: renew passes the settings saved in renewal.json.
   auto mo = manager_options(ctx, o, directory_url);
@@ -140,6 +187,15 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
     return r;
   }
   if (mo->issuers.size() > 1) r.first_issuer = mo->issuers.front().label();
+  if (directory_url != tlsreload::kInternalIssuer && mo->issuers.empty() && !mo->transport) {
+    // One CA: connect to it and fetch its directory and a nonce now, while the responder
+    // starts and the manager takes the storage lock and loads the account (acme/prefetch.h).
+    // If the responder cannot start, returning waits for these requests (bounded by the
+    // transport's timeouts).
+    acme::CurlOptions curl;
+    curl.ca_bundle = mo->ca_bundle;
+    mo->transport = acme::make_prefetching_transport(acme::make_curl_transport(curl), directory_url);
+  }
   auto challenges = std::make_shared<tlsreload::ChallengeStore>();
   std::unique_ptr<Responder> responder;
   if (directory_url == tlsreload::kInternalIssuer) {
@@ -168,9 +224,16 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
   mo->on_progress = progress.callback();
   NotingLogger logger(ctx.logger, progress);
   mo->logger = &logger;
-  tlsreload::Manager manager(std::move(*mo), ctx.storage, std::make_shared<tlsreload::CertStore>(), challenges);
+  std::shared_ptr<tlsreload::Storage> storage = ctx.storage;
+  std::shared_ptr<SettingsInSet> with_settings;
+  if (settings) {
+    with_settings = std::make_shared<SettingsInSet>(ctx.storage, "live/" + tlsreload::storage_name(names.front()), *settings);
+    storage = with_settings;
+  }
+  tlsreload::Manager manager(std::move(*mo), storage, std::make_shared<tlsreload::CertStore>(), challenges);
   r.status = manager.manage(names);
   if (r.status && force && !r.changed() && !r.failure()) r.status = manager.renew(names, true);
+  r.settings_saved = with_settings && with_settings->saved();
   return r;
 }
 
@@ -234,14 +297,21 @@ bool run_hooks(Context& ctx, const Options& o, const std::vector<tlsreload::Mana
   return ok;
 }
 
-// after_success prints the paths, saves the renewal settings and runs the deploy hook.
+// renewal_file is renewal.json as stored: 0600 when it holds a secret, like private keys.
+tlsreload::StorageFile renewal_file(const Options& o, const std::string& directory_url) {
+  return {"renewal.json", renewal_settings(o, directory_url).dump(2) + "\n", secret_settings(o)};
+}
+
+// after_success prints the paths, saves the renewal settings (unless they were stored with the
+// certificate already) and runs the hooks.
 int after_success(Context& ctx, const Options& o, const std::string& key, const std::vector<std::string>& names,
                   const std::string& directory_url, const std::string& action, const RunResult& r) {
   auto paths = live_paths(ctx.storage_root, key);
-  if (auto st = ctx.storage->put("live/" + key + "/renewal.json", renewal_settings(o, directory_url).dump(2) + "\n",
-                                 secret_settings(o));
-      !st) {
-    ctx.out.info("warning: cannot save renewal settings: " + st.error().message);
+  if (!r.settings_saved) {
+    auto f = renewal_file(o, directory_url);
+    if (auto st = ctx.storage->put("live/" + key + "/" + f.name, f.value, f.secret); !st) {
+      ctx.out.info("warning: cannot save renewal settings: " + st.error().message);
+    }
   }
   auto info = stored_certificate(*ctx.storage, key);
   json j = {{"status", action}, {"name", key}, {"names", names}};
@@ -332,7 +402,8 @@ int cmd_issue(Context& ctx) {
 
   ctx.out.info("obtaining a certificate for " + shown_list(names, " ") + " from " + issuer_labels(*issuers, ctx.directory_url) +
                " (" + o.challenge + ")");
-  auto r = run_manager(ctx, o, ctx.directory_url, names, force);
+  const auto settings = renewal_file(o, ctx.directory_url);
+  auto r = run_manager(ctx, o, ctx.directory_url, names, force, &settings);
   if (auto err = r.failure()) {
     // The failure is an event too: the event hook hears it (CAs no longer email about expiry).
     run_hooks(ctx, o, r.events);

@@ -548,19 +548,22 @@ acme::HttpResponse FakeAcmeServer::handle(const acme::HttpRequest& req) {
     r.headers.emplace_back("Location", ourl);
     return with_nonce(r);
   }
+  // update_order works a pending order's status out from its authorizations.
+  auto update_order = [&](auto& o) {
+    if (o.status != "pending") return;
+    bool all_valid = true, any_invalid = false;
+    for (auto& au : o.authzs) {
+      all_valid &= m.authzs[au].status == "valid";
+      any_invalid |= m.authzs[au].status == "invalid";
+    }
+    if (any_invalid) o.status = "invalid";
+    else if (all_valid) o.status = "ready";
+  };
   if (path.starts_with("/order/")) {
     auto it = m.orders.find(req.url);
     if (it == m.orders.end()) return with_nonce(problem(404, "malformed", "no such order"));
     auto& o = it->second;
-    if (o.status == "pending") {
-      bool all_valid = true, any_invalid = false;
-      for (auto& au : o.authzs) {
-        all_valid &= m.authzs[au].status == "valid";
-        any_invalid |= m.authzs[au].status == "invalid";
-      }
-      if (any_invalid) o.status = "invalid";
-      else if (all_valid) o.status = "ready";
-    }
+    update_order(o);
     if (o.status == "processing" && --o.polls_left <= 0) o.status = "valid";
     auto r = json_reply(200, order_json(req.url));
     if (o.status == "processing" || o.status == "pending") r = maybe_retry_after(r);
@@ -602,6 +605,7 @@ acme::HttpResponse FakeAcmeServer::handle(const acme::HttpRequest& req) {
     auto it = m.orders.find(ourl);
     if (it == m.orders.end()) return with_nonce(problem(404, "malformed", "no such order"));
     auto& o = it->second;
+    if (options_.order_ready_at_finalize) update_order(o);
     if (o.status != "ready") return with_nonce(problem(403, "orderNotReady", "order is " + o.status));
     auto der = base64url_decode(payload.value("csr", ""));
     if (!der) return with_nonce(problem(400, "badCSR", "csr is not base64url"));

@@ -35,6 +35,9 @@ class FakeAcmeServer {
     std::string eab_kid, eab_hmac_b64url;  // checked when external_account_required
     int authz_pending_polls = 1;           // polls an authorization stays "pending" after respond
     int order_processing_polls = 1;        // polls an order stays "processing" after finalize
+    // An order turns "ready" only when polled (a CA that updates it later), unless this is
+    // set: then finalize works its status out too, as Boulder and Pebble do at every request.
+    bool order_ready_at_finalize = false;
     std::optional<int> poll_retry_after;   // Retry-After seconds on pending/processing replies
     std::set<std::string> failing_identifiers;  // challenges for these end "invalid"
     bool alternate_chain = true;

@@ -11,10 +11,13 @@
 #   uacme    `uacme issue` with a hook that hands the key authorization to a second challtestsrv
 #            on the http-01 port (started before and stopped after each uacme run, untimed)
 # Each client first does one untimed warm-up issuance (it registers the account, which the timed
-# runs then reuse, as a real renewal would, and warms the page cache). Then RUNS rounds (5; 3
+# runs then reuse, as a real renewal would, and warms the page cache). Then RUNS rounds (9; 3
 # with --quick); in each round every client runs once, the order rotating between rounds. Wall
-# time is measured around the client process; peak RSS is GNU time's %M (max RSS of the process
-# or its largest waited-for child, KiB). The last line is one JSON object with the medians.
+# time is measured around the client process; CPU time is GNU time's %U + %S and peak RSS its
+# %M (the process and its waited-for children: uacme's hook counts, KiB for RSS). The last line
+# is one JSON object with the medians. 9 rounds, not 5: uacme and lego sleep a flat ~5 s in
+# about a third of their runs, and with 5 runs their median flips between modes from one
+# bench run to the next; `*_fast_s` and `ratio_vs_uacme_fast` compare the fast modes alone.
 #
 # Environment: CLI_RUNS (rounds), CLI_PEERS ("uacme lego certbot"), KEEP_TMP=1 (keep the
 # scratch dir and logs; also kept when a run fails), CLI_TIMEOUT_S (60, per client run),
@@ -30,7 +33,7 @@ autotls="$root/$build/tools/autotls"
 [ -x "$autotls" ] || autotls="$build/tools/autotls"
 [ -x "$autotls" ] || { echo "cli.sh: $autotls not built" >&2; exit 2; }
 
-runs="${CLI_RUNS:-5}"
+runs="${CLI_RUNS:-9}"
 [ "$quick" = 1 ] && runs="${CLI_RUNS:-3}"
 peers="${CLI_PEERS-uacme lego certbot}"
 per_run_timeout="${CLI_TIMEOUT_S:-60}"
@@ -50,19 +53,22 @@ bench_pebble
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- one run per client ----------------------------------------------------------------------
-# Each run_<tool> NAME issues one certificate for NAME and leaves "WALL_S RSS_KIB RC" in
+# Each run_<tool> NAME issues one certificate for NAME and leaves "WALL_S RSS_KIB CPU_S RC" in
 # $result. The wall time covers the client process only (GNU time's own fork/exec included,
 # the same for every client).
 result=""
-timed() {  # timed LOG CMD...: wall time + peak RSS of CMD
+# rss_cpu FILE: "RSS_KIB CPU_S" from GNU time's "%M %U %S" line in FILE.
+rss_cpu() { tail -n 1 "$1" 2>/dev/null | awk 'NF == 3 { printf "%s %.3f", $1, $2 + $3; ok = 1 } END { if (!ok) print "0 0" }'; }
+timed() {  # timed LOG CMD...: wall time, peak RSS and CPU time of CMD
   local logf="$1"; shift
   local t0 t1 rc=0
   t0=$EPOCHREALTIME
-  /usr/bin/time -f %M -o "$tmp/rss" timeout "$per_run_timeout" "$@" >>"$logf" 2>&1 || rc=$?
+  /usr/bin/time -f "%M %U %S" -o "$tmp/rss" timeout "$per_run_timeout" "$@" >>"$logf" 2>&1 || rc=$?
   t1=$EPOCHREALTIME
   # /usr/bin/time wraps `timeout`, which waits for the client: %M is the client's peak RSS (the
-  # larger of timeout's and the client's; timeout is ~1 MiB).
-  result="$(echo "$t1 - $t0" | bc) $(tail -n 1 "$tmp/rss" 2>/dev/null || echo 0) $rc"
+  # larger of timeout's and the client's; timeout is ~1 MiB), %U + %S its CPU time (timeout's
+  # own is a few ms at most).
+  result="$(echo "$t1 - $t0" | bc) $(rss_cpu "$tmp/rss") $rc"
 }
 
 run_autotls() {
@@ -116,11 +122,11 @@ run_uacme() {
   local out
   out=$(uacme_ns bash -c '
     t0=$EPOCHREALTIME; rc=0
-    /usr/bin/time -f %M -o "$1/rss" timeout "$2" uacme -y -v -t EC -a "$3" -c "$1/uacme" -h "$1/uacme-hook.sh" issue "$4" >>"$1/uacme.log" 2>&1 || rc=$?
+    /usr/bin/time -f "%M %U %S" -o "$1/rss" timeout "$2" uacme -y -v -t EC -a "$3" -c "$1/uacme" -h "$1/uacme-hook.sh" issue "$4" >>"$1/uacme.log" 2>&1 || rc=$?
     t1=$EPOCHREALTIME
-    echo "$(echo "$t1 - $t0" | bc) $(tail -n 1 "$1/rss" 2>/dev/null || echo 0) $rc"' \
-    _ "$tmp" "$per_run_timeout" "$directory" "$1" 2>>"$tmp/uacme.log") || out="0 0 99"
-  result="$out"
+    echo "$(echo "$t1 - $t0" | bc) $rc"' \
+    _ "$tmp" "$per_run_timeout" "$directory" "$1" 2>>"$tmp/uacme.log") || out="0 99"
+  result="${out% *} $(rss_cpu "$tmp/rss") ${out##* }"
   stop "$cts2"
   [ -s "$tmp/uacme/$1/cert.pem" ] || set_failed "$1"
 }
@@ -160,8 +166,8 @@ import json, statistics, sys
 path, runs, load_before, load_after, lego_note, certbot_note, uacme_note = sys.argv[1:]
 rows = {}
 for line in open(path):
-    t, wall, rss, rc = line.split()
-    rows.setdefault(t, []).append((float(wall), int(rss), rc))
+    t, wall, rss, cpu, rc = line.split()
+    rows.setdefault(t, []).append((float(wall), int(rss), rc, float(cpu)))
 out = {}
 def med(t):
     r = rows.get(t, [])
@@ -183,6 +189,15 @@ for t in ("autotls", "uacme", "lego", "certbot"):
     fast = [x[0] for x in rows.get(t, []) if x[0] < 1.0 and x[2] == "0"]
     out[t + "_fast_s"] = round(statistics.median(fast), 3) if fast else None
     out[t + "_slow_runs"] = sum(1 for x in rows.get(t, []) if x[0] >= 1.0)
+# Against uacme's fast mode alone: the comparison that does not depend on how many of uacme's
+# runs slept (read it with uacme_slow_runs).
+out["ratio_vs_uacme_fast"] = round(out["autotls_s"] / out["uacme_fast_s"], 3) if out["autotls_s"] and out["uacme_fast_s"] else None
+# CPU time (user + system, the client and its children) per certificate: less sensitive than
+# wall time to other load on the machine.
+for t in ("autotls", "uacme", "lego", "certbot"):
+    r = rows.get(t, [])
+    out[t + "_cpu_s"] = round(statistics.median(x[3] for x in r), 3) if r and all(x[2] == "0" for x in r) else None
+out["cpu_ratio_vs_uacme"] = round(out["autotls_cpu_s"] / out["uacme_cpu_s"], 3) if out["autotls_cpu_s"] and out["uacme_cpu_s"] else None
 out["runs"] = int(runs)
 out["walls_s"] = {t: [round(x[0], 3) for x in r] for t, r in rows.items()}
 out["failures"] = {t: sum(1 for x in r if x[2] != "0") for t, r in rows.items()}

@@ -405,6 +405,11 @@ TEST_SUITE("cli.issue") {
       CHECK_MESSAGE(fs::exists(live / f), f);
     }
     CHECK(r.out.find((live / "fullchain.pem").string()) != std::string::npos);
+    // The renewal settings are stored with the certificate, in its version directory.
+    CHECK(fs::read_symlink(live) == fs::path("../archive/www.cli.test/1"));
+    auto settings = json::parse(read_file(c.storage() / "archive" / "www.cli.test" / "1" / "renewal.json"));
+    CHECK(settings["http-address"] == c.http());
+    CHECK(settings["deploy-hook"] == hook);
     CHECK(read_file(hook_out) == "www.cli.test cli.test|" + (live / "cert.pem").string() + "|" +
                                      (live / "privkey.pem").string() + "|" + (live / "fullchain.pem").string());
     auto first = read_file(live / "cert.pem");
@@ -446,6 +451,16 @@ TEST_SUITE("cli.issue") {
     CHECK(fj["action"] == "renewed");
     CHECK(read_file(live / "cert.pem") != first);
     CHECK(fs::exists(hook_out));
+    CHECK(json::parse(read_file(live / "renewal.json")) == settings);  // carried over
+
+    // Issued again with other settings: the new renewal.json comes with the new certificate.
+    auto other = run(c.args({"issue", "-d", "www.cli.test", "-d", "cli.test"},
+                            {"--http-address", c.http(), "--key-type", "ec384"}));
+    REQUIRE_MESSAGE(other.code == 0, show(other));
+    CHECK(fs::read_symlink(live) == fs::path("../archive/www.cli.test/3"));
+    auto changed = json::parse(read_file(live / "renewal.json"));
+    CHECK(changed["key-type"] == "ec384");
+    CHECK_FALSE(changed.contains("deploy-hook"));
 
     auto rv = run(c.args({"revoke", "www.cli.test"}, {"--reason", "superseded"}));
     CHECK_MESSAGE(rv.code == 0, show(rv));

@@ -5,12 +5,16 @@
 
 #include <openssl/pem.h>
 
+#include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
 #include "acme/ari.h"
 #include "acme/client.h"
+#include "acme/prefetch.h"
 #include "acme/problem.h"
 #include "acme/util/openssl.h"
 #include "tests/support/fake_acme.h"
@@ -802,3 +806,114 @@ TEST_CASE("obtain reports its steps in order with elapsed time") {
   quiet.identifiers = {{"dns", "c.example.test"}};
   CHECK(obtain(*f.client, quiet, solver).has_value());
 }
+
+TEST_SUITE("acme.client") {
+
+namespace {
+
+// RequestLog records "METHOD /path" of every request the fake CA sees (from any thread).
+struct RequestLog {
+  std::mutex mu;
+  std::vector<std::string> lines;
+  void attach(FakeAcmeServer& ca) {
+    const std::string base = ca.options().base;
+    ca.intercept = [this, base](const acme::HttpRequest& r) -> std::optional<acme::HttpResponse> {
+      std::lock_guard lock(mu);
+      lines.push_back(r.method + " " + r.url.substr(base.size()));
+      return std::nullopt;
+    };
+  }
+  int count(std::string_view prefix) {
+    std::lock_guard lock(mu);
+    return static_cast<int>(std::count_if(lines.begin(), lines.end(), [&](const std::string& l) { return l.starts_with(prefix); }));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("obtain polls one step after responding and finalizes a ready order without polling it") {
+  FakeAcmeServer::Options o;
+  o.authz_pending_polls = 0;         // valid by the first poll
+  o.order_processing_polls = 0;      // issued at finalize
+  o.order_ready_at_finalize = true;  // Boulder and Pebble work the order's status out at once
+  Fixture f(o);
+  f.register_new();
+  RequestLog log;
+  log.attach(*f.ca);
+  const size_t slept_before = f.clock.sleeps().size();
+  f.issue({Identifier::dns("quick.example.test")});
+  // newOrder, the authorization, the challenge, one poll of the authorization, finalize and
+  // the download: no poll of the order.
+  CHECK(log.count("POST /order/") == 0);
+  CHECK(log.count("POST /finalize/") == 1);
+  CHECK(log.count("POST /authz/") == 2);
+  // The only wait: one poll step between responding and the first poll (the fake clock does
+  // not move while the key is made).
+  auto sleeps = f.clock.sleeps();
+  REQUIRE(sleeps.size() == slept_before + 1);
+  CHECK(sleeps.back() == f.client->options().poll_initial);
+}
+
+TEST_CASE("an order not yet ready at finalize is polled until ready, then finalized") {
+  FakeAcmeServer::Options o;
+  o.authz_pending_polls = 0;
+  o.order_processing_polls = 1;
+  Fixture f(o);  // the fake marks an order ready only when it is polled
+  f.register_new();
+  RequestLog log;
+  log.attach(*f.ca);
+  auto issued = f.issue({Identifier::dns("lagging.example.test")});
+  CHECK(!issued.chain_pem.empty());
+  CHECK(log.count("POST /finalize/") == 2);  // orderNotReady, then the real one
+  CHECK(log.count("POST /order/") >= 2);     // until ready, then while processing
+}
+
+TEST_CASE("a prefetching transport sends the directory and first nonce requests once, ahead") {
+  auto ca = std::make_shared<FakeAcmeServer>(FakeAcmeServer::Options{});
+  RequestLog log;
+  log.attach(*ca);
+  auto inner = std::make_shared<FakeAcmeTransport>(ca);
+  FakeClock clock;
+  ClientOptions opts;
+  opts.directory_url = ca->directory_url();
+  opts.transport = make_prefetching_transport(inner, ca->directory_url());
+  opts.clock = &clock;
+  auto c = Client::create(opts);
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().message));
+  auto k = PrivateKey::generate(KeyType::ec256);
+  REQUIRE(k.has_value());
+  (*c)->set_account(std::make_shared<KeySigner>(std::move(*k)));
+  auto a = (*c)->register_account({{"mailto:admin@example.test"}, true, std::nullopt});
+  REQUIRE_MESSAGE(a.has_value(), (a ? "" : a.error().message));
+  // The client asked for both; each went to the CA once, from the background thread.
+  CHECK(log.count("GET /directory") == 1);
+  CHECK(log.count("HEAD /new-nonce") == 1);
+  CHECK(ca->nonce_errors() == 0);
+  // Later requests, even equal ones, are sent as usual.
+  auto again = Client::create(opts);
+  REQUIRE(again.has_value());
+  CHECK(log.count("GET /directory") == 2);
+}
+
+TEST_CASE("a failed prefetch is sent again by the client, and an unused one is waited for") {
+  auto ca = std::make_shared<FakeAcmeServer>(FakeAcmeServer::Options{});
+  RequestLog log;
+  log.attach(*ca);
+  auto inner = std::make_shared<FakeAcmeTransport>(ca);
+  inner->fail_next(1);  // the prefetched GET of the directory
+  ClientOptions opts;
+  opts.directory_url = ca->directory_url();
+  opts.transport = make_prefetching_transport(inner, ca->directory_url());
+  auto c = Client::create(opts);
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().message));
+  CHECK(log.count("GET /directory") == 1);  // the failed one never reached the CA
+  CHECK((*c)->directory().new_order == ca->options().base + "/new-order");
+
+  // Never used: destroying it waits for its requests, which do not outlive it.
+  auto unused = make_prefetching_transport(std::make_shared<FakeAcmeTransport>(ca), ca->directory_url());
+  unused.reset();
+  CHECK(log.count("GET /directory") == 2);
+  CHECK(log.count("HEAD /new-nonce") == 1);
+}
+
+}  // TEST_SUITE
