@@ -130,13 +130,17 @@ class OpenFiles {
 
   // syncfs makes every file, and every directory change made so far on the same filesystem
   // (dir's), durable with one syncfs(2): one journal commit instead of one per file and per
-  // directory. Linux reports writeback errors of the filesystem through it since 5.8.
+  // directory. Linux (5.8+) reports through syncfs the filesystem's writeback errors since the
+  // descriptor passed was opened, so it gets the first file's descriptor, opened before any of
+  // the data was written: an error in background writeback between the writes and this call is
+  // then reported, never a silent success.
   Status syncfs(const fs::path& dir) {
-    int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    const bool own = files_.empty();
+    int fd = own ? ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC) : files_.front().fd;
     if (fd < 0) return fail(errno_error("open directory", dir));
     int rc = ::syncfs(fd);
     int err = errno;
-    ::close(fd);
+    if (own) ::close(fd);
     if (rc != 0) return fail(errno_error("syncfs of the filesystem of", dir, err));
     return {};
   }
