@@ -181,7 +181,12 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     res.set_content("shutting down\n", "text/plain");
     return false;
   }
-  b->client = pool.acquire(site);
+  {
+    // Under client_mu: abort_all (another thread) may already see this Bridge and stop_client.
+    auto client = pool.acquire(site);
+    std::lock_guard lock(b->client_mu);
+    b->client = std::move(client);
+  }
   if (reader && (has_length || chunked)) {
     // The body goes from the client socket to the upstream socket in the reader's chunks; it is
     // read on the upstream thread while the worker waits in this handler, so the client stream
