@@ -1577,8 +1577,15 @@ struct Server::Impl {
     for (int i = 0; i < kAcceptBatch; ++i) {
       sockaddr_storage ss{};
       socklen_t len = sizeof ss;
-      int fd = ::accept4(l.fd.load(), reinterpret_cast<sockaddr*>(&ss), &len,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+      const int lfd = l.fd.load();
+      if (lfd < 0) return;  // retired by a reload meanwhile
+      int fd = ::accept4(lfd, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd >= 0 && (l.retired.load() || l.fd.load() != lfd)) {
+        // A reload closed this listener while we were accepting: the descriptor number may
+        // already name another socket (a newly bound listener), so the connection is not ours.
+        ::close(fd);
+        return;
+      }
       if (fd < 0) {
         if (errno == EINTR || errno == ECONNABORTED) continue;
         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
