@@ -75,20 +75,31 @@ class FileBuffer {
       if (n == 0) break;
       std::size_t asked = buf_.size() - got;
       got += static_cast<std::size_t>(n);
+      dirty_ = std::max(dirty_, got);
       if (got > kMaxFileBytes) return fail(too_large(shown()));
       if (regular && static_cast<std::size_t>(n) < asked) break;
     }
     return std::string_view(buf_.data(), got);
   }
 
-  // wipe clears the first n bytes (a private key's text).
-  void wipe(std::size_t n) { OPENSSL_cleanse(buf_.data(), std::min(n, buf_.size())); }
+  FileBuffer() = default;
+  FileBuffer(const FileBuffer&) = delete;
+  FileBuffer& operator=(const FileBuffer&) = delete;
+  ~FileBuffer() { wipe(); }
+
+  // wipe clears every byte read since the last wipe (a private key's text), whatever path the
+  // read took (a failed or partial read included).
+  void wipe() {
+    OPENSSL_cleanse(buf_.data(), std::min(dirty_, buf_.size()));
+    dirty_ = 0;
+  }
 
  private:
   static Error too_large(const fs::path& shown) {
     return Error(Errc::invalid_input, shown.string() + ": larger than 1 MiB, not a PEM file");
   }
   std::string buf_;
+  std::size_t dirty_ = 0;  // bytes of buf_ that may hold file contents
 };
 
 // Each thread's buffers for a chain and a key.
@@ -103,8 +114,7 @@ PairBuffers& thread_buffers() {
 // KeyWiper wipes the key buffer when the parse is done, whatever happened.
 struct KeyWiper {
   FileBuffer& buf;
-  std::size_t n = 0;
-  ~KeyWiper() { buf.wipe(n); }
+  ~KeyWiper() { buf.wipe(); }
 };
 
 // parallel_for runs body(i) for i in [0, n) on up to hardware_concurrency threads, in chunks
@@ -177,9 +187,9 @@ Result<std::shared_ptr<const Certificate>> load_pair(const CertKeyPaths& paths,
   PairBuffers& bufs = thread_buffers();
   auto chain = bufs.chain.read(AT_FDCWD, paths.chain.c_str(), [&] { return paths.chain; });
   if (!chain) return fail(chain.error());
+  KeyWiper wiper{bufs.key};  // before the read: a failed or partial read is wiped too
   auto key = bufs.key.read(AT_FDCWD, paths.key.c_str(), [&] { return paths.key; });
   if (!key) return fail(key.error());
-  KeyWiper wiper{bufs.key, key->size()};
   auto cert = Certificate::from_pem(*chain, *key, options);
   if (!cert) {
     Error e = cert.error();
@@ -219,6 +229,7 @@ Outcome load_one(const PairRef& ref, Paths&& paths, const LoadOptions& options, 
   auto chain = bufs.chain.read(ref.dir_fd, ref.chain, [&] { return paths().chain; },
                                scanning ? &chain_missing : nullptr);
   if (!chain) return record(Outcome::load_failure, paths().chain, chain.error());
+  KeyWiper wiper{bufs.key};  // before the read: a failed or partial read is wiped too
   auto key = bufs.key.read(ref.dir_fd, ref.key, [&] { return paths().key; },
                            scanning ? &key_missing : nullptr);
   if (chain_missing && key_missing) return out;  // not a certificate directory
@@ -231,7 +242,6 @@ Outcome load_one(const PairRef& ref, Paths&& paths, const LoadOptions& options, 
     return record(Outcome::scan_failure, p, Error(Errc::io, p.string() + ": missing"));
   }
   if (!key) return record(Outcome::load_failure, paths().key, key.error());
-  KeyWiper wiper{bufs.key, key->size()};
   auto cert = Certificate::from_pem(*chain, *key, options);
   if (!cert) {
     Error e = cert.error();
