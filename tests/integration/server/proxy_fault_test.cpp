@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "server/server.h"
+#include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
 
 using namespace autotls;
@@ -33,14 +34,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct Dir {
-  fs::path path;
-  explicit Dir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("autotls-pf-" + tag + "-" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Dir() { fs::remove_all(path); }
+// Dir is a fresh temporary directory (tests/support TempDir) named after the test.
+struct Dir : autotls::testing::TempDir {
+  explicit Dir(const std::string& tag) : TempDir("autotls-pf-" + tag) {}
 };
 
 int connect_to(int port) {

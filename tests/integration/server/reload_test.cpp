@@ -25,6 +25,7 @@
 #include <httplib.h>
 
 #include "server/server.h"
+#include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
 
 using namespace autotls;
@@ -34,14 +35,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct Dir {
-  fs::path path;
-  explicit Dir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("autotls-reload-" + tag + "-" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Dir() { fs::remove_all(path); }
+// Dir is a fresh temporary directory (tests/support TempDir) named after the test.
+struct Dir : autotls::testing::TempDir {
+  explicit Dir(const std::string& tag) : TempDir("autotls-reload-" + tag) {}
   fs::path site(const std::string& name, const std::string& body) const {
     fs::path root = path / name;
     fs::create_directories(root);
