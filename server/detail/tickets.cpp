@@ -120,11 +120,12 @@ int TicketKeyRing::callback(SSL* ssl, unsigned char key_name[16], unsigned char 
                             EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc) {
   auto* ring = static_cast<TicketKeyRing*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ring_index()));
   if (!ring) return enc ? -1 : 0;
-  return ring->seal_or_open(key_name, iv, cipher, mac, enc);
+  // The version is settled before the client hello's pre_shared_key extension is read.
+  return ring->seal_or_open(key_name, iv, cipher, mac, enc, SSL_version(ssl) >= TLS1_3_VERSION);
 }
 
 int TicketKeyRing::seal_or_open(unsigned char key_name[16], unsigned char iv[16],
-                                EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc) {
+                                EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc, bool tls13) {
   std::lock_guard lock(mu_);
   maintain(now_());
   const Key* key = nullptr;
@@ -155,8 +156,13 @@ int TicketKeyRing::seal_or_open(unsigned char key_name[16], unsigned char iv[16]
   int ok = enc ? EVP_EncryptInit_ex(cipher, EVP_aes_256_cbc(), nullptr, key->aes.data(), iv)
                : EVP_DecryptInit_ex(cipher, EVP_aes_256_cbc(), nullptr, key->aes.data(), iv);
   if (ok != 1) return -1;
-  // 2: the ticket is good but sealed with an older key, so the client gets a fresh one.
-  return enc || current ? 1 : 2;
+  // 2: the ticket is good and the client gets a fresh one. Always in TLS 1.3: clients use each
+  // ticket once (RFC 8446 §C.4 asks them to; OpenSSL's client, so wrk and curl, does), and
+  // OpenSSL sends a TLS 1.3 resumption no new ticket when this answers 1, so such a client
+  // would resume only every other connection and pay a full handshake in between. In TLS 1.2
+  // a ticket is reused until it expires, so only one sealed with an older key is replaced.
+  if (enc) return 1;
+  return tls13 || !current ? 2 : 1;
 }
 
 }  // namespace autotls::server::detail

@@ -3,7 +3,9 @@
 // TicketKeyRing: the keys that encrypt TLS session tickets (RFC 5077 / RFC 8446 §4.6.1), kept
 // in memory only and rotated on a schedule. New tickets are sealed with the newest key; older
 // keys stay for decryption until every ticket they sealed has outlived `lifetime`, then they are
-// wiped. A ticket sealed with a key that has left the ring gets a full handshake.
+// wiped. A ticket sealed with a key that has left the ring gets a full handshake. Every TLS 1.3
+// resumption gets a fresh ticket (clients use each once); a TLS 1.2 one only when its ticket was
+// sealed with an older key.
 
 #include <openssl/ssl.h>
 
@@ -57,7 +59,7 @@ class TicketKeyRing {
   static int callback(SSL* ssl, unsigned char key_name[16], unsigned char iv[16],
                       EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc);
   int seal_or_open(unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX* cipher,
-                   EVP_MAC_CTX* mac, int enc);
+                   EVP_MAC_CTX* mac, int enc, bool tls13);
   // maintain rotates when due and drops expired keys; mu_ held.
   void maintain(Clock::time_point now);
   void add_key(Clock::time_point now);  // mu_ held

@@ -460,6 +460,57 @@ TEST_SUITE("server") {
     srv->shutdown(milliseconds(1'000));
   }
 
+  TEST_CASE("every TLS 1.3 resumption carries a fresh ticket, so single-use clients resume each time") {
+    // OpenSSL's client (wrk, curl) uses a TLS 1.3 ticket once: a resumption that brought no new
+    // ticket leaves it a session it will not offer again, so the next connection is a full
+    // handshake. TLS 1.2 tickets are reused and are not renewed while their key is current.
+    auto ca = autotls::testing::make_test_ca("ops test CA");
+    REQUIRE(ca);
+    auto leaf = autotls::testing::make_test_leaf({"t.test"}, *ca);
+    REQUIRE(leaf);
+    auto store = std::make_shared<tlsreload::CertStore>();
+    REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
+    Dir dir("tickets13");
+    auto cfg = plain_config();
+    cfg.redirect_to_https = true;
+    cfg.default_site = StaticSite{dir.site("t", "t\n")};
+    auto srv = start(cfg, store);
+    int port = srv->https_port();
+    auto ticket = [](SSL_SESSION* s) {
+      const unsigned char* t = nullptr;
+      std::size_t len = 0;
+      SSL_SESSION_get0_ticket(s, &t, &len);
+      return std::string(reinterpret_cast<const char*>(t), len);
+    };
+
+    for (int version : {TLS1_3_VERSION, TLS1_2_VERSION}) {
+      CAPTURE(version);
+      TlsClient client(version);
+      auto prev = client.connect(port, "t.test", nullptr);
+      REQUIRE(prev.ok);
+      CHECK_FALSE(prev.reused);
+      REQUIRE(prev.session != nullptr);
+      // Each connection offers the session the one before it ended with, as wrk does.
+      for (int i = 0; i < 3; ++i) {
+        CAPTURE(i);
+        auto next = client.connect(port, "t.test", prev.session);
+        REQUIRE(next.ok);
+        CHECK(next.reused);
+        REQUIRE(next.session != nullptr);
+        CHECK(SSL_SESSION_is_resumable(next.session) == 1);
+        if (version == TLS1_3_VERSION) {
+          CHECK(ticket(next.session) != ticket(prev.session));
+        } else {
+          CHECK(ticket(next.session) == ticket(prev.session));
+        }
+        SSL_SESSION_free(prev.session);
+        prev = next;
+      }
+      SSL_SESSION_free(prev.session);
+    }
+    srv->shutdown(milliseconds(1'000));
+  }
+
   TEST_CASE("reload applies a new ticket rotation interval to the running key ring") {
     auto ca = autotls::testing::make_test_ca("ops test CA");
     REQUIRE(ca);
