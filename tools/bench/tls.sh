@@ -22,8 +22,14 @@
 #     and nothing built in advance, as right after a start;
 #   reverse proxy: wrk keep-alive against nginx proxy_pass and a third tls_bench (--upstream),
 #     both to the same trivial upstream (one more nginx, 1 worker, plain HTTP, the 13-byte file).
+# "Full" is a new TCP connection and TLS handshake per request, but wrk keeps its TLS session
+# across reconnects (SSL_shutdown + SSL_clear) and offers it again: with tickets on (both
+# servers' defaults) every connection after each wrk connection's first is a TLS 1.3
+# resumption (PSK with ECDHE), on both servers since 2026-12-03. TLS_BENCH_RESUME=0 turns
+# tickets off on both (nginx: ssl_session_tickets off, ssl_session_cache off; tls_bench
+# --no-tickets), so that every handshake is a full one (certificate, signature).
 # Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_NICE (unset),
-# TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
+# TLS_BENCH_RESUME (1), TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
 # (bounded by its -d) and clean up both servers.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -33,6 +39,13 @@ quick=0
 secs="${TLS_BENCH_SECS:-10}"
 [ "$quick" = 1 ] && secs=3
 conns="${TLS_BENCH_CONNS:-50}"
+resume="${TLS_BENCH_RESUME:-1}"
+nginx_no_resume=""
+autotls_no_resume=()
+if [ "$resume" = 0 ]; then
+  nginx_no_resume="ssl_session_tickets off; ssl_session_cache off;"
+  autotls_no_resume=(--no-tickets)
+fi
 threads=2
 swaps_per_s=100
 # TLS_BENCH_NICE=-10 raises the priority of this script and everything it starts (servers,
@@ -134,6 +147,7 @@ http {
     ssl_certificate $work/a.pem;
     ssl_certificate_key $work/a.key;
     ssl_protocols TLSv1.3;
+    $nginx_no_resume
     root $work/www;
     index index.html;
   }
@@ -177,7 +191,7 @@ nginx_pid=$!
 nginx -p "$work/upstream" -c "$work/upstream/nginx.conf" 2>>"$work/upstream/logs/stderr" &
 extra_pids+=($!)
 "$bench_bin" --port "$autotls_port" --root "$work/www" --cert a.pem --key a.key \
-  --cert2 b.pem --key2 b.key --swaps-per-s "$swaps_per_s" > autotls.out 2> autotls.err &
+  --cert2 b.pem --key2 b.key --swaps-per-s "$swaps_per_s" "${autotls_no_resume[@]}" > autotls.out 2> autotls.err &
 autotls_pid=$!
 "$bench_bin" --port "$autotls_proxy_port" --root "$work/www" --cert a.pem --key a.key \
   --upstream "http://127.0.0.1:$upstream_port" > autotls-proxy.out 2> autotls-proxy.err &
@@ -485,7 +499,9 @@ out = {
   "phases": {n: {k: ph[n][k] for k in ["rate", "requests", "socket_errors", "non_2xx", "latency_avg", "cpu_s", "loadavg"]} for n in ph},
   "setup": {"secs_per_phase": secs, "wrk": "-t%d -c%d" % (threads, conns), "tls": "1.3", "cert": "ECDSA P-256 leaf + CA",
             "body_bytes": 13, "nginx_workers": 2, "autotls_threads": "defaults: one reactor per core, max(8, 2 x cores) workers", "sni": host,
-            "swaps_per_s_asked": swaps_per_s},
+            "swaps_per_s_asked": swaps_per_s,
+            # false: tickets off on both servers, every "full" handshake a full one (TLS_BENCH_RESUME=0)
+            "tickets": os.environ.get("TLS_BENCH_RESUME", "1") != "0"},
   "nice": int(os.environ.get("TLS_BENCH_NICE") or 0),
   "notes": notes,
 }

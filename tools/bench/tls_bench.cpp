@@ -3,18 +3,19 @@
 //
 //   tls_bench --port P --root DIR --cert A.pem --key A.key [--cert2 B.pem --key2 B.key]
 //             [--swaps-per-s N] [--workers N] [--reactors N]
-//             [--store DIR [--cache N] [--warm]] [--upstream URL]
+//             [--store DIR [--cache N] [--warm]] [--upstream URL] [--no-tickets]
 //   tls_bench client --port P (--name NAME | --names-dir DIR) --threads T --secs S
 //
 // --store DIR also loads every certificate of a certbot-layout DIR/live (store_bench gen),
 // --cache sets the OpenSSL object cache capacity (default: the library's) and --warm builds
 // every certificate's OpenSSL objects before listening (what a long-running server has done by
 // the time each name has been seen once). --upstream serves every request by reverse proxy to
-// URL instead of the static root.
+// URL instead of the static root. --no-tickets turns session tickets off (tickets.enabled =
+// false), so that no client can resume: every connection is a full handshake.
 //
 // client mode is the load generator for the many-certificates benchmark (wrk cannot vary SNI):
-// T threads, each in a loop: connect, full TLS handshake (no resumption, no verification, like
-// wrk) with SNI drawn at random from DIR's names (a label under each wildcard) or NAME, one
+// T threads, each in a loop: connect, full TLS handshake (no resumption, unlike wrk, which keeps
+// its session across reconnects; no verification, like wrk) with SNI drawn at random from DIR's names (a label under each wildcard) or NAME, one
 // GET with Connection: close, read to EOF. Prints {"handshakes", "failures", "rate"}.
 //
 // No ACME and no storage: the certificate is published into a tlsreload::CertStore directly
@@ -179,6 +180,7 @@ int main(int argc, char** argv) {
   std::string store_dir, upstream;
   long cache = -1;
   bool warm = false;
+  bool tickets = true;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -197,6 +199,7 @@ int main(int argc, char** argv) {
     else if (a == "--store") store_dir = next();
     else if (a == "--cache") cache = std::stol(next());
     else if (a == "--warm") warm = true;
+    else if (a == "--no-tickets") tickets = false;
     else if (a == "--upstream") upstream = next();
     else die("unknown option " + a);
   }
@@ -251,6 +254,7 @@ int main(int argc, char** argv) {
   if (!upstream.empty()) cfg.default_site = server::ProxySite{upstream};
   if (workers) cfg.worker_threads = workers;
   if (reactors) cfg.reactor_threads = reactors;
+  cfg.tickets.enabled = tickets;
   auto srv = server::Server::create(cfg, store, nullptr, nullptr);
   if (!srv) die("create: " + srv.error().message);
   if (auto st = (*srv)->start(); !st) die("start: " + st.error().message);
