@@ -579,6 +579,11 @@ int cmd_serve(Context& ctx) {
       for (const auto& [what, value] : od) {
         out += std::string("autotls_on_demand_total{outcome=\"") + what + "\"} " + std::to_string(value) + "\n";
       }
+      // Not an outcome row: touched counts handshakes, the rows above count names and jobs.
+      out += "# HELP autotls_on_demand_touched_total Handshakes served an on-demand certificate (its "
+             "least-recently-used stamp refreshed).\n"
+             "# TYPE autotls_on_demand_touched_total counter\n"
+             "autotls_on_demand_touched_total " + std::to_string(d.touched) + "\n";
     }
     if (files->watcher) out += watcher_metrics(*files->watcher);
     return out;

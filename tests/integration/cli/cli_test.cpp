@@ -1462,6 +1462,15 @@ TEST_SUITE("cli.serve") {
     CHECK(m.find("autotls_on_demand_total{outcome=\"obtained\"} 1\n") != std::string::npos);
     CHECK(m.find("autotls_on_demand_total{outcome=\"denied\"} 2\n") != std::string::npos);
     CHECK(m.find("\nautotls_certificates_obtained_total 1\n") != std::string::npos);
+    // Handshakes served the on-demand certificate are counted. The first one may have come
+    // before the name joined the on-demand LRU (the store has it a moment earlier), so retry.
+    CHECK(m.find("\n# TYPE autotls_on_demand_touched_total counter\n") != std::string::npos);
+    auto touch_deadline = std::chrono::steady_clock::now() + 10s;
+    while (metric(m, "autotls_on_demand_touched_total") < 1 && std::chrono::steady_clock::now() < touch_deadline) {
+      CHECK(https_get("shop.od.cli.test", s.https, s.root_file).first == 200);
+      m = s.metrics();
+    }
+    CHECK_MESSAGE(metric(m, "autotls_on_demand_touched_total") >= 1, m);
     // SIGHUP with the same configuration: nothing to restart for (the on-demand handshake
     // timeout is kept as at start, not reported as a changed timeout).
     REQUIRE(::kill(s.pid, SIGHUP) == 0);
@@ -1841,6 +1850,13 @@ TEST_SUITE("cli.serve_files") {
     CHECK(m->body.find("\nautotls_cert_files_total{event=\"reloaded\"} 1\n") != std::string::npos);
     CHECK(m->body.find("\nautotls_cert_files_total{event=\"failed\"} 1\n") != std::string::npos);
     CHECK(m->body.find("\nautotls_cert_files_failing 1\n") != std::string::npos);
+    // What the checks cost: the pair was checked in full when added and at SIGHUP, and parsed
+    // at least at start, after the replacement and for the bad pair (more if the writes fell
+    // into two debounce windows); every parse follows a stat.
+    CHECK(m->body.find("\n# TYPE autotls_cert_files_full_checks_total counter\n") != std::string::npos);
+    CHECK(metric(m->body, "autotls_cert_files_full_checks_total") >= 2);
+    CHECK(metric(m->body, "autotls_cert_files_pairs_parsed_total") >= 3);
+    CHECK(metric(m->body, "autotls_cert_files_pairs_checked_total") >= metric(m->body, "autotls_cert_files_pairs_parsed_total"));
     CHECK(m->body.find("autotls_certificate_not_after_seconds{name=\"files.cli.test\"} ") != std::string::npos);
     auto ready = adm.Get("/readyz");
     REQUIRE(ready);
