@@ -2378,3 +2378,38 @@ TEST_SUITE("cli.serve") {
     CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
   }
 }
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("serve without agree-tos stops with exit 2 at a CA with terms and exit 4 at an unreachable sole CA") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    const std::string dead = "https://127.0.0.1:" + std::to_string(free_port()) + "/dir";
+    const std::string pebble = c.env->directory_url();
+    std::vector<std::string> base = {"serve", "-d", "tos.cli.test", "--ca-bundle", c.env->ca_bundle_path(),
+                                     "--storage", c.storage().string(), "--http-address", c.http(),
+                                     "--https-address", "127.0.0.1:" + std::to_string(free_port()),
+                                     "--admin-address", "off", "--root", c.dir.path.string()};
+    auto with = [&](std::vector<std::string> a) {
+      a.insert(a.begin(), base.begin(), base.end());
+      return a;
+    };
+    // Pebble's directory has terms of service and no account is stored: serve stops before
+    // listening and names the terms and the flag.
+    auto one = run(with({"--ca", pebble}), {}, 60s);
+    CHECK_MESSAGE(one.code == 2, show(one));
+    CHECK_MESSAGE(one.err.find("no ACME account yet at " + pebble + ": read the CA's terms of service at ") !=
+                      std::string::npos, show(one));
+    CHECK_MESSAGE(one.err.find("--agree-tos") != std::string::npos, show(one));
+    // In an issuer list, a CA that cannot be reached does not stop serve (issuance falls back
+    // past it), but the terms of the next one still do.
+    auto list = run(with({"--issuer", dead, "--issuer", pebble}), {}, 60s);
+    CHECK_MESSAGE(list.code == 2, show(list));
+    CHECK_MESSAGE(list.err.find("no ACME account yet at " + pebble) != std::string::npos, show(list));
+    CHECK_MESSAGE(list.err.find("no ACME account yet at " + dead) == std::string::npos, show(list));
+    // The one CA of serve unreachable: nothing could ever be issued, exit 4.
+    auto alone = run(with({"--ca", dead}), {}, 60s);
+    CHECK_MESSAGE(alone.code == 4, show(alone));
+    CHECK_FALSE(fs::exists(c.storage() / "accounts"));
+  }
+}
