@@ -556,9 +556,7 @@ int cmd_serve(Context& ctx) {
         {"abandoned", c.abandoned, "Issuances abandoned at shutdown."},
         {"revoked", c.revoked, "Revoked certificates found in storage (renewed at once) since start."}};
     for (const auto& [what, value, help] : counters) {
-      std::string name = std::string("autotls_certificates_") + what + "_total";
-      out += "# HELP " + name + " " + help + "\n";
-      out += "# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
+      out += prometheus_counter(std::string("autotls_certificates_") + what + "_total", help, value);
     }
     if (on_demand) {
       auto d = on_demand->counters();
@@ -572,10 +570,9 @@ int cmd_serve(Context& ctx) {
         out += std::string("autotls_on_demand_total{outcome=\"") + what + "\"} " + std::to_string(value) + "\n";
       }
       // Not an outcome row: touched counts handshakes, the rows above count names and jobs.
-      out += "# HELP autotls_on_demand_touched_total Handshakes served an on-demand certificate (its "
-             "least-recently-used stamp refreshed).\n"
-             "# TYPE autotls_on_demand_touched_total counter\n"
-             "autotls_on_demand_touched_total " + std::to_string(d.touched) + "\n";
+      out += prometheus_counter("autotls_on_demand_touched_total",
+                                "Handshakes served an on-demand certificate (its least-recently-used stamp refreshed).",
+                                d.touched);
     }
     if (files->watcher) out += watcher_metrics(*files->watcher);
     return out;

@@ -122,6 +122,10 @@ Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::C
   return out;
 }
 
+std::string prometheus_counter(const std::string& name, const std::string& help, std::uint64_t value) {
+  return "# HELP " + name + " " + help + "\n# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
+}
+
 std::string watcher_metrics(const tlsreload::CertWatcher& w) {
   auto c = w.counters();
   std::string out =
@@ -141,9 +145,7 @@ std::string watcher_metrics(const tlsreload::CertWatcher& w) {
       {"pairs_checked", c.pairs_checked, "Certificate file pairs whose files the watcher stat()ed."},
       {"pairs_parsed", c.pairs_parsed, "Certificate file pairs the watcher read and parsed (their files had changed)."}};
   for (const auto& [what, value, help] : work) {
-    std::string name = std::string("autotls_cert_files_") + what + "_total";
-    out += "# HELP " + name + " " + help + "\n";
-    out += "# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
+    out += prometheus_counter(std::string("autotls_cert_files_") + what + "_total", help, value);
   }
   out += "# HELP autotls_cert_files_failing Certificate file pairs that are bad now (the last good certificate keeps serving).\n"
          "# TYPE autotls_cert_files_failing gauge\n"
