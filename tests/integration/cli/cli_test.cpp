@@ -35,9 +35,13 @@
 #include "acme/transport.h"
 #include "acme/util/openssl.h"
 #include "tests/support/fake_ca_endpoint.h"
+#include "tests/support/json_events.h"
+#include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
 #include "tests/support/sni_handshake.h"
+#include "tests/support/temp_dir.h"
 
+using autotls::testing::free_port;
 using autotls::testing::PebbleEnv;
 using autotls::testing::PebbleOptions;
 using json = nlohmann::json;
@@ -48,17 +52,9 @@ extern char** environ;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "autotls-cli-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+// TempDir is a fresh temporary directory (tests/support TempDir).
+struct TempDir : autotls::testing::TempDir {
+  TempDir() : autotls::testing::TempDir("autotls-cli") {}
 };
 
 std::string read_file(const fs::path& p) {
@@ -138,18 +134,6 @@ Run run(const std::vector<std::string>& args, const std::vector<std::string>& en
 
 std::string show(const Run& r) { return "exit " + std::to_string(r.code) + "\nstdout:\n" + r.out + "\nstderr:\n" + r.err; }
 
-// free_port returns a loopback port nobody listens on (bind-0 probe).
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
 
 // Cli holds a Pebble and the flags every command needs against it.
 struct Cli {
@@ -750,19 +734,10 @@ TEST_SUITE("cli.issue") {
     CHECK(last_json_line(l.out)["certificates"].empty());
 
     // The standalone port is taken: a clear message, exit 6.
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    int one = 1;
-    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-    REQUIRE(::listen(fd, 1) == 0);
-    socklen_t len = sizeof a;
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    int busy = ntohs(a.sin_port);
+    autotls::testing::BusyPort taken;
+    int busy = taken.port();
     auto p = run(c.args({"issue", "-d", "busy.cli.test"}, {"--agree-tos", "--http-address", "127.0.0.1:" + std::to_string(busy)}));
-    ::close(fd);
+    taken.close();
     CHECK_MESSAGE(p.code == 6, show(p));
     CHECK(p.err.find("port " + std::to_string(busy) + " is in use by another process: use --webroot or --http-address") !=
           std::string::npos);
@@ -1051,15 +1026,7 @@ TEST_SUITE("cli.serve") {
     CHECK(fs::exists(c.storage() / "live" / "serve.cli.test" / "fullchain.pem"));
 
     // The admin listener's ephemeral port is in the "listening" line.
-    int admin = 0;
-    {
-      std::istringstream lines(read_file(c.dir.path / "serve.out"));
-      std::string line;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
-      }
-    }
+    int admin = autotls::testing::admin_port(c.dir.path / "serve.out");
     REQUIRE_MESSAGE(admin > 0, read_file(c.dir.path / "serve.out"));
     {
       httplib::Client adm("127.0.0.1", admin);
@@ -1244,22 +1211,8 @@ TEST_SUITE("cli.serve") {
     CHECK(connects == 1);
     CHECK(https_get("b.cli.test", https, root_file).first != 200);
 
-    auto count_events = [&](const std::string& event) {
-      std::istringstream lines(read_file(c.dir.path / "serve.out"));
-      std::string line;
-      int n = 0;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == event) ++n;
-      }
-      return n;
-    };
     auto wait_event = [&](const std::string& event, int n) {
-      auto deadline = std::chrono::steady_clock::now() + 10s;
-      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) {
-        std::this_thread::sleep_for(50ms);
-      }
-      return count_events(event) >= n;
+      return autotls::testing::wait_event(c.dir.path / "serve.out", event, n, 10s);
     };
 
     write_config(true);
@@ -1324,12 +1277,7 @@ struct OnDemandServe {
     pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
     auto deadline = std::chrono::steady_clock::now() + 20s;
     while (admin == 0 && std::chrono::steady_clock::now() < deadline) {
-      std::istringstream lines(read_file(c.dir.path / "serve.out"));
-      std::string line;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
-      }
+      admin = autotls::testing::admin_port(c.dir.path / "serve.out");
       int status = 0;
       if (admin == 0 && ::waitpid(pid, &status, WNOHANG) == pid) {
         pid = -1;
@@ -1573,20 +1521,8 @@ TEST_SUITE("cli.serve") {
                        storage.string(), "--json"},
                       dir.path / "serve.out", dir.path / "serve.err", {});
     auto logs = [&] { return read_file(dir.path / "serve.out") + read_file(dir.path / "serve.err"); };
-    auto count_events = [&](const std::string& event) {
-      std::istringstream lines(read_file(dir.path / "serve.out"));
-      std::string line;
-      int n = 0;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == event) ++n;
-      }
-      return n;
-    };
     auto wait_event = [&](const std::string& event, int n) {
-      auto deadline = std::chrono::steady_clock::now() + 30s;
-      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) std::this_thread::sleep_for(50ms);
-      return count_events(event) >= n;
+      return autotls::testing::wait_event(dir.path / "serve.out", event, n, 30s);
     };
     auto key_type_of = [&](const std::string& name) {
       auto k = autotls::acme::PrivateKey::from_pem(read_file(storage / "live" / name / "privkey.pem"));
@@ -1831,15 +1767,7 @@ TEST_SUITE("cli.serve_files") {
     REQUIRE(::kill(pid, SIGHUP) == 0);
     CHECK(wait_for([&] { return read_file(out).find("\"event\":\"reload\"") != std::string::npos; }, 10s));
     CHECK(served_by(ca2_file).first == 200);
-    int admin = 0;
-    {
-      std::istringstream lines(read_file(out));
-      std::string line;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
-      }
-    }
+    int admin = autotls::testing::admin_port(out);
     REQUIRE_MESSAGE(admin > 0, logs());
     httplib::Client adm("127.0.0.1", admin);
     adm.set_read_timeout(std::chrono::seconds(5));
@@ -2270,33 +2198,10 @@ TEST_SUITE("cli.serve") {
     pid_t pid = spawn({AUTOTLS_BINARY, "serve", "--config", config.string(), "--json", "--verbose"}, d.path / "serve.out",
                       d.path / "serve.err", {});
     auto logs = [&] { return read_file(d.path / "serve.out") + read_file(d.path / "serve.err"); };
-    auto count_events = [&](const std::string& event) {
-      std::istringstream lines(read_file(d.path / "serve.out"));
-      std::string line;
-      int n = 0;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == event) ++n;
-      }
-      return n;
-    };
     auto wait_event = [&](const std::string& event, int n) {
-      auto deadline = std::chrono::steady_clock::now() + 15s;
-      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) {
-        std::this_thread::sleep_for(50ms);
-      }
-      return count_events(event) >= n;
+      return autotls::testing::wait_event(d.path / "serve.out", event, n, 15s);
     };
-    auto last_event = [&](const std::string& event) {
-      std::istringstream lines(read_file(d.path / "serve.out"));
-      std::string line;
-      json last;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == event) last = j;
-      }
-      return last;
-    };
+    auto last_event = [&](const std::string& event) { return autotls::testing::last_event(d.path / "serve.out", event); };
     // get fetches http://reload.cli.test:port/ on handle h (kept alive between calls).
     std::string body;
     auto get = [&](CURL* h, int port, long* new_connects = nullptr) {
