@@ -298,7 +298,7 @@ Result<std::unique_ptr<acme::Client>> make_client(Context& ctx, const std::strin
 // check_terms fails with a usage error when the CA has terms of service, no account is stored
 // yet and --agree-tos was not given. probe: the directory is asked once, without retries.
 Status check_terms(Context& ctx, const std::string& directory_url, bool probe = false);
-// check_issuer_terms is check_terms for an issuer list (issue, renew): each ACME issuer's
+// check_issuer_terms is check_terms for an issuer list (issue, renew, serve): each ACME issuer's
 // terms must be agreed to, but a CA that cannot be reached now does not stop the command
 // (issuance falls back past it). An empty list checks ctx.directory_url alone.
 Status check_issuer_terms(Context& ctx, const std::vector<tlsreload::IssuerConfig>& issuers);

@@ -465,19 +465,11 @@ int cmd_serve(Context& ctx) {
                "serving certificate files for " + join(shown) + more + " (reloaded on change)");
   }
 
-  // The CA is asked about its terms only when something may be issued.
+  // The CA is asked about its terms only when something may be issued: as issue and renew do,
+  // terms not agreed to stop us, and a CA of an issuer list that cannot be reached now does not
+  // (issuance falls back past it; the one CA of --ca unreachable does stop us, exit 4).
   if (!acme_names().empty() || setup->on_demand.enabled) {
-    if (mo->issuers.empty()) {
-      if (auto st = check_terms(ctx, ctx.directory_url); !st) return report(ctx, st.error());
-    }
-    for (const auto& is : mo->issuers) {
-      if (is.internal) continue;
-      // Terms not agreed to stop us; a CA that cannot be reached now does not: issuance falls
-      // back past it.
-      if (auto st = check_terms(ctx, is.directory_url); !st && st.error().code == Errc::invalid_input) {
-        return report(ctx, st.error());
-      }
-    }
+    if (auto st = check_issuer_terms(ctx, mo->issuers); !st) return report(ctx, st.error());
   }
   mo->clock = &clock;
   // Each ACME step of each issuance, as a plain line on stderr naming its certificate (a JSON
@@ -564,9 +556,7 @@ int cmd_serve(Context& ctx) {
         {"abandoned", c.abandoned, "Issuances abandoned at shutdown."},
         {"revoked", c.revoked, "Revoked certificates found in storage (renewed at once) since start."}};
     for (const auto& [what, value, help] : counters) {
-      std::string name = std::string("autotls_certificates_") + what + "_total";
-      out += "# HELP " + name + " " + help + "\n";
-      out += "# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
+      out += prometheus_counter(std::string("autotls_certificates_") + what + "_total", help, value);
     }
     if (on_demand) {
       auto d = on_demand->counters();
@@ -579,6 +569,10 @@ int cmd_serve(Context& ctx) {
       for (const auto& [what, value] : od) {
         out += std::string("autotls_on_demand_total{outcome=\"") + what + "\"} " + std::to_string(value) + "\n";
       }
+      // Not an outcome row: touched counts handshakes, the rows above count names and jobs.
+      out += prometheus_counter("autotls_on_demand_touched_total",
+                                "Handshakes served an on-demand certificate (its least-recently-used stamp refreshed).",
+                                d.touched);
     }
     if (files->watcher) out += watcher_metrics(*files->watcher);
     return out;

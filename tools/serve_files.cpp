@@ -10,6 +10,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <string>
+#include <tuple>
+#include <utility>
 
 #include "tlsreload/loader.h"
 #include "tlsreload/store.h"
@@ -119,6 +122,10 @@ Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::C
   return out;
 }
 
+std::string prometheus_counter(const std::string& name, const std::string& help, std::uint64_t value) {
+  return "# HELP " + name + " " + help + "\n# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
+}
+
 std::string watcher_metrics(const tlsreload::CertWatcher& w) {
   auto c = w.counters();
   std::string out =
@@ -128,6 +135,17 @@ std::string watcher_metrics(const tlsreload::CertWatcher& w) {
       {"loaded", c.loaded}, {"reloaded", c.reloaded}, {"failed", c.failed}, {"removed", c.removed}, {"checks", c.checks}};
   for (const auto& [what, value] : rows) {
     out += std::string("autotls_cert_files_total{event=\"") + what + "\"} " + std::to_string(value) + "\n";
+  }
+  // What the checks cost, apart from the event rows (which count pairs by outcome): full checks
+  // are a subset of checks, and pairs checked and parsed count per pair, not per source.
+  const std::tuple<const char*, std::uint64_t, const char*> work[] = {
+      {"full_checks", c.full_checks,
+       "Watcher checks that looked at every pair of a source (start, SIGHUP, lost events, a "
+       "changed source directory, polling an unwatchable one)."},
+      {"pairs_checked", c.pairs_checked, "Certificate file pairs whose files the watcher stat()ed."},
+      {"pairs_parsed", c.pairs_parsed, "Certificate file pairs the watcher read and parsed (their files had changed)."}};
+  for (const auto& [what, value, help] : work) {
+    out += prometheus_counter(std::string("autotls_cert_files_") + what + "_total", help, value);
   }
   out += "# HELP autotls_cert_files_failing Certificate file pairs that are bad now (the last good certificate keeps serving).\n"
          "# TYPE autotls_cert_files_failing gauge\n"

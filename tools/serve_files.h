@@ -3,6 +3,7 @@
 // serve's certificate files (--cert/--key pairs, --cert-dir): checked at start, loaded into the
 // store, watched and reloaded on change by a tlsreload::CertWatcher (docs/cli.md, serve).
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <set>
@@ -38,6 +39,9 @@ Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::C
 // covered_by tells whether a certificate for one of covered (FileCerts::covered) serves name:
 // exact, or a wildcard for exactly one label; case-insensitive, trailing dot ignored.
 bool covered_by(const std::set<std::string>& covered, const std::string& name);
+
+// prometheus_counter renders one unlabelled counter: its # HELP and # TYPE lines and sample.
+std::string prometheus_counter(const std::string& name, const std::string& help, std::uint64_t value);
 
 // watcher_metrics renders the watcher's counters in Prometheus text format.
 std::string watcher_metrics(const tlsreload::CertWatcher& w);

@@ -35,9 +35,13 @@
 #include "acme/transport.h"
 #include "acme/util/openssl.h"
 #include "tests/support/fake_ca_endpoint.h"
+#include "tests/support/json_events.h"
+#include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
 #include "tests/support/sni_handshake.h"
+#include "tests/support/temp_dir.h"
 
+using autotls::testing::free_port;
 using autotls::testing::PebbleEnv;
 using autotls::testing::PebbleOptions;
 using json = nlohmann::json;
@@ -48,17 +52,9 @@ extern char** environ;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "autotls-cli-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+// TempDir is a fresh temporary directory (tests/support TempDir).
+struct TempDir : autotls::testing::TempDir {
+  TempDir() : autotls::testing::TempDir("autotls-cli") {}
 };
 
 std::string read_file(const fs::path& p) {
@@ -138,18 +134,6 @@ Run run(const std::vector<std::string>& args, const std::vector<std::string>& en
 
 std::string show(const Run& r) { return "exit " + std::to_string(r.code) + "\nstdout:\n" + r.out + "\nstderr:\n" + r.err; }
 
-// free_port returns a loopback port nobody listens on (bind-0 probe).
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
 
 // Cli holds a Pebble and the flags every command needs against it.
 struct Cli {
@@ -750,19 +734,10 @@ TEST_SUITE("cli.issue") {
     CHECK(last_json_line(l.out)["certificates"].empty());
 
     // The standalone port is taken: a clear message, exit 6.
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    int one = 1;
-    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-    REQUIRE(::listen(fd, 1) == 0);
-    socklen_t len = sizeof a;
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    int busy = ntohs(a.sin_port);
+    autotls::testing::BusyPort taken;
+    int busy = taken.port();
     auto p = run(c.args({"issue", "-d", "busy.cli.test"}, {"--agree-tos", "--http-address", "127.0.0.1:" + std::to_string(busy)}));
-    ::close(fd);
+    taken.close();
     CHECK_MESSAGE(p.code == 6, show(p));
     CHECK(p.err.find("port " + std::to_string(busy) + " is in use by another process: use --webroot or --http-address") !=
           std::string::npos);
@@ -1051,15 +1026,7 @@ TEST_SUITE("cli.serve") {
     CHECK(fs::exists(c.storage() / "live" / "serve.cli.test" / "fullchain.pem"));
 
     // The admin listener's ephemeral port is in the "listening" line.
-    int admin = 0;
-    {
-      std::istringstream lines(read_file(c.dir.path / "serve.out"));
-      std::string line;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
-      }
-    }
+    int admin = autotls::testing::admin_port(c.dir.path / "serve.out");
     REQUIRE_MESSAGE(admin > 0, read_file(c.dir.path / "serve.out"));
     {
       httplib::Client adm("127.0.0.1", admin);
@@ -1244,22 +1211,8 @@ TEST_SUITE("cli.serve") {
     CHECK(connects == 1);
     CHECK(https_get("b.cli.test", https, root_file).first != 200);
 
-    auto count_events = [&](const std::string& event) {
-      std::istringstream lines(read_file(c.dir.path / "serve.out"));
-      std::string line;
-      int n = 0;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == event) ++n;
-      }
-      return n;
-    };
     auto wait_event = [&](const std::string& event, int n) {
-      auto deadline = std::chrono::steady_clock::now() + 10s;
-      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) {
-        std::this_thread::sleep_for(50ms);
-      }
-      return count_events(event) >= n;
+      return autotls::testing::wait_event(c.dir.path / "serve.out", event, n, 10s);
     };
 
     write_config(true);
@@ -1324,12 +1277,7 @@ struct OnDemandServe {
     pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
     auto deadline = std::chrono::steady_clock::now() + 20s;
     while (admin == 0 && std::chrono::steady_clock::now() < deadline) {
-      std::istringstream lines(read_file(c.dir.path / "serve.out"));
-      std::string line;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
-      }
+      admin = autotls::testing::admin_port(c.dir.path / "serve.out");
       int status = 0;
       if (admin == 0 && ::waitpid(pid, &status, WNOHANG) == pid) {
         pid = -1;
@@ -1462,6 +1410,15 @@ TEST_SUITE("cli.serve") {
     CHECK(m.find("autotls_on_demand_total{outcome=\"obtained\"} 1\n") != std::string::npos);
     CHECK(m.find("autotls_on_demand_total{outcome=\"denied\"} 2\n") != std::string::npos);
     CHECK(m.find("\nautotls_certificates_obtained_total 1\n") != std::string::npos);
+    // Handshakes served the on-demand certificate are counted. The first one may have come
+    // before the name joined the on-demand LRU (the store has it a moment earlier), so retry.
+    CHECK(m.find("\n# TYPE autotls_on_demand_touched_total counter\n") != std::string::npos);
+    auto touch_deadline = std::chrono::steady_clock::now() + 10s;
+    while (metric(m, "autotls_on_demand_touched_total") < 1 && std::chrono::steady_clock::now() < touch_deadline) {
+      CHECK(https_get("shop.od.cli.test", s.https, s.root_file).first == 200);
+      m = s.metrics();
+    }
+    CHECK_MESSAGE(metric(m, "autotls_on_demand_touched_total") >= 1, m);
     // SIGHUP with the same configuration: nothing to restart for (the on-demand handshake
     // timeout is kept as at start, not reported as a changed timeout).
     REQUIRE(::kill(s.pid, SIGHUP) == 0);
@@ -1564,20 +1521,8 @@ TEST_SUITE("cli.serve") {
                        storage.string(), "--json"},
                       dir.path / "serve.out", dir.path / "serve.err", {});
     auto logs = [&] { return read_file(dir.path / "serve.out") + read_file(dir.path / "serve.err"); };
-    auto count_events = [&](const std::string& event) {
-      std::istringstream lines(read_file(dir.path / "serve.out"));
-      std::string line;
-      int n = 0;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == event) ++n;
-      }
-      return n;
-    };
     auto wait_event = [&](const std::string& event, int n) {
-      auto deadline = std::chrono::steady_clock::now() + 30s;
-      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) std::this_thread::sleep_for(50ms);
-      return count_events(event) >= n;
+      return autotls::testing::wait_event(dir.path / "serve.out", event, n, 30s);
     };
     auto key_type_of = [&](const std::string& name) {
       auto k = autotls::acme::PrivateKey::from_pem(read_file(storage / "live" / name / "privkey.pem"));
@@ -1822,15 +1767,7 @@ TEST_SUITE("cli.serve_files") {
     REQUIRE(::kill(pid, SIGHUP) == 0);
     CHECK(wait_for([&] { return read_file(out).find("\"event\":\"reload\"") != std::string::npos; }, 10s));
     CHECK(served_by(ca2_file).first == 200);
-    int admin = 0;
-    {
-      std::istringstream lines(read_file(out));
-      std::string line;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == "listening") admin = j.value("admin_port", 0);
-      }
-    }
+    int admin = autotls::testing::admin_port(out);
     REQUIRE_MESSAGE(admin > 0, logs());
     httplib::Client adm("127.0.0.1", admin);
     adm.set_read_timeout(std::chrono::seconds(5));
@@ -1841,6 +1778,13 @@ TEST_SUITE("cli.serve_files") {
     CHECK(m->body.find("\nautotls_cert_files_total{event=\"reloaded\"} 1\n") != std::string::npos);
     CHECK(m->body.find("\nautotls_cert_files_total{event=\"failed\"} 1\n") != std::string::npos);
     CHECK(m->body.find("\nautotls_cert_files_failing 1\n") != std::string::npos);
+    // What the checks cost: the pair was checked in full when added and at SIGHUP, and parsed
+    // at least at start, after the replacement and for the bad pair (more if the writes fell
+    // into two debounce windows); every parse follows a stat.
+    CHECK(m->body.find("\n# TYPE autotls_cert_files_full_checks_total counter\n") != std::string::npos);
+    CHECK(metric(m->body, "autotls_cert_files_full_checks_total") >= 2);
+    CHECK(metric(m->body, "autotls_cert_files_pairs_parsed_total") >= 3);
+    CHECK(metric(m->body, "autotls_cert_files_pairs_checked_total") >= metric(m->body, "autotls_cert_files_pairs_parsed_total"));
     CHECK(m->body.find("autotls_certificate_not_after_seconds{name=\"files.cli.test\"} ") != std::string::npos);
     auto ready = adm.Get("/readyz");
     REQUIRE(ready);
@@ -2254,33 +2198,10 @@ TEST_SUITE("cli.serve") {
     pid_t pid = spawn({AUTOTLS_BINARY, "serve", "--config", config.string(), "--json", "--verbose"}, d.path / "serve.out",
                       d.path / "serve.err", {});
     auto logs = [&] { return read_file(d.path / "serve.out") + read_file(d.path / "serve.err"); };
-    auto count_events = [&](const std::string& event) {
-      std::istringstream lines(read_file(d.path / "serve.out"));
-      std::string line;
-      int n = 0;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == event) ++n;
-      }
-      return n;
-    };
     auto wait_event = [&](const std::string& event, int n) {
-      auto deadline = std::chrono::steady_clock::now() + 15s;
-      while (std::chrono::steady_clock::now() < deadline && count_events(event) < n) {
-        std::this_thread::sleep_for(50ms);
-      }
-      return count_events(event) >= n;
+      return autotls::testing::wait_event(d.path / "serve.out", event, n, 15s);
     };
-    auto last_event = [&](const std::string& event) {
-      std::istringstream lines(read_file(d.path / "serve.out"));
-      std::string line;
-      json last;
-      while (std::getline(lines, line)) {
-        auto j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.value("event", "") == event) last = j;
-      }
-      return last;
-    };
+    auto last_event = [&](const std::string& event) { return autotls::testing::last_event(d.path / "serve.out", event); };
     // get fetches http://reload.cli.test:port/ on handle h (kept alive between calls).
     std::string body;
     auto get = [&](CURL* h, int port, long* new_connects = nullptr) {
@@ -2360,5 +2281,40 @@ TEST_SUITE("cli.serve") {
 
     REQUIRE(::kill(pid, SIGTERM) == 0);
     CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
+  }
+}
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("serve without agree-tos stops with exit 2 at a CA with terms and exit 4 at an unreachable sole CA") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    const std::string dead = "https://127.0.0.1:" + std::to_string(free_port()) + "/dir";
+    const std::string pebble = c.env->directory_url();
+    std::vector<std::string> base = {"serve", "-d", "tos.cli.test", "--ca-bundle", c.env->ca_bundle_path(),
+                                     "--storage", c.storage().string(), "--http-address", c.http(),
+                                     "--https-address", "127.0.0.1:" + std::to_string(free_port()),
+                                     "--admin-address", "off", "--root", c.dir.path.string()};
+    auto with = [&](std::vector<std::string> a) {
+      a.insert(a.begin(), base.begin(), base.end());
+      return a;
+    };
+    // Pebble's directory has terms of service and no account is stored: serve stops before
+    // listening and names the terms and the flag.
+    auto one = run(with({"--ca", pebble}), {}, 60s);
+    CHECK_MESSAGE(one.code == 2, show(one));
+    CHECK_MESSAGE(one.err.find("no ACME account yet at " + pebble + ": read the CA's terms of service at ") !=
+                      std::string::npos, show(one));
+    CHECK_MESSAGE(one.err.find("--agree-tos") != std::string::npos, show(one));
+    // In an issuer list, a CA that cannot be reached does not stop serve (issuance falls back
+    // past it), but the terms of the next one still do.
+    auto list = run(with({"--issuer", dead, "--issuer", pebble}), {}, 60s);
+    CHECK_MESSAGE(list.code == 2, show(list));
+    CHECK_MESSAGE(list.err.find("no ACME account yet at " + pebble) != std::string::npos, show(list));
+    CHECK_MESSAGE(list.err.find("no ACME account yet at " + dead) == std::string::npos, show(list));
+    // The one CA of serve unreachable: nothing could ever be issued, exit 4.
+    auto alone = run(with({"--ca", dead}), {}, 60s);
+    CHECK_MESSAGE(alone.code == 4, show(alone));
+    CHECK_FALSE(fs::exists(c.storage() / "accounts"));
   }
 }

@@ -14,11 +14,13 @@
 #include <nlohmann/json.hpp>
 
 #include "server/server.h"
+#include "tests/support/net.h"
 #include "tlsreload/store.h"
 
 using namespace autotls;
 using namespace autotls::server;
 using std::chrono::milliseconds;
+using autotls::testing::connect_to;
 using SteadyClock = std::chrono::steady_clock;
 
 namespace {
@@ -58,16 +60,6 @@ Reply get(int port, const std::string& path, const std::string& host = "localhos
 
 bool contains(const std::string& text, const std::string& needle) {
   return text.find(needle) != std::string::npos;
-}
-
-int connect_to(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  return fd;
 }
 
 }  // namespace
@@ -124,6 +116,7 @@ TEST_SUITE("server.admin") {
     // Three requests on three connections (308 redirects), and one 431.
     for (int i = 0; i < 3; ++i) CHECK(get(srv->http_port(), "/x", "a.test").status == 308);
     int fd = connect_to(srv->http_port());
+    REQUIRE(fd >= 0);
     std::string big = "GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: " + std::string(2048, 'a');
     REQUIRE(::send(fd, big.data(), big.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(big.size()));
     char buf[256];
@@ -188,6 +181,7 @@ TEST_SUITE("server.admin") {
     REQUIRE(get(admin, "/readyz").status == 200);
     // A request under way (header started, not finished) keeps the drain running.
     int fd = connect_to(srv->http_port());
+    REQUIRE(fd >= 0);
     std::string partial = "GET / HTTP/1.1\r\n";
     REQUIRE(::send(fd, partial.data(), partial.size(), MSG_NOSIGNAL) > 0);
     std::this_thread::sleep_for(milliseconds(100));  // let the reactor read it

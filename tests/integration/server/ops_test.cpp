@@ -24,7 +24,9 @@
 #include <openssl/ssl.h>
 
 #include "server/server.h"
+#include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
+#include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
 
 using namespace autotls;
@@ -34,14 +36,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct Dir {
-  fs::path path;
-  explicit Dir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("autotls-ops-" + tag + "-" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Dir() { fs::remove_all(path); }
+// Dir is a fresh temporary directory (tests/support TempDir) named after the test.
+struct Dir : autotls::testing::TempDir {
+  explicit Dir(const std::string& tag) : TempDir("autotls-ops-" + tag) {}
   fs::path site(const std::string& name, const std::string& index_body) const {
     fs::path root = path / name;
     fs::create_directories(root);
@@ -50,45 +47,10 @@ struct Dir {
   }
 };
 
-// Conn is one plain-HTTP client connection kept open across requests (keep-alive).
-class Conn {
- public:
-  explicit Conn(int port) {
-    bio_ = BIO_new_connect(("127.0.0.1:" + std::to_string(port)).c_str());
-    REQUIRE(bio_ != nullptr);
-    REQUIRE(BIO_do_connect(bio_) == 1);
-  }
-  ~Conn() { BIO_free_all(bio_); }
-  Conn(const Conn&) = delete;
-  Conn& operator=(const Conn&) = delete;
-
-  // get sends "GET / HTTP/1.1" for host and returns {status, body}; {0, ""} when the
-  // connection is gone.
-  std::pair<int, std::string> get(const std::string& host) {
-    std::string req = "GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n";
-    if (BIO_write(bio_, req.data(), static_cast<int>(req.size())) != static_cast<int>(req.size())) {
-      return {0, ""};
-    }
-    std::string in;
-    std::size_t header_end = std::string::npos;
-    std::size_t need = 0;
-    char buf[4096];
-    for (;;) {
-      if (header_end != std::string::npos && in.size() >= header_end + 4 + need) break;
-      int n = BIO_read(bio_, buf, sizeof buf);
-      if (n <= 0) return {0, ""};
-      in.append(buf, static_cast<std::size_t>(n));
-      if (header_end == std::string::npos && (header_end = in.find("\r\n\r\n")) != std::string::npos) {
-        auto cl = in.find("Content-Length: ");
-        if (cl != std::string::npos && cl < header_end) need = std::stoul(in.substr(cl + 16));
-      }
-    }
-    int status = std::stoi(in.substr(9, 3));
-    return {status, in.substr(header_end + 4, need)};
-  }
-
- private:
-  BIO* bio_ = nullptr;
+// Conn is one plain-HTTP client connection kept open across requests (keep-alive); get
+// returns {0, ""} when the connection is gone.
+struct Conn : autotls::testing::RawConn {
+  explicit Conn(int port) : RawConn(port) { REQUIRE(connected()); }
 };
 
 ServerConfig plain_config() {

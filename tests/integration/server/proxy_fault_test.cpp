@@ -23,12 +23,15 @@
 #include <vector>
 
 #include "server/server.h"
+#include "tests/support/net.h"
 #include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
 
 using namespace autotls;
 using namespace autotls::server;
 using std::chrono::milliseconds;
+using autotls::testing::connect_to;
+using autotls::testing::free_port;
 using SteadyClock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
@@ -38,35 +41,6 @@ namespace {
 struct Dir : autotls::testing::TempDir {
   explicit Dir(const std::string& tag) : TempDir("autotls-pf-" + tag) {}
 };
-
-int connect_to(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  // Every blocking call in these tests is bounded.
-  timeval tv{3, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  return fd;
-}
-
-int unused_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
 
 // send_all sends s; false when the peer refused part of it (closed or reset).
 bool send_all(int fd, std::string_view s) {
@@ -281,7 +255,7 @@ ServerConfig proxy_config(const RawUpstream& up, const fs::path& www) {
   ProxySite p{"http://127.0.0.1:" + std::to_string(up.port)};
   p.read_timeout = milliseconds(20'000);
   cfg.sites["p.test"] = p;
-  cfg.sites["down.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(unused_port())};
+  cfg.sites["down.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(free_port())};
   fs::create_directories(www);
   std::ofstream(www / "a.txt") << "AAA";
   cfg.sites["s.test"] = StaticSite{www};
@@ -317,7 +291,7 @@ TEST_SUITE("server") {
     const std::string next = "GET /a.txt HTTP/1.1\r\nHost: s.test\r\n\r\n";
 
     SUBCASE("the upstream dies after the header, inside a Content-Length body") {
-      int fd = connect_to(port);
+      int fd = connect_to(port, std::chrono::seconds(3));
       REQUIRE(fd >= 0);
       // A pipelined request behind it must not be answered on the broken connection.
       REQUIRE(send_all(fd, "GET /mid-length HTTP/1.1\r\nHost: p.test\r\n\r\n" + next));
@@ -331,7 +305,7 @@ TEST_SUITE("server") {
       CHECK(r.data.size() < r.data.find("\r\n\r\n") + 4 + 100);  // short of its length
     }
     SUBCASE("the upstream dies after the header, inside a chunked body") {
-      int fd = connect_to(port);
+      int fd = connect_to(port, std::chrono::seconds(3));
       REQUIRE(fd >= 0);
       REQUIRE(send_all(fd, "GET /mid-chunked HTTP/1.1\r\nHost: p.test\r\n\r\n" + next));
       auto r = read_until_close(fd);
@@ -343,7 +317,7 @@ TEST_SUITE("server") {
       CHECK(r.data.find("\r\n0\r\n\r\n") == std::string::npos);  // never framed as complete
     }
     SUBCASE("the upstream dies while the request body is still being streamed to it") {
-      int fd = connect_to(port);
+      int fd = connect_to(port, std::chrono::seconds(3));
       REQUIRE(fd >= 0);
       constexpr std::size_t kBody = 200'000;
       REQUIRE(send_all(fd, "POST /read-part HTTP/1.1\r\nHost: p.test\r\nContent-Length: " +
@@ -362,7 +336,7 @@ TEST_SUITE("server") {
       CHECK(r.data.find("Keep-Alive") == std::string::npos);
     }
     SUBCASE("a clean 502 with the whole body read keeps the connection") {
-      int fd = connect_to(port);
+      int fd = connect_to(port, std::chrono::seconds(3));
       REQUIRE(fd >= 0);
       // The upstream reads the whole request, then closes without an answer.
       REQUIRE(send_all(fd, "POST /read-all HTTP/1.1\r\nHost: p.test\r\nContent-Length: 10\r\n\r\n"
@@ -395,8 +369,8 @@ TEST_SUITE("server") {
     Dir dir("draincut");
     auto srv = start(proxy_config(up, dir.path / "www"));
     int port = srv->http_port();
-    int late = connect_to(port);
-    int soon = connect_to(port);
+    int late = connect_to(port, std::chrono::seconds(3));
+    int soon = connect_to(port, std::chrono::seconds(3));
     REQUIRE(late >= 0);
     REQUIRE(soon >= 0);
     REQUIRE(send_all(late, "GET /late HTTP/1.1\r\nHost: p.test\r\n\r\n"));
@@ -443,7 +417,7 @@ TEST_SUITE("server") {
     };
     auto srv = start(cfg);
     auto get = [&](const std::string& host, const std::string& target) {
-      int fd = connect_to(srv->http_port());
+      int fd = connect_to(srv->http_port(), std::chrono::seconds(3));
       REQUIRE(fd >= 0);
       REQUIRE(send_all(fd, "GET " + target + " HTTP/1.1\r\nHost: " + host +
                                "\r\nConnection: close\r\n\r\n"));

@@ -6,7 +6,6 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -25,12 +24,15 @@
 #include <httplib.h>
 
 #include "server/server.h"
+#include "tests/support/net.h"
 #include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
 
 using namespace autotls;
 using namespace autotls::server;
 using std::chrono::milliseconds;
+using autotls::testing::free_port;
+using autotls::testing::RawConn;
 namespace fs = std::filesystem;
 
 namespace {
@@ -44,79 +46,6 @@ struct Dir : autotls::testing::TempDir {
     std::ofstream(root / "index.html") << body;
     return root;
   }
-};
-
-// free_port asks the kernel for a loopback port nobody listens on now.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
-// Raw is one plain TCP client connection with bounded waits.
-class Raw {
- public:
-  explicit Raw(int port) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(static_cast<uint16_t>(port));
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
-  }
-  ~Raw() { ::close(fd_); }
-  Raw(const Raw&) = delete;
-  Raw& operator=(const Raw&) = delete;
-
-  bool connected() const { return connected_; }
-  bool send(const std::string& s) {
-    return ::send(fd_, s.data(), s.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(s.size());
-  }
-  // closed_within: the server closed the connection (EOF or reset) within d, with no byte sent.
-  bool closed_within(milliseconds d) {
-    pollfd p{fd_, POLLIN, 0};
-    if (::poll(&p, 1, static_cast<int>(d.count())) <= 0) return false;
-    char c;
-    return ::recv(fd_, &c, 1, MSG_PEEK) <= 0;
-  }
-  // get sends a GET for host and reads one response: {status, body}, {0, ""} if the
-  // connection is gone or nothing complete arrives within 5 s.
-  std::pair<int, std::string> get(const std::string& host) {
-    if (!send("GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n")) return {0, ""};
-    return response();
-  }
-  std::pair<int, std::string> response() {
-    std::string in;
-    std::size_t head = std::string::npos, need = 0;
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (head == std::string::npos || in.size() < head + 4 + need) {
-      auto left = std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
-      pollfd p{fd_, POLLIN, 0};
-      if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return {0, ""};
-      char buf[4096];
-      ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
-      if (n <= 0) return {0, ""};
-      in.append(buf, static_cast<std::size_t>(n));
-      if (head == std::string::npos && (head = in.find("\r\n\r\n")) != std::string::npos) {
-        auto cl = in.find("Content-Length: ");
-        if (cl != std::string::npos && cl < head) need = std::stoul(in.substr(cl + 16));
-      }
-    }
-    last_head_ = in.substr(0, head);
-    return {std::stoi(in.substr(9, 3)), in.substr(head + 4, need)};
-  }
-  const std::string& last_head() const { return last_head_; }
-
- private:
-  int fd_ = -1;
-  bool connected_ = false;
-  std::string last_head_;
 };
 
 // Lines records log messages.
@@ -199,10 +128,10 @@ TEST_SUITE("server") {
     cfg.sites["a.test"] = StaticSite{dir.site("a", "site a\n")};
     Lines log;
     auto srv = start(cfg, &log);
-    Raw kept(p1);
+    RawConn kept(p1);
     REQUIRE(kept.connected());
     REQUIRE(kept.get("a.test") == std::pair<int, std::string>{200, "site a\n"});
-    CHECK_FALSE(Raw(p2).connected());
+    CHECK_FALSE(RawConn(p2).connected());
 
     auto next = cfg;
     next.http = {{"127.0.0.1", p1}, {"127.0.0.1", p2}};
@@ -210,7 +139,7 @@ TEST_SUITE("server") {
     REQUIRE_MESSAGE(rep, rep.error().message);
     CHECK(rep->not_applied.empty());
     CHECK(rep->failed.empty());
-    Raw fresh(p2);
+    RawConn fresh(p2);
     REQUIRE(fresh.connected());
     CHECK(fresh.get("a.test") == std::pair<int, std::string>{200, "site a\n"});
     // The connection accepted before the reload was never closed: it answers on the same socket.
@@ -236,7 +165,7 @@ TEST_SUITE("server") {
     cfg.sites["a.test"] = StaticSite{dir.site("a", "site a\n")};
     cfg.sites["slow.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up_port)};
     auto srv = start(cfg);
-    Raw idle(p1), busy(p1), other(p2);
+    RawConn idle(p1), busy(p1), other(p2);
     REQUIRE(idle.get("a.test").first == 200);
     REQUIRE(other.get("a.test").first == 200);
     REQUIRE(busy.send("GET / HTTP/1.1\r\nHost: slow.test\r\n\r\n"));
@@ -253,7 +182,7 @@ TEST_SUITE("server") {
     CHECK(busy.last_head().find("Connection: close") != std::string::npos);
     CHECK(busy.closed_within(milliseconds(2'000)));
     CHECK(idle.closed_within(milliseconds(2'000)));
-    CHECK_FALSE(Raw(p1).connected());
+    CHECK_FALSE(RawConn(p1).connected());
     // The unchanged listener and its connection are untouched.
     CHECK(other.get("a.test") == std::pair<int, std::string>{200, "site a\n"});
     CHECK(srv->http_port() == p2);
@@ -267,21 +196,14 @@ TEST_SUITE("server") {
     Dir dir("busy");
     int p1 = free_port();
     // A port someone else listens on.
-    int taken = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(taken, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-    REQUIRE(::listen(taken, 1) == 0);
-    socklen_t len = sizeof a;
-    ::getsockname(taken, reinterpret_cast<sockaddr*>(&a), &len);
-    int busy_port = ntohs(a.sin_port);
+    autotls::testing::BusyPort taken;
+    int busy_port = taken.port();
 
     auto cfg = http_config({p1});
     cfg.sites["a.test"] = StaticSite{dir.site("a", "site a\n")};
     Lines log;
     auto srv = start(cfg, &log);
-    Raw kept(p1);
+    RawConn kept(p1);
     REQUIRE(kept.get("a.test").first == 200);
 
     auto next = cfg;
@@ -295,15 +217,15 @@ TEST_SUITE("server") {
     CHECK(log.has("listener not changed"));
     // Still served where it was, on the kept connection and a new one; the new site applied.
     CHECK(kept.get("b.test") == std::pair<int, std::string>{200, "site b\n"});
-    CHECK(Raw(p1).get("a.test").first == 200);
+    CHECK(RawConn(p1).get("a.test").first == 200);
     CHECK(srv->http_port() == p1);
-    ::close(taken);
+    taken.close();
     // The next reload tries again, and now the port is free.
     auto again = srv->reload(next);
     REQUIRE(again);
     CHECK(again->failed.empty());
-    CHECK(Raw(busy_port).get("b.test").first == 200);
-    CHECK_FALSE(Raw(p1).connected());
+    CHECK(RawConn(busy_port).get("b.test").first == 200);
+    CHECK_FALSE(RawConn(p1).connected());
     srv->shutdown(milliseconds(1'000));
   }
 
@@ -313,7 +235,7 @@ TEST_SUITE("server") {
     auto cfg = http_config({p1});
     cfg.sites["a.test"] = StaticSite{dir.site("a", "site a\n")};
     auto srv = start(cfg);
-    Raw before(p1);
+    RawConn before(p1);
     REQUIRE(before.get("a.test").first == 200);
 
     auto next = cfg;
@@ -322,7 +244,7 @@ TEST_SUITE("server") {
     REQUIRE(rep);
     CHECK(rep->not_applied.empty());
     // A connection accepted after the reload: an incomplete header is cut at 300 ms.
-    Raw after(p1);
+    RawConn after(p1);
     REQUIRE(after.send("GET / HTTP/1.1\r\n"));
     REQUIRE(before.send("GET / HTTP/1.1\r\n"));
     CHECK(after.closed_within(milliseconds(3'000)));
@@ -334,7 +256,7 @@ TEST_SUITE("server") {
     // A cap: max_header_bytes for new connections.
     next.max_header_bytes = 300;
     REQUIRE(srv->reload(next));
-    Raw big(p1);
+    RawConn big(p1);
     // (no blank line yet: the header is incomplete and already over the cap)
     REQUIRE(big.send("GET / HTTP/1.1\r\nHost: a.test\r\nX-Pad: " + std::string(400, 'x') + "\r\n"));
     CHECK(big.response().first == 431);
@@ -371,7 +293,7 @@ TEST_SUITE("server") {
     REQUIRE(rep2);
     CHECK(rep2->not_applied == std::vector<std::string>{"reactor_threads"});
     CHECK(log.has("reactor_threads change needs a restart to take effect running=2 configured=3"));
-    CHECK(Raw(p1).get("x.test").first != 0);  // still serving with its 2 reactors
+    CHECK(RawConn(p1).get("x.test").first != 0);  // still serving with its 2 reactors
     srv->shutdown(milliseconds(1'000));
   }
 
@@ -390,7 +312,7 @@ TEST_SUITE("server") {
       while (std::getline(in, l)) ++n;
       return n;
     };
-    Raw c(p1);
+    RawConn c(p1);
     REQUIRE(c.get("a.test").first == 200);
     CHECK(eventually([&] { return line_count(dir.path / "access.log") == 1; }));
     // logrotate: rename, then the writer keeps its descriptor until the reload.

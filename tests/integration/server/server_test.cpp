@@ -24,6 +24,7 @@
 #include "acme/types.h"
 #include "acme/util/openssl.h"
 #include "server/server.h"
+#include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
 #include "tlsreload/challenges.h"
 #include "tlsreload/store.h"
@@ -34,6 +35,8 @@ using autotls::testing::make_test_ca;
 using autotls::testing::make_test_leaf;
 using autotls::testing::PemPair;
 using std::chrono::milliseconds;
+using autotls::testing::connect_to;
+using autotls::testing::free_port;
 using SteadyClock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
@@ -159,32 +162,6 @@ std::string s_client_san(int port, const std::string& name) {
   return out;
 }
 
-int connect_to(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-// unused_port returns a port nothing listens on (bound, then closed).
-int unused_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
 // Upstream is a local httplib server for proxy tests.
 struct Upstream {
   httplib::Server svr;
@@ -233,15 +210,8 @@ struct Upstream {
 
 TEST_SUITE("server") {
   TEST_CASE("create reports a port in use clearly") {
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-    REQUIRE(::listen(fd, 1) == 0);
-    socklen_t len = sizeof a;
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    int port = ntohs(a.sin_port);
+    autotls::testing::BusyPort busy;
+    int port = busy.port();
 
     ServerConfig cfg = Env::base_config();
     cfg.https = {{"127.0.0.1", port}};
@@ -257,7 +227,7 @@ TEST_SUITE("server") {
     REQUIRE_FALSE(s);
     CHECK(s.error().message ==
           "http listener 127.0.0.1:" + std::to_string(port) + ": address already in use");
-    ::close(fd);
+    busy.close();
 
     cfg = Env::base_config();
     cfg.sites["static.test"] = StaticSite{"/nonexistent/autotls"};
@@ -638,7 +608,7 @@ TEST_SUITE("server") {
     env.publish({"app.test", "down.test"});
     ServerConfig cfg = Env::base_config();
     cfg.sites["app.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up.port)};
-    ProxySite down{"http://127.0.0.1:" + std::to_string(unused_port())};
+    ProxySite down{"http://127.0.0.1:" + std::to_string(free_port())};
     cfg.sites["down.test"] = down;
     env.start(cfg);
     int port = env.server->https_port();

@@ -1,0 +1,155 @@
+#pragma once
+
+// Loopback networking for tests: a free port, a raw TCP connection, and a plain-HTTP client
+// connection that reads one response at a time with bounded waits.
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace autotls::testing {
+
+// free_port returns a loopback port nobody listens on now (bound to port 0, read back,
+// closed): for a child process or a server that must be told its port before it binds.
+inline int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    if (fd >= 0) ::close(fd);
+    throw std::runtime_error("free_port: no loopback port to bind");
+  }
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// BusyPort is a loopback port in use: a socket listens on it and never accepts, until close()
+// or the end of the object.
+class BusyPort {
+ public:
+  BusyPort() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    ::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(fd_, 1) != 0 ||
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+      close();
+      throw std::runtime_error("BusyPort: cannot listen on a loopback port");
+    }
+    port_ = ntohs(a.sin_port);
+  }
+  ~BusyPort() { close(); }
+  BusyPort(const BusyPort&) = delete;
+  BusyPort& operator=(const BusyPort&) = delete;
+
+  int port() const { return port_; }
+  // close frees the port.
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
+// connect_to opens a TCP connection to 127.0.0.1:port; -1 when it is refused. With
+// io_timeout > 0 every blocking send and recv on it gives up after that long
+// (SO_SNDTIMEO/SO_RCVTIMEO); with 0 they block as long as the peer lets them.
+inline int connect_to(int port, std::chrono::seconds io_timeout = std::chrono::seconds(0)) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<std::uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  if (io_timeout.count() > 0) {
+    timeval tv{static_cast<time_t>(io_timeout.count()), 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  }
+  return fd;
+}
+
+// RawConn is one plain TCP client connection to 127.0.0.1:port, for HTTP/1.1 written by hand
+// (keep-alive across requests, requests a library client would not send). Every wait is
+// bounded.
+class RawConn {
+ public:
+  explicit RawConn(int port) : fd_(connect_to(port)) {}
+  ~RawConn() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  RawConn(const RawConn&) = delete;
+  RawConn& operator=(const RawConn&) = delete;
+
+  bool connected() const { return fd_ >= 0; }
+  bool send(const std::string& s) {
+    return fd_ >= 0 && ::send(fd_, s.data(), s.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(s.size());
+  }
+  // closed_within: the server closed the connection (EOF or reset) within d, with no byte sent.
+  bool closed_within(std::chrono::milliseconds d) {
+    if (fd_ < 0) return true;  // never connected
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(d.count())) <= 0) return false;
+    char c;
+    return ::recv(fd_, &c, 1, MSG_PEEK) <= 0;
+  }
+  // get sends "GET / HTTP/1.1" for host and reads one response: {status, body}, {0, ""} if the
+  // connection is gone or nothing complete arrives within 5 s.
+  std::pair<int, std::string> get(const std::string& host) {
+    if (!send("GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n")) return {0, ""};
+    return response();
+  }
+  // response reads one response (its body by Content-Length), as get does.
+  std::pair<int, std::string> response() {
+    std::string in;
+    std::size_t head = std::string::npos, need = 0;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (head == std::string::npos || in.size() < head + 4 + need) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      pollfd p{fd_, POLLIN, 0};
+      if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return {0, ""};
+      char buf[4096];
+      ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n <= 0) return {0, ""};
+      in.append(buf, static_cast<std::size_t>(n));
+      if (head == std::string::npos && (head = in.find("\r\n\r\n")) != std::string::npos) {
+        auto cl = in.find("Content-Length: ");
+        if (cl != std::string::npos && cl < head) need = std::stoul(in.substr(cl + 16));
+      }
+    }
+    last_head_ = in.substr(0, head);
+    return {std::stoi(in.substr(9, 3)), in.substr(head + 4, need)};
+  }
+  // last_head is the status line and headers of the last response read.
+  const std::string& last_head() const { return last_head_; }
+
+ private:
+  int fd_ = -1;
+  std::string last_head_;
+};
+
+}  // namespace autotls::testing
