@@ -1105,8 +1105,11 @@ struct Server::Impl {
   // certainly resolve_static's answer too; anything else (dot segments, a symlink leaving the
   // directory it starts from, an absolute symlink, no openat2) returns bad_request, meaning
   // "ask resolve_static".
+  //
+  // st_out, when given, receives the fstat of the file found (so the caller need not ask again).
   detail::StaticLookup open_beneath(const StaticSite& site, std::string_view url_path, int& fd,
-                                    std::filesystem::path& file) const {
+                                    std::filesystem::path& file,
+                                    struct stat* st_out = nullptr) const {
     constexpr auto kAsk = detail::StaticLookup::bad_request;
     auto root = root_fds.find(site.root.native());
     if (root == root_fds.end() || url_path.empty() || url_path.front() != '/' ||
@@ -1157,6 +1160,7 @@ struct Server::Impl {
       return detail::StaticLookup::not_found;
     }
     fd = f;
+    if (st_out) *st_out = st;
     return detail::StaticLookup::found;
   }
 
@@ -1169,7 +1173,9 @@ struct Server::Impl {
     }
     std::filesystem::path file;
     int fd = -1;
-    auto lookup = open_beneath(site, req.path, fd, file);
+    struct stat st {};
+    auto lookup = open_beneath(site, req.path, fd, file, &st);
+    bool have_st = fd >= 0;
     if (lookup == detail::StaticLookup::bad_request) {
       lookup = detail::resolve_static(site.root, req.path, site.index, file);
     }
@@ -1188,9 +1194,10 @@ struct Server::Impl {
     if (tl_inline) {
       // On a reactor: a small file is read whole (one open, fstat, read); a larger one is
       // streamed by a worker.
+      // open_beneath's fstat stands (one fstat a request, not two).
       if (fd < 0) fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-      struct stat st {};
-      if (fd >= 0 && ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+      if (fd >= 0 && !have_st) have_st = ::fstat(fd, &st) == 0;
+      if (fd >= 0 && have_st && S_ISREG(st.st_mode) &&
           static_cast<std::uintmax_t>(st.st_size) <= kInlineFileBytes) {
         std::string body(static_cast<std::size_t>(st.st_size), '\0');
         std::size_t got = 0;
