@@ -562,6 +562,94 @@ TEST_SUITE("server") {
     CHECK(env.server->counters().requests == 5);
   }
 
+  TEST_CASE("a static GET or HEAD answered on the fast path reads byte for byte as httplib's answer") {
+    // The reactor answers a plain GET/HEAD of a small static file itself (serve_fast); a field
+    // whose value holds '%' sends the same request through httplib instead, which ignores the
+    // field. Each request is followed on the same connection by a plain GET, and
+    // keep_alive_max_requests = 2 makes that one the last: both answers, the Keep-Alive and
+    // Connection fields and where the connection ends must not depend on the path taken.
+    Env env("fastpath");
+    env.publish({"s.test"});
+    fs::create_directories(env.dir / "www" / "d");
+    std::ofstream(env.dir / "www" / "a.txt") << "AAA";
+    std::ofstream(env.dir / "www" / "d" / "index.html") << "<p>index</p>\n";
+    std::ofstream(env.dir / "www" / "e.json");  // empty
+    ServerConfig cfg = Env::base_config();
+    cfg.redirect_to_https = false;
+    cfg.hsts_max_age = std::chrono::seconds(600);
+    cfg.hsts_include_subdomains = true;
+    cfg.keep_alive_max_requests = 2;
+    cfg.timeouts.idle = std::chrono::seconds(7);
+    cfg.sites["s.test"] = StaticSite{env.dir / "www"};
+    env.start(cfg);
+
+    ossl::SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
+    REQUIRE(ctx);
+    SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+    REQUIRE(SSL_CTX_load_verify_locations(ctx.get(), env.ca_file.c_str(), nullptr) == 1);
+    // exchange sends req and returns all the connection carried until the server closed it.
+    auto exchange = [&](bool tls, const std::string& req) {
+      int fd = connect_to(tls ? env.server->https_port() : env.server->http_port());
+      REQUIRE(fd >= 0);
+      timeval tv{5, 0};
+      ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      std::string got;
+      char buf[4096];
+      if (tls) {
+        ossl::SslPtr ssl(SSL_new(ctx.get()));
+        SSL_set_fd(ssl.get(), fd);
+        SSL_set_tlsext_host_name(ssl.get(), "s.test");
+        REQUIRE(SSL_connect(ssl.get()) == 1);
+        REQUIRE(SSL_write(ssl.get(), req.data(), static_cast<int>(req.size())) ==
+                static_cast<int>(req.size()));
+        for (;;) {
+          int n = SSL_read(ssl.get(), buf, sizeof buf);
+          if (n <= 0) break;
+          got.append(buf, static_cast<size_t>(n));
+        }
+        ERR_clear_error();
+      } else {
+        REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size()));
+        for (;;) {
+          ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+          if (n <= 0) break;
+          got.append(buf, static_cast<size_t>(n));
+        }
+      }
+      ::close(fd);
+      return got;
+    };
+    const std::string next = "GET /a.txt HTTP/1.1\r\nHost: s.test\r\n\r\n";
+    struct Case {
+      std::string first_line, fields;
+    };
+    const std::vector<Case> cases = {
+        {"GET /a.txt HTTP/1.1", "Host: s.test\r\n"},
+        {"HEAD /a.txt HTTP/1.1", "Host: S.Test:443\r\nUser-Agent: t\r\n"},
+        {"GET /d/ HTTP/1.1", "host:  s.test \r\n"},
+        {"GET /e.json HTTP/1.1", "Host: s.test\r\nAccept: */*\r\n"},
+        {"GET /a.txt HTTP/1.1", "Host: s.test\r\nConnection: close\r\n"},
+        {"GET /a.txt HTTP/1.1", "Host: s.test\r\nConnection: keep-alive\r\n"},
+        {"GET /a.txt HTTP/1.0", "Host: s.test\r\n"},
+        {"GET /a.txt HTTP/1.0", "Host: s.test\r\nConnection: Keep-Alive\r\n"},
+        {"HEAD /d/index.html HTTP/1.0", "Host: s.test\r\nConnection: Keep-Alive\r\n"},
+    };
+    for (bool tls : {false, true}) {
+      for (const auto& c : cases) {
+        std::string fast = exchange(tls, c.first_line + "\r\n" + c.fields + "\r\n" + next);
+        std::string slow =
+            exchange(tls, c.first_line + "\r\n" + c.fields + "X-Via: httplib%21\r\n\r\n" + next);
+        CAPTURE(tls);
+        CAPTURE(c.first_line);
+        CAPTURE(c.fields);
+        CHECK(fast.starts_with("HTTP/1.1 200 OK\r\n"));
+        CHECK(fast == slow);
+        CHECK((fast.find("Strict-Transport-Security: max-age=600; includeSubDomains\r\n") !=
+               std::string::npos) == tls);
+      }
+    }
+  }
+
   TEST_CASE("a client that stops reading is closed at the write deadline") {
     // Responses a reactor writes itself wait for the socket without blocking anything, and
     // only until timeouts.write.
