@@ -4,8 +4,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <thread>
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -309,6 +313,65 @@ TEST_CASE("loader: a cold start (inode order, prefetch) loads the same pairs wit
     CHECK(failures[4].first == at(99, "fullchain.pem"));
     CHECK(failures[4].second.ends_with("certificate chain: empty PEM input"));
   }
+}
+
+TEST_CASE("loader: a FIFO chain in a certbot directory is read by the loading thread alone") {
+  // The prefetch's probe (loader.cpp, Prefetch) looks at the first file of each chunk. It must
+  // not open a FIFO: opening and closing its read end lets a writer write into a pipe whose
+  // data is then lost, and the loading thread's open waits for a writer that is gone.
+  testing::FakeClock clock;
+  testing::TestCa ca("Loader", clock.now());
+  TempDir dir;
+  auto leaf = ca.issue({"fifo.test"});
+  const fs::path d = dir.path / "live" / "fifo.test";
+  fs::create_directories(d);
+  write(d / "privkey.pem", leaf.key_pem);
+  const fs::path fifo = d / "fullchain.pem";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  ::signal(SIGPIPE, SIG_IGN);  // a write into a pipe whose reader left fails instead
+  // Whether the race loses the data depends on scheduling; who opened the FIFO does not:
+  // one read end is expected to close, the loading thread's. (inotify merges two identical
+  // events in a row, so opens are not counted: the writer's and the reader's would merge;
+  // a probe's close and the loading thread's are apart, an open between them.)
+  int watch = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  REQUIRE(watch >= 0);
+  REQUIRE(::inotify_add_watch(watch, fifo.c_str(), IN_OPEN | IN_CLOSE) >= 0);
+  const std::string chain = ca.chain_pem(leaf);
+  std::promise<void> loaded;
+  auto done = loaded.get_future();
+  std::thread writer([&] {
+    int fd = ::open(fifo.c_str(), O_WRONLY | O_CLOEXEC);  // waits for a reader
+    if (fd >= 0) {
+      (void)!::write(fd, chain.data(), chain.size());
+      ::close(fd);
+    }
+    // Bound: a reader still waiting after 10 s (the data went to a probe) gets end of file.
+    if (done.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+      int again = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+      if (again >= 0) ::close(again);
+    }
+  });
+  LoadOptions o = bulk_load_options();
+  o.clock = &clock;
+  auto report = load_directory(dir.path, o);
+  loaded.set_value();
+  writer.join();
+  REQUIRE_MESSAGE(report, report.error().message);
+  CHECK(report->failures.empty());
+  for (const auto& f : report->failures) MESSAGE(f.error.message);
+  REQUIRE(report->certificates.size() == 1);
+  CHECK(report->certificates[0]->names().front() == "fifo.test");
+  int reader_closes = 0;
+  alignas(inotify_event) char events[4096];
+  for (ssize_t n; (n = ::read(watch, events, sizeof events)) > 0;) {
+    for (ssize_t at = 0; at < n;) {
+      const auto* e = reinterpret_cast<const inotify_event*>(events + at);
+      if (e->mask & IN_CLOSE_NOWRITE) ++reader_closes;
+      at += static_cast<ssize_t>(sizeof(inotify_event) + e->len);
+    }
+  }
+  ::close(watch);
+  CHECK(reader_closes == 1);
 }
 
 }  // TEST_SUITE
