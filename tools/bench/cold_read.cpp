@@ -70,7 +70,10 @@ int main(int argc, char** argv) {
   if (opendirs) run([&](size_t i) { struct stat st; fstatat(root, ents[i].name.c_str(), &st, 0); });
   bool getd = flags.find("getdents") != std::string::npos;
   if (getd) run([&](size_t i) { int fd = openat(root, ents[i].name.c_str(), O_RDONLY|O_DIRECTORY|O_CLOEXEC);
-      if (fd < 0) return; thread_local std::vector<char> b(4096); syscall(SYS_getdents64, fd, b.data(), b.size()); close(fd); });
+      if (fd < 0) return;
+      thread_local std::vector<char> b(4096);
+      syscall(SYS_getdents64, fd, b.data(), b.size());
+      close(fd); });
   if (statfirst) run([&](size_t i) { struct stat st; std::string p = ents[i].name + "/fullchain.pem";
       fstatat(root, p.c_str(), &st, 0); p = ents[i].name + "/privkey.pem"; fstatat(root, p.c_str(), &st, 0); });
   if (fadv || ra) run([&](size_t i) {
