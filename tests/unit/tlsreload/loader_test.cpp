@@ -4,6 +4,15 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <thread>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/inotify.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "tests/support/fake_clock.h"
 #include "tests/support/temp_dir.h"
@@ -24,6 +33,26 @@ struct TempDir : testing::TempDir {
 void write(const fs::path& p, const std::string& data) {
   fs::create_directories(p.parent_path());
   std::ofstream(p, std::ios::binary) << data;
+}
+
+// evict writes p to disk and drops it from the page cache, so the next read is a cold one;
+// false if the page cache still holds it (tmpfs, for one).
+bool evict(const fs::path& p) {
+  int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  bool cold = false;
+  struct stat st{};
+  if (::fdatasync(fd) == 0 && ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0 && ::fstat(fd, &st) == 0 &&
+      st.st_size > 0) {
+    void* m = ::mmap(nullptr, static_cast<std::size_t>(st.st_size), PROT_READ, MAP_SHARED, fd, 0);
+    unsigned char in_core = 1;
+    if (m != MAP_FAILED) {
+      cold = ::mincore(m, 1, &in_core) == 0 && (in_core & 1) == 0;
+      ::munmap(m, static_cast<std::size_t>(st.st_size));
+    }
+  }
+  ::close(fd);
+  return cold;
 }
 
 }  // namespace
@@ -207,6 +236,142 @@ TEST_CASE("loader loads many pairs in parallel, in order, and reports each bad f
   REQUIRE(strict);
   CHECK(strict->certificates.size() == kGood);
   CHECK(strict->failures.size() == 3);
+}
+
+TEST_CASE("loader: a cold start (inode order, prefetch) loads the same pairs with the same messages") {
+  // load_directory reads the pairs in the inode order of their directories and, when a
+  // chunk's first file is not in the page cache, prefetches the chunk's files (loader.cpp,
+  // Prefetch). Neither may change what loads, the report's name order or a message. The
+  // directories are made in reverse name order (inode order is the reverse of name order)
+  // and the files are dropped from the page cache before the first load. Chunks of 32 in
+  // inode order start at n099, n067, n035 and n003: those are the bad pairs that a chunk's
+  // probe meets first, and n041 is one in the middle of a prefetched chunk.
+  testing::FakeClock clock;
+  testing::TestCa ca("Loader", clock.now());
+  TempDir dir;
+  constexpr int kPairs = 100;  // more than one chunk of 32
+  auto name = [](int i) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "n%03d.test", i);
+    return std::string(buf);
+  };
+  const fs::path live = dir.path / "live";
+  std::vector<fs::path> files;
+  for (int i = kPairs - 1; i >= 0; --i) {
+    fs::path d = live / name(i);
+    if (i == 3) {  // no key
+      write(d / "fullchain.pem", ca.chain_pem(ca.issue({name(i)})));
+    } else if (i == 35) {  // no chain
+      write(d / "privkey.pem", ca.issue({name(i)}).key_pem);
+    } else if (i == 41) {  // a directory where the chain should be
+      fs::create_directories(d / "fullchain.pem");
+      write(d / "privkey.pem", ca.issue({name(i)}).key_pem);
+    } else if (i == 67) {  // garbage chain, too big a key
+      write(d / "fullchain.pem", "garbage");
+      write(d / "privkey.pem", std::string((1 << 20) + 1, 'A'));
+    } else if (i == 99) {  // empty chain: the probe does not prefetch this chunk
+      write(d / "fullchain.pem", "");
+      write(d / "privkey.pem", ca.issue({name(i)}).key_pem);
+    } else {
+      auto leaf = ca.issue({name(i)});
+      write(d / "fullchain.pem", ca.chain_pem(leaf));
+      write(d / "privkey.pem", leaf.key_pem);
+    }
+    for (const char* f : {"fullchain.pem", "privkey.pem"}) {
+      if (fs::is_regular_file(d / f)) files.push_back(d / f);
+    }
+  }
+  std::size_t evicted = 0;
+  for (const fs::path& f : files) evicted += evict(f) ? 1 : 0;
+  if (evicted == 0) MESSAGE("the page cache kept the files (tmpfs?): the cold path is not exercised");
+
+  LoadOptions o = bulk_load_options();
+  o.clock = &clock;
+  auto cold = load_directory(dir.path, o);
+  auto warm = load_directory(dir.path, o);  // every file in the page cache now: no prefetch
+  REQUIRE_MESSAGE(cold, cold.error().message);
+  REQUIRE_MESSAGE(warm, warm.error().message);
+
+  std::vector<std::string> expected;
+  for (int i = 0; i < kPairs; ++i) {
+    if (i != 3 && i != 35 && i != 41 && i != 67 && i != 99) expected.push_back(name(i));
+  }
+  for (const auto* report : {&*cold, &*warm}) {
+    std::vector<std::string> names;
+    for (const auto& c : report->certificates) names.push_back(c->names().front());
+    CHECK(names == expected);
+    // Missing files first (the scan), then load failures, each in name order.
+    std::vector<std::pair<fs::path, std::string>> failures;
+    for (const auto& f : report->failures) failures.emplace_back(f.path, f.error.message);
+    auto at = [&](int i, const char* f) { return live / name(i) / f; };
+    REQUIRE(failures.size() == 5);
+    CHECK(failures[0] == std::pair{at(3, "privkey.pem"), at(3, "privkey.pem").string() + ": missing"});
+    CHECK(failures[1] == std::pair{at(35, "fullchain.pem"), at(35, "fullchain.pem").string() + ": missing"});
+    CHECK(failures[2] == std::pair{at(41, "fullchain.pem"), at(41, "fullchain.pem").string() + ": Is a directory"});
+    CHECK(failures[3] == std::pair{at(67, "privkey.pem"),
+                                   at(67, "privkey.pem").string() + ": larger than 1 MiB, not a PEM file"});
+    CHECK(failures[4].first == at(99, "fullchain.pem"));
+    CHECK(failures[4].second.ends_with("certificate chain: empty PEM input"));
+  }
+}
+
+TEST_CASE("loader: a FIFO chain in a certbot directory is read by the loading thread alone") {
+  // The prefetch's probe (loader.cpp, Prefetch) looks at the first file of each chunk. It must
+  // not open a FIFO: opening and closing its read end lets a writer write into a pipe whose
+  // data is then lost, and the loading thread's open waits for a writer that is gone.
+  testing::FakeClock clock;
+  testing::TestCa ca("Loader", clock.now());
+  TempDir dir;
+  auto leaf = ca.issue({"fifo.test"});
+  const fs::path d = dir.path / "live" / "fifo.test";
+  fs::create_directories(d);
+  write(d / "privkey.pem", leaf.key_pem);
+  const fs::path fifo = d / "fullchain.pem";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  ::signal(SIGPIPE, SIG_IGN);  // a write into a pipe whose reader left fails instead
+  // Whether the race loses the data depends on scheduling; who opened the FIFO does not:
+  // one read end is expected to close, the loading thread's. (inotify merges two identical
+  // events in a row, so opens are not counted: the writer's and the reader's would merge;
+  // a probe's close and the loading thread's are apart, an open between them.)
+  int watch = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  REQUIRE(watch >= 0);
+  REQUIRE(::inotify_add_watch(watch, fifo.c_str(), IN_OPEN | IN_CLOSE) >= 0);
+  const std::string chain = ca.chain_pem(leaf);
+  std::promise<void> loaded;
+  auto done = loaded.get_future();
+  std::thread writer([&] {
+    int fd = ::open(fifo.c_str(), O_WRONLY | O_CLOEXEC);  // waits for a reader
+    if (fd >= 0) {
+      (void)!::write(fd, chain.data(), chain.size());
+      ::close(fd);
+    }
+    // Bound: a reader still waiting after 10 s (the data went to a probe) gets end of file.
+    if (done.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+      int again = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+      if (again >= 0) ::close(again);
+    }
+  });
+  LoadOptions o = bulk_load_options();
+  o.clock = &clock;
+  auto report = load_directory(dir.path, o);
+  loaded.set_value();
+  writer.join();
+  REQUIRE_MESSAGE(report, report.error().message);
+  CHECK(report->failures.empty());
+  for (const auto& f : report->failures) MESSAGE(f.error.message);
+  REQUIRE(report->certificates.size() == 1);
+  CHECK(report->certificates[0]->names().front() == "fifo.test");
+  int reader_closes = 0;
+  alignas(inotify_event) char events[4096];
+  for (ssize_t n; (n = ::read(watch, events, sizeof events)) > 0;) {
+    for (ssize_t at = 0; at < n;) {
+      const auto* e = reinterpret_cast<const inotify_event*>(events + at);
+      if (e->mask & IN_CLOSE_NOWRITE) ++reader_closes;
+      at += static_cast<ssize_t>(sizeof(inotify_event) + e->len);
+    }
+  }
+  ::close(watch);
+  CHECK(reader_closes == 1);
 }
 
 }  // TEST_SUITE
