@@ -1,8 +1,8 @@
 // cold_read: the file I/O of a certbot-directory load and nothing else, for measuring a cold
-// start's kernel cost (docs/benchmarks.md, "Cold start"). Not built by CMake:
-//   g++ -O2 -std=c++20 -o /tmp/coldread tools/bench/cold_read.cpp -lpthread
+// start's kernel cost (docs/benchmarks.md, "Cold start"). Built with the benchmarks
+// (-DAUTOTLS_BENCH=ON), run by hand:
 //   sync; echo 3 > /proc/sys/vm/drop_caches
-//   /tmp/coldread build-bench/fixtures/store-20000/live 8 inode,aio
+//   build-bench/tools/bench/cold_read build-bench/fixtures/store-20000/live 8 inode,aio
 // Arguments: the live directory, threads, and flags (any of, comma separated): inode (order
 // by the pair directory's d_ino, else by name), noatime, nofstat, fadvise or readahead (a
 // first pass over all files), getdents (a first pass reading each pair directory), aio (a
