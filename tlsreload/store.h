@@ -117,9 +117,9 @@ extern std::atomic<void (*)()> g_store_acquire_hook;
 
 // CertStore maps SNI names to certificates.
 //
-// Concurrency contract: lookups (readers) never lock and never wait for a writer; writers
-// (publish, remove, set_default) are serialized by a mutex and never block readers. Every
-// reader sees either the old or the new snapshot, never a mix.
+// Concurrency contract: lookups and snapshot() (readers) never lock and never wait for a
+// writer; writers (publish, remove, set_default) are serialized by a mutex and never block
+// readers. Every reader sees either the old or the new snapshot, never a mix.
 //
 // How readers avoid locks (GCC 12's std::atomic<std::shared_ptr> is not lock-free: it spins on
 // a lock bit): each thread caches a std::shared_ptr<const Snapshot> per store and revalidates
@@ -128,16 +128,18 @@ extern std::atomic<void (*)()> g_store_acquire_hook;
 // that takes no lock either: writers publish a raw pointer to a detail::Published (which owns
 // the snapshot's reference), and the refreshing thread protects it with a hazard pointer (one
 // slot per thread in a process-wide registry), checks it is still the published one, copies
-// the reference (an atomic increment) and clears its hazard. snapshot() does the same. The
-// only loop retries when a writer published in between, so a reader always makes progress
-// unless writers keep publishing. Writers free a replaced snapshot only when no thread holds a
-// reference to it (use_count() == 1) and no hazard slot names it; the ordering argument is at
-// CertStore::commit in store.cpp.
+// the reference and clears its hazard. snapshot() does the same. Every step is one atomic
+// instruction (libstdc++'s shared_ptr copy and release are a fetch_add on the count, its
+// use_count() a relaxed load); the only loop retries when a writer published in between, so
+// a reader always makes progress unless writers keep publishing. Writers free a replaced
+// snapshot only when no hazard slot names it and then no thread holds a reference to it
+// (use_count() == 1); the ordering argument is at CertStore::commit in store.cpp.
 // Consequences: a thread keeps its last snapshot (and the certificates in it) alive until its
 // next lookup on any store or its exit; the snapshot is then freed by the store's next change
 // (writers free replaced snapshots, so a reader never pays for it). A thread's first refresh
-// ever takes a registry slot, allocating one (never freed, reused after the thread exits) if
-// none is free.
+// ever takes a registry slot, allocating one if none is free (never freed; reused after the
+// thread exits): the reader path's only allocation, once per thread, like the registration of
+// the thread_local cache's destructor at its first use.
 class CertStore {
  public:
   struct Counters {
