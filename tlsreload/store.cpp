@@ -312,18 +312,18 @@ HazardRecord* take_record() {
 
 // The calling thread's record, given back by the thread_local's destructor at thread exit.
 struct HazardOwner {
-  HazardRecord* record = nullptr;
+  HazardRecord* record;
   ~HazardOwner() {
-    if (record == nullptr) return;
     record->hazard.store(nullptr, std::memory_order_release);
     record->in_use.store(false, std::memory_order_release);
   }
 };
-thread_local HazardOwner tl_hazard;
 
 HazardRecord& my_record() {
-  HazardOwner& owner = tl_hazard;
-  if (owner.record == nullptr) [[unlikely]] owner.record = take_record();
+  // Block scope, not namespace scope: GCC initializes a translation unit's namespace-scope
+  // thread_locals together, on the first use of any of them, so this one would add its
+  // destructor's registration to pinned()'s path (and two register saves to every lookup).
+  thread_local HazardOwner owner{take_record()};
   return *owner.record;
 }
 
