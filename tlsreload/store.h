@@ -101,20 +101,45 @@ class Snapshot {
   std::array<std::shared_ptr<const detail::ShardGroup>, kShardGroups> groups_;
 };
 
+namespace detail {
+// Published owns the reference of one published snapshot at an address that stays fixed until
+// a writer frees it: readers protect this address with a hazard pointer and copy the
+// reference, which nobody modifies meanwhile (see CertStore::refresh).
+struct Published {
+  std::shared_ptr<const Snapshot> snapshot;
+};
+
+// For tests only: when set, called by a thread that takes a reference to the published
+// snapshot, after its hazard pointer is validated and before the reference is copied (the
+// window in which only the hazard keeps the snapshot alive).
+extern std::atomic<void (*)()> g_store_acquire_hook;
+}  // namespace detail
+
 // CertStore maps SNI names to certificates.
 //
-// Concurrency contract: lookups (readers) never lock and never wait for a writer on the common
-// path; writers (publish, remove, set_default) are serialized by a mutex and never block
+// Concurrency contract: lookups and snapshot() (readers) never lock and never wait for a
+// writer; writers (publish, remove, set_default) are serialized by a mutex and never block
 // readers. Every reader sees either the old or the new snapshot, never a mix.
 //
 // How readers avoid locks (GCC 12's std::atomic<std::shared_ptr> is not lock-free: it spins on
 // a lock bit): each thread caches a std::shared_ptr<const Snapshot> per store and revalidates
-// it against the store's atomic version counter, one acquire load per lookup. Only when the
-// version changed does the thread refresh its copy, under a mutex that writers hold for one
-// pointer assignment (never while building a snapshot). That is the h2o "generation" scheme.
-// Consequence: a thread keeps its last snapshot (and the certificates in it) alive until its
+// it against the store's atomic version counter, one acquire load per lookup (the h2o
+// "generation" scheme). Only when the version changed does the thread refresh its copy, and
+// that takes no lock either: writers publish a raw pointer to a detail::Published (which owns
+// the snapshot's reference), and the refreshing thread protects it with a hazard pointer (one
+// slot per thread in a process-wide registry), checks it is still the published one, copies
+// the reference and clears its hazard. snapshot() does the same. Every step is one atomic
+// instruction (libstdc++'s shared_ptr copy and release are a fetch_add on the count, its
+// use_count() a relaxed load); the only loop retries when a writer published in between, so
+// a reader always makes progress unless writers keep publishing. Writers free a replaced
+// snapshot only when no hazard slot names it and then no thread holds a reference to it
+// (use_count() == 1); the ordering argument is at CertStore::commit in store.cpp.
+// Consequences: a thread keeps its last snapshot (and the certificates in it) alive until its
 // next lookup on any store or its exit; the snapshot is then freed by the store's next change
-// (writers free replaced snapshots, so a reader never pays for it).
+// (writers free replaced snapshots, so a reader never pays for it). A thread's first refresh
+// ever takes a registry slot, allocating one if none is free (never freed; reused after the
+// thread exits): the reader path's only allocation, once per thread, like the registration of
+// the thread_local cache's destructor at its first use.
 class CertStore {
  public:
   struct Counters {
@@ -183,6 +208,7 @@ class CertStore {
  private:
   const Snapshot& pinned() const;
   const Snapshot& refresh() const;                    // pinned()'s slow path
+  std::shared_ptr<const Snapshot> acquire() const;    // the published snapshot, lock-free
   void commit(std::shared_ptr<const Snapshot> next);  // with write_mu_ held
   bool apply_publish(detail::SnapshotEditor& ed, const std::shared_ptr<const Certificate>& cert);
 
@@ -191,6 +217,7 @@ class CertStore {
   // Read by every lookup: alone on its cache line, so writers bumping counters or taking
   // mutexes next to it do not make readers miss.
   alignas(64) std::atomic<std::uint64_t> version_{0};
+  std::atomic<const detail::Published*> published_{nullptr};
 
   // Writers. by_id_ maps a certificate id to the certificate and how many slots it holds.
   std::mutex write_mu_;
@@ -201,13 +228,15 @@ class CertStore {
   // The key views Held::cert->id() (no copy of 64 hex characters per certificate).
   std::unordered_map<std::string_view, Held> by_id_;
 
-  // The published snapshot. current_mu_ guards only the pointer copy (see class comment).
-  alignas(64) mutable std::mutex current_mu_;
-  std::shared_ptr<const Snapshot> current_;
-  // retired_ keeps replaced snapshots until no thread's cache holds them, so that the writer,
-  // not a reader refreshing its cache, pays for freeing them (a snapshot holds kShardGroups
-  // group references, and a freed group releases its shards). Guarded by write_mu_.
-  std::vector<std::shared_ptr<const Snapshot>> retired_;
+  // The published snapshot. current_ is the writers' (guarded by write_mu_); published_ is
+  // current_.get() for readers, stored by commit() before version_ (both change together, so
+  // they share version_'s line without costing readers an extra miss).
+  std::unique_ptr<const detail::Published> current_;
+  // retired_ keeps replaced snapshots until no thread's cache holds them and no hazard slot
+  // names them, so that the writer, not a reader refreshing its cache, pays for freeing them
+  // (a snapshot holds kShardGroups group references, and a freed group releases its shards).
+  // Guarded by write_mu_.
+  std::vector<std::unique_ptr<const detail::Published>> retired_;
 
   alignas(64) std::atomic<std::uint64_t> publish_ok_{0};
   std::atomic<std::uint64_t> publish_failed_{0};
