@@ -1474,6 +1474,8 @@ struct Server::Impl {
       std::size_t e = h.find('\n', pos);
       // Every line ends in CRLF (httplib skips a bare-LF line; leave those to it).
       if (e == npos || e == pos || h[e - 1] != '\r') return false;
+      // httplib refuses (400) a field line longer than this, CRLF included.
+      if (e + 1 - pos > CPPHTTPLIB_HEADER_MAX_LENGTH) return false;
       std::string_view field = h.substr(pos, e - 1 - pos);
       pos = e + 1;
       if (field.empty()) {
@@ -1567,7 +1569,7 @@ struct Server::Impl {
     }
     out += "\r\n";
     // The body is read for HEAD too, as serve_static does: a file that shrank meanwhile is
-    // httplib's 404, not a short answer.
+    // left to httplib's path (which opens it again), never answered short.
     std::size_t at = out.size();
     out.resize(at + size);
     std::size_t got = 0;

@@ -648,6 +648,26 @@ TEST_SUITE("server") {
                std::string::npos) == tls);
       }
     }
+    // httplib answers 400 to a field line over 8 KiB (CPPHTTPLIB_HEADER_MAX_LENGTH), within
+    // max_header_bytes (16 KiB): the fast path must leave that request to it, not serve the
+    // file. (httplib keeps the connection; only its first answer is read.)
+    int fd = connect_to(env.server->http_port());
+    REQUIRE(fd >= 0);
+    timeval tv{5, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    const std::string big = "GET /a.txt HTTP/1.1\r\nHost: s.test\r\nCookie: " +
+                            std::string(9000, 'c') + "\r\n\r\n";
+    REQUIRE(::send(fd, big.data(), big.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(big.size()));
+    std::string got;
+    char buf[4096];
+    while (got.find("\r\n\r\n") == std::string::npos) {
+      ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      got.append(buf, static_cast<size_t>(n));
+    }
+    ::close(fd);
+    CAPTURE(got);
+    CHECK(got.starts_with("HTTP/1.1 400 "));
   }
 
   TEST_CASE("a client that stops reading is closed at the write deadline") {
