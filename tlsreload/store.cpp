@@ -311,15 +311,29 @@ HazardRecord* take_record() {
 }
 
 // The calling thread's record, given back by the thread_local's destructor at thread exit.
+// A lookup made by another thread_local's destructor after the owner's has run (thread exit)
+// must not use the record given back: another thread may hold it by then, and two threads
+// sharing a hazard slot could let a writer free what one of them is copying. Such a late
+// caller takes a record of its own that it never gives back (a leaked pool slot, for a
+// pathological case). Both are trivially destructible, so they stay usable during thread
+// exit, and constant-initialized, so they add nothing to pinned()'s path.
+thread_local bool tl_hazard_released = false;
+thread_local HazardRecord* tl_late_record = nullptr;
+
 struct HazardOwner {
   HazardRecord* record;
   ~HazardOwner() {
+    tl_hazard_released = true;
     record->hazard.store(nullptr, std::memory_order_release);
     record->in_use.store(false, std::memory_order_release);
   }
 };
 
 HazardRecord& my_record() {
+  if (tl_hazard_released) [[unlikely]] {
+    if (tl_late_record == nullptr) tl_late_record = take_record();
+    return *tl_late_record;
+  }
   // Block scope, not namespace scope: GCC initializes a translation unit's namespace-scope
   // thread_locals together, on the first use of any of them, so this one would add its
   // destructor's registration to pinned()'s path (and two register saves to every lookup).
