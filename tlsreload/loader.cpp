@@ -412,6 +412,11 @@ class Prefetch {
     if (ctx_) ::syscall(SYS_io_destroy, ctx_);
   }
 
+  // retry forgets an earlier failure. The thread that calls load_directory keeps its Prefetch
+  // (the others are new each load), so one failed io_getevents or io_setup (EAGAIN at
+  // fs.aio-max-nr) would otherwise turn prefetching off for its every later load.
+  void retry() { unavailable_ = false; }
+
   // probe opens path (relative to dir_fd) and tells whether its first page is in the page
   // cache (a cold one is read ahead by the probe itself). It returns the descriptor of a
   // regular file (O_NONBLOCK cleared) for the caller to read, or -1: not a regular file, not
@@ -576,6 +581,7 @@ Result<LoadReport> load_directory(const fs::path& dir, const LoadOptions& option
   bool cold_start = false;
   if (!candidates.empty()) {
     const Candidate& c = candidates.front();
+    thread_prefetch().retry();
     int fd = thread_prefetch().probe(c.level->fd.fd, c.chain().c_str(), cold_start);
     if (fd >= 0) ::close(fd);
   }
