@@ -166,6 +166,10 @@ TEST_CASE("storage stays whole when a renewing process is killed at random momen
   // Kills land 0-60 ms after the fork: in start-up, in the middle of renewals, between them.
   // A slow machine (sanitizers) that completes no renewal in 20 kills gets a wider window.
   int max_delay_us = 60000, since_change = 0;
+  // settle: the widest window still completed no renewal (seen under ASan at load: every
+  // renewal slower than 480 ms); the next child is killed only once it has completed one
+  // (bounded), i.e. in the middle of its next.
+  bool settle = false;
   // Under 10 s on this 2-core VM; sanitizers make each fork and child several times slower.
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
   const auto budget = 60s;
@@ -176,7 +180,18 @@ TEST_CASE("storage stays whole when a renewing process is killed at random momen
     pid_t pid = ::fork();
     REQUIRE(pid >= 0);
     if (pid == 0) renew_forever(dir.path, generation);
-    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, max_delay_us)(rng)));
+    if (settle) {
+      settle = false;
+      auto deadline = std::chrono::steady_clock::now() + 15s;
+      while (std::chrono::steady_clock::now() < deadline) {
+        std::map<std::string, std::string> now;
+        if (check_storage(dir.path, now).empty() && now.size() == ids.size() && now != ids) break;
+        std::this_thread::sleep_for(5ms);
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, 20000)(rng)));
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(0, max_delay_us)(rng)));
+    }
     ::kill(pid, SIGKILL);
     int status = 0;
     ::waitpid(pid, &status, 0);
@@ -193,8 +208,12 @@ TEST_CASE("storage stays whole when a renewing process is killed at random momen
       seen.insert(id);
     }
     since_change = changed ? 0 : since_change + 1;
-    if (since_change >= 20 && max_delay_us < 480000) {
-      max_delay_us *= 2;
+    if (since_change >= 20) {
+      if (max_delay_us < 480000) {
+        max_delay_us *= 2;
+      } else {
+        settle = true;
+      }
       since_change = 0;
     }
     std::error_code ec;
