@@ -71,6 +71,17 @@ std::unique_ptr<Server> start(ServerConfig cfg,
   return std::move(*s);
 }
 
+// store_for is a store holding one certificate for name, from a fresh test CA.
+std::shared_ptr<tlsreload::CertStore> store_for(const std::string& name) {
+  auto ca = autotls::testing::make_test_ca("ops test CA");
+  REQUIRE(ca);
+  auto leaf = autotls::testing::make_test_leaf({name}, *ca);
+  REQUIRE(leaf);
+  auto store = std::make_shared<tlsreload::CertStore>();
+  REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
+  return store;
+}
+
 // TlsClient handshakes with 127.0.0.1:port for sni, optionally offering a saved session.
 struct TlsClient {
   SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
@@ -366,12 +377,7 @@ TEST_SUITE("server") {
   }
 
   TEST_CASE("session tickets resume and a ticket whose key left the ring gets a full handshake") {
-    auto ca = autotls::testing::make_test_ca("ops test CA");
-    REQUIRE(ca);
-    auto leaf = autotls::testing::make_test_leaf({"t.test"}, *ca);
-    REQUIRE(leaf);
-    auto store = std::make_shared<tlsreload::CertStore>();
-    REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
+    auto store = store_for("t.test");
     Dir dir("tickets");
     auto cfg = plain_config();
     cfg.redirect_to_https = true;
@@ -426,12 +432,7 @@ TEST_SUITE("server") {
     // OpenSSL's client (wrk, curl) uses a TLS 1.3 ticket once: a resumption that brought no new
     // ticket leaves it a session it will not offer again, so the next connection is a full
     // handshake. TLS 1.2 tickets are reused and are not renewed while their key is current.
-    auto ca = autotls::testing::make_test_ca("ops test CA");
-    REQUIRE(ca);
-    auto leaf = autotls::testing::make_test_leaf({"t.test"}, *ca);
-    REQUIRE(leaf);
-    auto store = std::make_shared<tlsreload::CertStore>();
-    REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
+    auto store = store_for("t.test");
     Dir dir("tickets13");
     auto cfg = plain_config();
     cfg.redirect_to_https = true;
@@ -474,12 +475,7 @@ TEST_SUITE("server") {
   }
 
   TEST_CASE("reload applies a new ticket rotation interval to the running key ring") {
-    auto ca = autotls::testing::make_test_ca("ops test CA");
-    REQUIRE(ca);
-    auto leaf = autotls::testing::make_test_leaf({"t.test"}, *ca);
-    REQUIRE(leaf);
-    auto store = std::make_shared<tlsreload::CertStore>();
-    REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
+    auto store = store_for("t.test");
     Dir dir("rotation");
     auto cfg = plain_config();
     cfg.default_site = StaticSite{dir.site("t", "t\n")};
