@@ -470,7 +470,13 @@ TEST_CASE("a certificate renewed by another manager is picked up without a new o
   const std::string renewed = store_b->lookup("example.com")->id();
   REQUIRE(renewed != first);
   auto deadline = std::chrono::steady_clock::now() + 10s;
-  while (env.served("example.com") != renewed && std::chrono::steady_clock::now() < deadline) {
+  // The store is published before A's own record of the name is updated: wait for both, or
+  // the check of a.state() below races the adoption (it failed once in CI, 2026-12-03).
+  auto adopted = [&] {
+    auto st = a.state(kNames);
+    return env.served("example.com") == renewed && st && st->cert_id == renewed;
+  };
+  while (!adopted() && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(10ms);
   }
   CHECK(env.served("example.com") == renewed);
