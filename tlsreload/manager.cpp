@@ -248,6 +248,9 @@ struct Manager::IssuerSlot {
   std::mutex mu;  // guards the members below and the account set-up
   std::unique_ptr<acme::Client> client;
   bool account_ready = false;
+  // The stored account (key and URL), read by issue_at before the client connects; taken by
+  // the next ensure_account.
+  std::optional<StoredAccount> stored_account;
   std::shared_ptr<InternalCA> internal;
 };
 
@@ -397,29 +400,33 @@ Result<std::string> Manager::internal_root_pem() {
 // ensure_account loads the account for this CA from storage or registers one. Account data is
 // per directory URL: an account exists at one CA only (RFC 8555 §7.3).
 // Call with slot.mu held.
+Result<Manager::StoredAccount> Manager::load_account(const IssuerSlot& slot) {
+  const std::string dir = "accounts/" + ca_storage_name(slot.cfg.directory_url);
+  const std::string key_key = dir + "/account.key", json_key = dir + "/account.json";
+  auto key_pem = storage_->get(key_key);
+  if (!key_pem) return fail(key_pem.error());
+  if (!*key_pem) return StoredAccount{};
+  auto key = acme::PrivateKey::from_pem(**key_pem);
+  if (!key) return fail(key.error().with_context("account key " + key_key));
+  auto text = storage_->get(json_key);
+  if (!text) return fail(text.error());
+  std::string url;
+  if (*text) url = get_string(json::parse(**text, nullptr, false), "url");
+  return StoredAccount{std::move(*key), url};
+}
+
 Status Manager::ensure_account(IssuerSlot& slot, acme::Client& client, bool reregister) {
   if (slot.account_ready && !reregister) return {};
   const std::string& directory_url = slot.cfg.directory_url;
   const std::string dir = "accounts/" + ca_storage_name(directory_url);
   const std::string key_key = dir + "/account.key", json_key = dir + "/account.json";
 
-  auto load = [&]() -> Result<std::pair<std::optional<acme::PrivateKey>, std::string>> {
-    auto key_pem = storage_->get(key_key);
-    if (!key_pem) return fail(key_pem.error());
-    if (!*key_pem) return std::pair<std::optional<acme::PrivateKey>, std::string>{};
-    auto key = acme::PrivateKey::from_pem(**key_pem);
-    if (!key) return fail(key.error().with_context("account key " + key_key));
-    auto text = storage_->get(json_key);
-    if (!text) return fail(text.error());
-    std::string url;
-    if (*text) url = get_string(json::parse(**text, nullptr, false), "url");
-    return std::pair<std::optional<acme::PrivateKey>, std::string>{std::move(*key), url};
-  };
-
-  auto loaded = load();
+  // What issue_at read before connecting, unless registering again (then read it afresh).
+  std::optional<StoredAccount> stored = std::exchange(slot.stored_account, std::nullopt);
+  Result<StoredAccount> loaded = stored && !reregister ? Result<StoredAccount>(std::move(*stored)) : load_account(slot);
   if (!loaded) return fail(loaded.error());
-  if (loaded->first && !loaded->second.empty() && !reregister) {
-    client.set_account(std::make_shared<acme::KeySigner>(*loaded->first), loaded->second);
+  if (loaded->key && !loaded->url.empty() && !reregister) {
+    client.set_account(std::make_shared<acme::KeySigner>(*loaded->key), loaded->url);
     slot.account_ready = true;
     return {};
   }
@@ -429,14 +436,14 @@ Status Manager::ensure_account(IssuerSlot& slot, acme::Client& client, bool rere
                               clock_->now() + options_.lock_wait, *clock_);
   if (!token) return fail(token.error());
   LockKeeper keeper(*storage_, *token, options_.lock_ttl, *logger_);
-  loaded = load();
+  loaded = load_account(slot);
   if (!loaded) return fail(loaded.error());
-  if (loaded->first && !loaded->second.empty() && !reregister) {
-    client.set_account(std::make_shared<acme::KeySigner>(*loaded->first), loaded->second);
+  if (loaded->key && !loaded->url.empty() && !reregister) {
+    client.set_account(std::make_shared<acme::KeySigner>(*loaded->key), loaded->url);
     slot.account_ready = true;
     return {};
   }
-  std::optional<acme::PrivateKey> key = loaded->first;
+  std::optional<acme::PrivateKey> key = loaded->key;
   if (!key) {
     auto k = acme::PrivateKey::generate(acme::KeyType::ec256);
     if (!k) return fail(k.error());
@@ -678,6 +685,13 @@ Result<Manager::Issued> Manager::issue_at(IssuerSlot& slot, const std::vector<st
   };
   {
     std::lock_guard lock(slot.mu);
+    if (!slot.client && !slot.account_ready) {
+      // Read the stored account (parsing its key takes a millisecond) before connecting: with
+      // a prefetching transport (acme/prefetch.h), creating the client waits for the
+      // directory, so this overlaps that wait instead of following it. An error here is left
+      // for ensure_account, which reads again and reports it.
+      if (auto a = load_account(slot)) slot.stored_account = std::move(*a);
+    }
     auto c = client(slot);
     if (!c) return fail(c.error().with_context("ACME directory"));
     acme_client = *c;

@@ -274,6 +274,13 @@ class Manager {
     std::string chain_pem, key_pem;
   };
   Result<acme::Client*> client(IssuerSlot& slot);
+  // StoredAccount is the account of one CA as stored: no key yet, or a key with the account URL
+  // (empty when registration did not finish).
+  struct StoredAccount {
+    std::optional<acme::PrivateKey> key;
+    std::string url;
+  };
+  Result<StoredAccount> load_account(const IssuerSlot& slot);
   Status ensure_account(IssuerSlot& slot, acme::Client& client, bool reregister);
   Result<std::shared_ptr<InternalCA>> internal_ca(IssuerSlot& slot);
   Result<Issued> issue_at(IssuerSlot& slot, const std::vector<std::string>& names, const std::string& replaces,
