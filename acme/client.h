@@ -244,6 +244,15 @@ class Solver {
                          std::string_view key_authorization) = 0;
   virtual void cleanup(const Identifier& identifier, const Challenge& challenge,
                        std::string_view key_authorization) = 0;
+  // await_fetch waits up to timeout until the CA has fetched the material presented for the
+  // challenge (its validation request reached our responder), and says whether it has. A
+  // solver that cannot tell returns false at once (the default). obtain() uses it to send its
+  // first authorization poll when validation is under way instead of on a blind schedule.
+  virtual bool await_fetch(const Identifier& identifier, const Challenge& challenge,
+                           std::chrono::milliseconds timeout) {
+    (void)identifier, (void)challenge, (void)timeout;
+    return false;
+  }
 };
 
 // ProgressEvent reports one step of an issuance as it happens (for progress displays). The

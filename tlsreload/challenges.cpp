@@ -39,19 +39,28 @@ std::string exit_description(int status) {
 
 void ChallengeStore::put_http01(std::string token, std::string key_authorization) {
   std::lock_guard lock(mu_);
+  http01_fetched_.erase(token);
   http01_[std::move(token)] = std::move(key_authorization);
 }
 
 void ChallengeStore::remove_http01(std::string_view token) {
   std::lock_guard lock(mu_);
   http01_.erase(std::string(token));
+  http01_fetched_.erase(std::string(token));
 }
 
 std::optional<std::string> ChallengeStore::http01(std::string_view token) const {
   std::lock_guard lock(mu_);
   auto it = http01_.find(std::string(token));
   if (it == http01_.end()) return std::nullopt;
+  if (http01_fetched_.insert(it->first).second) fetched_cv_.notify_all();
   return it->second;
+}
+
+bool ChallengeStore::wait_http01_fetched(std::string_view token, std::chrono::milliseconds timeout) const {
+  std::unique_lock lock(mu_);
+  const std::string key(token);
+  return fetched_cv_.wait_for(lock, timeout, [&] { return http01_fetched_.count(key) > 0; });
 }
 
 Status ChallengeStore::put_tls_alpn(const acme::Identifier& identifier, std::string_view key_authorization) {
@@ -116,6 +125,11 @@ void ChallengeSolver::cleanup(const acme::Identifier& identifier, const acme::Ch
     (void)run_dns_hook(dns_hook_, "del", acme::dns01_record_name(identifier.value),
                        acme::dns01_txt_value(key_authorization), hook_timeout_);
   }
+}
+
+bool ChallengeSolver::await_fetch(const acme::Identifier&, const acme::Challenge& challenge,
+                                  std::chrono::milliseconds timeout) {
+  return challenge.type == "http-01" && store_->wait_http01_fetched(challenge.token, timeout);
 }
 
 Status run_dns_hook(const std::string& hook, std::string_view action, std::string_view record_name,

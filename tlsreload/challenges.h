@@ -1,12 +1,14 @@
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "acme/client.h"
 #include "acme/util/error.h"
@@ -22,8 +24,13 @@ class ChallengeStore {
  public:
   void put_http01(std::string token, std::string key_authorization);
   void remove_http01(std::string_view token);
-  // http01 returns the key authorization for a token, if one is presented.
+  // http01 returns the key authorization for a token, if one is presented. A lookup that finds
+  // one counts as the CA fetching it (only listeners answering validation requests call this).
   std::optional<std::string> http01(std::string_view token) const;
+  // wait_http01_fetched waits up to timeout until the key authorization presented for token has
+  // been looked up through http01 (the CA's validation request reached a listener), and says
+  // whether it was. A token put again counts afresh.
+  bool wait_http01_fetched(std::string_view token, std::chrono::milliseconds timeout) const;
 
   // put_tls_alpn builds (and validates) the RFC 8737 certificate for the identifier and
   // serves it for sni (for an IP identifier, the reverse-DNS name RFC 8738 §6 gives).
@@ -35,7 +42,9 @@ class ChallengeStore {
 
  private:
   mutable std::mutex mu_;
+  mutable std::condition_variable fetched_cv_;
   std::unordered_map<std::string, std::string> http01_;
+  mutable std::unordered_set<std::string> http01_fetched_;  // tokens looked up since put
   std::unordered_map<std::string, std::shared_ptr<const Certificate>> tls_alpn_;
 };
 
@@ -54,6 +63,10 @@ class ChallengeSolver : public acme::Solver {
                  std::string_view key_authorization) override;
   void cleanup(const acme::Identifier& identifier, const acme::Challenge& challenge,
                std::string_view key_authorization) override;
+  // await_fetch tells when the CA has fetched an http-01 key authorization from a listener
+  // serving the store; for other types it cannot tell (false at once).
+  bool await_fetch(const acme::Identifier& identifier, const acme::Challenge& challenge,
+                   std::chrono::milliseconds timeout) override;
 
  private:
   std::shared_ptr<ChallengeStore> store_;

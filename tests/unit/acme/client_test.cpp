@@ -854,6 +854,46 @@ TEST_CASE("obtain polls one step after responding and finalizes a ready order wi
   CHECK(sleeps.back() == f.client->options().poll_initial);
 }
 
+TEST_CASE("obtain polls half a step after the CA fetched the material, when the solver can tell") {
+  FakeAcmeServer::Options o;
+  o.authz_pending_polls = 0;
+  o.order_processing_polls = 0;
+  o.order_ready_at_finalize = true;
+  Fixture f(o);
+  f.register_new();
+  RequestLog log;
+  log.attach(*f.ca);
+  // A solver whose responder saw the CA's validation request.
+  struct FetchedSolver : RecordingSolver {
+    RequestLog* log = nullptr;
+    std::vector<std::string> last_request;  // what the CA had seen at each await_fetch
+    std::vector<milliseconds> timeouts;
+    bool await_fetch(const Identifier&, const Challenge&, milliseconds timeout) override {
+      std::lock_guard lock(log->mu);
+      last_request.push_back(log->lines.empty() ? "" : log->lines.back());
+      timeouts.push_back(timeout);
+      return true;
+    }
+  } solver;
+  solver.log = &log;
+  const size_t slept_before = f.clock.sleeps().size();
+  ObtainRequest req;
+  req.identifiers = {Identifier::dns("fetched.example.test")};
+  auto r = obtain(*f.client, req, solver);
+  REQUIRE_MESSAGE(r.has_value(), (r ? "" : r.error().message));
+  const milliseconds step = f.client->options().poll_initial;
+  // Asked once, after responding to the challenge and before the first poll, for at most four
+  // poll steps (the fake clock does not move while the key is made).
+  REQUIRE(solver.last_request.size() == 1);
+  CHECK(solver.last_request[0].starts_with("POST /chall/"));
+  CHECK(solver.timeouts[0] == 4 * step);
+  CHECK(log.count("POST /authz/") == 2);  // the fetch, then one poll
+  // Then half a poll step, not a whole one, before that poll.
+  auto sleeps = f.clock.sleeps();
+  REQUIRE(sleeps.size() == slept_before + 1);
+  CHECK(sleeps.back() == step / 2);
+}
+
 TEST_CASE("an order not yet ready at finalize is polled until ready, then finalized") {
   FakeAcmeServer::Options o;
   o.authz_pending_polls = 0;

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "acme/challenge.h"
 #include "tlsreload/challenges.h"
@@ -69,6 +70,50 @@ TEST_CASE("http-01 key authorizations by token") {
   store.remove_http01("tok");
   CHECK_FALSE(store.http01("tok").has_value());
   CHECK(store.size() == 0);
+}
+
+TEST_CASE("a lookup of an http-01 token counts as the CA fetching it") {
+  using std::chrono::milliseconds;
+  ChallengeStore store;
+  store.put_http01("tok", "tok.thumb");
+  // Nothing fetched yet: the wait runs out (bounded) and says so.
+  CHECK_FALSE(store.wait_http01_fetched("tok", milliseconds(5)));
+  // A lookup of another token, or of one not presented, is not a fetch of this one.
+  CHECK_FALSE(store.http01("other").has_value());
+  CHECK_FALSE(store.wait_http01_fetched("tok", milliseconds(0)));
+  REQUIRE(store.http01("tok").has_value());
+  CHECK(store.wait_http01_fetched("tok", milliseconds(0)));
+  // Presented again (a new validation of the same token): not fetched until looked up again.
+  store.put_http01("tok", "tok.thumb");
+  CHECK_FALSE(store.wait_http01_fetched("tok", milliseconds(0)));
+
+  // A lookup from a listener's thread wakes a waiter.
+  std::thread listener([&] {
+    std::this_thread::sleep_for(milliseconds(20));
+    (void)store.http01("tok");
+  });
+  CHECK(store.wait_http01_fetched("tok", milliseconds(10'000)));
+  listener.join();
+  store.remove_http01("tok");
+  CHECK_FALSE(store.wait_http01_fetched("tok", milliseconds(0)));
+}
+
+TEST_CASE("the solver tells when an http-01 key authorization was fetched, and only for http-01") {
+  using std::chrono::milliseconds;
+  auto store = std::make_shared<ChallengeStore>();
+  ChallengeSolver solver(store);
+  auto id = acme::Identifier::dns("www.example.com");
+  auto http = challenge("http-01", "tokB");
+  REQUIRE(solver.present(id, http, "tokB.thumb").has_value());
+  CHECK_FALSE(solver.await_fetch(id, http, milliseconds(1)));
+  REQUIRE(store->http01("tokB").has_value());
+  CHECK(solver.await_fetch(id, http, milliseconds(0)));
+  auto alpn = challenge("tls-alpn-01");
+  REQUIRE(solver.present(id, alpn, "tok123.thumb").has_value());
+  CHECK(store->tls_alpn("www.example.com"));
+  CHECK_FALSE(solver.await_fetch(id, alpn, milliseconds(0)));
+  solver.cleanup(id, http, "tokB.thumb");
+  solver.cleanup(id, alpn, "tok123.thumb");
 }
 
 TEST_CASE("tls-alpn-01 certificates by SNI") {
