@@ -1,6 +1,8 @@
 // autotls: the command line. Parses flags (CLI11) and the JSON config file, then runs one
 // subcommand and maps its Result to the documented exit codes (docs/cli.md).
 
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <set>
@@ -413,6 +415,30 @@ Result<Options> reparse(int argc, char** argv) {
 
 }  // namespace
 
+// end_now ends the process with code once its output is flushed, without running destructors
+// and exit handlers: by then issue and renew have stored what they obtained (synced), released
+// their locks and joined their threads, and what is left is freeing memory the kernel frees
+// anyway and OpenSSL's own clean-up, 1-2 ms at the end of every issuance (perf: exit handlers
+// were ~2.5 % of `issue`'s CPU samples). Sanitizer builds return normally: their leak check runs
+// at exit.
+namespace {
+
+int end_now(int code) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  return code;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+  return code;
+#endif
+#endif
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(nullptr);
+  std::_Exit(code);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   Options o;
   auto cli_ptr = std::make_unique<Cli>();
@@ -478,8 +504,8 @@ int main(int argc, char** argv) {
   ctx.storage_root = o.storage.empty() ? default_storage() : o.storage;
   ctx.storage = std::make_shared<tlsreload::FileStorage>(ctx.storage_root);
 
-  if (issue->parsed()) return cmd_issue(ctx);
-  if (renew->parsed()) return cmd_renew(ctx);
+  if (issue->parsed()) return end_now(cmd_issue(ctx));
+  if (renew->parsed()) return end_now(cmd_renew(ctx));
   if (revoke->parsed()) return cmd_revoke(ctx);
   if (list->parsed()) return cmd_list(ctx);
   if (serve->parsed()) return cmd_serve(ctx);
