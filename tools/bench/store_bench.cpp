@@ -11,6 +11,8 @@
 //                                of each kind of phase, in R rounds, default 5, of alternating
 //                                phases); atomic<shared_ptr>
 //   store_bench swaps DIR [S [R]]   only the reader throughput part of lookup
+//   store_bench openssl DIR      the OpenSSL objects alone: first use, rebuild, hit, and the
+//                                parts of a first use (leaf d2i_X509, leaf signature check)
 //
 // Each mode prints one JSON object as its last line. tools/bench/run store merges them.
 // Every tenth name is a wildcard ("*.wN.bench.test"), so wildcard hits are measured too.
@@ -291,12 +293,54 @@ void openssl_figures(const Loaded& l, json& out) {
   out["openssl_hit_ns_p50"] = median(hit);
 }
 
+// The parts of a first use, timed alone with OpenSSL on the same files (the first 500
+// certificates of DIR/live): parsing the leaf DER (d2i_X509, which in OpenSSL 3.0 decodes the
+// public key through an OSSL_DECODER context built anew for each call) and verifying the leaf's
+// signature with the intermediate's key (the deferred chain check). The rest of a first use is
+// the private key (EVP_PKEY_fromdata) and bookkeeping.
+void openssl_parts(const fs::path& dir, json& out) {
+  std::vector<std::string> leaves;
+  ossl::X509Ptr issuer;
+  for (const auto& e : fs::directory_iterator(dir / "live")) {
+    if (leaves.size() == 500) break;
+    std::ifstream in(e.path() / "fullchain.pem");
+    std::string pem((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ossl::BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+    ossl::X509Ptr leaf(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+    ossl::X509Ptr inter(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+    if (!leaf || !inter) continue;
+    unsigned char* der = nullptr;
+    int n = i2d_X509(leaf.get(), &der);
+    if (n <= 0) continue;
+    leaves.emplace_back(reinterpret_cast<char*>(der), static_cast<size_t>(n));
+    OPENSSL_free(der);
+    if (!issuer) issuer = std::move(inter);
+  }
+  if (leaves.empty() || !issuer) return;
+  EVP_PKEY* issuer_key = X509_get0_pubkey(issuer.get());
+  std::vector<double> parse, verify;
+  for (const std::string& d : leaves) {
+    const auto* p = reinterpret_cast<const unsigned char*>(d.data());
+    auto t0 = SteadyClock::now();
+    ossl::X509Ptr x(d2i_X509(nullptr, &p, static_cast<long>(d.size())));
+    auto t1 = SteadyClock::now();
+    int ok = x ? X509_verify(x.get(), issuer_key) : 0;
+    auto t2 = SteadyClock::now();
+    if (ok != 1) continue;
+    parse.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    verify.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+  }
+  out["openssl_leaf_d2i_us_p50"] = median(parse);
+  out["openssl_leaf_verify_us_p50"] = median(verify);
+}
+
 // openssl_mode: only the figures above, in a fresh process (a focused run for the cold path).
 int openssl_mode(const fs::path& dir) {
   Loaded l = load(dir);
   json out;
   out["certificates"] = l.certs.size();
   openssl_figures(l, out);
+  openssl_parts(dir, out);
   std::cout << out.dump() << std::endl;
   return 0;
 }

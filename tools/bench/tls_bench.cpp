@@ -4,7 +4,7 @@
 //   tls_bench --port P --root DIR --cert A.pem --key A.key [--cert2 B.pem --key2 B.key]
 //             [--swaps-per-s N] [--workers N] [--reactors N]
 //             [--store DIR [--cache N] [--warm]] [--upstream URL] [--no-tickets]
-//   tls_bench client --port P (--name NAME | --names-dir DIR) --threads T --secs S
+//   tls_bench client --port P (--name NAME | --names-dir DIR) --threads T --secs S [--seed N]
 //
 // --store DIR also loads every certificate of a certbot-layout DIR/live (store_bench gen),
 // --cache sets the OpenSSL object cache capacity (default: the library's) and --warm builds
@@ -16,7 +16,9 @@
 // client mode is the load generator for the many-certificates benchmark (wrk cannot vary SNI):
 // T threads, each in a loop: connect, full TLS handshake (no resumption, unlike wrk, which keeps
 // its session across reconnects; no verification, like wrk) with SNI drawn at random from DIR's names (a label under each wildcard) or NAME, one
-// GET with Connection: close, read to EOF. Prints {"handshakes", "failures", "rate"}.
+// GET with Connection: close, read to EOF. Prints {"handshakes", "failures", "rate"}. The names
+// are drawn from a generator seeded with --seed (default 1) and the thread's index: runs with the
+// same seed draw the same names, so only the first run against a fresh server is cold.
 //
 // No ACME and no storage: the certificate is published into a tlsreload::CertStore directly
 // (and made the default). The server uses the library's production defaults (workers, limits,
@@ -115,6 +117,7 @@ bool client_once(SSL_CTX* ctx, int port, const std::string& name) {
 
 int client_main(int argc, char** argv) {
   int port = 0, threads = 2;
+  std::uint64_t seed = 1;
   double secs = 5;
   std::string name, names_dir;
   for (int i = 2; i < argc; ++i) {
@@ -128,6 +131,7 @@ int client_main(int argc, char** argv) {
     else if (a == "--names-dir") names_dir = next();
     else if (a == "--threads") threads = std::stoi(next());
     else if (a == "--secs") secs = std::stod(next());
+    else if (a == "--seed") seed = std::stoull(next());
     else die("client: unknown option " + a);
   }
   std::vector<std::string> names;
@@ -150,7 +154,9 @@ int client_main(int argc, char** argv) {
   std::vector<std::thread> ts;
   for (int t = 0; t < threads; ++t) {
     ts.emplace_back([&, t] {
-      std::mt19937_64 rng(static_cast<std::uint64_t>(t) * 7919 + 1);
+      // The sequence of names is fixed by the seed: a second run with the same seed against
+      // the same server finds every name it draws already built (not cold any more).
+      std::mt19937_64 rng(static_cast<std::uint64_t>(t) * 7919 + seed);
       std::uniform_int_distribution<std::size_t> pick(0, names.size() - 1);
       while (std::chrono::steady_clock::now() < until) {
         if (client_once(ctx, port, names[pick(rng)])) ++done;
