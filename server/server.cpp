@@ -682,6 +682,10 @@ struct Server::Impl {
         p.write_timeout.count() <= 0) {
       return fail(Errc::invalid_input, "site " + name + ": upstream timeouts must be positive");
     }
+    if (p.max_idle > 1024 || (p.max_idle > 0 && p.idle_timeout.count() <= 0)) {
+      return fail(Errc::invalid_input,
+                  "site " + name + ": upstream max_idle must be 0-1024, idle_timeout positive");
+    }
     return {};
   }
 
@@ -2344,6 +2348,18 @@ Result<Server::ReloadReport> Server::reload(ServerConfig config) {
   {
     std::lock_guard lock(m.routing_mu);
     m.routing_ptr = std::move(next);
+  }
+  {
+    // Idle upstream connections of an upstream no site uses any more are closed now, not kept
+    // until shutdown (a request still running against it may put its connection back: that
+    // one is closed at the next reload, or at shutdown).
+    std::vector<std::string> keep;
+    auto add = [&](const Site& site) {
+      if (auto* p = std::get_if<ProxySite>(&site)) keep.push_back(p->upstream);
+    };
+    for (const auto& [name, site] : config.sites) add(site);
+    if (config.default_site) add(*config.default_site);
+    m.upstreams.retain(keep);
   }
   // Fields only this thread reads (the routing snapshot is what requests see).
   old.sites = std::move(config.sites);
