@@ -8,6 +8,10 @@
 #include <deque>
 #include <thread>
 
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include "server/detail/http_util.h"
 
 namespace autotls::server::detail {
@@ -38,6 +42,13 @@ struct Bridge {
   std::mutex client_mu;
   std::unique_ptr<httplib::Client> client;
   UpstreamPool* pool = nullptr;  // set by UpstreamPool::enter
+  // connect_fd is our duplicate of the upstream socket while send() runs on a new connection
+  // (under connect_mu; -1 otherwise): httplib holds the client's lock while it connects, so
+  // Client::stop() cannot cut a connect; shutdown(2) on our duplicate can, and since we own the
+  // duplicate until we close it (under connect_mu) it never names a reused descriptor.
+  // connect_mu is never held while another lock is taken (httplib's hook runs under its lock).
+  std::mutex connect_mu;
+  int connect_fd = -1;
   SteadyClock::time_point started = SteadyClock::now();
 
   Bridge() = default;
@@ -50,6 +61,10 @@ struct Bridge {
   // stop_client shuts down the upstream socket of a send() in progress, so it fails at once
   // instead of at its read timeout.
   void stop_client() {
+    {
+      std::lock_guard lock(connect_mu);
+      if (connect_fd >= 0) ::shutdown(connect_fd, SHUT_RDWR);
+    }
     std::lock_guard lock(client_mu);
     if (client) client->stop();
   }
@@ -122,8 +137,42 @@ void UpstreamPool::runner() {
   }
 }
 
+namespace {
+// The exchange the calling exchange thread runs (set around its send() calls), for the socket
+// options hook below, which httplib calls on that thread for each new upstream socket.
+thread_local Bridge* t_exchange = nullptr;
+
+// watch_connect records a duplicate of a new upstream socket in the running exchange, so that
+// abort_all can cut its connect; an exchange already aborted has it cut at once.
+void watch_connect(int fd) {
+  Bridge* b = t_exchange;
+  if (!b) return;
+  {
+    std::lock_guard lock(b->connect_mu);
+    if (b->connect_fd >= 0) ::close(b->connect_fd);  // the retry's second socket
+    b->connect_fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  }
+  // Checked after the duplicate is visible: a cancel that came before it is seen here, one
+  // that comes after finds the duplicate.
+  bool cancelled;
+  {
+    std::lock_guard lock(b->mu);
+    cancelled = b->cancelled;
+  }
+  if (cancelled) ::shutdown(fd, SHUT_RDWR);
+}
+
+// unwatch_connect closes the duplicate once send() is over (the socket is pooled or closed).
+void unwatch_connect(Bridge& b) {
+  std::lock_guard lock(b.connect_mu);
+  if (b.connect_fd >= 0) ::close(b.connect_fd);
+  b.connect_fd = -1;
+}
+}  // namespace
+
 std::unique_ptr<httplib::Client> UpstreamPool::fresh(const ProxySite& site) {
   auto cli = std::make_unique<httplib::Client>(site.upstream);
+  cli->set_socket_options(watch_connect);
   cli->set_keep_alive(site.max_idle > 0);
   cli->set_follow_location(false);
   cli->set_decompress(false);
@@ -330,6 +379,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
       std::lock_guard lock(b->mu);
       return !b->cancelled;
     };
+    t_exchange = b.get();
     bool ok = going() && b->client->send(up, r, err);
     if (!ok && retry && !b->reader_used && err != httplib::Error::Canceled && going()) {
       // The pooled connection failed before a response header (the upstream closed it as we
@@ -351,6 +401,8 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
         ok = going() && b->client->send(up, r, err);
       }
     }
+    t_exchange = nullptr;
+    unwatch_connect(*b);
     // The whole response is in our queue: the connection is free for the next request even
     // before the client has read it all. A failed or cancelled exchange closes it instead, and
     // so does an upstream that asked to close (httplib closes only on an exact "close").
