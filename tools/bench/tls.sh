@@ -22,6 +22,10 @@
 #     and nothing built in advance, as right after a start;
 #   reverse proxy: wrk keep-alive against nginx proxy_pass and a third tls_bench (--upstream),
 #     both to the same trivial upstream (one more nginx, 1 worker, plain HTTP, the 13-byte file).
+#     Both keep upstream connections alive (nginx: keepalive 32 per worker, HTTP/1.1; 0 with
+#     TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE=0 for proxy_pass defaults, a connection per request);
+#     upstream_connections per proxy phase counts the connections the upstream accepted
+#     (its stub_status, read before and after).
 # "Full" is a new TCP connection and TLS handshake per request, but wrk keeps its TLS session
 # across reconnects (SSL_shutdown + SSL_clear) and offers it again: with tickets on (both
 # servers' defaults) every connection after each wrk connection's first is a TLS 1.3
@@ -29,7 +33,7 @@
 # tickets off on both (nginx: ssl_session_tickets off, ssl_session_cache off; tls_bench
 # --no-tickets), so that every handshake is a full one (certificate, signature).
 # Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_NICE (unset),
-# TLS_BENCH_RESUME (1), TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
+# TLS_BENCH_RESUME (1), TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE (32), TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
 # (bounded by its -d) and clean up both servers.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
