@@ -8,6 +8,10 @@
 #include <deque>
 #include <thread>
 
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include "server/detail/http_util.h"
 
 namespace autotls::server::detail {
@@ -30,7 +34,7 @@ struct Bridge {
   httplib::Headers headers;
   std::deque<std::string> chunks;
   std::size_t queued = 0;
-  std::thread thread;
+  std::uint64_t received = 0;  // response body bytes queued so far
   std::atomic<bool> reader_used{false};    // the request body was (partly) consumed
   std::atomic<bool> body_complete{false};  // ... and read to its end
   // client is used by the upstream thread; client_mu guards its lifetime against stop_client()
@@ -38,6 +42,13 @@ struct Bridge {
   std::mutex client_mu;
   std::unique_ptr<httplib::Client> client;
   UpstreamPool* pool = nullptr;  // set by UpstreamPool::enter
+  // connect_fd is our duplicate of the upstream socket while send() runs on a new connection
+  // (under connect_mu; -1 otherwise): httplib holds the client's lock while it connects, so
+  // Client::stop() cannot cut a connect; shutdown(2) on our duplicate can, and since we own the
+  // duplicate until we close it (under connect_mu) it never names a reused descriptor.
+  // connect_mu is never held while another lock is taken (httplib's hook runs under its lock).
+  std::mutex connect_mu;
+  int connect_fd = -1;
   SteadyClock::time_point started = SteadyClock::now();
 
   Bridge() = default;
@@ -50,6 +61,10 @@ struct Bridge {
   // stop_client shuts down the upstream socket of a send() in progress, so it fails at once
   // instead of at its read timeout.
   void stop_client() {
+    {
+      std::lock_guard lock(connect_mu);
+      if (connect_fd >= 0) ::shutdown(connect_fd, SHUT_RDWR);
+    }
     std::lock_guard lock(client_mu);
     if (client) client->stop();
   }
@@ -64,7 +79,7 @@ struct Bridge {
     cv.notify_all();
     if (abort) stop_client();
   }
-  // finish cancels the exchange and waits for the upstream thread. An exchange that is not over
+  // finish cancels the exchange and waits until the upstream thread is done with it. An exchange that is not over
   // within 20 ms (an upstream that sends nothing) gets its socket shut down. A stop() that came
   // before send() had its socket finds nothing to shut down, so it is repeated until the thread
   // is done (httplib holds the client's lock while it connects: a connect in progress ends at
@@ -78,40 +93,156 @@ struct Bridge {
       stop_client();
       lock.lock();
     }
-    lock.unlock();
-    join();
   }
+  // join waits until the upstream thread is done with the exchange (it may still be dropping
+  // its copies of the Bridge and the request: they are shared, and harmless).
   void join() {
-    if (thread.joinable()) thread.join();
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return done; });
   }
 };
 
-std::unique_ptr<httplib::Client> UpstreamPool::acquire(const ProxySite& site) {
-  std::unique_ptr<httplib::Client> cli;
+UpstreamPool::~UpstreamPool() {
   {
-    std::lock_guard lock(mu_);
-    auto it = idle_.find(site.upstream);
-    if (it != idle_.end() && !it->second.empty()) {
-      cli = std::move(it->second.back());
-      it->second.pop_back();
-    }
+    std::lock_guard lock(run_mu_);
+    stop_ = true;
   }
-  if (!cli) {
-    cli = std::make_unique<httplib::Client>(site.upstream);
-    cli->set_keep_alive(true);
-    cli->set_follow_location(false);
-    cli->set_decompress(false);
+  run_cv_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void UpstreamPool::run(std::function<void()> job) {
+  std::lock_guard lock(run_mu_);
+  jobs_.push_back(std::move(job));
+  if (jobs_.size() > parked_) {
+    threads_.emplace_back([this] { runner(); });
+  } else {
+    run_cv_.notify_one();
   }
+}
+
+void UpstreamPool::runner() {
+  std::unique_lock lock(run_mu_);
+  for (;;) {
+    ++parked_;
+    run_cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+    --parked_;
+    if (jobs_.empty()) return;  // stop_: the pool is being destroyed, every exchange is over
+    auto job = std::move(jobs_.front());
+    jobs_.pop_front();
+    lock.unlock();
+    job();
+    job = nullptr;  // the exchange's last references go before this thread parks again
+    lock.lock();
+  }
+}
+
+namespace {
+// The exchange the calling exchange thread runs (set around its send() calls), for the socket
+// options hook below, which httplib calls on that thread for each new upstream socket.
+thread_local Bridge* t_exchange = nullptr;
+
+// watch_connect records a duplicate of a new upstream socket in the running exchange, so that
+// abort_all can cut its connect; an exchange already aborted has it cut at once.
+void watch_connect(int fd) {
+  Bridge* b = t_exchange;
+  if (!b) return;
+  {
+    std::lock_guard lock(b->connect_mu);
+    if (b->connect_fd >= 0) ::close(b->connect_fd);  // the retry's second socket
+    b->connect_fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  }
+  // Checked after the duplicate is visible: a cancel that came before it is seen here, one
+  // that comes after finds the duplicate.
+  bool cancelled;
+  {
+    std::lock_guard lock(b->mu);
+    cancelled = b->cancelled;
+  }
+  if (cancelled) ::shutdown(fd, SHUT_RDWR);
+}
+
+// unwatch_connect closes the duplicate once send() is over (the socket is pooled or closed).
+void unwatch_connect(Bridge& b) {
+  std::lock_guard lock(b.connect_mu);
+  if (b.connect_fd >= 0) ::close(b.connect_fd);
+  b.connect_fd = -1;
+}
+}  // namespace
+
+std::unique_ptr<httplib::Client> UpstreamPool::fresh(const ProxySite& site) {
+  auto cli = std::make_unique<httplib::Client>(site.upstream);
+  cli->set_socket_options(watch_connect);
+  cli->set_keep_alive(site.max_idle > 0);
+  cli->set_follow_location(false);
+  cli->set_decompress(false);
   cli->set_connection_timeout(site.connect_timeout);
   cli->set_read_timeout(site.read_timeout);
   cli->set_write_timeout(site.write_timeout);
   return cli;
 }
 
-void UpstreamPool::release(const std::string& upstream, std::unique_ptr<httplib::Client> client) {
+std::unique_ptr<httplib::Client> UpstreamPool::acquire(const ProxySite& site, bool& reused) {
+  std::unique_ptr<httplib::Client> cli;
+  std::vector<Idle> expired;  // closed outside mu_
+  {
+    std::lock_guard lock(mu_);
+    auto it = idle_.find(site.upstream);
+    if (it != idle_.end() && !it->second.empty()) {
+      auto& list = it->second;
+      // The newest is the likeliest still open; everything idle for too long is closed.
+      auto cutoff = SteadyClock::now() - site.idle_timeout;
+      auto keep = std::partition_point(list.begin(), list.end(),
+                                       [&](const Idle& i) { return i.since <= cutoff; });
+      expired.insert(expired.end(), std::make_move_iterator(list.begin()),
+                     std::make_move_iterator(keep));
+      list.erase(list.begin(), keep);
+      if (!list.empty()) {
+        cli = std::move(list.back().client);
+        list.pop_back();
+      }
+    }
+  }
+  reused = cli && cli->is_socket_open();
+  if (!cli) return fresh(site);
+  // The site's timeouts may have changed since the client was made (a reload).
+  cli->set_connection_timeout(site.connect_timeout);
+  cli->set_read_timeout(site.read_timeout);
+  cli->set_write_timeout(site.write_timeout);
+  return cli;
+}
+
+void UpstreamPool::release(const ProxySite& site, std::unique_ptr<httplib::Client> client) {
+  if (!client->is_socket_open() || site.max_idle == 0) return;  // closed: nothing to keep
+  std::unique_ptr<httplib::Client> dropped;
   std::lock_guard lock(mu_);
-  auto& list = idle_[upstream];
-  if (list.size() < kMaxIdle) list.push_back(std::move(client));
+  if (aborting_) return;
+  auto& list = idle_[site.upstream];
+  list.push_back({std::move(client), SteadyClock::now()});
+  if (list.size() > site.max_idle) {
+    dropped = std::move(list.front().client);  // the oldest: the likeliest to be closed soon
+    list.erase(list.begin());
+  }
+}
+
+void UpstreamPool::retain(const std::vector<std::string>& keep) {
+  std::map<std::string, std::vector<Idle>> gone;
+  {
+    std::lock_guard lock(mu_);
+    for (auto it = idle_.begin(); it != idle_.end();) {
+      if (std::find(keep.begin(), keep.end(), it->first) == keep.end()) {
+        gone.insert(idle_.extract(it++));
+      } else {
+        ++it;
+      }
+    }
+  }
+}
+
+void UpstreamPool::clear() {
+  std::map<std::string, std::vector<Idle>> gone;
+  std::lock_guard lock(mu_);
+  gone.swap(idle_);
 }
 
 std::size_t UpstreamPool::idle(const std::string& upstream) const {
@@ -135,9 +266,11 @@ void UpstreamPool::leave(const Bridge* b) {
 
 void UpstreamPool::abort_all() {
   std::vector<std::shared_ptr<Bridge>> live;
+  std::map<std::string, std::vector<Idle>> gone;
   {
     std::lock_guard lock(mu_);
     aborting_ = true;
+    gone.swap(idle_);
     for (auto& [raw, weak] : active_) {
       if (auto b = weak.lock()) live.push_back(std::move(b));
     }
@@ -181,12 +314,16 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     res.set_content("shutting down\n", "text/plain");
     return false;
   }
+  bool reused = false;
   {
     // Under client_mu: abort_all (another thread) may already see this Bridge and stop_client.
-    auto client = pool.acquire(site);
+    auto client = pool.acquire(site, reused);
     std::lock_guard lock(b->client_mu);
     b->client = std::move(client);
   }
+  // Sending these twice does no more than sending them once (RFC 9110 9.2.2).
+  bool idempotent = req.method == "GET" || req.method == "HEAD" || req.method == "OPTIONS" ||
+                    req.method == "PUT" || req.method == "DELETE";
   if (reader && (has_length || chunked)) {
     // The body goes from the client socket to the upstream socket in the reader's chunks; it is
     // read on the upstream thread while the worker waits in this handler, so the client stream
@@ -228,29 +365,58 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     if (b->cancelled) return false;
     b->chunks.emplace_back(data, n);
     b->queued += n;
+    b->received += n;
     lock.unlock();
     b->cv.notify_all();
     return true;
   };
 
-  // The pool outlives every exchange: the response's releaser joins this thread.
-  b->thread = std::thread([b, up = std::move(up), &pool, upstream = site.upstream]() mutable {
+  // The pool outlives every exchange: the response's releaser waits until it is done.
+  pool.run([b, up = std::move(up), &pool, site, retry = reused && idempotent]() mutable {
     httplib::Response r;
     httplib::Error err = httplib::Error::Canceled;
-    bool go;
-    {
+    auto going = [&] {
       std::lock_guard lock(b->mu);
-      go = !b->cancelled;
+      return !b->cancelled;
+    };
+    t_exchange = b.get();
+    bool ok = going() && b->client->send(up, r, err);
+    if (!ok && retry && !b->reader_used && err != httplib::Error::Canceled && going()) {
+      // The pooled connection failed before a response header (the upstream closed it as we
+      // reused it: its keep-alive timeout ran out, or it restarted): once on a new one.
+      bool headers;
+      {
+        std::lock_guard lock(b->mu);
+        headers = b->headers_ready;
+      }
+      if (!headers) {
+        auto client = UpstreamPool::fresh(site);
+        {
+          std::lock_guard lock(b->client_mu);
+          std::swap(b->client, client);
+        }
+        client.reset();
+        r = httplib::Response();
+        err = httplib::Error::Canceled;
+        ok = going() && b->client->send(up, r, err);
+      }
     }
-    bool ok = go && b->client->send(up, r, err);
+    t_exchange = nullptr;
+    unwatch_connect(*b);
     // The whole response is in our queue: the connection is free for the next request even
-    // before the client has read it all. A failed or cancelled exchange closes it instead.
+    // before the client has read it all. A failed or cancelled exchange closes it instead, and
+    // so does an upstream that asked to close (httplib closes only on an exact "close").
     std::unique_ptr<httplib::Client> client;
     {
       std::lock_guard lock(b->client_mu);
       client = std::move(b->client);
     }
-    if (ok) pool.release(upstream, std::move(client));
+    bool keep = ok && r.version != "HTTP/1.0";
+    for (auto [it, end] = r.headers.equal_range("Connection"); keep && it != end; ++it) {
+      if (has_token(it->second, "close")) keep = false;
+    }
+    if (keep) pool.release(site, std::move(client));
+    client.reset();
     {
       std::lock_guard lock(b->mu);
       b->ok = ok;
@@ -340,12 +506,18 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     return !aborted;
   }
   // Pull side: the worker writes chunks as the upstream thread queues them.
-  auto pull = [b](httplib::DataSink& sink, bool chunked_out) {
+  // The last body bytes reach the client only once the exchange is done, so its connection is
+  // back in the pool before the client can send its next request: a client making sequential
+  // requests always finds it there (send() returns right after the last bytes arrive).
+  auto pull = [b, length](httplib::DataSink& sink, bool chunked_out) {
     for (;;) {
       std::string chunk;
       {
         std::unique_lock lock(b->mu);
-        b->cv.wait(lock, [&] { return !b->chunks.empty() || b->done || b->aborted; });
+        b->cv.wait(lock, [&] {
+          return b->done || b->aborted ||
+                 (!b->chunks.empty() && (chunked_out || (length && b->received < *length)));
+        });
         if (b->aborted) return false;  // cut at the drain deadline: the response stays short
         if (b->chunks.empty()) {
           // Upstream finished: a complete body ends the response, a broken one aborts it.

@@ -7,11 +7,16 @@
 
 #include <httplib.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -22,20 +27,40 @@ namespace autotls::server::detail {
 
 struct Bridge;  // one exchange with an upstream (proxy.cpp)
 
-// UpstreamPool keeps idle keep-alive httplib::Clients per upstream URL (at most kMaxIdle each).
-// A client is reused only after a response that was read to its end. It also knows every
+// UpstreamPool keeps idle keep-alive httplib::Clients per upstream URL (at most the site's
+// max_idle each, none older than its idle_timeout). A client goes back only after a response
+// that was read to its end and did not ask to close (Connection: close in any case, HTTP/1.0);
+// a failed or cancelled exchange closes its connection. It also runs the exchanges: each one
+// needs a thread of its own (httplib's client blocks), and a parked thread is reused instead
+// of starting one per request (thread creation was a third of the proxy's CPU). It knows every
 // exchange in flight, so that abort_all can cut them at the end of a drain. Thread-safe.
 class UpstreamPool {
  public:
-  static constexpr std::size_t kMaxIdle = 32;
-  std::unique_ptr<httplib::Client> acquire(const ProxySite& site);
-  void release(const std::string& upstream, std::unique_ptr<httplib::Client> client);
+  UpstreamPool() = default;
+  UpstreamPool(const UpstreamPool&) = delete;
+  UpstreamPool& operator=(const UpstreamPool&) = delete;
+  ~UpstreamPool();  // joins the exchange threads (every exchange is over by then)
+
+  // acquire returns an idle client for site.upstream, or a new one (reused: it holds a
+  // connection opened for an earlier request). fresh always makes a new one.
+  std::unique_ptr<httplib::Client> acquire(const ProxySite& site, bool& reused);
+  static std::unique_ptr<httplib::Client> fresh(const ProxySite& site);
+  void release(const ProxySite& site, std::unique_ptr<httplib::Client> client);
   std::size_t idle(const std::string& upstream) const;
+  // retain closes the idle connections of every upstream not in keep (a reload changed or
+  // removed the sites that used them); clear closes all of them (shutdown).
+  void retain(const std::vector<std::string>& keep);
+  void clear();
+
+  // run starts job on a parked exchange thread, or on a new one when none is free. Threads
+  // are never more than the exchanges in flight at the busiest moment (one per worker).
+  void run(std::function<void()> job);
 
   // abort_all cuts every exchange in flight: its upstream socket is shut down and the worker
   // waiting on it (for the response header or the next body bytes) returns at once, so the
   // client connection is closed without a complete response. Every later proxy() call fails at
-  // once. Server::shutdown calls it when the drain deadline has passed. Idempotent.
+  // once, and no connection goes back to the pool. Server::shutdown calls it when the drain
+  // deadline has passed. Idempotent.
   void abort_all();
 
   // enter registers an exchange for abort_all (false: aborting, do not start it); leave is
@@ -44,10 +69,23 @@ class UpstreamPool {
   void leave(const Bridge* b);
 
  private:
+  struct Idle {
+    std::unique_ptr<httplib::Client> client;
+    std::chrono::steady_clock::time_point since;
+  };
+  void runner();
+
   mutable std::mutex mu_;
-  std::map<std::string, std::vector<std::unique_ptr<httplib::Client>>> idle_;
+  std::map<std::string, std::vector<Idle>> idle_;  // oldest first
   bool aborting_ = false;
   std::unordered_map<const Bridge*, std::weak_ptr<Bridge>> active_;
+
+  std::mutex run_mu_;
+  std::condition_variable run_cv_;
+  std::deque<std::function<void()>> jobs_;
+  std::size_t parked_ = 0;  // threads waiting for a job
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
 };
 
 // kResponseQueueBytes bounds the response bytes held between upstream and client.
@@ -62,6 +100,9 @@ inline constexpr std::size_t kResponseQueueBytes = 1 << 20;
 // written ("Connection: close"): the request body was not read to its end (the upstream failed
 // while it was being streamed, or the client's body broke off), or abort_all cut the exchange.
 // After a 502/504 whose request body was fully consumed it returns true: keep-alive may stay.
+// A GET/HEAD/OPTIONS/PUT/DELETE whose request body (if any) was not streamed, sent on a pooled
+// connection that fails before the response header, is sent once more on a new connection
+// (the upstream closed an idle connection as we reused it); any other method answers 502.
 [[nodiscard]] bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
            std::size_t max_body, UpstreamPool& pool, Logger& log);

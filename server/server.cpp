@@ -35,6 +35,7 @@
 #include "acme/util/openssl.h"
 #include "server/detail/access_log.h"
 #include "server/detail/http_util.h"
+#include "server/detail/snapshot_cell.h"
 #include "server/detail/tickets.h"
 #include "server/proxy.h"
 #include "tlsreload/challenges.h"
@@ -481,8 +482,9 @@ struct Server::Impl {
   // Declared before ssl_ctx so it outlives the SSL_CTX whose ticket callback points at it.
   std::unique_ptr<detail::TicketKeyRing> tickets;
   ossl::SslCtxPtr ssl_ctx;
-  mutable std::mutex routing_mu;
-  std::shared_ptr<const Routing> routing_ptr;
+  // What requests route by: replaced as a whole by reload, read by every request without a
+  // lock (detail::SnapshotCell).
+  detail::SnapshotCell<Routing> routing_cell;
   // Every listener ever opened (retired ones too: connections point at them); changed under
   // listen_mu by the controlling thread, read under it by the reactors.
   std::vector<std::unique_ptr<Listener>> listeners;
@@ -562,7 +564,7 @@ struct Server::Impl {
     reactor_count = cfg.reactor_threads ? cfg.reactor_threads : cores;
     max_connections = cfg.max_connections;
     if (auto st = resolve_routing(cfg); !st) return st;
-    routing_ptr = Routing::from(cfg);
+    routing_cell.store(Routing::from(cfg));
     return {};
   }
 
@@ -681,6 +683,10 @@ struct Server::Impl {
     if (p.connect_timeout.count() <= 0 || p.read_timeout.count() <= 0 ||
         p.write_timeout.count() <= 0) {
       return fail(Errc::invalid_input, "site " + name + ": upstream timeouts must be positive");
+    }
+    if (p.max_idle > 1024 || (p.max_idle > 0 && p.idle_timeout.count() <= 0)) {
+      return fail(Errc::invalid_input,
+                  "site " + name + ": upstream max_idle must be 0-1024, idle_timeout positive");
     }
     return {};
   }
@@ -1245,10 +1251,7 @@ struct Server::Impl {
         });
   }
 
-  std::shared_ptr<const Routing> routing() const {
-    std::lock_guard lock(routing_mu);
-    return routing_ptr;
-  }
+  std::shared_ptr<const Routing> routing() const { return routing_cell.load(); }
 
   // --- connection table ----------------------------------------------------------------------
 
@@ -2340,10 +2343,18 @@ Result<Server::ReloadReport> Server::reload(ServerConfig config) {
     old.tickets.rotate_every = config.tickets.rotate_every;
   }
 
-  auto next = Routing::from(config);
+  m.routing_cell.store(Routing::from(config));  // stores are serialized by control_mu
   {
-    std::lock_guard lock(m.routing_mu);
-    m.routing_ptr = std::move(next);
+    // Idle upstream connections of an upstream no site uses any more are closed now, not kept
+    // until shutdown (a request still running against it may put its connection back: that
+    // one is closed at the next reload, or at shutdown).
+    std::vector<std::string> keep;
+    auto add = [&](const Site& site) {
+      if (auto* p = std::get_if<ProxySite>(&site)) keep.push_back(p->upstream);
+    };
+    for (const auto& [name, site] : config.sites) add(site);
+    if (config.default_site) add(*config.default_site);
+    m.upstreams.retain(keep);
   }
   // Fields only this thread reads (the routing snapshot is what requests see).
   old.sites = std::move(config.sites);

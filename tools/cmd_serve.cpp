@@ -119,15 +119,19 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
     const std::string& k = it.key();
     bool cert_key = std::any_of(std::begin(kSiteCertKeys), std::end(kSiteCertKeys),
                                 [&](const auto& p) { return k == p.first || k == p.second; });
-    if (k != "root" && k != "proxy" && k != "index" && !cert_key) {
+    if (k != "root" && k != "proxy" && k != "index" && k != "upstream-keepalive" &&
+        k != "upstream-idle-timeout" && !cert_key) {
       return fail(Errc::invalid_input,
-                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, key-type, profile, preferred-chain)");
+                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, key-type, profile, preferred-chain)");
     }
   }
   auto cert = site_cert_settings(host, j);
   if (!cert) return fail(cert.error());
   bool root = j.contains("root"), proxy = j.contains("proxy");
   if (root == proxy) return fail(Errc::invalid_input, "sites." + host + ": give exactly one of \"root\" and \"proxy\"");
+  if (root && (j.contains("upstream-keepalive") || j.contains("upstream-idle-timeout"))) {
+    return fail(Errc::invalid_input, "sites." + host + ": upstream-keepalive and upstream-idle-timeout need \"proxy\"");
+  }
   if (root) {
     if (!j["root"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".root: expected a string");
     server::StaticSite s;
@@ -138,6 +142,20 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
   if (!j["proxy"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".proxy: expected a string");
   server::ProxySite p;
   p.upstream = j["proxy"].get<std::string>();
+  if (j.contains("upstream-keepalive")) {
+    const auto& v = j["upstream-keepalive"];
+    if (!v.is_number_integer() || v.get<long long>() < 0 || v.get<long long>() > 1024) {
+      return fail(Errc::invalid_input, "sites." + host + ".upstream-keepalive: expected an integer 0-1024");
+    }
+    p.max_idle = static_cast<std::size_t>(v.get<long long>());
+  }
+  if (j.contains("upstream-idle-timeout")) {
+    const auto& v = j["upstream-idle-timeout"];
+    if (!v.is_number() || v.get<double>() < 0.001 || v.get<double>() > 86400) {
+      return fail(Errc::invalid_input, "sites." + host + ".upstream-idle-timeout: expected seconds, 0.001-86400");
+    }
+    p.idle_timeout = std::chrono::milliseconds(static_cast<long long>(v.get<double>() * 1000));
+  }
   return SiteEntry{server::Site(p), *cert};
 }
 

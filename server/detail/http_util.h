@@ -41,6 +41,10 @@ StaticLookup resolve_static(const std::filesystem::path& root, std::string_view 
 // iequals compares two ASCII strings ignoring case (header field names).
 bool iequals(std::string_view a, std::string_view b);
 
+// has_token reports whether a comma-separated header value (Connection: keep-alive, close)
+// holds token, ignoring case and the spaces around each element.
+bool has_token(std::string_view value, std::string_view token);
+
 // is_hop_by_hop reports whether a header field is connection-specific (RFC 9110 §7.6.1) and so
 // must not be forwarded by a proxy, plus the ones we always set ourselves.
 bool is_hop_by_hop(std::string_view name);

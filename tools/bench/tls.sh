@@ -22,6 +22,10 @@
 #     and nothing built in advance, as right after a start;
 #   reverse proxy: wrk keep-alive against nginx proxy_pass and a third tls_bench (--upstream),
 #     both to the same trivial upstream (one more nginx, 1 worker, plain HTTP, the 13-byte file).
+#     Both keep upstream connections alive (nginx: keepalive 32 per worker, HTTP/1.1; 0 with
+#     TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE=0 for proxy_pass defaults, a connection per request);
+#     upstream_connections per proxy phase counts the connections the upstream accepted
+#     (its stub_status, read before and after).
 # "Full" is a new TCP connection and TLS handshake per request, but wrk keeps its TLS session
 # across reconnects (SSL_shutdown + SSL_clear) and offers it again: with tickets on (both
 # servers' defaults) every connection after each wrk connection's first is a TLS 1.3
@@ -29,7 +33,7 @@
 # tickets off on both (nginx: ssl_session_tickets off, ssl_session_cache off; tls_bench
 # --no-tickets), so that every handshake is a full one (certificate, signature).
 # Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_NICE (unset),
-# TLS_BENCH_RESUME (1), TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
+# TLS_BENCH_RESUME (1), TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE (32), TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
 # (bounded by its -d) and clean up both servers.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -123,6 +127,16 @@ nginx_proxy_port=$(free_port)
 autotls_proxy_port=$(free_port)
 autotls_many_port=$(free_port)
 upstream_port=$(free_port)
+# TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE=N (default 32, 0 = off): nginx keeps up to N idle
+# HTTP/1.1 connections to the upstream per worker, as autotls's pool does (like for like);
+# with 0 nginx opens one upstream connection per request (proxy_pass defaults, HTTP/1.0).
+nginx_ka="${TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE:-32}"
+nginx_upstream_keepalive=""
+nginx_proxy_keepalive=""
+if [ "$nginx_ka" != 0 ]; then
+  nginx_upstream_keepalive="keepalive $nginx_ka;"
+  nginx_proxy_keepalive='proxy_http_version 1.1; proxy_set_header Connection "";'
+fi
 mkdir -p nginx/logs nginx/tmp
 cat > nginx/nginx.conf <<EOF
 user root;
@@ -157,7 +171,14 @@ http {
     ssl_certificate $work/a.pem;
     ssl_certificate_key $work/a.key;
     ssl_protocols TLSv1.3;
-    location / { proxy_pass http://127.0.0.1:$upstream_port; }
+    location / {
+      proxy_pass http://bench_upstream;
+      $nginx_proxy_keepalive
+    }
+  }
+  upstream bench_upstream {
+    server 127.0.0.1:$upstream_port;
+    $nginx_upstream_keepalive
   }
 }
 EOF
@@ -183,6 +204,8 @@ http {
     listen 127.0.0.1:$upstream_port;
     root $work/www;
     index index.html;
+    # Accepted connections, read before and after each proxy phase (upstream_connections).
+    location = /bench_status { stub_status; }
   }
 }
 EOF
@@ -254,6 +277,11 @@ task_ticks() {  # task_ticks PID: "TID TICKS" per thread
   done | sort
 }
 
+upstream_accepts() {  # connections the upstream nginx has accepted so far (this query's included)
+  local reply
+  reply=$( { exec 3<>"/dev/tcp/127.0.0.1/$upstream_port" && printf 'GET /bench_status HTTP/1.0\r\n\r\n' >&3 && cat <&3; } 2>/dev/null || true)
+  echo "$reply" | awk '/server accepts handled requests/ { getline; print $1; exit }'
+}
 phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(full|keepalive)
   local name=$1 server=$2 mode=$3 port pids args=()
   case "$server" in
@@ -263,7 +291,8 @@ phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(ful
     *) port=$autotls_port; pids=$autotls_pid ;;
   esac
   [ "$mode" = full ] && args=(-H "Connection: close")
-  local t0 t1 s0 s1 w busiest=null
+  local t0 t1 s0 s1 w busiest=null u0="" up_conns=null
+  case "$name" in *proxy*) u0=$(upstream_accepts) ;; esac
   t0=$(cpu_ticks $pids)
   [ "$server" = autotls ] && task_ticks "$autotls_pid" > "tasks0-$name"
   s0=$(date +%s.%N)
@@ -272,13 +301,15 @@ phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(ful
        awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$BASHPID/stat")
   s1=$(date +%s.%N)
   t1=$(cpu_ticks $pids)
+  # Upstream connections the proxy opened during the phase (minus the status query's own).
+  if [ -n "$u0" ]; then up_conns=$(( $(upstream_accepts) - u0 - 1 )); fi
   if [ "$server" = autotls ]; then
     # The busiest thread's ticks: with one reactor per core, no thread should carry most of it.
     task_ticks "$autotls_pid" > "tasks1-$name"
     busiest=$(join "tasks0-$name" "tasks1-$name" | awk '{ d = $3 - $2; if (d > m) m = d } END { print m + 0 }')
   fi
-  echo "{\"phase\": \"$name\", \"cpu_ticks\": $((t1 - t0)), \"busiest_thread_ticks\": $busiest, \"wrk_cpu_ticks\": $w, \"wall_s\": $(awk -v a="$s0" -v b="$s1" 'BEGIN { printf "%.3f", b - a }'), \"load\": \"$(cut -d' ' -f1 /proc/loadavg)\"}" > "cpu-$name.json"
-  echo "$name: $(grep -E 'Requests/sec' "wrk-$name.txt" | tr -s ' ') cpu_ticks=$((t1 - t0)) $(grep -E 'Socket errors|Non-2xx' "wrk-$name.txt" | tr -s ' ' | tr '\n' ' ')" >&2
+  echo "{\"phase\": \"$name\", \"cpu_ticks\": $((t1 - t0)), \"busiest_thread_ticks\": $busiest, \"wrk_cpu_ticks\": $w, \"upstream_connections\": $up_conns, \"wall_s\": $(awk -v a="$s0" -v b="$s1" 'BEGIN { printf "%.3f", b - a }'), \"load\": \"$(cut -d' ' -f1 /proc/loadavg)\"}" > "cpu-$name.json"
+  echo "$name: $(grep -E 'Requests/sec' "wrk-$name.txt" | tr -s ' ') cpu_ticks=$((t1 - t0)) upstream_connections=$up_conns $(grep -E 'Socket errors|Non-2xx' "wrk-$name.txt" | tr -s ' ' | tr '\n' ' ')" >&2
 }
 
 # Warm both (first-use certificate parse, page cache, worker start) without recording.
@@ -299,8 +330,8 @@ phase nginx_full_2 nginx full
 phase nginx_keepalive nginx keepalive
 phase autotls_keepalive autotls keepalive
 
-# --- reverse proxy, keep-alive clients, a new upstream connection per request on both sides
-# (nginx proxy_pass defaults; autotls has no upstream pool yet).
+# --- reverse proxy, keep-alive clients; both proxies keep upstream connections alive (nginx
+# unless TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE=0), upstream_connections counts what each opened.
 run_wrk "$autotls_proxy_port" 1 >/dev/null 2>&1 || true
 phase nginx_proxy nginx_proxy keepalive
 phase autotls_proxy autotls_proxy keepalive
@@ -423,6 +454,8 @@ def wrk(name):
     "wall_s": cpu["wall_s"],
     "loadavg": cpu["load"],
   }
+  if cpu.get("upstream_connections") is not None:
+    r["upstream_connections"] = cpu["upstream_connections"]
   if r["rate"] is None:
     notes.append("%s: no wrk figure (%s)" % (name, text.strip().splitlines()[-1] if text.strip() else "empty output"))
   r["cpu_us_per_request"] = round(r["cpu_s"] / r["requests"] * 1e6, 1) if r["requests"] else None
@@ -489,6 +522,9 @@ out = {
   "proxy_ratio_vs_nginx": ratio(ph["autotls_proxy"]["rate"], ph["nginx_proxy"]["rate"]),
   "cpu_us_per_request_proxy": cpu_per(["autotls_proxy"]),
   "nginx_cpu_us_per_request_proxy": cpu_per(["nginx_proxy"]),
+  "proxy_upstream_connections": ph["autotls_proxy"].get("upstream_connections"),
+  "nginx_proxy_upstream_connections": ph["nginx_proxy"].get("upstream_connections"),
+  "nginx_upstream_keepalive": int(os.environ.get("TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE", "32")),
   "many_certs": many,
   # The busiest autotls thread's share of the process's CPU in the full-handshake phases.
   "autotls_busiest_thread_share_full": ratio(sum(ph[n]["busiest_thread_cpu_s"] for n in a_full_names),

@@ -348,6 +348,9 @@ TEST_SUITE("cli.config") {
     expect({{"root", root}, {"preferred-chain", ""}}, {"sites.shop.test.preferred-chain"});
     expect({{"root", root}, {"preferred_chain", "Root\nX"}}, {"sites.shop.test.preferred_chain"});
     expect({{"root", root}, {"key-typ", "rsa2048"}}, {"sites.shop.test: unknown key \"key-typ\"", "key-type"});
+    expect({{"proxy", "http://127.0.0.1:9"}, {"upstream-keepalive", -1}}, {"sites.shop.test.upstream-keepalive", "0-1024"});
+    expect({{"proxy", "http://127.0.0.1:9"}, {"upstream-idle-timeout", 0}}, {"sites.shop.test.upstream-idle-timeout"});
+    expect({{"root", root}, {"upstream-keepalive", 8}}, {"sites.shop.test", "need \"proxy\""});
   }
 
   TEST_CASE("bad JSON unknown keys and wrong types are errors naming the file") {

@@ -95,3 +95,16 @@ TEST_SUITE("server.http_util") {
     fs::remove_all(base);
   }
 }
+
+TEST_SUITE("server") {
+  TEST_CASE("has_token finds a token in a comma-separated header value, ignoring case") {
+    using autotls::server::detail::has_token;
+    CHECK(has_token("close", "close"));
+    CHECK(has_token("Close", "close"));
+    CHECK(has_token("keep-alive, CLOSE", "close"));
+    CHECK(has_token(" close ,upgrade", "close"));
+    CHECK_FALSE(has_token("keep-alive", "close"));
+    CHECK_FALSE(has_token("closed, xclose", "close"));
+    CHECK_FALSE(has_token("", "close"));
+  }
+}
