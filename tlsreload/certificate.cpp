@@ -559,7 +559,7 @@ struct CertificateBuilder {
 
   // The store snapshot's conversions (detail/compact.h).
   static detail::CompactCertificate to_compact(const Certificate& c);
-  static Result<std::shared_ptr<const Certificate>> from_compact(detail::CompactCertificate& f,
+  static Result<std::shared_ptr<const Certificate>> from_compact(const detail::CompactCertificate& f,
                                                                  const LoadOptions& options);
 };
 
@@ -926,7 +926,7 @@ OpenSslCacheStats openssl_cache_stats() {
 
 detail::CompactCertificate CertificateBuilder::to_compact(const Certificate& c) {
   detail::CompactCertificate f;
-  f.names = c.names_;
+  f.names.assign(c.names_.begin(), c.names_.end());
   f.not_before_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(c.not_before_.time_since_epoch()).count();
   f.not_after_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(c.not_after_.time_since_epoch()).count();
   f.serial_hex = c.serial_hex_;
@@ -942,12 +942,8 @@ detail::CompactCertificate CertificateBuilder::to_compact(const Certificate& c) 
   return f;
 }
 
-Result<std::shared_ptr<const Certificate>> CertificateBuilder::from_compact(detail::CompactCertificate& f,
+Result<std::shared_ptr<const Certificate>> CertificateBuilder::from_compact(const detail::CompactCertificate& f,
                                                                             const LoadOptions& options) {
-  struct Wipe {
-    std::string& s;
-    ~Wipe() { OPENSSL_cleanse(s.data(), s.size()); }
-  } wipe{f.key_der};
   using std::chrono::system_clock;
   auto at = [](std::int64_t ns) {
     return system_clock::time_point(std::chrono::duration_cast<system_clock::duration>(std::chrono::nanoseconds(ns)));
@@ -955,8 +951,10 @@ Result<std::shared_ptr<const Certificate>> CertificateBuilder::from_compact(deta
   const auto not_before = at(f.not_before_ns), not_after = at(f.not_after_ns);
   if (auto st = check_window(not_before, not_after, options); !st) return fail(st.error());
   if (f.names.empty()) return fail(Errc::invalid_input, "leaf certificate: no names");
-  for (const std::string& n : f.names) {
-    if (!is_valid_lookup_name(n)) return fail(Errc::invalid_input, "leaf certificate: unusable name \"" + n + "\"");
+  for (std::string_view n : f.names) {
+    if (!is_valid_lookup_name(n)) {
+      return fail(Errc::invalid_input, "leaf certificate: unusable name \"" + std::string(n) + "\"");
+    }
   }
   const bool ec = f.key_type.starts_with("ec");
   if (f.key_format > kPkcs1 || (f.key_kind == KeyKind::ecdsa) != ec ||
@@ -969,23 +967,24 @@ Result<std::shared_ptr<const Certificate>> CertificateBuilder::from_compact(deta
   // A snapshot holds a few issuers over and over: share this thread's last one.
   thread_local std::shared_ptr<const detail::IssuerNames> last_issuer;
   if (!last_issuer || last_issuer->cn != f.issuer_cn || last_issuer->dn != f.issuer_dn) {
-    last_issuer = std::make_shared<const detail::IssuerNames>(detail::IssuerNames{f.issuer_cn, f.issuer_dn});
+    last_issuer = std::make_shared<const detail::IssuerNames>(
+        detail::IssuerNames{std::string(f.issuer_cn), std::string(f.issuer_dn)});
   }
   auto cert = make();
   Certificate& c = *cert;
-  c.names_ = std::move(f.names);
+  c.names_.assign(f.names.begin(), f.names.end());
   c.not_before_ = not_before;
   c.not_after_ = not_after;
-  c.serial_hex_ = std::move(f.serial_hex);
+  c.serial_hex_ = f.serial_hex;
   c.issuer_ = last_issuer;
-  c.key_type_ = std::move(f.key_type);
+  c.key_type_ = f.key_type;
   c.key_kind_ = f.key_kind;
   c.key_format_ = f.key_format;
   c.fingerprint_ = f.fingerprint;
   c.id_ = hex(f.fingerprint.data(), f.fingerprint.size());
-  c.leaf_der_ = std::move(f.leaf_der);
-  c.key_der_.assign(f.key_der);  // f.key_der is wiped by wipe
-  c.chain_ = std::move(f.chain);
+  c.leaf_der_ = f.leaf_der;
+  c.key_der_ = f.key_der;
+  c.chain_ = f.chain;
   c.verification_.store(Verification::pending, std::memory_order_relaxed);
   return std::shared_ptr<const Certificate>(std::move(cert));
 }
@@ -994,7 +993,7 @@ namespace detail {
 
 CompactCertificate to_compact(const Certificate& c) { return CertificateBuilder::to_compact(c); }
 
-Result<std::shared_ptr<const Certificate>> from_compact(CompactCertificate& c, const LoadOptions& options) {
+Result<std::shared_ptr<const Certificate>> from_compact(const CompactCertificate& c, const LoadOptions& options) {
   return CertificateBuilder::from_compact(c, options);
 }
 

@@ -1,6 +1,9 @@
 #include "tlsreload/snapshot.h"
 
 #include <algorithm>
+#include <atomic>
+#include <optional>
+#include <system_error>
 #include <bit>
 #include <cerrno>
 #include <cstring>
@@ -8,6 +11,7 @@
 #include <unordered_set>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -75,8 +79,9 @@ class Writer {
 // is found at the end of an entry, never by reading outside the buffer.
 class Reader {
  public:
-  explicit Reader(std::string_view in) : in_(in) {}
+  explicit Reader(std::string_view in, std::size_t pos = 0) : in_(in), pos_(pos) {}
   bool bad() const { return bad_; }
+  std::size_t pos() const { return pos_; }
   bool done() const { return pos_ == in_.size(); }
   template <class T>
   T num() {
@@ -99,13 +104,6 @@ class Reader {
     pos_ += n;
     return s;
   }
-  void file(fs::path& p, FileIdentity& id) {
-    p = std::string(str());
-    id.size = num<std::uint64_t>();
-    id.mtime_ns = num<std::int64_t>();
-    id.inode = num<std::uint64_t>();
-    id.device = num<std::uint64_t>();
-  }
 
  private:
   std::string_view in_;
@@ -113,7 +111,8 @@ class Reader {
   bool bad_ = false;
 };
 
-// Secret is a buffer that held key bytes: wiped before it is freed.
+// Secret is a buffer that held key bytes: wiped before it is freed (the writer's; the reader
+// maps the file, whose bytes are the file's own).
 struct Secret {
   std::string s;
   ~Secret() { OPENSSL_cleanse(s.data(), s.size()); }
@@ -173,10 +172,9 @@ Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<co
     w.str(c.issuer_dn);
     w.str(c.key_type);
     w.num(static_cast<std::uint32_t>(c.names.size()));
-    for (const std::string& n : c.names) w.str(n);
+    for (std::string_view n : c.names) w.str(n);
     w.str(c.leaf_der);
     w.str(c.key_der);
-    OPENSSL_cleanse(c.key_der.data(), c.key_der.size());
     w.num(static_cast<std::uint32_t>(c.chain.size()));
     for (const auto& inter : c.chain) w.num(index.at(inter.get()));
   }
@@ -198,11 +196,101 @@ Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<co
   return write_file_atomic(path, out, 0600);
 }
 
+namespace {
+
+// Mapping maps a file read-only, its pages read ahead at once (MAP_POPULATE: a cold file comes
+// in as large sequential requests, and nothing is copied into a buffer).
+struct Mapping {
+  void* p = MAP_FAILED;
+  std::size_t n = 0;
+  ~Mapping() {
+    if (p != MAP_FAILED) ::munmap(p, n);
+  }
+  std::string_view view() const { return p == MAP_FAILED ? std::string_view() : std::string_view(static_cast<const char*>(p), n); }
+};
+
+// parse_entry reads one entry at r into c and src (src's paths only when with_paths).
+void parse_entry(Reader& r, detail::CompactCertificate& c, std::string_view& chain_path, PairSource* src,
+                 const std::vector<std::shared_ptr<const detail::Intermediate>>& inters, bool& bad) {
+  FileIdentity skip;
+  chain_path = r.str();
+  if (src) src->paths.chain = std::string(chain_path);
+  FileIdentity& chain_id = src ? src->chain : skip;
+  chain_id.size = r.num<std::uint64_t>();
+  chain_id.mtime_ns = r.num<std::int64_t>();
+  chain_id.inode = r.num<std::uint64_t>();
+  chain_id.device = r.num<std::uint64_t>();
+  std::string_view key_path = r.str();
+  if (src) src->paths.key = std::string(key_path);
+  FileIdentity& key_id = src ? src->key : skip;
+  key_id.size = r.num<std::uint64_t>();
+  key_id.mtime_ns = r.num<std::int64_t>();
+  key_id.inode = r.num<std::uint64_t>();
+  key_id.device = r.num<std::uint64_t>();
+  auto kind = r.num<std::uint8_t>();
+  c.key_kind = kind == 0 ? KeyKind::ecdsa : KeyKind::rsa;
+  c.key_format = r.num<std::uint8_t>();
+  c.not_before_ns = r.num<std::int64_t>();
+  c.not_after_ns = r.num<std::int64_t>();
+  for (auto& b : c.fingerprint) b = r.num<std::uint8_t>();
+  c.serial_hex = r.str();
+  c.issuer_cn = r.str();
+  c.issuer_dn = r.str();
+  c.key_type = r.str();
+  auto names = r.num<std::uint32_t>();
+  c.names.clear();
+  for (std::uint32_t k = 0; k < names && !r.bad(); ++k) c.names.push_back(r.str());
+  c.leaf_der = r.str();
+  c.key_der = r.str();
+  auto chain = r.num<std::uint32_t>();
+  c.chain.clear();
+  for (std::uint32_t k = 0; k < chain && !r.bad(); ++k) {
+    auto at = r.num<std::uint32_t>();
+    if (at >= inters.size()) {
+      bad = true;
+      return;
+    }
+    c.chain.push_back(inters[at]);
+  }
+  if (r.bad() || kind > 1) bad = true;
+}
+
+// on_threads runs body(begin, end) over [0, n) in chunks on all cores.
+template <class Body>
+void on_threads(std::size_t n, Body&& body) {
+  constexpr std::size_t kChunk = 256;
+  std::atomic<std::size_t> next{0};
+  auto work = [&] {
+    for (;;) {
+      std::size_t begin = next.fetch_add(kChunk, std::memory_order_relaxed);
+      if (begin >= n) return;
+      body(begin, std::min(n, begin + kChunk));
+    }
+  };
+  std::vector<std::thread> pool;
+  std::size_t threads = std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), (n + kChunk - 1) / kChunk);
+  for (std::size_t t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(work);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  work();
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
 Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& options) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return fail(Errc::io, "store snapshot " + path.string() + ": " + std::strerror(errno));
-  Secret buf;
+  return read_snapshot(path, options, true);
+}
+
+Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& options, bool with_sources) {
+  Mapping map;
   {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return fail(Errc::io, "store snapshot " + path.string() + ": " + std::strerror(errno));
     struct Closer {
       int fd;
       ~Closer() { ::close(fd); }
@@ -210,20 +298,15 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
     struct stat st{};
     if (::fstat(fd, &st) != 0) return fail(Errc::io, "store snapshot " + path.string() + ": " + std::strerror(errno));
     if (!S_ISREG(st.st_mode)) return fail(bad_file(path, "not a regular file"));
-    // One sequential read of the whole file: the point of the snapshot (a cold read of this
-    // size costs a few hundred merged requests, not one per certificate).
-    buf.s.resize(static_cast<std::size_t>(st.st_size));
-    std::size_t got = 0;
-    while (got < buf.s.size()) {
-      ssize_t n = ::read(fd, buf.s.data() + got, buf.s.size() - got);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return fail(Errc::io, "store snapshot " + path.string() + ": read: " + std::strerror(errno));
-      if (n == 0) break;
-      got += static_cast<std::size_t>(n);
+    map.n = static_cast<std::size_t>(st.st_size);
+    if (map.n > 0) {
+      map.p = ::mmap(nullptr, map.n, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+      if (map.p == MAP_FAILED) {
+        return fail(Errc::io, "store snapshot " + path.string() + ": mmap: " + std::strerror(errno));
+      }
     }
-    buf.s.resize(got);
   }
-  std::string_view file = buf.s;
+  std::string_view file = map.view();
   if (file.size() < sizeof kMagic || std::memcmp(file.data(), kMagic, sizeof kMagic) != 0) {
     return fail(bad_file(path, "not a store snapshot (bad magic)"));
   }
@@ -262,54 +345,52 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
     if (!inter) return fail(bad_file(path, "intermediate: " + inter.error().message));
     inters.push_back(std::move(*inter));
   }
+  // First pass: where each entry starts (a walk over the lengths), so that the entries can
+  // then be rebuilt on all cores.
+  std::vector<std::size_t> starts;
+  starts.reserve(entries + 1);
+  {
+    detail::CompactCertificate c;
+    std::string_view chain_path;
+    for (std::uint64_t i = 0; i < entries; ++i) {
+      starts.push_back(r.pos());
+      bool bad = false;
+      parse_entry(r, c, chain_path, nullptr, inters, bad);
+      if (bad) return fail(bad_file(path, "corrupt entry " + std::to_string(i)));
+    }
+    if (!r.done()) return fail(bad_file(path, "trailing bytes after the last entry"));
+  }
+  std::vector<std::shared_ptr<const Certificate>> certs(entries);
+  std::vector<PairSource> sources(with_sources ? entries : 0);
+  std::vector<std::optional<LoadFailure>> refused(entries);
+  on_threads(entries, [&](std::size_t begin, std::size_t end) {
+    detail::CompactCertificate c;
+    std::string_view chain_path;
+    for (std::size_t i = begin; i < end; ++i) {
+      Reader er(body, starts[i]);
+      bool bad = false;
+      parse_entry(er, c, chain_path, with_sources ? &sources[i] : nullptr, inters, bad);
+      auto cert = detail::from_compact(c, options);
+      if (!cert) {
+        Error e = cert.error();
+        e.message = std::string(chain_path) + " (from the store snapshot): " + e.message;
+        refused[i] = LoadFailure{fs::path(std::string(chain_path)), std::move(e)};
+        continue;
+      }
+      certs[i] = std::move(*cert);
+    }
+  });
   SnapshotContents out;
   out.certificates.reserve(entries);
-  out.sources.reserve(entries);
-  for (std::uint64_t i = 0; i < entries; ++i) {
-    PairSource src;
-    r.file(src.paths.chain, src.chain);
-    r.file(src.paths.key, src.key);
-    detail::CompactCertificate c;
-    auto kind = r.num<std::uint8_t>();
-    c.key_kind = kind == 0 ? KeyKind::ecdsa : KeyKind::rsa;
-    c.key_format = r.num<std::uint8_t>();
-    c.not_before_ns = r.num<std::int64_t>();
-    c.not_after_ns = r.num<std::int64_t>();
-    for (auto& b : c.fingerprint) b = r.num<std::uint8_t>();
-    c.serial_hex = r.str();
-    c.issuer_cn = r.str();
-    c.issuer_dn = r.str();
-    c.key_type = r.str();
-    auto names = r.num<std::uint32_t>();
-    if (r.bad() || names > body.size()) return fail(bad_file(path, "corrupt entry"));
-    c.names.reserve(names);
-    for (std::uint32_t k = 0; k < names; ++k) c.names.emplace_back(r.str());
-    c.leaf_der = r.str();
-    c.key_der = r.str();
-    auto chain = r.num<std::uint32_t>();
-    if (r.bad() || kind > 1 || chain > inters.size()) {
-      OPENSSL_cleanse(c.key_der.data(), c.key_der.size());
-      return fail(bad_file(path, "corrupt entry"));
-    }
-    for (std::uint32_t k = 0; k < chain; ++k) {
-      auto at = r.num<std::uint32_t>();
-      c.chain.push_back(at < inters.size() ? inters[at] : nullptr);
-    }
-    if (r.bad()) {
-      OPENSSL_cleanse(c.key_der.data(), c.key_der.size());
-      return fail(bad_file(path, "corrupt entry"));
-    }
-    auto cert = detail::from_compact(c, options);  // wipes c.key_der
-    if (!cert) {
-      Error e = cert.error();
-      e.message = src.paths.chain.string() + " (from the store snapshot): " + e.message;
-      out.refused.push_back({src.paths.chain, std::move(e)});
+  if (with_sources) out.sources.reserve(entries);
+  for (std::size_t i = 0; i < entries; ++i) {
+    if (refused[i]) {
+      out.refused.push_back(std::move(*refused[i]));
       continue;
     }
-    out.certificates.push_back(std::move(*cert));
-    out.sources.push_back(std::move(src));
+    out.certificates.push_back(std::move(certs[i]));
+    if (with_sources) out.sources.push_back(std::move(sources[i]));
   }
-  if (!r.done()) return fail(bad_file(path, "trailing bytes after the last entry"));
   return out;
 }
 
@@ -318,7 +399,7 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
   if (options.snapshot_path.empty()) return start;
   struct stat st{};
   if (::stat(options.snapshot_path.c_str(), &st) != 0 && errno == ENOENT) return start;  // first start
-  auto contents = read_snapshot(options.snapshot_path, options.load);
+  auto contents = read_snapshot(options.snapshot_path, options.load, false);
   if (!contents) {
     start.ignored = contents.error();
     warn(options, "store snapshot ignored; loading the certificate directory instead", options.snapshot_path,
@@ -333,7 +414,7 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
       ++start.published;
       start.certificates.push_back(std::move(contents->certificates[i]));
     } else {
-      start.refused.push_back({contents->sources[i].paths.chain, results[i].error()});
+      start.refused.push_back({{}, results[i].error()});
     }
   }
   return start;

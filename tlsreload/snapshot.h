@@ -53,8 +53,12 @@ struct SnapshotContents {
 // Fails with Errc::invalid_input when the file is not a snapshot (magic), has another format
 // version, is truncated, fails its checksum or does not parse; Errc::io when it does not exist
 // or cannot be read. A failure means: do not trust any of it.
+// The file is mapped (not copied) and the certificates rebuilt on all cores. with_sources
+// false leaves SnapshotContents::sources empty (a start does not need them).
 [[nodiscard]] Result<SnapshotContents> read_snapshot(const std::filesystem::path& path,
                                                      const LoadOptions& options = bulk_load_options());
+[[nodiscard]] Result<SnapshotContents> read_snapshot(const std::filesystem::path& path, const LoadOptions& options,
+                                                     bool with_sources);
 
 // DirectoryLoadOptions: how load_directory's serve-first variant runs.
 struct DirectoryLoadOptions {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "acme/util/error.h"
@@ -17,23 +18,25 @@ namespace autotls::tlsreload::detail {
 
 class Intermediate;
 
+// Views: into the Certificate (to_compact) or into the snapshot file's bytes (the reader), so
+// that neither direction copies a field more than once. Valid while what they view lives.
 struct CompactCertificate {
-  std::vector<std::string> names;
+  std::vector<std::string_view> names;
   std::int64_t not_before_ns = 0;  // system_clock, since the epoch
   std::int64_t not_after_ns = 0;
-  std::string serial_hex;
-  std::string issuer_cn;
-  std::string issuer_dn;
-  std::string key_type;
+  std::string_view serial_hex;
+  std::string_view issuer_cn;
+  std::string_view issuer_dn;
+  std::string_view key_type;
   KeyKind key_kind = KeyKind::ecdsa;
   std::uint8_t key_format = 0;
   Certificate::Sha256 fingerprint{};
-  std::string leaf_der;
-  std::string key_der;  // secret: the caller wipes it
+  std::string_view leaf_der;
+  std::string_view key_der;  // secret
   std::vector<std::shared_ptr<const Intermediate>> chain;
 };
 
-// to_compact copies c's fields (the key DER included).
+// to_compact views c's fields (the key DER included); c must outlive the result.
 CompactCertificate to_compact(const Certificate& c);
 
 // from_compact rebuilds a certificate from fields written by to_compact, rechecking what is
@@ -41,9 +44,8 @@ CompactCertificate to_compact(const Certificate& c);
 // does), that there is at least one name and each is a usable lookup key, and the key's
 // family and format. The expensive checks (the DER parses, the key matching the leaf, the
 // chain links) are left pending, exactly as a deferred bulk load leaves them: they run on
-// first use or in verify(), and a certificate failing them is never served. Consumes
-// c.key_der (wiped).
-Result<std::shared_ptr<const Certificate>> from_compact(CompactCertificate& c, const LoadOptions& options);
+// first use or in verify(), and a certificate failing them is never served.
+Result<std::shared_ptr<const Certificate>> from_compact(const CompactCertificate& c, const LoadOptions& options);
 
 // intermediate_der returns the DER of an interned intermediate ("" on failure).
 std::string intermediate_der(const Intermediate& inter);
