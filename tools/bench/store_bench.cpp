@@ -757,7 +757,7 @@ int snapshot_start_mode(const fs::path& dir, const fs::path& file, bool cold, bo
   size_t servable = 0;
   for (const auto& c : start.certificates) {
     std::string name = c->names().front();
-    if (name.starts_with("*.")) name = "x" + name.substr(1);
+    if (name.starts_with("*.")) name[0] = 'x';
     servable += store.lookup(name) != nullptr;
   }
   if (start_only) {
