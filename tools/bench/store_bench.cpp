@@ -684,6 +684,18 @@ std::pair<long, long> disk_reads() {
   return {0, 0};
 }
 
+// own_read_bytes is what this process had read from the disk (/proc/self/io read_bytes):
+// unlike /proc/diskstats it does not count other processes' reads of the same disk.
+long own_read_bytes() {
+  std::ifstream f("/proc/self/io");
+  std::string key;
+  long value = 0;
+  while (f >> key >> value) {
+    if (key == "read_bytes:") return value;
+  }
+  return 0;
+}
+
 std::string loadavg() {
   std::ifstream f("/proc/loadavg");
   std::string a, b, c;
@@ -739,6 +751,7 @@ int snapshot_start_mode(const fs::path& dir, const fs::path& file, bool cold, bo
   if (cold && !drop_caches()) std::cerr << "could not drop the page cache (not root?)\n";
   const std::string load_before = loadavg();
   auto disk0 = disk_reads();
+  long own0 = own_read_bytes();
   Cpu c0 = Cpu::now();
   auto t0 = SteadyClock::now();
   tlsreload::CertStore store;
@@ -748,6 +761,7 @@ int snapshot_start_mode(const fs::path& dir, const fs::path& file, bool cold, bo
   auto t1 = SteadyClock::now();
   Cpu c1 = Cpu::now();
   auto disk1 = disk_reads();
+  long own1 = own_read_bytes();
   if (!start.used) {
     std::cerr << "snapshot not used: " << (start.ignored ? start.ignored->message : "missing") << "\n";
     return 2;
@@ -770,11 +784,13 @@ int snapshot_start_mode(const fs::path& dir, const fs::path& file, bool cold, bo
   auto t2 = SteadyClock::now();
   Cpu c2 = Cpu::now();
   auto disk2 = disk_reads();
+  long own2 = own_read_bytes();
   options.snapshot_path.clear();  // the rewrite is timed on its own below
   auto check = tlsreload::check_directory(store, dir / "live", start, options);
   auto t3 = SteadyClock::now();
   Cpu c3 = Cpu::now();
   auto disk3 = disk_reads();
+  long own3 = own_read_bytes();
   if (!check) {
     std::cerr << "verification: " << check.error().message << "\n";
     return 2;
@@ -797,11 +813,13 @@ int snapshot_start_mode(const fs::path& dir, const fs::path& file, bool cold, bo
            {"servable_sys_s", c1.sys - c0.sys},
            {"servable_disk_reads", disk1.first - disk0.first},
            {"servable_disk_merged", disk1.second - disk0.second},
+           {"servable_own_read_bytes", own1 - own0},
            {"verify_s", d(t2, t3)},
            {"verified_after_start_s", d(t0, t3) - d(t1, t2)},
            {"verify_user_s", c3.user - c2.user},
            {"verify_sys_s", c3.sys - c2.sys},
            {"verify_disk_reads", disk3.first - disk2.first},
+           {"verify_own_read_bytes", own3 - own2},
            {"verify_loaded", check->report.certificates.size()},
            {"verify_failures", check->report.failures.size()},
            {"verify_removed", check->removed},
