@@ -19,6 +19,7 @@
 #include <unordered_map>
 
 #include "acme/util/openssl.h"
+#include "tlsreload/detail/compact.h"
 #include "tlsreload/detail/der.h"
 #include "tlsreload/detail/intern.h"
 
@@ -555,6 +556,11 @@ struct CertificateBuilder {
   static void shrink(ObjectCache& cache, std::vector<std::shared_ptr<const detail::OpenSslObjects>>& dropped);
   static void remove_at(ObjectCache& cache, std::size_t i);
   static void forget(const Certificate& c);
+
+  // The store snapshot's conversions (detail/compact.h).
+  static detail::CompactCertificate to_compact(const Certificate& c);
+  static Result<std::shared_ptr<const Certificate>> from_compact(const detail::CompactCertificate& f,
+                                                                 const LoadOptions& options);
 };
 
 bool is_valid_lookup_name(std::string_view name) {
@@ -917,5 +923,92 @@ OpenSslCacheStats openssl_cache_stats() {
   s.verify_failed = cache.verify_failed.load(std::memory_order_relaxed);
   return s;
 }
+
+detail::CompactCertificate CertificateBuilder::to_compact(const Certificate& c) {
+  detail::CompactCertificate f;
+  f.names.assign(c.names_.begin(), c.names_.end());
+  f.not_before_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(c.not_before_.time_since_epoch()).count();
+  f.not_after_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(c.not_after_.time_since_epoch()).count();
+  f.serial_hex = c.serial_hex_;
+  f.issuer_cn = c.issuer_->cn;
+  f.issuer_dn = c.issuer_->dn;
+  f.key_type = c.key_type_;
+  f.key_kind = c.key_kind_;
+  f.key_format = c.key_format_;
+  f.fingerprint = c.fingerprint_;
+  f.leaf_der = c.leaf_der_;
+  f.key_der = c.key_der_;
+  f.chain = c.chain_;
+  return f;
+}
+
+Result<std::shared_ptr<const Certificate>> CertificateBuilder::from_compact(const detail::CompactCertificate& f,
+                                                                            const LoadOptions& options) {
+  using std::chrono::system_clock;
+  auto at = [](std::int64_t ns) {
+    return system_clock::time_point(std::chrono::duration_cast<system_clock::duration>(std::chrono::nanoseconds(ns)));
+  };
+  const auto not_before = at(f.not_before_ns), not_after = at(f.not_after_ns);
+  if (auto st = check_window(not_before, not_after, options); !st) return fail(st.error());
+  if (f.names.empty()) return fail(Errc::invalid_input, "leaf certificate: no names");
+  for (std::string_view n : f.names) {
+    if (!is_valid_lookup_name(n)) {
+      return fail(Errc::invalid_input, "leaf certificate: unusable name \"" + std::string(n) + "\"");
+    }
+  }
+  const bool ec = f.key_type.starts_with("ec");
+  if (f.key_format > kPkcs1 || (f.key_kind == KeyKind::ecdsa) != ec ||
+      (!ec && !f.key_type.starts_with("rsa")) || f.leaf_der.empty() || f.key_der.empty()) {
+    return fail(Errc::invalid_input, "compact certificate: inconsistent key fields");
+  }
+  for (const auto& inter : f.chain) {
+    if (!inter) return fail(Errc::invalid_input, "compact certificate: missing intermediate");
+  }
+  // A snapshot holds a few issuers over and over: share this thread's last one.
+  thread_local std::shared_ptr<const detail::IssuerNames> last_issuer;
+  if (!last_issuer || last_issuer->cn != f.issuer_cn || last_issuer->dn != f.issuer_dn) {
+    last_issuer = std::make_shared<const detail::IssuerNames>(
+        detail::IssuerNames{std::string(f.issuer_cn), std::string(f.issuer_dn)});
+  }
+  auto cert = make();
+  Certificate& c = *cert;
+  c.names_.assign(f.names.begin(), f.names.end());
+  c.not_before_ = not_before;
+  c.not_after_ = not_after;
+  c.serial_hex_ = f.serial_hex;
+  c.issuer_ = last_issuer;
+  c.key_type_ = f.key_type;
+  c.key_kind_ = f.key_kind;
+  c.key_format_ = f.key_format;
+  c.fingerprint_ = f.fingerprint;
+  c.id_ = hex(f.fingerprint.data(), f.fingerprint.size());
+  c.leaf_der_ = f.leaf_der;
+  c.key_der_ = f.key_der;
+  c.chain_ = f.chain;
+  c.verification_.store(Verification::pending, std::memory_order_relaxed);
+  return std::shared_ptr<const Certificate>(std::move(cert));
+}
+
+namespace detail {
+
+CompactCertificate to_compact(const Certificate& c) { return CertificateBuilder::to_compact(c); }
+
+Result<std::shared_ptr<const Certificate>> from_compact(const CompactCertificate& c, const LoadOptions& options) {
+  return CertificateBuilder::from_compact(c, options);
+}
+
+std::string intermediate_der(const Intermediate& inter) {
+  unsigned char* out = nullptr;
+  int n = i2d_X509(inter.x509(), &out);
+  if (n <= 0) {
+    ossl::drain_errors();
+    return {};
+  }
+  std::string der(reinterpret_cast<const char*>(out), static_cast<std::size_t>(n));
+  OPENSSL_free(out);
+  return der;
+}
+
+}  // namespace detail
 
 }  // namespace autotls::tlsreload

@@ -32,6 +32,12 @@ namespace fs = std::filesystem;
 
 constexpr std::size_t kMaxFileBytes = 1 << 20;
 
+FileIdentity identity_of(const struct stat& st) {
+  return FileIdentity{static_cast<std::uint64_t>(st.st_size),
+                      static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec,
+                      static_cast<std::uint64_t>(st.st_ino), static_cast<std::uint64_t>(st.st_dev)};
+}
+
 // FileBuffer reads whole files into one buffer that it reuses (each loading thread has one):
 // openat (relative to a directory fd, so the kernel walks two path components, not the whole
 // path), fstat, one read of st_size + 1 bytes (a short read of a regular file is its end, so no
@@ -47,7 +53,7 @@ class FileBuffer {
   // then uses it and closes it.
   template <class Shown>
   Result<std::string_view> read(int dir_fd, const char* path, Shown&& shown, bool* missing = nullptr,
-                                int opened = -1) {
+                                int opened = -1, FileIdentity* identity = nullptr) {
     int fd = opened >= 0 ? opened : ::openat(dir_fd, path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
       int err = errno;
@@ -64,6 +70,7 @@ class FileBuffer {
     struct stat st{};
     if (::fstat(fd, &st) != 0) return fail(Errc::io, shown().string() + ": " + std::strerror(errno));
     if (S_ISDIR(st.st_mode)) return fail(Errc::io, shown().string() + ": Is a directory");
+    if (identity) *identity = identity_of(st);
     const bool regular = S_ISREG(st.st_mode);
     if (regular && static_cast<std::uintmax_t>(st.st_size) > kMaxFileBytes) return fail(too_large(shown()));
     // st_size + 1: a regular file that has not grown fills all but the last byte, and that
@@ -227,6 +234,7 @@ struct Outcome {
   enum Kind { skipped, scan_failure, load_failure, loaded } kind = skipped;
   std::shared_ptr<const Certificate> cert;
   std::optional<LoadFailure> failure;
+  PairSource source;  // when loaded
 };
 
 // PairRef says where one pair's files are: paths relative to dir_fd (AT_FDCWD for paths as
@@ -248,12 +256,13 @@ Outcome load_one(const PairRef& ref, Paths&& paths, const LoadOptions& options, 
   };
   PairBuffers& bufs = thread_buffers();
   bool chain_missing = false, key_missing = false;
+  FileIdentity chain_id, key_id;
   auto chain = bufs.chain.read(ref.dir_fd, ref.chain, [&] { return paths().chain; },
-                               scanning ? &chain_missing : nullptr, ref.chain_fd);
+                               scanning ? &chain_missing : nullptr, ref.chain_fd, &chain_id);
   if (!chain) return record(Outcome::load_failure, paths().chain, chain.error());
   KeyWiper wiper{bufs.key};  // before the read: a failed or partial read is wiped too
   auto key = bufs.key.read(ref.dir_fd, ref.key, [&] { return paths().key; },
-                           scanning ? &key_missing : nullptr);
+                           scanning ? &key_missing : nullptr, -1, &key_id);
   if (chain_missing && key_missing) return out;  // not a certificate directory
   if (chain_missing) {
     fs::path p = paths().chain;
@@ -274,6 +283,7 @@ Outcome load_one(const PairRef& ref, Paths&& paths, const LoadOptions& options, 
   }
   out.kind = Outcome::loaded;
   out.cert = std::move(*cert);
+  out.source = PairSource{paths(), chain_id, key_id};
   return out;
 }
 
@@ -284,7 +294,10 @@ LoadReport assemble(std::vector<Outcome>& outcomes) {
   }
   for (auto& o : outcomes) {
     if (o.kind == Outcome::load_failure) report.failures.push_back(std::move(*o.failure));
-    if (o.kind == Outcome::loaded) report.certificates.push_back(std::move(o.cert));
+    if (o.kind == Outcome::loaded) {
+      report.certificates.push_back(std::move(o.cert));
+      report.sources.push_back(std::move(o.source));
+    }
   }
   return report;
 }
@@ -636,6 +649,8 @@ Result<LoadReport> load_directory(const fs::path& dir, const LoadOptions& option
 std::size_t publish_all(CertStore& store, LoadReport& report) {
   std::size_t ok = 0;
   std::vector<std::shared_ptr<const Certificate>> kept;
+  std::vector<PairSource> kept_sources;
+  const bool sourced = report.sources.size() == report.certificates.size();
   std::vector<Status> results = store.publish_batch(report.certificates);
   for (std::size_t i = 0; i < report.certificates.size(); ++i) {
     auto& cert = report.certificates[i];
@@ -643,11 +658,13 @@ std::size_t publish_all(CertStore& store, LoadReport& report) {
     if (st) {
       ++ok;
       kept.push_back(std::move(cert));
+      if (sourced) kept_sources.push_back(std::move(report.sources[i]));
     } else {
       report.failures.push_back({{}, st.error()});
     }
   }
   report.certificates = std::move(kept);
+  report.sources = std::move(kept_sources);
   return ok;
 }
 

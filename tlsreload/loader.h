@@ -2,6 +2,7 @@
 
 // Loading certificates from disk: certbot's layout and explicit cert/key pairs.
 
+#include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -26,11 +27,31 @@ struct LoadFailure {
   Error error;
 };
 
+// FileIdentity tells whether a file changed without reading it: what fstat() said of the file
+// a certificate was read from (of a symlink's target: certbot's renewals point live/ at new
+// files). The store snapshot (snapshot.h) records it per file.
+struct FileIdentity {
+  std::uint64_t size = 0;
+  std::int64_t mtime_ns = 0;
+  std::uint64_t inode = 0;
+  std::uint64_t device = 0;
+  bool operator==(const FileIdentity&) const = default;
+};
+
+// PairSource is where one loaded certificate came from.
+struct PairSource {
+  CertKeyPaths paths;
+  FileIdentity chain, key;
+};
+
 // LoadReport is what a bulk load produced: the good certificates and each bad file. One bad
 // file never stops the others from loading.
 struct LoadReport {
   std::vector<std::shared_ptr<const Certificate>> certificates;
   std::vector<LoadFailure> failures;
+  // sources[i] is where certificates[i] was read from (load_pairs, load_directory; kept
+  // parallel by publish_all); empty when the report was assembled otherwise.
+  std::vector<PairSource> sources;
 };
 
 // bulk_load_options are the defaults of the bulk loaders below: the chain signatures are
@@ -89,7 +110,8 @@ struct DirectoryScan {
 
 // publish_all publishes every certificate of report into store, in one snapshot
 // (CertStore::publish_batch). A certificate the store refuses is moved to report.failures
-// (with an empty path). Returns how many were published.
+// (with an empty path; its source, if any, is dropped with it). Returns how many were
+// published.
 std::size_t publish_all(CertStore& store, LoadReport& report);
 
 }  // namespace autotls::tlsreload

@@ -302,6 +302,18 @@ Result<LockToken> Storage::lock(std::string_view name, std::chrono::seconds ttl,
   }
 }
 
+Status write_file_atomic(const fs::path& path, std::string_view data, unsigned mode) {
+  fs::path dir = path.parent_path().empty() ? fs::path(".") : path.parent_path();
+  auto tmp = write_temp(dir, data, static_cast<mode_t>(mode));
+  if (!tmp) return fail(tmp.error());
+  if (::rename(tmp->c_str(), path.c_str()) != 0) {
+    Error e = errno_error("rename to", path);
+    ::unlink(tmp->c_str());
+    return fail(e);
+  }
+  return fsync_dir(dir);
+}
+
 FileStorage::FileStorage(std::filesystem::path root, Clock* clock)
     : root_(std::move(root)), clock_(clock ? clock : &system_clock()) {}
 

@@ -92,6 +92,12 @@ std::string storage_name(std::string_view name);
 // kept, other characters replaced ("https://acme.test:14000/dir" -> "acme.test_14000-dir").
 std::string ca_storage_name(std::string_view directory_url);
 
+// write_file_atomic replaces path with data crash-safely, as FileStorage::put writes a key: a
+// temporary file in the same directory (created 0600, then given mode), fsync'ed, renamed over
+// path, and the directory fsync'ed. A reader sees the old file or the new one, never a part.
+[[nodiscard]] Status write_file_atomic(const std::filesystem::path& path, std::string_view data,
+                                       unsigned mode);
+
 // FileStorage keeps each key as a file under root (docs/storage.md).
 //
 // Writes are crash-safe: a temporary file in the same directory is written, fsync'ed, renamed

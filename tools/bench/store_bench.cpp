@@ -38,6 +38,8 @@
 #include <thread>
 #include <ctime>
 #include <sys/resource.h>
+#include <unistd.h>
+#include <sstream>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -50,6 +52,7 @@
 #include "tlsreload/certificate.h"
 #include "tlsreload/loader.h"
 #include "tlsreload/store.h"
+#include "tlsreload/snapshot.h"
 
 namespace fs = std::filesystem;
 using namespace autotls;
@@ -709,10 +712,180 @@ int watch_mode(const fs::path& dir) {
   return missed == 0 ? 0 : 2;
 }
 
+// ---- serve first from a store snapshot (tlsreload/snapshot.h) ----
+
+// vda_reads returns the reads completed and merged by the virtio disk (/proc/diskstats fields
+// 4 and 5), the request counts docs/benchmarks.md compares.
+std::pair<long, long> disk_reads() {
+  std::ifstream f("/proc/diskstats");
+  std::string line;
+  while (std::getline(f, line)) {
+    std::istringstream in(line);
+    long major = 0, minor = 0, reads = 0, merged = 0;
+    std::string dev;
+    if (in >> major >> minor >> dev >> reads >> merged && dev == "vda") return {reads, merged};
+  }
+  return {0, 0};
+}
+
+// own_read_bytes is what this process had read from the disk (/proc/self/io read_bytes):
+// unlike /proc/diskstats it does not count other processes' reads of the same disk.
+long own_read_bytes() {
+  std::ifstream f("/proc/self/io");
+  std::string key;
+  long value = 0;
+  while (f >> key >> value) {
+    if (key == "read_bytes:") return value;
+  }
+  return 0;
+}
+
+std::string loadavg() {
+  std::ifstream f("/proc/loadavg");
+  std::string a, b, c;
+  f >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
+
+// drop_caches empties the page cache (root only), so what follows reads from disk.
+bool drop_caches() {
+  ::sync();
+  std::ofstream f("/proc/sys/vm/drop_caches");
+  f << "3\n";
+  f.flush();
+  return static_cast<bool>(f);
+}
+
+struct Cpu {
+  double user = 0, sys = 0;
+  static Cpu now() {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    auto secs = [](const timeval& t) { return double(t.tv_sec) + double(t.tv_usec) / 1e6; };
+    return {secs(ru.ru_utime), secs(ru.ru_stime)};
+  }
+};
+
+// snapshot_write_mode loads DIR/live and writes its snapshot to FILE (the state a previous run
+// of the server would leave).
+int snapshot_write_mode(const fs::path& dir, const fs::path& file) {
+  auto report = tlsreload::load_directory(dir / "live");
+  if (!report) {
+    std::cerr << "load: " << report.error().message << "\n";
+    return 2;
+  }
+  auto t0 = SteadyClock::now();
+  if (auto st = tlsreload::write_snapshot(file, report->certificates, report->sources); !st) {
+    std::cerr << st.error().message << "\n";
+    return 2;
+  }
+  double secs = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  json out{{"count", report->certificates.size()}, {"write_s", secs}, {"bytes", fs::file_size(file)},
+           {"loadavg", loadavg()}};
+  std::cout << out.dump() << "\n";
+  return 0;
+}
+
+// snapshot_start_mode is a start from FILE: the snapshot published (every certificate
+// servable), then the verification (the full load of DIR/live, publish what differs, remove
+// what is gone), then the rewrite of the snapshot (to FILE.new, so FILE stays for the next
+// run). With --cold, the page cache is dropped first.
+// With --start-only, it stops once the snapshot is published (for profiling the start).
+int snapshot_start_mode(const fs::path& dir, const fs::path& file, bool cold, bool start_only) {
+  if (cold && !drop_caches()) std::cerr << "could not drop the page cache (not root?)\n";
+  const std::string load_before = loadavg();
+  auto disk0 = disk_reads();
+  long own0 = own_read_bytes();
+  Cpu c0 = Cpu::now();
+  auto t0 = SteadyClock::now();
+  tlsreload::CertStore store;
+  tlsreload::DirectoryLoadOptions options;
+  options.snapshot_path = file;
+  tlsreload::SnapshotStart start = tlsreload::publish_snapshot(store, options);
+  auto t1 = SteadyClock::now();
+  Cpu c1 = Cpu::now();
+  auto disk1 = disk_reads();
+  long own1 = own_read_bytes();
+  if (!start.used) {
+    std::cerr << "snapshot not used: " << (start.ignored ? start.ignored->message : "missing") << "\n";
+    return 2;
+  }
+  // Every certificate servable: each one's first name finds a certificate (outside the timing;
+  // a wildcard's first name is looked up as one name it covers).
+  size_t servable = 0;
+  for (const auto& c : start.certificates) {
+    std::string name = c->names().front();
+    if (name.starts_with("*.")) name[0] = 'x';
+    servable += store.lookup(name) != nullptr;
+  }
+  if (start_only) {
+    std::cout << json{{"servable_s", std::chrono::duration<double>(t1 - t0).count()}, {"servable", servable},
+                      {"servable_user_s", c1.user - c0.user}, {"servable_sys_s", c1.sys - c0.sys},
+                      {"loadavg", load_before}}.dump()
+              << "\n";
+    return 0;
+  }
+  auto t2 = SteadyClock::now();
+  Cpu c2 = Cpu::now();
+  auto disk2 = disk_reads();
+  long own2 = own_read_bytes();
+  options.snapshot_path.clear();  // the rewrite is timed on its own below
+  auto check = tlsreload::check_directory(store, dir / "live", start, options);
+  auto t3 = SteadyClock::now();
+  Cpu c3 = Cpu::now();
+  auto disk3 = disk_reads();
+  long own3 = own_read_bytes();
+  if (!check) {
+    std::cerr << "verification: " << check.error().message << "\n";
+    return 2;
+  }
+  fs::path rewrite = file;
+  rewrite += ".new";
+  auto st = tlsreload::write_snapshot(rewrite, check->report.certificates, check->report.sources);
+  auto t4 = SteadyClock::now();
+  fs::remove(rewrite);
+  auto d = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+  json out{{"cold", cold},
+           {"loadavg_before", load_before},
+           {"loadavg_after", loadavg()},
+           {"snapshot_bytes", fs::file_size(file)},
+           {"published", start.published},
+           {"refused", start.refused.size()},
+           {"servable", servable},
+           {"servable_s", d(t0, t1)},
+           {"servable_user_s", c1.user - c0.user},
+           {"servable_sys_s", c1.sys - c0.sys},
+           {"servable_disk_reads", disk1.first - disk0.first},
+           {"servable_disk_merged", disk1.second - disk0.second},
+           {"servable_own_read_bytes", own1 - own0},
+           {"verify_s", d(t2, t3)},
+           {"verified_after_start_s", d(t0, t3) - d(t1, t2)},
+           {"verify_user_s", c3.user - c2.user},
+           {"verify_sys_s", c3.sys - c2.sys},
+           {"verify_disk_reads", disk3.first - disk2.first},
+           {"verify_own_read_bytes", own3 - own2},
+           {"verify_loaded", check->report.certificates.size()},
+           {"verify_failures", check->report.failures.size()},
+           {"verify_removed", check->removed},
+           {"rewrite_s", d(t3, t4)},
+           {"rewrite_ok", static_cast<bool>(st)}};
+  std::cout << out.dump() << "\n";
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc >= 3 && std::string(argv[1]) == "watch") return watch_mode(argv[2]);
   if (argc >= 4 && std::string(argv[1]) == "gen") return gen(argv[2], std::stoul(argv[3]));
   if (argc >= 3 && std::string(argv[1]) == "load") return load_mode(argv[2]);
+  if (argc >= 4 && std::string(argv[1]) == "snapshot-write") return snapshot_write_mode(argv[2], argv[3]);
+  if (argc >= 4 && std::string(argv[1]) == "snapshot-start") {
+    bool cold = false, start_only = false;
+    for (int i = 4; i < argc; ++i) {
+      cold |= std::string(argv[i]) == "--cold";
+      start_only |= std::string(argv[i]) == "--start-only";
+    }
+    return snapshot_start_mode(argv[2], argv[3], cold, start_only);
+  }
   if (argc >= 3 && std::string(argv[1]) == "openssl") return openssl_mode(argv[2]);
   if (argc >= 3 && std::string(argv[1]) == "lookup") {
     return lookup_mode(argv[2], argc >= 4 ? std::stod(argv[3]) : 2.0, argc >= 5 ? std::stoi(argv[4]) : 5, true);
@@ -721,6 +894,6 @@ int main(int argc, char** argv) {
     return lookup_mode(argv[2], argc >= 4 ? std::stod(argv[3]) : 2.0, argc >= 5 ? std::stoi(argv[4]) : 5, false);
   }
   std::cerr << "usage: store_bench gen DIR N | load DIR | lookup DIR [S [R]] | swaps DIR [S [R]] | "
-               "openssl DIR | watch DIR\n";
+               "openssl DIR | watch DIR | snapshot-write DIR FILE | snapshot-start DIR FILE [--cold] [--start-only]\n";
   return 2;
 }

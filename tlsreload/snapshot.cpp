@@ -1,0 +1,482 @@
+#include "tlsreload/snapshot.h"
+
+#include <algorithm>
+#include <atomic>
+#include <optional>
+#include <system_error>
+#include <bit>
+#include <cerrno>
+#include <cstring>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "tlsreload/detail/compact.h"
+#include "tlsreload/detail/intern.h"
+#include "tlsreload/storage.h"
+#include "tlsreload/store.h"
+
+namespace autotls::tlsreload {
+namespace {
+
+namespace fs = std::filesystem;
+
+// The file: a fixed header, then the body.
+//   header: magic (8 bytes), format version (u32), header size (u32), entry count (u64),
+//           intermediate count (u64), body size (u64), SHA-256 of the header's first 40
+//           bytes followed by the body (32 bytes).
+//   body:   each intermediate's DER (str), then each entry: the chain file (str path, u64
+//           size, i64 mtime ns, u64 inode, u64 device), the key file (same), then the
+//           certificate's compact fields (detail::CompactCertificate, in the order below).
+// Integers are little-endian (the host's, checked at compile time); str is a u32 length and
+// the bytes. The checksum is for torn writes, a full disk and foreign files, not for an
+// attacker: one who can write the file can write a key file just as well (both 0600, ours).
+constexpr char kMagic[8] = {'A', 'T', 'L', 'S', 'S', 'N', 'A', 'P'};
+constexpr std::size_t kHeaderSize = 72;
+constexpr std::size_t kSummed = 40;  // header bytes covered by the checksum
+static_assert(std::endian::native == std::endian::little, "the snapshot format is little-endian");
+
+using Digest = std::array<unsigned char, 32>;
+
+bool sha256(std::string_view a, std::string_view b, Digest& out) {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  unsigned int len = 0;
+  bool ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) == 1 &&
+            EVP_DigestUpdate(ctx, a.data(), a.size()) == 1 && EVP_DigestUpdate(ctx, b.data(), b.size()) == 1 &&
+            EVP_DigestFinal_ex(ctx, out.data(), &len) == 1 && len == out.size();
+  EVP_MD_CTX_free(ctx);
+  return ok;
+}
+
+class Writer {
+ public:
+  std::string& out;
+  template <class T>
+  void num(T v) {
+    out.append(reinterpret_cast<const char*>(&v), sizeof v);
+  }
+  void str(std::string_view s) {
+    num(static_cast<std::uint32_t>(s.size()));
+    out.append(s);
+  }
+  void file(const fs::path& p, const FileIdentity& id) {
+    str(p.native());
+    num(id.size);
+    num(id.mtime_ns);
+    num(id.inode);
+    num(id.device);
+  }
+};
+
+// Reader reads the body; any read past the end sets bad and returns zeros, so a corrupt file
+// is found at the end of an entry, never by reading outside the buffer.
+class Reader {
+ public:
+  explicit Reader(std::string_view in, std::size_t pos = 0) : in_(in), pos_(pos) {}
+  bool bad() const { return bad_; }
+  std::size_t pos() const { return pos_; }
+  bool done() const { return pos_ == in_.size(); }
+  template <class T>
+  T num() {
+    T v{};
+    if (in_.size() - pos_ < sizeof v) {
+      bad_ = true;
+      return v;
+    }
+    std::memcpy(&v, in_.data() + pos_, sizeof v);
+    pos_ += sizeof v;
+    return v;
+  }
+  std::string_view str() {
+    auto n = num<std::uint32_t>();
+    if (bad_ || in_.size() - pos_ < n) {
+      bad_ = true;
+      return {};
+    }
+    std::string_view s = in_.substr(pos_, n);
+    pos_ += n;
+    return s;
+  }
+
+ private:
+  std::string_view in_;
+  std::size_t pos_ = 0;
+  bool bad_ = false;
+};
+
+// Secret is a buffer that held key bytes: wiped before it is freed (the writer's; the reader
+// maps the file, whose bytes are the file's own).
+struct Secret {
+  std::string s;
+  ~Secret() { OPENSSL_cleanse(s.data(), s.size()); }
+};
+
+Error bad_file(const fs::path& path, std::string_view why) {
+  return Error(Errc::invalid_input, "store snapshot " + path.string() + ": " + std::string(why));
+}
+
+void warn(const DirectoryLoadOptions& options, std::string_view message, const fs::path& path,
+          const std::string& error) {
+  if (options.logger && options.logger->enabled(LogLevel::warn)) {
+    options.logger->log(LogLevel::warn, "tlsreload", message, {{"path", path.string()}, {"error", error}});
+  }
+}
+
+}  // namespace
+
+Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<const Certificate>>& certificates,
+                      const std::vector<PairSource>& sources) {
+  if (!sources.empty() && sources.size() != certificates.size()) {
+    return fail(Errc::invalid_input, "store snapshot: sources do not match the certificates");
+  }
+  Secret buf;
+  std::string& out = buf.s;
+  out.reserve(kHeaderSize + certificates.size() * 1024);
+  out.resize(kHeaderSize);
+  Writer w{out};
+  // Intermediates once each (100,000 leaves from one CA share one).
+  std::unordered_map<const detail::Intermediate*, std::uint32_t> index;
+  std::vector<detail::CompactCertificate> compact;
+  compact.reserve(certificates.size());
+  for (const auto& cert : certificates) {
+    if (!cert) return fail(Errc::invalid_input, "store snapshot: null certificate");
+    compact.push_back(detail::to_compact(*cert));
+    for (const auto& inter : compact.back().chain) {
+      if (index.try_emplace(inter.get(), static_cast<std::uint32_t>(index.size())).second) {
+        std::string der = detail::intermediate_der(*inter);
+        if (der.empty()) return fail(Errc::crypto, "store snapshot: DER of an intermediate");
+        w.str(der);
+      }
+    }
+  }
+  static const PairSource kNoSource;
+  for (std::size_t i = 0; i < compact.size(); ++i) {
+    detail::CompactCertificate& c = compact[i];
+    const PairSource& src = sources.empty() ? kNoSource : sources[i];
+    w.file(src.paths.chain, src.chain);
+    w.file(src.paths.key, src.key);
+    w.num(static_cast<std::uint8_t>(c.key_kind == KeyKind::ecdsa ? 0 : 1));
+    w.num(c.key_format);
+    w.num(c.not_before_ns);
+    w.num(c.not_after_ns);
+    out.append(reinterpret_cast<const char*>(c.fingerprint.data()), c.fingerprint.size());
+    w.str(c.serial_hex);
+    w.str(c.issuer_cn);
+    w.str(c.issuer_dn);
+    w.str(c.key_type);
+    w.num(static_cast<std::uint32_t>(c.names.size()));
+    for (std::string_view n : c.names) w.str(n);
+    w.str(c.leaf_der);
+    w.str(c.key_der);
+    w.num(static_cast<std::uint32_t>(c.chain.size()));
+    for (const auto& inter : c.chain) w.num(index.at(inter.get()));
+  }
+  // The header, then the checksum over its first kSummed bytes and the body.
+  std::string header;
+  Writer h{header};
+  header.append(kMagic, sizeof kMagic);
+  h.num(kSnapshotFormatVersion);
+  h.num(static_cast<std::uint32_t>(kHeaderSize));
+  h.num(static_cast<std::uint64_t>(certificates.size()));
+  h.num(static_cast<std::uint64_t>(index.size()));
+  h.num(static_cast<std::uint64_t>(out.size() - kHeaderSize));
+  Digest digest{};
+  if (!sha256(header, std::string_view(out).substr(kHeaderSize), digest)) {
+    return fail(Errc::crypto, "store snapshot: SHA-256");
+  }
+  header.append(reinterpret_cast<const char*>(digest.data()), digest.size());
+  std::memcpy(out.data(), header.data(), kHeaderSize);
+  return write_file_atomic(path, out, 0600);
+}
+
+namespace {
+
+// Mapping maps a file read-only, its pages read ahead at once (MAP_POPULATE: a cold file comes
+// in as large sequential requests, and nothing is copied into a buffer).
+struct Mapping {
+  void* p = MAP_FAILED;
+  std::size_t n = 0;
+  ~Mapping() {
+    if (p != MAP_FAILED) ::munmap(p, n);
+  }
+  std::string_view view() const { return p == MAP_FAILED ? std::string_view() : std::string_view(static_cast<const char*>(p), n); }
+};
+
+// parse_entry reads one entry at r into c and src (src's paths only when with_paths).
+void parse_entry(Reader& r, detail::CompactCertificate& c, std::string_view& chain_path, PairSource* src,
+                 const std::vector<std::shared_ptr<const detail::Intermediate>>& inters, bool& bad) {
+  FileIdentity skip;
+  chain_path = r.str();
+  if (src) src->paths.chain = std::string(chain_path);
+  FileIdentity& chain_id = src ? src->chain : skip;
+  chain_id.size = r.num<std::uint64_t>();
+  chain_id.mtime_ns = r.num<std::int64_t>();
+  chain_id.inode = r.num<std::uint64_t>();
+  chain_id.device = r.num<std::uint64_t>();
+  std::string_view key_path = r.str();
+  if (src) src->paths.key = std::string(key_path);
+  FileIdentity& key_id = src ? src->key : skip;
+  key_id.size = r.num<std::uint64_t>();
+  key_id.mtime_ns = r.num<std::int64_t>();
+  key_id.inode = r.num<std::uint64_t>();
+  key_id.device = r.num<std::uint64_t>();
+  auto kind = r.num<std::uint8_t>();
+  c.key_kind = kind == 0 ? KeyKind::ecdsa : KeyKind::rsa;
+  c.key_format = r.num<std::uint8_t>();
+  c.not_before_ns = r.num<std::int64_t>();
+  c.not_after_ns = r.num<std::int64_t>();
+  for (auto& b : c.fingerprint) b = r.num<std::uint8_t>();
+  c.serial_hex = r.str();
+  c.issuer_cn = r.str();
+  c.issuer_dn = r.str();
+  c.key_type = r.str();
+  auto names = r.num<std::uint32_t>();
+  c.names.clear();
+  for (std::uint32_t k = 0; k < names && !r.bad(); ++k) c.names.push_back(r.str());
+  c.leaf_der = r.str();
+  c.key_der = r.str();
+  auto chain = r.num<std::uint32_t>();
+  c.chain.clear();
+  for (std::uint32_t k = 0; k < chain && !r.bad(); ++k) {
+    auto at = r.num<std::uint32_t>();
+    if (at >= inters.size()) {
+      bad = true;
+      return;
+    }
+    c.chain.push_back(inters[at]);
+  }
+  if (r.bad() || kind > 1) bad = true;
+}
+
+// on_threads runs body(begin, end) over [0, n) in chunks on all cores.
+template <class Body>
+void on_threads(std::size_t n, Body&& body) {
+  constexpr std::size_t kChunk = 256;
+  std::atomic<std::size_t> next{0};
+  auto work = [&] {
+    for (;;) {
+      std::size_t begin = next.fetch_add(kChunk, std::memory_order_relaxed);
+      if (begin >= n) return;
+      body(begin, std::min(n, begin + kChunk));
+    }
+  };
+  std::vector<std::thread> pool;
+  std::size_t threads = std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), (n + kChunk - 1) / kChunk);
+  for (std::size_t t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(work);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  work();
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
+Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& options) {
+  return read_snapshot(path, options, true);
+}
+
+Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& options, bool with_sources) {
+  Mapping map;
+  {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return fail(Errc::io, "store snapshot " + path.string() + ": " + std::strerror(errno));
+    struct Closer {
+      int fd;
+      ~Closer() { ::close(fd); }
+    } closer{fd};
+    struct stat st{};
+    if (::fstat(fd, &st) != 0) return fail(Errc::io, "store snapshot " + path.string() + ": " + std::strerror(errno));
+    if (!S_ISREG(st.st_mode)) return fail(bad_file(path, "not a regular file"));
+    map.n = static_cast<std::size_t>(st.st_size);
+    if (map.n > 0) {
+      map.p = ::mmap(nullptr, map.n, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+      if (map.p == MAP_FAILED) {
+        return fail(Errc::io, "store snapshot " + path.string() + ": mmap: " + std::strerror(errno));
+      }
+    }
+  }
+  std::string_view file = map.view();
+  if (file.size() < sizeof kMagic || std::memcmp(file.data(), kMagic, sizeof kMagic) != 0) {
+    return fail(bad_file(path, "not a store snapshot (bad magic)"));
+  }
+  if (file.size() < kHeaderSize) return fail(bad_file(path, "truncated header"));
+  std::uint32_t version = 0, header_size = 0;
+  std::uint64_t entries = 0, intermediates = 0, body_size = 0;
+  std::memcpy(&version, file.data() + 8, 4);
+  std::memcpy(&header_size, file.data() + 12, 4);
+  std::memcpy(&entries, file.data() + 16, 8);
+  std::memcpy(&intermediates, file.data() + 24, 8);
+  std::memcpy(&body_size, file.data() + 32, 8);
+  if (version != kSnapshotFormatVersion) {
+    return fail(bad_file(path, "format version " + std::to_string(version) + ", this build reads " +
+                                   std::to_string(kSnapshotFormatVersion)));
+  }
+  if (header_size != kHeaderSize) return fail(bad_file(path, "bad header size"));
+  if (body_size != file.size() - kHeaderSize) {
+    return fail(bad_file(path, "size " + std::to_string(file.size()) + " bytes, header says " +
+                                   std::to_string(body_size + kHeaderSize) + " (truncated or torn write)"));
+  }
+  std::string_view body = file.substr(kHeaderSize);
+  Digest digest{};
+  if (!sha256(file.substr(0, kSummed), body, digest)) return fail(Errc::crypto, "store snapshot: SHA-256");
+  if (std::memcmp(digest.data(), file.data() + kSummed, digest.size()) != 0) {
+    return fail(bad_file(path, "checksum mismatch (corrupt or torn write)"));
+  }
+  // A valid checksum bounds the counts by the body's size (each entry takes > 100 bytes).
+  if (intermediates > body.size() / 4 || entries > body.size() / 64) return fail(bad_file(path, "bad counts"));
+
+  Reader r(body);
+  std::vector<std::shared_ptr<const detail::Intermediate>> inters;
+  for (std::uint64_t i = 0; i < intermediates; ++i) {
+    std::string_view der = r.str();
+    if (r.bad()) return fail(bad_file(path, "truncated intermediate"));
+    auto inter = detail::intern_der(der);
+    if (!inter) return fail(bad_file(path, "intermediate: " + inter.error().message));
+    inters.push_back(std::move(*inter));
+  }
+  // First pass: where each entry starts (a walk over the lengths), so that the entries can
+  // then be rebuilt on all cores.
+  std::vector<std::size_t> starts;
+  starts.reserve(entries + 1);
+  {
+    detail::CompactCertificate c;
+    std::string_view chain_path;
+    for (std::uint64_t i = 0; i < entries; ++i) {
+      starts.push_back(r.pos());
+      bool bad = false;
+      parse_entry(r, c, chain_path, nullptr, inters, bad);
+      if (bad) return fail(bad_file(path, "corrupt entry " + std::to_string(i)));
+    }
+    if (!r.done()) return fail(bad_file(path, "trailing bytes after the last entry"));
+  }
+  std::vector<std::shared_ptr<const Certificate>> certs(entries);
+  std::vector<PairSource> sources(with_sources ? entries : 0);
+  std::vector<std::optional<LoadFailure>> refused(entries);
+  on_threads(entries, [&](std::size_t begin, std::size_t end) {
+    detail::CompactCertificate c;
+    std::string_view chain_path;
+    for (std::size_t i = begin; i < end; ++i) {
+      Reader er(body, starts[i]);
+      bool bad = false;
+      parse_entry(er, c, chain_path, with_sources ? &sources[i] : nullptr, inters, bad);
+      auto cert = detail::from_compact(c, options);
+      if (!cert) {
+        Error e = cert.error();
+        e.message = std::string(chain_path) + " (from the store snapshot): " + e.message;
+        refused[i] = LoadFailure{fs::path(std::string(chain_path)), std::move(e)};
+        continue;
+      }
+      certs[i] = std::move(*cert);
+    }
+  });
+  SnapshotContents out;
+  out.certificates.reserve(entries);
+  if (with_sources) out.sources.reserve(entries);
+  for (std::size_t i = 0; i < entries; ++i) {
+    if (refused[i]) {
+      out.refused.push_back(std::move(*refused[i]));
+      continue;
+    }
+    out.certificates.push_back(std::move(certs[i]));
+    if (with_sources) out.sources.push_back(std::move(sources[i]));
+  }
+  return out;
+}
+
+SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& options) {
+  SnapshotStart start;
+  if (options.snapshot_path.empty()) return start;
+  struct stat st{};
+  if (::stat(options.snapshot_path.c_str(), &st) != 0 && errno == ENOENT) return start;  // first start
+  auto contents = read_snapshot(options.snapshot_path, options.load, false);
+  if (!contents) {
+    start.ignored = contents.error();
+    warn(options, "store snapshot ignored; loading the certificate directory instead", options.snapshot_path,
+         contents.error().message);
+    return start;
+  }
+  start.used = true;
+  start.refused = std::move(contents->refused);
+  std::vector<Status> results = store.publish_batch(contents->certificates);
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    if (results[i]) {
+      ++start.published;
+      start.certificates.push_back(std::move(contents->certificates[i]));
+    } else {
+      start.refused.push_back({{}, results[i].error()});
+    }
+  }
+  return start;
+}
+
+Result<DirectoryCheck> check_directory(CertStore& store, const fs::path& dir, const SnapshotStart& start,
+                                       const DirectoryLoadOptions& options) {
+  auto report = load_directory(dir, options.load);
+  if (!report) return fail(report.error());
+  DirectoryCheck check;
+  check.report = std::move(*report);
+  publish_all(store, check.report);
+  // What the snapshot served and the directory no longer has. A changed pair's old
+  // certificate has left the store already when its replacement took all its names; remove()
+  // then finds nothing, which is fine.
+  std::unordered_set<std::string_view> on_disk;
+  on_disk.reserve(check.report.certificates.size());
+  for (const auto& c : check.report.certificates) on_disk.insert(c->id());
+  for (const auto& c : start.certificates) {
+    if (on_disk.contains(c->id())) continue;
+    if (store.remove(c->id())) ++check.removed;
+  }
+  if (!options.snapshot_path.empty()) {
+    check.snapshot_written = write_snapshot(options.snapshot_path, check.report.certificates, check.report.sources);
+    if (!check.snapshot_written) {
+      warn(options, "store snapshot not written", options.snapshot_path, check.snapshot_written.error().message);
+    }
+  }
+  return check;
+}
+
+SnapshotLoader::SnapshotLoader(std::shared_ptr<CertStore> store, fs::path dir, DirectoryLoadOptions options)
+    : store_(std::move(store)), dir_(std::move(dir)), options_(std::move(options)) {
+  start_ = publish_snapshot(*store_, options_);
+  if (start_.used) {
+    thread_ = std::thread([this] { result_ = check_directory(*store_, dir_, start_, options_); });
+    return;
+  }
+  initial_ = load_directory(dir_, options_.load);
+  if (!*initial_) return;
+  publish_all(*store_, **initial_);
+  if (options_.snapshot_path.empty()) return;
+  thread_ = std::thread([this] {
+    const LoadReport& report = **initial_;
+    DirectoryCheck check;
+    check.snapshot_written = write_snapshot(options_.snapshot_path, report.certificates, report.sources);
+    if (!check.snapshot_written) {
+      warn(options_, "store snapshot not written", options_.snapshot_path, check.snapshot_written.error().message);
+    }
+    result_ = std::move(check);
+  });
+}
+
+SnapshotLoader::~SnapshotLoader() {
+  if (thread_.joinable()) thread_.join();
+}
+
+Result<DirectoryCheck> SnapshotLoader::wait() {
+  if (thread_.joinable()) thread_.join();
+  if (result_) return std::move(*result_);
+  if (initial_ && !*initial_) return fail(initial_->error());
+  return DirectoryCheck{};
+}
+
+}  // namespace autotls::tlsreload

@@ -1,0 +1,132 @@
+#pragma once
+
+// The store snapshot: serve first, verify behind (issue #3, docs/architecture.md).
+//
+// A cold start of 100,000 certbot pairs reads 200,000 files in 100,000 directories, ~300,000
+// scattered 4 KiB block reads; on a VM that costs 10-17 s whatever the loader does
+// (docs/benchmarks.md, "Cold start"). A snapshot is one file holding, for every loaded pair,
+// what the store serves (the Certificate's compact fields: names, validity, leaf and key DER,
+// the chain's intermediates once per file) and the identity of the two source files. At start
+// it is read in one sequential read and published at once; the directory is then loaded as
+// usual in the background, and what differs is published (changed, new pairs) or removed
+// (gone), and the snapshot rewritten.
+//
+// The trade-off: a pair changed or removed while the process was down is served from the
+// snapshot until the background load reaches it (a full cold load: seconds to tens of seconds
+// with 100,000 pairs). The snapshot holds private keys: it is written 0600, crash-safely, and
+// must live in a directory the process owns, never in the certificate directory it mirrors.
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "acme/util/error.h"
+#include "acme/util/logger.h"
+#include "tlsreload/certificate.h"
+#include "tlsreload/loader.h"
+
+namespace autotls::tlsreload {
+
+class CertStore;
+
+// kSnapshotFormatVersion is the format this build writes and the only one it reads.
+inline constexpr std::uint32_t kSnapshotFormatVersion = 1;
+
+// write_snapshot writes certificates (and sources, parallel to them) to path, replacing it
+// crash-safely (write_file_atomic), mode 0600. sources may be empty (no identities recorded).
+[[nodiscard]] Status write_snapshot(const std::filesystem::path& path,
+                                    const std::vector<std::shared_ptr<const Certificate>>& certificates,
+                                    const std::vector<PairSource>& sources);
+
+// SnapshotContents is what read_snapshot restored.
+struct SnapshotContents {
+  std::vector<std::shared_ptr<const Certificate>> certificates;
+  std::vector<PairSource> sources;   // parallel to certificates
+  std::vector<LoadFailure> refused;  // entries that failed a recheck (expired...), by chain path
+};
+
+// read_snapshot reads path and rebuilds its certificates without parsing them (detail/compact.h):
+// each is rechecked for what is cheap (validity window against options.clock, names, key
+// fields) and left with its chain verification pending, as a deferred bulk load leaves it.
+// Fails with Errc::invalid_input when the file is not a snapshot (magic), has another format
+// version, is truncated, fails its checksum or does not parse; Errc::io when it does not exist
+// or cannot be read. A failure means: do not trust any of it.
+// The file is mapped (not copied) and the certificates rebuilt on all cores. with_sources
+// false leaves SnapshotContents::sources empty (a start does not need them).
+[[nodiscard]] Result<SnapshotContents> read_snapshot(const std::filesystem::path& path,
+                                                     const LoadOptions& options = bulk_load_options());
+[[nodiscard]] Result<SnapshotContents> read_snapshot(const std::filesystem::path& path, const LoadOptions& options,
+                                                     bool with_sources);
+
+// DirectoryLoadOptions: how load_directory's serve-first variant runs.
+struct DirectoryLoadOptions {
+  LoadOptions load = bulk_load_options();
+  // snapshot_path is the snapshot file; empty: no snapshot (a plain load). Put it in a
+  // directory the process owns (autotls serve: under its storage directory), not in the
+  // certificate directory.
+  std::filesystem::path snapshot_path;
+  // logger receives the warning when a snapshot is ignored, and failures to write one.
+  Logger* logger = nullptr;
+};
+
+// SnapshotStart is what publish_snapshot did.
+struct SnapshotStart {
+  bool used = false;             // the snapshot was valid and its certificates published
+  std::optional<Error> ignored;  // why an existing snapshot was not used (also logged)
+  std::size_t published = 0;
+  // What the snapshot published: the verification removes those the directory no longer has.
+  std::vector<std::shared_ptr<const Certificate>> certificates;
+  std::vector<LoadFailure> refused;  // entries not published (expired, refused by the store)
+};
+
+// publish_snapshot publishes options.snapshot_path's certificates into store in one snapshot
+// (publish_batch). A missing file is not an error (used == false, nothing logged); a file that
+// fails read_snapshot is ignored with a warning (used == false, ignored set).
+SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& options);
+
+// DirectoryCheck is what the verification behind the snapshot did.
+struct DirectoryCheck {
+  LoadReport report;            // the directory load (report.certificates are published)
+  std::size_t removed = 0;      // snapshot certificates no longer in the directory, removed
+  Status snapshot_written;      // the rewrite of the snapshot (ok when there is no snapshot_path)
+};
+
+// check_directory loads dir (load_directory), publishes the result (publish_all: a pair whose
+// certificate did not change is a no-op, a changed or new one replaces or adds, each reader
+// seeing the old or the new set), removes from store each certificate of start that the
+// directory no longer holds, then rewrites the snapshot from the load. Fails only when dir
+// cannot be listed (the store keeps what the snapshot published).
+[[nodiscard]] Result<DirectoryCheck> check_directory(CertStore& store, const std::filesystem::path& dir,
+                                                     const SnapshotStart& start,
+                                                     const DirectoryLoadOptions& options);
+
+// SnapshotLoader is the whole start: its constructor publishes the snapshot if it is usable
+// and returns (every certificate servable), and verifies it (check_directory) on a thread of
+// its own. Without a usable snapshot, the constructor loads and publishes the directory as
+// load_directory + publish_all would, and the thread only writes the snapshot.
+class SnapshotLoader {
+ public:
+  SnapshotLoader(std::shared_ptr<CertStore> store, std::filesystem::path dir, DirectoryLoadOptions options);
+  ~SnapshotLoader();  // waits for the thread
+  SnapshotLoader(const SnapshotLoader&) = delete;
+  SnapshotLoader& operator=(const SnapshotLoader&) = delete;
+
+  const SnapshotStart& start() const { return start_; }
+  // initial is the synchronous load's result when no snapshot was used (else empty).
+  const std::optional<Result<LoadReport>>& initial() const { return initial_; }
+  // wait blocks until the verification (or the snapshot write) finished, and returns it. Call once.
+  Result<DirectoryCheck> wait();
+
+ private:
+  std::shared_ptr<CertStore> store_;
+  std::filesystem::path dir_;
+  DirectoryLoadOptions options_;
+  SnapshotStart start_;
+  std::optional<Result<LoadReport>> initial_;
+  std::optional<Result<DirectoryCheck>> result_;
+  std::thread thread_;
+};
+
+}  // namespace autotls::tlsreload
