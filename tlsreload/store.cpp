@@ -27,7 +27,7 @@ namespace detail {
 // peak of the tables, a few hundred bytes per name). Larger blocks (a shard of over 2,000
 // names) come from operator new. Only writers and the code freeing a snapshot allocate or
 // free here, never a lookup, so the mutex is no more than malloc's own arena lock.
-class TablePool {
+class alignas(64) TablePool {  // its own cache lines: writers update it, lookups never read it
  public:
   static constexpr std::size_t kChunk = std::size_t{2} << 20;
   static constexpr std::size_t kMinBlock = 128;
