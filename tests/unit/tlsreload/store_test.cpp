@@ -310,4 +310,39 @@ TEST_CASE_FIXTURE(Fixture, "store handles many names across shards") {
   CHECK(store.lookup("host1.test") == certs[1]);
 }
 
+// The slot arrays live in a pool that recycles freed blocks by size (TablePool in store.cpp):
+// shards grow through several sizes, shrink to nothing and grow again, and every name must
+// still find its own certificate (a block handed out twice, or freed with the wrong size,
+// would make one shard's slots overwrite another's).
+TEST_CASE_FIXTURE(Fixture, "store tables stay exact while shards grow, empty and refill") {
+  auto names = [](char prefix, int n) {
+    std::vector<std::string> v;
+    for (int i = 0; i < n; ++i) v.push_back(std::string(1, prefix) + std::to_string(i) + ".pool.test");
+    return v;
+  };
+  auto all_served_by = [&](const std::vector<std::string>& ns, const std::shared_ptr<const Certificate>& c) {
+    for (const auto& n : ns) {
+      if (store.lookup(n) != c) return false;
+    }
+    return true;
+  };
+  const auto a_names = names('a', 3000), b_names = names('b', 3000), c_names = names('c', 3000);
+  auto a = put(a_names);
+  auto b = put(b_names);
+  CHECK(all_served_by(a_names, a));
+  CHECK(all_served_by(b_names, b));
+  REQUIRE(store.remove(a->id()));
+  CHECK(all_served_by(a_names, nullptr));
+  CHECK(all_served_by(b_names, b));
+  auto c = put(c_names);  // reuses the blocks a's shards gave back
+  CHECK(all_served_by(b_names, b));
+  CHECK(all_served_by(c_names, c));
+  REQUIRE(store.remove(b->id()));
+  REQUIRE(store.remove(c->id()));
+  CHECK(store.snapshot()->name_count() == 0);
+  auto a2 = put(a_names);
+  CHECK(all_served_by(a_names, a2));
+  CHECK(all_served_by(c_names, nullptr));
+}
+
 }  // TEST_SUITE
