@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <system_error>
 #include <thread>
 
 #include <fcntl.h>
@@ -113,12 +114,17 @@ UpstreamPool::~UpstreamPool() {
 
 void UpstreamPool::run(std::function<void()> job) {
   std::lock_guard lock(run_mu_);
-  jobs_.push_back(std::move(job));
-  if (jobs_.size() > parked_) {
-    threads_.emplace_back([this] { runner(); });
-  } else {
-    run_cv_.notify_one();
+  // The thread comes first: if it cannot be created (std::system_error), nothing is queued, so
+  // the job (whose request reader points into the caller's frame, which unwinds) never runs.
+  if (jobs_.size() >= parked_) {
+    if (fail_next_thread_for_test.exchange(false)) {
+      throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                              "exchange thread (test)");
+    }
+    threads_.emplace_back([this] { runner(); });  // parks until it can take run_mu_
   }
+  jobs_.push_back(std::move(job));
+  run_cv_.notify_one();
 }
 
 void UpstreamPool::runner() {
@@ -372,7 +378,8 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   };
 
   // The pool outlives every exchange: the response's releaser waits until it is done.
-  pool.run([b, up = std::move(up), &pool, site, retry = reused && idempotent]() mutable {
+  try {
+    pool.run([b, up = std::move(up), &pool, site, retry = reused && idempotent]() mutable {
     httplib::Response r;
     httplib::Error err = httplib::Error::Canceled;
     auto going = [&] {
@@ -425,6 +432,17 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     }
     b->cv.notify_all();
   });
+  } catch (const std::exception& e) {
+    // No exchange thread (std::thread threw: out of threads or memory). The job was not
+    // queued: answer 502 below as for an upstream that failed before its header.
+    log.log(LogLevel::error, "server", "cannot start an upstream exchange",
+            {{"upstream", site.upstream}, {"error", e.what()}});
+    {
+      std::lock_guard lock(b->mu);
+      b->error = httplib::Error::Unknown;
+      b->done = true;
+    }
+  }
 
   bool aborted;
   {

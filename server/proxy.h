@@ -7,6 +7,7 @@
 
 #include <httplib.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -54,7 +55,11 @@ class UpstreamPool {
 
   // run starts job on a parked exchange thread, or on a new one when none is free. Threads
   // are never more than the exchanges in flight at the busiest moment (one per worker).
+  // Throws std::system_error when a thread is needed and cannot be created; the job is then
+  // dropped, never run.
   void run(std::function<void()> job);
+  // Test hook: the next thread run() would create fails as if std::thread had thrown.
+  std::atomic<bool> fail_next_thread_for_test{false};
 
   // abort_all cuts every exchange in flight: its upstream socket is shut down and the worker
   // waiting on it (for the response header or the next body bytes) returns at once, so the

@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "server/proxy.h"
 #include "server/server.h"
 #include "tests/support/net.h"
 #include "tests/support/temp_dir.h"
@@ -638,5 +639,35 @@ TEST_SUITE("server") {
     ::close(fd);
     for (int f : fillers) ::close(f);
     ::close(lfd);
+  }
+}
+
+TEST_SUITE("server") {
+  TEST_CASE("proxy answers 502 when no exchange thread can be started, and never runs the job") {
+    // std::thread throwing (EAGAIN: out of threads) used to leave the job queued: it ran later,
+    // on the next thread, with a request reader pointing into proxy()'s unwound frame.
+    RawUpstream up;
+    ProxySite site{"http://127.0.0.1:" + std::to_string(up.port)};
+    site.read_timeout = milliseconds(5'000);
+    detail::UpstreamPool pool;
+    auto call = [&] {
+      httplib::Request req;
+      req.method = "GET";
+      req.target = "/ok";
+      req.path = "/ok";
+      req.headers.emplace("Host", "p.test");
+      httplib::Response res;
+      bool in_step = detail::proxy(site, req, nullptr, res, false, 1 << 20, pool, null_logger());
+      CHECK(in_step);
+      return res.status;
+    };
+    pool.fail_next_thread_for_test = true;
+    CHECK(call() == 502);
+    CHECK(up.requests.load() == 0);
+    // The next exchange starts a thread; a job left queued by the failed call would run first
+    // (a second request upstream, on a dead frame).
+    CHECK(call() == 200);
+    std::this_thread::sleep_for(milliseconds(100));  // room for a stray job to show up
+    CHECK(up.requests.load() == 1);
   }
 }
