@@ -50,6 +50,7 @@ struct Bridge {
   // connect_mu is never held while another lock is taken (httplib's hook runs under its lock).
   std::mutex connect_mu;
   int connect_fd = -1;
+  bool connected = false;  // watch_connect ran: a send() opened a new socket (under connect_mu)
   SteadyClock::time_point started = SteadyClock::now();
 
   Bridge() = default;
@@ -157,6 +158,7 @@ void watch_connect(int fd) {
     std::lock_guard lock(b->connect_mu);
     if (b->connect_fd >= 0) ::close(b->connect_fd);  // the retry's second socket
     b->connect_fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    b->connected = true;
   }
   // Checked after the duplicate is visible: a cancel that came before it is seen here, one
   // that comes after finds the duplicate.
@@ -387,16 +389,28 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
       return !b->cancelled;
     };
     t_exchange = b.get();
+    auto sent_at = SteadyClock::now();
     bool ok = going() && b->client->send(up, r, err);
     if (!ok && retry && !b->reader_used && err != httplib::Error::Canceled && going()) {
       // The pooled connection failed before a response header (the upstream closed it as we
-      // reused it: its keep-alive timeout ran out, or it restarted): once on a new one.
+      // reused it: its keep-alive timeout ran out, or it restarted): once on a new one. Only
+      // a failure that came at once on the reused socket itself: a read timeout (httplib says
+      // Error::Read for it too) would be waited out twice, and an upstream that took its time
+      // before failing may have acted on the request (or crashed on it): not replayed. A send()
+      // that opened a socket of its own (the pooled one was found closed) failed on a fresh
+      // connection: nothing to blame on the pool.
+      auto quick = std::min<SteadyClock::duration>(std::chrono::seconds(1), site.read_timeout / 2);
+      bool opened;
+      {
+        std::lock_guard lock(b->connect_mu);
+        opened = b->connected;
+      }
       bool headers;
       {
         std::lock_guard lock(b->mu);
         headers = b->headers_ready;
       }
-      if (!headers) {
+      if (!headers && !opened && SteadyClock::now() - sent_at < quick) {
         auto client = UpstreamPool::fresh(site);
         {
           std::lock_guard lock(b->client_mu);

@@ -107,7 +107,9 @@ inline constexpr std::size_t kResponseQueueBytes = 1 << 20;
 // After a 502/504 whose request body was fully consumed it returns true: keep-alive may stay.
 // A GET/HEAD/OPTIONS/PUT/DELETE whose request body (if any) was not streamed, sent on a pooled
 // connection that fails before the response header, is sent once more on a new connection
-// (the upstream closed an idle connection as we reused it); any other method answers 502.
+// (the upstream closed an idle connection as we reused it), provided it failed quickly (under
+// min(1 s, read_timeout / 2): never a read timeout) and on the reused socket itself; any other
+// method or failure answers 502 (504 for a timeout).
 [[nodiscard]] bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
            std::size_t max_body, UpstreamPool& pool, Logger& log);

@@ -121,6 +121,7 @@ std::size_t count_of(const std::string& hay, const std::string& needle) {
 //                closes without an answer (an upstream closing an idle connection as it is
 //                reused)
 //   /big         200 with Content-Length 8 MiB, sent until the reader goes away
+//   /hang        read the whole request, then never answer (until the upstream is destroyed)
 class RawUpstream {
  public:
   std::atomic<int> requests{0};  // request headers received
@@ -128,6 +129,7 @@ class RawUpstream {
   std::atomic<int> accepted{0};  // connections accepted
   std::atomic<int> live{0};      // connections not closed yet
   std::atomic<int> cut{0};       // connections cut on purpose
+  std::atomic<int> hangs{0};     // /hang requests received
   milliseconds late_ms{6'000};
   int port = 0;
 
@@ -231,6 +233,11 @@ class RawUpstream {
       }
       if (!fill(head + length)) return;
       buf.erase(0, head + length);
+      if (path == "/hang") {
+        ++hangs;
+        wait_for(milliseconds(30'000));
+        return;
+      }
       if (path == "/read-all") {
         ++cut;
         return;
@@ -545,6 +552,23 @@ TEST_SUITE("server") {
       CHECK(ok_200(r));
       CHECK(up.accepted.load() == 2);
       CHECK(up.requests.load() == 3);  // arm-drop, the dropped GET, its retry
+    }
+    SUBCASE("a GET that times out on a pooled connection is sent once: 504 after one timeout") {
+      // httplib reports a read timeout as Error::Read, like a closed connection: it used to be
+      // retried, so the upstream saw the request twice and the client waited two timeouts.
+      constexpr milliseconds kRead{1'000};
+      std::get<ProxySite>(cfg.sites["p.test"]).read_timeout = kRead;
+      auto srv = start(cfg);
+      REQUIRE(ok_200(exchange(srv->http_port(), "GET", "/ok")));  // a pooled connection
+      auto t0 = SteadyClock::now();
+      auto r = exchange(srv->http_port(), "GET", "/hang");
+      auto took = std::chrono::duration_cast<milliseconds>(SteadyClock::now() - t0);
+      MESSAGE("504 after " << took.count() << " ms (read_timeout " << kRead.count() << " ms)");
+      CAPTURE(r);
+      CHECK(r.rfind("HTTP/1.1 504 ", 0) == 0);
+      CHECK(up.hangs.load() == 1);
+      CHECK(up.accepted.load() == 1);
+      CHECK(took < 2 * kRead);  // a bound on "not twice", not a performance figure
     }
     SUBCASE("a POST on a pooled connection the upstream closes is sent once: 502") {
       auto srv = start(cfg);
