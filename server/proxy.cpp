@@ -1,6 +1,7 @@
 #include "server/proxy.h"
 
 #include <algorithm>
+#include <charconv>
 #include <atomic>
 #include <optional>
 #include <chrono>
@@ -18,6 +19,27 @@
 namespace autotls::server::detail {
 namespace {
 using SteadyClock = std::chrono::steady_clock;
+
+// body_framing reads the response's Content-Length; false when its framing is ambiguous:
+// Content-Length with Transfer-Encoding (RFC 9112 6.1: a server MUST NOT send both; httplib
+// then reads chunks and ignores the length, while we would forward the length), several
+// Content-Length values that differ (httplib reads the first, we forwarded the last), or one
+// that is not a number. A proxy must not forward such a response (RFC 9112 6.3): 502.
+bool body_framing(const httplib::Headers& headers, std::optional<std::uint64_t>& length) {
+  bool te = false;
+  for (const auto& [k, v] : headers) {
+    if (iequals(k, "transfer-encoding")) {
+      te = true;
+    } else if (iequals(k, "content-length")) {
+      std::uint64_t n = 0;
+      auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+      if (ec != std::errc() || end != v.data() + v.size() || v.empty()) return false;
+      if (length && *length != n) return false;
+      length = n;
+    }
+  }
+  return !(te && length);
+}
 }  // namespace
 
 // Bridge joins the upstream thread (httplib client: sends the request, receives the response)
@@ -30,6 +52,9 @@ struct Bridge {
   bool ok = false;         // send() succeeded: the whole response body was received
   bool cancelled = false;  // the client side gave up, or abort_all: stop receiving
   bool aborted = false;    // abort_all cut the exchange (the drain deadline passed)
+  bool bad_framing = false;  // the response's Content-Length/Transfer-Encoding were refused
+  bool overflow = false;     // the body ran past its Content-Length: refused
+  std::optional<std::uint64_t> length;  // the response's Content-Length (body_framing)
   httplib::Error error = httplib::Error::Success;
   int status = 0;
   httplib::Headers headers;
@@ -356,8 +381,17 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     up.body = req.body;
   }
   up.response_handler = [b](const httplib::Response& r) {
+    std::optional<std::uint64_t> length;
+    if (!body_framing(r.headers, length)) {
+      {
+        std::lock_guard lock(b->mu);
+        b->bad_framing = true;
+      }
+      return false;  // send() fails (Canceled, never retried) and the connection is closed
+    }
     {
       std::lock_guard lock(b->mu);
+      b->length = length;
       b->status = r.status;
       b->headers = r.headers;
       b->headers_ready = true;
@@ -371,6 +405,13 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     // timeout on the upstream side, by our write timeout on the client side).
     b->cv.wait(lock, [&] { return b->cancelled || b->queued < kResponseQueueBytes; });
     if (b->cancelled) return false;
+    if (b->length && b->received + n > *b->length) {
+      // More body than its Content-Length (body_framing refuses the headers that allow it in
+      // httplib: kept as a guard). The worker holds the last bytes back until the exchange is
+      // done, so it would wait for bytes it must never send: fail the exchange instead.
+      b->overflow = true;
+      return false;
+    }
     b->chunks.emplace_back(data, n);
     b->queued += n;
     b->received += n;
@@ -494,7 +535,9 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     res.set_content(timed_out ? "upstream timed out\n" : "upstream unavailable\n", "text/plain");
     log.log(LogLevel::warn, "server", "upstream request failed",
             {{"upstream", site.upstream},
-             {"error", aborted ? "cut at the drain deadline" : httplib::to_string(err)},
+             {"error", aborted          ? "cut at the drain deadline"
+                       : b->bad_framing ? "ambiguous body length (Content-Length)"
+                                        : httplib::to_string(err)},
              {"status", std::to_string(res.status)},
              {"connection", in_step ? "kept" : "closed"}});
     return in_step && !aborted;
@@ -502,19 +545,13 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
 
   res.status = b->status;
   std::string content_type = "application/octet-stream";
-  std::optional<std::size_t> length;
+  std::optional<std::uint64_t> length = b->length;  // one value: body_framing checked them
   for (const auto& [k, v] : b->headers) {
     if (iequals(k, "content-type")) {
       content_type = v;
       continue;
     }
-    if (iequals(k, "content-length")) {
-      try {
-        length = static_cast<std::size_t>(std::stoull(v));
-      } catch (...) {
-      }
-      continue;
-    }
+    if (iequals(k, "content-length")) continue;
     if (!is_hop_by_hop(k)) res.headers.emplace(k, v);
   }
   bool no_body = req.method == "HEAD" || b->status == 204 || b->status == 304 ||
@@ -541,14 +578,17 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   // The last body bytes reach the client only once the exchange is done, so its connection is
   // back in the pool before the client can send its next request: a client making sequential
   // requests always finds it there (send() returns right after the last bytes arrive).
-  auto pull = [b, length](httplib::DataSink& sink, bool chunked_out) {
+  // A full queue is passed on even when held back: the upstream thread waits for room in it,
+  // and must never wait on the worker while the worker waits on it.
+  auto pull = [b, length](httplib::DataSink& sink, bool chunked_out, std::size_t offset) {
     for (;;) {
       std::string chunk;
       {
         std::unique_lock lock(b->mu);
         b->cv.wait(lock, [&] {
           return b->done || b->aborted ||
-                 (!b->chunks.empty() && (chunked_out || (length && b->received < *length)));
+                 (!b->chunks.empty() && (chunked_out || (length && b->received < *length) ||
+                                         b->queued >= kResponseQueueBytes));
         });
         if (b->aborted) return false;  // cut at the drain deadline: the response stays short
         if (b->chunks.empty()) {
@@ -561,6 +601,8 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
         chunk = std::move(b->chunks.front());
         b->chunks.pop_front();
         b->queued -= chunk.size();
+        // Never a byte past the length the client was told (it would read as a next response).
+        if (!chunked_out && offset + chunk.size() > *length) return false;
       }
       b->cv.notify_all();
       if (!sink.write(chunk.data(), chunk.size())) return false;
@@ -570,10 +612,13 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   if (length) {
     res.set_content_provider(
         *length, content_type,
-        [pull](size_t, size_t, httplib::DataSink& sink) { return pull(sink, false); }, release);
+        [pull](size_t offset, size_t, httplib::DataSink& sink) {
+          return pull(sink, false, offset);
+        },
+        release);
   } else {
     res.set_chunked_content_provider(
-        content_type, [pull](size_t, httplib::DataSink& sink) { return pull(sink, true); },
+        content_type, [pull](size_t, httplib::DataSink& sink) { return pull(sink, true, 0); },
         release);
   }
   // The upstream read the whole request before it answered: the client connection is in step.

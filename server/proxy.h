@@ -98,7 +98,9 @@ inline constexpr std::size_t kResponseQueueBytes = 1 << 20;
 
 // proxy forwards req to site and fills res. reader (may be null) streams the request body;
 // without it req.body is sent. A body over max_body answers 413. Answers 502 when the upstream
-// cannot be reached or fails before its response header, 504 on a connect or response timeout;
+// cannot be reached, fails before its response header or sends an ambiguous body length (both
+// Content-Length and Transfer-Encoding, or differing Content-Lengths), 504 on a connect or
+// response timeout;
 // a failure after the header was forwarded aborts the client connection (the status line is
 // already gone: the response's content provider fails, so httplib reports the write failed).
 // Returns false when the client connection is out of step and MUST be closed after res is

@@ -122,6 +122,9 @@ std::size_t count_of(const std::string& hay, const std::string& needle) {
 //                reused)
 //   /big         200 with Content-Length 8 MiB, sent until the reader goes away
 //   /hang        read the whole request, then never answer (until the upstream is destroyed)
+//   /cl-te       Content-Length: 10 and a 5 MB chunked body (Transfer-Encoding: chunked)
+//   /dup-cl      Content-Length: 5000000 then Content-Length: 10, and a 5 MB body
+//   /same-cl     Content-Length: 2 twice, body "ok" (allowed: the values agree)
 class RawUpstream {
  public:
   std::atomic<int> requests{0};  // request headers received
@@ -256,6 +259,33 @@ class RawUpstream {
       }
       if (path == "/close-hdr") {
         if (!answer("ok", "Connection: Close\r\n")) return;
+        continue;
+      }
+      if (path == "/cl-te") {
+        if (!send_all(fd, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n"
+                          "Transfer-Encoding: chunked\r\n\r\n")) {
+          return;
+        }
+        std::string chunk = "10000\r\n" + std::string(64 * 1024, 'x') + "\r\n";
+        for (int i = 0; i < 80; ++i) {
+          if (!send_all(fd, chunk)) return;
+        }
+        if (!send_all(fd, "0\r\n\r\n")) return;
+        continue;
+      }
+      if (path == "/dup-cl") {
+        if (!send_all(fd, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                          "Content-Length: 5000000\r\nContent-Length: 10\r\n\r\n")) {
+          return;
+        }
+        std::string chunk(50'000, 'x');
+        for (int i = 0; i < 100; ++i) {
+          if (!send_all(fd, chunk)) return;
+        }
+        continue;
+      }
+      if (path == "/same-cl") {
+        if (!answer("ok", "Content-Length: 2\r\n")) return;
         continue;
       }
       if (path == "/arm-drop") drop_next = true;
@@ -693,5 +723,28 @@ TEST_SUITE("server") {
     CHECK(call() == 200);
     std::this_thread::sleep_for(milliseconds(100));  // room for a stray job to show up
     CHECK(up.requests.load() == 1);
+  }
+}
+
+TEST_SUITE("server") {
+  TEST_CASE("proxy refuses an upstream response whose body length is ambiguous: 502") {
+    // The worker held the last body bytes back by the length it forwarded (the last
+    // Content-Length) while httplib framed the body by another (chunks, or the first
+    // Content-Length): the worker waited for the end of the exchange, the exchange thread for
+    // room in the full queue, both without a timeout.
+    RawUpstream up;
+    Dir dir("framing");
+    auto cfg = proxy_config(up, dir.path / "www");
+    cfg.worker_threads = 1;  // a stuck worker would leave nobody for the next request
+    auto srv = start(cfg);
+    for (const char* path : {"/cl-te", "/dup-cl"}) {
+      CAPTURE(path);
+      auto r = exchange(srv->http_port(), "GET", path);
+      CAPTURE(r.substr(0, 200));
+      CHECK(r.rfind("HTTP/1.1 502 ", 0) == 0);
+      CHECK(ok_200(exchange(srv->http_port(), "GET", "/ok")));
+    }
+    CHECK(ok_200(exchange(srv->http_port(), "GET", "/same-cl")));
+    srv->shutdown(milliseconds(1'000));
   }
 }
