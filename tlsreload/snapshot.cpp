@@ -280,6 +280,18 @@ void on_threads(std::size_t n, Body&& body) {
   for (auto& t : pool) t.join();
 }
 
+// pair_gone tells whether a pair's files are gone from the directory (its directory deleted,
+// or a file of it): only then does the verification take a snapshot certificate away. Any
+// other error (EACCES, EMFILE, EIO...) says nothing about the pair, which is kept. lstat: a
+// live/ symlink whose target is missing for a moment is still the pair's entry.
+bool pair_gone(const CertKeyPaths& paths) {
+  for (const fs::path* p : {&paths.chain, &paths.key}) {
+    struct stat st{};
+    if (::lstat(p->c_str(), &st) != 0 && (errno == ENOENT || errno == ENOTDIR)) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& options) {
@@ -399,7 +411,8 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
   if (options.snapshot_path.empty()) return start;
   struct stat st{};
   if (::stat(options.snapshot_path.c_str(), &st) != 0 && errno == ENOENT) return start;  // first start
-  auto contents = read_snapshot(options.snapshot_path, options.load, false);
+  // With the sources: the verification matches the snapshot's certificates to their pairs by path.
+  auto contents = read_snapshot(options.snapshot_path, options.load, true);
   if (!contents) {
     start.ignored = contents.error();
     warn(options, "store snapshot ignored; loading the certificate directory instead", options.snapshot_path,
@@ -413,6 +426,7 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
     if (results[i]) {
       ++start.published;
       start.certificates.push_back(std::move(contents->certificates[i]));
+      start.sources.push_back(std::move(contents->sources[i]));
     } else {
       start.refused.push_back({{}, results[i].error()});
     }
@@ -427,18 +441,60 @@ Result<DirectoryCheck> check_directory(CertStore& store, const fs::path& dir, co
   DirectoryCheck check;
   check.report = std::move(*report);
   publish_all(store, check.report);
-  // What the snapshot served and the directory no longer has. A changed pair's old
-  // certificate has left the store already when its replacement took all its names; remove()
-  // then finds nothing, which is fine.
-  std::unordered_set<std::string_view> on_disk;
-  on_disk.reserve(check.report.certificates.size());
-  for (const auto& c : check.report.certificates) on_disk.insert(c->id());
-  for (const auto& c : start.certificates) {
-    if (on_disk.contains(c->id())) continue;
-    if (store.remove(c->id())) ++check.removed;
+  // What the snapshot served and the directory did not load. Only a pair whose files are gone
+  // is removed: a pair that exists but failed to load now (certbot switching live/ between a
+  // new chain and an old key, EMFILE, a briefly unreadable file) keeps its snapshot
+  // certificate, which nothing else would republish. A changed pair's old certificate has
+  // left the store already when its replacement took all its names; remove() then finds
+  // nothing, which is fine.
+  std::unordered_set<std::string_view> loaded_ids, loaded_chains;
+  loaded_ids.reserve(check.report.certificates.size());
+  loaded_chains.reserve(check.report.sources.size());
+  for (const auto& c : check.report.certificates) loaded_ids.insert(c->id());
+  for (const auto& src : check.report.sources) loaded_chains.insert(src.paths.chain.native());
+  std::unordered_map<std::string_view, const LoadFailure*> failures;
+  for (const auto& f : check.report.failures) {
+    if (!f.path.empty()) failures.emplace(f.path.native(), &f);
+  }
+  std::vector<std::shared_ptr<const Certificate>> keep;
+  std::vector<PairSource> keep_sources;
+  static const PairSource kNoSource;
+  for (std::size_t i = 0; i < start.certificates.size(); ++i) {
+    const auto& c = start.certificates[i];
+    const PairSource& src = i < start.sources.size() ? start.sources[i] : kNoSource;
+    if (loaded_ids.contains(c->id())) continue;
+    if (src.paths.chain.empty()) {  // no source recorded: the directory load is all we know
+      if (store.remove(c->id())) ++check.removed;
+      continue;
+    }
+    if (loaded_chains.contains(src.paths.chain.native())) continue;  // replaced by its pair's load
+    if (pair_gone(src.paths)) {
+      if (store.remove(c->id())) ++check.removed;
+      continue;
+    }
+    ++check.kept;
+    keep.push_back(c);
+    keep_sources.push_back(src);
+    const LoadFailure* f = nullptr;
+    for (const fs::path* p : {&src.paths.chain, &src.paths.key}) {
+      if (auto it = failures.find(p->native()); it != failures.end()) f = it->second;
+      if (f) break;
+    }
+    warn(options, "certificate pair failed to load; still serving it from the store snapshot",
+         f ? f->path : src.paths.chain, f ? f->error.message : std::string("not loaded"));
   }
   if (!options.snapshot_path.empty()) {
-    check.snapshot_written = write_snapshot(options.snapshot_path, check.report.certificates, check.report.sources);
+    if (keep.empty()) {
+      check.snapshot_written = write_snapshot(options.snapshot_path, check.report.certificates, check.report.sources);
+    } else {
+      std::vector<std::shared_ptr<const Certificate>> certs = check.report.certificates;
+      std::vector<PairSource> sources = check.report.sources;
+      certs.insert(certs.end(), keep.begin(), keep.end());
+      sources.insert(sources.end(), keep_sources.begin(), keep_sources.end());
+      // A report without sources would not match the kept ones: write no identities then.
+      if (check.report.sources.size() != check.report.certificates.size()) sources.clear();
+      check.snapshot_written = write_snapshot(options.snapshot_path, certs, sources);
+    }
     if (!check.snapshot_written) {
       warn(options, "store snapshot not written", options.snapshot_path, check.snapshot_written.error().message);
     }

@@ -78,6 +78,9 @@ struct SnapshotStart {
   std::size_t published = 0;
   // What the snapshot published: the verification removes those the directory no longer has.
   std::vector<std::shared_ptr<const Certificate>> certificates;
+  // sources[i] is where certificates[i] was read from when the snapshot was written (its
+  // paths tell the verification which pair it is; empty paths if none were recorded).
+  std::vector<PairSource> sources;
   std::vector<LoadFailure> refused;  // entries not published (expired, refused by the store)
 };
 
@@ -90,14 +93,21 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
 struct DirectoryCheck {
   LoadReport report;            // the directory load (report.certificates are published)
   std::size_t removed = 0;      // snapshot certificates no longer in the directory, removed
+  // Snapshot certificates whose pair is still there but failed to load (a key mismatch while
+  // certbot switches live/, EMFILE, an unreadable file): kept in the store and in the
+  // rewritten snapshot with their old source identity, so that the next start verifies again.
+  std::size_t kept = 0;
   Status snapshot_written;      // the rewrite of the snapshot (ok when there is no snapshot_path)
 };
 
 // check_directory loads dir (load_directory), publishes the result (publish_all: a pair whose
 // certificate did not change is a no-op, a changed or new one replaces or adds, each reader
-// seeing the old or the new set), removes from store each certificate of start that the
-// directory no longer holds, then rewrites the snapshot from the load. Fails only when dir
-// cannot be listed (the store keeps what the snapshot published).
+// seeing the old or the new set), removes from store each certificate of start whose pair's
+// files are gone (ENOENT/ENOTDIR on the chain or key file), then rewrites the snapshot from
+// the load. "Failed to load now" is not "gone": a snapshot certificate whose pair exists but
+// did not load is kept (served, and written back with its old source identity) and the
+// failure logged. Fails only when dir cannot be listed (the store keeps what the snapshot
+// published).
 [[nodiscard]] Result<DirectoryCheck> check_directory(CertStore& store, const std::filesystem::path& dir,
                                                      const SnapshotStart& start,
                                                      const DirectoryLoadOptions& options);
