@@ -292,6 +292,100 @@ bool pair_gone(const CertKeyPaths& paths) {
   return false;
 }
 
+// exact_holder returns what holds name's slot for family in snap, or nullptr when that slot is
+// empty (find() then answers from a wildcard, the default or the other family: not a holder).
+const Certificate* exact_holder(const Snapshot& snap, const std::string& name, KeyKind family) {
+  // find() takes a host name: a wildcard's slot is what a name under it finds first, unless an
+  // exact name answers (then its certificate does not hold the wildcard: checked below).
+  std::string host = name.starts_with("*.") ? "0--autotls-probe" + name.substr(1) : name;
+  const auto* found = snap.find(host, family == KeyKind::ecdsa);
+  if (!found || !*found) return nullptr;
+  const Certificate* c = found->get();
+  if (c->key_kind() != family) return nullptr;
+  if (std::find(c->names().begin(), c->names().end(), name) == c->names().end()) return nullptr;
+  return c;
+}
+
+// publish_verified publishes what the directory load found, as publish_all would, except a
+// certificate one of whose names is now held by a certificate the snapshot did not publish:
+// another publisher (the manager, an on-demand issue, a reload) replaced it after the load
+// read the files, and its certificate is newer than what this load read. Such a certificate
+// stays in check.report (and in the rewritten snapshot: it is what the directory holds) but
+// is not published (check.superseded). The store has no compare-and-swap: a publish between
+// this check and publish_batch is still overwritten (a window of one batch build, not of a
+// whole directory load).
+void publish_verified(CertStore& store, DirectoryCheck& check, const std::unordered_set<std::string_view>& snapshot_ids,
+                      const DirectoryLoadOptions& options) {
+  LoadReport& report = check.report;
+  const bool with_sources = report.sources.size() == report.certificates.size();
+  std::vector<std::size_t> chosen;
+  std::vector<std::shared_ptr<const Certificate>> batch;
+  chosen.reserve(report.certificates.size());
+  batch.reserve(report.certificates.size());
+  auto snap = store.snapshot();
+  for (std::size_t i = 0; i < report.certificates.size(); ++i) {
+    const Certificate& d = *report.certificates[i];
+    const Certificate* other = nullptr;
+    for (const std::string& name : d.names()) {
+      const Certificate* holder = exact_holder(*snap, name, d.key_kind());
+      if (holder && holder->id() != d.id() && !snapshot_ids.contains(holder->id())) {
+        other = holder;
+        break;
+      }
+    }
+    if (other) {
+      ++check.superseded;
+      if (options.logger && options.logger->enabled(LogLevel::info)) {
+        options.logger->log(LogLevel::info, "tlsreload",
+                            "certificate published by another writer since the snapshot; not replaced by the directory's",
+                            {{"path", with_sources ? report.sources[i].paths.chain.string() : std::string()},
+                             {"name", d.names().front()},
+                             {"id", other->id()}});
+      }
+      continue;
+    }
+    chosen.push_back(i);
+    batch.push_back(report.certificates[i]);
+  }
+  std::vector<Status> results = store.publish_batch(batch);
+  // A refused certificate leaves the report, as publish_all does.
+  std::vector<bool> refused(report.certificates.size(), false);
+  bool any = false;
+  for (std::size_t k = 0; k < results.size(); ++k) {
+    if (results[k]) continue;
+    refused[chosen[k]] = true;
+    any = true;
+    report.failures.push_back({{}, results[k].error()});
+  }
+  if (!any) return;
+  std::size_t w = 0;
+  for (std::size_t i = 0; i < report.certificates.size(); ++i) {
+    if (refused[i]) continue;
+    report.certificates[w] = std::move(report.certificates[i]);
+    if (with_sources) report.sources[w] = std::move(report.sources[i]);
+    ++w;
+  }
+  report.certificates.resize(w);
+  if (with_sources) report.sources.resize(w);
+}
+
+// remove_published takes c (a snapshot certificate whose pair is gone) out of the store, unless
+// it is a default: the snapshot never sets one, so another writer made it the default, and
+// CertStore::remove would clear that slot too.
+void remove_published(CertStore& store, const Certificate& c, DirectoryCheck& check, const DirectoryLoadOptions& options) {
+  auto snap = store.snapshot();
+  const CertPair& def = snap->default_pair();
+  if ((def.ecdsa && def.ecdsa->id() == c.id()) || (def.rsa && def.rsa->id() == c.id())) {
+    if (options.logger && options.logger->enabled(LogLevel::info)) {
+      options.logger->log(LogLevel::info, "tlsreload",
+                          "pair gone from the directory, but its certificate is the default; left in place",
+                          {{"id", c.id()}});
+    }
+    return;
+  }
+  if (store.remove(c.id())) ++check.removed;
+}
+
 }  // namespace
 
 Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& options) {
@@ -440,7 +534,10 @@ Result<DirectoryCheck> check_directory(CertStore& store, const fs::path& dir, co
   if (!report) return fail(report.error());
   DirectoryCheck check;
   check.report = std::move(*report);
-  publish_all(store, check.report);
+  std::unordered_set<std::string_view> snapshot_ids;
+  snapshot_ids.reserve(start.certificates.size());
+  for (const auto& c : start.certificates) snapshot_ids.insert(c->id());
+  publish_verified(store, check, snapshot_ids, options);
   // What the snapshot served and the directory did not load. Only a pair whose files are gone
   // is removed: a pair that exists but failed to load now (certbot switching live/ between a
   // new chain and an old key, EMFILE, a briefly unreadable file) keeps its snapshot
@@ -464,12 +561,12 @@ Result<DirectoryCheck> check_directory(CertStore& store, const fs::path& dir, co
     const PairSource& src = i < start.sources.size() ? start.sources[i] : kNoSource;
     if (loaded_ids.contains(c->id())) continue;
     if (src.paths.chain.empty()) {  // no source recorded: the directory load is all we know
-      if (store.remove(c->id())) ++check.removed;
+      remove_published(store, *c, check, options);
       continue;
     }
     if (loaded_chains.contains(src.paths.chain.native())) continue;  // replaced by its pair's load
     if (pair_gone(src.paths)) {
-      if (store.remove(c->id())) ++check.removed;
+      remove_published(store, *c, check, options);
       continue;
     }
     ++check.kept;

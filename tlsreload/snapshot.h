@@ -97,13 +97,21 @@ struct DirectoryCheck {
   // certbot switches live/, EMFILE, an unreadable file): kept in the store and in the
   // rewritten snapshot with their old source identity, so that the next start verifies again.
   std::size_t kept = 0;
+  // Directory certificates not published because one of their names is held by a certificate
+  // the snapshot did not publish (another writer replaced it meanwhile); still in report and
+  // in the rewritten snapshot.
+  std::size_t superseded = 0;
   Status snapshot_written;      // the rewrite of the snapshot (ok when there is no snapshot_path)
 };
 
-// check_directory loads dir (load_directory), publishes the result (publish_all: a pair whose
+// check_directory loads dir (load_directory), publishes the result (as publish_all: a pair whose
 // certificate did not change is a no-op, a changed or new one replaces or adds, each reader
-// seeing the old or the new set), removes from store each certificate of start whose pair's
-// files are gone (ENOENT/ENOTDIR on the chain or key file), then rewrites the snapshot from
+// seeing the old or the new set; but a certificate one of whose names another writer has
+// published since the snapshot is left alone: see DirectoryCheck::superseded; the store has no
+// compare-and-swap, so a publish during the batch build itself can still be overwritten),
+// removes from store each certificate of start whose pair's
+// files are gone (ENOENT/ENOTDIR on the chain or key file) and that is not a default (the
+// snapshot never sets one; remove() would clear it), then rewrites the snapshot from
 // the load. "Failed to load now" is not "gone": a snapshot certificate whose pair exists but
 // did not load is kept (served, and written back with its old source identity) and the
 // failure logged. Fails only when dir cannot be listed (the store keeps what the snapshot

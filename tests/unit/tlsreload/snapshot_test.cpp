@@ -284,6 +284,45 @@ TEST_CASE("snapshot: a pair that fails to load at verification keeps its snapsho
   CHECK(id_for(next, "c.test") == fingerprint_id(c));
 }
 
+TEST_CASE("snapshot: the verification does not overwrite another writer's publish nor clear its default") {
+  Fixture f;
+  f.put("a.test", {"a.test"});
+  auto b = f.put("b.test", {"b.test"});
+  f.put("c.test", {"c.test"});
+  f.put("wild.test", {"*.wild.test"});
+  f.first_start();
+  // While down: a.test and wild.test renewed on disk, c.test renewed, b.test deleted.
+  f.put("a.test", {"a.test"});
+  f.put("wild.test", {"*.wild.test"});
+  auto new_c = f.put("c.test", {"c.test"});
+  fs::remove_all(f.certs / "live" / "b.test");
+
+  CertStore store;
+  SnapshotStart start = publish_snapshot(store, f.options());
+  REQUIRE(start.used);
+  // After the snapshot is served and before the verification publishes, other writers act:
+  // the manager publishes a newer a.test and *.wild.test, and b.test's certificate is made the
+  // default.
+  LoadOptions lo;
+  lo.allow_not_yet_valid = true;
+  auto mine = f.ca.issue({"a.test"});
+  auto published = store.publish_pem(f.ca.chain_pem(mine), mine.key_pem, lo);
+  REQUIRE(published);
+  auto mine_wild = f.ca.issue({"*.wild.test"});
+  REQUIRE(store.publish_pem(f.ca.chain_pem(mine_wild), mine_wild.key_pem, lo));
+  auto b_cert = store.lookup("b.test");
+  REQUIRE(b_cert);
+  REQUIRE(store.set_default(b_cert));
+
+  auto check = check_directory(store, f.certs, start, f.options());
+  REQUIRE(check);
+  CHECK(check->superseded == 2);
+  CHECK(id_for(store, "a.test") == fingerprint_id(mine));           // survived
+  CHECK(id_for(store, "x.wild.test") == fingerprint_id(mine_wild));  // survived
+  CHECK(id_for(store, "c.test") == fingerprint_id(new_c));          // the snapshot's: replaced
+  CHECK(id_for(store, "none.test") == fingerprint_id(b));           // the default stays
+}
+
 TEST_CASE("snapshot: SnapshotLoader serves the snapshot at once and verifies behind") {
   Fixture f;
   auto old_a = f.put("a.test", {"a.test"});
