@@ -136,13 +136,9 @@ Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<co
   if (!sources.empty() && sources.size() != certificates.size()) {
     return fail(Errc::invalid_input, "store snapshot: sources do not match the certificates");
   }
-  Secret buf;
-  std::string& out = buf.s;
-  out.reserve(kHeaderSize + certificates.size() * 1024);
-  out.resize(kHeaderSize);
-  Writer w{out};
   // Intermediates once each (100,000 leaves from one CA share one).
   std::unordered_map<const detail::Intermediate*, std::uint32_t> index;
+  std::vector<std::string> inter_der;
   std::vector<detail::CompactCertificate> compact;
   compact.reserve(certificates.size());
   for (const auto& cert : certificates) {
@@ -152,11 +148,35 @@ Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<co
       if (index.try_emplace(inter.get(), static_cast<std::uint32_t>(index.size())).second) {
         std::string der = detail::intermediate_der(*inter);
         if (der.empty()) return fail(Errc::crypto, "store snapshot: DER of an intermediate");
-        w.str(der);
+        inter_der.push_back(std::move(der));
       }
     }
   }
   static const PairSource kNoSource;
+  // The exact size, computed before anything is written: out holds key bytes and must never
+  // reallocate (a reallocation frees a block with key bytes in it, which Secret cannot wipe).
+  constexpr std::size_t kStr = sizeof(std::uint32_t);
+  constexpr std::size_t kFileId = 3 * sizeof(std::uint64_t) + sizeof(std::int64_t);
+  std::size_t size = kHeaderSize;
+  for (const auto& der : inter_der) size += kStr + der.size();
+  for (std::size_t i = 0; i < compact.size(); ++i) {
+    const detail::CompactCertificate& c = compact[i];
+    const PairSource& src = sources.empty() ? kNoSource : sources[i];
+    size += kStr + src.paths.chain.native().size() + kFileId + kStr + src.paths.key.native().size() + kFileId;
+    size += 1 + sizeof c.key_format + sizeof c.not_before_ns + sizeof c.not_after_ns + c.fingerprint.size();
+    size += 4 * kStr + c.serial_hex.size() + c.issuer_cn.size() + c.issuer_dn.size() + c.key_type.size();
+    size += sizeof(std::uint32_t);
+    for (std::string_view n : c.names) size += kStr + n.size();
+    size += kStr + c.leaf_der.size() + kStr + c.key_der.size();
+    size += sizeof(std::uint32_t) + c.chain.size() * sizeof(std::uint32_t);
+  }
+  Secret buf;
+  std::string& out = buf.s;
+  out.reserve(size);
+  const char* const block = out.data();
+  out.resize(kHeaderSize);
+  Writer w{out};
+  for (const auto& der : inter_der) w.str(der);
   for (std::size_t i = 0; i < compact.size(); ++i) {
     detail::CompactCertificate& c = compact[i];
     const PairSource& src = sources.empty() ? kNoSource : sources[i];
@@ -177,6 +197,11 @@ Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<co
     w.str(c.key_der);
     w.num(static_cast<std::uint32_t>(c.chain.size()));
     for (const auto& inter : c.chain) w.num(index.at(inter.get()));
+  }
+  // Computed and written must agree, or the buffer moved and left key bytes behind.
+  if (out.size() != size || out.data() != block) {
+    return fail(Errc::invalid_input, "store snapshot: size " + std::to_string(out.size()) + " bytes, computed " +
+                                    std::to_string(size));
   }
   // The header, then the checksum over its first kSummed bytes and the body.
   std::string header;
