@@ -6,6 +6,7 @@
 #include <system_error>
 #include <bit>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <unordered_map>
 #include <unordered_set>
@@ -429,6 +430,17 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
     struct stat st{};
     if (::fstat(fd, &st) != 0) return fail(Errc::io, "store snapshot " + path.string() + ": " + std::strerror(errno));
     if (!S_ISREG(st.st_mode)) return fail(bad_file(path, "not a regular file"));
+    // The file holds private keys and is served without a recheck of its chains: one another
+    // user wrote, or could read or change, is not ours to trust (write_snapshot makes it 0600).
+    if (st.st_uid != ::geteuid()) {
+      return fail(bad_file(path, "owned by uid " + std::to_string(st.st_uid) + ", not this process's (" +
+                                     std::to_string(::geteuid()) + ")"));
+    }
+    if ((st.st_mode & 077) != 0) {
+      char mode[8];
+      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+      return fail(bad_file(path, std::string("mode ") + mode + ": group or other permission bits set (expected 0600)"));
+    }
     map.n = static_cast<std::size_t>(st.st_size);
     if (map.n > 0) {
       map.p = ::mmap(nullptr, map.n, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
@@ -652,7 +664,8 @@ SnapshotLoader::~SnapshotLoader() {
 
 Result<DirectoryCheck> SnapshotLoader::wait() {
   if (thread_.joinable()) thread_.join();
-  if (result_) return std::move(*result_);
+  // A copy: a second call returns the same result, not a moved-from one.
+  if (result_) return *result_;
   if (initial_ && !*initial_) return fail(initial_->error());
   return DirectoryCheck{};
 }

@@ -50,7 +50,8 @@ struct SnapshotContents {
 // read_snapshot reads path and rebuilds its certificates without parsing them (detail/compact.h):
 // each is rechecked for what is cheap (validity window against options.clock, names, key
 // fields) and left with its chain verification pending, as a deferred bulk load leaves it.
-// Fails with Errc::invalid_input when the file is not a snapshot (magic), has another format
+// Fails with Errc::invalid_input when the file is not owned by the process's effective uid or
+// has any group or other permission bit, is not a snapshot (magic), has another format
 // version, is truncated, fails its checksum or does not parse; Errc::io when it does not exist
 // or cannot be read. A failure means: do not trust any of it.
 // The file is mapped (not copied) and the certificates rebuilt on all cores. with_sources
@@ -134,7 +135,8 @@ class SnapshotLoader {
   const SnapshotStart& start() const { return start_; }
   // initial is the synchronous load's result when no snapshot was used (else empty).
   const std::optional<Result<LoadReport>>& initial() const { return initial_; }
-  // wait blocks until the verification (or the snapshot write) finished, and returns it. Call once.
+  // wait blocks until the verification (or the snapshot write) finished, and returns it. Each
+  // call returns the same result (a copy).
   Result<DirectoryCheck> wait();
 
  private:

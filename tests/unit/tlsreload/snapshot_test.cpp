@@ -336,6 +336,12 @@ TEST_CASE("snapshot: SnapshotLoader serves the snapshot at once and verifies beh
   REQUIRE(done);
   CHECK(done->report.certificates.size() == 1);
   CHECK(id_for(*store, "a.test") == fingerprint_id(new_a));
+  // A second wait returns the same result, not a moved-from one.
+  auto again = loader.wait();
+  REQUIRE(again);
+  CHECK(again->report.certificates.size() == 1);
+  CHECK(again->report.sources.size() == 1);
+  CHECK(again->snapshot_written);
 }
 
 TEST_CASE("snapshot: a corrupt, truncated, foreign or other-version snapshot is ignored with a warning") {
@@ -370,7 +376,27 @@ TEST_CASE("snapshot: a corrupt, truncated, foreign or other-version snapshot is 
     bad[8] = 2;
     expect = "format version 2";
   }
+  mode_t mode = 0;
+  bool other_owner = false;
+  SUBCASE("group or other permission bits") {
+    mode = 0640;
+    expect = "mode 0640";
+  }
+  SUBCASE("world-readable") {
+    mode = 0604;
+    expect = "mode 0604";
+  }
+  SUBCASE("owned by another user") {
+    other_owner = true;
+    expect = "owned by uid 65534";
+  }
   write(f.snap, bad);
+  if (mode != 0) REQUIRE(::chmod(f.snap.c_str(), mode) == 0);
+  if (other_owner && ::chown(f.snap.c_str(), 65534, 65534) != 0) {
+    // Not root: a file owned by someone else cannot be made; the other subcases cover the check.
+    MESSAGE("chown needs root; skipped");
+    return;
+  }
   auto store = std::make_shared<CertStore>();
   SnapshotLoader loader(store, f.certs, f.options());
   CHECK_FALSE(loader.start().used);
