@@ -618,13 +618,15 @@ Result<DirectoryCheck> check_directory(CertStore& store, const fs::path& dir, co
          f ? f->path : src.paths.chain, f ? f->error.message : std::string("not loaded"));
   }
   if (!options.snapshot_path.empty()) {
-    if (keep.empty()) {
+    if (check.kept == 0) {
       check.snapshot_written = write_snapshot(options.snapshot_path, check.report.certificates, check.report.sources);
     } else {
-      std::vector<std::shared_ptr<const Certificate>> certs = check.report.certificates;
-      std::vector<PairSource> sources = check.report.sources;
-      certs.insert(certs.end(), keep.begin(), keep.end());
-      sources.insert(sources.end(), keep_sources.begin(), keep_sources.end());
+      // The kept ones first: a start publishes in file order, so a name a kept certificate
+      // shares with a loaded one (moved to another pair) goes to the loaded, newer one.
+      std::vector<std::shared_ptr<const Certificate>> certs = std::move(keep);
+      std::vector<PairSource> sources = std::move(keep_sources);
+      certs.insert(certs.end(), check.report.certificates.begin(), check.report.certificates.end());
+      sources.insert(sources.end(), check.report.sources.begin(), check.report.sources.end());
       // A report without sources would not match the kept ones: write no identities then.
       if (check.report.sources.size() != check.report.certificates.size()) sources.clear();
       check.snapshot_written = write_snapshot(options.snapshot_path, certs, sources);
