@@ -6,6 +6,7 @@
 #include <system_error>
 #include <bit>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <unordered_map>
 #include <unordered_set>
@@ -136,13 +137,9 @@ Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<co
   if (!sources.empty() && sources.size() != certificates.size()) {
     return fail(Errc::invalid_input, "store snapshot: sources do not match the certificates");
   }
-  Secret buf;
-  std::string& out = buf.s;
-  out.reserve(kHeaderSize + certificates.size() * 1024);
-  out.resize(kHeaderSize);
-  Writer w{out};
   // Intermediates once each (100,000 leaves from one CA share one).
   std::unordered_map<const detail::Intermediate*, std::uint32_t> index;
+  std::vector<std::string> inter_der;
   std::vector<detail::CompactCertificate> compact;
   compact.reserve(certificates.size());
   for (const auto& cert : certificates) {
@@ -152,11 +149,35 @@ Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<co
       if (index.try_emplace(inter.get(), static_cast<std::uint32_t>(index.size())).second) {
         std::string der = detail::intermediate_der(*inter);
         if (der.empty()) return fail(Errc::crypto, "store snapshot: DER of an intermediate");
-        w.str(der);
+        inter_der.push_back(std::move(der));
       }
     }
   }
   static const PairSource kNoSource;
+  // The exact size, computed before anything is written: out holds key bytes and must never
+  // reallocate (a reallocation frees a block with key bytes in it, which Secret cannot wipe).
+  constexpr std::size_t kStr = sizeof(std::uint32_t);
+  constexpr std::size_t kFileId = 3 * sizeof(std::uint64_t) + sizeof(std::int64_t);
+  std::size_t size = kHeaderSize;
+  for (const auto& der : inter_der) size += kStr + der.size();
+  for (std::size_t i = 0; i < compact.size(); ++i) {
+    const detail::CompactCertificate& c = compact[i];
+    const PairSource& src = sources.empty() ? kNoSource : sources[i];
+    size += kStr + src.paths.chain.native().size() + kFileId + kStr + src.paths.key.native().size() + kFileId;
+    size += 1 + sizeof c.key_format + sizeof c.not_before_ns + sizeof c.not_after_ns + c.fingerprint.size();
+    size += 4 * kStr + c.serial_hex.size() + c.issuer_cn.size() + c.issuer_dn.size() + c.key_type.size();
+    size += sizeof(std::uint32_t);
+    for (std::string_view n : c.names) size += kStr + n.size();
+    size += kStr + c.leaf_der.size() + kStr + c.key_der.size();
+    size += sizeof(std::uint32_t) + c.chain.size() * sizeof(std::uint32_t);
+  }
+  Secret buf;
+  std::string& out = buf.s;
+  out.reserve(size);
+  const char* const block = out.data();
+  out.resize(kHeaderSize);
+  Writer w{out};
+  for (const auto& der : inter_der) w.str(der);
   for (std::size_t i = 0; i < compact.size(); ++i) {
     detail::CompactCertificate& c = compact[i];
     const PairSource& src = sources.empty() ? kNoSource : sources[i];
@@ -177,6 +198,11 @@ Status write_snapshot(const fs::path& path, const std::vector<std::shared_ptr<co
     w.str(c.key_der);
     w.num(static_cast<std::uint32_t>(c.chain.size()));
     for (const auto& inter : c.chain) w.num(index.at(inter.get()));
+  }
+  // Computed and written must agree, or the buffer moved and left key bytes behind.
+  if (out.size() != size || out.data() != block) {
+    return fail(Errc::invalid_input, "store snapshot: size " + std::to_string(out.size()) + " bytes, computed " +
+                                    std::to_string(size));
   }
   // The header, then the checksum over its first kSummed bytes and the body.
   std::string header;
@@ -280,6 +306,112 @@ void on_threads(std::size_t n, Body&& body) {
   for (auto& t : pool) t.join();
 }
 
+// pair_gone tells whether a pair's files are gone from the directory (its directory deleted,
+// or a file of it): only then does the verification take a snapshot certificate away. Any
+// other error (EACCES, EMFILE, EIO...) says nothing about the pair, which is kept. lstat: a
+// live/ symlink whose target is missing for a moment is still the pair's entry.
+bool pair_gone(const CertKeyPaths& paths) {
+  for (const fs::path* p : {&paths.chain, &paths.key}) {
+    struct stat st{};
+    if (::lstat(p->c_str(), &st) != 0 && (errno == ENOENT || errno == ENOTDIR)) return true;
+  }
+  return false;
+}
+
+// exact_holder returns what holds name's slot for family in snap, or nullptr when that slot is
+// empty (find() then answers from a wildcard, the default or the other family: not a holder).
+const Certificate* exact_holder(const Snapshot& snap, const std::string& name, KeyKind family) {
+  // find() takes a host name: a wildcard's slot is what a name under it finds first, unless an
+  // exact name answers (then its certificate does not hold the wildcard: checked below).
+  std::string host = name.starts_with("*.") ? "0--autotls-probe" + name.substr(1) : name;
+  const auto* found = snap.find(host, family == KeyKind::ecdsa);
+  if (!found || !*found) return nullptr;
+  const Certificate* c = found->get();
+  if (c->key_kind() != family) return nullptr;
+  if (std::find(c->names().begin(), c->names().end(), name) == c->names().end()) return nullptr;
+  return c;
+}
+
+// publish_verified publishes what the directory load found, as publish_all would, except a
+// certificate one of whose names is now held by a certificate the snapshot did not publish:
+// another publisher (the manager, an on-demand issue, a reload) replaced it after the load
+// read the files, and its certificate is newer than what this load read. Such a certificate
+// stays in check.report (and in the rewritten snapshot: it is what the directory holds) but
+// is not published (check.superseded). The store has no compare-and-swap: a publish between
+// this check and publish_batch is still overwritten (a window of one batch build, not of a
+// whole directory load).
+void publish_verified(CertStore& store, DirectoryCheck& check, const std::unordered_set<std::string_view>& snapshot_ids,
+                      const DirectoryLoadOptions& options) {
+  LoadReport& report = check.report;
+  const bool with_sources = report.sources.size() == report.certificates.size();
+  std::vector<std::size_t> chosen;
+  std::vector<std::shared_ptr<const Certificate>> batch;
+  chosen.reserve(report.certificates.size());
+  batch.reserve(report.certificates.size());
+  auto snap = store.snapshot();
+  for (std::size_t i = 0; i < report.certificates.size(); ++i) {
+    const Certificate& d = *report.certificates[i];
+    const Certificate* other = nullptr;
+    for (const std::string& name : d.names()) {
+      const Certificate* holder = exact_holder(*snap, name, d.key_kind());
+      if (holder && holder->id() != d.id() && !snapshot_ids.contains(holder->id())) {
+        other = holder;
+        break;
+      }
+    }
+    if (other) {
+      ++check.superseded;
+      if (options.logger && options.logger->enabled(LogLevel::info)) {
+        options.logger->log(LogLevel::info, "tlsreload",
+                            "certificate published by another writer since the snapshot; not replaced by the directory's",
+                            {{"path", with_sources ? report.sources[i].paths.chain.string() : std::string()},
+                             {"name", d.names().front()},
+                             {"id", other->id()}});
+      }
+      continue;
+    }
+    chosen.push_back(i);
+    batch.push_back(report.certificates[i]);
+  }
+  std::vector<Status> results = store.publish_batch(batch);
+  // A refused certificate leaves the report, as publish_all does.
+  std::vector<bool> refused(report.certificates.size(), false);
+  bool any = false;
+  for (std::size_t k = 0; k < results.size(); ++k) {
+    if (results[k]) continue;
+    refused[chosen[k]] = true;
+    any = true;
+    report.failures.push_back({{}, results[k].error()});
+  }
+  if (!any) return;
+  std::size_t w = 0;
+  for (std::size_t i = 0; i < report.certificates.size(); ++i) {
+    if (refused[i]) continue;
+    report.certificates[w] = std::move(report.certificates[i]);
+    if (with_sources) report.sources[w] = std::move(report.sources[i]);
+    ++w;
+  }
+  report.certificates.resize(w);
+  if (with_sources) report.sources.resize(w);
+}
+
+// remove_published takes c (a snapshot certificate whose pair is gone) out of the store, unless
+// it is a default: the snapshot never sets one, so another writer made it the default, and
+// CertStore::remove would clear that slot too.
+void remove_published(CertStore& store, const Certificate& c, DirectoryCheck& check, const DirectoryLoadOptions& options) {
+  auto snap = store.snapshot();
+  const CertPair& def = snap->default_pair();
+  if ((def.ecdsa && def.ecdsa->id() == c.id()) || (def.rsa && def.rsa->id() == c.id())) {
+    if (options.logger && options.logger->enabled(LogLevel::info)) {
+      options.logger->log(LogLevel::info, "tlsreload",
+                          "pair gone from the directory, but its certificate is the default; left in place",
+                          {{"id", c.id()}});
+    }
+    return;
+  }
+  if (store.remove(c.id())) ++check.removed;
+}
+
 }  // namespace
 
 Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& options) {
@@ -298,6 +430,17 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
     struct stat st{};
     if (::fstat(fd, &st) != 0) return fail(Errc::io, "store snapshot " + path.string() + ": " + std::strerror(errno));
     if (!S_ISREG(st.st_mode)) return fail(bad_file(path, "not a regular file"));
+    // The file holds private keys and is served without a recheck of its chains: one another
+    // user wrote, or could read or change, is not ours to trust (write_snapshot makes it 0600).
+    if (st.st_uid != ::geteuid()) {
+      return fail(bad_file(path, "owned by uid " + std::to_string(st.st_uid) + ", not this process's (" +
+                                     std::to_string(::geteuid()) + ")"));
+    }
+    if ((st.st_mode & 077) != 0) {
+      char mode[8];
+      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+      return fail(bad_file(path, std::string("mode ") + mode + ": group or other permission bits set (expected 0600)"));
+    }
     map.n = static_cast<std::size_t>(st.st_size);
     if (map.n > 0) {
       map.p = ::mmap(nullptr, map.n, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
@@ -399,7 +542,8 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
   if (options.snapshot_path.empty()) return start;
   struct stat st{};
   if (::stat(options.snapshot_path.c_str(), &st) != 0 && errno == ENOENT) return start;  // first start
-  auto contents = read_snapshot(options.snapshot_path, options.load, false);
+  // With the sources: the verification matches the snapshot's certificates to their pairs by path.
+  auto contents = read_snapshot(options.snapshot_path, options.load, true);
   if (!contents) {
     start.ignored = contents.error();
     warn(options, "store snapshot ignored; loading the certificate directory instead", options.snapshot_path,
@@ -413,6 +557,7 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
     if (results[i]) {
       ++start.published;
       start.certificates.push_back(std::move(contents->certificates[i]));
+      start.sources.push_back(std::move(contents->sources[i]));
     } else {
       start.refused.push_back({{}, results[i].error()});
     }
@@ -426,19 +571,66 @@ Result<DirectoryCheck> check_directory(CertStore& store, const fs::path& dir, co
   if (!report) return fail(report.error());
   DirectoryCheck check;
   check.report = std::move(*report);
-  publish_all(store, check.report);
-  // What the snapshot served and the directory no longer has. A changed pair's old
-  // certificate has left the store already when its replacement took all its names; remove()
-  // then finds nothing, which is fine.
-  std::unordered_set<std::string_view> on_disk;
-  on_disk.reserve(check.report.certificates.size());
-  for (const auto& c : check.report.certificates) on_disk.insert(c->id());
-  for (const auto& c : start.certificates) {
-    if (on_disk.contains(c->id())) continue;
-    if (store.remove(c->id())) ++check.removed;
+  std::unordered_set<std::string_view> snapshot_ids;
+  snapshot_ids.reserve(start.certificates.size());
+  for (const auto& c : start.certificates) snapshot_ids.insert(c->id());
+  publish_verified(store, check, snapshot_ids, options);
+  // What the snapshot served and the directory did not load. Only a pair whose files are gone
+  // is removed: a pair that exists but failed to load now (certbot switching live/ between a
+  // new chain and an old key, EMFILE, a briefly unreadable file) keeps its snapshot
+  // certificate, which nothing else would republish. A changed pair's old certificate has
+  // left the store already when its replacement took all its names; remove() then finds
+  // nothing, which is fine.
+  std::unordered_set<std::string_view> loaded_ids, loaded_chains;
+  loaded_ids.reserve(check.report.certificates.size());
+  loaded_chains.reserve(check.report.sources.size());
+  for (const auto& c : check.report.certificates) loaded_ids.insert(c->id());
+  for (const auto& src : check.report.sources) loaded_chains.insert(src.paths.chain.native());
+  std::unordered_map<std::string_view, const LoadFailure*> failures;
+  for (const auto& f : check.report.failures) {
+    if (!f.path.empty()) failures.emplace(f.path.native(), &f);
+  }
+  std::vector<std::shared_ptr<const Certificate>> keep;
+  std::vector<PairSource> keep_sources;
+  static const PairSource kNoSource;
+  for (std::size_t i = 0; i < start.certificates.size(); ++i) {
+    const auto& c = start.certificates[i];
+    const PairSource& src = i < start.sources.size() ? start.sources[i] : kNoSource;
+    if (loaded_ids.contains(c->id())) continue;
+    if (src.paths.chain.empty()) {  // no source recorded: the directory load is all we know
+      remove_published(store, *c, check, options);
+      continue;
+    }
+    if (loaded_chains.contains(src.paths.chain.native())) continue;  // replaced by its pair's load
+    if (pair_gone(src.paths)) {
+      remove_published(store, *c, check, options);
+      continue;
+    }
+    ++check.kept;
+    keep.push_back(c);
+    keep_sources.push_back(src);
+    const LoadFailure* f = nullptr;
+    for (const fs::path* p : {&src.paths.chain, &src.paths.key}) {
+      if (auto it = failures.find(p->native()); it != failures.end()) f = it->second;
+      if (f) break;
+    }
+    warn(options, "certificate pair failed to load; still serving it from the store snapshot",
+         f ? f->path : src.paths.chain, f ? f->error.message : std::string("not loaded"));
   }
   if (!options.snapshot_path.empty()) {
-    check.snapshot_written = write_snapshot(options.snapshot_path, check.report.certificates, check.report.sources);
+    if (check.kept == 0) {
+      check.snapshot_written = write_snapshot(options.snapshot_path, check.report.certificates, check.report.sources);
+    } else {
+      // The kept ones first: a start publishes in file order, so a name a kept certificate
+      // shares with a loaded one (moved to another pair) goes to the loaded, newer one.
+      std::vector<std::shared_ptr<const Certificate>> certs = std::move(keep);
+      std::vector<PairSource> sources = std::move(keep_sources);
+      certs.insert(certs.end(), check.report.certificates.begin(), check.report.certificates.end());
+      sources.insert(sources.end(), check.report.sources.begin(), check.report.sources.end());
+      // A report without sources would not match the kept ones: write no identities then.
+      if (check.report.sources.size() != check.report.certificates.size()) sources.clear();
+      check.snapshot_written = write_snapshot(options.snapshot_path, certs, sources);
+    }
     if (!check.snapshot_written) {
       warn(options, "store snapshot not written", options.snapshot_path, check.snapshot_written.error().message);
     }
@@ -474,7 +666,8 @@ SnapshotLoader::~SnapshotLoader() {
 
 Result<DirectoryCheck> SnapshotLoader::wait() {
   if (thread_.joinable()) thread_.join();
-  if (result_) return std::move(*result_);
+  // A copy: a second call returns the same result, not a moved-from one.
+  if (result_) return *result_;
   if (initial_ && !*initial_) return fail(initial_->error());
   return DirectoryCheck{};
 }

@@ -50,7 +50,8 @@ struct SnapshotContents {
 // read_snapshot reads path and rebuilds its certificates without parsing them (detail/compact.h):
 // each is rechecked for what is cheap (validity window against options.clock, names, key
 // fields) and left with its chain verification pending, as a deferred bulk load leaves it.
-// Fails with Errc::invalid_input when the file is not a snapshot (magic), has another format
+// Fails with Errc::invalid_input when the file is not owned by the process's effective uid or
+// has any group or other permission bit, is not a snapshot (magic), has another format
 // version, is truncated, fails its checksum or does not parse; Errc::io when it does not exist
 // or cannot be read. A failure means: do not trust any of it.
 // The file is mapped (not copied) and the certificates rebuilt on all cores. with_sources
@@ -78,6 +79,9 @@ struct SnapshotStart {
   std::size_t published = 0;
   // What the snapshot published: the verification removes those the directory no longer has.
   std::vector<std::shared_ptr<const Certificate>> certificates;
+  // sources[i] is where certificates[i] was read from when the snapshot was written (its
+  // paths tell the verification which pair it is; empty paths if none were recorded).
+  std::vector<PairSource> sources;
   std::vector<LoadFailure> refused;  // entries not published (expired, refused by the store)
 };
 
@@ -90,14 +94,29 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
 struct DirectoryCheck {
   LoadReport report;            // the directory load (report.certificates are published)
   std::size_t removed = 0;      // snapshot certificates no longer in the directory, removed
+  // Snapshot certificates whose pair is still there but failed to load (a key mismatch while
+  // certbot switches live/, EMFILE, an unreadable file): kept in the store and in the
+  // rewritten snapshot with their old source identity, so that the next start verifies again.
+  std::size_t kept = 0;
+  // Directory certificates not published because one of their names is held by a certificate
+  // the snapshot did not publish (another writer replaced it meanwhile); still in report and
+  // in the rewritten snapshot.
+  std::size_t superseded = 0;
   Status snapshot_written;      // the rewrite of the snapshot (ok when there is no snapshot_path)
 };
 
-// check_directory loads dir (load_directory), publishes the result (publish_all: a pair whose
+// check_directory loads dir (load_directory), publishes the result (as publish_all: a pair whose
 // certificate did not change is a no-op, a changed or new one replaces or adds, each reader
-// seeing the old or the new set), removes from store each certificate of start that the
-// directory no longer holds, then rewrites the snapshot from the load. Fails only when dir
-// cannot be listed (the store keeps what the snapshot published).
+// seeing the old or the new set; but a certificate one of whose names another writer has
+// published since the snapshot is left alone: see DirectoryCheck::superseded; the store has no
+// compare-and-swap, so a publish during the batch build itself can still be overwritten),
+// removes from store each certificate of start whose pair's
+// files are gone (ENOENT/ENOTDIR on the chain or key file) and that is not a default (the
+// snapshot never sets one; remove() would clear it), then rewrites the snapshot from
+// the load. "Failed to load now" is not "gone": a snapshot certificate whose pair exists but
+// did not load is kept (served, and written back with its old source identity) and the
+// failure logged. Fails only when dir cannot be listed (the store keeps what the snapshot
+// published).
 [[nodiscard]] Result<DirectoryCheck> check_directory(CertStore& store, const std::filesystem::path& dir,
                                                      const SnapshotStart& start,
                                                      const DirectoryLoadOptions& options);
@@ -116,7 +135,8 @@ class SnapshotLoader {
   const SnapshotStart& start() const { return start_; }
   // initial is the synchronous load's result when no snapshot was used (else empty).
   const std::optional<Result<LoadReport>>& initial() const { return initial_; }
-  // wait blocks until the verification (or the snapshot write) finished, and returns it. Call once.
+  // wait blocks until the verification (or the snapshot write) finished, and returns it. Each
+  // call returns the same result (a copy).
   Result<DirectoryCheck> wait();
 
  private:

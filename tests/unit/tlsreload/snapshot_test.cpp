@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -212,6 +213,116 @@ TEST_CASE("snapshot: a pair changed, removed or added while down is served from 
   CHECK(id_for(next, "d.test") == fingerprint_id(d));
 }
 
+TEST_CASE("snapshot: a pair that fails to load at verification keeps its snapshot certificate, a deleted one goes") {
+  Fixture f;
+  auto a = f.put("a.test", {"a.test"});
+  auto b = f.put("b.test", {"b.test"});
+  auto c = f.put("c.test", {"c.test"});
+  f.put("d.test", {"d.test"});
+  f.first_start();
+
+  // While the process is down (or while it restarts): certbot has switched a.test's key but
+  // not yet its chain (the key no longer matches), c.test's key is garbage for a moment, and
+  // b.test was deleted.
+  auto other = f.ca.issue({"a.test"});
+  write(f.certs / "live" / "a.test" / "privkey.pem", other.key_pem);
+  write(f.certs / "live" / "c.test" / "privkey.pem", "-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n");
+  fs::remove_all(f.certs / "live" / "b.test");
+
+  CertStore store;
+  SnapshotStart start = publish_snapshot(store, f.options());
+  REQUIRE(start.used);
+  REQUIRE(start.published == 4);
+  auto check = check_directory(store, f.certs, start, f.options());
+  REQUIRE(check);
+  CHECK(check->report.failures.size() >= 2);
+  CHECK(check->snapshot_written);
+  CHECK(id_for(store, "a.test") == fingerprint_id(a));  // still served
+  CHECK(id_for(store, "c.test") == fingerprint_id(c));
+  CHECK(id_for(store, "b.test").empty());               // gone from the directory: removed
+  CHECK(!id_for(store, "d.test").empty());
+  CHECK(check->removed == 1);
+  CHECK(check->kept == 2);
+  // Each failure is logged with its file and reason.
+  auto lines = f.log.lines();
+  auto logged = [&](const std::string& pair) {
+    return std::any_of(lines.begin(), lines.end(), [&](const std::string& l) {
+      return l.find("still serving") != std::string::npos && l.find("live/" + pair + "/") != std::string::npos &&
+             l.find("error=") != std::string::npos;
+    });
+  };
+  CHECK(logged("a.test"));
+  CHECK(logged("c.test"));
+
+  // The rewritten snapshot still holds them, with their old source identities.
+  auto contents = read_snapshot(f.snap, f.options().load);
+  REQUIRE(contents);
+  std::set<std::string> ids;
+  for (const auto& cert : contents->certificates) ids.insert(cert->id());
+  CHECK(ids.contains(fingerprint_id(a)));
+  CHECK(ids.contains(fingerprint_id(c)));
+  CHECK_FALSE(ids.contains(fingerprint_id(b)));
+  CHECK(ids.size() == 3);
+  REQUIRE(contents->sources.size() == contents->certificates.size());
+  for (std::size_t i = 0; i < contents->certificates.size(); ++i) {
+    if (contents->certificates[i]->id() != fingerprint_id(a)) continue;
+    CHECK(contents->sources[i].paths.chain == f.certs / "live" / "a.test" / "fullchain.pem");
+    struct stat st{};
+    REQUIRE(::stat(contents->sources[i].paths.key.c_str(), &st) == 0);
+    CHECK(contents->sources[i].key.size != 0);
+  }
+
+  // The next start serves it again, and once the pair loads, its new state replaces it.
+  write(f.certs / "live" / "a.test" / "fullchain.pem", f.ca.chain_pem(other));
+  CertStore next;
+  SnapshotStart again = publish_snapshot(next, f.options());
+  REQUIRE(again.used);
+  CHECK(id_for(next, "a.test") == fingerprint_id(a));
+  auto recheck = check_directory(next, f.certs, again, f.options());
+  REQUIRE(recheck);
+  CHECK(id_for(next, "a.test") == fingerprint_id(other));
+  CHECK(id_for(next, "c.test") == fingerprint_id(c));
+}
+
+TEST_CASE("snapshot: the verification does not overwrite another writer's publish nor clear its default") {
+  Fixture f;
+  f.put("a.test", {"a.test"});
+  auto b = f.put("b.test", {"b.test"});
+  f.put("c.test", {"c.test"});
+  f.put("wild.test", {"*.wild.test"});
+  f.first_start();
+  // While down: a.test and wild.test renewed on disk, c.test renewed, b.test deleted.
+  f.put("a.test", {"a.test"});
+  f.put("wild.test", {"*.wild.test"});
+  auto new_c = f.put("c.test", {"c.test"});
+  fs::remove_all(f.certs / "live" / "b.test");
+
+  CertStore store;
+  SnapshotStart start = publish_snapshot(store, f.options());
+  REQUIRE(start.used);
+  // After the snapshot is served and before the verification publishes, other writers act:
+  // the manager publishes a newer a.test and *.wild.test, and b.test's certificate is made the
+  // default.
+  LoadOptions lo;
+  lo.allow_not_yet_valid = true;
+  auto mine = f.ca.issue({"a.test"});
+  auto published = store.publish_pem(f.ca.chain_pem(mine), mine.key_pem, lo);
+  REQUIRE(published);
+  auto mine_wild = f.ca.issue({"*.wild.test"});
+  REQUIRE(store.publish_pem(f.ca.chain_pem(mine_wild), mine_wild.key_pem, lo));
+  auto b_cert = store.lookup("b.test");
+  REQUIRE(b_cert);
+  REQUIRE(store.set_default(b_cert));
+
+  auto check = check_directory(store, f.certs, start, f.options());
+  REQUIRE(check);
+  CHECK(check->superseded == 2);
+  CHECK(id_for(store, "a.test") == fingerprint_id(mine));           // survived
+  CHECK(id_for(store, "x.wild.test") == fingerprint_id(mine_wild));  // survived
+  CHECK(id_for(store, "c.test") == fingerprint_id(new_c));          // the snapshot's: replaced
+  CHECK(id_for(store, "none.test") == fingerprint_id(b));           // the default stays
+}
+
 TEST_CASE("snapshot: SnapshotLoader serves the snapshot at once and verifies behind") {
   Fixture f;
   auto old_a = f.put("a.test", {"a.test"});
@@ -225,6 +336,12 @@ TEST_CASE("snapshot: SnapshotLoader serves the snapshot at once and verifies beh
   REQUIRE(done);
   CHECK(done->report.certificates.size() == 1);
   CHECK(id_for(*store, "a.test") == fingerprint_id(new_a));
+  // A second wait returns the same result, not a moved-from one.
+  auto again = loader.wait();
+  REQUIRE(again);
+  CHECK(again->report.certificates.size() == 1);
+  CHECK(again->report.sources.size() == 1);
+  CHECK(again->snapshot_written);
 }
 
 TEST_CASE("snapshot: a corrupt, truncated, foreign or other-version snapshot is ignored with a warning") {
@@ -259,7 +376,27 @@ TEST_CASE("snapshot: a corrupt, truncated, foreign or other-version snapshot is 
     bad[8] = 2;
     expect = "format version 2";
   }
+  mode_t mode = 0;
+  bool other_owner = false;
+  SUBCASE("group or other permission bits") {
+    mode = 0640;
+    expect = "mode 0640";
+  }
+  SUBCASE("world-readable") {
+    mode = 0604;
+    expect = "mode 0604";
+  }
+  SUBCASE("owned by another user") {
+    other_owner = true;
+    expect = "owned by uid 65534";
+  }
   write(f.snap, bad);
+  if (mode != 0) REQUIRE(::chmod(f.snap.c_str(), mode) == 0);
+  if (other_owner && ::chown(f.snap.c_str(), 65534, 65534) != 0) {
+    // Not root: a file owned by someone else cannot be made; the other subcases cover the check.
+    MESSAGE("chown needs root; skipped");
+    return;
+  }
   auto store = std::make_shared<CertStore>();
   SnapshotLoader loader(store, f.certs, f.options());
   CHECK_FALSE(loader.start().used);
