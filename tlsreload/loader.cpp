@@ -283,11 +283,11 @@ Outcome load_one(const PairRef& ref, Paths&& paths, const LoadOptions& options, 
   }
   out.kind = Outcome::loaded;
   out.cert = std::move(*cert);
-  out.source = PairSource{paths(), chain_id, key_id};
+  if (options.record_sources) out.source = PairSource{paths(), chain_id, key_id};
   return out;
 }
 
-LoadReport assemble(std::vector<Outcome>& outcomes) {
+LoadReport assemble(std::vector<Outcome>& outcomes, bool with_sources) {
   LoadReport report;
   for (auto& o : outcomes) {
     if (o.kind == Outcome::scan_failure) report.failures.push_back(std::move(*o.failure));
@@ -296,7 +296,7 @@ LoadReport assemble(std::vector<Outcome>& outcomes) {
     if (o.kind == Outcome::load_failure) report.failures.push_back(std::move(*o.failure));
     if (o.kind == Outcome::loaded) {
       report.certificates.push_back(std::move(o.cert));
-      report.sources.push_back(std::move(o.source));
+      if (with_sources) report.sources.push_back(std::move(o.source));
     }
   }
   return report;
@@ -312,7 +312,7 @@ LoadReport load_all(const std::vector<CertKeyPaths>& pairs, const LoadOptions& o
                                [&]() -> const CertKeyPaths& { return p; }, options, false);
       },
       true);
-  return assemble(outcomes);
+  return assemble(outcomes, options.record_sources);
 }
 
 }  // namespace
@@ -643,7 +643,7 @@ Result<LoadReport> load_directory(const fs::path& dir, const LoadOptions& option
         }
       },
       true);
-  return assemble(outcomes);
+  return assemble(outcomes, options.record_sources);
 }
 
 std::size_t publish_all(CertStore& store, LoadReport& report) {

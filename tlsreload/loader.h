@@ -49,8 +49,8 @@ struct PairSource {
 struct LoadReport {
   std::vector<std::shared_ptr<const Certificate>> certificates;
   std::vector<LoadFailure> failures;
-  // sources[i] is where certificates[i] was read from (load_pairs, load_directory; kept
-  // parallel by publish_all); empty when the report was assembled otherwise.
+  // sources[i] is where certificates[i] was read from (load_pairs, load_directory with
+  // LoadOptions::record_sources; kept parallel by publish_all); empty otherwise.
   std::vector<PairSource> sources;
 };
 

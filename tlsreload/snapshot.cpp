@@ -567,7 +567,9 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
 
 Result<DirectoryCheck> check_directory(CertStore& store, const fs::path& dir, const SnapshotStart& start,
                                        const DirectoryLoadOptions& options) {
-  auto report = load_directory(dir, options.load);
+  LoadOptions load = options.load;
+  load.record_sources = true;  // compared with the snapshot's and written to the new one
+  auto report = load_directory(dir, load);
   if (!report) return fail(report.error());
   DirectoryCheck check;
   check.report = std::move(*report);
@@ -645,7 +647,9 @@ SnapshotLoader::SnapshotLoader(std::shared_ptr<CertStore> store, fs::path dir, D
     thread_ = std::thread([this] { result_ = check_directory(*store_, dir_, start_, options_); });
     return;
   }
-  initial_ = load_directory(dir_, options_.load);
+  LoadOptions load = options_.load;
+  load.record_sources = !options_.snapshot_path.empty();  // the snapshot written below records them
+  initial_ = load_directory(dir_, load);
   if (!*initial_) return;
   publish_all(*store_, **initial_);
   if (options_.snapshot_path.empty()) return;

@@ -769,7 +769,9 @@ struct Cpu {
 // snapshot_write_mode loads DIR/live and writes its snapshot to FILE (the state a previous run
 // of the server would leave).
 int snapshot_write_mode(const fs::path& dir, const fs::path& file) {
-  auto report = tlsreload::load_directory(dir / "live");
+  tlsreload::LoadOptions options = tlsreload::bulk_load_options();
+  options.record_sources = true;
+  auto report = tlsreload::load_directory(dir / "live", options);
   if (!report) {
     std::cerr << "load: " << report.error().message << "\n";
     return 2;

@@ -118,11 +118,18 @@ TEST_CASE("snapshot: a snapshot restores what a full load serves, with the same 
   f.put("b.test", {"b.test"}, testing::TestKeyType::rsa2048);
   f.put("wild.test", {"*.wild.test", "wild.test"});
   f.put("ip", {"c.test"});
-  auto full = load_directory(f.certs, f.options().load);
+  LoadOptions recording = f.options().load;
+  recording.record_sources = true;
+  auto full = load_directory(f.certs, recording);
   REQUIRE(full);
   REQUIRE(full->failures.empty());
   REQUIRE(full->certificates.size() == 4);
   REQUIRE(full->sources.size() == 4);
+  // Without record_sources a load keeps no sources (they cost ~1 KiB per certificate).
+  auto plain = load_directory(f.certs, f.options().load);
+  REQUIRE(plain);
+  CHECK(plain->certificates.size() == 4);
+  CHECK(plain->sources.empty());
   CertStore loaded;
   REQUIRE(publish_all(loaded, *full) == 4);
   REQUIRE(write_snapshot(f.snap, full->certificates, full->sources));
