@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <barrier>
 #include <condition_variable>
 #include <future>
 #include <mutex>
@@ -448,6 +449,11 @@ TEST_SUITE("on_demand") {
         writers_left.fetch_sub(1);
       });
     }
+    // Readers and this thread meet twice after the writers stop: once for this thread to
+    // read the final state, then for the readers (the same threads, still holding the copy of
+    // the index they last refreshed) to touch what is cached now.
+    std::barrier meet(kReaders + 1);
+    std::vector<std::string> cached;
     for (int r = 0; r < kReaders; ++r) {
       threads.emplace_back([&, r] {
         // Bounded: at most this many rounds even if the writers were slow to finish.
@@ -457,26 +463,25 @@ TEST_SUITE("on_demand") {
           (*od)->touch("configured.example.com");  // never on demand
           touches.fetch_add(1);
         }
-      });
-    }
-    for (auto& t : threads) t.join();
-    REQUIRE((*od)->wait_idle(5s));
-    const auto cached = (*od)->cached();
-    CHECK(cached.size() == 8);
-    CHECK(fb.count(fb.evictions) == kWriters * kNamesPerWriter - 8);
-    CHECK((*od)->counters().evicted == kWriters * kNamesPerWriter - 8);
-    const uint64_t before = (*od)->counters().touched;
-    CHECK(before <= touches.load());  // configured names never stamp
-    // The writers have stopped: a reader thread (which may still hold an old index) must see
-    // the final one, in which every cached name is found (stamped) and no evicted one is.
-    std::vector<std::thread> late;
-    for (int r = 0; r < kReaders; ++r) {
-      late.emplace_back([&] {
+        meet.arrive_and_wait();
+        meet.arrive_and_wait();
         for (const auto& n : cached) (*od)->touch(n);
         (*od)->touch("w0-0.allowed.test");  // evicted long ago
       });
     }
-    for (auto& t : late) t.join();
+    for (int w = 0; w < kWriters; ++w) threads[static_cast<std::size_t>(w)].join();
+    REQUIRE((*od)->wait_idle(5s));
+    cached = (*od)->cached();
+    meet.arrive_and_wait();
+    const uint64_t before = (*od)->counters().touched;
+    meet.arrive_and_wait();
+    for (std::size_t i = kWriters; i < threads.size(); ++i) threads[i].join();
+    CHECK(cached.size() == 8);
+    CHECK(fb.count(fb.evictions) == kWriters * kNamesPerWriter - 8);
+    CHECK((*od)->counters().evicted == kWriters * kNamesPerWriter - 8);
+    CHECK(before <= touches.load());  // configured names never stamp
+    // The writers have stopped: each reader thread (whose copy may be an old index) must move
+    // to the final one, in which every cached name is found (stamped) and no evicted one is.
     CHECK((*od)->counters().touched == before + kReaders * cached.size());
   }
 
