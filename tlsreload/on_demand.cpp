@@ -303,15 +303,12 @@ void OnDemand::touch(std::string_view sni) {
   }
   LruCache& cache = tl_lru;
   if (cache.version != v) [[unlikely]] {
-    std::shared_ptr<const OnDemandLru> fresh;
-    {
-      // Only after the index changed (an on-demand load, issuance or eviction): one short
-      // lock to copy a pointer, never while a writer builds an index.
-      std::lock_guard lock(lru_mu_);
-      fresh = lru_;
-    }
+    // Only after the index changed (an on-demand load, issuance or eviction): no lock, so a
+    // handshake never waits for a writer building the next index or scanning for evictions.
+    std::shared_ptr<const OnDemandLru> fresh = lru_.acquire();
     cache.version = fresh->version;
-    // The previous copy is parked in lru_retired_ by the writer: dropping it is a decrement.
+    // The previous copy is parked by the writer (HazardPublished::publish): dropping it is a
+    // decrement, never the free.
     cache.index.swap(fresh);
   }
   detail::OnDemandLruEntry* e = cache.index->find(std::string_view(buf, sni.size()));
@@ -321,12 +318,11 @@ void OnDemand::touch(std::string_view sni) {
 
 void OnDemand::publish_lru(std::shared_ptr<const OnDemandLru> next) {
   const uint64_t v = next->size ? next->version : 0;
-  lru_.swap(next);
+  // Published before its version, so a handshake that sees v acquires this index or a later
+  // one. Threads may still hold the previous index in their copy: publish() parks it and
+  // frees it at a later change, once no thread holds or is taking it.
+  lru_.publish(std::move(next));
   lru_version_.store(v, std::memory_order_release);
-  // next is the previous index now. Threads may still hold it in their copy; free it (and
-  // every parked one) once only lru_retired_ does, so a handshake never pays for the free.
-  lru_retired_.push_back(std::move(next));
-  std::erase_if(lru_retired_, [](const auto& p) { return p.use_count() == 1; });
 }
 
 void OnDemand::remember(const std::string& name) {
@@ -335,10 +331,10 @@ void OnDemand::remember(const std::string& name) {
     std::lock_guard lock(lru_mu_);
     ++remembered_;
     const uint64_t stamp = tick_.fetch_add(1, std::memory_order_relaxed) + 1;
-    if (auto* e = lru_->find(name)) {
+    if (auto* e = lru_.current()->find(name)) {
       e->last_used.store(stamp, std::memory_order_relaxed);
     } else {
-      auto next = std::make_shared<OnDemandLru>(*lru_);
+      auto next = std::make_shared<OnDemandLru>(*lru_.current());
       std::array<detail::LruShard*, detail::kLruShards> copied{};  // shards of next already copied
       auto edit = [&](std::size_t s) {
         if (!copied[s]) {
@@ -428,9 +424,12 @@ void OnDemand::run_job(const std::string& name) {
   if (!options_.ask_url.empty()) {
     int a = ask(name);
     if (a != 1) {
-      std::lock_guard lock(mu_);
-      ++counters_.denied;
-      deny(name, a == 0 ? options_.deny_ttl : options_.failure_ttl);
+      {
+        std::lock_guard lock(mu_);
+        ++counters_.denied;
+        deny(name, a == 0 ? options_.deny_ttl : options_.failure_ttl);
+      }
+      // Logged after mu_ is released: handshakes (decide) take mu_.
       logger_->log(LogLevel::info, kLog, "on-demand name denied by the ask URL", {{"name", name}});
       return;
     }
@@ -453,14 +452,18 @@ void OnDemand::run_job(const std::string& name) {
     deny(name, options_.failure_ttl);
     return;
   }
+  bool throttled = false;
   {
     std::lock_guard lock(mu_);
     if (!take_rate(name)) {
       ++counters_.throttled;
       deny(name, options_.failure_ttl);
-      logger_->log(LogLevel::warn, kLog, "on-demand issuance throttled", {{"name", name}});
-      return;
+      throttled = true;
     }
+  }
+  if (throttled) {
+    logger_->log(LogLevel::warn, kLog, "on-demand issuance throttled", {{"name", name}});  // not under mu_
+    return;
   }
   auto st = backend_.obtain(name);
   if (!st) {
@@ -519,7 +522,7 @@ std::vector<std::string> OnDemand::cached() const {
   std::vector<std::pair<uint64_t, std::string>> all;
   {
     std::lock_guard lock(lru_mu_);
-    for (const auto& shard : lru_->shards) {
+    for (const auto& shard : lru_.current()->shards) {
       for (const auto& [n, entry] : *shard) all.emplace_back(entry->last_used.load(std::memory_order_relaxed), n);
     }
   }

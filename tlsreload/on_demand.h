@@ -24,6 +24,7 @@
 #include "acme/util/clock.h"
 #include "acme/util/error.h"
 #include "acme/util/logger.h"
+#include "tlsreload/detail/hazard.h"
 #include "tlsreload/openssl_hook.h"
 
 namespace autotls::tlsreload {
@@ -178,14 +179,15 @@ class OnDemand {
   std::unordered_map<std::string, std::deque<Clock::time_point>> name_issued_;
   Counters counters_;
 
-  // The LRU of on-demand certificates in memory. Handshakes (touch) never lock it: the index
-  // (name -> entry, in shards) is immutable and replaced under lru_mu_ when a name comes or
-  // goes, copying only the shard that changed; a handshake uses its thread's copy of the
-  // index, revalidated against lru_version_ (the CertStore scheme). Each entry has a last-used
-  // stamp, a relaxed atomic taken from tick_, that the evictor reads to pick the least recent.
-  mutable std::mutex lru_mu_;
-  std::shared_ptr<const detail::OnDemandLru> lru_;                   // guarded by lru_mu_
-  std::vector<std::shared_ptr<const detail::OnDemandLru>> lru_retired_;  // freed by writers
+  // The LRU of on-demand certificates in memory. Handshakes (touch) never lock it nor wait for
+  // a writer: the index (name -> entry, in shards) is immutable and replaced under lru_mu_
+  // (writers only) when a name comes or goes, copying only the shard that changed; a handshake
+  // uses its thread's copy of the index, revalidated against lru_version_, and refreshes that
+  // copy without a lock through lru_ (hazard pointers: the CertStore scheme, same code). Each
+  // entry has a last-used stamp, a relaxed atomic taken from tick_, that the evictor reads to
+  // pick the least recent.
+  mutable std::mutex lru_mu_;  // serializes writers (remember) and cached()/counters()
+  detail::HazardPublished<detail::OnDemandLru> lru_;  // current()/publish() under lru_mu_
   uint64_t remembered_ = 0;  // stamps taken by remember(), not handshakes (lru_mu_)
   // lru_version_: the version of lru_ (process-wide unique), 0 while it is empty.
   alignas(64) std::atomic<uint64_t> lru_version_{0};

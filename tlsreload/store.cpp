@@ -387,87 +387,9 @@ struct CacheSlot {
 constexpr std::size_t kCacheSlots = 4;
 thread_local std::array<CacheSlot, kCacheSlots> tl_cache;
 
-// The hazard registry: one record per thread that ever refreshed a snapshot (of any store),
-// in a list that only grows (pushed by CAS, never unlinked or freed, so a writer can walk it
-// while threads come and go). A thread takes a free record on its first refresh and gives it
-// back when it exits; hazard is non-null only inside CertStore::acquire.
-struct HazardRecord {
-  std::atomic<const detail::Published*> hazard{nullptr};
-  std::atomic<bool> in_use{false};
-  HazardRecord* next = nullptr;  // set before the record is pushed, never changed after
-};
-static_assert(std::atomic<const detail::Published*>::is_always_lock_free);
-static_assert(std::atomic<bool>::is_always_lock_free);
-std::atomic<HazardRecord*> g_hazards{nullptr};
-
-// take_record returns a free record, or a new one pushed onto the list. The walk is bounded
-// by the number of records (the most threads ever alive at once); the push retries only when
-// another thread pushed meanwhile.
-HazardRecord* take_record() {
-  for (HazardRecord* r = g_hazards.load(std::memory_order_acquire); r != nullptr; r = r->next) {
-    bool free = false;
-    if (!r->in_use.load(std::memory_order_relaxed) &&
-        r->in_use.compare_exchange_strong(free, true, std::memory_order_acquire)) {
-      return r;
-    }
-  }
-  auto* r = new HazardRecord;  // never freed: writers may be reading it
-  r->in_use.store(true, std::memory_order_relaxed);
-  HazardRecord* head = g_hazards.load(std::memory_order_relaxed);
-  do {
-    r->next = head;
-  } while (!g_hazards.compare_exchange_weak(head, r, std::memory_order_release,
-                                            std::memory_order_relaxed));
-  return r;
-}
-
-// The calling thread's record, given back by the thread_local's destructor at thread exit.
-// A lookup made by another thread_local's destructor after the owner's has run (thread exit)
-// must not use the record given back: another thread may hold it by then, and two threads
-// sharing a hazard slot could let a writer free what one of them is copying. Such a late
-// caller takes a record of its own that it never gives back (a leaked pool slot, for a
-// pathological case). Both are trivially destructible, so they stay usable during thread
-// exit, and constant-initialized, so they add nothing to pinned()'s path.
-thread_local bool tl_hazard_released = false;
-thread_local HazardRecord* tl_late_record = nullptr;
-
-struct HazardOwner {
-  HazardRecord* record;
-  ~HazardOwner() {
-    tl_hazard_released = true;
-    record->hazard.store(nullptr, std::memory_order_release);
-    record->in_use.store(false, std::memory_order_release);
-  }
-};
-
-HazardRecord& my_record() {
-  if (tl_hazard_released) [[unlikely]] {
-    if (tl_late_record == nullptr) tl_late_record = take_record();
-    return *tl_late_record;
-  }
-  // Block scope, not namespace scope: GCC initializes a translation unit's namespace-scope
-  // thread_locals together, on the first use of any of them, so this one would add its
-  // destructor's registration to pinned()'s path (and two register saves to every lookup).
-  thread_local HazardOwner owner{take_record()};
-  return *owner.record;
-}
-
-// published_hazards returns every hazard pointer set at the time of the loads (seq_cst: see
-// CertStore::commit), sorted.
-std::vector<const detail::Published*> published_hazards() {
-  std::vector<const detail::Published*> out;
-  for (HazardRecord* r = g_hazards.load(std::memory_order_acquire); r != nullptr; r = r->next) {
-    if (const detail::Published* p = r->hazard.load(std::memory_order_seq_cst)) out.push_back(p);
-  }
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
 }  // namespace
 
 namespace detail {
-
-std::atomic<void (*)()> g_store_acquire_hook{nullptr};
 
 // SnapshotEditor builds the next snapshot from the current one, copying only the shards it
 // touches (copy-on-write): a touched shard is thawed into a small vector of drafts (about 100
@@ -724,47 +646,19 @@ std::vector<std::shared_ptr<const Certificate>> Snapshot::certificates() const {
 
 CertStore::CertStore()
     : id_(g_next_store_id.fetch_add(1, std::memory_order_relaxed)),
-      current_(new detail::Published{detail::SnapshotEditor::empty()}) {
-  published_.store(current_.get(), std::memory_order_seq_cst);
-  version_.store(current_->snapshot->version(), std::memory_order_release);
+      published_(detail::SnapshotEditor::empty()) {
+  version_.store(published_.current()->version(), std::memory_order_release);
 }
 
 CertStore::~CertStore() = default;
 
-// commit publishes next and frees the replaced snapshots that nothing holds any more.
-//
-// Why a freed snapshot is never in use (a Dekker pattern; S is the single total order of
-// seq_cst operations). A reader R taking a reference (CertStore::acquire) does
-//   R1 hazard = p (seq_cst);  R2 load published_ == p (seq_cst), else retry;
-//   R3 copy p->snapshot (atomic increment);  R4 hazard = nullptr (release).
-// The writer W that replaces p and later frees it does
-//   W1 published_ = q (seq_cst);  ...  W2 load every hazard (seq_cst);
-//   W3 free p if no hazard was p and p->snapshot.use_count() == 1.
-// R2 read p, so R2 precedes W1 in S (a seq_cst load after W1 in S reads W1's value or a later
-// one, none of which is p while p is not freed), and R1 is sequenced before R2: R1 <S W2.
-// So W2 reads R's hazard as p (W keeps p), or a later value: R4's nullptr or a hazard R set
-// afterwards, both released after R3, so R3 happens before W3 and W3's use_count() sees R's
-// reference (W keeps p) or its later release (R no longer holds p). Hence W2 before W3, and
-// both seq_cst operations on each side, are required. If instead R1 follows W2 in S, R2 follows
-// W1 and reads q or later: R retries (a new Published at p's old address after p was freed is
-// a live, published object, so that is also safe). Once W3 found no reference and no hazard,
-// nothing can make a new one: references come from acquire (just shown) or from copying a
-// held reference. The reader's side costs one locked instruction (R1) per refresh; W pays the
-// walk over the registry, once per change.
+// commit publishes next (see detail::HazardPublished::publish for why a replaced snapshot is
+// freed only once no reader holds or is taking it), then its version for the readers'
+// revalidation: a reader that sees the new version acquires the new snapshot or a later one.
 void CertStore::commit(std::shared_ptr<const Snapshot> next) {
   std::uint64_t v = next->version();
-  auto fresh = std::make_unique<const detail::Published>(detail::Published{std::move(next)});
-  published_.store(fresh.get(), std::memory_order_seq_cst);  // W1
+  published_.publish(std::move(next));
   version_.store(v, std::memory_order_release);
-  current_.swap(fresh);
-  // fresh now holds the previous snapshot. Park it; free every parked snapshot that no thread
-  // cache holds any more and no reader is taking (see above).
-  retired_.push_back(std::move(fresh));
-  const auto hazards = published_hazards();  // W2, before any use_count() (W3)
-  std::erase_if(retired_, [&hazards](const auto& r) {
-    return !std::binary_search(hazards.begin(), hazards.end(), r.get()) &&
-           r->snapshot.use_count() == 1;
-  });
 }
 
 const Snapshot& CertStore::pinned() const {
@@ -787,10 +681,10 @@ const Snapshot& CertStore::refresh() const {
     return *slot.raw;
   }
   slot.store_id = id_;
-  std::shared_ptr<const Snapshot> fresh = acquire();
+  std::shared_ptr<const Snapshot> fresh = published_.acquire();
   slot.version = fresh->version();
   slot.raw = fresh.get();
-  // The previous snapshot is parked in retired_ by the writer, so dropping it here is one
+  // The previous snapshot is parked by the writer (HazardPublished::publish), so dropping it here is one
   // atomic decrement, never the free.
   slot.snapshot.swap(fresh);
   return *slot.raw;
@@ -807,26 +701,7 @@ const Certificate* CertStore::lookup_for_handshake(std::string_view sni,
   return pinned().find_borrowed(sni, client_supports_ecdsa);
 }
 
-std::shared_ptr<const Snapshot> CertStore::snapshot() const { return acquire(); }
-
-// acquire is the reader's half of the protocol at commit(): R1 to R4. No lock, and no step
-// waits for another thread; the loop repeats only when a writer published meanwhile.
-std::shared_ptr<const Snapshot> CertStore::acquire() const {
-  HazardRecord& record = my_record();
-  const detail::Published* p = published_.load(std::memory_order_acquire);
-  for (;;) {
-    record.hazard.store(p, std::memory_order_seq_cst);                      // R1
-    const detail::Published* q = published_.load(std::memory_order_seq_cst);  // R2
-    if (q == p) break;
-    p = q;
-  }
-  if (auto hook = detail::g_store_acquire_hook.load(std::memory_order_relaxed)) [[unlikely]] {
-    hook();
-  }
-  std::shared_ptr<const Snapshot> s = p->snapshot;          // R3
-  record.hazard.store(nullptr, std::memory_order_release);  // R4
-  return s;
-}
+std::shared_ptr<const Snapshot> CertStore::snapshot() const { return published_.acquire(); }
 
 CertStore::Counters CertStore::counters() const {
   Counters c;
@@ -905,8 +780,8 @@ Status CertStore::publish(std::shared_ptr<const Certificate> cert) {
     return st;
   }
   std::lock_guard lock(write_mu_);
-  // Only writers replace current_, and we hold write_mu_.
-  const Snapshot& base = *current_->snapshot;
+  // Only writers replace the published snapshot, and we hold write_mu_.
+  const Snapshot& base = *published_.current();
   // Checked before copying the snapshot, so a no-op reload costs a few hash lookups.
   if (holds_all(*cert, [&](std::string_view k) { return detail::SnapshotEditor::peek(base, k); })) {
     publish_ok_.fetch_add(1, std::memory_order_relaxed);
@@ -925,7 +800,7 @@ std::vector<Status> CertStore::publish_batch(
   for (const auto& cert : certs) out.push_back(check_publishable(cert));
   std::lock_guard lock(write_mu_);
   by_id_.reserve(by_id_.size() + certs.size());
-  detail::SnapshotEditor ed(*current_->snapshot);
+  detail::SnapshotEditor ed(*published_.current());
   bool changed = false;
   for (std::size_t i = 0; i < certs.size(); ++i) {
     if (!out[i]) {
@@ -954,7 +829,7 @@ Result<std::shared_ptr<const Certificate>> CertStore::publish_pem(std::string_vi
 
 Status CertStore::remove(std::string_view cert_id) {
   std::lock_guard lock(write_mu_);
-  const Snapshot& base = *current_->snapshot;
+  const Snapshot& base = *published_.current();
   detail::SnapshotEditor ed(base);
   bool changed = false;
   if (auto it = by_id_.find(cert_id); it != by_id_.end()) {
@@ -993,7 +868,7 @@ Status CertStore::remove_name(std::string_view name) {
   std::string_view key = key_of(lower);
 
   std::lock_guard lock(write_mu_);
-  detail::SnapshotEditor ed(*current_->snapshot);
+  detail::SnapshotEditor ed(*published_.current());
   CertPair* p = key.empty() ? nullptr : ed.find(key);
   if (!p) {
     remove_failed_.fetch_add(1, std::memory_order_relaxed);
@@ -1017,7 +892,7 @@ Status CertStore::set_default(std::shared_ptr<const Certificate> cert) {
     return fail(Errc::invalid_input, "set_default: null certificate");
   }
   std::lock_guard lock(write_mu_);
-  detail::SnapshotEditor ed(*current_->snapshot);
+  detail::SnapshotEditor ed(*published_.current());
   slot_of(ed.default_pair(), cert->key_kind()) = std::move(cert);
   commit(ed.finish());
   publish_ok_.fetch_add(1, std::memory_order_relaxed);
@@ -1026,8 +901,8 @@ Status CertStore::set_default(std::shared_ptr<const Certificate> cert) {
 
 void CertStore::clear_default() {
   std::lock_guard lock(write_mu_);
-  if (current_->snapshot->default_pair().empty()) return;
-  detail::SnapshotEditor ed(*current_->snapshot);
+  if (published_.current()->default_pair().empty()) return;
+  detail::SnapshotEditor ed(*published_.current());
   ed.default_pair() = CertPair{};
   commit(ed.finish());
 }

@@ -15,6 +15,7 @@
 
 #include "acme/util/error.h"
 #include "tlsreload/certificate.h"
+#include "tlsreload/detail/hazard.h"
 
 namespace autotls::tlsreload {
 
@@ -101,19 +102,6 @@ class Snapshot {
   std::array<std::shared_ptr<const detail::ShardGroup>, kShardGroups> groups_;
 };
 
-namespace detail {
-// Published owns the reference of one published snapshot at an address that stays fixed until
-// a writer frees it: readers protect this address with a hazard pointer and copy the
-// reference, which nobody modifies meanwhile (see CertStore::refresh).
-struct Published {
-  std::shared_ptr<const Snapshot> snapshot;
-};
-
-// For tests only: when set, called by a thread that takes a reference to the published
-// snapshot, after its hazard pointer is validated and before the reference is copied (the
-// window in which only the hazard keeps the snapshot alive).
-extern std::atomic<void (*)()> g_store_acquire_hook;
-}  // namespace detail
 
 // CertStore maps SNI names to certificates.
 //
@@ -125,15 +113,16 @@ extern std::atomic<void (*)()> g_store_acquire_hook;
 // a lock bit): each thread caches a std::shared_ptr<const Snapshot> per store and revalidates
 // it against the store's atomic version counter, one acquire load per lookup (the h2o
 // "generation" scheme). Only when the version changed does the thread refresh its copy, and
-// that takes no lock either: writers publish a raw pointer to a detail::Published (which owns
-// the snapshot's reference), and the refreshing thread protects it with a hazard pointer (one
-// slot per thread in a process-wide registry), checks it is still the published one, copies
-// the reference and clears its hazard. snapshot() does the same. Every step is one atomic
+// that takes no lock either: writers publish a raw pointer to a holder of the snapshot's
+// reference, and the refreshing thread protects it with a hazard pointer (one slot per thread
+// in a process-wide registry), checks it is still the published one, copies the reference and
+// clears its hazard (detail::HazardPublished, shared with OnDemand's LRU index). snapshot()
+// does the same. Every step is one atomic
 // instruction (libstdc++'s shared_ptr copy and release are a fetch_add on the count, its
 // use_count() a relaxed load); the only loop retries when a writer published in between, so
 // a reader always makes progress unless writers keep publishing. Writers free a replaced
 // snapshot only when no hazard slot names it and then no thread holds a reference to it
-// (use_count() == 1); the ordering argument is at CertStore::commit in store.cpp.
+// (use_count() == 1); the ordering argument is at HazardPublished::publish (detail/hazard.h).
 // Consequences: a thread keeps its last snapshot (and the certificates in it) alive until its
 // next lookup on any store or its exit; the snapshot is then freed by the store's next change
 // (writers free replaced snapshots, so a reader never pays for it). A thread's first refresh
@@ -208,7 +197,6 @@ class CertStore {
  private:
   const Snapshot& pinned() const;
   const Snapshot& refresh() const;                    // pinned()'s slow path
-  std::shared_ptr<const Snapshot> acquire() const;    // the published snapshot, lock-free
   void commit(std::shared_ptr<const Snapshot> next);  // with write_mu_ held
   bool apply_publish(detail::SnapshotEditor& ed, const std::shared_ptr<const Certificate>& cert);
 
@@ -217,7 +205,10 @@ class CertStore {
   // Read by every lookup: alone on its cache line, so writers bumping counters or taking
   // mutexes next to it do not make readers miss.
   alignas(64) std::atomic<std::uint64_t> version_{0};
-  std::atomic<const detail::Published*> published_{nullptr};
+  // The published snapshot: lock-free acquire() for readers; current() and publish() for
+  // writers (guarded by write_mu_). Its reader-side pointer shares version_'s line, as both
+  // change together: a refresh after a change costs readers no extra miss.
+  detail::HazardPublished<Snapshot> published_;
 
   // Writers. by_id_ maps a certificate id to the certificate and how many slots it holds.
   std::mutex write_mu_;
@@ -227,16 +218,6 @@ class CertStore {
   };
   // The key views Held::cert->id() (no copy of 64 hex characters per certificate).
   std::unordered_map<std::string_view, Held> by_id_;
-
-  // The published snapshot. current_ is the writers' (guarded by write_mu_); published_ is
-  // current_.get() for readers, stored by commit() before version_ (both change together, so
-  // they share version_'s line without costing readers an extra miss).
-  std::unique_ptr<const detail::Published> current_;
-  // retired_ keeps replaced snapshots until no thread's cache holds them and no hazard slot
-  // names them, so that the writer, not a reader refreshing its cache, pays for freeing them
-  // (a snapshot holds kShardGroups group references, and a freed group releases its shards).
-  // Guarded by write_mu_.
-  std::vector<std::unique_ptr<const detail::Published>> retired_;
 
   alignas(64) std::atomic<std::uint64_t> publish_ok_{0};
   std::atomic<std::uint64_t> publish_failed_{0};

@@ -4,13 +4,16 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <barrier>
 #include <condition_variable>
+#include <future>
 #include <mutex>
 #include <set>
 #include <thread>
 
 #include "tests/support/fake_clock.h"
 #include "tests/support/fake_transport.h"
+#include "tlsreload/detail/hazard.h"
 #include "tlsreload/on_demand.h"
 
 using namespace autotls;
@@ -71,6 +74,18 @@ UnknownName run(OnDemand& od, std::string_view sni) {
   if (a != UnknownName::retry) return a;
   REQUIRE(od.wait_idle(5s));
   return od.denied(sni) ? UnknownName::fail : UnknownName::retry;
+}
+
+// pause_hook stops the thread named by g_pause_thread inside HazardPublished::acquire, after
+// its hazard pointer is validated and before it copies the reference (see the hook's comment).
+std::atomic<std::thread::id> g_pause_thread{};
+std::promise<void>* g_paused = nullptr;
+std::shared_future<void>* g_resume = nullptr;
+void pause_hook() {
+  if (std::this_thread::get_id() != g_pause_thread.load()) return;
+  g_pause_thread.store(std::thread::id{});  // once
+  g_paused->set_value();
+  (void)g_resume->wait_for(30s);
 }
 
 }  // namespace
@@ -405,5 +420,102 @@ TEST_SUITE("on_demand") {
     CHECK(fb.evictions == want);
     CHECK((*od)->cached().size() == 500);
     CHECK((*od)->counters().evicted == 10);
+  }
+
+  TEST_CASE("on-demand touch refreshes its index without a lock while writers remember and evict") {
+    // Handshake-like readers touch names while workers add names and evict beyond max_cached
+    // (every add publishes a new index). Bounded by counts, not time. Under TSan this checks
+    // that the lock-free refresh races with nothing; everywhere it checks that a reader's
+    // index is complete (each touch of a name no writer can remove finds it) and, after the
+    // writers stop, that every reader thread moves to the final index.
+    FakeClock clock;
+    FakeBackend fb;
+    auto o = base_options(clock);
+    o.max_cached = 8;
+    o.global_rate = {0, 0s};
+    o.per_name_rate = {0, 0s};
+    o.max_concurrent = 2;
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    constexpr int kReaders = 4, kWriters = 2, kNamesPerWriter = 150;
+    std::atomic<int> writers_left{kWriters};
+    std::atomic<uint64_t> touches{0};
+    std::vector<std::thread> threads;
+    for (int w = 0; w < kWriters; ++w) {
+      threads.emplace_back([&, w] {
+        for (int i = 0; i < kNamesPerWriter; ++i) {
+          run(**od, "w" + std::to_string(w) + "-" + std::to_string(i) + ".allowed.test");
+        }
+        writers_left.fetch_sub(1);
+      });
+    }
+    // Readers and this thread meet twice after the writers stop: once for this thread to
+    // read the final state, then for the readers (the same threads, still holding the copy of
+    // the index they last refreshed) to touch what is cached now.
+    std::barrier meet(kReaders + 1);
+    std::vector<std::string> cached;
+    for (int r = 0; r < kReaders; ++r) {
+      threads.emplace_back([&, r] {
+        // Bounded: at most this many rounds even if the writers were slow to finish.
+        for (int round = 0; round < 200'000 && writers_left.load() > 0; ++round) {
+          (*od)->touch("w" + std::to_string(round % kWriters) + "-" + std::to_string((round / 7 + r) % kNamesPerWriter) +
+                       ".allowed.test");
+          (*od)->touch("configured.example.com");  // never on demand
+          touches.fetch_add(1);
+        }
+        meet.arrive_and_wait();
+        meet.arrive_and_wait();
+        for (const auto& n : cached) (*od)->touch(n);
+        (*od)->touch("w0-0.allowed.test");  // evicted long ago
+      });
+    }
+    for (int w = 0; w < kWriters; ++w) threads[static_cast<std::size_t>(w)].join();
+    REQUIRE((*od)->wait_idle(5s));
+    cached = (*od)->cached();
+    meet.arrive_and_wait();
+    const uint64_t before = (*od)->counters().touched;
+    meet.arrive_and_wait();
+    for (std::size_t i = kWriters; i < threads.size(); ++i) threads[i].join();
+    CHECK(cached.size() == 8);
+    CHECK(fb.count(fb.evictions) == kWriters * kNamesPerWriter - 8);
+    CHECK((*od)->counters().evicted == kWriters * kNamesPerWriter - 8);
+    CHECK(before <= touches.load());  // configured names never stamp
+    // The writers have stopped: each reader thread (whose copy may be an old index) must move
+    // to the final one, in which every cached name is found (stamped) and no evicted one is.
+    CHECK((*od)->counters().touched == before + kReaders * cached.size());
+  }
+
+  TEST_CASE("on-demand keeps an LRU index a handshake is taking alive on its hazard pointer alone") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto o = base_options(clock);
+    o.max_cached = 1;
+    o.global_rate = {0, 0s};
+    o.per_name_rate = {0, 0s};
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    run(**od, "a.allowed.test");
+    std::promise<void> paused, resume;
+    std::shared_future<void> resumed = resume.get_future().share();
+    g_paused = &paused;
+    g_resume = &resumed;
+    detail::g_hazard_acquire_hook = &pause_hook;
+    auto reader = std::async(std::launch::async, [&] {
+      g_pause_thread = std::this_thread::get_id();
+      (*od)->touch("a.allowed.test");  // pauses inside the refresh of its (empty) copy
+    });
+    REQUIRE(paused.get_future().wait_for(30s) == std::future_status::ready);
+    // The reader validated the index holding a but has no reference yet. Writers go on (they
+    // never wait for it, nor it for them): b evicts a, c evicts b, each publishing an index.
+    run(**od, "b.allowed.test");
+    run(**od, "c.allowed.test");
+    CHECK(fb.evictions == std::vector<std::string>{"a.allowed.test", "b.allowed.test"});
+    resume.set_value();
+    REQUIRE(reader.wait_for(30s) == std::future_status::ready);
+    detail::g_hazard_acquire_hook = nullptr;
+    reader.get();
+    // The index it took (a in it) was complete and valid: a's entry got the stamp.
+    CHECK((*od)->counters().touched == 1);
+    CHECK((*od)->cached() == std::vector<std::string>{"c.allowed.test"});
   }
 }

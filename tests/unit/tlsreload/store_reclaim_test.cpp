@@ -105,7 +105,7 @@ struct Fixture {
   std::weak_ptr<const Snapshot> current() { return store.snapshot(); }
 };
 
-// The acquire hook (detail::g_store_acquire_hook) stops one chosen thread inside
+// The acquire hook (detail::g_hazard_acquire_hook) stops one chosen thread inside
 // CertStore::acquire, after its hazard pointer is validated and before it copies the reference.
 std::atomic<std::thread::id> g_pause_thread{};
 std::promise<void>* g_paused = nullptr;        // set by the paused thread
@@ -155,7 +155,7 @@ TEST_CASE_FIXTURE(Fixture, "store keeps a snapshot a thread is taking alive on i
   g_paused = &paused;
   g_resume = &resumed;
   g_pause_thread = t.id();
-  detail::g_store_acquire_hook = &pause_hook;
+  detail::g_hazard_acquire_hook = &pause_hook;
   std::shared_ptr<const Certificate> seen;
   auto looked_up = t.start([&] { seen = store.lookup("a.test"); });
   REQUIRE(paused.get_future().wait_for(kHang) == std::future_status::ready);
@@ -168,7 +168,7 @@ TEST_CASE_FIXTURE(Fixture, "store keeps a snapshot a thread is taking alive on i
 
   resume.set_value();
   REQUIRE(looked_up.wait_for(kHang) == std::future_status::ready);
-  detail::g_store_acquire_hook = nullptr;
+  detail::g_hazard_acquire_hook = nullptr;
   looked_up.get();
   CHECK(seen == a);  // served from v1, taken before the remove: complete and valid
   seen.reset();
