@@ -195,6 +195,9 @@ struct IdnName {
 Result<IdnName> idn_name(const std::string& name);
 // show_name is "ascii (unicode)" when they differ, else ascii.
 std::string show_name(const std::string& ascii);
+// unicode_names is the Unicode form of each name (as idn_name; the name itself when not an IDN),
+// for the "unicode_names" of JSON results beside the punycode "names".
+nlohmann::json unicode_names(const std::vector<std::string>& names);
 
 // Paths of one stored certificate (docs/storage.md).
 struct LivePaths {

@@ -38,15 +38,6 @@ std::string shown_list(const std::vector<std::string>& names, const char* sep) {
   return list;
 }
 
-json unicode_names(const std::vector<std::string>& names) {
-  json j = json::array();
-  for (const auto& n : names) {
-    auto i = idn_name(n);
-    j.push_back(i ? i->unicode : n);
-  }
-  return j;
-}
-
 // RunResult is what one Manager run did for one name set.
 struct RunResult {
   std::vector<tlsreload::ManagerEvent> events;
@@ -316,7 +307,7 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   auto info = stored_certificate(*ctx.storage, key);
   json j = {{"status", action}, {"name", key}, {"names", names}};
   if (info && *info) j = cert_info_json(**info, ctx.storage_root), j["status"] = action;
-  j["unicode_names"] = unicode_names(names);
+  j["unicode_names"] = unicode_names(names);  // the names asked for, also when storage was unreadable
   const auto* issued = r.issued();
   if (issued) j["issuer_name"] = issued->issuer;
   j["fallback"] = r.fallback();
@@ -456,7 +447,7 @@ int cmd_renew(Context& ctx) {
   for (const auto& c : todo) {
     if (!c.due && !o.force) {
       std::string why = "not due until " + acme::format_rfc3339(c.renewal_time) + " (" + c.renewal_reason + ")";
-      ctx.out.result("skipped " + c.key + ": " + why);
+      ctx.out.result("skipped " + show_name(c.key) + ": " + why);
       ctx.out.object({{"name", c.key}, {"action", "skipped"}, {"reason", why},
                       {"renewal_time", acme::format_rfc3339(c.renewal_time)}});
       continue;
@@ -499,7 +490,7 @@ int cmd_renew(Context& ctx) {
     auto fail_one = [&](const Error& e) {
       int code = exit_code_for(e);
       if (!first_failure) first_failure = code;
-      ctx.out.result("failed " + c.key + ": " + describe_error(e));
+      ctx.out.result("failed " + show_name(c.key) + ": " + describe_error(e));
       ctx.out.object({{"name", c.key}, {"action", "failed"}, {"exit_code", code}, {"error", error_json(e)}});
     };
     if (auto st = check_challenge_options(co); !st) {
@@ -511,7 +502,7 @@ int cmd_renew(Context& ctx) {
       fail_one(issuers.error());
       continue;
     }
-    ctx.out.info("renewing " + c.key + " (" + (o.force && !c.due ? std::string("forced") : c.renewal_reason) + ") via " +
+    ctx.out.info("renewing " + show_name(c.key) + " (" + (o.force && !c.due ? std::string("forced") : c.renewal_reason) + ") via " +
                  co.challenge + " at " + issuer_labels(*issuers, dir));
     auto r = run_manager(ctx, co, dir, names, o.force);
     if (auto err = r.failure()) {
@@ -520,7 +511,7 @@ int cmd_renew(Context& ctx) {
       continue;
     }
     if (!r.changed()) {
-      ctx.out.result("skipped " + c.key + ": the stored certificate is not due");
+      ctx.out.result("skipped " + show_name(c.key) + ": the stored certificate is not due");
       ctx.out.object({{"name", c.key}, {"action", "skipped"}, {"reason", "not due"}});
       continue;
     }
@@ -536,9 +527,9 @@ int cmd_renew(Context& ctx) {
     if (info && *info) {
       j["not_after"] = acme::format_rfc3339((*info)->not_after);
       j["fullchain_path"] = live_paths(ctx.storage_root, c.key).fullchain.string();
-      ctx.out.result("renewed " + c.key + ": valid until " + acme::format_rfc3339((*info)->not_after) + by);
+      ctx.out.result("renewed " + show_name(c.key) + ": valid until " + acme::format_rfc3339((*info)->not_after) + by);
     } else {
-      ctx.out.result("renewed " + c.key + by);
+      ctx.out.result("renewed " + show_name(c.key) + by);
     }
     ctx.out.object(j);
     // A failing hook: the renewed certificate is saved; the run exits 6 unless something failed first.

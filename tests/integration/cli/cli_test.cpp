@@ -697,6 +697,18 @@ TEST_SUITE("cli.issue") {
     CHECK(j["unicode_names"] == json::array({"bücher.cli.test"}));
     auto rn = run(c.args({"renew", "bücher.cli.test"}, {"--no-random-sleep"}));
     CHECK_MESSAGE(rn.code == 1, show(rn));
+    CHECK_MESSAGE(rn.out.find("skipped xn--bcher-kva.cli.test (bücher.cli.test): not due") != std::string::npos, show(rn));
+    // list shows both forms too: the certificate's line and its names; --json has unicode_names.
+    auto ls = run(c.args({"list"}, {}));
+    REQUIRE_MESSAGE(ls.code == 0, show(ls));
+    CHECK_MESSAGE(ls.out.find("xn--bcher-kva.cli.test (bücher.cli.test)\n") != std::string::npos, show(ls));
+    CHECK_MESSAGE(ls.out.find("names:         xn--bcher-kva.cli.test (bücher.cli.test)") != std::string::npos, show(ls));
+    auto lj = run(c.args({"list", "--json"}, {}));
+    REQUIRE_MESSAGE(lj.code == 0, show(lj));
+    auto certs = last_json_line(lj.out)["certificates"];
+    REQUIRE(certs.size() == 1);
+    CHECK(certs[0]["names"] == json::array({"xn--bcher-kva.cli.test"}));
+    CHECK(certs[0]["unicode_names"] == json::array({"bücher.cli.test"}));
   }
 
   TEST_CASE("http-01 through a webroot served by another web server") {
