@@ -58,6 +58,7 @@ struct Options {
   std::vector<std::string> https_addresses;  // serve: https listeners
   std::string tls_address;                   // issue: standalone tls-alpn-01
   std::string webroot;
+  std::string out_dir;  // issue/renew --out: copies of the certificate files (absolute once parsed)
   std::string dns_hook;
   std::string dns_server;  // dns-01 by RFC 2136: HOST[:PORT] of the primary server
   std::string tsig_key;    // NAME:ALGORITHM:BASE64 or a BIND key file (also AUTOTLS_TSIG_KEY)

@@ -234,6 +234,7 @@ json renewal_settings(const Options& o, const std::string& directory_url) {
   if (!o.http_addresses.empty()) j["http-address"] = o.http_addresses.front();
   if (!o.tls_address.empty()) j["tls-address"] = o.tls_address;
   if (!o.webroot.empty()) j["webroot"] = o.webroot;
+  if (!o.out_dir.empty()) j["out"] = o.out_dir;
   if (!o.dns_hook.empty()) j["dns-hook"] = o.dns_hook;
   if (!o.dns_server.empty()) j["dns-server"] = o.dns_server;
   if (!o.dns_zone.empty()) j["dns-zone"] = o.dns_zone;
@@ -293,6 +294,38 @@ tlsreload::StorageFile renewal_file(const Options& o, const std::string& directo
   return {"renewal.json", renewal_settings(o, directory_url).dump(2) + "\n", secret_settings(o)};
 }
 
+// copy_out writes the stored certificate's files into --out DIR (when given), each through a
+// temporary file, fsync and rename (FileStorage::put), so a reader of DIR never sees half a file
+// and the key is 0600 from its first byte. Software that wants its files in its own place
+// (certbot's --cert-path, lego's --path) needs no deploy hook for it. Runs before the hooks, so
+// a deploy hook sees DIR up to date. A failure is a warning: the certificate stays stored.
+bool copy_out(Context& ctx, const Options& o, const std::string& key) {
+  if (o.out_dir.empty()) return true;
+  auto report_failure = [&](const std::string& why) {
+    ctx.out.info("autotls: warning: cannot write the certificate files for " + key + " into " + o.out_dir + ": " +
+                 why + " (the certificate stays stored; exit status 6)");
+    return false;
+  };
+  std::error_code ec;
+  std::filesystem::create_directories(o.out_dir, ec);
+  if (ec) return report_failure(ec.message());
+  tlsreload::FileStorage out(o.out_dir);
+  // The key last: a reader that sees the new key also sees the certificate it belongs with.
+  const std::pair<const char*, bool> files[] = {
+      {"cert.pem", false}, {"chain.pem", false}, {"fullchain.pem", false}, {"privkey.pem", true}};
+  for (const auto& [name, secret] : files) {
+    auto data = ctx.storage->get("live/" + key + "/" + name);
+    if (!data) return report_failure(data.error().message);
+    if (!*data) {
+      if (std::string_view(name) == "chain.pem") continue;  // a self-signed leaf has no chain
+      return report_failure(std::string(name) + " is not in storage");
+    }
+    if (auto st = out.put(name, **data, secret); !st) return report_failure(st.error().message);
+  }
+  ctx.out.result("  copied to:     " + o.out_dir);
+  return true;
+}
+
 // after_success prints the paths, saves the renewal settings (unless they were stored with the
 // certificate already) and runs the hooks.
 int after_success(Context& ctx, const Options& o, const std::string& key, const std::vector<std::string>& names,
@@ -326,7 +359,8 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   if (directory_url == tlsreload::kInternalIssuer) {
     ctx.out.result("  trust root:    " + (std::filesystem::path(ctx.storage_root) / "internal" / "root.pem").string());
   }
-  return run_hooks(ctx, o, r.events) ? kExitOk : kExitLocal;
+  bool copied = copy_out(ctx, o, key);
+  return run_hooks(ctx, o, r.events) && copied ? kExitOk : kExitLocal;
 }
 
 }  // namespace
@@ -350,6 +384,16 @@ int cmd_issue(Context& ctx) {
     return usage_error(ctx, "--webroot " + o.webroot + ": not a directory");
   }
   if (!acme::parse_key_type(o.key_type)) return usage_error(ctx, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
+  if (!o.out_dir.empty()) {
+    // Absolute before it is saved in renewal.json: renew runs from cron, in another directory.
+    std::error_code ec;
+    auto abs = std::filesystem::absolute(o.out_dir, ec);
+    if (ec) return usage_error(ctx, "--out " + o.out_dir + ": " + ec.message());
+    o.out_dir = abs.lexically_normal().string();
+    if (std::filesystem::exists(o.out_dir) && !std::filesystem::is_directory(o.out_dir)) {
+      return usage_error(ctx, "--out " + o.out_dir + ": not a directory");
+    }
+  }
   auto eab = eab_from(o);
   if (!eab) return usage_error(ctx, eab.error().message);
   // --issuer / "issuers": the CAs tried in order, as in serve (tlsreload/issuer.h).
@@ -386,6 +430,8 @@ int cmd_issue(Context& ctx) {
                      " and not due for renewal until " + acme::format_rfc3339(c.renewal_time) + " (use --force to renew now)");
       ctx.out.result("  fullchain:     " + paths.fullchain.string());
       ctx.out.result("  private key:   " + paths.key.string());
+      // --out DIR gets the stored files even so: DIR may be new, or its files lost.
+      if (!copy_out(ctx, o, key)) return kExitLocal;
       return kExitNothingToDo;
     }
   }
@@ -463,6 +509,7 @@ int cmd_renew(Context& ctx) {
     take("ca-bundle", co.ca_bundle);
     take("tls-address", co.tls_address);
     take("webroot", co.webroot);
+    take("out", co.out_dir);
     take("dns-hook", co.dns_hook);
     take("dns-server", co.dns_server);
     take("dns-zone", co.dns_zone);
@@ -532,6 +579,7 @@ int cmd_renew(Context& ctx) {
       ctx.out.result("renewed " + show_name(c.key) + by);
     }
     ctx.out.object(j);
+    if (!copy_out(ctx, co, c.key) && !first_failure) first_failure = kExitLocal;
     // A failing hook: the renewed certificate is saved; the run exits 6 unless something failed first.
     if (!run_hooks(ctx, co, r.events) && !first_failure) first_failure = kExitLocal;
   }

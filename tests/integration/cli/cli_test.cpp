@@ -711,6 +711,41 @@ TEST_SUITE("cli.issue") {
     CHECK(certs[0]["unicode_names"] == json::array({"bücher.cli.test"}));
   }
 
+  TEST_CASE("issue --out writes the certificate files into a directory and renew keeps it current") {
+    // The internal CA: no network, so this runs without Pebble.
+    TempDir d;
+    std::string storage = (d.path / "s").string();
+    fs::path out = d.path / "etc" / "ssl" / "site";
+    // A file where the directory should be: a usage error before anything is issued.
+    write_file(d.path / "plain", "x");
+    auto not_dir = run({"issue", "-d", "out.test", "--ca", "internal", "--storage", storage, "--out",
+                        (d.path / "plain").string()});
+    CHECK_MESSAGE(not_dir.code == 2, show(not_dir));
+    CHECK(not_dir.err.find("not a directory") != std::string::npos);
+
+    auto r = run({"issue", "-d", "out.test", "--ca", "internal", "--storage", storage, "--out", out.string()});
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK_MESSAGE(r.out.find("copied to:     " + out.string()) != std::string::npos, show(r));
+    fs::path live = d.path / "s" / "live" / "out.test";
+    for (const char* f : {"fullchain.pem", "privkey.pem", "cert.pem", "chain.pem"}) {
+      CHECK_MESSAGE(read_file(out / f) == read_file(live / f), f);
+    }
+    CHECK((fs::status(out / "privkey.pem").permissions() & (fs::perms::group_all | fs::perms::others_all)) ==
+          fs::perms::none);
+    // Nothing to do (exit 1) still fills a directory that lost its files.
+    fs::remove(out / "fullchain.pem");
+    auto again = run({"issue", "-d", "out.test", "--ca", "internal", "--storage", storage, "--out", out.string()});
+    CHECK_MESSAGE(again.code == 1, show(again));
+    CHECK(read_file(out / "fullchain.pem") == read_file(live / "fullchain.pem"));
+    // renew takes --out from renewal.json: the new certificate lands there too.
+    auto first = read_file(out / "cert.pem");
+    auto rn = run({"renew", "--force", "--ca", "internal", "--storage", storage, "--no-random-sleep"});
+    REQUIRE_MESSAGE(rn.code == 0, show(rn));
+    CHECK(read_file(out / "cert.pem") != first);
+    CHECK(read_file(out / "cert.pem") == read_file(live / "cert.pem"));
+    CHECK(read_file(out / "privkey.pem") == read_file(live / "privkey.pem"));
+  }
+
   TEST_CASE("http-01 through a webroot served by another web server") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});
