@@ -474,6 +474,8 @@ int cmd_renew(Context& ctx) {
   }
   if (todo.empty()) {
     ctx.out.result("nothing to do: no certificates in " + ctx.storage_root);
+    // --json callers parse stdout: an empty stdout would look like a crash, not "nothing to do".
+    ctx.out.object({{"status", "nothing to do"}, {"storage", ctx.storage_root}, {"certificates", json::array()}});
     return kExitNothingToDo;
   }
 

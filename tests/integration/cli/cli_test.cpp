@@ -234,6 +234,13 @@ TEST_SUITE("cli.usage") {
     auto serve_nothing = run({"serve", "-d", "a.test", "--storage", storage});
     CHECK_MESSAGE(serve_nothing.code == 2, show(serve_nothing));
 
+    // renew --json with nothing stored: exit 1 and still one JSON object to parse.
+    auto renew_none = run({"renew", "--json", "--storage", storage, "--no-random-sleep"});
+    CHECK_MESSAGE(renew_none.code == 1, show(renew_none));
+    auto rj = last_json_line(renew_none.out);
+    REQUIRE_MESSAGE(rj.is_object(), show(renew_none));
+    CHECK(rj["status"] == "nothing to do");
+
     auto empty = run({"list", "--json", "--storage", storage});
     CHECK_MESSAGE(empty.code == 0, show(empty));
     auto j = last_json_line(empty.out);
