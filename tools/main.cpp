@@ -387,7 +387,7 @@ void build_cli(Cli& cli, Options& o) {
                     "serve every <DIR>/<name>/{fullchain,privkey}.pem (certbot layout, also <DIR>/live/<name>/); "
                     "repeatable; files are reloaded on change");
   add_challenge_options(serve, o, false);
-  serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once);\n"
+  serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once, status 6);\n"
                             "SIGHUP re-reads the config file (sites, listeners, limits; reopens the access log file) and certificates.\n"
                             "Each ACME step of each issuance is a line on stderr (\"<name>: order created...\"),\n"
                             "a JSON line with --json, nothing with --quiet.\n\n"

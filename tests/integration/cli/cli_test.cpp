@@ -206,6 +206,10 @@ TEST_SUITE("cli.usage") {
       CHECK_MESSAGE(sh.code == 0, show(sh));
       CHECK_MESSAGE(sh.out.find("Examples") != std::string::npos, sub);
     }
+    // serve's exit statuses on signals, as in docs/cli.md "Exit codes".
+    auto serve_help = run({"serve", "--help"});
+    CHECK_MESSAGE(serve_help.out.find("drain then exit 0 (a second one exits at once, status 6)") != std::string::npos,
+                  show(serve_help));
 
     TempDir d;
     std::string storage = (d.path / "s").string();
