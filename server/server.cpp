@@ -544,7 +544,7 @@ struct Server::Impl {
 
   detail::UpstreamPool upstreams;
   detail::LatencyHistogram latency;  // client requests, header parsed -> response written
-  std::atomic<std::uint64_t> accepted{0}, rejected{0}, handshake_failed{0},
+  std::atomic<std::uint64_t> accepted{0}, rejected{0}, handshakes{0}, handshake_failed{0},
       handshake_timeout{0}, header_timeout{0}, idle_closed{0}, header_too_large{0},
       requests{0}, forced_closed{0};
 
@@ -990,6 +990,8 @@ struct Server::Impl {
          accepted.load()},
         {"autotls_server_rejected_over_capacity_total", "counter",
          "Connections closed at accept because max_connections was reached.", rejected.load()},
+        {"autotls_server_handshakes_total", "counter", "TLS handshakes completed.",
+         handshakes.load()},
         {"autotls_server_handshake_failed_total", "counter", "TLS handshakes that failed.",
          handshake_failed.load()},
         {"autotls_server_handshake_timeout_total", "counter",
@@ -1640,6 +1642,9 @@ struct Server::Impl {
           ++handshake_failed;
           return reactor_close(c);
         case Step::done:
+          // Counted before the request is read, so a client that got its answer is counted.
+          // (The admin listener is plain HTTP: every handshake is a client one.)
+          ++handshakes;
           break;
       }
       c->phase = Connection::Phase::header;
@@ -2387,6 +2392,7 @@ Server::Counters Server::counters() const {
   Counters c;
   c.accepted = m.accepted.load();
   c.rejected_over_capacity = m.rejected.load();
+  c.handshakes = m.handshakes.load();
   c.handshake_failed = m.handshake_failed.load();
   c.handshake_timeout = m.handshake_timeout.load();
   c.header_timeout = m.header_timeout.load();

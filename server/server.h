@@ -41,6 +41,7 @@ class Server {
   struct Counters {
     std::uint64_t accepted = 0;
     std::uint64_t rejected_over_capacity = 0;  // closed at accept: max_connections reached
+    std::uint64_t handshakes = 0;           // TLS handshakes completed (tls-alpn-01 ones included)
     std::uint64_t handshake_failed = 0;
     std::uint64_t handshake_timeout = 0;
     std::uint64_t header_timeout = 0;       // request header not complete by its deadline

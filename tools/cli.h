@@ -58,6 +58,7 @@ struct Options {
   std::vector<std::string> https_addresses;  // serve: https listeners
   std::string tls_address;                   // issue: standalone tls-alpn-01
   std::string webroot;
+  std::string out_dir;  // issue/renew --out: copies of the certificate files (absolute once parsed)
   std::string dns_hook;
   std::string dns_server;  // dns-01 by RFC 2136: HOST[:PORT] of the primary server
   std::string tsig_key;    // NAME:ALGORITHM:BASE64 or a BIND key file (also AUTOTLS_TSIG_KEY)
@@ -195,6 +196,9 @@ struct IdnName {
 Result<IdnName> idn_name(const std::string& name);
 // show_name is "ascii (unicode)" when they differ, else ascii.
 std::string show_name(const std::string& ascii);
+// unicode_names is the Unicode form of each name (as idn_name; the name itself when not an IDN),
+// for the "unicode_names" of JSON results beside the punycode "names".
+nlohmann::json unicode_names(const std::vector<std::string>& names);
 
 // Paths of one stored certificate (docs/storage.md).
 struct LivePaths {

@@ -38,15 +38,6 @@ std::string shown_list(const std::vector<std::string>& names, const char* sep) {
   return list;
 }
 
-json unicode_names(const std::vector<std::string>& names) {
-  json j = json::array();
-  for (const auto& n : names) {
-    auto i = idn_name(n);
-    j.push_back(i ? i->unicode : n);
-  }
-  return j;
-}
-
 // RunResult is what one Manager run did for one name set.
 struct RunResult {
   std::vector<tlsreload::ManagerEvent> events;
@@ -243,6 +234,7 @@ json renewal_settings(const Options& o, const std::string& directory_url) {
   if (!o.http_addresses.empty()) j["http-address"] = o.http_addresses.front();
   if (!o.tls_address.empty()) j["tls-address"] = o.tls_address;
   if (!o.webroot.empty()) j["webroot"] = o.webroot;
+  if (!o.out_dir.empty()) j["out"] = o.out_dir;
   if (!o.dns_hook.empty()) j["dns-hook"] = o.dns_hook;
   if (!o.dns_server.empty()) j["dns-server"] = o.dns_server;
   if (!o.dns_zone.empty()) j["dns-zone"] = o.dns_zone;
@@ -302,6 +294,38 @@ tlsreload::StorageFile renewal_file(const Options& o, const std::string& directo
   return {"renewal.json", renewal_settings(o, directory_url).dump(2) + "\n", secret_settings(o)};
 }
 
+// copy_out writes the stored certificate's files into --out DIR (when given), each through a
+// temporary file, fsync and rename (FileStorage::put), so a reader of DIR never sees half a file
+// and the key is 0600 from its first byte. Software that wants its files in its own place
+// (certbot's --cert-path, lego's --path) needs no deploy hook for it. Runs before the hooks, so
+// a deploy hook sees DIR up to date. A failure is a warning: the certificate stays stored.
+bool copy_out(Context& ctx, const Options& o, const std::string& key) {
+  if (o.out_dir.empty()) return true;
+  auto report_failure = [&](const std::string& why) {
+    ctx.out.info("autotls: warning: cannot write the certificate files for " + key + " into " + o.out_dir + ": " +
+                 why + " (the certificate stays stored; exit status 6)");
+    return false;
+  };
+  std::error_code ec;
+  std::filesystem::create_directories(o.out_dir, ec);
+  if (ec) return report_failure(ec.message());
+  tlsreload::FileStorage out(o.out_dir);
+  // The key last: a reader that sees the new key also sees the certificate it belongs with.
+  const std::pair<const char*, bool> files[] = {
+      {"cert.pem", false}, {"chain.pem", false}, {"fullchain.pem", false}, {"privkey.pem", true}};
+  for (const auto& [name, secret] : files) {
+    auto data = ctx.storage->get("live/" + key + "/" + name);
+    if (!data) return report_failure(data.error().message);
+    if (!*data) {
+      if (std::string_view(name) == "chain.pem") continue;  // a self-signed leaf has no chain
+      return report_failure(std::string(name) + " is not in storage");
+    }
+    if (auto st = out.put(name, **data, secret); !st) return report_failure(st.error().message);
+  }
+  ctx.out.result("  copied to:     " + o.out_dir);
+  return true;
+}
+
 // after_success prints the paths, saves the renewal settings (unless they were stored with the
 // certificate already) and runs the hooks.
 int after_success(Context& ctx, const Options& o, const std::string& key, const std::vector<std::string>& names,
@@ -316,7 +340,7 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   auto info = stored_certificate(*ctx.storage, key);
   json j = {{"status", action}, {"name", key}, {"names", names}};
   if (info && *info) j = cert_info_json(**info, ctx.storage_root), j["status"] = action;
-  j["unicode_names"] = unicode_names(names);
+  j["unicode_names"] = unicode_names(names);  // the names asked for, also when storage was unreadable
   const auto* issued = r.issued();
   if (issued) j["issuer_name"] = issued->issuer;
   j["fallback"] = r.fallback();
@@ -335,7 +359,8 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
   if (directory_url == tlsreload::kInternalIssuer) {
     ctx.out.result("  trust root:    " + (std::filesystem::path(ctx.storage_root) / "internal" / "root.pem").string());
   }
-  return run_hooks(ctx, o, r.events) ? kExitOk : kExitLocal;
+  bool copied = copy_out(ctx, o, key);
+  return run_hooks(ctx, o, r.events) && copied ? kExitOk : kExitLocal;
 }
 
 }  // namespace
@@ -359,6 +384,16 @@ int cmd_issue(Context& ctx) {
     return usage_error(ctx, "--webroot " + o.webroot + ": not a directory");
   }
   if (!acme::parse_key_type(o.key_type)) return usage_error(ctx, "--key-type must be ec256, ec384, rsa2048, rsa3072 or rsa4096");
+  if (!o.out_dir.empty()) {
+    // Absolute before it is saved in renewal.json: renew runs from cron, in another directory.
+    std::error_code ec;
+    auto abs = std::filesystem::absolute(o.out_dir, ec);
+    if (ec) return usage_error(ctx, "--out " + o.out_dir + ": " + ec.message());
+    o.out_dir = abs.lexically_normal().string();
+    if (std::filesystem::exists(o.out_dir) && !std::filesystem::is_directory(o.out_dir)) {
+      return usage_error(ctx, "--out " + o.out_dir + ": not a directory");
+    }
+  }
   auto eab = eab_from(o);
   if (!eab) return usage_error(ctx, eab.error().message);
   // --issuer / "issuers": the CAs tried in order, as in serve (tlsreload/issuer.h).
@@ -395,6 +430,8 @@ int cmd_issue(Context& ctx) {
                      " and not due for renewal until " + acme::format_rfc3339(c.renewal_time) + " (use --force to renew now)");
       ctx.out.result("  fullchain:     " + paths.fullchain.string());
       ctx.out.result("  private key:   " + paths.key.string());
+      // --out DIR gets the stored files even so: DIR may be new, or its files lost.
+      if (!copy_out(ctx, o, key)) return kExitLocal;
       return kExitNothingToDo;
     }
   }
@@ -437,6 +474,8 @@ int cmd_renew(Context& ctx) {
   }
   if (todo.empty()) {
     ctx.out.result("nothing to do: no certificates in " + ctx.storage_root);
+    // --json callers parse stdout: an empty stdout would look like a crash, not "nothing to do".
+    ctx.out.object({{"status", "nothing to do"}, {"storage", ctx.storage_root}, {"certificates", json::array()}});
     return kExitNothingToDo;
   }
 
@@ -456,7 +495,7 @@ int cmd_renew(Context& ctx) {
   for (const auto& c : todo) {
     if (!c.due && !o.force) {
       std::string why = "not due until " + acme::format_rfc3339(c.renewal_time) + " (" + c.renewal_reason + ")";
-      ctx.out.result("skipped " + c.key + ": " + why);
+      ctx.out.result("skipped " + show_name(c.key) + ": " + why);
       ctx.out.object({{"name", c.key}, {"action", "skipped"}, {"reason", why},
                       {"renewal_time", acme::format_rfc3339(c.renewal_time)}});
       continue;
@@ -472,6 +511,7 @@ int cmd_renew(Context& ctx) {
     take("ca-bundle", co.ca_bundle);
     take("tls-address", co.tls_address);
     take("webroot", co.webroot);
+    take("out", co.out_dir);
     take("dns-hook", co.dns_hook);
     take("dns-server", co.dns_server);
     take("dns-zone", co.dns_zone);
@@ -499,7 +539,7 @@ int cmd_renew(Context& ctx) {
     auto fail_one = [&](const Error& e) {
       int code = exit_code_for(e);
       if (!first_failure) first_failure = code;
-      ctx.out.result("failed " + c.key + ": " + describe_error(e));
+      ctx.out.result("failed " + show_name(c.key) + ": " + describe_error(e));
       ctx.out.object({{"name", c.key}, {"action", "failed"}, {"exit_code", code}, {"error", error_json(e)}});
     };
     if (auto st = check_challenge_options(co); !st) {
@@ -511,7 +551,7 @@ int cmd_renew(Context& ctx) {
       fail_one(issuers.error());
       continue;
     }
-    ctx.out.info("renewing " + c.key + " (" + (o.force && !c.due ? std::string("forced") : c.renewal_reason) + ") via " +
+    ctx.out.info("renewing " + show_name(c.key) + " (" + (o.force && !c.due ? std::string("forced") : c.renewal_reason) + ") via " +
                  co.challenge + " at " + issuer_labels(*issuers, dir));
     auto r = run_manager(ctx, co, dir, names, o.force);
     if (auto err = r.failure()) {
@@ -520,7 +560,7 @@ int cmd_renew(Context& ctx) {
       continue;
     }
     if (!r.changed()) {
-      ctx.out.result("skipped " + c.key + ": the stored certificate is not due");
+      ctx.out.result("skipped " + show_name(c.key) + ": the stored certificate is not due");
       ctx.out.object({{"name", c.key}, {"action", "skipped"}, {"reason", "not due"}});
       continue;
     }
@@ -536,11 +576,12 @@ int cmd_renew(Context& ctx) {
     if (info && *info) {
       j["not_after"] = acme::format_rfc3339((*info)->not_after);
       j["fullchain_path"] = live_paths(ctx.storage_root, c.key).fullchain.string();
-      ctx.out.result("renewed " + c.key + ": valid until " + acme::format_rfc3339((*info)->not_after) + by);
+      ctx.out.result("renewed " + show_name(c.key) + ": valid until " + acme::format_rfc3339((*info)->not_after) + by);
     } else {
-      ctx.out.result("renewed " + c.key + by);
+      ctx.out.result("renewed " + show_name(c.key) + by);
     }
     ctx.out.object(j);
+    if (!copy_out(ctx, co, c.key) && !first_failure) first_failure = kExitLocal;
     // A failing hook: the renewed certificate is saved; the run exits 6 unless something failed first.
     if (!run_hooks(ctx, co, r.events) && !first_failure) first_failure = kExitLocal;
   }

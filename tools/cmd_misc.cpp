@@ -141,8 +141,11 @@ int cmd_list(Context& ctx) {
   auto now = system_clock::now();
   for (const auto& c : *certs) {
     auto paths = live_paths(ctx.storage_root, c.key);
-    ctx.out.result(c.key);
-    ctx.out.result("  names:         " + join(c.names));
+    // Unicode names are stored as punycode; people read them as they wrote them: "ascii (unicode)".
+    std::vector<std::string> shown;
+    for (const auto& n : c.names) shown.push_back(show_name(n));
+    ctx.out.result(show_name(c.key));
+    ctx.out.result("  names:         " + join(shown));
     if (c.has_cert) {
       auto days = std::chrono::duration_cast<std::chrono::hours>(c.not_after - now).count() / 24;
       ctx.out.result("  issuer:        " + c.issuer);

@@ -249,6 +249,15 @@ std::string show_name(const std::string& ascii) {
   return ascii + " (" + n->unicode + ")";
 }
 
+json unicode_names(const std::vector<std::string>& names) {
+  json j = json::array();
+  for (const auto& n : names) {
+    auto i = idn_name(n);
+    j.push_back(i ? i->unicode : n);
+  }
+  return j;
+}
+
 // ---------------------------------------------------------------- errors
 
 int exit_code_for(const Error& e) {
@@ -537,6 +546,7 @@ json cert_info_json(const CertInfo& c, const std::string& storage_root) {
   auto paths = live_paths(storage_root, c.key);
   json j = {{"name", c.key},
             {"names", c.names},
+            {"unicode_names", unicode_names(c.names)},
             {"directory_url", c.directory_url},
             {"issuer", c.issuer},
             {"key_type", c.key_type},

@@ -226,10 +226,14 @@ void build_cli(Cli& cli, Options& o) {
   issue->add_option("--ip", o.ips, "an IP address for the certificate (RFC 8738; repeat for more)");
   add_challenge_options(issue, o, true);
   issue->add_flag("--force", o.force, "issue even if a stored certificate is still good");
+  issue->add_option("--out", o.out_dir,
+                    "also write fullchain.pem, privkey.pem (0600), cert.pem and chain.pem into DIR "
+                    "(each replaced atomically; renew keeps doing it)");
   add_issuer_option(issue, o);
   issue->footer(std::string("\nExamples:\n"
                             "  autotls issue -d example.com -d www.example.com --agree-tos --email me@example.com\n"
                             "  autotls issue -d example.com --webroot /var/www/html\n"
+                            "  autotls issue -d example.com --out /etc/ssl/example.com\n"
                             "  autotls issue -d example.com --challenge tls-alpn-01 --tls-address 0.0.0.0:443\n"
                             "  autotls issue -d '*.example.com' --challenge dns-01 --dns-hook /usr/local/bin/dns-hook\n"
                             "  autotls issue -d '*.example.com' -d example.com --challenge dns-01 --dns-server ns1.example.com \\\n"
@@ -383,7 +387,7 @@ void build_cli(Cli& cli, Options& o) {
                     "serve every <DIR>/<name>/{fullchain,privkey}.pem (certbot layout, also <DIR>/live/<name>/); "
                     "repeatable; files are reloaded on change");
   add_challenge_options(serve, o, false);
-  serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once);\n"
+  serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once, status 6);\n"
                             "SIGHUP re-reads the config file (sites, listeners, limits; reopens the access log file) and certificates.\n"
                             "Each ACME step of each issuance is a line on stderr (\"<name>: order created...\"),\n"
                             "a JSON line with --json, nothing with --quiet.\n\n"

@@ -206,6 +206,10 @@ TEST_SUITE("cli.usage") {
       CHECK_MESSAGE(sh.code == 0, show(sh));
       CHECK_MESSAGE(sh.out.find("Examples") != std::string::npos, sub);
     }
+    // serve's exit statuses on signals, as in docs/cli.md "Exit codes".
+    auto serve_help = run({"serve", "--help"});
+    CHECK_MESSAGE(serve_help.out.find("drain then exit 0 (a second one exits at once, status 6)") != std::string::npos,
+                  show(serve_help));
 
     TempDir d;
     std::string storage = (d.path / "s").string();
@@ -233,6 +237,13 @@ TEST_SUITE("cli.usage") {
     CHECK_MESSAGE(eab_no_key.code == 2, show(eab_no_key));
     auto serve_nothing = run({"serve", "-d", "a.test", "--storage", storage});
     CHECK_MESSAGE(serve_nothing.code == 2, show(serve_nothing));
+
+    // renew --json with nothing stored: exit 1 and still one JSON object to parse.
+    auto renew_none = run({"renew", "--json", "--storage", storage, "--no-random-sleep"});
+    CHECK_MESSAGE(renew_none.code == 1, show(renew_none));
+    auto rj = last_json_line(renew_none.out);
+    REQUIRE_MESSAGE(rj.is_object(), show(renew_none));
+    CHECK(rj["status"] == "nothing to do");
 
     auto empty = run({"list", "--json", "--storage", storage});
     CHECK_MESSAGE(empty.code == 0, show(empty));
@@ -697,6 +708,53 @@ TEST_SUITE("cli.issue") {
     CHECK(j["unicode_names"] == json::array({"bücher.cli.test"}));
     auto rn = run(c.args({"renew", "bücher.cli.test"}, {"--no-random-sleep"}));
     CHECK_MESSAGE(rn.code == 1, show(rn));
+    CHECK_MESSAGE(rn.out.find("skipped xn--bcher-kva.cli.test (bücher.cli.test): not due") != std::string::npos, show(rn));
+    // list shows both forms too: the certificate's line and its names; --json has unicode_names.
+    auto ls = run(c.args({"list"}, {}));
+    REQUIRE_MESSAGE(ls.code == 0, show(ls));
+    CHECK_MESSAGE(ls.out.find("xn--bcher-kva.cli.test (bücher.cli.test)\n") != std::string::npos, show(ls));
+    CHECK_MESSAGE(ls.out.find("names:         xn--bcher-kva.cli.test (bücher.cli.test)") != std::string::npos, show(ls));
+    auto lj = run(c.args({"list", "--json"}, {}));
+    REQUIRE_MESSAGE(lj.code == 0, show(lj));
+    auto certs = last_json_line(lj.out)["certificates"];
+    REQUIRE(certs.size() == 1);
+    CHECK(certs[0]["names"] == json::array({"xn--bcher-kva.cli.test"}));
+    CHECK(certs[0]["unicode_names"] == json::array({"bücher.cli.test"}));
+  }
+
+  TEST_CASE("issue --out writes the certificate files into a directory and renew keeps it current") {
+    // The internal CA: no network, so this runs without Pebble.
+    TempDir d;
+    std::string storage = (d.path / "s").string();
+    fs::path out = d.path / "etc" / "ssl" / "site";
+    // A file where the directory should be: a usage error before anything is issued.
+    write_file(d.path / "plain", "x");
+    auto not_dir = run({"issue", "-d", "out.test", "--ca", "internal", "--storage", storage, "--out",
+                        (d.path / "plain").string()});
+    CHECK_MESSAGE(not_dir.code == 2, show(not_dir));
+    CHECK(not_dir.err.find("not a directory") != std::string::npos);
+
+    auto r = run({"issue", "-d", "out.test", "--ca", "internal", "--storage", storage, "--out", out.string()});
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK_MESSAGE(r.out.find("copied to:     " + out.string()) != std::string::npos, show(r));
+    fs::path live = d.path / "s" / "live" / "out.test";
+    for (const char* f : {"fullchain.pem", "privkey.pem", "cert.pem", "chain.pem"}) {
+      CHECK_MESSAGE(read_file(out / f) == read_file(live / f), f);
+    }
+    CHECK((fs::status(out / "privkey.pem").permissions() & (fs::perms::group_all | fs::perms::others_all)) ==
+          fs::perms::none);
+    // Nothing to do (exit 1) still fills a directory that lost its files.
+    fs::remove(out / "fullchain.pem");
+    auto again = run({"issue", "-d", "out.test", "--ca", "internal", "--storage", storage, "--out", out.string()});
+    CHECK_MESSAGE(again.code == 1, show(again));
+    CHECK(read_file(out / "fullchain.pem") == read_file(live / "fullchain.pem"));
+    // renew takes --out from renewal.json: the new certificate lands there too.
+    auto first = read_file(out / "cert.pem");
+    auto rn = run({"renew", "--force", "--ca", "internal", "--storage", storage, "--no-random-sleep"});
+    REQUIRE_MESSAGE(rn.code == 0, show(rn));
+    CHECK(read_file(out / "cert.pem") != first);
+    CHECK(read_file(out / "cert.pem") == read_file(live / "cert.pem"));
+    CHECK(read_file(out / "privkey.pem") == read_file(live / "privkey.pem"));
   }
 
   TEST_CASE("http-01 through a webroot served by another web server") {

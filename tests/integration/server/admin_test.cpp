@@ -142,7 +142,7 @@ TEST_SUITE("server.admin") {
     CHECK(contains(t, "\nautotls_server_accepted_total 4\n"));
     CHECK(contains(t, "\nautotls_server_requests_total 3\n"));
     CHECK(contains(t, "\nautotls_server_header_too_large_total 1\n"));
-    for (const char* zero : {"rejected_over_capacity_total", "handshake_failed_total",
+    for (const char* zero : {"rejected_over_capacity_total", "handshakes_total", "handshake_failed_total",
                              "handshake_timeout_total", "header_timeout_total",
                              "idle_closed_total", "forced_closed_total"}) {
       CHECK(contains(t, std::string("\nautotls_server_") + zero + " 0\n"));

@@ -262,6 +262,10 @@ TEST_SUITE("server") {
       CHECK(r.body == "hello");
       CHECK(r.headers.find("Strict-Transport-Security: max-age=3600") != std::string::npos);
     }
+    // One completed handshake per request (each on a new connection), counted before it was
+    // answered (autotls_server_handshakes_total on /metrics).
+    CHECK(env.server->counters().handshakes == 3);
+    CHECK(env.server->counters().handshake_failed == 0);
     // Verification must fail for a name no certificate covers (one label too deep).
     auto bad = curl_request("https://a.b.wild.test:" + std::to_string(port) + "/",
                             {"a.b.wild.test"}, port, env.ca_file);
