@@ -2149,7 +2149,13 @@ Result<std::unique_ptr<Server>> Server::create(ServerConfig config,
   if (logger) impl->log = logger;
 
   if (auto st = impl->validate_and_resolve(); !st) return fail(st.error());
-  if (auto st = impl->build_tls(); !st) return fail(st.error());
+  // The TLS context only when an https listener needs it: the http-01 responder of `issue` has
+  // none, and building one (SSL_CTX_new, ticket keys from the DRBG) there competed for
+  // OpenSSL's locks with the client's own SSL_CTX_new on the way to the CA. A reload that adds
+  // the first https listener builds it then.
+  if (!impl->cfg.https.empty()) {
+    if (auto st = impl->build_tls(); !st) return fail(st.error());
+  }
   for (const auto& ep : impl->cfg.https) {
     auto l = impl->bind_listener(ep, true, false, impl->cfg.backlog);
     if (!l) return fail(l.error());
@@ -2289,7 +2295,20 @@ Result<Server::ReloadReport> Server::reload(ServerConfig config) {
     m.log->log(LogLevel::error, kLog, "listener not changed",
                {{"field", field}, {"error", st.error().message}});
   };
-  apply(old.https, config.https, true, false, "https");
+  // A server created without https listeners has no TLS context yet (create): it is built,
+  // with the TLS settings the server was created with, before the first one is bound.
+  if (!config.https.empty() && !m.ssl_ctx) {
+    if (auto st = m.build_tls(); !st) {
+      m.ssl_ctx.reset();
+      m.tickets.reset();
+      report.failed.push_back(st.error().message);
+      m.log->log(LogLevel::error, kLog, "listener not changed", {{"field", "https"}, {"error", st.error().message}});
+    } else {
+      apply(old.https, config.https, true, false, "https");
+    }
+  } else {
+    apply(old.https, config.https, true, false, "https");
+  }
   apply(old.http, config.http, false, false, "http");
   {
     std::vector<Endpoint> cur, want;

@@ -286,6 +286,11 @@ struct Context {
   // reparse reads the same command line and config file again into fresh Options (serve's
   // SIGHUP); empty in tests that build a Context by hand.
   std::function<Result<Options>()> reparse;
+  // lingering holds what a command started and leaves running until the process ends (issue:
+  // the http-01 responder and the manager with its prefetch thread, see cmd_issue.cpp), so that
+  // stopping and joining them is not on the way to the exit. Destroyed with the Context when
+  // main returns normally (sanitizer builds); never when the command ends with _Exit.
+  std::shared_ptr<void> lingering;
 };
 
 // manager_options builds ManagerOptions for the CA in directory_url from the options, and

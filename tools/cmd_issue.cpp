@@ -164,13 +164,30 @@ class NotingLogger : public Logger {
   ProgressPrinter& progress_;
 };
 
+// ManagerRun is what one run_manager call sets up, in the order it is torn down (last member
+// first): the manager (with its transport and prefetch thread) before the logger and progress
+// printer it reports through, the responder after the manager.
+struct ManagerRun {
+  std::shared_ptr<tlsreload::ChallengeStore> challenges = std::make_shared<tlsreload::ChallengeStore>();
+  std::unique_ptr<Responder> responder;
+  std::mutex mu;
+  std::vector<tlsreload::ManagerEvent> events;  // guarded by mu
+  std::unique_ptr<ProgressPrinter> progress;
+  std::unique_ptr<NotingLogger> logger;
+  std::unique_ptr<tlsreload::Manager> manager;
+};
+
 // run_manager runs the Manager for names with the options' challenge set-up: a standalone
 // responder or a webroot solver for http-01, a standalone listener for tls-alpn-01. settings,
 // when given, is written with the certificate's files if one is obtained (SettingsInSet).
+// With linger, the responder and the manager are not stopped on return but handed to
+// ctx.lingering: issue, which then ends with _Exit, does not wait for their threads (the
+// storage lock is released and the certificate synced before manage returns).
 RunResult run_manager(Context& ctx, const Options& o, const std::string& directory_url,
                       const std::vector<std::string>& names, bool force,
-                      const tlsreload::StorageFile* settings = nullptr) {
+                      const tlsreload::StorageFile* settings = nullptr, bool linger = false) {
   RunResult r;
+  auto run = std::make_shared<ManagerRun>();
   // o, not ctx.options: renew passes the settings saved in renewal.json.
   auto mo = manager_options(ctx, o, directory_url);
   if (!mo) {
@@ -187,8 +204,7 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
     curl.ca_bundle = mo->ca_bundle;
     mo->transport = acme::make_prefetching_transport(acme::make_curl_transport(curl), directory_url);
   }
-  auto challenges = std::make_shared<tlsreload::ChallengeStore>();
-  std::unique_ptr<Responder> responder;
+  auto& challenges = run->challenges;
   if (directory_url == tlsreload::kInternalIssuer) {
     // The internal CA validates nothing: no responder.
   } else if (o.challenge == "http-01" && !o.webroot.empty()) {
@@ -201,30 +217,41 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
       r.status = fail(started.error());
       return r;
     }
-    responder = std::move(*started);
+    run->responder = std::move(*started);
     ctx.out.info("answering " + o.challenge + " on " + address);
   }
-  std::mutex mu;
-  mo->on_event = [&](const tlsreload::ManagerEvent& e) {
-    std::lock_guard lock(mu);
-    r.events.push_back(e);
+  // Collected in the run, which outlives the manager however long it lingers.
+  mo->on_event = [run = run.get()](const tlsreload::ManagerEvent& e) {
+    std::lock_guard lock(run->mu);
+    run->events.push_back(e);
   };
-  // Declared before the manager so that it outlives it; its destructor clears a spinner line
-  // before the command prints its result or error.
-  ProgressPrinter progress(ProgressPrinter::mode_for(o));
-  mo->on_progress = progress.callback();
-  NotingLogger logger(ctx.logger, progress);
-  mo->logger = &logger;
+  // Made before the manager so that it outlives it; finished (a spinner line cleared) before
+  // the command prints its result or error.
+  run->progress = std::make_unique<ProgressPrinter>(ProgressPrinter::mode_for(o));
+  mo->on_progress = run->progress->callback();
+  run->logger = std::make_unique<NotingLogger>(ctx.logger, *run->progress);
+  mo->logger = run->logger.get();
   std::shared_ptr<tlsreload::Storage> storage = ctx.storage;
   std::shared_ptr<SettingsInSet> with_settings;
   if (settings) {
     with_settings = std::make_shared<SettingsInSet>(ctx.storage, "live/" + tlsreload::storage_name(names.front()), *settings);
     storage = with_settings;
   }
-  tlsreload::Manager manager(std::move(*mo), storage, std::make_shared<tlsreload::CertStore>(), challenges);
-  r.status = manager.manage(names);
-  if (r.status && force && !r.changed() && !r.failure()) r.status = manager.renew(names, true);
+  run->manager = std::make_unique<tlsreload::Manager>(std::move(*mo), storage, std::make_shared<tlsreload::CertStore>(),
+                                                      challenges);
+  auto collect = [&] {
+    std::lock_guard lock(run->mu);
+    r.events = run->events;
+  };
+  r.status = run->manager->manage(names);
+  collect();
+  if (r.status && force && !r.changed() && !r.failure()) {
+    r.status = run->manager->renew(names, true);
+    collect();
+  }
   r.settings_saved = with_settings && with_settings->saved();
+  run->progress->finish();
+  if (linger) ctx.lingering = std::move(run);
   return r;
 }
 
@@ -440,7 +467,10 @@ int cmd_issue(Context& ctx) {
   ctx.out.info("obtaining a certificate for " + shown_list(names, " ") + " from " + issuer_labels(*issuers, ctx.directory_url) +
                " (" + o.challenge + ")");
   const auto settings = renewal_file(o, ctx.directory_url);
-  auto r = run_manager(ctx, o, ctx.directory_url, names, force, &settings);
+  // Nothing follows the run but printing and the exit, unless hooks run: a deploy hook may
+  // start a server on the responder's port, so then the responder is stopped first.
+  const bool linger = o.deploy_hook.empty() && o.event_hook.empty();
+  auto r = run_manager(ctx, o, ctx.directory_url, names, force, &settings, linger);
   if (auto err = r.failure()) {
     // The failure is an event too: the event hook hears it (CAs no longer email about expiry).
     run_hooks(ctx, o, r.events);

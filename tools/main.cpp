@@ -498,7 +498,7 @@ int main(int argc, char** argv) {
     CLI::Option* opt = find_option(chain, name);
     return opt && opt->count() > 0;
   };
-  Context ctx{o, output, logger, {}, given("ca"), {}, nullptr, given, {}};
+  Context ctx{o, output, logger, {}, given("ca"), {}, nullptr, given, {}, {}};
   ctx.reparse = [argc, argv] { return reparse(argc, argv); };
   auto dir = directory_url_for(o.ca);
   if (!dir) {

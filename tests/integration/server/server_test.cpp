@@ -345,6 +345,36 @@ TEST_SUITE("server") {
     CHECK(env.server->counters().handshake_failed == 0);
   }
 
+  TEST_CASE("a server created without https listeners builds its TLS context when a reload adds one") {
+    // create builds no TLS context without an https listener (issue's http-01 responder);
+    // the first https listener a reload adds must still complete handshakes.
+    Env env("late-tls");
+    env.publish({"late.test"});
+    fs::create_directories(env.dir / "www");
+    std::ofstream(env.dir / "www" / "index.html") << "late";
+    ServerConfig cfg;
+    cfg.https = {};
+    cfg.http = {{"127.0.0.1", 0}};
+    cfg.redirect_to_https = false;
+    cfg.default_site = StaticSite{env.dir / "www"};
+    auto s = Server::create(cfg, env.store, env.challenges, nullptr);
+    REQUIRE_MESSAGE(s, s.error().message);
+    env.server = std::move(*s);
+    REQUIRE(env.server->start());
+    CHECK(env.server->https_port() == 0);
+
+    int port = free_port();
+    auto next = cfg;
+    next.https = {{"127.0.0.1", port}};
+    auto rep = env.server->reload(next);
+    REQUIRE_MESSAGE(rep, rep.error().message);
+    CHECK(rep->failed.empty());
+    auto r = curl_request("https://late.test:" + std::to_string(port) + "/", {"late.test"}, port, env.ca_file);
+    CHECK_MESSAGE(r.code == CURLE_OK, r.error);
+    CHECK(r.status == 200);
+    CHECK(r.body == "late");
+  }
+
   TEST_CASE("tls-alpn-01 is answered on the live https listener") {
     Env env("alpn");
     env.publish({"alpn.test"});
