@@ -553,6 +553,10 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
   start.used = true;
   start.refused = std::move(contents->refused);
   std::vector<Status> results = store.publish_batch(contents->certificates);
+  // Reserved: grown, the 100,000 PairSources (two paths each) went through ~17 reallocations
+  // (perf of `autotls serve` from a snapshot: 2.7 % of the start's samples).
+  start.certificates.reserve(results.size());
+  start.sources.reserve(results.size());
   for (std::size_t i = 0; i < results.size(); ++i) {
     if (results[i]) {
       ++start.published;
