@@ -2038,6 +2038,31 @@ TEST_SUITE("cli.serve_files") {
       stop(s);
     }
 
+    // A snapshot others may read, or another user's, is not trusted either (one warning each).
+    {
+      auto files = snapshot_files();
+      REQUIRE(files.size() == 1);
+      std::vector<std::pair<std::string, std::function<void()>>> spoil = {
+          {"permission bits", [&] { fs::permissions(files[0], fs::perms::group_read, fs::perm_options::add); }}};
+      if (::geteuid() == 0) {
+        spoil.push_back({"owned by uid 65534", [&] { REQUIRE(::chown(files[0].c_str(), 65534, 65534) == 0); }});
+      }
+      for (const auto& [why, act] : spoil) {
+        act();
+        Serve s = start({});
+        REQUIRE_MESSAGE(wait_for(s, [&] { return has_event(s, "cert_dir_snapshot_written"); }, 15s), logs(s));
+        auto ignored = events_named(read_file(s.out), "cert_dir_snapshot_ignored");
+        REQUIRE_MESSAGE(ignored.size() == 1, logs(s));
+        CHECK_MESSAGE(ignored[0]["error"].dump().find(why) != std::string::npos, ignored[0].dump());
+        CHECK(events_named(read_file(s.out), "cert_files")[0].value("from_snapshot", -1) == 0);
+        stop(s);
+        struct stat st {};
+        REQUIRE(::stat(files[0].c_str(), &st) == 0);  // rewritten: ours, 0600
+        CHECK((st.st_mode & 0777) == 0600);
+        CHECK(st.st_uid == ::geteuid());
+      }
+    }
+
     // Disabled by the config key: no snapshot is read or written.
     {
       fs::remove_all(snapshots);
