@@ -1904,6 +1904,18 @@ TEST_SUITE("cli.serve_files") {
       fs::path out, err;
     };
     int run_no = 0;
+    // A failed REQUIRE leaves the test early: whatever serve still runs is killed then.
+    struct Reaper {
+      std::vector<pid_t> pids;
+      ~Reaper() {
+        for (pid_t pid : pids) {
+          int status = 0;
+          if (::waitpid(pid, &status, WNOHANG) != 0) continue;  // reaped already, or not ours
+          ::kill(pid, SIGKILL);
+          ::waitpid(pid, &status, 0);
+        }
+      }
+    } reaper;
     auto start = [&](const std::vector<std::string>& more) {
       Serve s;
       s.https = free_port();
@@ -1916,6 +1928,7 @@ TEST_SUITE("cli.serve_files") {
                                        "--storage", storage.string(), "--ca", "https://127.0.0.1:1/unreachable"};
       argv.insert(argv.end(), more.begin(), more.end());
       s.pid = spawn(argv, s.out, s.err, {});
+      reaper.pids.push_back(s.pid);
       return s;
     };
     auto logs = [](const Serve& s) { return read_file(s.out) + read_file(s.err); };
