@@ -103,6 +103,11 @@ struct DirectoryCheck {
   // in the rewritten snapshot.
   std::size_t superseded = 0;
   Status snapshot_written;      // the rewrite of the snapshot (ok when there is no snapshot_path)
+  // Directory pairs the snapshot held (by chain path) whose certificate is another now
+  // (changed while the process was down), and pairs the snapshot did not hold (new).
+  std::size_t changed = 0;
+  std::size_t added = 0;
+  std::vector<std::filesystem::path> changed_paths;  // the chain files of the changed pairs
 };
 
 // check_directory loads dir (load_directory), publishes the result (as publish_all: a pair whose
@@ -120,6 +125,15 @@ struct DirectoryCheck {
 [[nodiscard]] Result<DirectoryCheck> check_directory(CertStore& store, const std::filesystem::path& dir,
                                                      const SnapshotStart& start,
                                                      const DirectoryLoadOptions& options);
+
+// finish_check is the part of check_directory after the load and publish, for a caller that
+// loaded and published the directory itself (autotls serve: its CertWatcher's first full
+// check does both, and watches the pairs from then on): check.report must hold what was
+// published, with its sources (LoadOptions::record_sources). It counts the changed and new
+// pairs, removes the snapshot certificates whose pairs are gone, keeps (and logs) those whose
+// pairs failed to load, and rewrites the snapshot, as check_directory does.
+void finish_check(CertStore& store, DirectoryCheck& check, const SnapshotStart& start,
+                  const DirectoryLoadOptions& options);
 
 // SnapshotLoader is the whole start: its constructor publishes the snapshot if it is usable
 // and returns (every certificate servable), and verifies it (check_directory) on a thread of

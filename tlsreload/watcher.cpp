@@ -337,7 +337,15 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         if (e.cert) drop_cert(e.cert->id());
         e.cert = certs[k];
         e.failure.reset();
-        if (report) report->certificates.push_back(e.cert);
+        if (report) {
+          report->certificates.push_back(e.cert);
+          // The identities are the stat() before the read (a pair changed in between is an
+          // event, and checked again).
+          if ((initial ? options_.initial_options : options_.reload_options).record_sources) {
+            auto id = [](const FileSig& f) { return FileIdentity{f.size, f.mtime_ns, f.ino, f.dev}; };
+            report->sources.push_back(PairSource{e.paths, id(e.sig->chain), id(e.sig->key)});
+          }
+        }
         if (first) {
           loaded_.fetch_add(1);
           if (!initial) {

@@ -55,6 +55,8 @@ struct WatcherOptions {
   std::chrono::milliseconds fallback_poll{30000};
   // initial_options load a directory when it is added (bulk: deferred chain check, see
   // bulk_load_options); reload_options load a changed pair (everything checked before publish).
+  // With record_sources, the reports of add_directory/add_pair list each certificate's
+  // PairSource (its paths and the identities stat() found before the read).
   LoadOptions initial_options = bulk_load_options();
   LoadOptions reload_options{};
   Logger* logger = nullptr;  // nullptr: null_logger()

@@ -128,6 +128,9 @@ struct Options {
   std::vector<std::string> serve_certs;
   std::vector<std::string> serve_keys;
   std::vector<std::string> cert_dirs;
+  // serve: where each --cert-dir's store snapshot is kept ("" : <storage>/snapshots; "off": no
+  // snapshot). See docs/config.md.
+  std::string cert_dir_snapshots;
 };
 
 // Output prints results and progress: human text on stdout (progress on stderr), or with

@@ -453,7 +453,15 @@ int cmd_serve(Context& ctx) {
   // listens; their names are served from them, not issued. The watcher thread starts after the
   // signal mask, so it never takes SIGHUP itself. Events are printed once serving started.
   auto files_started = std::make_shared<std::atomic<bool>>(false);
-  auto files = load_cert_files(o, store, &ctx.logger, [&event_line, files_started](const tlsreload::WatchEvent& e) {
+  // Each --cert-dir's store snapshot: <storage>/snapshots unless the config moves or disables it.
+  std::string snapshot_dir;
+  if (o.cert_dir_snapshots != "off") {
+    std::error_code ec;
+    snapshot_dir = o.cert_dir_snapshots.empty() ? (std::filesystem::path(ctx.storage_root) / "snapshots").string()
+                                                : o.cert_dir_snapshots;
+    snapshot_dir = std::filesystem::absolute(snapshot_dir, ec).string();
+  }
+  auto files = load_cert_files(o, snapshot_dir, store, &ctx.logger, [&event_line, files_started](const tlsreload::WatchEvent& e) {
     if (!files_started->load()) return;
     json f = {{"path", e.path.string()}, {"cert_id", e.cert_id}};
     std::string text = e.path.string();
@@ -474,14 +482,59 @@ int cmd_serve(Context& ctx) {
     }
     return out;
   };
+  for (const auto& [path, error] : files->ignored) {
+    event_line("cert_dir_snapshot_ignored", {{"snapshot", path}, {"error", error_json(error)}},
+               path + ": " + error.message + " (loading the directory instead)");
+  }
   if (files->watcher) {
     files_started->store(true);
     // A directory may hold thousands of names: the line shows the first ones and the count.
     std::vector<std::string> shown(file_names.begin(), file_names.begin() + std::min<size_t>(file_names.size(), 20));
     std::string more = shown.size() < file_names.size() ? " and " + std::to_string(file_names.size() - shown.size()) + " more" : "";
-    event_line("cert_files", {{"names", shown}, {"count", file_names.size()}},
-               "serving certificate files for " + join(shown) + more + " (reloaded on change)");
+    std::string snap = files->from_snapshot == 0 ? ""
+                       : "; " + std::to_string(files->from_snapshot) +
+                             " --cert-dir served from its store snapshot, verifying it in the background";
+    event_line("cert_files", {{"names", shown}, {"count", file_names.size()}, {"from_snapshot", files->from_snapshot}},
+               "serving certificate files for " + join(shown) + more + " (reloaded on change" + snap + ")");
   }
+  // What the snapshots leave behind the start (started once the server listens): the
+  // directories served from their snapshots verified, the others' snapshots written.
+  auto snapshot_done = [&event_line](const CertDirSnapshot& r) {
+    json f = {{"dir", r.dir}, {"snapshot", r.snapshot}, {"loaded", r.loaded}, {"seconds", r.seconds}};
+    std::string text = r.dir + ": ";
+    if (r.verified) {
+      f["changed"] = r.changed;
+      f["added"] = r.added;
+      f["removed"] = r.removed;
+      f["kept"] = r.kept;
+      f["failed"] = r.failed;
+      f["changed_paths"] = r.changed_paths;
+      f["loose_keys"] = r.loose_keys;
+      if (r.error) f["error"] = error_json(*r.error);
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.1f", r.seconds);
+      text += r.error ? "verification failed, the snapshot keeps serving: " + r.error->message
+                      : "verified behind the store snapshot in " + std::string(secs) + " s: " +
+                            std::to_string(r.loaded) + " pairs, " + std::to_string(r.changed) + " changed, " +
+                            std::to_string(r.added) + " new, " + std::to_string(r.removed) + " removed, " +
+                            std::to_string(r.failed) + " failed (" + std::to_string(r.kept) +
+                            " of them still served from the snapshot)";
+      if (r.loose_keys > 0) {
+        f["loose_key_error"] = r.loose_key_error;
+        text += "; " + std::to_string(r.loose_keys) + " private keys accessible by group or others (still served), " +
+                "the first: " + r.loose_key_error;
+      }
+    } else {
+      text += "store snapshot of " + std::to_string(r.loaded) + " pairs";
+    }
+    if (!r.written) {
+      f["snapshot_error"] = error_json(r.written.error());
+      text += "; snapshot not written: " + r.written.error().message;
+    } else if (!r.error) {
+      text += "; snapshot written to " + r.snapshot;
+    }
+    event_line(r.verified ? "cert_dir_verified" : "cert_dir_snapshot_written", f, text);
+  };
 
   // The CA is asked about its terms only when something may be issued: as issue and renew do,
   // terms not agreed to stop us, and a CA of an issuer list that cannot be reached now does not
@@ -592,7 +645,9 @@ int cmd_serve(Context& ctx) {
                                 "Handshakes served an on-demand certificate (its least-recently-used stamp refreshed).",
                                 d.touched);
     }
-    if (files->watcher) out += watcher_metrics(*files->watcher);
+    // While a --cert-dir is verified behind its snapshot, the watcher is busy with its full
+    // load: its failing gauge would wait for it.
+    if (files->watcher) out += watcher_metrics(*files->watcher, files->verifying->load());
     return out;
   };
   cfg.admin.certificates = [&manager, store, live_names, file_covered] {
@@ -652,6 +707,7 @@ int cmd_serve(Context& ctx) {
     if ((*srv)->admin_port()) text += ", admin port " + std::to_string((*srv)->admin_port());
     event_line("listening", f, text);
   }
+  files->snapshot_work(snapshot_done);
 
   // Per-site certificate settings; read and replaced (SIGHUP) on the worker thread only.
   std::map<std::string, tlsreload::CertificateSettings> cert_settings = setup->cert_settings;
@@ -702,6 +758,7 @@ int cmd_serve(Context& ctx) {
         {"cert", next->serve_certs != o.serve_certs},
         {"key", next->serve_keys != o.serve_keys},
         {"cert-dir", next->cert_dirs != o.cert_dirs},
+        {"cert-dir-snapshots", next->cert_dir_snapshots != o.cert_dir_snapshots},
         {"event-hook", next->event_hook != o.event_hook},
     };
     for (const auto& [key, changed] : restart_only) {

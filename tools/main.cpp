@@ -386,6 +386,9 @@ void build_cli(Cli& cli, Options& o) {
   serve->add_option("--cert-dir", o.cert_dirs,
                     "serve every <DIR>/<name>/{fullchain,privkey}.pem (certbot layout, also <DIR>/live/<name>/); "
                     "repeatable; files are reloaded on change");
+  serve->add_option("--cert-dir-snapshots", o.cert_dir_snapshots,
+                    "directory of the --cert-dir store snapshots (served at once at start, the directory verified "
+                    "behind); default <storage>/snapshots; \"off\" to load every --cert-dir in full before serving");
   add_challenge_options(serve, o, false);
   serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once, status 6);\n"
                             "SIGHUP re-reads the config file (sites, listeners, limits; reopens the access log file) and certificates.\n"

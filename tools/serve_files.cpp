@@ -3,9 +3,11 @@
 #include "tools/serve_files.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cctype>
 #include <cstdio>
 #include <cstring>
@@ -14,7 +16,10 @@
 #include <tuple>
 #include <utility>
 
+#include <openssl/evp.h>
+
 #include "tlsreload/loader.h"
+#include "tlsreload/snapshot.h"
 #include "tlsreload/store.h"
 
 namespace autotls::cli {
@@ -32,7 +37,140 @@ Error bad_load(const std::string& flag, const Error& e) {
   return Error{Errc::invalid_input, flag + ": " + e.message};
 }
 
+// t_verifying is set on the thread that verifies a directory behind its snapshot: the
+// watcher's first full check of it reports every pair as loaded, which says nothing (the
+// verification's summary says what changed).
+thread_local bool t_verifying = false;
+
+// normal is an absolute directory path in one spelling: no "." or "..", no trailing slash.
+std::filesystem::path normal(const std::string& dir) {
+  std::string s = std::filesystem::path(dir).lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  return s;
+}
+
+// inside tells whether path is dir or lies under it (lexically, as given).
+bool inside(const std::string& path, const std::string& dir) {
+  auto rel = normal(path).lexically_relative(normal(dir));
+  return !rel.empty() && *rel.begin() != "..";
+}
+
+// ensure_snapshot_dir makes the snapshot directory (mode 0700), or checks the one there: ours,
+// and closed to group and others (tightened if not: the snapshots hold private keys).
+Status ensure_snapshot_dir(const std::filesystem::path& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir.parent_path(), ec);  // the storage directory, usually there
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return fail(Errc::io, "snapshot directory " + dir.string() + ": " + std::strerror(errno));
+  }
+  struct stat st {};
+  if (::lstat(dir.c_str(), &st) != 0) return fail(Errc::io, "snapshot directory " + dir.string() + ": " + std::strerror(errno));
+  if (!S_ISDIR(st.st_mode)) return fail(Errc::invalid_input, "snapshot directory " + dir.string() + ": not a directory");
+  if (st.st_uid != ::geteuid()) {
+    return fail(Errc::invalid_input, "snapshot directory " + dir.string() + ": owned by uid " + std::to_string(st.st_uid) +
+                                         ", not this process's (" + std::to_string(::geteuid()) + ")");
+  }
+  if ((st.st_mode & 077) != 0 && ::chmod(dir.c_str(), 0700) != 0) {
+    return fail(Errc::io, "snapshot directory " + dir.string() + ": chmod 0700: " + std::strerror(errno));
+  }
+  return {};
+}
+
 }  // namespace
+
+// Pending is one --cert-dir's snapshot work left for FileCerts::snapshot_work.
+struct FileCerts::Pending {
+  std::string dir;
+  std::string snapshot;
+  bool from_snapshot = false;
+  tlsreload::SnapshotStart start;  // from_snapshot: what the snapshot published
+  tlsreload::LoadReport report;    // otherwise: what the start loaded, with its sources
+  std::shared_ptr<tlsreload::CertStore> store;
+  Logger* logger = nullptr;
+};
+
+std::string snapshot_file(const std::string& snapshot_dir, const std::string& dir) {
+  const std::string norm = normal(dir).string();
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  std::string hex;
+  if (EVP_Digest(norm.data(), norm.size(), md, &n, EVP_sha256(), nullptr) == 1) {
+    static const char* digits = "0123456789abcdef";
+    for (unsigned int i = 0; i < 8 && i < n; ++i) {
+      hex += digits[md[i] >> 4];
+      hex += digits[md[i] & 15];
+    }
+  }
+  // The last component, for people; the hash tells /a/letsencrypt from /b/letsencrypt.
+  std::string base = std::filesystem::path(norm).filename().string();
+  for (char& c : base) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') c = '_';
+  }
+  if (base.empty() || base[0] == '.') base = "dir" + base;
+  if (base.size() > 40) base.resize(40);
+  return (std::filesystem::path(snapshot_dir) / (base + "-" + hex + ".snap")).string();
+}
+
+void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_done) {
+  if (pending.empty() || !watcher) return;
+  verifying->store(true);
+  // The writes first: they are quick, and the verifications run for as long as a full load.
+  std::stable_partition(pending.begin(), pending.end(), [](const auto& p) { return !p->from_snapshot; });
+  worker = std::jthread([work = std::move(pending), w = watcher.get(), verifying = verifying,
+                         on_done = std::move(on_done)] {
+    for (const auto& p : work) {
+      const auto t0 = std::chrono::steady_clock::now();
+      CertDirSnapshot r;
+      r.dir = p->dir;
+      r.snapshot = p->snapshot;
+      r.verified = p->from_snapshot;
+      tlsreload::DirectoryLoadOptions dlo;
+      dlo.snapshot_path = p->snapshot;
+      dlo.logger = p->logger;
+      Status dir_ok = ensure_snapshot_dir(std::filesystem::path(p->snapshot).parent_path());
+      if (!p->from_snapshot) {
+        r.loaded = p->report.certificates.size();
+        r.written = dir_ok ? tlsreload::write_snapshot(p->snapshot, p->report.certificates, p->report.sources) : dir_ok;
+        p->report = {};
+      } else {
+        // The verification: the watcher's first full check of the directory loads every pair
+        // (what changed replaces the snapshot's certificate in the store) and watches it from
+        // then on; the key permissions a start checks are checked here, on the warm files.
+        t_verifying = true;
+        auto rep = w->add_directory(p->dir);
+        t_verifying = false;
+        if (!rep) {
+          r.error = rep.error();
+          r.written = fail(rep.error());
+        } else {
+          tlsreload::DirectoryCheck check;
+          check.report = std::move(*rep);
+          r.loaded = check.report.certificates.size();
+          r.failed = check.report.failures.size();
+          for (const auto& src : check.report.sources) {
+            if (auto st = check_key_permissions(src.paths.key.string(), "--cert-dir " + p->dir); !st) {
+              if (r.loose_keys++ == 0) r.loose_key_error = st.error().message;
+            }
+          }
+          if (!dir_ok) dlo.snapshot_path.clear();  // finish_check then writes nothing
+          tlsreload::finish_check(*p->store, check, p->start, dlo);
+          r.changed = check.changed;
+          r.added = check.added;
+          r.removed = check.removed;
+          r.kept = check.kept;
+          for (std::size_t i = 0; i < check.changed_paths.size() && i < 20; ++i) {
+            r.changed_paths.push_back(check.changed_paths[i].string());
+          }
+          r.written = dir_ok ? check.snapshot_written : dir_ok;
+        }
+        p->start = {};
+      }
+      r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (on_done) on_done(r);
+    }
+    verifying->store(false);
+  });
+}
 
 Status check_key_permissions(const std::string& path, const std::string& flag) {
   struct stat st {};
@@ -53,7 +191,8 @@ bool covered_by(const std::set<std::string>& covered, const std::string& name) {
   return dot != std::string::npos && dot > 0 && covered.count("*" + n.substr(dot));
 }
 
-Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::CertStore> store, Logger* logger,
+Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_dir,
+                                  std::shared_ptr<tlsreload::CertStore> store, Logger* logger,
                                   std::function<void(const tlsreload::WatchEvent&)> on_event) {
   FileCerts out;
   if (o.serve_certs.empty() && o.serve_keys.empty() && o.cert_dirs.empty()) return out;
@@ -78,7 +217,45 @@ Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::C
     std::error_code ec;
     dirs.push_back(std::filesystem::absolute(d, ec).string());
   }
+  // A directory with a usable snapshot is published from it now and checked in
+  // snapshot_work(): the scan and the key checks below touch every pair directory, the cold
+  // cost the snapshot avoids. Only that it is a directory is checked here (one stat).
+  std::vector<std::string> plain;
   for (const auto& dir : dirs) {
+    if (snapshot_dir.empty()) {
+      plain.push_back(dir);
+      continue;
+    }
+    if (inside(snapshot_dir, dir)) {
+      return fail(Errc::invalid_input, "--cert-dir-snapshots " + snapshot_dir + " is inside --cert-dir " + dir +
+                                           ": the snapshots hold private keys and must not live in the directory "
+                                           "they mirror (give another directory, or \"off\")");
+    }
+    std::error_code ec;
+    if (!std::filesystem::is_directory(dir, ec)) {
+      plain.push_back(dir);  // the scan below names the error
+      continue;
+    }
+    tlsreload::DirectoryLoadOptions dlo;
+    dlo.snapshot_path = snapshot_file(snapshot_dir, dir);
+    auto start = tlsreload::publish_snapshot(*store, dlo);
+    if (start.ignored) out.ignored.emplace_back(dlo.snapshot_path.string(), *start.ignored);
+    if (!start.used) {
+      plain.push_back(dir);
+      continue;
+    }
+    for (const auto& c : start.certificates) out.names.insert(out.names.end(), c->names().begin(), c->names().end());
+    auto p = std::make_shared<FileCerts::Pending>();
+    p->dir = dir;
+    p->snapshot = dlo.snapshot_path.string();
+    p->from_snapshot = true;
+    p->start = std::move(start);
+    p->store = store;
+    p->logger = logger;
+    out.pending.push_back(std::move(p));
+    ++out.from_snapshot;
+  }
+  for (const auto& dir : plain) {
     auto scan = tlsreload::find_certbot_pairs(dir);
     if (!scan) return fail(bad_load("--cert-dir " + dir, scan.error()));
     if (!scan->failures.empty()) return fail(bad_load("--cert-dir " + dir, scan->failures.front().error));
@@ -93,7 +270,13 @@ Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::C
 
   tlsreload::WatcherOptions wo;
   wo.logger = logger;
-  wo.on_event = std::move(on_event);
+  wo.on_event = [cb = std::move(on_event)](const tlsreload::WatchEvent& e) {
+    if (t_verifying && e.type == tlsreload::WatchEvent::Type::loaded) return;
+    if (cb) cb(e);
+  };
+  // The snapshots record where each certificate came from (the next verification matches
+  // pairs by path).
+  wo.initial_options.record_sources = !snapshot_dir.empty();
   out.watcher = std::make_unique<tlsreload::CertWatcher>(store, wo);
   auto take = [&](const std::string& what, Result<tlsreload::LoadReport>& r) -> Status {
     if (!r) return fail(bad_load(what, r.error()));
@@ -111,9 +294,19 @@ Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::C
     auto r = out.watcher->add_pair(p);
     if (auto st = take("--cert " + p.chain.string(), r); !st) return fail(st.error());
   }
-  for (const auto& dir : dirs) {
+  for (const auto& dir : plain) {
     auto r = out.watcher->add_directory(dir);
     if (auto st = take("--cert-dir " + dir, r); !st) return fail(st.error());
+    if (snapshot_dir.empty()) continue;
+    // Its snapshot is written once serving started (snapshot_work).
+    auto p = std::make_shared<FileCerts::Pending>();
+    p->dir = dir;
+    p->snapshot = snapshot_file(snapshot_dir, dir);
+    p->report.certificates = std::move(r->certificates);
+    p->report.sources = std::move(r->sources);
+    p->store = store;
+    p->logger = logger;
+    out.pending.push_back(std::move(p));
   }
   if (auto st = out.watcher->start(); !st) return fail(st.error());
   std::sort(out.names.begin(), out.names.end());
@@ -126,7 +319,7 @@ std::string prometheus_counter(const std::string& name, const std::string& help,
   return "# HELP " + name + " " + help + "\n# TYPE " + name + " counter\n" + name + " " + std::to_string(value) + "\n";
 }
 
-std::string watcher_metrics(const tlsreload::CertWatcher& w) {
+std::string watcher_metrics(const tlsreload::CertWatcher& w, bool verifying) {
   auto c = w.counters();
   std::string out =
       "# HELP autotls_cert_files_total Certificate file pairs (--cert/--key, --cert-dir) by what the watcher did.\n"
@@ -147,6 +340,10 @@ std::string watcher_metrics(const tlsreload::CertWatcher& w) {
   for (const auto& [what, value, help] : work) {
     out += prometheus_counter(std::string("autotls_cert_files_") + what + "_total", help, value);
   }
+  out += "# HELP autotls_cert_dir_snapshot_verifying 1 while a --cert-dir served from its store snapshot is verified.\n"
+         "# TYPE autotls_cert_dir_snapshot_verifying gauge\n"
+         "autotls_cert_dir_snapshot_verifying " + std::string(verifying ? "1" : "0") + "\n";
+  if (verifying) return out;
   out += "# HELP autotls_cert_files_failing Certificate file pairs that are bad now (the last good certificate keeps serving).\n"
          "# TYPE autotls_cert_files_failing gauge\n"
          "autotls_cert_files_failing " + std::to_string(w.failures().size()) + "\n";

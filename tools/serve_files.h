@@ -3,11 +3,14 @@
 // serve's certificate files (--cert/--key pairs, --cert-dir): checked at start, loaded into the
 // store, watched and reloaded on change by a tlsreload::CertWatcher (docs/cli.md, serve).
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "acme/util/error.h"
@@ -17,13 +20,59 @@
 
 namespace autotls::cli {
 
+// CertDirSnapshot is what happened behind one --cert-dir's store snapshot, once the start is
+// over: either the directory was verified behind the snapshot served at start (verified), or
+// it was loaded in full at start and its snapshot written now (the first start, or an ignored
+// snapshot).
+struct CertDirSnapshot {
+  std::string dir;
+  std::string snapshot;  // the snapshot file
+  bool verified = false;
+  std::optional<Error> error;  // verified: the directory could not be read (the snapshot keeps serving)
+  std::size_t loaded = 0;      // pairs loaded from the directory
+  // verified: pairs whose certificate changed while the process was down (replaced now), new
+  // pairs, snapshot certificates removed (their pair is gone), and kept (their pair failed to
+  // load: still served from the snapshot; each failure is also a cert_file_failed event).
+  std::size_t changed = 0, added = 0, removed = 0, kept = 0, failed = 0;
+  std::vector<std::string> changed_paths;  // the first 20 changed pairs' chain files
+  // verified: key files accessible by group or others (a start without snapshot refuses them;
+  // here the pair keeps serving): how many, and the first message.
+  std::size_t loose_keys = 0;
+  std::string loose_key_error;
+  Status written;         // the snapshot's rewrite
+  double seconds = 0;     // from the start of the verification (or write) to its end
+};
+
 // FileCerts is what the certificate files serve: the watcher that keeps them current and the
 // names their certificates cover at start (those are not issued over ACME).
 struct FileCerts {
   std::unique_ptr<tlsreload::CertWatcher> watcher;
   std::vector<std::string> names;
   std::set<std::string> covered;  // the same, lower-case without a trailing dot, for covered_by
+  // The snapshots of the --cert-dirs: those ignored at start (bad, corrupt, another user's:
+  // the path and why; the directory was loaded in full instead), how many directories were
+  // served from their snapshot, and what snapshot_work() still has to do.
+  std::vector<std::pair<std::string, Error>> ignored;
+  std::size_t from_snapshot = 0;
+  struct Pending;
+  std::vector<std::shared_ptr<Pending>> pending;
+  // verifying is true while snapshot_work() runs (the watcher is busy with a full load then:
+  // its failures() waits for it).
+  std::shared_ptr<std::atomic<bool>> verifying = std::make_shared<std::atomic<bool>>(false);
+  std::jthread worker;  // last: joined first
+
+  // snapshot_work starts, on a thread of its own, the work the snapshots leave behind the
+  // start: each directory served from its snapshot is loaded in full by the watcher (which
+  // watches it from then on), what changed published, what is gone removed, and its snapshot
+  // rewritten; each directory loaded at start gets its snapshot written. on_done is called
+  // once per directory, from that thread. Does nothing when nothing is pending.
+  void snapshot_work(std::function<void(const CertDirSnapshot&)> on_done);
 };
+
+// snapshot_file is the snapshot of the certificate directory dir (absolute) in snapshot_dir:
+// named by the directory's last component and a hash of its absolute path, so that it is
+// stable across starts and two directories never share one.
+std::string snapshot_file(const std::string& snapshot_dir, const std::string& dir);
 
 // check_key_permissions refuses a private key file readable or writable by group or others
 // (like ssh): Errc::invalid_input naming the file, its mode and `chmod 600`.
@@ -33,7 +82,15 @@ Status check_key_permissions(const std::string& path, const std::string& flag);
 // pair matching, chain, validity), publishes them into store and starts the watcher. Any bad
 // file fails the start with one Errc::invalid_input line naming the file and the fix. Returns
 // an empty FileCerts (no watcher) when no file source is configured.
-Result<FileCerts> load_cert_files(const Options& o, std::shared_ptr<tlsreload::CertStore> store, Logger* logger,
+//
+// snapshot_dir (absolute; empty: no snapshots) holds a store snapshot per --cert-dir. A
+// --cert-dir with a usable snapshot is not checked pair by pair at start: only that it is a
+// directory; its snapshot's certificates are published at once, and the checks (load, key
+// permissions) run in FileCerts::snapshot_work(), which the caller starts once it listens.
+// A snapshot that cannot be used is listed in FileCerts::ignored and the directory loaded as
+// without one.
+Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_dir,
+                                  std::shared_ptr<tlsreload::CertStore> store, Logger* logger,
                                   std::function<void(const tlsreload::WatchEvent&)> on_event);
 
 // covered_by tells whether a certificate for one of covered (FileCerts::covered) serves name:
@@ -43,7 +100,9 @@ bool covered_by(const std::set<std::string>& covered, const std::string& name);
 // prometheus_counter renders one unlabelled counter: its # HELP and # TYPE lines and sample.
 std::string prometheus_counter(const std::string& name, const std::string& help, std::uint64_t value);
 
-// watcher_metrics renders the watcher's counters in Prometheus text format.
-std::string watcher_metrics(const tlsreload::CertWatcher& w);
+// watcher_metrics renders the watcher's counters in Prometheus text format; verifying: a
+// --cert-dir is being verified behind its snapshot (autotls_cert_dir_snapshot_verifying 1, and
+// autotls_cert_files_failing is left out: the watcher's failures() waits for the verification).
+std::string watcher_metrics(const tlsreload::CertWatcher& w, bool verifying = false);
 
 }  // namespace autotls::cli

@@ -1908,6 +1908,266 @@ TEST_SUITE("cli.serve_files") {
 
 namespace {
 
+// events_named is every JSON line of out whose "event" is name.
+std::vector<json> events_named(const std::string& out, const std::string& name) {
+  std::vector<json> found;
+  std::istringstream lines(out);
+  std::string line;
+  while (std::getline(lines, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (j.is_object() && j.value("event", "") == name) found.push_back(std::move(j));
+  }
+  return found;
+}
+
+}  // namespace
+
+TEST_SUITE("cli.serve_files") {
+  TEST_CASE("serve starts a --cert-dir from its store snapshot and verifies the directory behind it") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca1 = make_test_ca("autotls cli snapshot CA one");
+    auto ca2 = make_test_ca("autotls cli snapshot CA two");
+    REQUIRE(ca1);
+    REQUIRE(ca2);
+    auto one1 = make_test_leaf({"one.snap.cli.test"}, *ca1);
+    auto one2 = make_test_leaf({"one.snap.cli.test"}, *ca2);
+    auto two1 = make_test_leaf({"two.snap.cli.test"}, *ca1);
+    auto two2 = make_test_leaf({"two.snap.cli.test"}, *ca2);
+    REQUIRE(one1);
+    REQUIRE(one2);
+    REQUIRE(two1);
+    REQUIRE(two2);
+    fs::path ca1_file = d.path / "ca1.pem", ca2_file = d.path / "ca2.pem";
+    write_file(ca1_file, ca1->cert_pem);
+    write_file(ca2_file, ca2->cert_pem);
+    fs::path certs = d.path / "certs";
+    auto put_pair = [&](const std::string& name, const autotls::testing::PemPair& leaf, const std::string& ca_pem) {
+      fs::create_directories(certs / name);
+      put(certs / name / "fullchain.pem", leaf.cert_pem + ca_pem);
+      put(certs / name / "privkey.pem", leaf.key_pem);
+    };
+    put_pair("one", *one1, ca1->cert_pem);
+    put_pair("two", *two1, ca1->cert_pem);
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "snapshot\n");
+    fs::path storage = d.path / "s";
+    fs::path snapshots = storage / "snapshots";
+
+    struct Serve {
+      pid_t pid = -1;
+      int https = 0;
+      fs::path out, err;
+    };
+    int run_no = 0;
+    // A failed REQUIRE leaves the test early: whatever serve still runs is killed then.
+    struct Reaper {
+      std::vector<pid_t> pids;
+      ~Reaper() {
+        for (pid_t pid : pids) {
+          int status = 0;
+          if (::waitpid(pid, &status, WNOHANG) != 0) continue;  // reaped already, or not ours
+          ::kill(pid, SIGKILL);
+          ::waitpid(pid, &status, 0);
+        }
+      }
+    } reaper;
+    auto start = [&](const std::vector<std::string>& more) {
+      Serve s;
+      s.https = free_port();
+      ++run_no;
+      s.out = d.path / ("serve" + std::to_string(run_no) + ".out");
+      s.err = d.path / ("serve" + std::to_string(run_no) + ".err");
+      std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--cert-dir", certs.string(), "--root", www.string(),
+                                       "--https-address", "127.0.0.1:" + std::to_string(s.https), "--http-address",
+                                       "off", "--admin-address", "127.0.0.1:0", "--json", "--drain", "1",
+                                       "--storage", storage.string(), "--ca", "https://127.0.0.1:1/unreachable"};
+      argv.insert(argv.end(), more.begin(), more.end());
+      s.pid = spawn(argv, s.out, s.err, {});
+      reaper.pids.push_back(s.pid);
+      return s;
+    };
+    auto logs = [](const Serve& s) { return read_file(s.out) + read_file(s.err); };
+    auto wait_for = [](const Serve& s, const std::function<bool()>& ok, std::chrono::seconds limit) {
+      auto deadline = std::chrono::steady_clock::now() + limit;
+      while (std::chrono::steady_clock::now() < deadline) {
+        if (ok()) return true;
+        int status = 0;
+        if (::waitpid(s.pid, &status, WNOHANG) == s.pid) return false;
+        std::this_thread::sleep_for(100ms);
+      }
+      return ok();
+    };
+    auto has_event = [](const Serve& s, const std::string& name) {
+      return !events_named(read_file(s.out), name).empty();
+    };
+    auto stop = [&](const Serve& s) {
+      REQUIRE(::kill(s.pid, SIGTERM) == 0);
+      CHECK_MESSAGE(wait_exit(s.pid, 15s) == 0, logs(s));
+    };
+    auto snapshot_files = [&] {
+      std::vector<fs::path> found;
+      std::error_code ec;
+      for (fs::directory_iterator it(snapshots, ec), end; !ec && it != end; it.increment(ec)) found.push_back(it->path());
+      return found;
+    };
+
+    // First start: the directory is loaded in full, then its snapshot written, 0600 in a 0700
+    // directory under the storage directory.
+    {
+      Serve s = start({});
+      REQUIRE_MESSAGE(wait_for(s, [&] { return https_get("one.snap.cli.test", s.https, ca1_file).first == 200; }, 15s),
+                      logs(s));
+      REQUIRE_MESSAGE(wait_for(s, [&] { return has_event(s, "cert_dir_snapshot_written"); }, 15s), logs(s));
+      auto files = snapshot_files();
+      REQUIRE_MESSAGE(files.size() == 1, logs(s));
+      CHECK(files[0].filename().string().starts_with("certs-"));
+      CHECK(files[0].extension() == ".snap");
+      struct stat st {};
+      REQUIRE(::stat(files[0].c_str(), &st) == 0);
+      CHECK((st.st_mode & 0777) == 0600);
+      REQUIRE(::stat(snapshots.c_str(), &st) == 0);
+      CHECK((st.st_mode & 0777) == 0700);
+      auto ev = events_named(read_file(s.out), "cert_dir_snapshot_written");
+      CHECK(ev[0].value("loaded", 0) == 2);
+      CHECK(ev[0].value("snapshot", "") == files[0].string());
+      CHECK(events_named(read_file(s.out), "cert_files")[0].value("from_snapshot", -1) == 0);
+      stop(s);
+    }
+
+    // While it is down, one pair changes (now from CA two). The second start serves from the
+    // snapshot; the verification behind it finds the changed pair, and then the new
+    // certificate is served.
+    put_pair("one", *one2, ca2->cert_pem);
+    {
+      Serve s = start({});
+      REQUIRE_MESSAGE(wait_for(s, [&] { return https_get("two.snap.cli.test", s.https, ca1_file).first == 200; }, 15s),
+                      logs(s));
+      CHECK_MESSAGE(events_named(read_file(s.out), "cert_files")[0].value("from_snapshot", -1) == 1, logs(s));
+      // Servable from the snapshot is ready.
+      int admin = autotls::testing::admin_port(s.out);
+      REQUIRE_MESSAGE(admin > 0, logs(s));
+      httplib::Client adm("127.0.0.1", admin);
+      adm.set_read_timeout(std::chrono::seconds(5));
+      auto ready = adm.Get("/readyz");
+      REQUIRE(ready);
+      CHECK(ready->status == 200);
+      REQUIRE_MESSAGE(wait_for(s, [&] { return has_event(s, "cert_dir_verified"); }, 30s), logs(s));
+      auto ev = events_named(read_file(s.out), "cert_dir_verified")[0];
+      INFO(ev.dump());
+      CHECK(ev.value("loaded", 0) == 2);
+      CHECK(ev.value("changed", 0) == 1);
+      CHECK(ev.value("added", -1) == 0);
+      CHECK(ev.value("removed", -1) == 0);
+      CHECK(ev.value("failed", -1) == 0);
+      CHECK(ev["changed_paths"].dump().find((certs / "one" / "fullchain.pem").string()) != std::string::npos);
+      CHECK(https_get("one.snap.cli.test", s.https, ca2_file).first == 200);
+      CHECK(https_get("one.snap.cli.test", s.https, ca1_file).first == 0);
+      CHECK_FALSE(has_event(s, "cert_dir_snapshot_ignored"));
+      // The watcher watches the directory after the verification: a later change is served.
+      put_pair("two", *two2, ca2->cert_pem);
+      CHECK_MESSAGE(wait_for(s, [&] { return https_get("two.snap.cli.test", s.https, ca2_file).first == 200; }, 15s),
+                    logs(s));
+      CHECK(has_event(s, "cert_file_reloaded"));
+      auto m = adm.Get("/metrics");
+      REQUIRE(m);
+      CHECK(m->body.find("\nautotls_cert_dir_snapshot_verifying 0\n") != std::string::npos);
+      stop(s);
+    }
+
+    // A corrupt snapshot is ignored with one warning; the directory is loaded as without one
+    // and the snapshot written anew.
+    {
+      auto files = snapshot_files();
+      REQUIRE(files.size() == 1);
+      std::string bytes = read_file(files[0]);
+      REQUIRE(bytes.size() > 200);
+      bytes[bytes.size() / 2] = static_cast<char>(bytes[bytes.size() / 2] ^ 0x5a);
+      {
+        std::ofstream(files[0], std::ios::binary | std::ios::trunc) << bytes;
+      }
+      Serve s = start({});
+      REQUIRE_MESSAGE(wait_for(s, [&] { return has_event(s, "cert_dir_snapshot_written"); }, 15s), logs(s));
+      auto ignored = events_named(read_file(s.out), "cert_dir_snapshot_ignored");
+      REQUIRE_MESSAGE(ignored.size() == 1, logs(s));
+      CHECK(ignored[0].value("snapshot", "") == files[0].string());
+      CHECK(ignored[0]["error"].dump().find("checksum") != std::string::npos);
+      CHECK(events_named(read_file(s.out), "cert_files")[0].value("from_snapshot", -1) == 0);
+      CHECK(https_get("one.snap.cli.test", s.https, ca2_file).first == 200);
+      CHECK(https_get("two.snap.cli.test", s.https, ca2_file).first == 200);
+      CHECK_FALSE(has_event(s, "cert_dir_verified"));
+      stop(s);
+    }
+    // ... and the one written instead is used by the next start.
+    {
+      Serve s = start({});
+      REQUIRE_MESSAGE(wait_for(s, [&] { return has_event(s, "cert_dir_verified"); }, 30s), logs(s));
+      CHECK(events_named(read_file(s.out), "cert_files")[0].value("from_snapshot", -1) == 1);
+      CHECK(events_named(read_file(s.out), "cert_dir_verified")[0].value("changed", -1) == 0);
+      stop(s);
+    }
+
+    // A snapshot others may read, or another user's, is not trusted either (one warning each).
+    {
+      auto files = snapshot_files();
+      REQUIRE(files.size() == 1);
+      std::vector<std::pair<std::string, std::function<void()>>> spoil = {
+          {"permission bits", [&] { fs::permissions(files[0], fs::perms::group_read, fs::perm_options::add); }}};
+      if (::geteuid() == 0) {
+        spoil.push_back({"owned by uid 65534", [&] { REQUIRE(::chown(files[0].c_str(), 65534, 65534) == 0); }});
+      }
+      for (const auto& [why, act] : spoil) {
+        act();
+        Serve s = start({});
+        REQUIRE_MESSAGE(wait_for(s, [&] { return has_event(s, "cert_dir_snapshot_written"); }, 15s), logs(s));
+        auto ignored = events_named(read_file(s.out), "cert_dir_snapshot_ignored");
+        REQUIRE_MESSAGE(ignored.size() == 1, logs(s));
+        CHECK_MESSAGE(ignored[0]["error"].dump().find(why) != std::string::npos, ignored[0].dump());
+        CHECK(events_named(read_file(s.out), "cert_files")[0].value("from_snapshot", -1) == 0);
+        stop(s);
+        struct stat st {};
+        REQUIRE(::stat(files[0].c_str(), &st) == 0);  // rewritten: ours, 0600
+        CHECK((st.st_mode & 0777) == 0600);
+        CHECK(st.st_uid == ::geteuid());
+      }
+    }
+
+    // Disabled by the config key: no snapshot is read or written.
+    {
+      fs::remove_all(snapshots);
+      fs::path cfg = d.path / "serve.json";
+      write_file(cfg, json({{"cert-dir-snapshots", "off"}}).dump());
+      Serve s = start({"--config", cfg.string()});
+      REQUIRE_MESSAGE(wait_for(s, [&] { return https_get("one.snap.cli.test", s.https, ca2_file).first == 200; }, 15s),
+                      logs(s));
+      CHECK_FALSE(has_event(s, "cert_dir_snapshot_written"));
+      stop(s);
+      CHECK_FALSE(fs::exists(snapshots));
+    }
+
+    // Moved by the config key, but never into the directory it mirrors (a bad config: exit 2).
+    {
+      fs::path cfg = d.path / "serve.json";
+      write_file(cfg, json({{"cert-dir-snapshots", (certs / "snapshots").string()}}).dump());
+      Serve s = start({"--config", cfg.string()});
+      int code = wait_exit(s.pid, 20s);
+      CHECK_MESSAGE(code == 2, logs(s));
+      CHECK_MESSAGE(logs(s).find("must not live in the directory") != std::string::npos, logs(s));
+      CHECK_FALSE(fs::exists(certs / "snapshots"));
+      fs::path elsewhere = d.path / "elsewhere";
+      write_file(cfg, json({{"cert-dir-snapshots", elsewhere.string()}}).dump());
+      Serve t = start({"--config", cfg.string()});
+      REQUIRE_MESSAGE(wait_for(t, [&] { return has_event(t, "cert_dir_snapshot_written"); }, 15s), logs(t));
+      CHECK(events_named(read_file(t.out), "cert_dir_snapshot_written")[0].value("snapshot", "").starts_with(elsewhere.string() + "/"));
+      stop(t);
+    }
+  }
+}
+
+namespace {
+
 // lines_of splits a text into its non-empty lines.
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> out;
