@@ -669,7 +669,10 @@ void CertStore::commit(std::shared_ptr<const Snapshot> next) {
   version_.store(v, std::memory_order_release);
 }
 
-const Snapshot& CertStore::pinned() const {
+// Inlined into the lookups: a call here made lookup_for_handshake save and restore its
+// `missed` pointer around it (6 instructions a lookup, measured with callgrind); inline, the
+// hit path takes fewer instructions than before the flag existed.
+[[gnu::always_inline]] inline const Snapshot& CertStore::pinned() const {
   std::uint64_t v = version_.load(std::memory_order_acquire);
   const CacheSlot& first = tl_cache[0];
   // The common path: no lock, no read-modify-write, no shared_ptr copy.
