@@ -179,10 +179,17 @@ class ConnStream final : public httplib::Stream {
  public:
   static constexpr std::size_t kFlushBytes = 16 * 1024;
 
+  // Timeouts hit are counted in *timeouts_hit when given (client connections; not the admin
+  // listener's).
+  struct TimeoutCounters {  // value-initialize ({}): both null
+    std::atomic<std::uint64_t>* read;
+    std::atomic<std::uint64_t>* write;
+  };
+
   ConnStream(Connection& c, milliseconds read_timeout, milliseconds write_timeout,
-             bool inline_mode = false)
+             bool inline_mode = false, TimeoutCounters counters = {})
       : c_(c), read_timeout_(read_timeout), write_timeout_(write_timeout),
-        inline_(inline_mode) {}
+        inline_(inline_mode), counters_(counters) {}
 
   bool is_readable() const override {
     if (!c_.unread().empty()) return true;
@@ -193,7 +200,7 @@ class ConnStream final : public httplib::Stream {
   }
   bool is_writable() const override {
     if (inline_ || c_.out.size() < kFlushBytes) return true;
-    return wait(POLLOUT, write_timeout_);
+    return wait(POLLOUT, write_timeout_, counters_.write);
   }
 
   ssize_t read(char* ptr, size_t size) override {
@@ -232,7 +239,7 @@ class ConnStream final : public httplib::Stream {
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
       }
-      if (!wait_until(want, deadline)) return -1;
+      if (!wait_until(want, deadline, counters_.read)) return -1;
     }
   }
 
@@ -276,7 +283,7 @@ class ConnStream final : public httplib::Stream {
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
       }
-      if (!wait_until(want, deadline)) return -1;
+      if (!wait_until(want, deadline, counters_.write)) return -1;
     }
   }
 
@@ -291,24 +298,31 @@ class ConnStream final : public httplib::Stream {
   socket_t socket() const override { return c_.fd; }
 
  private:
-  bool wait(short events, milliseconds timeout) const {
-    return wait_until(events, SteadyClock::now() + timeout);
+  // wait_until waits for events until deadline; false when the deadline passed (counted in
+  // *timed_out, if given) or poll failed.
+  bool wait(short events, milliseconds timeout,
+            std::atomic<std::uint64_t>* timed_out = nullptr) const {
+    return wait_until(events, SteadyClock::now() + timeout, timed_out);
   }
-  bool wait_until(short events, SteadyClock::time_point deadline) const {
+  bool wait_until(short events, SteadyClock::time_point deadline,
+                  std::atomic<std::uint64_t>* timed_out = nullptr) const {
     for (;;) {
       auto left = std::chrono::duration_cast<milliseconds>(deadline - SteadyClock::now());
-      if (left.count() < 0) return false;
+      if (left.count() < 0) break;
       pollfd p{c_.fd, events, 0};
       int r = ::poll(&p, 1, poll_ms(left) + 1);
       if (r > 0) return (p.revents & (events | POLLHUP | POLLERR)) != 0;
-      if (r == 0) return false;
+      if (r == 0) break;
       if (errno != EINTR) return false;
     }
+    if (timed_out) timed_out->fetch_add(1, std::memory_order_relaxed);
+    return false;
   }
 
   Connection& c_;
   milliseconds read_timeout_, write_timeout_;
   bool inline_;
+  TimeoutCounters counters_;
 };
 
 // Reactor is one event loop thread: its own epoll set (the shared listeners are in every set
@@ -546,7 +560,14 @@ struct Server::Impl {
   detail::LatencyHistogram latency;  // client requests, header parsed -> response written
   std::atomic<std::uint64_t> accepted{0}, rejected{0}, handshakes{0}, handshake_failed{0},
       handshake_timeout{0}, header_timeout{0}, idle_closed{0}, header_too_large{0},
-      requests{0}, forced_closed{0};
+      requests{0}, forced_closed{0}, read_timeout{0}, write_timeout{0};
+  // The https SSL_CTX once attach succeeded (its client-hello hook counts SNI misses), for the
+  // metrics; set once, and the SSL_CTX lives as long as the Impl.
+  std::atomic<SSL_CTX*> hooked_ctx{nullptr};
+
+  tlsreload::HookCounters sni_counters() const {
+    return tlsreload::hook_counters(hooked_ctx.load(std::memory_order_acquire));
+  }
 
   ~Impl() {
     for (auto& l : listeners) {
@@ -773,6 +794,7 @@ struct Server::Impl {
     // The SSL_CTX is fully configured here, before any handshake: it is never mutated live.
     auto st = tlsreload::attach(ctx, store, std::move(opts));
     if (!st) return fail(st.error().with_context("https"));
+    hooked_ctx.store(ctx, std::memory_order_release);
     return {};
   }
 
@@ -979,6 +1001,7 @@ struct Server::Impl {
   // metrics_text renders the client counters in the Prometheus text exposition format 0.0.4
   // (https://prometheus.io/docs/instrumenting/exposition_formats/).
   std::string metrics_text() {
+    const tlsreload::HookCounters sni = sni_counters();
     struct Metric {
       const char* name;
       const char* type;
@@ -1000,6 +1023,15 @@ struct Server::Impl {
          "Request headers not complete by the header deadline.", header_timeout.load()},
         {"autotls_server_idle_closed_total", "counter",
          "Keep-alive connections closed after the idle timeout.", idle_closed.load()},
+        {"autotls_server_read_timeout_total", "counter",
+         "Request-body reads that waited longer than the read timeout.", read_timeout.load()},
+        {"autotls_server_write_timeout_total", "counter",
+         "Response writes that waited longer than the write timeout.", write_timeout.load()},
+        {"autotls_server_sni_misses_total", "counter",
+         "TLS ClientHellos whose SNI no certificate names (default certificate or refused).",
+         sni.sni_misses},
+        {"autotls_server_no_sni_total", "counter",
+         "TLS ClientHellos without SNI (default certificate or refused).", sni.no_sni},
         {"autotls_server_header_too_large_total", "counter",
          "Requests refused with 431 (max_header_bytes).", header_too_large.load()},
         {"autotls_server_requests_total", "counter", "Requests answered.",
@@ -1866,8 +1898,8 @@ struct Server::Impl {
       } else if (c->phase == Connection::Phase::handshake) {
         ++handshake_timeout;
       } else if (c->phase == Connection::Phase::writing) {
-        // The client did not take its response within timeouts.write (no counter of its own,
-        // as on the worker path).
+        // The client did not take its response within timeouts.write.
+        ++write_timeout;
       } else if (c->keep_alive_wait && !c->header_started) {
         ++idle_closed;
       } else {
@@ -2098,7 +2130,9 @@ struct Server::Impl {
 
   void serve(std::unique_ptr<Connection> c) {
     Router& router = router_for(*c);
-    ConnStream stream(*c, c->lim->timeouts.read, c->lim->timeouts.write);
+    ConnStream::TimeoutCounters hits{};
+    if (!c->listener->admin) hits = {&read_timeout, &write_timeout};
+    ConnStream stream(*c, c->lim->timeouts.read, c->lim->timeouts.write, false, hits);
     for (;;) {
       bool close_connection =
           closing(*c) || c->requests + 1 >= c->lim->keep_alive_max_requests;
@@ -2416,6 +2450,11 @@ Server::Counters Server::counters() const {
   c.handshake_timeout = m.handshake_timeout.load();
   c.header_timeout = m.header_timeout.load();
   c.idle_closed = m.idle_closed.load();
+  c.read_timeout = m.read_timeout.load();
+  c.write_timeout = m.write_timeout.load();
+  auto sni = m.sni_counters();
+  c.sni_misses = sni.sni_misses;
+  c.no_sni = sni.no_sni;
   c.header_too_large = m.header_too_large.load();
   c.requests = m.requests.load();
   c.forced_closed = m.forced_closed.load();

@@ -46,6 +46,10 @@ class Server {
     std::uint64_t handshake_timeout = 0;
     std::uint64_t header_timeout = 0;       // request header not complete by its deadline
     std::uint64_t idle_closed = 0;          // keep-alive connection idle past timeouts.idle
+    std::uint64_t read_timeout = 0;         // a request-body read waited past timeouts.read
+    std::uint64_t write_timeout = 0;        // a response write waited past timeouts.write
+    std::uint64_t sni_misses = 0;           // ClientHello SNI no certificate names (tlsreload::HookCounters)
+    std::uint64_t no_sni = 0;               // ClientHello without SNI
     std::uint64_t header_too_large = 0;     // 431
     std::uint64_t requests = 0;             // requests answered (by a reactor or a worker)
     std::uint64_t forced_closed = 0;        // still open when the drain deadline passed

@@ -1,5 +1,6 @@
 #include "tlsreload/openssl_hook.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <mutex>
@@ -16,6 +17,18 @@ namespace {
 struct HookState {
   std::shared_ptr<CertStore> store;
   AttachOptions options;
+  // Written only on the miss path, and on their own cache line: a hit reads store and options
+  // and never writes anything shared (the handshake benchmarks measure that path).
+  struct alignas(64) Misses {
+    std::atomic<std::uint64_t> sni{0};
+    std::atomic<std::uint64_t> no_sni{0};
+  };
+  mutable Misses misses;
+
+  // count_miss records that no name answered sni (empty: no SNI at all).
+  void count_miss(std::string_view sni) const {
+    (sni.empty() ? misses.no_sni : misses.sni).fetch_add(1, std::memory_order_relaxed);
+  }
 };
 
 void free_state(void* /*parent*/, void* ptr, CRYPTO_EX_DATA* /*ad*/, int /*idx*/, long /*argl*/,
@@ -168,9 +181,11 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
             break;
           case UnknownName::retry:
             if (!retry_expired(ssl, state->options.unknown_name_wait)) return SSL_CLIENT_HELLO_RETRY;
+            state->count_miss(sni);
             *alert = SSL_AD_UNRECOGNIZED_NAME;
             return SSL_CLIENT_HELLO_ERROR;
           case UnknownName::fail:
+            state->count_miss(sni);
             *alert = SSL_AD_UNRECOGNIZED_NAME;
             return SSL_CLIENT_HELLO_ERROR;
         }
@@ -180,9 +195,13 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
     // marked failed, so the next lookup skips it as absent: wildcard, default or nothing) or
     // could not be rebuilt. Each retry removes one certificate from the candidates (at most
     // exact, wildcard and default in both families), so the loop is bounded.
+    // missed is set by the lookup only when no name answered (the default or nothing), so a hit
+    // writes nothing but this local; once set it stays set, as later attempts only fall further.
+    bool missed = false;
     for (int attempt = 0; attempt < 7; ++attempt) {
-      const Certificate* cert = state->store->lookup_for_handshake(sni, ecdsa);
+      const Certificate* cert = state->store->lookup_for_handshake(sni, ecdsa, &missed);
       if (!cert) {
+        state->count_miss(sni);
         *alert = SSL_AD_UNRECOGNIZED_NAME;
         return SSL_CLIENT_HELLO_ERROR;
       }
@@ -192,6 +211,7 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
         break;  // verified but not rebuildable (out of memory): no point in retrying
       }
       if (!use_view(ssl, v)) break;
+      if (missed) [[unlikely]] state->count_miss(sni);
       if (state->options.on_served && !sni.empty()) state->options.on_served(sni);
       return SSL_CLIENT_HELLO_SUCCESS;
     }
@@ -238,6 +258,17 @@ int on_alpn_select(SSL* /*ssl*/, const unsigned char** out, unsigned char* outle
 
 }  // namespace
 
+HookCounters hook_counters(const SSL_CTX* ctx) {
+  HookCounters c;
+  int index = state_index();
+  if (!ctx || index < 0) return c;
+  const auto* state = static_cast<const HookState*>(SSL_CTX_get_ex_data(ctx, index));
+  if (!state) return c;
+  c.sni_misses = state->misses.sni.load(std::memory_order_relaxed);
+  c.no_sni = state->misses.no_sni.load(std::memory_order_relaxed);
+  return c;
+}
+
 Status attach(SSL_CTX* ctx, std::shared_ptr<CertStore> store, AttachOptions options) {
   if (!ctx || !store) return fail(Errc::invalid_input, "attach: null SSL_CTX or store");
   int index = state_index();
@@ -245,7 +276,9 @@ Status attach(SSL_CTX* ctx, std::shared_ptr<CertStore> store, AttachOptions opti
   if (SSL_CTX_get_ex_data(ctx, index) != nullptr) {
     return fail(Errc::invalid_input, "attach: this SSL_CTX already has a store attached");
   }
-  auto state = std::make_unique<HookState>(HookState{std::move(store), std::move(options)});
+  auto state = std::make_unique<HookState>();
+  state->store = std::move(store);
+  state->options = std::move(options);
   if (SSL_CTX_set_ex_data(ctx, index, state.get()) != 1) {
     return fail(ossl::error("attach: SSL_CTX_set_ex_data"));
   }

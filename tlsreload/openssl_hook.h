@@ -4,6 +4,7 @@
 // from the ClientHello (SNI, signature algorithms, ALPN).
 
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -71,5 +72,19 @@ struct AttachOptions {
 // set on ctx.
 [[nodiscard]] Status attach(SSL_CTX* ctx, std::shared_ptr<CertStore> store,
                             AttachOptions options = {});
+
+// HookCounters counts the ClientHellos of ordinary handshakes (not tls-alpn-01) on a ctx that
+// no name in the store answered. Each hello counts once, when the callback gives its final
+// answer (an on-demand retry is counted when it ends), and only in one of the two.
+struct HookCounters {
+  // An SNI that no certificate covers (exact or wildcard): the default certificate was served,
+  // or the handshake failed with unrecognized_name (no default, or on-demand refused).
+  std::uint64_t sni_misses = 0;
+  // No server_name extension (or an empty name): the default certificate or unrecognized_name.
+  std::uint64_t no_sni = 0;
+};
+
+// hook_counters reads ctx's counters (relaxed loads); zeros when attach was never called on ctx.
+HookCounters hook_counters(const SSL_CTX* ctx);
 
 }  // namespace autotls::tlsreload

@@ -555,7 +555,7 @@ struct SnapshotEditor {
 // ---- Snapshot ----
 
 template <bool Borrowed>
-auto Snapshot::find_impl(std::string_view sni, bool client_supports_ecdsa) const {
+auto Snapshot::find_impl(std::string_view sni, bool client_supports_ecdsa, bool* missed) const {
   using R = std::conditional_t<Borrowed, const Certificate*, const std::shared_ptr<const Certificate>*>;
   R fallback = nullptr;
   // A certificate whose deferred verification failed is never served: as if absent. Reading
@@ -609,17 +609,25 @@ auto Snapshot::find_impl(std::string_view sni, bool client_supports_ecdsa) const
       }
     }
   }
-  if (R r = pick(default_.ecdsa.get(), default_.rsa.get(), &default_)) return r;
+  // From here on no name answered in the wanted family: the miss path. A fallback set above
+  // is a named certificate of the other family; one set by the default step is not.
+  const bool named_fallback = fallback != nullptr;
+  if (R r = pick(default_.ecdsa.get(), default_.rsa.get(), &default_)) {
+    if (missed) *missed = true;
+    return r;
+  }
+  if (missed && !named_fallback) *missed = true;
   return fallback;
 }
 
 const std::shared_ptr<const Certificate>* Snapshot::find(std::string_view sni,
                                                         bool client_supports_ecdsa) const {
-  return find_impl<false>(sni, client_supports_ecdsa);
+  return find_impl<false>(sni, client_supports_ecdsa, nullptr);
 }
 
-const Certificate* Snapshot::find_borrowed(std::string_view sni, bool client_supports_ecdsa) const {
-  return find_impl<true>(sni, client_supports_ecdsa);
+const Certificate* Snapshot::find_borrowed(std::string_view sni, bool client_supports_ecdsa,
+                                           bool* missed) const {
+  return find_impl<true>(sni, client_supports_ecdsa, missed);
 }
 
 std::vector<std::shared_ptr<const Certificate>> Snapshot::certificates() const {
@@ -661,7 +669,10 @@ void CertStore::commit(std::shared_ptr<const Snapshot> next) {
   version_.store(v, std::memory_order_release);
 }
 
-const Snapshot& CertStore::pinned() const {
+// Inlined into the lookups: a call here made lookup_for_handshake save and restore its
+// `missed` pointer around it (6 instructions a lookup, measured with callgrind); inline, the
+// hit path takes fewer instructions than before the flag existed.
+[[gnu::always_inline]] inline const Snapshot& CertStore::pinned() const {
   std::uint64_t v = version_.load(std::memory_order_acquire);
   const CacheSlot& first = tl_cache[0];
   // The common path: no lock, no read-modify-write, no shared_ptr copy.
@@ -697,8 +708,9 @@ std::shared_ptr<const Certificate> CertStore::lookup(std::string_view sni,
 }
 
 const Certificate* CertStore::lookup_for_handshake(std::string_view sni,
-                                                   bool client_supports_ecdsa) const {
-  return pinned().find_borrowed(sni, client_supports_ecdsa);
+                                                   bool client_supports_ecdsa,
+                                                   bool* missed) const {
+  return pinned().find_borrowed(sni, client_supports_ecdsa, missed);
 }
 
 std::shared_ptr<const Snapshot> CertStore::snapshot() const { return published_.acquire(); }

@@ -73,8 +73,12 @@ class Snapshot {
                                                  bool client_supports_ecdsa) const;
 
   // find_borrowed is find() returning the raw pointer (no reference count touched, and it
-  // reads only the table slot, not the CertPair): the hot path of a handshake.
-  const Certificate* find_borrowed(std::string_view sni, bool client_supports_ecdsa) const;
+  // reads only the table slot, not the CertPair): the hot path of a handshake. When missed is
+  // not null, *missed is set to true (and left untouched otherwise) if no name entry answered:
+  // the result is the default certificate or nullptr (an SNI miss, or no SNI). Only the miss
+  // path writes it, so a hit costs nothing more.
+  const Certificate* find_borrowed(std::string_view sni, bool client_supports_ecdsa,
+                                   bool* missed = nullptr) const;
 
   // certificates lists each distinct certificate once (including the defaults), ordered by id.
   // O(n): for listing and status pages, not for handshakes.
@@ -91,7 +95,7 @@ class Snapshot {
   Snapshot() = default;
 
   template <bool Borrowed>
-  auto find_impl(std::string_view sni, bool client_supports_ecdsa) const;
+  auto find_impl(std::string_view sni, bool client_supports_ecdsa, bool* missed) const;
 
   std::uint64_t version_ = 0;
   std::size_t name_count_ = 0;
@@ -183,8 +187,10 @@ class CertStore {
   // lookup_for_handshake is lookup() without the reference count: the pointer is borrowed
   // from this thread's cached snapshot and is valid only until this thread next calls any
   // lookup function on any CertStore. For the OpenSSL client-hello callback, which copies what
-  // it needs (SSL_use_cert_and_key takes references) before returning.
-  const Certificate* lookup_for_handshake(std::string_view sni, bool client_supports_ecdsa) const;
+  // it needs (SSL_use_cert_and_key takes references) before returning. missed: as in
+  // Snapshot::find_borrowed (set to true only when no name answered).
+  const Certificate* lookup_for_handshake(std::string_view sni, bool client_supports_ecdsa,
+                                          bool* missed = nullptr) const;
 
   // snapshot returns the current snapshot (for listing; a handshake should use lookup).
   std::shared_ptr<const Snapshot> snapshot() const;

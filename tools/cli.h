@@ -92,6 +92,10 @@ struct Options {
   int hsts = 0;
   std::string access_log = "off";  // serve: off, json or combined (stderr)
   std::string access_log_file;     // serve: append access-log lines here (reopened on SIGHUP)
+  // serve: auto, json or text. json is --json for serve (event lines, progress, logs and errors
+  // as JSON lines); auto picks json when stderr is not a terminal (a service manager, a pipe);
+  // --json wins over text. Resolved into `json` by main before any output.
+  std::string log_format = "auto";
   // serve: server limits (docs/config.md, "Server limits"); defaults are server::ServerConfig's.
   double handshake_timeout = 10;
   double header_timeout = 10;

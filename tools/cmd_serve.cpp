@@ -760,6 +760,7 @@ int cmd_serve(Context& ctx) {
         {"cert-dir", next->cert_dirs != o.cert_dirs},
         {"cert-dir-snapshots", next->cert_dir_snapshots != o.cert_dir_snapshots},
         {"event-hook", next->event_hook != o.event_hook},
+        {"log-format", next->log_format != o.log_format},
     };
     for (const auto& [key, changed] : restart_only) {
       if (changed) not_applied.push_back(key);

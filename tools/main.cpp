@@ -1,6 +1,8 @@
 // autotls: the command line. Parses flags (CLI11) and the JSON config file, then runs one
 // subcommand and maps its Result to the documented exit codes (docs/cli.md).
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -330,6 +332,11 @@ void build_cli(Cli& cli, Options& o) {
                     "one line per request on stderr: off, json or combined (NCSA, as nginx/Apache)")
       ->check(CLI::IsMember({"off", "json", "combined"}))
       ->capture_default_str();
+  serve->add_option("--log-format", o.log_format,
+                    "event and log lines: json (one object per line, as --json), text, or auto: json when "
+                    "stderr is not a terminal (systemd, a pipe), text on a terminal")
+      ->check(CLI::IsMember({"auto", "json", "text"}))
+      ->capture_default_str();
   serve->add_option("--access-log-file", o.access_log_file,
                     "append the access log to FILE instead of stderr (reopened on SIGHUP, for logrotate)");
   serve->add_option("--handshake-timeout", o.handshake_timeout, "seconds from accept to a finished TLS handshake")
@@ -393,7 +400,9 @@ void build_cli(Cli& cli, Options& o) {
   serve->footer(std::string("\nSignals: SIGTERM/SIGINT drain then exit 0 (a second one exits at once, status 6);\n"
                             "SIGHUP re-reads the config file (sites, listeners, limits; reopens the access log file) and certificates.\n"
                             "Each ACME step of each issuance is a line on stderr (\"<name>: order created...\"),\n"
-                            "a JSON line with --json, nothing with --quiet.\n\n"
+                            "a JSON line with --json, nothing with --quiet.\n"
+                            "Event and log lines are text on a terminal and one JSON object per line otherwise\n"
+                            "(systemd, a pipe); --log-format text|json chooses, --json means json.\n\n"
                             "Examples:\n"
                             "  autotls serve -d example.com --root /var/www --agree-tos --email me@example.com\n"
                             "  autotls serve -d app.example.com --proxy http://127.0.0.1:8080\n"
@@ -477,13 +486,22 @@ int main(int argc, char** argv) {
     return kExitUsage;
   }
 
-  Output out(o);
+  // serve's --log-format (or "log-format" in the config file) decides JSON lines for it; --json
+  // keeps meaning JSON whatever --log-format says. Resolved again once the config file is read.
+  auto log_json = [&](const Options& opts) {
+    return opts.json || (serve->parsed() && (opts.log_format == "json" ||
+                                             (opts.log_format == "auto" && ::isatty(STDERR_FILENO) != 1)));
+  };
+  Options early = o;  // the config file may still change --log-format / --json
+  early.json = log_json(o);
+  Output out(early);
   if (!o.config.empty()) {
     if (auto st = apply_config(app, o, o.config); !st) {
       out.error(st.error(), kExitUsage);
       return kExitUsage;
     }
   }
+  o.json = log_json(o);
   Output output(o);  // --json / --quiet may have come from the config file
   CliLogger logger(o.verbose, o.json);
 

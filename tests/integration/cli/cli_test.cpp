@@ -5,6 +5,8 @@
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
+#include <poll.h>
+#include <pty.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -74,9 +76,9 @@ struct Run {
   std::string out, err;
 };
 
-// spawn starts argv with stdout/stderr to files and extra environment entries.
-pid_t spawn(const std::vector<std::string>& args, const fs::path& out, const fs::path& err,
-            const std::vector<std::string>& env_extra) {
+// spawn_as_is starts argv with stdout/stderr to files and extra environment entries.
+pid_t spawn_as_is(const std::vector<std::string>& args, const fs::path& out, const fs::path& err,
+                  const std::vector<std::string>& env_extra) {
   std::vector<std::string> env;
   for (char** e = environ; *e; ++e) env.emplace_back(*e);
   for (const auto& e : env_extra) env.push_back(e);
@@ -100,6 +102,23 @@ pid_t spawn(const std::vector<std::string>& args, const fs::path& out, const fs:
     ::_exit(127);
   }
   return pid;
+}
+
+// spawn is spawn_as_is, except that `autotls serve` without --json or --log-format gets
+// --log-format text: its output goes to files here, where the default (auto) would print JSON
+// lines, and these tests read the text lines. The log format tests call spawn_as_is.
+pid_t spawn(const std::vector<std::string>& args, const fs::path& out, const fs::path& err,
+            const std::vector<std::string>& env_extra) {
+  std::vector<std::string> a = args;
+  auto has = [&](const std::string& flag) {
+    return std::find_if(a.begin(), a.end(), [&](const std::string& s) {
+             return s == flag || s.starts_with(flag + "=");
+           }) != a.end();
+  };
+  if (a.size() >= 2 && a[0] == AUTOTLS_BINARY && a[1] == "serve" && !has("--json") && !has("--log-format")) {
+    a.insert(a.end(), {"--log-format", "text"});
+  }
+  return spawn_as_is(a, out, err, env_extra);
 }
 
 // wait_exit waits up to timeout for pid; on timeout it kills it and returns -1.
@@ -2637,5 +2656,137 @@ TEST_SUITE("cli.serve") {
     auto alone = run(with({"--ca", dead}), {}, 60s);
     CHECK_MESSAGE(alone.code == 4, show(alone));
     CHECK_FALSE(fs::exists(c.storage() / "accounts"));
+  }
+}
+
+namespace {
+
+// LogFormatServe runs `autotls serve` on a certificate file (no CA needed) until its listening
+// line, then stops it with SIGTERM; stdout and stderr go to files, or to one pseudo-terminal.
+struct LogFormatServe {
+  TempDir d;
+  fs::path cert = d.path / "c.pem", key = d.path / "k.pem", www = d.path / "www";
+  int runs = 0;
+
+  LogFormatServe() {
+    auto leaf = autotls::testing::make_test_leaf({"log.cli.test"});
+    REQUIRE(leaf);
+    put(cert, leaf->cert_pem);
+    put(key, leaf->key_pem);
+    fs::create_directories(www);
+  }
+  std::vector<std::string> argv(std::vector<std::string> more) const {
+    std::vector<std::string> a = {AUTOTLS_BINARY, "serve", "--cert", cert.string(), "--key", key.string(),
+                                  "--root", www.string(), "--https-address", "127.0.0.1:0", "--http-address", "off",
+                                  "--admin-address", "off", "--drain", "0", "--storage", (d.path / "s").string(),
+                                  "--ca", "https://127.0.0.1:1/unreachable"};
+    a.insert(a.end(), more.begin(), more.end());
+    return a;
+  }
+  // stop waits (10 s at most) until text() shows the listening line, then sends SIGTERM and
+  // returns the exit status.
+  template <class Text>
+  int stop(pid_t pid, Text&& text) {
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (text().find("listening") == std::string::npos && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(50ms);
+    }
+    ::kill(pid, SIGTERM);
+    return wait_exit(pid, 15s);
+  }
+  // to_files runs serve (exactly argv(more): no --log-format added) with output to files.
+  std::string to_files(std::vector<std::string> more) {
+    // Fresh files each run: a stale listening line would stop the next run before it starts.
+    ++runs;
+    fs::path out = d.path / ("out" + std::to_string(runs)), err = d.path / ("err" + std::to_string(runs));
+    pid_t pid = spawn_as_is(argv(std::move(more)), out, err, {});
+    int code = stop(pid, [&] { return read_file(out); });
+    CHECK_MESSAGE(code == 0, (read_file(out) + read_file(err)));
+    return read_file(out) + read_file(err);
+  }
+  // on_terminal runs serve with stdout and stderr on a pseudo-terminal.
+  std::string on_terminal(std::vector<std::string> more) {
+    int master = -1, slave = -1;
+    REQUIRE(::openpty(&master, &slave, nullptr, nullptr, nullptr) == 0);
+    auto a = argv(std::move(more));
+    std::vector<char*> args;
+    for (auto& s : a) args.push_back(s.data());
+    args.push_back(nullptr);
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::close(master);
+      ::dup2(slave, 1);
+      ::dup2(slave, 2);
+      ::setpgid(0, 0);
+      ::execv(args[0], args.data());
+      ::_exit(127);
+    }
+    ::close(slave);
+    std::string got;
+    auto drain = [&] {
+      char buf[4096];
+      for (;;) {
+        pollfd p{master, POLLIN, 0};
+        if (::poll(&p, 1, 0) <= 0) break;
+        ssize_t n = ::read(master, buf, sizeof buf);
+        if (n <= 0) break;
+        got.append(buf, static_cast<size_t>(n));
+      }
+      return got;
+    };
+    int code = stop(pid, drain);
+    drain();
+    ::close(master);
+    CHECK_MESSAGE(code == 0, got);
+    return got;
+  }
+};
+
+// json_lines reports whether every non-empty line of text is a JSON object (and there is one).
+bool json_lines(const std::string& text) {
+  std::istringstream in(text);
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();  // a terminal's CRLF
+    if (line.empty()) continue;
+    if (!json::parse(line, nullptr, false).is_object()) return false;
+    ++n;
+  }
+  return n > 0;
+}
+
+}  // namespace
+
+TEST_SUITE("cli.serve") {
+  TEST_CASE("serve logs JSON lines off a terminal and text on one unless --log-format or the config says") {
+    LogFormatServe s;
+    // auto (the default): JSON lines when stderr is not a terminal (systemd, a pipe, a file).
+    auto piped = s.to_files({});
+    CHECK_MESSAGE(json_lines(piped), piped);
+    CHECK(piped.find("\"event\":\"listening\"") != std::string::npos);
+    // auto on a terminal: text.
+    auto tty = s.on_terminal({});
+    CHECK_MESSAGE(tty.find(" listening ") != std::string::npos, tty);
+    CHECK(tty.find("\"event\"") == std::string::npos);
+    // Explicit formats win over the terminal test, both ways.
+    auto text = s.to_files({"--log-format", "text"});
+    CHECK_MESSAGE(text.find(" listening ") != std::string::npos, text);
+    CHECK(text.find("\"event\"") == std::string::npos);
+    auto forced = s.on_terminal({"--log-format", "json"});
+    CHECK_MESSAGE(json_lines(forced), forced);
+    // --json keeps meaning JSON, whatever --log-format says.
+    CHECK(json_lines(s.on_terminal({"--json", "--log-format", "text"})));
+    // The config file key, which the command line overrides.
+    fs::path cfg = s.d.path / "c.json";
+    write_file(cfg, R"({"log-format": "text"})");
+    auto from_file = s.to_files({"--config", cfg.string()});
+    CHECK_MESSAGE(from_file.find(" listening ") != std::string::npos, from_file);
+    CHECK(from_file.find("\"event\"") == std::string::npos);
+    CHECK(json_lines(s.to_files({"--config", cfg.string(), "--log-format", "auto"})));
+    // Anything else is a usage error.
+    auto bad = run({"serve", "--log-format", "yaml"});
+    CHECK_MESSAGE(bad.code == 2, show(bad));
   }
 }

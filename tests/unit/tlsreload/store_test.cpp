@@ -61,6 +61,35 @@ TEST_CASE_FIXTURE(Fixture, "store matches exact names case-insensitively and ign
 // Names of every length around the 8-byte words the lookup folds case in and the 31 bytes a
 // slot holds inline; bytes next to the accepted ranges ('@' '[' '`' '{' '/' ';' 0x80+) anywhere
 // in the name must make it miss, both through lookup() and lookup_for_handshake().
+// The SNI-miss counters of the client-hello hook rest on this flag: set only when no name
+// answered (the default or nothing), never touched on a hit.
+TEST_CASE_FIXTURE(Fixture, "lookup_for_handshake flags a lookup no name answered") {
+  auto exact = put({"a.test"});
+  auto wild = put({"*.w.test"});
+  auto rsa_only = put({"r.test"}, TestKeyType::rsa2048);
+  auto missed = [&](std::string_view sni, bool ecdsa, const Certificate* want) {
+    bool m = false;
+    CHECK(store.lookup_for_handshake(sni, ecdsa, &m) == want);
+    return m;
+  };
+  CHECK_FALSE(missed("a.test", true, exact.get()));
+  CHECK_FALSE(missed("X.W.TEST.", true, wild.get()));
+  CHECK(missed("nope.test", true, nullptr));
+  CHECK(missed("", true, nullptr));
+  // Only the other key family under the name, and no default: still served by name.
+  CHECK_FALSE(missed("r.test", true, rsa_only.get()));
+  auto def = make({"default.test"});
+  REQUIRE(store.set_default(def));
+  CHECK_FALSE(missed("a.test", true, exact.get()));
+  CHECK(missed("nope.test", true, def.get()));
+  CHECK(missed("", true, def.get()));
+  CHECK(missed("a.b.w.test", true, def.get()));
+  // The flag is only ever set: a hit leaves a true one as it was.
+  bool m = true;
+  CHECK(store.lookup_for_handshake("a.test", true, &m) == exact.get());
+  CHECK(m);
+}
+
 TEST_CASE_FIXTURE(Fixture, "store matches names of every length and refuses bytes outside the name alphabet") {
   auto def = make({"default.test"});
   REQUIRE(store.set_default(def));
