@@ -727,7 +727,7 @@ int cmd_serve(Context& ctx) {
     auto refuse = [&](const std::string& why) {
       event_line("reload_failed", {{"error", why}}, "configuration not reloaded, the running one stays: " + why);
     };
-    if (files->watcher) files->watcher->rescan();
+    files->rescan();  // deferred while a --cert-dir is verified (never waits for it)
     if (!ctx.reparse) {
       event_line("reload", json::object(), "re-reading certificates from storage");
       return;

@@ -118,7 +118,7 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
   // for as long as a stat (and, for a verification, a load) of every pair.
   std::stable_partition(pending.begin(), pending.end(), [](const auto& p) { return !p->from_snapshot; });
   worker = std::jthread([work = std::move(pending), w = watcher.get(), verifying = verifying,
-                         on_done = std::move(on_done)] {
+                         rescan_wanted = rescan_wanted, on_done = std::move(on_done)] {
     // Directories loaded at start: their snapshots written.
     for (const auto& p : work) {
       if (p->from_snapshot || p->snapshot.empty()) continue;
@@ -204,7 +204,18 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
       if (on_done) on_done(r);
     }
     verifying->store(false);
+    if (rescan_wanted->exchange(false)) w->rescan();  // a SIGHUP came meanwhile (rescan())
   });
+}
+
+void FileCerts::rescan() {
+  if (!watcher) return;
+  if (verifying->load()) {
+    rescan_wanted->store(true);
+    if (verifying->load()) return;  // the worker sees the flag after it clears verifying
+    if (!rescan_wanted->exchange(false)) return;  // it finished in between, and took the flag
+  }
+  watcher->rescan();
 }
 
 Status check_key_permissions(const std::string& path, const std::string& flag) {
