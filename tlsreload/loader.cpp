@@ -53,7 +53,8 @@ class FileBuffer {
   // then uses it and closes it.
   template <class Shown>
   Result<std::string_view> read(int dir_fd, const char* path, Shown&& shown, bool* missing = nullptr,
-                                int opened = -1, FileIdentity* identity = nullptr) {
+                                int opened = -1, FileIdentity* identity = nullptr,
+                                std::uint32_t* mode = nullptr) {
     int fd = opened >= 0 ? opened : ::openat(dir_fd, path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
       int err = errno;
@@ -71,6 +72,7 @@ class FileBuffer {
     if (::fstat(fd, &st) != 0) return fail(Errc::io, shown().string() + ": " + std::strerror(errno));
     if (S_ISDIR(st.st_mode)) return fail(Errc::io, shown().string() + ": Is a directory");
     if (identity) *identity = identity_of(st);
+    if (mode) *mode = static_cast<std::uint32_t>(st.st_mode);
     const bool regular = S_ISREG(st.st_mode);
     if (regular && static_cast<std::uintmax_t>(st.st_size) > kMaxFileBytes) return fail(too_large(shown()));
     // st_size + 1: a regular file that has not grown fills all but the last byte, and that
@@ -257,12 +259,13 @@ Outcome load_one(const PairRef& ref, Paths&& paths, const LoadOptions& options, 
   PairBuffers& bufs = thread_buffers();
   bool chain_missing = false, key_missing = false;
   FileIdentity chain_id, key_id;
+  std::uint32_t key_mode = 0;
   auto chain = bufs.chain.read(ref.dir_fd, ref.chain, [&] { return paths().chain; },
                                scanning ? &chain_missing : nullptr, ref.chain_fd, &chain_id);
   if (!chain) return record(Outcome::load_failure, paths().chain, chain.error());
   KeyWiper wiper{bufs.key};  // before the read: a failed or partial read is wiped too
   auto key = bufs.key.read(ref.dir_fd, ref.key, [&] { return paths().key; },
-                           scanning ? &key_missing : nullptr, -1, &key_id);
+                           scanning ? &key_missing : nullptr, -1, &key_id, &key_mode);
   if (chain_missing && key_missing) return out;  // not a certificate directory
   if (chain_missing) {
     fs::path p = paths().chain;
@@ -283,7 +286,7 @@ Outcome load_one(const PairRef& ref, Paths&& paths, const LoadOptions& options, 
   }
   out.kind = Outcome::loaded;
   out.cert = std::move(*cert);
-  if (options.record_sources) out.source = PairSource{paths(), chain_id, key_id};
+  if (options.record_sources) out.source = PairSource{paths(), chain_id, key_id, key_mode};
   return out;
 }
 
@@ -292,6 +295,7 @@ LoadReport assemble(std::vector<Outcome>& outcomes, bool with_sources) {
   for (auto& o : outcomes) {
     if (o.kind == Outcome::scan_failure) report.failures.push_back(std::move(*o.failure));
   }
+  report.scan_failures = report.failures.size();
   for (auto& o : outcomes) {
     if (o.kind == Outcome::load_failure) report.failures.push_back(std::move(*o.failure));
     if (o.kind == Outcome::loaded) {

@@ -42,6 +42,9 @@ struct FileIdentity {
 struct PairSource {
   CertKeyPaths paths;
   FileIdentity chain, key;
+  // key_mode is the key file's st_mode as read (0: not known). load_directory and load_pairs
+  // record it, so a caller can check the key's permissions without another stat() per pair.
+  std::uint32_t key_mode = 0;
 };
 
 // LoadReport is what a bulk load produced: the good certificates and each bad file. One bad
@@ -52,6 +55,9 @@ struct LoadReport {
   // sources[i] is where certificates[i] was read from (load_pairs, load_directory with
   // LoadOptions::record_sources; kept parallel by publish_all); empty otherwise.
   std::vector<PairSource> sources;
+  // scan_failures: the first scan_failures entries of failures are pairs with one of their two
+  // files missing (load_directory; find_certbot_pairs' failures); the others did not load.
+  std::size_t scan_failures = 0;
 };
 
 // bulk_load_options are the defaults of the bulk loaders below: the chain signatures are

@@ -93,7 +93,13 @@ std::size_t CertWatcher::add_source(Source s) {
   return sources_.size() - 1;
 }
 
-Result<LoadReport> CertWatcher::add_directory(const fs::path& dir) {
+Result<LoadReport> CertWatcher::add_directory(const fs::path& dir) { return watch_directory(dir, nullptr); }
+
+Result<LoadReport> CertWatcher::adopt_directory(const fs::path& dir, const LoadReport& loaded) {
+  return watch_directory(dir, &loaded);
+}
+
+Result<LoadReport> CertWatcher::watch_directory(const fs::path& dir, const LoadReport* loaded) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
     return fail(Errc::io, dir.string() + ": not a directory" + (ec ? " (" + ec.message() + ")" : ""));
@@ -107,6 +113,23 @@ Result<LoadReport> CertWatcher::add_directory(const fs::path& dir) {
     s.directory = true;
     s.path = dir;
     std::size_t i = add_source(std::move(s));
+    if (loaded && loaded->sources.size() == loaded->certificates.size()) {
+      for (std::size_t k = 0; k < loaded->certificates.size(); ++k) {
+        const PairSource& src = loaded->sources[k];
+        auto [it, fresh] = entries_.try_emplace(src.paths.chain.string());
+        Entry& e = it->second;
+        if (!fresh) continue;  // another source's pair: its own checks own it
+        e.paths = src.paths;
+        e.source = i;
+        e.cert = loaded->certificates[k];
+        e.adopted = src;
+        held_[e.cert->id()] += 1;
+        loaded_.fetch_add(1);
+        // A candidate from the start, so that the first check reports it removed if its
+        // directory went away since the load.
+        sources_[i].cands.try_emplace(src.paths.chain.parent_path().string());
+      }
+    }
     check_source(i, true, true, events, &report);
   }
   emit(events);
@@ -200,6 +223,7 @@ void CertWatcher::mark_removed(std::size_t index, const std::string& cand, std::
   if (e.source != index || !e.present) return;
   e.present = false;
   e.sig.reset();
+  e.adopted.reset();
   e.held_since.reset();
   e.failure.reset();
   if (!e.cert) return;
@@ -252,6 +276,18 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
     if (fresh) {
       e.paths = paths;
       e.source = index;
+    }
+    if (e.adopted) {
+      // Loaded by the caller (adopt_directory): unchanged if the files are those it read.
+      auto same = [](const FileSig& f, const FileIdentity& id) {
+        return f.err == 0 && f.size == id.size && f.mtime_ns == id.mtime_ns && f.ino == id.inode && f.dev == id.device;
+      };
+      const bool unchanged = same(sig.chain, e.adopted->chain) && same(sig.key, e.adopted->key);
+      e.adopted.reset();
+      if (unchanged) {
+        e.sig = sig;
+        continue;
+      }
     }
     if (e.sig && *e.sig == sig && !e.held_since) continue;  // unchanged since last look
     if (!initial && !s.directory && sig.chain.err == ENOENT && sig.key.err == ENOENT) {

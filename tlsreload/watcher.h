@@ -117,6 +117,16 @@ class CertWatcher {
   // watches it from then on. The report lists what was published and each bad file. Fails
   // when dir is not a readable directory or inotify is unavailable.
   [[nodiscard]] Result<LoadReport> add_directory(const std::filesystem::path& dir);
+  // adopt_directory is add_directory for a directory the caller has loaded and published
+  // already (load_directory with LoadOptions::record_sources, then publish_all: the bulk
+  // loader reads the pairs on all cores, where the watcher's first check goes pair by pair):
+  // loaded's certificates become their pairs' current certificates (counted as loaded, no
+  // event), and the first full check, which watches the directory, stat()s every pair as
+  // usual but parses only those whose files are not the ones loaded (identities in
+  // loaded.sources: size, mtime, inode, device) and those loaded did not list (new since, or
+  // failed). So a pair changed between the load and the watch is still seen. The report lists
+  // what that check published and each bad file.
+  [[nodiscard]] Result<LoadReport> adopt_directory(const std::filesystem::path& dir, const LoadReport& loaded);
   // add_pair does the same for one explicit pair. A pair that cannot be loaded yet (missing or
   // bad files) is reported and watched; it fails only when its directories do not exist.
   [[nodiscard]] Result<LoadReport> add_pair(const CertKeyPaths& pair);
@@ -148,6 +158,9 @@ class CertWatcher {
     CertKeyPaths paths;
     std::size_t source = 0;
     std::optional<PairSig> sig;  // files as last loaded or reported; nullopt: never checked
+    // adopted: cert was loaded by the caller from files with these identities (adopt_directory);
+    // the first check compares them with its stat() instead of sig.
+    std::optional<PairSource> adopted;
     std::shared_ptr<const Certificate> cert;  // the last good certificate, still served
     std::optional<LoadFailure> failure;       // reported and not fixed since
     bool present = true;                      // false once reported removed
@@ -182,6 +195,7 @@ class CertWatcher {
   };
 
   static PairSig signature(const CertKeyPaths& paths);
+  Result<LoadReport> watch_directory(const std::filesystem::path& dir, const LoadReport* loaded);
   Status ensure_inotify();
   std::size_t add_source(Source s);
   void check_source(std::size_t index, bool initial, bool full, std::vector<WatchEvent>& events,

@@ -114,62 +114,108 @@ std::string snapshot_file(const std::string& snapshot_dir, const std::string& di
 void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_done) {
   if (pending.empty() || !watcher) return;
   verifying->store(true);
-  // The writes first: they are quick, and the verifications run for as long as a full load.
+  // The writes first: they are quick, and the watcher's first checks and the verifications run
+  // for as long as a stat (and, for a verification, a load) of every pair.
   std::stable_partition(pending.begin(), pending.end(), [](const auto& p) { return !p->from_snapshot; });
   worker = std::jthread([work = std::move(pending), w = watcher.get(), verifying = verifying,
-                         on_done = std::move(on_done)] {
+                         rescan_wanted = rescan_wanted, on_done = std::move(on_done)] {
+    // Directories loaded at start: their snapshots written.
     for (const auto& p : work) {
+      if (p->from_snapshot || p->snapshot.empty()) continue;
       const auto t0 = std::chrono::steady_clock::now();
       CertDirSnapshot r;
       r.dir = p->dir;
       r.snapshot = p->snapshot;
-      r.verified = p->from_snapshot;
+      Status dir_ok = ensure_snapshot_dir(std::filesystem::path(p->snapshot).parent_path());
+      r.loaded = p->report.certificates.size();
+      r.written = dir_ok ? tlsreload::write_snapshot(p->snapshot, p->report.certificates, p->report.sources) : dir_ok;
+      r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (on_done) on_done(r);
+    }
+    // ... then adopted by the watcher: its first full check stat()s every pair and watches
+    // it, and parses only the pairs whose files are not those the start loaded (changed since,
+    // new, or gone: reported as watcher events).
+    for (const auto& p : work) {
+      if (p->from_snapshot) continue;
+      const auto t0 = std::chrono::steady_clock::now();
+      auto before = w->counters();
+      auto rep = w->adopt_directory(p->dir, p->report);
+      p->report = {};
+      auto after = w->counters();
+      if (p->logger) {
+        char secs[32];
+        std::snprintf(secs, sizeof secs, "%.3f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        if (rep) {
+          p->logger->log(LogLevel::info, "serve.files", "certificate directory watched",
+                         {{"dir", p->dir},
+                          {"pairs_checked", std::to_string(after.pairs_checked - before.pairs_checked)},
+                          {"pairs_parsed", std::to_string(after.pairs_parsed - before.pairs_parsed)},
+                          {"seconds", secs}});
+        } else {
+          p->logger->log(LogLevel::error, "serve.files", "certificate directory not watched; its certificates keep serving",
+                         {{"dir", p->dir}, {"error", rep.error().message}});
+        }
+      }
+    }
+    // Directories served from their snapshots: verified.
+    for (const auto& p : work) {
+      if (!p->from_snapshot) continue;
+      const auto t0 = std::chrono::steady_clock::now();
+      CertDirSnapshot r;
+      r.dir = p->dir;
+      r.snapshot = p->snapshot;
+      r.verified = true;
       tlsreload::DirectoryLoadOptions dlo;
       dlo.snapshot_path = p->snapshot;
       dlo.logger = p->logger;
       Status dir_ok = ensure_snapshot_dir(std::filesystem::path(p->snapshot).parent_path());
-      if (!p->from_snapshot) {
-        r.loaded = p->report.certificates.size();
-        r.written = dir_ok ? tlsreload::write_snapshot(p->snapshot, p->report.certificates, p->report.sources) : dir_ok;
-        p->report = {};
+      // The verification: the watcher's first full check of the directory loads every pair
+      // (what changed replaces the snapshot's certificate in the store) and watches it from
+      // then on; the key permissions a start checks are checked here, on the warm files.
+      t_verifying = true;
+      auto rep = w->add_directory(p->dir);
+      t_verifying = false;
+      if (!rep) {
+        r.error = rep.error();
+        r.written = fail(rep.error());
       } else {
-        // The verification: the watcher's first full check of the directory loads every pair
-        // (what changed replaces the snapshot's certificate in the store) and watches it from
-        // then on; the key permissions a start checks are checked here, on the warm files.
-        t_verifying = true;
-        auto rep = w->add_directory(p->dir);
-        t_verifying = false;
-        if (!rep) {
-          r.error = rep.error();
-          r.written = fail(rep.error());
-        } else {
-          tlsreload::DirectoryCheck check;
-          check.report = std::move(*rep);
-          r.loaded = check.report.certificates.size();
-          r.failed = check.report.failures.size();
-          for (const auto& src : check.report.sources) {
-            if (auto st = check_key_permissions(src.paths.key.string(), "--cert-dir " + p->dir); !st) {
-              if (r.loose_keys++ == 0) r.loose_key_error = st.error().message;
-            }
+        tlsreload::DirectoryCheck check;
+        check.report = std::move(*rep);
+        r.loaded = check.report.certificates.size();
+        r.failed = check.report.failures.size();
+        for (const auto& src : check.report.sources) {
+          if (auto st = check_key_permissions(src.paths.key.string(), "--cert-dir " + p->dir); !st) {
+            if (r.loose_keys++ == 0) r.loose_key_error = st.error().message;
           }
-          if (!dir_ok) dlo.snapshot_path.clear();  // finish_check then writes nothing
-          tlsreload::finish_check(*p->store, check, p->start, dlo);
-          r.changed = check.changed;
-          r.added = check.added;
-          r.removed = check.removed;
-          r.kept = check.kept;
-          for (std::size_t i = 0; i < check.changed_paths.size() && i < 20; ++i) {
-            r.changed_paths.push_back(check.changed_paths[i].string());
-          }
-          r.written = dir_ok ? check.snapshot_written : dir_ok;
         }
-        p->start = {};
+        if (!dir_ok) dlo.snapshot_path.clear();  // finish_check then writes nothing
+        tlsreload::finish_check(*p->store, check, p->start, dlo);
+        r.changed = check.changed;
+        r.added = check.added;
+        r.removed = check.removed;
+        r.kept = check.kept;
+        for (std::size_t i = 0; i < check.changed_paths.size() && i < 20; ++i) {
+          r.changed_paths.push_back(check.changed_paths[i].string());
+        }
+        r.written = dir_ok ? check.snapshot_written : dir_ok;
       }
+      p->start = {};
       r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (on_done) on_done(r);
     }
     verifying->store(false);
+    if (rescan_wanted->exchange(false)) w->rescan();  // a SIGHUP came meanwhile (rescan())
   });
+}
+
+void FileCerts::rescan() {
+  if (!watcher) return;
+  if (verifying->load()) {
+    rescan_wanted->store(true);
+    if (verifying->load()) return;  // the worker sees the flag after it clears verifying
+    if (!rescan_wanted->exchange(false)) return;  // it finished in between, and took the flag
+  }
+  watcher->rescan();
 }
 
 Status check_key_permissions(const std::string& path, const std::string& flag) {
@@ -255,17 +301,37 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
     out.pending.push_back(std::move(p));
     ++out.from_snapshot;
   }
+  // A directory without a usable snapshot is loaded here by the bulk loader (all cores, one
+  // openat per file; the watcher's own first check goes pair by pair and took 4-5 times as
+  // long at 100,000 pairs, docs/benchmarks.md) and published below in one batch; the watcher
+  // adopts it in snapshot_work(), once serving started. Checked as before: a pair with one
+  // file missing first, then keys open to group or others (the mode the load's fstat saw; a
+  // pair that failed to load gets a stat), then pairs that did not load.
+  std::vector<tlsreload::LoadReport> plain_loads;
+  tlsreload::LoadOptions bulk = tlsreload::bulk_load_options();
+  bulk.record_sources = true;
   for (const auto& dir : plain) {
-    auto scan = tlsreload::find_certbot_pairs(dir);
-    if (!scan) return fail(bad_load("--cert-dir " + dir, scan.error()));
-    if (!scan->failures.empty()) return fail(bad_load("--cert-dir " + dir, scan->failures.front().error));
-    if (scan->pairs.empty()) {
-      return fail(Errc::invalid_input, "--cert-dir " + dir + ": no certificates found (expected <dir>/<name>/fullchain.pem "
+    const std::string what = "--cert-dir " + dir;
+    auto r = tlsreload::load_directory(dir, bulk);
+    if (!r) return fail(bad_load(what, r.error()));
+    if (r->scan_failures > 0) return fail(bad_load(what, r->failures.front().error));
+    if (r->certificates.empty() && r->failures.empty()) {
+      return fail(Errc::invalid_input, what + ": no certificates found (expected <dir>/<name>/fullchain.pem "
                                        "and privkey.pem, or <dir>/live/<name>/...)");
     }
-    for (const auto& p : scan->pairs) {
-      if (auto st = check_key_permissions(p.key.string(), "--cert-dir " + dir); !st) return fail(st.error());
+    // In name order over loaded and failed pairs alike, as the pair-by-pair check was.
+    std::vector<std::string> keys;
+    keys.reserve(r->sources.size() + r->failures.size());
+    for (const auto& src : r->sources) {
+      if (src.key_mode != 0 && (src.key_mode & 077) == 0) continue;
+      keys.push_back(src.paths.key.string());
     }
+    for (const auto& f : r->failures) keys.push_back((f.path.parent_path() / "privkey.pem").string());
+    std::sort(keys.begin(), keys.end());
+    for (const auto& k : keys) {
+      if (auto st = check_key_permissions(k, what); !st) return fail(st.error());
+    }
+    plain_loads.push_back(std::move(*r));
   }
 
   tlsreload::WatcherOptions wo;
@@ -294,16 +360,17 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
     auto r = out.watcher->add_pair(p);
     if (auto st = take("--cert " + p.chain.string(), r); !st) return fail(st.error());
   }
-  for (const auto& dir : plain) {
-    auto r = out.watcher->add_directory(dir);
-    if (auto st = take("--cert-dir " + dir, r); !st) return fail(st.error());
-    if (snapshot_dir.empty()) continue;
-    // Its snapshot is written once serving started (snapshot_work).
+  for (std::size_t i = 0; i < plain.size(); ++i) {
+    const std::string& dir = plain[i];
+    Result<tlsreload::LoadReport> r = std::move(plain_loads[i]);
+    if (!r->failures.empty()) return fail(take("--cert-dir " + dir, r).error());
+    tlsreload::publish_all(*store, *r);  // one snapshot for the directory
+    if (auto st = take("--cert-dir " + dir, r); !st) return fail(st.error());  // refused by the store
+    // The watcher adopts it (and the snapshot is written) once serving started.
     auto p = std::make_shared<FileCerts::Pending>();
     p->dir = dir;
-    p->snapshot = snapshot_file(snapshot_dir, dir);
-    p->report.certificates = std::move(r->certificates);
-    p->report.sources = std::move(r->sources);
+    if (!snapshot_dir.empty()) p->snapshot = snapshot_file(snapshot_dir, dir);
+    p->report = std::move(*r);
     p->store = store;
     p->logger = logger;
     out.pending.push_back(std::move(p));

@@ -59,6 +59,8 @@ struct FileCerts {
   // verifying is true while snapshot_work() runs (the watcher is busy with a full load then:
   // its failures() waits for it).
   std::shared_ptr<std::atomic<bool>> verifying = std::make_shared<std::atomic<bool>>(false);
+  // rescan_wanted: a rescan() came while snapshot_work() ran; its thread rescans when done.
+  std::shared_ptr<std::atomic<bool>> rescan_wanted = std::make_shared<std::atomic<bool>>(false);
   std::jthread worker;  // last: joined first
 
   // snapshot_work starts, on a thread of its own, the work the snapshots leave behind the
@@ -67,6 +69,12 @@ struct FileCerts {
   // rewritten; each directory loaded at start gets its snapshot written. on_done is called
   // once per directory, from that thread. Does nothing when nothing is pending.
   void snapshot_work(std::function<void(const CertDirSnapshot&)> on_done);
+
+  // rescan re-checks every file (SIGHUP): at once, or, while snapshot_work() runs (its full
+  // checks hold the watcher), by that thread once it is done, so the caller never waits for a
+  // verification. Changes during the verification are not lost meanwhile: the watches of a
+  // pair are in place before its files are read, so a later change is an event.
+  void rescan();
 };
 
 // snapshot_file is the snapshot of the certificate directory dir (absolute) in snapshot_dir:

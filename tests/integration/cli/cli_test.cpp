@@ -2183,6 +2183,119 @@ TEST_SUITE("cli.serve_files") {
       stop(t);
     }
   }
+
+  TEST_CASE("serve loads a --cert-dir without snapshot in bulk and its watcher parses no unchanged pair") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca1 = make_test_ca("autotls cli bulk CA one");
+    auto ca2 = make_test_ca("autotls cli bulk CA two");
+    REQUIRE(ca1);
+    REQUIRE(ca2);
+    fs::path ca1_file = d.path / "ca1.pem", ca2_file = d.path / "ca2.pem";
+    write_file(ca1_file, ca1->cert_pem);
+    write_file(ca2_file, ca2->cert_pem);
+    fs::path certs = d.path / "certs";
+    constexpr int kPairs = 5;
+    for (int i = 0; i < kPairs; ++i) {
+      std::string name = "b" + std::to_string(i) + ".bulk.cli.test";
+      auto leaf = make_test_leaf({name}, *ca1);
+      REQUIRE(leaf);
+      fs::create_directories(certs / "live" / name);
+      put(certs / "live" / name / "fullchain.pem", leaf->cert_pem + ca1->cert_pem);
+      put(certs / "live" / name / "privkey.pem", leaf->key_pem);
+    }
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "bulk\n");
+    auto argv_for = [&](int https) {
+      return std::vector<std::string>{"serve", "--cert-dir", certs.string(), "--root", www.string(),
+                                      "--https-address", "127.0.0.1:" + std::to_string(https), "--http-address",
+                                      "off", "--admin-address", "127.0.0.1:0", "--json", "--drain", "1",
+                                      "--storage", (d.path / "s").string(), "--ca", "https://127.0.0.1:1/unreachable",
+                                      "--cert-dir-snapshots", "off"};
+    };
+
+    // The start checks what the pair-by-pair start checked: a key open to others, named with
+    // the fix, and a bad pair among good ones, naming its file and reason.
+    fs::path loose = certs / "live" / "b2.bulk.cli.test" / "privkey.pem";
+    fs::permissions(loose, fs::perms::owner_read | fs::perms::owner_write | fs::perms::others_read);
+    {
+      auto r = run(argv_for(free_port()), {}, 20s);
+      CHECK_MESSAGE(r.code == 2, show(r));
+      CHECK_MESSAGE((r.out + r.err).find(loose.string() + " is accessible by group or others") != std::string::npos, show(r));
+      CHECK_MESSAGE((r.out + r.err).find("chmod 600 " + loose.string()) != std::string::npos, show(r));
+    }
+    fs::permissions(loose, fs::perms::owner_read | fs::perms::owner_write);
+    {
+      auto other = make_test_leaf({"b3.bulk.cli.test"}, *ca1);
+      REQUIRE(other);
+      fs::path key = certs / "live" / "b3.bulk.cli.test" / "privkey.pem";
+      std::string good_key = read_file(key);
+      put(key, other->key_pem);
+      auto r = run(argv_for(free_port()), {}, 20s);
+      CHECK_MESSAGE(r.code == 2, show(r));
+      CHECK_MESSAGE((r.out + r.err).find((certs / "live" / "b3.bulk.cli.test" / "fullchain.pem").string()) != std::string::npos, show(r));
+      CHECK_MESSAGE((r.out + r.err).find("does not match") != std::string::npos, show(r));
+      put(key, good_key);
+    }
+
+    int https = free_port();
+    std::vector<std::string> argv = argv_for(https);
+    argv.insert(argv.begin(), AUTOTLS_BINARY);
+    fs::path out = d.path / "serve.out", err = d.path / "serve.err";
+    pid_t pid = spawn(argv, out, err, {});
+    struct Reaper {
+      pid_t pid;
+      ~Reaper() {
+        int status = 0;
+        if (::waitpid(pid, &status, WNOHANG) != 0) return;
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &status, 0);
+      }
+    } reaper{pid};
+    auto logs = [&] { return read_file(out) + read_file(err); };
+    auto wait_until = [&](const std::function<bool()>& ok, std::chrono::seconds limit) {
+      auto deadline = std::chrono::steady_clock::now() + limit;
+      while (std::chrono::steady_clock::now() < deadline) {
+        if (ok()) return true;
+        std::this_thread::sleep_for(100ms);
+      }
+      return ok();
+    };
+    REQUIRE_MESSAGE(wait_until([&] { return https_get("b0.bulk.cli.test", https, ca1_file).first == 200; }, 15s), logs());
+    int admin = autotls::testing::admin_port(out);
+    REQUIRE_MESSAGE(admin > 0, logs());
+    httplib::Client adm("127.0.0.1", admin);
+    adm.set_read_timeout(std::chrono::seconds(5));
+    CHECK(adm.Get("/readyz")->status == 200);
+    auto metrics = [&] {
+      auto m = adm.Get("/metrics");
+      return m ? m->body : std::string();
+    };
+    // The watcher's first check (behind the start) is over once its full check is counted.
+    REQUIRE_MESSAGE(wait_until([&] { return metrics().find("\nautotls_cert_files_full_checks_total 1\n") != std::string::npos &&
+                                            metrics().find("\nautotls_cert_dir_snapshot_verifying 0\n") != std::string::npos; },
+                               15s),
+                    (metrics() + logs()));
+    std::string m = metrics();
+    INFO(m);
+    // Every pair was loaded once, by the start: the watcher stat()ed them and parsed none.
+    CHECK(m.find("autotls_cert_files_total{event=\"loaded\"} " + std::to_string(kPairs) + "\n") != std::string::npos);
+    CHECK(m.find("\nautotls_cert_files_pairs_parsed_total 0\n") != std::string::npos);
+    CHECK(m.find("\nautotls_cert_files_failing 0\n") != std::string::npos);
+    CHECK(events_named(read_file(out), "cert_file_loaded").empty());
+
+    // It watches: a replaced pair is served without a restart, and parsed alone.
+    auto next = make_test_leaf({"b4.bulk.cli.test"}, *ca2);
+    REQUIRE(next);
+    put(certs / "live" / "b4.bulk.cli.test" / "privkey.pem", next->key_pem);
+    put(certs / "live" / "b4.bulk.cli.test" / "fullchain.pem", next->cert_pem + ca2->cert_pem);
+    CHECK_MESSAGE(wait_until([&] { return https_get("b4.bulk.cli.test", https, ca2_file).first == 200; }, 15s), logs());
+    CHECK(https_get("b1.bulk.cli.test", https, ca1_file).first == 200);
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 15s) == 0, logs());
+  }
 }
 
 namespace {

@@ -447,6 +447,67 @@ TEST_CASE("watcher checks only the pairs a change names, among 200") {
   CHECK(c4.removed == 1);  // not reported again
 }
 
+TEST_CASE("watcher adopts a bulk-loaded directory and parses only the pairs that changed since") {
+  Fixture f;
+  constexpr int kPairs = 20;
+  std::vector<testing::Issued> issued;
+  for (int i = 0; i < kPairs; ++i) {
+    issued.push_back(f.ca.issue({"q" + std::to_string(i) + ".test"}));
+    f.write_pair(f.dir.path / "live" / ("q" + std::to_string(i) + ".test"), issued.back());
+  }
+  // A bad pair: the bulk load reports it, and so does the watcher's first check.
+  auto other = f.ca.issue({"bad.test"});
+  put(f.dir.path / "bad.test" / "fullchain.pem", f.ca.chain_pem(issued[0]));
+  put(f.dir.path / "bad.test" / "privkey.pem", other.key_pem);
+  LoadOptions lo = bulk_load_options();
+  lo.record_sources = true;
+  auto loaded = load_directory(f.dir.path, lo);
+  REQUIRE(loaded.has_value());
+  REQUIRE(loaded->failures.size() == 1);
+  CHECK(loaded->failures[0].path == f.dir.path / "bad.test" / "fullchain.pem");
+  CHECK(publish_all(*f.store, *loaded) == kPairs);
+  REQUIRE(loaded->sources.size() == kPairs);
+
+  // Between the load and the watch: one pair replaced, one added, one removed.
+  auto v2 = f.ca.issue({"q5.test"});
+  f.write_pair(f.dir.path / "live" / "q5.test", v2);
+  auto added = f.ca.issue({"added.test"});
+  f.write_pair(f.dir.path / "live" / "added.test", added);
+  fs::remove_all(f.dir.path / "live" / "q9.test");
+
+  CertWatcher w(f.store, f.options);
+  auto report = w.adopt_directory(f.dir.path, *loaded);
+  REQUIRE(report.has_value());
+  auto c = w.counters();
+  CHECK(c.full_checks == 1);
+  // The 18 unchanged pairs are not read again: q5, added.test and the bad pair are.
+  CHECK(c.pairs_parsed == 3);
+  CHECK(c.reloaded == 1);
+  CHECK(c.loaded == kPairs + 1);
+  CHECK(c.removed == 1);
+  CHECK(c.failed == 1);
+  REQUIRE(report->failures.size() == 1);
+  CHECK(report->failures[0].path == f.dir.path / "bad.test" / "fullchain.pem");
+  CHECK(report->failures[0].error.message.find("does not match") != std::string::npos);
+  CHECK(report->certificates.size() == 2);  // q5's new one and added.test's
+  CHECK(f.served("q5.test") == id_of(v2));
+  CHECK(f.served("added.test") == id_of(added));
+  CHECK(f.served("q9.test") == id_of(issued[9]));  // removed: keeps serving
+  CHECK(f.served("q4.test") == id_of(issued[4]));
+  CHECK(f.store->snapshot()->certificates().size() == kPairs + 1);  // q5's old one left
+
+  // And it watches: a replaced adopted pair is reloaded.
+  REQUIRE(w.start());
+  auto v3 = f.ca.issue({"q7.test"});
+  f.write_pair(f.dir.path / "live" / "q7.test", v3);
+  CHECK(wait_for([&] { return f.served("q7.test") == id_of(v3); }));
+  CHECK(wait_for([&] { return w.counters().reloaded == 2; }));
+  // rescan() parses nothing that did not change.
+  auto before = w.counters().pairs_parsed;
+  w.rescan();
+  CHECK(w.counters().pairs_parsed == before);
+}
+
 TEST_CASE("watcher falls back to a full check when the inotify queue overflowed") {
   long max_queued = 0;
   std::ifstream("/proc/sys/fs/inotify/max_queued_events") >> max_queued;
