@@ -554,6 +554,7 @@ struct Server::Impl {
   // frees up, and their clients wait on a connection nobody answers. -1 while a reactor is
   // using it (or no descriptor was free to take it back: the next shed tries again).
   std::atomic<int> spare_fd{-1};
+  std::atomic<bool> spare_off{false};
   // Rate limit of the "out of descriptors" warning (steady-clock nanoseconds of the last one)
   // and the connections shed since it.
   std::atomic<std::int64_t> shed_logged_at{0};
@@ -1793,6 +1794,18 @@ struct Server::Impl {
         }
         return;
       }
+      if (spare_fd.load(std::memory_order_relaxed) < 0 && !take_spare()) {
+        // Out of descriptors with the reserve gone: another reactor's shed freed it and this
+        // accept took that slot. Shed this connection instead and make its slot the reserve
+        // again, or every later EMFILE would find no reserve until a connection closes.
+        ::close(fd);
+        if (!l.admin) {
+          ++accepted;
+          ++rejected;
+        }
+        take_spare();
+        continue;
+      }
       if (!l.admin) ++accepted;
       if (!register_open(fd, l.admin)) {
         if (!l.admin) ++rejected;
@@ -1841,13 +1854,20 @@ struct Server::Impl {
   }
 
   // take_spare opens the reserve descriptor if it is not held (create, and after a shed whose
-  // reopen found no free descriptor).
-  void take_spare() {
-    if (spare_fd.load() >= 0) return;
+  // reopen found no free descriptor). Returns false only when that failed for want of a
+  // descriptor (EMFILE/ENFILE); a /dev/null that cannot be opened at all (a chroot without it)
+  // turns the reserve off for good.
+  bool take_spare() {
+    if (spare_fd.load() >= 0 || spare_off.load(std::memory_order_relaxed)) return true;
     int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return;
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE) return false;
+      spare_off = true;
+      return true;
+    }
     int expected = -1;
     if (!spare_fd.compare_exchange_strong(expected, fd)) ::close(fd);  // another took it first
+    return true;
   }
 
   // shed_pending is called when accept failed with EMFILE/ENFILE (err): it frees the reserve
