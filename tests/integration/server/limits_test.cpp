@@ -418,6 +418,7 @@ TEST_SUITE("server") {
     std::string body;
     long status = 0;
     CURLcode code = CURLE_OK;
+    int failed_attempts = 0;
     for (int attempt = 0; attempt < 50; ++attempt) {  // until the server has seen the closes
       body.clear();
       CURL* h = curl_easy_init();
@@ -436,6 +437,7 @@ TEST_SUITE("server") {
       curl_slist_free_all(resolve);
       curl_easy_cleanup(h);
       if (code == CURLE_OK) break;
+      ++failed_attempts;  // still out of descriptors: shed (counted below) or refused
       std::this_thread::sleep_for(milliseconds(100));
     }
     CHECK(code == CURLE_OK);
@@ -450,7 +452,10 @@ TEST_SUITE("server") {
     std::istringstream(report) >> rejected >> accepted >> warnings;
     MESSAGE("server: accepted " << accepted << ", rejected " << rejected << ", " << warnings
                                 << " warnings");
-    CHECK(rejected == static_cast<unsigned long>(closed));
+    // Every connection closed at once was counted; so may be an HTTPS attempt made before the
+    // server had seen the held ones close (it was shed too, and retried).
+    CHECK(rejected >= static_cast<unsigned long>(closed));
+    CHECK(rejected <= static_cast<unsigned long>(closed + failed_attempts));
     // Rate limited: one warning a second at most, so a handful for this short flood.
     CHECK(warnings >= 1);
     CHECK(warnings <= 10);
