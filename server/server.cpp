@@ -569,10 +569,23 @@ struct Server::Impl {
     return tlsreload::hook_counters(hooked_ctx.load(std::memory_order_acquire));
   }
 
+  // A reserve descriptor (/dev/null) held for the moment the process runs out of them: on
+  // EMFILE/ENFILE accept closes it, accepts one pending connection and closes that at once, then
+  // takes it back. Without it the pending connections sit in the backlog until a descriptor
+  // frees up, and their clients wait on a connection nobody answers. -1 while a reactor is
+  // using it (or no descriptor was free to take it back: the next shed tries again).
+  std::atomic<int> spare_fd{-1};
+  std::atomic<bool> spare_off{false};
+  // Rate limit of the "out of descriptors" warning (steady-clock nanoseconds of the last one)
+  // and the connections shed since it.
+  std::atomic<std::int64_t> shed_logged_at{0};
+  std::atomic<std::uint64_t> shed_since_log{0};
+
   ~Impl() {
     for (auto& l : listeners) {
       if (l->fd >= 0) ::close(l->fd);
     }
+    if (int fd = spare_fd.exchange(-1); fd >= 0) ::close(fd);
     for (auto& [root, fd] : root_fds) ::close(fd);
   }
 
@@ -1012,7 +1025,8 @@ struct Server::Impl {
         {"autotls_server_accepted_total", "counter", "Client connections accepted.",
          accepted.load()},
         {"autotls_server_rejected_over_capacity_total", "counter",
-         "Connections closed at accept because max_connections was reached.", rejected.load()},
+         "Connections closed at accept because max_connections was reached or the process was "
+         "out of file descriptors.", rejected.load()},
         {"autotls_server_handshakes_total", "counter", "TLS handshakes completed.",
          handshakes.load()},
         {"autotls_server_handshake_failed_total", "counter", "TLS handshakes that failed.",
@@ -1797,13 +1811,32 @@ struct Server::Impl {
       }
       if (fd < 0) {
         if (errno == EINTR || errno == ECONNABORTED) continue;
-        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-          // Out of descriptors: the listener stays readable, so stop polling it for a moment
+        const int err = errno;
+        if (err == EMFILE || err == ENFILE) {
+          Shed shed = shed_pending(lfd, l, err);
+          if (shed == Shed::closed_one) continue;
+          if (shed == Shed::queue_empty) return;
+        }
+        if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+          // Out of descriptors (and the reserve in use by another reactor or not retaken) or
+          // of kernel memory: the listener stays readable, so stop polling it for a moment
           // instead of spinning.
-          log->log(LogLevel::warn, kLog, "accept paused", {{"error", errno_text(errno)}});
+          log->log(LogLevel::warn, kLog, "accept paused", {{"error", errno_text(err)}});
           pause_accept(r);
         }
         return;
+      }
+      if (spare_fd.load(std::memory_order_relaxed) < 0 && !take_spare()) {
+        // Out of descriptors with the reserve gone: another reactor's shed freed it and this
+        // accept took that slot. Shed this connection instead and make its slot the reserve
+        // again, or every later EMFILE would find no reserve until a connection closes.
+        ::close(fd);
+        if (!l.admin) {
+          ++accepted;
+          ++rejected;
+        }
+        take_spare();
+        continue;
       }
       if (!l.admin) ++accepted;
       if (!register_open(fd, l.admin)) {
@@ -1850,6 +1883,65 @@ struct Server::Impl {
       // accept: wait for epoll rather than try a read that would mostly fail.
       interest(raw, EPOLLIN);
     }
+  }
+
+  // take_spare opens the reserve descriptor if it is not held (create, and after a shed whose
+  // reopen found no free descriptor). Returns false only when that failed for want of a
+  // descriptor (EMFILE/ENFILE); a /dev/null that cannot be opened at all (a chroot without it)
+  // turns the reserve off for good.
+  bool take_spare() {
+    if (spare_fd.load() >= 0 || spare_off.load(std::memory_order_relaxed)) return true;
+    int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE) return false;
+      spare_off = true;
+      return true;
+    }
+    int expected = -1;
+    if (!spare_fd.compare_exchange_strong(expected, fd)) ::close(fd);  // another took it first
+    return true;
+  }
+
+  // shed_pending is called when accept failed with EMFILE/ENFILE (err): it frees the reserve
+  // descriptor, accepts one pending connection of listener lfd on it and closes it at once, so
+  // its client sees the connection closed instead of waiting in the backlog; then it takes the
+  // reserve back. unable when it could not (no reserve, or another thread took the freed
+  // descriptor first): the caller pauses accepting as before.
+  enum class Shed { closed_one, queue_empty, unable };
+  Shed shed_pending(int lfd, Listener& l, int err) {
+    int spare = spare_fd.exchange(-1);
+    if (spare < 0) {
+      take_spare();  // a descriptor may have been freed since the last attempt
+      spare = spare_fd.exchange(-1);
+      if (spare < 0) return Shed::unable;
+    }
+    ::close(spare);
+    int fd = ::accept4(lfd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    const int accept_err = errno;
+    if (fd >= 0) {
+      ::close(fd);  // FIN: the client sees EOF at once
+      if (!l.admin) {
+        ++accepted;  // as a connection over max_connections is: accepted, then rejected
+        ++rejected;
+      }
+    }
+    take_spare();
+    if (fd < 0) {
+      // Another reactor emptied the queue meanwhile, or the freed descriptor went elsewhere.
+      return accept_err == EAGAIN || accept_err == EWOULDBLOCK ? Shed::queue_empty : Shed::unable;
+    }
+    // One warning a second at most: a flood would otherwise write one line per connection.
+    ++shed_since_log;
+    auto now = SteadyClock::now().time_since_epoch().count();
+    auto last = shed_logged_at.load();
+    if (now - last >= std::chrono::nanoseconds(std::chrono::seconds(1)).count() &&
+        shed_logged_at.compare_exchange_strong(last, now)) {
+      log->log(LogLevel::warn, kLog, "out of file descriptors: connections closed at accept",
+               {{"error", errno_text(err)},
+                {"listener", l.name},
+                {"closed", std::to_string(shed_since_log.exchange(0))}});
+    }
+    return Shed::closed_one;
   }
 
   void pause_accept(Reactor& r) {
@@ -2210,6 +2302,7 @@ Result<std::unique_ptr<Server>> Server::create(ServerConfig config,
   }
   impl->open_roots();
   impl->setup_routes();
+  impl->take_spare();
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
 

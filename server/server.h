@@ -40,7 +40,8 @@ class Server {
   // Counters cover the client (https / http) listeners only, never the admin listener.
   struct Counters {
     std::uint64_t accepted = 0;
-    std::uint64_t rejected_over_capacity = 0;  // closed at accept: max_connections reached
+    std::uint64_t rejected_over_capacity = 0;  // closed at accept: max_connections reached, or
+                                             // out of file descriptors (EMFILE/ENFILE)
     std::uint64_t handshakes = 0;           // TLS handshakes completed (tls-alpn-01 ones included)
     std::uint64_t handshake_failed = 0;
     std::uint64_t handshake_timeout = 0;

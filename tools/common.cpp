@@ -133,6 +133,12 @@ Result<std::pair<std::string, int>> parse_host_port(const std::string& text) {
     if (colon == std::string::npos) return fail(Errc::invalid_input, "bad address \"" + text + "\": expected HOST:PORT");
     host = text.substr(0, colon);
     port = text.substr(colon + 1);
+    // "::1:443" cannot be split safely, and CLI11 takes a bracketed value with no port
+    // ("[::1]") for a list and strips the brackets: "::1" would become host ":" port 1.
+    if (host.find(':') != std::string::npos) {
+      return fail(Errc::invalid_input,
+                  "bad address \"" + text + "\": an IPv6 address needs brackets and a port: [V6]:PORT");
+    }
   }
   if (host.empty()) host = "0.0.0.0";
   if (host == "localhost") host = "127.0.0.1";

@@ -1181,6 +1181,70 @@ TEST_SUITE("cli.serve") {
     CHECK_MESSAGE(downloaded, read_file(c.dir.path / "serve.err"));
   }
 
+  TEST_CASE("serve validates tls-alpn-01 on its live https listener against Pebble") {
+    // Pebble validates tls-alpn-01 at its tlsPort: serve's https listener is there, with no
+    // http listener at all, so only tls-alpn-01 on the serving listener can obtain the
+    // certificate that listener then serves.
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    fs::path www = c.dir.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "hello over tls-alpn-01\n");
+    auto root = c.env->pebble_root_pem();
+    REQUIRE_MESSAGE(root, root.error().message);
+    fs::path root_file = c.dir.path / "pebble-root.pem";
+    write_file(root_file, *root);
+    int https = c.env->tls_port();
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve"};
+    for (const auto& a : c.common()) argv.push_back(a);
+    for (const auto& a : {std::string("-d"), std::string("alpn-serve.cli.test"), std::string("--agree-tos"),
+                          std::string("--challenge"), std::string("tls-alpn-01"),
+                          std::string("--https-address"), "127.0.0.1:" + std::to_string(https),
+                          std::string("--http-address"), std::string("off"), std::string("--root"),
+                          www.string(), std::string("--json"), std::string("--drain"), std::string("2"),
+                          std::string("--admin-address"), std::string("off")}) {
+      argv.push_back(a);
+    }
+    pid_t pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
+    auto deadline = std::chrono::steady_clock::now() + 60s;
+    std::pair<long, std::string> got;
+    bool exited = false;
+    while (std::chrono::steady_clock::now() < deadline) {
+      got = https_get("alpn-serve.cli.test", https, root_file);
+      if (got.first == 200) break;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) {
+        exited = true;
+        break;
+      }
+      std::this_thread::sleep_for(200ms);
+    }
+    CHECK_MESSAGE(got.first == 200, (read_file(c.dir.path / "serve.err") + read_file(c.dir.path / "serve.out")));
+    CHECK(got.second == "hello over tls-alpn-01\n");
+    CHECK(fs::exists(c.storage() / "live" / "alpn-serve.cli.test" / "fullchain.pem"));
+    // The progress lines say Pebble validated the tls-alpn-01 challenge, and no other.
+    auto err = read_file(c.dir.path / "serve.err");
+    int validated_alpn = 0, other_challenges = 0;
+    std::istringstream err_lines(err);
+    std::string line;
+    while (std::getline(err_lines, line)) {
+      auto j = json::parse(line, nullptr, false);
+      if (!j.is_object() || !j.contains("challenge")) continue;
+      if (j["challenge"] != "tls-alpn-01") ++other_challenges;
+      if (j["challenge"] == "tls-alpn-01" && j.value("step", "") == "validated") ++validated_alpn;
+    }
+    CHECK_MESSAGE(validated_alpn == 1, err);
+    CHECK_MESSAGE(other_challenges == 0, err);
+    if (!exited) {
+      REQUIRE(::kill(pid, SIGTERM) == 0);
+      int code = wait_exit(pid, 20s);
+      CHECK_MESSAGE(code == 0, (read_file(c.dir.path / "serve.out") + err));
+    }
+    auto out = read_file(c.dir.path / "serve.out");
+    CHECK_MESSAGE(out.find("\"event\":\"obtained\"") != std::string::npos, out);
+  }
+
   TEST_CASE("serve with the internal issuer prints its root and runs the deploy hook") {
     TempDir d;
     fs::path storage = d.path / "storage";
@@ -1763,6 +1827,76 @@ TEST_SUITE("cli.serve_files") {
     write_file(cfg, json({{"cert", {cert.string()}}, {"key", {key.string()}}, {"certs-dir", "/tmp"}}).dump());
     expect(serve({"--config", cfg.string()}), {cfg.string(), "unknown key \"certs-dir\""});
     CHECK_FALSE(fs::exists(d.path / "core"));
+  }
+
+  TEST_CASE("serve listens on an IPv6 address given as --https-address [::1]:PORT") {
+    // Skip when this machine has no IPv6 loopback.
+    {
+      int probe = ::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_in6 a{};
+      a.sin6_family = AF_INET6;
+      a.sin6_addr = in6addr_loopback;
+      bool ok = probe >= 0 && ::bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+      if (probe >= 0) ::close(probe);
+      if (!ok) {
+        MESSAGE("SKIP: ::1 cannot be bound on this machine");
+        return;
+      }
+    }
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli v6 CA");
+    REQUIRE(ca);
+    auto leaf = make_test_leaf({"v6.cli.test"}, *ca);
+    REQUIRE(leaf);
+    fs::path ca_file = d.path / "ca.pem", cert = d.path / "site.pem", key = d.path / "site.key";
+    write_file(ca_file, ca->cert_pem);
+    put(cert, leaf->cert_pem + ca->cert_pem);
+    put(key, leaf->key_pem);
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "from v6\n");
+    // A bracketed address without a port is a usage error saying the form (CLI11 hands it
+    // over as "::1", brackets stripped).
+    auto bad = run({"serve", "--cert", cert.string(), "--key", key.string(), "--root", www.string(), "--https-address", "[::1]",
+                    "--http-address", "off", "--storage", (d.path / "s").string()});
+    CHECK_MESSAGE(bad.code == 2, show(bad));
+    CHECK_MESSAGE(bad.err.find("::1") != std::string::npos, show(bad));
+    CHECK_MESSAGE(bad.err.find("[V6]:PORT") != std::string::npos, show(bad));
+    // Port 0: the kernel's choice, read back from the "listening" line.
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "-d", "v6.cli.test", "--cert", cert.string(), "--key", key.string(),
+                                     "--root", www.string(), "--https-address", "[::1]:0",
+                                     "--http-address", "off", "--admin-address", "off", "--json",
+                                     "--drain", "1", "--storage", (d.path / "s").string(), "--ca",
+                                     "https://127.0.0.1:1/unreachable"};
+    fs::path out = d.path / "serve.out", err = d.path / "serve.err";
+    pid_t pid = spawn(argv, out, err, {});
+    bool listening = autotls::testing::wait_event(out, "listening", 1, 20'000ms);
+    CHECK_MESSAGE(listening, (read_file(out) + read_file(err)));
+    int port = listening ? autotls::testing::last_event(out, "listening").value("https_port", 0) : 0;
+    CHECK(port > 0);
+    std::string body;
+    long status = 0;
+    if (port > 0) {
+      CURL* h = curl_easy_init();
+      std::string url = "https://v6.cli.test:" + std::to_string(port) + "/";
+      curl_slist* resolve = curl_slist_append(nullptr, ("v6.cli.test:" + std::to_string(port) + ":[::1]").c_str());
+      curl_easy_setopt(h, CURLOPT_URL, url.c_str());
+      curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+      curl_easy_setopt(h, CURLOPT_CAINFO, ca_file.c_str());
+      curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, append_cb);
+      curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
+      curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 5000L);
+      curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+      if (curl_easy_perform(h) == CURLE_OK) curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+      curl_slist_free_all(resolve);
+      curl_easy_cleanup(h);
+    }
+    CHECK_MESSAGE(status == 200, (read_file(out) + read_file(err)));
+    CHECK(body == "from v6\n");
+    ::kill(pid, SIGTERM);
+    CHECK(wait_exit(pid, 20s) == 0);
   }
 
   TEST_CASE("serve reloads replaced certificate files without restart and keeps the old on a bad pair") {
