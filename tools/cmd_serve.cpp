@@ -352,7 +352,9 @@ Result<ServeSetup> serve_setup(const Options& o) {
     return bad("serve: say what to serve: --root DIR, --proxy URL, or \"sites\" in the config file");
   }
   if (!o.webroot.empty()) return bad("serve: --webroot is for issue; serve answers http-01 itself");
-  if (o.challenge == "dns-01" && o.dns_hook.empty()) return bad("--challenge dns-01 needs --dns-hook CMD");
+  if (o.challenge == "dns-01" && o.dns_hook.empty() && o.dns_server.empty()) {
+    return bad("--challenge dns-01 needs --dns-server HOST[:PORT] with --tsig-key (RFC 2136), or --dns-hook CMD");
+  }
   auto https = endpoints(o.https_addresses, {"0.0.0.0:443", "[::]:443"});
   if (!https) return bad(https.error().message);
   if (https->empty()) return bad("serve: at least one --https-address is needed");
@@ -753,6 +755,10 @@ int cmd_serve(Context& ctx) {
         {"storage", next->storage != o.storage},
         {"email", next->email != o.email},
         {"challenge", next->challenge != o.challenge},
+        {"dns-hook", next->dns_hook != o.dns_hook},
+        {"dns-server", next->dns_server != o.dns_server},
+        {"tsig-key", next->tsig_key != o.tsig_key},
+        {"dns-zone", next->dns_zone != o.dns_zone},
         {"key-type", next->key_type != o.key_type},
         {"deploy-hook", next->deploy_hook != o.deploy_hook},
         {"cert", next->serve_certs != o.serve_certs},
