@@ -553,6 +553,8 @@ int cmd_serve(Context& ctx) {
   std::string event_hook = o.event_hook;
   std::string storage_root = ctx.storage_root;
   mo->on_event = [&, deploy_hook, event_hook, storage_root](const tlsreload::ManagerEvent& e) {
+    // Logged by the Manager; it comes with its locks held, so no hook runs for it.
+    if (e.type == tlsreload::ManagerEvent::Type::issuer_failed) return;
     json f = {{"name", e.name}, {"names", e.names}, {"cert_id", e.cert_id}};
     if (!e.issuer.empty()) f["issuer"] = e.issuer;
     if (e.not_after) f["not_after"] = acme::format_rfc3339(*e.not_after);
