@@ -240,6 +240,38 @@ TEST_CASE("an issuer failing is an issuer_failed event delivered before the next
   CHECK(to_string(ManagerEvent::Type::issuer_failed) == "issuer_failed");
 }
 
+TEST_CASE("an unreachable issuer with another after it is asked twice and a sole one four times") {
+  constexpr int kMany = 1'000'000;
+  {
+    // Nothing answers the first CA's directory: one retry, then the second CA.
+    TwoCAs env;
+    env.first_transport->fail_next(kMany);
+    auto m = env.manager();
+    REQUIRE(m->manage(kNames).has_value());
+    CHECK(kMany - env.first_transport->fail_pending() == 2);
+    CHECK(env.meta("example.com").issuer_name == "second");
+  }
+  {
+    // A blip (one lost request) at the first CA is still met by the retry: it issues.
+    TwoCAs env;
+    env.first_transport->fail_next(1);
+    auto m = env.manager();
+    REQUIRE(m->manage(kNames).has_value());
+    CHECK(env.meta("example.com").issuer_name == "first");
+    CHECK(env.second->orders().empty());
+  }
+  {
+    // The only CA keeps every retry (1 + max_server_retries): it may be restarting.
+    TwoCAs env;
+    env.first_transport->fail_next(kMany);
+    auto o = env.options();
+    o.issuers.resize(1);
+    Manager m(o, env.storage, env.certs, env.challenges);
+    REQUIRE_FALSE(m.manage(kNames).has_value());
+    CHECK(kMany - env.first_transport->fail_pending() == 4);
+  }
+}
+
 TEST_CASE("a failed validation does not fall through to the next issuer") {
   TwoCAs env;
   FakeAcmeServer::Options a;
