@@ -246,7 +246,7 @@ Result<std::unique_ptr<Client>> Client::create(ClientOptions options) {
   if (!options.transport) return fail(Errc::invalid_input, "acme client: no HTTP transport");
   if (options.directory_url.empty()) return fail(Errc::invalid_input, "acme client: no directory URL");
   std::unique_ptr<Client> c(new Client(std::move(options)));
-  auto resp = c->get("directory", c->options_.directory_url);
+  auto resp = c->get("directory", c->options_.directory_url, c->options_.max_directory_transport_retries);
   if (!resp) return fail(resp.error());
   auto body = parse_json_body("directory", *resp);
   if (!body) return fail(body.error());
@@ -340,12 +340,13 @@ Result<std::string> Client::take_nonce(std::string_view op) {
   }
 }
 
-Result<HttpResponse> Client::get(std::string_view op, const std::string& url) {
+Result<HttpResponse> Client::get(std::string_view op, const std::string& url, int max_transport_retries) {
   HttpRequest req{"GET", url, {}, {}};
   for (int attempt = 0;; ++attempt) {
     auto resp = send_once(req);
     if (resp && resp->status >= 200 && resp->status < 300) return resp;
     Error e = resp ? error_from_response(op, *resp, clock_->now()) : resp.error().with_context(op);
+    if (!resp && max_transport_retries >= 0 && attempt >= max_transport_retries) return fail(e);
     auto delay = server_retry_delay(e, !resp || resp->status >= 500, attempt);
     if (!delay) return fail(e);
     if (!wait(*delay)) return fail(Errc::cancelled, std::string(op) + ": cancelled");

@@ -117,6 +117,12 @@ struct ClientOptions {
   int max_bad_nonce_retries = 10;
   // HTTP 5xx and transport faults: how many times one request is re-sent.
   int max_server_retries = 3;
+  // How many times the first request, the directory GET of create(), is re-sent after a
+  // transport fault (no reply: connection refused, reset, timeout); -1: max_server_retries.
+  // The Manager sets 1 for an issuer that has another after it in its list: nothing answering
+  // there is better met by the next CA than by 3.5 s of backoff (docs/cli.md). A 5xx reply
+  // (the CA is up) keeps max_server_retries.
+  int max_directory_transport_retries = -1;
   // The longest Retry-After the client waits out inside one call; longer ones end the call
   // with the error and its retry_after, for the caller to schedule.
   std::chrono::seconds max_retry_wait{30};
@@ -204,7 +210,9 @@ class Client {
 
  private:
   explicit Client(ClientOptions options);
-  Result<HttpResponse> get(std::string_view op, const std::string& url);
+  // get re-sends after a server fault (server_retry_delay); max_transport_retries >= 0 caps
+  // the re-sends after a transport fault.
+  Result<HttpResponse> get(std::string_view op, const std::string& url, int max_transport_retries = -1);
   Result<HttpResponse> post_impl(std::string_view op, const std::string& url,
                                  std::string_view payload, const Signer* signer_override,
                                  bool use_jwk, std::string_view accept);

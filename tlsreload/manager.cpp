@@ -129,6 +129,7 @@ std::string_view to_string(ManagerEvent::Type type) {
     case ManagerEvent::Type::failed: return "failed";
     case ManagerEvent::Type::expiring: return "expiring";
     case ManagerEvent::Type::revoked: return "revoked";
+    case ManagerEvent::Type::issuer_failed: return "issuer_failed";
   }
   return "unknown";
 }
@@ -304,8 +305,12 @@ Manager::Counters Manager::counters() const {
 }
 
 void Manager::emit(ManagerEvent::Type type, const Managed& m, const Error* error) {
-  ManagerEvent e{type, m.key, m.names, m.cert ? m.cert->id() : std::string(), std::nullopt, m.state.issuer_name,
-                 std::nullopt};
+  ManagerEvent e;
+  e.type = type;
+  e.name = m.key;
+  e.names = m.names;
+  if (m.cert) e.cert_id = m.cert->id();
+  e.issuer = m.state.issuer_name;
   if (error) e.error = *error;
   if (m.cert) e.not_after = m.cert->not_after();
   std::lock_guard lock(events_mu_);
@@ -366,6 +371,10 @@ Result<acme::Client*> Manager::client(IssuerSlot& slot) {
   }
   o.clock = clock_;
   o.logger = logger_;
+  // A CA with another after it in the list: if nothing answers its directory, one retry (0.5 s,
+  // for a blip) and then the next CA, not 3.5 s of backoff per issuance. The last (or only)
+  // CA keeps the full retries: there is nowhere else to go, and it may be restarting.
+  if (o.max_directory_transport_retries < 0 && &slot != issuers_.back().get()) o.max_directory_transport_retries = 1;
   auto c = acme::Client::create(std::move(o));
   if (!c) return fail(c.error());
   slot.client = std::move(*c);
@@ -809,6 +818,23 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
       logger_->log(next ? LogLevel::warn : LogLevel::error, kLog,
                    next ? "issuer failed; trying the next one" : "issuer failed; not trying the next one",
                    {{"name", key}, {"issuer", cfg.label()}, {"next", issuers_[i + 1]->cfg.label()}, {"error", e.message}});
+      // At once, not queued like the other events: a command says so before the next issuer's
+      // steps (and when the next one is not tried, before the failure).
+      if (options_.on_event) {
+        ManagerEvent ev;
+        ev.type = ManagerEvent::Type::issuer_failed;
+        ev.name = key;
+        ev.names = names;
+        ev.error = e;
+        ev.issuer = cfg.label();
+        if (current && current->cert) {
+          ev.cert_id = current->cert->id();
+          ev.not_after = current->cert->not_after();
+        }
+        ev.next_issuer = issuers_[i + 1]->cfg.label();
+        ev.fallback = next;
+        options_.on_event(ev);
+      }
     }
     if (!next) {
       if (issuers_.size() > 1) e.message = messages;

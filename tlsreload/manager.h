@@ -38,14 +38,23 @@ struct ManagerEvent {
   // days, and at most a third of its lifetime): someone must look now.
   // revoked: the certificate served was revoked (meta.json says so, written by `autotls
   // revoke`); it is renewed at once, without "replaces".
-  enum class Type { loaded, obtained, renewed, failed, expiring, revoked };
-  Type type;
+  // issuer_failed: an issuer that is not the last of the list failed this issuance (error);
+  // issuer is the one that failed, next_issuer the one after it, fallback whether that one is
+  // asked now (ManagerOptions::issuers: falls_through()). Unlike the others it is delivered at
+  // once, from the issuing thread, before the next issuer is asked, so that a command can say
+  // so as it happens: as for on_progress, on_event must then return quickly and not call into
+  // the Manager (the certificate's locks are held). The last issuer's failure is `failed`.
+  enum class Type { loaded, obtained, renewed, failed, expiring, revoked, issuer_failed };
+  Type type = Type::loaded;
   std::string name;                // storage name ("_wildcard_.example.com")
   std::vector<std::string> names;  // the managed name set
   std::string cert_id;             // Certificate::id() of the certificate now served ("" if none)
-  std::optional<Error> error;      // for failed and expiring
+  std::optional<Error> error;      // for failed, expiring and issuer_failed
   std::string issuer;              // IssuerConfig::label() of the CA that issued the certificate
+                                   // (issuer_failed: of the CA that failed)
   std::optional<std::chrono::system_clock::time_point> not_after;  // of the certificate served
+  std::string next_issuer;         // issuer_failed: IssuerConfig::label() of the next CA
+  bool fallback = false;           // issuer_failed: the next CA is asked now
 };
 std::string_view to_string(ManagerEvent::Type type);
 
@@ -111,7 +120,8 @@ struct ManagerOptions {
   // clock and logger are overwritten from the fields above.
   acme::ClientOptions client_options;
   // on_event is called after each load, issuance, renewal and failure, from the thread that
-  // did the work, once the work is over and no Manager lock is held.
+  // did the work, once the work is over and no Manager lock is held (issuer_failed excepted:
+  // see ManagerEvent).
   std::function<void(const ManagerEvent&)> on_event;
   // on_progress, when set, is called at each step of an ACME issuance (acme::ProgressEvent:
   // directory, account, then what acme::obtain reports), from the thread doing the issuance,

@@ -138,34 +138,20 @@ std::string issuer_labels(const std::vector<tlsreload::IssuerConfig>& issuers, c
   return s;
 }
 
-// NotingLogger passes library logs on to the CLI's logger and, whatever --verbose says, turns
-// the Manager's "issuer failed; trying the next one" warning into a progress note, so that a
-// fallback to the next issuer is said as it happens.
-class NotingLogger : public Logger {
- public:
-  NotingLogger(Logger& inner, ProgressPrinter& progress) : inner_(inner), progress_(progress) {}
-  bool enabled(LogLevel level) const override { return level >= LogLevel::warn || inner_.enabled(level); }
-  void log(LogLevel level, std::string_view subsystem, std::string_view message,
-           std::initializer_list<LogField> fields) override {
-    if (inner_.enabled(level)) inner_.log(level, subsystem, message, fields);
-    if (level < LogLevel::warn || !message.starts_with("issuer failed")) return;
-    json j = json::object();
-    for (const auto& f : fields) j[std::string(f.key)] = f.value;
-    auto field = [&](const char* k) { return j.contains(k) ? j[k].get<std::string>() : std::string(); };
-    const bool next = message.find("trying the next") != std::string_view::npos;
-    std::string text = "issuer " + field("issuer") + " failed for " + field("name") + ": " + field("error") +
-                       (next ? "; trying the next issuer, " + field("next") : "; not trying the next issuer (" +
-                                                                                  field("next") + ")");
-    progress_.note(next ? "issuer_fallback" : "issuer_failed", j, text);
-  }
-
- private:
-  Logger& inner_;
-  ProgressPrinter& progress_;
-};
+// note_issuer_failed turns the Manager's issuer_failed event into a progress note, whatever
+// --verbose says, so that a fallback to the next issuer is said as it happens (the event comes
+// before the next issuer's steps).
+void note_issuer_failed(ProgressPrinter& progress, const tlsreload::ManagerEvent& e) {
+  const std::string error = e.error ? e.error->message : std::string();
+  json j = {{"name", e.name}, {"issuer", e.issuer}, {"next", e.next_issuer}, {"error", error}};
+  std::string text = "issuer " + e.issuer + " failed for " + e.name + ": " + error +
+                     (e.fallback ? "; trying the next issuer, " + e.next_issuer
+                                 : "; not trying the next issuer (" + e.next_issuer + ")");
+  progress.note(e.fallback ? "issuer_fallback" : "issuer_failed", j, text);
+}
 
 // ManagerRun is what one run_manager call sets up, in the order it is torn down (last member
-// first): the manager (with its transport and prefetch thread) before the logger and progress
+// first): the manager (with its transport and prefetch thread) before the progress
 // printer it reports through, the responder after the manager.
 struct ManagerRun {
   std::shared_ptr<tlsreload::ChallengeStore> challenges = std::make_shared<tlsreload::ChallengeStore>();
@@ -173,7 +159,6 @@ struct ManagerRun {
   std::mutex mu;
   std::vector<tlsreload::ManagerEvent> events;  // guarded by mu
   std::unique_ptr<ProgressPrinter> progress;
-  std::unique_ptr<NotingLogger> logger;
   std::unique_ptr<tlsreload::Manager> manager;
 };
 
@@ -222,6 +207,8 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
   }
   // Collected in the run, which outlives the manager however long it lingers.
   mo->on_event = [run = run.get()](const tlsreload::ManagerEvent& e) {
+    // Said at once, and no hook runs for it (it comes with the Manager's locks held).
+    if (e.type == tlsreload::ManagerEvent::Type::issuer_failed) return note_issuer_failed(*run->progress, e);
     std::lock_guard lock(run->mu);
     run->events.push_back(e);
   };
@@ -229,8 +216,6 @@ RunResult run_manager(Context& ctx, const Options& o, const std::string& directo
   // the command prints its result or error.
   run->progress = std::make_unique<ProgressPrinter>(ProgressPrinter::mode_for(o));
   mo->on_progress = run->progress->callback();
-  run->logger = std::make_unique<NotingLogger>(ctx.logger, *run->progress);
-  mo->logger = run->logger.get();
   std::shared_ptr<tlsreload::Storage> storage = ctx.storage;
   std::shared_ptr<SettingsInSet> with_settings;
   if (settings) {

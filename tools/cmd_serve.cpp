@@ -352,7 +352,9 @@ Result<ServeSetup> serve_setup(const Options& o) {
     return bad("serve: say what to serve: --root DIR, --proxy URL, or \"sites\" in the config file");
   }
   if (!o.webroot.empty()) return bad("serve: --webroot is for issue; serve answers http-01 itself");
-  if (o.challenge == "dns-01" && o.dns_hook.empty()) return bad("--challenge dns-01 needs --dns-hook CMD");
+  if (o.challenge == "dns-01" && o.dns_hook.empty() && o.dns_server.empty()) {
+    return bad("--challenge dns-01 needs --dns-server HOST[:PORT] with --tsig-key (RFC 2136), or --dns-hook CMD");
+  }
   auto https = endpoints(o.https_addresses, {"0.0.0.0:443", "[::]:443"});
   if (!https) return bad(https.error().message);
   if (https->empty()) return bad("serve: at least one --https-address is needed");
@@ -551,6 +553,8 @@ int cmd_serve(Context& ctx) {
   std::string event_hook = o.event_hook;
   std::string storage_root = ctx.storage_root;
   mo->on_event = [&, deploy_hook, event_hook, storage_root](const tlsreload::ManagerEvent& e) {
+    // Logged by the Manager; it comes with its locks held, so no hook runs for it.
+    if (e.type == tlsreload::ManagerEvent::Type::issuer_failed) return;
     json f = {{"name", e.name}, {"names", e.names}, {"cert_id", e.cert_id}};
     if (!e.issuer.empty()) f["issuer"] = e.issuer;
     if (e.not_after) f["not_after"] = acme::format_rfc3339(*e.not_after);
@@ -753,6 +757,10 @@ int cmd_serve(Context& ctx) {
         {"storage", next->storage != o.storage},
         {"email", next->email != o.email},
         {"challenge", next->challenge != o.challenge},
+        {"dns-hook", next->dns_hook != o.dns_hook},
+        {"dns-server", next->dns_server != o.dns_server},
+        {"tsig-key", next->tsig_key != o.tsig_key},
+        {"dns-zone", next->dns_zone != o.dns_zone},
         {"key-type", next->key_type != o.key_type},
         {"deploy-hook", next->deploy_hook != o.deploy_hook},
         {"cert", next->serve_certs != o.serve_certs},

@@ -178,13 +178,11 @@ void add_challenge_options(CLI::App* c, Options& o, bool standalone) {
     c->add_option("--webroot", o.webroot, "write http-01 files to DIR/.well-known/acme-challenge/ for a running web server");
   }
   c->add_option("--dns-hook", o.dns_hook, "program for dns-01, run as `CMD add|del <record name> <value>`");
-  if (standalone) {
-    c->add_option("--dns-server", o.dns_server, "dns-01 by RFC 2136 dynamic update: HOST[:PORT] of the primary server");
-    c->add_option("--tsig-key", o.tsig_key,
-                  "TSIG key for --dns-server: NAME:ALGORITHM:BASE64SECRET or a BIND key file (also AUTOTLS_TSIG_KEY); "
-                  "never printed");
-    c->add_option("--dns-zone", o.dns_zone, "zone for --dns-server updates (default: found with an SOA query)");
-  }
+  c->add_option("--dns-server", o.dns_server, "dns-01 by RFC 2136 dynamic update: HOST[:PORT] of the primary server");
+  c->add_option("--tsig-key", o.tsig_key,
+                "TSIG key for --dns-server: NAME:ALGORITHM:BASE64SECRET or a BIND key file (also AUTOTLS_TSIG_KEY); "
+                "never printed");
+  c->add_option("--dns-zone", o.dns_zone, "zone for --dns-server updates (default: found with an SOA query)");
   c->add_option("--key-type", o.key_type, "certificate key: ec256, ec384, rsa2048, rsa3072, rsa4096")->capture_default_str();
   c->add_option("--profile", o.profile, "ACME profile name (if the CA offers profiles)");
   c->add_option("--preferred-chain", o.preferred_chain, "issuer CN of the preferred chain's top certificate");
@@ -408,6 +406,8 @@ void build_cli(Cli& cli, Options& o) {
                             "  autotls serve -d app.example.com --proxy http://127.0.0.1:8080\n"
                             "  autotls serve --cert /etc/ssl/site.pem --key /etc/ssl/site.key --root /var/www\n"
                             "  autotls serve --cert-dir /etc/letsencrypt --proxy http://127.0.0.1:8080\n"
+                            "  autotls serve -d '*.example.com' --root /var/www --challenge dns-01 --dns-server ns1.example.com \\\n"
+                            "      --tsig-key /etc/bind/acme.key\n"
                             "  autotls serve --config /etc/autotls.json\n\n") +
                 kExitCodes);
 }

@@ -96,6 +96,8 @@ class FakeAcmeTransport : public acme::HttpTransport {
   }
   // fail_next makes the next n sends fail with a transport error.
   void fail_next(int n) { fail_next_ = n; }
+  // fail_pending is how many of those failures are still to come (so n minus it were sent).
+  int fail_pending() const { return fail_next_; }
 
  private:
   std::shared_ptr<FakeAcmeServer> server_;

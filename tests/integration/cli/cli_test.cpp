@@ -679,6 +679,73 @@ TEST_SUITE("cli.issue") {
       ++adds;
     }
     CHECK_MESSAGE(adds == 2, full_log);
+
+    // serve takes the same dns-01 settings, here from its config file: a wildcard and its apex
+    // through BIND, then SIGTERM exits 0.
+    fs::path www = c.dir.path / "www";
+    fs::create_directories(www);
+    fs::path config = c.dir.path / "serve-dns.json";
+    write_file(config, json{{"challenge", "dns-01"}, {"dns-server", bind->address()},
+                            {"tsig-key", bind->key_file().string()}}.dump());
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve"};
+    for (const auto& a : c.common()) argv.push_back(a);
+    for (const auto& a : std::vector<std::string>{
+             "--config", config.string(), "-d", "*.serve.cli.test", "-d", "serve.cli.test", "--agree-tos",
+             "--https-address", "127.0.0.1:" + std::to_string(free_port()), "--http-address",
+             "127.0.0.1:" + std::to_string(free_port()), "--root", www.string(), "--drain", "1", "--admin-address", "off"}) {
+      argv.push_back(a);
+    }
+    pid_t pid = spawn(argv, c.dir.path / "serve.out", c.dir.path / "serve.err", {});
+    auto out = [&] { return read_file(c.dir.path / "serve.out"); };
+    auto deadline = std::chrono::steady_clock::now() + 60s;
+    bool exited = false;
+    while (std::chrono::steady_clock::now() < deadline && out().find(" obtained ") == std::string::npos) {
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) {
+        exited = true;
+        break;
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+    if (!exited) ::kill(pid, SIGTERM);
+    int code = exited ? -1 : wait_exit(pid, 20s);
+    std::string err = read_file(c.dir.path / "serve.err");
+    CHECK_MESSAGE(code == 0, (out() + err + bind->log_tail()));
+    CHECK_MESSAGE(fs::exists(c.storage() / "live" / "_wildcard_.serve.cli.test" / "fullchain.pem"), (out() + err));
+    auto serve_log = read_file(bind->dir() / "named.log");
+    CHECK_MESSAGE(serve_log.find("adding an RR at '_acme-challenge.serve.cli.test' TXT") != std::string::npos, serve_log);
+    CHECK(out().find(bind->secret_base64()) == std::string::npos);
+    CHECK(err.find(bind->secret_base64()) == std::string::npos);
+  }
+
+  TEST_CASE("serve refuses incomplete dns-01 settings before listening") {
+    TempDir d;
+    fs::create_directories(d.path / "www");
+    auto serve = [&](std::vector<std::string> extra) {
+      std::vector<std::string> a = {"serve", "-d", "a.test", "--storage", (d.path / "s").string(), "--root",
+                                    (d.path / "www").string(), "--https-address", "127.0.0.1:0", "--http-address",
+                                    "127.0.0.1:0", "--challenge", "dns-01"};
+      a.insert(a.end(), extra.begin(), extra.end());
+      return run(a, {}, 20s);
+    };
+    auto none = serve({});
+    CHECK_MESSAGE(none.code == 2, show(none));
+    CHECK_MESSAGE(none.err.find("--dns-server HOST[:PORT] with --tsig-key") != std::string::npos, show(none));
+    auto no_key = serve({"--dns-server", "127.0.0.1:1"});
+    CHECK_MESSAGE(no_key.code == 2, show(no_key));
+    CHECK_MESSAGE(no_key.err.find("--dns-server needs --tsig-key") != std::string::npos, show(no_key));
+    auto both = serve({"--dns-server", "127.0.0.1:1", "--dns-hook", "/bin/true"});
+    CHECK_MESSAGE(both.code == 2, show(both));
+    CHECK_MESSAGE(both.err.find("not both") != std::string::npos, show(both));
+    auto zone_alone = serve({"--dns-hook", "/bin/true", "--dns-zone", "a.test"});
+    CHECK_MESSAGE(zone_alone.code == 2, show(zone_alone));
+    CHECK_MESSAGE(zone_alone.err.find("need --dns-server") != std::string::npos, show(zone_alone));
+    // A malformed key from the config file: exit 2, and the secret is not repeated.
+    fs::path config = d.path / "dns.json";
+    write_file(config, R"({"dns-server": "127.0.0.1:1", "tsig-key": "k:hmac-md99:c2VjcmV0c2VjcmV0"})");
+    auto bad_key = serve({"--config", config.string()});
+    CHECK_MESSAGE(bad_key.code == 2, show(bad_key));
+    CHECK(bad_key.err.find("c2VjcmV0c2VjcmV0") == std::string::npos);
   }
 
   TEST_CASE("renew off a terminal waits a random delay unless told not to") {

@@ -225,21 +225,31 @@ TEST_CASE("a hung dns hook is killed at its deadline") {
 TEST_SUITE("tlsreload.challenges") {
 
 TEST_CASE("a dns hook starts with no signal blocked") {
-  // `autotls serve` blocks SIGTERM in every thread to take it with sigwait; a hook must not
-  // inherit that, or it could not be stopped.
+  // `autotls serve` blocks SIGTERM, SIGINT and SIGHUP in every thread to take them with sigwait;
+  // a hook must not inherit that, or it (and its children) could not be stopped. An ignored
+  // signal is inherited across exec too: the hook gets default dispositions (SigIgn), checked
+  // on SIGHUP's bit only, as Python itself ignores SIGPIPE and SIGXFSZ at start.
   // Not a /bin/sh script: dash clears its mask at start and would hide the inherited one.
   HookDir dir;
   std::string hook = (dir.path / "mask.py").string();
   std::ofstream(hook) << "#!/usr/bin/python3\n"
                          "import sys\n"
-                         "blk = [l for l in open('/proc/self/status') if l.startswith('SigBlk:')][0]\n"
-                         "sys.exit(0 if int(blk.split()[1], 16) == 0 else 7)\n";
+                         "st = {l.split(':')[0]: int(l.split()[1], 16) for l in open('/proc/self/status')\n"
+                         "      if l.startswith(('SigBlk:', 'SigIgn:'))}\n"
+                         "sys.exit(7 if st['SigBlk'] != 0 else 8 if st['SigIgn'] & (1 << (1 - 1)) else 0)\n";
   ::chmod(hook.c_str(), 0755);
   sigset_t set, old;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &set, &old);
+  struct sigaction ignore{}, old_hup{};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  ::sigaction(SIGHUP, &ignore, &old_hup);
   auto r = run_dns_hook(hook, "add", "_acme-challenge.example.com", "v", std::chrono::milliseconds(5000));
+  ::sigaction(SIGHUP, &old_hup, nullptr);
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
   CHECK_MESSAGE(r.has_value(), (r ? "" : r.error().message));
 }

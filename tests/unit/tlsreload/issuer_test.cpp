@@ -202,8 +202,73 @@ TEST_CASE("the second issuer is used when the first fails in each CA side way") 
     auto meta = env.meta("example.com");
     CHECK(meta.issuer_name == "second");
     CHECK(meta.directory_url == env.second->directory_url());
-    CHECK(env.event_types() == std::vector{ManagerEvent::Type::obtained});
-    CHECK(env.events.front().issuer == "second");
+    // The first CA's failure is an event of its own, then the certificate from the second.
+    REQUIRE(env.event_types() == std::vector{ManagerEvent::Type::issuer_failed, ManagerEvent::Type::obtained});
+    const auto& f = env.events.front();
+    CHECK(f.issuer == "first");
+    CHECK(f.next_issuer == "second");
+    CHECK(f.fallback);
+    CHECK(f.name == "example.com");
+    CHECK(f.names == kNames);
+    REQUIRE(f.error.has_value());
+    CHECK(!f.error->message.empty());
+    CHECK(env.events.back().issuer == "second");
+  }
+}
+
+TEST_CASE("an issuer failing is an issuer_failed event delivered before the next issuer is asked") {
+  TwoCAs env;
+  env.first_transport->fail_next(1'000'000);
+  auto o = env.options();
+  // What the second CA had seen when the event arrived: it must not have been asked yet, so a
+  // command can say "trying the next issuer" before the next issuer's steps.
+  size_t second_accounts = 99, second_orders = 99;
+  std::vector<ManagerEvent::Type> types;
+  o.on_event = [&](const ManagerEvent& e) {
+    types.push_back(e.type);
+    if (e.type == ManagerEvent::Type::issuer_failed) {
+      second_accounts = env.second->accounts();
+      second_orders = env.second->orders().size();
+    }
+  };
+  Manager m(o, env.storage, env.certs, env.challenges);
+  REQUIRE(m.manage(kNames).has_value());
+  CHECK(types == std::vector{ManagerEvent::Type::issuer_failed, ManagerEvent::Type::obtained});
+  CHECK(second_accounts == 0);
+  CHECK(second_orders == 0);
+  CHECK(env.second->orders().size() == 1);
+  CHECK(to_string(ManagerEvent::Type::issuer_failed) == "issuer_failed");
+}
+
+TEST_CASE("an unreachable issuer with another after it is asked twice and a sole one four times") {
+  constexpr int kMany = 1'000'000;
+  {
+    // Nothing answers the first CA's directory: one retry, then the second CA.
+    TwoCAs env;
+    env.first_transport->fail_next(kMany);
+    auto m = env.manager();
+    REQUIRE(m->manage(kNames).has_value());
+    CHECK(kMany - env.first_transport->fail_pending() == 2);
+    CHECK(env.meta("example.com").issuer_name == "second");
+  }
+  {
+    // A blip (one lost request) at the first CA is still met by the retry: it issues.
+    TwoCAs env;
+    env.first_transport->fail_next(1);
+    auto m = env.manager();
+    REQUIRE(m->manage(kNames).has_value());
+    CHECK(env.meta("example.com").issuer_name == "first");
+    CHECK(env.second->orders().empty());
+  }
+  {
+    // The only CA keeps every retry (1 + max_server_retries): it may be restarting.
+    TwoCAs env;
+    env.first_transport->fail_next(kMany);
+    auto o = env.options();
+    o.issuers.resize(1);
+    Manager m(o, env.storage, env.certs, env.challenges);
+    REQUIRE_FALSE(m.manage(kNames).has_value());
+    CHECK(kMany - env.first_transport->fail_pending() == 4);
   }
 }
 
@@ -223,6 +288,11 @@ TEST_CASE("a failed validation does not fall through to the next issuer") {
   CHECK(env.second->orders().empty());
   CHECK(env.second->accounts() == 0);
   CHECK(m->counters().failed == 1);
+  // Said as an issuer_failed event that does not fall back, then the failure.
+  REQUIRE(env.event_types() == std::vector{ManagerEvent::Type::issuer_failed, ManagerEvent::Type::failed});
+  CHECK(env.events.front().issuer == "first");
+  CHECK(env.events.front().next_issuer == "second");
+  CHECK_FALSE(env.events.front().fallback);
 }
 
 TEST_CASE("when every issuer fails the error names each one") {
