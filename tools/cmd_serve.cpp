@@ -192,6 +192,21 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
+// A --cert-dir may hold 100,000 names: a log line names the first kShownNames of a list and
+// counts the rest (a SIGHUP's reload line listing all of them was 2 MB).
+constexpr std::size_t kShownNames = 20;
+
+std::vector<std::string> first_names(const std::vector<std::string>& v) {
+  return {v.begin(), v.begin() + static_cast<std::ptrdiff_t>(std::min(v.size(), kShownNames))};
+}
+
+// join_names is join of first_names, with " and N more" when names were left out.
+std::string join_names(const std::vector<std::string>& v) {
+  std::string s = join(first_names(v));
+  if (v.size() > kShownNames) s += " and " + std::to_string(v.size() - kShownNames) + " more";
+  return s;
+}
+
 // parse_rate reads "N/DURATION" (DURATION: a number with s, m or h, e.g. "20/1m"; "0/1s" is
 // unlimited).
 Result<tlsreload::Rate> parse_rate(const std::string& flag, const std::string& text) {
@@ -490,14 +505,11 @@ int cmd_serve(Context& ctx) {
   }
   if (files->watcher) {
     files_started->store(true);
-    // A directory may hold thousands of names: the line shows the first ones and the count.
-    std::vector<std::string> shown(file_names.begin(), file_names.begin() + std::min<size_t>(file_names.size(), 20));
-    std::string more = shown.size() < file_names.size() ? " and " + std::to_string(file_names.size() - shown.size()) + " more" : "";
     std::string snap = files->from_snapshot == 0 ? ""
                        : "; " + std::to_string(files->from_snapshot) +
                              " --cert-dir served from its store snapshot, verifying it in the background";
-    event_line("cert_files", {{"names", shown}, {"count", file_names.size()}, {"from_snapshot", files->from_snapshot}},
-               "serving certificate files for " + join(shown) + more + " (reloaded on change" + snap + ")");
+    event_line("cert_files", {{"names", first_names(file_names)}, {"count", file_names.size()}, {"from_snapshot", files->from_snapshot}},
+               "serving certificate files for " + join_names(file_names) + " (reloaded on change" + snap + ")");
   }
   // What the snapshots leave behind the start (started once the server listens): the
   // directories served from their snapshots verified, the others' snapshots written.
@@ -791,13 +803,14 @@ int cmd_serve(Context& ctx) {
     cert_settings = ns->cert_settings;
     drain_ms = static_cast<long long>(next->drain * 1000);
     std::string text = "configuration reloaded: " + std::to_string(ns->cfg.sites.size()) + " sites";
-    if (!added.empty()) text += ", new names " + join(added);
-    if (!removed.empty()) text += ", removed names " + join(removed);
+    if (!added.empty()) text += ", new names " + join_names(added);
+    if (!removed.empty()) text += ", removed names " + join_names(removed);
     if (!not_applied.empty()) text += "; needs a restart to take effect: " + join(not_applied);
     if (!rep->failed.empty()) text += "; kept the old listeners: " + join(rep->failed);
     event_line("reload",
-               {{"sites", ns->cfg.sites.size()}, {"names", ns->names}, {"added", added},
-                {"removed", removed}, {"not_applied", not_applied}, {"failed", rep->failed}},
+               {{"sites", ns->cfg.sites.size()}, {"names", first_names(ns->names)}, {"names_count", ns->names.size()},
+                {"added", first_names(added)}, {"added_count", added.size()}, {"removed", first_names(removed)},
+                {"removed_count", removed.size()}, {"not_applied", not_applied}, {"failed", rep->failed}},
                text);
   };
 

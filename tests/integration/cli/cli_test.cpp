@@ -2397,7 +2397,8 @@ TEST_SUITE("cli.serve_files") {
     write_file(ca1_file, ca1->cert_pem);
     write_file(ca2_file, ca2->cert_pem);
     fs::path certs = d.path / "certs";
-    constexpr int kPairs = 5;
+    // More pairs than a log line names (20), for the reload line below.
+    constexpr int kPairs = 25;
     for (int i = 0; i < kPairs; ++i) {
       std::string name = "b" + std::to_string(i) + ".bulk.cli.test";
       auto leaf = make_test_leaf({name}, *ca1);
@@ -2494,6 +2495,14 @@ TEST_SUITE("cli.serve_files") {
     put(certs / "live" / "b4.bulk.cli.test" / "fullchain.pem", next->cert_pem + ca2->cert_pem);
     CHECK_MESSAGE(wait_until([&] { return https_get("b4.bulk.cli.test", https, ca2_file).first == 200; }, 15s), logs());
     CHECK(https_get("b1.bulk.cli.test", https, ca1_file).first == 200);
+
+    // A SIGHUP's reload line names the first 20 names and counts them all.
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(wait_until([&] { return !events_named(read_file(out), "reload").empty(); }, 15s), logs());
+    auto reload = events_named(read_file(out), "reload").front();
+    CHECK_MESSAGE(reload.value("names", json::array()).size() == 20, reload.dump());
+    CHECK_MESSAGE(reload.value("names_count", 0) == kPairs, reload.dump());
+    CHECK_MESSAGE(reload.value("added_count", -1) == 0, reload.dump());
     REQUIRE(::kill(pid, SIGTERM) == 0);
     CHECK_MESSAGE(wait_exit(pid, 15s) == 0, logs());
   }
