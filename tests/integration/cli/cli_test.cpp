@@ -2934,6 +2934,22 @@ TEST_SUITE("cli.serve") {
     CHECK(get(after, p2) == 200);
     curl_easy_cleanup(after);
 
+    // dns-01 settings are read when the manager is made: a changed DNS server, TSIG key or zone
+    // is reported as needing a restart, never silently dropped, and p2 serves on.
+    json dns = json::parse(read_file(config));
+    dns["dns-server"] = "127.0.0.1:" + std::to_string(free_port());
+    dns["tsig-key"] = "reload-key:hmac-sha256:" + std::string(44, 'A');
+    dns["dns-zone"] = "cli.test";
+    write_file(config, dns.dump());
+    REQUIRE(::kill(pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(wait_event("reload", 3), logs());
+    CHECK_MESSAGE(last_event("reload").value("not_applied", json::array()) ==
+                      json::array({"dns-server", "tsig-key", "dns-zone"}),
+                  logs());
+    CURL* after_dns = curl_easy_init();
+    CHECK(get(after_dns, p2) == 200);
+    curl_easy_cleanup(after_dns);
+
     // A ticket rotation out of range is refused by the reload; the running configuration stays.
     json bad = json::parse(read_file(config));
     bad["ticket-rotation"] = 10;
