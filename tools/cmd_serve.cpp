@@ -565,8 +565,18 @@ int cmd_serve(Context& ctx) {
   std::string event_hook = o.event_hook;
   std::string storage_root = ctx.storage_root;
   mo->on_event = [&, deploy_hook, event_hook, storage_root](const tlsreload::ManagerEvent& e) {
-    // Logged by the Manager; it comes with its locks held, so no hook runs for it.
-    if (e.type == tlsreload::ManagerEvent::Type::issuer_failed) return;
+    // An issuer of the list failed: said at once as an event line (the Manager's own log line
+    // is a warning that only --verbose shows). It comes with the Manager's locks held, so no
+    // hook runs for it.
+    if (e.type == tlsreload::ManagerEvent::Type::issuer_failed) {
+      const std::string error = e.error ? describe_error(*e.error) : std::string();
+      event_line(e.fallback ? "issuer_fallback" : "issuer_failed",
+                 {{"name", e.name}, {"names", e.names}, {"issuer", e.issuer}, {"next", e.next_issuer}, {"error", error}},
+                 "issuer " + e.issuer + " failed for " + e.name + ": " + error +
+                     (e.fallback ? "; trying the next issuer, " + e.next_issuer
+                                 : "; not trying the next issuer (" + e.next_issuer + ")"));
+      return;
+    }
     json f = {{"name", e.name}, {"names", e.names}, {"cert_id", e.cert_id}};
     if (!e.issuer.empty()) f["issuer"] = e.issuer;
     if (e.not_after) f["not_after"] = acme::format_rfc3339(*e.not_after);

@@ -2996,6 +2996,29 @@ TEST_SUITE("cli.serve") {
     CHECK_MESSAGE(alone.code == 4, show(alone));
     CHECK_FALSE(fs::exists(c.storage() / "accounts"));
   }
+
+  TEST_CASE("serve says an issuer fallback as an event line without --verbose") {
+    // The internal CA as the second issuer: no Pebble needed.
+    TempDir d;
+    fs::create_directories(d.path / "www");
+    const std::string dead = "https://127.0.0.1:" + std::to_string(free_port()) + "/dir";
+    pid_t pid = spawn({AUTOTLS_BINARY, "serve", "-d", "fallback.serve.cli.test", "--issuer", dead, "--issuer", "internal",
+                       "--storage", (d.path / "storage").string(), "--root", (d.path / "www").string(),
+                       "--https-address", "127.0.0.1:" + std::to_string(free_port()), "--http-address",
+                       "127.0.0.1:" + std::to_string(free_port()), "--admin-address", "off", "--json"},
+                      d.path / "serve.out", d.path / "serve.err", {});
+    auto logs = [&] { return read_file(d.path / "serve.out") + read_file(d.path / "serve.err"); };
+    REQUIRE_MESSAGE(autotls::testing::wait_event(d.path / "serve.out", "obtained", 1, 30s), logs());
+    auto fb = autotls::testing::last_event(d.path / "serve.out", "issuer_fallback");
+    REQUIRE_MESSAGE(fb.is_object(), logs());
+    CHECK(fb.value("name", "") == "fallback.serve.cli.test");
+    CHECK(fb.value("issuer", "") == dead);
+    CHECK(fb.value("next", "") == "internal");
+    CHECK(fb.value("error", "").find("Couldn't connect") != std::string::npos);
+    CHECK(autotls::testing::last_event(d.path / "serve.out", "obtained").value("issuer", "") == "internal");
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
+  }
 }
 
 namespace {
