@@ -379,6 +379,19 @@ thread_local const Connection* tl_conn = nullptr;
 // a worker.
 constexpr std::uintmax_t kInlineFileBytes = 64 * 1024;
 
+// body_left_unread: httplib 0.11.4 reads a request body only for POST, PUT, PATCH, DELETE
+// (and PRI). For any other method (GET, HEAD, OPTIONS, ...) a body announced by Content-Length
+// or Transfer-Encoding stays on the connection, where it would be parsed as the next request
+// ("GET / ... Content-Length: N" carrying a second request: one request to a proxy in front
+// of us, two to us). Such a request is answered and the connection closed after it (set by
+// the pre-routing handlers through t_close_after), so its body is never parsed.
+bool body_left_unread(const httplib::Request& req) {
+  const std::string& m = req.method;
+  if (m == "POST" || m == "PUT" || m == "PATCH" || m == "DELETE" || m == "PRI") return false;
+  if (req.has_header("Transfer-Encoding")) return true;
+  return req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0";
+}
+
 // request_fully_buffered tells whether the request whose header is buf[0, head) also has its
 // whole body in buf: no Transfer-Encoding and Content-Length (if any) bytes present.
 bool request_fully_buffered(std::string_view buf, std::size_t head) {
@@ -895,6 +908,7 @@ struct Server::Impl {
     https_router.set_pre_routing_handler(
         [this, routed, max_body](const httplib::Request& req, httplib::Response& res) {
           t_request_start = SteadyClock::now();
+          if (body_left_unread(req)) t_close_after = true;
           if (!routed(req)) return HR::Unhandled;
           handle_site(req, res, true, nullptr, max_body);
           return HR::Handled;
@@ -902,6 +916,7 @@ struct Server::Impl {
     http_router.set_pre_routing_handler(
         [this, routed, max_body](const httplib::Request& req, httplib::Response& res) {
           t_request_start = SteadyClock::now();
+          if (body_left_unread(req)) t_close_after = true;
           if (!routed(req)) return HR::Unhandled;
           handle_http(req, res, nullptr, max_body);
           return HR::Handled;
@@ -1005,9 +1020,17 @@ struct Server::Impl {
     admin_router.set_keep_alive_max_count(cfg.keep_alive_max_requests);
     admin_router.set_keep_alive_timeout(std::max<time_t>(
         1, std::chrono::duration_cast<std::chrono::seconds>(cfg.timeouts.idle).count()));
+    admin_router.set_pre_routing_handler([](const httplib::Request& req, httplib::Response&) {
+      if (body_left_unread(req)) t_close_after = true;
+      return httplib::Server::HandlerResponse::Unhandled;
+    });
     admin_router.set_post_routing_handler([this](const httplib::Request&, httplib::Response& res) {
       res.set_header("Cache-Control", "no-store");
-      if (draining.load()) res.set_header("Connection", "close");
+      if (draining.load() || t_close_after) {
+        res.headers.erase("Keep-Alive");
+        res.headers.erase("Connection");
+        res.set_header("Connection", "close");
+      }
     });
   }
 

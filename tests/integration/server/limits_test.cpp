@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -218,6 +219,72 @@ TEST_SUITE("server") {
     // The server still serves others.
     autotls::testing::RawConn other(server->http_port());
     CHECK(other.get("other.test").first == 200);
+    server->shutdown(milliseconds(0));
+  }
+
+  TEST_CASE("a GET whose body nobody reads is answered and the connection closed, never parsed as a second request") {
+    // httplib reads a body only for POST, PUT, PATCH and DELETE. A GET carrying one (here a
+    // whole second request) must not leave it on the connection to be parsed as the next
+    // request: one answer, "Connection: close", EOF.
+    Dir dir("getbody");
+    fs::path root = dir.site("ok");
+    std::ofstream(root / "secret") << "SECRET";
+    ServerConfig cfg = plain_config(root);
+    cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
+    auto server = start(cfg);
+    const std::string inner = "GET /secret HTTP/1.1\r\nHost: other.test\r\n\r\n";
+    auto one_answer = [&](int port, const std::string& req) {
+      int fd = autotls::testing::connect_to(port);
+      REQUIRE(fd >= 0);
+      REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size()));
+      std::string got;
+      bool closed = read_until_closed(fd, milliseconds(10'000), got);
+      ::close(fd);
+      CAPTURE(got);
+      CHECK(closed);
+      CHECK(got.starts_with("HTTP/1.1 200 "));
+      CHECK(got.find("Connection: close") != std::string::npos);
+      std::size_t answers = 0;
+      for (auto at = got.find("HTTP/1.1 "); at != std::string::npos; at = got.find("HTTP/1.1 ", at + 1)) {
+        ++answers;
+      }
+      CHECK(answers == 1);
+      CHECK(got.find("SECRET") == std::string::npos);
+      return got;
+    };
+    SUBCASE("Content-Length, whole request buffered (served by the reactor)") {
+      auto got = one_answer(server->http_port(),
+                            "GET /index.html HTTP/1.1\r\nHost: other.test\r\nContent-Length: " +
+                                std::to_string(inner.size()) + "\r\n\r\n" + inner);
+      CHECK(got.ends_with("ok"));
+    }
+    SUBCASE("chunked (served by a worker)") {
+      char size[16];
+      std::snprintf(size, sizeof size, "%zx", inner.size());
+      auto got = one_answer(server->http_port(),
+                            "GET /index.html HTTP/1.1\r\nHost: other.test\r\nTransfer-Encoding: "
+                            "chunked\r\n\r\n" + std::string(size) + "\r\n" + inner + "\r\n0\r\n\r\n");
+      CHECK(got.ends_with("ok"));
+    }
+    SUBCASE("admin listener") {
+      const std::string metrics_req = "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n";
+      int fd = autotls::testing::connect_to(server->admin_port());
+      REQUIRE(fd >= 0);
+      std::string req = "GET /healthz HTTP/1.1\r\nHost: admin\r\nContent-Length: " +
+                        std::to_string(metrics_req.size()) + "\r\n\r\n" + metrics_req;
+      REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size()));
+      std::string got;
+      CHECK(read_until_closed(fd, milliseconds(10'000), got));
+      ::close(fd);
+      CAPTURE(got);
+      CHECK(got.starts_with("HTTP/1.1 200 "));
+      CHECK(got.find("Connection: close") != std::string::npos);
+      CHECK(got.find("autotls_server_") == std::string::npos);  // /metrics never answered
+    }
+    // A GET without a body keeps its connection.
+    autotls::testing::RawConn other(server->http_port());
+    CHECK(other.get("other.test").first == 200);
+    CHECK(other.last_head().find("Connection: close") == std::string::npos);
     server->shutdown(milliseconds(0));
   }
 
