@@ -314,7 +314,8 @@ void UpstreamPool::abort_all() {
 
 bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
-           std::size_t max_body, UpstreamPool& pool, Logger& log) {
+           std::size_t max_body, UpstreamPool& pool, Logger& log,
+           const std::atomic<bool>* client_read_timed_out) {
   auto b = std::make_shared<Bridge>();
 
   httplib::Request up;
@@ -525,6 +526,24 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     if (res.status == 413) {
       // A chunked body ran past the payload limit inside httplib's reader.
       res.set_content("request body too large\n", "text/plain");
+      return false;
+    }
+    if (!in_step && client_read_timed_out &&
+        client_read_timed_out->load(std::memory_order_acquire)) {
+      // The client's body stopped coming (the read timed out: on the exchange thread while
+      // it streamed the body, or here while it was read away after an upstream failure). The
+      // upstream got a request cut short and its connection closed (the exchange failed, so
+      // it never goes back to the pool). Counted by the stream as a read timeout.
+      res.status = 408;
+      res.set_content("request body timed out\n", "text/plain");
+      log.log(LogLevel::info, "server", "client request body timed out",
+              {{"upstream", site.upstream},
+               {"sent_to_upstream", b->reader_used ? "partly" : "no"},
+               // Canceled/Write when the cut-short body ended it; else why the upstream failed
+               // before the body was read away.
+               {"exchange", httplib::to_string(b->error)},
+               {"status", "408"},
+               {"connection", "closed"}});
       return false;
     }
     auto elapsed = SteadyClock::now() - b->started;

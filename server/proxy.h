@@ -112,8 +112,14 @@ inline constexpr std::size_t kResponseQueueBytes = 1 << 20;
 // (the upstream closed an idle connection as we reused it), provided it failed quickly (under
 // min(1 s, read_timeout / 2): never a read timeout) and on the reused socket itself; any other
 // method or failure answers 502 (504 for a timeout).
+// client_read_timed_out (may be null) is the client connection's flag that a read of its
+// request body waited past the server's read timeout (set by the connection stream, possibly
+// on the exchange thread). A request whose body stopped coming is the client's fault, not the
+// upstream's: it answers 408 and returns false (the rest of the body is not on the
+// connection); the upstream, which got a request cut short, sees its connection closed.
 [[nodiscard]] bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
-           std::size_t max_body, UpstreamPool& pool, Logger& log);
+           std::size_t max_body, UpstreamPool& pool, Logger& log,
+           const std::atomic<bool>* client_read_timed_out = nullptr);
 
 }  // namespace autotls::server::detail

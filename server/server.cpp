@@ -154,6 +154,11 @@ struct Connection : Pollable {
   std::size_t out_pos = 0;
   bool close_after_write = false;
   bool prefer_worker = false;  // its last request needed a worker: send the next one there
+  // read_timed_out: a worker's read of this request's body waited past timeouts.read. Set by
+  // ConnStream::read, which may run on a proxy exchange thread while the worker waits in the
+  // handler (hence atomic); read by the proxy (408, not an upstream failure) and the
+  // post-routing handler. Reset before each request a worker serves.
+  std::atomic<bool> read_timed_out{false};
   std::string remote_ip, local_ip;
   int remote_port = 0, local_port = 0;
 
@@ -199,8 +204,11 @@ class ConnStream final : public httplib::Stream {
     return wait(POLLIN, read_timeout_);
   }
   bool is_writable() const override {
+    if (write_failed_) return false;
     if (inline_ || c_.out.size() < kFlushBytes) return true;
-    return wait(POLLOUT, write_timeout_, counters_.write);
+    if (wait(POLLOUT, write_timeout_, counters_.write)) return true;
+    write_failed_ = true;
+    return false;
   }
 
   ssize_t read(char* ptr, size_t size) override {
@@ -239,7 +247,15 @@ class ConnStream final : public httplib::Stream {
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
       }
-      if (!wait_until(want, deadline, counters_.read)) return -1;
+      switch (wait_until(want, deadline, counters_.read)) {
+        case Waited::ready:
+          break;
+        case Waited::timeout:
+          c_.read_timed_out.store(true, std::memory_order_release);
+          return -1;
+        case Waited::error:
+          return -1;
+      }
     }
   }
 
@@ -250,11 +266,17 @@ class ConnStream final : public httplib::Stream {
     return static_cast<ssize_t>(size);
   }
 
-  // flush writes out in full (blocking mode), each wait bounded by write_timeout.
+  // flush writes out in full (blocking mode), each wait bounded by write_timeout. After one
+  // write failed (timed out or refused) every later one fails at once: the connection is
+  // closing, and a second wait would hold the worker and count a second timeout.
   bool flush() {
     while (c_.out_pos < c_.out.size()) {
+      if (write_failed_) return false;
       ssize_t n = write_socket(c_.out.data() + c_.out_pos, c_.out.size() - c_.out_pos);
-      if (n <= 0) return false;
+      if (n <= 0) {
+        write_failed_ = true;
+        return false;
+      }
       c_.out_pos += static_cast<size_t>(n);
     }
     c_.out.clear();
@@ -283,7 +305,7 @@ class ConnStream final : public httplib::Stream {
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
       }
-      if (!wait_until(want, deadline, counters_.write)) return -1;
+      if (wait_until(want, deadline, counters_.write) != Waited::ready) return -1;
     }
   }
 
@@ -298,31 +320,35 @@ class ConnStream final : public httplib::Stream {
   socket_t socket() const override { return c_.fd; }
 
  private:
-  // wait_until waits for events until deadline; false when the deadline passed (counted in
-  // *timed_out, if given) or poll failed.
+  // wait_until waits for events until deadline: ready, timeout (the deadline passed; counted
+  // in *timed_out, if given) or error (poll failed, or woke without the events: closed).
+  enum class Waited { ready, timeout, error };
   bool wait(short events, milliseconds timeout,
             std::atomic<std::uint64_t>* timed_out = nullptr) const {
-    return wait_until(events, SteadyClock::now() + timeout, timed_out);
+    return wait_until(events, SteadyClock::now() + timeout, timed_out) == Waited::ready;
   }
-  bool wait_until(short events, SteadyClock::time_point deadline,
-                  std::atomic<std::uint64_t>* timed_out = nullptr) const {
+  Waited wait_until(short events, SteadyClock::time_point deadline,
+                    std::atomic<std::uint64_t>* timed_out = nullptr) const {
     for (;;) {
       auto left = std::chrono::duration_cast<milliseconds>(deadline - SteadyClock::now());
       if (left.count() < 0) break;
       pollfd p{c_.fd, events, 0};
       int r = ::poll(&p, 1, poll_ms(left) + 1);
-      if (r > 0) return (p.revents & (events | POLLHUP | POLLERR)) != 0;
+      if (r > 0) {
+        return (p.revents & (events | POLLHUP | POLLERR)) != 0 ? Waited::ready : Waited::error;
+      }
       if (r == 0) break;
-      if (errno != EINTR) return false;
+      if (errno != EINTR) return Waited::error;
     }
     if (timed_out) timed_out->fetch_add(1, std::memory_order_relaxed);
-    return false;
+    return Waited::timeout;
   }
 
   Connection& c_;
   milliseconds read_timeout_, write_timeout_;
   bool inline_;
   TimeoutCounters counters_;
+  mutable bool write_failed_ = false;  // a write or a wait for one failed: the rest fail at once
 };
 
 // Reactor is one event loop thread: its own epoll set (the shared listeners are in every set
@@ -378,6 +404,19 @@ thread_local const Connection* tl_conn = nullptr;
 // Static files up to this size are read whole and served by a reactor; larger ones stream on
 // a worker.
 constexpr std::uintmax_t kInlineFileBytes = 64 * 1024;
+
+// body_left_unread: httplib 0.11.4 reads a request body only for POST, PUT, PATCH, DELETE
+// (and PRI). For any other method (GET, HEAD, OPTIONS, ...) a body announced by Content-Length
+// or Transfer-Encoding stays on the connection, where it would be parsed as the next request
+// ("GET / ... Content-Length: N" carrying a second request: one request to a proxy in front
+// of us, two to us). Such a request is answered and the connection closed after it (set by
+// the pre-routing handlers through t_close_after), so its body is never parsed.
+bool body_left_unread(const httplib::Request& req) {
+  const std::string& m = req.method;
+  if (m == "POST" || m == "PUT" || m == "PATCH" || m == "DELETE" || m == "PRI") return false;
+  if (req.has_header("Transfer-Encoding")) return true;
+  return req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0";
+}
 
 // request_fully_buffered tells whether the request whose header is buf[0, head) also has its
 // whole body in buf: no Transfer-Encoding and Content-Length (if any) bytes present.
@@ -895,6 +934,7 @@ struct Server::Impl {
     https_router.set_pre_routing_handler(
         [this, routed, max_body](const httplib::Request& req, httplib::Response& res) {
           t_request_start = SteadyClock::now();
+          if (body_left_unread(req)) t_close_after = true;
           if (!routed(req)) return HR::Unhandled;
           handle_site(req, res, true, nullptr, max_body);
           return HR::Handled;
@@ -902,6 +942,7 @@ struct Server::Impl {
     http_router.set_pre_routing_handler(
         [this, routed, max_body](const httplib::Request& req, httplib::Response& res) {
           t_request_start = SteadyClock::now();
+          if (body_left_unread(req)) t_close_after = true;
           if (!routed(req)) return HR::Unhandled;
           handle_http(req, res, nullptr, max_body);
           return HR::Handled;
@@ -919,6 +960,19 @@ struct Server::Impl {
               std::string v = "max-age=" + std::to_string(r->hsts_max_age.count());
               if (r->hsts_include_subdomains) v += "; includeSubDomains";
               res.set_header("Strict-Transport-Security", v);
+            }
+            if (tl_conn && tl_conn->read_timed_out.load(std::memory_order_acquire)) {
+              // The request body stopped coming (timeouts.read): whatever the handler made of
+              // the failed read (a body read away for a static site or a redirect, httplib's
+              // own 400), the answer is 408, and the connection closes (the rest of the body
+              // would be parsed as a request). The proxy answers 408 itself. A response with
+              // a content provider was under way before the read: left as it is.
+              if (!res.content_provider_ && res.status != 408) {
+                res.status = 408;
+                res.headers.erase("Content-Type");
+                res.set_content("request body timed out\n", "text/plain");
+              }
+              t_close_after = true;
             }
             if (draining.load() || t_close_after ||
                 (tl_conn && tl_conn->listener->retired.load())) {
@@ -1005,9 +1059,17 @@ struct Server::Impl {
     admin_router.set_keep_alive_max_count(cfg.keep_alive_max_requests);
     admin_router.set_keep_alive_timeout(std::max<time_t>(
         1, std::chrono::duration_cast<std::chrono::seconds>(cfg.timeouts.idle).count()));
+    admin_router.set_pre_routing_handler([](const httplib::Request& req, httplib::Response&) {
+      if (body_left_unread(req)) t_close_after = true;
+      return httplib::Server::HandlerResponse::Unhandled;
+    });
     admin_router.set_post_routing_handler([this](const httplib::Request&, httplib::Response& res) {
       res.set_header("Cache-Control", "no-store");
-      if (draining.load()) res.set_header("Connection", "close");
+      if (draining.load() || t_close_after) {
+        res.headers.erase("Keep-Alive");
+        res.headers.erase("Connection");
+        res.set_header("Connection", "close");
+      }
     });
   }
 
@@ -1148,7 +1210,7 @@ struct Server::Impl {
         return;
       }
       if (!detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, max_body,
-                         upstreams, *log)) {
+                         upstreams, *log, tl_conn ? &tl_conn->read_timed_out : nullptr)) {
         t_close_after = true;
       }
     }
@@ -2230,6 +2292,7 @@ struct Server::Impl {
           closing(*c) || c->requests + 1 >= c->lim->keep_alive_max_requests;
       bool connection_closed = false;
       t_close_after = false;
+      c->read_timed_out.store(false, std::memory_order_relaxed);
       tl_conn = c.get();
       bool ok = router.serve(stream, close_connection, connection_closed);
       tl_conn = nullptr;

@@ -16,6 +16,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -94,6 +96,101 @@ size_t append_cb(char* p, size_t size, size_t n, void* user) {
 }
 
 
+// SinkUpstream accepts connections on 127.0.0.1 and records what each one sends until the
+// peer closes it; it never answers. Threads end when it is destroyed.
+class SinkUpstream {
+ public:
+  struct Conn {
+    std::string data;
+    bool closed = false;  // EOF or reset seen
+  };
+
+  SinkUpstream() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    REQUIRE(::listen(fd_, 16) == 0);
+    socklen_t len = sizeof a;
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    acceptor_ = std::thread([this] { accept_loop(); });
+  }
+  ~SinkUpstream() {
+    stop_ = true;
+    acceptor_.join();
+    for (auto& t : readers_) t.join();
+    ::close(fd_);
+  }
+  int port() const { return port_; }
+  std::size_t connections() {
+    std::lock_guard lock(mu_);
+    return conns_.size();
+  }
+  // wait_closed waits until n connections were closed by their peer (or bound passed) and
+  // returns every connection seen so far.
+  std::vector<Conn> wait_closed(std::size_t n, milliseconds bound) {
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, bound, [&] {
+      return std::count_if(conns_.begin(), conns_.end(), [](const Conn& c) { return c.closed; }) >=
+             static_cast<std::ptrdiff_t>(n);
+    });
+    return conns_;
+  }
+
+ private:
+  void accept_loop() {
+    while (!stop_) {
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (c < 0) continue;
+      std::size_t index;
+      {
+        std::lock_guard lock(mu_);
+        index = conns_.size();
+        conns_.emplace_back();
+      }
+      readers_.emplace_back([this, c, index] { read_loop(c, index); });
+    }
+  }
+  void read_loop(int fd, std::size_t index) {
+    char buf[4096];
+    while (!stop_) {
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      std::lock_guard lock(mu_);
+      if (n <= 0) {
+        conns_[index].closed = true;
+        cv_.notify_all();
+        break;
+      }
+      conns_[index].data.append(buf, static_cast<std::size_t>(n));
+    }
+    ::close(fd);
+  }
+
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+  std::vector<std::thread> readers_;  // acceptor thread only, until joined
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Conn> conns_;
+};
+
+// metrics_of fetches /metrics from the admin listener on port ("" when it does not answer).
+std::string metrics_of(int port) {
+  httplib::Client cli("127.0.0.1", port);
+  cli.set_connection_timeout(std::chrono::seconds(5));
+  cli.set_read_timeout(std::chrono::seconds(5));
+  auto r = cli.Get("/metrics");
+  return r && r->status == 200 ? r->body : std::string();
+}
+
 // CountingLog counts the warnings whose message starts with prefix (any thread).
 class CountingLog : public Logger {
  public:
@@ -168,54 +265,207 @@ TEST_SUITE("server") {
     server->shutdown(milliseconds(0));
   }
 
-  TEST_CASE("a request body that stalls past the read timeout ends the connection") {
-    // Only a proxied request reads a body (a static site answers 405 without reading it): the
-    // body goes to the upstream as it arrives, each client read waiting up to timeouts.read.
-    httplib::Server up;
-    std::atomic<int> upstream_calls{0};
-    up.Post("/upload", [&](const httplib::Request&, httplib::Response& res) {
-      ++upstream_calls;
-      res.set_content("uploaded", "text/plain");
-    });
-    int up_port = up.bind_to_any_port("127.0.0.1");
-    REQUIRE(up_port > 0);
-    std::thread up_thread([&] { up.listen_after_bind(); });
-    while (!up.is_running()) std::this_thread::sleep_for(milliseconds(5));
-    struct Stop {
-      httplib::Server& s;
-      std::thread& t;
-      ~Stop() {
-        s.stop();
-        t.join();
-      }
-    } stop_upstream{up, up_thread};
-
+  TEST_CASE("a request body that stalls past the read timeout answers 408 and aborts the upstream request") {
+    // A proxied body goes to the upstream as it arrives, each client read waiting up to
+    // timeouts.read (on the proxy's exchange thread). When the client stops sending, that is
+    // the client's timeout (408, counted as a read timeout), not an upstream failure (502),
+    // and the upstream sees its request cut short: its connection closes mid-body.
+    SinkUpstream up;
     Dir dir("bodystall");
     ServerConfig cfg = plain_config(dir.site("ok"));
-    cfg.sites["stall.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up_port)};
+    cfg.sites["stall.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up.port())};
     cfg.timeouts.read = milliseconds(500);
     // The idle and header deadlines are long, so only the body read timeout can end it.
     cfg.timeouts.idle = milliseconds(60'000);
     cfg.timeouts.header = milliseconds(60'000);
+    cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
     auto server = start(cfg);
-    int fd = autotls::testing::connect_to(server->http_port());
-    REQUIRE(fd >= 0);
-    // A complete header announcing 100 body bytes, then 10 of them and nothing more.
-    std::string req =
-        "POST /upload HTTP/1.1\r\nHost: stall.test\r\nContent-Length: 100\r\n\r\n0123456789";
-    REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size()));
-    std::string got;
-    // 500 ms read timeout; 10 s only bounds the test if the server never closes.
-    bool closed = read_until_closed(fd, milliseconds(10'000), got);
-    ::close(fd);
-    CAPTURE(got);
-    CHECK(closed);
-    // The exchange failed (502: the upstream never got the whole request) and, the body being
-    // cut short, the connection is not kept alive: its missing bytes would parse as a request.
-    CHECK(got.starts_with("HTTP/1.1 502 "));
-    CHECK(got.find("Connection: close") != std::string::npos);
-    CHECK(upstream_calls.load() == 0);
+
+    // stall sends a complete header and part of the body, then nothing more; returns what the
+    // server answered before it closed (bound 10 s: the read timeout is 500 ms).
+    auto stall = [&](const std::string& req) {
+      int fd = autotls::testing::connect_to(server->http_port());
+      REQUIRE(fd >= 0);
+      REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size()));
+      std::string got;
+      bool closed = read_until_closed(fd, milliseconds(10'000), got);
+      ::close(fd);
+      CAPTURE(got);
+      CHECK(closed);
+      // The connection is not kept alive: the missing bytes would parse as a request.
+      CHECK(got.find("Connection: close") != std::string::npos);
+      return got;
+    };
+
+    SUBCASE("Content-Length body, proxied") {
+      std::string got = stall(
+          "POST /upload HTTP/1.1\r\nHost: stall.test\r\nContent-Length: 100\r\n\r\n0123456789");
+      CHECK(got.starts_with("HTTP/1.1 408 "));
+      CHECK(got.find("request body timed out") != std::string::npos);
+      // The upstream got the header and the 10 bytes, then its connection closed: no more
+      // body, and nothing pooled for a later request.
+      auto seen = up.wait_closed(1, milliseconds(10'000));
+      REQUIRE(seen.size() == 1);
+      CHECK(seen[0].closed);
+      CAPTURE(seen[0].data);
+      auto head = seen[0].data.find("\r\n\r\n");
+      REQUIRE(head != std::string::npos);
+      CHECK(seen[0].data.starts_with("POST /upload HTTP/1.1\r\n"));
+      CHECK(seen[0].data.substr(head + 4) == "0123456789");
+      CHECK(server->counters().read_timeout == 1);
+    }
+    SUBCASE("chunked body, proxied") {
+      std::string got = stall(
+          "POST /upload HTTP/1.1\r\nHost: stall.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+          "5\r\nhello\r\n");
+      CHECK(got.starts_with("HTTP/1.1 408 "));
+      auto seen = up.wait_closed(1, milliseconds(10'000));
+      REQUIRE(seen.size() == 1);
+      CHECK(seen[0].closed);
+      CAPTURE(seen[0].data);
+      auto head = seen[0].data.find("\r\n\r\n");
+      REQUIRE(head != std::string::npos);
+      // The chunk went on; the last chunk ("0\r\n\r\n") never did.
+      CHECK(seen[0].data.substr(head + 4) == "5\r\nhello\r\n");
+      CHECK(server->counters().read_timeout == 1);
+    }
+    SUBCASE("body read away for a static site") {
+      // A static site reads a body away (405 for POST); a stalled one answers 408 too.
+      std::string got = stall(
+          "POST /index.html HTTP/1.1\r\nHost: other.test\r\nContent-Length: 100\r\n\r\n01234");
+      CHECK(got.starts_with("HTTP/1.1 408 "));
+      CHECK(up.connections() == 0);
+      CHECK(server->counters().read_timeout == 1);
+    }
+    std::string m = metrics_of(server->admin_port());
+    CAPTURE(m);
+    CHECK(m.find("\nautotls_server_read_timeout_total 1\n") != std::string::npos);
     // The server still serves others.
+    autotls::testing::RawConn other(server->http_port());
+    CHECK(other.get("other.test").first == 200);
+    server->shutdown(milliseconds(0));
+  }
+
+  TEST_CASE("a GET whose body nobody reads is answered and the connection closed, never parsed as a second request") {
+    // httplib reads a body only for POST, PUT, PATCH and DELETE. A GET carrying one (here a
+    // whole second request) must not leave it on the connection to be parsed as the next
+    // request: one answer, "Connection: close", EOF.
+    Dir dir("getbody");
+    fs::path root = dir.site("ok");
+    std::ofstream(root / "secret") << "SECRET";
+    ServerConfig cfg = plain_config(root);
+    cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
+    auto server = start(cfg);
+    const std::string inner = "GET /secret HTTP/1.1\r\nHost: other.test\r\n\r\n";
+    auto one_answer = [&](int port, const std::string& req) {
+      int fd = autotls::testing::connect_to(port);
+      REQUIRE(fd >= 0);
+      REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size()));
+      std::string got;
+      bool closed = read_until_closed(fd, milliseconds(10'000), got);
+      ::close(fd);
+      CAPTURE(got);
+      CHECK(closed);
+      CHECK(got.starts_with("HTTP/1.1 200 "));
+      CHECK(got.find("Connection: close") != std::string::npos);
+      std::size_t answers = 0;
+      for (auto at = got.find("HTTP/1.1 "); at != std::string::npos; at = got.find("HTTP/1.1 ", at + 1)) {
+        ++answers;
+      }
+      CHECK(answers == 1);
+      CHECK(got.find("SECRET") == std::string::npos);
+      return got;
+    };
+    SUBCASE("Content-Length, whole request buffered (served by the reactor)") {
+      auto got = one_answer(server->http_port(),
+                            "GET /index.html HTTP/1.1\r\nHost: other.test\r\nContent-Length: " +
+                                std::to_string(inner.size()) + "\r\n\r\n" + inner);
+      CHECK(got.ends_with("ok"));
+    }
+    SUBCASE("chunked (served by a worker)") {
+      char size[16];
+      std::snprintf(size, sizeof size, "%zx", inner.size());
+      auto got = one_answer(server->http_port(),
+                            "GET /index.html HTTP/1.1\r\nHost: other.test\r\nTransfer-Encoding: "
+                            "chunked\r\n\r\n" + std::string(size) + "\r\n" + inner + "\r\n0\r\n\r\n");
+      CHECK(got.ends_with("ok"));
+    }
+    SUBCASE("admin listener") {
+      const std::string metrics_req = "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n";
+      int fd = autotls::testing::connect_to(server->admin_port());
+      REQUIRE(fd >= 0);
+      std::string req = "GET /healthz HTTP/1.1\r\nHost: admin\r\nContent-Length: " +
+                        std::to_string(metrics_req.size()) + "\r\n\r\n" + metrics_req;
+      REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size()));
+      std::string got;
+      CHECK(read_until_closed(fd, milliseconds(10'000), got));
+      ::close(fd);
+      CAPTURE(got);
+      CHECK(got.starts_with("HTTP/1.1 200 "));
+      CHECK(got.find("Connection: close") != std::string::npos);
+      CHECK(got.find("autotls_server_") == std::string::npos);  // /metrics never answered
+    }
+    // A GET without a body keeps its connection.
+    autotls::testing::RawConn other(server->http_port());
+    CHECK(other.get("other.test").first == 200);
+    CHECK(other.last_head().find("Connection: close") == std::string::npos);
+    server->shutdown(milliseconds(0));
+  }
+
+  TEST_CASE("a client that stops reading a large file streamed by a worker is closed at the write deadline") {
+    // Files over 64 KiB are streamed by a worker, each write waiting up to timeouts.write for
+    // the socket (the reactor's own write deadline is another code path, tested in
+    // server_test.cpp and metrics_test.cpp). 32 MiB is more than the socket buffers of both
+    // ends hold, so the worker's writes must wait on a client that never reads.
+    Dir dir("bigwrite");
+    fs::path root = dir.site("ok");
+    constexpr std::size_t kBig = 32u << 20;
+    {
+      std::ofstream big(root / "big.bin", std::ios::binary);
+      std::string block(1 << 20, 'x');
+      for (std::size_t i = 0; i < kBig / block.size(); ++i) big << block;
+    }
+    ServerConfig cfg = plain_config(root);
+    cfg.timeouts.write = milliseconds(300);
+    cfg.worker_threads = 2;
+    cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
+    auto server = start(cfg);
+
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd >= 0);
+    int small = 4096;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(server->http_port()));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    std::string req = "GET /big.bin HTTP/1.1\r\nHost: big.test\r\n\r\n";
+    REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size()));
+    // Never read: the worker fills the socket, waits 300 ms, gives up and closes. 10 s only
+    // bounds the test when the deadline is not enforced (the worker would wait forever).
+    auto until = SteadyClock::now() + std::chrono::seconds(10);
+    while ((server->counters().write_timeout == 0 || server->counters().open_connections > 0) &&
+           SteadyClock::now() < until) {
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    auto c = server->counters();
+    CHECK(c.write_timeout == 1);
+    CHECK(c.open_connections == 0);
+    CHECK(c.read_timeout == 0);
+    // What the client finds once it reads: the start of the response, then EOF, short of the
+    // file (the server closed it in the middle).
+    std::string got;
+    CHECK(read_until_closed(fd, milliseconds(10'000), got));
+    ::close(fd);
+    CHECK(got.starts_with("HTTP/1.1 200 "));
+    CHECK(got.find("Content-Length: " + std::to_string(kBig)) != std::string::npos);
+    CHECK(got.size() < kBig);
+    MESSAGE("the client received " << got.size() << " of " << kBig << " bytes before the close");
+    std::string m = metrics_of(server->admin_port());
+    CAPTURE(m);
+    CHECK(m.find("\nautotls_server_write_timeout_total 1\n") != std::string::npos);
+    // The worker is free again: another client is served.
     autotls::testing::RawConn other(server->http_port());
     CHECK(other.get("other.test").first == 200);
     server->shutdown(milliseconds(0));
