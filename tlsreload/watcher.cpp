@@ -76,6 +76,21 @@ CertWatcher::PairSig CertWatcher::signature(const CertKeyPaths& paths) {
   return {one(paths.chain), one(paths.key)};
 }
 
+CertKeyPaths CertWatcher::paths_of(const Entry& e) const {
+  const Source& s = sources_[e.source];
+  if (!s.directory) return s.pair;
+  fs::path chain(*e.chain);
+  fs::path key = chain.parent_path() / "privkey.pem";
+  return {std::move(chain), std::move(key)};
+}
+
+CertWatcher::Entry& CertWatcher::entry(const std::string& chain, bool* fresh) {
+  auto [it, added] = entries_.try_emplace(chain);
+  if (added) it->second.chain = &it->first;
+  if (fresh) *fresh = added;
+  return it->second;
+}
+
 Status CertWatcher::ensure_inotify() {
   if (inotify_fd_ >= 0) return {};
   inotify_fd_ = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
@@ -116,13 +131,17 @@ Result<LoadReport> CertWatcher::watch_directory(const fs::path& dir, const LoadR
     if (loaded && loaded->sources.size() == loaded->certificates.size()) {
       for (std::size_t k = 0; k < loaded->certificates.size(); ++k) {
         const PairSource& src = loaded->sources[k];
-        auto [it, fresh] = entries_.try_emplace(src.paths.chain.string());
-        Entry& e = it->second;
+        // Only pairs as this source spells them (paths_of): <cand>/{fullchain,privkey}.pem.
+        if (src.paths.chain.filename() != "fullchain.pem" ||
+            src.paths.key != src.paths.chain.parent_path() / "privkey.pem") {
+          continue;  // left to the first check, which loads it
+        }
+        bool fresh = false;
+        Entry& e = entry(src.paths.chain.string(), &fresh);
         if (!fresh) continue;  // another source's pair: its own checks own it
-        e.paths = src.paths;
         e.source = i;
         e.cert = loaded->certificates[k];
-        e.adopted = src;
+        e.adopted = std::array<FileIdentity, 2>{src.chain, src.key};
         held_[e.cert->id()] += 1;
         loaded_.fetch_add(1);
         // A candidate from the start, so that the first check reports it removed if its
@@ -229,8 +248,8 @@ void CertWatcher::mark_removed(std::size_t index, const std::string& cand, std::
   if (!e.cert) return;
   removed_.fetch_add(1);
   logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
-               {{"file", e.paths.chain.string()}});
-  events.push_back({WatchEvent::Type::removed, e.paths.chain, e.cert->id(), std::nullopt});
+               {{"file", *e.chain}});
+  events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert->id(), std::nullopt});
 }
 
 // check_cands looks at the given candidates of a source: pairs whose files changed since last
@@ -271,18 +290,15 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
       mark_removed(index, c, events);
       continue;
     }
-    auto [it, fresh] = entries_.try_emplace(paths.chain.string());
-    Entry& e = it->second;
-    if (fresh) {
-      e.paths = paths;
-      e.source = index;
-    }
+    bool fresh = false;
+    Entry& e = entry(paths.chain.string(), &fresh);
+    if (fresh) e.source = index;
     if (e.adopted) {
       // Loaded by the caller (adopt_directory): unchanged if the files are those it read.
       auto same = [](const FileSig& f, const FileIdentity& id) {
         return f.err == 0 && f.size == id.size && f.mtime_ns == id.mtime_ns && f.ino == id.inode && f.dev == id.device;
       };
-      const bool unchanged = same(sig.chain, e.adopted->chain) && same(sig.key, e.adopted->key);
+      const bool unchanged = same(sig.chain, (*e.adopted)[0]) && same(sig.key, (*e.adopted)[1]);
       e.adopted.reset();
       if (unchanged) {
         e.sig = sig;
@@ -297,8 +313,8 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         e.failure.reset();
         removed_.fetch_add(1);
         logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
-                     {{"file", e.paths.chain.string()}});
-        events.push_back({WatchEvent::Type::removed, e.paths.chain, e.cert ? e.cert->id() : "", std::nullopt});
+                     {{"file", *e.chain}});
+        events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert ? e.cert->id() : "", std::nullopt});
       }
       e.sig = sig;
       continue;
@@ -306,7 +322,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
     e.present = true;
     todo.push_back(&e);
     sigs.push_back(sig);
-    to_load.push_back(e.paths);
+    to_load.push_back(paths_of(e));
     todo_cands.push_back(c);
   }
 
@@ -325,7 +341,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
           e.sig = sig;
           e.held_since.reset();
           if (e.failure) {
-            logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", e.paths.chain.string()}});
+            logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", *e.chain}});
           }
           e.failure.reset();
           continue;
@@ -348,9 +364,10 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
           continue;
         }
       }
-      fs::path bad = e.paths.chain;
-      if (sig.chain.err == 0 && (sig.key.err != 0 || err.message.starts_with(e.paths.key.string() + ":"))) {
-        bad = e.paths.key;
+      const CertKeyPaths& ep = to_load[k];
+      fs::path bad = ep.chain;
+      if (sig.chain.err == 0 && (sig.key.err != 0 || err.message.starts_with(ep.key.string() + ":"))) {
+        bad = ep.key;
       }
       e.sig = sig;
       report_failure(e, bad, std::move(err), events, report);
@@ -365,7 +382,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         e.sig = good_sigs[k];
         e.held_since.reset();
         if (!statuses[k]) {
-          report_failure(e, e.paths.chain, statuses[k].error(), events, report);
+          report_failure(e, fs::path(*e.chain), statuses[k].error(), events, report);
           continue;
         }
         const bool first = !e.cert;
@@ -379,21 +396,21 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
           // event, and checked again).
           if ((initial ? options_.initial_options : options_.reload_options).record_sources) {
             auto id = [](const FileSig& f) { return FileIdentity{f.size, f.mtime_ns, f.ino, f.dev}; };
-            report->sources.push_back(PairSource{e.paths, id(e.sig->chain), id(e.sig->key)});
+            report->sources.push_back(PairSource{paths_of(e), id(e.sig->chain), id(e.sig->key)});
           }
         }
         if (first) {
           loaded_.fetch_add(1);
           if (!initial) {
             logger_->log(LogLevel::info, kLog, "certificate loaded",
-                         {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+                         {{"file", *e.chain}, {"id", e.cert->id()}});
           }
         } else {
           reloaded_.fetch_add(1);
           logger_->log(LogLevel::info, kLog, "certificate reloaded",
-                       {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+                       {{"file", *e.chain}, {"id", e.cert->id()}});
         }
-        events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, e.paths.chain,
+        events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, fs::path(*e.chain),
                           e.cert->id(), std::nullopt});
       }
     }
@@ -412,7 +429,7 @@ void CertWatcher::report_failure(Entry& e, const fs::path& path, Error error, st
                                  LoadReport* report) {
   e.held_since.reset();
   if (!error.message.starts_with(path.string())) error.message = path.string() + ": " + error.message;
-  e.failure = LoadFailure{path, error};
+  e.failure = std::make_unique<LoadFailure>(LoadFailure{path, error});
   failed_.fetch_add(1);
   logger_->log(LogLevel::error, kLog,
                e.cert ? "certificate file refused; the previous certificate keeps serving"
@@ -462,7 +479,7 @@ std::set<std::string> CertWatcher::wanted_dirs(std::size_t index, const std::str
     if (!after_read) return want;
     auto it = entries_.find((fs::path(cand) / "fullchain.pem").string());
     if (it == entries_.end() || it->second.source != index || !it->second.present) return want;
-    paths = it->second.paths;
+    paths = paths_of(it->second);
   }
   for (const fs::path& f : {paths.chain, paths.key}) {
     want.insert(f.parent_path().string());

@@ -3,6 +3,7 @@
 // CertWatcher: certificate files on disk (certbot's layout, explicit cert/key pairs) loaded
 // into a CertStore and reloaded when they change (inotify, debounced).
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -154,15 +155,18 @@ class CertWatcher {
     FileSig chain, key;
     bool operator==(const PairSig&) const = default;
   };
+  // Entry is one pair, in entries_ by its chain path. Kept small: a --cert-dir of 100,000
+  // pairs has 100,000 of them (std::filesystem::path members cost ~0.4 KiB each, a parsed
+  // list of components; the paths are made from the chain path when needed, paths_of()).
   struct Entry {
-    CertKeyPaths paths;
+    const std::string* chain = nullptr;  // the key of this entry in entries_ (the chain path)
     std::size_t source = 0;
     std::optional<PairSig> sig;  // files as last loaded or reported; nullopt: never checked
-    // adopted: cert was loaded by the caller from files with these identities (adopt_directory);
-    // the first check compares them with its stat() instead of sig.
-    std::optional<PairSource> adopted;
+    // adopted: cert was loaded by the caller from files with these identities (chain, key;
+    // adopt_directory); the first check compares them with its stat() instead of sig.
+    std::optional<std::array<FileIdentity, 2>> adopted;
     std::shared_ptr<const Certificate> cert;  // the last good certificate, still served
-    std::optional<LoadFailure> failure;       // reported and not fixed since
+    std::unique_ptr<LoadFailure> failure;     // reported and not fixed since
     bool present = true;                      // false once reported removed
     // A half-written-looking failure seen at held_since with these files, not yet reported.
     std::optional<std::chrono::steady_clock::time_point> held_since;
@@ -195,6 +199,10 @@ class CertWatcher {
   };
 
   static PairSig signature(const CertKeyPaths& paths);
+  // paths_of is the pair's files: a directory source's <cand>/fullchain.pem and
+  // <cand>/privkey.pem, an explicit pair's own.
+  CertKeyPaths paths_of(const Entry& e) const;
+  Entry& entry(const std::string& chain, bool* fresh = nullptr);
   Result<LoadReport> watch_directory(const std::filesystem::path& dir, const LoadReport* loaded);
   Status ensure_inotify();
   std::size_t add_source(Source s);

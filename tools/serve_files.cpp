@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <string>
 #include <tuple>
+#include <unordered_set>
 #include <utility>
 
 #include <openssl/evp.h>
@@ -111,6 +112,52 @@ std::string snapshot_file(const std::string& snapshot_dir, const std::string& di
   return (std::filesystem::path(snapshot_dir) / (base + "-" + hex + ".snap")).string();
 }
 
+namespace {
+
+// adoptable is what the watcher can adopt of a directory served from its snapshot: the
+// snapshot's certificates with their recorded sources, when every one of them has a source in
+// the directory as the watcher spells its pairs (<dir>/<name>/fullchain.pem or
+// <dir>/live/<name>/...). Otherwise (a snapshot without identities, or written for another
+// spelling of the directory) nothing: the watcher then loads every pair.
+std::optional<tlsreload::LoadReport> adoptable(const FileCerts::Pending& p) {
+  const auto& start = p.start;
+  if (start.sources.size() != start.certificates.size() || start.certificates.empty()) return std::nullopt;
+  const std::filesystem::path dir(p.dir);
+  for (const auto& src : start.sources) {
+    const auto& chain = src.paths.chain;
+    if (chain.filename() != "fullchain.pem" || src.paths.key != chain.parent_path() / "privkey.pem") return std::nullopt;
+    auto parent = chain.parent_path().parent_path();
+    if (parent != dir && parent != dir / "live") return std::nullopt;
+  }
+  tlsreload::LoadReport r;
+  r.certificates = start.certificates;
+  r.sources = start.sources;
+  return r;
+}
+
+// with_unchanged completes the report of a verification that adopted the snapshot (which
+// lists only what it loaded: changed and new pairs, and the failures) into the report of a
+// full load, as finish_check expects: the adopted certificates whose pairs were neither
+// reloaded, nor failed, nor gone are still their pairs' certificates.
+void with_unchanged(tlsreload::LoadReport& report, const tlsreload::LoadReport& adopted) {
+  std::unordered_set<std::string> touched;  // chain files
+  touched.reserve(report.sources.size() + report.failures.size());
+  for (const auto& src : report.sources) touched.insert(src.paths.chain.native());
+  for (const auto& f : report.failures) touched.insert((f.path.parent_path() / "fullchain.pem").native());
+  const bool sourced = report.sources.size() == report.certificates.size();
+  for (std::size_t i = 0; i < adopted.certificates.size(); ++i) {
+    const auto& src = adopted.sources[i];
+    if (touched.contains(src.paths.chain.native())) continue;
+    struct stat st {};
+    // Gone (the watcher reported it removed): left to finish_check, which takes it away.
+    if (::lstat(src.paths.chain.c_str(), &st) != 0 || ::lstat(src.paths.key.c_str(), &st) != 0) continue;
+    report.certificates.push_back(adopted.certificates[i]);
+    if (sourced) report.sources.push_back(src);
+  }
+}
+
+}  // namespace
+
 void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_done) {
   if (pending.empty() || !watcher) return;
   verifying->store(true);
@@ -169,11 +216,18 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
       dlo.snapshot_path = p->snapshot;
       dlo.logger = p->logger;
       Status dir_ok = ensure_snapshot_dir(std::filesystem::path(p->snapshot).parent_path());
-      // The verification: the watcher's first full check of the directory loads every pair
-      // (what changed replaces the snapshot's certificate in the store) and watches it from
-      // then on; the key permissions a start checks are checked here, on the warm files.
+      // The verification: the watcher adopts the snapshot's certificates with the file
+      // identities the snapshot recorded (as it adopts a bulk load), and its first full check of
+      // the directory stat()s every pair and watches it from then on, parsing only the pairs
+      // whose files are not those the snapshot was made from (changed while the process was
+      // down: they replace the snapshot's certificate in the store), new pairs and those the
+      // snapshot has no identities for. Parsing all 100,000 pairs again made a second
+      // certificate object per pair and left the heap fragmented (serve's RSS 12.4 KiB per
+      // certificate after it, docs/benchmarks.md, "Memory of serve, session 8").
+      // The key permissions a start checks are checked here, on the warm files.
+      auto adopted = adoptable(*p);
       t_verifying = true;
-      auto rep = w->add_directory(p->dir);
+      auto rep = adopted ? w->adopt_directory(p->dir, *adopted) : w->add_directory(p->dir);
       t_verifying = false;
       if (!rep) {
         r.error = rep.error();
@@ -181,6 +235,8 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
       } else {
         tlsreload::DirectoryCheck check;
         check.report = std::move(*rep);
+        if (adopted) with_unchanged(check.report, *adopted);
+        adopted.reset();
         r.loaded = check.report.certificates.size();
         r.failed = check.report.failures.size();
         for (const auto& src : check.report.sources) {
