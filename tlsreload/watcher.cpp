@@ -141,8 +141,17 @@ Result<LoadReport> CertWatcher::watch_directory(const fs::path& dir, const LoadR
         if (!fresh) continue;  // another source's pair: its own checks own it
         e.source = i;
         e.cert = loaded->certificates[k];
-        e.adopted = std::array<FileIdentity, 2>{src.chain, src.key};
-        held_[e.cert->id()] += 1;
+        auto sig_of = [](const FileIdentity& id) {
+          FileSig f;
+          f.dev = id.device;
+          f.ino = id.inode;
+          f.size = id.size;
+          f.mtime_ns = id.mtime_ns;
+          return f;
+        };
+        e.sig = PairSig{sig_of(src.chain), sig_of(src.key)};
+        e.adopted = true;
+        held_[e.cert->fingerprint()] += 1;
         loaded_.fetch_add(1);
         // A candidate from the start, so that the first check reports it removed if its
         // directory went away since the load.
@@ -242,7 +251,7 @@ void CertWatcher::mark_removed(std::size_t index, const std::string& cand, std::
   if (e.source != index || !e.present) return;
   e.present = false;
   e.sig.reset();
-  e.adopted.reset();
+  e.adopted = false;
   e.held_since.reset();
   e.failure.reset();
   if (!e.cert) return;
@@ -295,15 +304,16 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
     if (fresh) e.source = index;
     if (e.adopted) {
       // Loaded by the caller (adopt_directory): unchanged if the files are those it read.
-      auto same = [](const FileSig& f, const FileIdentity& id) {
-        return f.err == 0 && f.size == id.size && f.mtime_ns == id.mtime_ns && f.ino == id.inode && f.dev == id.device;
+      auto same = [](const FileSig& f, const FileSig& id) {
+        return f.err == 0 && f.size == id.size && f.mtime_ns == id.mtime_ns && f.ino == id.ino && f.dev == id.dev;
       };
-      const bool unchanged = same(sig.chain, (*e.adopted)[0]) && same(sig.key, (*e.adopted)[1]);
-      e.adopted.reset();
+      const bool unchanged = e.sig && same(sig.chain, e.sig->chain) && same(sig.key, e.sig->key);
+      e.adopted = false;
       if (unchanged) {
         e.sig = sig;
         continue;
       }
+      e.sig.reset();  // the caller's identities: never "unchanged since last look" below
     }
     if (e.sig && *e.sig == sig && !e.held_since) continue;  // unchanged since last look
     if (!initial && !s.directory && sig.chain.err == ENOENT && sig.key.err == ENOENT) {
@@ -386,8 +396,8 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
           continue;
         }
         const bool first = !e.cert;
-        held_[certs[k]->id()] += 1;
-        if (e.cert) drop_cert(e.cert->id());
+        held_[certs[k]->fingerprint()] += 1;
+        if (e.cert) drop_cert(*e.cert);
         e.cert = certs[k];
         e.failure.reset();
         if (report) {
@@ -439,12 +449,12 @@ void CertWatcher::report_failure(Entry& e, const fs::path& path, Error error, st
   events.push_back({WatchEvent::Type::failed, path, e.cert ? e.cert->id() : "", std::move(error)});
 }
 
-void CertWatcher::drop_cert(const std::string& id) {
-  auto it = held_.find(id);
+void CertWatcher::drop_cert(const Certificate& cert) {
+  auto it = held_.find(cert.fingerprint());
   if (it == held_.end()) return;
   if (--it->second > 0) return;
   held_.erase(it);
-  (void)store_->remove(id);  // fails only if it already left (replaced on all its names)
+  (void)store_->remove(cert.id());  // fails only if it already left (replaced on all its names)
 }
 
 // sync_root_watches watches a directory source's directory and its live/: their events name
@@ -505,22 +515,22 @@ bool CertWatcher::sync_cand(std::size_t index, const std::string& cand, bool aft
   bool added = false;
   for (const auto& d : want) {
     auto& watched = sources_[index].cands[cand];
-    bool had = watched.count(d) > 0;
+    bool had = watched.has(cand, d);
     if (had && (!refresh || before.count(d))) continue;
     int r = watch_dir(d, index, &cand);
     if (r == 0) continue;
-    sources_[index].cands[cand].insert(d);
+    sources_[index].cands[cand].add(cand, d);
     if (r == 2 && after_read && !before.count(d)) added = true;
   }
   if (after_read) {
     auto& watched = sources_[index].cands[cand];
     std::vector<std::string> stale;
-    for (const auto& d : watched) {
+    for (const auto& d : watched.list(cand)) {
       if (!want.count(d)) stale.push_back(d);
     }
     for (const auto& d : stale) {
       unwatch_dir(d, index, &cand);
-      sources_[index].cands[cand].erase(d);
+      sources_[index].cands[cand].remove(cand, d);
     }
   }
   return added;
@@ -530,7 +540,7 @@ bool CertWatcher::sync_cand(std::size_t index, const std::string& cand, bool aft
 void CertWatcher::forget_cand(std::size_t index, const std::string& cand) {
   auto it = sources_[index].cands.find(cand);
   if (it == sources_[index].cands.end()) return;
-  for (const auto& d : it->second) unwatch_dir(d, index, &cand);
+  for (const auto& d : it->second.list(it->first)) unwatch_dir(d, index, &it->first);
   sources_[index].cands.erase(it);
 }
 
@@ -547,14 +557,16 @@ int CertWatcher::watch_dir(const std::string& dir, std::size_t index, const std:
     }
     return 0;
   }
-  auto& dw = dirs_[dir];
+  auto [slot, added] = dirs_.try_emplace(dir);
+  const std::string* key = &slot->first;
+  auto& dw = slot->second;
   bool changed = false;
   if (dw.wd != wd) {
     changed = true;
     if (dw.wd >= 0) {
       auto it = wd_dirs_.find(dw.wd);
       if (it != wd_dirs_.end()) {
-        it->second.erase(dir);
+        it->second.erase(key);
         if (it->second.empty()) {
           ::inotify_rm_watch(inotify_fd_, dw.wd);
           wd_dirs_.erase(it);
@@ -562,9 +574,16 @@ int CertWatcher::watch_dir(const std::string& dir, std::size_t index, const std:
       }
     }
     dw.wd = wd;
-    wd_dirs_[wd].insert(dir);
+    wd_dirs_[wd].insert(key);
   }
-  bool fresh = cand ? dw.cands.emplace(index, *cand).second : dw.roots.insert(index).second;
+  bool fresh = false;
+  if (cand) {
+    // By the candidate's key in its source (sync_cand made it before watching).
+    auto c = sources_[index].cands.try_emplace(*cand).first;
+    fresh = dw.cands.emplace(index, &c->first).second;
+  } else {
+    fresh = dw.roots.insert(index).second;
+  }
   return changed || fresh ? 2 : 1;
 }
 
@@ -572,7 +591,13 @@ void CertWatcher::unwatch_dir(const std::string& dir, std::size_t index, const s
   auto it = dirs_.find(dir);
   if (it == dirs_.end()) return;
   if (cand) {
-    it->second.cands.erase({index, *cand});
+    auto& cs = it->second.cands;
+    for (auto c = cs.lower_bound({index, nullptr}); c != cs.end() && c->first == index; ++c) {
+      if (*c->second == *cand) {
+        cs.erase(c);
+        break;
+      }
+    }
   } else {
     it->second.roots.erase(index);
   }
@@ -580,7 +605,7 @@ void CertWatcher::unwatch_dir(const std::string& dir, std::size_t index, const s
   if (it->second.wd >= 0) {
     auto w = wd_dirs_.find(it->second.wd);
     if (w != wd_dirs_.end()) {
-      w->second.erase(dir);
+      w->second.erase(&it->first);
       if (w->second.empty()) {
         ::inotify_rm_watch(inotify_fd_, it->second.wd);
         wd_dirs_.erase(w);
@@ -621,7 +646,8 @@ bool CertWatcher::read_events() {
       if (it == wd_dirs_.end()) continue;
       // The name is NUL-padded to len; empty for events on the watched directory itself.
       const std::string name = ev->len > 0 ? std::string(ev->name) : std::string();
-      for (const auto& d : it->second) {
+      for (const std::string* dp : it->second) {
+        const std::string& d = *dp;
         auto dw = dirs_.find(d);
         if (dw == dirs_.end()) continue;
         for (std::size_t i : dw->second.roots) {
@@ -636,7 +662,7 @@ bool CertWatcher::read_events() {
           mark(i);
         }
         for (const auto& [i, cand] : dw->second.cands) {
-          sources_[i].dirty.insert(cand);
+          sources_[i].dirty.insert(*cand);
           mark(i);
         }
         // The directory went away (deleted, or its watch removed): forget the watch so that
