@@ -236,18 +236,20 @@ struct Mapping {
 };
 
 // parse_entry reads one entry at r into c and src (src's paths only when with_paths).
+// parse_entry reads one entry into c; with src, its identities (not its paths: chain_path and
+// *key_out, views into the file, are the paths).
 void parse_entry(Reader& r, detail::CompactCertificate& c, std::string_view& chain_path, PairSource* src,
-                 const std::vector<std::shared_ptr<const detail::Intermediate>>& inters, bool& bad) {
+                 const std::vector<std::shared_ptr<const detail::Intermediate>>& inters, bool& bad,
+                 std::string_view* key_out = nullptr) {
   FileIdentity skip;
   chain_path = r.str();
-  if (src) src->paths.chain = std::string(chain_path);
   FileIdentity& chain_id = src ? src->chain : skip;
   chain_id.size = r.num<std::uint64_t>();
   chain_id.mtime_ns = r.num<std::int64_t>();
   chain_id.inode = r.num<std::uint64_t>();
   chain_id.device = r.num<std::uint64_t>();
   std::string_view key_path = r.str();
-  if (src) src->paths.key = std::string(key_path);
+  if (key_out) *key_out = key_path;
   FileIdentity& key_id = src ? src->key : skip;
   key_id.size = r.num<std::uint64_t>();
   key_id.mtime_ns = r.num<std::int64_t>();
@@ -505,6 +507,10 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
   }
   std::vector<std::shared_ptr<const Certificate>> certs(entries);
   std::vector<PairSource> sources(with_sources ? entries : 0);
+  // The sources' paths, as views into the mapped file: made into paths below, on this thread
+  // (made on the rebuilding threads, their ~1 KiB per entry sat between the certificates in the
+  // threads' arenas and, once the verification freed them, left those pages partly empty).
+  std::vector<std::pair<std::string_view, std::string_view>> source_paths(with_sources ? entries : 0);
   std::vector<std::optional<LoadFailure>> refused(entries);
   on_threads(entries, [&](std::size_t begin, std::size_t end) {
     detail::CompactCertificate c;
@@ -512,7 +518,9 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
     for (std::size_t i = begin; i < end; ++i) {
       Reader er(body, starts[i]);
       bool bad = false;
-      parse_entry(er, c, chain_path, with_sources ? &sources[i] : nullptr, inters, bad);
+      parse_entry(er, c, chain_path, with_sources ? &sources[i] : nullptr, inters, bad,
+                  with_sources ? &source_paths[i].second : nullptr);
+      if (with_sources) source_paths[i].first = chain_path;
       auto cert = detail::from_compact(c, options);
       if (!cert) {
         Error e = cert.error();
@@ -532,7 +540,10 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
       continue;
     }
     out.certificates.push_back(std::move(certs[i]));
-    if (with_sources) out.sources.push_back(std::move(sources[i]));
+    if (with_sources) {
+      sources[i].paths = CertKeyPaths{std::string(source_paths[i].first), std::string(source_paths[i].second)};
+      out.sources.push_back(std::move(sources[i]));
+    }
   }
   return out;
 }

@@ -76,6 +76,21 @@ CertWatcher::PairSig CertWatcher::signature(const CertKeyPaths& paths) {
   return {one(paths.chain), one(paths.key)};
 }
 
+CertKeyPaths CertWatcher::paths_of(const Entry& e) const {
+  const Source& s = sources_[e.source];
+  if (!s.directory) return s.pair;
+  fs::path chain(*e.chain);
+  fs::path key = chain.parent_path() / "privkey.pem";
+  return {std::move(chain), std::move(key)};
+}
+
+CertWatcher::Entry& CertWatcher::entry(const std::string& chain, bool* fresh) {
+  auto [it, added] = entries_.try_emplace(chain);
+  if (added) it->second.chain = &it->first;
+  if (fresh) *fresh = added;
+  return it->second;
+}
+
 Status CertWatcher::ensure_inotify() {
   if (inotify_fd_ >= 0) return {};
   inotify_fd_ = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
@@ -116,14 +131,27 @@ Result<LoadReport> CertWatcher::watch_directory(const fs::path& dir, const LoadR
     if (loaded && loaded->sources.size() == loaded->certificates.size()) {
       for (std::size_t k = 0; k < loaded->certificates.size(); ++k) {
         const PairSource& src = loaded->sources[k];
-        auto [it, fresh] = entries_.try_emplace(src.paths.chain.string());
-        Entry& e = it->second;
+        // Only pairs as this source spells them (paths_of): <cand>/{fullchain,privkey}.pem.
+        if (src.paths.chain.filename() != "fullchain.pem" ||
+            src.paths.key != src.paths.chain.parent_path() / "privkey.pem") {
+          continue;  // left to the first check, which loads it
+        }
+        bool fresh = false;
+        Entry& e = entry(src.paths.chain.string(), &fresh);
         if (!fresh) continue;  // another source's pair: its own checks own it
-        e.paths = src.paths;
         e.source = i;
         e.cert = loaded->certificates[k];
-        e.adopted = src;
-        held_[e.cert->id()] += 1;
+        auto sig_of = [](const FileIdentity& id) {
+          FileSig f;
+          f.dev = id.device;
+          f.ino = id.inode;
+          f.size = id.size;
+          f.mtime_ns = id.mtime_ns;
+          return f;
+        };
+        e.sig = PairSig{sig_of(src.chain), sig_of(src.key)};
+        e.adopted = true;
+        held_[e.cert->fingerprint()] += 1;
         loaded_.fetch_add(1);
         // A candidate from the start, so that the first check reports it removed if its
         // directory went away since the load.
@@ -223,14 +251,14 @@ void CertWatcher::mark_removed(std::size_t index, const std::string& cand, std::
   if (e.source != index || !e.present) return;
   e.present = false;
   e.sig.reset();
-  e.adopted.reset();
+  e.adopted = false;
   e.held_since.reset();
   e.failure.reset();
   if (!e.cert) return;
   removed_.fetch_add(1);
   logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
-               {{"file", e.paths.chain.string()}});
-  events.push_back({WatchEvent::Type::removed, e.paths.chain, e.cert->id(), std::nullopt});
+               {{"file", *e.chain}});
+  events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert->id(), std::nullopt});
 }
 
 // check_cands looks at the given candidates of a source: pairs whose files changed since last
@@ -271,23 +299,21 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
       mark_removed(index, c, events);
       continue;
     }
-    auto [it, fresh] = entries_.try_emplace(paths.chain.string());
-    Entry& e = it->second;
-    if (fresh) {
-      e.paths = paths;
-      e.source = index;
-    }
+    bool fresh = false;
+    Entry& e = entry(paths.chain.string(), &fresh);
+    if (fresh) e.source = index;
     if (e.adopted) {
       // Loaded by the caller (adopt_directory): unchanged if the files are those it read.
-      auto same = [](const FileSig& f, const FileIdentity& id) {
-        return f.err == 0 && f.size == id.size && f.mtime_ns == id.mtime_ns && f.ino == id.inode && f.dev == id.device;
+      auto same = [](const FileSig& f, const FileSig& id) {
+        return f.err == 0 && f.size == id.size && f.mtime_ns == id.mtime_ns && f.ino == id.ino && f.dev == id.dev;
       };
-      const bool unchanged = same(sig.chain, e.adopted->chain) && same(sig.key, e.adopted->key);
-      e.adopted.reset();
+      const bool unchanged = e.sig && same(sig.chain, e.sig->chain) && same(sig.key, e.sig->key);
+      e.adopted = false;
       if (unchanged) {
         e.sig = sig;
         continue;
       }
+      e.sig.reset();  // the caller's identities: never "unchanged since last look" below
     }
     if (e.sig && *e.sig == sig && !e.held_since) continue;  // unchanged since last look
     if (!initial && !s.directory && sig.chain.err == ENOENT && sig.key.err == ENOENT) {
@@ -297,8 +323,8 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         e.failure.reset();
         removed_.fetch_add(1);
         logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
-                     {{"file", e.paths.chain.string()}});
-        events.push_back({WatchEvent::Type::removed, e.paths.chain, e.cert ? e.cert->id() : "", std::nullopt});
+                     {{"file", *e.chain}});
+        events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert ? e.cert->id() : "", std::nullopt});
       }
       e.sig = sig;
       continue;
@@ -306,7 +332,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
     e.present = true;
     todo.push_back(&e);
     sigs.push_back(sig);
-    to_load.push_back(e.paths);
+    to_load.push_back(paths_of(e));
     todo_cands.push_back(c);
   }
 
@@ -325,7 +351,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
           e.sig = sig;
           e.held_since.reset();
           if (e.failure) {
-            logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", e.paths.chain.string()}});
+            logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", *e.chain}});
           }
           e.failure.reset();
           continue;
@@ -348,9 +374,10 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
           continue;
         }
       }
-      fs::path bad = e.paths.chain;
-      if (sig.chain.err == 0 && (sig.key.err != 0 || err.message.starts_with(e.paths.key.string() + ":"))) {
-        bad = e.paths.key;
+      const CertKeyPaths& ep = to_load[k];
+      fs::path bad = ep.chain;
+      if (sig.chain.err == 0 && (sig.key.err != 0 || err.message.starts_with(ep.key.string() + ":"))) {
+        bad = ep.key;
       }
       e.sig = sig;
       report_failure(e, bad, std::move(err), events, report);
@@ -365,12 +392,12 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         e.sig = good_sigs[k];
         e.held_since.reset();
         if (!statuses[k]) {
-          report_failure(e, e.paths.chain, statuses[k].error(), events, report);
+          report_failure(e, fs::path(*e.chain), statuses[k].error(), events, report);
           continue;
         }
         const bool first = !e.cert;
-        held_[certs[k]->id()] += 1;
-        if (e.cert) drop_cert(e.cert->id());
+        held_[certs[k]->fingerprint()] += 1;
+        if (e.cert) drop_cert(*e.cert);
         e.cert = certs[k];
         e.failure.reset();
         if (report) {
@@ -379,21 +406,21 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
           // event, and checked again).
           if ((initial ? options_.initial_options : options_.reload_options).record_sources) {
             auto id = [](const FileSig& f) { return FileIdentity{f.size, f.mtime_ns, f.ino, f.dev}; };
-            report->sources.push_back(PairSource{e.paths, id(e.sig->chain), id(e.sig->key)});
+            report->sources.push_back(PairSource{paths_of(e), id(e.sig->chain), id(e.sig->key)});
           }
         }
         if (first) {
           loaded_.fetch_add(1);
           if (!initial) {
             logger_->log(LogLevel::info, kLog, "certificate loaded",
-                         {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+                         {{"file", *e.chain}, {"id", e.cert->id()}});
           }
         } else {
           reloaded_.fetch_add(1);
           logger_->log(LogLevel::info, kLog, "certificate reloaded",
-                       {{"file", e.paths.chain.string()}, {"id", e.cert->id()}});
+                       {{"file", *e.chain}, {"id", e.cert->id()}});
         }
-        events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, e.paths.chain,
+        events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, fs::path(*e.chain),
                           e.cert->id(), std::nullopt});
       }
     }
@@ -412,7 +439,7 @@ void CertWatcher::report_failure(Entry& e, const fs::path& path, Error error, st
                                  LoadReport* report) {
   e.held_since.reset();
   if (!error.message.starts_with(path.string())) error.message = path.string() + ": " + error.message;
-  e.failure = LoadFailure{path, error};
+  e.failure = std::make_unique<LoadFailure>(LoadFailure{path, error});
   failed_.fetch_add(1);
   logger_->log(LogLevel::error, kLog,
                e.cert ? "certificate file refused; the previous certificate keeps serving"
@@ -422,12 +449,12 @@ void CertWatcher::report_failure(Entry& e, const fs::path& path, Error error, st
   events.push_back({WatchEvent::Type::failed, path, e.cert ? e.cert->id() : "", std::move(error)});
 }
 
-void CertWatcher::drop_cert(const std::string& id) {
-  auto it = held_.find(id);
+void CertWatcher::drop_cert(const Certificate& cert) {
+  auto it = held_.find(cert.fingerprint());
   if (it == held_.end()) return;
   if (--it->second > 0) return;
   held_.erase(it);
-  (void)store_->remove(id);  // fails only if it already left (replaced on all its names)
+  (void)store_->remove(cert.id());  // fails only if it already left (replaced on all its names)
 }
 
 // sync_root_watches watches a directory source's directory and its live/: their events name
@@ -462,7 +489,7 @@ std::set<std::string> CertWatcher::wanted_dirs(std::size_t index, const std::str
     if (!after_read) return want;
     auto it = entries_.find((fs::path(cand) / "fullchain.pem").string());
     if (it == entries_.end() || it->second.source != index || !it->second.present) return want;
-    paths = it->second.paths;
+    paths = paths_of(it->second);
   }
   for (const fs::path& f : {paths.chain, paths.key}) {
     want.insert(f.parent_path().string());
@@ -488,22 +515,22 @@ bool CertWatcher::sync_cand(std::size_t index, const std::string& cand, bool aft
   bool added = false;
   for (const auto& d : want) {
     auto& watched = sources_[index].cands[cand];
-    bool had = watched.count(d) > 0;
+    bool had = watched.has(cand, d);
     if (had && (!refresh || before.count(d))) continue;
     int r = watch_dir(d, index, &cand);
     if (r == 0) continue;
-    sources_[index].cands[cand].insert(d);
+    sources_[index].cands[cand].add(cand, d);
     if (r == 2 && after_read && !before.count(d)) added = true;
   }
   if (after_read) {
     auto& watched = sources_[index].cands[cand];
     std::vector<std::string> stale;
-    for (const auto& d : watched) {
+    for (const auto& d : watched.list(cand)) {
       if (!want.count(d)) stale.push_back(d);
     }
     for (const auto& d : stale) {
       unwatch_dir(d, index, &cand);
-      sources_[index].cands[cand].erase(d);
+      sources_[index].cands[cand].remove(cand, d);
     }
   }
   return added;
@@ -513,7 +540,7 @@ bool CertWatcher::sync_cand(std::size_t index, const std::string& cand, bool aft
 void CertWatcher::forget_cand(std::size_t index, const std::string& cand) {
   auto it = sources_[index].cands.find(cand);
   if (it == sources_[index].cands.end()) return;
-  for (const auto& d : it->second) unwatch_dir(d, index, &cand);
+  for (const auto& d : it->second.list(it->first)) unwatch_dir(d, index, &it->first);
   sources_[index].cands.erase(it);
 }
 
@@ -530,14 +557,16 @@ int CertWatcher::watch_dir(const std::string& dir, std::size_t index, const std:
     }
     return 0;
   }
-  auto& dw = dirs_[dir];
+  auto [slot, added] = dirs_.try_emplace(dir);
+  const std::string* key = &slot->first;
+  auto& dw = slot->second;
   bool changed = false;
   if (dw.wd != wd) {
     changed = true;
     if (dw.wd >= 0) {
       auto it = wd_dirs_.find(dw.wd);
       if (it != wd_dirs_.end()) {
-        it->second.erase(dir);
+        it->second.erase(key);
         if (it->second.empty()) {
           ::inotify_rm_watch(inotify_fd_, dw.wd);
           wd_dirs_.erase(it);
@@ -545,9 +574,16 @@ int CertWatcher::watch_dir(const std::string& dir, std::size_t index, const std:
       }
     }
     dw.wd = wd;
-    wd_dirs_[wd].insert(dir);
+    wd_dirs_[wd].insert(key);
   }
-  bool fresh = cand ? dw.cands.emplace(index, *cand).second : dw.roots.insert(index).second;
+  bool fresh = false;
+  if (cand) {
+    // By the candidate's key in its source (sync_cand made it before watching).
+    auto c = sources_[index].cands.try_emplace(*cand).first;
+    fresh = dw.cands.emplace(index, &c->first).second;
+  } else {
+    fresh = dw.roots.insert(index).second;
+  }
   return changed || fresh ? 2 : 1;
 }
 
@@ -555,7 +591,13 @@ void CertWatcher::unwatch_dir(const std::string& dir, std::size_t index, const s
   auto it = dirs_.find(dir);
   if (it == dirs_.end()) return;
   if (cand) {
-    it->second.cands.erase({index, *cand});
+    auto& cs = it->second.cands;
+    for (auto c = cs.lower_bound({index, nullptr}); c != cs.end() && c->first == index; ++c) {
+      if (*c->second == *cand) {
+        cs.erase(c);
+        break;
+      }
+    }
   } else {
     it->second.roots.erase(index);
   }
@@ -563,7 +605,7 @@ void CertWatcher::unwatch_dir(const std::string& dir, std::size_t index, const s
   if (it->second.wd >= 0) {
     auto w = wd_dirs_.find(it->second.wd);
     if (w != wd_dirs_.end()) {
-      w->second.erase(dir);
+      w->second.erase(&it->first);
       if (w->second.empty()) {
         ::inotify_rm_watch(inotify_fd_, it->second.wd);
         wd_dirs_.erase(w);
@@ -604,7 +646,8 @@ bool CertWatcher::read_events() {
       if (it == wd_dirs_.end()) continue;
       // The name is NUL-padded to len; empty for events on the watched directory itself.
       const std::string name = ev->len > 0 ? std::string(ev->name) : std::string();
-      for (const auto& d : it->second) {
+      for (const std::string* dp : it->second) {
+        const std::string& d = *dp;
         auto dw = dirs_.find(d);
         if (dw == dirs_.end()) continue;
         for (std::size_t i : dw->second.roots) {
@@ -619,7 +662,7 @@ bool CertWatcher::read_events() {
           mark(i);
         }
         for (const auto& [i, cand] : dw->second.cands) {
-          sources_[i].dirty.insert(cand);
+          sources_[i].dirty.insert(*cand);
           mark(i);
         }
         // The directory went away (deleted, or its watch removed): forget the watch so that

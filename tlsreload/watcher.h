@@ -154,18 +154,54 @@ class CertWatcher {
     FileSig chain, key;
     bool operator==(const PairSig&) const = default;
   };
+  // Entry is one pair, in entries_ by its chain path. Kept small: a --cert-dir of 100,000
+  // pairs has 100,000 of them (std::filesystem::path members cost ~0.4 KiB each, a parsed
+  // list of components; the paths are made from the chain path when needed, paths_of()).
   struct Entry {
-    CertKeyPaths paths;
+    const std::string* chain = nullptr;  // the key of this entry in entries_ (the chain path)
     std::size_t source = 0;
     std::optional<PairSig> sig;  // files as last loaded or reported; nullopt: never checked
-    // adopted: cert was loaded by the caller from files with these identities (adopt_directory);
-    // the first check compares them with its stat() instead of sig.
-    std::optional<PairSource> adopted;
+    // adopted: cert was loaded by the caller (adopt_directory) from the files whose identities
+    // sig holds (size, mtime, inode, device; no ctime); the first check compares those with
+    // its stat() instead of the whole signature.
+    bool adopted = false;
     std::shared_ptr<const Certificate> cert;  // the last good certificate, still served
-    std::optional<LoadFailure> failure;       // reported and not fixed since
+    std::unique_ptr<LoadFailure> failure;     // reported and not fixed since
     bool present = true;                      // false once reported removed
     // A half-written-looking failure seen at held_since with these files, not yet reported.
     std::optional<std::chrono::steady_clock::time_point> held_since;
+  };
+  // WatchedDirs is the directories watched for one candidate: in a directory source usually
+  // only the candidate's own directory, a flag rather than a second copy of its path (a
+  // --cert-dir of 100,000 pairs has 100,000 candidates).
+  struct WatchedDirs {
+    bool self = false;  // the candidate's own directory
+    std::unique_ptr<std::set<std::string>> other;  // the others (symlink targets, an explicit pair's)
+    bool has(const std::string& cand, const std::string& d) const {
+      return d == cand ? self : other && other->count(d) > 0;
+    }
+    void add(const std::string& cand, const std::string& d) {
+      if (d == cand) {
+        self = true;
+        return;
+      }
+      if (!other) other = std::make_unique<std::set<std::string>>();
+      other->insert(d);
+    }
+    void remove(const std::string& cand, const std::string& d) {
+      if (d == cand) {
+        self = false;
+      } else if (other) {
+        other->erase(d);
+        if (other->empty()) other.reset();
+      }
+    }
+    std::vector<std::string> list(const std::string& cand) const {
+      std::vector<std::string> out;
+      if (other) out.assign(other->begin(), other->end());
+      if (self) out.push_back(cand);
+      return out;
+    }
   };
   // A candidate is what one check looks at: in a directory source, a subdirectory of it (or
   // of its live/) by path, which holds a pair or may come to; in a pair source, "" (its pair).
@@ -176,7 +212,7 @@ class CertWatcher {
     std::set<std::string> root_watched;  // directory source: the directory and its live/
     // Every candidate known to exist (or to hold an entry), with the directories watched for
     // it: its own directory, the pair's directories and those its symlinks resolve to.
-    std::map<std::string, std::set<std::string>> cands;
+    std::map<std::string, WatchedDirs> cands;
     bool unwatched = false;  // some directory could not be watched: poll (full check)
     // Debounce state: first and last change seen since the last check, and what changed.
     std::optional<std::chrono::steady_clock::time_point> first_change, last_change;
@@ -191,10 +227,16 @@ class CertWatcher {
   struct DirWatch {
     int wd = -1;
     std::set<std::size_t> roots;  // sources it is the directory (or live/) of: names are candidates
-    std::set<std::pair<std::size_t, std::string>> cands;  // (source, candidate) it was watched for
+    // (source, candidate) it was watched for; the candidate is its key in Source::cands, which
+    // outlives the pair (forget_cand releases the watches before it erases the candidate).
+    std::set<std::pair<std::size_t, const std::string*>> cands;
   };
 
   static PairSig signature(const CertKeyPaths& paths);
+  // paths_of is the pair's files: a directory source's <cand>/fullchain.pem and
+  // <cand>/privkey.pem, an explicit pair's own.
+  CertKeyPaths paths_of(const Entry& e) const;
+  Entry& entry(const std::string& chain, bool* fresh = nullptr);
   Result<LoadReport> watch_directory(const std::filesystem::path& dir, const LoadReport* loaded);
   Status ensure_inotify();
   std::size_t add_source(Source s);
@@ -205,7 +247,7 @@ class CertWatcher {
   void mark_removed(std::size_t index, const std::string& cand, std::vector<WatchEvent>& events);
   void report_failure(Entry& e, const std::filesystem::path& path, Error error,
                       std::vector<WatchEvent>& events, LoadReport* report);
-  void drop_cert(const std::string& id);
+  void drop_cert(const Certificate& cert);
   void sync_root_watches(std::size_t index);
   std::set<std::string> wanted_dirs(std::size_t index, const std::string& cand, bool after_read) const;
   bool sync_cand(std::size_t index, const std::string& cand, bool after_read, bool refresh);
@@ -227,8 +269,9 @@ class CertWatcher {
   int stop_fd_ = -1;  // eventfd: stop() wakes the thread
   std::vector<Source> sources_;
   std::map<std::string, Entry> entries_;  // by chain path
-  std::map<std::string, int> held_;       // certificate id -> entries serving it
-  std::map<int, std::set<std::string>> wd_dirs_;  // wd -> the path strings it was added under
+  std::map<Certificate::Sha256, int> held_;  // certificate fingerprint -> entries serving it
+  // wd -> the path strings it was added under (keys of dirs_, which outlive them here).
+  std::map<int, std::set<const std::string*>> wd_dirs_;
   std::map<std::string, DirWatch> dirs_;
   bool warned_limit_ = false;
 

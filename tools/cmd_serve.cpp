@@ -489,13 +489,15 @@ int cmd_serve(Context& ctx) {
     event_line("cert_file_" + std::string(tlsreload::to_string(e.type)), f, text);
   });
   if (!files) return usage_error(ctx, files.error().message);
-  const std::vector<std::string> file_names = files->names;
-  const std::set<std::string> file_covered = files->covered;
+  // Moved, not copied, and the covered set shared by the callbacks: with a --cert-dir of
+  // 100,000 pairs each copy of the names cost ~6-10 MB.
+  const std::vector<std::string> file_names = std::move(files->names);
+  const auto file_covered = std::make_shared<const std::set<std::string>>(std::move(files->covered));
   auto live_names = std::make_shared<NameList>(with_file_names(setup->names, file_names));
   auto acme_names = [live_names, file_covered] {
     std::vector<std::string> out;
     for (const auto& n : live_names->get()) {
-      if (!covered_by(file_covered, n)) out.push_back(n);
+      if (!covered_by(*file_covered, n)) out.push_back(n);
     }
     return out;
   };
@@ -681,7 +683,7 @@ int cmd_serve(Context& ctx) {
     json list = json::array();
     for (const auto& n : names) {
       json j = {{"name", n}, {"managed", false}};
-      if (covered_by(file_covered, n)) {
+      if (covered_by(*file_covered, n)) {
         j["source"] = "files";
         if (auto cert = store->lookup(n)) {
           j["names"] = cert->names();

@@ -2,6 +2,7 @@
 
 #include "tools/serve_files.h"
 
+#include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 #include <filesystem>
 #include <string>
 #include <tuple>
+#include <unordered_set>
 #include <utility>
 
 #include <openssl/evp.h>
@@ -111,6 +113,50 @@ std::string snapshot_file(const std::string& snapshot_dir, const std::string& di
   return (std::filesystem::path(snapshot_dir) / (base + "-" + hex + ".snap")).string();
 }
 
+namespace {
+
+// adoptable tells whether the watcher can adopt the snapshot's certificates of a directory
+// served from its snapshot, with their recorded sources: when every one of them has a source in
+// the directory as the watcher spells its pairs (<dir>/<name>/fullchain.pem or
+// <dir>/live/<name>/...). Otherwise (a snapshot without identities, or written for another
+// spelling of the directory) the watcher loads every pair.
+bool adoptable(const FileCerts::Pending& p) {
+  const auto& start = p.start;
+  if (start.sources.size() != start.certificates.size() || start.certificates.empty()) return false;
+  const std::filesystem::path dir(p.dir);
+  const std::filesystem::path live = dir / "live";
+  for (const auto& src : start.sources) {
+    const auto& chain = src.paths.chain;
+    if (chain.filename() != "fullchain.pem" || src.paths.key != chain.parent_path() / "privkey.pem") return false;
+    auto parent = chain.parent_path().parent_path();
+    if (parent != dir && parent != live) return false;
+  }
+  return true;
+}
+
+// with_unchanged completes the report of a verification that adopted the snapshot (which
+// lists only what it loaded: changed and new pairs, and the failures) into the report of a
+// full load, as finish_check expects: the adopted certificates whose pairs were neither
+// reloaded, nor failed, nor gone are still their pairs' certificates.
+void with_unchanged(tlsreload::LoadReport& report, const tlsreload::SnapshotStart& start) {
+  std::unordered_set<std::string> touched;  // chain files
+  touched.reserve(report.sources.size() + report.failures.size());
+  for (const auto& src : report.sources) touched.insert(src.paths.chain.native());
+  for (const auto& f : report.failures) touched.insert((f.path.parent_path() / "fullchain.pem").native());
+  const bool sourced = report.sources.size() == report.certificates.size();
+  for (std::size_t i = 0; i < start.certificates.size(); ++i) {
+    const auto& src = start.sources[i];
+    if (touched.contains(src.paths.chain.native())) continue;
+    struct stat st {};
+    // Gone (the watcher reported it removed): left to finish_check, which takes it away.
+    if (::lstat(src.paths.chain.c_str(), &st) != 0 || ::lstat(src.paths.key.c_str(), &st) != 0) continue;
+    report.certificates.push_back(start.certificates[i]);
+    if (sourced) report.sources.push_back(src);
+  }
+}
+
+}  // namespace
+
 void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_done) {
   if (pending.empty() || !watcher) return;
   verifying->store(true);
@@ -169,25 +215,53 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
       dlo.snapshot_path = p->snapshot;
       dlo.logger = p->logger;
       Status dir_ok = ensure_snapshot_dir(std::filesystem::path(p->snapshot).parent_path());
-      // The verification: the watcher's first full check of the directory loads every pair
-      // (what changed replaces the snapshot's certificate in the store) and watches it from
-      // then on; the key permissions a start checks are checked here, on the warm files.
+      // The verification: the watcher adopts the snapshot's certificates with the file
+      // identities the snapshot recorded (as it adopts a bulk load), and its first full check of
+      // the directory stat()s every pair and watches it from then on, parsing only the pairs
+      // whose files are not those the snapshot was made from (changed while the process was
+      // down: they replace the snapshot's certificate in the store), new pairs and those the
+      // snapshot has no identities for. Parsing all 100,000 pairs again made a second
+      // certificate object per pair and left the heap fragmented (serve's RSS 12.4 KiB per
+      // certificate after it, docs/benchmarks.md, "Memory of serve, session 8").
+      // The key permissions a start checks are checked here, on the warm files.
+      const bool adopt = adoptable(*p);
+      tlsreload::LoadReport adopted;  // the snapshot's certificates and sources, moved (not copied)
+      if (adopt) {
+        adopted.certificates = std::move(p->start.certificates);
+        adopted.sources = std::move(p->start.sources);
+      }
+      const auto removed_before = w->counters().removed;
       t_verifying = true;
-      auto rep = w->add_directory(p->dir);
+      auto rep = adopt ? w->adopt_directory(p->dir, adopted) : w->add_directory(p->dir);
       t_verifying = false;
-      if (!rep) {
-        r.error = rep.error();
-        r.written = fail(rep.error());
-      } else {
-        tlsreload::DirectoryCheck check;
-        check.report = std::move(*rep);
-        r.loaded = check.report.certificates.size();
-        r.failed = check.report.failures.size();
-        for (const auto& src : check.report.sources) {
+      if (adopt) {
+        p->start.certificates = std::move(adopted.certificates);
+        p->start.sources = std::move(adopted.sources);
+      }
+      auto check_keys = [&](const std::vector<tlsreload::PairSource>& sources) {
+        for (const auto& src : sources) {
           if (auto st = check_key_permissions(src.paths.key.string(), "--cert-dir " + p->dir); !st) {
             if (r.loose_keys++ == 0) r.loose_key_error = st.error().message;
           }
         }
+      };
+      if (!rep) {
+        r.error = rep.error();
+        r.written = fail(rep.error());
+      } else if (adopt && rep->certificates.empty() && rep->failures.empty() &&
+                 w->counters().removed == removed_before) {
+        // Every pair is the one the snapshot was made from (no pair loaded, failed or gone, and
+        // none new): the snapshot is the directory's, nothing to publish, remove or rewrite.
+        r.loaded = p->start.certificates.size();
+        check_keys(p->start.sources);
+        r.written = dir_ok;
+      } else {
+        tlsreload::DirectoryCheck check;
+        check.report = std::move(*rep);
+        if (adopt) with_unchanged(check.report, p->start);
+        r.loaded = check.report.certificates.size();
+        r.failed = check.report.failures.size();
+        check_keys(check.report.sources);
         if (!dir_ok) dlo.snapshot_path.clear();  // finish_check then writes nothing
         tlsreload::finish_check(*p->store, check, p->start, dlo);
         r.changed = check.changed;
@@ -203,6 +277,9 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
       r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (on_done) on_done(r);
     }
+    // The start's transient memory (the bulk load's buffers and sources, the snapshot's
+    // sources, the loading threads' arenas) is free now: give what glibc can of it back.
+    ::malloc_trim(0);
     verifying->store(false);
     if (rescan_wanted->exchange(false)) w->rescan();  // a SIGHUP came meanwhile (rescan())
   });

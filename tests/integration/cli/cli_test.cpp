@@ -2286,6 +2286,13 @@ TEST_SUITE("cli.serve_files") {
       CHECK(https_get("one.snap.cli.test", s.https, ca2_file).first == 200);
       CHECK(https_get("one.snap.cli.test", s.https, ca1_file).first == 0);
       CHECK_FALSE(has_event(s, "cert_dir_snapshot_ignored"));
+      {
+        // The verification compared the files with the identities the snapshot recorded and
+        // parsed only the changed pair, not every pair.
+        auto m = adm.Get("/metrics");
+        REQUIRE(m);
+        CHECK_MESSAGE(m->body.find("\nautotls_cert_files_pairs_parsed_total 1\n") != std::string::npos, m->body);
+      }
       // The watcher watches the directory after the verification: a later change is served.
       put_pair("two", *two2, ca2->cert_pem);
       CHECK_MESSAGE(wait_for(s, [&] { return https_get("two.snap.cli.test", s.https, ca2_file).first == 200; }, 15s),
@@ -2327,6 +2334,40 @@ TEST_SUITE("cli.serve_files") {
       CHECK(events_named(read_file(s.out), "cert_files")[0].value("from_snapshot", -1) == 1);
       CHECK(events_named(read_file(s.out), "cert_dir_verified")[0].value("changed", -1) == 0);
       stop(s);
+    }
+
+    // While it is down: one pair's chain replaced by a bad file, another pair removed, a new
+    // one added. The verification (which compares file identities and parses only what
+    // differs) reports each: the bad pair keeps serving its snapshot certificate, the removed
+    // one leaves the store, the new one is served. Then everything is put back as it was.
+    {
+      auto good_one = read_file(certs / "one" / "fullchain.pem");
+      put(certs / "one" / "fullchain.pem", "not a certificate\n");
+      fs::remove_all(certs / "two");
+      auto three = make_test_leaf({"three.snap.cli.test"}, *ca2);
+      REQUIRE(three);
+      put_pair("three", *three, ca2->cert_pem);
+      Serve s = start({});
+      REQUIRE_MESSAGE(wait_for(s, [&] { return has_event(s, "cert_dir_verified"); }, 30s), logs(s));
+      auto ev = events_named(read_file(s.out), "cert_dir_verified")[0];
+      INFO(ev.dump());
+      CHECK(events_named(read_file(s.out), "cert_files")[0].value("from_snapshot", -1) == 1);
+      CHECK(ev.value("loaded", 0) == 1);  // three (the snapshot certificate of one is kept, not loaded)
+      CHECK(ev.value("changed", -1) == 0);
+      CHECK(ev.value("added", -1) == 1);
+      CHECK(ev.value("removed", -1) == 1);
+      CHECK(ev.value("failed", -1) == 1);
+      CHECK(ev.value("kept", -1) == 1);
+      auto failed = events_named(read_file(s.out), "cert_file_failed");
+      REQUIRE_MESSAGE(failed.size() == 1, logs(s));
+      CHECK(failed[0].value("path", "") == (certs / "one" / "fullchain.pem").string());
+      CHECK(https_get("one.snap.cli.test", s.https, ca2_file).first == 200);
+      CHECK(https_get("three.snap.cli.test", s.https, ca2_file).first == 200);
+      CHECK(https_get("two.snap.cli.test", s.https, ca2_file).first == 0);
+      stop(s);
+      put(certs / "one" / "fullchain.pem", good_one);
+      fs::remove_all(certs / "three");
+      put_pair("two", *two2, ca2->cert_pem);
     }
 
     // A snapshot others may read, or another user's, is not trusted either (one warning each).
