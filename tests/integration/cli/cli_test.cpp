@@ -2969,6 +2969,11 @@ TEST_SUITE("cli.serve") {
     REQUIRE(::kill(pid, SIGHUP) == 0);
     REQUIRE_MESSAGE(wait_event("reload", 2), logs());
     CHECK(last_event("reload").value("not_applied", json::array()) == json::array());
+    // The reactors close a removed listener's idle connections just after the reload: a request
+    // that beats that sweep is still answered, with Connection: close. Either way the kept
+    // connection ends there, and the next request finds P1 refusing.
+    const long beat_sweep = get(kept, p1);
+    CHECK((beat_sweep == 0 || beat_sweep == 200));
     CHECK(get(kept, p1) == 0);
     curl_easy_cleanup(kept);
     CURL* after = curl_easy_init();
