@@ -235,8 +235,7 @@ struct Mapping {
   std::string_view view() const { return p == MAP_FAILED ? std::string_view() : std::string_view(static_cast<const char*>(p), n); }
 };
 
-// parse_entry reads one entry at r into c and src (src's paths only when with_paths).
-// parse_entry reads one entry into c; with src, its identities (not its paths: chain_path and
+// parse_entry reads one entry at r into c; with src, its identities (not its paths: chain_path and
 // *key_out, views into the file, are the paths).
 void parse_entry(Reader& r, detail::CompactCertificate& c, std::string_view& chain_path, PairSource* src,
                  const std::vector<std::shared_ptr<const detail::Intermediate>>& inters, bool& bad,
