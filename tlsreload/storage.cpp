@@ -368,6 +368,16 @@ std::vector<long> version_numbers(const fs::path& dir) {
   return out;
 }
 
+// archive_rel is where put_set keeps the versions of prefix rel: live/<name> in
+// archive/<name>/ (certbot's names), other prefixes in archive/<prefix>/.
+fs::path archive_rel(const fs::path& rel) {
+  fs::path arel = fs::path(std::string(kArchiveDir));
+  auto it = rel.begin();
+  if (*it == "live" && std::next(it) != rel.end()) ++it;
+  for (; it != rel.end(); ++it) arel /= *it;
+  return arel;
+}
+
 }  // namespace
 
 Status FileStorage::put_set(std::string_view prefix_in, const std::vector<StorageFile>& files) {
@@ -382,12 +392,7 @@ Status FileStorage::put_set(std::string_view prefix_in, const std::vector<Storag
   for (const auto& f : files) {
     if (!valid_component(f.name)) return fail(Errc::invalid_input, "storage: invalid file name \"" + f.name + "\"");
   }
-  // live/<name> keeps its versions in archive/<name>/ (certbot's names); other prefixes in
-  // archive/<prefix>/.
-  fs::path arel = fs::path(std::string(kArchiveDir));
-  auto it = rel.begin();
-  if (*it == "live" && std::next(it) != rel.end()) ++it;
-  for (; it != rel.end(); ++it) arel /= *it;
+  const fs::path arel = archive_rel(rel);
   // New directories are made durable by the one sync of step 2, not one fsync each: nothing
   // points into them before the switch of step 3.
   const bool per_file = sync_ == Sync::per_file;
@@ -562,6 +567,56 @@ Status FileStorage::remove(std::string_view key) {
     return fail(errno_error("unlink", path));
   }
   return fsync_dir(path.parent_path());
+}
+
+Status Storage::remove_set(std::string_view prefix) {
+  auto keys = list(prefix);
+  if (!keys) return fail(keys.error());
+  for (const auto& k : *keys) {
+    if (auto st = remove(k); !st) return st;
+  }
+  return {};
+}
+
+Status FileStorage::remove_set(std::string_view prefix_in) {
+  std::string prefix(prefix_in);
+  while (prefix.ends_with('/')) prefix.pop_back();
+  if (auto st = check_key(prefix); !st) return st;
+  fs::path rel(prefix);
+  if (*rel.begin() == kLockDir || *rel.begin() == kArchiveDir) {
+    return fail(Errc::invalid_input, "storage: prefix \"" + prefix + "\" is in a reserved directory");
+  }
+  const fs::path link = root_ / rel;
+  const fs::path parent = link.parent_path();
+  struct stat sb {};
+  bool exists = true;
+  if (::lstat(link.c_str(), &sb) != 0) {
+    if (errno != ENOENT) return fail(errno_error("stat", link));
+    exists = false;
+  }
+  if (exists && S_ISLNK(sb.st_mode)) {
+    // 1. The set disappears for readers at once: the symlink goes, durably.
+    if (::unlink(link.c_str()) != 0 && errno != ENOENT) return fail(errno_error("unlink", link));
+    if (auto st = fsync_dir(parent); !st) return st;
+  } else if (exists && S_ISDIR(sb.st_mode)) {
+    // An old-layout plain directory: out of sight under a hidden name first (put_set's crash
+    // sweep deletes a leftover one later), then deleted.
+    fs::path hidden = parent / (".tmp-removed-" + random_hex(8));
+    if (::rename(link.c_str(), hidden.c_str()) != 0) return fail(errno_error("rename", link));
+    if (auto st = fsync_dir(parent); !st) return st;
+    std::error_code ec;
+    fs::remove_all(hidden, ec);
+    if (ec) return fail(Errc::io, "remove " + hidden.string() + ": " + ec.message());
+  } else if (exists) {
+    return fail(Errc::invalid_input, "storage: " + prefix + " is not a set (a directory or its symlink)");
+  }
+  // 2. Its versions, with every kept key: nothing points at them any more.
+  const fs::path archive = root_ / archive_rel(rel);
+  std::error_code ec;
+  fs::remove_all(archive, ec);
+  if (ec) return fail(Errc::io, "remove " + archive.string() + ": " + ec.message());
+  if (fs::exists(archive.parent_path(), ec)) return fsync_dir(archive.parent_path());
+  return {};
 }
 
 Result<std::string> FileStorage::generation(std::string_view key) {

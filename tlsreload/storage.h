@@ -60,6 +60,11 @@ class Storage {
   [[nodiscard]] virtual Result<std::vector<std::string>> list(std::string_view prefix) = 0;
   // remove deletes a key; removing a missing key succeeds.
   [[nodiscard]] virtual Status remove(std::string_view key) = 0;
+  // remove_set deletes every key under prefix (a set written by put_set, such as a stored
+  // certificate's live/<name>); removing a missing prefix succeeds. FileStorage makes the whole
+  // set disappear at once for readers, then deletes its versions. This default removes the keys
+  // one by one: a crash can leave some, which a caller reading the set must tolerate.
+  [[nodiscard]] virtual Status remove_set(std::string_view prefix);
   // generation returns an opaque token that changes whenever the key's value changes ("" when
   // the key does not exist). Poll it to learn of changes made by other processes.
   [[nodiscard]] virtual Result<std::string> generation(std::string_view key) = 0;
@@ -137,6 +142,12 @@ class FileStorage : public Storage {
   Sync sync() const { return sync_; }
   Result<std::vector<std::string>> list(std::string_view prefix) override;
   Status remove(std::string_view key) override;
+  // remove_set of live/<name>: the symlink is removed first (one unlink: readers see the whole
+  // set or nothing), then archive/<name>/ with every kept version. An old-layout plain
+  // directory is first renamed to a hidden name, then deleted. A crash between the steps
+  // leaves only hidden or unreferenced files, which no reader sees; the next put_set of the
+  // name continues the version numbers.
+  Status remove_set(std::string_view prefix) override;
   Result<std::string> generation(std::string_view key) override;
 
   Result<std::optional<LockToken>> try_lock(std::string_view name, std::chrono::seconds ttl) override;

@@ -79,6 +79,10 @@ struct Options {
   std::string cert_file;
   std::string reason;
   std::string key_file;
+  bool delete_after_revoke = false;  // revoke NAME: then delete it from storage (as `delete`)
+
+  // delete.
+  std::string delete_name;
 
   // account.
   std::string new_key_type = "ec256";
@@ -322,6 +326,7 @@ Status check_issuer_terms(Context& ctx, const std::vector<tlsreload::IssuerConfi
 int cmd_issue(Context& ctx);
 int cmd_renew(Context& ctx);
 int cmd_revoke(Context& ctx);
+int cmd_delete(Context& ctx);
 int cmd_list(Context& ctx);
 int cmd_account(Context& ctx, const std::string& action);
 int cmd_serve(Context& ctx);

@@ -200,6 +200,45 @@ Result<std::optional<tlsreload::CertificateState>> mark_revoked(tlsreload::Stora
   return std::optional<tlsreload::CertificateState>(std::move(s));
 }
 
+namespace {
+
+// delete_stored removes live/<key> and its versions from storage (FileStorage::remove_set:
+// the set disappears at once, a crash leaves nothing a reader sees), holding the certificate's
+// storage lock, so a renewal by another process (serve, a cron renew) is not cut in the middle.
+// Prints what it did; returns the exit code.
+int delete_stored(Context& ctx, const std::string& key, const std::vector<std::string>& names) {
+  auto token = ctx.storage->lock("cert/" + key, std::chrono::seconds(60), autotls::system_clock().now() + std::chrono::seconds(5),
+                                 autotls::system_clock());
+  if (!token) {
+    Error e = token.error();
+    if (e.code == Errc::timeout) {
+      e = Error(Errc::io, "another process (a renewal by serve or renew) holds the storage lock of " + key +
+                              ": try again when it has finished");
+    }
+    return report(ctx, e.with_context("delete " + key));
+  }
+  Status removed = ctx.storage->remove_set("live/" + key);
+  if (auto st = ctx.storage->unlock(*token); !st) ctx.out.info("autotls: warning: delete " + key + ": " + st.error().message);
+  if (!removed) return report(ctx, removed.error().with_context("delete " + key));
+  ctx.out.result("deleted " + key + " from " + ctx.storage_root);
+  ctx.out.info("a serve or renew still configured for " + key + " obtains a new certificate");
+  ctx.out.object({{"status", "deleted"}, {"certificate", key}, {"names", names}, {"storage", ctx.storage_root}});
+  return kExitOk;
+}
+
+}  // namespace
+
+int cmd_delete(Context& ctx) {
+  const Options& o = ctx.options;
+  std::string key = tlsreload::storage_name(o.delete_name);
+  if (!tlsreload::valid_storage_key("live/" + key)) return usage_error(ctx, "delete: \"" + o.delete_name + "\" is not a certificate name");
+  auto c = stored_certificate(*ctx.storage, key);
+  if (!c) return report(ctx, c.error());
+  if (!*c) return usage_error(ctx, "delete: no stored certificate named " + o.delete_name + " in " + ctx.storage_root + " (see autotls list)");
+  std::vector<std::string> names = (*c)->names.empty() ? std::vector<std::string>{key} : (*c)->names;
+  return delete_stored(ctx, key, names);
+}
+
 int cmd_revoke(Context& ctx) {
   const Options& o = ctx.options;
   if (o.revoke_name.empty() == o.cert_file.empty()) return usage_error(ctx, "revoke: give a stored NAME or --cert FILE (one of them)");
@@ -214,6 +253,9 @@ int cmd_revoke(Context& ctx) {
   std::string pem;
   std::string directory_url = ctx.directory_url;
   std::string what;
+  if (o.delete_after_revoke && o.revoke_name.empty()) {
+    return usage_error(ctx, "revoke: --delete-after-revoke needs a stored NAME, not --cert");
+  }
   if (!o.revoke_name.empty()) {
     std::string key = tlsreload::storage_name(o.revoke_name);
     auto c = stored_certificate(*ctx.storage, key);
@@ -282,6 +324,13 @@ int cmd_revoke(Context& ctx) {
     if (auto st = run_event_hook(o.event_hook, "revoked", names, live_paths(ctx.storage_root, what)); !st) {
       return report(ctx, st.error());
     }
+  }
+  // After the hook, which may still want the files (AUTOTLS_CERT_PATH and friends). Not when
+  // storage holds another certificate by now (renewed meanwhile): that one is not revoked.
+  if (o.delete_after_revoke && !*marked) {
+    ctx.out.info("not deleted: " + what + " holds a newer certificate than the one revoked");
+  } else if (o.delete_after_revoke) {
+    return delete_stored(ctx, what, names);
   }
   return kExitOk;
 }

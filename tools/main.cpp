@@ -197,6 +197,7 @@ struct Cli {
   CLI::App* issue = nullptr;
   CLI::App* renew = nullptr;
   CLI::App* revoke = nullptr;
+  CLI::App* del = nullptr;
   CLI::App* list = nullptr;
   CLI::App* account = nullptr;
   CLI::App* serve = nullptr;
@@ -271,14 +272,26 @@ void build_cli(Cli& cli, Options& o) {
   revoke->add_option("--reason", o.reason,
                      "unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation");
   revoke->add_option("--key", o.key_file, "sign with the certificate's private key instead of the account key");
+  revoke->add_flag("--delete-after-revoke", o.delete_after_revoke,
+                   "then delete the stored certificate, its key and its versions (as `autotls delete`)");
   revoke->footer(std::string("\nExamples:\n"
                              "  autotls revoke example.com --reason superseded\n"
+                             "  autotls revoke example.com --reason cessationOfOperation --delete-after-revoke\n"
                              "  autotls revoke --cert leaked.pem --key leaked.key --reason keyCompromise\n"
                              "  autotls revoke example.com --event-hook 'logger -t autotls \"$AUTOTLS_EVENT $AUTOTLS_NAMES\"'\n"
                              "  autotls revoke example.com --json   # progress as JSON lines on stderr\n\n"
                              "Progress (each request to the CA) goes to stderr: a spinner on a terminal, plain\n"
                              "lines otherwise, JSON lines with --json, nothing with --quiet.\n\n") +
                  kExitCodes);
+
+  auto* del = cli.del = app.add_subcommand("delete", "delete a stored certificate, its key and its versions");
+  del->add_option("name", o.delete_name, "stored certificate name (as `autotls list` shows it)")->required();
+  del->footer(std::string("\nThe certificate is not revoked (see `autotls revoke --delete-after-revoke`), and a\n"
+                          "`serve` or `renew` still configured for the name obtains a new one.\n\n"
+                          "Examples:\n"
+                          "  autotls delete example.com\n"
+                          "  autotls delete '*.example.com' --storage /var/lib/autotls\n\n") +
+              kExitCodes);
 
   auto* list = cli.list = app.add_subcommand("list", "show stored certificates");
   list->footer(std::string("\nExamples:\n  autotls list\n  autotls list --json | jq .\n\n") + kExitCodes);
@@ -466,6 +479,7 @@ int main(int argc, char** argv) {
   auto* issue = cli.issue;
   auto* renew = cli.renew;
   auto* revoke = cli.revoke;
+  auto* del = cli.del;
   auto* list = cli.list;
   auto* account = cli.account;
   auto* serve = cli.serve;
@@ -532,6 +546,7 @@ int main(int argc, char** argv) {
   if (issue->parsed()) return end_now(cmd_issue(ctx));
   if (renew->parsed()) return end_now(cmd_renew(ctx));
   if (revoke->parsed()) return cmd_revoke(ctx);
+  if (del->parsed()) return cmd_delete(ctx);
   if (list->parsed()) return cmd_list(ctx);
   if (serve->parsed()) return cmd_serve(ctx);
   if (account->parsed()) {

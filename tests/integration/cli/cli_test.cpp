@@ -487,6 +487,61 @@ TEST_SUITE("cli.issue") {
     CHECK(rv2.err.find("alreadyRevoked") != std::string::npos);
   }
 
+  TEST_CASE("delete and revoke --delete-after-revoke remove a stored certificate and its versions") {
+    Cli c;
+    AUTOTLS_START_PEBBLE(env, PebbleOptions{});
+    c.env = std::move(env);
+    for (const char* name : {"a.del.cli.test", "b.del.cli.test", "c.del.cli.test"}) {
+      auto r = run(c.args({"issue", "-d", name}, {"--agree-tos", "--http-address", c.http()}));
+      REQUIRE_MESSAGE(r.code == 0, show(r));
+    }
+    fs::path live = c.storage() / "live", archive = c.storage() / "archive";
+
+    auto d = run(c.args({"delete", "a.del.cli.test"}, {"--json"}));
+    REQUIRE_MESSAGE(d.code == 0, show(d));
+    auto dj = last_json_line(d.out);
+    CHECK(dj["status"] == "deleted");
+    CHECK(dj["names"] == json::array({"a.del.cli.test"}));
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "a.del.cli.test")));
+    CHECK_FALSE(fs::exists(archive / "a.del.cli.test"));
+    CHECK(fs::exists(live / "b.del.cli.test" / "privkey.pem"));
+    auto l = run(c.args({"list"}, {"--json"}));
+    REQUIRE_MESSAGE(l.code == 0, show(l));
+    auto certs = last_json_line(l.out)["certificates"];
+    REQUIRE(certs.size() == 2);
+    CHECK(certs[0]["name"] == "b.del.cli.test");
+    // Twice, or a name never stored: a usage error naming it.
+    auto again = run(c.args({"delete", "a.del.cli.test"}));
+    CHECK_MESSAGE(again.code == 2, show(again));
+    CHECK(again.err.find("no stored certificate named a.del.cli.test") != std::string::npos);
+    CHECK(run(c.args({"delete"})).code == 2);
+
+    // A renewal holding the certificate's storage lock: delete waits, then gives up and deletes nothing.
+    fs::create_directories(c.storage() / "locks");
+    write_file(c.storage() / "locks" / "cert%c.del.cli.test.lock",
+               json({{"owner", "another-process"}, {"expires", ::time(nullptr) + 3600}}).dump());
+    auto locked = run(c.args({"delete", "c.del.cli.test"}));
+    CHECK_MESSAGE(locked.code == 6, show(locked));
+    CHECK(locked.err.find("holds the storage lock of c.del.cli.test") != std::string::npos);
+    CHECK(fs::exists(live / "c.del.cli.test" / "privkey.pem"));
+
+    // --delete-after-revoke: revoked at the CA, then deleted; --cert cannot be deleted.
+    std::string b_cert = read_file(live / "b.del.cli.test" / "cert.pem");
+    write_file(c.dir.path / "b.pem", b_cert);
+    auto bad = run(c.args({"revoke", "--cert", (c.dir.path / "b.pem").string()}, {"--delete-after-revoke"}));
+    CHECK_MESSAGE(bad.code == 2, show(bad));
+    CHECK(bad.err.find("--delete-after-revoke needs a stored NAME") != std::string::npos);
+    auto rv = run(c.args({"revoke", "b.del.cli.test"}, {"--delete-after-revoke", "--json"}));
+    REQUIRE_MESSAGE(rv.code == 0, show(rv));
+    CHECK(last_json_line(rv.out)["status"] == "deleted");
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "b.del.cli.test")));
+    CHECK_FALSE(fs::exists(archive / "b.del.cli.test"));
+    // It was revoked: the CA refuses it a second time.
+    auto rv2 = run(c.args({"revoke", "--cert", (c.dir.path / "b.pem").string()}));
+    CHECK_MESSAGE(rv2.code == 3, show(rv2));
+    CHECK(rv2.err.find("alreadyRevoked") != std::string::npos);
+  }
+
   TEST_CASE("progress is plain lines off a terminal and JSON events with --json") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});

@@ -357,6 +357,52 @@ TEST_CASE("put_set replaces an old layout plain directory atomically") {
   CHECK(leftovers(dir.path / "live").empty());  // the exchanged old directory is gone
 }
 
+TEST_CASE("remove_set deletes a stored set with every version, and only it") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  for (int i = 1; i <= 3; ++i) {
+    REQUIRE(s.put_set("live/gone.example", {{"privkey.pem", "k" + std::to_string(i), true},
+                                            {"fullchain.pem", "c" + std::to_string(i)}}).has_value());
+  }
+  REQUIRE(s.put_set("live/kept.example", {{"privkey.pem", "k", true}, {"fullchain.pem", "c"}}).has_value());
+  REQUIRE(s.put_set("live/gone.example.org", {{"fullchain.pem", "other"}}).has_value());  // a name that shares a prefix
+  REQUIRE(s.put("accounts/ca/account.json", "{}").has_value());
+
+  REQUIRE(s.remove_set("live/gone.example").has_value());
+    CHECK_FALSE(fs::is_symlink(dir.path / "live/gone.example"));
+  CHECK_FALSE(fs::exists(dir.path / "archive/gone.example"));
+  CHECK_FALSE(s.get("live/gone.example/privkey.pem")->has_value());
+  auto keys = s.list("");
+  REQUIRE(keys.has_value());
+  CHECK(*keys == std::vector<std::string>{"accounts/ca/account.json", "live/gone.example.org/fullchain.pem",
+                                          "live/kept.example/fullchain.pem", "live/kept.example/privkey.pem"});
+  // Removing what is not there succeeds; the name can be stored again.
+  CHECK(s.remove_set("live/gone.example").has_value());
+  CHECK(s.remove_set("live/never.example").has_value());
+  REQUIRE(s.put_set("live/gone.example", {{"fullchain.pem", "again"}}).has_value());
+  CHECK(s.get("live/gone.example/fullchain.pem")->value() == "again");
+  // Reserved directories and bad keys are refused.
+  CHECK_FALSE(s.remove_set("archive/kept.example").has_value());
+  CHECK_FALSE(s.remove_set("locks").has_value());
+  CHECK_FALSE(s.remove_set("live/../accounts").has_value());
+  CHECK_FALSE(s.remove_set("").has_value());
+  // A file is not a set.
+  CHECK_FALSE(s.remove_set("accounts/ca/account.json").has_value());
+  CHECK(s.get("accounts/ca/account.json")->has_value());
+  CHECK(leftovers(dir.path).empty());
+}
+
+TEST_CASE("remove_set deletes an old layout plain directory") {
+  StorageDir dir;
+  FileStorage s(dir.path);
+  REQUIRE(s.put("live/old.example/fullchain.pem", "old chain").has_value());
+  REQUIRE(s.put("live/old.example/privkey.pem", "old key", true).has_value());
+  REQUIRE(s.remove_set("live/old.example").has_value());
+  CHECK_FALSE(fs::exists(dir.path / "live/old.example"));
+  CHECK(s.list("live")->empty());
+  CHECK(leftovers(dir.path).empty());
+}
+
 TEST_CASE("put_set readers never see a new chain with an old key") {
   // A reader opening the two files through live/<name>/ while a writer switches versions sees
   // a matching pair whenever both opens resolve the same version; readers that re-open after
