@@ -258,7 +258,7 @@ void CertWatcher::mark_removed(std::size_t index, const std::string& cand, std::
   removed_.fetch_add(1);
   logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
                {{"file", *e.chain}});
-  events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert->id(), std::nullopt});
+  events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert->id(), std::nullopt, nullptr, nullptr});
 }
 
 // check_cands looks at the given candidates of a source: pairs whose files changed since last
@@ -324,7 +324,8 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         removed_.fetch_add(1);
         logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
                      {{"file", *e.chain}});
-        events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert ? e.cert->id() : "", std::nullopt});
+        events.push_back(
+            {WatchEvent::Type::removed, fs::path(*e.chain), e.cert ? e.cert->id() : "", std::nullopt, nullptr, nullptr});
       }
       e.sig = sig;
       continue;
@@ -398,6 +399,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         const bool first = !e.cert;
         held_[certs[k]->fingerprint()] += 1;
         if (e.cert) drop_cert(*e.cert);
+        std::shared_ptr<const Certificate> previous = std::move(e.cert);
         e.cert = certs[k];
         e.failure.reset();
         if (report) {
@@ -421,7 +423,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
                        {{"file", *e.chain}, {"id", e.cert->id()}});
         }
         events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, fs::path(*e.chain),
-                          e.cert->id(), std::nullopt});
+                          e.cert->id(), std::nullopt, e.cert, std::move(previous)});
       }
     }
   }
@@ -446,7 +448,7 @@ void CertWatcher::report_failure(Entry& e, const fs::path& path, Error error, st
                       : "certificate file refused",
                {{"file", path.string()}, {"error", error.message}});
   if (report) report->failures.push_back(*e.failure);
-  events.push_back({WatchEvent::Type::failed, path, e.cert ? e.cert->id() : "", std::move(error)});
+  events.push_back({WatchEvent::Type::failed, path, e.cert ? e.cert->id() : "", std::move(error), nullptr, nullptr});
 }
 
 void CertWatcher::drop_cert(const Certificate& cert) {
@@ -679,6 +681,7 @@ void CertWatcher::emit(std::vector<WatchEvent>& events) {
   if (options_.on_event) {
     for (const auto& e : events) options_.on_event(e);
   }
+  if (options_.on_events && !events.empty()) options_.on_events(events);
   events.clear();
 }
 

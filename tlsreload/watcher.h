@@ -37,6 +37,11 @@ struct WatchEvent {
   std::filesystem::path path;  // the chain file (fullchain.pem); for failed, the bad file
   std::string cert_id;         // the certificate served for this pair now ("" if none)
   std::optional<Error> error;  // for failed
+  // For loaded and reloaded: the certificate published for the pair now, and (reloaded) the one
+  // it replaced, which left the store unless another pair holds it. References, not copies: a
+  // listener that follows the names served reads them here.
+  std::shared_ptr<const Certificate> cert;
+  std::shared_ptr<const Certificate> previous;
 };
 std::string_view to_string(WatchEvent::Type type);
 
@@ -64,6 +69,9 @@ struct WatcherOptions {
   // or the caller of add_*/rescan), with no watcher lock held; it must not call back into the
   // watcher.
   std::function<void(const WatchEvent&)> on_event;
+  // on_events is called after on_event, once per check with every event it found (one burst:
+  // a full check of a directory of 100,000 pairs is one call), under the same terms.
+  std::function<void(const std::vector<WatchEvent>&)> on_events;
 };
 
 // CertWatcher loads certificate files into a CertStore and keeps them current.
