@@ -274,6 +274,8 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
   std::vector<PairSig> sigs;
   std::vector<CertKeyPaths> to_load;
   std::vector<std::string> todo_cands;
+  // back: the pair had been reported removed (its last good certificate kept).
+  std::vector<bool> back;
   for (const auto& c : cands) {
     Source& s = sources_[index];
     CertKeyPaths paths;
@@ -330,6 +332,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
       e.sig = sig;
       continue;
     }
+    back.push_back(!e.present && e.cert != nullptr);
     e.present = true;
     todo.push_back(&e);
     sigs.push_back(sig);
@@ -355,6 +358,20 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
             logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", *e.chain}});
           }
           e.failure.reset();
+          if (back[k]) {
+            // A removed pair put back as it was. Its certificate kept serving, unless someone
+            // took it out of the store meanwhile (the verification behind a snapshot removes a
+            // pair gone while the process was down): published again (a no-op when it is
+            // there) and reported, so that a listener following the names sees it back.
+            if (auto st = store_->publish(e.cert); !st) {
+              report_failure(e, fs::path(*e.chain), st.error(), events, report);
+              continue;
+            }
+            reloaded_.fetch_add(1);
+            logger_->log(LogLevel::info, kLog, "certificate files back", {{"file", *e.chain}, {"id", e.cert->id()}});
+            events.push_back(
+                {WatchEvent::Type::reloaded, fs::path(*e.chain), e.cert->id(), std::nullopt, e.cert, e.cert});
+          }
           continue;
         }
         good.push_back(&e);

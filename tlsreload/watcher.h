@@ -29,7 +29,8 @@ class CertStore;
 struct WatchEvent {
   enum class Type {
     loaded,    // first good load of a pair
-    reloaded,  // a changed pair was validated and published in place of the old one
+    reloaded,  // a changed pair was validated and published in place of the old one (or a
+               // removed pair came back: its certificate published again, cert == previous)
     failed,    // a pair is bad (path names the bad file): the old certificate keeps serving
     removed,   // the pair's files are gone: the last good certificate keeps serving
   };
@@ -104,7 +105,7 @@ class CertWatcher {
  public:
   struct Counters {
     std::uint64_t loaded = 0;    // pairs loaded for the first time
-    std::uint64_t reloaded = 0;  // changed pairs published
+    std::uint64_t reloaded = 0;  // changed pairs published (and removed pairs put back)
     std::uint64_t failed = 0;    // bad pairs reported
     std::uint64_t removed = 0;   // pairs whose files disappeared
     std::uint64_t checks = 0;    // sources checked after a change (full or not)
