@@ -2819,18 +2819,29 @@ TEST_SUITE("cli.serve_files") {
     CHECK(s.expiry_metric("three.verify.cli.test"));
     CHECK(s.get("/readyz").first == 200);
 
-    // The removed pair comes back with a new certificate (the watcher names the snapshot's,
-    // which the verification took out, as the one replaced): its name is listed again.
-    auto two_again = make_test_leaf({"two.verify.cli.test"}, *ca);
-    REQUIRE(two_again);
-    put_pair("two", *two_again);
-    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "two" / "fullchain.pem") ||
-                                            s.file_event("loaded", certs / "two" / "fullchain.pem"); },
-                               15s),
+    // The removed pair comes back as it was (the watcher still held its certificate as the
+    // pair's last good one; the verification had taken it out of the store): served and listed
+    // again.
+    put_pair("two", *two);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "two" / "fullchain.pem"); }, 15s),
                     s.logs());
     CHECK(https_get("two.verify.cli.test", s.https, ca_file).first == 200);
     CHECK_MESSAGE(!s.certificate("two.verify.cli.test").is_null(), s.get("/certificates").second);
     CHECK(s.get("/readyz").first == 200);
+    // ... and again with a new certificate: listed once, still ready.
+    auto two_again = make_test_leaf({"two.verify.cli.test"}, *ca);
+    REQUIRE(two_again);
+    const auto reloads = s.events("cert_file_reloaded").size();
+    put_pair("two", *two_again);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("cert_file_reloaded").size() > reloads; }, 15s), s.logs());
+    CHECK(s.get("/readyz").first == 200);
+    {
+      auto list = json::parse(s.get("/certificates").second, nullptr, false);
+      int listed = 0;
+      for (const auto& j : list) listed += j.value("name", "") == "two.verify.cli.test";
+      CHECK(listed == 1);
+    }
+    CHECK(!s.certificate("two.verify.cli.test").is_null());
     s.stop();
   }
 }
