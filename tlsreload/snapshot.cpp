@@ -396,10 +396,12 @@ void publish_verified(CertStore& store, DirectoryCheck& check, const std::unorde
   if (with_sources) report.sources.resize(w);
 }
 
-// remove_published takes c (a snapshot certificate whose pair is gone) out of the store, unless
-// it is a default: the snapshot never sets one, so another writer made it the default, and
-// CertStore::remove would clear that slot too.
-void remove_published(CertStore& store, const Certificate& c, DirectoryCheck& check, const DirectoryLoadOptions& options) {
+// remove_published takes c (a snapshot certificate whose pair is gone, or replaced) out of the
+// store, unless it is a default: the snapshot never sets one, so another writer made it the
+// default, and CertStore::remove would clear that slot too. Returns false when it was left in
+// place; counts check.removed when count and it was in the store.
+bool remove_published(CertStore& store, const Certificate& c, DirectoryCheck& check, const DirectoryLoadOptions& options,
+                      bool count = true) {
   auto snap = store.snapshot();
   const CertPair& def = snap->default_pair();
   if ((def.ecdsa && def.ecdsa->id() == c.id()) || (def.rsa && def.rsa->id() == c.id())) {
@@ -408,9 +410,10 @@ void remove_published(CertStore& store, const Certificate& c, DirectoryCheck& ch
                           "pair gone from the directory, but its certificate is the default; left in place",
                           {{"id", c.id()}});
     }
-    return;
+    return false;
   }
-  if (store.remove(c.id())) ++check.removed;
+  if (store.remove(c.id()) && count) ++check.removed;
+  return true;
 }
 
 }  // namespace
@@ -611,9 +614,11 @@ void finish_check(CertStore& store, DirectoryCheck& check, const SnapshotStart& 
         auto it = snapshot_by_chain.find(check.report.sources[i].paths.chain.native());
         if (it == snapshot_by_chain.end()) {
           ++check.added;
+          check.fresh.push_back(check.report.certificates[i]);
         } else if (it->second != check.report.certificates[i]->id()) {
           ++check.changed;
           check.changed_paths.push_back(check.report.sources[i].paths.chain);
+          check.fresh.push_back(check.report.certificates[i]);
         }
       }
     }
@@ -641,12 +646,18 @@ void finish_check(CertStore& store, DirectoryCheck& check, const SnapshotStart& 
     const PairSource& src = i < start.sources.size() ? start.sources[i] : kNoSource;
     if (loaded_ids.contains(c->id())) continue;
     if (src.paths.chain.empty()) {  // no source recorded: the directory load is all we know
-      remove_published(store, *c, check, options);
+      if (remove_published(store, *c, check, options)) check.gone.push_back(c);
       continue;
     }
-    if (loaded_chains.contains(src.paths.chain.native())) continue;  // replaced by its pair's load
+    if (loaded_chains.contains(src.paths.chain.native())) {
+      // Replaced by its pair's load. Usually it left the store when its replacement took all
+      // its names (or the watcher dropped it); a name the new certificate no longer has would
+      // otherwise stay with it.
+      if (remove_published(store, *c, check, options, false)) check.replaced.push_back(c);
+      continue;
+    }
     if (pair_gone(src.paths)) {
-      remove_published(store, *c, check, options);
+      if (remove_published(store, *c, check, options)) check.gone.push_back(c);
       continue;
     }
     ++check.kept;

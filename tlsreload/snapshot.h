@@ -108,6 +108,13 @@ struct DirectoryCheck {
   std::size_t changed = 0;
   std::size_t added = 0;
   std::vector<std::filesystem::path> changed_paths;  // the chain files of the changed pairs
+  // The certificates behind those counts, for a caller that follows the names served: the
+  // ones published for changed and new pairs (fresh), the snapshot certificates taken out of
+  // the store because their pair is gone (gone), and those of changed pairs, replaced by their
+  // pair's new certificate (replaced; taken out of the store too, so that a name the new one
+  // dropped is not left to the old one). References, not copies; a default left in place
+  // (remove_published) is in neither.
+  std::vector<std::shared_ptr<const Certificate>> fresh, gone, replaced;
 };
 
 // check_directory loads dir (load_directory), publishes the result (as publish_all: a pair whose

@@ -258,7 +258,7 @@ void CertWatcher::mark_removed(std::size_t index, const std::string& cand, std::
   removed_.fetch_add(1);
   logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
                {{"file", *e.chain}});
-  events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert->id(), std::nullopt});
+  events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert->id(), std::nullopt, nullptr, nullptr});
 }
 
 // check_cands looks at the given candidates of a source: pairs whose files changed since last
@@ -274,6 +274,8 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
   std::vector<PairSig> sigs;
   std::vector<CertKeyPaths> to_load;
   std::vector<std::string> todo_cands;
+  // back: the pair had been reported removed (its last good certificate kept).
+  std::vector<bool> back;
   for (const auto& c : cands) {
     Source& s = sources_[index];
     CertKeyPaths paths;
@@ -324,11 +326,13 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         removed_.fetch_add(1);
         logger_->log(LogLevel::warn, kLog, "certificate files removed; the last certificate keeps serving",
                      {{"file", *e.chain}});
-        events.push_back({WatchEvent::Type::removed, fs::path(*e.chain), e.cert ? e.cert->id() : "", std::nullopt});
+        events.push_back(
+            {WatchEvent::Type::removed, fs::path(*e.chain), e.cert ? e.cert->id() : "", std::nullopt, nullptr, nullptr});
       }
       e.sig = sig;
       continue;
     }
+    back.push_back(!e.present && e.cert != nullptr);
     e.present = true;
     todo.push_back(&e);
     sigs.push_back(sig);
@@ -354,6 +358,20 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
             logger_->log(LogLevel::info, kLog, "certificate files fixed", {{"file", *e.chain}});
           }
           e.failure.reset();
+          if (back[k]) {
+            // A removed pair put back as it was. Its certificate kept serving, unless someone
+            // took it out of the store meanwhile (the verification behind a snapshot removes a
+            // pair gone while the process was down): published again (a no-op when it is
+            // there) and reported, so that a listener following the names sees it back.
+            if (auto st = store_->publish(e.cert); !st) {
+              report_failure(e, fs::path(*e.chain), st.error(), events, report);
+              continue;
+            }
+            reloaded_.fetch_add(1);
+            logger_->log(LogLevel::info, kLog, "certificate files back", {{"file", *e.chain}, {"id", e.cert->id()}});
+            events.push_back(
+                {WatchEvent::Type::reloaded, fs::path(*e.chain), e.cert->id(), std::nullopt, e.cert, e.cert});
+          }
           continue;
         }
         good.push_back(&e);
@@ -398,6 +416,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
         const bool first = !e.cert;
         held_[certs[k]->fingerprint()] += 1;
         if (e.cert) drop_cert(*e.cert);
+        std::shared_ptr<const Certificate> previous = std::move(e.cert);
         e.cert = certs[k];
         e.failure.reset();
         if (report) {
@@ -421,7 +440,7 @@ std::set<std::string> CertWatcher::check_cands(std::size_t index, const std::set
                        {{"file", *e.chain}, {"id", e.cert->id()}});
         }
         events.push_back({first ? WatchEvent::Type::loaded : WatchEvent::Type::reloaded, fs::path(*e.chain),
-                          e.cert->id(), std::nullopt});
+                          e.cert->id(), std::nullopt, e.cert, std::move(previous)});
       }
     }
   }
@@ -446,7 +465,7 @@ void CertWatcher::report_failure(Entry& e, const fs::path& path, Error error, st
                       : "certificate file refused",
                {{"file", path.string()}, {"error", error.message}});
   if (report) report->failures.push_back(*e.failure);
-  events.push_back({WatchEvent::Type::failed, path, e.cert ? e.cert->id() : "", std::move(error)});
+  events.push_back({WatchEvent::Type::failed, path, e.cert ? e.cert->id() : "", std::move(error), nullptr, nullptr});
 }
 
 void CertWatcher::drop_cert(const Certificate& cert) {
@@ -679,6 +698,7 @@ void CertWatcher::emit(std::vector<WatchEvent>& events) {
   if (options_.on_event) {
     for (const auto& e : events) options_.on_event(e);
   }
+  if (options_.on_events && !events.empty()) options_.on_events(events);
   events.clear();
 }
 

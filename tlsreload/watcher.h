@@ -29,7 +29,8 @@ class CertStore;
 struct WatchEvent {
   enum class Type {
     loaded,    // first good load of a pair
-    reloaded,  // a changed pair was validated and published in place of the old one
+    reloaded,  // a changed pair was validated and published in place of the old one (or a
+               // removed pair came back: its certificate published again, cert == previous)
     failed,    // a pair is bad (path names the bad file): the old certificate keeps serving
     removed,   // the pair's files are gone: the last good certificate keeps serving
   };
@@ -37,6 +38,11 @@ struct WatchEvent {
   std::filesystem::path path;  // the chain file (fullchain.pem); for failed, the bad file
   std::string cert_id;         // the certificate served for this pair now ("" if none)
   std::optional<Error> error;  // for failed
+  // For loaded and reloaded: the certificate published for the pair now, and (reloaded) the one
+  // it replaced, which left the store unless another pair holds it. References, not copies: a
+  // listener that follows the names served reads them here.
+  std::shared_ptr<const Certificate> cert;
+  std::shared_ptr<const Certificate> previous;
 };
 std::string_view to_string(WatchEvent::Type type);
 
@@ -64,6 +70,9 @@ struct WatcherOptions {
   // or the caller of add_*/rescan), with no watcher lock held; it must not call back into the
   // watcher.
   std::function<void(const WatchEvent&)> on_event;
+  // on_events is called after on_event, once per check with every event it found (one burst:
+  // a full check of a directory of 100,000 pairs is one call), under the same terms.
+  std::function<void(const std::vector<WatchEvent>&)> on_events;
 };
 
 // CertWatcher loads certificate files into a CertStore and keeps them current.
@@ -96,7 +105,7 @@ class CertWatcher {
  public:
   struct Counters {
     std::uint64_t loaded = 0;    // pairs loaded for the first time
-    std::uint64_t reloaded = 0;  // changed pairs published
+    std::uint64_t reloaded = 0;  // changed pairs published (and removed pairs put back)
     std::uint64_t failed = 0;    // bad pairs reported
     std::uint64_t removed = 0;   // pairs whose files disappeared
     std::uint64_t checks = 0;    // sources checked after a change (full or not)

@@ -403,31 +403,97 @@ Result<ServeSetup> serve_setup(const Options& o) {
   return out;
 }
 
-// with_file_names is names plus the names the certificate files cover (served, not issued).
-std::vector<std::string> with_file_names(std::vector<std::string> names, const std::vector<std::string>& file_names) {
-  std::set<std::string> have(names.begin(), names.end());
-  for (const auto& n : file_names) {
-    if (have.insert(n).second) names.push_back(n);
-  }
-  return names;
-}
-
-// NameList is the set of names served, read by the admin callbacks and replaced on SIGHUP.
+// NameList is the names served: the configured ones (replaced on SIGHUP) and those the
+// certificate files' certificates hold now, followed as the watcher and the verification
+// behind a snapshot report them (a pair added, or reloaded with other names, after start).
+// Read by the admin callbacks and the worker. The file names are held once, counted
+// (NameCounts), and change by batch: one lock per burst of watcher events, however long.
 class NameList {
  public:
-  explicit NameList(std::vector<std::string> v) : names_(std::move(v)) {}
+  explicit NameList(std::vector<std::string> configured) : configured_(std::move(configured)) {}
+
+  // get is the configured names, then the file names not among them (sorted).
   std::vector<std::string> get() const {
     std::lock_guard lock(mu_);
-    return names_;
+    return merged();
   }
-  void set(std::vector<std::string> v) {
+  // first_file_names is the first kShownNames file names (sorted) and how many there are.
+  std::pair<std::vector<std::string>, std::size_t> first_file_names() const {
     std::lock_guard lock(mu_);
-    names_ = std::move(v);
+    std::pair<std::vector<std::string>, std::size_t> out;
+    for (const auto& [n, count] : files_) {
+      if (count <= 0) continue;
+      if (out.first.size() < kShownNames) out.first.push_back(n);
+      ++out.second;
+    }
+    return out;
+  }
+  // acme is the configured names no file certificate covers (those are issued).
+  std::vector<std::string> acme() const {
+    std::lock_guard lock(mu_);
+    std::vector<std::string> out;
+    for (const auto& n : configured_) {
+      if (!covered_by(files_, n)) out.push_back(n);
+    }
+    return out;
+  }
+  bool covered(const std::string& name) const {
+    std::lock_guard lock(mu_);
+    return covered_by(files_, name);
+  }
+  // set_configured replaces the configured names (SIGHUP); returns get() before and after.
+  std::pair<std::vector<std::string>, std::vector<std::string>> set_configured(std::vector<std::string> v) {
+    std::lock_guard lock(mu_);
+    auto before = merged();
+    configured_ = std::move(v);
+    return {std::move(before), merged()};
+  }
+  // add_files adds counts (the start's loads) to the file names.
+  void add_files(NameCounts counts) {
+    std::lock_guard lock(mu_);
+    if (files_.size() < counts.size()) files_.swap(counts);  // merge the smaller into the larger
+    for (const auto& [n, count] : counts) {
+      auto it = files_.try_emplace(n, 0).first;
+      if ((it->second += count) == 0) files_.erase(it);
+    }
+  }
+  // update applies one burst: the names of each certificate of left leave (once per
+  // certificate: a name another file certificate holds stays), those of entered join. A
+  // certificate of left that was retired (taken out of the store by a verification while a
+  // watcher entry still named it) left already: it is skipped once.
+  void update(const std::vector<const tlsreload::Certificate*>& left,
+              const std::vector<const tlsreload::Certificate*>& entered,
+              const std::vector<std::shared_ptr<const tlsreload::Certificate>>& retire = {}) {
+    std::lock_guard lock(mu_);
+    for (const auto* c : left) {
+      if (auto it = retired_.find(c); it != retired_.end()) {
+        retired_.erase(it);
+        continue;
+      }
+      count_names(files_, *c, -1);
+    }
+    for (const auto* c : entered) count_names(files_, *c, 1);
+    for (const auto& c : retire) retired_.emplace(c.get(), c);
   }
 
  private:
+  std::vector<std::string> merged() const {
+    std::vector<std::string> out = configured_;
+    std::set<std::string_view> have(configured_.begin(), configured_.end());
+    out.reserve(configured_.size() + files_.size());
+    for (const auto& [n, count] : files_) {
+      if (count > 0 && !have.count(n)) out.push_back(n);
+    }
+    return out;
+  }
+
   mutable std::mutex mu_;
-  std::vector<std::string> names_;
+  std::vector<std::string> configured_;
+  NameCounts files_;
+  // Certificates a verification took out of the store (their pair was gone) that the watcher
+  // may still name as a pair's previous certificate, should the pair come back; kept alive
+  // here so that the address stays theirs. As many as pairs gone while the process was down.
+  std::map<const tlsreload::Certificate*, std::shared_ptr<const tlsreload::Certificate>> retired_;
 };
 
 }  // namespace
@@ -478,44 +544,65 @@ int cmd_serve(Context& ctx) {
                                                 : o.cert_dir_snapshots;
     snapshot_dir = std::filesystem::absolute(snapshot_dir, ec).string();
   }
-  auto files = load_cert_files(o, snapshot_dir, store, &ctx.logger, [&event_line, files_started](const tlsreload::WatchEvent& e) {
-    if (!files_started->load()) return;
-    json f = {{"path", e.path.string()}, {"cert_id", e.cert_id}};
-    std::string text = e.path.string();
-    if (e.error) {
-      f["error"] = error_json(*e.error);
-      text += ": " + e.error->message + " (the last good certificate keeps serving)";
+  // The names served: the configured ones, and the files' names as the files change (the
+  // explicit pairs' first loads come as events before load_cert_files returns).
+  auto live_names = std::make_shared<NameList>(setup->names);
+  auto on_file_events = [live_names](const std::vector<tlsreload::WatchEvent>& events) {
+    std::vector<const tlsreload::Certificate*> left, entered;
+    for (const auto& e : events) {
+      if (e.type != tlsreload::WatchEvent::Type::loaded && e.type != tlsreload::WatchEvent::Type::reloaded) continue;
+      // removed and failed change nothing: the last good certificate keeps serving.
+      if (e.previous) left.push_back(e.previous.get());
+      if (e.cert) entered.push_back(e.cert.get());
     }
-    event_line("cert_file_" + std::string(tlsreload::to_string(e.type)), f, text);
-  });
-  if (!files) return usage_error(ctx, files.error().message);
-  // Moved, not copied, and the covered set shared by the callbacks: with a --cert-dir of
-  // 100,000 pairs each copy of the names cost ~6-10 MB.
-  const std::vector<std::string> file_names = std::move(files->names);
-  const auto file_covered = std::make_shared<const std::set<std::string>>(std::move(files->covered));
-  auto live_names = std::make_shared<NameList>(with_file_names(setup->names, file_names));
-  auto acme_names = [live_names, file_covered] {
-    std::vector<std::string> out;
-    for (const auto& n : live_names->get()) {
-      if (!covered_by(*file_covered, n)) out.push_back(n);
-    }
-    return out;
+    if (!left.empty() || !entered.empty()) live_names->update(left, entered);
   };
+  auto files = load_cert_files(
+      o, snapshot_dir, store, &ctx.logger,
+      [&event_line, files_started](const tlsreload::WatchEvent& e) {
+        if (!files_started->load()) return;
+        json f = {{"path", e.path.string()}, {"cert_id", e.cert_id}};
+        std::string text = e.path.string();
+        if (e.error) {
+          f["error"] = error_json(*e.error);
+          text += ": " + e.error->message + " (the last good certificate keeps serving)";
+        }
+        event_line("cert_file_" + std::string(tlsreload::to_string(e.type)), f, text);
+      },
+      on_file_events);
+  if (!files) return usage_error(ctx, files.error().message);
+  // Moved, not copied: with a --cert-dir of 100,000 pairs each copy of the names cost ~6-10 MB.
+  live_names->add_files(std::move(files->names));
+  auto acme_names = [live_names] { return live_names->acme(); };
   for (const auto& [path, error] : files->ignored) {
     event_line("cert_dir_snapshot_ignored", {{"snapshot", path}, {"error", error_json(error)}},
                path + ": " + error.message + " (loading the directory instead)");
   }
   if (files->watcher) {
     files_started->store(true);
+    const auto [shown, count] = live_names->first_file_names();
+    std::string listed = join(shown);
+    if (count > shown.size()) listed += " and " + std::to_string(count - shown.size()) + " more";
     std::string snap = files->from_snapshot == 0 ? ""
                        : "; " + std::to_string(files->from_snapshot) +
                              " --cert-dir served from its store snapshot, verifying it in the background";
-    event_line("cert_files", {{"names", first_names(file_names)}, {"count", file_names.size()}, {"from_snapshot", files->from_snapshot}},
-               "serving certificate files for " + join_names(file_names) + " (reloaded on change" + snap + ")");
+    event_line("cert_files", {{"names", shown}, {"count", count}, {"from_snapshot", files->from_snapshot}},
+               "serving certificate files for " + listed + " (reloaded on change" + snap + ")");
   }
   // What the snapshots leave behind the start (started once the server listens): the
   // directories served from their snapshots verified, the others' snapshots written.
-  auto snapshot_done = [&event_line](const CertDirSnapshot& r) {
+  auto snapshot_done = [&event_line, live_names](const CertDirSnapshot& r) {
+    if (r.verified) {
+      // What the verification changed, in one batch (its watcher events are not passed on).
+      std::vector<const tlsreload::Certificate*> left, entered;
+      for (const auto* v : {&r.gone, &r.replaced}) {
+        for (const auto& c : *v) left.push_back(c.get());
+      }
+      for (const auto& c : r.fresh) entered.push_back(c.get());
+      // A gone pair's certificate left the store, but the watcher still holds it as that pair's
+      // last good one: should the pair come back, its event names it as replaced.
+      if (!left.empty() || !entered.empty()) live_names->update(left, entered, r.gone);
+    }
     json f = {{"dir", r.dir}, {"snapshot", r.snapshot}, {"loaded", r.loaded}, {"seconds", r.seconds}};
     std::string text = r.dir + ": ";
     if (r.verified) {
@@ -678,12 +765,12 @@ int cmd_serve(Context& ctx) {
     if (files->watcher) out += watcher_metrics(*files->watcher, files->verifying->load());
     return out;
   };
-  cfg.admin.certificates = [&manager, store, live_names, file_covered] {
+  cfg.admin.certificates = [&manager, store, live_names] {
     auto names = live_names->get();
     json list = json::array();
     for (const auto& n : names) {
       json j = {{"name", n}, {"managed", false}};
-      if (covered_by(*file_covered, n)) {
+      if (live_names->covered(n)) {
         j["source"] = "files";
         if (auto cert = store->lookup(n)) {
           j["names"] = cert->names();
@@ -797,20 +884,21 @@ int cmd_serve(Context& ctx) {
     for (const auto& [key, changed] : restart_only) {
       if (changed) not_applied.push_back(key);
     }
-    ns->names = with_file_names(ns->names, file_names);
-    auto old_names = live_names->get();
+    // The file names as they are now (the rescan above applied what changed on disk).
+    auto [old_names, new_names] = live_names->set_configured(ns->names);
     std::vector<std::string> added, removed;
     // Sets: with a --cert-dir of 100,000 names, a linear find per name kept a SIGHUP busy for
     // minutes (10^10 comparisons).
-    const std::set<std::string> old_set(old_names.begin(), old_names.end());
-    const std::set<std::string> new_set(ns->names.begin(), ns->names.end());
-    for (const auto& n : ns->names) {
-      if (!old_set.count(n)) added.push_back(n);
+    {
+      const std::set<std::string_view> old_set(old_names.begin(), old_names.end());
+      const std::set<std::string_view> new_set(new_names.begin(), new_names.end());
+      for (const auto& n : new_names) {
+        if (!old_set.count(n)) added.push_back(n);
+      }
+      for (const auto& n : old_names) {
+        if (!new_set.count(n)) removed.push_back(n);
+      }
     }
-    for (const auto& n : old_names) {
-      if (!new_set.count(n)) removed.push_back(n);
-    }
-    live_names->set(ns->names);
     // Applied by the manage() pass that follows: a site whose key type changed is reissued.
     cert_settings = ns->cert_settings;
     drain_ms = static_cast<long long>(next->drain * 1000);
@@ -820,7 +908,7 @@ int cmd_serve(Context& ctx) {
     if (!not_applied.empty()) text += "; needs a restart to take effect: " + join(not_applied);
     if (!rep->failed.empty()) text += "; kept the old listeners: " + join(rep->failed);
     event_line("reload",
-               {{"sites", ns->cfg.sites.size()}, {"names", first_names(ns->names)}, {"names_count", ns->names.size()},
+               {{"sites", ns->cfg.sites.size()}, {"names", first_names(new_names)}, {"names_count", new_names.size()},
                 {"added", first_names(added)}, {"added_count", added.size()}, {"removed", first_names(removed)},
                 {"removed_count", removed.size()}, {"not_applied", not_applied}, {"failed", rep->failed}},
                text);

@@ -272,6 +272,9 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
           r.changed_paths.push_back(check.changed_paths[i].string());
         }
         r.written = dir_ok ? check.snapshot_written : dir_ok;
+        r.fresh = std::move(check.fresh);
+        r.gone = std::move(check.gone);
+        r.replaced = std::move(check.replaced);
       }
       p->start = {};
       r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -306,17 +309,29 @@ Status check_key_permissions(const std::string& path, const std::string& flag) {
                                        "): run `chmod 600 " + path + "` (a private key must be readable by its owner only)");
 }
 
-bool covered_by(const std::set<std::string>& covered, const std::string& name) {
+void count_names(NameCounts& counts, const tlsreload::Certificate& cert, int step) {
+  for (const auto& n : cert.names()) {
+    auto it = counts.try_emplace(n, 0).first;
+    if ((it->second += step) == 0) counts.erase(it);
+  }
+}
+
+bool covered_by(const NameCounts& covered, const std::string& name) {
   if (covered.empty()) return false;
+  auto held = [&](const std::string& k) {
+    auto it = covered.find(k);
+    return it != covered.end() && it->second > 0;
+  };
   std::string n = lower_name(name);
-  if (covered.count(n)) return true;
+  if (held(n)) return true;
   auto dot = n.find('.');
-  return dot != std::string::npos && dot > 0 && covered.count("*" + n.substr(dot));
+  return dot != std::string::npos && dot > 0 && held("*" + n.substr(dot));
 }
 
 Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_dir,
                                   std::shared_ptr<tlsreload::CertStore> store, Logger* logger,
-                                  std::function<void(const tlsreload::WatchEvent&)> on_event) {
+                                  std::function<void(const tlsreload::WatchEvent&)> on_event,
+                                  std::function<void(const std::vector<tlsreload::WatchEvent>&)> on_events) {
   FileCerts out;
   if (o.serve_certs.empty() && o.serve_keys.empty() && o.cert_dirs.empty()) return out;
   if (o.serve_certs.size() != o.serve_keys.size()) {
@@ -367,7 +382,7 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
       plain.push_back(dir);
       continue;
     }
-    for (const auto& c : start.certificates) out.names.insert(out.names.end(), c->names().begin(), c->names().end());
+    for (const auto& c : start.certificates) count_names(out.names, *c, 1);
     auto p = std::make_shared<FileCerts::Pending>();
     p->dir = dir;
     p->snapshot = dlo.snapshot_path.string();
@@ -417,11 +432,17 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
     if (t_verifying && e.type == tlsreload::WatchEvent::Type::loaded) return;
     if (cb) cb(e);
   };
+  wo.on_events = [cb = std::move(on_events)](const std::vector<tlsreload::WatchEvent>& events) {
+    if (t_verifying) return;  // said in one batch by CertDirSnapshot
+    if (cb) cb(events);
+  };
   // The snapshots record where each certificate came from (the next verification matches
   // pairs by path).
   wo.initial_options.record_sources = !snapshot_dir.empty();
   out.watcher = std::make_unique<tlsreload::CertWatcher>(store, wo);
-  auto take = [&](const std::string& what, Result<tlsreload::LoadReport>& r) -> Status {
+  // count: the certificates' names go to out.names (the bulk loads'; the explicit pairs' come
+  // as watcher events).
+  auto take = [&](const std::string& what, Result<tlsreload::LoadReport>& r, bool count) -> Status {
     if (!r) return fail(bad_load(what, r.error()));
     if (!r->failures.empty()) {
       const auto& f = r->failures.front();
@@ -430,19 +451,21 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
       if (!f.path.empty() && msg.find(f.path.string()) == std::string::npos) msg = f.path.string() + ": " + msg;
       return fail(Errc::invalid_input, what + ": " + msg + more);
     }
-    for (const auto& c : r->certificates) out.names.insert(out.names.end(), c->names().begin(), c->names().end());
+    if (count) {
+      for (const auto& c : r->certificates) count_names(out.names, *c, 1);
+    }
     return {};
   };
   for (const auto& p : pairs) {
     auto r = out.watcher->add_pair(p);
-    if (auto st = take("--cert " + p.chain.string(), r); !st) return fail(st.error());
+    if (auto st = take("--cert " + p.chain.string(), r, false); !st) return fail(st.error());
   }
   for (std::size_t i = 0; i < plain.size(); ++i) {
     const std::string& dir = plain[i];
     Result<tlsreload::LoadReport> r = std::move(plain_loads[i]);
-    if (!r->failures.empty()) return fail(take("--cert-dir " + dir, r).error());
+    if (!r->failures.empty()) return fail(take("--cert-dir " + dir, r, false).error());
     tlsreload::publish_all(*store, *r);  // one snapshot for the directory
-    if (auto st = take("--cert-dir " + dir, r); !st) return fail(st.error());  // refused by the store
+    if (auto st = take("--cert-dir " + dir, r, true); !st) return fail(st.error());  // refused by the store
     // The watcher adopts it (and the snapshot is written) once serving started.
     auto p = std::make_shared<FileCerts::Pending>();
     p->dir = dir;
@@ -453,9 +476,6 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
     out.pending.push_back(std::move(p));
   }
   if (auto st = out.watcher->start(); !st) return fail(st.error());
-  std::sort(out.names.begin(), out.names.end());
-  out.names.erase(std::unique(out.names.begin(), out.names.end()), out.names.end());
-  for (const auto& n : out.names) out.covered.insert(lower_name(n));
   return out;
 }
 

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -41,14 +42,27 @@ struct CertDirSnapshot {
   std::string loose_key_error;
   Status written;         // the snapshot's rewrite
   double seconds = 0;     // from the start of the verification (or write) to its end
+  // verified: the certificates whose names joined and left what the directory serves
+  // (tlsreload::DirectoryCheck::fresh, gone and replaced): the watcher's events of the
+  // verification are not passed on (load_cert_files' on_events), this says it in one batch.
+  std::vector<std::shared_ptr<const tlsreload::Certificate>> fresh, gone, replaced;
 };
 
+// NameCounts maps each name a certificate file serves (Certificate::names(): lower-case, no
+// trailing dot) to how many file certificates hold it: one node per name, the names' only copy
+// (a --cert-dir may hold 100,000). A count may drop to zero or below for a moment when two
+// threads' batches cross (a name counts only above zero).
+using NameCounts = std::map<std::string, int, std::less<>>;
+
+// count_names adds step (+1, -1) to the count of each name of cert, erasing names that reach 0.
+void count_names(NameCounts& counts, const tlsreload::Certificate& cert, int step);
+
 // FileCerts is what the certificate files serve: the watcher that keeps them current and the
-// names their certificates cover at start (those are not issued over ACME).
+// names of the certificates the snapshots and bulk loads published at start (those are not
+// issued over ACME; the explicit pairs' names, and every change after, come as watcher events).
 struct FileCerts {
   std::unique_ptr<tlsreload::CertWatcher> watcher;
-  std::vector<std::string> names;
-  std::set<std::string> covered;  // the same, lower-case without a trailing dot, for covered_by
+  NameCounts names;
   // The snapshots of the --cert-dirs: those ignored at start (bad, corrupt, another user's:
   // the path and why; the directory was loaded in full instead), how many directories were
   // served from their snapshot, and what snapshot_work() still has to do.
@@ -97,13 +111,18 @@ Status check_key_permissions(const std::string& path, const std::string& flag);
 // permissions) run in FileCerts::snapshot_work(), which the caller starts once it listens.
 // A snapshot that cannot be used is listed in FileCerts::ignored and the directory loaded as
 // without one.
+//
+// on_event hears each watcher event; on_events each burst of them (WatcherOptions), except
+// those of the verification behind a snapshot (CertDirSnapshot says what it changed). Both
+// may be called before load_cert_files returns (the explicit pairs' first loads).
 Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_dir,
                                   std::shared_ptr<tlsreload::CertStore> store, Logger* logger,
-                                  std::function<void(const tlsreload::WatchEvent&)> on_event);
+                                  std::function<void(const tlsreload::WatchEvent&)> on_event,
+                                  std::function<void(const std::vector<tlsreload::WatchEvent>&)> on_events = {});
 
-// covered_by tells whether a certificate for one of covered (FileCerts::covered) serves name:
-// exact, or a wildcard for exactly one label; case-insensitive, trailing dot ignored.
-bool covered_by(const std::set<std::string>& covered, const std::string& name);
+// covered_by tells whether a certificate for one of covered (names counted above zero) serves
+// name: exact, or a wildcard for exactly one label; case-insensitive, trailing dot ignored.
+bool covered_by(const NameCounts& covered, const std::string& name);
 
 // prometheus_counter renders one unlabelled counter: its # HELP and # TYPE lines and sample.
 std::string prometheus_counter(const std::string& name, const std::string& help, std::uint64_t value);

@@ -2606,6 +2606,303 @@ TEST_SUITE("cli.serve_files") {
 
 namespace {
 
+// NamesServe runs `autotls serve` on a --cert-dir (and any more arguments) for the tests of
+// the names that follow the files, and reads its admin listener.
+struct NamesServe {
+  fs::path out, err;
+  pid_t pid = -1;
+  int https = 0;
+  int admin = 0;
+
+  NamesServe(const fs::path& dir, const fs::path& certs, const fs::path& www, const std::string& tag,
+             const std::vector<std::string>& more) {
+    out = dir / ("serve-" + tag + ".out");
+    err = dir / ("serve-" + tag + ".err");
+    https = free_port();
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--cert-dir", certs.string(), "--https-address",
+                                     "127.0.0.1:" + std::to_string(https), "--http-address", "off",
+                                     "--admin-address", "127.0.0.1:0", "--json", "--drain", "1", "--storage",
+                                     (dir / "s").string(), "--ca", "https://127.0.0.1:1/unreachable"};
+    if (std::find(more.begin(), more.end(), "--config") == more.end()) argv.insert(argv.end(), {"--root", www.string()});
+    argv.insert(argv.end(), more.begin(), more.end());
+    pid = spawn(argv, out, err, {});
+  }
+  // A failed REQUIRE leaves the test early: serve is killed then.
+  ~NamesServe() {
+    int status = 0;
+    if (pid <= 0 || ::waitpid(pid, &status, WNOHANG) != 0) return;
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+  }
+  std::string logs() const { return read_file(out) + read_file(err); }
+  bool wait_for(const std::function<bool()>& ok, std::chrono::seconds limit) const {
+    auto deadline = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (ok()) return true;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) return false;
+      std::this_thread::sleep_for(100ms);
+    }
+    return ok();
+  }
+  std::vector<json> events(const std::string& name) const { return events_named(read_file(out), name); }
+  // get is an admin GET: {status, body}, {0, ""} when it failed.
+  std::pair<int, std::string> get(const std::string& path) {
+    if (admin == 0) admin = autotls::testing::admin_port(out);
+    if (admin == 0) return {0, ""};
+    httplib::Client adm("127.0.0.1", admin);
+    adm.set_read_timeout(std::chrono::seconds(5));
+    auto r = adm.Get(path);
+    return r ? std::pair{r->status, r->body} : std::pair{0, std::string()};
+  }
+  // certificate is the /certificates entry for name (null when it is not listed).
+  json certificate(const std::string& name) {
+    auto list = json::parse(get("/certificates").second, nullptr, false);
+    if (!list.is_array()) return nullptr;
+    for (const auto& j : list) {
+      if (j.value("name", "") == name) return j;
+    }
+    return nullptr;
+  }
+  bool expiry_metric(const std::string& name) {
+    return get("/metrics").second.find("autotls_certificate_not_after_seconds{name=\"" + name + "\"} ") != std::string::npos;
+  }
+  // watching: the watcher took the directory over from the start's load (or verification).
+  bool watching() {
+    auto m = get("/metrics").second;
+    return m.find("\nautotls_cert_files_full_checks_total ") != std::string::npos &&
+           m.find("\nautotls_cert_files_full_checks_total 0\n") == std::string::npos &&
+           m.find("\nautotls_cert_dir_snapshot_verifying 0\n") != std::string::npos;
+  }
+  // loaded_event: a cert_file_<type> line names the chain file path.
+  bool file_event(const std::string& type, const fs::path& chain) const {
+    for (const auto& j : events("cert_file_" + type)) {
+      if (j.value("path", "") == chain.string()) return true;
+    }
+    return false;
+  }
+  void stop() {
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 15s) == 0, logs());
+  }
+};
+
+}  // namespace
+
+TEST_SUITE("cli.serve_files") {
+  TEST_CASE("serve lists a pair added to its --cert-dir after start, and keeps it over SIGHUP") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli names CA");
+    REQUIRE(ca);
+    auto one = make_test_leaf({"one.names.cli.test"}, *ca);
+    auto two = make_test_leaf({"two.names.cli.test"}, *ca);
+    REQUIRE(one);
+    REQUIRE(two);
+    fs::path ca_file = d.path / "ca.pem";
+    write_file(ca_file, ca->cert_pem);
+    fs::path certs = d.path / "certs";
+    auto put_pair = [&](const std::string& dir, const autotls::testing::PemPair& leaf) {
+      fs::create_directories(certs / dir);
+      put(certs / dir / "privkey.pem", leaf.key_pem);
+      put(certs / dir / "fullchain.pem", leaf.cert_pem + ca->cert_pem);
+    };
+    put_pair("one", *one);
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "names\n");
+    // The configured site is the file's name: nothing to issue (the CA is unreachable).
+    fs::path config = d.path / "serve.json";
+    auto sites = [&](const std::vector<std::string>& names) {
+      json s = json::object();
+      for (const auto& n : names) s[n] = {{"root", www.string()}};
+      write_file(config, json({{"sites", s}}).dump());
+    };
+    sites({"one.names.cli.test"});
+    NamesServe s(d.path, certs, www, "added", {"--config", config.string(), "--cert-dir-snapshots", "off"});
+    REQUIRE_MESSAGE(s.wait_for([&] { return https_get("one.names.cli.test", s.https, ca_file).first == 200; }, 15s),
+                    s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.watching(); }, 15s), s.logs());
+    CHECK(s.get("/readyz").first == 200);
+    CHECK(s.certificate("two.names.cli.test").is_null());
+
+    // A pair added after start is served, and its name joins the names served.
+    put_pair("two", *two);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("loaded", certs / "two" / "fullchain.pem"); }, 15s), s.logs());
+    // Its certificate verifies (421: no site for it yet; 0 would be a failed handshake).
+    CHECK(https_get("two.names.cli.test", s.https, ca_file).first == 421);
+    CHECK(s.get("/readyz").first == 200);
+    auto entry = s.certificate("two.names.cli.test");
+    CHECK_MESSAGE(entry.value("source", "") == "files", s.get("/certificates").second);
+    CHECK(entry.value("managed", true) == false);
+    CHECK_MESSAGE(s.expiry_metric("two.names.cli.test"), s.get("/metrics").second);
+    CHECK(s.expiry_metric("one.names.cli.test"));
+
+    // A SIGHUP with the same configuration: the name is neither new nor removed, and stays.
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("reload").size() == 1; }, 15s), s.logs());
+    {
+      auto reload = s.events("reload")[0];
+      INFO(reload.dump());
+      CHECK(reload.value("removed_count", -1) == 0);
+      CHECK(reload.value("added_count", -1) == 0);
+      CHECK(reload.value("names_count", 0) == 2);
+    }
+    CHECK_MESSAGE(s.certificate("two.names.cli.test").value("source", "") == "files", s.get("/certificates").second);
+    CHECK(s.expiry_metric("two.names.cli.test"));
+    CHECK(s.get("/readyz").first == 200);
+
+    // The name made a site too: still served from its file, not issued (the start-time list of
+    // file names did not cover it).
+    sites({"one.names.cli.test", "two.names.cli.test"});
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("reload").size() == 2; }, 15s), s.logs());
+    {
+      auto reload = s.events("reload")[1];
+      INFO(reload.dump());
+      CHECK(reload.value("removed_count", -1) == 0);
+      CHECK(reload.value("added_count", -1) == 0);
+    }
+    entry = s.certificate("two.names.cli.test");
+    CHECK_MESSAGE(entry.value("source", "") == "files", s.get("/certificates").second);
+    CHECK(entry.value("managed", true) == false);
+    CHECK(https_get("two.names.cli.test", s.https, ca_file).first == 200);
+    CHECK(s.get("/readyz").first == 200);
+    s.stop();
+  }
+
+  TEST_CASE("serve follows a --cert-dir pair reloaded with another name") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli names CA");
+    REQUIRE(ca);
+    auto before = make_test_leaf({"before.names.cli.test"}, *ca);
+    auto after = make_test_leaf({"after.names.cli.test"}, *ca);
+    auto kept = make_test_leaf({"kept.names.cli.test"}, *ca);
+    REQUIRE(before);
+    REQUIRE(after);
+    REQUIRE(kept);
+    fs::path ca_file = d.path / "ca.pem";
+    write_file(ca_file, ca->cert_pem);
+    fs::path certs = d.path / "certs";
+    auto put_pair = [&](const std::string& dir, const autotls::testing::PemPair& leaf) {
+      fs::create_directories(certs / dir);
+      put(certs / dir / "privkey.pem", leaf.key_pem);
+      put(certs / dir / "fullchain.pem", leaf.cert_pem + ca->cert_pem);
+    };
+    put_pair("site", *before);
+    put_pair("kept", *kept);
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "names\n");
+    NamesServe s(d.path, certs, www, "reloaded", {"--cert-dir-snapshots", "off"});
+    REQUIRE_MESSAGE(s.wait_for([&] { return https_get("before.names.cli.test", s.https, ca_file).first == 200; }, 15s),
+                    s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.watching(); }, 15s), s.logs());
+    CHECK(!s.certificate("before.names.cli.test").is_null());
+
+    // The pair now holds another name: the new name is listed, the old one (no longer served)
+    // is not, and the service stays ready.
+    put_pair("site", *after);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "site" / "fullchain.pem"); }, 15s), s.logs());
+    CHECK(https_get("after.names.cli.test", s.https, ca_file).first == 200);
+    CHECK(https_get("before.names.cli.test", s.https, ca_file).first != 200);
+    CHECK_MESSAGE(s.certificate("after.names.cli.test").value("source", "") == "files", s.get("/certificates").second);
+    CHECK_MESSAGE(s.certificate("before.names.cli.test").is_null(), s.get("/certificates").second);
+    CHECK(!s.certificate("kept.names.cli.test").is_null());
+    CHECK(s.expiry_metric("after.names.cli.test"));
+    CHECK_FALSE(s.expiry_metric("before.names.cli.test"));
+    CHECK(s.get("/readyz").first == 200);
+
+    // Removed files keep serving their last good certificate: the name stays.
+    fs::remove_all(certs / "site");
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("removed", certs / "site" / "fullchain.pem"); }, 15s), s.logs());
+    CHECK(https_get("after.names.cli.test", s.https, ca_file).first == 200);
+    CHECK(!s.certificate("after.names.cli.test").is_null());
+    CHECK(s.get("/readyz").first == 200);
+    s.stop();
+  }
+
+  TEST_CASE("serve follows what the verification behind a --cert-dir snapshot added and removed") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli names CA");
+    REQUIRE(ca);
+    auto one = make_test_leaf({"one.verify.cli.test"}, *ca);
+    auto two = make_test_leaf({"two.verify.cli.test"}, *ca);
+    auto three = make_test_leaf({"three.verify.cli.test"}, *ca);
+    REQUIRE(one);
+    REQUIRE(two);
+    REQUIRE(three);
+    fs::path ca_file = d.path / "ca.pem";
+    write_file(ca_file, ca->cert_pem);
+    fs::path certs = d.path / "certs";
+    auto put_pair = [&](const std::string& dir, const autotls::testing::PemPair& leaf) {
+      fs::create_directories(certs / dir);
+      put(certs / dir / "privkey.pem", leaf.key_pem);
+      put(certs / dir / "fullchain.pem", leaf.cert_pem + ca->cert_pem);
+    };
+    put_pair("one", *one);
+    put_pair("two", *two);
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "names\n");
+    {
+      NamesServe s(d.path, certs, www, "first", {});
+      REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("cert_dir_snapshot_written").empty(); }, 15s), s.logs());
+      s.stop();
+    }
+    // While it is down, a pair goes and another comes: served from the snapshot at start, then
+    // the verification removes the one and publishes the other, and the names follow.
+    fs::remove_all(certs / "two");
+    put_pair("three", *three);
+    NamesServe s(d.path, certs, www, "second", {});
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("cert_dir_verified").empty(); }, 15s), s.logs());
+    {
+      auto ev = s.events("cert_dir_verified")[0];
+      INFO(ev.dump());
+      CHECK(ev.value("added", -1) == 1);
+      CHECK(ev.value("removed", -1) == 1);
+    }
+    CHECK(https_get("three.verify.cli.test", s.https, ca_file).first == 200);
+    CHECK_MESSAGE(!s.certificate("three.verify.cli.test").is_null(), s.get("/certificates").second);
+    CHECK_MESSAGE(s.certificate("two.verify.cli.test").is_null(), s.get("/certificates").second);
+    CHECK(!s.certificate("one.verify.cli.test").is_null());
+    CHECK(s.expiry_metric("three.verify.cli.test"));
+    CHECK(s.get("/readyz").first == 200);
+
+    // The removed pair comes back as it was (the watcher still held its certificate as the
+    // pair's last good one; the verification had taken it out of the store): served and listed
+    // again.
+    put_pair("two", *two);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "two" / "fullchain.pem"); }, 15s),
+                    s.logs());
+    CHECK(https_get("two.verify.cli.test", s.https, ca_file).first == 200);
+    CHECK_MESSAGE(!s.certificate("two.verify.cli.test").is_null(), s.get("/certificates").second);
+    CHECK(s.get("/readyz").first == 200);
+    // ... and again with a new certificate: listed once, still ready.
+    auto two_again = make_test_leaf({"two.verify.cli.test"}, *ca);
+    REQUIRE(two_again);
+    const auto reloads = s.events("cert_file_reloaded").size();
+    put_pair("two", *two_again);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("cert_file_reloaded").size() > reloads; }, 15s), s.logs());
+    CHECK(s.get("/readyz").first == 200);
+    {
+      auto list = json::parse(s.get("/certificates").second, nullptr, false);
+      int listed = 0;
+      for (const auto& j : list) listed += j.value("name", "") == "two.verify.cli.test";
+      CHECK(listed == 1);
+    }
+    CHECK(!s.certificate("two.verify.cli.test").is_null());
+    s.stop();
+  }
+}
+
+namespace {
+
 // lines_of splits a text into its non-empty lines.
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> out;

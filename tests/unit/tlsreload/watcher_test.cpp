@@ -337,6 +337,32 @@ TEST_CASE("watcher serves a new directory and keeps serving a removed one") {
   CHECK(wait_for([&] { return f.served("a.test") == id_of(a2); }));
 }
 
+TEST_CASE("watcher publishes a removed pair put back as it was, and reports it with its certificate") {
+  Fixture f;
+  auto a = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", a);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  REQUIRE(w.start());
+  fs::remove_all(f.dir.path / "a.test");
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::removed) == 1; }));
+  CHECK(f.served("a.test") == id_of(a));
+  // Taken out of the store by someone else meanwhile (serve's verification behind a snapshot
+  // removes a pair gone while it was down).
+  REQUIRE(f.store->remove(id_of(a)));
+  CHECK(f.served("a.test").empty());
+  // Put back with the same files: served again, and reported with its certificate.
+  f.write_pair(f.dir.path / "a.test", a);
+  REQUIRE(wait_for([&] { return f.served("a.test") == id_of(a); }));
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::reloaded) == 1; }));
+  auto ev = f.of(WatchEvent::Type::reloaded)[0];
+  REQUIRE(ev.cert);
+  CHECK(ev.cert->id() == id_of(a));
+  CHECK(ev.previous == ev.cert);
+  CHECK(w.counters().reloaded == 1);
+  CHECK(w.counters().failed == 0);
+}
+
 TEST_CASE("watcher reloads an explicit pair behind a swapped data symlink") {
   // A Kubernetes secret mount: tls.crt -> ..data/tls.crt, ..data -> ..<timestamp>/.
   Fixture f;
