@@ -202,6 +202,17 @@ std::string iso8601(std::chrono::system_clock::time_point t) {
   return buf;
 }
 
+// fill_extension_cache makes OpenSSL fill a leaf's X509v3 extension cache (flags, SHA-1 of the
+// DER, decoded extensions) now, when its handshake objects are built. Otherwise OpenSSL fills it
+// inside the first handshake that serves them (SSL_use_cert_and_key checks the extension flags):
+// ~32 k instructions, +1.2 % of that handshake, that a warm-up through openssl() did not cover
+// (docs/benchmarks.md, session 9). An invalid extension only sets EXFLAG_INVALID there, as it
+// would in that handshake.
+void fill_extension_cache(X509* leaf) {
+  (void)X509_get_extension_flags(leaf);
+  ERR_clear_error();
+}
+
 Result<ossl::X509Ptr> parse_certificate(const PemBlock& b, std::size_t index) {
   std::string where = "certificate chain: certificate #" + std::to_string(index + 1);
   if (b.name != "CERTIFICATE") {
@@ -655,6 +666,7 @@ Result<std::shared_ptr<const Certificate>> CertificateBuilder::full(std::string_
   }
   objs->leaf = std::move(certs.front());
   objs->key = std::move(*key);
+  fill_extension_cache(objs->leaf.get());
   c.verification_.store(Verification::verified, std::memory_order_relaxed);
   // A certificate just validated is about to be served: start it hot.
   insert(c, std::move(objs), false);
@@ -750,6 +762,7 @@ Result<std::shared_ptr<const detail::OpenSslObjects>> CertificateBuilder::build(
     return fail(Errc::invalid_input, "leaf certificate: not a DER certificate (" +
                                          ossl::drain_errors() + ")");
   }
+  fill_extension_cache(objs->leaf.get());
   objs->key = fast_ec_key(c.key_format_, c.key_der_);
   if (!objs->key) {
     auto key = decode_key(c.key_format_, c.key_der_);

@@ -7,7 +7,10 @@
 #include "tlsreload/certificate.h"
 #include "tlsreload/detail/intern.h"
 
+#include <malloc.h>
+
 #include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 using namespace autotls;
 using namespace autotls::tlsreload;
@@ -410,6 +413,28 @@ TEST_CASE_FIXTURE(Fixture, "certificate deferred keys built on first use sign fo
       CHECK(EVP_PKEY_verify(vctx.get(), sig, sig_len, digest, sizeof digest) == 1);
       CHECK(EVP_PKEY_eq(view.key, parsed.get()) == 1);
     }
+  }
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate built objects come with the leaf's extension cache filled") {
+  // OpenSSL fills an X509's extension cache (flags, SHA-1, decoded extensions) on first use;
+  // SSL_use_cert_and_key is such a use. The builder fills it, so that the first handshake of a
+  // built (or warmed) certificate does not: afterwards asking for the flags allocates nothing.
+  // mallinfo2 counts the whole process's heap, and nothing else runs in this test meanwhile.
+  LoadOptions deferred = options();
+  deferred.chain_check = LoadOptions::ChainCheck::deferred;
+  auto leaf = ca.issue(ca.spec({"ext.test", "www.ext.test"}));
+  for (const LoadOptions& o : {options(), deferred}) {
+    auto c = Certificate::from_pem(ca.chain_pem(leaf), leaf.key_pem, o);
+    REQUIRE_MESSAGE(c, c.error().message);
+    auto view = (*c)->openssl();
+    REQUIRE(view);
+    std::size_t before = mallinfo2().uordblks;
+    std::uint32_t flags = X509_get_extension_flags(view.leaf);
+    std::size_t after = mallinfo2().uordblks;
+    CHECK((flags & EXFLAG_SET) != 0);
+    CHECK((flags & EXFLAG_INVALID) == 0);
+    CHECK(after == before);
   }
 }
 
