@@ -378,16 +378,26 @@ fs::path archive_rel(const fs::path& rel) {
   return arel;
 }
 
-}  // namespace
-
-Status FileStorage::put_set(std::string_view prefix_in, const std::vector<StorageFile>& files) {
+// set_prefix is prefix without trailing slashes, checked as a key outside the reserved
+// directories (locks/, archive/): what put_set and remove_set accept.
+Result<std::string> set_prefix(std::string_view prefix_in) {
   std::string prefix(prefix_in);
   while (prefix.ends_with('/')) prefix.pop_back();
-  if (auto st = check_key(prefix); !st) return st;
+  if (auto st = check_key(prefix); !st) return fail(st.error());
   fs::path rel(prefix);
   if (*rel.begin() == kLockDir || *rel.begin() == kArchiveDir) {
     return fail(Errc::invalid_input, "storage: prefix \"" + prefix + "\" is in a reserved directory");
   }
+  return prefix;
+}
+
+}  // namespace
+
+Status FileStorage::put_set(std::string_view prefix_in, const std::vector<StorageFile>& files) {
+  auto checked = set_prefix(prefix_in);
+  if (!checked) return fail(checked.error());
+  const std::string prefix = std::move(*checked);
+  const fs::path rel(prefix);
   if (files.empty()) return fail(Errc::invalid_input, "storage: put_set of " + prefix + " with no files");
   for (const auto& f : files) {
     if (!valid_component(f.name)) return fail(Errc::invalid_input, "storage: invalid file name \"" + f.name + "\"");
@@ -579,13 +589,10 @@ Status Storage::remove_set(std::string_view prefix) {
 }
 
 Status FileStorage::remove_set(std::string_view prefix_in) {
-  std::string prefix(prefix_in);
-  while (prefix.ends_with('/')) prefix.pop_back();
-  if (auto st = check_key(prefix); !st) return st;
-  fs::path rel(prefix);
-  if (*rel.begin() == kLockDir || *rel.begin() == kArchiveDir) {
-    return fail(Errc::invalid_input, "storage: prefix \"" + prefix + "\" is in a reserved directory");
-  }
+  auto checked = set_prefix(prefix_in);
+  if (!checked) return fail(checked.error());
+  const std::string prefix = std::move(*checked);
+  const fs::path rel(prefix);
   const fs::path link = root_ / rel;
   const fs::path parent = link.parent_path();
   struct stat sb {};
