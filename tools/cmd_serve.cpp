@@ -465,6 +465,14 @@ class NameList {
               const std::vector<const tlsreload::Certificate*>& entered,
               const std::vector<std::shared_ptr<const tlsreload::Certificate>>& retire = {}) {
     std::lock_guard lock(mu_);
+    // The configured names a file covers now: one that is no longer covered after this burst
+    // (its pair reloaded without it, or gone at a verification) must be issued at once.
+    std::vector<const std::string*> was_covered;
+    if (!left.empty() && on_uncovered_) {
+      for (const auto& n : configured_) {
+        if (covered_by(files_, n)) was_covered.push_back(&n);
+      }
+    }
     for (const auto* c : left) {
       if (auto it = retired_.find(c); it != retired_.end()) {
         retired_.erase(it);
@@ -474,6 +482,18 @@ class NameList {
     }
     for (const auto* c : entered) count_names(files_, *c, 1);
     for (const auto& c : retire) retired_.emplace(c.get(), c);
+    for (const auto* n : was_covered) {
+      if (!covered_by(files_, *n)) {
+        on_uncovered_();  // under mu_: once cleared (set_on_uncovered), it is never called again
+        break;
+      }
+    }
+  }
+  // set_on_uncovered sets what update() calls when a configured name stops being covered by a
+  // file certificate (the worker's ACME pass); nullptr clears it before what it uses is gone.
+  void set_on_uncovered(std::function<void()> f) {
+    std::lock_guard lock(mu_);
+    on_uncovered_ = std::move(f);
   }
 
  private:
@@ -494,6 +514,7 @@ class NameList {
   // may still name as a pair's previous certificate, should the pair come back; kept alive
   // here so that the address stays theirs. As many as pairs gone while the process was down.
   std::map<const tlsreload::Certificate*, std::shared_ptr<const tlsreload::Certificate>> retired_;
+  std::function<void()> on_uncovered_;
 };
 
 }  // namespace
@@ -831,7 +852,21 @@ int cmd_serve(Context& ctx) {
   std::condition_variable cv;
   bool stopping = false;
   bool reload = true;  // the first pass manages every name
+  bool manage_again = false;  // a configured name lost its file certificate: an ACME pass
   bool work_done = false;
+  // A configured name that a file certificate stops covering after start (its pair reloaded
+  // without it, or gone at the verification behind a snapshot) is issued at once, not at the
+  // next SIGHUP. Called by the watcher's thread with the name list's lock held (never the other
+  // way round); cleared before mu and cv go.
+  live_names->set_on_uncovered([&] {
+    std::lock_guard lock(mu);
+    manage_again = true;
+    cv.notify_all();
+  });
+  struct ClearOnUncovered {
+    NameList& names;
+    ~ClearOnUncovered() { names.set_on_uncovered(nullptr); }
+  } clear_on_uncovered{*live_names};
 
   // reload_config re-reads the command line and config file (SIGHUP). A configuration that
   // does not parse or validate is refused with one "reload_failed" line and the running one
@@ -918,13 +953,16 @@ int cmd_serve(Context& ctx) {
   std::thread worker([&] {
     bool first = true;
     for (;;) {
+      bool do_reload = false;
       {
         std::unique_lock lock(mu);
-        cv.wait(lock, [&] { return stopping || reload; });
+        cv.wait(lock, [&] { return stopping || reload || manage_again; });
         if (stopping) break;
+        do_reload = reload;
         reload = false;
+        manage_again = false;
       }
-      if (!first) reload_config();
+      if (!first && do_reload) reload_config();
       for (const auto& n : acme_names()) {
         {
           std::lock_guard lock(mu);

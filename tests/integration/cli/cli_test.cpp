@@ -2622,7 +2622,10 @@ struct NamesServe {
     std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--cert-dir", certs.string(), "--https-address",
                                      "127.0.0.1:" + std::to_string(https), "--http-address", "off",
                                      "--admin-address", "127.0.0.1:0", "--json", "--drain", "1", "--storage",
-                                     (dir / "s").string(), "--ca", "https://127.0.0.1:1/unreachable"};
+                                     (dir / "s").string()};
+    if (std::find(more.begin(), more.end(), "--ca") == more.end()) {
+      argv.insert(argv.end(), {"--ca", "https://127.0.0.1:1/unreachable"});
+    }
     if (std::find(more.begin(), more.end(), "--config") == more.end()) argv.insert(argv.end(), {"--root", www.string()});
     argv.insert(argv.end(), more.begin(), more.end());
     pid = spawn(argv, out, err, {});
@@ -2768,6 +2771,54 @@ TEST_SUITE("cli.serve_files") {
     CHECK_MESSAGE(entry.value("source", "") == "files", s.get("/certificates").second);
     CHECK(entry.value("managed", true) == false);
     CHECK(https_get("two.names.cli.test", s.https, ca_file).first == 200);
+    CHECK(s.get("/readyz").first == 200);
+    s.stop();
+  }
+
+  TEST_CASE("serve issues a site name at once when its file certificate stops covering it") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli names CA");
+    REQUIRE(ca);
+    auto site = make_test_leaf({"site.names.cli.test"}, *ca);
+    auto other = make_test_leaf({"other.names.cli.test"}, *ca);
+    REQUIRE(site);
+    REQUIRE(other);
+    fs::path ca_file = d.path / "ca.pem";
+    write_file(ca_file, ca->cert_pem);
+    fs::path certs = d.path / "certs";
+    auto put_pair = [&](const autotls::testing::PemPair& leaf) {
+      fs::create_directories(certs / "pair");
+      put(certs / "pair" / "privkey.pem", leaf.key_pem);
+      put(certs / "pair" / "fullchain.pem", leaf.cert_pem + ca->cert_pem);
+    };
+    put_pair(*site);
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "names\n");
+    fs::path config = d.path / "serve.json";
+    write_file(config, json({{"sites", {{"site.names.cli.test", {{"root", www.string()}}}}}}).dump());
+    // The internal CA: an issuance needs no network, and none happens while the file covers the name.
+    NamesServe s(d.path, certs, www, "uncovered",
+                 {"--config", config.string(), "--cert-dir-snapshots", "off", "--ca", "internal"});
+    REQUIRE_MESSAGE(s.wait_for([&] { return https_get("site.names.cli.test", s.https, ca_file).first == 200; }, 15s),
+                    s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.watching(); }, 15s), s.logs());
+    CHECK(s.certificate("site.names.cli.test").value("source", "") == "files");
+    CHECK(s.events("obtained").empty());
+
+    // The pair now holds another name: the site's name is issued without a SIGHUP.
+    put_pair(*other);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "pair" / "fullchain.pem"); }, 15s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("obtained").empty(); }, 15s), s.logs());
+    CHECK(s.events("obtained")[0]["names"] == json::array({"site.names.cli.test"}));
+    CHECK(s.events("reload").empty());
+    fs::path internal_root = d.path / "s" / "internal" / "root.pem";
+    CHECK_MESSAGE(s.wait_for([&] { return https_get("site.names.cli.test", s.https, internal_root).first == 200; }, 15s),
+                  s.logs());
+    auto entry = s.certificate("site.names.cli.test");
+    CHECK_MESSAGE(entry.value("managed", false) == true, s.get("/certificates").second);
     CHECK(s.get("/readyz").first == 200);
     s.stop();
   }
