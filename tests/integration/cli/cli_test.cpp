@@ -2690,31 +2690,47 @@ struct NamesServe {
   }
 };
 
+// NamesFiles is what the cli.serve_files tests serve: a test CA (its certificate in ca_file),
+// a --cert-dir (certs) of pairs it signs, and a web root (www) with an index.
+struct NamesFiles {
+  TempDir d;
+  autotls::testing::PemPair ca;
+  fs::path ca_file = d.path / "ca.pem";
+  fs::path certs = d.path / "certs";
+  fs::path www = d.path / "www";
+
+  NamesFiles() {
+    auto made = autotls::testing::make_test_ca("autotls cli names CA");
+    REQUIRE(made);
+    ca = *made;
+    write_file(ca_file, ca.cert_pem);
+    fs::create_directories(www);
+    write_file(www / "index.html", "names\n");
+  }
+  // leaf is a certificate for name signed by the CA.
+  autotls::testing::PemPair leaf(const std::string& name) const {
+    auto l = autotls::testing::make_test_leaf({name}, ca);
+    REQUIRE(l);
+    return *l;
+  }
+  // put_pair writes leaf as the pair certs/<dir>/ (privkey.pem, fullchain.pem with the CA).
+  void put_pair(const std::string& dir, const autotls::testing::PemPair& leaf) const {
+    fs::create_directories(certs / dir);
+    put(certs / dir / "privkey.pem", leaf.key_pem);
+    put(certs / dir / "fullchain.pem", leaf.cert_pem + ca.cert_pem);
+  }
+};
+
 }  // namespace
 
 TEST_SUITE("cli.serve_files") {
   TEST_CASE("serve lists a pair added to its --cert-dir after start, and keeps it over SIGHUP") {
-    using autotls::testing::make_test_ca;
-    using autotls::testing::make_test_leaf;
-    TempDir d;
-    auto ca = make_test_ca("autotls cli names CA");
-    REQUIRE(ca);
-    auto one = make_test_leaf({"one.names.cli.test"}, *ca);
-    auto two = make_test_leaf({"two.names.cli.test"}, *ca);
-    REQUIRE(one);
-    REQUIRE(two);
-    fs::path ca_file = d.path / "ca.pem";
-    write_file(ca_file, ca->cert_pem);
-    fs::path certs = d.path / "certs";
-    auto put_pair = [&](const std::string& dir, const autotls::testing::PemPair& leaf) {
-      fs::create_directories(certs / dir);
-      put(certs / dir / "privkey.pem", leaf.key_pem);
-      put(certs / dir / "fullchain.pem", leaf.cert_pem + ca->cert_pem);
-    };
-    put_pair("one", *one);
-    fs::path www = d.path / "www";
-    fs::create_directories(www);
-    write_file(www / "index.html", "names\n");
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const auto one = f.leaf("one.names.cli.test");
+    const auto two = f.leaf("two.names.cli.test");
+    f.put_pair("one", one);
     // The configured site is the file's name: nothing to issue (the CA is unreachable).
     fs::path config = d.path / "serve.json";
     auto sites = [&](const std::vector<std::string>& names) {
@@ -2731,7 +2747,7 @@ TEST_SUITE("cli.serve_files") {
     CHECK(s.certificate("two.names.cli.test").is_null());
 
     // A pair added after start is served, and its name joins the names served.
-    put_pair("two", *two);
+    f.put_pair("two", two);
     REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("loaded", certs / "two" / "fullchain.pem"); }, 15s), s.logs());
     // Its certificate verifies (421: no site for it yet; 0 would be a failed handshake).
     CHECK(https_get("two.names.cli.test", s.https, ca_file).first == 421);
@@ -2776,27 +2792,12 @@ TEST_SUITE("cli.serve_files") {
   }
 
   TEST_CASE("serve issues a site name at once when its file certificate stops covering it") {
-    using autotls::testing::make_test_ca;
-    using autotls::testing::make_test_leaf;
-    TempDir d;
-    auto ca = make_test_ca("autotls cli names CA");
-    REQUIRE(ca);
-    auto site = make_test_leaf({"site.names.cli.test"}, *ca);
-    auto other = make_test_leaf({"other.names.cli.test"}, *ca);
-    REQUIRE(site);
-    REQUIRE(other);
-    fs::path ca_file = d.path / "ca.pem";
-    write_file(ca_file, ca->cert_pem);
-    fs::path certs = d.path / "certs";
-    auto put_pair = [&](const autotls::testing::PemPair& leaf) {
-      fs::create_directories(certs / "pair");
-      put(certs / "pair" / "privkey.pem", leaf.key_pem);
-      put(certs / "pair" / "fullchain.pem", leaf.cert_pem + ca->cert_pem);
-    };
-    put_pair(*site);
-    fs::path www = d.path / "www";
-    fs::create_directories(www);
-    write_file(www / "index.html", "names\n");
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const auto site = f.leaf("site.names.cli.test");
+    const auto other = f.leaf("other.names.cli.test");
+    f.put_pair("pair", site);
     fs::path config = d.path / "serve.json";
     write_file(config, json({{"sites", {{"site.names.cli.test", {{"root", www.string()}}}}}}).dump());
     // The internal CA: an issuance needs no network, and none happens while the file covers the name.
@@ -2809,7 +2810,7 @@ TEST_SUITE("cli.serve_files") {
     CHECK(s.events("obtained").empty());
 
     // The pair now holds another name: the site's name is issued without a SIGHUP.
-    put_pair(*other);
+    f.put_pair("pair", other);
     REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "pair" / "fullchain.pem"); }, 15s), s.logs());
     REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("obtained").empty(); }, 15s), s.logs());
     CHECK(s.events("obtained")[0]["names"] == json::array({"site.names.cli.test"}));
@@ -2824,30 +2825,14 @@ TEST_SUITE("cli.serve_files") {
   }
 
   TEST_CASE("serve follows a --cert-dir pair reloaded with another name") {
-    using autotls::testing::make_test_ca;
-    using autotls::testing::make_test_leaf;
-    TempDir d;
-    auto ca = make_test_ca("autotls cli names CA");
-    REQUIRE(ca);
-    auto before = make_test_leaf({"before.names.cli.test"}, *ca);
-    auto after = make_test_leaf({"after.names.cli.test"}, *ca);
-    auto kept = make_test_leaf({"kept.names.cli.test"}, *ca);
-    REQUIRE(before);
-    REQUIRE(after);
-    REQUIRE(kept);
-    fs::path ca_file = d.path / "ca.pem";
-    write_file(ca_file, ca->cert_pem);
-    fs::path certs = d.path / "certs";
-    auto put_pair = [&](const std::string& dir, const autotls::testing::PemPair& leaf) {
-      fs::create_directories(certs / dir);
-      put(certs / dir / "privkey.pem", leaf.key_pem);
-      put(certs / dir / "fullchain.pem", leaf.cert_pem + ca->cert_pem);
-    };
-    put_pair("site", *before);
-    put_pair("kept", *kept);
-    fs::path www = d.path / "www";
-    fs::create_directories(www);
-    write_file(www / "index.html", "names\n");
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const auto before = f.leaf("before.names.cli.test");
+    const auto after = f.leaf("after.names.cli.test");
+    const auto kept = f.leaf("kept.names.cli.test");
+    f.put_pair("site", before);
+    f.put_pair("kept", kept);
     NamesServe s(d.path, certs, www, "reloaded", {"--cert-dir-snapshots", "off"});
     REQUIRE_MESSAGE(s.wait_for([&] { return https_get("before.names.cli.test", s.https, ca_file).first == 200; }, 15s),
                     s.logs());
@@ -2856,7 +2841,7 @@ TEST_SUITE("cli.serve_files") {
 
     // The pair now holds another name: the new name is listed, the old one (no longer served)
     // is not, and the service stays ready.
-    put_pair("site", *after);
+    f.put_pair("site", after);
     REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "site" / "fullchain.pem"); }, 15s), s.logs());
     CHECK(https_get("after.names.cli.test", s.https, ca_file).first == 200);
     CHECK(https_get("before.names.cli.test", s.https, ca_file).first != 200);
@@ -2877,30 +2862,14 @@ TEST_SUITE("cli.serve_files") {
   }
 
   TEST_CASE("serve follows what the verification behind a --cert-dir snapshot added and removed") {
-    using autotls::testing::make_test_ca;
-    using autotls::testing::make_test_leaf;
-    TempDir d;
-    auto ca = make_test_ca("autotls cli names CA");
-    REQUIRE(ca);
-    auto one = make_test_leaf({"one.verify.cli.test"}, *ca);
-    auto two = make_test_leaf({"two.verify.cli.test"}, *ca);
-    auto three = make_test_leaf({"three.verify.cli.test"}, *ca);
-    REQUIRE(one);
-    REQUIRE(two);
-    REQUIRE(three);
-    fs::path ca_file = d.path / "ca.pem";
-    write_file(ca_file, ca->cert_pem);
-    fs::path certs = d.path / "certs";
-    auto put_pair = [&](const std::string& dir, const autotls::testing::PemPair& leaf) {
-      fs::create_directories(certs / dir);
-      put(certs / dir / "privkey.pem", leaf.key_pem);
-      put(certs / dir / "fullchain.pem", leaf.cert_pem + ca->cert_pem);
-    };
-    put_pair("one", *one);
-    put_pair("two", *two);
-    fs::path www = d.path / "www";
-    fs::create_directories(www);
-    write_file(www / "index.html", "names\n");
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const auto one = f.leaf("one.verify.cli.test");
+    const auto two = f.leaf("two.verify.cli.test");
+    const auto three = f.leaf("three.verify.cli.test");
+    f.put_pair("one", one);
+    f.put_pair("two", two);
     {
       NamesServe s(d.path, certs, www, "first", {});
       REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("cert_dir_snapshot_written").empty(); }, 15s), s.logs());
@@ -2909,7 +2878,7 @@ TEST_SUITE("cli.serve_files") {
     // While it is down, a pair goes and another comes: served from the snapshot at start, then
     // the verification removes the one and publishes the other, and the names follow.
     fs::remove_all(certs / "two");
-    put_pair("three", *three);
+    f.put_pair("three", three);
     NamesServe s(d.path, certs, www, "second", {});
     REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("cert_dir_verified").empty(); }, 15s), s.logs());
     {
@@ -2928,17 +2897,16 @@ TEST_SUITE("cli.serve_files") {
     // The removed pair comes back as it was (the watcher still held its certificate as the
     // pair's last good one; the verification had taken it out of the store): served and listed
     // again.
-    put_pair("two", *two);
+    f.put_pair("two", two);
     REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "two" / "fullchain.pem"); }, 15s),
                     s.logs());
     CHECK(https_get("two.verify.cli.test", s.https, ca_file).first == 200);
     CHECK_MESSAGE(!s.certificate("two.verify.cli.test").is_null(), s.get("/certificates").second);
     CHECK(s.get("/readyz").first == 200);
     // ... and again with a new certificate: listed once, still ready.
-    auto two_again = make_test_leaf({"two.verify.cli.test"}, *ca);
-    REQUIRE(two_again);
+    const auto two_again = f.leaf("two.verify.cli.test");
     const auto reloads = s.events("cert_file_reloaded").size();
-    put_pair("two", *two_again);
+    f.put_pair("two", two_again);
     REQUIRE_MESSAGE(s.wait_for([&] { return s.events("cert_file_reloaded").size() > reloads; }, 15s), s.logs());
     CHECK(s.get("/readyz").first == 200);
     {
