@@ -22,11 +22,14 @@
 #include <nlohmann/json.hpp>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include "acme/transport.h"
 #include "acme/util/openssl.h"
 #include "tests/support/http01_responder.h"
 #include "tests/support/pebble_env.h"
+#include "tests/support/temp_dir.h"
+#include "tests/support/test_keys.h"
 #include "tests/support/tls_alpn_responder.h"
 
 using autotls::Errc;
@@ -404,6 +407,90 @@ TEST_CASE("sequential requests reuse one connection") {
   }
   std::lock_guard lock(mu);
   CHECK(client_ports.size() == 1);
+}
+
+TEST_CASE("over TLS the transport offers HTTP/1.1 only, not HTTP/2") {
+  // A self-signed certificate for 127.0.0.1 that the transport trusts through its CA bundle.
+  const auto& key = autotls::testing::cached_key(autotls::acme::KeyType::ec256);
+  autotls::ossl::X509Ptr cert(X509_new());
+  REQUIRE(cert);
+  X509_set_version(cert.get(), 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert.get()), 1);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), 3600);
+  X509_NAME* name = X509_get_subject_name(cert.get());
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("loopback"), -1, -1, 0);
+  X509_set_issuer_name(cert.get(), name);
+  X509_set_pubkey(cert.get(), key.evp());
+  X509V3_CTX v3;
+  X509V3_set_ctx_nodb(&v3);
+  X509V3_set_ctx(&v3, cert.get(), cert.get(), nullptr, nullptr, 0);
+  X509_EXTENSION* san = X509V3_EXT_conf_nid(nullptr, &v3, NID_subject_alt_name, "IP:127.0.0.1");
+  REQUIRE(san != nullptr);
+  X509_add_ext(cert.get(), san, -1);
+  X509_EXTENSION_free(san);
+  REQUIRE(X509_sign(cert.get(), key.evp(), EVP_sha256()) > 0);
+  autotls::testing::TempDir dir;
+  const auto bundle = dir.path / "ca.pem";
+  {
+    autotls::ossl::BioPtr out(BIO_new_file(bundle.c_str(), "w"));
+    REQUIRE(out);
+    REQUIRE(PEM_write_bio_X509(out.get(), cert.get()) == 1);
+  }
+
+  // The server records the ALPN list the client offers and picks http/1.1 from it.
+  static std::mutex offered_mu;
+  static std::string offered;
+  {
+    std::lock_guard lock(offered_mu);
+    offered.clear();
+  }
+  httplib::SSLServer server([&](SSL_CTX& ctx) {
+    if (SSL_CTX_use_certificate(&ctx, cert.get()) != 1 || SSL_CTX_use_PrivateKey(&ctx, key.evp()) != 1) return false;
+    SSL_CTX_set_alpn_select_cb(
+        &ctx,
+        [](SSL*, const unsigned char** sel, unsigned char* sel_len, const unsigned char* in, unsigned int in_len,
+           void*) -> int {
+          {
+            std::lock_guard lock(offered_mu);
+            offered.assign(reinterpret_cast<const char*>(in), in_len);
+          }
+          static const unsigned char h1[] = "\x08http/1.1";
+          unsigned char* out = nullptr;
+          if (SSL_select_next_proto(&out, sel_len, h1, sizeof h1 - 1, in, in_len) != OPENSSL_NPN_NEGOTIATED) {
+            return SSL_TLSEXT_ERR_NOACK;
+          }
+          *sel = out;
+          return SSL_TLSEXT_ERR_OK;
+        },
+        nullptr);
+    return true;
+  });
+  server.Get("/ping", [](const httplib::Request&, httplib::Response& res) { res.set_content("pong", "text/plain"); });
+  const int port = server.bind_to_any_port("127.0.0.1");
+  REQUIRE(port > 0);
+  std::thread t([&] { server.listen_after_bind(); });
+  struct Stop {
+    httplib::SSLServer& s;
+    std::thread& t;
+    ~Stop() {
+      s.stop();
+      t.join();
+    }
+  } stop{server, t};
+  auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (!server.is_running() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  REQUIRE(server.is_running());
+
+  CurlOptions options;
+  options.ca_bundle = bundle.string();
+  auto transport = make_curl_transport(options);
+  auto r = transport->send(get("https://127.0.0.1:" + std::to_string(port) + "/ping"));
+  REQUIRE_MESSAGE(r.has_value(), r.error().message);
+  CHECK(r->status == 200);
+  CHECK(r->body == "pong");
+  std::lock_guard lock(offered_mu);
+  CHECK(offered == std::string("\x08http/1.1"));
 }
 
 TEST_CASE("one transport serves many threads at once") {
