@@ -607,7 +607,10 @@ Result<std::shared_ptr<const Certificate>> CertificateBuilder::full(std::string_
   }
   auto key_block = find_key_block(key_pem);
   if (!key_block) return fail(key_block.error());
-  auto key = decode_key(key_block->format, key_block->der);
+  // An EC key is read without OpenSSL's decoders, as build() does (fast_ec_key); the checks
+  // below are OpenSSL's either way (X509_check_private_key).
+  Result<ossl::EvpPkeyPtr> key = fast_ec_key(key_block->format, key_block->der);
+  if (!*key) key = decode_key(key_block->format, key_block->der);
   if (!key) return fail(key.error());
   auto kind = classify_key(key->get());
   if (!kind) return fail(kind.error());
