@@ -2824,6 +2824,64 @@ TEST_SUITE("cli.serve_files") {
     s.stop();
   }
 
+  TEST_CASE("serve stops managing a site name a file certificate starts covering, and manages it again after") {
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const std::string site = "site.names.cli.test";
+    const auto other = f.leaf("other.names.cli.test");
+    const auto wildcard = f.leaf("*.names.cli.test");
+    f.put_pair("pair", other);
+    fs::path config = d.path / "serve.json";
+    write_file(config, json({{"sites", {{site, {{"root", www.string()}}}}}}).dump());
+    NamesServe s(d.path, certs, www, "handed",
+                 {"--config", config.string(), "--cert-dir-snapshots", "off", "--ca", "internal"});
+    fs::path internal_root = d.path / "s" / "internal" / "root.pem";
+    REQUIRE_MESSAGE(s.wait_for([&] { return https_get(site, s.https, internal_root).first == 200; }, 15s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.watching(); }, 15s), s.logs());
+    REQUIRE(s.events("obtained").size() == 1);
+    const std::string acme_id = s.events("obtained")[0].value("cert_id", "");
+    CHECK(s.certificate(site).value("managed", false) == true);
+
+    // The pair now holds a wildcard that covers the site's name. The file wins at once: the
+    // ACME certificate (an exact name, which the store would prefer to the wildcard) leaves the
+    // store and the name is no longer managed.
+    f.put_pair("pair", wildcard);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "pair" / "fullchain.pem"); }, 15s), s.logs());
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(site, s.https, ca_file).first == 200; }, 10s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("unmanaged").empty(); }, 15s), s.logs());
+    {
+      auto e = s.events("unmanaged")[0];
+      INFO(e.dump());
+      CHECK(e.value("name", "") == site);
+      CHECK(e.value("cert_id", "") == acme_id);
+      CHECK(e.value("removed", false) == true);
+    }
+    CHECK(https_get(site, s.https, internal_root).first != 200);
+    CHECK(s.certificate(site).value("source", "") == "files");
+    // (Not /readyz here: it looks the file's "*.names.cli.test" up as an SNI name, which finds
+    // nothing, so it answers 503 while a wildcard file certificate is served.)
+
+    // A pass over the names (SIGHUP) issues and loads nothing for it: the file keeps winning.
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("reload").size() == 1; }, 15s), s.logs());
+    CHECK(https_get(site, s.https, ca_file).first == 200);
+    CHECK(s.events("obtained").size() == 1);
+    CHECK(s.events("renewed").empty());
+    CHECK(s.events("loaded").empty());
+
+    // The pair stops covering it: managed again at once, from storage (no new issuance).
+    f.put_pair("pair", other);
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("loaded").empty(); }, 15s), s.logs());
+    CHECK(s.events("loaded")[0]["names"] == json::array({site}));
+    CHECK(s.events("loaded")[0].value("cert_id", "") == acme_id);
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(site, s.https, internal_root).first == 200; }, 15s), s.logs());
+    CHECK(s.events("obtained").size() == 1);
+    CHECK_MESSAGE(s.certificate(site).value("managed", false) == true, s.get("/certificates").second);
+    CHECK(s.get("/readyz").first == 200);
+    s.stop();
+  }
+
   TEST_CASE("serve follows a --cert-dir pair reloaded with another name") {
     NamesFiles f;
     TempDir& d = f.d;
