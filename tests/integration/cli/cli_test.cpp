@@ -209,6 +209,61 @@ std::pair<long, std::string> https_get(const std::string& host, int port, const 
 }
 
 
+
+// PtyRun is a command run with stdin, stdout and stderr on one pseudo-terminal: its exit code
+// (-1 if killed at the limit) and everything it wrote (CRLF line ends, the echo of the input).
+struct PtyRun {
+  int code = -1;
+  std::string out;
+};
+
+// run_on_pty runs autotls args on a pseudo-terminal and types input once the output holds
+// prompt (at once when prompt is empty; never when input is empty). Every wait is bounded by
+// limit: the child is killed then.
+PtyRun run_on_pty(const std::vector<std::string>& args, const std::string& prompt, const std::string& input,
+                  std::chrono::seconds limit = 20s) {
+  int master = -1, slave = -1;
+  REQUIRE(::openpty(&master, &slave, nullptr, nullptr, nullptr) == 0);
+  std::vector<std::string> a = {AUTOTLS_BINARY};
+  a.insert(a.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& s : a) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(master);
+    ::dup2(slave, 0);
+    ::dup2(slave, 1);
+    ::dup2(slave, 2);
+    if (slave > 2) ::close(slave);
+    ::setpgid(0, 0);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(slave);
+  PtyRun r;
+  bool sent = input.empty();
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (!sent && (prompt.empty() || r.out.find(prompt) != std::string::npos)) {
+      REQUIRE(::write(master, input.data(), input.size()) == static_cast<ssize_t>(input.size()));
+      sent = true;
+    }
+    pollfd p{master, POLLIN, 0};
+    if (::poll(&p, 1, 50) <= 0) continue;
+    char buf[4096];
+    ssize_t n = ::read(master, buf, sizeof buf);
+    if (n <= 0) break;  // EIO: every copy of the slave side is closed (the child exited)
+    r.out.append(buf, static_cast<size_t>(n));
+  }
+  r.code = wait_exit(pid, std::max<std::chrono::milliseconds>(
+                              std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()),
+                              1000ms));
+  ::close(master);
+  return r;
+}
+
 }  // namespace
 
 TEST_SUITE("cli.usage") {
@@ -540,6 +595,60 @@ TEST_SUITE("cli.issue") {
     auto rv2 = run(c.args({"revoke", "--cert", (c.dir.path / "b.pem").string()}));
     CHECK_MESSAGE(rv2.code == 3, show(rv2));
     CHECK(rv2.err.find("alreadyRevoked") != std::string::npos);
+  }
+
+  TEST_CASE("delete asks on a terminal, and not with --yes, --json or without a terminal") {
+    // The internal CA: no network, so this runs without Pebble.
+    TempDir d;
+    const std::string storage = (d.path / "s").string();
+    const fs::path live = d.path / "s" / "live", archive = d.path / "s" / "archive";
+    for (const char* name : {"a.ask.test", "b.ask.test", "c.ask.test", "d.ask.test", "e.ask.test", "f.ask.test"}) {
+      auto r = run({"issue", "-d", name, "--ca", "internal", "--storage", storage});
+      REQUIRE_MESSAGE(r.code == 0, show(r));
+    }
+    const std::string prompt = "[y/N]";
+
+    // No terminal (stdin /dev/null, output to files): no question, deleted, as before.
+    auto plain = run({"delete", "a.ask.test", "--storage", storage});
+    CHECK_MESSAGE(plain.code == 0, show(plain));
+    CHECK(plain.err.find(prompt) == std::string::npos);
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "a.ask.test")));
+    // -y and --yes parse.
+    auto y = run({"delete", "-y", "b.ask.test", "--storage", storage});
+    CHECK_MESSAGE(y.code == 0, show(y));
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "b.ask.test")));
+    auto yes = run({"delete", "c.ask.test", "--yes", "--storage", storage});
+    CHECK_MESSAGE(yes.code == 0, show(yes));
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "c.ask.test")));
+
+    // On a terminal: the question names the certificate and its files; "n" deletes nothing.
+    auto no = run_on_pty({"delete", "d.ask.test", "--storage", storage}, prompt, "n\n");
+    CHECK_MESSAGE(no.code == 1, no.out);
+    CHECK(no.out.find("Delete the certificate d.ask.test and its files (" + (live / "d.ask.test").string() + ", " +
+                      (archive / "d.ask.test").string() + ")? [y/N]") != std::string::npos);
+    CHECK_MESSAGE(no.out.find("nothing deleted") != std::string::npos, no.out);
+    CHECK(fs::exists(live / "d.ask.test" / "privkey.pem"));
+    // The end of input (Ctrl-D) is a no too.
+    auto eof = run_on_pty({"delete", "d.ask.test", "--storage", storage}, prompt, "\x04");
+    CHECK_MESSAGE(eof.code == 1, eof.out);
+    CHECK(fs::exists(live / "d.ask.test" / "privkey.pem"));
+    // "YES" deletes.
+    auto ok = run_on_pty({"delete", "d.ask.test", "--storage", storage}, prompt, "YES\n");
+    CHECK_MESSAGE(ok.code == 0, ok.out);
+    CHECK(ok.out.find("deleted d.ask.test") != std::string::npos);
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "d.ask.test")));
+    CHECK_FALSE(fs::exists(archive / "d.ask.test"));
+    // --yes and --json on a terminal: no question (nothing typed; a question would wait for
+    // the limit and be killed).
+    auto forced = run_on_pty({"delete", "e.ask.test", "--yes", "--storage", storage}, "", "", 15s);
+    CHECK_MESSAGE(forced.code == 0, forced.out);
+    CHECK(forced.out.find(prompt) == std::string::npos);
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "e.ask.test")));
+    auto js = run_on_pty({"delete", "f.ask.test", "--json", "--storage", storage}, "", "", 15s);
+    CHECK_MESSAGE(js.code == 0, js.out);
+    CHECK(js.out.find(prompt) == std::string::npos);
+    CHECK(js.out.find("\"status\":\"deleted\"") != std::string::npos);
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "f.ask.test")));
   }
 
   TEST_CASE("progress is plain lines off a terminal and JSON events with --json") {
