@@ -2991,6 +2991,44 @@ TEST_SUITE("cli.serve_files") {
     s.stop();
   }
 
+  TEST_CASE("serve hands a site name over to a file certificate of the other key type") {
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const std::string site = "rsa.names.cli.test";
+    f.put_pair("pair", f.leaf("other.names.cli.test"));
+    fs::path config = d.path / "serve.json";
+    write_file(config, json({{"sites", {{site, {{"root", www.string()}}}}}}).dump());
+    // The site's ACME certificate is RSA; the file's (make_test_leaf) is P-256.
+    NamesServe s(d.path, certs, www, "rsa",
+                 {"--config", config.string(), "--cert-dir-snapshots", "off", "--ca", "internal", "--key-type",
+                  "rsa2048"});
+    fs::path internal_root = d.path / "s" / "internal" / "root.pem";
+    // A client that offers RSA signatures only: the store gives it the RSA slot's certificate.
+    autotls::ossl::SslCtxPtr rsa_only(SSL_CTX_new(TLS_client_method()));
+    REQUIRE(rsa_only);
+    REQUIRE(SSL_CTX_set1_sigalgs_list(rsa_only.get(), "rsa_pss_rsae_sha256:rsa_pkcs1_sha256") == 1);
+    // The internal root is written at start, before the site is obtained.
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("obtained").empty(); }, 15s), s.logs());
+    REQUIRE(SSL_CTX_load_verify_locations(rsa_only.get(), internal_root.c_str(), nullptr) == 1);
+    auto acme_rsa = [&] {
+      auto r = autotls::testing::tls_handshake(s.https, site, rsa_only.get());
+      return r.ok && r.verified;
+    };
+    REQUIRE_MESSAGE(s.wait_for(acme_rsa, 15s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.watching(); }, 15s), s.logs());
+
+    // The pair now holds the site's name, as P-256: the RSA certificate would keep serving
+    // RSA-only clients (the file fills only the ECDSA slot). It leaves the store.
+    f.put_pair("pair", f.leaf(site));
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "pair" / "fullchain.pem"); }, 15s), s.logs());
+    CHECK_MESSAGE(s.wait_for([&] { return !acme_rsa(); }, 10s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("unmanaged").empty(); }, 15s), s.logs());
+    CHECK(s.events("unmanaged")[0].value("removed", false) == true);
+    CHECK(https_get(site, s.https, ca_file).first == 200);
+    s.stop();
+  }
+
   TEST_CASE("serve follows a --cert-dir pair reloaded with another name") {
     NamesFiles f;
     TempDir& d = f.d;
