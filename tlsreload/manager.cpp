@@ -568,8 +568,18 @@ bool Manager::key_type_changed(const Managed& m) const {
   return m.cert && m.cert->key_type() != acme::to_string(expected_key_type(m));
 }
 
-Status Manager::publish_replacing(const std::shared_ptr<const Certificate>& next, const Certificate* previous) {
+Status Manager::publish_replacing(const std::string& key, const std::shared_ptr<const Certificate>& next,
+                                  const Certificate* previous) {
+  std::lock_guard lock(publish_mu_);
+  if (held_.count(key)) {
+    // unmanage() came while this certificate was being issued or loaded: something else serves
+    // these names now, and must keep serving them.
+    logger_->log(LogLevel::info, kLog, "certificate not published: its names are no longer managed",
+                 {{"name", key}, {"id", next->id()}});
+    return {};
+  }
   if (auto st = store_->publish(next); !st) return st;
+  published_[key] = next->id();
   if (previous && previous->key_kind() != next->key_kind() && previous->id() != next->id()) {
     // Nothing to undo if it is gone already (another path removed it): the new one serves.
     (void)store_->remove(previous->id());
@@ -863,7 +873,7 @@ Status Manager::renew_locked(Managed& m, bool force) {
     return fail(stored.error());
   }
   if (!force && *stored && (!m.cert || (*stored)->cert->id() != m.cert->id()) && !due(**stored)) {
-    if (auto st = publish_replacing((*stored)->cert, m.cert.get()); !st) return st;
+    if (auto st = publish_replacing(m.key, (*stored)->cert, m.cert.get()); !st) return st;
     m = std::move(**stored);
     loaded_.fetch_add(1);
     emit(ManagerEvent::Type::loaded, m);
@@ -893,7 +903,7 @@ Status Manager::renew_locked(Managed& m, bool force) {
   n.generation = storage_->generation(live_key(n.key, "fullchain.pem")).value_or(persisted ? "" : m.generation);
   // A valid new certificate is served even if it could not be saved: it is strictly better
   // than the old one. The error is still reported (a restart would issue again).
-  if (auto st = publish_replacing(n.cert, m.cert.get()); !st) {
+  if (auto st = publish_replacing(n.key, n.cert, m.cert.get()); !st) {
     record_failure(m, st.error());
     return st;
   }
@@ -917,6 +927,7 @@ Status Manager::manage(const std::vector<std::string>& input, const CertificateS
     if (!is_valid_lookup_name(n)) return fail(Errc::invalid_input, "manage: invalid name \"" + n + "\"");
   }
   const std::string key = storage_name(names.front());
+  if (is_held(key)) return fail(Errc::invalid_input, "manage: " + names.front() + " is unmanaged (resume it first)");
   Status result;
   {
     auto name_mu = name_mutex(key);
@@ -938,7 +949,7 @@ Status Manager::manage(const std::vector<std::string>& input, const CertificateS
     if (*stored) {
       m = std::move(**stored);
       // Serve what we have at once, even if due: it is valid, and renewal may take a while.
-      if (auto st = publish_replacing(m.cert, previous.get()); !st) return st;
+      if (auto st = publish_replacing(key, m.cert, previous.get()); !st) return st;
     }
     if (m.cert && m.state.revoked_at) note_revoked(m);
     const bool need = due(m);
@@ -951,8 +962,7 @@ Status Manager::manage(const std::vector<std::string>& input, const CertificateS
       // Still serving a valid certificate: the failure is recorded for renew_due's backoff.
       if (!result && m.cert) result = {};
     }
-    std::lock_guard lock(mu_);
-    managed_[key] = m;
+    keep(key, std::move(m));
   }
   flush_events();
   return result;
@@ -1025,8 +1035,7 @@ Result<int> Manager::renew_due() {
         (void)renew_locked(m, /*force=*/false);
         if (m.cert && m.cert->id() != before) ++renewed;
       }
-      std::lock_guard lock(mu_);
-      managed_[key] = std::move(m);
+      keep(key, std::move(m));
     }
     flush_events();
   }
@@ -1050,8 +1059,7 @@ Status Manager::renew(const std::vector<std::string>& input, bool force) {
     }
     m.names = names;
     if (force || due(m)) result = renew_locked(m, force);
-    std::lock_guard lock(mu_);
-    managed_[key] = std::move(m);
+    keep(key, std::move(m));
   }
   flush_events();
   return result;
@@ -1064,6 +1072,7 @@ Result<bool> Manager::load_stored_only(const std::vector<std::string>& input) {
     if (!is_valid_lookup_name(n)) return fail(Errc::invalid_input, "load: invalid name \"" + n + "\"");
   }
   const std::string key = storage_name(names.front());
+  if (is_held(key)) return fail(Errc::invalid_input, "load: " + names.front() + " is unmanaged");
   bool loaded = false;
   {
     auto name_mu = name_mutex(key);
@@ -1072,11 +1081,10 @@ Result<bool> Manager::load_stored_only(const std::vector<std::string>& input) {
     if (!stored) return fail(stored.error());
     if (*stored && covers(*(*stored)->cert, names)) {
       Managed m = std::move(**stored);
-      if (auto st = store_->publish(m.cert); !st) return fail(st.error());
+      if (auto st = publish_replacing(key, m.cert, nullptr); !st) return fail(st.error());
       loaded_.fetch_add(1);
       emit(ManagerEvent::Type::loaded, m);
-      std::lock_guard lock(mu_);
-      managed_[key] = std::move(m);
+      keep(key, std::move(m));
       loaded = true;
     }
   }
@@ -1099,9 +1107,57 @@ std::string Manager::forget(const std::vector<std::string>& input) {
     id = it->second.cert ? it->second.cert->id() : std::string();
     managed_.erase(it);
   }
+  {
+    std::lock_guard lock(publish_mu_);
+    published_.erase(key);
+  }
   name_mu.reset();
   prune_name_mutex(key);
   return id;
+}
+
+std::string Manager::unmanage(const std::vector<std::string>& input) {
+  auto names = normalize(input);
+  if (names.empty()) return {};
+  const std::string key = storage_name(names.front());
+  std::string id;
+  {
+    // Not under the name's mutex: an issuance in flight holds it for as long as the order
+    // takes. Holding publish_mu_ instead orders this call with every publication: one that
+    // happened is in published_, one that did not will not (publish_replacing checks held_),
+    // and the work's end does not bring the entry back (keep checks held_).
+    std::lock_guard publish(publish_mu_);
+    std::lock_guard lock(mu_);
+    held_.insert(key);
+    managed_.erase(key);
+    if (auto it = published_.find(key); it != published_.end()) {
+      id = std::move(it->second);
+      published_.erase(it);
+    }
+  }
+  prune_name_mutex(key);
+  logger_->log(LogLevel::info, kLog, "no longer managed", {{"name", key}, {"id", id}});
+  return id;
+}
+
+void Manager::resume(const std::vector<std::string>& input) {
+  auto names = normalize(input);
+  if (names.empty()) return;
+  const std::string key = storage_name(names.front());
+  std::lock_guard publish(publish_mu_);
+  std::lock_guard lock(mu_);
+  held_.erase(key);
+}
+
+bool Manager::is_held(const std::string& key) const {
+  std::lock_guard lock(mu_);
+  return held_.count(key) > 0;
+}
+
+void Manager::keep(const std::string& key, Managed m) {
+  std::lock_guard lock(mu_);
+  if (held_.count(key)) return;
+  managed_[key] = std::move(m);
 }
 
 void Manager::prune_name_mutex(const std::string& key) {
@@ -1186,7 +1242,7 @@ int Manager::adopt_stored() {
       Managed n = std::move(**stored);
       n.names = m.names;
       if (!m.cert || n.cert->id() != m.cert->id()) {
-        if (auto st = publish_replacing(n.cert, m.cert.get()); !st) {
+        if (auto st = publish_replacing(key, n.cert, m.cert.get()); !st) {
           logger_->log(LogLevel::warn, kLog, "certificate from storage refused by the store",
                        {{"name", key}, {"error", st.error().message}});
           continue;
@@ -1197,8 +1253,7 @@ int Manager::adopt_stored() {
                      {{"name", key}, {"id", n.cert->id()}, {"not_after", acme::format_rfc3339(n.state.not_after)}});
         emit(ManagerEvent::Type::loaded, n);
       }
-      std::lock_guard lock(mu_);
-      managed_[key] = std::move(n);
+      keep(key, std::move(n));
     }
   }
   flush_events();

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -266,6 +267,23 @@ class Manager {
   // touched. For on-demand eviction: the certificate comes back with load_stored_only.
   std::string forget(const std::vector<std::string>& names);
 
+  // unmanage stops managing names because something else serves them now (`autotls serve`: a
+  // certificate file that covers a configured site name), and holds them until resume(names):
+  //   - no renewal, ARI fetch or storage adoption for them from now on (state() is empty);
+  //   - manage() and load_stored_only() refuse them (Errc::invalid_input), so a pass that read
+  //     its list of names before the call, or an on-demand handshake, cannot take them back;
+  //   - nothing more is published into the CertStore for them. Work in flight on another
+  //     thread (an issuance or renewal that began before the call) is not waited for and not
+  //     cut short: it finishes and its certificate is persisted to storage as usual (a renewed
+  //     event follows), but it is not published, and the names stay unmanaged.
+  // Returns the id of the certificate this Manager last published for the names ("" if none):
+  // the caller decides whether it leaves the store (the Manager does not remove it: it may be
+  // what still serves one key family). Storage is not touched. Never blocks on an issuance.
+  std::string unmanage(const std::vector<std::string>& names);
+  // resume lifts unmanage's hold: manage() takes the names again (storage first, as always).
+  // Does nothing for names not held.
+  void resume(const std::vector<std::string>& names);
+
  private:
   struct Managed {
     std::vector<std::string> names;
@@ -311,7 +329,14 @@ class Manager {
   // publish_replacing publishes next and takes previous out of the store when it is of the
   // other key family (publish replaces only the slots of next's family: an ECDSA certificate
   // would otherwise keep serving ECDSA clients after a change to RSA).
-  Status publish_replacing(const std::shared_ptr<const Certificate>& next, const Certificate* previous);
+  // It is the only way the Manager puts a certificate into the store: for a storage name that
+  // unmanage() holds it publishes nothing (and succeeds).
+  Status publish_replacing(const std::string& key, const std::shared_ptr<const Certificate>& next,
+                           const Certificate* previous);
+  // keep stores m as what is managed under key, unless unmanage() holds key (the work that
+  // produced m began before the hold and must not bring the name set back).
+  void keep(const std::string& key, Managed m);
+  bool is_held(const std::string& key) const;
   Status persist(const Managed& m);
   Status save_state(const Managed& m);
   void refresh_ari(Managed& m);
@@ -353,6 +378,15 @@ class Manager {
 
   mutable std::mutex mu_;  // guards managed_
   std::map<std::string, Managed> managed_;  // by storage name
+
+  // publish_mu_ is held across each store change publish_replacing makes, and to change held_:
+  // so unmanage() either comes after a publication (and returns its id) or before it (and the
+  // publication does not happen). Lock order: publish_mu_, then mu_.
+  std::mutex publish_mu_;
+  std::set<std::string> held_;  // storage names unmanage()d; written holding publish_mu_ and mu_
+  // The id of the certificate last published for each storage name (publish_mu_); erased by
+  // forget() and unmanage().
+  std::map<std::string, std::string> published_;
 
   std::atomic<uint64_t> loaded_{0}, obtained_{0}, renewed_{0}, failed_{0}, fallbacks_{0}, expiring_{0}, abandoned_{0},
       revoked_{0};

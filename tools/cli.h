@@ -83,6 +83,7 @@ struct Options {
 
   // delete.
   std::string delete_name;
+  bool yes = false;  // delete: do not ask, even on a terminal
 
   // account.
   std::string new_key_type = "ec256";

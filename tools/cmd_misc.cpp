@@ -1,6 +1,10 @@
 // autotls list / revoke / account: what is stored, revocation, and ACME account management.
 
+#include <unistd.h>
+
+#include <cctype>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 
 #include <openssl/bio.h>
@@ -226,6 +230,29 @@ int delete_stored(Context& ctx, const std::string& key, const std::vector<std::s
   return kExitOk;
 }
 
+// confirm_delete asks before a delete, as certbot does, but only when someone can answer: stdin
+// and stderr are terminals, and neither --yes nor --json or --quiet (a script's modes) was
+// given. Anything but y or yes (either case), end of input included, is a no. Without a
+// terminal it does not ask: scripts and tests behave as before the question existed.
+bool confirm_delete(Context& ctx, const std::string& key) {
+  const Options& o = ctx.options;
+  if (o.yes || o.json || o.quiet || !::isatty(STDIN_FILENO) || !::isatty(STDERR_FILENO)) return true;
+  const auto root = std::filesystem::path(ctx.storage_root);
+  std::cerr << "Delete the certificate " << key << " and its files (" << (root / "live" / key).string() << ", "
+            << (root / "archive" / key).string() << ")? [y/N] " << std::flush;
+  std::string answer;
+  if (!std::getline(std::cin, answer)) {
+    std::cerr << "\n";
+    return false;
+  }
+  std::string a;
+  for (char ch : answer) {
+    if (ch == ' ' || ch == '\t' || ch == '\r') continue;
+    a += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  }
+  return a == "y" || a == "yes";
+}
+
 }  // namespace
 
 int cmd_delete(Context& ctx) {
@@ -236,6 +263,10 @@ int cmd_delete(Context& ctx) {
   if (!c) return report(ctx, c.error());
   if (!*c) return usage_error(ctx, "delete: no stored certificate named " + o.delete_name + " in " + ctx.storage_root + " (see autotls list)");
   std::vector<std::string> names = (*c)->names.empty() ? std::vector<std::string>{key} : (*c)->names;
+  if (!confirm_delete(ctx, key)) {
+    ctx.out.info("delete cancelled: nothing deleted (answer y to delete, or give --yes)");
+    return kExitNothingToDo;
+  }
   return delete_stored(ctx, key, names);
 }
 

@@ -457,20 +457,39 @@ class NameList {
       if ((it->second += count) == 0) files_.erase(it);
     }
   }
+  // Certificates of one burst (update's entered).
+  using Certs = std::vector<std::shared_ptr<const tlsreload::Certificate>>;
+  // OnCoverage hears what one burst changed: the configured names a file certificate covers
+  // now and did not before (entered holds the burst's certificates, among them those that cover
+  // them), and the names no file certificate covers any more that need ACME again: configured
+  // ones, and those handed over earlier (configured then, perhaps not now after a SIGHUP).
+  using OnCoverage = std::function<void(const std::vector<std::string>& covered,
+                                        const std::vector<std::string>& uncovered, const Certs& entered)>;
+
   // update applies one burst: the names of each certificate of left leave (once per
   // certificate: a name another file certificate holds stays), those of entered join. A
   // certificate of left that was retired (taken out of the store by a verification while a
   // watcher entry still named it) left already: it is skipped once.
-  void update(const std::vector<const tlsreload::Certificate*>& left,
-              const std::vector<const tlsreload::Certificate*>& entered,
-              const std::vector<std::shared_ptr<const tlsreload::Certificate>>& retire = {}) {
+  void update(const std::vector<const tlsreload::Certificate*>& left, const Certs& entered, const Certs& retire = {}) {
     std::lock_guard lock(mu_);
-    // The configured names a file covers now: one that is no longer covered after this burst
-    // (its pair reloaded without it, or gone at a verification) must be issued at once.
-    std::vector<const std::string*> was_covered;
-    if (!left.empty() && on_uncovered_) {
-      for (const auto& n : configured_) {
-        if (covered_by(files_, n)) was_covered.push_back(&n);
+    // A configured name a file starts covering is handed over to the file (no more ACME for
+    // it); one no longer covered after this burst (its pair reloaded without it, or gone at a
+    // verification) must be issued at once. Only the configured and handed-over names are
+    // looked at, and only in the direction the burst can move them.
+    std::vector<std::string> was_covered, was_uncovered;
+    if (on_coverage_) {
+      if (!left.empty()) {
+        std::set<std::string_view> seen;
+        for (const auto* list : {&configured_, &handed_over_}) {
+          for (const auto& n : *list) {
+            if (seen.insert(n).second && covered_by(files_, n)) was_covered.push_back(n);
+          }
+        }
+      }
+      if (!entered.empty()) {
+        for (const auto& n : configured_) {
+          if (!covered_by(files_, n)) was_uncovered.push_back(n);
+        }
       }
     }
     for (const auto* c : left) {
@@ -480,20 +499,29 @@ class NameList {
       }
       count_names(files_, *c, -1);
     }
-    for (const auto* c : entered) count_names(files_, *c, 1);
+    for (const auto& c : entered) count_names(files_, *c, 1);
     for (const auto& c : retire) retired_.emplace(c.get(), c);
-    for (const auto* n : was_covered) {
-      if (!covered_by(files_, *n)) {
-        on_uncovered_();  // under mu_: once cleared (set_on_uncovered), it is never called again
-        break;
-      }
+    std::vector<std::string> covered, uncovered;
+    for (auto& n : was_uncovered) {
+      if (covered_by(files_, n)) covered.push_back(std::move(n));
     }
+    for (auto& n : was_covered) {
+      if (!covered_by(files_, n)) uncovered.push_back(std::move(n));
+    }
+    for (const auto& n : uncovered) std::erase(handed_over_, n);
+    for (const auto& n : covered) {
+      if (std::find(handed_over_.begin(), handed_over_.end(), n) == handed_over_.end()) handed_over_.push_back(n);
+    }
+    // Under mu_, so that the Manager hears of coverage changes in the order they happen (and
+    // once cleared by set_on_coverage, it is never called again).
+    if (!covered.empty() || !uncovered.empty()) on_coverage_(covered, uncovered, entered);
   }
-  // set_on_uncovered sets what update() calls when a configured name stops being covered by a
-  // file certificate (the worker's ACME pass); nullptr clears it before what it uses is gone.
-  void set_on_uncovered(std::function<void()> f) {
+  // set_on_coverage sets what update() calls when configured names start or stop being covered
+  // by a file certificate (serve hands them over to the file, or back to ACME); nullptr clears
+  // it before what it uses is gone.
+  void set_on_coverage(OnCoverage f) {
     std::lock_guard lock(mu_);
-    on_uncovered_ = std::move(f);
+    on_coverage_ = std::move(f);
   }
 
  private:
@@ -514,7 +542,10 @@ class NameList {
   // may still name as a pair's previous certificate, should the pair come back; kept alive
   // here so that the address stays theirs. As many as pairs gone while the process was down.
   std::map<const tlsreload::Certificate*, std::shared_ptr<const tlsreload::Certificate>> retired_;
-  std::function<void()> on_uncovered_;
+  // The names handed over to a file certificate (Manager::unmanage) and not given back yet:
+  // as many as configured names a file took over.
+  std::vector<std::string> handed_over_;
+  OnCoverage on_coverage_;
 };
 
 }  // namespace
@@ -569,12 +600,13 @@ int cmd_serve(Context& ctx) {
   // explicit pairs' first loads come as events before load_cert_files returns).
   auto live_names = std::make_shared<NameList>(setup->names);
   auto on_file_events = [live_names](const std::vector<tlsreload::WatchEvent>& events) {
-    std::vector<const tlsreload::Certificate*> left, entered;
+    std::vector<const tlsreload::Certificate*> left;
+    NameList::Certs entered;
     for (const auto& e : events) {
       if (e.type != tlsreload::WatchEvent::Type::loaded && e.type != tlsreload::WatchEvent::Type::reloaded) continue;
       // removed and failed change nothing: the last good certificate keeps serving.
       if (e.previous) left.push_back(e.previous.get());
-      if (e.cert) entered.push_back(e.cert.get());
+      if (e.cert) entered.push_back(e.cert);
     }
     if (!left.empty() || !entered.empty()) live_names->update(left, entered);
   };
@@ -615,14 +647,13 @@ int cmd_serve(Context& ctx) {
   auto snapshot_done = [&event_line, live_names](const CertDirSnapshot& r) {
     if (r.verified) {
       // What the verification changed, in one batch (its watcher events are not passed on).
-      std::vector<const tlsreload::Certificate*> left, entered;
+      std::vector<const tlsreload::Certificate*> left;
       for (const auto* v : {&r.gone, &r.replaced}) {
         for (const auto& c : *v) left.push_back(c.get());
       }
-      for (const auto& c : r.fresh) entered.push_back(c.get());
       // A gone pair's certificate left the store, but the watcher still holds it as that pair's
       // last good one: should the pair come back, its event names it as replaced.
-      if (!left.empty() || !entered.empty()) live_names->update(left, entered, r.gone);
+      if (!left.empty() || !r.fresh.empty()) live_names->update(left, r.fresh, r.gone);
     }
     json f = {{"dir", r.dir}, {"snapshot", r.snapshot}, {"loaded", r.loaded}, {"seconds", r.seconds}};
     std::string text = r.dir + ": ";
@@ -854,19 +885,58 @@ int cmd_serve(Context& ctx) {
   bool reload = true;  // the first pass manages every name
   bool manage_again = false;  // a configured name lost its file certificate: an ACME pass
   bool work_done = false;
-  // A configured name that a file certificate stops covering after start (its pair reloaded
-  // without it, or gone at the verification behind a snapshot) is issued at once, not at the
-  // next SIGHUP. Called by the watcher's thread with the name list's lock held (never the other
-  // way round); cleared before mu and cv go.
-  live_names->set_on_uncovered([&] {
+  // hand_over gives a configured name to the file certificates that cover it now (entered holds
+  // them): the Manager stops issuing and renewing it (a renewal in flight is stored but not
+  // published), and its ACME certificate leaves the store, where it would otherwise keep
+  // winning: an exact name over a file's wildcard, or one key family over a file of the other.
+  auto hand_over = [&](const std::string& n, const NameList::Certs& entered) {
+    const std::string id = manager.unmanage({n});
+    NameList::Certs files;  // the burst's certificates that cover n
+    for (const auto& c : entered) {
+      NameCounts one;
+      count_names(one, *c, 1);
+      if (covered_by(one, n)) files.push_back(c);
+    }
+    // The very certificate may be in a file (live/ copied into the --cert-dir): it stays.
+    const bool in_file = std::any_of(files.begin(), files.end(), [&](const auto& c) { return c->id() == id; });
+    bool removed = false;
+    if (!id.empty() && !in_file) {
+      for (bool ecdsa : {true, false}) {
+        if (auto c = store->lookup(n, ecdsa); c && c->id() == id) {
+          removed = store->remove(id).has_value();
+          break;
+        }
+      }
+    }
+    // A renewal that was published in the instant between the file certificate's publication
+    // and unmanage() took its place (and was removed above): the file's certificate goes back.
+    auto now = store->lookup(n);
+    NameCounts served;
+    if (now) count_names(served, *now, 1);
+    if (!covered_by(served, n)) {
+      for (const auto& c : files) (void)store->publish(c);
+    }
+    event_line("unmanaged", {{"name", n}, {"cert_id", id}, {"removed", removed}},
+               n + ": served from a certificate file now; no longer issued or renewed over ACME");
+  };
+  // A configured name that a file certificate starts covering after start is handed over to it
+  // at once; one that a file stops covering (its pair reloaded without it, or gone at the
+  // verification behind a snapshot) is handed back and issued at once, not at the next SIGHUP.
+  // Called by the watcher's (or the verification's) thread with the name list's lock held
+  // (never the other way round: nothing here takes it); cleared before mu and cv go.
+  live_names->set_on_coverage([&](const std::vector<std::string>& covered, const std::vector<std::string>& uncovered,
+                                  const NameList::Certs& entered) {
+    for (const auto& n : covered) hand_over(n, entered);
+    if (uncovered.empty()) return;
+    for (const auto& n : uncovered) manager.resume({n});
     std::lock_guard lock(mu);
     manage_again = true;
     cv.notify_all();
   });
-  struct ClearOnUncovered {
+  struct ClearOnCoverage {
     NameList& names;
-    ~ClearOnUncovered() { names.set_on_uncovered(nullptr); }
-  } clear_on_uncovered{*live_names};
+    ~ClearOnCoverage() { names.set_on_coverage(nullptr); }
+  } clear_on_coverage{*live_names};
 
   // reload_config re-reads the command line and config file (SIGHUP). A configuration that
   // does not parse or validate is refused with one "reload_failed" line and the running one

@@ -23,7 +23,7 @@ using namespace autotls::cli;
 constexpr const char* kExitCodes =
     "Exit codes:\n"
     "  0  success\n"
-    "  1  nothing to do (certificate still good, nothing due)\n"
+    "  1  nothing to do (certificate still good, nothing due; delete not confirmed)\n"
     "  2  usage or configuration error\n"
     "  3  the CA refused (its problem document is printed; rateLimited prints when to retry)\n"
     "  4  network failure (CA unreachable, timeout)\n"
@@ -286,10 +286,16 @@ void build_cli(Cli& cli, Options& o) {
 
   auto* del = cli.del = app.add_subcommand("delete", "delete a stored certificate, its key and its versions");
   del->add_option("name", o.delete_name, "stored certificate name (as `autotls list` shows it)")->required();
+  del->add_flag("-y,--yes", o.yes, "do not ask for confirmation on a terminal");
   del->footer(std::string("\nThe certificate is not revoked (see `autotls revoke --delete-after-revoke`), and a\n"
                           "`serve` or `renew` still configured for the name obtains a new one.\n\n"
+                          "On a terminal (stdin and stderr both), delete first asks\n"
+                          "  Delete the certificate NAME and its files (STORAGE/live/NAME, STORAGE/archive/NAME)? [y/N]\n"
+                          "and does nothing, exit 1, unless the answer is y or yes. --yes, --json and --quiet\n"
+                          "never ask, and neither does a run without a terminal (a script, cron, a pipe).\n\n"
                           "Examples:\n"
                           "  autotls delete example.com\n"
+                          "  autotls delete example.com --yes   # no question\n"
                           "  autotls delete '*.example.com' --storage /var/lib/autotls\n\n") +
               kExitCodes);
 

@@ -209,6 +209,61 @@ std::pair<long, std::string> https_get(const std::string& host, int port, const 
 }
 
 
+
+// PtyRun is a command run with stdin, stdout and stderr on one pseudo-terminal: its exit code
+// (-1 if killed at the limit) and everything it wrote (CRLF line ends, the echo of the input).
+struct PtyRun {
+  int code = -1;
+  std::string out;
+};
+
+// run_on_pty runs autotls args on a pseudo-terminal and types input once the output holds
+// prompt (at once when prompt is empty; never when input is empty). Every wait is bounded by
+// limit: the child is killed then.
+PtyRun run_on_pty(const std::vector<std::string>& args, const std::string& prompt, const std::string& input,
+                  std::chrono::seconds limit = 20s) {
+  int master = -1, slave = -1;
+  REQUIRE(::openpty(&master, &slave, nullptr, nullptr, nullptr) == 0);
+  std::vector<std::string> a = {AUTOTLS_BINARY};
+  a.insert(a.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& s : a) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(master);
+    ::dup2(slave, 0);
+    ::dup2(slave, 1);
+    ::dup2(slave, 2);
+    if (slave > 2) ::close(slave);
+    ::setpgid(0, 0);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(slave);
+  PtyRun r;
+  bool sent = input.empty();
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (!sent && (prompt.empty() || r.out.find(prompt) != std::string::npos)) {
+      REQUIRE(::write(master, input.data(), input.size()) == static_cast<ssize_t>(input.size()));
+      sent = true;
+    }
+    pollfd p{master, POLLIN, 0};
+    if (::poll(&p, 1, 50) <= 0) continue;
+    char buf[4096];
+    ssize_t n = ::read(master, buf, sizeof buf);
+    if (n <= 0) break;  // EIO: every copy of the slave side is closed (the child exited)
+    r.out.append(buf, static_cast<size_t>(n));
+  }
+  r.code = wait_exit(pid, std::max<std::chrono::milliseconds>(
+                              std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()),
+                              1000ms));
+  ::close(master);
+  return r;
+}
+
 }  // namespace
 
 TEST_SUITE("cli.usage") {
@@ -540,6 +595,60 @@ TEST_SUITE("cli.issue") {
     auto rv2 = run(c.args({"revoke", "--cert", (c.dir.path / "b.pem").string()}));
     CHECK_MESSAGE(rv2.code == 3, show(rv2));
     CHECK(rv2.err.find("alreadyRevoked") != std::string::npos);
+  }
+
+  TEST_CASE("delete asks on a terminal, and not with --yes, --json or without a terminal") {
+    // The internal CA: no network, so this runs without Pebble.
+    TempDir d;
+    const std::string storage = (d.path / "s").string();
+    const fs::path live = d.path / "s" / "live", archive = d.path / "s" / "archive";
+    for (const char* name : {"a.ask.test", "b.ask.test", "c.ask.test", "d.ask.test", "e.ask.test", "f.ask.test"}) {
+      auto r = run({"issue", "-d", name, "--ca", "internal", "--storage", storage});
+      REQUIRE_MESSAGE(r.code == 0, show(r));
+    }
+    const std::string prompt = "[y/N]";
+
+    // No terminal (stdin /dev/null, output to files): no question, deleted, as before.
+    auto plain = run({"delete", "a.ask.test", "--storage", storage});
+    CHECK_MESSAGE(plain.code == 0, show(plain));
+    CHECK(plain.err.find(prompt) == std::string::npos);
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "a.ask.test")));
+    // -y and --yes parse.
+    auto y = run({"delete", "-y", "b.ask.test", "--storage", storage});
+    CHECK_MESSAGE(y.code == 0, show(y));
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "b.ask.test")));
+    auto yes = run({"delete", "c.ask.test", "--yes", "--storage", storage});
+    CHECK_MESSAGE(yes.code == 0, show(yes));
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "c.ask.test")));
+
+    // On a terminal: the question names the certificate and its files; "n" deletes nothing.
+    auto no = run_on_pty({"delete", "d.ask.test", "--storage", storage}, prompt, "n\n");
+    CHECK_MESSAGE(no.code == 1, no.out);
+    CHECK(no.out.find("Delete the certificate d.ask.test and its files (" + (live / "d.ask.test").string() + ", " +
+                      (archive / "d.ask.test").string() + ")? [y/N]") != std::string::npos);
+    CHECK_MESSAGE(no.out.find("nothing deleted") != std::string::npos, no.out);
+    CHECK(fs::exists(live / "d.ask.test" / "privkey.pem"));
+    // The end of input (Ctrl-D) is a no too.
+    auto eof = run_on_pty({"delete", "d.ask.test", "--storage", storage}, prompt, "\x04");
+    CHECK_MESSAGE(eof.code == 1, eof.out);
+    CHECK(fs::exists(live / "d.ask.test" / "privkey.pem"));
+    // "YES" deletes.
+    auto ok = run_on_pty({"delete", "d.ask.test", "--storage", storage}, prompt, "YES\n");
+    CHECK_MESSAGE(ok.code == 0, ok.out);
+    CHECK(ok.out.find("deleted d.ask.test") != std::string::npos);
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "d.ask.test")));
+    CHECK_FALSE(fs::exists(archive / "d.ask.test"));
+    // --yes and --json on a terminal: no question (nothing typed; a question would wait for
+    // the limit and be killed).
+    auto forced = run_on_pty({"delete", "e.ask.test", "--yes", "--storage", storage}, "", "", 15s);
+    CHECK_MESSAGE(forced.code == 0, forced.out);
+    CHECK(forced.out.find(prompt) == std::string::npos);
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "e.ask.test")));
+    auto js = run_on_pty({"delete", "f.ask.test", "--json", "--storage", storage}, "", "", 15s);
+    CHECK_MESSAGE(js.code == 0, js.out);
+    CHECK(js.out.find(prompt) == std::string::npos);
+    CHECK(js.out.find("\"status\":\"deleted\"") != std::string::npos);
+    CHECK_FALSE(fs::exists(fs::symlink_status(live / "f.ask.test")));
   }
 
   TEST_CASE("progress is plain lines off a terminal and JSON events with --json") {
@@ -2821,6 +2930,102 @@ TEST_SUITE("cli.serve_files") {
     auto entry = s.certificate("site.names.cli.test");
     CHECK_MESSAGE(entry.value("managed", false) == true, s.get("/certificates").second);
     CHECK(s.get("/readyz").first == 200);
+    s.stop();
+  }
+
+  TEST_CASE("serve stops managing a site name a file certificate starts covering, and manages it again after") {
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const std::string site = "site.names.cli.test";
+    const auto other = f.leaf("other.names.cli.test");
+    const auto wildcard = f.leaf("*.names.cli.test");
+    f.put_pair("pair", other);
+    fs::path config = d.path / "serve.json";
+    write_file(config, json({{"sites", {{site, {{"root", www.string()}}}}}}).dump());
+    NamesServe s(d.path, certs, www, "handed",
+                 {"--config", config.string(), "--cert-dir-snapshots", "off", "--ca", "internal"});
+    fs::path internal_root = d.path / "s" / "internal" / "root.pem";
+    REQUIRE_MESSAGE(s.wait_for([&] { return https_get(site, s.https, internal_root).first == 200; }, 15s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.watching(); }, 15s), s.logs());
+    REQUIRE(s.events("obtained").size() == 1);
+    const std::string acme_id = s.events("obtained")[0].value("cert_id", "");
+    CHECK(s.certificate(site).value("managed", false) == true);
+
+    // The pair now holds a wildcard that covers the site's name. The file wins at once: the
+    // ACME certificate (an exact name, which the store would prefer to the wildcard) leaves the
+    // store and the name is no longer managed.
+    f.put_pair("pair", wildcard);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "pair" / "fullchain.pem"); }, 15s), s.logs());
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(site, s.https, ca_file).first == 200; }, 10s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("unmanaged").empty(); }, 15s), s.logs());
+    {
+      auto e = s.events("unmanaged")[0];
+      INFO(e.dump());
+      CHECK(e.value("name", "") == site);
+      CHECK(e.value("cert_id", "") == acme_id);
+      CHECK(e.value("removed", false) == true);
+    }
+    CHECK(https_get(site, s.https, internal_root).first != 200);
+    CHECK(s.certificate(site).value("source", "") == "files");
+    // (Not /readyz here: it looks the file's "*.names.cli.test" up as an SNI name, which finds
+    // nothing, so it answers 503 while a wildcard file certificate is served.)
+
+    // A pass over the names (SIGHUP) issues and loads nothing for it: the file keeps winning.
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("reload").size() == 1; }, 15s), s.logs());
+    CHECK(https_get(site, s.https, ca_file).first == 200);
+    CHECK(s.events("obtained").size() == 1);
+    CHECK(s.events("renewed").empty());
+    CHECK(s.events("loaded").empty());
+
+    // The pair stops covering it: managed again at once, from storage (no new issuance).
+    f.put_pair("pair", other);
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("loaded").empty(); }, 15s), s.logs());
+    CHECK(s.events("loaded")[0]["names"] == json::array({site}));
+    CHECK(s.events("loaded")[0].value("cert_id", "") == acme_id);
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(site, s.https, internal_root).first == 200; }, 15s), s.logs());
+    CHECK(s.events("obtained").size() == 1);
+    CHECK_MESSAGE(s.certificate(site).value("managed", false) == true, s.get("/certificates").second);
+    CHECK(s.get("/readyz").first == 200);
+    s.stop();
+  }
+
+  TEST_CASE("serve hands a site name over to a file certificate of the other key type") {
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const std::string site = "rsa.names.cli.test";
+    f.put_pair("pair", f.leaf("other.names.cli.test"));
+    fs::path config = d.path / "serve.json";
+    write_file(config, json({{"sites", {{site, {{"root", www.string()}}}}}}).dump());
+    // The site's ACME certificate is RSA; the file's (make_test_leaf) is P-256.
+    NamesServe s(d.path, certs, www, "rsa",
+                 {"--config", config.string(), "--cert-dir-snapshots", "off", "--ca", "internal", "--key-type",
+                  "rsa2048"});
+    fs::path internal_root = d.path / "s" / "internal" / "root.pem";
+    // A client that offers RSA signatures only: the store gives it the RSA slot's certificate.
+    autotls::ossl::SslCtxPtr rsa_only(SSL_CTX_new(TLS_client_method()));
+    REQUIRE(rsa_only);
+    REQUIRE(SSL_CTX_set1_sigalgs_list(rsa_only.get(), "rsa_pss_rsae_sha256:rsa_pkcs1_sha256") == 1);
+    // The internal root is written at start, before the site is obtained.
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("obtained").empty(); }, 15s), s.logs());
+    REQUIRE(SSL_CTX_load_verify_locations(rsa_only.get(), internal_root.c_str(), nullptr) == 1);
+    auto acme_rsa = [&] {
+      auto r = autotls::testing::tls_handshake(s.https, site, rsa_only.get());
+      return r.ok && r.verified;
+    };
+    REQUIRE_MESSAGE(s.wait_for(acme_rsa, 15s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.watching(); }, 15s), s.logs());
+
+    // The pair now holds the site's name, as P-256: the RSA certificate would keep serving
+    // RSA-only clients (the file fills only the ECDSA slot). It leaves the store.
+    f.put_pair("pair", f.leaf(site));
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.file_event("reloaded", certs / "pair" / "fullchain.pem"); }, 15s), s.logs());
+    CHECK_MESSAGE(s.wait_for([&] { return !acme_rsa(); }, 10s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("unmanaged").empty(); }, 15s), s.logs());
+    CHECK(s.events("unmanaged")[0].value("removed", false) == true);
+    CHECK(https_get(site, s.https, ca_file).first == 200);
     s.stop();
   }
 

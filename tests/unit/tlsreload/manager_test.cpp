@@ -884,4 +884,131 @@ TEST_CASE("a site's key type overrides its issuer's key type") {
   CHECK(env.served("example.com") == good);
 }
 
+// A certificate for kNames that this Manager did not issue (another CA, another storage), as
+// `autotls serve` would publish from a certificate file.
+std::shared_ptr<const Certificate> foreign_certificate() {
+  Env other(no_ari());
+  auto m = other.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  auto cert = other.certs->lookup("example.com");
+  REQUIRE(cert);
+  return cert;
+}
+
+TEST_CASE("unmanage stops renewals, holds the names until resume, and touches neither store nor storage") {
+  Env env(no_ari());
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  const std::string acme_id = env.served("example.com");
+  REQUIRE_FALSE(acme_id.empty());
+  const std::string stored = env.file("live/example.com/fullchain.pem");
+
+  auto file = foreign_certificate();
+  REQUIRE(env.certs->publish(file).has_value());
+  CHECK(m->unmanage({"Example.com.", "www.example.com"}) == acme_id);  // normalized like manage()
+  CHECK_FALSE(m->state(kNames));
+  CHECK_FALSE(m->renewal_time(kNames));
+  CHECK(env.served("example.com") == file->id());
+  CHECK(env.file("live/example.com/fullchain.pem") == stored);
+
+  // Held: neither a pass that read its names before, nor on-demand, nor renew takes them back.
+  CHECK_FALSE(m->manage(kNames).has_value());
+  CHECK_FALSE(m->load_stored_only({"example.com"}).has_value());
+  CHECK_FALSE(m->renew(kNames, true).has_value());
+
+  // Past the renewal time: nothing is ordered, the file's certificate keeps serving.
+  env.clock.advance(24h * 80);
+  auto r = m->renew_due();
+  REQUIRE(r.has_value());
+  CHECK(*r == 0);
+  CHECK(m->adopt_stored() == 0);
+  CHECK(env.ca->orders().size() == 1);
+  CHECK(env.served("example.com") == file->id());
+  CHECK(m->unmanage(kNames).empty());  // nothing published since
+
+  // resume: managed again, storage first (no order: back in time, the stored one is not due).
+  m->resume(kNames);
+  env.clock.advance(-24h * 80);
+  REQUIRE(m->manage(kNames).has_value());
+  CHECK(m->state(kNames));
+  CHECK(env.ca->orders().size() == 1);
+  CHECK(env.served("example.com") == acme_id);
+}
+
+TEST_CASE("a renewal in flight when unmanage comes is stored but not published over the other certificate") {
+  Env env(no_ari());
+  // The renewal stops once the CA has given the certificate, until the test lets it go.
+  struct Pause {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool armed = false, reached = false, released = false;
+  } pause;
+  auto o = env.options();
+  o.on_progress = [&pause](const acme::ProgressEvent& e) {
+    if (e.step != acme::ProgressEvent::Step::downloaded || e.tick != 0) return;
+    std::unique_lock lock(pause.mu);
+    if (!pause.armed) return;
+    pause.reached = true;
+    pause.cv.notify_all();
+    pause.cv.wait_for(lock, 10s, [&] { return pause.released; });
+  };
+  Manager m(o, env.storage, env.certs, env.challenges);
+  REQUIRE(m.manage(kNames).has_value());
+  const std::string first = env.served("example.com");
+  const auto when = m.renewal_time(kNames);
+  REQUIRE(when);
+  env.clock.advance(std::chrono::duration_cast<std::chrono::milliseconds>(*when - env.clock.now() + 1min));
+
+  {
+    std::lock_guard lock(pause.mu);
+    pause.armed = true;
+  }
+  Result<int> renewed = 0;
+  std::thread renewal([&] { renewed = m.renew_due(); });
+  bool reached = false;
+  {
+    std::unique_lock lock(pause.mu);
+    reached = pause.cv.wait_for(lock, 10s, [&] { return pause.reached; });
+  }
+  // The file's certificate is published, then the Manager told (what serve does).
+  auto file = foreign_certificate();
+  REQUIRE(env.certs->publish(file).has_value());
+  const std::string returned = m.unmanage(kNames);
+  {
+    std::lock_guard lock(pause.mu);
+    pause.released = true;
+  }
+  pause.cv.notify_all();
+  renewal.join();
+  REQUIRE(reached);
+  CHECK(returned == first);  // the renewal had not published yet
+
+  REQUIRE(renewed.has_value());
+  CHECK(env.ca->orders().size() == 2);
+  CHECK(env.served("example.com") == file->id());
+  CHECK(env.served("www.example.com") == file->id());
+  CHECK_FALSE(m.state(kNames));
+  // The renewed certificate is in storage, for when the names are managed again.
+  auto meta = CertificateState::from_json(env.file("live/example.com/meta.json"));
+  REQUIRE(meta.has_value());
+  CHECK(meta->cert_id != first);
+  CHECK(meta->cert_id != file->id());
+  // And nothing comes back at the next checks.
+  env.clock.advance(24h * 80);
+  auto again = m.renew_due();
+  REQUIRE(again.has_value());
+  CHECK(*again == 0);
+  CHECK(env.ca->orders().size() == 2);
+  CHECK(env.served("example.com") == file->id());
+
+  // Managed again: the ACME certificate serves once more. (The fake clock is ahead of the
+  // fake CA's real-time validity, so whether this loads or renews is not asserted.)
+  m.resume(kNames);
+  env.clock.advance(-24h * 80);
+  REQUIRE(m.manage(kNames).has_value());
+  CHECK(m.state(kNames));
+  CHECK(env.served("example.com") != file->id());
+  CHECK(env.served("example.com") == m.state(kNames)->cert_id);
+}
+
 }  // TEST_SUITE
