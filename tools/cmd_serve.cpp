@@ -763,11 +763,14 @@ int cmd_serve(Context& ctx) {
   std::unique_ptr<tlsreload::OnDemand> on_demand;
 
   // Admin callbacks run on server worker threads: Manager and CertStore reads are thread-safe.
+  // They ask the store what it serves for each name with lookup_name, not lookup: a wildcard
+  // name ("*.example.com", of a file certificate or a site) is no SNI name and lookup() would
+  // never find its entry, and a default certificate must not make a name count as served.
   cfg.admin.ready = [store, live_names] {
     auto now = system_clock::now();
     auto names = live_names->get();
     return std::all_of(names.begin(), names.end(), [&](const std::string& n) {
-      auto cert = store->lookup(n);
+      auto cert = store->lookup_name(n);
       return cert && cert->not_after() > now;
     });
   };
@@ -777,7 +780,7 @@ int cmd_serve(Context& ctx) {
         "# HELP autotls_certificate_not_after_seconds Expiry (Unix time) of the certificate served "
         "for a name.\n# TYPE autotls_certificate_not_after_seconds gauge\n";
     for (const auto& n : names) {
-      auto cert = store->lookup(n);
+      auto cert = store->lookup_name(n);
       if (!cert) continue;
       auto secs = std::chrono::duration_cast<std::chrono::seconds>(cert->not_after().time_since_epoch());
       out += "autotls_certificate_not_after_seconds{name=\"" + prometheus_label(n) + "\"} " +
@@ -824,7 +827,7 @@ int cmd_serve(Context& ctx) {
       json j = {{"name", n}, {"managed", false}};
       if (live_names->covered(n)) {
         j["source"] = "files";
-        if (auto cert = store->lookup(n)) {
+        if (auto cert = store->lookup_name(n)) {
           j["names"] = cert->names();
           j["not_after"] = acme::format_rfc3339(cert->not_after());
         }
@@ -902,7 +905,7 @@ int cmd_serve(Context& ctx) {
     bool removed = false;
     if (!id.empty() && !in_file) {
       for (bool ecdsa : {true, false}) {
-        if (auto c = store->lookup(n, ecdsa); c && c->id() == id) {
+        if (auto c = store->lookup_name(n, ecdsa); c && c->id() == id) {
           removed = store->remove(id).has_value();
           break;
         }
@@ -910,7 +913,7 @@ int cmd_serve(Context& ctx) {
     }
     // A renewal that was published in the instant between the file certificate's publication
     // and unmanage() took its place (and was removed above): the file's certificate goes back.
-    auto now = store->lookup(n);
+    auto now = store->lookup_name(n);
     NameCounts served;
     if (now) count_names(served, *now, 1);
     if (!covered_by(served, n)) {

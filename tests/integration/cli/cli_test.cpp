@@ -2968,8 +2968,18 @@ TEST_SUITE("cli.serve_files") {
     }
     CHECK(https_get(site, s.https, internal_root).first != 200);
     CHECK(s.certificate(site).value("source", "") == "files");
-    // (Not /readyz here: it looks the file's "*.names.cli.test" up as an SNI name, which finds
-    // nothing, so it answers 503 while a wildcard file certificate is served.)
+    // The wildcard name and the site it covers both count as served: ready, with an expiry
+    // each (a lookup of "*.names.cli.test" as an SNI name would find nothing).
+    CHECK_MESSAGE(s.get("/readyz").first == 200, s.get("/certificates").second);
+    CHECK_MESSAGE(s.expiry_metric("*.names.cli.test"), s.get("/metrics").second);
+    CHECK(s.expiry_metric(site));
+    {
+      auto e = s.certificate("*.names.cli.test");
+      INFO(s.get("/certificates").second);
+      CHECK(e.value("source", "") == "files");
+      CHECK(e.contains("not_after"));
+      CHECK(e.value("names", json::array()) == json::array({"*.names.cli.test"}));
+    }
 
     // A pass over the names (SIGHUP) issues and loads nothing for it: the file keeps winning.
     REQUIRE(::kill(s.pid, SIGHUP) == 0);
