@@ -630,6 +630,16 @@ const Certificate* Snapshot::find_borrowed(std::string_view sni, bool client_sup
   return find_impl<true>(sni, client_supports_ecdsa, missed);
 }
 
+const CertPair* Snapshot::entry(std::string_view name) const {
+  std::string lower(name);
+  for (char& c : lower) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  if (!lower.empty() && lower.back() == '.') lower.pop_back();
+  std::string_view key = key_of(lower);
+  return key.empty() ? nullptr : detail::SnapshotEditor::peek(*this, key);
+}
+
 std::vector<std::shared_ptr<const Certificate>> Snapshot::certificates() const {
   std::unordered_set<const Certificate*> seen;
   std::vector<std::shared_ptr<const Certificate>> out;
@@ -705,6 +715,32 @@ std::shared_ptr<const Certificate> CertStore::lookup(std::string_view sni,
                                                      bool client_supports_ecdsa) const {
   const auto* found = pinned().find(sni, client_supports_ecdsa);
   return found ? *found : nullptr;
+}
+
+std::shared_ptr<const Certificate> CertStore::lookup_name(std::string_view name,
+                                                          bool client_supports_ecdsa) const {
+  const Snapshot& s = pinned();
+  std::shared_ptr<const Certificate> fallback;
+  auto usable = [](const std::shared_ptr<const Certificate>& c) {
+    return c && c->verification() != Verification::failed;
+  };
+  // pick as in Snapshot::find: the wanted family, else remember the other for the end.
+  auto pick = [&](const CertPair* p) -> std::shared_ptr<const Certificate> {
+    if (!p) return nullptr;
+    const auto& wanted = client_supports_ecdsa ? p->ecdsa : p->rsa;
+    const auto& other = client_supports_ecdsa ? p->rsa : p->ecdsa;
+    if (usable(wanted)) return wanted;
+    if (!fallback && usable(other)) fallback = other;
+    return nullptr;
+  };
+  if (auto c = pick(s.entry(name))) return c;
+  if (!name.starts_with("*.")) {
+    std::size_t dot = name.find('.');
+    if (dot != std::string_view::npos && dot > 0 && dot + 1 < name.size()) {
+      if (auto c = pick(s.entry("*" + std::string(name.substr(dot))))) return c;
+    }
+  }
+  return fallback;
 }
 
 const Certificate* CertStore::lookup_for_handshake(std::string_view sni,

@@ -80,6 +80,13 @@ class Snapshot {
   const Certificate* find_borrowed(std::string_view sni, bool client_supports_ecdsa,
                                    bool* missed = nullptr) const;
 
+  // entry returns what the snapshot holds for the name itself: the exact name's entry, or for
+  // a wildcard name ("*.example.com") the wildcard's entry, which find() never reaches (a
+  // wildcard entry answers "a.example.com", not the literal "*.example.com"). No wildcard
+  // matching, no default. Case-insensitive, one trailing dot ignored; nullptr when nothing is
+  // held. For status pages (readiness, metrics), not for handshakes.
+  const CertPair* entry(std::string_view name) const;
+
   // certificates lists each distinct certificate once (including the defaults), ordered by id.
   // O(n): for listing and status pages, not for handshakes.
   std::vector<std::shared_ptr<const Certificate>> certificates() const;
@@ -183,6 +190,14 @@ class CertStore {
   // nullptr. Lock-free on the common path; the result stays valid however the store changes.
   std::shared_ptr<const Certificate> lookup(std::string_view sni,
                                             bool client_supports_ecdsa = true) const;
+
+  // lookup_name returns the certificate the store serves for a configured or certificate name,
+  // never the default: the exact entry, else (for a name that is not a wildcard) the wildcard
+  // entry covering it, as lookup() does; a wildcard name ("*.example.com") is its own entry
+  // (Snapshot::entry), which lookup() cannot find. Key families and failed verifications as in
+  // Snapshot::find. nullptr when no entry answers. For status pages, not for handshakes.
+  std::shared_ptr<const Certificate> lookup_name(std::string_view name,
+                                                 bool client_supports_ecdsa = true) const;
 
   // lookup_for_handshake is lookup() without the reference count: the pointer is borrowed
   // from this thread's cached snapshot and is valid only until this thread next calls any

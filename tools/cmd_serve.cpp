@@ -441,11 +441,34 @@ class NameList {
     std::lock_guard lock(mu_);
     return covered_by(files_, name);
   }
+  // OnConfigured hears what a SIGHUP changed for ACME: withdrawn, the names no longer
+  // configured that no file certificate covers (the Manager must stop managing them); resumed,
+  // names withdrawn at an earlier SIGHUP that are configured again and not covered (the Manager
+  // takes them back). A name a file covers is the file's either way (handed over, or never
+  // issued), so it is in neither list.
+  using OnConfigured = std::function<void(const std::vector<std::string>& withdrawn, const std::vector<std::string>& resumed)>;
+
   // set_configured replaces the configured names (SIGHUP); returns get() before and after.
-  std::pair<std::vector<std::string>, std::vector<std::string>> set_configured(std::vector<std::string> v) {
+  // on_configured (if set) is called under the lock, so that no coverage change (on_coverage)
+  // comes between the lists and what the Manager is told.
+  std::pair<std::vector<std::string>, std::vector<std::string>> set_configured(std::vector<std::string> v,
+                                                                               const OnConfigured& on_configured = {}) {
     std::lock_guard lock(mu_);
     auto before = merged();
+    const std::set<std::string> old_set(configured_.begin(), configured_.end());
+    const std::set<std::string> new_set(v.begin(), v.end());
+    std::vector<std::string> withdrawn, resumed;
+    for (const auto& n : old_set) {
+      if (!new_set.count(n) && !covered_by(files_, n) && withdrawn_.insert(n).second) withdrawn.push_back(n);
+    }
+    for (const auto& n : new_set) {
+      // Configured again: no longer withdrawn. One a file covers now stays held by the Manager
+      // as a handed-over name (on_coverage resumes it when the file stops covering it).
+      if (old_set.count(n) || !withdrawn_.erase(n)) continue;
+      if (!covered_by(files_, n)) resumed.push_back(n);
+    }
     configured_ = std::move(v);
+    if (on_configured && (!withdrawn.empty() || !resumed.empty())) on_configured(withdrawn, resumed);
     return {std::move(before), merged()};
   }
   // add_files adds counts (the start's loads) to the file names.
@@ -545,6 +568,9 @@ class NameList {
   // The names handed over to a file certificate (Manager::unmanage) and not given back yet:
   // as many as configured names a file took over.
   std::vector<std::string> handed_over_;
+  // The names withdrawn from the Manager because their site left the configuration (SIGHUP)
+  // and not configured again since: as many as sites removed.
+  std::set<std::string> withdrawn_;
   OnCoverage on_coverage_;
 };
 
@@ -763,11 +789,14 @@ int cmd_serve(Context& ctx) {
   std::unique_ptr<tlsreload::OnDemand> on_demand;
 
   // Admin callbacks run on server worker threads: Manager and CertStore reads are thread-safe.
+  // They ask the store what it serves for each name with lookup_name, not lookup: a wildcard
+  // name ("*.example.com", of a file certificate or a site) is no SNI name and lookup() would
+  // never find its entry, and a default certificate must not make a name count as served.
   cfg.admin.ready = [store, live_names] {
     auto now = system_clock::now();
     auto names = live_names->get();
     return std::all_of(names.begin(), names.end(), [&](const std::string& n) {
-      auto cert = store->lookup(n);
+      auto cert = store->lookup_name(n);
       return cert && cert->not_after() > now;
     });
   };
@@ -777,7 +806,7 @@ int cmd_serve(Context& ctx) {
         "# HELP autotls_certificate_not_after_seconds Expiry (Unix time) of the certificate served "
         "for a name.\n# TYPE autotls_certificate_not_after_seconds gauge\n";
     for (const auto& n : names) {
-      auto cert = store->lookup(n);
+      auto cert = store->lookup_name(n);
       if (!cert) continue;
       auto secs = std::chrono::duration_cast<std::chrono::seconds>(cert->not_after().time_since_epoch());
       out += "autotls_certificate_not_after_seconds{name=\"" + prometheus_label(n) + "\"} " +
@@ -824,7 +853,7 @@ int cmd_serve(Context& ctx) {
       json j = {{"name", n}, {"managed", false}};
       if (live_names->covered(n)) {
         j["source"] = "files";
-        if (auto cert = store->lookup(n)) {
+        if (auto cert = store->lookup_name(n)) {
           j["names"] = cert->names();
           j["not_after"] = acme::format_rfc3339(cert->not_after());
         }
@@ -902,7 +931,7 @@ int cmd_serve(Context& ctx) {
     bool removed = false;
     if (!id.empty() && !in_file) {
       for (bool ecdsa : {true, false}) {
-        if (auto c = store->lookup(n, ecdsa); c && c->id() == id) {
+        if (auto c = store->lookup_name(n, ecdsa); c && c->id() == id) {
           removed = store->remove(id).has_value();
           break;
         }
@@ -910,13 +939,13 @@ int cmd_serve(Context& ctx) {
     }
     // A renewal that was published in the instant between the file certificate's publication
     // and unmanage() took its place (and was removed above): the file's certificate goes back.
-    auto now = store->lookup(n);
+    auto now = store->lookup_name(n);
     NameCounts served;
     if (now) count_names(served, *now, 1);
     if (!covered_by(served, n)) {
       for (const auto& c : files) (void)store->publish(c);
     }
-    event_line("unmanaged", {{"name", n}, {"cert_id", id}, {"removed", removed}},
+    event_line("unmanaged", {{"name", n}, {"cert_id", id}, {"removed", removed}, {"reason", "file"}},
                n + ": served from a certificate file now; no longer issued or renewed over ACME");
   };
   // A configured name that a file certificate starts covering after start is handed over to it
@@ -989,8 +1018,22 @@ int cmd_serve(Context& ctx) {
     for (const auto& [key, changed] : restart_only) {
       if (changed) not_applied.push_back(key);
     }
-    // The file names as they are now (the rescan above applied what changed on disk).
-    auto [old_names, new_names] = live_names->set_configured(ns->names);
+    // The file names as they are now (the rescan above applied what changed on disk). A name
+    // whose site left the configuration is no longer managed (no renewal, ARI check or
+    // storage adoption; a renewal in flight is stored, not published) and its ACME certificate
+    // leaves the store, as Caddy stops serving a removed site; storage keeps it. A site added
+    // back is managed again from storage (`loaded`, no new order unless it is due).
+    auto withdraw = [&](const std::vector<std::string>& withdrawn, const std::vector<std::string>& resumed) {
+      for (const auto& n : withdrawn) {
+        const std::string id = manager.unmanage({n});
+        const bool removed = !id.empty() && store->remove(id).has_value();
+        event_line("unmanaged", {{"name", n}, {"cert_id", id}, {"removed", removed}, {"reason", "site_removed"}},
+                   n + ": its site was removed from the configuration; no longer issued, renewed or served");
+      }
+      // The ACME pass after this reload manages them (they are configured and not covered).
+      for (const auto& n : resumed) manager.resume({n});
+    };
+    auto [old_names, new_names] = live_names->set_configured(ns->names, withdraw);
     std::vector<std::string> added, removed;
     // Sets: with a --cert-dir of 100,000 names, a linear find per name kept a SIGHUP busy for
     // minutes (10^10 comparisons).

@@ -2968,8 +2968,18 @@ TEST_SUITE("cli.serve_files") {
     }
     CHECK(https_get(site, s.https, internal_root).first != 200);
     CHECK(s.certificate(site).value("source", "") == "files");
-    // (Not /readyz here: it looks the file's "*.names.cli.test" up as an SNI name, which finds
-    // nothing, so it answers 503 while a wildcard file certificate is served.)
+    // The wildcard name and the site it covers both count as served: ready, with an expiry
+    // each (a lookup of "*.names.cli.test" as an SNI name would find nothing).
+    CHECK_MESSAGE(s.get("/readyz").first == 200, s.get("/certificates").second);
+    CHECK_MESSAGE(s.expiry_metric("*.names.cli.test"), s.get("/metrics").second);
+    CHECK(s.expiry_metric(site));
+    {
+      auto e = s.certificate("*.names.cli.test");
+      INFO(s.get("/certificates").second);
+      CHECK(e.value("source", "") == "files");
+      CHECK(e.contains("not_after"));
+      CHECK(e.value("names", json::array()) == json::array({"*.names.cli.test"}));
+    }
 
     // A pass over the names (SIGHUP) issues and loads nothing for it: the file keeps winning.
     REQUIRE(::kill(s.pid, SIGHUP) == 0);
@@ -3026,6 +3036,82 @@ TEST_SUITE("cli.serve_files") {
     REQUIRE_MESSAGE(s.wait_for([&] { return !s.events("unmanaged").empty(); }, 15s), s.logs());
     CHECK(s.events("unmanaged")[0].value("removed", false) == true);
     CHECK(https_get(site, s.https, ca_file).first == 200);
+    s.stop();
+  }
+
+  TEST_CASE("serve stops managing and serving a site removed on SIGHUP, and manages it again from storage when added back") {
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &ca_file = f.ca_file, &certs = f.certs, &www = f.www;
+    const std::string gone = "gone.names.cli.test", kept = "kept.names.cli.test", file = "file.names.cli.test";
+    f.put_pair("pair", f.leaf(file));
+    fs::path config = d.path / "serve.json";
+    auto sites = [&](const std::vector<std::string>& names) {
+      json j = json::object();
+      for (const auto& n : names) j[n] = {{"root", www.string()}};
+      write_file(config, json({{"sites", j}}).dump());
+    };
+    sites({gone, kept, file});
+    NamesServe s(d.path, certs, www, "removed",
+                 {"--config", config.string(), "--cert-dir-snapshots", "off", "--ca", "internal"});
+    fs::path internal_root = d.path / "s" / "internal" / "root.pem";
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("obtained").size() == 2; }, 15s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return https_get(gone, s.https, internal_root).first == 200; }, 15s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.watching(); }, 15s), s.logs());
+    std::string gone_id;
+    for (const auto& e : s.events("obtained")) {
+      if (e["names"] == json::array({gone})) gone_id = e.value("cert_id", "");
+    }
+    REQUIRE(!gone_id.empty());
+    CHECK(s.certificate(gone).value("managed", false) == true);
+
+    // gone's site and file's site removed: gone is no longer managed and its certificate is no
+    // longer served (still in storage); file's name is still the file's; kept is untouched.
+    sites({kept});
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("reload").size() == 1; }, 15s), s.logs());
+    {
+      auto reload = s.events("reload")[0];
+      INFO(reload.dump());
+      CHECK(reload["removed"] == json::array({gone}));
+    }
+    REQUIRE_MESSAGE(s.events("unmanaged").size() == 1, s.logs());
+    {
+      auto e = s.events("unmanaged")[0];
+      INFO(e.dump());
+      CHECK(e.value("name", "") == gone);
+      CHECK(e.value("cert_id", "") == gone_id);
+      CHECK(e.value("removed", false) == true);
+      CHECK(e.value("reason", "") == "site_removed");
+    }
+    CHECK(https_get(gone, s.https, internal_root).first != 200);
+    CHECK(s.certificate(gone).is_null());
+    CHECK_FALSE(s.expiry_metric(gone));
+    CHECK(https_get(kept, s.https, internal_root).first == 200);
+    CHECK(s.certificate(kept).value("managed", false) == true);
+    CHECK(https_get(file, s.https, ca_file).first == 421);  // served from its file, no site
+    CHECK(s.certificate(file).value("source", "") == "files");
+    CHECK(s.get("/readyz").first == 200);
+
+    // Added back: managed again from storage (the same certificate, no new order).
+    sites({gone, kept, file});
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    // (Each pass over the names also says `loaded` for kept, as every SIGHUP does.)
+    auto loaded_gone = [&] {
+      json found;
+      for (const auto& e : s.events("loaded")) {
+        if (e["names"] == json::array({gone})) found = e;
+      }
+      return found;
+    };
+    REQUIRE_MESSAGE(s.wait_for([&] { return !loaded_gone().is_null(); }, 15s), s.logs());
+    CHECK(loaded_gone().value("cert_id", "") == gone_id);
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(gone, s.https, internal_root).first == 200; }, 15s), s.logs());
+    CHECK(s.events("obtained").size() == 2);
+    CHECK(s.events("unmanaged").size() == 1);
+    CHECK_MESSAGE(s.certificate(gone).value("managed", false) == true, s.get("/certificates").second);
+    CHECK(https_get(file, s.https, ca_file).first == 200);
+    CHECK(s.get("/readyz").first == 200);
     s.stop();
   }
 

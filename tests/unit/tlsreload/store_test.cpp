@@ -147,6 +147,35 @@ TEST_CASE_FIXTURE(Fixture, "store wildcard covers exactly one label") {
   CHECK(served("www.example.com") == "*.example.com");
 }
 
+TEST_CASE_FIXTURE(Fixture, "store lookup_name finds a wildcard name's own entry and never the default") {
+  auto wildcard = put({"*.example.com"});
+  auto def = make({"default.test"});
+  REQUIRE(store.set_default(def));
+  // lookup() takes "*.example.com" as an SNI name: not a valid one, so the default answers.
+  CHECK(served("*.example.com") == "default.test");
+  CHECK(store.lookup_name("*.example.com") == wildcard);
+  CHECK(store.lookup_name("*.EXAMPLE.com.") == wildcard);
+  REQUIRE(store.snapshot()->entry("*.example.com"));
+  CHECK(store.snapshot()->entry("*.example.com")->ecdsa == wildcard);
+  CHECK(store.snapshot()->entry("a.example.com") == nullptr);  // no wildcard matching
+  // A name the wildcard covers is served by it; one it does not cover gets nothing.
+  CHECK(store.lookup_name("a.example.com") == wildcard);
+  CHECK(store.lookup_name("example.com") == nullptr);
+  CHECK(store.lookup_name("a.b.example.com") == nullptr);
+  CHECK(store.lookup_name("zzz.test") == nullptr);
+  CHECK(store.lookup_name("*.other.test") == nullptr);
+  CHECK(store.lookup_name("") == nullptr);
+  // Exact beats wildcard; key families as in lookup().
+  auto api = put({"api.example.com"});
+  CHECK(store.lookup_name("api.example.com") == api);
+  auto rsa = put({"*.example.com"}, TestKeyType::rsa2048);
+  CHECK(store.lookup_name("*.example.com", false) == rsa);
+  CHECK(store.lookup_name("*.example.com", true) == wildcard);
+  CHECK(store.lookup_name("api.example.com", false) == rsa);
+  REQUIRE(store.remove(rsa->id()));
+  CHECK(store.lookup_name("*.example.com", false) == wildcard);  // only the other family: served anyway
+}
+
 TEST_CASE_FIXTURE(Fixture, "store serves punycode IDN names as ASCII") {
   put({"xn--bcher-kva.example"});
   CHECK(served("xn--bcher-kva.example") == "xn--bcher-kva.example");
