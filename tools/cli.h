@@ -38,6 +38,7 @@ struct Options {
   std::string ca = "letsencrypt";
   std::string ca_bundle;
   std::string storage;
+  std::string storage_sync = "filesystem";  // filesystem | per-file (tlsreload::FileStorage::Sync)
   std::string config;
   std::string email;
   bool agree_tos = false;

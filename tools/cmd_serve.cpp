@@ -1000,6 +1000,7 @@ int cmd_serve(Context& ctx) {
     const std::pair<const char*, bool> restart_only[] = {
         {"ca", next->ca != o.ca},
         {"storage", next->storage != o.storage},
+        {"storage-sync", next->storage_sync != o.storage_sync},
         {"email", next->email != o.email},
         {"challenge", next->challenge != o.challenge},
         {"dns-hook", next->dns_hook != o.dns_hook},

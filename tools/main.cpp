@@ -136,6 +136,12 @@ void add_common(CLI::App& app, Options& o) {
   app.add_option("--storage", o.storage,
                  "storage directory (default: /var/lib/autotls as root, else $XDG_DATA_HOME/autotls or "
                  "~/.local/share/autotls)");
+  app.add_option("--storage-sync", o.storage_sync,
+                 "how a new certificate's files are made durable before they go live: filesystem (one "
+                 "syncfs of the storage's filesystem, the fastest on a quiet disk) or per-file (an fsync "
+                 "of each file: on a host where others keep much unwritten data on that filesystem)")
+      ->check(CLI::IsMember({"filesystem", "per-file"}))
+      ->capture_default_str();
   app.add_option("--config", o.config, "JSON config file; every flag has a key of its long name; flags win");
   app.add_option("--email", o.email, "contact e-mail for the ACME account");
   app.add_flag("--agree-tos", o.agree_tos, "agree to the CA's terms of service");
@@ -547,7 +553,12 @@ int main(int argc, char** argv) {
   }
   ctx.directory_url = *dir;
   ctx.storage_root = o.storage.empty() ? default_storage() : o.storage;
-  ctx.storage = std::make_shared<tlsreload::FileStorage>(ctx.storage_root);
+  {
+    auto fs = std::make_shared<tlsreload::FileStorage>(ctx.storage_root);
+    fs->set_sync(o.storage_sync == "per-file" ? tlsreload::FileStorage::Sync::per_file
+                                              : tlsreload::FileStorage::Sync::filesystem);
+    ctx.storage = std::move(fs);
+  }
 
   if (issue->parsed()) return end_now(cmd_issue(ctx));
   if (renew->parsed()) return end_now(cmd_renew(ctx));

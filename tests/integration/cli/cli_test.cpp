@@ -1007,6 +1007,33 @@ TEST_SUITE("cli.issue") {
     CHECK(read_file(out / "privkey.pem") == read_file(live / "privkey.pem"));
   }
 
+  TEST_CASE("--storage-sync per-file and the storage-sync key store a certificate; another value is a usage error") {
+    // The internal CA: no network. What each mode syncs is tested on FileStorage
+    // (tlsreload.storage); here, that the flag and the key reach it and the files land.
+    TempDir d;
+    std::string storage = (d.path / "s").string();
+    auto bad = run({"issue", "-d", "sync.test", "--ca", "internal", "--storage", storage, "--storage-sync", "never"});
+    CHECK_MESSAGE(bad.code == 2, show(bad));
+    CHECK_MESSAGE(bad.err.find("--storage-sync") != std::string::npos, show(bad));
+    CHECK_FALSE(fs::exists(d.path / "s" / "live" / "sync.test"));
+
+    auto r = run({"issue", "-d", "sync.test", "--ca", "internal", "--storage", storage, "--storage-sync", "per-file"});
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    for (const char* f : {"fullchain.pem", "privkey.pem", "cert.pem", "chain.pem", "meta.json"}) {
+      CHECK_MESSAGE(fs::is_regular_file(d.path / "s" / "live" / "sync.test" / f), f);
+    }
+
+    const fs::path config = d.path / "autotls.json";
+    write_file(config, "{\"storage-sync\": \"per-file\"}\n");
+    auto rn = run({"renew", "--force", "--ca", "internal", "--storage", storage, "--config", config.string(),
+                   "--no-random-sleep"});
+    CHECK_MESSAGE(rn.code == 0, show(rn));
+    write_file(config, "{\"storage-sync\": \"sometimes\"}\n");
+    auto bad_key = run({"list", "--storage", storage, "--config", config.string()});
+    CHECK_MESSAGE(bad_key.code == 2, show(bad_key));
+    CHECK_MESSAGE(bad_key.err.find("storage-sync") != std::string::npos, show(bad_key));
+  }
+
   TEST_CASE("http-01 through a webroot served by another web server") {
     Cli c;
     AUTOTLS_START_PEBBLE(env, PebbleOptions{});
