@@ -350,9 +350,14 @@ Result<std::string> tcp_exchange(const Server& s, const std::string& message, st
 
 Result<TsigKey> parse_bind_key_text(std::string_view text) {
   // key "name" { algorithm hmac-sha256; secret "base64"; };  (comments: //, #, /* */)
+  // Comment markers inside a quoted string are text: a base64 secret may hold "//".
   std::string t;
+  bool quoted = false;
   for (size_t i = 0; i < text.size(); ++i) {
-    if (text[i] == '#' || (text[i] == '/' && i + 1 < text.size() && text[i + 1] == '/')) {
+    if (text[i] == '"') quoted = !quoted;
+    if (quoted) {
+      t += text[i];
+    } else if (text[i] == '#' || (text[i] == '/' && i + 1 < text.size() && text[i + 1] == '/')) {
       while (i < text.size() && text[i] != '\n') ++i;
       t += '\n';
     } else if (text[i] == '/' && i + 1 < text.size() && text[i + 1] == '*') {
