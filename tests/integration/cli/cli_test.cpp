@@ -210,6 +210,31 @@ std::pair<long, std::string> https_get(const std::string& host, int port, const 
 
 
 
+// spawn_on_pty starts argv (argv[0] a path) in its own process group with stdout and stderr,
+// and stdin too when with_stdin, on a new pseudo-terminal; it returns the child and the
+// terminal's master side (the caller closes it).
+std::pair<pid_t, int> spawn_on_pty(std::vector<std::string> a, bool with_stdin) {
+  int master = -1, slave = -1;
+  REQUIRE(::openpty(&master, &slave, nullptr, nullptr, nullptr) == 0);
+  std::vector<char*> argv;
+  for (auto& s : a) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(master);
+    if (with_stdin) ::dup2(slave, 0);
+    ::dup2(slave, 1);
+    ::dup2(slave, 2);
+    if (slave > 2) ::close(slave);
+    ::setpgid(0, 0);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(slave);
+  return {pid, master};
+}
+
 // PtyRun is a command run with stdin, stdout and stderr on one pseudo-terminal: its exit code
 // (-1 if killed at the limit) and everything it wrote (CRLF line ends, the echo of the input).
 struct PtyRun {
@@ -222,26 +247,9 @@ struct PtyRun {
 // limit: the child is killed then.
 PtyRun run_on_pty(const std::vector<std::string>& args, const std::string& prompt, const std::string& input,
                   std::chrono::seconds limit = 20s) {
-  int master = -1, slave = -1;
-  REQUIRE(::openpty(&master, &slave, nullptr, nullptr, nullptr) == 0);
   std::vector<std::string> a = {AUTOTLS_BINARY};
   a.insert(a.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& s : a) argv.push_back(s.data());
-  argv.push_back(nullptr);
-  pid_t pid = ::fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::close(master);
-    ::dup2(slave, 0);
-    ::dup2(slave, 1);
-    ::dup2(slave, 2);
-    if (slave > 2) ::close(slave);
-    ::setpgid(0, 0);
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  ::close(slave);
+  auto [pid, master] = spawn_on_pty(a, true);
   PtyRun r;
   bool sent = input.empty();
   const auto deadline = std::chrono::steady_clock::now() + limit;
@@ -3803,23 +3811,7 @@ struct LogFormatServe {
   }
   // on_terminal runs serve with stdout and stderr on a pseudo-terminal.
   std::string on_terminal(std::vector<std::string> more) {
-    int master = -1, slave = -1;
-    REQUIRE(::openpty(&master, &slave, nullptr, nullptr, nullptr) == 0);
-    auto a = argv(std::move(more));
-    std::vector<char*> args;
-    for (auto& s : a) args.push_back(s.data());
-    args.push_back(nullptr);
-    pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-      ::close(master);
-      ::dup2(slave, 1);
-      ::dup2(slave, 2);
-      ::setpgid(0, 0);
-      ::execv(args[0], args.data());
-      ::_exit(127);
-    }
-    ::close(slave);
+    auto [pid, master] = spawn_on_pty(argv(std::move(more)), false);
     std::string got;
     auto drain = [&] {
       char buf[4096];
