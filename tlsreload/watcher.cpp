@@ -785,6 +785,14 @@ void CertWatcher::run() {
   }
 }
 
+std::shared_ptr<const Certificate> CertWatcher::republish(const fs::path& chain) {
+  std::lock_guard lock(mu_);
+  auto it = entries_.find(chain.native());
+  if (it == entries_.end() || !it->second.cert) return nullptr;
+  if (!store_->publish(it->second.cert)) return nullptr;
+  return it->second.cert;
+}
+
 CertWatcher::Counters CertWatcher::counters() const {
   return {loaded_.load(),      reloaded_.load(),      failed_.load(),       removed_.load(),
           checks_.load(),      full_checks_.load(),   pairs_checked_.load(), pairs_parsed_.load()};

@@ -363,6 +363,53 @@ TEST_CASE("watcher publishes a removed pair put back as it was, and reports it w
   CHECK(w.counters().failed == 0);
 }
 
+// serve hands a configured name over to a file certificate: it removes the ACME renewal that
+// took the name in that instant and puts the file's certificate back. Another thread may have
+// reloaded the same pair meanwhile; what goes back must be the pair's newest certificate, not
+// the one the handing-over burst carried. No watcher thread: every step is a call here.
+TEST_CASE("watcher republish puts back a pair's newest certificate, not an older one") {
+  Fixture f;
+  auto v1 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", v1);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  REQUIRE(f.count(WatchEvent::Type::loaded) == 1);
+  // The burst that hands a.test over carries v1 and its pair.
+  const auto burst = f.of(WatchEvent::Type::loaded)[0];
+  REQUIRE(burst.cert);
+  CHECK(burst.cert->id() == id_of(v1));
+  CHECK(burst.path == f.dir.path / "a.test" / "fullchain.pem");
+
+  // Another thread (a SIGHUP rescan) reloads the pair: v2 is its certificate now.
+  auto v2 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", v2);
+  w.rescan();
+  REQUIRE(f.served("a.test") == id_of(v2));
+  // An ACME renewal for a.test takes the name (v2 leaves the store: replaced on all its
+  // names), and the hand-over removes it: a.test has no certificate for a moment.
+  auto r = f.ca.issue({"a.test"});
+  auto rc = Certificate::from_pem(f.ca.chain_pem(r), r.key_pem, LoadOptions{});
+  REQUIRE(rc.has_value());
+  REQUIRE(f.store->publish(*rc));
+  REQUIRE(f.served("a.test") == id_of(r));
+  REQUIRE(f.store->remove(id_of(r)));
+  REQUIRE(f.served("a.test").empty());
+
+  // The file's certificate goes back: the pair's newest (v2), not the burst's v1.
+  auto back = w.republish(burst.path);
+  REQUIRE(back);
+  CHECK(back->id() == id_of(v2));
+  CHECK(f.served("a.test") == id_of(v2));
+  CHECK(f.served("a.test") != id_of(v1));
+  // Again: a no-op (v2 holds its names already).
+  const auto version = f.store->version();
+  CHECK(w.republish(burst.path) == back);
+  CHECK(f.store->version() == version);
+  // A pair the watcher does not know: nothing.
+  CHECK_FALSE(w.republish(f.dir.path / "b.test" / "fullchain.pem"));
+  CHECK(f.store->version() == version);
+}
+
 TEST_CASE("watcher reloads an explicit pair behind a swapped data symlink") {
   // A Kubernetes secret mount: tls.crt -> ..data/tls.crt, ..data -> ..<timestamp>/.
   Fixture f;
