@@ -927,7 +927,7 @@ int cmd_serve(Context& ctx) {
   // winning: an exact name over a file's wildcard, or one key family over a file of the other.
   auto hand_over = [&](const std::string& n, const NameList::Certs& entered, const std::vector<std::string>& chains) {
     const std::string id = manager.unmanage({n});
-    NameList::Certs covering;                 // the burst's certificates that cover n
+    NameList::Certs covering;               // the burst's certificates that cover n
     std::vector<const std::string*> pairs;  // their pairs' chain files
     for (std::size_t i = 0; i < entered.size(); ++i) {
       NameCounts one;
@@ -967,7 +967,10 @@ int cmd_serve(Context& ctx) {
   // at once; one that a file stops covering (its pair reloaded without it, or gone at the
   // verification behind a snapshot) is handed back and issued at once, not at the next SIGHUP.
   // Called by the watcher's (or the verification's) thread with the name list's lock held
-  // (never the other way round: nothing here takes it); cleared before mu and cv go.
+  // (never the other way round: nothing here takes it); cleared before mu and cv go. A
+  // hand-over's republish takes the watcher's lock under it, which is safe: the watcher calls
+  // out (its events) with no lock held. (It may wait there for a check in progress, a full one
+  // too; only in the rare instant a renewal took the file's place.)
   live_names->set_on_coverage([&](const std::vector<std::string>& covered, const std::vector<std::string>& uncovered,
                                   const NameList::Certs& entered, const std::vector<std::string>& chains) {
     for (const auto& n : covered) hand_over(n, entered, chains);
