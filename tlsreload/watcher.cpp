@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <system_error>
+#include <type_traits>
 
 #include "tlsreload/store.h"
 
@@ -104,6 +105,9 @@ Status CertWatcher::ensure_inotify() {
 }
 
 std::size_t CertWatcher::add_source(Source s) {
+  // DirWatch::cands point at keys of the sources' cands maps: the list may grow only by moving
+  // its sources (a moved std::map keeps its nodes, and their addresses), never by copying them.
+  static_assert(std::is_nothrow_move_constructible_v<Source>);
   sources_.push_back(std::move(s));
   return sources_.size() - 1;
 }
