@@ -615,10 +615,12 @@ void finish_check(CertStore& store, DirectoryCheck& check, const SnapshotStart& 
         if (it == snapshot_by_chain.end()) {
           ++check.added;
           check.fresh.push_back(check.report.certificates[i]);
+          check.fresh_chains.push_back(check.report.sources[i].paths.chain.native());
         } else if (it->second != check.report.certificates[i]->id()) {
           ++check.changed;
           check.changed_paths.push_back(check.report.sources[i].paths.chain);
           check.fresh.push_back(check.report.certificates[i]);
+          check.fresh_chains.push_back(check.report.sources[i].paths.chain.native());
         }
       }
     }

@@ -115,6 +115,7 @@ struct DirectoryCheck {
   // dropped is not left to the old one). References, not copies; a default left in place
   // (remove_published) is in neither.
   std::vector<std::shared_ptr<const Certificate>> fresh, gone, replaced;
+  std::vector<std::string> fresh_chains;  // fresh's pairs' chain files, in fresh's order
 };
 
 // check_directory loads dir (load_directory), publishes the result (as publish_all: a pair whose

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <system_error>
+#include <type_traits>
 
 #include "tlsreload/store.h"
 
@@ -104,6 +105,9 @@ Status CertWatcher::ensure_inotify() {
 }
 
 std::size_t CertWatcher::add_source(Source s) {
+  // DirWatch::cands point at keys of the sources' cands maps: the list may grow only by moving
+  // its sources (a moved std::map keeps its nodes, and their addresses), never by copying them.
+  static_assert(std::is_nothrow_move_constructible_v<Source>);
   sources_.push_back(std::move(s));
   return sources_.size() - 1;
 }
@@ -783,6 +787,14 @@ void CertWatcher::run() {
     }
     emit(events);
   }
+}
+
+std::shared_ptr<const Certificate> CertWatcher::republish(const fs::path& chain) {
+  std::lock_guard lock(mu_);
+  auto it = entries_.find(chain.native());
+  if (it == entries_.end() || !it->second.cert) return nullptr;
+  if (!store_->publish(it->second.cert)) return nullptr;
+  return it->second.cert;
 }
 
 CertWatcher::Counters CertWatcher::counters() const {

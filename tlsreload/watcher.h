@@ -148,6 +148,16 @@ class CertWatcher {
   // re-points every watch.
   void rescan();
 
+  // republish publishes again the certificate the watcher serves now for the pair whose chain
+  // file is chain (as its events name it: WatchEvent::path), and returns it; nullptr when the
+  // watcher holds no certificate for that pair (or the store refused it), the store unchanged.
+  // For a caller that took a name away from a pair's certificate and puts the file's back
+  // (serve, handing a configured name over to a file certificate, removes a renewal that had
+  // taken the file's place): it runs under the lock the watcher loads and publishes under, so
+  // what goes back is the pair's newest certificate, never an older one that a newer load
+  // (another thread's rescan, the verification behind a snapshot) has replaced meanwhile.
+  std::shared_ptr<const Certificate> republish(const std::filesystem::path& chain);
+
   Counters counters() const;
   // failures lists the pairs that are bad now (the last error of each), for status pages.
   std::vector<LoadFailure> failures() const;

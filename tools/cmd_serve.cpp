@@ -484,16 +484,19 @@ class NameList {
   using Certs = std::vector<std::shared_ptr<const tlsreload::Certificate>>;
   // OnCoverage hears what one burst changed: the configured names a file certificate covers
   // now and did not before (entered holds the burst's certificates, among them those that cover
-  // them), and the names no file certificate covers any more that need ACME again: configured
-  // ones, and those handed over earlier (configured then, perhaps not now after a SIGHUP).
-  using OnCoverage = std::function<void(const std::vector<std::string>& covered,
-                                        const std::vector<std::string>& uncovered, const Certs& entered)>;
+  // them, and chains their pairs' chain files, in the same order), and the names no file
+  // certificate covers any more that need ACME again: configured ones, and those handed over
+  // earlier (configured then, perhaps not now after a SIGHUP).
+  using OnCoverage = std::function<void(const std::vector<std::string>& covered, const std::vector<std::string>& uncovered,
+                                        const Certs& entered, const std::vector<std::string>& chains)>;
 
   // update applies one burst: the names of each certificate of left leave (once per
-  // certificate: a name another file certificate holds stays), those of entered join. A
-  // certificate of left that was retired (taken out of the store by a verification while a
-  // watcher entry still named it) left already: it is skipped once.
-  void update(const std::vector<const tlsreload::Certificate*>& left, const Certs& entered, const Certs& retire = {}) {
+  // certificate: a name another file certificate holds stays), those of entered (whose pairs'
+  // chain files chains holds, in the same order) join. A certificate of left that was retired
+  // (taken out of the store by a verification while a watcher entry still named it) left
+  // already: it is skipped once.
+  void update(const std::vector<const tlsreload::Certificate*>& left, const Certs& entered,
+              const std::vector<std::string>& chains, const Certs& retire = {}) {
     std::lock_guard lock(mu_);
     // A configured name a file starts covering is handed over to the file (no more ACME for
     // it); one no longer covered after this burst (its pair reloaded without it, or gone at a
@@ -537,7 +540,7 @@ class NameList {
     }
     // Under mu_, so that the Manager hears of coverage changes in the order they happen (and
     // once cleared by set_on_coverage, it is never called again).
-    if (!covered.empty() || !uncovered.empty()) on_coverage_(covered, uncovered, entered);
+    if (!covered.empty() || !uncovered.empty()) on_coverage_(covered, uncovered, entered, chains);
   }
   // set_on_coverage sets what update() calls when configured names start or stop being covered
   // by a file certificate (serve hands them over to the file, or back to ACME); nullptr clears
@@ -628,13 +631,17 @@ int cmd_serve(Context& ctx) {
   auto on_file_events = [live_names](const std::vector<tlsreload::WatchEvent>& events) {
     std::vector<const tlsreload::Certificate*> left;
     NameList::Certs entered;
+    std::vector<std::string> chains;
     for (const auto& e : events) {
       if (e.type != tlsreload::WatchEvent::Type::loaded && e.type != tlsreload::WatchEvent::Type::reloaded) continue;
       // removed and failed change nothing: the last good certificate keeps serving.
       if (e.previous) left.push_back(e.previous.get());
-      if (e.cert) entered.push_back(e.cert);
+      if (e.cert) {
+        entered.push_back(e.cert);
+        chains.push_back(e.path.native());
+      }
     }
-    if (!left.empty() || !entered.empty()) live_names->update(left, entered);
+    if (!left.empty() || !entered.empty()) live_names->update(left, entered, chains);
   };
   auto files = load_cert_files(
       o, snapshot_dir, store, &ctx.logger,
@@ -679,7 +686,7 @@ int cmd_serve(Context& ctx) {
       }
       // A gone pair's certificate left the store, but the watcher still holds it as that pair's
       // last good one: should the pair come back, its event names it as replaced.
-      if (!left.empty() || !r.fresh.empty()) live_names->update(left, r.fresh, r.gone);
+      if (!left.empty() || !r.fresh.empty()) live_names->update(left, r.fresh, r.fresh_chains, r.gone);
     }
     json f = {{"dir", r.dir}, {"snapshot", r.snapshot}, {"loaded", r.loaded}, {"seconds", r.seconds}};
     std::string text = r.dir + ": ";
@@ -918,16 +925,19 @@ int cmd_serve(Context& ctx) {
   // them): the Manager stops issuing and renewing it (a renewal in flight is stored but not
   // published), and its ACME certificate leaves the store, where it would otherwise keep
   // winning: an exact name over a file's wildcard, or one key family over a file of the other.
-  auto hand_over = [&](const std::string& n, const NameList::Certs& entered) {
+  auto hand_over = [&](const std::string& n, const NameList::Certs& entered, const std::vector<std::string>& chains) {
     const std::string id = manager.unmanage({n});
-    NameList::Certs files;  // the burst's certificates that cover n
-    for (const auto& c : entered) {
+    NameList::Certs covering;               // the burst's certificates that cover n
+    std::vector<const std::string*> pairs;  // their pairs' chain files
+    for (std::size_t i = 0; i < entered.size(); ++i) {
       NameCounts one;
-      count_names(one, *c, 1);
-      if (covered_by(one, n)) files.push_back(c);
+      count_names(one, *entered[i], 1);
+      if (!covered_by(one, n)) continue;
+      covering.push_back(entered[i]);
+      pairs.push_back(i < chains.size() ? &chains[i] : nullptr);
     }
     // The very certificate may be in a file (live/ copied into the --cert-dir): it stays.
-    const bool in_file = std::any_of(files.begin(), files.end(), [&](const auto& c) { return c->id() == id; });
+    const bool in_file = std::any_of(covering.begin(), covering.end(), [&](const auto& c) { return c->id() == id; });
     bool removed = false;
     if (!id.empty() && !in_file) {
       for (bool ecdsa : {true, false}) {
@@ -939,11 +949,16 @@ int cmd_serve(Context& ctx) {
     }
     // A renewal that was published in the instant between the file certificate's publication
     // and unmanage() took its place (and was removed above): the file's certificate goes back.
+    // The one its pair serves now, published under the watcher's lock (CertWatcher::republish):
+    // another thread (a rescan, the verification behind a snapshot) may have loaded a newer
+    // version of the pair meanwhile, which the burst's older certificate must not replace.
     auto now = store->lookup_name(n);
     NameCounts served;
     if (now) count_names(served, *now, 1);
-    if (!covered_by(served, n)) {
-      for (const auto& c : files) (void)store->publish(c);
+    if (!covered_by(served, n) && files->watcher) {
+      for (const auto* chain : pairs) {
+        if (chain) (void)files->watcher->republish(*chain);
+      }
     }
     event_line("unmanaged", {{"name", n}, {"cert_id", id}, {"removed", removed}, {"reason", "file"}},
                n + ": served from a certificate file now; no longer issued or renewed over ACME");
@@ -952,10 +967,13 @@ int cmd_serve(Context& ctx) {
   // at once; one that a file stops covering (its pair reloaded without it, or gone at the
   // verification behind a snapshot) is handed back and issued at once, not at the next SIGHUP.
   // Called by the watcher's (or the verification's) thread with the name list's lock held
-  // (never the other way round: nothing here takes it); cleared before mu and cv go.
+  // (never the other way round: nothing here takes it); cleared before mu and cv go. A
+  // hand-over's republish takes the watcher's lock under it, which is safe: the watcher calls
+  // out (its events) with no lock held. (It may wait there for a check in progress, a full one
+  // too; only in the rare instant a renewal took the file's place.)
   live_names->set_on_coverage([&](const std::vector<std::string>& covered, const std::vector<std::string>& uncovered,
-                                  const NameList::Certs& entered) {
-    for (const auto& n : covered) hand_over(n, entered);
+                                  const NameList::Certs& entered, const std::vector<std::string>& chains) {
+    for (const auto& n : covered) hand_over(n, entered, chains);
     if (uncovered.empty()) return;
     for (const auto& n : uncovered) manager.resume({n});
     std::lock_guard lock(mu);

@@ -273,6 +273,7 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
         }
         r.written = dir_ok ? check.snapshot_written : dir_ok;
         r.fresh = std::move(check.fresh);
+        r.fresh_chains = std::move(check.fresh_chains);
         r.gone = std::move(check.gone);
         r.replaced = std::move(check.replaced);
       }

@@ -46,6 +46,7 @@ struct CertDirSnapshot {
   // (tlsreload::DirectoryCheck::fresh, gone and replaced): the watcher's events of the
   // verification are not passed on (load_cert_files' on_events), this says it in one batch.
   std::vector<std::shared_ptr<const tlsreload::Certificate>> fresh, gone, replaced;
+  std::vector<std::string> fresh_chains;  // fresh's pairs' chain files, in fresh's order
 };
 
 // NameCounts maps each name a certificate file serves (Certificate::names(): lower-case, no

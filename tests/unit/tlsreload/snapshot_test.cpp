@@ -210,6 +210,15 @@ TEST_CASE("snapshot: a pair changed, removed or added while down is served from 
   CHECK(id_for(store, "d.test") == fingerprint_id(d));
   CHECK(!id_for(store, "c.test").empty());
   CHECK(store.snapshot()->certificates().size() == 3);
+  // The changed and the new pair's certificates, each with its chain file (serve follows a
+  // pair by it).
+  REQUIRE(check->fresh.size() == 2);
+  REQUIRE(check->fresh_chains.size() == check->fresh.size());
+  for (std::size_t i = 0; i < check->fresh.size(); ++i) {
+    const bool is_a = check->fresh[i]->id() == fingerprint_id(new_a);
+    CHECK(check->fresh[i]->id() == fingerprint_id(is_a ? new_a : d));
+    CHECK(check->fresh_chains[i] == (f.certs / "live" / (is_a ? "a.test" : "d.test") / "fullchain.pem").string());
+  }
 
   // The snapshot was rewritten: the next start serves the new state at once.
   CertStore next;

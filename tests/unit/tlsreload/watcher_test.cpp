@@ -10,6 +10,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -360,6 +361,113 @@ TEST_CASE("watcher publishes a removed pair put back as it was, and reports it w
   CHECK(ev.cert->id() == id_of(a));
   CHECK(ev.previous == ev.cert);
   CHECK(w.counters().reloaded == 1);
+  CHECK(w.counters().failed == 0);
+}
+
+// serve hands a configured name over to a file certificate: it removes the ACME renewal that
+// took the name in that instant and puts the file's certificate back. Another thread may have
+// reloaded the same pair meanwhile; what goes back must be the pair's newest certificate, not
+// the one the handing-over burst carried. No watcher thread: every step is a call here.
+TEST_CASE("watcher republish puts back a pair's newest certificate, not an older one") {
+  Fixture f;
+  auto v1 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", v1);
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(f.dir.path).has_value());
+  REQUIRE(f.count(WatchEvent::Type::loaded) == 1);
+  // The burst that hands a.test over carries v1 and its pair.
+  const auto burst = f.of(WatchEvent::Type::loaded)[0];
+  REQUIRE(burst.cert);
+  CHECK(burst.cert->id() == id_of(v1));
+  CHECK(burst.path == f.dir.path / "a.test" / "fullchain.pem");
+
+  // Another thread (a SIGHUP rescan) reloads the pair: v2 is its certificate now.
+  auto v2 = f.ca.issue({"a.test"});
+  f.write_pair(f.dir.path / "a.test", v2);
+  w.rescan();
+  REQUIRE(f.served("a.test") == id_of(v2));
+  // An ACME renewal for a.test takes the name (v2 leaves the store: replaced on all its
+  // names), and the hand-over removes it: a.test has no certificate for a moment.
+  auto r = f.ca.issue({"a.test"});
+  auto rc = Certificate::from_pem(f.ca.chain_pem(r), r.key_pem, LoadOptions{});
+  REQUIRE(rc.has_value());
+  REQUIRE(f.store->publish(*rc));
+  REQUIRE(f.served("a.test") == id_of(r));
+  REQUIRE(f.store->remove(id_of(r)));
+  REQUIRE(f.served("a.test").empty());
+
+  // The file's certificate goes back: the pair's newest (v2), not the burst's v1.
+  auto back = w.republish(burst.path);
+  REQUIRE(back);
+  CHECK(back->id() == id_of(v2));
+  CHECK(f.served("a.test") == id_of(v2));
+  CHECK(f.served("a.test") != id_of(v1));
+  // Again: a no-op (v2 holds its names already).
+  const auto version = f.store->version();
+  CHECK(w.republish(burst.path) == back);
+  CHECK(f.store->version() == version);
+  // A pair the watcher does not know: nothing.
+  CHECK_FALSE(w.republish(f.dir.path / "b.test" / "fullchain.pem"));
+  CHECK(f.store->version() == version);
+}
+
+// The watcher's indexes point at map keys (a watched directory's candidates, an inotify
+// watch's directories). Pairs whose symlinks share one target directory, sources added after
+// (the source list grows), a candidate removed and made again: every event still finds live
+// keys (run under AUTOTLS_ASAN, a dangling one is a use after free).
+TEST_CASE("watcher follows pairs sharing a symlink target directory as candidates come and go") {
+  Fixture f;
+  const fs::path src = f.dir.path / "src", shared = f.dir.path / "shared";
+  auto link_pair = [&](const std::string& name) {
+    fs::create_directories(src / name);
+    fs::create_symlink("../../shared/" + name + ".crt", src / name / "fullchain.pem");
+    fs::create_symlink("../../shared/" + name + ".key", src / name / "privkey.pem");
+  };
+  auto put_shared = [&](const std::string& name, const testing::Issued& i) {
+    put(shared / (name + ".key"), i.key_pem);
+    put(shared / (name + ".crt"), f.ca.chain_pem(i));
+  };
+  std::map<std::string, testing::Issued> certs;
+  for (const char* n : {"a1.test", "a2.test", "a3.test"}) {
+    certs.emplace(n, f.ca.issue({n}));
+    put_shared(n, certs.at(n));
+    link_pair(n);
+  }
+  CertWatcher w(f.store, f.options);
+  REQUIRE(w.add_directory(src).has_value());
+  // More sources after the first: the list of sources grows (and moves) behind its keys.
+  std::vector<testing::Issued> explicit_pairs;
+  for (int k = 0; k < 4; ++k) {
+    const std::string n = "p" + std::to_string(k) + ".test";
+    explicit_pairs.push_back(f.ca.issue({n}));
+    f.write_pair(f.dir.path / "explicit" / n, explicit_pairs.back());
+    REQUIRE(w.add_pair({f.dir.path / "explicit" / n / "fullchain.pem", f.dir.path / "explicit" / n / "privkey.pem"})
+                .has_value());
+  }
+  for (const auto& [n, i] : certs) CHECK(f.served(n) == id_of(i));
+  REQUIRE(w.start());
+
+  // a2's directory goes: its candidate is forgotten (its watch on shared/ released).
+  fs::remove_all(src / "a2.test");
+  REQUIRE(wait_for([&] { return f.count(WatchEvent::Type::removed) == 1; }));
+  // A change in shared/ concerns a1 and a3 only now.
+  auto a1v2 = f.ca.issue({"a1.test"});
+  put_shared("a1.test", a1v2);
+  CHECK(wait_for([&] { return f.served("a1.test") == id_of(a1v2); }));
+  // a2 comes back with a new certificate: a new candidate, watched on shared/ again.
+  auto a2v2 = f.ca.issue({"a2.test"});
+  put_shared("a2.test", a2v2);
+  link_pair("a2.test");
+  CHECK(wait_for([&] { return f.served("a2.test") == id_of(a2v2); }));
+  auto a2v3 = f.ca.issue({"a2.test"});
+  put_shared("a2.test", a2v3);
+  CHECK(wait_for([&] { return f.served("a2.test") == id_of(a2v3); }));
+  // The last source added is still followed.
+  auto p3v2 = f.ca.issue({"p3.test"});
+  f.write_pair(f.dir.path / "explicit" / "p3.test", p3v2);
+  CHECK(wait_for([&] { return f.served("p3.test") == id_of(p3v2); }));
+  w.rescan();
+  CHECK(f.served("a3.test") == id_of(certs.at("a3.test")));
   CHECK(w.counters().failed == 0);
 }
 
