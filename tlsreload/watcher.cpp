@@ -614,13 +614,12 @@ void CertWatcher::unwatch_dir(const std::string& dir, std::size_t index, const s
   auto it = dirs_.find(dir);
   if (it == dirs_.end()) return;
   if (cand) {
+    // The entry holds the candidate's key in its source (watch_dir): found by that address in
+    // O(log n), not by comparing every candidate of the source watching this directory (many
+    // pairs symlinked into one shared directory).
     auto& cs = it->second.cands;
-    for (auto c = cs.lower_bound({index, nullptr}); c != cs.end() && c->first == index; ++c) {
-      if (*c->second == *cand) {
-        cs.erase(c);
-        break;
-      }
-    }
+    const auto& source_cands = sources_[index].cands;
+    if (auto k = source_cands.find(*cand); k != source_cands.end()) cs.erase({index, &k->first});
   } else {
     it->second.roots.erase(index);
   }
