@@ -121,6 +121,14 @@ struct Bridge {
       lock.lock();
     }
   }
+  // worker_has_work (under mu): there are response bytes the worker may write now. A body with
+  // a Content-Length keeps its last bytes back until the exchange is done (see pull in proxy()),
+  // unless the queue is full. The upstream thread wakes the worker only when this (or done, or
+  // aborted) turns true: each wake is a context switch, and a spurious one (the response header
+  // alone, the last bytes of a body) cost more than the rest of a small exchange.
+  bool worker_has_work() const {
+    return !chunks.empty() && (!length || received < *length || queued >= kResponseQueueBytes);
+  }
   // join waits until the upstream thread is done with the exchange (it may still be dropping
   // its copies of the Bridge and the request: they are shared, and harmless).
   void join() {
@@ -390,14 +398,14 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
       }
       return false;  // send() fails (Canceled, never retried) and the connection is closed
     }
-    {
-      std::lock_guard lock(b->mu);
-      b->length = length;
-      b->status = r.status;
-      b->headers = r.headers;
-      b->headers_ready = true;
-    }
-    b->cv.notify_all();
+    // The worker is not woken for the header alone: it waits for body bytes it can write, or
+    // for the end of the exchange (worker_has_work). Nothing reaches the client sooner either
+    // way: the header is only buffered (ConnStream) until body bytes follow or the response ends.
+    std::lock_guard lock(b->mu);
+    b->length = length;
+    b->status = r.status;
+    b->headers = r.headers;
+    b->headers_ready = true;
     return true;
   };
   up.content_receiver = [b](const char* data, size_t n, uint64_t, uint64_t) {
@@ -416,8 +424,9 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     b->chunks.emplace_back(data, n);
     b->queued += n;
     b->received += n;
+    bool wake = b->worker_has_work();
     lock.unlock();
-    b->cv.notify_all();
+    if (wake) b->cv.notify_all();
     return true;
   };
 
@@ -503,7 +512,11 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   bool aborted;
   {
     std::unique_lock lock(b->mu);
-    b->cv.wait(lock, [&] { return b->headers_ready || b->done || b->aborted; });
+    // Woken once the exchange is over, cut, or has body bytes to write (not for the header
+    // alone: see response_handler).
+    b->cv.wait(lock, [&] {
+      return b->done || b->aborted || (b->headers_ready && b->worker_has_work());
+    });
     aborted = b->aborted;
   }
   if (aborted || !b->headers_ready) {
@@ -604,11 +617,8 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
       std::string chunk;
       {
         std::unique_lock lock(b->mu);
-        b->cv.wait(lock, [&] {
-          return b->done || b->aborted ||
-                 (!b->chunks.empty() && (chunked_out || (length && b->received < *length) ||
-                                         b->queued >= kResponseQueueBytes));
-        });
+        // chunked_out is !length: worker_has_work is this wait's condition too.
+        b->cv.wait(lock, [&] { return b->done || b->aborted || b->worker_has_work(); });
         if (b->aborted) return false;  // cut at the drain deadline: the response stays short
         if (b->chunks.empty()) {
           // Upstream finished: a complete body ends the response, a broken one aborts it.
