@@ -138,42 +138,67 @@ struct Bridge {
 };
 
 UpstreamPool::~UpstreamPool() {
+  std::vector<std::unique_ptr<Runner>> runners;
   {
     std::lock_guard lock(run_mu_);
-    stop_ = true;
+    runners = std::move(runners_);
   }
-  run_cv_.notify_all();
-  for (auto& t : threads_) t.join();
+  for (auto& r : runners) {
+    {
+      std::lock_guard lock(r->mu);
+      r->stop = true;
+    }
+    r->cv.notify_one();
+  }
+  // A runner still finishing its last job parks itself (parked_, under run_mu_) first.
+  for (auto& r : runners) r->thread.join();
 }
 
 void UpstreamPool::run(std::function<void()> job) {
-  std::lock_guard lock(run_mu_);
-  // The thread comes first: if it cannot be created (std::system_error), nothing is queued, so
-  // the job (whose request reader points into the caller's frame, which unwinds) never runs.
-  if (jobs_.size() >= parked_) {
-    if (fail_next_thread_for_test.exchange(false)) {
-      throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
-                              "exchange thread (test)");
+  Runner* r = nullptr;
+  {
+    std::lock_guard lock(run_mu_);
+    if (parked_.empty()) {
+      // The thread comes first: if it cannot be created (std::system_error), the job is
+      // dropped with the new Runner, never run (its request reader points into the caller's
+      // frame, which unwinds).
+      if (fail_next_thread_for_test.exchange(false)) {
+        throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                                "exchange thread (test)");
+      }
+      runners_.reserve(runners_.size() + 1);
+      auto owned = std::make_unique<Runner>();
+      owned->job = std::move(job);  // taken by the new thread as it starts
+      Runner* fresh = owned.get();
+      owned->thread = std::thread([this, fresh] { runner(*fresh); });
+      runners_.push_back(std::move(owned));
+      return;
     }
-    threads_.emplace_back([this] { runner(); });  // parks until it can take run_mu_
+    r = parked_.back();
+    parked_.pop_back();
   }
-  jobs_.push_back(std::move(job));
-  run_cv_.notify_one();
+  {
+    std::lock_guard lock(r->mu);
+    r->job = std::move(job);
+  }
+  r->cv.notify_one();
 }
 
-void UpstreamPool::runner() {
-  std::unique_lock lock(run_mu_);
+void UpstreamPool::runner(Runner& r) {
   for (;;) {
-    ++parked_;
-    run_cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
-    --parked_;
-    if (jobs_.empty()) return;  // stop_: the pool is being destroyed, every exchange is over
-    auto job = std::move(jobs_.front());
-    jobs_.pop_front();
-    lock.unlock();
+    std::function<void()> job;
+    {
+      std::unique_lock lock(r.mu);
+      // A job handed over before stop is still run (every exchange is over by ~UpstreamPool).
+      r.cv.wait(lock, [&] { return r.stop || r.job; });
+      if (!r.job) return;
+      job = std::move(r.job);
+      r.job = nullptr;
+    }
     job();
     job = nullptr;  // the exchange's last references go before this thread parks again
-    lock.lock();
+    std::lock_guard lock(run_mu_);
+    parked_.push_back(&r);
   }
 }
 
