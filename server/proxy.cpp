@@ -121,6 +121,14 @@ struct Bridge {
       lock.lock();
     }
   }
+  // worker_has_work (under mu): there are response bytes the worker may write now. A body with
+  // a Content-Length keeps its last bytes back until the exchange is done (see pull in proxy()),
+  // unless the queue is full. The upstream thread wakes the worker only when this (or done, or
+  // aborted) turns true: each wake is a context switch, and a spurious one (the response header
+  // alone, the last bytes of a body) cost more than the rest of a small exchange.
+  bool worker_has_work() const {
+    return !chunks.empty() && (!length || received < *length || queued >= kResponseQueueBytes);
+  }
   // join waits until the upstream thread is done with the exchange (it may still be dropping
   // its copies of the Bridge and the request: they are shared, and harmless).
   void join() {
@@ -130,42 +138,67 @@ struct Bridge {
 };
 
 UpstreamPool::~UpstreamPool() {
+  std::vector<std::unique_ptr<Runner>> runners;
   {
     std::lock_guard lock(run_mu_);
-    stop_ = true;
+    runners = std::move(runners_);
   }
-  run_cv_.notify_all();
-  for (auto& t : threads_) t.join();
+  for (auto& r : runners) {
+    {
+      std::lock_guard lock(r->mu);
+      r->stop = true;
+    }
+    r->cv.notify_one();
+  }
+  // A runner still finishing its last job parks itself (parked_, under run_mu_) first.
+  for (auto& r : runners) r->thread.join();
 }
 
 void UpstreamPool::run(std::function<void()> job) {
-  std::lock_guard lock(run_mu_);
-  // The thread comes first: if it cannot be created (std::system_error), nothing is queued, so
-  // the job (whose request reader points into the caller's frame, which unwinds) never runs.
-  if (jobs_.size() >= parked_) {
-    if (fail_next_thread_for_test.exchange(false)) {
-      throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
-                              "exchange thread (test)");
+  Runner* r = nullptr;
+  {
+    std::lock_guard lock(run_mu_);
+    if (parked_.empty()) {
+      // The thread comes first: if it cannot be created (std::system_error), the job is
+      // dropped with the new Runner, never run (its request reader points into the caller's
+      // frame, which unwinds).
+      if (fail_next_thread_for_test.exchange(false)) {
+        throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                                "exchange thread (test)");
+      }
+      runners_.reserve(runners_.size() + 1);
+      auto owned = std::make_unique<Runner>();
+      owned->job = std::move(job);  // taken by the new thread as it starts
+      Runner* fresh = owned.get();
+      owned->thread = std::thread([this, fresh] { runner(*fresh); });
+      runners_.push_back(std::move(owned));
+      return;
     }
-    threads_.emplace_back([this] { runner(); });  // parks until it can take run_mu_
+    r = parked_.back();
+    parked_.pop_back();
   }
-  jobs_.push_back(std::move(job));
-  run_cv_.notify_one();
+  {
+    std::lock_guard lock(r->mu);
+    r->job = std::move(job);
+  }
+  r->cv.notify_one();
 }
 
-void UpstreamPool::runner() {
-  std::unique_lock lock(run_mu_);
+void UpstreamPool::runner(Runner& r) {
   for (;;) {
-    ++parked_;
-    run_cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
-    --parked_;
-    if (jobs_.empty()) return;  // stop_: the pool is being destroyed, every exchange is over
-    auto job = std::move(jobs_.front());
-    jobs_.pop_front();
-    lock.unlock();
+    std::function<void()> job;
+    {
+      std::unique_lock lock(r.mu);
+      // A job handed over before stop is still run (every exchange is over by ~UpstreamPool).
+      r.cv.wait(lock, [&] { return r.stop || r.job; });
+      if (!r.job) return;
+      job = std::move(r.job);
+      r.job = nullptr;
+    }
     job();
     job = nullptr;  // the exchange's last references go before this thread parks again
-    lock.lock();
+    std::lock_guard lock(run_mu_);
+    parked_.push_back(&r);
   }
 }
 
@@ -390,14 +423,14 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
       }
       return false;  // send() fails (Canceled, never retried) and the connection is closed
     }
-    {
-      std::lock_guard lock(b->mu);
-      b->length = length;
-      b->status = r.status;
-      b->headers = r.headers;
-      b->headers_ready = true;
-    }
-    b->cv.notify_all();
+    // The worker is not woken for the header alone: it waits for body bytes it can write, or
+    // for the end of the exchange (worker_has_work). Nothing reaches the client sooner either
+    // way: the header is only buffered (ConnStream) until body bytes follow or the response ends.
+    std::lock_guard lock(b->mu);
+    b->length = length;
+    b->status = r.status;
+    b->headers = r.headers;
+    b->headers_ready = true;
     return true;
   };
   up.content_receiver = [b](const char* data, size_t n, uint64_t, uint64_t) {
@@ -416,8 +449,9 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     b->chunks.emplace_back(data, n);
     b->queued += n;
     b->received += n;
+    bool wake = b->worker_has_work();
     lock.unlock();
-    b->cv.notify_all();
+    if (wake) b->cv.notify_all();
     return true;
   };
 
@@ -503,7 +537,11 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   bool aborted;
   {
     std::unique_lock lock(b->mu);
-    b->cv.wait(lock, [&] { return b->headers_ready || b->done || b->aborted; });
+    // Woken once the exchange is over, cut, or has body bytes to write (not for the header
+    // alone: see response_handler).
+    b->cv.wait(lock, [&] {
+      return b->done || b->aborted || (b->headers_ready && b->worker_has_work());
+    });
     aborted = b->aborted;
   }
   if (aborted || !b->headers_ready) {
@@ -604,11 +642,8 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
       std::string chunk;
       {
         std::unique_lock lock(b->mu);
-        b->cv.wait(lock, [&] {
-          return b->done || b->aborted ||
-                 (!b->chunks.empty() && (chunked_out || (length && b->received < *length) ||
-                                         b->queued >= kResponseQueueBytes));
-        });
+        // chunked_out is !length: worker_has_work is this wait's condition too.
+        b->cv.wait(lock, [&] { return b->done || b->aborted || b->worker_has_work(); });
         if (b->aborted) return false;  // cut at the drain deadline: the response stays short
         if (b->chunks.empty()) {
           // Upstream finished: a complete body ends the response, a broken one aborts it.

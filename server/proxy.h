@@ -11,7 +11,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -78,19 +77,26 @@ class UpstreamPool {
     std::unique_ptr<httplib::Client> client;
     std::chrono::steady_clock::time_point since;
   };
-  void runner();
+  // Runner is one exchange thread with its own mailbox: run() hands a job to one parked
+  // runner directly, so the workers and the exchange threads never queue on one shared lock and
+  // condition variable (their contention cost more CPU than the hand-off itself).
+  struct Runner {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::function<void()> job;  // under mu: the next job (empty: none)
+    bool stop = false;          // under mu: the pool is being destroyed
+    std::thread thread;
+  };
+  void runner(Runner& r);
 
   mutable std::mutex mu_;
   std::map<std::string, std::vector<Idle>> idle_;  // oldest first
   bool aborting_ = false;
   std::unordered_map<const Bridge*, std::weak_ptr<Bridge>> active_;
 
-  std::mutex run_mu_;
-  std::condition_variable run_cv_;
-  std::deque<std::function<void()>> jobs_;
-  std::size_t parked_ = 0;  // threads waiting for a job
-  bool stop_ = false;
-  std::vector<std::thread> threads_;
+  std::mutex run_mu_;  // guards the two vectors below, held only to pick or park a runner
+  std::vector<Runner*> parked_;  // runners waiting for a job, the most recently parked last
+  std::vector<std::unique_ptr<Runner>> runners_;
 };
 
 // kResponseQueueBytes bounds the response bytes held between upstream and client.

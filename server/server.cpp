@@ -2312,11 +2312,17 @@ struct Server::Impl {
     }
     next_request(*c);
     Reactor& home = *c->home;
+    bool first;
     {
       std::lock_guard lock(home.back_mu);
+      first = home.back.empty();
       home.back.push_back(std::move(c));
     }
-    home.wake();
+    // One wake-up per batch: a queue that was not empty already has one on its way (its first
+    // connection's), and the reactor takes the whole queue after reading its events, so it
+    // cannot miss this one. Saves a write(2), and often a reactor wake-up, per request served
+    // by a worker under load.
+    if (first) home.wake();
   }
 };
 

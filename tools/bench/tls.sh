@@ -32,6 +32,10 @@
 # resumption (PSK with ECDHE), on both servers since 2026-12-03. TLS_BENCH_RESUME=0 turns
 # tickets off on both (nginx: ssl_session_tickets off, ssl_session_cache off; tls_bench
 # --no-tickets), so that every handshake is a full one (certificate, signature).
+# TLS_BENCH_ONLY=proxy runs only the reverse-proxy comparison, TLS_BENCH_PROXY_ROUNDS times
+# (default 3: nginx_proxy then autotls_proxy each round, SECS each), and prints one JSON object
+# with each round's figures (rate, server CPU µs and context switches per request, load
+# average) and their medians; one run takes about ROUNDS x 2 x SECS + 15 s.
 # Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_NICE (unset),
 # TLS_BENCH_RESUME (1), TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE (32), TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
 # (bounded by its -d) and clean up both servers.
@@ -277,6 +281,16 @@ task_ticks() {  # task_ticks PID: "TID TICKS" per thread
   done | sort
 }
 
+ctx_switches() {  # ctx_switches PID...: voluntary + involuntary context switches of all threads
+  local t=0 p f
+  for p in "$@"; do
+    for f in /proc/"$p"/task/*/status; do
+      [ -r "$f" ] || continue
+      t=$((t + $(awk '/ctxt_switches/ { s += $2 } END { print s + 0 }' "$f" 2>/dev/null || echo 0)))
+    done
+  done
+  echo "$t"
+}
 upstream_accepts() {  # connections the upstream nginx has accepted so far (this query's included)
   local reply
   reply=$( { exec 3<>"/dev/tcp/127.0.0.1/$upstream_port" && printf 'GET /bench_status HTTP/1.0\r\n\r\n' >&3 && cat <&3; } 2>/dev/null || true)
@@ -294,6 +308,8 @@ phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(ful
   local t0 t1 s0 s1 w busiest=null u0="" up_conns=null
   case "$name" in *proxy*) u0=$(upstream_accepts) ;; esac
   t0=$(cpu_ticks $pids)
+  local x0 x1
+  x0=$(ctx_switches $pids)
   [ "$server" = autotls ] && task_ticks "$autotls_pid" > "tasks0-$name"
   s0=$(date +%s.%N)
   # wrk's own CPU: the subshell's cutime + cstime once it has waited for wrk.
@@ -301,6 +317,7 @@ phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(ful
        awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$BASHPID/stat")
   s1=$(date +%s.%N)
   t1=$(cpu_ticks $pids)
+  x1=$(ctx_switches $pids)
   # Upstream connections the proxy opened during the phase (minus the status query's own).
   if [ -n "$u0" ]; then up_conns=$(( $(upstream_accepts) - u0 - 1 )); fi
   if [ "$server" = autotls ]; then
@@ -308,9 +325,54 @@ phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(ful
     task_ticks "$autotls_pid" > "tasks1-$name"
     busiest=$(join "tasks0-$name" "tasks1-$name" | awk '{ d = $3 - $2; if (d > m) m = d } END { print m + 0 }')
   fi
-  echo "{\"phase\": \"$name\", \"cpu_ticks\": $((t1 - t0)), \"busiest_thread_ticks\": $busiest, \"wrk_cpu_ticks\": $w, \"upstream_connections\": $up_conns, \"wall_s\": $(awk -v a="$s0" -v b="$s1" 'BEGIN { printf "%.3f", b - a }'), \"load\": \"$(cut -d' ' -f1 /proc/loadavg)\"}" > "cpu-$name.json"
+  echo "{\"phase\": \"$name\", \"cpu_ticks\": $((t1 - t0)), \"busiest_thread_ticks\": $busiest, \"wrk_cpu_ticks\": $w, \"upstream_connections\": $up_conns, \"ctx_switches\": $((x1 - x0)), \"wall_s\": $(awk -v a="$s0" -v b="$s1" 'BEGIN { printf "%.3f", b - a }'), \"load\": \"$(cut -d' ' -f1 /proc/loadavg)\"}" > "cpu-$name.json"
   echo "$name: $(grep -E 'Requests/sec' "wrk-$name.txt" | tr -s ' ') cpu_ticks=$((t1 - t0)) upstream_connections=$up_conns $(grep -E 'Socket errors|Non-2xx' "wrk-$name.txt" | tr -s ' ' | tr '\n' ' ')" >&2
 }
+
+if [ "${TLS_BENCH_ONLY:-}" = proxy ]; then
+  # The reverse-proxy comparison alone (see the top): rounds of nginx_proxy, autotls_proxy.
+  rounds="${TLS_BENCH_PROXY_ROUNDS:-3}"
+  run_wrk "$nginx_proxy_port" 1 >/dev/null 2>&1 || true
+  run_wrk "$autotls_proxy_port" 1 >/dev/null 2>&1 || true
+  for r in $(seq "$rounds"); do
+    phase "nginx_proxy_$r" nginx_proxy keepalive
+    phase "autotls_proxy_$r" autotls_proxy keepalive
+  done
+  python3 - "$work" "$rounds" "$secs" "$conns" "$threads" "$(getconf CLK_TCK)" <<'PY'
+import json, os, re, statistics, sys
+work, rounds, secs, conns, threads, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+def ph(name):
+  text = open(os.path.join(work, "wrk-%s.txt" % name)).read()
+  cpu = json.load(open(os.path.join(work, "cpu-%s.json" % name)))
+  m = re.search(r"Requests/sec:\s+([\d.]+)", text); n = re.search(r"(\d+) requests in", text)
+  se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+  non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+  req = int(n.group(1)) if n else 0
+  return {"rate": float(m.group(1)) if m else None, "requests": req,
+          "cpu_us_per_request": round(cpu["cpu_ticks"] / hz / req * 1e6, 1) if req else None,
+          "ctx_switches_per_request": round(cpu["ctx_switches"] / req, 2) if req else None,
+          "errors": (sum(int(x) for x in se.groups()) if se else 0) + (int(non2xx.group(1)) if non2xx else 0),
+          "upstream_connections": cpu.get("upstream_connections"), "loadavg": cpu["load"]}
+rs = [{"nginx": ph("nginx_proxy_%d" % r), "autotls": ph("autotls_proxy_%d" % r)} for r in range(1, rounds + 1)]
+def med(side, k):
+  xs = [r[side][k] for r in rs if r[side][k] is not None]
+  return statistics.median(xs) if xs else None
+ratios = [round(r["autotls"]["rate"] / r["nginx"]["rate"], 3) for r in rs if r["autotls"]["rate"] and r["nginx"]["rate"]]
+print(json.dumps({
+  "proxy_requests_per_s": med("autotls", "rate"), "nginx_proxy_requests_per_s": med("nginx", "rate"),
+  "proxy_ratio_vs_nginx": statistics.median(ratios) if ratios else None,
+  "cpu_us_per_request_proxy": med("autotls", "cpu_us_per_request"),
+  "nginx_cpu_us_per_request_proxy": med("nginx", "cpu_us_per_request"),
+  "ctx_switches_per_request_proxy": med("autotls", "ctx_switches_per_request"),
+  "nginx_ctx_switches_per_request_proxy": med("nginx", "ctx_switches_per_request"),
+  "errors": sum(r[s]["errors"] for r in rs for s in ("nginx", "autotls")),
+  "rounds": rs,
+  "setup": {"secs_per_phase": secs, "wrk": "-t%d -c%d" % (threads, conns), "keepalive_clients": True,
+            "nginx_upstream_keepalive": int(os.environ.get("TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE", "32"))},
+}))
+PY
+  exit 0
+fi
 
 # Warm both (first-use certificate parse, page cache, worker start) without recording.
 run_wrk "$nginx_port" 1 -H "Connection: close" >/dev/null 2>&1 || true
