@@ -471,6 +471,16 @@ class NameList {
     if (on_configured && (!withdrawn.empty() || !resumed.empty())) on_configured(withdrawn, resumed);
     return {std::move(before), merged()};
   }
+  // take_back_withdrawn is for on-demand issuance, once its policy allowed name: a name
+  // withdrawn at a SIGHUP (its site removed) and covered by no file is no longer withdrawn and
+  // returns true; the caller lifts the Manager's hold (resume), and on-demand manages it from
+  // then on as any name it allows (loaded from storage first). A SIGHUP that configures the
+  // site again finds nothing to resume, one that leaves it out finds nothing to withdraw.
+  bool take_back_withdrawn(const std::string& name) {
+    std::lock_guard lock(mu_);
+    if (covered_by(files_, name)) return false;
+    return withdrawn_.erase(name) > 0;
+  }
   // add_files adds counts (the start's loads) to the file names.
   void add_files(NameCounts counts) {
     std::lock_guard lock(mu_);
@@ -888,7 +898,19 @@ int cmd_serve(Context& ctx) {
   if (tlsreload::OnDemandOptions od = setup->on_demand; od.enabled) {
     od.clock = &clock;
     od.logger = &ctx.logger;
-    auto created = tlsreload::OnDemand::create(od, tlsreload::manager_backend(manager, *store));
+    auto backend = tlsreload::manager_backend(manager, *store);
+    // A name whose site a SIGHUP removed is held by the Manager (no renewal, nothing
+    // published), and manage()/load refuse it: an allowed on-demand name is taken back first,
+    // so it is served (from storage when it is there) as Caddy serves any name its on-demand
+    // policy allows. Called only after the policy allowed the name.
+    auto take_back = [live_names, &manager](const std::string& name) {
+      if (live_names->take_back_withdrawn(name)) manager.resume({name});
+    };
+    backend.load = [load = std::move(backend.load), take_back](const std::string& name) {
+      take_back(name);
+      return load(name);
+    };
+    auto created = tlsreload::OnDemand::create(od, std::move(backend));
     if (!created) return usage_error(ctx, "serve: " + created.error().message);
     on_demand = std::move(*created);
     cfg.tls_hooks = [p = on_demand.get()](tlsreload::AttachOptions& a) { p->install(a); };

@@ -3150,6 +3150,61 @@ TEST_SUITE("cli.serve_files") {
     s.stop();
   }
 
+  TEST_CASE("serve's on-demand serves a removed site's name from storage when its policy allows it") {
+    NamesFiles f;
+    TempDir& d = f.d;
+    const fs::path &certs = f.certs, &www = f.www;
+    const std::string gone = "gone.names.cli.test", kept = "kept.names.cli.test";
+    f.put_pair("pair", f.leaf("file.names.cli.test"));
+    fs::path config = d.path / "serve.json";
+    auto sites = [&](const std::vector<std::string>& names) {
+      json j = json::object();
+      for (const auto& n : names) j[n] = {{"root", www.string()}};
+      write_file(config, json({{"sites", j}, {"on-demand", true}, {"on-demand-allow", json::array({gone})}}).dump());
+    };
+    sites({gone, kept});
+    NamesServe s(d.path, certs, www, "od-removed",
+                 {"--config", config.string(), "--cert-dir-snapshots", "off", "--ca", "internal", "--challenge",
+                  "tls-alpn-01"});
+    fs::path internal_root = d.path / "s" / "internal" / "root.pem";
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("obtained").size() == 2; }, 15s), s.logs());
+    REQUIRE_MESSAGE(s.wait_for([&] { return https_get(gone, s.https, internal_root).first == 200; }, 15s), s.logs());
+    std::string gone_id;
+    for (const auto& e : s.events("obtained")) {
+      if (e["names"] == json::array({gone})) gone_id = e.value("cert_id", "");
+    }
+    REQUIRE(!gone_id.empty());
+
+    // The site removed: withdrawn (its certificate out of the store). A handshake for the name,
+    // which the on-demand policy allows, gets the stored certificate back (loaded, no order);
+    // no site serves it any more (421).
+    sites({kept});
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("unmanaged").size() == 1; }, 15s), s.logs());
+    CHECK(s.events("unmanaged")[0].value("reason", "") == "site_removed");
+    auto loaded_gone = [&] {
+      json found;
+      for (const auto& e : s.events("loaded")) {
+        if (e["names"] == json::array({gone})) found = e;
+      }
+      return found;
+    };
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(gone, s.https, internal_root).first == 421; }, 15s), s.logs());
+    CHECK_MESSAGE(!loaded_gone().is_null(), s.logs());
+    CHECK(loaded_gone().value("cert_id", "") == gone_id);
+    CHECK(s.events("obtained").size() == 2);
+    CHECK(https_get(kept, s.https, internal_root).first == 200);
+
+    // Configured again: served by its site, still the same certificate, nothing resumed twice.
+    sites({gone, kept});
+    REQUIRE(::kill(s.pid, SIGHUP) == 0);
+    REQUIRE_MESSAGE(s.wait_for([&] { return s.events("reload").size() == 2; }, 15s), s.logs());
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(gone, s.https, internal_root).first == 200; }, 15s), s.logs());
+    CHECK(s.events("obtained").size() == 2);
+    CHECK(s.events("unmanaged").size() == 1);
+    s.stop();
+  }
+
   TEST_CASE("serve follows a --cert-dir pair reloaded with another name") {
     NamesFiles f;
     TempDir& d = f.d;
