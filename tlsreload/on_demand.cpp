@@ -375,6 +375,29 @@ void OnDemand::remember(const std::string& name) {
   }
 }
 
+void OnDemand::release(const std::vector<std::string>& names) {
+  std::lock_guard lock(lru_mu_);
+  std::shared_ptr<OnDemandLru> next;
+  std::array<detail::LruShard*, detail::kLruShards> copied{};  // shards of next already copied
+  for (const auto& input : names) {
+    std::string name = input;
+    for (auto& c : name) c = c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c;
+    if (!lru_.current()->find(name) || (next && !next->find(name))) continue;
+    if (!next) next = std::make_shared<OnDemandLru>(*lru_.current());
+    const std::size_t s = OnDemandLru::shard_of(name);
+    if (!copied[s]) {
+      auto shard = std::make_shared<detail::LruShard>(*next->shards[s]);
+      copied[s] = shard.get();
+      next->shards[s] = std::move(shard);
+    }
+    copied[s]->erase(name);
+    next->size -= 1;
+  }
+  if (!next) return;
+  next->version = g_lru_versions.fetch_add(1, std::memory_order_relaxed) + 1;
+  publish_lru(std::move(next));
+}
+
 bool OnDemand::take_rate(const std::string& name) {
   auto now = clock_->now();
   auto within = [&](std::deque<Clock::time_point>& q, const Rate& r) {

@@ -140,6 +140,11 @@ class OnDemand {
   // OnDemand MUST outlive the SSL_CTX they are attached to.
   void install(AttachOptions& options);
 
+  // release takes names out of the LRU index without evicting them: they stay managed and in
+  // the store, and are never evicted by this OnDemand again (until a handshake makes one an
+  // on-demand name again). For names that became configured (serve: a SIGHUP made the name a
+  // site), which, like every configured name, must not be evicted.
+  void release(const std::vector<std::string>& names);
   // wait_idle waits until no job is queued or running, up to timeout (tests, shutdown).
   bool wait_idle(std::chrono::milliseconds timeout);
   // denied reports whether sni is in the negative cache now.

@@ -1088,6 +1088,9 @@ int cmd_serve(Context& ctx) {
         if (!new_set.count(n)) removed.push_back(n);
       }
     }
+    // A name on-demand loaded or issued that is a site now is managed as configured: it leaves
+    // on-demand's LRU, which would otherwise evict it (forget it, out of the store) one day.
+    if (on_demand && !added.empty()) on_demand->release(added);
     // Applied by the manage() pass that follows: a site whose key type changed is reissued.
     cert_settings = ns->cert_settings;
     drain_ms = static_cast<long long>(next->drain * 1000);

@@ -3150,17 +3150,23 @@ TEST_SUITE("cli.serve_files") {
     s.stop();
   }
 
-  TEST_CASE("serve's on-demand serves a removed site's name from storage when its policy allows it") {
+  TEST_CASE("serve's on-demand serves a removed site's name from storage when its policy allows it, and keeps it once it is a site again") {
     NamesFiles f;
     TempDir& d = f.d;
     const fs::path &certs = f.certs, &www = f.www;
-    const std::string gone = "gone.names.cli.test", kept = "kept.names.cli.test";
+    const std::string gone = "gone.names.cli.test", kept = "kept.names.cli.test", other = "other.names.cli.test",
+                      third = "third.names.cli.test";
     f.put_pair("pair", f.leaf("file.names.cli.test"));
     fs::path config = d.path / "serve.json";
     auto sites = [&](const std::vector<std::string>& names) {
       json j = json::object();
       for (const auto& n : names) j[n] = {{"root", www.string()}};
-      write_file(config, json({{"sites", j}, {"on-demand", true}, {"on-demand-allow", json::array({gone})}}).dump());
+      write_file(config, json({{"sites", j},
+                               {"on-demand", true},
+                               {"on-demand-allow", json::array({gone, other, third})},
+                               {"on-demand-max-cached", 1},
+                               {"on-demand-max-concurrent", 1}})
+                             .dump());
     };
     sites({gone, kept});
     NamesServe s(d.path, certs, www, "od-removed",
@@ -3202,6 +3208,14 @@ TEST_SUITE("cli.serve_files") {
     CHECK_MESSAGE(s.wait_for([&] { return https_get(gone, s.https, internal_root).first == 200; }, 15s), s.logs());
     CHECK(s.events("obtained").size() == 2);
     CHECK(s.events("unmanaged").size() == 1);
+    // A site again, it left on-demand's LRU (one entry at most here): other on-demand names
+    // do not evict it (forget it: no longer managed, out of the store). One on-demand job at a
+    // time: once third is served, other's job (and its eviction) is over.
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(other, s.https, internal_root).first == 421; }, 15s), s.logs());
+    CHECK_MESSAGE(s.wait_for([&] { return https_get(third, s.https, internal_root).first == 421; }, 15s), s.logs());
+    CHECK(s.events("obtained").size() == 4);
+    CHECK_MESSAGE(s.certificate(gone).value("managed", false) == true, s.get("/certificates").second);
+    CHECK_MESSAGE(https_get(gone, s.https, internal_root).first == 200, s.logs());
     s.stop();
   }
 

@@ -367,6 +367,33 @@ TEST_SUITE("on_demand") {
     CHECK((*od)->counters().evicted == 2);
   }
 
+  TEST_CASE("on-demand release takes names out of the LRU without evicting them, and they are never evicted") {
+    FakeClock clock;
+    FakeBackend fb;
+    auto o = base_options(clock);
+    o.max_cached = 2;
+    o.global_rate = {0, 0s};
+    auto od = OnDemand::create(o, fb.backend());
+    REQUIRE(od);
+    run(**od, "a.allowed.test");
+    run(**od, "b.allowed.test");
+    // a became a configured name (a site): released, not evicted.
+    (*od)->release({"A.allowed.test", "not-cached.allowed.test"});
+    CHECK(fb.count(fb.evictions) == 0);
+    CHECK((*od)->cached() == std::vector<std::string>{"b.allowed.test"});
+    (*od)->touch("a.allowed.test");  // no longer on-demand: ignored
+    CHECK((*od)->counters().touched == 0);
+    // a is the least recent, but no longer the LRU's: c and d push out b only.
+    run(**od, "c.allowed.test");
+    CHECK(fb.count(fb.evictions) == 0);
+    run(**od, "d.allowed.test");
+    CHECK(fb.evictions == std::vector<std::string>{"b.allowed.test"});
+    CHECK((*od)->cached() == std::vector<std::string>{"d.allowed.test", "c.allowed.test"});
+    (*od)->release({});
+    (*od)->release({"a.allowed.test"});  // twice: nothing
+    CHECK((*od)->cached().size() == 2);
+  }
+
   TEST_CASE("on-demand touch refreshes only on-demand names and keeps the LRU order across threads") {
     FakeClock clock;
     FakeBackend fb;
