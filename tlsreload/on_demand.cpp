@@ -380,8 +380,10 @@ void OnDemand::release(const std::vector<std::string>& names) {
   std::shared_ptr<OnDemandLru> next;
   std::array<detail::LruShard*, detail::kLruShards> copied{};  // shards of next already copied
   for (const auto& input : names) {
-    std::string name = input;
-    for (auto& c : name) c = c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c;
+    // As the LRU holds them (decide's spelling); a name that is none was never remembered.
+    auto valid = on_demand_name(input);
+    if (!valid) continue;
+    const std::string& name = *valid;
     if (!lru_.current()->find(name) || (next && !next->find(name))) continue;
     if (!next) next = std::make_shared<OnDemandLru>(*lru_.current());
     const std::size_t s = OnDemandLru::shard_of(name);
