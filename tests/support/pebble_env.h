@@ -27,7 +27,8 @@ struct PebbleOptions {
   std::optional<long> certificate_validity_seconds;
   // PEBBLE_WFE_NONCEREJECT: percent of good nonces rejected as badNonce (Pebble's default 5).
   std::optional<int> nonce_reject_percent;
-  // PEBBLE_AUTHZREUSE: percent of authorizations reused (Pebble's default 50).
+  // PEBBLE_AUTHZREUSE: percent of authorizations reused (Pebble's default 50). Pebble makes a new
+  // authorization when rand.Intn(100) > percent, so 0 still reuses a valid one 1 time in 100.
   std::optional<int> authz_reuse_percent;
   // PEBBLE_CHAIN_LENGTH: certificates in the issued chain including the root.
   std::optional<int> chain_length;
