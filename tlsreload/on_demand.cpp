@@ -328,7 +328,14 @@ void OnDemand::publish_lru(std::shared_ptr<const OnDemandLru> next) {
 void OnDemand::remember(const std::string& name) {
   std::vector<std::string> evict;
   {
-    std::lock_guard lock(lru_mu_);
+    std::unique_lock lock(lru_mu_);
+    // A name that became configured while its job ran (a SIGHUP made it a site) is not
+    // on-demand's to evict. Asked under lru_mu_: see OnDemandBackend::configured.
+    if (backend_.configured && backend_.configured(name)) {
+      lock.unlock();
+      logger_->log(LogLevel::debug, kLog, "configured name left out of the on-demand cache", {{"name", name}});
+      return;
+    }
     ++remembered_;
     const uint64_t stamp = tick_.fetch_add(1, std::memory_order_relaxed) + 1;
     if (auto* e = lru_.current()->find(name)) {

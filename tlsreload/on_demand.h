@@ -91,6 +91,11 @@ struct OnDemandBackend {
   std::function<Status(const std::string& name)> obtain;
   // evict takes name's certificate out of memory (store and renewals), not out of storage.
   std::function<void(const std::string& name)> evict;
+  // configured (optional) says name is configured now (a site), which on-demand must never
+  // evict: a job that ends for such a name does not add it to the LRU. It is asked under the
+  // LRU's lock, so a name made configured before release() is called for it is either found
+  // configured here or taken out by that release(); it must not call into the OnDemand.
+  std::function<bool(const std::string& name)> configured;
 };
 
 class Manager;
@@ -143,7 +148,9 @@ class OnDemand {
   // release takes names out of the LRU index without evicting them: they stay managed and in
   // the store, and are never evicted by this OnDemand again (until a handshake makes one an
   // on-demand name again). For names that became configured (serve: a SIGHUP made the name a
-  // site), which, like every configured name, must not be evicted.
+  // site), which, like every configured name, must not be evicted. A job in flight for such a
+  // name when it is released would add it back when it ends: make the name configured (the
+  // backend's `configured`) before calling release, and that job leaves it out.
   void release(const std::vector<std::string>& names);
   // wait_idle waits until no job is queued or running, up to timeout (tests, shutdown).
   bool wait_idle(std::chrono::milliseconds timeout);

@@ -441,6 +441,14 @@ class NameList {
     std::lock_guard lock(mu_);
     return covered_by(files_, name);
   }
+  // listed says name is one of get()'s names now (exactly; a file's wildcard does not list the
+  // names under it).
+  bool listed(const std::string& name) const {
+    std::lock_guard lock(mu_);
+    auto f = files_.find(name);
+    if (f != files_.end() && f->second > 0) return true;
+    return std::find(configured_.begin(), configured_.end(), name) != configured_.end();
+  }
   // OnConfigured hears what a SIGHUP changed for ACME: withdrawn, the names no longer
   // configured that no file certificate covers (the Manager must stop managing them); resumed,
   // names withdrawn at an earlier SIGHUP that are configured again and not covered (the Manager
@@ -910,6 +918,9 @@ int cmd_serve(Context& ctx) {
       take_back(name);
       return load(name);
     };
+    // A job that ends for a name a SIGHUP made a site meanwhile leaves it out of the LRU (the
+    // reload lists it before it calls release, below), so on-demand never evicts a site.
+    backend.configured = [live_names](const std::string& name) { return live_names->listed(name); };
     auto created = tlsreload::OnDemand::create(od, std::move(backend));
     if (!created) return usage_error(ctx, "serve: " + created.error().message);
     on_demand = std::move(*created);

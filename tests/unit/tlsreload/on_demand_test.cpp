@@ -394,6 +394,55 @@ TEST_SUITE("on_demand") {
     CHECK((*od)->cached().size() == 2);
   }
 
+  TEST_CASE("on-demand leaves out of the LRU a name that became configured while its job ran") {
+    FakeClock clock;
+    FakeBackend fb;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool in_obtain = false, go = false;
+    std::set<std::string> configured;  // the names a "SIGHUP" made sites (guarded by mu)
+    fb.during_obtain = [&] {
+      std::unique_lock lock(mu);
+      if (go) return;
+      in_obtain = true;
+      cv.notify_all();
+      cv.wait_for(lock, 5s, [&] { return go; });
+    };
+    auto backend = fb.backend();
+    backend.configured = [&](const std::string& n) {
+      std::lock_guard lock(mu);
+      return configured.count(n) > 0;
+    };
+    auto o = base_options(clock);
+    o.max_cached = 1;
+    o.global_rate = {0, 0s};
+    auto od = OnDemand::create(o, backend);
+    REQUIRE(od);
+    CHECK((*od)->decide("site.allowed.test") == UnknownName::retry);
+    {
+      std::unique_lock lock(mu);
+      REQUIRE(cv.wait_for(lock, 5s, [&] { return in_obtain; }));
+      // While the job is inside obtain, a reload makes the name a site, then releases it (it is
+      // not in the LRU yet, so release finds nothing).
+      configured.insert("site.allowed.test");
+    }
+    (*od)->release({"site.allowed.test"});
+    {
+      std::lock_guard lock(mu);
+      go = true;
+    }
+    cv.notify_all();
+    REQUIRE((*od)->wait_idle(5s));
+    CHECK(fb.count(fb.obtains) == 1);
+    CHECK((*od)->counters().obtained == 1);
+    // Issued and served, but not on-demand's: not cached, so the next names never evict it.
+    CHECK((*od)->cached().empty());
+    run(**od, "other.allowed.test");
+    run(**od, "third.allowed.test");
+    CHECK(fb.evictions == std::vector<std::string>{"other.allowed.test"});
+    CHECK((*od)->cached() == std::vector<std::string>{"third.allowed.test"});
+  }
+
   TEST_CASE("on-demand touch refreshes only on-demand names and keeps the LRU order across threads") {
     FakeClock clock;
     FakeBackend fb;
