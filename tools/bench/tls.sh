@@ -41,6 +41,7 @@
 # (bounded by its -d) and clean up both servers.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export TLS_BENCH_DIR="$root/tools/bench"  # wrk_phase.py, for the summaries below
 build="${1:?usage: tls.sh BUILD_DIR [--quick]}"
 quick=0
 [ "${2:-}" = "--quick" ] && quick=1
@@ -339,20 +340,14 @@ if [ "${TLS_BENCH_ONLY:-}" = proxy ]; then
     phase "autotls_proxy_$r" autotls_proxy keepalive
   done
   python3 - "$work" "$rounds" "$secs" "$conns" "$threads" "$(getconf CLK_TCK)" <<'PY'
-import json, os, re, statistics, sys
+import json, os, statistics, sys
+sys.path.insert(0, os.environ["TLS_BENCH_DIR"])
+import wrk_phase
 work, rounds, secs, conns, threads, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 def ph(name):
-  text = open(os.path.join(work, "wrk-%s.txt" % name)).read()
-  cpu = json.load(open(os.path.join(work, "cpu-%s.json" % name)))
-  m = re.search(r"Requests/sec:\s+([\d.]+)", text); n = re.search(r"(\d+) requests in", text)
-  se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-  non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-  req = int(n.group(1)) if n else 0
-  return {"rate": float(m.group(1)) if m else None, "requests": req,
-          "cpu_us_per_request": round(cpu["cpu_ticks"] / hz / req * 1e6, 1) if req else None,
-          "ctx_switches_per_request": round(cpu["ctx_switches"] / req, 2) if req else None,
-          "errors": (sum(int(x) for x in se.groups()) if se else 0) + (int(non2xx.group(1)) if non2xx else 0),
-          "upstream_connections": cpu.get("upstream_connections"), "loadavg": cpu["load"]}
+  r = wrk_phase.read(work, name, hz)
+  return {k: r.get(k) for k in ["rate", "requests", "cpu_us_per_request", "ctx_switches_per_request", "errors",
+                                "upstream_connections", "loadavg"]}
 rs = [{"nginx": ph("nginx_proxy_%d" % r), "autotls": ph("autotls_proxy_%d" % r)} for r in range(1, rounds + 1)]
 def med(side, k):
   xs = [r[side][k] for r in rs if r[side][k] is not None]
@@ -489,38 +484,18 @@ counters_json=$(grep '"accepted"' autotls.out | tail -n 1 || true)
 echo "autotls counters: $counters_json" >&2
 
 python3 - "$work" "$secs" "$conns" "$threads" "$swaps_per_s" "$host" "${swap_json:-{\}}" "${counters_json:-{\}}" "$(getconf CLK_TCK)" "$many_json" <<'PY'
-import json, os, re, sys
+import json, os, sys
+sys.path.insert(0, os.environ["TLS_BENCH_DIR"])
+import wrk_phase
 work, secs, conns, threads, swaps_per_s, host = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 swap = json.loads(sys.argv[7] or "{}"); counters = json.loads(sys.argv[8] or "{}"); hz = int(sys.argv[9])
 many = json.loads(sys.argv[10] or "{}")
 notes = []
 
 def wrk(name):
-  text = open(os.path.join(work, "wrk-%s.txt" % name)).read()
-  m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-  n = re.search(r"(\d+) requests in ([\d.]+)(\w+)", text)
-  se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-  non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-  lat = re.search(r"Latency\s+([\d.]+\w+)", text)
-  cpu = json.load(open(os.path.join(work, "cpu-%s.json" % name)))
-  r = {
-    "rate": float(m.group(1)) if m else None,
-    "requests": int(n.group(1)) if n else None,
-    "socket_errors": sum(int(x) for x in se.groups()) if se else 0,
-    "socket_errors_detail": dict(zip(["connect", "read", "write", "timeout"], map(int, se.groups()))) if se else None,
-    "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-    "latency_avg": lat.group(1) if lat else None,
-    "cpu_s": cpu["cpu_ticks"] / hz,
-    "wrk_cpu_s": cpu["wrk_cpu_ticks"] / hz,
-    "busiest_thread_cpu_s": None if cpu.get("busiest_thread_ticks") is None else cpu["busiest_thread_ticks"] / hz,
-    "wall_s": cpu["wall_s"],
-    "loadavg": cpu["load"],
-  }
-  if cpu.get("upstream_connections") is not None:
-    r["upstream_connections"] = cpu["upstream_connections"]
-  if r["rate"] is None:
-    notes.append("%s: no wrk figure (%s)" % (name, text.strip().splitlines()[-1] if text.strip() else "empty output"))
-  r["cpu_us_per_request"] = round(r["cpu_s"] / r["requests"] * 1e6, 1) if r["requests"] else None
+  r = wrk_phase.read(work, name, hz)
+  if r["failure"] is not None:
+    notes.append("%s: no wrk figure (%s)" % (name, r["failure"]))
   return r
 
 ph = {k: wrk(k) for k in ["nginx_full_1", "autotls_full_1", "autotls_swap_1", "autotls_full_2",
