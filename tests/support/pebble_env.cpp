@@ -24,6 +24,7 @@
 
 #include "acme/util/base64.h"
 #include "acme/util/openssl.h"
+#include "tests/support/net.h"
 
 extern char** environ;
 
@@ -71,7 +72,8 @@ bool bind_ok(int fd, int port) {
 // pick_ports returns n distinct loopback ports that are free for TCP and UDP right now (the DNS
 // server needs both). The probe sockets stay open until all n are chosen so the kernel cannot
 // hand out the same port twice; someone may still take one before our children bind it, which
-// launch() detects and retries.
+// launch() detects and retries. Every port returned is claimed (net.h): this process never
+// hands it out again.
 Result<std::vector<int>> pick_ports(size_t n) {
   std::vector<Fd> held;
   std::vector<int> ports;
@@ -84,6 +86,9 @@ Result<std::vector<int>> pick_ports(size_t n) {
       return fail(Errc::io, std::string("getsockname: ") + std::strerror(errno));
     }
     int port = ntohs(a.sin_port);
+    // Not one that free_port() or an earlier pick in this process handed out: http_port() and
+    // tls_port() are bound by the test itself, later, and nobody holds them until then.
+    if (!claim_port(port)) continue;
     Fd udp(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
     if (udp.fd < 0 || !bind_ok(udp.fd, port)) continue;
     held.push_back(std::move(tcp));

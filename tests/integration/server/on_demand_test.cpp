@@ -205,15 +205,19 @@ TEST_SUITE("on_demand") {
       }
       return std::nullopt;
     };
+    // Other handshakes are counted as they complete while the slow one is still waiting. A
+    // reactor blocked by the wait would let at most the one in flight through when the wait
+    // ends; one that keeps serving completes many in that second. (Counting only handshakes
+    // under 1 s, as before, failed when one took a second under ASan on a loaded machine.)
     std::atomic<bool> waiting{true};
-    std::atomic<int> others_ok{0}, others_failed{0};
+    std::atomic<int> others_during{0}, others_failed{0};
     std::thread other([&] {
       while (waiting.load()) {
         auto r = env.handshake("configured.test");
-        if (r.ok && r.took < 1s) {
-          ++others_ok;
-        } else {
+        if (!r.ok) {
           ++others_failed;
+        } else if (waiting.load()) {
+          ++others_during;
         }
       }
     });
@@ -223,9 +227,9 @@ TEST_SUITE("on_demand") {
     release = true;
     CHECK_FALSE(r.ok);
     CHECK(r.error.find("unrecognized name") != std::string::npos);
-    CHECK(r.took >= 900ms);  // it waited for the issuance...
-    CHECK(r.took < 5s);      // ...and no longer than the wait (plus a retry tick)
-    CHECK(others_ok > 0);    // the reactor kept serving meanwhile
+    CHECK(r.took >= 900ms);        // it waited for the issuance...
+    CHECK(r.took < 5s);            // ...and no longer than the wait (plus a retry tick)
+    CHECK(others_during.load() >= 3);  // the reactor kept serving meanwhile
     CHECK(others_failed == 0);
     REQUIRE(env.on_demand->wait_idle(10s));
     env.ca->intercept = nullptr;

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -151,10 +152,14 @@ TEST_SUITE("server") {
   }
 
   TEST_CASE("reload removing a listener closes it after its request in flight") {
-    // An upstream that answers after 600 ms: the request is in flight during the reload.
+    // An upstream that answers once the reload is done: the request is in flight during it.
     httplib::Server up;
-    up.Get("/", [](const httplib::Request&, httplib::Response& res) {
-      std::this_thread::sleep_for(milliseconds(600));
+    std::atomic<bool> arrived{false}, reloaded{false};
+    up.Get("/", [&](const httplib::Request&, httplib::Response& res) {
+      arrived = true;
+      // Held until the reload is done (at most 5 s), then 100 ms more.
+      for (int i = 0; i < 500 && !reloaded.load(); ++i) std::this_thread::sleep_for(milliseconds(10));
+      std::this_thread::sleep_for(milliseconds(100));
       res.set_content("slow\n", "text/plain");
     });
     int up_port = up.bind_to_any_port("127.0.0.1");
@@ -169,11 +174,15 @@ TEST_SUITE("server") {
     REQUIRE(idle.get("a.test").first == 200);
     REQUIRE(other.get("a.test").first == 200);
     REQUIRE(busy.send("GET / HTTP/1.1\r\nHost: slow.test\r\n\r\n"));
-    std::this_thread::sleep_for(milliseconds(150));  // the request reaches the upstream
+    // The request reaches the upstream (waited for: a fixed 150 ms sleep here was too short
+    // when the reactor was slow to be scheduled, and the reload then closed an idle connection).
+    for (int i = 0; i < 1000 && !arrived.load(); ++i) std::this_thread::sleep_for(milliseconds(10));
+    REQUIRE(arrived.load());
 
     auto next = cfg;
     next.http = {{"127.0.0.1", p2}};
     auto rep = srv->reload(next);
+    reloaded = true;
     REQUIRE_MESSAGE(rep, rep.error().message);
     CHECK(rep->failed.empty());
     // The request in flight finishes, told the connection closes; the idle one is closed.

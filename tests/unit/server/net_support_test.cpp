@@ -1,0 +1,29 @@
+// tests/support/net.h: the ports free_port() hands out are distinct within a process. The
+// kernel's bind(0) picks a random free port each time, so before claim_port two calls in a row
+// returned the same port about 1 time in 14,000, and a server told both ports failed to start.
+
+#include <doctest/doctest.h>
+
+#include <set>
+
+#include "tests/support/net.h"
+
+using autotls::testing::claim_port;
+using autotls::testing::free_port;
+
+TEST_SUITE("server.test_support") {
+
+TEST_CASE("free_port never hands out the same port twice in a process") {
+  // 2,000 draws from about 14,000 odd ephemeral ports: without the record of handed-out ports a
+  // repeat is all but certain (birthday bound: the chance of none is below 1e-50).
+  std::set<int> seen;
+  for (int i = 0; i < 2000; ++i) {
+    int p = free_port();
+    CHECK(p > 0);
+    REQUIRE_MESSAGE(seen.insert(p).second, "port " << p << " handed out twice");
+  }
+  // A port that was handed out cannot be claimed again.
+  CHECK_FALSE(claim_port(*seen.begin()));
+}
+
+}  // TEST_SUITE
