@@ -296,8 +296,13 @@ Outcome load_one(const PairRef& ref, Paths&& paths, const LoadOptions& options, 
 
 // assemble makes the report of outcomes in their order; with_sources, each loaded pair's source
 // gets its paths from paths_of(index).
-template <class PathsOf>
-LoadReport assemble(std::vector<Outcome>& outcomes, bool with_sources, PathsOf&& paths_of) {
+// With options.defer_source_paths, add_paths_of(index, report.source_paths) adds the pair's
+// paths as strings instead.
+template <class PathsOf, class AddPathsOf>
+LoadReport assemble(std::vector<Outcome>& outcomes, const LoadOptions& options, PathsOf&& paths_of,
+                    AddPathsOf&& add_paths_of) {
+  const bool with_sources = options.record_sources;
+  const bool deferred = with_sources && options.defer_source_paths;
   LoadReport report;
   for (auto& o : outcomes) {
     if (o.kind == Outcome::scan_failure) report.failures.push_back(std::move(*o.failure));
@@ -309,7 +314,11 @@ LoadReport assemble(std::vector<Outcome>& outcomes, bool with_sources, PathsOf&&
     if (o.kind == Outcome::loaded) {
       report.certificates.push_back(std::move(o.cert));
       if (with_sources) {
-        o.source.paths = paths_of(i);
+        if (deferred) {
+          add_paths_of(i, report.source_paths);
+        } else {
+          o.source.paths = paths_of(i);
+        }
         report.sources.push_back(std::move(o.source));
       }
     }
@@ -327,7 +336,9 @@ LoadReport load_all(const std::vector<CertKeyPaths>& pairs, const LoadOptions& o
                                [&]() -> const CertKeyPaths& { return p; }, options, false);
       },
       true);
-  return assemble(outcomes, options.record_sources, [&](std::size_t i) { return pairs[i]; });
+  return assemble(
+      outcomes, options, [&](std::size_t i) { return pairs[i]; },
+      [&](std::size_t i, SourcePaths& out) { out.add(pairs[i].chain.native(), pairs[i].key.native()); });
 }
 
 }  // namespace
@@ -658,10 +669,24 @@ Result<LoadReport> load_directory(const fs::path& dir, const LoadOptions& option
         }
       },
       true);
-  return assemble(outcomes, options.record_sources, [&](std::size_t i) {
-    fs::path d = candidates[i].level->path / candidates[i].name;
-    return CertKeyPaths{d / "fullchain.pem", d / "privkey.pem"};
-  });
+  // Deferred: "<level>/<name>/fullchain.pem" as a string, spelled as the paths below are.
+  std::string chain_s, key_s;
+  return assemble(
+      outcomes, options,
+      [&](std::size_t i) {
+        fs::path d = candidates[i].level->path / candidates[i].name;
+        return CertKeyPaths{d / "fullchain.pem", d / "privkey.pem"};
+      },
+      [&](std::size_t i, SourcePaths& out) {
+        if (out.empty()) out.reserve(candidates.size(), candidates.size() * 2 * (dir.native().size() + 40));
+        chain_s = candidates[i].level->path.native();
+        if (!chain_s.empty() && chain_s.back() != '/') chain_s += '/';
+        chain_s += candidates[i].name;
+        key_s = chain_s;
+        chain_s += "/fullchain.pem";
+        key_s += "/privkey.pem";
+        out.add(chain_s, key_s);
+      });
 }
 
 std::size_t publish_all(CertStore& store, LoadReport& report) {
@@ -670,20 +695,40 @@ std::size_t publish_all(CertStore& store, LoadReport& report) {
   std::vector<PairSource> kept_sources;
   const bool sourced = report.sources.size() == report.certificates.size();
   std::vector<Status> results = store.publish_batch(report.certificates);
+  std::vector<bool> keep(report.certificates.size());
+  kept.reserve(report.certificates.size());
+  if (sourced) kept_sources.reserve(report.certificates.size());
   for (std::size_t i = 0; i < report.certificates.size(); ++i) {
     auto& cert = report.certificates[i];
     const Status& st = results[i];
     if (st) {
       ++ok;
+      keep[i] = true;
       kept.push_back(std::move(cert));
       if (sourced) kept_sources.push_back(std::move(report.sources[i]));
     } else {
       report.failures.push_back({{}, st.error()});
     }
   }
+  if (ok != keep.size() && report.source_paths.size() == keep.size()) report.source_paths.keep_only(keep);
   report.certificates = std::move(kept);
   report.sources = std::move(kept_sources);
   return ok;
+}
+
+void SourcePaths::keep_only(const std::vector<bool>& keep) {
+  SourcePaths out;
+  for (std::size_t i = 0; i < size() && i < keep.size(); ++i) {
+    if (keep[i]) out.add(chain(i), key(i));
+  }
+  *this = std::move(out);
+}
+
+void SourcePaths::apply(std::vector<PairSource>& sources) {
+  for (std::size_t i = 0; i < size() && i < sources.size(); ++i) {
+    sources[i].paths = CertKeyPaths{fs::path(std::string(chain(i))), fs::path(std::string(key(i)))};
+  }
+  clear();
 }
 
 }  // namespace autotls::tlsreload

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "acme/util/error.h"
@@ -47,6 +48,44 @@ struct PairSource {
   std::uint32_t key_mode = 0;
 };
 
+// SourcePaths holds the chain and key paths of many pairs as plain strings in one buffer (a
+// deferred load's, LoadOptions::defer_source_paths): pair i is chain(i), key(i). apply() makes
+// them into PairSource::paths.
+class SourcePaths {
+ public:
+  void reserve(std::size_t pairs, std::size_t bytes) {
+    buf_.reserve(bytes);
+    ends_.reserve(2 * pairs);
+  }
+  void add(std::string_view chain, std::string_view key) {
+    buf_.append(chain);
+    ends_.push_back(buf_.size());
+    buf_.append(key);
+    ends_.push_back(buf_.size());
+  }
+  std::size_t size() const { return ends_.size() / 2; }
+  bool empty() const { return ends_.empty(); }
+  std::string_view chain(std::size_t i) const { return part(2 * i); }
+  std::string_view key(std::size_t i) const { return part(2 * i + 1); }
+  // keep_only keeps the pairs whose keep[i] is true, in order.
+  void keep_only(const std::vector<bool>& keep);
+  // apply sets sources[i].paths from pair i (for each i < min(size, sources.size())), then
+  // empties this.
+  void apply(std::vector<PairSource>& sources);
+  void clear() {
+    buf_ = {};
+    ends_ = {};
+  }
+
+ private:
+  std::string_view part(std::size_t k) const {
+    std::size_t begin = k == 0 ? 0 : ends_[k - 1];
+    return std::string_view(buf_).substr(begin, ends_[k] - begin);
+  }
+  std::string buf_;
+  std::vector<std::size_t> ends_;
+};
+
 // LoadReport is what a bulk load produced: the good certificates and each bad file. One bad
 // file never stops the others from loading.
 struct LoadReport {
@@ -55,6 +94,10 @@ struct LoadReport {
   // sources[i] is where certificates[i] was read from (load_pairs, load_directory with
   // LoadOptions::record_sources; kept parallel by publish_all); empty otherwise.
   std::vector<PairSource> sources;
+  // source_paths: with LoadOptions::defer_source_paths, the sources' paths (sources[i]'s are
+  // pair i), until make_source_paths() puts them in sources. Kept parallel by publish_all.
+  SourcePaths source_paths;
+  void make_source_paths() { source_paths.apply(sources); }
   // scan_failures: the first scan_failures entries of failures are pairs with one of their two
   // files missing (load_directory; find_certbot_pairs' failures); the others did not load.
   std::size_t scan_failures = 0;

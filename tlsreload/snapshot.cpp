@@ -536,6 +536,14 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
   SnapshotContents out;
   out.certificates.reserve(entries);
   if (with_sources) out.sources.reserve(entries);
+  // Deferred: the paths copied as they are in the file into one buffer (a copy of ~120 bytes
+  // per entry), made into paths by make_source_paths() when they are needed.
+  const bool deferred = with_sources && options.defer_source_paths;
+  if (deferred) {
+    std::size_t bytes = 0;
+    for (const auto& [chain, key] : source_paths) bytes += chain.size() + key.size();
+    out.source_paths.reserve(entries, bytes);
+  }
   for (std::size_t i = 0; i < entries; ++i) {
     if (refused[i]) {
       out.refused.push_back(std::move(*refused[i]));
@@ -543,7 +551,11 @@ Result<SnapshotContents> read_snapshot(const fs::path& path, const LoadOptions& 
     }
     out.certificates.push_back(std::move(certs[i]));
     if (with_sources) {
-      sources[i].paths = CertKeyPaths{std::string(source_paths[i].first), std::string(source_paths[i].second)};
+      if (deferred) {
+        out.source_paths.add(source_paths[i].first, source_paths[i].second);
+      } else {
+        sources[i].paths = CertKeyPaths{std::string(source_paths[i].first), std::string(source_paths[i].second)};
+      }
       out.sources.push_back(std::move(sources[i]));
     }
   }
@@ -570,15 +582,19 @@ SnapshotStart publish_snapshot(CertStore& store, const DirectoryLoadOptions& opt
   // (perf of `autotls serve` from a snapshot: 2.7 % of the start's samples).
   start.certificates.reserve(results.size());
   start.sources.reserve(results.size());
+  std::vector<bool> keep(results.size());
   for (std::size_t i = 0; i < results.size(); ++i) {
     if (results[i]) {
       ++start.published;
+      keep[i] = true;
       start.certificates.push_back(std::move(contents->certificates[i]));
       start.sources.push_back(std::move(contents->sources[i]));
     } else {
       start.refused.push_back({{}, results[i].error()});
     }
   }
+  if (start.published != results.size()) contents->source_paths.keep_only(keep);
+  start.source_paths = std::move(contents->source_paths);
   return start;
 }
 

@@ -45,6 +45,9 @@ struct SnapshotContents {
   std::vector<std::shared_ptr<const Certificate>> certificates;
   std::vector<PairSource> sources;   // parallel to certificates
   std::vector<LoadFailure> refused;  // entries that failed a recheck (expired...), by chain path
+  // With LoadOptions::defer_source_paths: the sources' paths, until make_source_paths().
+  SourcePaths source_paths;
+  void make_source_paths() { source_paths.apply(sources); }
 };
 
 // read_snapshot reads path and rebuilds its certificates without parsing them (detail/compact.h):
@@ -83,6 +86,10 @@ struct SnapshotStart {
   // paths tell the verification which pair it is; empty paths if none were recorded).
   std::vector<PairSource> sources;
   std::vector<LoadFailure> refused;  // entries not published (expired, refused by the store)
+  // With DirectoryLoadOptions::load.defer_source_paths: the sources' paths are here, not in
+  // sources, until make_source_paths() (call it before anything reads sources[i].paths).
+  SourcePaths source_paths;
+  void make_source_paths() { source_paths.apply(sources); }
 };
 
 // publish_snapshot publishes options.snapshot_path's certificates into store in one snapshot

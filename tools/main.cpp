@@ -13,6 +13,7 @@
 #include <CLI/CLI.hpp>
 
 #include "tools/cli.h"
+#include "tools/serve_files.h"
 
 namespace {
 
@@ -481,6 +482,7 @@ int end_now(int code) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  restore_env_after_reexec();  // serve's re-execution for huge pages (serve_files.h)
   Options o;
   auto cli_ptr = std::make_unique<Cli>();
   Cli& cli = *cli_ptr;
@@ -539,6 +541,9 @@ int main(int argc, char** argv) {
     }
     return kExitOk;
   }
+
+  // A large --cert-dir: serve starts again with glibc's heap on huge pages (serve_files.h).
+  if (serve->parsed()) reexec_for_huge_pages(o, argv);
 
   auto chain = selected_chain(app);
   auto given = [chain](const std::string& name) {

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -165,6 +166,15 @@ void FileCerts::snapshot_work(std::function<void(const CertDirSnapshot&)> on_don
   std::stable_partition(pending.begin(), pending.end(), [](const auto& p) { return !p->from_snapshot; });
   worker = std::jthread([work = std::move(pending), w = watcher.get(), verifying = verifying,
                          rescan_wanted = rescan_wanted, on_done = std::move(on_done)] {
+    // The sources' paths, left as strings by the start (LoadOptions::defer_source_paths: made
+    // there, they were a fifth of the start from a snapshot, before the first handshake).
+    for (const auto& p : work) {
+      if (p->from_snapshot) {
+        p->start.make_source_paths();
+      } else {
+        p->report.make_source_paths();
+      }
+    }
     // Directories loaded at start: their snapshots written.
     for (const auto& p : work) {
       if (p->from_snapshot || p->snapshot.empty()) continue;
@@ -299,6 +309,58 @@ void FileCerts::rescan() {
   watcher->rescan();
 }
 
+namespace {
+
+// kReexecVar marks the re-executed process: "-" (GLIBC_TUNABLES was not set) or "=" followed by
+// GLIBC_TUNABLES as it was given.
+constexpr const char* kReexecVar = "AUTOTLS_REEXEC_TUNABLES";
+bool g_reexecuted = false;
+
+// pair_dirs_at_least tells whether the --cert-dirs hold at least n pair directories, from the
+// link counts of each directory and its live/ (a directory's count is 2 plus its
+// subdirectories on ext4, xfs and tmpfs; a filesystem that does not count, btrfs, says 1:
+// counted as large).
+bool pair_dirs_at_least(const std::vector<std::string>& dirs, std::size_t n) {
+  std::size_t total = 0;
+  for (const auto& d : dirs) {
+    for (const std::string& p : {d, d + "/live"}) {
+      struct stat st {};
+      if (::stat(p.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) continue;
+      if (st.st_nlink < 2) return true;
+      total += st.st_nlink - 2;
+    }
+  }
+  return total >= n;
+}
+
+}  // namespace
+
+void restore_env_after_reexec() {
+  const char* v = std::getenv(kReexecVar);
+  if (!v) return;
+  g_reexecuted = true;
+  if (v[0] == '=') {
+    ::setenv("GLIBC_TUNABLES", v + 1, 1);
+  } else {
+    ::unsetenv("GLIBC_TUNABLES");
+  }
+  ::unsetenv(kReexecVar);
+}
+
+void reexec_for_huge_pages(const Options& o, char** argv) {
+  if (g_reexecuted || o.cert_dirs.empty()) return;
+  const char* given = std::getenv("GLIBC_TUNABLES");
+  if (given && std::strstr(given, "glibc.malloc.hugetlb")) return;
+  if (!pair_dirs_at_least(o.cert_dirs, kHugePagePairs)) return;
+  std::string tunables = given && *given ? std::string(given) + ":glibc.malloc.hugetlb=1" : "glibc.malloc.hugetlb=1";
+  std::string saved = given ? "=" + std::string(given) : "-";
+  if (::setenv(kReexecVar, saved.c_str(), 1) != 0) return;
+  if (::setenv("GLIBC_TUNABLES", tunables.c_str(), 1) == 0) ::execv("/proc/self/exe", argv);
+  // exec failed (no /proc): start as we are, with the environment as it was.
+  restore_env_after_reexec();
+  g_reexecuted = false;
+}
+
 Status check_key_permissions(const std::string& path, const std::string& flag) {
   struct stat st {};
   // Missing or unreadable files are reported by the loader with its own precise reason.
@@ -377,6 +439,7 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
     }
     tlsreload::DirectoryLoadOptions dlo;
     dlo.snapshot_path = snapshot_file(snapshot_dir, dir);
+    dlo.load.defer_source_paths = true;  // made behind the start, in snapshot_work()
     auto start = tlsreload::publish_snapshot(*store, dlo);
     if (start.ignored) out.ignored.emplace_back(dlo.snapshot_path.string(), *start.ignored);
     if (!start.used) {
@@ -403,6 +466,7 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
   std::vector<tlsreload::LoadReport> plain_loads;
   tlsreload::LoadOptions bulk = tlsreload::bulk_load_options();
   bulk.record_sources = true;
+  bulk.defer_source_paths = true;  // made behind the start, in snapshot_work()
   for (const auto& dir : plain) {
     const std::string what = "--cert-dir " + dir;
     auto r = tlsreload::load_directory(dir, bulk);
@@ -415,9 +479,10 @@ Result<FileCerts> load_cert_files(const Options& o, const std::string& snapshot_
     // In name order over loaded and failed pairs alike, as the pair-by-pair check was.
     std::vector<std::string> keys;
     keys.reserve(r->sources.size() + r->failures.size());
-    for (const auto& src : r->sources) {
+    for (std::size_t i = 0; i < r->sources.size(); ++i) {
+      const auto& src = r->sources[i];
       if (src.key_mode != 0 && (src.key_mode & 077) == 0) continue;
-      keys.push_back(src.paths.key.string());
+      keys.push_back(i < r->source_paths.size() ? std::string(r->source_paths.key(i)) : src.paths.key.string());
     }
     for (const auto& f : r->failures) keys.push_back((f.path.parent_path() / "privkey.pem").string());
     std::sort(keys.begin(), keys.end());

@@ -92,6 +92,20 @@ struct FileCerts {
   void rescan();
 };
 
+// Huge pages for a large --cert-dir. A start of 100,000 pairs makes ~300 MB of small heap
+// objects; on this VM each first touch of a 4 KiB page costs ~9 us in the kernel (a third of
+// the start's CPU time, docs/benchmarks.md "Session 12"). glibc backs its heap with
+// transparent huge pages when the tunable glibc.malloc.hugetlb=1 is set (THP "madvise" mode
+// suffices), which it reads only at exec. So serve, given --cert-dir directories that hold at
+// least kHugePagePairs pair directories (counted from the directories' link counts: one stat
+// each) re-executes itself (/proc/self/exe, same pid, arguments and descriptors) with the
+// tunable added to GLIBC_TUNABLES, once. A GLIBC_TUNABLES that names glibc.malloc.hugetlb
+// already (=0 to opt out) is left alone. The child processes serve runs (hooks) see the
+// environment as it was given: restore_env_after_reexec() puts it back first thing in main.
+inline constexpr std::size_t kHugePagePairs = 1000;
+void reexec_for_huge_pages(const Options& o, char** argv);
+void restore_env_after_reexec();
+
 // snapshot_file is the snapshot of the certificate directory dir (absolute) in snapshot_dir:
 // named by the directory's last component and a hash of its absolute path, so that it is
 // stable across starts and two directories never share one.

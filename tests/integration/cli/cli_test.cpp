@@ -2889,6 +2889,80 @@ struct NamesFiles {
 }  // namespace
 
 TEST_SUITE("cli.serve_files") {
+  TEST_CASE("serve re-executes itself with the heap on huge pages for a --cert-dir of 1000 pair directories") {
+    using autotls::testing::make_test_ca;
+    using autotls::testing::make_test_leaf;
+    TempDir d;
+    auto ca = make_test_ca("autotls cli huge pages CA");
+    REQUIRE(ca);
+    fs::path ca_file = d.path / "ca.pem";
+    write_file(ca_file, ca->cert_pem);
+    fs::path small = d.path / "small", large = d.path / "large";
+    for (const fs::path& dir : {small, large}) {
+      for (int i = 0; i < 3; ++i) {
+        std::string name = "h" + std::to_string(i) + ".huge.cli.test";
+        auto leaf = make_test_leaf({name}, *ca);
+        REQUIRE(leaf);
+        fs::create_directories(dir / "live" / name);
+        put(dir / "live" / name / "fullchain.pem", leaf->cert_pem + ca->cert_pem);
+        put(dir / "live" / name / "privkey.pem", leaf->key_pem);
+      }
+    }
+    // 1000 pair directories in all (a subdirectory with neither file is skipped by the load,
+    // but counts: the estimate is one stat of the directory, its link count).
+    for (int i = 0; i < 997; ++i) fs::create_directories(large / "live" / ("empty" + std::to_string(i)));
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "huge\n");
+    // environ_of is the environment pid's program image started with (/proc/PID/environ: what
+    // its last exec passed, not what it changed since).
+    auto environ_of = [](pid_t pid) {
+      std::string e = read_file("/proc/" + std::to_string(pid) + "/environ");
+      std::replace(e.begin(), e.end(), '\0', '\n');
+      return "\n" + e;
+    };
+    auto start = [&](const fs::path& dir, const std::vector<std::string>& env) {
+      int https = free_port();
+      std::vector<std::string> argv{AUTOTLS_BINARY, "serve", "--cert-dir", dir.string(), "--root", www.string(),
+                                    "--https-address", "127.0.0.1:" + std::to_string(https), "--http-address", "off",
+                                    "--admin-address", "off", "--json", "--drain", "0",
+                                    "--storage", (d.path / ("s-" + dir.filename().string())).string(),
+                                    "--ca", "https://127.0.0.1:1/unreachable"};
+      fs::path out = d.path / "serve.out", err = d.path / "serve.err";
+      pid_t pid = spawn(argv, out, err, env);
+      auto logs = [&] { return read_file(out) + read_file(err); };
+      bool served = false;
+      for (int i = 0; i < 150 && !served; ++i) {
+        served = https_get("h1.huge.cli.test", https, ca_file).first == 200;
+        if (!served) std::this_thread::sleep_for(100ms);
+      }
+      std::string environ_text = environ_of(pid);
+      std::string log = logs();
+      ::kill(pid, SIGTERM);
+      CHECK(wait_exit(pid, 20s) == 0);
+      CHECK_MESSAGE(served, log);
+      return environ_text;
+    };
+    // 1000 pair directories: the process (same pid) runs with glibc.malloc.hugetlb=1, and
+    // remembers how the environment was, to give its children that.
+    std::string e = start(large, {});
+    CHECK_MESSAGE(e.find("\nGLIBC_TUNABLES=glibc.malloc.hugetlb=1\n") != std::string::npos, e);
+    CHECK_MESSAGE(e.find("\nAUTOTLS_REEXEC_TUNABLES=-\n") != std::string::npos, e);
+    // Other tunables given are kept, the huge pages added. (glibc 2.36 ends each value it
+    // parsed with a NUL in the environment's own memory: the ':' shows as a line break here.)
+    e = start(large, {"GLIBC_TUNABLES=glibc.malloc.arena_max=4"});
+    CHECK_MESSAGE(e.find("\nGLIBC_TUNABLES=glibc.malloc.arena_max=4") != std::string::npos, e);
+    CHECK_MESSAGE(e.find("glibc.malloc.hugetlb=1\n") != std::string::npos, e);
+    CHECK_MESSAGE(e.find("\nAUTOTLS_REEXEC_TUNABLES==glibc.malloc.arena_max=4\n") != std::string::npos, e);
+    // A given glibc.malloc.hugetlb (=0: the opt-out) is left alone, and so is a small directory.
+    e = start(large, {"GLIBC_TUNABLES=glibc.malloc.hugetlb=0"});
+    CHECK_MESSAGE(e.find("\nGLIBC_TUNABLES=glibc.malloc.hugetlb=0\n") != std::string::npos, e);
+    CHECK_MESSAGE(e.find("AUTOTLS_REEXEC_TUNABLES") == std::string::npos, e);
+    e = start(small, {});
+    CHECK_MESSAGE(e.find("glibc.malloc.hugetlb") == std::string::npos, e);
+    CHECK_MESSAGE(e.find("AUTOTLS_REEXEC_TUNABLES") == std::string::npos, e);
+  }
+
   TEST_CASE("serve lists a pair added to its --cert-dir after start, and keeps it over SIGHUP") {
     NamesFiles f;
     TempDir& d = f.d;

@@ -166,6 +166,61 @@ TEST_CASE("snapshot: a snapshot restores what a full load serves, with the same 
   CHECK(contents->sources[0].chain.size == static_cast<std::uint64_t>(st.st_size));
 }
 
+TEST_CASE("snapshot: deferred source paths are the paths a plain load and read make, once asked for") {
+  Fixture f;
+  f.put("a.test", {"a.test"});
+  f.put("b.test", {"b.test"});
+  f.put("c.test", {"c.test"});
+  LoadOptions recording = f.options().load;
+  recording.record_sources = true;
+  LoadOptions deferring = recording;
+  deferring.defer_source_paths = true;
+  auto plain = load_directory(f.certs, recording);
+  auto deferred = load_directory(f.certs, deferring);
+  REQUIRE(plain);
+  REQUIRE(deferred);
+  REQUIRE(plain->sources.size() == 3);
+  REQUIRE(deferred->sources.size() == 3);
+  // Until asked for, the paths are strings in source_paths, and the sources' paths empty.
+  REQUIRE(deferred->source_paths.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(deferred->sources[i].paths.chain.empty());
+    CHECK(deferred->source_paths.chain(i) == plain->sources[i].paths.chain.native());
+    CHECK(deferred->source_paths.key(i) == plain->sources[i].paths.key.native());
+  }
+  // publish_all keeps them parallel to the certificates it keeps.
+  CertStore store;
+  REQUIRE(publish_all(store, *deferred) == 3);
+  deferred->make_source_paths();
+  CHECK(deferred->source_paths.empty());
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(deferred->sources[i].paths.chain == plain->sources[i].paths.chain);
+    CHECK(deferred->sources[i].paths.key == plain->sources[i].paths.key);
+    CHECK(deferred->sources[i].chain == plain->sources[i].chain);
+    CHECK(deferred->sources[i].key_mode == plain->sources[i].key_mode);
+  }
+  REQUIRE(write_snapshot(f.snap, plain->certificates, plain->sources));
+  // The snapshot start, deferred: the same sources once made.
+  DirectoryLoadOptions dlo = f.options();
+  dlo.load.defer_source_paths = true;
+  CertStore restored;
+  SnapshotStart start = publish_snapshot(restored, dlo);
+  REQUIRE(start.used);
+  REQUIRE(start.sources.size() == 3);
+  REQUIRE(start.source_paths.size() == 3);
+  CHECK(start.sources[0].paths.chain.empty());
+  start.make_source_paths();
+  auto full = read_snapshot(f.snap, f.options().load);
+  REQUIRE(full);
+  REQUIRE(full->sources.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(start.sources[i].paths.chain == full->sources[i].paths.chain);
+    CHECK(start.sources[i].paths.key == full->sources[i].paths.key);
+    CHECK(start.sources[i].chain == full->sources[i].chain);
+    CHECK(start.sources[i].key == full->sources[i].key);
+  }
+}
+
 TEST_CASE("snapshot: the snapshot file is 0600 and not in the certificate directory") {
   Fixture f;
   f.put("a.test", {"a.test"});
