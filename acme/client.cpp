@@ -805,6 +805,11 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
     if (left > milliseconds(0) && !clock.sleep_for(left)) return fail(Errc::cancelled, "obtain: cancelled");
     return {};
   };
+  auto settle_half = [&](Clock::time_point since) -> Status {
+    auto left = client.options().poll_initial / 2 - std::chrono::duration_cast<milliseconds>(clock.now() - since);
+    if (left > milliseconds(0) && !clock.sleep_for(left)) return fail(Errc::cancelled, "obtain: cancelled");
+    return {};
+  };
   std::optional<PrivateKey> key = request.key;
   std::string key_pem;
   std::optional<std::string> csr;
@@ -863,17 +868,18 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
       progress(waiting);
       // No CA has validated at the instant it was told to. When the solver can tell that the
       // CA fetched the material (our own http-01 responder served it), validation is under way:
-      // the first poll goes out half a poll step after that fetch. Pebble fetches 3 times and
-      // marks the authorization valid a few ms after responding; a blind first poll one step
-      // after responding mostly came too early and then waited a doubled step (2 + 4 ms and
-      // two polls, traced). Waiting for the fetch is bounded by four poll steps; without a
-      // fetch by then, or from a solver that cannot tell, the first poll is one poll step after
-      // responding (less the time the key took), not at once.
+      // the first poll goes out once the fetches have stopped for half a poll step. Pebble
+      // fetches 3 times, concurrently but spread over ~2 ms on 2 cores, and marks the
+      // authorization valid only when all 3 have answered; a poll half a step after the first
+      // fetch mostly came too early and then waited a whole step more (traced). A blind first
+      // poll one step after responding came too early as well. Waiting is bounded by four poll
+      // steps; without a fetch by then, or from a solver that cannot tell, the first poll is
+      // one poll step after responding (less the time the key took), not at once.
       if (first) {
         const milliseconds step = client.options().poll_initial;
         auto left = 4 * step - std::chrono::duration_cast<milliseconds>(clock.now() - responded);
-        if (left > milliseconds(0) && solver.await_fetch(p.identifier, p.challenge, left)) {
-          if (step / 2 > milliseconds(0) && !clock.sleep_for(step / 2)) return fail(Errc::cancelled, "obtain: cancelled");
+        if (left > milliseconds(0) && solver.await_fetch(p.identifier, p.challenge, left, step / 2)) {
+          // Fetched, and quiet since (or the bound ran out): poll now.
         } else if (auto st = settle(responded); !st) {
           return fail(st.error());
         }
@@ -931,7 +937,7 @@ Result<IssuedCertificate> obtain(Client& client, const ObtainRequest& request, S
     ProgressEvent waiting = progress_event(Step::issuing, {}, {}, done->status, order->url);
     progress(waiting);
     // Nor has a CA issued at the instant it got the CSR: the first poll is one step later.
-    if (auto st = settle(submitted); !st) return fail(st.error());
+    if (auto st = settle_half(submitted); !st) return fail(st.error());
     done = client.poll_order(order->url, progress.ticker(waiting));
     if (!done) return fail(done.error());
   }

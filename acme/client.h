@@ -253,12 +253,16 @@ class Solver {
   virtual void cleanup(const Identifier& identifier, const Challenge& challenge,
                        std::string_view key_authorization) = 0;
   // await_fetch waits up to timeout until the CA has fetched the material presented for the
-  // challenge (its validation request reached our responder), and says whether it has. A
-  // solver that cannot tell returns false at once (the default). obtain() uses it to send its
-  // first authorization poll when validation is under way instead of on a blind schedule.
+  // challenge (its validation request reached our responder) and then made no further fetch
+  // for quiet, and says whether it fetched at all (at the timeout, fetches may still be coming).
+  // A CA may fetch once from each of several vantage points (Pebble makes 3 concurrent
+  // requests, Let's Encrypt validates from several perspectives) and decides only when all
+  // have answered. A solver that cannot tell returns false at once (the default). obtain()
+  // uses it to send its first authorization poll when validation is over, not on a blind
+  // schedule.
   virtual bool await_fetch(const Identifier& identifier, const Challenge& challenge,
-                           std::chrono::milliseconds timeout) {
-    (void)identifier, (void)challenge, (void)timeout;
+                           std::chrono::milliseconds timeout, std::chrono::milliseconds quiet) {
+    (void)identifier, (void)challenge, (void)timeout, (void)quiet;
     return false;
   }
 };

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <thread>
@@ -53,14 +54,30 @@ std::optional<std::string> ChallengeStore::http01(std::string_view token) const 
   std::lock_guard lock(mu_);
   auto it = http01_.find(std::string(token));
   if (it == http01_.end()) return std::nullopt;
-  if (http01_fetched_.insert(it->first).second) fetched_cv_.notify_all();
+  http01_fetched_[it->first] = std::chrono::steady_clock::now();
+  fetched_cv_.notify_all();
   return it->second;
 }
 
-bool ChallengeStore::wait_http01_fetched(std::string_view token, std::chrono::milliseconds timeout) const {
+bool ChallengeStore::wait_http01_fetched(std::string_view token, std::chrono::milliseconds timeout,
+                                         std::chrono::milliseconds quiet) const {
+  using clock = std::chrono::steady_clock;
   std::unique_lock lock(mu_);
   const std::string key(token);
-  return fetched_cv_.wait_for(lock, timeout, [&] { return http01_fetched_.count(key) > 0; });
+  const auto deadline = clock::now() + timeout;
+  for (;;) {
+    const auto now = clock::now();
+    auto it = http01_fetched_.find(key);
+    if (it == http01_fetched_.end()) {
+      if (now >= deadline) return false;
+      fetched_cv_.wait_until(lock, deadline);
+      continue;
+    }
+    // Fetched: wait until the latest lookup is quiet old (a later lookup moves it on).
+    const auto settled = it->second + quiet;
+    if (now >= settled || now >= deadline) return true;
+    fetched_cv_.wait_until(lock, std::min(settled, deadline));
+  }
 }
 
 Status ChallengeStore::put_tls_alpn(const acme::Identifier& identifier, std::string_view key_authorization) {
@@ -128,8 +145,8 @@ void ChallengeSolver::cleanup(const acme::Identifier& identifier, const acme::Ch
 }
 
 bool ChallengeSolver::await_fetch(const acme::Identifier&, const acme::Challenge& challenge,
-                                  std::chrono::milliseconds timeout) {
-  return challenge.type == "http-01" && store_->wait_http01_fetched(challenge.token, timeout);
+                                  std::chrono::milliseconds timeout, std::chrono::milliseconds quiet) {
+  return challenge.type == "http-01" && store_->wait_http01_fetched(challenge.token, timeout, quiet);
 }
 
 Status run_dns_hook(const std::string& hook, std::string_view action, std::string_view record_name,

@@ -8,7 +8,6 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "acme/client.h"
 #include "acme/util/error.h"
@@ -28,9 +27,11 @@ class ChallengeStore {
   // one counts as the CA fetching it (only listeners answering validation requests call this).
   std::optional<std::string> http01(std::string_view token) const;
   // wait_http01_fetched waits up to timeout until the key authorization presented for token has
-  // been looked up through http01 (the CA's validation request reached a listener), and says
-  // whether it was. A token put again counts afresh.
-  bool wait_http01_fetched(std::string_view token, std::chrono::milliseconds timeout) const;
+  // been looked up through http01 (the CA's validation request reached a listener) and then not
+  // looked up again for quiet, and says whether it was looked up at all (at the timeout, the
+  // lookups may still be coming). A token put again counts afresh.
+  bool wait_http01_fetched(std::string_view token, std::chrono::milliseconds timeout,
+                           std::chrono::milliseconds quiet = std::chrono::milliseconds(0)) const;
 
   // put_tls_alpn builds (and validates) the RFC 8737 certificate for the identifier and
   // serves it for sni (for an IP identifier, the reverse-DNS name RFC 8738 §6 gives).
@@ -44,7 +45,8 @@ class ChallengeStore {
   mutable std::mutex mu_;
   mutable std::condition_variable fetched_cv_;
   std::unordered_map<std::string, std::string> http01_;
-  mutable std::unordered_set<std::string> http01_fetched_;  // tokens looked up since put
+  // The tokens looked up since put, with the time of the latest lookup.
+  mutable std::unordered_map<std::string, std::chrono::steady_clock::time_point> http01_fetched_;
   std::unordered_map<std::string, std::shared_ptr<const Certificate>> tls_alpn_;
 };
 
@@ -66,7 +68,7 @@ class ChallengeSolver : public acme::Solver {
   // await_fetch tells when the CA has fetched an http-01 key authorization from a listener
   // serving the store; for other types it cannot tell (false at once).
   bool await_fetch(const acme::Identifier& identifier, const acme::Challenge& challenge,
-                   std::chrono::milliseconds timeout) override;
+                   std::chrono::milliseconds timeout, std::chrono::milliseconds quiet) override;
 
  private:
   std::shared_ptr<ChallengeStore> store_;

@@ -854,7 +854,7 @@ TEST_CASE("obtain polls one step after responding and finalizes a ready order wi
   CHECK(sleeps.back() == f.client->options().poll_initial);
 }
 
-TEST_CASE("obtain polls half a step after the CA fetched the material, when the solver can tell") {
+TEST_CASE("obtain polls when the CA's fetches have been quiet for half a step, when the solver can tell") {
   FakeAcmeServer::Options o;
   o.authz_pending_polls = 0;
   o.order_processing_polls = 0;
@@ -868,10 +868,12 @@ TEST_CASE("obtain polls half a step after the CA fetched the material, when the 
     RequestLog* log = nullptr;
     std::vector<std::string> last_request;  // what the CA had seen at each await_fetch
     std::vector<milliseconds> timeouts;
-    bool await_fetch(const Identifier&, const Challenge&, milliseconds timeout) override {
+    std::vector<milliseconds> quiets;
+    bool await_fetch(const Identifier&, const Challenge&, milliseconds timeout, milliseconds quiet) override {
       std::lock_guard lock(log->mu);
       last_request.push_back(log->lines.empty() ? "" : log->lines.back());
       timeouts.push_back(timeout);
+      quiets.push_back(quiet);
       return true;
     }
   } solver;
@@ -887,11 +889,35 @@ TEST_CASE("obtain polls half a step after the CA fetched the material, when the 
   REQUIRE(solver.last_request.size() == 1);
   CHECK(solver.last_request[0].starts_with("POST /chall/"));
   CHECK(solver.timeouts[0] == 4 * step);
+  // The fetches must have stopped for half a poll step (the solver waits for that)...
+  CHECK(solver.quiets[0] == step / 2);
   CHECK(log.count("POST /authz/") == 2);  // the fetch, then one poll
-  // Then half a poll step, not a whole one, before that poll.
+  // ...and the poll goes out at once after: no sleep of obtain's own.
+  CHECK(f.clock.sleeps().size() == slept_before);
+}
+
+TEST_CASE("obtain polls an order still processing after finalize half a step later") {
+  FakeAcmeServer::Options o;
+  o.authz_pending_polls = 0;         // valid by the first poll
+  o.order_processing_polls = 1;      // "processing" at finalize and at the first poll
+  o.order_ready_at_finalize = true;
+  Fixture f(o);
+  f.register_new();
+  RequestLog log;
+  log.attach(*f.ca);
+  const size_t slept_before = f.clock.sleeps().size();
+  f.issue({Identifier::dns("processing.example.test")});
+  CHECK(log.count("POST /finalize/") == 1);
+  CHECK(log.count("POST /order/") >= 1);
+  // One poll step between responding and the first authorization poll, then half a step
+  // between the finalize ("processing") and the first order poll (CAs sign in about a
+  // millisecond; Pebble's order was valid by then in every traced run), then the poll schedule.
   auto sleeps = f.clock.sleeps();
-  REQUIRE(sleeps.size() == slept_before + 1);
-  CHECK(sleeps.back() == step / 2);
+  REQUIRE(sleeps.size() >= slept_before + 2);
+  const milliseconds step = f.client->options().poll_initial;
+  CHECK(sleeps[slept_before] == step);
+  CHECK(sleeps[slept_before + 1] == step / 2);
+  for (size_t i = slept_before + 2; i < sleeps.size(); ++i) CHECK(sleeps[i] >= step);
 }
 
 TEST_CASE("an order not yet ready at finalize is polled until ready, then finalized") {

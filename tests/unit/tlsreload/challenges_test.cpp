@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -98,6 +99,34 @@ TEST_CASE("a lookup of an http-01 token counts as the CA fetching it") {
   CHECK_FALSE(store.wait_http01_fetched("tok", milliseconds(0)));
 }
 
+TEST_CASE("a wait for an http-01 fetch lasts until the lookups have been quiet for the asked time") {
+  using namespace std::chrono;
+  ChallengeStore store;
+  store.put_http01("tok", "tok.thumb");
+  // Nothing fetched: quiet or not, the wait runs out and says so.
+  CHECK_FALSE(store.wait_http01_fetched("tok", milliseconds(1), milliseconds(1)));
+  // A CA fetching from several vantage points: each lookup starts the quiet time again.
+  REQUIRE(store.http01("tok").has_value());
+  auto first = steady_clock::now();
+  std::atomic<bool> second{false};
+  std::thread vantage([&] {
+    std::this_thread::sleep_for(milliseconds(50));
+    (void)store.http01("tok");
+    second = true;
+  });
+  // Fetched but not quiet yet: the bound comes first, and the answer is still "fetched".
+  CHECK(store.wait_http01_fetched("tok", milliseconds(0), seconds(10)));
+  // A second of quiet after the latest lookup: never before the second one plus that (the old
+  // wait returned at the first lookup).
+  CHECK(store.wait_http01_fetched("tok", seconds(60), seconds(1)));
+  CHECK(second);
+  CHECK(steady_clock::now() - first >= milliseconds(1050));
+  vantage.join();
+  // Quiet long enough already: true at once.
+  CHECK(store.wait_http01_fetched("tok", milliseconds(0), milliseconds(0)));
+  store.remove_http01("tok");
+}
+
 TEST_CASE("the solver tells when an http-01 key authorization was fetched, and only for http-01") {
   using std::chrono::milliseconds;
   auto store = std::make_shared<ChallengeStore>();
@@ -105,13 +134,13 @@ TEST_CASE("the solver tells when an http-01 key authorization was fetched, and o
   auto id = acme::Identifier::dns("www.example.com");
   auto http = challenge("http-01", "tokB");
   REQUIRE(solver.present(id, http, "tokB.thumb").has_value());
-  CHECK_FALSE(solver.await_fetch(id, http, milliseconds(1)));
+  CHECK_FALSE(solver.await_fetch(id, http, milliseconds(1), milliseconds(0)));
   REQUIRE(store->http01("tokB").has_value());
-  CHECK(solver.await_fetch(id, http, milliseconds(0)));
+  CHECK(solver.await_fetch(id, http, milliseconds(0), milliseconds(0)));
   auto alpn = challenge("tls-alpn-01");
   REQUIRE(solver.present(id, alpn, "tok123.thumb").has_value());
   CHECK(store->tls_alpn("www.example.com"));
-  CHECK_FALSE(solver.await_fetch(id, alpn, milliseconds(0)));
+  CHECK_FALSE(solver.await_fetch(id, alpn, milliseconds(0), milliseconds(0)));
   solver.cleanup(id, http, "tokB.thumb");
   solver.cleanup(id, alpn, "tok123.thumb");
 }
