@@ -442,7 +442,7 @@ Status check_links(const std::vector<X509*>& certs) {
   for (std::size_t i = 0; i + 1 < certs.size(); ++i) {
     X509* child = certs[i];
     X509* parent = certs[i + 1];
-    // The message is made only on failure: its names cost ~14 k instructions per certificate's
+    // The message is made only on failure: its names cost ~9 k instructions per certificate's
     // first use, which passes (docs/benchmarks.md, session 13).
     auto link = [&] {
       return "certificate chain: certificate " + describe(i + 1, parent) +
