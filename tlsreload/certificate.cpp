@@ -331,7 +331,10 @@ ossl::EvpPkeyPtr fast_ec_key(std::uint8_t format, std::string_view der) {
       OSSL_PARAM_construct_end(),
   };
   ossl::EvpPkeyPtr key;
-  std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> ctx(
+  // One context per thread, reused: EVP_PKEY_CTX_new_from_name fetches the EC key manager
+  // (name lookups under OpenSSL's locks, ~15 k instructions, 0.5 % of a first use;
+  // docs/benchmarks.md, session 13); EVP_PKEY_fromdata_init resets the operation and keeps it.
+  thread_local std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> ctx(
       EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
   EVP_PKEY* raw = nullptr;
   if (ctx && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
