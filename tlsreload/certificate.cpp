@@ -331,7 +331,10 @@ ossl::EvpPkeyPtr fast_ec_key(std::uint8_t format, std::string_view der) {
       OSSL_PARAM_construct_end(),
   };
   ossl::EvpPkeyPtr key;
-  std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> ctx(
+  // One context per thread, reused: EVP_PKEY_CTX_new_from_name fetches the EC key manager
+  // (name lookups under OpenSSL's locks, ~15 k instructions, 0.5 % of a first use;
+  // docs/benchmarks.md, session 13); EVP_PKEY_fromdata_init resets the operation and keeps it.
+  thread_local std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> ctx(
       EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
   EVP_PKEY* raw = nullptr;
   if (ctx && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
@@ -442,15 +445,19 @@ Status check_links(const std::vector<X509*>& certs) {
   for (std::size_t i = 0; i + 1 < certs.size(); ++i) {
     X509* child = certs[i];
     X509* parent = certs[i + 1];
-    std::string link = "certificate chain: certificate " + describe(i + 1, parent) +
-                       " did not issue certificate " + describe(i, child);
+    // The message is made only on failure: its names cost ~9 k instructions per certificate's
+    // first use, which passes (docs/benchmarks.md, session 13).
+    auto link = [&] {
+      return "certificate chain: certificate " + describe(i + 1, parent) +
+             " did not issue certificate " + describe(i, child);
+    };
     if (X509_NAME_cmp(X509_get_issuer_name(child), X509_get_subject_name(parent)) != 0) {
-      return fail(Errc::invalid_input, link + ": issuer name differs (wrong order or wrong chain)");
+      return fail(Errc::invalid_input, link() + ": issuer name differs (wrong order or wrong chain)");
     }
     EVP_PKEY* parent_key = X509_get0_pubkey(parent);
     if (!parent_key || X509_verify(child, parent_key) != 1) {
       ossl::drain_errors();
-      return fail(Errc::invalid_input, link + ": signature does not verify");
+      return fail(Errc::invalid_input, link() + ": signature does not verify");
     }
   }
   return {};

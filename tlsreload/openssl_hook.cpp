@@ -17,6 +17,12 @@ namespace {
 struct HookState {
   std::shared_ptr<CertStore> store;
   AttachOptions options;
+  // The certificate set on the SSL_CTX itself at attach (see pick_inherited), which every SSL
+  // starts with (SSL_new copies the context's certificates), and its objects. Held here so the
+  // Certificate's address stays unique while the context lives: a lookup that returns this very
+  // pointer, on an SSL that still carries these very objects, needs no SSL_use_cert_and_key.
+  std::shared_ptr<const Certificate> inherited;
+  OpenSslView inherited_view;
   // Written only on the miss path, and on their own cache line: a hit reads store and options
   // and never writes anything shared (the handshake benchmarks measure that path).
   struct alignas(64) Misses {
@@ -77,8 +83,12 @@ bool client_supports_ecdsa(SSL* ssl) {
 
 // use_view sets a certificate's objects on ssl. The view keeps them alive during the call;
 // override=1 replaces whatever the SSL_CTX configured, and OpenSSL takes its own references to
-// the leaf, key and each chain certificate, so nothing needs to outlive this call.
-bool use_view(SSL* ssl, const OpenSslView& v) {
+// the leaf, key and each chain certificate, so nothing needs to outlive this call. When the
+// context carries a certificate of its own (HookState::inherited), every slot is cleared first:
+// OpenSSL keeps one certificate per key type, and the context's ECDSA one left next to an RSA
+// (or challenge) certificate set here could still be chosen for a client that accepts ECDSA.
+bool use_view(SSL* ssl, const HookState& state, const OpenSslView& v) {
+  if (state.inherited) SSL_certs_clear(ssl);
   if (SSL_use_cert_and_key(ssl, v.leaf, v.key, v.chain, 1) != 1) {
     ossl::drain_errors();
     return false;
@@ -162,7 +172,7 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
           return SSL_CLIENT_HELLO_ERROR;
         }
         OpenSslView v = challenge->openssl();
-        if (!v || !use_view(ssl, v)) {
+        if (!v || !use_view(ssl, *state, v)) {
           *alert = SSL_AD_INTERNAL_ERROR;
           return SSL_CLIENT_HELLO_ERROR;
         }
@@ -205,12 +215,23 @@ int on_client_hello(SSL* ssl, int* alert, void* arg) noexcept {
         *alert = SSL_AD_UNRECOGNIZED_NAME;
         return SSL_CLIENT_HELLO_ERROR;
       }
+      // The SSL_CTX's own certificate, still on this SSL as SSL_new copied it (an earlier call
+      // of this callback for the same SSL, on an on-demand retry, may have replaced it): the
+      // SSL already holds exactly what use_view would set (leaf, key, chain), so skip its
+      // checks (key match, security level, chain copy; ~24 k instructions, docs/benchmarks.md
+      // session 13). A certificate swapped in since attach is another pointer: normal path.
+      if (cert == state->inherited.get() && SSL_get_certificate(ssl) == state->inherited_view.leaf &&
+          SSL_get_privatekey(ssl) == state->inherited_view.key) {
+        if (missed) [[unlikely]] state->count_miss(sni);
+        if (state->options.on_served && !sni.empty()) state->options.on_served(sni);
+        return SSL_CLIENT_HELLO_SUCCESS;
+      }
       OpenSslView v = cert->openssl();
       if (!v) {
         if (cert->verification() == Verification::failed) continue;
         break;  // verified but not rebuildable (out of memory): no point in retrying
       }
-      if (!use_view(ssl, v)) break;
+      if (!use_view(ssl, *state, v)) break;
       if (missed) [[unlikely]] state->count_miss(sni);
       if (state->options.on_served && !sni.empty()) state->options.on_served(sni);
       return SSL_CLIENT_HELLO_SUCCESS;
@@ -256,6 +277,20 @@ int on_alpn_select(SSL* /*ssl*/, const unsigned char** out, unsigned char* outle
   }
 }
 
+// pick_inherited chooses the certificate attach sets on the SSL_CTX itself: the store's default
+// ECDSA certificate, else its only certificate when it holds exactly one ECDSA certificate. A
+// server with one certificate then does no per-handshake certificate work, as nginx with one
+// certificate in its SSL_CTX does. nullptr when there is none (nothing published yet, or many).
+std::shared_ptr<const Certificate> pick_inherited(const CertStore& store) {
+  auto snap = store.snapshot();
+  if (!snap) return nullptr;
+  if (const auto& d = snap->default_pair().ecdsa) return d;
+  if (snap->default_pair().rsa || snap->name_count() > 64) return nullptr;
+  auto all = snap->certificates();
+  if (all.size() != 1 || all.front()->key_kind() != KeyKind::ecdsa) return nullptr;
+  return all.front();
+}
+
 }  // namespace
 
 HookCounters hook_counters(const SSL_CTX* ctx) {
@@ -283,6 +318,17 @@ Status attach(SSL_CTX* ctx, std::shared_ptr<CertStore> store, AttachOptions opti
     return fail(ossl::error("attach: SSL_CTX_set_ex_data"));
   }
   HookState* raw = state.release();  // owned by ctx now: free_state runs in SSL_CTX_free
+  // The context's own certificate (see pick_inherited); without one (or if it cannot be set),
+  // every handshake sets its certificate in the callback, as before.
+  if (auto cert = pick_inherited(*raw->store)) {
+    OpenSslView v = cert->openssl();
+    if (v && SSL_CTX_use_cert_and_key(ctx, v.leaf, v.key, v.chain, 1) == 1) {
+      raw->inherited = std::move(cert);
+      raw->inherited_view = std::move(v);
+    } else {
+      ossl::drain_errors();
+    }
+  }
   SSL_CTX_set_client_hello_cb(ctx, on_client_hello, raw);
   SSL_CTX_set_alpn_select_cb(ctx, on_alpn_select, raw);
   return {};

@@ -64,7 +64,12 @@ struct AttachOptions {
 // handshake the callback reads SNI, decides whether the client supports ECDSA, looks the
 // certificate up in store (lock-free) and sets it, with its chain, on the SSL. An unknown name
 // with no default certificate fails the handshake with an unrecognized_name alert; a malformed
-// extension with decode_error. ctx does not need a certificate of its own.
+// extension with decode_error. ctx does not need a certificate of its own: attach sets
+// one on it, the store's default ECDSA certificate (else its only certificate, when it holds
+// exactly one and it is ECDSA) as published at that moment, which every SSL starts with, and a
+// handshake that is to serve that very certificate skips setting it again (the per-handshake
+// key match, security checks and chain copy). A certificate published later is served as
+// any other (the SSL's certificates are cleared, then set); the context keeps its own.
 //
 // attach MUST be called before ctx serves handshakes (a live SSL_CTX is never mutated), and at
 // most once per ctx (a second call fails). ctx owns the store reference and options from then

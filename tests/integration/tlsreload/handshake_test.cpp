@@ -62,6 +62,7 @@ class TlsServer {
     close(fd_);
   }
   std::uint16_t port() const { return port_; }
+  SSL_CTX* ctx() const { return ctx_.get(); }
   int ok() const { return ok_.load(); }
   int failed() const { return failed_.load(); }
 
@@ -282,6 +283,68 @@ TEST_CASE("handshake answers acme-tls/1 with the challenge certificate") {
   ClientOptions unknown{"other.test", false};
   unknown.alpn = "acme-tls/1";
   CHECK_FALSE(handshake(server.port(), ca, unknown).ok);
+}
+
+// attach sets the store's default ECDSA certificate (or its only certificate) on the SSL_CTX
+// itself, so that handshakes for it need no per-connection certificate work; a certificate
+// published since must still be served by the next handshake.
+TEST_CASE("handshake with the context's own certificate serves a swapped certificate at once") {
+  TestCa ca("Ctx");
+  auto store = std::make_shared<CertStore>();
+  auto first = make(ca, {"one.test"});
+  auto second = make(ca, {"one.test"});
+  REQUIRE(store->publish(first));
+  REQUIRE(store->set_default(first));
+  TlsServer server(store);
+  REQUIRE(SSL_CTX_get0_certificate(server.ctx()) != nullptr);
+  CHECK(X509_cmp(SSL_CTX_get0_certificate(server.ctx()), first->openssl().leaf) == 0);
+
+  auto h1 = handshake(server.port(), ca, {"one.test"});
+  REQUIRE_MESSAGE(h1.ok, h1.error);
+  CHECK(X509_cmp(h1.peer.get(), first->openssl().leaf) == 0);
+  REQUIRE(store->publish(second));
+  auto h2 = handshake(server.port(), ca, {"one.test"});
+  REQUIRE_MESSAGE(h2.ok, h2.error);
+  CHECK(X509_cmp(h2.peer.get(), second->openssl().leaf) == 0);
+  // The default (still the first) for another name, then the first again for its own name.
+  auto other = handshake(server.port(), ca, {"other.test", false});
+  REQUIRE_MESSAGE(other.ok, other.error);
+  CHECK(X509_cmp(other.peer.get(), first->openssl().leaf) == 0);
+  REQUIRE(store->publish(first));
+  auto h3 = handshake(server.port(), ca, {"one.test"});
+  REQUIRE_MESSAGE(h3.ok, h3.error);
+  CHECK(X509_cmp(h3.peer.get(), first->openssl().leaf) == 0);
+  CHECK(server.failed() == 0);
+}
+
+// OpenSSL keeps one certificate per key type on an SSL: the context's ECDSA certificate must not
+// stay next to an RSA one the callback sets, or a client that accepts both would get the
+// context's certificate (another name) instead. Here the context's certificate is the store's
+// only one at attach (no default), and the RSA-only name is published after.
+TEST_CASE("handshake with the context's own ECDSA certificate serves an RSA-only name its RSA certificate") {
+  TestCa ca("Ctx");
+  auto store = std::make_shared<CertStore>();
+  auto only = make(ca, {"one.test"});
+  REQUIRE(store->publish(only));
+  TlsServer server(store);
+  REQUIRE(SSL_CTX_get0_certificate(server.ctx()) != nullptr);
+  CHECK(X509_cmp(SSL_CTX_get0_certificate(server.ctx()), only->openssl().leaf) == 0);
+  auto rsa = make(ca, {"rsaonly.test"}, TestKeyType::rsa2048);
+  REQUIRE(store->publish(rsa));
+
+  auto h = handshake(server.port(), ca, {"rsaonly.test"});  // offers ECDSA and RSA, checks the name
+  REQUIRE_MESSAGE(h.ok, h.error);
+  CHECK(h.peer_key_id == EVP_PKEY_RSA);
+  CHECK(X509_cmp(h.peer.get(), rsa->openssl().leaf) == 0);
+  ClientOptions tls12{"rsaonly.test"};
+  tls12.tls12_ciphers = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256";
+  auto h12 = handshake(server.port(), ca, tls12);
+  REQUIRE_MESSAGE(h12.ok, h12.error);
+  CHECK(X509_cmp(h12.peer.get(), rsa->openssl().leaf) == 0);
+  auto o = handshake(server.port(), ca, {"one.test"});
+  REQUIRE_MESSAGE(o.ok, o.error);
+  CHECK(X509_cmp(o.peer.get(), only->openssl().leaf) == 0);
+  CHECK(server.failed() == 0);
 }
 
 // Publishes 1,000 times while a client handshakes in a loop: zero failed handshakes, and each
