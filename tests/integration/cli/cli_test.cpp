@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -2921,13 +2922,16 @@ TEST_SUITE("cli.serve_files") {
       std::replace(e.begin(), e.end(), '\0', '\n');
       return "\n" + e;
     };
-    auto start = [&](const fs::path& dir, const std::vector<std::string>& env) {
+    std::string out_text, err_text;  // the last start's stdout and stderr
+    auto start = [&](const fs::path& dir, const std::vector<std::string>& env,
+                     const std::vector<std::string>& more_args = {}) {
       int https = free_port();
       std::vector<std::string> argv{AUTOTLS_BINARY, "serve", "--cert-dir", dir.string(), "--root", www.string(),
                                     "--https-address", "127.0.0.1:" + std::to_string(https), "--http-address", "off",
                                     "--admin-address", "off", "--json", "--drain", "0",
                                     "--storage", (d.path / ("s-" + dir.filename().string())).string(),
                                     "--ca", "https://127.0.0.1:1/unreachable"};
+      argv.insert(argv.end(), more_args.begin(), more_args.end());
       fs::path out = d.path / "serve.out", err = d.path / "serve.err";
       pid_t pid = spawn(argv, out, err, env);
       auto logs = [&] { return read_file(out) + read_file(err); };
@@ -2941,6 +2945,8 @@ TEST_SUITE("cli.serve_files") {
       ::kill(pid, SIGTERM);
       CHECK(wait_exit(pid, 20s) == 0);
       CHECK_MESSAGE(served, log);
+      out_text = read_file(out);
+      err_text = read_file(err);
       return environ_text;
     };
     // 1000 pair directories: the process (same pid) runs with glibc.malloc.hugetlb=1, and
@@ -2961,6 +2967,39 @@ TEST_SUITE("cli.serve_files") {
     e = start(small, {});
     CHECK_MESSAGE(e.find("glibc.malloc.hugetlb") == std::string::npos, e);
     CHECK_MESSAGE(e.find("AUTOTLS_REEXEC_TUNABLES") == std::string::npos, e);
+
+    // Every line is printed once although main runs twice: the first image prints nothing but,
+    // with --verbose, the line that announces the exec (options from a config file too, which
+    // is read by both images).
+    fs::path config = d.path / "verbose.json";
+    write_file(config, R"({"verbose": true})");
+    e = start(large, {}, {"--config", config.string()});
+    CHECK_MESSAGE(e.find("\nAUTOTLS_REEXEC_TUNABLES=-\n") != std::string::npos, e);
+    // count_lines counts the JSON lines of text whose key is value.
+    auto count_lines = [](const std::string& text, const std::string& key, const std::string& value) {
+      int n = 0;
+      std::istringstream lines(text);
+      for (std::string line; std::getline(lines, line);) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value(key, "") == value) ++n;
+      }
+      return n;
+    };
+    INFO("stdout:\n" << out_text << "stderr:\n" << err_text);
+    CHECK(count_lines(err_text, "message", "re-executing with the heap on huge pages") == 1);
+    CHECK(err_text.find("\"GLIBC_TUNABLES\":\"glibc.malloc.hugetlb=1\"") != std::string::npos);
+    for (const char* event : {"cert_files", "listening", "ready"}) CHECK(count_lines(out_text, "event", event) == 1);
+    // And no line twice on either stream (their times aside).
+    for (const std::string* text : {&out_text, &err_text}) {
+      std::set<std::string> seen;
+      std::istringstream lines(*text);
+      for (std::string line; std::getline(lines, line);) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object()) j.erase("time");
+        std::string key = j.is_object() ? j.dump() : line;
+        CHECK_MESSAGE(seen.insert(key).second, "printed twice: " << line);
+      }
+    }
   }
 
   TEST_CASE("serve lists a pair added to its --cert-dir after start, and keeps it over SIGHUP") {
