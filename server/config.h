@@ -170,6 +170,11 @@ struct ServerConfig {
   // A hook answering UnknownName::retry suspends the handshake: the reactor re-runs it every
   // ~25 ms until it completes, fails, or timeouts.handshake passes.
   std::function<void(tlsreload::AttachOptions&)> tls_hooks;
+  // on_header_started, when set, is called on a reactor thread each time it has read the first
+  // bytes of a client request (not an admin one) from a connection: from then on the request
+  // is under way (a drain or a reload lets it finish instead of closing the connection). For
+  // tests, which wait for it instead of sleeping; it must be quick. Not changed by reload.
+  std::function<void()> on_header_started;
 };
 
 }  // namespace autotls::server

@@ -1823,6 +1823,7 @@ struct Server::Impl {
         c->header_started = true;
         // A kept-alive connection was on its idle deadline; its request gets the header one.
         if (c->keep_alive_wait) c->deadline = SteadyClock::now() + c->lim->timeouts.header;
+        if (cfg.on_header_started && !c->listener->admin) cfg.on_header_started();
       }
       c->buf.append(tmp, static_cast<size_t>(n));
     }

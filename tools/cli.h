@@ -165,6 +165,10 @@ class Output {
   bool json_, quiet_, verbose_;
 };
 
+// printed_anything tells whether an Output or a CliLogger has printed a line in this process
+// image yet (serve re-executes itself only before that: serve_files.h, reexec_for_huge_pages).
+bool printed_anything();
+
 // CliLogger shows library logs on stderr: with --verbose from debug up, otherwise nothing.
 class CliLogger : public Logger {
  public:

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -48,26 +49,36 @@ bool contains(std::string_view haystack, std::string_view needle) {
 
 // ---------------------------------------------------------------- output
 
+namespace {
+std::atomic<bool> g_printed{false};
+}  // namespace
+
+bool printed_anything() { return g_printed.load(std::memory_order_relaxed); }
+
 void Output::info(const std::string& line) {
   if (quiet_ || json_) return;
   std::lock_guard lock(mu_);
   std::cerr << line << std::endl;
+  g_printed = true;
 }
 
 void Output::result(const std::string& line) {
   if (json_) return;
   std::lock_guard lock(mu_);
   std::cout << line << std::endl;
+  g_printed = true;
 }
 
 void Output::object(const nlohmann::json& j) {
   if (!json_) return;
   std::lock_guard lock(mu_);
   std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+  g_printed = true;
 }
 
 void Output::error(const Error& e, int exit_code) {
   std::lock_guard lock(mu_);
+  g_printed = true;
   if (json_) {
     nlohmann::json j = {{"status", "error"}, {"exit_code", exit_code}, {"error", error_json(e)}};
     std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
@@ -85,6 +96,7 @@ void CliLogger::log(LogLevel level, std::string_view subsystem, std::string_view
   // Without --verbose the commands report errors themselves; library logs would repeat them.
   if (!verbose_) return;
   std::lock_guard lock(mu_);
+  g_printed = true;
   if (json_) {
     json j = {{"time", now_text()}, {"level", to_string(level)}, {"subsystem", subsystem}, {"message", message}};
     for (const auto& f : fields) j[std::string(f.key)] = f.value;

@@ -543,7 +543,10 @@ int main(int argc, char** argv) {
   }
 
   // A large --cert-dir: serve starts again with glibc's heap on huge pages (serve_files.h).
-  if (serve->parsed()) reexec_for_huge_pages(o, argv);
+  // The new image runs main again, so a start that goes on prints nothing before this point:
+  // what is printed earlier ends the process (errors, --help, --version), and a line printed
+  // here anyway keeps serve from re-executing (printed_anything()) rather than be doubled.
+  if (serve->parsed()) reexec_for_huge_pages(o, argv, logger);
 
   auto chain = selected_chain(app);
   auto given = [chain](const std::string& name) {

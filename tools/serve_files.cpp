@@ -347,15 +347,27 @@ void restore_env_after_reexec() {
   ::unsetenv(kReexecVar);
 }
 
-void reexec_for_huge_pages(const Options& o, char** argv) {
+void reexec_for_huge_pages(const Options& o, char** argv, Logger& logger) {
   if (g_reexecuted || o.cert_dirs.empty()) return;
   const char* given = std::getenv("GLIBC_TUNABLES");
   if (given && std::strstr(given, "glibc.malloc.hugetlb")) return;
   if (!pair_dirs_at_least(o.cert_dirs, kHugePagePairs)) return;
+  // The new image runs main from the start: a line this one printed already (a warning of the
+  // options, say) would be printed again. So a start that printed anything keeps its image and
+  // goes without the huge pages; main prints nothing on the way here today.
+  if (printed_anything()) return;
   std::string tunables = given && *given ? std::string(given) + ":glibc.malloc.hugetlb=1" : "glibc.malloc.hugetlb=1";
   std::string saved = given ? "=" + std::string(given) : "-";
   if (::setenv(kReexecVar, saved.c_str(), 1) != 0) return;
-  if (::setenv("GLIBC_TUNABLES", tunables.c_str(), 1) == 0) ::execv("/proc/self/exe", argv);
+  if (::setenv("GLIBC_TUNABLES", tunables.c_str(), 1) != 0) {
+    restore_env_after_reexec();
+    g_reexecuted = false;
+    return;
+  }
+  // The last line of this image (--verbose), printed once: the new one does not come here.
+  logger.log(LogLevel::info, "serve", "re-executing with the heap on huge pages",
+             {{"cert_dir_pairs_at_least", std::to_string(kHugePagePairs)}, {"GLIBC_TUNABLES", tunables}});
+  ::execv("/proc/self/exe", argv);
   // exec failed (no /proc): start as we are, with the environment as it was.
   restore_env_after_reexec();
   g_reexecuted = false;

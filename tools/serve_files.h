@@ -102,8 +102,11 @@ struct FileCerts {
 // tunable added to GLIBC_TUNABLES, once. A GLIBC_TUNABLES that names glibc.malloc.hugetlb
 // already (=0 to opt out) is left alone. The child processes serve runs (hooks) see the
 // environment as it was given: restore_env_after_reexec() puts it back first thing in main.
+// The new image runs main again from the start, so nothing may be printed before: a process
+// that has printed a line (printed_anything(), tools/cli.h) is not re-executed (its lines would
+// appear twice). With --verbose, logger hears one line just before the exec.
 inline constexpr std::size_t kHugePagePairs = 1000;
-void reexec_for_huge_pages(const Options& o, char** argv);
+void reexec_for_huge_pages(const Options& o, char** argv, Logger& logger);
 void restore_env_after_reexec();
 
 // snapshot_file is the snapshot of the certificate directory dir (absolute) in snapshot_dir:

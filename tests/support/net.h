@@ -54,6 +54,48 @@ inline int free_port() {
   throw std::runtime_error("free_port: every port the kernel offered was handed out before");
 }
 
+// RefusedPort is a loopback port that refuses connections: bound (so no other socket, in this
+// process or another, gets it from bind(0) meanwhile) but not listening, until the end of the
+// object. Its port is recorded with claim_port, so it is never one free_port or a PebbleEnv
+// handed out (such a port is closed until its user binds it, and bind(0) may pick it), and
+// neither hands it out later.
+class RefusedPort {
+ public:
+  RefusedPort() {
+    for (int attempt = 0; attempt < 1000; ++attempt) {
+      fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      socklen_t len = sizeof a;
+      if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+          ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+        close();
+        throw std::runtime_error("RefusedPort: no loopback port to bind");
+      }
+      if (claim_port(ntohs(a.sin_port))) {
+        port_ = ntohs(a.sin_port);
+        return;
+      }
+      close();  // handed out before: its user may bind it any moment
+    }
+    throw std::runtime_error("RefusedPort: every port the kernel offered was handed out before");
+  }
+  ~RefusedPort() { close(); }
+  RefusedPort(const RefusedPort&) = delete;
+  RefusedPort& operator=(const RefusedPort&) = delete;
+
+  int port() const { return port_; }
+
+ private:
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  int fd_ = -1;
+  int port_ = 0;
+};
+
 // BusyPort is a loopback port in use: a socket listens on it and never accepts, until close()
 // or the end of the object.
 class BusyPort {

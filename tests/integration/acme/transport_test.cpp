@@ -27,6 +27,7 @@
 #include "acme/transport.h"
 #include "acme/util/openssl.h"
 #include "tests/support/http01_responder.h"
+#include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
 #include "tests/support/temp_dir.h"
 #include "tests/support/test_keys.h"
@@ -77,23 +78,6 @@ class LocalServer {
 
  private:
   std::thread thread_;
-};
-
-// closed_port returns a loopback port that is bound but not listening, so connects are refused.
-struct ClosedPort {
-  int fd = -1;
-  int port = 0;
-  ClosedPort() {
-    fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-    socklen_t len = sizeof a;
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    port = ntohs(a.sin_port);
-  }
-  ~ClosedPort() { ::close(fd); }
 };
 
 HttpRequest get(std::string url) { return HttpRequest{"GET", std::move(url), {}, {}}; }
@@ -281,8 +265,8 @@ TEST_CASE("two PebbleEnvs run side by side on different ports") {
 
 TEST_CASE("a refused connection gives a transport error") {
   // Errc::transport, not Errc::timeout: the refusal is reported as such, not waited out.
-  ClosedPort closed;
-  std::string url = "http://127.0.0.1:" + std::to_string(closed.port) + "/dir";
+  autotls::testing::RefusedPort closed;  // bound, not listening: connects are refused
+  std::string url = "http://127.0.0.1:" + std::to_string(closed.port()) + "/dir";
   auto r = make_curl_transport()->send(get(url));
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().code == Errc::transport);

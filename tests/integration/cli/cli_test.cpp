@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -2921,13 +2922,16 @@ TEST_SUITE("cli.serve_files") {
       std::replace(e.begin(), e.end(), '\0', '\n');
       return "\n" + e;
     };
-    auto start = [&](const fs::path& dir, const std::vector<std::string>& env) {
+    std::string out_text, err_text;  // the last start's stdout and stderr
+    auto start = [&](const fs::path& dir, const std::vector<std::string>& env,
+                     const std::vector<std::string>& more_args = {}) {
       int https = free_port();
       std::vector<std::string> argv{AUTOTLS_BINARY, "serve", "--cert-dir", dir.string(), "--root", www.string(),
                                     "--https-address", "127.0.0.1:" + std::to_string(https), "--http-address", "off",
                                     "--admin-address", "off", "--json", "--drain", "0",
                                     "--storage", (d.path / ("s-" + dir.filename().string())).string(),
                                     "--ca", "https://127.0.0.1:1/unreachable"};
+      argv.insert(argv.end(), more_args.begin(), more_args.end());
       fs::path out = d.path / "serve.out", err = d.path / "serve.err";
       pid_t pid = spawn(argv, out, err, env);
       auto logs = [&] { return read_file(out) + read_file(err); };
@@ -2941,6 +2945,8 @@ TEST_SUITE("cli.serve_files") {
       ::kill(pid, SIGTERM);
       CHECK(wait_exit(pid, 20s) == 0);
       CHECK_MESSAGE(served, log);
+      out_text = read_file(out);
+      err_text = read_file(err);
       return environ_text;
     };
     // 1000 pair directories: the process (same pid) runs with glibc.malloc.hugetlb=1, and
@@ -2961,6 +2967,100 @@ TEST_SUITE("cli.serve_files") {
     e = start(small, {});
     CHECK_MESSAGE(e.find("glibc.malloc.hugetlb") == std::string::npos, e);
     CHECK_MESSAGE(e.find("AUTOTLS_REEXEC_TUNABLES") == std::string::npos, e);
+
+    // Every line is printed once although main runs twice: the first image prints nothing but,
+    // with --verbose, the line that announces the exec (options from a config file too, which
+    // is read by both images).
+    fs::path config = d.path / "verbose.json";
+    write_file(config, R"({"verbose": true})");
+    e = start(large, {}, {"--config", config.string()});
+    CHECK_MESSAGE(e.find("\nAUTOTLS_REEXEC_TUNABLES=-\n") != std::string::npos, e);
+    // count_lines counts the JSON lines of text whose key is value.
+    auto count_lines = [](const std::string& text, const std::string& key, const std::string& value) {
+      int n = 0;
+      std::istringstream lines(text);
+      for (std::string line; std::getline(lines, line);) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.value(key, "") == value) ++n;
+      }
+      return n;
+    };
+    INFO("stdout:\n" << out_text << "stderr:\n" << err_text);
+    CHECK(count_lines(err_text, "message", "re-executing with the heap on huge pages") == 1);
+    CHECK(err_text.find("\"GLIBC_TUNABLES\":\"glibc.malloc.hugetlb=1\"") != std::string::npos);
+    for (const char* event : {"cert_files", "listening", "ready"}) CHECK(count_lines(out_text, "event", event) == 1);
+    // And no line twice on either stream (their times aside).
+    for (const std::string* text : {&out_text, &err_text}) {
+      std::set<std::string> seen;
+      std::istringstream lines(*text);
+      for (std::string line; std::getline(lines, line);) {
+        auto j = json::parse(line, nullptr, false);
+        if (j.is_object()) j.erase("time");
+        std::string key = j.is_object() ? j.dump() : line;
+        CHECK_MESSAGE(seen.insert(key).second, "printed twice: " << line);
+      }
+    }
+  }
+
+  TEST_CASE("serve's hooks get the environment as it was given when serve re-executed itself for huge pages") {
+    TempDir d;
+    auto ca = autotls::testing::make_test_ca("autotls cli reexec hooks CA");
+    REQUIRE(ca);
+    // A --cert-dir of 1000 pair directories (one pair, 999 empty): serve re-executes itself.
+    fs::path certs = d.path / "certs";
+    auto leaf = autotls::testing::make_test_leaf({"file.reexec.cli.test"}, *ca);
+    REQUIRE(leaf);
+    fs::create_directories(certs / "live" / "file");
+    put(certs / "live" / "file" / "fullchain.pem", leaf->cert_pem + ca->cert_pem);
+    put(certs / "live" / "file" / "privkey.pem", leaf->key_pem);
+    for (int i = 0; i < 999; ++i) fs::create_directories(certs / "live" / ("empty" + std::to_string(i)));
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "hooks\n");
+    // run starts serve with the internal issuer for a name no file covers, so it obtains a
+    // certificate at once and runs the deploy hook, which writes its environment to a file;
+    // returns that environment and the one serve's image started with (/proc/PID/environ).
+    int runs = 0;
+    auto run = [&](const std::vector<std::string>& env) -> std::pair<std::string, std::string> {
+      std::string n = std::to_string(++runs);
+      fs::path hook_env = d.path / ("hook-" + n + ".env");
+      std::string hook = "env > " + hook_env.string() + ".tmp && mv " + hook_env.string() + ".tmp " + hook_env.string();
+      std::vector<std::string> argv{AUTOTLS_BINARY, "serve", "--ca", "internal", "--storage", (d.path / ("s" + n)).string(),
+                                    "-d", "hook.reexec.cli.test", "--cert-dir", certs.string(), "--root", www.string(),
+                                    "--https-address", "127.0.0.1:" + std::to_string(free_port()),
+                                    "--http-address", "off", "--admin-address", "off", "--json", "--drain", "0",
+                                    "--deploy-hook", hook};
+      fs::path out = d.path / ("serve-" + n + ".out"), err = d.path / ("serve-" + n + ".err");
+      pid_t pid = spawn(argv, out, err, env);
+      bool ran = false;
+      for (int i = 0; i < 300 && !ran; ++i) {
+        ran = fs::exists(hook_env);
+        int status = 0;
+        if (!ran && ::waitpid(pid, &status, WNOHANG) == pid) break;
+        if (!ran) std::this_thread::sleep_for(100ms);
+      }
+      // The serving image's (it ran the hook, so it is past any exec).
+      std::string image = read_file("/proc/" + std::to_string(pid) + "/environ");
+      ::kill(pid, SIGTERM);
+      CHECK(wait_exit(pid, 20s) == 0);
+      CHECK_MESSAGE(ran, (read_file(out) + read_file(err)));
+      std::replace(image.begin(), image.end(), '\0', '\n');
+      return {"\n" + read_file(hook_env), "\n" + image};
+    };
+    // GLIBC_TUNABLES given: serve ran with the huge pages added, the hook sees it as given and
+    // no marker.
+    auto [hook, image] = run({"GLIBC_TUNABLES=glibc.malloc.arena_max=4"});
+    CHECK_MESSAGE(image.find("\nAUTOTLS_REEXEC_TUNABLES==glibc.malloc.arena_max=4\n") != std::string::npos, image);
+    CHECK_MESSAGE(hook.find("\nAUTOTLS_EVENT=obtained\n") != std::string::npos, hook);
+    CHECK_MESSAGE(hook.find("\nGLIBC_TUNABLES=glibc.malloc.arena_max=4\n") != std::string::npos, hook);
+    CHECK_MESSAGE(hook.find("hugetlb") == std::string::npos, hook);
+    CHECK_MESSAGE(hook.find("AUTOTLS_REEXEC_TUNABLES") == std::string::npos, hook);
+    // Not given: the hook has none either.
+    std::tie(hook, image) = run({});
+    CHECK_MESSAGE(image.find("\nAUTOTLS_REEXEC_TUNABLES=-\n") != std::string::npos, image);
+    CHECK_MESSAGE(hook.find("\nAUTOTLS_EVENT=obtained\n") != std::string::npos, hook);
+    CHECK_MESSAGE(hook.find("GLIBC_TUNABLES") == std::string::npos, hook);
+    CHECK_MESSAGE(hook.find("AUTOTLS_REEXEC_TUNABLES") == std::string::npos, hook);
   }
 
   TEST_CASE("serve lists a pair added to its --cert-dir after start, and keeps it over SIGHUP") {

@@ -171,11 +171,13 @@ TEST_SUITE("server.admin") {
 
   TEST_CASE("readyz answers 503 as soon as shutdown begins") {
     std::atomic<int> ready_calls{0};
+    std::atomic<int> headers_started{0};
     ServerConfig cfg = admin_config();
     cfg.admin.ready = [&ready_calls] {
       ++ready_calls;
       return true;
     };
+    cfg.on_header_started = [&headers_started] { ++headers_started; };
     auto srv = start(std::move(cfg));
     int admin = srv->admin_port();
     REQUIRE(get(admin, "/readyz").status == 200);
@@ -184,7 +186,9 @@ TEST_SUITE("server.admin") {
     REQUIRE(fd >= 0);
     std::string partial = "GET / HTTP/1.1\r\n";
     REQUIRE(::send(fd, partial.data(), partial.size(), MSG_NOSIGNAL) > 0);
-    std::this_thread::sleep_for(milliseconds(100));  // let the reactor read it
+    // Wait until the reactor has read it (before, the drain would close the connection as idle).
+    for (int i = 0; i < 5'000 && headers_started.load() == 0; ++i) std::this_thread::sleep_for(milliseconds(1));
+    REQUIRE(headers_started.load() == 1);
 
     auto began = SteadyClock::now();
     std::thread stopper([&] { srv->shutdown(milliseconds(5'000)); });

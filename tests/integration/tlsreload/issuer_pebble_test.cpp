@@ -4,8 +4,6 @@
 
 #include <doctest/doctest.h>
 
-#include <sys/socket.h>
-#include <netinet/in.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -14,6 +12,7 @@
 
 #include <httplib.h>
 
+#include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
 #include "tests/support/test_solver.h"
 #include "tlsreload/manager.h"
@@ -39,20 +38,6 @@ struct Dir {
     fs::remove_all(path, ec);
   }
 };
-
-// closed_port returns a loopback port nothing listens on (bound, then closed).
-int closed_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  socklen_t len = sizeof a;
-  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
 
 // BrokenCA answers every request with HTTP 500 and a serverInternal problem.
 class BrokenCA {
@@ -110,7 +95,9 @@ TEST_CASE("issuer fallback to pebble when the first CA is unreachable or failing
   AUTOTLS_START_PEBBLE(env, PebbleOptions{});
   auto solver = std::make_shared<PebbleSolver>(*env);
   BrokenCA broken;
-  const std::vector<std::string> urls{"http://127.0.0.1:" + std::to_string(closed_port()) + "/directory",
+  // Refuses connections, and is not one of the Pebble ports the solver's responders bind.
+  autotls::testing::RefusedPort refused;
+  const std::vector<std::string> urls{"http://127.0.0.1:" + std::to_string(refused.port()) + "/directory",
                                       broken.directory_url()};
   for (size_t i = 0; i < urls.size(); ++i) {
     CAPTURE(urls[i]);

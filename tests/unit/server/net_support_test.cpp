@@ -9,7 +9,9 @@
 #include "tests/support/net.h"
 
 using autotls::testing::claim_port;
+using autotls::testing::connect_to;
 using autotls::testing::free_port;
+using autotls::testing::RefusedPort;
 
 TEST_SUITE("server.test_support") {
 
@@ -24,6 +26,22 @@ TEST_CASE("free_port never hands out the same port twice in a process") {
   }
   // A port that was handed out cannot be claimed again.
   CHECK_FALSE(claim_port(*seen.begin()));
+}
+
+TEST_CASE("a RefusedPort is never a port free_port handed out, and refuses connections") {
+  // free_port's ports are closed until their user binds them, so a plain bind(0) may pick one:
+  // 2,000 of them against 2,000 bind(0)s of about 14,000 ports would meet ~280 times.
+  std::set<int> handed;
+  for (int i = 0; i < 2000; ++i) handed.insert(free_port());
+  std::set<int> refused;
+  for (int i = 0; i < 2000; ++i) {
+    RefusedPort p;
+    REQUIRE_MESSAGE(handed.count(p.port()) == 0, "port " << p.port() << " was handed out by free_port");
+    refused.insert(p.port());
+    if (i == 0) CHECK(connect_to(p.port()) < 0);  // bound, not listening: refused
+  }
+  // Nor does free_port hand out a RefusedPort's port afterwards.
+  for (int i = 0; i < 500; ++i) CHECK(refused.count(free_port()) == 0);
 }
 
 }  // TEST_SUITE
