@@ -257,6 +257,21 @@ class RawUpstream {
         ++cut;
         return;
       }
+      if (path == "/chunked-ext") {
+        // An interim 100, then a chunked body with a chunk extension and a trailer; kept alive.
+        if (!send_all(fd, "HTTP/1.1 100 Continue\r\n\r\n"
+                          "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                          "Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n"
+                          "2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n")) {
+          return;
+        }
+        continue;
+      }
+      if (path == "/close-delimited") {
+        // Neither Content-Length nor Transfer-Encoding: the body ends with the connection.
+        send_all(fd, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-close");
+        return;
+      }
       if (path == "/close-hdr") {
         if (!answer("ok", "Connection: Close\r\n")) return;
         continue;
@@ -645,6 +660,44 @@ TEST_SUITE("server") {
       srv->shutdown(milliseconds(1'000));
       CHECK(wait_until([&] { return up.live.load() == 0; }));
     }
+  }
+}
+
+TEST_SUITE("server") {
+  TEST_CASE("proxy passes on interim, chunked and close-delimited upstream responses") {
+    // Our own upstream client (session 13) parses what httplib's client did: a 1xx before the
+    // response is skipped, a chunked body is decoded (extension and trailer dropped) and framed
+    // again for the client, and a body without framing is read to the upstream's close.
+    RawUpstream up;
+    Dir dir("framing2");
+    auto cfg = proxy_config(up, dir.path / "www");
+    auto srv = start(cfg);
+    auto get_close = [&](const std::string& path) {
+      int fd = connect_to(srv->http_port(), std::chrono::seconds(3));
+      REQUIRE(fd >= 0);
+      REQUIRE(send_all(fd, "GET " + path + " HTTP/1.1\r\nHost: p.test\r\nConnection: close\r\n\r\n"));
+      auto r = read_until_close(fd);
+      ::close(fd);
+      CHECK(r.closed);
+      return r.data;
+    };
+    auto r = get_close("/chunked-ext");
+    CAPTURE(r);
+    CHECK(r.rfind("HTTP/1.1 200 ", 0) == 0);
+    CHECK(r.find("100 Continue") == std::string::npos);
+    CHECK(r.find("Transfer-Encoding: chunked\r\n") != std::string::npos);
+    auto body = r.substr(r.find("\r\n\r\n") + 4);
+    CHECK(body == "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n");
+    CHECK(ok_200(exchange(srv->http_port(), "GET", "/ok")));
+    CHECK(up.accepted.load() == 1);  // the chunked response left the connection reusable
+    r = get_close("/close-delimited");
+    CAPTURE(r);
+    CHECK(r.rfind("HTTP/1.1 200 ", 0) == 0);
+    body = r.substr(r.find("\r\n\r\n") + 4);
+    CHECK(body == "b\r\nuntil-close\r\n0\r\n\r\n");
+    CHECK(ok_200(exchange(srv->http_port(), "GET", "/ok")));
+    CHECK(up.accepted.load() == 2);  // that connection ended with its body
+    srv->shutdown(milliseconds(1'000));
   }
 }
 
