@@ -5,7 +5,8 @@
 # proxy's sendto(2) calls (one per upstream exchange; the upstream's stub_status counter, which
 # also spans perf's start-up, is printed as upstream_counter). Needs nginx, wrk, perf, openssl.
 set -euo pipefail
-bin=$1; secs=${2:-8}
+bin=$(readlink -f "${1:?usage: proxy_perf.sh TLS_BENCH_BINARY [SECS]}"); secs=${2:-8}
+[ -x "$bin" ] || { echo "proxy_perf.sh: $1 is not executable" >&2; exit 2; }
 work=$(mktemp -d /tmp/proxy-perf.XXXXXX); cd "$work"
 fp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up=$(fp); ap=$(fp)
@@ -24,7 +25,8 @@ EOC
 nginx -p "$work/upstream" -c "$work/upstream/nginx.conf" 2>/dev/null & npid=$!
 "$bin" --port "$ap" --root "$work/www" --cert a.pem --key a.key --upstream "http://127.0.0.1:$up" > tb.out 2> tb.err & tpid=$!
 trap 'kill $tpid 2>/dev/null; kill -QUIT $npid 2>/dev/null; sleep 0.5; rm -rf "$work"' EXIT
-sleep 1.5
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$ap) 2>/dev/null && break; sleep 0.1; done
+kill -0 $tpid || { cat tb.err >&2; exit 2; }
 reqs() { { exec 3<>/dev/tcp/127.0.0.1/$up; printf 'GET /bench_status HTTP/1.0\r\n\r\n' >&3; cat <&3; } | awk '/server accepts handled requests/ { getline; print $3; exit }'; }
 wrk -t2 -c50 -d2s --timeout 5s -H "Host: bench.test" "https://127.0.0.1:$ap/index.html" > /dev/null
 wrk -t2 -c50 -d$((secs + 2))s --timeout 5s -H "Host: bench.test" "https://127.0.0.1:$ap/index.html" > wrk.txt &
