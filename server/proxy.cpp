@@ -7,6 +7,7 @@
 #include <optional>
 #include <string_view>
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -15,6 +16,9 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
 
 #include "server/detail/http_util.h"
 
@@ -30,7 +34,7 @@ constexpr std::size_t kBufBytes = 64 * 1024;
 // Why an exchange failed (none: it did not).
 enum class Err {
   none,
-  unsupported,      // the upstream URL is not http://host[:port]
+  unsupported,      // the upstream URL is not http[s]://host[:port]
   resolve,          // the host name did not resolve
   connect,          // refused, unreachable
   connect_timeout,  // connect_timeout passed
@@ -42,12 +46,14 @@ enum class Err {
   bad_response,     // not an HTTP/1.x response, or a header over 64 KiB
   framing,          // Content-Length and Transfer-Encoding, or differing Content-Lengths
   client_body,      // the client's request body broke off (or ran past max_body)
+  tls,              // TLS to an https upstream: no client context, or the handshake failed
+  tls_verify,       // the https upstream's certificate did not verify (chain or name)
 };
 
 const char* to_string(Err e) {
   switch (e) {
     case Err::none: return "none";
-    case Err::unsupported: return "unsupported upstream URL (http://host:port only)";
+    case Err::unsupported: return "unsupported upstream URL (http[s]://host[:port] only)";
     case Err::resolve: return "cannot resolve the upstream host";
     case Err::connect: return "connect failed";
     case Err::connect_timeout: return "connect timed out";
@@ -59,6 +65,8 @@ const char* to_string(Err e) {
     case Err::bad_response: return "malformed response";
     case Err::framing: return "ambiguous body length (Content-Length)";
     case Err::client_body: return "request body broke off";
+    case Err::tls: return "TLS handshake failed";
+    case Err::tls_verify: return "upstream certificate verification failed";
   }
   return "?";
 }
@@ -84,17 +92,23 @@ bool body_framing(const httplib::Headers& headers, std::optional<std::uint64_t>&
   return !(te && length);
 }
 
-// Target is an upstream URL taken apart: "http://host[:port][/...]" (the scheme may be left
-// out; a path is ignored, as httplib's client did).
+// Target is an upstream URL taken apart: "http[s]://host[:port][/...]" (the scheme may be
+// left out: http; a path is ignored, as httplib's client did).
 struct Target {
   std::string host;
   std::string port = "80";
   std::string host_header;  // host[:port], for a request that has no Host
+  bool tls = false;         // https: TLS to the upstream, its certificate verified for host
 };
 
 bool parse_upstream(std::string_view url, Target& t) {
   if (auto s = url.find("://"); s != std::string_view::npos) {
-    if (!iequals(url.substr(0, s), "http")) return false;  // https upstreams: not supported
+    if (iequals(url.substr(0, s), "https")) {
+      t.tls = true;
+      t.port = "443";
+    } else if (!iequals(url.substr(0, s), "http")) {
+      return false;
+    }
     url.remove_prefix(s + 3);
   }
   url = url.substr(0, url.find_first_of("/?#"));
@@ -139,7 +153,38 @@ void set_timeouts(UpstreamConn& c, const ProxySite& site) {
   }
 }
 
+// tls_io_error maps a failed SSL_read / SSL_write (r <= 0) to an Err: a read or write that
+// waited its socket timeout is WANT_READ / WANT_WRITE (the socket is blocking with
+// SO_RCVTIMEO / SO_SNDTIMEO); an EOF without close_notify counts as a close
+// (SSL_OP_IGNORE_UNEXPECTED_EOF), as it does over plain TCP. retry: interrupted, call again.
+Err tls_io_error(UpstreamConn& c, int r, Err timeout, Err failed, bool& retry) {
+  int e = SSL_get_error(c.ssl, r);
+  int saved = errno;
+  ERR_clear_error();
+  retry = false;
+  switch (e) {
+    case SSL_ERROR_ZERO_RETURN: return Err::closed;
+    case SSL_ERROR_WANT_READ:
+    case SSL_ERROR_WANT_WRITE:
+      retry = saved == EINTR;
+      return timeout;
+    case SSL_ERROR_SYSCALL: return r == 0 || saved == 0 ? Err::closed : failed;
+    default: return failed;
+  }
+}
+
 Err write_all(UpstreamConn& c, std::string_view s) {
+  while (c.ssl && !s.empty()) {
+    errno = 0;
+    int n = SSL_write(c.ssl, s.data(), static_cast<int>(std::min<std::size_t>(s.size(), 1 << 30)));
+    if (n > 0) {
+      s.remove_prefix(static_cast<std::size_t>(n));
+      continue;
+    }
+    bool retry = false;
+    Err e = tls_io_error(c, n, Err::write_timeout, Err::write, retry);
+    if (!retry) return e == Err::closed ? Err::write : e;
+  }
   while (!s.empty()) {
     ssize_t n = ::send(c.fd, s.data(), s.size(), MSG_NOSIGNAL);
     if (n > 0) {
@@ -165,6 +210,17 @@ Err fill(UpstreamConn& c) {
     std::memmove(c.buf.get(), c.buf.get() + c.pos, c.end - c.pos);
     c.end -= c.pos;
     c.pos = 0;
+  }
+  while (c.ssl) {
+    errno = 0;
+    int n = SSL_read(c.ssl, c.buf.get() + c.end, static_cast<int>(kBufBytes - c.end));
+    if (n > 0) {
+      c.end += static_cast<std::size_t>(n);
+      return Err::none;
+    }
+    bool retry = false;
+    Err e = tls_io_error(c, n, Err::read_timeout, Err::read, retry);
+    if (!retry) return e;
   }
   for (;;) {
     ssize_t n = ::recv(c.fd, c.buf.get() + c.end, kBufBytes - c.end, 0);
@@ -247,6 +303,9 @@ Err read_head(UpstreamConn& c, Head& h, bool& got_bytes) {
 }  // namespace
 
 UpstreamConn::~UpstreamConn() {
+  // No close_notify: the connection is closed because it failed, was cut, or sat idle too
+  // long; the upstream sees the TCP close (as over plain HTTP).
+  if (ssl) SSL_free(ssl);
   if (fd >= 0) ::close(fd);
 }
 
@@ -260,6 +319,7 @@ struct Exchange {
   std::mutex mu;
   int fd = -1;           // under mu: conn's socket while it is in use
   bool aborted = false;  // under mu: abort_all cut the exchange
+  std::string why;       // the worker's: what a TLS handshake failed on, for the log line
 
   explicit Exchange(UpstreamPool& p) : pool(p) {}
   Exchange(const Exchange&) = delete;
@@ -289,6 +349,64 @@ struct Exchange {
 };
 
 namespace {
+// handshake runs the TLS handshake on ex's freshly connected socket: SNI and the expected name
+// (or, for an IP literal, the expected address: no SNI) are the URL's host; the chain must
+// verify against the client context's CAs. Each read or write of the handshake waits at most
+// connect_timeout (then it is connect_timeout: 504); abort_all's shutdown ends it at once.
+Err handshake(Exchange& ex, const Target& t, const ProxySite& site) {
+  auto& c = *ex.conn;
+  SSL_CTX* ctx = ex.pool.tls_ctx();
+  if (!ctx) {
+    ex.why = "cannot create the TLS client context";
+    return Err::tls;
+  }
+  auto tv = to_timeval(site.connect_timeout);
+  ::setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(c.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  c.read_timeout = c.write_timeout = milliseconds(-1);  // set_timeouts sets them again
+  c.ssl = SSL_new(ctx);
+  if (!c.ssl || SSL_set_fd(c.ssl, c.fd) != 1) {
+    ERR_clear_error();
+    ex.why = "cannot create the TLS connection";
+    return Err::tls;
+  }
+  in6_addr ip{};
+  bool literal = ::inet_pton(AF_INET, t.host.c_str(), &ip) == 1 ||
+                 ::inet_pton(AF_INET6, t.host.c_str(), &ip) == 1;
+  bool named = literal
+                   ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c.ssl), t.host.c_str()) == 1
+                   : SSL_set_tlsext_host_name(c.ssl, t.host.c_str()) == 1 &&
+                         SSL_set1_host(c.ssl, t.host.c_str()) == 1;
+  if (!named) {
+    ERR_clear_error();
+    ex.why = "cannot set the expected name " + t.host;
+    return Err::tls;
+  }
+  for (;;) {
+    errno = 0;
+    int r = SSL_connect(c.ssl);
+    if (r == 1) return Err::none;
+    int e = SSL_get_error(c.ssl, r);
+    int saved = errno;
+    if ((e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) && saved == EINTR) continue;
+    long verify = SSL_get_verify_result(c.ssl);
+    unsigned long code = ERR_peek_last_error();
+    ERR_clear_error();
+    if (verify != X509_V_OK) {
+      ex.why = X509_verify_cert_error_string(verify);
+      return Err::tls_verify;
+    }
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return Err::connect_timeout;
+    if (code != 0) {
+      const char* reason = ERR_reason_error_string(code);
+      ex.why = reason ? reason : "TLS error";
+    } else {
+      ex.why = "connection closed during the handshake";
+    }
+    return Err::tls;
+  }
+}
+
 // connect_to opens a new connection to t (each address in turn, connect_timeout in all),
 // watched by ex so that abort_all can cut the connect.
 Err connect_to(Exchange& ex, const Target& t, const ProxySite& site) {
@@ -338,7 +456,7 @@ Err connect_to(Exchange& ex, const Target& t, const ProxySite& site) {
       ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
       int one = 1;
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-      err = Err::none;
+      err = t.tls ? handshake(ex, t, site) : Err::none;
       break;
     }
     ex.drop();
@@ -349,6 +467,22 @@ Err connect_to(Exchange& ex, const Target& t, const ProxySite& site) {
   }
   ::freeaddrinfo(list);
   return err;
+}
+}  // namespace
+
+namespace {
+// tls_idle is the liveness check of an idle TLS connection with bytes waiting on its socket:
+// they may be a TLS 1.3 NewSessionTicket (sent after the handshake, often read only now),
+// which is no response. They are read through TLS without waiting: still open when nothing
+// but such records came (the read would block); data, an alert or a close: not reusable.
+bool tls_idle(UpstreamConn& c) {
+  int flags = ::fcntl(c.fd, F_GETFL);
+  if (flags < 0 || ::fcntl(c.fd, F_SETFL, flags | O_NONBLOCK) < 0) return false;
+  char b;
+  int r = SSL_peek(c.ssl, &b, 1);
+  bool open = r <= 0 && SSL_get_error(c.ssl, r) == SSL_ERROR_WANT_READ;
+  ERR_clear_error();
+  return ::fcntl(c.fd, F_SETFL, flags) == 0 && open;
 }
 }  // namespace
 
@@ -376,16 +510,41 @@ std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const ProxySite& site) {
     // call sleeps). A closed one (the upstream's keep-alive timeout) is dropped here instead of
     // failing the request.
     char c;
-    if (::recv(conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 &&
-        (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      return conn;
-    }
+    ssize_t n = ::recv(conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return conn;
+    if (n > 0 && conn->ssl && tls_idle(*conn)) return conn;
   }
+}
+
+UpstreamPool::~UpstreamPool() {
+  clear();
+  if (tls_ctx_) SSL_CTX_free(tls_ctx_);
+}
+
+SSL_CTX* UpstreamPool::tls_ctx() {
+  std::lock_guard lock(mu_);
+  if (tls_ctx_) return tls_ctx_;
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  if (!ctx || SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
+      SSL_CTX_set_default_verify_paths(ctx) != 1) {
+    ERR_clear_error();
+    if (ctx) SSL_CTX_free(ctx);
+    return nullptr;
+  }
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+  // A body delimited by the close ends at the TCP close, as over plain HTTP (many servers
+  // close without close_notify).
+  SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+  tls_ctx_ = ctx;
+  return ctx;
 }
 
 void UpstreamPool::release(const ProxySite& site, std::unique_ptr<UpstreamConn> conn) {
   // Bytes past the response (an upstream that sent more than it framed): never reused.
-  if (!conn || site.max_idle == 0 || conn->pos != conn->end) return;
+  if (!conn || site.max_idle == 0 || conn->pos != conn->end ||
+      (conn->ssl && SSL_pending(conn->ssl) > 0)) {
+    return;
+  }
   std::unique_ptr<UpstreamConn> dropped;
   std::lock_guard lock(mu_);
   if (aborting_) return;
@@ -710,7 +869,9 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     res.set_content(timed_out ? "upstream timed out\n" : "upstream unavailable\n", "text/plain");
     log.log(LogLevel::warn, "server", "upstream request failed",
             {{"upstream", site.upstream},
-             {"error", aborted ? "cut at the drain deadline" : to_string(err)},
+             {"error", aborted ? "cut at the drain deadline"
+                       : ex->why.empty() ? to_string(err)
+                                         : std::string(to_string(err)) + ": " + ex->why},
              {"status", std::to_string(res.status)},
              {"connection", in_step ? "kept" : "closed"}});
     return in_step && !aborted;

@@ -1,6 +1,7 @@
 #pragma once
 
-// Streaming reverse proxy with its own HTTP/1.1 upstream client, run on the worker that
+// Streaming reverse proxy with its own HTTP/1.1 upstream client (TLS to https:// upstreams,
+// verified against the system CAs), run on the worker that
 // handles the request: the request body is pulled from the client connection and written to
 // the upstream as it arrives, the response body is read from the upstream by the response's
 // content provider as the client takes it; upstream connections are kept alive in a small pool
@@ -9,6 +10,7 @@
 // Internal to server/ (used by server.cpp).
 
 #include <httplib.h>
+#include <openssl/ssl.h>
 
 #include <atomic>
 #include <chrono>
@@ -31,6 +33,7 @@ struct Exchange;  // one request to an upstream (proxy.cpp)
 // no response has used yet.
 struct UpstreamConn {
   int fd = -1;
+  SSL* ssl = nullptr;  // an https upstream: TLS over fd (freed, then fd closed, on close)
   std::unique_ptr<char[]> buf;  // 64 KiB once the first read needs it
   std::size_t pos = 0;           // buf[pos, end): received, not yet consumed
   std::size_t end = 0;
@@ -52,6 +55,7 @@ struct UpstreamConn {
 class UpstreamPool {
  public:
   UpstreamPool() = default;
+  ~UpstreamPool();
   UpstreamPool(const UpstreamPool&) = delete;
   UpstreamPool& operator=(const UpstreamPool&) = delete;
 
@@ -76,6 +80,12 @@ class UpstreamPool {
   bool enter(Exchange* e);
   void leave(Exchange* e);
 
+  // tls_ctx is the client SSL_CTX for https upstreams, made on first use and shared by all of
+  // them: TLS 1.2 or later, the peer verified against the system's CAs
+  // (SSL_CTX_set_default_verify_paths: SSL_CERT_FILE / SSL_CERT_DIR as read at that time).
+  // nullptr when it cannot be made.
+  SSL_CTX* tls_ctx();
+
  private:
   struct Idle {
     std::unique_ptr<UpstreamConn> conn;
@@ -85,6 +95,7 @@ class UpstreamPool {
   std::map<std::string, std::vector<Idle>, std::less<>> idle_;  // oldest first
   bool aborting_ = false;
   std::unordered_set<Exchange*> active_;
+  SSL_CTX* tls_ctx_ = nullptr;  // under mu_
 };
 
 // proxy forwards req to site and fills res. reader (may be null) streams the request body;
