@@ -53,7 +53,7 @@ enum class Err {
 const char* to_string(Err e) {
   switch (e) {
     case Err::none: return "none";
-    case Err::unsupported: return "unsupported upstream URL (http[s]://host[:port] only)";
+    case Err::unsupported: return "invalid upstream URL (http[s]://host[:port] only)";
     case Err::resolve: return "cannot resolve the upstream host";
     case Err::connect: return "connect failed";
     case Err::connect_timeout: return "connect timed out";
@@ -92,8 +92,7 @@ bool body_framing(const httplib::Headers& headers, std::optional<std::uint64_t>&
   return !(te && length);
 }
 
-// Target is an upstream URL taken apart: "http[s]://host[:port][/...]" (the scheme may be
-// left out: http; a path is ignored, as httplib's client did).
+// Target is an upstream URL taken apart: "http[s]://host[:port]".
 struct Target {
   std::string host;
   std::string port = "80";
@@ -101,35 +100,61 @@ struct Target {
   bool tls = false;         // https: TLS to the upstream, its certificate verified for host
 };
 
-bool parse_upstream(std::string_view url, Target& t) {
-  if (auto s = url.find("://"); s != std::string_view::npos) {
-    if (iequals(url.substr(0, s), "https")) {
-      t.tls = true;
-      t.port = "443";
-    } else if (!iequals(url.substr(0, s), "http")) {
-      return false;
-    }
-    url.remove_prefix(s + 3);
+// parse_upstream takes url apart; false (with what is wrong in why) when it is not
+// http[s]://host[:port]: another scheme or none, no host, a port that is not 1-65535, or
+// anything after the authority (a path, even "/", a query, user info).
+bool parse_upstream(std::string_view url, Target& t, std::string& why) {
+  auto s = url.find("://");
+  if (s == std::string_view::npos) {
+    why = "no scheme";
+    return false;
   }
-  url = url.substr(0, url.find_first_of("/?#"));
+  if (iequals(url.substr(0, s), "https")) {
+    t.tls = true;
+    t.port = "443";
+  } else if (!iequals(url.substr(0, s), "http")) {
+    why = "scheme \"" + std::string(url.substr(0, s)) + "\" is not http or https";
+    return false;
+  }
+  url.remove_prefix(s + 3);
+  if (auto extra = url.find_first_of("/?#@"); extra != std::string_view::npos) {
+    why = url[extra] == '@' ? "user info is not supported" : "a path is not supported";
+    return false;
+  }
   t.host_header = std::string(url);
   if (!url.empty() && url.front() == '[') {
     auto close = url.find(']');
-    if (close == std::string_view::npos) return false;
+    if (close == std::string_view::npos) {
+      why = "no ']' after the IPv6 address";
+      return false;
+    }
     t.host = std::string(url.substr(1, close - 1));
     url.remove_prefix(close + 1);
-    if (!url.empty() && url.front() != ':') return false;
+    if (!url.empty() && url.front() != ':') {
+      why = "unexpected text after the IPv6 address";
+      return false;
+    }
   } else {
     auto colon = url.find(':');
     t.host = std::string(url.substr(0, colon));
     url.remove_prefix(colon == std::string_view::npos ? url.size() : colon);
   }
+  if (t.host.empty()) {
+    why = "no host";
+    return false;
+  }
   if (!url.empty()) {
     url.remove_prefix(1);  // ':'
-    if (url.empty() || url.find_first_not_of("0123456789") != std::string_view::npos) return false;
-    t.port = std::string(url);
+    unsigned port = 0;
+    auto [p, ec] = std::from_chars(url.data(), url.data() + url.size(), port);
+    if (url.empty() || ec != std::errc() || p != url.data() + url.size() || port == 0 ||
+        port > 65535) {
+      why = "port \"" + std::string(url) + "\" is not 1-65535";
+      return false;
+    }
+    t.port = std::to_string(port);
   }
-  return !t.host.empty();
+  return true;
 }
 
 timeval to_timeval(milliseconds ms) {
@@ -703,6 +728,20 @@ bool is_idempotent(const std::string& m) {
 }
 }  // namespace
 
+}  // namespace autotls::server::detail
+
+namespace autotls::server {
+std::string upstream_error(std::string_view url) {
+  detail::Target t;
+  std::string why;
+  if (detail::parse_upstream(url, t, why)) return {};
+  return "upstream \"" + std::string(url) + "\": " + why +
+         " (expected http://host[:port] or https://host[:port])";
+}
+}  // namespace autotls::server
+
+namespace autotls::server::detail {
+
 bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
            std::size_t max_body, UpstreamPool& pool, Logger& log,
@@ -738,7 +777,8 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     head.append(k).append(": ").append(v).append("\r\n");
   }
   Target target;
-  bool url_ok = parse_upstream(site.upstream, target);
+  std::string url_error;
+  bool url_ok = parse_upstream(site.upstream, target, url_error);
   if (!req.has_header("Host")) head.append("Host: ").append(target.host_header).append("\r\n");
   // Client-supplied X-Forwarded-* were dropped above: we are the edge, nothing before us is
   // trusted.
@@ -795,6 +835,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
 
   Head h;
   Err err = url_ok ? Err::none : Err::unsupported;
+  if (!url_ok) ex->why = url_error;
   for (int attempt = 0; url_ok; ++attempt) {
     bool reused = false;
     if (attempt == 0) {
