@@ -10,6 +10,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <variant>
 #include <vector>
 
@@ -51,6 +52,12 @@ struct ProxySite {
   std::size_t max_idle = 32;
   std::chrono::milliseconds idle_timeout{4'000};
 };
+
+// upstream_error is empty when url is a usable ProxySite::upstream ("http://host[:port]" or
+// "https://host[:port]", port 1-65535, nothing after it, not even "/"); otherwise one line
+// naming the URL and what is wrong with it. Server::create and reload refuse such a site;
+// `autotls serve` refuses it when it reads its configuration.
+std::string upstream_error(std::string_view url);
 
 using Site = std::variant<StaticSite, ProxySite>;
 

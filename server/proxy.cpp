@@ -2,31 +2,82 @@
 
 #include <algorithm>
 #include <charconv>
-#include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <optional>
-#include <chrono>
-#include <condition_variable>
-#include <deque>
-#include <system_error>
-#include <thread>
+#include <string_view>
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
 
 #include "server/detail/http_util.h"
 
 namespace autotls::server::detail {
 namespace {
 using SteadyClock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+// kBufBytes is an upstream connection's read buffer: a response header must fit in it, and
+// body bytes are read (and passed on) at most this many at a time.
+constexpr std::size_t kBufBytes = 64 * 1024;
+
+// Why an exchange failed (none: it did not).
+enum class Err {
+  none,
+  unsupported,      // the upstream URL is not http[s]://host[:port]
+  resolve,          // the host name did not resolve
+  connect,          // refused, unreachable
+  connect_timeout,  // connect_timeout passed
+  write,            // the upstream closed or reset while we sent the request
+  write_timeout,    // a send waited write_timeout
+  read,             // a read failed (reset)
+  read_timeout,     // a read waited read_timeout
+  closed,           // the upstream closed the connection before the response was complete
+  bad_response,     // not an HTTP/1.x response, or a header over 64 KiB
+  framing,          // Content-Length and Transfer-Encoding, or differing Content-Lengths
+  client_body,      // the client's request body broke off (or ran past max_body)
+  tls,              // TLS to an https upstream: no client context, or the handshake failed
+  tls_verify,       // the https upstream's certificate did not verify (chain or name)
+};
+
+const char* to_string(Err e) {
+  switch (e) {
+    case Err::none: return "none";
+    case Err::unsupported: return "invalid upstream URL (http[s]://host[:port] only)";
+    case Err::resolve: return "cannot resolve the upstream host";
+    case Err::connect: return "connect failed";
+    case Err::connect_timeout: return "connect timed out";
+    case Err::write: return "write failed";
+    case Err::write_timeout: return "write timed out";
+    case Err::read: return "read failed";
+    case Err::read_timeout: return "read timed out";
+    case Err::closed: return "connection closed by the upstream";
+    case Err::bad_response: return "malformed response";
+    case Err::framing: return "ambiguous body length (Content-Length)";
+    case Err::client_body: return "request body broke off";
+    case Err::tls: return "TLS handshake failed";
+    case Err::tls_verify: return "upstream certificate verification failed";
+  }
+  return "?";
+}
 
 // body_framing reads the response's Content-Length; false when its framing is ambiguous:
-// Content-Length with Transfer-Encoding (RFC 9112 6.1: a server MUST NOT send both; httplib
-// then reads chunks and ignores the length, while we would forward the length), several
-// Content-Length values that differ (httplib reads the first, we forwarded the last), or one
-// that is not a number. A proxy must not forward such a response (RFC 9112 6.3): 502.
-bool body_framing(const httplib::Headers& headers, std::optional<std::uint64_t>& length) {
-  bool te = false;
+// Content-Length with Transfer-Encoding (RFC 9112 6.1: a server MUST NOT send both), several
+// Content-Length values that differ, or one that is not a number. A proxy must not forward
+// such a response (RFC 9112 6.3): 502.
+bool body_framing(const httplib::Headers& headers, std::optional<std::uint64_t>& length,
+                  bool& te) {
+  te = false;
   for (const auto& [k, v] : headers) {
     if (iequals(k, "transfer-encoding")) {
       te = true;
@@ -40,221 +91,434 @@ bool body_framing(const httplib::Headers& headers, std::optional<std::uint64_t>&
   }
   return !(te && length);
 }
+
+// Target is an upstream URL taken apart: "http[s]://host[:port]".
+struct Target {
+  std::string host;
+  std::string port = "80";
+  std::string host_header;  // host[:port], for a request that has no Host
+  bool tls = false;         // https: TLS to the upstream, its certificate verified for host
+};
+
+// parse_upstream takes url apart; false (with what is wrong in why) when it is not
+// http[s]://host[:port]: another scheme or none, no host, a port that is not 1-65535, or
+// anything after the authority (a path, even "/", a query, user info).
+bool parse_upstream(std::string_view url, Target& t, std::string& why) {
+  auto s = url.find("://");
+  if (s == std::string_view::npos) {
+    why = "no scheme";
+    return false;
+  }
+  if (iequals(url.substr(0, s), "https")) {
+    t.tls = true;
+    t.port = "443";
+  } else if (!iequals(url.substr(0, s), "http")) {
+    why = "scheme \"" + std::string(url.substr(0, s)) + "\" is not http or https";
+    return false;
+  }
+  url.remove_prefix(s + 3);
+  if (auto extra = url.find_first_of("/?#@"); extra != std::string_view::npos) {
+    why = url[extra] == '@' ? "user info is not supported" : "a path is not supported";
+    return false;
+  }
+  t.host_header = std::string(url);
+  if (!url.empty() && url.front() == '[') {
+    auto close = url.find(']');
+    if (close == std::string_view::npos) {
+      why = "no ']' after the IPv6 address";
+      return false;
+    }
+    t.host = std::string(url.substr(1, close - 1));
+    url.remove_prefix(close + 1);
+    if (!url.empty() && url.front() != ':') {
+      why = "unexpected text after the IPv6 address";
+      return false;
+    }
+  } else {
+    auto colon = url.find(':');
+    t.host = std::string(url.substr(0, colon));
+    url.remove_prefix(colon == std::string_view::npos ? url.size() : colon);
+  }
+  if (t.host.empty()) {
+    why = "no host";
+    return false;
+  }
+  if (!url.empty()) {
+    url.remove_prefix(1);  // ':'
+    unsigned port = 0;
+    auto [p, ec] = std::from_chars(url.data(), url.data() + url.size(), port);
+    if (url.empty() || ec != std::errc() || p != url.data() + url.size() || port == 0 ||
+        port > 65535) {
+      why = "port \"" + std::string(url) + "\" is not 1-65535";
+      return false;
+    }
+    t.port = std::to_string(port);
+  }
+  return true;
+}
+
+timeval to_timeval(milliseconds ms) {
+  if (ms.count() <= 0) ms = milliseconds(1);  // 0 would mean "no timeout"
+  return timeval{static_cast<time_t>(ms.count() / 1000),
+                 static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
+
+// set_timeouts gives the socket the site's read and write timeouts (each read or write waits
+// at most that long: httplib's client's semantics), unless it has them already.
+void set_timeouts(UpstreamConn& c, const ProxySite& site) {
+  if (c.read_timeout != site.read_timeout) {
+    auto tv = to_timeval(site.read_timeout);
+    ::setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    c.read_timeout = site.read_timeout;
+  }
+  if (c.write_timeout != site.write_timeout) {
+    auto tv = to_timeval(site.write_timeout);
+    ::setsockopt(c.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    c.write_timeout = site.write_timeout;
+  }
+}
+
+// tls_io_error maps a failed SSL_read / SSL_write (r <= 0) to an Err: a read or write that
+// waited its socket timeout is WANT_READ / WANT_WRITE (the socket is blocking with
+// SO_RCVTIMEO / SO_SNDTIMEO); an EOF without close_notify counts as a close
+// (SSL_OP_IGNORE_UNEXPECTED_EOF), as it does over plain TCP. retry: interrupted, call again.
+Err tls_io_error(UpstreamConn& c, int r, Err timeout, Err failed, bool& retry) {
+  int e = SSL_get_error(c.ssl, r);
+  int saved = errno;
+  ERR_clear_error();
+  retry = false;
+  switch (e) {
+    case SSL_ERROR_ZERO_RETURN: return Err::closed;
+    case SSL_ERROR_WANT_READ:
+    case SSL_ERROR_WANT_WRITE:
+      retry = saved == EINTR;
+      return timeout;
+    case SSL_ERROR_SYSCALL: return r == 0 || saved == 0 ? Err::closed : failed;
+    default: return failed;
+  }
+}
+
+Err write_all(UpstreamConn& c, std::string_view s) {
+  while (c.ssl && !s.empty()) {
+    errno = 0;
+    int n = SSL_write(c.ssl, s.data(), static_cast<int>(std::min<std::size_t>(s.size(), 1 << 30)));
+    if (n > 0) {
+      s.remove_prefix(static_cast<std::size_t>(n));
+      continue;
+    }
+    bool retry = false;
+    Err e = tls_io_error(c, n, Err::write_timeout, Err::write, retry);
+    if (!retry) return e == Err::closed ? Err::write : e;
+  }
+  while (!s.empty()) {
+    ssize_t n = ::send(c.fd, s.data(), s.size(), MSG_NOSIGNAL);
+    if (n > 0) {
+      s.remove_prefix(static_cast<std::size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) ? Err::write_timeout : Err::write;
+    }
+  }
+  return Err::none;
+}
+
+// fill reads what the upstream has sent (one recv, waiting at most read_timeout) into the
+// connection's buffer. The buffer is compacted first; a full buffer is bad_response (a header
+// line or chunk-size line over 64 KiB).
+Err fill(UpstreamConn& c) {
+  if (!c.buf) c.buf = std::make_unique<char[]>(kBufBytes);
+  if (c.pos == c.end) {
+    c.pos = c.end = 0;
+  } else if (c.end == kBufBytes) {
+    if (c.pos == 0) return Err::bad_response;
+    std::memmove(c.buf.get(), c.buf.get() + c.pos, c.end - c.pos);
+    c.end -= c.pos;
+    c.pos = 0;
+  }
+  while (c.ssl) {
+    errno = 0;
+    int n = SSL_read(c.ssl, c.buf.get() + c.end, static_cast<int>(kBufBytes - c.end));
+    if (n > 0) {
+      c.end += static_cast<std::size_t>(n);
+      return Err::none;
+    }
+    bool retry = false;
+    Err e = tls_io_error(c, n, Err::read_timeout, Err::read, retry);
+    if (!retry) return e;
+  }
+  for (;;) {
+    ssize_t n = ::recv(c.fd, c.buf.get() + c.end, kBufBytes - c.end, 0);
+    if (n > 0) {
+      c.end += static_cast<std::size_t>(n);
+      return Err::none;
+    }
+    if (n == 0) return Err::closed;
+    if (errno == EINTR) continue;
+    return errno == EAGAIN || errno == EWOULDBLOCK ? Err::read_timeout : Err::read;
+  }
+}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
+  return s;
+}
+
+// next_line takes one line (without its LF and a CR before it) from [pos, end) of c's buffer,
+// false when no whole line is buffered.
+bool next_line(UpstreamConn& c, std::string_view& line) {
+  const char* b = c.buf.get() + c.pos;
+  const void* lf = std::memchr(b, '\n', c.end - c.pos);
+  if (!lf) return false;
+  std::size_t n = static_cast<std::size_t>(static_cast<const char*>(lf) - b);
+  line = std::string_view(b, n);
+  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+  c.pos += n + 1;
+  return true;
+}
+
+struct Head {
+  int status = 0;
+  bool http10 = false;
+  httplib::Headers headers;
+};
+
+// read_head reads a response header (1xx interim responses skipped). got_bytes tells whether
+// any byte of a response arrived (a pooled connection that fails before that may be retried).
+Err read_head(UpstreamConn& c, Head& h, bool& got_bytes) {
+  for (;;) {
+    std::size_t end;
+    while ((end = c.buf ? header_end(std::string_view(c.buf.get() + c.pos, c.end - c.pos)) : 0) ==
+           0) {
+      Err e = fill(c);
+      if (e != Err::none) return e;
+      got_bytes = true;
+    }
+    std::size_t stop = c.pos + end;
+    std::string_view line;
+    next_line(c, line);
+    // "HTTP/1.1 200 OK"
+    if (line.size() < 12 || line.substr(0, 7) != "HTTP/1." || line[8] != ' ' ||
+        (line.size() > 12 && line[12] != ' ')) {
+      return Err::bad_response;
+    }
+    int status = 0;
+    auto [p, ec] = std::from_chars(line.data() + 9, line.data() + 12, status);
+    if (ec != std::errc() || p != line.data() + 12 || status < 100) return Err::bad_response;
+    h.status = status;
+    h.http10 = line[7] == '0';
+    h.headers.clear();
+    while (c.pos < stop) {
+      next_line(c, line);
+      if (line.empty()) break;
+      if (line.front() == ' ' || line.front() == '\t') return Err::bad_response;  // obs-fold
+      auto colon = line.find(':');
+      if (colon == 0 || colon == std::string_view::npos) return Err::bad_response;
+      auto name = line.substr(0, colon);
+      if (name.find_first_of(" \t") != std::string_view::npos) return Err::bad_response;
+      h.headers.emplace(std::string(name), std::string(trim(line.substr(colon + 1))));
+    }
+    c.pos = stop;
+    if (status == 101) return Err::bad_response;  // we never ask for an upgrade
+    if (status >= 200) return Err::none;
+    // 100 Continue, 103 Early Hints: not passed on; the final response follows.
+  }
+}
 }  // namespace
 
-// Bridge joins the upstream thread (httplib client: sends the request, receives the response)
-// and the worker (httplib server: writes our response to the client).
-struct Bridge {
+UpstreamConn::~UpstreamConn() {
+  // No close_notify: the connection is closed because it failed, was cut, or sat idle too
+  // long; the upstream sees the TCP close (as over plain HTTP).
+  if (ssl) SSL_free(ssl);
+  if (fd >= 0) ::close(fd);
+}
+
+// Exchange is one request to an upstream, from proxy() until the response's content provider
+// is done with it (it is shared with the provider). Its socket is registered (under mu) so that
+// abort_all can shut it down from another thread.
+struct Exchange {
+  UpstreamPool& pool;
+  bool registered = false;
+  std::unique_ptr<UpstreamConn> conn;  // the worker's, never touched by another thread
   std::mutex mu;
-  std::condition_variable cv;
-  bool headers_ready = false;
-  bool done = false;       // upstream exchange over (ok or not)
-  bool ok = false;         // send() succeeded: the whole response body was received
-  bool cancelled = false;  // the client side gave up, or abort_all: stop receiving
-  bool aborted = false;    // abort_all cut the exchange (the drain deadline passed)
-  bool bad_framing = false;  // the response's Content-Length/Transfer-Encoding were refused
-  bool overflow = false;     // the body ran past its Content-Length: refused
-  std::optional<std::uint64_t> length;  // the response's Content-Length (body_framing)
-  httplib::Error error = httplib::Error::Success;
-  int status = 0;
-  httplib::Headers headers;
-  std::deque<std::string> chunks;
-  std::size_t queued = 0;
-  std::uint64_t received = 0;  // response body bytes queued so far
-  std::atomic<bool> reader_used{false};    // the request body was (partly) consumed
-  std::atomic<bool> body_complete{false};  // ... and read to its end
-  // client is used by the upstream thread; client_mu guards its lifetime against stop_client()
-  // from other threads (httplib's Client::stop() is the one call safe during a send()).
-  std::mutex client_mu;
-  std::unique_ptr<httplib::Client> client;
-  UpstreamPool* pool = nullptr;  // set by UpstreamPool::enter
-  // connect_fd is our duplicate of the upstream socket while send() runs on a new connection
-  // (under connect_mu; -1 otherwise): httplib holds the client's lock while it connects, so
-  // Client::stop() cannot cut a connect; shutdown(2) on our duplicate can, and since we own the
-  // duplicate until we close it (under connect_mu) it never names a reused descriptor.
-  // connect_mu is never held while another lock is taken (httplib's hook runs under its lock).
-  std::mutex connect_mu;
-  int connect_fd = -1;
-  bool connected = false;  // watch_connect ran: a send() opened a new socket (under connect_mu)
-  SteadyClock::time_point started = SteadyClock::now();
+  int fd = -1;           // under mu: conn's socket while it is in use
+  bool aborted = false;  // under mu: abort_all cut the exchange
+  std::string why;       // the worker's: what a TLS handshake failed on, for the log line
 
-  Bridge() = default;
-  Bridge(const Bridge&) = delete;
-  Bridge& operator=(const Bridge&) = delete;
-  ~Bridge() {
-    if (pool) pool->leave(this);
+  explicit Exchange(UpstreamPool& p) : pool(p) {}
+  Exchange(const Exchange&) = delete;
+  Exchange& operator=(const Exchange&) = delete;
+  ~Exchange() {
+    if (registered) pool.leave(this);  // abort_all can no longer reach fd: it closes below
   }
-
-  // stop_client shuts down the upstream socket of a send() in progress, so it fails at once
-  // instead of at its read timeout.
-  void stop_client() {
-    {
-      std::lock_guard lock(connect_mu);
-      if (connect_fd >= 0) ::shutdown(connect_fd, SHUT_RDWR);
-    }
-    std::lock_guard lock(client_mu);
-    if (client) client->stop();
+  void watch(std::unique_ptr<UpstreamConn> c) {
+    conn = std::move(c);
+    std::lock_guard lock(mu);
+    fd = conn->fd;
+    if (aborted) ::shutdown(fd, SHUT_RDWR);
   }
-  // cancel tells the upstream thread to stop receiving; abort (abort_all) also shuts its socket
-  // down at once.
-  void cancel(bool abort = false) {
+  // take ends the watch and hands the connection out (to the pool, or to be closed).
+  std::unique_ptr<UpstreamConn> take() {
     {
       std::lock_guard lock(mu);
-      cancelled = true;
-      if (abort) aborted = true;
+      fd = -1;
     }
-    cv.notify_all();
-    if (abort) stop_client();
+    return std::move(conn);
   }
-  // finish cancels the exchange and waits until the upstream thread is done with it. An exchange that is not over
-  // within 20 ms (an upstream that sends nothing) gets its socket shut down. A stop() that came
-  // before send() had its socket finds nothing to shut down, so it is repeated until the thread
-  // is done (httplib holds the client's lock while it connects: a connect in progress ends at
-  // its connect_timeout at worst). A complete exchange ends at once, so its connection, already
-  // back in the pool or about to be, is never stopped.
-  void finish() {
-    cancel();
-    std::unique_lock lock(mu);
-    while (!cv.wait_for(lock, std::chrono::milliseconds(20), [&] { return done; })) {
-      lock.unlock();
-      stop_client();
-      lock.lock();
-    }
-  }
-  // worker_has_work (under mu): there are response bytes the worker may write now. A body with
-  // a Content-Length keeps its last bytes back until the exchange is done (see pull in proxy()),
-  // unless the queue is full. The upstream thread wakes the worker only when this (or done, or
-  // aborted) turns true: each wake is a context switch, and a spurious one (the response header
-  // alone, the last bytes of a body) cost more than the rest of a small exchange.
-  bool worker_has_work() const {
-    return !chunks.empty() && (!length || received < *length || queued >= kResponseQueueBytes);
-  }
-  // join waits until the upstream thread is done with the exchange (it may still be dropping
-  // its copies of the Bridge and the request: they are shared, and harmless).
-  void join() {
-    std::unique_lock lock(mu);
-    cv.wait(lock, [&] { return done; });
+  void drop() { take().reset(); }
+  bool is_aborted() {
+    std::lock_guard lock(mu);
+    return aborted;
   }
 };
 
-UpstreamPool::~UpstreamPool() {
-  std::vector<std::unique_ptr<Runner>> runners;
-  {
-    std::lock_guard lock(run_mu_);
-    runners = std::move(runners_);
-  }
-  for (auto& r : runners) {
-    {
-      std::lock_guard lock(r->mu);
-      r->stop = true;
-    }
-    r->cv.notify_one();
-  }
-  // A runner still finishing its last job parks itself (parked_, under run_mu_) first.
-  for (auto& r : runners) r->thread.join();
-}
-
-void UpstreamPool::run(std::function<void()> job) {
-  Runner* r = nullptr;
-  {
-    std::lock_guard lock(run_mu_);
-    if (parked_.empty()) {
-      // The thread comes first: if it cannot be created (std::system_error), the job is
-      // dropped with the new Runner, never run (its request reader points into the caller's
-      // frame, which unwinds).
-      if (fail_next_thread_for_test.exchange(false)) {
-        throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
-                                "exchange thread (test)");
-      }
-      runners_.reserve(runners_.size() + 1);
-      auto owned = std::make_unique<Runner>();
-      owned->job = std::move(job);  // taken by the new thread as it starts
-      Runner* fresh = owned.get();
-      owned->thread = std::thread([this, fresh] { runner(*fresh); });
-      runners_.push_back(std::move(owned));
-      return;
-    }
-    r = parked_.back();
-    parked_.pop_back();
-  }
-  {
-    std::lock_guard lock(r->mu);
-    r->job = std::move(job);
-  }
-  r->cv.notify_one();
-}
-
-void UpstreamPool::runner(Runner& r) {
-  for (;;) {
-    std::function<void()> job;
-    {
-      std::unique_lock lock(r.mu);
-      // A job handed over before stop is still run (every exchange is over by ~UpstreamPool).
-      r.cv.wait(lock, [&] { return r.stop || r.job; });
-      if (!r.job) return;
-      job = std::move(r.job);
-      r.job = nullptr;
-    }
-    job();
-    job = nullptr;  // the exchange's last references go before this thread parks again
-    std::lock_guard lock(run_mu_);
-    parked_.push_back(&r);
-  }
-}
-
 namespace {
-// The exchange the calling exchange thread runs (set around its send() calls), for the socket
-// options hook below, which httplib calls on that thread for each new upstream socket.
-thread_local Bridge* t_exchange = nullptr;
-
-// watch_connect records a duplicate of a new upstream socket in the running exchange, so that
-// abort_all can cut its connect; an exchange already aborted has it cut at once.
-void watch_connect(int fd) {
-  Bridge* b = t_exchange;
-  if (!b) return;
-  {
-    std::lock_guard lock(b->connect_mu);
-    if (b->connect_fd >= 0) ::close(b->connect_fd);  // the retry's second socket
-    b->connect_fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    b->connected = true;
+// handshake runs the TLS handshake on ex's freshly connected socket: SNI and the expected name
+// (or, for an IP literal, the expected address: no SNI) are the URL's host; the chain must
+// verify against the client context's CAs. Each read or write of the handshake waits at most
+// connect_timeout (then it is connect_timeout: 504); abort_all's shutdown ends it at once.
+Err handshake(Exchange& ex, const Target& t, const ProxySite& site) {
+  auto& c = *ex.conn;
+  SSL_CTX* ctx = ex.pool.tls_ctx();
+  if (!ctx) {
+    ex.why = "cannot create the TLS client context";
+    return Err::tls;
   }
-  // Checked after the duplicate is visible: a cancel that came before it is seen here, one
-  // that comes after finds the duplicate.
-  bool cancelled;
-  {
-    std::lock_guard lock(b->mu);
-    cancelled = b->cancelled;
+  auto tv = to_timeval(site.connect_timeout);
+  ::setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(c.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  c.read_timeout = c.write_timeout = milliseconds(-1);  // set_timeouts sets them again
+  c.ssl = SSL_new(ctx);
+  if (!c.ssl || SSL_set_fd(c.ssl, c.fd) != 1) {
+    ERR_clear_error();
+    ex.why = "cannot create the TLS connection";
+    return Err::tls;
   }
-  if (cancelled) ::shutdown(fd, SHUT_RDWR);
+  in6_addr ip{};
+  bool literal = ::inet_pton(AF_INET, t.host.c_str(), &ip) == 1 ||
+                 ::inet_pton(AF_INET6, t.host.c_str(), &ip) == 1;
+  bool named = literal
+                   ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c.ssl), t.host.c_str()) == 1
+                   : SSL_set_tlsext_host_name(c.ssl, t.host.c_str()) == 1 &&
+                         SSL_set1_host(c.ssl, t.host.c_str()) == 1;
+  if (!named) {
+    ERR_clear_error();
+    ex.why = "cannot set the expected name " + t.host;
+    return Err::tls;
+  }
+  for (;;) {
+    errno = 0;
+    int r = SSL_connect(c.ssl);
+    if (r == 1) return Err::none;
+    int e = SSL_get_error(c.ssl, r);
+    int saved = errno;
+    if ((e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) && saved == EINTR) continue;
+    long verify = SSL_get_verify_result(c.ssl);
+    unsigned long code = ERR_peek_last_error();
+    ERR_clear_error();
+    if (verify != X509_V_OK) {
+      ex.why = X509_verify_cert_error_string(verify);
+      return Err::tls_verify;
+    }
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return Err::connect_timeout;
+    if (code != 0) {
+      const char* reason = ERR_reason_error_string(code);
+      ex.why = reason ? reason : "TLS error";
+    } else {
+      ex.why = "connection closed during the handshake";
+    }
+    return Err::tls;
+  }
 }
 
-// unwatch_connect closes the duplicate once send() is over (the socket is pooled or closed).
-void unwatch_connect(Bridge& b) {
-  std::lock_guard lock(b.connect_mu);
-  if (b.connect_fd >= 0) ::close(b.connect_fd);
-  b.connect_fd = -1;
+// connect_to opens a new connection to t (each address in turn, connect_timeout in all),
+// watched by ex so that abort_all can cut the connect.
+Err connect_to(Exchange& ex, const Target& t, const ProxySite& site) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* list = nullptr;
+  if (::getaddrinfo(t.host.c_str(), t.port.c_str(), &hints, &list) != 0 || !list) {
+    return Err::resolve;
+  }
+  auto deadline = SteadyClock::now() + site.connect_timeout;
+  Err err = Err::connect;
+  for (addrinfo* ai = list; ai; ai = ai->ai_next) {
+    int fd = ::socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    auto c = std::make_unique<UpstreamConn>();
+    c->fd = fd;
+    ex.watch(std::move(c));
+    int r = ::connect(fd, ai->ai_addr, ai->ai_addrlen);
+    if (r < 0 && errno == EINPROGRESS) {
+      for (;;) {
+        auto left = std::chrono::duration_cast<milliseconds>(deadline - SteadyClock::now());
+        if (left.count() <= 0) {
+          r = -2;
+          break;
+        }
+        pollfd p{fd, POLLOUT, 0};
+        int n = ::poll(&p, 1, static_cast<int>(std::min<long long>(left.count(), 1 << 30)));
+        if (n < 0 && errno == EINTR) continue;
+        if (n == 0) {
+          r = -2;
+          break;
+        }
+        int soerr = 0;
+        socklen_t len = sizeof soerr;
+        r = ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0 && soerr == 0 ? 0 : -1;
+        break;
+      }
+    }
+    if (ex.is_aborted()) {
+      ex.drop();
+      err = Err::closed;
+      break;
+    }
+    if (r == 0) {
+      ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+      int one = 1;
+      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      err = t.tls ? handshake(ex, t, site) : Err::none;
+      break;
+    }
+    ex.drop();
+    if (r == -2) {
+      err = Err::connect_timeout;
+      break;
+    }
+  }
+  ::freeaddrinfo(list);
+  return err;
 }
 }  // namespace
 
-std::unique_ptr<httplib::Client> UpstreamPool::fresh(const ProxySite& site) {
-  auto cli = std::make_unique<httplib::Client>(site.upstream);
-  cli->set_socket_options(watch_connect);
-  cli->set_keep_alive(site.max_idle > 0);
-  cli->set_follow_location(false);
-  cli->set_decompress(false);
-  cli->set_connection_timeout(site.connect_timeout);
-  cli->set_read_timeout(site.read_timeout);
-  cli->set_write_timeout(site.write_timeout);
-  return cli;
+namespace {
+// tls_idle is the liveness check of an idle TLS connection with bytes waiting on its socket:
+// they may be a TLS 1.3 NewSessionTicket (sent after the handshake, often read only now),
+// which is no response. They are read through TLS without waiting: still open when nothing
+// but such records came (the read would block); data, an alert or a close: not reusable.
+bool tls_idle(UpstreamConn& c) {
+  int flags = ::fcntl(c.fd, F_GETFL);
+  if (flags < 0 || ::fcntl(c.fd, F_SETFL, flags | O_NONBLOCK) < 0) return false;
+  char b;
+  int r = SSL_peek(c.ssl, &b, 1);
+  bool open = r <= 0 && SSL_get_error(c.ssl, r) == SSL_ERROR_WANT_READ;
+  ERR_clear_error();
+  return ::fcntl(c.fd, F_SETFL, flags) == 0 && open;
 }
+}  // namespace
 
-std::unique_ptr<httplib::Client> UpstreamPool::acquire(const ProxySite& site, bool& reused) {
-  std::unique_ptr<httplib::Client> cli;
-  std::vector<Idle> expired;  // closed outside mu_
-  {
-    std::lock_guard lock(mu_);
-    auto it = idle_.find(site.upstream);
-    if (it != idle_.end() && !it->second.empty()) {
+std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const ProxySite& site) {
+  for (;;) {
+    std::unique_ptr<UpstreamConn> conn;
+    std::vector<Idle> expired;  // closed outside mu_
+    {
+      std::lock_guard lock(mu_);
+      auto it = idle_.find(site.upstream);
+      if (it == idle_.end() || it->second.empty()) return nullptr;
       auto& list = it->second;
       // The newest is the likeliest still open; everything idle for too long is closed.
       auto cutoff = SteadyClock::now() - site.idle_timeout;
@@ -263,36 +527,64 @@ std::unique_ptr<httplib::Client> UpstreamPool::acquire(const ProxySite& site, bo
       expired.insert(expired.end(), std::make_move_iterator(list.begin()),
                      std::make_move_iterator(keep));
       list.erase(list.begin(), keep);
-      if (!list.empty()) {
-        cli = std::move(list.back().client);
-        list.pop_back();
-      }
+      if (list.empty()) return nullptr;
+      conn = std::move(list.back().conn);
+      list.pop_back();
     }
+    // Still open, and nothing unasked for waiting on it: a peek that would block (no system
+    // call sleeps). A closed one (the upstream's keep-alive timeout) is dropped here instead of
+    // failing the request.
+    char c;
+    ssize_t n = ::recv(conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return conn;
+    if (n > 0 && conn->ssl && tls_idle(*conn)) return conn;
   }
-  reused = cli && cli->is_socket_open();
-  if (!cli) return fresh(site);
-  // The site's timeouts may have changed since the client was made (a reload).
-  cli->set_connection_timeout(site.connect_timeout);
-  cli->set_read_timeout(site.read_timeout);
-  cli->set_write_timeout(site.write_timeout);
-  return cli;
 }
 
-void UpstreamPool::release(const ProxySite& site, std::unique_ptr<httplib::Client> client) {
-  if (!client->is_socket_open() || site.max_idle == 0) return;  // closed: nothing to keep
-  std::unique_ptr<httplib::Client> dropped;
+UpstreamPool::~UpstreamPool() {
+  clear();
+  if (tls_ctx_) SSL_CTX_free(tls_ctx_);
+}
+
+SSL_CTX* UpstreamPool::tls_ctx() {
+  std::lock_guard lock(mu_);
+  if (tls_ctx_) return tls_ctx_;
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  if (!ctx || SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
+      SSL_CTX_set_default_verify_paths(ctx) != 1) {
+    ERR_clear_error();
+    if (ctx) SSL_CTX_free(ctx);
+    return nullptr;
+  }
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+  // A body delimited by the close ends at the TCP close, as over plain HTTP (many servers
+  // close without close_notify).
+  SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+  tls_ctx_ = ctx;
+  return ctx;
+}
+
+void UpstreamPool::release(const ProxySite& site, std::unique_ptr<UpstreamConn> conn) {
+  // Bytes past the response (an upstream that sent more than it framed): never reused.
+  if (!conn || site.max_idle == 0 || conn->pos != conn->end ||
+      (conn->ssl && SSL_pending(conn->ssl) > 0)) {
+    return;
+  }
+  std::unique_ptr<UpstreamConn> dropped;
   std::lock_guard lock(mu_);
   if (aborting_) return;
-  auto& list = idle_[site.upstream];
-  list.push_back({std::move(client), SteadyClock::now()});
+  auto it = idle_.find(site.upstream);
+  if (it == idle_.end()) it = idle_.emplace(site.upstream, std::vector<Idle>{}).first;
+  auto& list = it->second;
+  list.push_back({std::move(conn), SteadyClock::now()});
   if (list.size() > site.max_idle) {
-    dropped = std::move(list.front().client);  // the oldest: the likeliest to be closed soon
+    dropped = std::move(list.front().conn);  // the oldest: the likeliest to be closed soon
     list.erase(list.begin());
   }
 }
 
 void UpstreamPool::retain(const std::vector<std::string>& keep) {
-  std::map<std::string, std::vector<Idle>> gone;
+  std::map<std::string, std::vector<Idle>, std::less<>> gone;
   {
     std::lock_guard lock(mu_);
     for (auto it = idle_.begin(); it != idle_.end();) {
@@ -306,7 +598,7 @@ void UpstreamPool::retain(const std::vector<std::string>& keep) {
 }
 
 void UpstreamPool::clear() {
-  std::map<std::string, std::vector<Idle>> gone;
+  std::map<std::string, std::vector<Idle>, std::less<>> gone;
   std::lock_guard lock(mu_);
   gone.swap(idle_);
 }
@@ -317,55 +609,143 @@ std::size_t UpstreamPool::idle(const std::string& upstream) const {
   return it == idle_.end() ? 0 : it->second.size();
 }
 
-bool UpstreamPool::enter(const std::shared_ptr<Bridge>& b) {
+bool UpstreamPool::enter(Exchange* e) {
   std::lock_guard lock(mu_);
   if (aborting_) return false;
-  active_.emplace(b.get(), b);
-  b->pool = this;
+  active_.insert(e);
+  e->registered = true;
   return true;
 }
 
-void UpstreamPool::leave(const Bridge* b) {
+void UpstreamPool::leave(Exchange* e) {
   std::lock_guard lock(mu_);
-  active_.erase(b);
+  active_.erase(e);
 }
 
 void UpstreamPool::abort_all() {
-  std::vector<std::shared_ptr<Bridge>> live;
-  std::map<std::string, std::vector<Idle>> gone;
-  {
-    std::lock_guard lock(mu_);
-    aborting_ = true;
-    gone.swap(idle_);
-    for (auto& [raw, weak] : active_) {
-      if (auto b = weak.lock()) live.push_back(std::move(b));
+  std::map<std::string, std::vector<Idle>, std::less<>> gone;
+  std::lock_guard lock(mu_);
+  aborting_ = true;
+  gone.swap(idle_);
+  // Under mu_: an exchange leaves (and closes its socket) only after it is out of active_.
+  for (Exchange* e : active_) {
+    std::lock_guard elock(e->mu);
+    e->aborted = true;
+    if (e->fd >= 0) ::shutdown(e->fd, SHUT_RDWR);
+  }
+}
+
+namespace {
+// BodyReader passes the upstream's response body on to the client, from the worker (the
+// response's content provider): Content-Length, chunked (decoded: httplib frames it again) or
+// delimited by the close. The connection goes back to the pool as soon as the body's last byte
+// is read, before that byte is written to the client, so a client's next request finds it.
+struct BodyReader {
+  enum class Mode { length, chunked, close };
+  enum class Chunk { size, data, crlf, trailers };
+  std::shared_ptr<Exchange> ex;
+  ProxySite site;
+  Mode mode = Mode::length;
+  bool keep = false;        // the connection may go back to the pool once the body is read
+  std::uint64_t left = 0;   // length: bytes still to come; chunked: of the current chunk
+  Chunk state = Chunk::size;
+
+  void finish() {
+    auto conn = ex->take();
+    if (keep && !ex->is_aborted()) ex->pool.release(site, std::move(conn));
+  }
+  // data passes bytes from the buffer to the client; at the end of the body the connection
+  // is released first (the bytes are copied out of its buffer).
+  bool pass(httplib::DataSink& sink, std::size_t n, bool last) {
+    auto& c = *ex->conn;
+    const char* p = c.buf.get() + c.pos;
+    c.pos += n;
+    if (!last) return sink.write(p, n);
+    thread_local std::string tail;
+    tail.assign(p, n);
+    finish();
+    return tail.empty() || sink.write(tail.data(), tail.size());
+  }
+  bool length_body(httplib::DataSink& sink) {
+    if (ex->is_aborted()) return false;
+    auto& c = *ex->conn;
+    if (c.pos == c.end && fill(c) != Err::none) return false;
+    auto n = static_cast<std::size_t>(std::min<std::uint64_t>(c.end - c.pos, left));
+    left -= n;
+    return pass(sink, n, left == 0);
+  }
+  bool close_body(httplib::DataSink& sink) {
+    if (ex->is_aborted()) return false;
+    auto& c = *ex->conn;
+    if (c.pos == c.end) {
+      Err e = fill(c);
+      if (e == Err::closed) {
+        ex->drop();
+        sink.done();
+        return true;
+      }
+      if (e != Err::none) return false;
+    }
+    return pass(sink, c.end - c.pos, false);
+  }
+  bool chunked_body(httplib::DataSink& sink) {
+    for (;;) {
+      if (ex->is_aborted()) return false;
+      auto& c = *ex->conn;
+      if (state == Chunk::data) {
+        if (c.pos == c.end && fill(c) != Err::none) return false;
+        auto n = static_cast<std::size_t>(std::min<std::uint64_t>(c.end - c.pos, left));
+        left -= n;
+        if (left == 0) state = Chunk::crlf;
+        return pass(sink, n, false);
+      }
+      std::string_view line;
+      while (!c.buf || !next_line(c, line)) {
+        if (fill(c) != Err::none) return false;
+      }
+      if (state == Chunk::crlf) {
+        if (!line.empty()) return false;
+        state = Chunk::size;
+      } else if (state == Chunk::size) {
+        line = trim(line.substr(0, line.find(';')));
+        std::uint64_t n = 0;
+        auto [p, ec] = std::from_chars(line.data(), line.data() + line.size(), n, 16);
+        if (line.empty() || ec != std::errc() || p != line.data() + line.size()) return false;
+        left = n;
+        state = n == 0 ? Chunk::trailers : Chunk::data;
+      } else if (line.empty()) {  // trailers (dropped) end with an empty line
+        finish();
+        sink.done();
+        return true;
+      }
     }
   }
-  // Outside mu_: stop() may wait for a connect in progress, and a Bridge dropped here leaves.
-  for (auto& b : live) b->cancel(/*abort=*/true);
+};
+
+bool is_idempotent(const std::string& m) {
+  // Sending these twice does no more than sending them once (RFC 9110 9.2.2).
+  return m == "GET" || m == "HEAD" || m == "OPTIONS" || m == "PUT" || m == "DELETE";
 }
+}  // namespace
+
+}  // namespace autotls::server::detail
+
+namespace autotls::server {
+std::string upstream_error(std::string_view url) {
+  detail::Target t;
+  std::string why;
+  if (detail::parse_upstream(url, t, why)) return {};
+  return "upstream \"" + std::string(url) + "\": " + why +
+         " (expected http://host[:port] or https://host[:port])";
+}
+}  // namespace autotls::server
+
+namespace autotls::server::detail {
 
 bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
            std::size_t max_body, UpstreamPool& pool, Logger& log,
            const std::atomic<bool>* client_read_timed_out) {
-  auto b = std::make_shared<Bridge>();
-
-  httplib::Request up;
-  up.method = req.method;
-  up.path = req.target;
-  for (const auto& [k, v] : req.headers) {
-    // Accept-Encoding is dropped so the upstream answers uncompressed and httplib's own
-    // compression (negotiated with the client) never encodes twice. Expect: the body follows
-    // at once (httplib already answered 100-continue to the client).
-    if (is_hop_by_hop(k) || iequals(k, "accept-encoding") || iequals(k, "expect")) continue;
-    up.headers.emplace(k, v);
-  }
-  // Client-supplied X-Forwarded-* were dropped above: we are the edge, nothing before us is
-  // trusted.
-  up.headers.emplace("X-Forwarded-For", req.remote_addr);
-  up.headers.emplace("X-Forwarded-Proto", tls ? "https" : "http");
-  up.headers.emplace("X-Forwarded-Host", req.get_header_value("Host"));
   bool has_length = req.has_header("Content-Length");
   bool chunked = iequals(req.get_header_value("Transfer-Encoding"), "chunked");
   if (reader && has_length && req.get_header_value<uint64_t>("Content-Length") > max_body) {
@@ -375,189 +755,132 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     res.set_content("request body too large\n", "text/plain");
     return true;  // httplib skipped the body: the connection is still in step
   }
-  if (!pool.enter(b)) {
+  auto ex = std::make_shared<Exchange>(pool);
+  if (!pool.enter(ex.get())) {
     // The drain deadline has passed: no new exchange starts (the connection is being cut).
     res.status = 503;
     res.set_content("shutting down\n", "text/plain");
     return false;
   }
-  bool reused = false;
-  {
-    // Under client_mu: abort_all (another thread) may already see this Bridge and stop_client.
-    auto client = pool.acquire(site, reused);
-    std::lock_guard lock(b->client_mu);
-    b->client = std::move(client);
-  }
-  // Sending these twice does no more than sending them once (RFC 9110 9.2.2).
-  bool idempotent = req.method == "GET" || req.method == "HEAD" || req.method == "OPTIONS" ||
-                    req.method == "PUT" || req.method == "DELETE";
-  if (reader && (has_length || chunked)) {
-    // The body goes from the client socket to the upstream socket in the reader's chunks; it is
-    // read on the upstream thread while the worker waits in this handler, so the client stream
-    // has one user at a time.
-    up.content_length_ = has_length ? req.get_header_value<uint64_t>("Content-Length") : 0;
-    up.is_chunked_content_provider_ = !has_length;
-    up.content_provider_ = [reader, b, chunked_out = !has_length](size_t, size_t,
-                                                                 httplib::DataSink& sink) {
-      b->reader_used = true;
-      bool ok = (*reader)([&](const char* data, size_t n) { return sink.write(data, n); });
-      b->body_complete = ok;
-      if (ok && chunked_out) sink.done();
-      return ok;
-    };
-    // httplib's send() frames a chunked provider but leaves the header to its callers.
-    if (has_length) {
-      up.set_header("Content-Length", std::to_string(up.content_length_));
-    } else {
-      up.set_header("Transfer-Encoding", "chunked");
-    }
-  } else {
-    up.body = req.body;
-  }
-  up.response_handler = [b](const httplib::Response& r) {
-    std::optional<std::uint64_t> length;
-    if (!body_framing(r.headers, length)) {
-      {
-        std::lock_guard lock(b->mu);
-        b->bad_framing = true;
-      }
-      return false;  // send() fails (Canceled, never retried) and the connection is closed
-    }
-    // The worker is not woken for the header alone: it waits for body bytes it can write, or
-    // for the end of the exchange (worker_has_work). Nothing reaches the client sooner either
-    // way: the header is only buffered (ConnStream) until body bytes follow or the response ends.
-    std::lock_guard lock(b->mu);
-    b->length = length;
-    b->status = r.status;
-    b->headers = r.headers;
-    b->headers_ready = true;
-    return true;
-  };
-  up.content_receiver = [b](const char* data, size_t n, uint64_t, uint64_t) {
-    std::unique_lock lock(b->mu);
-    // Back-pressure: the upstream waits while the client is slower (bounded by its read
-    // timeout on the upstream side, by our write timeout on the client side).
-    b->cv.wait(lock, [&] { return b->cancelled || b->queued < kResponseQueueBytes; });
-    if (b->cancelled) return false;
-    if (b->length && b->received + n > *b->length) {
-      // More body than its Content-Length (body_framing refuses the headers that allow it in
-      // httplib: kept as a guard). The worker holds the last bytes back until the exchange is
-      // done, so it would wait for bytes it must never send: fail the exchange instead.
-      b->overflow = true;
-      return false;
-    }
-    b->chunks.emplace_back(data, n);
-    b->queued += n;
-    b->received += n;
-    bool wake = b->worker_has_work();
-    lock.unlock();
-    if (wake) b->cv.notify_all();
-    return true;
-  };
+  bool streamed = reader && (has_length || chunked);
 
-  // The pool outlives every exchange: the response's releaser waits until it is done.
-  try {
-    pool.run([b, up = std::move(up), &pool, site, retry = reused && idempotent]() mutable {
-    httplib::Response r;
-    httplib::Error err = httplib::Error::Canceled;
-    auto going = [&] {
-      std::lock_guard lock(b->mu);
-      return !b->cancelled;
-    };
-    t_exchange = b.get();
-    auto sent_at = SteadyClock::now();
-    bool ok = going() && b->client->send(up, r, err);
-    if (!ok && retry && !b->reader_used && err != httplib::Error::Canceled && going()) {
-      // The pooled connection failed before a response header (the upstream closed it as we
-      // reused it: its keep-alive timeout ran out, or it restarted): once on a new one. Only
-      // a failure that came at once on the reused socket itself: a read timeout (httplib says
-      // Error::Read for it too) would be waited out twice, and an upstream that took its time
-      // before failing may have acted on the request (or crashed on it): not replayed. A send()
-      // that opened a socket of its own (the pooled one was found closed) failed on a fresh
-      // connection: nothing to blame on the pool.
-      auto quick = std::min<SteadyClock::duration>(std::chrono::seconds(1), site.read_timeout / 2);
-      bool opened;
-      {
-        std::lock_guard lock(b->connect_mu);
-        opened = b->connected;
-      }
-      bool headers;
-      {
-        std::lock_guard lock(b->mu);
-        headers = b->headers_ready;
-      }
-      if (!headers && !opened && SteadyClock::now() - sent_at < quick) {
-        auto client = UpstreamPool::fresh(site);
-        {
-          std::lock_guard lock(b->client_mu);
-          std::swap(b->client, client);
-        }
-        client.reset();
-        r = httplib::Response();
-        err = httplib::Error::Canceled;
-        ok = going() && b->client->send(up, r, err);
-      }
-    }
-    t_exchange = nullptr;
-    unwatch_connect(*b);
-    // The whole response is in our queue: the connection is free for the next request even
-    // before the client has read it all. A failed or cancelled exchange closes it instead, and
-    // so does an upstream that asked to close (httplib closes only on an exact "close").
-    std::unique_ptr<httplib::Client> client;
-    {
-      std::lock_guard lock(b->client_mu);
-      client = std::move(b->client);
-    }
-    bool keep = ok && r.version != "HTTP/1.0";
-    for (auto [it, end] = r.headers.equal_range("Connection"); keep && it != end; ++it) {
-      if (has_token(it->second, "close")) keep = false;
-    }
-    if (keep) pool.release(site, std::move(client));
-    client.reset();
-    {
-      std::lock_guard lock(b->mu);
-      b->ok = ok;
-      b->error = err;
-      b->done = true;
-    }
-    b->cv.notify_all();
-  });
-  } catch (const std::exception& e) {
-    // No exchange thread (std::thread threw: out of threads or memory). The job was not
-    // queued: answer 502 below as for an upstream that failed before its header.
-    log.log(LogLevel::error, "server", "cannot start an upstream exchange",
-            {{"upstream", site.upstream}, {"error", e.what()}});
-    {
-      std::lock_guard lock(b->mu);
-      b->error = httplib::Error::Unknown;
-      b->done = true;
-    }
+  // The request header, as the upstream gets it.
+  std::string head;
+  head.reserve(512);
+  head.append(req.method).append(" ").append(req.target).append(" HTTP/1.1\r\n");
+  for (const auto& [k, v] : req.headers) {
+    // Accept-Encoding is dropped so the upstream answers uncompressed and httplib's own
+    // compression (negotiated with the client) never encodes twice. Expect: the body follows
+    // at once (httplib already answered 100-continue to the client). Content-Length and
+    // Transfer-Encoding are hop-by-hop here: set below for the body we send.
+    if (is_hop_by_hop(k) || iequals(k, "accept-encoding") || iequals(k, "expect")) continue;
+    head.append(k).append(": ").append(v).append("\r\n");
   }
+  Target target;
+  std::string url_error;
+  bool url_ok = parse_upstream(site.upstream, target, url_error);
+  if (!req.has_header("Host")) head.append("Host: ").append(target.host_header).append("\r\n");
+  // Client-supplied X-Forwarded-* were dropped above: we are the edge, nothing before us is
+  // trusted.
+  head.append("X-Forwarded-For: ").append(req.remote_addr).append("\r\n");
+  head.append(tls ? "X-Forwarded-Proto: https\r\n" : "X-Forwarded-Proto: http\r\n");
+  head.append("X-Forwarded-Host: ").append(req.get_header_value("Host")).append("\r\n");
+  if (site.max_idle == 0) head.append("Connection: close\r\n");
+  if (streamed && has_length) {
+    head.append("Content-Length: ")
+        .append(std::to_string(req.get_header_value<uint64_t>("Content-Length")))
+        .append("\r\n");
+  } else if (streamed) {
+    head.append("Transfer-Encoding: chunked\r\n");
+  } else if (!req.body.empty() || req.method == "POST" || req.method == "PUT" ||
+             req.method == "PATCH") {
+    head.append("Content-Length: ").append(std::to_string(req.body.size())).append("\r\n");
+  }
+  head.append("\r\n");
 
-  bool aborted;
-  {
-    std::unique_lock lock(b->mu);
-    // Woken once the exchange is over, cut, or has body bytes to write (not for the header
-    // alone: see response_handler).
-    b->cv.wait(lock, [&] {
-      return b->done || b->aborted || (b->headers_ready && b->worker_has_work());
+  bool reader_used = false;    // the request body was (partly) consumed
+  bool body_complete = false;  // ... and read to its end
+  // send writes the request: the header with the first piece of the body, then each piece as
+  // the client's stream yields it (chunked stays chunked).
+  auto send = [&](UpstreamConn& c) -> Err {
+    if (!streamed) {
+      if (req.body.empty()) return write_all(c, head);
+      std::string out = head + req.body;
+      return write_all(c, out);
+    }
+    reader_used = true;
+    std::string out = head;
+    Err e = Err::none;
+    bool ok = (*reader)([&](const char* data, size_t n) {
+      if (n == 0) return true;
+      if (!has_length) {
+        char size[24];
+        auto [p, ec] = std::to_chars(size, size + sizeof size - 2, n, 16);
+        *p++ = '\r';
+        *p++ = '\n';
+        out.append(size, p);
+        out.append(data, n).append("\r\n");
+      } else {
+        out.append(data, n);
+      }
+      e = write_all(c, out);
+      out.clear();
+      return e == Err::none;
     });
-    aborted = b->aborted;
-  }
-  if (aborted || !b->headers_ready) {
-    if (aborted) {
-      b->finish();
-    } else {
-      b->join();
+    body_complete = ok;
+    if (!ok) return e != Err::none ? e : Err::client_body;
+    if (!has_length) out.append("0\r\n\r\n");
+    return out.empty() ? Err::none : write_all(c, out);
+  };
+
+  Head h;
+  Err err = url_ok ? Err::none : Err::unsupported;
+  if (!url_ok) ex->why = url_error;
+  for (int attempt = 0; url_ok; ++attempt) {
+    bool reused = false;
+    if (attempt == 0) {
+      if (auto c = pool.acquire(site)) {
+        ex->watch(std::move(c));
+        reused = true;
+      }
     }
-    // Never connected: the request body is still on the client connection; read it away so
-    // the next request on this keep-alive connection parses from the right place. A body the
-    // upstream thread began to stream and did not finish leaves the connection out of step:
-    // it is closed after this answer (its remaining bytes must never parse as a request).
+    if (!reused) {
+      err = connect_to(*ex, target, site);
+      if (err != Err::none) break;
+    }
+    set_timeouts(*ex->conn, site);
+    auto sent_at = SteadyClock::now();
+    err = send(*ex->conn);
+    bool got_bytes = false;
+    if (err == Err::none) err = read_head(*ex->conn, h, got_bytes);
+    if (err == Err::none) break;
+    // The pooled connection failed before any byte of a response (the upstream closed it as
+    // we reused it: its keep-alive timeout ran out, or it restarted): once on a new one. Only
+    // a failure that came at once: an upstream that took its time before failing may have
+    // acted on the request (or crashed on it), and a timeout is never waited out twice.
+    auto quick = std::min<SteadyClock::duration>(std::chrono::seconds(1), site.read_timeout / 2);
+    bool retry = reused && is_idempotent(req.method) && !reader_used && !got_bytes &&
+                 (err == Err::closed || err == Err::read || err == Err::write) &&
+                 SteadyClock::now() - sent_at < quick && !ex->is_aborted();
+    ex->drop();
+    if (!retry) break;
+  }
+  std::optional<std::uint64_t> length;
+  bool te = false;
+  if (err == Err::none && !body_framing(h.headers, length, te)) {
+    err = Err::framing;
+    ex->drop();
+  }
+
+  if (err != Err::none) {
+    bool aborted = ex->is_aborted();
+    // Never sent: the request body is still on the client connection; read it away so the
+    // next request on this keep-alive connection parses from the right place. A body that was
+    // streamed in part leaves the connection out of step: it is closed after this answer (its
+    // remaining bytes must never parse as a request).
     bool in_step = true;
     if (reader && !aborted) {
-      in_step = b->reader_used ? b->body_complete.load()
-                               : (*reader)([](const char*, size_t) { return true; });
+      in_step = reader_used ? body_complete : (*reader)([](const char*, size_t) { return true; });
     } else if (reader) {
       in_step = false;
     }
@@ -568,112 +891,88 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     }
     if (!in_step && client_read_timed_out &&
         client_read_timed_out->load(std::memory_order_acquire)) {
-      // The client's body stopped coming (the read timed out: on the exchange thread while
-      // it streamed the body, or here while it was read away after an upstream failure). The
-      // upstream got a request cut short and its connection closed (the exchange failed, so
-      // it never goes back to the pool). Counted by the stream as a read timeout.
+      // The client's body stopped coming (the read timed out while it was streamed to the
+      // upstream, or while it was read away after an upstream failure). The upstream got a
+      // request cut short and its connection closed (a failed exchange is never pooled).
+      // Counted by the stream as a read timeout.
       res.status = 408;
       res.set_content("request body timed out\n", "text/plain");
       log.log(LogLevel::info, "server", "client request body timed out",
               {{"upstream", site.upstream},
-               {"sent_to_upstream", b->reader_used ? "partly" : "no"},
-               // Canceled/Write when the cut-short body ended it; else why the upstream failed
-               // before the body was read away.
-               {"exchange", httplib::to_string(b->error)},
+               {"sent_to_upstream", reader_used ? "partly" : "no"},
+               {"exchange", to_string(err)},
                {"status", "408"},
                {"connection", "closed"}});
       return false;
     }
-    auto elapsed = SteadyClock::now() - b->started;
-    auto err = b->error;
-    bool timed_out = err == httplib::Error::ConnectionTimeout ||
-                     (err == httplib::Error::Read && elapsed >= site.read_timeout * 9 / 10);
+    bool timed_out = err == Err::connect_timeout || err == Err::read_timeout;
     res.status = timed_out ? 504 : 502;
     res.set_content(timed_out ? "upstream timed out\n" : "upstream unavailable\n", "text/plain");
     log.log(LogLevel::warn, "server", "upstream request failed",
             {{"upstream", site.upstream},
-             {"error", aborted          ? "cut at the drain deadline"
-                       : b->bad_framing ? "ambiguous body length (Content-Length)"
-                                        : httplib::to_string(err)},
+             {"error", aborted ? "cut at the drain deadline"
+                       : ex->why.empty() ? to_string(err)
+                                         : std::string(to_string(err)) + ": " + ex->why},
              {"status", std::to_string(res.status)},
              {"connection", in_step ? "kept" : "closed"}});
     return in_step && !aborted;
   }
 
-  res.status = b->status;
+  res.status = h.status;
   std::string content_type = "application/octet-stream";
-  std::optional<std::uint64_t> length = b->length;  // one value: body_framing checked them
-  for (const auto& [k, v] : b->headers) {
+  bool keep = !h.http10 && site.max_idle > 0;
+  for (const auto& [k, v] : h.headers) {
     if (iequals(k, "content-type")) {
       content_type = v;
       continue;
     }
-    if (iequals(k, "content-length")) continue;
+    if (iequals(k, "connection") && has_token(v, "close")) keep = false;
     if (!is_hop_by_hop(k)) res.headers.emplace(k, v);
   }
-  bool no_body = req.method == "HEAD" || b->status == 204 || b->status == 304 ||
-                 (b->status >= 100 && b->status < 200) || (length && *length == 0);
-  // The upstream thread may be blocked in a read (a client that went away, a drain cut):
-  // finish() shuts its socket down instead of waiting for its read timeout.
-  auto release = [b](bool) { b->finish(); };
+  bool no_body = req.method == "HEAD" || h.status == 204 || h.status == 304 ||
+                 (length && *length == 0);
   if (no_body) {
-    {
-      std::unique_lock lock(b->mu);
-      b->cv.wait(lock, [&] { return b->done || b->aborted; });
-      aborted = b->aborted;
-    }
+    auto conn = ex->take();
+    if (keep) pool.release(site, std::move(conn));
     if (length && req.method == "HEAD") res.set_header("Content-Length", std::to_string(*length));
-    if (b->status != 204 && b->status != 304 && req.method != "HEAD") {
+    if (h.status != 204 && h.status != 304 && req.method != "HEAD") {
       res.set_content("", content_type);
-    } else if (b->headers.find("Content-Type") != b->headers.end()) {
+    } else if (h.headers.find("Content-Type") != h.headers.end()) {
       res.set_header("Content-Type", content_type);
     }
-    release(true);
-    return !aborted;
+    return true;
   }
-  // Pull side: the worker writes chunks as the upstream thread queues them.
-  // The last body bytes reach the client only once the exchange is done, so its connection is
-  // back in the pool before the client can send its next request: a client making sequential
-  // requests always finds it there (send() returns right after the last bytes arrive).
-  // A full queue is passed on even when held back: the upstream thread waits for room in it,
-  // and must never wait on the worker while the worker waits on it.
-  auto pull = [b, length](httplib::DataSink& sink, bool chunked_out, std::size_t offset) {
-    for (;;) {
-      std::string chunk;
-      {
-        std::unique_lock lock(b->mu);
-        // chunked_out is !length: worker_has_work is this wait's condition too.
-        b->cv.wait(lock, [&] { return b->done || b->aborted || b->worker_has_work(); });
-        if (b->aborted) return false;  // cut at the drain deadline: the response stays short
-        if (b->chunks.empty()) {
-          // Upstream finished: a complete body ends the response, a broken one aborts it.
-          // With a Content-Length httplib only asks while bytes are missing: a short body.
-          if (!b->ok || !chunked_out) return false;
-          sink.done();
-          return true;
-        }
-        chunk = std::move(b->chunks.front());
-        b->chunks.pop_front();
-        b->queued -= chunk.size();
-        // Never a byte past the length the client was told (it would read as a next response).
-        if (!chunked_out && offset + chunk.size() > *length) return false;
-      }
-      b->cv.notify_all();
-      if (!sink.write(chunk.data(), chunk.size())) return false;
-      if (!chunked_out) return true;  // httplib calls again while offset < length
-    }
-  };
+  auto body = std::make_shared<BodyReader>();
+  body->ex = ex;
+  body->site = site;
+  body->keep = keep;
   if (length) {
-    res.set_content_provider(
-        *length, content_type,
-        [pull](size_t offset, size_t, httplib::DataSink& sink) {
-          return pull(sink, false, offset);
-        },
-        release);
+    body->mode = BodyReader::Mode::length;
+    body->left = *length;
+    res.set_content_provider(*length, content_type,
+                             [body](size_t, size_t, httplib::DataSink& sink) {
+                               return body->length_body(sink);
+                             });
   } else {
+    // Transfer-Encoding: chunked when chunked is its last coding; otherwise (another coding,
+    // or no framing at all) the body ends with the connection (RFC 9112 6.3).
+    bool te_chunked = false;
+    if (te) {
+      std::string_view v;
+      for (const auto& [k, val] : h.headers) {
+        if (iequals(k, "transfer-encoding")) v = val;
+      }
+      auto comma = v.rfind(',');
+      te_chunked = iequals(trim(comma == std::string_view::npos ? v : v.substr(comma + 1)),
+                           "chunked");
+    }
+    body->mode = te_chunked ? BodyReader::Mode::chunked : BodyReader::Mode::close;
+    if (!te_chunked) body->keep = false;
     res.set_chunked_content_provider(
-        content_type, [pull](size_t, httplib::DataSink& sink) { return pull(sink, true, 0); },
-        release);
+        content_type, [body](size_t, httplib::DataSink& sink) {
+          return body->mode == BodyReader::Mode::chunked ? body->chunked_body(sink)
+                                                         : body->close_body(sink);
+        });
   }
   // The upstream read the whole request before it answered: the client connection is in step.
   // A response that breaks off later fails its content provider, and httplib reports the

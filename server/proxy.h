@@ -1,23 +1,25 @@
 #pragma once
 
-// Streaming reverse proxy over httplib 0.11.4's client: request bodies are pulled from the
-// client connection and pushed to the upstream as they arrive, response bodies go back through
-// a bounded queue; upstream connections are kept alive in a small pool per upstream.
+// Streaming reverse proxy with its own HTTP/1.1 upstream client (TLS to https:// upstreams,
+// verified against the system CAs), run on the worker that
+// handles the request: the request body is pulled from the client connection and written to
+// the upstream as it arrives, the response body is read from the upstream by the response's
+// content provider as the client takes it; upstream connections are kept alive in a small pool
+// per upstream. No thread of its own, no hand-off: the upstream I/O is blocking with
+// SO_RCVTIMEO / SO_SNDTIMEO (one system call per read or write that waits).
 // Internal to server/ (used by server.cpp).
 
 #include <httplib.h>
+#include <openssl/ssl.h>
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
-#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
-#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "acme/util/logger.h"
@@ -25,82 +27,76 @@
 
 namespace autotls::server::detail {
 
-struct Bridge;  // one exchange with an upstream (proxy.cpp)
+struct Exchange;  // one request to an upstream (proxy.cpp)
 
-// UpstreamPool keeps idle keep-alive httplib::Clients per upstream URL (at most the site's
-// max_idle each, none older than its idle_timeout). A client goes back only after a response
-// that was read to its end and did not ask to close (Connection: close in any case, HTTP/1.0);
-// a failed or cancelled exchange closes its connection. It also runs the exchanges: each one
-// needs a thread of its own (httplib's client blocks), and a parked thread is reused instead
-// of starting one per request (thread creation was a third of the proxy's CPU). It knows every
-// exchange in flight, so that abort_all can cut them at the end of a drain. Thread-safe.
+// UpstreamConn is one connection to an upstream: its socket and the bytes read from it that
+// no response has used yet.
+struct UpstreamConn {
+  int fd = -1;
+  SSL* ssl = nullptr;  // an https upstream: TLS over fd (freed, then fd closed, on close)
+  std::unique_ptr<char[]> buf;  // 64 KiB once the first read needs it
+  std::size_t pos = 0;           // buf[pos, end): received, not yet consumed
+  std::size_t end = 0;
+  // The socket timeouts set on fd (SO_RCVTIMEO / SO_SNDTIMEO), so a reused connection sets
+  // them again only when a reload changed them.
+  std::chrono::milliseconds read_timeout{-1};
+  std::chrono::milliseconds write_timeout{-1};
+  UpstreamConn() = default;
+  UpstreamConn(const UpstreamConn&) = delete;
+  UpstreamConn& operator=(const UpstreamConn&) = delete;
+  ~UpstreamConn();
+};
+
+// UpstreamPool keeps idle keep-alive upstream connections per upstream URL (at most the site's
+// max_idle each, none older than its idle_timeout). A connection goes back only after a
+// response that was read to its end and did not ask to close (Connection: close in any case,
+// HTTP/1.0, a body delimited by the close); a failed or cancelled exchange closes it. It knows
+// every exchange in flight, so that abort_all can cut them at the end of a drain. Thread-safe.
 class UpstreamPool {
  public:
   UpstreamPool() = default;
+  ~UpstreamPool();
   UpstreamPool(const UpstreamPool&) = delete;
   UpstreamPool& operator=(const UpstreamPool&) = delete;
-  ~UpstreamPool();  // joins the exchange threads (every exchange is over by then)
 
-  // acquire returns an idle client for site.upstream, or a new one (reused: it holds a
-  // connection opened for an earlier request). fresh always makes a new one.
-  std::unique_ptr<httplib::Client> acquire(const ProxySite& site, bool& reused);
-  static std::unique_ptr<httplib::Client> fresh(const ProxySite& site);
-  void release(const ProxySite& site, std::unique_ptr<httplib::Client> client);
+  // acquire returns an idle connection to site.upstream that the upstream has not closed
+  // (nullptr when there is none); expired ones are closed.
+  std::unique_ptr<UpstreamConn> acquire(const ProxySite& site);
+  void release(const ProxySite& site, std::unique_ptr<UpstreamConn> conn);
   std::size_t idle(const std::string& upstream) const;
   // retain closes the idle connections of every upstream not in keep (a reload changed or
   // removed the sites that used them); clear closes all of them (shutdown).
   void retain(const std::vector<std::string>& keep);
   void clear();
 
-  // run starts job on a parked exchange thread, or on a new one when none is free. Threads
-  // are never more than the exchanges in flight at the busiest moment (one per worker).
-  // Throws std::system_error when a thread is needed and cannot be created; the job is then
-  // dropped, never run.
-  void run(std::function<void()> job);
-  // Test hook: the next thread run() would create fails as if std::thread had thrown.
-  std::atomic<bool> fail_next_thread_for_test{false};
-
-  // abort_all cuts every exchange in flight: its upstream socket is shut down and the worker
-  // waiting on it (for the response header or the next body bytes) returns at once, so the
-  // client connection is closed without a complete response. Every later proxy() call fails at
-  // once, and no connection goes back to the pool. Server::shutdown calls it when the drain
-  // deadline has passed. Idempotent.
+  // abort_all cuts every exchange in flight: its upstream socket is shut down (a connect,
+  // read or write in progress ends at once), so the worker closes the client connection
+  // without a complete response. Every later proxy() call fails at once, and no connection goes
+  // back to the pool. Server::shutdown calls it when the drain deadline has passed. Idempotent.
   void abort_all();
 
   // enter registers an exchange for abort_all (false: aborting, do not start it); leave is
   // called by the exchange's destructor. Used by proxy() only.
-  bool enter(const std::shared_ptr<Bridge>& b);
-  void leave(const Bridge* b);
+  bool enter(Exchange* e);
+  void leave(Exchange* e);
+
+  // tls_ctx is the client SSL_CTX for https upstreams, made on first use and shared by all of
+  // them: TLS 1.2 or later, the peer verified against the system's CAs
+  // (SSL_CTX_set_default_verify_paths: SSL_CERT_FILE / SSL_CERT_DIR as read at that time).
+  // nullptr when it cannot be made.
+  SSL_CTX* tls_ctx();
 
  private:
   struct Idle {
-    std::unique_ptr<httplib::Client> client;
+    std::unique_ptr<UpstreamConn> conn;
     std::chrono::steady_clock::time_point since;
   };
-  // Runner is one exchange thread with its own mailbox: run() hands a job to one parked
-  // runner directly, so the workers and the exchange threads never queue on one shared lock and
-  // condition variable (their contention cost more CPU than the hand-off itself).
-  struct Runner {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::function<void()> job;  // under mu: the next job (empty: none)
-    bool stop = false;          // under mu: the pool is being destroyed
-    std::thread thread;
-  };
-  void runner(Runner& r);
-
   mutable std::mutex mu_;
-  std::map<std::string, std::vector<Idle>> idle_;  // oldest first
+  std::map<std::string, std::vector<Idle>, std::less<>> idle_;  // oldest first
   bool aborting_ = false;
-  std::unordered_map<const Bridge*, std::weak_ptr<Bridge>> active_;
-
-  std::mutex run_mu_;  // guards the two vectors below, held only to pick or park a runner
-  std::vector<Runner*> parked_;  // runners waiting for a job, the most recently parked last
-  std::vector<std::unique_ptr<Runner>> runners_;
+  std::unordered_set<Exchange*> active_;
+  SSL_CTX* tls_ctx_ = nullptr;  // under mu_
 };
-
-// kResponseQueueBytes bounds the response bytes held between upstream and client.
-inline constexpr std::size_t kResponseQueueBytes = 1 << 20;
 
 // proxy forwards req to site and fills res. reader (may be null) streams the request body;
 // without it req.body is sent. A body over max_body answers 413. Answers 502 when the upstream
@@ -114,15 +110,15 @@ inline constexpr std::size_t kResponseQueueBytes = 1 << 20;
 // while it was being streamed, or the client's body broke off), or abort_all cut the exchange.
 // After a 502/504 whose request body was fully consumed it returns true: keep-alive may stay.
 // A GET/HEAD/OPTIONS/PUT/DELETE whose request body (if any) was not streamed, sent on a pooled
-// connection that fails before the response header, is sent once more on a new connection
+// connection that fails before any byte of the response, is sent once more on a new connection
 // (the upstream closed an idle connection as we reused it), provided it failed quickly (under
-// min(1 s, read_timeout / 2): never a read timeout) and on the reused socket itself; any other
-// method or failure answers 502 (504 for a timeout).
+// min(1 s, read_timeout / 2)) and not by a timeout; any other method or failure answers 502
+// (504 for a timeout).
 // client_read_timed_out (may be null) is the client connection's flag that a read of its
-// request body waited past the server's read timeout (set by the connection stream, possibly
-// on the exchange thread). A request whose body stopped coming is the client's fault, not the
-// upstream's: it answers 408 and returns false (the rest of the body is not on the
-// connection); the upstream, which got a request cut short, sees its connection closed.
+// request body waited past the server's read timeout (set by the connection stream). A
+// request whose body stopped coming is the client's fault, not the upstream's: it answers 408
+// and returns false (the rest of the body is not on the connection); the upstream, which got a
+// request cut short, sees its connection closed.
 [[nodiscard]] bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
            std::size_t max_body, UpstreamPool& pool, Logger& log,

@@ -745,13 +745,8 @@ struct Server::Impl {
       return {};
     }
     auto& p = std::get<ProxySite>(site);
-    auto scheme_end = p.upstream.find("://");
-    std::string scheme = scheme_end == std::string::npos ? "" : p.upstream.substr(0, scheme_end);
-    if ((scheme != "http" && scheme != "https") ||
-        p.upstream.find('/', scheme_end + 3) != std::string::npos ||
-        p.upstream.size() == scheme_end + 3) {
-      return fail(Errc::invalid_input, "site " + name + ": upstream '" + p.upstream +
-                                           "' must be http(s)://host[:port] without a path");
+    if (auto why = upstream_error(p.upstream); !why.empty()) {
+      return fail(Errc::invalid_input, "site " + name + ": " + why);
     }
     if (p.connect_timeout.count() <= 0 || p.read_timeout.count() <= 0 ||
         p.write_timeout.count() <= 0) {

@@ -142,6 +142,9 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
   if (!j["proxy"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".proxy: expected a string");
   server::ProxySite p;
   p.upstream = j["proxy"].get<std::string>();
+  if (auto why = server::upstream_error(p.upstream); !why.empty()) {
+    return fail(Errc::invalid_input, "sites." + host + ".proxy: " + why);
+  }
   if (j.contains("upstream-keepalive")) {
     const auto& v = j["upstream-keepalive"];
     if (!v.is_number_integer() || v.get<long long>() < 0 || v.get<long long>() > 1024) {
@@ -362,7 +365,10 @@ Result<ServeSetup> serve_setup(const Options& o) {
   }
   if (!o.root.empty() && !o.proxy.empty()) return bad("serve: give --root or --proxy, not both");
   if (!o.root.empty()) cfg.default_site = server::StaticSite{o.root};
-  if (!o.proxy.empty()) cfg.default_site = server::ProxySite{o.proxy};
+  if (!o.proxy.empty()) {
+    if (auto why = server::upstream_error(o.proxy); !why.empty()) return bad("--proxy: " + why);
+    cfg.default_site = server::ProxySite{o.proxy};
+  }
   if (!cfg.default_site && cfg.sites.empty()) {
     return bad("serve: say what to serve: --root DIR, --proxy URL, or \"sites\" in the config file");
   }

@@ -447,6 +447,51 @@ TEST_SUITE("cli.config") {
     expect({{"root", root}, {"upstream-keepalive", 8}}, {"sites.shop.test", "need \"proxy\""});
   }
 
+  TEST_CASE("a bad upstream URL is refused when the configuration is read naming the site and the fault") {
+    // Before: accepted at load; a site with such an upstream answered 502 on every request
+    // (or the server refused it later, without the config file's site key).
+    TempDir d;
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    fs::path cfg = d.path / "sites.json";
+    auto serve = [&](const json& c, std::vector<std::string> extra = {}) {
+      write_file(cfg, c.dump());
+      std::vector<std::string> args = {"serve", "--config", cfg.string(), "--storage", (d.path / "s").string(),
+                                       "--admin-address", "off", "--ca", "internal", "--https-address",
+                                       "127.0.0.1:0", "--http-address", "off", "--challenge", "tls-alpn-01"};
+      args.insert(args.end(), extra.begin(), extra.end());
+      return run(args, {}, 20s);
+    };
+    auto expect = [&](const std::string& url, const std::string& fault) {
+      json c = {{"sites", {{"good.test", {{"root", www.string()}}}, {"shop.test", {{"proxy", url}}}}}};
+      auto r = serve(c);
+      CHECK_MESSAGE(r.code == 2, show(r));
+      CHECK_MESSAGE(r.err.find("sites.shop.test.proxy: upstream \"" + url + "\": " + fault) != std::string::npos,
+                    show(r));
+      CHECK_MESSAGE(r.err.find("expected http://host[:port] or https://host[:port]") != std::string::npos, show(r));
+      CHECK(r.out.find("listening") == std::string::npos);  // refused before anything started
+    };
+    expect("ftp://127.0.0.1:21", "scheme \"ftp\" is not http or https");
+    expect("127.0.0.1:8080", "no scheme");
+    expect("http://", "no host");
+    expect("http://:8080", "no host");
+    expect("http://127.0.0.1:80x", "port \"80x\" is not 1-65535");
+    expect("http://127.0.0.1:0", "port \"0\" is not 1-65535");
+    expect("http://127.0.0.1:65536", "port \"65536\" is not 1-65535");
+    expect("http://127.0.0.1:", "port \"\" is not 1-65535");
+    expect("http://127.0.0.1:8080/app", "a path is not supported");
+    expect("https://127.0.0.1:8443/", "a path is not supported");
+    expect("http://[::1:8080", "no ']' after the IPv6 address");
+
+    // --proxy on the command line: the same check.
+    auto r = serve(json::object(), {"-d", "shop.test", "--proxy", "gopher://127.0.0.1:70"});
+    CHECK_MESSAGE(r.code == 2, show(r));
+    CHECK_MESSAGE(r.err.find("--proxy: upstream \"gopher://127.0.0.1:70\": scheme \"gopher\" is not http or https") !=
+                      std::string::npos,
+                  show(r));
+    CHECK(r.out.find("listening") == std::string::npos);
+  }
+
   TEST_CASE("bad JSON unknown keys and wrong types are errors naming the file") {
     TempDir d;
     fs::path bad = d.path / "bad.json", unknown = d.path / "unknown.json", type = d.path / "type.json";

@@ -241,6 +241,11 @@ TEST_SUITE("server") {
     cfg.sites["proxy.test"] = ProxySite{"ftp://x"};
     s = Server::create(cfg, std::make_shared<tlsreload::CertStore>(), nullptr, nullptr);
     REQUIRE_FALSE(s);
+    CHECK(s.error().message.find("site proxy.test: upstream \"ftp://x\": scheme") != std::string::npos);
+    cfg.sites["proxy.test"] = ProxySite{"http://127.0.0.1:99999"};  // was accepted: 502 per request
+    s = Server::create(cfg, std::make_shared<tlsreload::CertStore>(), nullptr, nullptr);
+    REQUIRE_FALSE(s);
+    CHECK(s.error().message.find("port \"99999\" is not 1-65535") != std::string::npos);
   }
 
   TEST_CASE("sni selects the certificate for each name and a wildcard") {
