@@ -55,24 +55,35 @@ std::atomic<bool> g_printed{false};
 
 bool printed_anything() { return g_printed.load(std::memory_order_relaxed); }
 
+namespace {
+// put_line writes text and a newline with one write(2) (std::cerr is unbuffered: each << is a
+// system call of its own), so that a line never interleaves with another process's output on
+// the same stderr, such as a hook's or a second autotls in the same cron job.
+void put_line(std::ostream& os, std::string text) {
+  text += '\n';
+  os.write(text.data(), static_cast<std::streamsize>(text.size()));
+  os.flush();
+}
+}  // namespace
+
 void Output::info(const std::string& line) {
   if (quiet_ || json_) return;
   std::lock_guard lock(mu_);
-  std::cerr << line << std::endl;
+  put_line(std::cerr, line);
   g_printed = true;
 }
 
 void Output::result(const std::string& line) {
   if (json_) return;
   std::lock_guard lock(mu_);
-  std::cout << line << std::endl;
+  put_line(std::cout, line);
   g_printed = true;
 }
 
 void Output::object(const nlohmann::json& j) {
   if (!json_) return;
   std::lock_guard lock(mu_);
-  std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+  put_line(std::cout, j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   g_printed = true;
 }
 
@@ -81,10 +92,10 @@ void Output::error(const Error& e, int exit_code) {
   g_printed = true;
   if (json_) {
     nlohmann::json j = {{"status", "error"}, {"exit_code", exit_code}, {"error", error_json(e)}};
-    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+    put_line(std::cout, j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     return;
   }
-  std::cerr << "autotls: error: " << describe_error(e) << std::endl;
+  put_line(std::cerr, "autotls: error: " + describe_error(e));
 }
 
 void Output::error(const std::string& message, int exit_code) { error(Error(Errc::invalid_input, message), exit_code); }
@@ -100,12 +111,18 @@ void CliLogger::log(LogLevel level, std::string_view subsystem, std::string_view
   if (json_) {
     json j = {{"time", now_text()}, {"level", to_string(level)}, {"subsystem", subsystem}, {"message", message}};
     for (const auto& f : fields) j[std::string(f.key)] = f.value;
-    std::cerr << j.dump(-1, ' ', false, json::error_handler_t::replace) << std::endl;
+    put_line(std::cerr, j.dump(-1, ' ', false, json::error_handler_t::replace));
     return;
   }
-  std::cerr << now_text() << " " << to_string(level) << " " << subsystem << ": " << message;
-  for (const auto& f : fields) std::cerr << " " << f.key << "=" << f.value;
-  std::cerr << std::endl;
+  std::string line = now_text() + " " + std::string(to_string(level)) + " " + std::string(subsystem) + ": " +
+                     std::string(message);
+  for (const auto& f : fields) {
+    line += ' ';
+    line += f.key;
+    line += '=';
+    line += f.value;
+  }
+  put_line(std::cerr, std::move(line));
 }
 
 // ---------------------------------------------------------------- options
