@@ -4,10 +4,16 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/support/net.h"
+
 namespace autotls::testing {
 
 FakeCaEndpoint::FakeCaEndpoint(FakeAcmeServer::Options options) {
-  port_ = server_.bind_to_any_port("127.0.0.1");
+  try {
+    port_ = bind_claimed(server_);  // never a port a PebbleEnv handed out and has not bound
+  } catch (const std::runtime_error&) {
+    port_ = 0;
+  }
   options.base = "http://127.0.0.1:" + std::to_string(port_ > 0 ? port_ : 0);
   ca_ = std::make_shared<FakeAcmeServer>(options);
   if (port_ <= 0) {

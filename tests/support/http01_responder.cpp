@@ -8,6 +8,8 @@
 
 #include <httplib.h>
 
+#include "tests/support/net.h"
+
 namespace autotls::testing {
 
 Result<std::unique_ptr<Http01Responder>> Http01Responder::start(int port) {
@@ -40,8 +42,11 @@ Result<std::unique_ptr<Http01Responder>> Http01Responder::start(int port) {
                     res.set_content(*value, "text/plain");
                   });
   if (port == 0) {
-    port = r->server_->bind_to_any_port("127.0.0.1");
-    if (port <= 0) return fail(Errc::io, "Http01Responder: cannot bind 127.0.0.1:0");
+    try {
+      port = bind_claimed(*r->server_);  // never a port a PebbleEnv handed out and has not bound
+    } catch (const std::runtime_error& e) {
+      return fail(Errc::io, std::string("Http01Responder: ") + e.what());
+    }
   } else if (!r->server_->bind_to_port("127.0.0.1", port)) {
     return fail(Errc::io, "Http01Responder: cannot bind 127.0.0.1:" + std::to_string(port));
   }

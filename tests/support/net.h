@@ -54,6 +54,20 @@ inline int free_port() {
   throw std::runtime_error("free_port: every port the kernel offered was handed out before");
 }
 
+// bind_claimed binds server (an httplib::Server) to a loopback port that free_port handed
+// out, and returns it. bind_to_any_port may pick a port that free_port or a PebbleEnv already
+// gave to someone who has not bound it yet (Pebble's http-01 port waits for the solver's
+// responder), who would then fail to bind it; a claimed port cannot be such a port. A port
+// that another process bound meanwhile is skipped.
+template <typename Server>
+int bind_claimed(Server& server, const char* host = "127.0.0.1") {
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    const int port = free_port();
+    if (server.bind_to_port(host, port)) return port;
+  }
+  throw std::runtime_error("bind_claimed: no loopback port could be bound");
+}
+
 // RefusedPort is a loopback port that refuses connections: bound (so no other socket, in this
 // process or another, gets it from bind(0) meanwhile) but not listening, until the end of the
 // object. Its port is recorded with claim_port, so it is never one free_port or a PebbleEnv

@@ -51,8 +51,7 @@ class BrokenCA {
     };
     server_.Get(".*", handler);
     server_.Post(".*", handler);
-    port_ = server_.bind_to_any_port("127.0.0.1");
-    REQUIRE(port_ > 0);
+    port_ = autotls::testing::bind_claimed(server_);  // never a PebbleEnv port still unbound
     thread_ = std::thread([this] { server_.listen_after_bind(); });
   }
   ~BrokenCA() {

@@ -5,9 +5,12 @@
 #include <doctest/doctest.h>
 
 #include <set>
+#include <string>
+#include <vector>
 
 #include "tests/support/net.h"
 
+using autotls::testing::bind_claimed;
 using autotls::testing::claim_port;
 using autotls::testing::connect_to;
 using autotls::testing::free_port;
@@ -26,6 +29,28 @@ TEST_CASE("free_port never hands out the same port twice in a process") {
   }
   // A port that was handed out cannot be claimed again.
   CHECK_FALSE(claim_port(*seen.begin()));
+}
+
+TEST_CASE("bind_claimed binds only ports free_port hands out and skips one it cannot bind") {
+  // A stand-in for httplib::Server: refuses its first bind (another process took the port).
+  struct Server {
+    std::vector<int> tried;
+    bool bind_to_port(const char* host, int port) {
+      CHECK(std::string(host) == "127.0.0.1");
+      tried.push_back(port);
+      return tried.size() > 1;
+    }
+  } server;
+  std::set<int> handed;
+  for (int i = 0; i < 200; ++i) handed.insert(free_port());
+  const int port = bind_claimed(server);
+  REQUIRE(server.tried.size() == 2);
+  CHECK(port == server.tried.back());
+  CHECK(server.tried.front() != port);
+  for (int p : server.tried) {
+    CHECK(handed.count(p) == 0);  // never a port handed out before
+    CHECK_FALSE(claim_port(p));   // and recorded, so nobody is handed it later
+  }
 }
 
 TEST_CASE("a RefusedPort is never a port free_port handed out, and refuses connections") {
