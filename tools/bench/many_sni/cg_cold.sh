@@ -19,17 +19,8 @@ echo "listening: $(cat $W/srvc.$port.out)"
 # warm the code paths (not the certificates) with bench.test, uninstrumented
 $bin client --port $port --name bench.test --threads 1 --secs 3 >/dev/null
 callgrind_control -i on $vp >/dev/null
-measure() { # measure LABEL client-args...
-  local label=$1; shift
-  callgrind_control -z $vp >/dev/null
-  local r=$($bin client --port $port --threads 1 --secs $secs "$@")
-  callgrind_control -d $label $vp >/dev/null
-  local h=$(echo "$r" | python3 -c "import json,sys; print(json.load(sys.stdin)['handshakes'])")
-  local f=$(ls -t $out.$vp.* | head -1)
-  echo "$label handshakes=$h file=$f"
-  callgrind_annotate $f 2>/dev/null | grep -E "PROGRAM TOTALS" | head -1
-  echo "$label $h $f" >> $out.counts
-}
+# shellcheck source=tools/bench/many_sni/cg_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cg_lib.sh"
 measure one_fx --names-dir $W/one-live
 measure cold --names-dir $fx/live --seed 21
 measure cold2 --names-dir $fx/live --seed 23

@@ -19,17 +19,8 @@ echo "listening after $(( $(date +%s) - t0 )) s: $(cat ${W:-/tmp/hs9}/srv.$port.
 $bin client --port $port --names-dir $fx/live --threads 1 --secs 5 --seed 7 >/dev/null
 $bin client --port $port --name bench.test --threads 1 --secs 2 >/dev/null
 callgrind_control -i on $vp >/dev/null
-measure() { # measure LABEL client-args...
-  local label=$1; shift
-  callgrind_control -z $vp >/dev/null
-  local r=$($bin client --port $port --threads 1 --secs $secs "$@")
-  callgrind_control -d $label $vp >/dev/null
-  local h=$(echo "$r" | python3 -c "import json,sys; print(json.load(sys.stdin)['handshakes'])")
-  local f=$(ls -t $out.$vp.* | head -1)
-  echo "$label handshakes=$h file=$f"
-  callgrind_annotate $f 2>/dev/null | grep -E "^ *Events shown|PROGRAM TOTALS" | head -2
-  echo "$label $h" >> $out.counts
-}
+# shellcheck source=tools/bench/many_sni/cg_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cg_lib.sh"
 measure many --names-dir $fx/live --seed 11
 measure one_fx --names-dir ${W:-/tmp/hs9}/one-live
 measure bench --name bench.test
