@@ -8,6 +8,7 @@
 #include "acme/ari.h"
 #include "acme/jws.h"
 #include "acme/types.h"
+#include "tlsreload/detail/der.h"
 #include "tlsreload/internal_ca.h"
 
 namespace autotls::tlsreload {
@@ -17,6 +18,13 @@ namespace {
 using json = nlohmann::json;
 using std::chrono::system_clock;
 constexpr std::string_view kLog = "tlsreload.manager";
+
+// ari_id_of is RFC 9773's identifier of the chain's leaf: read from the DER when it can be
+// (detail::ari_cert_id), else through OpenSSL's parser (acme::ari_cert_id, ~0.7 ms in 3.0).
+std::string ari_id_of(std::string_view chain_pem) {
+  if (auto id = detail::ari_cert_id(chain_pem)) return *id;
+  return acme::ari_cert_id(chain_pem).value_or("");
+}
 
 std::string lower(std::string_view s) {
   std::string out(s);
@@ -538,7 +546,7 @@ Result<std::optional<Manager::Managed>> Manager::load_stored(const std::string& 
   st.serial = (*cert)->serial_hex();
   st.not_before = (*cert)->not_before();
   st.not_after = (*cert)->not_after();
-  if (st.ari_id.empty()) st.ari_id = acme::ari_cert_id(m.chain_pem).value_or("");
+  if (st.ari_id.empty()) st.ari_id = ari_id_of(m.chain_pem);
   return std::optional<Managed>(std::move(m));
 }
 
@@ -817,7 +825,7 @@ Result<Manager::Managed> Manager::issue(const std::vector<std::string>& names, c
       s.serial = (*cert)->serial_hex();
       s.not_before = (*cert)->not_before();
       s.not_after = (*cert)->not_after();
-      s.ari_id = acme::ari_cert_id(m.chain_pem).value_or("");
+      s.ari_id = ari_id_of(m.chain_pem);
       return m;
     }
     Error e = cert.error();

@@ -5,6 +5,8 @@
 
 #include <openssl/obj_mac.h>
 
+#include "acme/util/base64.h"
+
 namespace autotls::tlsreload::detail {
 namespace {
 
@@ -118,6 +120,7 @@ constexpr std::string_view kOidP256("\x2a\x86\x48\xce\x3d\x03\x01\x07", 8);
 constexpr std::string_view kOidP384("\x2b\x81\x04\x00\x22", 5);
 constexpr std::string_view kOidP521("\x2b\x81\x04\x00\x23", 5);
 constexpr std::string_view kOidSan("\x55\x1d\x11", 3);
+constexpr std::string_view kOidAki("\x55\x1d\x23", 3);
 
 int curve_nid(std::string_view oid) {
   if (oid == kOidP256) return NID_X9_62_prime256v1;
@@ -308,7 +311,7 @@ std::optional<LeafFields> parse_leaf(std::string_view der) {
     if (!parse_time(nb, f.not_before) || !parse_time(na, f.not_after)) return std::nullopt;
   }
   if (!parse_spki(spki, f.key_nid, f.curve_nid, f.public_key)) return std::nullopt;
-  bool seen_san = false;
+  bool seen_san = false, seen_aki = false;
   while (!t.empty()) {
     Tlv x;
     if (!t.next(x)) return std::nullopt;
@@ -328,6 +331,24 @@ std::optional<LeafFields> parse_leaf(std::string_view der) {
         if (!one.expect(kBool, crit)) return std::nullopt;
       }
       if (!one.expect(kOctets, value) || !one.empty()) return std::nullopt;
+      if (oid == kOidAki) {
+        // AuthorityKeyIdentifier ::= SEQUENCE { keyIdentifier [0] IMPLICIT OCTET STRING
+        // OPTIONAL, authorityCertIssuer [1], authorityCertSerialNumber [2] } (RFC 5280 4.2.1.1)
+        if (seen_aki) return std::nullopt;  // OpenSSL refuses a repeated extension
+        seen_aki = true;
+        Reader av{value};
+        std::string_view aki;
+        if (!av.expect(kSeq, aki) || !av.empty()) return std::nullopt;
+        Reader ak{aki};
+        if (!ak.empty() && ak.peek() == 0x80) {
+          if (!ak.expect(0x80, f.aki_key_id)) return std::nullopt;
+        }
+        while (!ak.empty()) {  // the other two fields: well-formed, not read
+          Tlv other;
+          if (!ak.next(other) || (other.tag != 0xa1 && other.tag != 0x82)) return std::nullopt;
+        }
+        continue;
+      }
       if (oid != kOidSan) continue;
       if (seen_san) return std::nullopt;  // OpenSSL refuses a repeated extension
       seen_san = true;
@@ -338,6 +359,7 @@ std::optional<LeafFields> parse_leaf(std::string_view der) {
       }
     }
   }
+  f.serial_der = serial;
   // BN_bn2hex: big-endian bytes, leading zero bytes dropped, two digits per byte; 0 is "0".
   std::size_t skip = 0;
   while (skip + 1 < serial.size() && serial[skip] == 0) ++skip;
@@ -439,6 +461,14 @@ int rsa_bits(std::string_view n) {
     first >>= 1;
   }
   return static_cast<int>((n.size() - i - 1) * 8) + bits;
+}
+
+std::optional<std::string> ari_cert_id(std::string_view chain_pem) {
+  auto blocks = fast_pem_blocks(chain_pem);
+  if (!blocks || blocks->empty() || (*blocks)[0].name != "CERTIFICATE") return std::nullopt;
+  auto leaf = parse_leaf((*blocks)[0].der);
+  if (!leaf || leaf->aki_key_id.empty() || leaf->serial_der.empty()) return std::nullopt;
+  return base64url_encode(leaf->aki_key_id) + "." + base64url_encode(leaf->serial_der);
 }
 
 }  // namespace autotls::tlsreload::detail

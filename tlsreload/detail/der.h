@@ -44,10 +44,20 @@ struct LeafFields {
   std::string_view public_key;       // EC: the point; RSA: the RSAPublicKey DER
   // SANs: (type, bytes) with type 2 = dNSName, 7 = iPAddress; other types are not listed.
   std::vector<std::pair<int, std::string_view>> sans;
+  std::string_view serial_der;  // the serial's INTEGER content octets, as encoded
+  // The Authority Key Identifier's keyIdentifier; empty without one (RFC 9773's ARI id needs it).
+  std::string_view aki_key_id;
 };
 
 // parse_leaf reads der (which must be exactly one Certificate). Views point into der.
 std::optional<LeafFields> parse_leaf(std::string_view der);
+
+// ari_cert_id is RFC 9773's certificate identifier (base64url(AKI keyIdentifier) "."
+// base64url(serial content octets)) of the first certificate of chain_pem, read without
+// OpenSSL's parsers (acme::ari_cert_id parses with d2i_X509: ~0.7 ms in OpenSSL 3.0). nullopt
+// when the fast path cannot tell (no AKI keyIdentifier, anything parse_leaf refuses): the caller
+// then uses acme::ari_cert_id.
+std::optional<std::string> ari_cert_id(std::string_view chain_pem);
 
 // KeyFields describe a private key from its DER (PKCS#8, SEC1 or PKCS#1 as named by pem_name).
 struct KeyFields {
