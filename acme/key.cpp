@@ -14,6 +14,8 @@
 #include <openssl/pem.h>
 
 #include "acme/util/base64.h"
+#include "acme/util/der.h"
+#include "acme/util/ec_key.h"
 #include "acme/util/openssl.h"
 
 namespace autotls::acme {
@@ -246,6 +248,18 @@ Result<PrivateKey> PrivateKey::from_pem(std::string_view pem) {
   if (pem.size() > size_t(std::numeric_limits<int>::max())) {
     return fail(Errc::invalid_input, "private key: PEM text too large");
   }
+  // An EC key in the first key block is read without OpenSSL's decoders (acme/util/ec_key.h);
+  // anything else (RSA, a block the fast path declines) through PEM_read_bio_PrivateKey.
+  if (auto blocks = der::fast_pem_blocks(pem)) {
+    for (const auto& b : *blocks) {
+      if (b.name != "PRIVATE KEY" && b.name != "EC PRIVATE KEY" && b.name != "RSA PRIVATE KEY") continue;
+      if (auto key = ossl::ec_key_from_der(b.name, b.der)) {
+        auto type = classify(key.get());
+        if (type) return PrivateKey(share(key.release()), *type);
+      }
+      break;  // the first key block decides, as for PEM_read_bio_PrivateKey
+    }
+  }
   ossl::BioPtr bio(BIO_new_mem_buf(pem.data(), int(pem.size())));
   if (!bio) return fail(ossl::error("private key"));
   // PEM_read_bio_PrivateKey reads "PRIVATE KEY" (PKCS#8), "EC PRIVATE KEY" (SEC1) and
@@ -272,6 +286,19 @@ Result<PrivateKey> PrivateKey::adopt(EVP_PKEY* pkey) {
 }
 
 Result<std::string> PrivateKey::to_pem() const {
+  // EC keys are written without OpenSSL's encoders (acme/util/ec_key.h), the same bytes.
+  if (std::string der = ossl::ec_key_to_pkcs8(pkey_.get()); !der.empty()) {
+    std::string b64 = base64_encode(der);
+    OPENSSL_cleanse(der.data(), der.size());
+    std::string pem = "-----BEGIN PRIVATE KEY-----\n";
+    for (std::size_t i = 0; i < b64.size(); i += 64) {
+      pem.append(b64, i, 64);
+      pem += '\n';
+    }
+    OPENSSL_cleanse(b64.data(), b64.size());
+    pem += "-----END PRIVATE KEY-----\n";
+    return pem;
+  }
   ossl::BioPtr bio(BIO_new(BIO_s_mem()));
   // OpenSSL 3 writes PKCS#8 ("BEGIN PRIVATE KEY") here; no cipher means no encryption.
   if (!bio || PEM_write_bio_PrivateKey(bio.get(), pkey_.get(), nullptr, nullptr, 0, nullptr,

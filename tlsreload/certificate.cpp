@@ -20,7 +20,8 @@
 
 #include "acme/util/openssl.h"
 #include "tlsreload/detail/compact.h"
-#include "tlsreload/detail/der.h"
+#include "acme/util/der.h"
+#include "acme/util/ec_key.h"
 #include "tlsreload/detail/intern.h"
 
 namespace autotls::tlsreload {
@@ -302,48 +303,12 @@ Result<ossl::EvpPkeyPtr> decode_key(std::uint8_t format, std::string_view der) {
   return key;
 }
 
-// fast_ec_key builds an EC key straight from its parts (curve, private scalar, the public point
-// embedded in the DER) with EVP_PKEY_fromdata. OpenSSL 3.0's DER readers (d2i_PrivateKey,
-// EVP_PKCS82PKEY) go through the OSSL_DECODER framework, which enumerates and tries every
-// decoder under global locks: about 1 ms per key on this machine, most of a cold handshake
-// (docs/benchmarks.md). The result is the same key: OpenSSL's reader also takes the embedded
-// point as the public key without recomputing it. nullptr when the DER is not an EC key with an
-// embedded point (the caller then uses decode_key).
+// fast_ec_key reads an EC key without OpenSSL's decoders (acme/util/ec_key.h): about 1 ms per
+// key with them on this machine, most of a cold handshake (docs/benchmarks.md). nullptr when it
+// cannot (PKCS#1, not EC, no embedded point): the caller then uses decode_key.
 ossl::EvpPkeyPtr fast_ec_key(std::uint8_t format, std::string_view der) {
   if (format == kPkcs1) return nullptr;
-  auto k = detail::parse_key(format == kPkcs8 ? "PRIVATE KEY" : "EC PRIVATE KEY", der);
-  if (!k || k->key_nid != NID_X9_62_id_ecPublicKey || k->public_key.empty() ||
-      k->ec_private.empty() || k->ec_private.size() > 66) {
-    return nullptr;
-  }
-  const char* group = OBJ_nid2sn(k->curve_nid);
-  if (!group) return nullptr;
-  // OSSL_PARAM integers are in native byte order; the DER scalar is big-endian.
-  unsigned char scalar[66];
-  std::size_t n = k->ec_private.size();
-  for (std::size_t i = 0; i < n; ++i) scalar[i] = static_cast<unsigned char>(k->ec_private[n - 1 - i]);
-  if constexpr (std::endian::native == std::endian::big) std::reverse(scalar, scalar + n);
-  OSSL_PARAM params[] = {
-      OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, const_cast<char*>(group), 0),
-      OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_PRIV_KEY, scalar, n),
-      OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
-                                        const_cast<char*>(k->public_key.data()), k->public_key.size()),
-      OSSL_PARAM_construct_end(),
-  };
-  ossl::EvpPkeyPtr key;
-  // One context per thread, reused: EVP_PKEY_CTX_new_from_name fetches the EC key manager
-  // (name lookups under OpenSSL's locks, ~15 k instructions, 0.5 % of a first use;
-  // docs/benchmarks.md, session 13); EVP_PKEY_fromdata_init resets the operation and keeps it.
-  thread_local std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> ctx(
-      EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
-  EVP_PKEY* raw = nullptr;
-  if (ctx && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
-      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_KEYPAIR, params) == 1) {
-    key.reset(raw);
-  }
-  OPENSSL_cleanse(scalar, sizeof scalar);
-  ERR_clear_error();
-  return key;
+  return ossl::ec_key_from_der(format == kPkcs8 ? "PRIVATE KEY" : "EC PRIVATE KEY", der);
 }
 
 Result<std::pair<KeyKind, std::string>> classify_key(EVP_PKEY* key) {
@@ -686,23 +651,23 @@ Result<std::shared_ptr<const Certificate>> CertificateBuilder::full(std::string_
 std::optional<Result<std::shared_ptr<const Certificate>>> CertificateBuilder::fast(
     std::string_view chain_pem, std::string_view key_pem, const LoadOptions& options) {
   if (chain_pem.size() > kMaxPemBytes || key_pem.size() > kMaxPemBytes) return std::nullopt;
-  auto blocks = detail::fast_pem_blocks(chain_pem);
-  auto key_blocks = detail::fast_pem_blocks(key_pem);
+  auto blocks = der::fast_pem_blocks(chain_pem);
+  auto key_blocks = der::fast_pem_blocks(key_pem);
   if (!blocks || !key_blocks) return std::nullopt;
   for (const auto& b : *blocks) {
     if (b.name != "CERTIFICATE") return std::nullopt;
   }
-  const detail::PemDer* kb = nullptr;
+  const der::PemDer* kb = nullptr;
   for (const auto& b : *key_blocks) {
     if (!b.name.ends_with("PRIVATE KEY")) continue;
     if (kb || b.name.starts_with("ENCRYPTED")) return std::nullopt;
     kb = &b;
   }
   if (!kb) return std::nullopt;
-  auto leaf = detail::parse_leaf((*blocks)[0].der);
-  auto key = detail::parse_key(kb->name, kb->der);
+  auto leaf = der::parse_leaf((*blocks)[0].der);
+  auto key = der::parse_key(kb->name, kb->der);
   if (!leaf || !key) return std::nullopt;
-  auto match = detail::key_matches_leaf(*key, *leaf);
+  auto match = der::key_matches_leaf(*key, *leaf);
   if (!match) return std::nullopt;
   if (!*match) {
     return Result<std::shared_ptr<const Certificate>>(
@@ -738,7 +703,7 @@ std::optional<Result<std::shared_ptr<const Certificate>>> CertificateBuilder::fa
                                                           : "ec521";
   } else {
     c.key_kind_ = KeyKind::rsa;
-    c.key_type_ = "rsa" + std::to_string(detail::rsa_bits(key->rsa_n));
+    c.key_type_ = "rsa" + std::to_string(der::rsa_bits(key->rsa_n));
   }
   c.serial_hex_ = std::move(leaf->serial_hex);
   c.issuer_ = intern_issuer(leaf->issuer_der, nullptr);
@@ -750,7 +715,7 @@ std::optional<Result<std::shared_ptr<const Certificate>>> CertificateBuilder::fa
   c.verification_.store(Verification::pending, std::memory_order_relaxed);
   // The views into the DER die with the blocks: move the DER last.
   c.leaf_der_ = std::move((*blocks)[0].der);
-  c.key_der_ = std::move(const_cast<detail::PemDer*>(kb)->der);
+  c.key_der_ = std::move(const_cast<der::PemDer*>(kb)->der);
   return Result<std::shared_ptr<const Certificate>>(std::shared_ptr<const Certificate>(std::move(cert)));
 }
 

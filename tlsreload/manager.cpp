@@ -8,7 +8,7 @@
 #include "acme/ari.h"
 #include "acme/jws.h"
 #include "acme/types.h"
-#include "tlsreload/detail/der.h"
+#include "acme/util/der.h"
 #include "tlsreload/internal_ca.h"
 
 namespace autotls::tlsreload {
@@ -20,9 +20,9 @@ using std::chrono::system_clock;
 constexpr std::string_view kLog = "tlsreload.manager";
 
 // ari_id_of is RFC 9773's identifier of the chain's leaf: read from the DER when it can be
-// (detail::ari_cert_id), else through OpenSSL's parser (acme::ari_cert_id, ~0.7 ms in 3.0).
+// (der::ari_cert_id), else through OpenSSL's parser (acme::ari_cert_id, ~0.7 ms in 3.0).
 std::string ari_id_of(std::string_view chain_pem) {
-  if (auto id = detail::ari_cert_id(chain_pem)) return *id;
+  if (auto id = der::ari_cert_id(chain_pem)) return *id;
   return acme::ari_cert_id(chain_pem).value_or("");
 }
 

@@ -26,7 +26,7 @@
 #include "acme/problem.h"
 #include "acme/util/openssl.h"
 #include "server/server.h"
-#include "tlsreload/detail/der.h"
+#include "acme/util/der.h"
 #include "tlsreload/dns_update.h"
 #include "tlsreload/store.h"
 
@@ -449,9 +449,9 @@ std::optional<system_clock::time_point> asn1_time(const ASN1_TIME* t) {
 // fast path does not read, a key type it does not name, or an issuer to print (no meta.json).
 bool parse_leaf_fast(const std::string& pem, CertInfo& c) {
   if (c.issuer.empty()) return false;
-  auto blocks = tlsreload::detail::fast_pem_blocks(pem);
+  auto blocks = der::fast_pem_blocks(pem);
   if (!blocks || blocks->empty() || (*blocks)[0].name != "CERTIFICATE") return false;
-  auto leaf = tlsreload::detail::parse_leaf((*blocks)[0].der);
+  auto leaf = der::parse_leaf((*blocks)[0].der);
   if (!leaf) return false;
   std::string key_type;
   if (leaf->key_nid == NID_X9_62_id_ecPublicKey) {
@@ -461,8 +461,8 @@ bool parse_leaf_fast(const std::string& pem, CertInfo& c) {
                                                       : "";
   } else if (leaf->key_nid == NID_rsaEncryption) {
     std::string_view n, e;
-    if (tlsreload::detail::split_rsa_public(leaf->public_key, n, e)) {
-      key_type = "rsa" + std::to_string(tlsreload::detail::rsa_bits(n));
+    if (der::split_rsa_public(leaf->public_key, n, e)) {
+      key_type = "rsa" + std::to_string(der::rsa_bits(n));
     }
   }
   if (key_type.empty()) return false;

@@ -10,7 +10,7 @@
 
 #include "acme/key.h"
 #include "acme/util/openssl.h"
-#include "tlsreload/detail/der.h"
+#include "acme/util/der.h"
 
 namespace {
 
@@ -130,28 +130,28 @@ TEST_CASE("ari_cert_id encodes serials without a sign octet when none is needed"
 }
 
 TEST_CASE("the DER fast path gives the same ARI id as OpenSSL's parse or says it cannot tell") {
-  // tlsreload::detail::ari_cert_id (what the manager uses first) must agree with
+  // tlsreload::der::ari_cert_id (what the manager uses first) must agree with
   // acme::ari_cert_id on every certificate it answers for, and decline the rest.
-  namespace detail = autotls::tlsreload::detail;
+  namespace der = autotls::der;
   for (const char* serial : {"87654321", "7F", "01", "0102030405060708090A0B0C0D0E0F1011121314",
                              "FF0102030405060708090A0B0C0D0E0F10111213"}) {
     CAPTURE(serial);
     auto pem = to_pem(make_cert(serial, kRfcAki).get());
     auto slow = autotls::acme::ari_cert_id(pem);
     REQUIRE(slow.has_value());
-    auto fast = detail::ari_cert_id(pem);
+    auto fast = der::ari_cert_id(pem);
     REQUIRE(fast.has_value());
     CHECK(*fast == *slow);
   }
   // The first certificate of a chain, as acme::ari_cert_id reads it.
   auto other = make_cert("01", std::string(20, '\x11'));
   std::string chain = to_pem(make_cert("87654321", kRfcAki).get()) + to_pem(other.get());
-  CHECK(detail::ari_cert_id(chain) == std::optional<std::string>("aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"));
+  CHECK(der::ari_cert_id(chain) == std::optional<std::string>("aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"));
   // No AKI keyIdentifier, DER instead of PEM, garbage: not answered (the caller falls back).
-  CHECK_FALSE(detail::ari_cert_id(to_pem(make_cert("1234", "").get())).has_value());
-  CHECK_FALSE(detail::ari_cert_id(to_der(other.get())).has_value());
-  CHECK_FALSE(detail::ari_cert_id("garbage").has_value());
-  CHECK_FALSE(detail::ari_cert_id("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").has_value());
+  CHECK_FALSE(der::ari_cert_id(to_pem(make_cert("1234", "").get())).has_value());
+  CHECK_FALSE(der::ari_cert_id(to_der(other.get())).has_value());
+  CHECK_FALSE(der::ari_cert_id("garbage").has_value());
+  CHECK_FALSE(der::ari_cert_id("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").has_value());
 }
 
 TEST_CASE("ari_cert_id refuses certificates without an AKI and garbage") {

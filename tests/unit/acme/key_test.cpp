@@ -13,6 +13,7 @@
 #include <openssl/pem.h>
 
 #include "acme/util/base64.h"
+#include "acme/util/ec_key.h"
 #include "acme/util/openssl.h"
 
 namespace {
@@ -149,6 +150,23 @@ ossl::EvpPkeyPtr keygen(const char* type, const char* group, int bits = 0) {
   EVP_PKEY* pkey = nullptr;
   REQUIRE(EVP_PKEY_generate(ctx.get(), &pkey) == 1);
   return ossl::EvpPkeyPtr(pkey);
+}
+
+// wrap64 splits base64 text into PEM's 64-character lines, each ending in a newline.
+std::string wrap64(const std::string& b64) {
+  std::string out;
+  for (size_t i = 0; i < b64.size(); i += 64) out += b64.substr(i, 64) + "\n";
+  return out;
+}
+
+// unwrap_pem returns the base64 text of a one-block PEM, without its lines' newlines.
+std::string unwrap_pem(const std::string& pem) {
+  std::string out;
+  size_t begin = pem.find('\n') + 1, end = pem.find("-----END");
+  for (size_t i = begin; i < end; ++i) {
+    if (pem[i] != '\n') out += pem[i];
+  }
+  return out;
 }
 
 PrivateKey must_generate(KeyType type) {
@@ -389,6 +407,39 @@ TEST_CASE("to_pem writes unencrypted PKCS8 that from_pem reads back") {
     CHECK(back->thumbprint() == key.thumbprint());
     CHECK(EVP_PKEY_eq(back->evp(), key.evp()) == 1);
   }
+}
+
+TEST_CASE("EC keys are written byte for byte as OpenSSL writes them and read back the same") {
+  // to_pem and from_pem take EC keys apart without OpenSSL's encoders and decoders
+  // (acme/util/ec_key.h); the PEM must be exactly OpenSSL's, for P-256, P-384 and P-521, over
+  // many keys (a scalar with leading zero octets must keep its full width).
+  for (const char* curve : {"P-256", "P-384", "P-521"}) {
+    CAPTURE(curve);
+    for (int i = 0; i < 40; ++i) {
+      auto pkey = keygen("EC", curve);
+      std::string openssl = write_pem(pkey.get(), PEM_write_bio_PrivateKey);
+      std::string der = autotls::ossl::ec_key_to_pkcs8(pkey.get());
+      REQUIRE_FALSE(der.empty());
+      CHECK(openssl == "-----BEGIN PRIVATE KEY-----\n" + wrap64(autotls::base64_encode(der)) +
+                           "-----END PRIVATE KEY-----\n");
+      // Read back through the fast path: the same key, public and private halves.
+      auto block = autotls::base64_decode(unwrap_pem(openssl));
+      REQUIRE(block.has_value());
+      auto back = autotls::ossl::ec_key_from_der("PRIVATE KEY", *block);
+      REQUIRE(back);
+      CHECK(EVP_PKEY_eq(back.get(), pkey.get()) == 1);
+      CHECK(autotls::ossl::ec_key_to_pkcs8(back.get()) == der);
+    }
+  }
+  // PrivateKey uses them: its PEM is OpenSSL's, and SEC1 input gives the same key.
+  const PrivateKey& key = cached_key(KeyType::ec256);
+  CHECK(*key.to_pem() == write_pem(key.evp(), PEM_write_bio_PrivateKey));
+  auto sec1 = PrivateKey::from_pem(write_pem(key.evp(), PEM_write_bio_PrivateKey_traditional));
+  REQUIRE(sec1.has_value());
+  CHECK(EVP_PKEY_eq(sec1->evp(), key.evp()) == 1);
+  // Not EC: nothing (the callers then use OpenSSL).
+  CHECK(autotls::ossl::ec_key_to_pkcs8(cached_key(KeyType::rsa2048).evp()).empty());
+  CHECK_FALSE(autotls::ossl::ec_key_from_der("RSA PRIVATE KEY", "\x30\x00"));
 }
 
 TEST_CASE("from_pem reads SEC1 EC and PKCS1 RSA keys") {

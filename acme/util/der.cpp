@@ -1,4 +1,4 @@
-#include "tlsreload/detail/der.h"
+#include "acme/util/der.h"
 
 #include <array>
 #include <cstring>
@@ -7,7 +7,7 @@
 
 #include "acme/util/base64.h"
 
-namespace autotls::tlsreload::detail {
+namespace autotls::der {
 namespace {
 
 // ---- PEM ----
@@ -471,4 +471,4 @@ std::optional<std::string> ari_cert_id(std::string_view chain_pem) {
   return base64url_encode(leaf->aki_key_id) + "." + base64url_encode(leaf->serial_der);
 }
 
-}  // namespace autotls::tlsreload::detail
+}  // namespace autotls::der

@@ -1,7 +1,8 @@
 #pragma once
 
-// A fast path for reading our own certificate files: just enough PEM and DER to get a leaf's
-// metadata and to check that a private key belongs to it, without OpenSSL's parsers.
+// A fast path for reading certificate and key files: just enough PEM and DER to get a leaf's
+// metadata, a private key's parts and to check that they belong together, without OpenSSL's
+// parsers. Used by tlsreload (bulk loads, the manager's ARI id), acme (keys) and the CLI.
 //
 // Why: in OpenSSL 3.0, d2i_X509 decodes the SubjectPublicKeyInfo through the provider decoder
 // machinery and d2i of a private key does the same; together they cost hundreds of
@@ -20,7 +21,7 @@
 #include <string_view>
 #include <vector>
 
-namespace autotls::tlsreload::detail {
+namespace autotls::der {
 
 // PemDer is one decoded PEM block.
 struct PemDer {
@@ -80,4 +81,4 @@ int rsa_bits(std::string_view n);
 // RSAPublicKey DER -> (n, e) contents.
 bool split_rsa_public(std::string_view der, std::string_view& n, std::string_view& e);
 
-}  // namespace autotls::tlsreload::detail
+}  // namespace autotls::der

@@ -1,0 +1,139 @@
+#include "acme/util/ec_key.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <memory>
+
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/objects.h>
+#include <openssl/params.h>
+
+#include "acme/util/der.h"
+
+namespace autotls::ossl {
+
+EvpPkeyPtr ec_key_from_der(std::string_view pem_name, std::string_view der) {
+  auto k = der::parse_key(pem_name, der);
+  if (!k || k->key_nid != NID_X9_62_id_ecPublicKey || k->public_key.empty() ||
+      k->ec_private.empty() || k->ec_private.size() > 66) {
+    return nullptr;
+  }
+  const char* group = OBJ_nid2sn(k->curve_nid);
+  if (!group) return nullptr;
+  // OSSL_PARAM integers are in native byte order; the DER scalar is big-endian.
+  unsigned char scalar[66];
+  std::size_t n = k->ec_private.size();
+  for (std::size_t i = 0; i < n; ++i) scalar[i] = static_cast<unsigned char>(k->ec_private[n - 1 - i]);
+  if constexpr (std::endian::native == std::endian::big) std::reverse(scalar, scalar + n);
+  OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, const_cast<char*>(group), 0),
+      OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_PRIV_KEY, scalar, n),
+      OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
+                                        const_cast<char*>(k->public_key.data()), k->public_key.size()),
+      OSSL_PARAM_construct_end(),
+  };
+  EvpPkeyPtr key;
+  // One context per thread, reused: EVP_PKEY_CTX_new_from_name fetches the EC key manager
+  // (name lookups under OpenSSL's locks, ~15 k instructions, 0.5 % of a first use;
+  // docs/benchmarks.md, session 13); EVP_PKEY_fromdata_init resets the operation and keeps it.
+  thread_local std::unique_ptr<EVP_PKEY_CTX, Free<EVP_PKEY_CTX_free>> ctx(
+      EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
+  EVP_PKEY* raw = nullptr;
+  if (ctx && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
+      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_KEYPAIR, params) == 1) {
+    key.reset(raw);
+  }
+  OPENSSL_cleanse(scalar, sizeof scalar);
+  ERR_clear_error();
+  return key;
+}
+
+namespace {
+
+void put_length(std::string& out, std::size_t n) {
+  if (n < 0x80) {
+    out += static_cast<char>(n);
+  } else if (n <= 0xff) {
+    out += '\x81';
+    out += static_cast<char>(n);
+  } else {
+    out += '\x82';
+    out += static_cast<char>(n >> 8);
+    out += static_cast<char>(n & 0xff);
+  }
+}
+
+std::string tlv(std::uint8_t tag, std::string_view content) {
+  std::string out(1, static_cast<char>(tag));
+  put_length(out, content.size());
+  out.append(content);
+  return out;
+}
+
+}  // namespace
+
+std::string ec_key_to_pkcs8(EVP_PKEY* key) {
+  if (!key || EVP_PKEY_get_base_id(key) != EVP_PKEY_EC) return {};
+  char group[32] = {};
+  std::size_t group_len = 0;
+  if (EVP_PKEY_get_utf8_string_param(key, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group, &group_len) != 1) {
+    ERR_clear_error();
+    return {};
+  }
+  // The curve's OID (DER, with tag and length) and the order's length in bytes.
+  const std::string_view name(group, group_len);
+  std::string_view curve_oid;
+  std::size_t scalar_len = 0;
+  if (name == "prime256v1") {
+    curve_oid = std::string_view("\x06\x08\x2a\x86\x48\xce\x3d\x03\x01\x07", 10);
+    scalar_len = 32;
+  } else if (name == "secp384r1") {
+    curve_oid = std::string_view("\x06\x05\x2b\x81\x04\x00\x22", 7);
+    scalar_len = 48;
+  } else if (name == "secp521r1") {
+    curve_oid = std::string_view("\x06\x05\x2b\x81\x04\x00\x23", 7);
+    scalar_len = 66;
+  } else {
+    return {};
+  }
+  unsigned char point[1 + 2 * 66];
+  std::size_t point_len = 0;
+  BIGNUM* priv = nullptr;
+  if (EVP_PKEY_get_octet_string_param(key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point, sizeof point, &point_len) != 1 ||
+      point_len != 1 + 2 * scalar_len || point[0] != 0x04 ||
+      EVP_PKEY_get_bn_param(key, OSSL_PKEY_PARAM_PRIV_KEY, &priv) != 1) {
+    BN_clear_free(priv);
+    ERR_clear_error();
+    return {};
+  }
+  std::string scalar(scalar_len, '\0');
+  const bool scalar_ok =
+      BN_bn2binpad(priv, reinterpret_cast<unsigned char*>(scalar.data()), static_cast<int>(scalar_len)) ==
+      static_cast<int>(scalar_len);
+  BN_clear_free(priv);
+  if (!scalar_ok) {
+    OPENSSL_cleanse(scalar.data(), scalar.size());
+    ERR_clear_error();
+    return {};
+  }
+  // RFC 5915 ECPrivateKey { version 1, privateKey, [1] publicKey } inside RFC 5208
+  // PrivateKeyInfo { version 0, AlgorithmIdentifier { id-ecPublicKey, namedCurve }, privateKey }.
+  std::string bits(1, '\0');  // no unused bits
+  bits.append(reinterpret_cast<const char*>(point), point_len);
+  std::string inner = std::string("\x02\x01\x01", 3) + tlv(0x04, scalar) + tlv(0xa1, tlv(0x03, bits));
+  std::string ec_private = tlv(0x30, inner);
+  std::string algorithm = tlv(0x30, std::string("\x06\x07\x2a\x86\x48\xce\x3d\x02\x01", 9) + std::string(curve_oid));
+  std::string info = std::string("\x02\x01\x00", 3) + algorithm + tlv(0x04, ec_private);
+  std::string out = tlv(0x30, info);
+  OPENSSL_cleanse(scalar.data(), scalar.size());
+  OPENSSL_cleanse(inner.data(), inner.size());
+  OPENSSL_cleanse(ec_private.data(), ec_private.size());
+  OPENSSL_cleanse(info.data(), info.size());
+  return out;
+}
+
+}  // namespace autotls::ossl
