@@ -4,7 +4,11 @@
 
 #include <string>
 
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/objects.h>
+#include <openssl/x509.h>
 
 #include "acme/util/openssl.h"
 
@@ -81,6 +85,33 @@ Status add_general_name(GENERAL_NAMES* names, const Identifier& id) {
   return {};
 }
 
+
+// set_public_key puts key's public half into req. An EC key's algorithm and point are set
+// directly (X509_PUBKEY_set0_param): X509_REQ_set_pubkey encodes the key through OSSL_ENCODER and
+// decodes the result back through OSSL_DECODER in OpenSSL 3.0, ~5 M instructions, nine tenths of
+// the CSR (callgrind of `autotls issue`, docs/benchmarks.md, session 14). RSA keys, and an EC
+// key whose point cannot be read, take X509_REQ_set_pubkey.
+bool set_public_key(X509_REQ* req, const PrivateKey& key) {
+  if (key.type() == KeyType::ec256 || key.type() == KeyType::ec384) {
+    unsigned char point[1 + 2 * 48];
+    std::size_t len = 0;
+    X509_PUBKEY* pub = X509_REQ_get_X509_PUBKEY(req);
+    if (pub && EVP_PKEY_get_octet_string_param(key.evp(), OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point,
+                                               sizeof point, &len) == 1) {
+      auto* copy = static_cast<unsigned char*>(OPENSSL_memdup(point, len));
+      const int curve = key.type() == KeyType::ec256 ? NID_X9_62_prime256v1 : NID_secp384r1;
+      // The OIDs are OpenSSL's static objects; set0 takes the copy of the point.
+      if (copy && X509_PUBKEY_set0_param(pub, OBJ_nid2obj(NID_X9_62_id_ecPublicKey), V_ASN1_OBJECT,
+                                         OBJ_nid2obj(curve), copy, static_cast<int>(len)) == 1) {
+        return true;
+      }
+      OPENSSL_free(copy);
+    }
+    ERR_clear_error();
+  }
+  return X509_REQ_set_pubkey(req, key.evp()) == 1;
+}
+
 }  // namespace
 
 Result<std::string> make_csr(const PrivateKey& key, const std::vector<Identifier>& identifiers) {
@@ -122,7 +153,7 @@ Result<std::string> make_csr(const PrivateKey& key, const std::vector<Identifier
   sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
   if (!ok) return fail(ossl::error("CSR: subjectAltName"));
 
-  if (X509_REQ_set_pubkey(req.get(), key.evp()) != 1) return fail(ossl::error("CSR: public key"));
+  if (!set_public_key(req.get(), key)) return fail(ossl::error("CSR: public key"));
   // A P-384 key is paired with SHA-384 (RFC 5758 §3.2 ecdsa-with-SHA384); otherwise SHA-256.
   const EVP_MD* md = key.type() == KeyType::ec384 ? EVP_sha384() : EVP_sha256();
   if (X509_REQ_sign(req.get(), key.evp(), md) <= 0) return fail(ossl::error("CSR: sign"));
