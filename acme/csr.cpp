@@ -85,7 +85,6 @@ Status add_general_name(GENERAL_NAMES* names, const Identifier& id) {
   return {};
 }
 
-
 // set_public_key puts key's public half into req. An EC key's algorithm and point are set
 // directly (X509_PUBKEY_set0_param): X509_REQ_set_pubkey encodes the key through OSSL_ENCODER and
 // decodes the result back through OSSL_DECODER in OpenSSL 3.0, ~5 M instructions, nine tenths of

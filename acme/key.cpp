@@ -290,7 +290,9 @@ Result<std::string> PrivateKey::to_pem() const {
   if (std::string der = ossl::ec_key_to_pkcs8(pkey_.get()); !der.empty()) {
     std::string b64 = base64_encode(der);
     OPENSSL_cleanse(der.data(), der.size());
-    std::string pem = "-----BEGIN PRIVATE KEY-----\n";
+    std::string pem;
+    pem.reserve(b64.size() + b64.size() / 64 + 64);  // no reallocation leaves a copy behind
+    pem = "-----BEGIN PRIVATE KEY-----\n";
     for (std::size_t i = 0; i < b64.size(); i += 64) {
       pem.append(b64, i, 64);
       pem += '\n';

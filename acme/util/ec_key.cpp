@@ -67,12 +67,16 @@ void put_length(std::string& out, std::size_t n) {
   }
 }
 
-std::string tlv(std::uint8_t tag, std::string_view content) {
-  std::string out(1, static_cast<char>(tag));
+// append_tlv appends tag, length and content to out. The buffers that hold the private scalar
+// are reserved large enough up front (kReserve), so that no reallocation leaves a copy behind
+// uncleansed.
+void append_tlv(std::string& out, std::uint8_t tag, std::string_view content) {
+  out += static_cast<char>(tag);
   put_length(out, content.size());
   out.append(content);
-  return out;
 }
+
+constexpr std::size_t kReserve = 512;  // a P-521 PKCS#8 key is 241 bytes
 
 }  // namespace
 
@@ -124,15 +128,21 @@ std::string ec_key_to_pkcs8(EVP_PKEY* key) {
   // PrivateKeyInfo { version 0, AlgorithmIdentifier { id-ecPublicKey, namedCurve }, privateKey }.
   std::string bits(1, '\0');  // no unused bits
   bits.append(reinterpret_cast<const char*>(point), point_len);
-  std::string inner = std::string("\x02\x01\x01", 3) + tlv(0x04, scalar) + tlv(0xa1, tlv(0x03, bits));
-  std::string ec_private = tlv(0x30, inner);
-  std::string algorithm = tlv(0x30, std::string("\x06\x07\x2a\x86\x48\xce\x3d\x02\x01", 9) + std::string(curve_oid));
-  std::string info = std::string("\x02\x01\x00", 3) + algorithm + tlv(0x04, ec_private);
-  std::string out = tlv(0x30, info);
-  OPENSSL_cleanse(scalar.data(), scalar.size());
-  OPENSSL_cleanse(inner.data(), inner.size());
-  OPENSSL_cleanse(ec_private.data(), ec_private.size());
-  OPENSSL_cleanse(info.data(), info.size());
+  std::string public_part;
+  append_tlv(public_part, 0x03, bits);
+  std::string inner, ec_private, info, out;
+  for (std::string* b : {&inner, &ec_private, &info, &out}) b->reserve(kReserve);
+  inner.append("\x02\x01\x01", 3);
+  append_tlv(inner, 0x04, scalar);
+  append_tlv(inner, 0xa1, public_part);
+  append_tlv(ec_private, 0x30, inner);
+  info.append("\x02\x01\x00", 3);
+  std::string algorithm("\x06\x07\x2a\x86\x48\xce\x3d\x02\x01", 9);
+  algorithm.append(curve_oid);
+  append_tlv(info, 0x30, algorithm);
+  append_tlv(info, 0x04, ec_private);
+  append_tlv(out, 0x30, info);
+  for (std::string* b : {&scalar, &inner, &ec_private, &info}) OPENSSL_cleanse(b->data(), b->size());
   return out;
 }
 
