@@ -16,8 +16,8 @@
 
 namespace autotls::ossl {
 
-EvpPkeyPtr ec_key_from_der(std::string_view pem_name, std::string_view der) {
-  auto k = der::parse_key(pem_name, der);
+EvpPkeyPtr ec_key_from_der(std::string_view pem_name, std::string_view block) {
+  auto k = der::parse_key(pem_name, block);
   if (!k || k->key_nid != NID_X9_62_id_ecPublicKey || k->public_key.empty() ||
       k->ec_private.empty() || k->ec_private.size() > 66) {
     return nullptr;

@@ -20,7 +20,7 @@ namespace autotls::ossl {
 // EVP_PKEY_fromdata. OpenSSL's reader also takes the embedded point as the public key without
 // recomputing it, so the key is the same. nullptr when the DER is not an EC key on a named
 // curve with an embedded point, or fromdata refuses it.
-EvpPkeyPtr ec_key_from_der(std::string_view pem_name, std::string_view der);
+EvpPkeyPtr ec_key_from_der(std::string_view pem_name, std::string_view block);
 
 // ec_key_to_pkcs8 writes key as unencrypted PKCS#8 DER, byte for byte what OpenSSL 3.0 writes
 // (PrivateKeyInfo, id-ecPublicKey with the named curve, an ECPrivateKey with the scalar padded
