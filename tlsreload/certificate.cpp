@@ -311,6 +311,25 @@ ossl::EvpPkeyPtr fast_ec_key(std::uint8_t format, std::string_view der) {
   return ossl::ec_key_from_der(format == kPkcs8 ? "PRIVATE KEY" : "EC PRIVATE KEY", der);
 }
 
+// leaf_key_pair makes the leaf's own public-key object (X509_get0_pubkey) its key pair, with the
+// private half of the key DER (ossl::ec_key_add_private, which first checks that the key's
+// curve and point are the leaf's), and returns a new reference to it. nullptr when it cannot
+// (RSA, a point in another encoding, anything the fast path declines): the caller then builds a
+// separate key, checked against the leaf by OpenSSL. Why: with one object for both,
+// SSL_use_cert_and_key's key check (EVP_PKEY_eq) returns at once; with two it compares their
+// curves field by field, ~1.5 us of every handshake, and with 100,000 certificates the two
+// copies of the curve are ~50 last-level cache misses of it (docs/benchmarks.md, session 9). It
+// also leaves one copy of the curve per built certificate instead of two.
+ossl::EvpPkeyPtr leaf_key_pair(X509* leaf, std::uint8_t format, std::string_view der) {
+  if (format == kPkcs1) return nullptr;
+  EVP_PKEY* pub = X509_get0_pubkey(leaf);
+  if (!pub || !ossl::ec_key_add_private(pub, format == kPkcs8 ? "PRIVATE KEY" : "EC PRIVATE KEY", der)) {
+    return nullptr;
+  }
+  EVP_PKEY_up_ref(pub);
+  return ossl::EvpPkeyPtr(pub);
+}
+
 Result<std::pair<KeyKind, std::string>> classify_key(EVP_PKEY* key) {
   switch (EVP_PKEY_get_base_id(key)) {
     case EVP_PKEY_EC: {
@@ -640,7 +659,10 @@ Result<std::shared_ptr<const Certificate>> CertificateBuilder::full(std::string_
     c.chain_.push_back(std::move(*shared));
   }
   objs->leaf = std::move(certs.front());
-  objs->key = std::move(*key);
+  // The key was checked against the leaf above; serve it as the leaf's own key object where
+  // that works (see leaf_key_pair), else as read.
+  objs->key = leaf_key_pair(objs->leaf.get(), c.key_format_, c.key_der_);
+  if (!objs->key) objs->key = std::move(*key);
   fill_extension_cache(objs->leaf.get());
   c.verification_.store(Verification::verified, std::memory_order_relaxed);
   // A certificate just validated is about to be served: start it hot.
@@ -738,7 +760,8 @@ Result<std::shared_ptr<const detail::OpenSslObjects>> CertificateBuilder::build(
                                          ossl::drain_errors() + ")");
   }
   fill_extension_cache(objs->leaf.get());
-  objs->key = fast_ec_key(c.key_format_, c.key_der_);
+  objs->key = leaf_key_pair(objs->leaf.get(), c.key_format_, c.key_der_);
+  if (!objs->key) objs->key = fast_ec_key(c.key_format_, c.key_der_);
   if (!objs->key) {
     auto key = decode_key(c.key_format_, c.key_der_);
     if (!key) return fail(key.error());
@@ -751,6 +774,8 @@ Result<std::shared_ptr<const detail::OpenSslObjects>> CertificateBuilder::build(
 }
 
 Status CertificateBuilder::deferred_checks(const Certificate& c, const detail::OpenSslObjects& o) {
+  // When o.key is the leaf's own key object (leaf_key_pair), this check is met by construction:
+  // ec_key_add_private compared the key's curve and point with the leaf's before adding it.
   ERR_clear_error();
   if (X509_check_private_key(o.leaf.get(), o.key.get()) != 1) {
     ossl::drain_errors();

@@ -4,9 +4,11 @@
 #include <bit>
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
+#include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/objects.h>
@@ -16,40 +18,73 @@
 
 namespace autotls::ossl {
 
-EvpPkeyPtr ec_key_from_der(std::string_view pem_name, std::string_view block) {
-  auto k = der::parse_key(pem_name, block);
-  if (!k || k->key_nid != NID_X9_62_id_ecPublicKey || k->public_key.empty() ||
-      k->ec_private.empty() || k->ec_private.size() > 66) {
-    return nullptr;
-  }
-  const char* group = OBJ_nid2sn(k->curve_nid);
-  if (!group) return nullptr;
+namespace {
+
+// usable_ec_fields: an EC key on a named curve, with its embedded point and a scalar that fits.
+bool usable_ec_fields(const std::optional<der::KeyFields>& k) {
+  return k && k->key_nid == NID_X9_62_id_ecPublicKey && !k->public_key.empty() &&
+         !k->ec_private.empty() && k->ec_private.size() <= 66 && OBJ_nid2sn(k->curve_nid);
+}
+
+// fromdata builds k into *out with EVP_PKEY_fromdata: a new key when *out is null, otherwise
+// into the existing one (EVP_PKEY_fromdata then replaces its key data).
+bool fromdata(const der::KeyFields& k, EVP_PKEY** out) {
+  const char* group = OBJ_nid2sn(k.curve_nid);
   // OSSL_PARAM integers are in native byte order; the DER scalar is big-endian.
   unsigned char scalar[66];
-  std::size_t n = k->ec_private.size();
-  for (std::size_t i = 0; i < n; ++i) scalar[i] = static_cast<unsigned char>(k->ec_private[n - 1 - i]);
+  std::size_t n = k.ec_private.size();
+  for (std::size_t i = 0; i < n; ++i) scalar[i] = static_cast<unsigned char>(k.ec_private[n - 1 - i]);
   if constexpr (std::endian::native == std::endian::big) std::reverse(scalar, scalar + n);
   OSSL_PARAM params[] = {
       OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, const_cast<char*>(group), 0),
       OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_PRIV_KEY, scalar, n),
       OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
-                                        const_cast<char*>(k->public_key.data()), k->public_key.size()),
+                                        const_cast<char*>(k.public_key.data()), k.public_key.size()),
       OSSL_PARAM_construct_end(),
   };
-  EvpPkeyPtr key;
   // One context per thread, reused: EVP_PKEY_CTX_new_from_name fetches the EC key manager
   // (name lookups under OpenSSL's locks, ~15 k instructions, 0.5 % of a first use;
   // docs/benchmarks.md, session 13); EVP_PKEY_fromdata_init resets the operation and keeps it.
   thread_local std::unique_ptr<EVP_PKEY_CTX, Free<EVP_PKEY_CTX_free>> ctx(
       EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
-  EVP_PKEY* raw = nullptr;
-  if (ctx && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
-      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_KEYPAIR, params) == 1) {
-    key.reset(raw);
-  }
+  bool ok = ctx && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
+            EVP_PKEY_fromdata(ctx.get(), out, EVP_PKEY_KEYPAIR, params) == 1;
   OPENSSL_cleanse(scalar, sizeof scalar);
   ERR_clear_error();
-  return key;
+  return ok;
+}
+
+}  // namespace
+
+EvpPkeyPtr ec_key_from_der(std::string_view pem_name, std::string_view block) {
+  auto k = der::parse_key(pem_name, block);
+  if (!usable_ec_fields(k)) return nullptr;
+  EVP_PKEY* raw = nullptr;
+  if (!fromdata(*k, &raw)) return nullptr;
+  return EvpPkeyPtr(raw);
+}
+
+bool ec_key_add_private(EVP_PKEY* pub, std::string_view pem_name, std::string_view block) {
+  if (!pub || EVP_PKEY_get_base_id(pub) != EVP_PKEY_EC) return false;
+  auto k = der::parse_key(pem_name, block);
+  if (!usable_ec_fields(k)) return false;
+  // The same curve...
+  char group[64] = {};
+  std::size_t n = 0;
+  if (EVP_PKEY_get_group_name(pub, group, sizeof group, &n) != 1) return false;
+  int nid = OBJ_sn2nid(group);
+  if (nid == NID_undef) nid = EC_curve_nist2nid(group);
+  // ...and the same point, in the same encoding (another encoding of it: false, the caller's
+  // separate key and OpenSSL's own check then decide).
+  unsigned char point[133];
+  std::size_t len = 0;
+  bool same = nid == k->curve_nid &&
+              EVP_PKEY_get_octet_string_param(pub, OSSL_PKEY_PARAM_PUB_KEY, point, sizeof point, &len) == 1 &&
+              std::string_view(reinterpret_cast<const char*>(point), len) == k->public_key;
+  ERR_clear_error();
+  if (!same) return false;
+  EVP_PKEY* target = pub;
+  return fromdata(*k, &target) && target == pub;
 }
 
 namespace {

@@ -22,6 +22,17 @@ namespace autotls::ossl {
 // curve with an embedded point, or fromdata refuses it.
 EvpPkeyPtr ec_key_from_der(std::string_view pem_name, std::string_view block);
 
+// ec_key_add_private makes pub, an EC public key (in autotls, a certificate's own: the EVP_PKEY
+// that X509_get0_pubkey returns), the key pair of a "PRIVATE KEY" or "EC PRIVATE KEY" DER block,
+// in place: EVP_PKEY_fromdata, given an existing key, replaces its key data. Only when the
+// block's curve and embedded public point are pub's own (the point compared as bytes, in the
+// same encoding: X509_check_private_key's test), so the public half stays what it was. false
+// otherwise, with pub untouched (EVP_PKEY_fromdata replaces the data only after a complete
+// import); the caller then keeps a separate key. Why: SSL_use_cert_and_key checks the key
+// against the certificate with EVP_PKEY_eq, which returns at once for one object and otherwise
+// compares two copies of the curve field by field (docs/benchmarks.md, session 15).
+bool ec_key_add_private(EVP_PKEY* pub, std::string_view pem_name, std::string_view block);
+
 // ec_key_to_pkcs8 writes key as unencrypted PKCS#8 DER, byte for byte what OpenSSL 3.0 writes
 // (PrivateKeyInfo, id-ecPublicKey with the named curve, an ECPrivateKey with the scalar padded
 // to the order's length and the public point, no [0] parameters). Empty when key is not an EC

@@ -9,6 +9,7 @@
 #include <doctest/doctest.h>
 #include <openssl/core_names.h>
 #include <openssl/ec.h>
+#include <openssl/err.h>
 #include <openssl/param_build.h>
 #include <openssl/pem.h>
 
@@ -440,6 +441,76 @@ TEST_CASE("EC keys are written byte for byte as OpenSSL writes them and read bac
   // Not EC: nothing (the callers then use OpenSSL).
   CHECK(autotls::ossl::ec_key_to_pkcs8(cached_key(KeyType::rsa2048).evp()).empty());
   CHECK_FALSE(autotls::ossl::ec_key_from_der("RSA PRIVATE KEY", "\x30\x00"));
+}
+
+namespace {
+
+// public_only returns a new, public-only copy of key (as a certificate's key object is).
+ossl::EvpPkeyPtr public_only(EVP_PKEY* key) {
+  unsigned char* der = nullptr;
+  int len = i2d_PUBKEY(key, &der);
+  REQUIRE(len > 0);
+  const unsigned char* p = der;
+  ossl::EvpPkeyPtr pub(d2i_PUBKEY(nullptr, &p, len));
+  OPENSSL_free(der);
+  REQUIRE(pub);
+  return pub;
+}
+
+// signs_for reports whether key can sign, and whether the signature verifies with verifier.
+bool signs_for(EVP_PKEY* key, EVP_PKEY* verifier) {
+  unsigned char digest[32] = {9, 8, 7};
+  unsigned char sig[256];
+  std::size_t sig_len = sizeof sig;
+  ossl::EvpPkeyCtxPtr sctx(EVP_PKEY_CTX_new(key, nullptr));
+  bool ok = sctx && EVP_PKEY_sign_init(sctx.get()) == 1 &&
+            EVP_PKEY_sign(sctx.get(), sig, &sig_len, digest, sizeof digest) == 1;
+  ERR_clear_error();
+  if (!ok) return false;
+  ossl::EvpPkeyCtxPtr vctx(EVP_PKEY_CTX_new(verifier, nullptr));
+  return vctx && EVP_PKEY_verify_init(vctx.get()) == 1 &&
+         EVP_PKEY_verify(vctx.get(), sig, sig_len, digest, sizeof digest) == 1;
+}
+
+}  // namespace
+
+TEST_CASE("ec_key_add_private turns the matching public key object into the key pair, and no other") {
+  // tlsreload gives a certificate's own public-key object the private half of its key, so that
+  // SSL_use_cert_and_key compares one object with itself. It must add only the key whose curve
+  // and point are that object's, and leave the object as it was otherwise.
+  for (const char* curve : {"P-256", "P-384"}) {
+    CAPTURE(curve);
+    auto key = keygen("EC", curve);
+    std::string pkcs8 = ossl::ec_key_to_pkcs8(key.get());
+    REQUIRE_FALSE(pkcs8.empty());
+    auto sec1 = autotls::base64_decode(unwrap_pem(write_pem(key.get(), PEM_write_bio_PrivateKey_traditional)));
+    REQUIRE(sec1.has_value());
+    for (auto [name, der] : {std::pair<const char*, std::string>{"PRIVATE KEY", pkcs8}, {"EC PRIVATE KEY", *sec1}}) {
+      CAPTURE(name);
+      auto pub = public_only(key.get());
+      REQUIRE_FALSE(signs_for(pub.get(), key.get()));
+      REQUIRE(ossl::ec_key_add_private(pub.get(), name, der));
+      CHECK(signs_for(pub.get(), key.get()));
+      CHECK(EVP_PKEY_eq(pub.get(), key.get()) == 1);
+    }
+    // Another key on the same curve, a key on another curve, or not a key: refused, and the
+    // object is unchanged (still the same public key, still unable to sign).
+    auto pub = public_only(key.get());
+    auto other = keygen("EC", curve);
+    auto other_curve = keygen("EC", std::string_view(curve) == "P-256" ? "P-384" : "P-256");
+    CHECK_FALSE(ossl::ec_key_add_private(pub.get(), "PRIVATE KEY", ossl::ec_key_to_pkcs8(other.get())));
+    CHECK_FALSE(ossl::ec_key_add_private(pub.get(), "PRIVATE KEY", ossl::ec_key_to_pkcs8(other_curve.get())));
+    CHECK_FALSE(ossl::ec_key_add_private(pub.get(), "PRIVATE KEY", std::string("\x30\x00", 2)));
+    CHECK_FALSE(ossl::ec_key_add_private(pub.get(), "RSA PRIVATE KEY", pkcs8));
+    CHECK(EVP_PKEY_eq(pub.get(), key.get()) == 1);
+    CHECK_FALSE(signs_for(pub.get(), key.get()));
+  }
+  // An RSA public key is never touched.
+  const PrivateKey& rsa = cached_key(KeyType::rsa2048);
+  auto rsa_pub = public_only(rsa.evp());
+  CHECK_FALSE(ossl::ec_key_add_private(rsa_pub.get(), "PRIVATE KEY",
+                                       ossl::ec_key_to_pkcs8(keygen("EC", "P-256").get())));
+  CHECK_FALSE(ossl::ec_key_add_private(nullptr, "PRIVATE KEY", ""));
 }
 
 TEST_CASE("from_pem reads SEC1 EC and PKCS1 RSA keys") {

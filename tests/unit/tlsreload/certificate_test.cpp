@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cstring>
 
 #include "tests/support/fake_clock.h"
 #include "tests/unit/tlsreload/test_ca.h"
@@ -412,6 +413,58 @@ TEST_CASE_FIXTURE(Fixture, "certificate deferred keys built on first use sign fo
       REQUIRE(EVP_PKEY_verify_init(vctx.get()) == 1);
       CHECK(EVP_PKEY_verify(vctx.get(), sig, sig_len, digest, sizeof digest) == 1);
       CHECK(EVP_PKEY_eq(view.key, parsed.get()) == 1);
+    }
+  }
+}
+
+TEST_CASE_FIXTURE(Fixture, "certificate EC keys are served as the leaf's own key object") {
+  // The builder gives the leaf's public-key object the private half of an EC key, so that
+  // SSL_use_cert_and_key's key check compares one object with itself. The key served must still
+  // be the file's: it signs what an independent copy of the leaf's public key verifies, on both
+  // load paths and in both EC formats, and an SSL takes it. RSA keys stay separate objects.
+  LoadOptions deferred = options();
+  deferred.chain_check = LoadOptions::ChainCheck::deferred;
+  ossl::SslCtxPtr ctx(SSL_CTX_new(TLS_server_method()));
+  REQUIRE(ctx);
+  for (auto type : {testing::TestKeyType::ec256, testing::TestKeyType::ec384, testing::TestKeyType::rsa2048}) {
+    bool ec = type != testing::TestKeyType::rsa2048;
+    auto spec = ca.spec({"own.test"});
+    spec.key = type;
+    auto leaf = ca.issue(spec);
+    ossl::BioPtr bio(BIO_new_mem_buf(leaf.cert_pem.data(), static_cast<int>(leaf.cert_pem.size())));
+    ossl::X509Ptr copy(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+    REQUIRE(copy);
+    EVP_PKEY* independent = X509_get0_pubkey(copy.get());
+    for (const std::string& key_pem : {leaf.key_pem, testing::key_to_pem_traditional(leaf.key.get())}) {
+      for (const LoadOptions& o : {options(), deferred}) {
+        auto c = Certificate::from_pem(ca.chain_pem(leaf), key_pem, o);
+        REQUIRE_MESSAGE(c, c.error().message);
+        auto view = (*c)->openssl();
+        REQUIRE(view);
+        CHECK((view.key == X509_get0_pubkey(view.leaf)) == ec);
+        unsigned char digest[32] = {4, 5, 6};
+        unsigned char sig[1024];
+        std::size_t sig_len = sizeof sig;
+        std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> sctx(EVP_PKEY_CTX_new(view.key, nullptr));
+        REQUIRE(EVP_PKEY_sign_init(sctx.get()) == 1);
+        REQUIRE(EVP_PKEY_sign(sctx.get(), sig, &sig_len, digest, sizeof digest) == 1);
+        std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> vctx(EVP_PKEY_CTX_new(independent, nullptr));
+        REQUIRE(EVP_PKEY_verify_init(vctx.get()) == 1);
+        CHECK(EVP_PKEY_verify(vctx.get(), sig, sig_len, digest, sizeof digest) == 1);
+        CHECK(EVP_PKEY_eq(view.key, leaf.key.get()) == 1);
+        // The leaf's DER is what was loaded (its cached encoding is untouched).
+        unsigned char* der = nullptr;
+        int len = i2d_X509(view.leaf, &der);
+        unsigned char* want = nullptr;
+        int want_len = i2d_X509(copy.get(), &want);
+        CHECK((len == want_len && len > 0 && std::memcmp(der, want, static_cast<std::size_t>(len)) == 0));
+        OPENSSL_free(der);
+        OPENSSL_free(want);
+        ossl::SslPtr ssl(SSL_new(ctx.get()));
+        REQUIRE(ssl);
+        CHECK(SSL_use_cert_and_key(ssl.get(), view.leaf, view.key, view.chain, 1) == 1);
+        CHECK(SSL_check_private_key(ssl.get()) == 1);
+      }
     }
   }
 }
