@@ -17,7 +17,8 @@
 #   many certificates: a second tls_bench holding N extra certificates (store_bench gen fixture,
 #     N = 100,000, or 1,000 with --quick; OpenSSL objects built before listening, --warm) is
 #     loaded by tls_bench's own client (wrk cannot vary SNI) with SNI drawn at random from the
-#     N names, against the one-certificate tls_bench with SNI bench.test, alternating; then
+#     N names, against the one-certificate tls_bench with SNI bench.test, alternating (and against
+#     its own certificate, bench.test, in the same process: same_process_ratio); then
 #     once more "cold": the same N certificates with the default OpenSSL object cache (max(10,000, N/4) entries)
 #     and nothing built in advance, as right after a start;
 #   reverse proxy: wrk keep-alive against nginx proxy_pass and a third tls_bench (--upstream),
@@ -421,11 +422,22 @@ if [ -f "$fixture/complete" ]; then
     echo "$name: $(cat "client-$name.json") cpu_ticks=$((t1 - t0))" >&2
   }
   "$bench_bin" client --port "$autotls_many_port" --threads 2 --secs 1 --names-dir "$fixture/live" >/dev/null
-  rounds=2
+  # Single windows of one server swing by ~10 % on these machines (docs/benchmarks.md, session
+  # 15), so the full mode takes 4 rounds and alternates the order of the windows.
+  rounds=4
   [ "$quick" = 1 ] && rounds=1
+  # Also, each round, the many-certificate server's own certificate (bench.test): random SNI
+  # against it separates the cost of the drawn names from that of a process holding them all.
   for r in $(seq "$rounds"); do
-    client_phase "one_cert_$r" "$autotls_pid" "$autotls_port" --name bench.test
-    client_phase "many_certs_$r" "$many_pid" "$autotls_many_port" --names-dir "$fixture/live"
+    if [ $((r % 2)) = 1 ]; then
+      client_phase "one_cert_$r" "$autotls_pid" "$autotls_port" --name bench.test
+      client_phase "many_certs_$r" "$many_pid" "$autotls_many_port" --names-dir "$fixture/live"
+      client_phase "many_one_$r" "$many_pid" "$autotls_many_port" --name bench.test
+    else
+      client_phase "many_one_$r" "$many_pid" "$autotls_many_port" --name bench.test
+      client_phase "many_certs_$r" "$many_pid" "$autotls_many_port" --names-dir "$fixture/live"
+      client_phase "one_cert_$r" "$autotls_pid" "$autotls_port" --name bench.test
+    fi
   done
   kill -TERM "$many_pid" 2>/dev/null || true
   wait "$many_pid" 2>/dev/null || true
@@ -451,7 +463,7 @@ def load(kind):
     c.update(json.load(open(os.path.join(work, "client-cpu-%s_%d.json" % (kind, r)))))
     rs.append(c)
   return rs
-one, many = load("one_cert"), load("many_certs")
+one, many, many_one = load("one_cert"), load("many_certs"), load("many_one")
 def rate(rs): return round(sum(r["rate"] for r in rs) / len(rs), 1)
 def cpu(rs):
   h = sum(r["handshakes"] for r in rs)
@@ -459,8 +471,12 @@ def cpu(rs):
 out = {"certificates": n, "one_cert_handshakes_per_s": rate(one), "many_certs_handshakes_per_s": rate(many),
        "many_certs_ratio": round(rate(many) / rate(one), 3) if rate(one) else None,
        "one_cert_cpu_us_per_handshake": cpu(one), "many_certs_cpu_us_per_handshake": cpu(many),
-       "failures": sum(r["failures"] for r in one + many),
-       "rounds": [{"one": o["rate"], "many": m["rate"]} for o, m in zip(one, many)],
+       "failures": sum(r["failures"] for r in one + many + many_one),
+       "same_process_one_cert_handshakes_per_s": rate(many_one),
+       "same_process_ratio": round(rate(many) / rate(many_one), 3) if rate(many_one) else None,
+       "same_process_one_cert_cpu_us_per_handshake": cpu(many_one),
+       "rounds": [{"one": o["rate"], "many": m["rate"], "many_server_one": mo["rate"]}
+                  for o, m, mo in zip(one, many, many_one)],
        "store": store}
 if counters and store:
   out["openssl_cache_builds_while_serving"] = counters.get("openssl_cache_builds", 0) - store.get("openssl_cache_builds", 0)
