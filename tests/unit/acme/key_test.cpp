@@ -178,6 +178,7 @@ PrivateKey must_generate(KeyType type) {
 
 // A key of each type, generated once: RSA generation is slow.
 using autotls::testing::cached_key;
+using autotls::testing::signs_for;
 
 // RFC 7638 §3.1 example JWK, including the optional members the thumbprint must ignore.
 constexpr const char* kRfc7638N =
@@ -455,21 +456,6 @@ ossl::EvpPkeyPtr public_only(EVP_PKEY* key) {
   OPENSSL_free(der);
   REQUIRE(pub);
   return pub;
-}
-
-// signs_for reports whether key can sign, and whether the signature verifies with verifier.
-bool signs_for(EVP_PKEY* key, EVP_PKEY* verifier) {
-  unsigned char digest[32] = {9, 8, 7};
-  unsigned char sig[256];
-  std::size_t sig_len = sizeof sig;
-  ossl::EvpPkeyCtxPtr sctx(EVP_PKEY_CTX_new(key, nullptr));
-  bool ok = sctx && EVP_PKEY_sign_init(sctx.get()) == 1 &&
-            EVP_PKEY_sign(sctx.get(), sig, &sig_len, digest, sizeof digest) == 1;
-  ERR_clear_error();
-  if (!ok) return false;
-  ossl::EvpPkeyCtxPtr vctx(EVP_PKEY_CTX_new(verifier, nullptr));
-  return vctx && EVP_PKEY_verify_init(vctx.get()) == 1 &&
-         EVP_PKEY_verify(vctx.get(), sig, sig_len, digest, sizeof digest) == 1;
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "tests/support/fake_clock.h"
+#include "tests/support/test_keys.h"
 #include "tests/unit/tlsreload/test_ca.h"
 #include "tlsreload/certificate.h"
 #include "tlsreload/detail/intern.h"
@@ -442,15 +443,7 @@ TEST_CASE_FIXTURE(Fixture, "certificate EC keys are served as the leaf's own key
         auto view = (*c)->openssl();
         REQUIRE(view);
         CHECK((view.key == X509_get0_pubkey(view.leaf)) == ec);
-        unsigned char digest[32] = {4, 5, 6};
-        unsigned char sig[1024];
-        std::size_t sig_len = sizeof sig;
-        std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> sctx(EVP_PKEY_CTX_new(view.key, nullptr));
-        REQUIRE(EVP_PKEY_sign_init(sctx.get()) == 1);
-        REQUIRE(EVP_PKEY_sign(sctx.get(), sig, &sig_len, digest, sizeof digest) == 1);
-        std::unique_ptr<EVP_PKEY_CTX, ossl::Free<EVP_PKEY_CTX_free>> vctx(EVP_PKEY_CTX_new(independent, nullptr));
-        REQUIRE(EVP_PKEY_verify_init(vctx.get()) == 1);
-        CHECK(EVP_PKEY_verify(vctx.get(), sig, sig_len, digest, sizeof digest) == 1);
+        CHECK(testing::signs_for(view.key, independent));
         CHECK(EVP_PKEY_eq(view.key, leaf.key.get()) == 1);
         // The leaf's DER is what was loaded (its cached encoding is untouched).
         unsigned char* der = nullptr;
