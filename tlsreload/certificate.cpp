@@ -308,7 +308,7 @@ Result<ossl::EvpPkeyPtr> decode_key(std::uint8_t format, std::string_view der) {
 // cannot (PKCS#1, not EC, no embedded point): the caller then uses decode_key.
 ossl::EvpPkeyPtr fast_ec_key(std::uint8_t format, std::string_view der) {
   if (format == kPkcs1) return nullptr;
-  return ossl::ec_key_from_der(format == kPkcs8 ? "PRIVATE KEY" : "EC PRIVATE KEY", der);
+  return ossl::ec_key_from_der(format_name(format), der);
 }
 
 // leaf_key_pair makes the leaf's own public-key object (X509_get0_pubkey) its key pair, with the
@@ -323,7 +323,7 @@ ossl::EvpPkeyPtr fast_ec_key(std::uint8_t format, std::string_view der) {
 ossl::EvpPkeyPtr leaf_key_pair(X509* leaf, std::uint8_t format, std::string_view der) {
   if (format == kPkcs1) return nullptr;
   EVP_PKEY* pub = X509_get0_pubkey(leaf);
-  if (!pub || !ossl::ec_key_add_private(pub, format == kPkcs8 ? "PRIVATE KEY" : "EC PRIVATE KEY", der)) {
+  if (!pub || !ossl::ec_key_add_private(pub, format_name(format), der)) {
     return nullptr;
   }
   EVP_PKEY_up_ref(pub);
