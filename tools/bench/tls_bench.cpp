@@ -3,13 +3,15 @@
 //
 //   tls_bench --port P --root DIR --cert A.pem --key A.key [--cert2 B.pem --key2 B.key]
 //             [--swaps-per-s N] [--workers N] [--reactors N]
-//             [--store DIR [--cache N] [--warm]] [--upstream URL] [--no-tickets]
+//             [--store DIR [--cache N] [--warm] [--no-huge-pages]] [--upstream URL] [--no-tickets]
 //   tls_bench client --port P (--name NAME | --names-dir DIR) --threads T --secs S [--seed N]
 //
 // --store DIR also loads every certificate of a certbot-layout DIR/live (store_bench gen),
 // --cache sets the OpenSSL object cache capacity (default: the library's) and --warm builds
 // every certificate's OpenSSL objects before listening (what a long-running server has done by
-// the time each name has been seen once). --upstream serves every request by reverse proxy to
+// the time each name has been seen once); after loading (and warming), the malloc heaps are put
+// on huge pages (tlsreload::advise_heap_huge_pages, with MADV_COLLAPSE) unless --no-huge-pages.
+// --upstream serves every request by reverse proxy to
 // URL instead of the static root. --no-tickets turns session tickets off (tickets.enabled =
 // false), so that no client can resume: every connection is a full handshake.
 //
@@ -55,6 +57,7 @@
 
 #include "server/server.h"
 #include "tlsreload/certificate.h"
+#include "tlsreload/heap_pages.h"
 #include "tlsreload/loader.h"
 #include "tlsreload/store.h"
 
@@ -186,6 +189,7 @@ int main(int argc, char** argv) {
   std::string store_dir, upstream;
   long cache = -1;
   bool warm = false;
+  bool huge_pages = true;
   bool tickets = true;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -205,6 +209,7 @@ int main(int argc, char** argv) {
     else if (a == "--store") store_dir = next();
     else if (a == "--cache") cache = std::stol(next());
     else if (a == "--warm") warm = true;
+    else if (a == "--no-huge-pages") huge_pages = false;
     else if (a == "--no-tickets") tickets = false;
     else if (a == "--upstream") upstream = next();
     else die("unknown option " + a);
@@ -250,6 +255,16 @@ int main(int argc, char** argv) {
     loaded = {{"loaded", n}, {"load_s", load_s}, {"warm_s", warm_s},
               {"openssl_cache_capacity", stats.capacity}, {"openssl_cache_size", stats.size},
               {"openssl_cache_builds", stats.builds}};
+    if (huge_pages) {
+      // What `autotls serve` does once the cache has grown (tools/cmd_serve.cpp), done here at
+      // once so that the measurement does not depend on when khugepaged gets to the heap.
+      auto t2 = std::chrono::steady_clock::now();
+      auto hp = tlsreload::advise_heap_huge_pages(true);
+      loaded["huge_pages"] = {
+          {"advised_mib", hp.advised_bytes >> 20}, {"collapsed_mib", hp.collapsed_bytes >> 20},
+          {"s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count()},
+          {"error", hp.error}};
+    }
     std::cerr << "tls_bench: " << loaded.dump() << "\n";
   }
 
