@@ -18,6 +18,7 @@
 
 #include "acme/ari.h"
 #include "server/server.h"
+#include "tlsreload/heap_pages.h"
 #include "tlsreload/internal_ca.h"
 #include "tlsreload/on_demand.h"
 #include "tlsreload/store.h"
@@ -1189,8 +1190,30 @@ int cmd_serve(Context& ctx) {
   signals.detach();
 
   {
+    // Meanwhile, once a minute: when the OpenSSL object cache has grown by kHugePageStep
+    // certificates since the last look, put the malloc heaps that hold those objects on huge
+    // pages (tlsreload/heap_pages.h). This thread is otherwise idle, so the synchronous merge
+    // costs the reactors nothing but the kernel's brief locks; after the first merge, later ones
+    // find most of the heap merged already.
+    constexpr std::size_t kHugePageStep = 8192;  // about 40 MiB of built objects
+    std::size_t advised_at = 0;
+    bool refused = false;  // once refused (THP off, a kernel before 6.1), never asked again
     std::unique_lock lock(mu);
-    cv.wait(lock, [&] { return stopping; });
+    while (!cv.wait_for(lock, std::chrono::minutes(1), [&] { return stopping; })) {
+      std::size_t built = tlsreload::openssl_cache_stats().size;
+      if (refused || built < advised_at + kHugePageStep) continue;
+      advised_at = built;
+      lock.unlock();
+      auto hp = tlsreload::advise_heap_huge_pages(true);
+      refused = !hp.error.empty();
+      event_line("huge_pages",
+                 {{"built", built}, {"advised_mib", hp.advised_bytes >> 20},
+                  {"collapsed_mib", hp.collapsed_bytes >> 20}, {"error", hp.error}},
+                 "malloc heaps of " + std::to_string(built) + " built certificates on huge pages: " +
+                     std::to_string(hp.collapsed_bytes >> 20) + " MiB" +
+                     (refused ? " (" + hp.error + ")" : ""));
+      lock.lock();
+    }
   }
   auto drain = std::chrono::milliseconds(drain_ms.load());
   event_line("shutdown", {{"drain_seconds", static_cast<double>(drain.count()) / 1000}},
