@@ -5,10 +5,12 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
-#include <sstream>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25  // Linux 6.1; glibc 2.36's headers predate it
+#endif
 #endif
 
 namespace autotls::tlsreload {
@@ -107,9 +109,6 @@ HeapAdvice advise_heap_huge_pages(bool collapse) {
       continue;
     }
     advice.advised_bytes += n;
-#ifndef MADV_COLLAPSE
-#define MADV_COLLAPSE 25  // Linux 6.1; glibc 2.36's headers predate it
-#endif
     // A PROT_NONE reservation has nothing to merge yet, and a range under 2 MiB holds no whole
     // huge page. EAGAIN is a page briefly locked elsewhere; the khugepaged pass gets it later.
     if (collapse && !r.reserved && n >= (std::size_t{2} << 20)) {

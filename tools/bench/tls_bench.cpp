@@ -9,8 +9,8 @@
 // --store DIR also loads every certificate of a certbot-layout DIR/live (store_bench gen),
 // --cache sets the OpenSSL object cache capacity (default: the library's) and --warm builds
 // every certificate's OpenSSL objects before listening (what a long-running server has done by
-// the time each name has been seen once); after loading (and warming), the malloc heaps are put
-// on huge pages (tlsreload::advise_heap_huge_pages, with MADV_COLLAPSE) unless --no-huge-pages.
+// the time each name has been seen once), and then puts the malloc heaps on huge pages
+// (tlsreload::advise_heap_huge_pages, with MADV_COLLAPSE) unless --no-huge-pages.
 // --upstream serves every request by reverse proxy to
 // URL instead of the static root. --no-tickets turns session tickets off (tickets.enabled =
 // false), so that no client can resume: every connection is a full handshake.
@@ -255,9 +255,9 @@ int main(int argc, char** argv) {
     loaded = {{"loaded", n}, {"load_s", load_s}, {"warm_s", warm_s},
               {"openssl_cache_capacity", stats.capacity}, {"openssl_cache_size", stats.size},
               {"openssl_cache_builds", stats.builds}};
-    if (huge_pages) {
-      // What `autotls serve` does once the cache has grown (tools/cmd_serve.cpp), done here at
-      // once so that the measurement does not depend on when khugepaged gets to the heap.
+    if (warm && huge_pages) {
+      // What `autotls serve` does once the cache has grown by 8,192 (tools/cmd_serve.cpp), done
+      // here at once so that the measurement does not depend on when that happens.
       auto t2 = std::chrono::steady_clock::now();
       auto hp = tlsreload::advise_heap_huge_pages(true);
       loaded["huge_pages"] = {
