@@ -27,13 +27,4 @@ for r in $(seq $rounds); do
 done
 echo "rss small=$(awk '/VmRSS/ {print $2}' /proc/$s1/status) big=$(awk '/VmRSS/ {print $2}' /proc/$s2/status)"
 kill $s1 $s2; wait
-python3 - $W/proc.rows <<'PY'
-import collections, re, sys
-rows = collections.defaultdict(list)
-for line in open(sys.argv[1]):
-    m = re.match(r"ROW (\S+) hs=(\d+) srv_us=([\d.]+)", line)
-    if m: rows[m.group(1)].append((int(m.group(2)), float(m.group(3))))
-for label, v in rows.items():
-    hs = sum(h for h, _ in v)
-    print(label, "pooled server us/hs", round(sum(h * u for h, u in v) / hs, 1), "windows", len(v))
-PY
+python3 "$(dirname "${BASH_SOURCE[0]}")/pool_rows.py" $W/proc.rows
