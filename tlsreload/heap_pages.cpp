@@ -97,27 +97,31 @@ HeapAdvice advise_heap_huge_pages(bool collapse) {
     return advice;
   }
   std::string maps((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto note = [&](const char* what, int err) {
-    if (advice.error.empty()) advice.error = std::string(what) + ": " + std::strerror(err);
-  };
+  int advise_errno = 0, collapse_errno = 0;  // the first of each
   for (const HeapRange& r : malloc_heap_ranges(maps)) {
     void* p = reinterpret_cast<void*>(r.begin);
     std::size_t n = r.end - r.begin;
     ++advice.ranges;
     if (madvise(p, n, MADV_HUGEPAGE) != 0) {
-      note("madvise(MADV_HUGEPAGE)", errno);
+      if (advise_errno == 0) advise_errno = errno;
       continue;
     }
     advice.advised_bytes += n;
     // A PROT_NONE reservation has nothing to merge yet, and a range under 2 MiB holds no whole
-    // huge page. EAGAIN is a page briefly locked elsewhere; the khugepaged pass gets it later.
+    // huge page.
     if (collapse && !r.reserved && n >= (std::size_t{2} << 20)) {
       if (madvise(p, n, MADV_COLLAPSE) == 0) {
         advice.collapsed_bytes += n;
-      } else if (errno != EAGAIN) {
-        note("madvise(MADV_COLLAPSE)", errno);
+      } else {
+        if (collapse_errno == 0) collapse_errno = errno;
+        advice.not_collapsed_bytes += n;
       }
     }
+  }
+  if (advise_errno != 0) {
+    advice.error = std::string("madvise(MADV_HUGEPAGE): ") + std::strerror(advise_errno);
+  } else if (collapse_errno != 0 && advice.collapsed_bytes == 0) {
+    advice.error = std::string("madvise(MADV_COLLAPSE): ") + std::strerror(collapse_errno);
   }
 #else
   (void)collapse;

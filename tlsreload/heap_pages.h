@@ -35,9 +35,14 @@ std::vector<HeapRange> malloc_heap_ranges(std::string_view maps);
 
 struct HeapAdvice {
   std::size_t ranges = 0;
-  std::size_t advised_bytes = 0;    // marked MADV_HUGEPAGE
-  std::size_t collapsed_bytes = 0;  // of those, merged into huge pages now (MADV_COLLAPSE)
-  std::string error;                // the first refusal, e.g. THP off or a kernel before 6.1
+  std::size_t advised_bytes = 0;        // marked MADV_HUGEPAGE
+  std::size_t collapsed_bytes = 0;      // ranges merged into huge pages whole (MADV_COLLAPSE)
+  std::size_t not_collapsed_bytes = 0;  // ranges the kernel declined to merge (see below)
+  // Set when nothing could be done: the advice refused (a kernel without THP), or, with
+  // collapse, every merge refused (THP "never", a kernel before 6.1). A merge refused for some
+  // ranges only is not an error: a range part of whose pages are already huge, or in use,
+  // can be refused (EINVAL, EAGAIN) while the rest merge; khugepaged gets it later.
+  std::string error;
 };
 
 // advise_heap_huge_pages marks the malloc heaps MADV_HUGEPAGE: where the system's THP mode is

@@ -1208,9 +1208,13 @@ int cmd_serve(Context& ctx) {
       refused = !hp.error.empty();
       event_line("huge_pages",
                  {{"built", built}, {"advised_mib", hp.advised_bytes >> 20},
-                  {"collapsed_mib", hp.collapsed_bytes >> 20}, {"error", hp.error}},
+                  {"collapsed_mib", hp.collapsed_bytes >> 20},
+                  {"not_collapsed_mib", hp.not_collapsed_bytes >> 20}, {"error", hp.error}},
                  "malloc heaps of " + std::to_string(built) + " built certificates on huge pages: " +
                      std::to_string(hp.collapsed_bytes >> 20) + " MiB" +
+                     (hp.not_collapsed_bytes ? ", " + std::to_string(hp.not_collapsed_bytes >> 20) +
+                                                   " MiB left to khugepaged"
+                                             : "") +
                      (refused ? " (" + hp.error + ")" : ""));
       lock.lock();
     }

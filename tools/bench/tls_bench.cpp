@@ -262,6 +262,7 @@ int main(int argc, char** argv) {
       auto hp = tlsreload::advise_heap_huge_pages(true);
       loaded["huge_pages"] = {
           {"advised_mib", hp.advised_bytes >> 20}, {"collapsed_mib", hp.collapsed_bytes >> 20},
+          {"not_collapsed_mib", hp.not_collapsed_bytes >> 20},
           {"s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count()},
           {"error", hp.error}};
     }
