@@ -922,7 +922,7 @@ void set_openssl_cache_capacity_automatic() {
 }
 
 std::size_t openssl_cache_capacity_for(std::size_t certificates) {
-  return std::max(kDefaultOpenSslCacheCapacity, certificates / 4);
+  return std::max(kDefaultOpenSslCacheCapacity, certificates / 5);
 }
 
 OpenSslCacheStats openssl_cache_stats() {

@@ -101,12 +101,12 @@ struct OpenSslCacheStats {
 };
 
 // The cache bounds how many certificates keep their OpenSSL objects built at once (about
-// 6.4 KiB of RSS each for ECDSA P-256, measured at 100,000). By default the bound follows the
-// number of Certificates alive: openssl_cache_capacity_for(alive), the larger of
-// kDefaultOpenSslCacheCapacity and a quarter of them. A quarter keeps a full cache inside the
-// memory target of 4 KiB per certificate (compact form 1.8 KiB + a quarter of 6.4 KiB) while a
-// random SNI over all of them hits a quarter of the time; a miss costs about 110 µs
-// (docs/benchmarks.md).
+// 4.7–5.3 KiB of RSS each for ECDSA P-256, measured at 100,000). By default the bound follows
+// the number of Certificates alive: openssl_cache_capacity_for(alive), the larger of
+// kDefaultOpenSslCacheCapacity and a fifth of them. A fifth keeps `autotls serve` inside the
+// memory target of 4 KiB per certificate with the cache full (2.8 KiB after start + a fifth of
+// ~5.3 KiB; a quarter measured 4.11 KiB, session 16) while a random SNI over all of them hits a
+// fifth of the time (docs/benchmarks.md).
 inline constexpr std::size_t kDefaultOpenSslCacheCapacity = 10000;
 std::size_t openssl_cache_capacity_for(std::size_t certificates);
 

@@ -486,7 +486,7 @@ TEST_CASE_FIXTURE(Fixture, "certificate built objects come with the leaf's exten
 
 TEST_CASE("certificate OpenSSL object cache bound follows the live certificates") {
   CHECK(openssl_cache_capacity_for(0) == kDefaultOpenSslCacheCapacity);
-  CHECK(openssl_cache_capacity_for(100000) == 25000);
+  CHECK(openssl_cache_capacity_for(100000) == 20000);
   set_openssl_cache_capacity(7);
   CHECK(openssl_cache_stats().capacity == 7);
   set_openssl_cache_capacity_automatic();
