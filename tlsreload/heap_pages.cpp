@@ -103,7 +103,9 @@ HeapAdvice advise_heap_huge_pages(bool collapse) {
     std::size_t n = r.end - r.begin;
     ++advice.ranges;
     if (madvise(p, n, MADV_HUGEPAGE) != 0) {
-      if (advise_errno == 0) advise_errno = errno;
+      // ENOMEM: the range went away since the maps were read (glibc unmapped an emptied arena
+      // heap); anything else (EINVAL: a kernel without THP) is a refusal of the advice itself.
+      if (errno != ENOMEM && advise_errno == 0) advise_errno = errno;
       continue;
     }
     advice.advised_bytes += n;
