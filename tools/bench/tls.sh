@@ -19,7 +19,7 @@
 #     loaded by tls_bench's own client (wrk cannot vary SNI) with SNI drawn at random from the
 #     N names, against the one-certificate tls_bench with SNI bench.test, alternating (and against
 #     its own certificate, bench.test, in the same process: same_process_ratio); then
-#     once more "cold": the same N certificates with the default OpenSSL object cache (max(10,000, N/4) entries)
+#     once more "cold": the same N certificates with the default OpenSSL object cache (max(10,000, N/5) entries)
 #     and nothing built in advance, as right after a start;
 #   reverse proxy: wrk keep-alive against nginx proxy_pass and a third tls_bench (--upstream),
 #     both to the same trivial upstream (one more nginx, 1 worker, plain HTTP, the 13-byte file).
