@@ -500,7 +500,7 @@ counters_json=$(grep '"accepted"' autotls.out | tail -n 1 || true)
 echo "autotls counters: $counters_json" >&2
 
 python3 - "$work" "$secs" "$conns" "$threads" "$swaps_per_s" "$host" "${swap_json:-{\}}" "${counters_json:-{\}}" "$(getconf CLK_TCK)" "$many_json" <<'PY'
-import json, os, sys
+import glob, json, os, sys
 sys.path.insert(0, os.environ["TLS_BENCH_DIR"])
 import wrk_phase
 work, secs, conns, threads, swaps_per_s, host = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
@@ -545,6 +545,18 @@ else:
 if counters.get("handshake_failed"):
   notes.append("autotls_counters.handshake_failed counts connections wrk dropped mid-handshake when each "
                 "phase (and the warm-up and the s_client check) ended; wrk saw no errors unless a phase says so")
+# The kernel's DAMON monitors (a VM's proactive reclaim runs one) sample the accessed bits of
+# resident pages; on these machines that charges a process holding 100,000 built certificates
+# 4-12 points of CPU per handshake, HAProxy as much (docs/benchmarks.md, session 17).
+damon = []
+for st in sorted(glob.glob("/sys/kernel/mm/damon/admin/kdamonds/*/state")):
+  try:
+    damon.append(open(st).read().strip())
+  except OSError:
+    pass
+if "on" in damon and many:
+  notes.append("a DAMON monitor was on (kdamond): it charges resident memory, so many_certs_ratio "
+               "includes what 100,000 built certificates cost under it (docs/benchmarks.md, session 17)")
 notes.append("wrk (-t%d -c%d) runs on the same 2 cores as the server under test; the rates are the "
               "pair's, not the server's alone. The other server is idle meanwhile." % (threads, conns))
 out = {
@@ -592,6 +604,7 @@ out = {
             # false: tickets off on both servers, every "full" handshake a full one (TLS_BENCH_RESUME=0)
             "tickets": os.environ.get("TLS_BENCH_RESUME", "1") != "0"},
   "nice": int(os.environ.get("TLS_BENCH_NICE") or 0),
+  "damon": damon,
   "notes": notes,
 }
 print(json.dumps(out))

@@ -12,21 +12,29 @@ bin=$1; fx=$2; rounds=$3; secs=$4; shift 4; W=${W:-/tmp/hs15}
 n=$(ls $fx/live | wc -l)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 declare -A PID PORT KIND; labels=()
+source "$(dirname "${BASH_SOURCE[0]}")/haproxy_lib.sh"
 for spec in "$@"; do
   IFS=: read -r l kind envs flags <<< "$spec"; labels+=("$l"); KIND[$l]=$kind; PORT[$l]=$(port)
+  case $kind in
+    haproxy-small) haproxy_start $l ${PORT[$l]} "" > $W/multi.$l.out 2>&1; PID[$l]=$HAPROXY_PID; continue ;;
+    haproxy-big) haproxy_start $l ${PORT[$l]} $fx > $W/multi.$l.out 2>&1; PID[$l]=$HAPROXY_PID; continue ;;
+  esac
   extra=""; [ "$kind" = big ] && extra="--store $fx --cache $((n+1000)) --warm"
   # shellcheck disable=SC2046,SC2086
   env $(echo "$envs" | tr , ' ') $bin --port ${PORT[$l]} --root $W/www --cert $W/a.pem --key $W/a.key \
     --swaps-per-s 0 $extra $(echo "$flags" | tr , ' ') > $W/multi.$l.out 2>&1 &
   PID[$l]=$!
 done
-for l in "${labels[@]}"; do for i in $(seq 6000); do grep -q listening $W/multi.$l.out 2>/dev/null && break; sleep 0.2; done; done
+for l in "${labels[@]}"; do
+  case ${KIND[$l]} in haproxy-*) haproxy_wait $bin ${PORT[$l]} ${PID[$l]} $W/multi.$l.out; continue ;; esac
+  for i in $(seq 6000); do grep -q listening $W/multi.$l.out 2>/dev/null && break; sleep 0.2; done
+done
 huge() { awk '/AnonHugePages/ {s += $2} END {print s}' /proc/$1/smaps_rollup; }
 for l in "${labels[@]}"; do echo "$l pid ${PID[$l]} rss_kb=$(awk '/VmRSS/ {print $2}' /proc/${PID[$l]}/status) anon_huge_kb=$(huge ${PID[$l]})"; done
 ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' /proc/$1/stat; }
 win() { # LABEL SEED
   local l=$1 pid=${PID[$1]} a="--name bench.test"
-  [ "${KIND[$l]}" = big ] && a="--names-dir $fx/live --seed $2"
+  case ${KIND[$l]} in *big) a="--names-dir $fx/live --seed $2" ;; esac
   local t0; t0=$(ticks $pid)
   # shellcheck disable=SC2086
   local hs; hs=$($bin client --port ${PORT[$l]} --threads 2 --secs $secs $a | python3 -c 'import json,sys; print(json.load(sys.stdin)["handshakes"])')
