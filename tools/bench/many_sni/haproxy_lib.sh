@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # haproxy_lib.sh (sourced by proc_multi.sh): HAProxy as the peer of the many-certificates row.
 # haproxy_start LABEL PORT FIXTURE|"": starts `haproxy -db` (2 threads, TLS 1.2+, ALPN http/1.1,
 # every request answered with a small 200) in the background on 127.0.0.1:PORT with W's single
@@ -38,7 +39,8 @@ frontend f
   http-request return status 200 content-type text/plain string "hello"
 CFG
   haproxy -db -f "$d/haproxy.cfg" &
-  HAPROXY_PID=$!
+  HAPROXY_PID=$!  # read by the caller
+  export HAPROXY_PID
 }
 haproxy_wait() {
   local bin=$1 p=$2 pid=$3 log=$4 t0=$SECONDS

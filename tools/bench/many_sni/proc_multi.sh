@@ -27,7 +27,7 @@ for spec in "$@"; do
 done
 for l in "${labels[@]}"; do
   case ${KIND[$l]} in haproxy-*) haproxy_wait $bin ${PORT[$l]} ${PID[$l]} $W/multi.$l.out; continue ;; esac
-  for i in $(seq 6000); do grep -q listening $W/multi.$l.out 2>/dev/null && break; sleep 0.2; done
+  for _ in $(seq 6000); do grep -q listening $W/multi.$l.out 2>/dev/null && break; sleep 0.2; done
 done
 huge() { awk '/AnonHugePages/ {s += $2} END {print s}' /proc/$1/smaps_rollup; }
 for l in "${labels[@]}"; do echo "$l pid ${PID[$l]} rss_kb=$(awk '/VmRSS/ {print $2}' /proc/${PID[$l]}/status) anon_huge_kb=$(huge ${PID[$l]})"; done
