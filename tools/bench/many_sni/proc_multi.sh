@@ -12,6 +12,9 @@ bin=$1; fx=$2; rounds=$3; secs=$4; shift 4; W=${W:-/tmp/hs15}
 n=$(ls $fx/live | wc -l)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 declare -A PID PORT KIND; labels=()
+# Whatever happens (a server that never comes up, ^C), no server outlives the script.
+stop_all() { local p; for p in "${PID[@]}"; do kill "$p" 2> /dev/null; done; }
+trap stop_all EXIT
 source "$(dirname "${BASH_SOURCE[0]}")/haproxy_lib.sh"
 for spec in "$@"; do
   IFS=: read -r l kind envs flags <<< "$spec"; labels+=("$l"); KIND[$l]=$kind; PORT[$l]=$(port)
