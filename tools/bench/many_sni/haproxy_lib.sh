@@ -39,8 +39,8 @@ frontend f
   http-request return status 200 content-type text/plain string "hello"
 CFG
   haproxy -db -f "$d/haproxy.cfg" &
-  HAPROXY_PID=$!  # read by the caller
-  export HAPROXY_PID
+  # shellcheck disable=SC2034 # read by the caller (proc_multi.sh)
+  HAPROXY_PID=$!
 }
 haproxy_wait() {
   local bin=$1 p=$2 pid=$3 log=$4 t0=$SECONDS
