@@ -88,21 +88,15 @@ std::vector<HeapRange> malloc_heap_ranges(std::string_view maps) {
   return out;
 }
 
-HeapAdvice advise_heap_huge_pages(bool collapse) {
+HeapAdvice advise_ranges(const std::vector<HeapRange>& ranges, bool collapse, MadviseFn call) {
   HeapAdvice advice;
 #if defined(__linux__)
-  std::ifstream in("/proc/self/maps");
-  if (!in) {
-    advice.error = "cannot read /proc/self/maps";
-    return advice;
-  }
-  std::string maps((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   int advise_errno = 0, collapse_errno = 0;  // the first of each
-  for (const HeapRange& r : malloc_heap_ranges(maps)) {
+  for (const HeapRange& r : ranges) {
     void* p = reinterpret_cast<void*>(r.begin);
     std::size_t n = r.end - r.begin;
     ++advice.ranges;
-    if (madvise(p, n, MADV_HUGEPAGE) != 0) {
+    if (call(p, n, MADV_HUGEPAGE) != 0) {
       // ENOMEM: the range went away since the maps were read (glibc unmapped an emptied arena
       // heap); anything else (EINVAL: a kernel without THP) is a refusal of the advice itself.
       if (errno != ENOMEM && advise_errno == 0) advise_errno = errno;
@@ -112,7 +106,7 @@ HeapAdvice advise_heap_huge_pages(bool collapse) {
     // A PROT_NONE reservation has nothing to merge yet, and a range under 2 MiB holds no whole
     // huge page.
     if (collapse && !r.reserved && n >= (std::size_t{2} << 20)) {
-      if (madvise(p, n, MADV_COLLAPSE) == 0) {
+      if (call(p, n, MADV_COLLAPSE) == 0) {
         advice.collapsed_bytes += n;
       } else {
         if (collapse_errno == 0) collapse_errno = errno;
@@ -120,15 +114,35 @@ HeapAdvice advise_heap_huge_pages(bool collapse) {
       }
     }
   }
-  if (advise_errno != 0) {
+  if (advise_errno != 0 && advice.advised_bytes == 0) {
     advice.error = std::string("madvise(MADV_HUGEPAGE): ") + std::strerror(advise_errno);
   } else if (collapse_errno != 0 && advice.collapsed_bytes == 0) {
     advice.error = std::string("madvise(MADV_COLLAPSE): ") + std::strerror(collapse_errno);
   }
 #else
+  (void)ranges;
   (void)collapse;
+  (void)call;
 #endif
   return advice;
+}
+
+HeapAdvice advise_heap_huge_pages(bool collapse) {
+#if defined(__linux__)
+  std::ifstream in("/proc/self/maps");
+  if (!in) {
+    HeapAdvice advice;
+    advice.error = "cannot read /proc/self/maps";
+    return advice;
+  }
+  std::string maps((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return advise_ranges(malloc_heap_ranges(maps), collapse, [](void* a, std::size_t n, int adv) {
+    return ::madvise(a, n, adv);
+  });
+#else
+  (void)collapse;
+  return {};
+#endif
 }
 
 }  // namespace autotls::tlsreload

@@ -38,10 +38,12 @@ struct HeapAdvice {
   std::size_t advised_bytes = 0;        // marked MADV_HUGEPAGE
   std::size_t collapsed_bytes = 0;      // ranges merged into huge pages whole (MADV_COLLAPSE)
   std::size_t not_collapsed_bytes = 0;  // ranges the kernel declined to merge (see below)
-  // Set when nothing could be done: the advice refused (a kernel without THP), or, with
-  // collapse, every merge refused (THP "never", a kernel before 6.1). A merge refused for some
-  // ranges only is not an error: a range part of whose pages are already huge, or in use,
-  // can be refused (EINVAL, EAGAIN) while the rest merge; khugepaged gets it later.
+  // Set when nothing could be done: the advice refused for every range (a kernel without
+  // THP), or, with collapse, every merge refused (THP "never", a kernel before 6.1). A refusal
+  // for some ranges only is not an error: a range part of whose pages are already huge, or in
+  // use, can be refused (EINVAL, EAGAIN) while the rest merge; khugepaged gets it later. A range
+  // gone since /proc/self/maps was read (ENOMEM: glibc unmapped an emptied arena heap) is
+  // skipped and is no refusal.
   std::string error;
 };
 
@@ -54,5 +56,10 @@ struct HeapAdvice {
 // skipped by the kernel. A refusal (THP "never", an older kernel) changes nothing and is
 // reported in error.
 HeapAdvice advise_heap_huge_pages(bool collapse);
+
+// The same over given ranges with a given madvise (0 or -1 and errno, as the system call):
+// what advise_heap_huge_pages does once it has read the ranges. For tests.
+using MadviseFn = int (*)(void* addr, std::size_t length, int advice);
+HeapAdvice advise_ranges(const std::vector<HeapRange>& ranges, bool collapse, MadviseFn call);
 
 }  // namespace autotls::tlsreload

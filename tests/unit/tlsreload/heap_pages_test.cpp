@@ -11,6 +11,15 @@
 
 #include "tlsreload/heap_pages.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+
+#include <cerrno>
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+#endif
+
 using namespace autotls::tlsreload;
 
 namespace {
@@ -34,7 +43,107 @@ constexpr bool kOwnMalloc = false;
 constexpr bool kOwnMalloc = false;
 #endif
 
+#if defined(__linux__)
+// A stand-in for madvise: refuses the ranges and advices a test names, records every call.
+struct FakeMadvise {
+  struct Call {
+    std::uintptr_t begin;
+    std::size_t length;
+    int advice;
+  };
+  static inline std::vector<Call> calls;
+  // (range begin, advice) -> errno; not listed: success
+  static inline std::vector<std::pair<std::pair<std::uintptr_t, int>, int>> refusals;
+  static int call(void* addr, std::size_t length, int advice) {
+    auto b = reinterpret_cast<std::uintptr_t>(addr);
+    calls.push_back({b, length, advice});
+    for (const auto& [key, err] : refusals) {
+      if (key.first == b && key.second == advice) {
+        errno = err;
+        return -1;
+      }
+    }
+    return 0;
+  }
+  static void reset() {
+    calls.clear();
+    refusals.clear();
+  }
+};
+#endif
+
 }  // namespace
+
+#if defined(__linux__)
+TEST_CASE("advise_ranges: an error only when nothing could be done") {
+  constexpr std::uintptr_t MiB = 1 << 20;
+  const std::vector<HeapRange> ranges = {
+      {0x10000000, 0x10000000 + 8 * MiB, false},   // a heap in use
+      {0x20000000, 0x20000000 + 4 * MiB, false},   // another
+      {0x20000000 + 4 * MiB, 0x24000000, true},    // its reserved rest: advised, never merged
+      {0x30000000, 0x30000000 + MiB, false},       // under 2 MiB: advised, never merged
+  };
+  const std::size_t all = 8 * MiB + 4 * MiB + (0x24000000 - 0x20000000 - 4 * MiB) + MiB;
+
+  SUBCASE("everything taken") {
+    FakeMadvise::reset();
+    auto a = advise_ranges(ranges, true, &FakeMadvise::call);
+    CHECK(a.error.empty());
+    CHECK(a.ranges == 4);
+    CHECK(a.advised_bytes == all);
+    CHECK(a.collapsed_bytes == 12 * MiB);
+    CHECK(a.not_collapsed_bytes == 0);
+    CHECK(FakeMadvise::calls.size() == 6);  // four advices, two merges
+    FakeMadvise::reset();
+    a = advise_ranges(ranges, false, &FakeMadvise::call);  // no collapse: no merge asked
+    CHECK(a.collapsed_bytes == 0);
+    CHECK(FakeMadvise::calls.size() == 4);
+  }
+  SUBCASE("the advice refused for one range only is no error") {
+    FakeMadvise::reset();
+    FakeMadvise::refusals = {{{0x10000000, MADV_HUGEPAGE}, EINVAL}};
+    auto a = advise_ranges(ranges, true, &FakeMadvise::call);
+    CHECK(a.error.empty());
+    CHECK(a.advised_bytes == all - 8 * MiB);
+    CHECK(a.collapsed_bytes == 4 * MiB);  // the refused range is not merged either
+    CHECK(FakeMadvise::calls.size() == 5);
+  }
+  SUBCASE("the advice refused for every range is the error") {
+    FakeMadvise::reset();
+    for (const auto& r : ranges) FakeMadvise::refusals.push_back({{r.begin, MADV_HUGEPAGE}, EINVAL});
+    auto a = advise_ranges(ranges, true, &FakeMadvise::call);
+    CHECK(a.advised_bytes == 0);
+    CHECK(a.collapsed_bytes == 0);
+    CHECK(a.error.find("MADV_HUGEPAGE") != std::string::npos);
+    CHECK(FakeMadvise::calls.size() == 4);
+  }
+  SUBCASE("ranges gone since the maps were read are skipped, not refused") {
+    FakeMadvise::reset();
+    FakeMadvise::refusals = {{{0x10000000, MADV_HUGEPAGE}, ENOMEM},
+                             {{0x20000000, MADV_HUGEPAGE}, ENOMEM},
+                             {{0x20000000 + 4 * MiB, MADV_HUGEPAGE}, ENOMEM},
+                             {{0x30000000, MADV_HUGEPAGE}, ENOMEM}};
+    auto a = advise_ranges(ranges, true, &FakeMadvise::call);
+    CHECK(a.advised_bytes == 0);
+    CHECK(a.error.empty());
+  }
+  SUBCASE("a merge refused for some ranges is no error, for all it is") {
+    FakeMadvise::reset();
+    FakeMadvise::refusals = {{{0x10000000, MADV_COLLAPSE}, EAGAIN}};
+    auto a = advise_ranges(ranges, true, &FakeMadvise::call);
+    CHECK(a.error.empty());
+    CHECK(a.collapsed_bytes == 4 * MiB);
+    CHECK(a.not_collapsed_bytes == 8 * MiB);
+    FakeMadvise::reset();
+    FakeMadvise::refusals = {{{0x10000000, MADV_COLLAPSE}, EINVAL}, {{0x20000000, MADV_COLLAPSE}, EINVAL}};
+    a = advise_ranges(ranges, true, &FakeMadvise::call);
+    CHECK(a.advised_bytes == all);
+    CHECK(a.collapsed_bytes == 0);
+    CHECK(a.not_collapsed_bytes == 12 * MiB);
+    CHECK(a.error.find("MADV_COLLAPSE") != std::string::npos);
+  }
+}
+#endif
 
 TEST_CASE("malloc_heap_ranges keeps [heap] and glibc arena heaps, and nothing else") {
   // A /proc/self/maps as a threaded glibc process shows it (addresses shortened).
