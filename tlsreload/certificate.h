@@ -98,17 +98,28 @@ struct OpenSslCacheStats {
   std::uint64_t builds = 0;      // cache misses that built objects from DER
   std::uint64_t evictions = 0;
   std::uint64_t verify_failed = 0;  // certificates whose deferred verification failed
+  std::size_t signing_contexts = 1;  // as noted (note_openssl_signing_contexts)
 };
 
 // The cache bounds how many certificates keep their OpenSSL objects built at once (about
-// 4.7–5.3 KiB of RSS each for ECDSA P-256, measured at 100,000). By default the bound follows
-// the number of Certificates alive: openssl_cache_capacity_for(alive), the larger of
-// kDefaultOpenSslCacheCapacity and a fifth of them. A fifth keeps `autotls serve` inside the
-// memory target of 4 KiB per certificate with the cache full (2.8 KiB after start + a fifth of
-// ~5.3 KiB; a quarter measured 4.11 KiB, session 16) while a random SNI over all of them hits a
-// fifth of the time (docs/benchmarks.md).
+// 4.7–5.3 KiB of RSS each for ECDSA P-256, measured at 100,000, and ~2.1 KiB more for each
+// further OpenSSL library context that signs with the key: it exports a copy, which the key
+// keeps). By default the bound follows the number of Certificates alive and of library
+// contexts that sign (note_openssl_signing_contexts): openssl_cache_capacity_for(alive,
+// contexts), the larger of kDefaultOpenSslCacheCapacity and alive × 5 / (25 + 7 × (contexts −
+// 1)): a fifth with one context, a 6.4th with two, and so on, which keeps the built objects,
+// copies included, at about the memory a fifth takes with one. A fifth keeps `autotls serve`
+// inside the memory target of 4 KiB per certificate with the cache full (3.94 KiB, session
+// 17; a sixth with two contexts measured 3.94 KiB too, and a fifth with two 4.14 KiB, session
+// 18), while a random SNI over all of them hits that fraction of the time (docs/benchmarks.md).
 inline constexpr std::size_t kDefaultOpenSslCacheCapacity = 10000;
-std::size_t openssl_cache_capacity_for(std::size_t certificates);
+std::size_t openssl_cache_capacity_for(std::size_t certificates, std::size_t contexts = 1);
+
+// note_openssl_signing_contexts tells the cache that built keys may sign in up to `contexts`
+// OpenSSL library contexts, the default one included (server/detail/lib_contexts.h: one per
+// reactor). The automatic bound uses the largest number noted: it never goes back down,
+// since those contexts, and the copies keys hold, are never freed. Thread-safe.
+void note_openssl_signing_contexts(std::size_t contexts);
 
 // set_openssl_cache_capacity fixes that bound (0: build on every use, keep nothing);
 // set_openssl_cache_capacity_automatic returns to the default. Thread-safe; evicts at once

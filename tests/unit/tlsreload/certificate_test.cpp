@@ -486,11 +486,28 @@ TEST_CASE_FIXTURE(Fixture, "certificate built objects come with the leaf's exten
 
 TEST_CASE("certificate OpenSSL object cache bound follows the live certificates") {
   CHECK(openssl_cache_capacity_for(0) == kDefaultOpenSslCacheCapacity);
-  CHECK(openssl_cache_capacity_for(100000) == 20000);
+  CHECK(openssl_cache_capacity_for(100000) == 20000);  // a fifth
+  // Each further library context that signs adds a key copy: the bound shrinks to pay for it.
+  CHECK(openssl_cache_capacity_for(100000, 1) == 20000);
+  CHECK(openssl_cache_capacity_for(100000, 2) == 15625);
+  CHECK(openssl_cache_capacity_for(1000000, 4) == 108695);
+  CHECK(openssl_cache_capacity_for(100000, 8) == kDefaultOpenSslCacheCapacity);
+  CHECK(openssl_cache_capacity_for(100000, 0) == 20000);
   set_openssl_cache_capacity(7);
   CHECK(openssl_cache_stats().capacity == 7);
   set_openssl_cache_capacity_automatic();
   CHECK(openssl_cache_stats().capacity >= kDefaultOpenSslCacheCapacity);
+}
+
+TEST_CASE("certificate OpenSSL object cache: the signing contexts noted only grow") {
+  std::size_t before = openssl_cache_stats().signing_contexts;
+  CHECK(before >= 1);
+  note_openssl_signing_contexts(before + 2);
+  CHECK(openssl_cache_stats().signing_contexts == before + 2);
+  note_openssl_signing_contexts(before + 1);  // fewer: the copies of the others remain
+  CHECK(openssl_cache_stats().signing_contexts == before + 2);
+  note_openssl_signing_contexts(0);
+  CHECK(openssl_cache_stats().signing_contexts == before + 2);
 }
 
 TEST_CASE_FIXTURE(Fixture, "certificate OpenSSL object cache evicts and rebuilds") {
