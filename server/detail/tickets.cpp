@@ -55,6 +55,7 @@ std::chrono::seconds TicketKeyRing::rotate_every() const {
 
 TicketKeyRing::~TicketKeyRing() {
   for (auto& k : keys_) wipe(k);
+  for (auto& in : installed_) EVP_CIPHER_free(in->aes);
 }
 
 void TicketKeyRing::wipe(Key& k) {
@@ -106,8 +107,18 @@ std::uint64_t TicketKeyRing::rotations() const {
   return rotations_;
 }
 
-Status TicketKeyRing::install(SSL_CTX* ctx) {
-  if (SSL_CTX_set_ex_data(ctx, ring_index(), this) != 1 ||
+Status TicketKeyRing::install(SSL_CTX* ctx, OSSL_LIB_CTX* lib) {
+  auto in = std::make_unique<Installed>();
+  in->ring = this;
+  in->lib = lib;
+  in->aes = EVP_CIPHER_fetch(lib, "AES-256-CBC", nullptr);
+  if (!in->aes) return fail(ossl::error("https: session tickets: AES-256-CBC"));
+  Installed* raw = in.get();
+  {
+    std::lock_guard lock(mu_);
+    installed_.push_back(std::move(in));
+  }
+  if (SSL_CTX_set_ex_data(ctx, ring_index(), raw) != 1 ||
       SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, &TicketKeyRing::callback) != 1) {
     return fail(ossl::error("https: session ticket key callback"));
   }
@@ -118,14 +129,16 @@ Status TicketKeyRing::install(SSL_CTX* ctx) {
 
 int TicketKeyRing::callback(SSL* ssl, unsigned char key_name[16], unsigned char iv[16],
                             EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc) {
-  auto* ring = static_cast<TicketKeyRing*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ring_index()));
-  if (!ring) return enc ? -1 : 0;
+  auto* in = static_cast<const Installed*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ring_index()));
+  if (!in) return enc ? -1 : 0;
   // The version is settled before the client hello's pre_shared_key extension is read.
-  return ring->seal_or_open(key_name, iv, cipher, mac, enc, SSL_version(ssl) >= TLS1_3_VERSION);
+  return in->ring->seal_or_open(*in, key_name, iv, cipher, mac, enc,
+                                SSL_version(ssl) >= TLS1_3_VERSION);
 }
 
-int TicketKeyRing::seal_or_open(unsigned char key_name[16], unsigned char iv[16],
-                                EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc, bool tls13) {
+int TicketKeyRing::seal_or_open(const Installed& in, unsigned char key_name[16],
+                                unsigned char iv[16], EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac,
+                                int enc, bool tls13) {
   std::lock_guard lock(mu_);
   maintain(now_());
   const Key* key = nullptr;
@@ -135,7 +148,9 @@ int TicketKeyRing::seal_or_open(unsigned char key_name[16], unsigned char iv[16]
     key = &keys_.front();
     current = true;
     std::memcpy(key_name, key->name.data(), key->name.size());
-    if (RAND_bytes(iv, EVP_MAX_IV_LENGTH < 16 ? EVP_MAX_IV_LENGTH : 16) != 1) return -1;
+    if (RAND_bytes_ex(in.lib, iv, EVP_MAX_IV_LENGTH < 16 ? EVP_MAX_IV_LENGTH : 16, 0) != 1) {
+      return -1;
+    }
   } else {
     for (std::size_t i = 0; i < keys_.size(); ++i) {
       if (std::memcmp(keys_[i].name.data(), key_name, 16) == 0) {
@@ -153,8 +168,8 @@ int TicketKeyRing::seal_or_open(unsigned char key_name[16], unsigned char iv[16]
                                                const_cast<char*>("SHA256"), 0);
   params[2] = OSSL_PARAM_construct_end();
   if (EVP_MAC_CTX_set_params(mac, params) != 1) return -1;
-  int ok = enc ? EVP_EncryptInit_ex(cipher, EVP_aes_256_cbc(), nullptr, key->aes.data(), iv)
-               : EVP_DecryptInit_ex(cipher, EVP_aes_256_cbc(), nullptr, key->aes.data(), iv);
+  int ok = enc ? EVP_EncryptInit_ex2(cipher, in.aes, key->aes.data(), iv, nullptr)
+               : EVP_DecryptInit_ex2(cipher, in.aes, key->aes.data(), iv, nullptr);
   if (ok != 1) return -1;
   // 2: the ticket is good and the client gets a fresh one. Always in TLS 1.3: clients use each
   // ticket once (RFC 8446 §C.4 asks them to; OpenSSL's client, so wrk and curl, does), and

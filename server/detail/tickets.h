@@ -14,7 +14,9 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
+#include <vector>
 
 #include "acme/util/error.h"
 
@@ -32,9 +34,12 @@ class TicketKeyRing {
   TicketKeyRing& operator=(const TicketKeyRing&) = delete;
 
   // install makes ctx seal and open tickets with this ring (SSL_CTX_set_tlsext_ticket_key_evp_cb)
-  // and sets the ticket lifetime hint and session timeout. The ring MUST outlive ctx's
-  // handshakes: the caller keeps both in the same owner.
-  Status install(SSL_CTX* ctx);
+  // and sets the ticket lifetime hint and session timeout. lib is the OpenSSL library context
+  // ctx was made in (nullptr: the default one): the ring fetches its cipher there once, and
+  // takes the IVs from its random generator, so that a ticket sealed or opened fetches nothing
+  // and touches no other context's locks. The ring MUST outlive ctx's handshakes: the caller
+  // keeps both in the same owner. Several contexts may share one ring (each its own install).
+  Status install(SSL_CTX* ctx, OSSL_LIB_CTX* lib = nullptr);
 
   // rotate_now starts a new current key at once (as if the schedule had come due).
   void rotate_now();
@@ -56,10 +61,17 @@ class TicketKeyRing {
     Clock::time_point retired;  // when a newer key replaced it (max() while current)
   };
 
+  // What an SSL_CTX's ex data points at: the ring, and what install fetched for that context.
+  struct Installed {
+    TicketKeyRing* ring = nullptr;
+    OSSL_LIB_CTX* lib = nullptr;
+    EVP_CIPHER* aes = nullptr;  // AES-256-CBC, fetched in lib
+  };
+
   static int callback(SSL* ssl, unsigned char key_name[16], unsigned char iv[16],
                       EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc);
-  int seal_or_open(unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX* cipher,
-                   EVP_MAC_CTX* mac, int enc, bool tls13);
+  int seal_or_open(const Installed& in, unsigned char key_name[16], unsigned char iv[16],
+                   EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc, bool tls13);
   // maintain rotates when due and drops expired keys; mu_ held.
   void maintain(Clock::time_point now);
   void add_key(Clock::time_point now);  // mu_ held
@@ -73,6 +85,7 @@ class TicketKeyRing {
   mutable std::mutex mu_;
   std::deque<Key> keys_;  // front: current
   std::uint64_t rotations_ = 0;
+  std::vector<std::unique_ptr<Installed>> installed_;  // one per install; mu_ held to add
 };
 
 }  // namespace autotls::server::detail
