@@ -35,6 +35,7 @@
 #include "acme/util/openssl.h"
 #include "server/detail/access_log.h"
 #include "server/detail/http_util.h"
+#include "server/detail/lib_contexts.h"
 #include "server/detail/snapshot_cell.h"
 #include "server/detail/tickets.h"
 #include "server/proxy.h"
@@ -355,6 +356,7 @@ class ConnStream final : public httplib::Stream {
 // with EPOLLEXCLUSIVE, so a new connection wakes one reactor), the connections it accepted,
 // and the queue on which workers give connections back to it.
 struct Reactor {
+  std::size_t index = 0;  // its place in Impl::reactors
   int epoll_fd = -1;
   int wake_fd = -1;
   Pollable wake_tag{Pollable::Kind::wake};
@@ -534,7 +536,12 @@ struct Server::Impl {
 
   // Declared before ssl_ctx so it outlives the SSL_CTX whose ticket callback points at it.
   std::unique_ptr<detail::TicketKeyRing> tickets;
-  ossl::SslCtxPtr ssl_ctx;
+  ossl::SslCtxPtr ssl_ctx;  // reactor 0's, in OpenSSL's default library context
+  // Reactor k >= 1 uses reactor_ctxs[k - 1], alike but in a library context of its own
+  // (detail/lib_contexts.h: the reactors then do not share OpenSSL's fetch locks). Empty when
+  // one reactor, or when no such context could be made (every reactor uses ssl_ctx). Filled by
+  // build_tls before hooked_ctx is set, unchanged after.
+  std::vector<ossl::SslCtxPtr> reactor_ctxs;
   // What requests route by: replaced as a whole by reload, read by every request without a
   // lock (detail::SnapshotCell).
   detail::SnapshotCell<Routing> routing_cell;
@@ -600,12 +607,26 @@ struct Server::Impl {
   std::atomic<std::uint64_t> accepted{0}, rejected{0}, handshakes{0}, handshake_failed{0},
       handshake_timeout{0}, header_timeout{0}, idle_closed{0}, header_too_large{0},
       requests{0}, forced_closed{0}, read_timeout{0}, write_timeout{0};
-  // The https SSL_CTX once attach succeeded (its client-hello hook counts SNI misses), for the
-  // metrics; set once, and the SSL_CTX lives as long as the Impl.
+  // The https SSL_CTX once attach succeeded on it and on reactor_ctxs (their client-hello hooks
+  // count SNI misses), for the metrics; set once, and the SSL_CTXs live as long as the Impl.
   std::atomic<SSL_CTX*> hooked_ctx{nullptr};
 
   tlsreload::HookCounters sni_counters() const {
-    return tlsreload::hook_counters(hooked_ctx.load(std::memory_order_acquire));
+    SSL_CTX* ctx = hooked_ctx.load(std::memory_order_acquire);
+    tlsreload::HookCounters sum = tlsreload::hook_counters(ctx);
+    if (!ctx) return sum;
+    for (const auto& rc : reactor_ctxs) {
+      tlsreload::HookCounters c = tlsreload::hook_counters(rc.get());
+      sum.sni_misses += c.sni_misses;
+      sum.no_sni += c.no_sni;
+    }
+    return sum;
+  }
+
+  // The SSL_CTX a connection accepted by reactor r starts its handshake in.
+  SSL_CTX* tls_context(const Reactor& r) const {
+    if (r.index == 0 || reactor_ctxs.empty()) return ssl_ctx.get();
+    return reactor_ctxs[(r.index - 1) % reactor_ctxs.size()].get();
   }
 
   // A reserve descriptor (/dev/null) held for the moment the process runs out of them: on
@@ -796,10 +817,48 @@ struct Server::Impl {
     return l;
   }
 
+  // build_tls makes ssl_ctx and reactor_ctxs, configured alike, and attaches the store to each.
   Status build_tls() {
+    if (cfg.tickets.enabled) {
+      tickets = std::make_unique<detail::TicketKeyRing>(cfg.tickets.rotate_every,
+                                                        cfg.tickets.lifetime);
+    }
+    tlsreload::AttachOptions opts;
+    opts.alpn_protocols = cfg.alpn_protocols;
+    if (challenges) {
+      // Holds the ChallengeStore alive as long as the SSL_CTX (attach owns the options).
+      opts.alpn_challenge = [ch = challenges](std::string_view sni) { return ch->tls_alpn(sni); };
+    }
+    if (cfg.tls_hooks) cfg.tls_hooks(opts);
     ssl_ctx.reset(SSL_CTX_new(TLS_server_method()));
     if (!ssl_ctx) return fail(ossl::error("https: SSL_CTX_new"));
-    SSL_CTX* ctx = ssl_ctx.get();
+    if (auto st = configure_tls(ssl_ctx.get(), nullptr, opts); !st) return st;
+    reactor_ctxs.clear();
+    for (std::size_t k = 1; k < reactor_count; ++k) {
+      std::string why;
+      OSSL_LIB_CTX* lib = detail::reactor_lib_context(k - 1, why);
+      ossl::SslCtxPtr ctx(lib ? SSL_CTX_new_ex(lib, nullptr, TLS_server_method()) : nullptr);
+      if (lib && !ctx) why = "SSL_CTX_new_ex: " + ossl::drain_errors();
+      if (!ctx) {
+        // Not an error: the reactors share the default context, as they did before.
+        log->log(LogLevel::warn, kLog, "reactors share one OpenSSL library context",
+                 {{"reactor", std::to_string(k)}, {"error", why}});
+        reactor_ctxs.clear();
+        break;
+      }
+      if (auto st = configure_tls(ctx.get(), lib, opts); !st) return st;
+      reactor_ctxs.push_back(std::move(ctx));
+    }
+    // Keys copied into reactor_ctxs' contexts cost the object cache room (tlsreload).
+    tlsreload::note_openssl_signing_contexts(1 + reactor_ctxs.size());
+    hooked_ctx.store(ssl_ctx.get(), std::memory_order_release);
+    return {};
+  }
+
+  // configure_tls sets ctx, made in library context lib (nullptr: the default), up as every
+  // https context is (TLS settings, tickets from the one ring, the store attached with a copy
+  // of opts).
+  Status configure_tls(SSL_CTX* ctx, OSSL_LIB_CTX* lib, const tlsreload::AttachOptions& opts) {
     if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
         SSL_CTX_set_cipher_list(ctx, kIntermediateCiphers) != 1) {
       return fail(ossl::error("https: TLS settings"));
@@ -819,10 +878,8 @@ struct Server::Impl {
     // Resumption is stateless only: no server-side session cache (memory per client, and a
     // session ID would resume even after its ticket key was retired).
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-    if (cfg.tickets.enabled) {
-      tickets = std::make_unique<detail::TicketKeyRing>(cfg.tickets.rotate_every,
-                                                        cfg.tickets.lifetime);
-      if (auto st = tickets->install(ctx); !st) return st;
+    if (tickets) {
+      if (auto st = tickets->install(ctx, lib); !st) return st;
       // One TLS 1.3 ticket per handshake instead of OpenSSL's two: a client resumes with one,
       // and each costs an encryption and a record.
       SSL_CTX_set_num_tickets(ctx, 1);
@@ -831,17 +888,9 @@ struct Server::Impl {
       // TLS 1.3 would still send stateful tickets backed by the (disabled) cache.
       SSL_CTX_set_num_tickets(ctx, 0);
     }
-    tlsreload::AttachOptions opts;
-    opts.alpn_protocols = cfg.alpn_protocols;
-    if (challenges) {
-      // Holds the ChallengeStore alive as long as the SSL_CTX (attach owns the options).
-      opts.alpn_challenge = [ch = challenges](std::string_view sni) { return ch->tls_alpn(sni); };
-    }
-    if (cfg.tls_hooks) cfg.tls_hooks(opts);
     // The SSL_CTX is fully configured here, before any handshake: it is never mutated live.
-    auto st = tlsreload::attach(ctx, store, std::move(opts));
+    auto st = tlsreload::attach(ctx, store, opts);
     if (!st) return fail(st.error().with_context("https"));
-    hooked_ctx.store(ctx, std::memory_order_release);
     return {};
   }
 
@@ -1922,7 +1971,7 @@ struct Server::Impl {
       }
       auto now = SteadyClock::now();
       if (l.tls) {
-        c->ssl.reset(SSL_new(ssl_ctx.get()));
+        c->ssl.reset(SSL_new(tls_context(r)));
         if (!c->ssl || SSL_set_fd(c->ssl.get(), fd) != 1) {
           ERR_clear_error();
           close_socket(*c);
@@ -2389,6 +2438,7 @@ Status Server::start() {
     ev.data.ptr = &r->wake_tag;
     ::epoll_ctl(r->epoll_fd, EPOLL_CTL_ADD, r->wake_fd, &ev);
     m.watch_listeners(*r);
+    r->index = m.reactors.size();
     m.reactors.push_back(std::move(r));
   }
   m.resize_workers(m.worker_count);
@@ -2491,6 +2541,7 @@ Result<Server::ReloadReport> Server::reload(ServerConfig config) {
   // with the TLS settings the server was created with, before the first one is bound.
   if (!config.https.empty() && !m.ssl_ctx) {
     if (auto st = m.build_tls(); !st) {
+      m.reactor_ctxs.clear();
       m.ssl_ctx.reset();
       m.tickets.reset();
       report.failed.push_back(st.error().message);

@@ -1,0 +1,40 @@
+#pragma once
+
+// Library contexts for the reactors after the first: why a reactor may get an OpenSSL library
+// context (OSSL_LIB_CTX) of its own.
+//
+// OpenSSL 3.0's libssl fetches its algorithms afresh in every handshake (the TLS 1.3 key
+// schedule's KDF, its HMACs and digests, the ciphers), and each fetch takes read locks of the
+// library context's method store and name map. Two reactor threads in one context take the
+// same lock words thousands of times a second, and the cache lines bounce between the cores;
+// nginx's workers are processes and do not share them. Measured on the benchmark machine
+// (docs/benchmarks.md, session 18): one context per reactor, 4-10 % more handshakes per second
+// and 2-7 % less CPU per handshake.
+//
+// The price: a certificate's private key lives in the default context (the loader builds it
+// there), so the first handshake a reactor signs with it exports the key into that reactor's
+// context, a copy the key keeps (about 2.1 KiB for a P-256 key) until it is freed. Reactor 0
+// keeps the default context, so a server with R reactors holds at most R - 1 such copies of a
+// built key.
+//
+// The contexts are made once per process and never freed: every exported copy refers to its
+// context's provider, and a key may outlive the server that exported it (the store is the
+// caller's), so freeing a context before every key would leave those copies dangling.
+
+#include <openssl/types.h>
+
+#include <cstddef>
+#include <string>
+
+namespace autotls::server::detail {
+
+// reactor_lib_context returns the process's library context number i (0-based; the caller
+// gives reactor k context k - 1), made on first use: it loads the OpenSSL configuration file
+// the default context loaded (OPENSSL_CONF, else the built-in path, when the file exists), so
+// it has the same providers and default properties, and it must fetch SHA-256 and HKDF. When
+// it cannot be made, it returns nullptr with the reason in error, and every later call for i
+// returns nullptr with the same reason: the reactor then uses the default context.
+// Thread-safe.
+OSSL_LIB_CTX* reactor_lib_context(std::size_t i, std::string& error);
+
+}  // namespace autotls::server::detail

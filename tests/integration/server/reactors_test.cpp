@@ -1,0 +1,178 @@
+// Reactors after the first run their handshakes in OpenSSL library contexts of their own
+// (server/detail/lib_contexts.h): every reactor serves, keys built in the default context sign
+// in the others, and the SNI counters add up across the contexts.
+
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include "acme/util/openssl.h"
+#include "server/server.h"
+#include "tests/support/net.h"
+#include "tests/support/pebble_env.h"
+#include "tlsreload/certificate.h"
+#include "tlsreload/store.h"
+
+using namespace autotls;
+using namespace autotls::server;
+using autotls::testing::connect_to;
+
+namespace {
+
+enum class Outcome { answered, handshake_failed, no_answer };  // no_answer: or no connection
+
+// get runs one connection to 127.0.0.1:port with sni, then "GET /" and the status line: a full
+// handshake (a fresh client context), or, given a session (a ticket), a resumption attempt;
+// *session is then replaced by the new one the server sent, and *resumed says whether the
+// handshake resumed.
+Outcome get(int port, const std::string& sni, SSL_SESSION** session = nullptr,
+            bool* resumed = nullptr) {
+  ossl::SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_NONE, nullptr);
+  int fd = connect_to(port, std::chrono::seconds(10));
+  if (fd < 0) return Outcome::no_answer;  // not REQUIRE: this runs on the clients' threads
+  ossl::SslPtr ssl(SSL_new(ctx.get()));
+  SSL_set_fd(ssl.get(), fd);
+  SSL_set_tlsext_host_name(ssl.get(), sni.c_str());
+  if (session && *session) SSL_set_session(ssl.get(), *session);
+  Outcome out = Outcome::handshake_failed;
+  if (SSL_connect(ssl.get()) == 1) {
+    out = Outcome::no_answer;
+    if (resumed) *resumed = SSL_session_reused(ssl.get()) == 1;
+    std::string req = "GET / HTTP/1.1\r\nHost: " + sni + "\r\nConnection: close\r\n\r\n";
+    char buf[256];
+    int n = SSL_write(ssl.get(), req.data(), static_cast<int>(req.size())) > 0
+                ? SSL_read(ssl.get(), buf, sizeof buf)  // the TLS 1.3 ticket comes first
+                : 0;
+    if (n > 9 && std::string(buf, 9) == "HTTP/1.1 ") out = Outcome::answered;
+    if (session) {
+      SSL_SESSION_free(*session);
+      *session = SSL_get1_session(ssl.get());
+    }
+    SSL_shutdown(ssl.get());  // without it OpenSSL marks the session not resumable
+  }
+  ERR_clear_error();
+  ::close(fd);
+  return out;
+}
+
+}  // namespace
+
+TEST_SUITE("server") {
+  TEST_CASE("reactors after the first handshake in library contexts of their own") {
+    auto ca = autotls::testing::make_test_ca("reactors test CA");
+    REQUIRE(ca);
+    auto leaf = autotls::testing::make_test_leaf({"a.test"}, *ca);
+    REQUIRE(leaf);
+    // Created before the server and released after it: the key keeps the copies the reactors'
+    // contexts exported, which must outlive the server.
+    auto store = std::make_shared<tlsreload::CertStore>();
+    REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
+
+    ServerConfig cfg;
+    cfg.https = {{"127.0.0.1", 0}};
+    cfg.reactor_threads = 3;
+    std::mutex mu;
+    std::set<std::thread::id> reactors;  // the threads that read a request header
+    cfg.on_header_started = [&] {
+      std::lock_guard lock(mu);
+      reactors.insert(std::this_thread::get_id());
+    };
+    auto srv = Server::create(cfg, store, nullptr, nullptr);
+    REQUIRE_MESSAGE(srv, srv.error().message);
+    REQUIRE((*srv)->start());
+    int port = (*srv)->https_port();
+    // The object cache knows keys may be copied into three contexts, and sizes itself for it.
+    CHECK(tlsreload::openssl_cache_stats().signing_contexts >= 3);
+
+    // Four clients at once, 25 connections each (which reactor accepts a connection is the
+    // kernel's choice); every fifth asks for a name the store does not have (no default
+    // certificate: the handshake fails, and counts as a miss in that reactor's context).
+    std::atomic<int> answered{0}, refused{0}, other{0};
+    std::vector<std::thread> clients;
+    for (int t = 0; t < 4; ++t) {
+      clients.emplace_back([&, t] {
+        for (int i = 0; i < 25; ++i) {
+          bool unknown = (i + t) % 5 == 0;
+          Outcome o = get(port, unknown ? "unknown.test" : "a.test");
+          if (o == (unknown ? Outcome::handshake_failed : Outcome::answered)) {
+            ++(unknown ? refused : answered);
+          } else {
+            ++other;
+          }
+        }
+      });
+    }
+    for (auto& c : clients) c.join();
+    CHECK(other == 0);
+    CHECK(answered > 0);
+    {
+      std::lock_guard lock(mu);
+      CHECK(reactors.size() >= 2);  // so some handshakes signed in a reactor's own context
+    }
+    // The misses of every context are counted.
+    CHECK((*srv)->counters().sni_misses == static_cast<std::uint64_t>(refused.load()));
+    (*srv)->shutdown(std::chrono::seconds(5));
+  }
+
+  TEST_CASE("a ticket sealed in one reactor's library context opens in the others") {
+    auto ca = autotls::testing::make_test_ca("reactors test CA");
+    REQUIRE(ca);
+    auto leaf = autotls::testing::make_test_leaf({"a.test"}, *ca);
+    REQUIRE(leaf);
+    auto store = std::make_shared<tlsreload::CertStore>();
+    REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
+    ServerConfig cfg;
+    cfg.https = {{"127.0.0.1", 0}};
+    cfg.reactor_threads = 3;
+    std::mutex mu;
+    std::set<std::thread::id> reactors;
+    cfg.on_header_started = [&] {
+      std::lock_guard lock(mu);
+      reactors.insert(std::this_thread::get_id());
+    };
+    auto srv = Server::create(cfg, store, nullptr, nullptr);
+    REQUIRE_MESSAGE(srv, srv.error().message);
+    REQUIRE((*srv)->start());
+    int port = (*srv)->https_port();
+
+    // Four clients at once, each resuming with the ticket of its previous connection, which
+    // another reactor may have sealed (every reactor's context has the same ticket keys).
+    std::atomic<int> resumed_count{0}, full{0}, other{0};
+    std::vector<std::thread> clients;
+    for (int t = 0; t < 4; ++t) {
+      clients.emplace_back([&] {
+        SSL_SESSION* session = nullptr;
+        for (int i = 0; i < 15; ++i) {
+          bool resumed = false;
+          if (get(port, "a.test", &session, &resumed) != Outcome::answered) {
+            ++other;
+          } else {
+            ++(resumed ? resumed_count : full);
+          }
+        }
+        SSL_SESSION_free(session);
+      });
+    }
+    for (auto& c : clients) c.join();
+    CHECK(other == 0);
+    CHECK(full.load() == 4);  // each client's first connection only
+    CHECK(resumed_count.load() == 4 * 14);
+    {
+      std::lock_guard lock(mu);
+      CHECK(reactors.size() >= 2);
+    }
+    (*srv)->shutdown(std::chrono::seconds(5));
+  }
+}
