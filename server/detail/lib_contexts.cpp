@@ -1,10 +1,9 @@
 #include "server/detail/lib_contexts.h"
 
-#include <openssl/conf.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/kdf.h>
-#include <unistd.h>
+#include <openssl/provider.h>
 
 #include <mutex>
 #include <vector>
@@ -20,41 +19,56 @@ struct Slot {
   std::string error;
 };
 
-std::string make(OSSL_LIB_CTX*& out) {
-  OSSL_LIB_CTX* ctx = OSSL_LIB_CTX_new();
-  if (!ctx) return "OSSL_LIB_CTX_new: " + ossl::drain_errors();
-  std::string error, loaded;
-  // The configuration file the default context reads at initialisation: its providers and
-  // default properties (a FIPS set-up, say) apply to this context too. Without a file,
-  // OpenSSL falls back to the default provider, as in the default context.
-  if (char* file = CONF_get1_default_config_file()) {
-    if (::access(file, R_OK) == 0) {
-      if (OSSL_LIB_CTX_load_config(ctx, file) != 1) {
-        error = std::string("loading ") + file + ": " + ossl::drain_errors();
-      } else {
-        loaded = std::string(" (configuration ") + file + ")";
-      }
+}  // namespace
+
+OSSL_LIB_CTX* make_lib_context(const std::vector<std::string>& providers, std::string& error) {
+  error.clear();
+  for (const auto& name : providers) {
+    if (name == "fips") {
+      error = "the default library context has the FIPS provider; a new one would not carry its "
+              "configuration";
+      return nullptr;
     }
-    OPENSSL_free(file);
+  }
+  OSSL_LIB_CTX* ctx = OSSL_LIB_CTX_new();
+  if (!ctx) {
+    error = "OSSL_LIB_CTX_new: " + ossl::drain_errors();
+    return nullptr;
+  }
+  std::vector<std::string> load = providers;
+  if (load.empty()) load.push_back("default");
+  for (const auto& name : load) {
+    // Kept loaded for the context's life (never unloaded: the context is never freed).
+    if (!OSSL_PROVIDER_load(ctx, name.c_str())) {
+      error = "loading the OpenSSL provider \"" + name + "\": " + ossl::drain_errors();
+      break;
+    }
   }
   if (error.empty()) {
     EVP_MD* md = EVP_MD_fetch(ctx, "SHA256", nullptr);
     EVP_KDF* kdf = EVP_KDF_fetch(ctx, "HKDF", nullptr);
-    if (!md || !kdf) {
-      error = "no SHA-256 or HKDF in a new library context" + loaded + ": " + ossl::drain_errors();
-    }
+    if (!md || !kdf) error = "no SHA-256 or HKDF in a new library context: " + ossl::drain_errors();
     EVP_MD_free(md);
     EVP_KDF_free(kdf);
   }
   if (!error.empty()) {
     OSSL_LIB_CTX_free(ctx);  // nothing was exported into it yet
-    return error;
+    return nullptr;
   }
-  out = ctx;
-  return {};
+  return ctx;
 }
 
-}  // namespace
+std::vector<std::string> default_providers() {
+  std::vector<std::string> names;
+  OSSL_PROVIDER_do_all(
+      nullptr,
+      [](OSSL_PROVIDER* p, void* arg) {
+        static_cast<std::vector<std::string>*>(arg)->push_back(OSSL_PROVIDER_get0_name(p));
+        return 1;
+      },
+      &names);
+  return names;
+}
 
 OSSL_LIB_CTX* reactor_lib_context(std::size_t i, std::string& error) {
   static std::mutex mu;
@@ -65,7 +79,7 @@ OSSL_LIB_CTX* reactor_lib_context(std::size_t i, std::string& error) {
   Slot& s = (*slots)[i];
   if (!s.tried) {
     s.tried = true;
-    s.error = make(s.ctx);
+    s.ctx = make_lib_context(default_providers(), s.error);
   }
   error = s.error;
   return s.ctx;

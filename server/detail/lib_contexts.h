@@ -25,16 +25,26 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 namespace autotls::server::detail {
 
 // reactor_lib_context returns the process's library context number i (0-based; the caller
-// gives reactor k context k - 1), made on first use: it loads the OpenSSL configuration file
-// the default context loaded (OPENSSL_CONF, else the built-in path, when the file exists), so
-// it has the same providers and default properties, and it must fetch SHA-256 and HKDF. When
-// it cannot be made, it returns nullptr with the reason in error, and every later call for i
-// returns nullptr with the same reason: the reactor then uses the default context.
-// Thread-safe.
+// gives reactor k context k - 1), made on first use by make_lib_context with the providers
+// active in the default context then. When it cannot be made, it returns nullptr with the
+// reason in error, and every later call for i returns nullptr with the same reason: the
+// reactor then uses the default context. Thread-safe.
 OSSL_LIB_CTX* reactor_lib_context(std::size_t i, std::string& error);
+
+// make_lib_context makes a library context with the named providers loaded (none named: the
+// default provider), and checks that it can fetch SHA-256 and HKDF. It refuses the FIPS
+// provider: a FIPS set-up's default properties ("fips=yes") live in the default context's
+// configuration, which is not loaded again here (loading a configuration file re-runs
+// OpenSSL's process-wide modules, such as the SSL one, under other threads' feet), so the new
+// context would not enforce them. On failure it returns nullptr and says why in error.
+OSSL_LIB_CTX* make_lib_context(const std::vector<std::string>& providers, std::string& error);
+
+// default_providers names the providers active in the default context.
+std::vector<std::string> default_providers();
 
 }  // namespace autotls::server::detail

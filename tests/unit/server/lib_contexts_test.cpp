@@ -1,10 +1,8 @@
 #include <doctest/doctest.h>
 
-#include <unistd.h>
-
-#include <cstdio>
-#include <cstdlib>
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -65,51 +63,23 @@ TEST_CASE("reactor_lib_context: one context per index, made once, apart from the
   CHECK(ctx != nullptr);
 }
 
-namespace {
+TEST_CASE("make_lib_context loads the providers it is given, and refuses what it cannot") {
+  std::vector<std::string> active = autotls::server::detail::default_providers();
+  CHECK(std::find(active.begin(), active.end(), "default") != active.end());
 
-// with_config runs reactor_lib_context(index) with OPENSSL_CONF naming a file holding text
-// (the default context read its own at initialisation and is not affected), then restores it.
-OSSL_LIB_CTX* with_config(std::size_t index, const std::string& text, std::string& file,
-                          std::string& why) {
-  const char* old = std::getenv("OPENSSL_CONF");
-  std::string saved = old ? old : "";
-  file = "/tmp/autotls-lib-context-test-" + std::to_string(::getpid()) + ".cnf";
-  FILE* f = std::fopen(file.c_str(), "w");
-  REQUIRE(f);
-  std::fputs(text.c_str(), f);
-  std::fclose(f);
-  ::setenv("OPENSSL_CONF", file.c_str(), 1);
-  OSSL_LIB_CTX* c = reactor_lib_context(index, why);
-  ::unlink(file.c_str());
-  if (old) {
-    ::setenv("OPENSSL_CONF", saved.c_str(), 1);
-  } else {
-    ::unsetenv("OPENSSL_CONF");
+  std::string why;
+  for (const auto& providers : {std::vector<std::string>{}, std::vector<std::string>{"default"},
+                                std::vector<std::string>{"default", "base"}}) {
+    OSSL_LIB_CTX* c = autotls::server::detail::make_lib_context(providers, why);
+    CHECK_MESSAGE(c != nullptr, why);
+    CHECK(why.empty());
+    OSSL_LIB_CTX_free(c);  // nothing exported into it: free to go
   }
-  return c;
-}
-
-}  // namespace
-
-// Indexes no other test uses: the outcome for an index is kept for the process.
-TEST_CASE("reactor_lib_context: a configuration that does not load is an error, every time") {
-  std::string file, why;
-  CHECK(with_config(900, "[unterminated section\n", file, why) == nullptr);
-  CAPTURE(why);
-  CHECK(why.rfind("loading " + file + ": ", 0) == 0);
-  std::string again;
-  CHECK(reactor_lib_context(900, again) == nullptr);  // not retried
-  CHECK(again == why);
-}
-
-TEST_CASE("reactor_lib_context: a configuration whose providers cannot sign is an error") {
-  // Loads (OpenSSL 3.0 tolerates a provider it cannot find) but leaves nothing to fetch from.
-  std::string file, why;
-  CHECK(with_config(901,
-                    "openssl_conf = init\n[init]\nproviders = prov\n[prov]\nnosuch = nosuch_sect\n"
-                    "[nosuch_sect]\nactivate = 1\n",
-                    file, why) == nullptr);
-  CAPTURE(why);
-  CHECK(why.find("no SHA-256 or HKDF in a new library context (configuration " + file + ")") !=
-        std::string::npos);
+  CHECK(autotls::server::detail::make_lib_context({"nosuch"}, why) == nullptr);
+  CHECK(why.rfind("loading the OpenSSL provider \"nosuch\": ", 0) == 0);
+  // The base provider alone has encoders and decoders, no digest.
+  CHECK(autotls::server::detail::make_lib_context({"base"}, why) == nullptr);
+  CHECK(why.rfind("no SHA-256 or HKDF in a new library context", 0) == 0);
+  CHECK(autotls::server::detail::make_lib_context({"default", "fips"}, why) == nullptr);
+  CHECK(why.find("FIPS provider") != std::string::npos);
 }
