@@ -99,6 +99,7 @@ TEST_SUITE("server") {
     }
     ServerConfig cfg;
     cfg.https = {{"127.0.0.1", 0}};
+    cfg.http = {};  // not the default :80, which tests running alongside may hold
     cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
     auto srv = start(cfg, store);
     int port = srv->https_port();

@@ -82,6 +82,7 @@ TEST_SUITE("server") {
 
     ServerConfig cfg;
     cfg.https = {{"127.0.0.1", 0}};
+    cfg.http = {};  // not the default :80, which tests running alongside may hold
     cfg.reactor_threads = 3;
     std::mutex mu;
     std::set<std::thread::id> reactors;  // the threads that read a request header
@@ -135,6 +136,7 @@ TEST_SUITE("server") {
     REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
     ServerConfig cfg;
     cfg.https = {{"127.0.0.1", 0}};
+    cfg.http = {};  // not the default :80, which tests running alongside may hold
     cfg.reactor_threads = 3;
     std::mutex mu;
     std::set<std::thread::id> reactors;
