@@ -7,9 +7,10 @@
 // schedule's KDF, its HMACs and digests, the ciphers), and each fetch takes read locks of the
 // library context's method store and name map. Two reactor threads in one context take the
 // same lock words thousands of times a second, and the cache lines bounce between the cores;
-// nginx's workers are processes and do not share them. Measured on the benchmark machine
-// (docs/benchmarks.md, session 18): one context per reactor, 4-10 % more handshakes per second
-// and 2-7 % less CPU per handshake.
+// nginx's workers are processes and do not share them. Measured on the benchmark machine (two
+// reactors; docs/benchmarks.md, session 18): the share of the server's CPU in those locks went
+// from 4.6-5.3 % to 3.7-3.9 %, nginx's level (3.4-3.8 %); the handshake rate moved less than
+// that machine's noise. The contention grows with the number of reactors.
 //
 // The price: a certificate's private key lives in the default context (the loader builds it
 // there), so the first handshake a reactor signs with it exports the key into that reactor's
