@@ -15,47 +15,53 @@ namespace {
 
 struct Slot {
   bool tried = false;
-  OSSL_LIB_CTX* ctx = nullptr;
+  LibContext made;
   std::string error;
 };
 
 }  // namespace
 
-OSSL_LIB_CTX* make_lib_context(const std::vector<std::string>& providers, std::string& error) {
+LibContext make_lib_context(const std::vector<std::string>& providers, std::string& error) {
   error.clear();
+  LibContext c;
   for (const auto& name : providers) {
     if (name == "fips") {
       error = "the default library context has the FIPS provider; a new one would not carry its "
               "configuration";
-      return nullptr;
+      return c;
     }
   }
-  OSSL_LIB_CTX* ctx = OSSL_LIB_CTX_new();
-  if (!ctx) {
+  c.ctx = OSSL_LIB_CTX_new();
+  if (!c.ctx) {
     error = "OSSL_LIB_CTX_new: " + ossl::drain_errors();
-    return nullptr;
+    return c;
   }
   std::vector<std::string> load = providers;
   if (load.empty()) load.push_back("default");
   for (const auto& name : load) {
-    // Kept loaded for the context's life (never unloaded: the context is never freed).
-    if (!OSSL_PROVIDER_load(ctx, name.c_str())) {
+    OSSL_PROVIDER* p = OSSL_PROVIDER_load(c.ctx, name.c_str());
+    if (!p) {
       error = "loading the OpenSSL provider \"" + name + "\": " + ossl::drain_errors();
       break;
     }
+    c.providers.push_back(p);
   }
   if (error.empty()) {
-    EVP_MD* md = EVP_MD_fetch(ctx, "SHA256", nullptr);
-    EVP_KDF* kdf = EVP_KDF_fetch(ctx, "HKDF", nullptr);
+    EVP_MD* md = EVP_MD_fetch(c.ctx, "SHA256", nullptr);
+    EVP_KDF* kdf = EVP_KDF_fetch(c.ctx, "HKDF", nullptr);
     if (!md || !kdf) error = "no SHA-256 or HKDF in a new library context: " + ossl::drain_errors();
     EVP_MD_free(md);
     EVP_KDF_free(kdf);
   }
-  if (!error.empty()) {
-    OSSL_LIB_CTX_free(ctx);  // nothing was exported into it yet
-    return nullptr;
-  }
-  return ctx;
+  if (!error.empty()) free_lib_context(c);  // nothing was exported into it yet
+  return c;
+}
+
+void free_lib_context(LibContext& c) {
+  for (OSSL_PROVIDER* p : c.providers) OSSL_PROVIDER_unload(p);
+  c.providers.clear();
+  OSSL_LIB_CTX_free(c.ctx);
+  c.ctx = nullptr;
 }
 
 std::vector<std::string> default_providers() {
@@ -79,10 +85,10 @@ OSSL_LIB_CTX* reactor_lib_context(std::size_t i, std::string& error) {
   Slot& s = (*slots)[i];
   if (!s.tried) {
     s.tried = true;
-    s.ctx = make_lib_context(default_providers(), s.error);
+    s.made = make_lib_context(default_providers(), s.error);
   }
   error = s.error;
-  return s.ctx;
+  return s.made.ctx;
 }
 
 }  // namespace autotls::server::detail

@@ -37,13 +37,25 @@ namespace autotls::server::detail {
 // reactor then uses the default context. Thread-safe.
 OSSL_LIB_CTX* reactor_lib_context(std::size_t i, std::string& error);
 
+// LibContext is a library context with the providers loaded into it (OSSL_PROVIDER_load's
+// handles, which the context's own free does not release).
+struct LibContext {
+  OSSL_LIB_CTX* ctx = nullptr;
+  std::vector<OSSL_PROVIDER*> providers;
+};
+
 // make_lib_context makes a library context with the named providers loaded (none named: the
 // default provider), and checks that it can fetch SHA-256 and HKDF. It refuses the FIPS
 // provider: a FIPS set-up's default properties ("fips=yes") live in the default context's
 // configuration, which is not loaded again here (loading a configuration file re-runs
 // OpenSSL's process-wide modules, such as the SSL one, under other threads' feet), so the new
-// context would not enforce them. On failure it returns nullptr and says why in error.
-OSSL_LIB_CTX* make_lib_context(const std::vector<std::string>& providers, std::string& error);
+// context would not enforce them. On failure it returns an empty LibContext and says why in
+// error.
+LibContext make_lib_context(const std::vector<std::string>& providers, std::string& error);
+
+// free_lib_context unloads c's providers and frees its context: only for a context no key has
+// signed in (tests; the reactors' contexts are never freed).
+void free_lib_context(LibContext& c);
 
 // default_providers names the providers active in the default context.
 std::vector<std::string> default_providers();
