@@ -67,33 +67,53 @@ Outcome get(int port, const std::string& sni, SSL_SESSION** session = nullptr,
   return out;
 }
 
-}  // namespace
+// ThreeReactors is a server with three reactors serving a.test from one certificate, which
+// records the reactor threads that read a request header.
+struct ThreeReactors {
+  // Made before the server and released after it: the key keeps the copies the reactors'
+  // contexts exported, which must outlive the server.
+  std::shared_ptr<tlsreload::CertStore> store = std::make_shared<tlsreload::CertStore>();
+  std::mutex mu;
+  std::set<std::thread::id> reactors;
+  std::unique_ptr<Server> srv;
+  int port = 0;
 
-TEST_SUITE("server") {
-  TEST_CASE("reactors after the first handshake in library contexts of their own") {
+  ThreeReactors() {
     auto ca = autotls::testing::make_test_ca("reactors test CA");
     REQUIRE(ca);
     auto leaf = autotls::testing::make_test_leaf({"a.test"}, *ca);
     REQUIRE(leaf);
-    // Created before the server and released after it: the key keeps the copies the reactors'
-    // contexts exported, which must outlive the server.
-    auto store = std::make_shared<tlsreload::CertStore>();
     REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
-
     ServerConfig cfg;
     cfg.https = {{"127.0.0.1", 0}};
     cfg.http = {};  // not the default :80, which tests running alongside may hold
     cfg.reactor_threads = 3;
-    std::mutex mu;
-    std::set<std::thread::id> reactors;  // the threads that read a request header
-    cfg.on_header_started = [&] {
+    cfg.on_header_started = [this] {
       std::lock_guard lock(mu);
       reactors.insert(std::this_thread::get_id());
     };
-    auto srv = Server::create(cfg, store, nullptr, nullptr);
-    REQUIRE_MESSAGE(srv, srv.error().message);
-    REQUIRE((*srv)->start());
-    int port = (*srv)->https_port();
+    auto s = Server::create(cfg, store, nullptr, nullptr);
+    REQUIRE_MESSAGE(s, s.error().message);
+    srv = std::move(*s);
+    REQUIRE(srv->start());
+    port = srv->https_port();
+  }
+  ~ThreeReactors() {
+    if (srv) srv->shutdown(std::chrono::seconds(5));
+  }
+
+  std::size_t reactors_seen() {
+    std::lock_guard lock(mu);
+    return reactors.size();
+  }
+};
+
+}  // namespace
+
+TEST_SUITE("server") {
+  TEST_CASE("reactors after the first handshake in library contexts of their own") {
+    ThreeReactors t;
+    int port = t.port;
     // The object cache knows keys may be copied into three contexts, and sizes itself for it.
     CHECK(tlsreload::openssl_cache_stats().signing_contexts >= 3);
 
@@ -118,36 +138,14 @@ TEST_SUITE("server") {
     for (auto& c : clients) c.join();
     CHECK(other == 0);
     CHECK(answered > 0);
-    {
-      std::lock_guard lock(mu);
-      CHECK(reactors.size() >= 2);  // so some handshakes signed in a reactor's own context
-    }
+    CHECK(t.reactors_seen() >= 2);  // so some handshakes signed in a reactor's own context
     // The misses of every context are counted.
-    CHECK((*srv)->counters().sni_misses == static_cast<std::uint64_t>(refused.load()));
-    (*srv)->shutdown(std::chrono::seconds(5));
+    CHECK(t.srv->counters().sni_misses == static_cast<std::uint64_t>(refused.load()));
   }
 
   TEST_CASE("a ticket sealed in one reactor's library context opens in the others") {
-    auto ca = autotls::testing::make_test_ca("reactors test CA");
-    REQUIRE(ca);
-    auto leaf = autotls::testing::make_test_leaf({"a.test"}, *ca);
-    REQUIRE(leaf);
-    auto store = std::make_shared<tlsreload::CertStore>();
-    REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
-    ServerConfig cfg;
-    cfg.https = {{"127.0.0.1", 0}};
-    cfg.http = {};  // not the default :80, which tests running alongside may hold
-    cfg.reactor_threads = 3;
-    std::mutex mu;
-    std::set<std::thread::id> reactors;
-    cfg.on_header_started = [&] {
-      std::lock_guard lock(mu);
-      reactors.insert(std::this_thread::get_id());
-    };
-    auto srv = Server::create(cfg, store, nullptr, nullptr);
-    REQUIRE_MESSAGE(srv, srv.error().message);
-    REQUIRE((*srv)->start());
-    int port = (*srv)->https_port();
+    ThreeReactors t;
+    int port = t.port;
 
     // Four clients at once, each resuming with the ticket of its previous connection, which
     // another reactor may have sealed (every reactor's context has the same ticket keys).
@@ -171,10 +169,6 @@ TEST_SUITE("server") {
     CHECK(other == 0);
     CHECK(full.load() == 4);  // each client's first connection only
     CHECK(resumed_count.load() == 4 * 14);
-    {
-      std::lock_guard lock(mu);
-      CHECK(reactors.size() >= 2);
-    }
-    (*srv)->shutdown(std::chrono::seconds(5));
+    CHECK(t.reactors_seen() >= 2);
   }
 }
