@@ -108,10 +108,11 @@ struct OpenSslCacheStats {
 // contexts that sign (note_openssl_signing_contexts): openssl_cache_capacity_for(alive,
 // contexts), the larger of kDefaultOpenSslCacheCapacity and alive × 5 / (25 + 7 × (contexts −
 // 1)): a fifth with one context, a 6.4th with two, and so on, which keeps the built objects,
-// copies included, at about the memory a fifth takes with one. A fifth keeps `autotls serve`
-// inside the memory target of 4 KiB per certificate with the cache full (3.94 KiB, session
-// 17; a sixth with two contexts measured 3.94 KiB too, and a fifth with two 4.14 KiB, session
-// 18), while a random SNI over all of them hits that fraction of the time (docs/benchmarks.md).
+// copies included, at about the memory a fifth takes with one. That keeps `autotls serve`
+// inside the memory target of 4 KiB per certificate with the cache full (one context, a fifth:
+// 3.94 KiB, session 17; two contexts, a 6.4th: 3.82 KiB, where a fifth measured 4.14 KiB,
+// session 18), while a random SNI over all of them hits that fraction of the time
+// (docs/benchmarks.md).
 inline constexpr std::size_t kDefaultOpenSslCacheCapacity = 10000;
 std::size_t openssl_cache_capacity_for(std::size_t certificates, std::size_t contexts = 1);
 
