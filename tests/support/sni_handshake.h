@@ -1,8 +1,9 @@
 #pragma once
 
-// TLS client handshakes with a chosen SNI against a server on 127.0.0.1, one at a time or
-// many from several threads, and random_sni_names: distinct names nobody allowed. Used by the
-// on-demand tests (server against the fake CA, cli against Pebble). Test-only code.
+// TLS client connections to a server on 127.0.0.1 with a chosen SNI: one handshake and request
+// at a time (tls_get: fresh or given client context, optional session to resume), handshakes
+// from several threads, and random_sni_names: distinct names nobody allowed. Used by the
+// server, on-demand and cli tests. Test-only code.
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -25,6 +26,85 @@
 
 namespace autotls::testing {
 
+// TlsGet is what one client connection of tls_get saw.
+struct TlsGet {
+  bool connected = false;  // the TCP connection was made
+  bool ok = false;         // the TLS handshake completed
+  bool verified = false;   // ... and the server's certificate verified for the SNI name
+  bool reused = false;     // ... and resumed the session offered
+  std::string status_line;  // the answer's first line, without its CRLF ("" when none came)
+  std::string error;        // OpenSSL's reason when the handshake failed
+  SSL_SESSION* session = nullptr;  // with keep_session: the session it ended with (its tickets
+                                   // read); the caller frees it (SSL_SESSION_free)
+};
+
+struct TlsGetOptions {
+  SSL_SESSION* offer = nullptr;  // a session (ticket) to offer for resumption
+  bool request = true;  // send "GET /" with Connection: close and read the answer to its end
+  bool keep_session = false;
+};
+
+// tls_get connects to 127.0.0.1:port and runs one TLS handshake with ctx (nullptr: a fresh
+// client context that verifies nothing), sending sni unless it is empty and checking the
+// certificate's names against it; then, unless told not to, one GET. It ends with a clean
+// shutdown: without one OpenSSL marks the session not resumable. A 15 s receive timeout bounds
+// every wait, so it may run on a test's client threads (it never REQUIREs).
+inline TlsGet tls_get(int port, const std::string& sni, SSL_CTX* ctx = nullptr,
+                      const TlsGetOptions& opt = {}) {
+  TlsGet r;
+  ossl::SslCtxPtr fresh;
+  if (!ctx) {
+    fresh.reset(SSL_CTX_new(TLS_client_method()));
+    SSL_CTX_set_verify(fresh.get(), SSL_VERIFY_NONE, nullptr);
+    ctx = fresh.get();
+  }
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{15, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    if (fd >= 0) ::close(fd);
+    r.error = "connect failed";
+    return r;
+  }
+  r.connected = true;
+  ossl::SslPtr ssl(SSL_new(ctx));
+  SSL_set_fd(ssl.get(), fd);
+  if (!sni.empty()) {
+    SSL_set_tlsext_host_name(ssl.get(), sni.c_str());
+    SSL_set1_host(ssl.get(), sni.c_str());
+  }
+  if (opt.offer) SSL_set_session(ssl.get(), opt.offer);
+  ERR_clear_error();
+  r.ok = SSL_connect(ssl.get()) == 1;
+  if (r.ok) {
+    r.verified = SSL_get_verify_result(ssl.get()) == X509_V_OK;
+    r.reused = SSL_session_reused(ssl.get()) == 1;
+    if (opt.request) {
+      // A TLS 1.3 server sends its tickets after the handshake: reading the answer reads them.
+      std::string req = "GET / HTTP/1.1\r\nHost: " + sni + "\r\nConnection: close\r\n\r\n";
+      std::string answer;
+      char buf[4096];
+      if (SSL_write(ssl.get(), req.data(), static_cast<int>(req.size())) > 0) {
+        for (int n; (n = SSL_read(ssl.get(), buf, sizeof buf)) > 0;) answer.append(buf, static_cast<size_t>(n));
+      }
+      r.status_line = answer.substr(0, answer.find("\r\n"));
+    }
+    if (opt.keep_session) r.session = SSL_get1_session(ssl.get());
+    SSL_shutdown(ssl.get());
+  } else {
+    unsigned long e = ERR_peek_last_error();
+    r.error = e ? ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "unknown" : "closed";
+  }
+  ERR_clear_error();
+  ssl.reset();
+  ::close(fd);
+  return r;
+}
+
 struct HandshakeResult {
   bool ok = false;
   bool verified = false;
@@ -32,38 +112,11 @@ struct HandshakeResult {
   std::chrono::milliseconds took{0};
 };
 
-// tls_handshake connects to 127.0.0.1:port and runs one TLS handshake sending sni (and checking
-// the certificate names it) with ctx; a 15 s receive timeout bounds it.
+// tls_handshake runs tls_get's handshake alone (no request) with ctx, and times it.
 inline HandshakeResult tls_handshake(int port, const std::string& sni, SSL_CTX* ctx) {
-  HandshakeResult r;
   auto t0 = std::chrono::steady_clock::now();
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  timeval tv{15, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    r.error = "connect failed";
-    return r;
-  }
-  ossl::SslPtr ssl(SSL_new(ctx));
-  SSL_set_fd(ssl.get(), fd);
-  SSL_set_tlsext_host_name(ssl.get(), sni.c_str());
-  SSL_set1_host(ssl.get(), sni.c_str());
-  ERR_clear_error();
-  r.ok = SSL_connect(ssl.get()) == 1;
-  if (r.ok) {
-    r.verified = SSL_get_verify_result(ssl.get()) == X509_V_OK;
-    SSL_shutdown(ssl.get());
-  } else {
-    unsigned long e = ERR_peek_last_error();
-    r.error = e ? ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "unknown" : "closed";
-  }
-  ERR_clear_error();
-  ::close(fd);
+  TlsGet g = tls_get(port, sni, ctx, {.request = false});
+  HandshakeResult r{g.ok, g.verified, g.error, {}};
   r.took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
   return r;
 }

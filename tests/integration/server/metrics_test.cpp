@@ -16,13 +16,11 @@
 #include <thread>
 
 #include <httplib.h>
-#include <openssl/err.h>
-#include <openssl/ssl.h>
 
-#include "acme/util/openssl.h"
 #include "server/server.h"
 #include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
+#include "tests/support/sni_handshake.h"
 #include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
 
@@ -44,18 +42,9 @@ std::unique_ptr<Server> start(ServerConfig cfg, std::shared_ptr<tlsreload::CertS
 
 // handshake runs one TLS handshake with 127.0.0.1:port, sending sni unless it is empty.
 bool handshake(int port, const std::string& sni) {
-  ossl::SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
-  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_NONE, nullptr);
-  int fd = connect_to(port, std::chrono::seconds(10));
-  REQUIRE(fd >= 0);
-  ossl::SslPtr ssl(SSL_new(ctx.get()));
-  SSL_set_fd(ssl.get(), fd);
-  if (!sni.empty()) SSL_set_tlsext_host_name(ssl.get(), sni.c_str());
-  bool ok = SSL_connect(ssl.get()) == 1;
-  if (ok) SSL_shutdown(ssl.get());
-  ERR_clear_error();
-  ::close(fd);
-  return ok;
+  auto g = autotls::testing::tls_get(port, sni, nullptr, {.request = false});
+  REQUIRE(g.connected);
+  return g.ok;
 }
 
 std::string metrics(int admin_port) {

@@ -26,6 +26,7 @@
 #include "server/server.h"
 #include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
+#include "tests/support/sni_handshake.h"
 #include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
 
@@ -99,32 +100,8 @@ struct TlsClient {
   };
 
   Outcome connect(int port, const std::string& sni, SSL_SESSION* offer) {
-    Outcome out;
-    BIO* tcp = BIO_new_connect(("127.0.0.1:" + std::to_string(port)).c_str());
-    if (BIO_do_connect(tcp) != 1) {
-      BIO_free(tcp);
-      return out;
-    }
-    SSL* ssl = SSL_new(ctx);
-    SSL_set_bio(ssl, tcp, tcp);
-    SSL_set_tlsext_host_name(ssl, sni.c_str());
-    if (offer) SSL_set_session(ssl, offer);
-    if (SSL_connect(ssl) == 1) {
-      // TLS 1.3 tickets come after the handshake: a request/response pair reads them.
-      std::string req = "GET / HTTP/1.1\r\nHost: " + sni + "\r\nConnection: close\r\n\r\n";
-      SSL_write(ssl, req.data(), static_cast<int>(req.size()));
-      char buf[4096];
-      while (SSL_read(ssl, buf, sizeof buf) > 0) {
-      }
-      out.ok = true;
-      out.reused = SSL_session_reused(ssl) == 1;
-      out.session = SSL_get1_session(ssl);
-      // Without a clean shutdown OpenSSL marks the session not resumable.
-      SSL_shutdown(ssl);
-    }
-    ERR_clear_error();
-    SSL_free(ssl);
-    return out;
+    auto g = autotls::testing::tls_get(port, sni, ctx, {.offer = offer, .keep_session = true});
+    return {g.ok, g.reused, g.session};
   }
 };
 

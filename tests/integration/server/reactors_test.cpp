@@ -4,8 +4,6 @@
 
 #include <doctest/doctest.h>
 
-#include <unistd.h>
-
 #include <atomic>
 #include <chrono>
 #include <mutex>
@@ -14,19 +12,16 @@
 #include <thread>
 #include <vector>
 
-#include <openssl/err.h>
 #include <openssl/ssl.h>
 
-#include "acme/util/openssl.h"
 #include "server/server.h"
-#include "tests/support/net.h"
 #include "tests/support/pebble_env.h"
+#include "tests/support/sni_handshake.h"
 #include "tlsreload/certificate.h"
 #include "tlsreload/store.h"
 
 using namespace autotls;
 using namespace autotls::server;
-using autotls::testing::connect_to;
 
 namespace {
 
@@ -38,33 +33,16 @@ enum class Outcome { answered, handshake_failed, no_answer };  // no_answer: or 
 // handshake resumed.
 Outcome get(int port, const std::string& sni, SSL_SESSION** session = nullptr,
             bool* resumed = nullptr) {
-  ossl::SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
-  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_NONE, nullptr);
-  int fd = connect_to(port, std::chrono::seconds(10));
-  if (fd < 0) return Outcome::no_answer;  // not REQUIRE: this runs on the clients' threads
-  ossl::SslPtr ssl(SSL_new(ctx.get()));
-  SSL_set_fd(ssl.get(), fd);
-  SSL_set_tlsext_host_name(ssl.get(), sni.c_str());
-  if (session && *session) SSL_set_session(ssl.get(), *session);
-  Outcome out = Outcome::handshake_failed;
-  if (SSL_connect(ssl.get()) == 1) {
-    out = Outcome::no_answer;
-    if (resumed) *resumed = SSL_session_reused(ssl.get()) == 1;
-    std::string req = "GET / HTTP/1.1\r\nHost: " + sni + "\r\nConnection: close\r\n\r\n";
-    char buf[256];
-    int n = SSL_write(ssl.get(), req.data(), static_cast<int>(req.size())) > 0
-                ? SSL_read(ssl.get(), buf, sizeof buf)  // the TLS 1.3 ticket comes first
-                : 0;
-    if (n > 9 && std::string(buf, 9) == "HTTP/1.1 ") out = Outcome::answered;
-    if (session) {
-      SSL_SESSION_free(*session);
-      *session = SSL_get1_session(ssl.get());
-    }
-    SSL_shutdown(ssl.get());  // without it OpenSSL marks the session not resumable
+  auto g = autotls::testing::tls_get(
+      port, sni, nullptr, {.offer = session ? *session : nullptr, .keep_session = session != nullptr});
+  if (!g.connected) return Outcome::no_answer;
+  if (!g.ok) return Outcome::handshake_failed;
+  if (resumed) *resumed = g.reused;
+  if (session) {
+    SSL_SESSION_free(*session);
+    *session = g.session;
   }
-  ERR_clear_error();
-  ::close(fd);
-  return out;
+  return g.status_line.starts_with("HTTP/1.1 ") ? Outcome::answered : Outcome::no_answer;
 }
 
 // ThreeReactors is a server with three reactors serving a.test from one certificate, which
