@@ -1,5 +1,6 @@
 #include "acme/problem.h"
 
+#include <algorithm>
 #include <charconv>
 #include <ctime>
 
@@ -57,20 +58,26 @@ std::optional<std::chrono::seconds> parse_retry_after(std::string_view value,
   while (!value.empty() && (value.back() == ' ' || value.back() == '\t' || value.back() == '\r'))
     value.remove_suffix(1);
   if (value.empty()) return std::nullopt;
+  // Arithmetic in whole seconds, clamped to kMaxRetryAfter: a date thousands of years ahead (or
+  // a delay as long) would overflow the clock's nanoseconds here, and in every caller that adds
+  // the result to a time.
+  const long long max_secs = kMaxRetryAfter.count();
   if (value.front() >= '0' && value.front() <= '9') {
     long long secs = 0;
     auto [p, ec] = std::from_chars(value.data(), value.data() + value.size(), secs);
+    if (ec == std::errc::result_out_of_range && p == value.data() + value.size()) return kMaxRetryAfter;
     if (ec != std::errc() || p != value.data() + value.size()) return std::nullopt;
-    return std::chrono::seconds(secs);
+    return std::chrono::seconds(std::min(secs, max_secs));
   }
   // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT" (RFC 9110 §5.6.7).
   std::tm tm{};
   std::string s(value);
   const char* end = strptime(s.c_str(), "%a, %d %b %Y %H:%M:%S GMT", &tm);
   if (end == nullptr || *end != '\0') return std::nullopt;
-  auto when = std::chrono::system_clock::from_time_t(timegm(&tm));
-  auto delta = std::chrono::duration_cast<std::chrono::seconds>(when - now);
-  return delta.count() < 0 ? std::chrono::seconds(0) : delta;
+  const long long when = static_cast<long long>(timegm(&tm));
+  const long long at = static_cast<long long>(std::chrono::system_clock::to_time_t(now));
+  if (when <= at) return std::chrono::seconds(0);
+  return std::chrono::seconds(when - at > max_secs ? max_secs : when - at);
 }
 
 std::string describe(const Problem& problem) {

@@ -41,8 +41,13 @@ inline constexpr std::string_view kUserActionRequired = "userActionRequired";
 // ignored; a body that is not a JSON object with a string "type" gives nullopt.
 std::optional<Problem> parse_problem(std::string_view body, int status);
 
+// kMaxRetryAfter bounds what parse_retry_after returns: a CA's Retry-After is seconds to days,
+// and a longer one is read as this (one year), so that adding it to a time never overflows.
+inline constexpr std::chrono::seconds kMaxRetryAfter{366L * 24 * 3600};
+
 // parse_retry_after reads a Retry-After value: delay-seconds or an HTTP-date (RFC 9110
-// §10.2.3), relative to now. Past dates give 0 s; garbage gives nullopt.
+// §10.2.3), relative to now. Past dates give 0 s, a delay or date beyond kMaxRetryAfter gives
+// kMaxRetryAfter; garbage gives nullopt.
 std::optional<std::chrono::seconds> parse_retry_after(std::string_view value,
                                                       std::chrono::system_clock::time_point now);
 

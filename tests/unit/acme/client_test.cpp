@@ -719,6 +719,20 @@ TEST_CASE("Retry-After as seconds and as an HTTP date") {
   CHECK_FALSE(parse_retry_after("", now).has_value());
 }
 
+TEST_CASE("a Retry-After years ahead is read as a year and overflows nothing") {
+  // Found by tools/fuzz (fuzz_text_parsers): a date in 6115 overflowed system_clock's
+  // nanoseconds (UBSan), and a delay as long would overflow whoever adds it to a time.
+  auto now = std::chrono::system_clock::from_time_t(784111777);
+  CHECK(parse_retry_after("Wed, 21 Oct 6115 07:28:00 GMT", now) == kMaxRetryAfter);
+  CHECK(parse_retry_after("99999999999", now) == kMaxRetryAfter);
+  CHECK(parse_retry_after("999999999999999999999999", now) == kMaxRetryAfter);  // past long long
+  CHECK(parse_retry_after(std::to_string(kMaxRetryAfter.count() - 1), now) == kMaxRetryAfter - seconds(1));
+  CHECK(parse_retry_after("Mon, 06 Nov 1995 08:49:37 GMT", now) == seconds(365L * 24 * 3600));
+  CHECK(parse_retry_after("Wed, 06 Nov 1996 08:49:37 GMT", now) == kMaxRetryAfter);
+  auto far = now + *parse_retry_after("Wed, 21 Oct 6115 07:28:00 GMT", now);
+  CHECK(far > now);
+}
+
 TEST_CASE("error bodies that are not problems are quoted safely") {
   acme::HttpResponse r;
   r.status = 502;
