@@ -992,13 +992,15 @@ struct Server::Impl {
           return HR::Handled;
         });
     for (auto [router, tls] : {std::pair{&https_router, true}, std::pair{&http_router, false}}) {
+      // The lambdas below capture tls by copy (tls = tls): Clang before 16 cannot capture a
+      // structured binding by name.
       router->set_payload_max_length(lim.max_body_bytes);
       router->set_keep_alive_max_count(lim.keep_alive_max_requests);
       router->set_keep_alive_timeout(
           std::max<time_t>(1, std::chrono::duration_cast<std::chrono::seconds>(lim.timeouts.idle)
                                   .count()));
       router->set_post_routing_handler(
-          [this, tls](const httplib::Request&, httplib::Response& res) {
+          [this, tls = tls](const httplib::Request&, httplib::Response& res) {
             auto r = routing();
             if (tls && r->hsts_max_age.count() > 0) {
               std::string v = "max-age=" + std::to_string(r->hsts_max_age.count());
@@ -1026,7 +1028,7 @@ struct Server::Impl {
               res.set_header("Connection", "close");
             }
           });
-      router->set_logger([this, tls](const httplib::Request& req, const httplib::Response& res) {
+      router->set_logger([this, tls = tls](const httplib::Request& req, const httplib::Response& res) {
         on_request_done(req, res, tls);
       });
     }
