@@ -1,0 +1,76 @@
+// libFuzzer target: the parsers of text that comes from a peer or a file: an ACME problem
+// document, Retry-After, ARI renewal info, RFC 3339 times, Link headers and PEM chains from a
+// CA's reply; the Host header, the request target and the header block of an HTTP request.
+// The first byte picks the parser, the rest is its input. No input may crash one or read
+// outside it (ASan, UBSan). tools/fuzz runs it.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "acme/ari.h"
+#include "acme/client.h"
+#include "acme/key.h"
+#include "acme/problem.h"
+#include "server/detail/http_util.h"
+
+using namespace autotls;
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  if (size == 0) return 0;
+  const std::uint8_t which = data[0];
+  // A heap copy of exactly the input, so ASan sees a read one byte past it.
+  std::string text(reinterpret_cast<const char*>(data + 1), size - 1);
+  std::string_view in(text);
+  const auto now = std::chrono::system_clock::time_point(std::chrono::seconds(1'800'000'000));
+  switch (which % 12) {
+    case 0: {
+      auto p = acme::parse_problem(in, 400);
+      if (p) (void)acme::describe(*p);
+      break;
+    }
+    case 1: (void)acme::parse_retry_after(in, now); break;
+    case 2: (void)acme::parse_renewal_info(in); break;
+    case 3: (void)acme::parse_rfc3339(in); break;
+    case 4: {
+      // Each line a Link header value.
+      acme::HttpResponse r;
+      r.status = 200;
+      std::size_t pos = 0;
+      while (pos <= text.size()) {
+        std::size_t e = text.find('\n', pos);
+        if (e == std::string::npos) e = text.size();
+        r.headers.emplace_back("Link", text.substr(pos, e - pos));
+        pos = e + 1;
+      }
+      (void)acme::parse_link_headers(r, "up");
+      (void)acme::parse_link_headers(r, "alternate");
+      break;
+    }
+    case 5: (void)acme::split_pem_chain(in); break;
+    case 6: (void)server::detail::host_of(in); break;
+    case 7: (void)server::detail::acme_challenge_token(in); break;
+    case 8: (void)server::detail::header_end(in); break;
+    case 9: {
+      std::size_t cut = in.find('\n');
+      std::string_view a = in.substr(0, cut), b = cut == std::string_view::npos ? "" : in.substr(cut + 1);
+      (void)server::detail::has_token(a, b);
+      (void)server::detail::redirect_location(a, b, 8443);
+      break;
+    }
+    case 10: (void)acme::parse_key_type(in); break;
+    case 11: {
+      acme::HttpResponse r;
+      r.status = 429;
+      r.headers.emplace_back("Content-Type", "application/problem+json");
+      std::size_t cut = in.find('\n');
+      r.headers.emplace_back("Retry-After", std::string(in.substr(0, cut)));
+      r.body = cut == std::string_view::npos ? "" : std::string(in.substr(cut + 1));
+      (void)acme::error_from_response("fuzz", r, now);
+      break;
+    }
+  }
+  return 0;
+}
