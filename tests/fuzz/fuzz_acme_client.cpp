@@ -9,6 +9,7 @@
 // UBSan. tools/fuzz runs it.
 
 #include <fuzzer/FuzzedDataProvider.h>
+#include <strings.h>
 
 #include <cstddef>
 #include <cstdint>
