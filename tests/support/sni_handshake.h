@@ -5,9 +5,6 @@
 // from several threads, and random_sni_names: distinct names nobody allowed. Used by the
 // server, on-demand and cli tests. Test-only code.
 
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -23,6 +20,7 @@
 #include <openssl/x509.h>
 
 #include "acme/util/openssl.h"
+#include "tests/support/net.h"
 
 namespace autotls::testing {
 
@@ -47,8 +45,8 @@ struct TlsGetOptions {
 // tls_get connects to 127.0.0.1:port and runs one TLS handshake with ctx (nullptr: a fresh
 // client context that verifies nothing), sending sni unless it is empty and checking the
 // certificate's names against it; then, unless told not to, one GET. It ends with a clean
-// shutdown: without one OpenSSL marks the session not resumable. A 15 s receive timeout bounds
-// every wait, so it may run on a test's client threads (it never REQUIREs).
+// shutdown: without one OpenSSL marks the session not resumable. A 15 s I/O timeout
+// (connect_to) bounds every wait, so it may run on a test's client threads (it never REQUIREs).
 inline TlsGet tls_get(int port, const std::string& sni, SSL_CTX* ctx = nullptr,
                       const TlsGetOptions& opt = {}) {
   TlsGet r;
@@ -58,15 +56,8 @@ inline TlsGet tls_get(int port, const std::string& sni, SSL_CTX* ctx = nullptr,
     SSL_CTX_set_verify(fresh.get(), SSL_VERIFY_NONE, nullptr);
     ctx = fresh.get();
   }
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  timeval tv{15, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    if (fd >= 0) ::close(fd);
+  int fd = connect_to(port, std::chrono::seconds(15));
+  if (fd < 0) {
     r.error = "connect failed";
     return r;
   }
