@@ -211,6 +211,9 @@ struct IdnName {
 // name is lower-cased and its xn-- labels are decoded for display. IP addresses pass through.
 // Errc::invalid_input naming the name and libidn2's reason for an invalid IDN.
 Result<IdnName> idn_name(const std::string& name);
+// normalized lower-cases names, drops trailing dots and duplicates, and converts Unicode names
+// to punycode (idn_name); an invalid internationalized name is an error.
+Result<std::vector<std::string>> normalized(const std::vector<std::string>& in);
 // show_name is "ascii (unicode)" when they differ, else ascii.
 std::string show_name(const std::string& ascii);
 // unicode_names is the Unicode form of each name (as idn_name; the name itself when not an IDN),

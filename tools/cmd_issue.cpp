@@ -20,18 +20,6 @@ namespace {
 using json = nlohmann::json;
 using std::chrono::system_clock;
 
-// normalized lower-cases names, drops trailing dots and duplicates, and converts Unicode names
-// to punycode (idn_name); an invalid internationalized name is an error.
-Result<std::vector<std::string>> normalized(const std::vector<std::string>& in) {
-  std::vector<std::string> out;
-  for (const auto& raw : in) {
-    auto n = idn_name(raw);
-    if (!n) return fail(n.error());
-    if (!n->ascii.empty() && std::find(out.begin(), out.end(), n->ascii) == out.end()) out.push_back(n->ascii);
-  }
-  return out;
-}
-
 std::string shown_list(const std::vector<std::string>& names, const char* sep) {
   std::string list;
   for (const auto& n : names) list += (list.empty() ? "" : sep) + show_name(n);

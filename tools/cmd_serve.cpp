@@ -343,15 +343,41 @@ Result<ServeSetup> serve_setup(const Options& o) {
   ServeSetup out;
   auto& cfg = out.cfg;
   auto& names = out.names;
-  names = o.domains;
-  names.insert(names.end(), o.ips.begin(), o.ips.end());
+  // The names as issue takes them (lower case, punycode, no trailing dot), each one a
+  // certificate can hold: refused here, before anything listens, never dropped later.
+  for (const auto& ip : o.ips) {
+    if (acme::identifier_for(ip).type != "ip") return bad("--ip " + ip + ": not an IP address");
+  }
+  std::vector<std::string> given = o.domains;
+  given.insert(given.end(), o.ips.begin(), o.ips.end());
+  auto normal = normalized(given);
+  if (!normal) return bad("serve: " + normal.error().message);
+  for (const auto& n : *normal) {
+    if (!tlsreload::is_valid_lookup_name(n)) return bad("serve: \"" + n + "\" is not a valid DNS name or IP address");
+  }
+  names = *normal;
+  const std::string in_file = o.config.empty() ? "" : o.config + ": ";
   if (o.sites.is_object()) {
+    std::map<std::string, std::string> written;  // normalized host -> the key as written
     for (auto it = o.sites.begin(); it != o.sites.end(); ++it) {
+      // A site's host is one name, matched against the Host header as the server reads it:
+      // lower case, punycode for Unicode, no trailing dot; a wildcard is no host.
+      auto host = idn_name(it.key());
+      if (!host) return bad(in_file + "sites." + it.key() + ": " + host.error().message);
+      if (host->ascii.starts_with("*.")) {
+        return bad(in_file + "sites." + it.key() + ": a site is one host name, not a wildcard");
+      }
+      if (!tlsreload::is_valid_lookup_name(host->ascii)) {
+        return bad(in_file + "sites." + it.key() + ": not a valid DNS name or IP address");
+      }
+      if (auto [w, fresh] = written.emplace(host->ascii, it.key()); !fresh) {
+        return bad(in_file + "sites." + w->second + " and sites." + it.key() + " are the same host (" + host->ascii + ")");
+      }
       auto site = site_from_json(it.key(), it.value());
-      if (!site) return bad((o.config.empty() ? "" : o.config + ": ") + site.error().message);
-      cfg.sites[it.key()] = site->site;
-      if (site->cert != tlsreload::CertificateSettings{}) out.cert_settings[it.key()] = site->cert;
-      if (std::find(names.begin(), names.end(), it.key()) == names.end() && o.domains.empty()) names.push_back(it.key());
+      if (!site) return bad(in_file + site.error().message);
+      cfg.sites[host->ascii] = site->site;
+      if (site->cert != tlsreload::CertificateSettings{}) out.cert_settings[host->ascii] = site->cert;
+      if (std::find(names.begin(), names.end(), host->ascii) == names.end() && o.domains.empty()) names.push_back(host->ascii);
     }
   } else if (!o.sites.is_null()) {
     return bad(o.config + ": \"sites\" must be an object");

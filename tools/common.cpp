@@ -279,6 +279,16 @@ Result<IdnName> idn_name(const std::string& input) {
   return out;
 }
 
+Result<std::vector<std::string>> normalized(const std::vector<std::string>& in) {
+  std::vector<std::string> out;
+  for (const auto& raw : in) {
+    auto n = idn_name(raw);
+    if (!n) return fail(n.error());
+    if (!n->ascii.empty() && std::find(out.begin(), out.end(), n->ascii) == out.end()) out.push_back(n->ascii);
+  }
+  return out;
+}
+
 std::string show_name(const std::string& ascii) {
   auto n = idn_name(ascii);
   if (!n || n->unicode == n->ascii) return ascii;

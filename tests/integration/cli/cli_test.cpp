@@ -1621,6 +1621,57 @@ TEST_SUITE("cli.serve") {
     CHECK(read_file(hook_out) ==
           "obtained|internal.cli.test|" + (storage / "live" / "internal.cli.test" / "fullchain.pem").string() + "\n");
   }
+
+  TEST_CASE("serve takes site names as issue does: Unicode, upper case and a trailing dot") {
+    TempDir d;
+    fs::path storage = d.path / "storage";
+    for (const char* site : {"idn", "upper"}) {
+      fs::create_directories(d.path / site);
+      write_file(d.path / site / "index.html", std::string(site) + " site\n");
+    }
+    fs::path cfg = d.path / "serve.json";
+    // "bücher" in UTF-8: served and issued as xn--bcher-kva, the name clients send.
+    write_file(cfg, json({{"sites",
+                           {{"Bücher.cli.test", {{"root", (d.path / "idn").string()}}},
+                            {"Upper.CLI.test.", {{"root", (d.path / "upper").string()}}}}}})
+                        .dump());
+    int https = free_port();
+    std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--ca", "internal", "--storage", storage.string(),
+                                     "--config", cfg.string(), "--https-address", "127.0.0.1:" + std::to_string(https),
+                                     "--http-address", "127.0.0.1:" + std::to_string(free_port()),
+                                     "--json", "--drain", "1", "--admin-address", "off"};
+    pid_t pid = spawn(argv, d.path / "serve.out", d.path / "serve.err", {});
+    fs::path root = storage / "internal" / "root.pem";
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    std::pair<long, std::string> idn, upper;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (fs::exists(root)) {
+        idn = https_get("xn--bcher-kva.cli.test", https, root);
+        upper = https_get("upper.cli.test", https, root);
+      }
+      if (idn.first == 200 && upper.first == 200) break;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    auto logs = [&] { return read_file(d.path / "serve.err") + read_file(d.path / "serve.out"); };
+    CHECK_MESSAGE(idn.first == 200, logs());
+    CHECK(idn.second == "idn site\n");
+    CHECK_MESSAGE(upper.first == 200, logs());
+    CHECK(upper.second == "upper site\n");
+    CHECK(fs::exists(storage / "live" / "xn--bcher-kva.cli.test" / "fullchain.pem"));
+    CHECK(fs::exists(storage / "live" / "upper.cli.test" / "fullchain.pem"));
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
+    // "ready" lists the names as managed, each once.
+    json ready;
+    std::istringstream lines(read_file(d.path / "serve.out"));
+    for (std::string line; std::getline(lines, line);) {
+      auto j = json::parse(line, nullptr, false);
+      if (j.is_object() && j.value("event", "") == "ready") ready = j["names"];
+    }
+    CHECK_MESSAGE(ready == json::array({"xn--bcher-kva.cli.test", "upper.cli.test"}), logs());
+  }
 }
 
 TEST_SUITE("cli.serve") {
@@ -2159,6 +2210,21 @@ TEST_SUITE("cli.serve_files") {
     expect(serve({"--config", cfg.string()}), {cfg.string(), "invalid JSON"});
     write_file(cfg, json({{"cert", {cert.string()}}, {"key", {key.string()}}, {"certs-dir", "/tmp"}}).dump());
     expect(serve({"--config", cfg.string()}), {cfg.string(), "unknown key \"certs-dir\""});
+    // Names a certificate cannot hold are refused before anything listens, where they are
+    // written: -d, --ip, a site's host.
+    expect(serve({"-d", "two words.cli.test"}), {"\"two words.cli.test\" is not a valid DNS name or IP address"});
+    expect(serve({"-d", "xn--zz.cli.test"}), {"xn--zz.cli.test", "not a valid internationalized domain name"});
+    expect(serve({"--ip", "10.0.0"}), {"--ip 10.0.0: not an IP address"});
+    auto sites = [&](const json& s) {
+      write_file(cfg, json({{"sites", s}}).dump());
+      return serve({"--config", cfg.string()});
+    };
+    const json www = {{"root", (d.path / "www").string()}};
+    expect(sites({{"*.cli.test", www}}), {cfg.string(), "sites.*.cli.test: a site is one host name, not a wildcard"});
+    expect(sites({{"two words.cli.test", www}}), {"sites.two words.cli.test: not a valid DNS name or IP address"});
+    expect(sites({{"Same.cli.test", www}, {"same.cli.test.", www}}),
+           {"sites.Same.cli.test and sites.same.cli.test. are the same host (same.cli.test)"});
+    CHECK_FALSE(fs::exists(fs::path(storage) / "accounts"));
     CHECK_FALSE(fs::exists(d.path / "core"));
   }
 
