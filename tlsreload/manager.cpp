@@ -218,6 +218,13 @@ system_clock::time_point ratio_renewal_time(system_clock::time_point not_before,
   return not_after - remaining;
 }
 
+// kMaxHonouredRetryAfter bounds the Retry-After a failed issuance waits out (record_failure).
+constexpr std::chrono::seconds kMaxHonouredRetryAfter{7 * 24 * 3600};
+// The renewalInfo poll interval, whatever Retry-After says (RFC 9773 §4.3.3's "reasonable
+// limits"): not more often than once a minute, at least twice a day.
+constexpr std::chrono::seconds kAriMinPoll{60};
+constexpr std::chrono::seconds kAriMaxPoll{12 * 3600};
+
 std::chrono::seconds failure_backoff(int failures) {
   constexpr std::chrono::seconds kFirst{60};
   constexpr std::chrono::seconds kCap{24 * 3600};
@@ -611,9 +618,25 @@ void Manager::record_failure(Managed& m, const Error& e) {
     wait += std::chrono::seconds(jitter(rng_));
   }
   // rateLimited and other answers with Retry-After: never come back earlier than asked
-  // (RFC 8555 §6.6).
-  if (e.retry_after) wait = std::max(wait, *e.retry_after);
-  s.next_attempt = clock_->now() + wait;
+  // (RFC 8555 §6.6), up to a point. A CA's limits refill within days (Let's Encrypt's longest
+  // window is a week), so a longer wait is a broken reply; and a wait that would let the
+  // certificate served run out is cut to half the time it has left (the next try, rate
+  // limited again, halves it again), so the expiry is met with attempts, not silence.
+  const auto now = clock_->now();
+  if (e.retry_after) {
+    auto honoured = std::min(*e.retry_after, kMaxHonouredRetryAfter);
+    if (m.cert) {
+      auto half_left = std::chrono::duration_cast<std::chrono::seconds>((m.cert->not_after() - now) / 2);
+      honoured = std::min(honoured, std::max(half_left, std::chrono::seconds(0)));
+    }
+    if (honoured < *e.retry_after) {
+      logger_->log(LogLevel::warn, kLog, "Retry-After cut short",
+                   {{"name", m.key}, {"retry_after_s", std::to_string(e.retry_after->count())},
+                    {"honoured_s", std::to_string(honoured.count())}});
+    }
+    wait = std::max(wait, honoured);
+  }
+  s.next_attempt = now + wait;
   failed_.fetch_add(1);
   logger_->log(LogLevel::error, kLog, "certificate issuance failed",
                {{"name", m.key}, {"error", e.message}, {"failures", std::to_string(s.failures)},
@@ -932,7 +955,12 @@ Status Manager::manage(const std::vector<std::string>& input, const CertificateS
   auto names = normalize(input);
   if (names.empty()) return fail(Errc::invalid_input, "manage: no names");
   for (const auto& n : names) {
-    if (!is_valid_lookup_name(n)) return fail(Errc::invalid_input, "manage: invalid name \"" + n + "\"");
+    if (!is_valid_lookup_name(n)) {
+      // Logged as well as returned: a caller that manages names in a loop (serve) must not
+      // lose one without a word.
+      logger_->log(LogLevel::error, kLog, "cannot manage an invalid name", {{"name", n}});
+      return fail(Errc::invalid_input, "manage: invalid name \"" + n + "\"");
+    }
   }
   const std::string key = storage_name(names.front());
   if (is_held(key)) return fail(Errc::invalid_input, "manage: " + names.front() + " is unmanaged (resume it first)");
@@ -941,7 +969,10 @@ Status Manager::manage(const std::vector<std::string>& input, const CertificateS
     auto name_mu = name_mutex(key);
     std::lock_guard work(*name_mu);
     auto stored = load_stored(key, names, settings);
-    if (!stored) return fail(stored.error());
+    if (!stored) {
+      logger_->log(LogLevel::error, kLog, "cannot read the stored certificate", {{"name", key}, {"error", stored.error().message}});
+      return fail(stored.error());
+    }
     // Managed already (manage() called again, e.g. on a configuration reload): the certificate
     // served now, which a stored one of the other key family must not leave in the store.
     std::shared_ptr<const Certificate> previous;
@@ -993,8 +1024,10 @@ void Manager::refresh_ari(Managed& m) {
   auto info = acme_client->renewal_info(m.state.ari_id);
   auto& s = m.state;
   if (!info) {
-    // Keep the last window; ask again in an hour, or when the CA said.
-    s.ari_next_fetch = now + info.error().retry_after.value_or(std::chrono::hours(1));
+    // Keep the last window; ask again in an hour, or when the CA said, within the same limits
+    // as a successful poll.
+    s.ari_next_fetch = now + std::clamp<std::chrono::seconds>(info.error().retry_after.value_or(std::chrono::hours(1)),
+                                                              kAriMinPoll, kAriMaxPoll);
     logger_->log(LogLevel::warn, kLog, "renewalInfo failed", {{"name", m.key}, {"error", info.error().message}});
   } else {
     // RFC 9773 §4.3.2: pick a uniform random time in the window, and keep it while the window
@@ -1009,8 +1042,8 @@ void Manager::refresh_ari(Managed& m) {
     s.ari_explanation_url = info->explanation_url;
     // RFC 9773 §4.3.3: honour Retry-After; but poll at least twice a day, and not more often
     // than once a minute.
-    auto wait = std::clamp<std::chrono::seconds>(info->retry_after.value_or(std::chrono::hours(6)),
-                                                 std::chrono::minutes(1), std::chrono::hours(12));
+    auto wait = std::clamp<std::chrono::seconds>(info->retry_after.value_or(std::chrono::hours(6)), kAriMinPoll,
+                                                 kAriMaxPoll);
     s.ari_next_fetch = now + wait;
   }
   if (auto st = save_state(m); !st) {

@@ -18,6 +18,7 @@
 
 #include "acme/ari.h"
 #include "acme/client.h"
+#include "tests/support/recording_logger.h"
 #include "tests/support/fake_acme.h"
 #include "tests/support/fake_clock.h"
 #include "tests/support/pebble_env.h"
@@ -29,6 +30,7 @@ using autotls::testing::FakeAcmeServer;
 using autotls::testing::FakeAcmeTransport;
 using autotls::testing::FakeClock;
 using autotls::testing::problem_reply;
+using autotls::testing::RecordingLogger;
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
@@ -359,6 +361,44 @@ TEST_CASE("rate limits are respected with Retry-After") {
   CHECK(*st.next_attempt >= env.clock.now() + 7200s);
 }
 
+TEST_CASE("a Retry-After the certificate would not outlive is cut to half its time left, and to a week without one") {
+  constexpr const char* kYear = "31536000";
+  {
+    Env env(no_ari());
+    auto m = env.manager();
+    REQUIRE(m->manage(kNames).has_value());
+    auto cert = env.certs->lookup("example.com");
+    REQUIRE(cert);
+    FakeAcmeServer* ca = env.ca.get();
+    env.ca->intercept = [ca, kYear](const acme::HttpRequest& req) -> std::optional<acme::HttpResponse> {
+      if (!req.url.ends_with("/new-order")) return std::nullopt;
+      return problem_reply(*ca, 429, "rateLimited", {{"Retry-After", kYear}});
+    };
+    // Weeks left: a week, the most any Retry-After is waited out.
+    REQUIRE_FALSE(m->renew(kNames, true).has_value());
+    CHECK(m->state(kNames).value().next_attempt == env.clock.now() + std::chrono::hours(24 * 7));
+    // 10 days left: half of them; asked again then, and refused again: half of what is left.
+    env.clock.advance(std::chrono::duration_cast<std::chrono::milliseconds>(cert->not_after() - env.clock.now() - 240h));
+    for (auto half_left : {120h, 60h}) {
+      REQUIRE_FALSE(m->renew(kNames, true).has_value());
+      CHECK(m->state(kNames).value().next_attempt == env.clock.now() + half_left);
+      env.clock.advance(half_left);
+    }
+    CHECK(env.served("example.com") == cert->id());
+  }
+  {
+    Env env(no_ari());
+    FakeAcmeServer* ca = env.ca.get();
+    env.ca->intercept = [ca, kYear](const acme::HttpRequest& req) -> std::optional<acme::HttpResponse> {
+      if (!req.url.ends_with("/new-order")) return std::nullopt;
+      return problem_reply(*ca, 429, "rateLimited", {{"Retry-After", kYear}});
+    };
+    auto m = env.manager();
+    REQUIRE_FALSE(m->manage(kNames).has_value());
+    CHECK(m->state(kNames).value().next_attempt == env.clock.now() + std::chrono::hours(24 * 7));
+  }
+}
+
 TEST_CASE("a bad certificate from the CA never replaces the good one") {
   Env env;
   auto m = env.manager();
@@ -678,6 +718,39 @@ TEST_CASE("ARI is polled at least twice a day and at most once a minute whatever
     auto want = expected.count() ? env.clock.now() + expected : env.clock.now() + 1min;
     CHECK(*st.ari_next_fetch == want);
   }
+}
+
+TEST_CASE("manage says why it refuses a name or a stored certificate it cannot read, besides returning it") {
+  Env env(no_ari());
+  RecordingLogger log;
+  auto o = env.options();
+  o.logger = &log;
+  Manager m(o, env.storage, env.certs, env.challenges);
+  auto bad = m.manage({"two words.example.com"});
+  REQUIRE_FALSE(bad.has_value());
+  CHECK(bad.error().message.find("invalid name") != std::string::npos);
+  CHECK(log.has("error cannot manage an invalid name name=two words.example.com"));
+  // A stored certificate that cannot be read (its file is a directory): no order, a line.
+  fs::create_directories(env.dir / "live" / "example.com" / "fullchain.pem");
+  REQUIRE_FALSE(m.manage(kNames).has_value());
+  CHECK(log.has("error cannot read the stored certificate name=example.com"));
+  CHECK(env.ca->orders().empty());
+}
+
+TEST_CASE("a failed ARI poll is retried within the same limits whatever Retry-After says") {
+  Env env;
+  auto m = env.manager();
+  REQUIRE(m->manage(kNames).has_value());
+  FakeAcmeServer* ca = env.ca.get();
+  std::atomic<int> polls{0};
+  env.ca->intercept = [ca, &polls](const acme::HttpRequest& req) -> std::optional<acme::HttpResponse> {
+    if (req.url.find("/renewal-info/") == std::string::npos) return std::nullopt;
+    ++polls;
+    return problem_reply(*ca, 429, "rateLimited", {{"Retry-After", "31536000"}});
+  };
+  CHECK(m->renew_due().value() == 0);
+  CHECK(polls == 1);
+  CHECK(m->state(kNames).value().ari_next_fetch == env.clock.now() + 12h);
 }
 
 }  // TEST_SUITE

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <thread>
 
+#include "tests/support/recording_logger.h"
 #include "tests/support/temp_dir.h"
 #include "tests/unit/tlsreload/test_ca.h"
 #include "tlsreload/store.h"
@@ -23,6 +24,7 @@ using namespace autotls;
 using namespace autotls::tlsreload;
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
+using autotls::testing::RecordingLogger;
 
 namespace {
 
@@ -59,25 +61,6 @@ std::string id_of(const testing::Issued& i) {
   return (*c)->id();
 }
 
-// RecordingLogger keeps every message with its fields flattened, for assertions.
-class RecordingLogger : public Logger {
- public:
-  bool enabled(LogLevel) const override { return true; }
-  void log(LogLevel level, std::string_view, std::string_view message, std::initializer_list<LogField> fields) override {
-    std::string line = std::string(to_string(level)) + " " + std::string(message);
-    for (const auto& f : fields) line += " " + std::string(f.key) + "=" + f.value;
-    std::lock_guard lock(mu_);
-    lines_.push_back(std::move(line));
-  }
-  std::vector<std::string> lines() const {
-    std::lock_guard lock(mu_);
-    return lines_;
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::vector<std::string> lines_;
-};
 
 struct Fixture {
   testing::TestCa ca{"Watch"};
