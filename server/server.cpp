@@ -1600,71 +1600,13 @@ struct Server::Impl {
   // snprintf and a std::stringstream; this is a few thousand.
   bool serve_fast(Connection* c, std::size_t head, bool close_connection,
                   bool& connection_closed) {
-    constexpr auto npos = std::string_view::npos;
     if (c->listener->admin) return false;
     auto start = SteadyClock::now();
-    std::string_view h = c->unread().substr(0, head);
-    std::size_t eol = h.find("\r\n");
-    if (eol == npos) return false;
-    std::string_view line = h.substr(0, eol);
-    bool is_head = false;
-    if (line.starts_with("GET ")) {
-      line.remove_prefix(4);
-    } else if (line.starts_with("HEAD ")) {
-      is_head = true;
-      line.remove_prefix(5);
-    } else {
-      return false;
-    }
-    std::size_t sp = line.find(' ');
-    if (sp == npos) return false;
-    std::string_view target = line.substr(0, sp);
-    std::string_view version = line.substr(sp + 1);
-    bool http10 = version == "HTTP/1.0";
-    if (!http10 && version != "HTTP/1.1") return false;
-    // httplib URL-decodes the path and splits off a query: only targets it keeps as they are.
-    if (target.empty() || target.front() != '/' || target.size() > 2048) return false;
-    for (char ch : target) {
-      if (ch <= ' ' || ch >= 0x7f || ch == '%' || ch == '?' || ch == '#' || ch == '\\') return false;
-    }
-    std::string_view host_value, conn_value;
-    bool have_host = false, have_conn = false;
-    for (std::size_t pos = eol + 2;;) {
-      std::size_t e = h.find('\n', pos);
-      // Every line ends in CRLF (httplib skips a bare-LF line; leave those to it).
-      if (e == npos || e == pos || h[e - 1] != '\r') return false;
-      // httplib refuses (400) a field line longer than this, CRLF included.
-      if (e + 1 - pos > CPPHTTPLIB_HEADER_MAX_LENGTH) return false;
-      std::string_view field = h.substr(pos, e - 1 - pos);
-      pos = e + 1;
-      if (field.empty()) {
-        if (pos != h.size()) return false;
-        break;
-      }
-      std::size_t colon = field.find(':');
-      if (colon == npos || colon == 0) return false;
-      std::string_view name = field.substr(0, colon);
-      std::string_view value = field.substr(colon + 1);
-      while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
-      while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
-      // httplib drops a field with an empty value and URL-decodes values.
-      if (value.empty() || value.find('%') != npos) return false;
-      if (detail::iequals(name, "host")) {
-        if (have_host) return false;
-        have_host = true;
-        host_value = value;
-      } else if (detail::iequals(name, "connection")) {
-        if (have_conn) return false;
-        have_conn = true;
-        conn_value = value;
-      } else if (detail::iequals(name, "range") || detail::iequals(name, "accept-encoding") ||
-                 detail::iequals(name, "content-length") ||
-                 detail::iequals(name, "transfer-encoding") || detail::iequals(name, "expect")) {
-        return false;
-      }
-    }
-    if (!have_host) return false;
-    auto host = detail::host_of(host_value);
+    auto req = detail::parse_fast_request(c->unread().substr(0, head), CPPHTTPLIB_HEADER_MAX_LENGTH);
+    if (!req) return false;
+    const std::string_view target = req->target, conn_value = req->connection;
+    const bool is_head = req->head, http10 = req->http10;
+    auto host = detail::host_of(req->host);
     if (!host) return false;
     auto r = routing();
     if (r->access_log.enabled) return false;  // the log line is built from httplib's Request

@@ -55,6 +55,78 @@ std::optional<std::string> host_of(std::string_view h) {
   return out;
 }
 
+std::optional<FastRequest> parse_fast_request(std::string_view head, std::size_t max_line) {
+  constexpr auto npos = std::string_view::npos;
+  std::string_view h = head;
+  std::size_t eol = h.find("\r\n");
+  if (eol == npos) return std::nullopt;
+  std::string_view line = h.substr(0, eol);
+  bool is_head = false;
+  if (line.starts_with("GET ")) {
+    line.remove_prefix(4);
+  } else if (line.starts_with("HEAD ")) {
+    is_head = true;
+    line.remove_prefix(5);
+  } else {
+    return std::nullopt;
+  }
+  std::size_t sp = line.find(' ');
+  if (sp == npos) return std::nullopt;
+  std::string_view target = line.substr(0, sp);
+  std::string_view version = line.substr(sp + 1);
+  bool http10 = version == "HTTP/1.0";
+  if (!http10 && version != "HTTP/1.1") return std::nullopt;
+  // httplib URL-decodes the path and splits off a query: only targets it keeps as they are.
+  if (target.empty() || target.front() != '/' || target.size() > 2048) return std::nullopt;
+  for (char ch : target) {
+    if (ch <= ' ' || ch >= 0x7f || ch == '%' || ch == '?' || ch == '#' || ch == '\\') return std::nullopt;
+  }
+  std::string_view host_value, conn_value;
+  bool have_host = false, have_conn = false;
+  for (std::size_t pos = eol + 2;;) {
+    std::size_t e = h.find('\n', pos);
+    // Every line ends in CRLF (httplib skips a bare-LF line; leave those to it).
+    if (e == npos || e == pos || h[e - 1] != '\r') return std::nullopt;
+    // httplib refuses (400) a field line longer than its limit, CRLF included.
+    if (e + 1 - pos > max_line) return std::nullopt;
+    std::string_view field = h.substr(pos, e - 1 - pos);
+    pos = e + 1;
+    if (field.empty()) {
+      if (pos != h.size()) return std::nullopt;
+      break;
+    }
+    std::size_t colon = field.find(':');
+    if (colon == npos || colon == 0) return std::nullopt;
+    std::string_view name = field.substr(0, colon);
+    std::string_view value = field.substr(colon + 1);
+    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+    while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+    // httplib drops a field with an empty value and URL-decodes values.
+    if (value.empty() || value.find('%') != npos) return std::nullopt;
+    if (iequals(name, "host")) {
+      if (have_host) return std::nullopt;
+      have_host = true;
+      host_value = value;
+    } else if (iequals(name, "connection")) {
+      if (have_conn) return std::nullopt;
+      have_conn = true;
+      conn_value = value;
+    } else if (iequals(name, "range") || iequals(name, "accept-encoding") ||
+               iequals(name, "content-length") ||
+               iequals(name, "transfer-encoding") || iequals(name, "expect")) {
+      return std::nullopt;
+    }
+  }
+  if (!have_host) return std::nullopt;
+  FastRequest out;
+  out.target = target;
+  out.host = host_value;
+  out.connection = conn_value;
+  out.head = is_head;
+  out.http10 = http10;
+  return out;
+}
+
 std::string redirect_location(std::string_view host, std::string_view target, int port) {
   std::string url = "https://";
   bool v6 = host.find(':') != std::string_view::npos;

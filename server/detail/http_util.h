@@ -53,6 +53,23 @@ bool is_hop_by_hop(std::string_view name);
 // (CRLF CRLF, or a bare LF LF), or 0 when the header is not complete yet.
 std::size_t header_end(std::string_view buf);
 
+// FastRequest is what serve_fast needs of a request head it can answer itself: GET or HEAD
+// of a plain path (no query, no percent-encoding), HTTP/1.0 or 1.1, exactly one Host, at most
+// one Connection, and none of the fields that change the answer (Range, Accept-Encoding,
+// Content-Length, Transfer-Encoding, Expect). The views point into the head parsed.
+struct FastRequest {
+  std::string_view target, host, connection;  // host and connection: the field values
+  bool head = false;                          // HEAD (else GET)
+  bool http10 = false;
+};
+
+// parse_fast_request reads a complete request head (request line, fields, the blank line; the
+// whole of head, as header_end delimits it) and returns the request when it is one of those,
+// written so that httplib would read the same: every line ends in CRLF, no field line is
+// longer than max_line (CRLF included), no field value is empty or holds '%'. Anything else
+// gives nullopt, for httplib to answer.
+std::optional<FastRequest> parse_fast_request(std::string_view head, std::size_t max_line);
+
 // format_endpoint renders "0.0.0.0:443" or "[::]:443".
 std::string format_endpoint(std::string_view address, int port);
 

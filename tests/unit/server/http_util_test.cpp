@@ -4,6 +4,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "server/detail/http_util.h"
 
@@ -106,5 +108,58 @@ TEST_SUITE("server") {
     CHECK_FALSE(has_token("keep-alive", "close"));
     CHECK_FALSE(has_token("closed, xclose", "close"));
     CHECK_FALSE(has_token("", "close"));
+  }
+
+  TEST_CASE("parse_fast_request takes a plain GET or HEAD and leaves everything else to httplib") {
+    auto r = parse_fast_request("GET /a/b.html HTTP/1.1\r\nHost: Example.com:8443\r\nUser-Agent: x\r\n"
+                                "Connection:  close \t\r\n\r\n",
+                                8192);
+    REQUIRE(r);
+    CHECK(r->target == "/a/b.html");
+    CHECK(r->host == "Example.com:8443");
+    CHECK(r->connection == "close");
+    CHECK_FALSE(r->head);
+    CHECK_FALSE(r->http10);
+    auto h = parse_fast_request("HEAD / HTTP/1.0\r\nhost: a\r\n\r\n", 8192);
+    REQUIRE(h);
+    CHECK(h->head);
+    CHECK(h->http10);
+    CHECK(h->connection.empty());
+
+    const std::string ok_tail = "Host: a\r\n\r\n";
+    for (const std::string& bad : std::vector<std::string>{
+             "POST / HTTP/1.1\r\n" + ok_tail,              // not GET or HEAD
+             "GET / HTTP/2\r\n" + ok_tail,                 // another version
+             "GET /?q=1 HTTP/1.1\r\n" + ok_tail,           // a query
+             "GET /a%20b HTTP/1.1\r\n" + ok_tail,          // percent-encoding
+             "GET /a\\b HTTP/1.1\r\n" + ok_tail,          // a backslash
+             "GET http://a/ HTTP/1.1\r\n" + ok_tail,       // absolute form
+             "GET / HTTP/1.1\r\n\r\n",                     // no Host
+             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  // two Hosts
+             "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nConnection: close\r\n\r\n",
+             "GET / HTTP/1.1\r\nHost: a\r\nRange: bytes=0-1\r\n\r\n",
+             "GET / HTTP/1.1\r\nHost: a\r\nACCEPT-ENCODING: gzip\r\n\r\n",
+             "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+             "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+             "GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+             "GET / HTTP/1.1\r\nHost: a\r\nX: \r\n\r\n",        // an empty value (httplib drops it)
+             "GET / HTTP/1.1\r\nHost: a\r\nX: %41\r\n\r\n",     // httplib decodes values
+             "GET / HTTP/1.1\r\nHost: a\r\n: v\r\n\r\n",        // no field name
+             "GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n",
+             "GET / HTTP/1.1\nHost: a\r\n\r\n",                  // a bare LF
+             "GET / HTTP/1.1\r\nHost: a\r\n\n",                  // a bare LF ends the head
+             "GET / HTTP/1.1\r\nHost: a\r\n\r\nGET",             // bytes after the head
+             "GET / HTTP/1.1\r\nHost: a\r\n",                     // no blank line
+             "GET / HTTP/1.1",
+             "",
+         }) {
+      CAPTURE(bad);
+      CHECK_FALSE(parse_fast_request(bad, 8192));
+    }
+    // A field line longer than httplib's limit (CRLF included) is left to httplib (its 400).
+    const std::string field = "X-Long: " + std::string(20, 'v') + "\r\n";
+    const std::string req = "GET / HTTP/1.1\r\nHost: a\r\n" + field + "\r\n";
+    CHECK(parse_fast_request(req, field.size()));
+    CHECK_FALSE(parse_fast_request(req, field.size() - 1));
   }
 }
