@@ -23,6 +23,7 @@
 #include "tlsreload/on_demand.h"
 #include "tlsreload/store.h"
 #include "tools/cli.h"
+#include "tools/config.h"
 #include "tools/progress.h"
 #include "tools/serve_files.h"
 
@@ -238,6 +239,17 @@ Result<tlsreload::Rate> parse_rate(const std::string& flag, const std::string& t
   return r;
 }
 
+// seconds_option converts a flag's seconds to milliseconds when lo <= v <= hi, else an error
+// naming the flag and the range (NaN and values too large for the conversion included).
+Result<std::chrono::milliseconds> seconds_option(const char* flag, double v, double lo, double hi) {
+  if (!(v >= lo && v <= hi)) {
+    std::ostringstream text;
+    text << flag << " must be between " << lo << " and " << hi << " seconds, not " << v;
+    return fail(Errc::invalid_input, text.str());
+  }
+  return std::chrono::milliseconds(static_cast<long long>(v * 1000));
+}
+
 Result<tlsreload::OnDemandOptions> on_demand_options(const Options& o, const std::string& ca_bundle) {
   tlsreload::OnDemandOptions od;
   od.enabled = o.on_demand;
@@ -256,8 +268,12 @@ Result<tlsreload::OnDemandOptions> on_demand_options(const Options& o, const std
   od.max_concurrent = o.on_demand_max_concurrent;
   if (o.on_demand_max_cached < 1) return fail(Errc::invalid_input, "--on-demand-max-cached must be at least 1");
   od.max_cached = static_cast<size_t>(o.on_demand_max_cached);
-  od.handshake_wait = std::chrono::milliseconds(static_cast<long long>(o.on_demand_wait * 1000));
-  od.ask_timeout = std::chrono::milliseconds(static_cast<long long>(o.on_demand_ask_timeout * 1000));
+  auto wait = seconds_option("--on-demand-wait", o.on_demand_wait, 0.001, 86'400);
+  if (!wait) return fail(wait.error());
+  od.handshake_wait = *wait;
+  auto ask = seconds_option("--on-demand-ask-timeout", o.on_demand_ask_timeout, 0.001, 86'400);
+  if (!ask) return fail(ask.error());
+  od.ask_timeout = *ask;
   if (o.on_demand_deny_ttl < 0) return fail(Errc::invalid_input, "--on-demand-deny-ttl must not be negative");
   od.deny_ttl = std::chrono::seconds(o.on_demand_deny_ttl);
   if (auto st = tlsreload::validate_on_demand(od); !st) return fail(st.error());
@@ -268,28 +284,15 @@ Result<tlsreload::OnDemandOptions> on_demand_options(const Options& o, const std
   return od;
 }
 
-// ServeSetup is what the options say to serve: the server configuration (without the admin
-// callbacks) and the names to hold certificates for. Built at start and again on SIGHUP.
-struct ServeSetup {
-  server::ServerConfig cfg;
-  std::vector<std::string> names;
-  // cert_settings: the certificate settings of each site that sets any (by site name).
-  std::map<std::string, tlsreload::CertificateSettings> cert_settings;
-  tlsreload::OnDemandOptions on_demand;  // checked; not reloadable on SIGHUP
-};
-
 // server_limits copies the timeouts, caps, thread counts and ticket schedule into cfg, each
 // checked against a sane range.
 Status server_limits(const Options& o, server::ServerConfig& cfg) {
   auto bad = [](const std::string& m) { return fail(Errc::invalid_input, m); };
   auto seconds = [&](const char* flag, double v, std::chrono::milliseconds& out) -> Status {
     // At least 10 ms (a deadline below the reactor's 50 ms tick is not meaningful), at most a day.
-    if (!(v >= 0.01 && v <= 86'400)) {
-      std::ostringstream text;
-      text << flag << " must be between 0.01 and 86400 seconds, not " << v;
-      return bad(text.str());
-    }
-    out = std::chrono::milliseconds(static_cast<long long>(v * 1000));
+    auto ms = seconds_option(flag, v, 0.01, 86'400);
+    if (!ms) return fail(ms.error());
+    out = *ms;
     return {};
   };
   auto& t = cfg.timeouts;
@@ -337,6 +340,8 @@ Status server_limits(const Options& o, server::ServerConfig& cfg) {
   cfg.tickets.lifetime = std::chrono::seconds(o.ticket_lifetime);
   return {};
 }
+
+}  // namespace
 
 Result<ServeSetup> serve_setup(const Options& o) {
   auto bad = [](const std::string& m) { return fail(Errc::invalid_input, m); };
@@ -431,10 +436,12 @@ Result<ServeSetup> serve_setup(const Options& o) {
     if (o.access_log == "off") return bad("--access-log-file needs --access-log json or combined");
     cfg.access_log.file = o.access_log_file;
   }
-  if (o.drain < 0) return bad("--drain must not be negative");
+  if (auto d = seconds_option("--drain", o.drain, 0, 86'400); !d) return bad(d.error().message);
   if (auto st = server_limits(o, cfg); !st) return bad(st.error().message);
   return out;
 }
+
+namespace {
 
 // NameList is the names served: the configured ones (replaced on SIGHUP) and those the
 // certificate files' certificates hold now, followed as the watcher and the verification

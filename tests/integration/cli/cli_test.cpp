@@ -2224,6 +2224,13 @@ TEST_SUITE("cli.serve_files") {
     expect(sites({{"two words.cli.test", www}}), {"sites.two words.cli.test: not a valid DNS name or IP address"});
     expect(sites({{"Same.cli.test", www}, {"same.cli.test.", www}}),
            {"sites.Same.cli.test and sites.same.cli.test. are the same host (same.cli.test)"});
+    // Seconds out of range, NaN and values too large for a duration included, name the flag.
+    expect(serve({"-d", "a.cli.test", "--challenge", "tls-alpn-01", "--drain", "1e300"}), {"--drain must be between 0 and 86400 seconds"});
+    expect(serve({"-d", "a.cli.test", "--challenge", "tls-alpn-01", "--drain", "nan"}), {"--drain must be between 0 and 86400 seconds"});
+    write_file(cfg, json({{"on-demand", true}, {"on-demand-allow", {"*.cli.test"}}, {"on-demand-wait", 1e300}}).dump());
+    expect(serve({"--config", cfg.string()}), {"--on-demand-wait must be between 0.001 and 86400 seconds"});
+    expect(serve({"-d", "a.cli.test", "--on-demand", "--on-demand-allow", "*.cli.test", "--on-demand-ask-timeout", "-1"}),
+           {"--on-demand-ask-timeout must be between 0.001 and 86400 seconds"});
     CHECK_FALSE(fs::exists(fs::path(storage) / "accounts"));
     CHECK_FALSE(fs::exists(d.path / "core"));
   }
