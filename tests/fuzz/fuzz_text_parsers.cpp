@@ -1,6 +1,7 @@
 // libFuzzer target: the parsers of text that comes from a peer or a file: an ACME problem
 // document, Retry-After, ARI renewal info, RFC 3339 times, Link headers and PEM chains from a
-// CA's reply; the Host header, the request target and the header block of an HTTP request.
+// CA's reply; the Host header, the request target, the header block of an HTTP request and
+// the request head the server answers without httplib (parse_fast_request).
 // The first byte picks the parser, the rest is its input. No input may crash one or read
 // outside it (ASan, UBSan). tools/fuzz runs it.
 
@@ -25,7 +26,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::string text(reinterpret_cast<const char*>(data + 1), size - 1);
   std::string_view in(text);
   const auto now = std::chrono::system_clock::time_point(std::chrono::seconds(1'800'000'000));
-  switch (which % 12) {
+  switch (which % 13) {
     case 0: {
       auto p = acme::parse_problem(in, 400);
       if (p) (void)acme::describe(*p);
@@ -69,6 +70,21 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       r.headers.emplace_back("Retry-After", std::string(in.substr(0, cut)));
       r.body = cut == std::string_view::npos ? "" : std::string(in.substr(cut + 1));
       (void)acme::error_from_response("fuzz", r, now);
+      break;
+    }
+    case 12: {
+      // What it accepts, the server answers itself: the views must lie inside the head, the
+      // target be an origin-form path, the head end with its blank line.
+      auto r = server::detail::parse_fast_request(in, 8192);
+      if (!r) break;
+      auto inside = [&](std::string_view v) {
+        return v.empty() || (v.data() >= in.data() && v.data() + v.size() <= in.data() + in.size());
+      };
+      if (!inside(r->target) || !inside(r->host) || !inside(r->connection) || r->host.empty() ||
+          r->target.empty() || r->target.front() != '/' || !in.ends_with("\r\n\r\n") ||
+          r->target.find_first_of("?%#\\ ") != std::string_view::npos) {
+        __builtin_trap();
+      }
       break;
     }
   }
