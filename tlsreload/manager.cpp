@@ -197,7 +197,10 @@ Result<CertificateState> CertificateState::from_json(std::string_view text) {
     s.ari_next_fetch = get_time(*ari, "next_fetch");
     s.ari_explanation_url = get_string(*ari, "explanation_url");
   }
-  if (auto f = j.find("failures"); f != j.end() && f->is_number_integer()) s.failures = f->get<int>();
+  // A count as written, within what record_failure can add to (an edited file may say anything).
+  if (auto f = j.find("failures"); f != j.end() && f->is_number_integer()) {
+    s.failures = static_cast<int>(std::clamp<long long>(f->get<long long>(), 0, 1'000'000));
+  }
   s.last_error = get_string(j, "last_error");
   s.next_attempt = get_time(j, "next_attempt");
   if (auto r = j.find("revoked"); r != j.end() && r->is_object()) {

@@ -1,10 +1,9 @@
 // The command line's definition (CLI11) and the JSON config file applied over it
 // (tools/config.h).
 
-#include <cstdio>
-#include <cstdlib>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
-#include <iostream>
 #include <set>
 #include <sstream>
 
@@ -12,7 +11,6 @@
 
 #include "tools/cli.h"
 #include "tools/config.h"
-#include "tools/serve_files.h"
 
 namespace autotls::cli {
 

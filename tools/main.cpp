@@ -5,10 +5,8 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <iostream>
-#include <set>
-#include <sstream>
+#include <memory>
 
 #include <CLI/CLI.hpp>
 

@@ -227,6 +227,14 @@ TEST_CASE("short lived certificates renew at half their lifetime") {
   CHECK(ratio_renewal_time(nb, nb + 6 * 24h, 0.8) < nb + 2 * 24h);
 }
 
+TEST_CASE("meta.json's failure count is read within what a failure can add to") {
+  CHECK(CertificateState::from_json(R"({"failures": 3})")->failures == 3);
+  CHECK(CertificateState::from_json(R"({"failures": 2147483647})")->failures == 1'000'000);
+  CHECK(CertificateState::from_json(R"({"failures": 18446744073709551615})")->failures == 0);
+  CHECK(CertificateState::from_json(R"({"failures": -4})")->failures == 0);
+  CHECK(CertificateState::from_json(R"({"failures": 1.5})")->failures == 0);
+}
+
 TEST_CASE("backoff doubles from a minute up to a day") {
   CHECK(failure_backoff(1) == 60s);
   CHECK(failure_backoff(2) == 120s);
