@@ -737,10 +737,12 @@ struct Server::Impl {
     }
     std::map<std::string, Site> sites;
     for (auto& [name, site] : cfg.sites) {
-      auto host = detail::host_of(name);
+      // A site is keyed as host_of reads the Host header: an IPv6 address without its brackets.
+      const bool v6 = name.find(':') != std::string::npos;
+      auto host = detail::host_of(v6 ? "[" + name + "]" : name);
       if (!host || *host != name) {
-        return fail(Errc::invalid_input,
-                    "server config: site name '" + name + "' is not a lower-case host name");
+        return fail(Errc::invalid_input, "server config: site name '" + name + "' is not a lower-case host name" +
+                                             (v6 ? " or IPv6 address" : ""));
       }
       auto st = resolve_site(name, site);
       if (!st) return st;

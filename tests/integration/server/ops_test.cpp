@@ -353,6 +353,28 @@ TEST_SUITE("server") {
     srv->shutdown(milliseconds(1'000));
   }
 
+  TEST_CASE("an IP address is a site, an IPv6 one reached with Host: [address]:port") {
+    Dir dir("ipsites");
+    auto cfg = plain_config();
+    cfg.sites["127.0.0.1"] = StaticSite{dir.site("v4", "site v4\n")};
+    cfg.sites["::1"] = StaticSite{dir.site("v6", "site v6\n")};
+    auto srv = start(cfg);
+    Conn c(srv->http_port());
+    CHECK(c.get("127.0.0.1:" + std::to_string(srv->http_port())) == std::pair<int, std::string>{200, "site v4\n"});
+    CHECK(c.get("[::1]:" + std::to_string(srv->http_port())) == std::pair<int, std::string>{200, "site v6\n"});
+    CHECK(c.get("[::1]") == std::pair<int, std::string>{200, "site v6\n"});
+    CHECK(c.get("[::2]").first == 421);
+    // Keyed as host_of reads the header: no brackets, lower case.
+    for (const char* bad : {"[::1]", "::ABCD"}) {
+      auto other = plain_config();
+      other.sites[bad] = StaticSite{dir.path / "v6"};
+      auto refused = Server::create(other, std::make_shared<tlsreload::CertStore>(), nullptr, nullptr);
+      REQUIRE_FALSE(refused);
+      CHECK(refused.error().message.find("is not a lower-case host name or IPv6 address") != std::string::npos);
+    }
+    srv->shutdown(milliseconds(1'000));
+  }
+
   TEST_CASE("session tickets resume and a ticket whose key left the ring gets a full handshake") {
     auto store = store_for("t.test");
     Dir dir("tickets");
