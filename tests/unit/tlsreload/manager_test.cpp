@@ -761,8 +761,6 @@ TEST_CASE("a failed ARI poll is retried within the same limits whatever Retry-Af
   CHECK(m->state(kNames).value().ari_next_fetch == env.clock.now() + 12h);
 }
 
-}  // TEST_SUITE
-
 TEST_CASE("a meta.json save keeps a revoked mark written by another process") {
   Env env;  // ARI window in 2030: the ARI fetch writes meta.json, nothing is renewed
   auto m = env.manager();
@@ -787,6 +785,8 @@ TEST_CASE("a meta.json save keeps a revoked mark written by another process") {
   CHECK(after->revoked_at.has_value());
   CHECK(after->revocation_reason == "keyCompromise");
 }
+
+}  // TEST_SUITE
 
 namespace {
 
