@@ -214,6 +214,10 @@ Result<IdnName> idn_name(const std::string& name);
 // normalized lower-cases names, drops trailing dots and duplicates, and converts Unicode names
 // to punycode (idn_name); an invalid internationalized name is an error.
 Result<std::vector<std::string>> normalized(const std::vector<std::string>& in);
+// requested_names is -d and --ip as issue and serve take them: each --ip an address, every name
+// normalized, each one a certificate can hold. Errors start with command ("serve: ...") except
+// --ip's, which name the flag.
+Result<std::vector<std::string>> requested_names(const Options& o, const std::string& command);
 // show_name is "ascii (unicode)" when they differ, else ascii.
 std::string show_name(const std::string& ascii);
 // unicode_names is the Unicode form of each name (as idn_name; the name itself when not an IDN),

@@ -367,18 +367,10 @@ int after_success(Context& ctx, const Options& o, const std::string& key, const 
 
 int cmd_issue(Context& ctx) {
   Options& o = ctx.options;
-  std::vector<std::string> requested = o.domains;
-  requested.insert(requested.end(), o.ips.begin(), o.ips.end());
-  auto normal = normalized(requested);
-  if (!normal) return usage_error(ctx, "issue: " + normal.error().message);
-  const std::vector<std::string>& names = *normal;
+  auto requested = requested_names(o, "issue");
+  if (!requested) return usage_error(ctx, requested.error().message);
+  const std::vector<std::string>& names = *requested;
   if (names.empty()) return usage_error(ctx, "issue: give at least one name with -d NAME (or an address with --ip)");
-  for (const auto& ip : o.ips) {
-    if (acme::identifier_for(ip).type != "ip") return usage_error(ctx, "--ip " + ip + ": not an IP address");
-  }
-  for (const auto& n : names) {
-    if (!tlsreload::is_valid_lookup_name(n)) return usage_error(ctx, "issue: \"" + n + "\" is not a valid DNS name or IP address");
-  }
   if (auto st = check_challenge_options(o); !st) return usage_error(ctx, st.error().message);
   if (!o.webroot.empty() && !std::filesystem::is_directory(o.webroot)) {
     return usage_error(ctx, "--webroot " + o.webroot + ": not a directory");

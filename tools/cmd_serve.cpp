@@ -350,17 +350,9 @@ Result<ServeSetup> serve_setup(const Options& o) {
   auto& names = out.names;
   // The names as issue takes them (lower case, punycode, no trailing dot), each one a
   // certificate can hold: refused here, before anything listens, never dropped later.
-  for (const auto& ip : o.ips) {
-    if (acme::identifier_for(ip).type != "ip") return bad("--ip " + ip + ": not an IP address");
-  }
-  std::vector<std::string> given = o.domains;
-  given.insert(given.end(), o.ips.begin(), o.ips.end());
-  auto normal = normalized(given);
-  if (!normal) return bad("serve: " + normal.error().message);
-  for (const auto& n : *normal) {
-    if (!tlsreload::is_valid_lookup_name(n)) return bad("serve: \"" + n + "\" is not a valid DNS name or IP address");
-  }
-  names = *normal;
+  auto requested = requested_names(o, "serve");
+  if (!requested) return fail(requested.error());
+  names = std::move(*requested);
   const std::string in_file = o.config.empty() ? "" : o.config + ": ";
   if (o.sites.is_object()) {
     std::map<std::string, std::string> written;  // normalized host -> the key as written

@@ -289,6 +289,22 @@ Result<std::vector<std::string>> normalized(const std::vector<std::string>& in) 
   return out;
 }
 
+Result<std::vector<std::string>> requested_names(const Options& o, const std::string& command) {
+  for (const auto& ip : o.ips) {
+    if (acme::identifier_for(ip).type != "ip") return fail(Errc::invalid_input, "--ip " + ip + ": not an IP address");
+  }
+  std::vector<std::string> given = o.domains;
+  given.insert(given.end(), o.ips.begin(), o.ips.end());
+  auto names = normalized(given);
+  if (!names) return fail(Errc::invalid_input, command + ": " + names.error().message);
+  for (const auto& n : *names) {
+    if (!tlsreload::is_valid_lookup_name(n)) {
+      return fail(Errc::invalid_input, command + ": \"" + n + "\" is not a valid DNS name or IP address");
+    }
+  }
+  return names;
+}
+
 std::string show_name(const std::string& ascii) {
   auto n = idn_name(ascii);
   if (!n || n->unicode == n->ascii) return ascii;

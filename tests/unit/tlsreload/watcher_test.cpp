@@ -61,7 +61,6 @@ std::string id_of(const testing::Issued& i) {
   return (*c)->id();
 }
 
-
 struct Fixture {
   testing::TestCa ca{"Watch"};
   testing::TempDir dir{"tlsreload-watch"};
