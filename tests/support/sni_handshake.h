@@ -30,6 +30,7 @@ struct TlsGet {
   bool ok = false;         // the TLS handshake completed
   bool verified = false;   // ... and the server's certificate verified for the SNI name
   bool reused = false;     // ... and resumed the session offered
+  std::string cipher;       // the suite the handshake settled on (OpenSSL's name)
   std::string status_line;  // the answer's first line, without its CRLF ("" when none came)
   std::string error;        // OpenSSL's reason when the handshake failed
   SSL_SESSION* session = nullptr;  // with keep_session: the session it ended with (its tickets
@@ -74,6 +75,7 @@ inline TlsGet tls_get(int port, const std::string& sni, SSL_CTX* ctx = nullptr,
   if (r.ok) {
     r.verified = SSL_get_verify_result(ssl.get()) == X509_V_OK;
     r.reused = SSL_session_reused(ssl.get()) == 1;
+    r.cipher = SSL_get_cipher_name(ssl.get());
     if (opt.request) {
       // A TLS 1.3 server sends its tickets after the handshake: reading the answer reads them.
       std::string req = "GET / HTTP/1.1\r\nHost: " + sni + "\r\nConnection: close\r\n\r\n";

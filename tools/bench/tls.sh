@@ -7,8 +7,14 @@
 # server::Server) with its default worker threads. wrk (-t2 -c50) loads each in turn, on the
 # same 2 cores as the servers. Phases, SECS seconds each, interleaved so that drift in the
 # machine's load hits both sides:
-#   nginx full, autotls full, (autotls swap, autotls full) x 2, nginx full, nginx keep-alive,
-#   autotls keep-alive
+#   nginx full, autotls full, (autotls swap, autotls full) x 2, nginx full, nginx-same-suite full,
+#   nginx keep-alive, autotls keep-alive
+# The servers' TLS 1.3 suites differ by default: autotls picks TLS_AES_128_GCM_SHA256 (server
+# preference, as Go/Caddy), nginx takes the client's first, TLS_AES_256_GCM_SHA384 for wrk's
+# OpenSSL. "nginx-same-suite" is a second nginx server block told to prefer the suite autotls
+# picks (ssl_prefer_server_ciphers, ssl_conf_command Ciphersuites): the contract's ratio compares
+# the defaults, handshake_ratio_vs_nginx_same_suite compares like for like. The JSON names the
+# suite each negotiated (negotiated_suites).
 # "full" sends Connection: close (one new TLS connection, so one full handshake, per request);
 # "swap" is "full" while tls_bench publishes a new certificate for bench.test 100 times a
 # second. Server CPU comes from /proc/PID/stat (utime + stime of nginx's master and workers /
@@ -128,6 +134,7 @@ echo "127.0.0.1 bench.test" > hosts
 
 # --- servers
 nginx_port=$(free_port)
+nginx_suite_port=$(free_port)
 autotls_port=$(free_port)
 nginx_proxy_port=$(free_port)
 autotls_proxy_port=$(free_port)
@@ -167,6 +174,19 @@ http {
     ssl_certificate $work/a.pem;
     ssl_certificate_key $work/a.key;
     ssl_protocols TLSv1.3;
+    $nginx_no_resume
+    root $work/www;
+    index index.html;
+  }
+  server {
+    listen 127.0.0.1:$nginx_suite_port ssl;
+    server_name bench.test;
+    ssl_certificate $work/a.pem;
+    ssl_certificate_key $work/a.key;
+    ssl_protocols TLSv1.3;
+    ssl_prefer_server_ciphers on;
+    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;
+    ssl_conf_command Options PrioritizeChaCha;
     $nginx_no_resume
     root $work/www;
     index index.html;
@@ -261,10 +281,13 @@ run_wrk() {  # run_wrk PORT SECS [wrk args...]
 }
 
 # Check what is negotiated (TLS 1.3, P-256 leaf, the 13-byte body) before loading anything.
-for p in "$nginx_port" "$autotls_port"; do
+for side in nginx:$nginx_port nginx_same_suite:$nginx_suite_port autotls:$autotls_port; do
+  p=${side#*:}
   info=$(echo | timeout 10 openssl s_client -connect "127.0.0.1:$p" -servername bench.test 2>/dev/null | \
          grep -E 'Protocol|Server public key|Cipher is' | tr '\n' ' ' || true)
-  echo "port $p: $info" >&2
+  echo "${side%%:*} (port $p): $info" >&2
+  # The suite alone, for the JSON ("... Cipher is TLS_AES_128_GCM_SHA256 ...").
+  echo "$info" | sed -n 's/.*Cipher is \([A-Z0-9_-]*\).*/\1/p' > "suite-${side%%:*}"
 done
 
 cpu_ticks() {  # cpu_ticks PID...: utime + stime, clock ticks
@@ -303,6 +326,7 @@ phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(ful
   case "$server" in
     nginx) port=$nginx_port; pids=$(nginx_pids) ;;
     nginx_proxy) port=$nginx_proxy_port; pids=$(nginx_pids); server=nginx ;;
+    nginx_suite) port=$nginx_suite_port; pids=$(nginx_pids); server=nginx ;;
     autotls_proxy) port=$autotls_proxy_port; pids=$autotls_proxy_pid ;;
     *) port=$autotls_port; pids=$autotls_pid ;;
   esac
@@ -372,6 +396,7 @@ fi
 
 # Warm both (first-use certificate parse, page cache, worker start) without recording.
 run_wrk "$nginx_port" 1 -H "Connection: close" >/dev/null 2>&1 || true
+run_wrk "$nginx_suite_port" 1 -H "Connection: close" >/dev/null 2>&1 || true
 run_wrk "$autotls_port" 1 -H "Connection: close" >/dev/null 2>&1 || true
 
 phase nginx_full_1 nginx full
@@ -385,6 +410,7 @@ for r in 1 2; do
   phase "autotls_full_$((r + 1))" autotls full
 done
 phase nginx_full_2 nginx full
+phase nginx_same_suite_full nginx_suite full
 phase nginx_keepalive nginx keepalive
 phase autotls_keepalive autotls keepalive
 
@@ -515,7 +541,7 @@ def wrk(name):
   return r
 
 ph = {k: wrk(k) for k in ["nginx_full_1", "autotls_full_1", "autotls_swap_1", "autotls_full_2",
-                           "autotls_swap_2", "autotls_full_3", "nginx_full_2", "nginx_keepalive",
+                           "autotls_swap_2", "autotls_full_3", "nginx_full_2", "nginx_same_suite_full", "nginx_keepalive",
                            "autotls_keepalive", "nginx_proxy", "autotls_proxy"]}
 swap_names = ["autotls_swap_1", "autotls_swap_2"]
 a_full_names = ["autotls_full_1", "autotls_full_2", "autotls_full_3"]
@@ -563,6 +589,12 @@ out = {
   "handshakes_per_s": a_full,
   "nginx_handshakes_per_s": n_full,
   "handshake_ratio_vs_nginx": ratio(a_full, n_full),
+  "nginx_same_suite_handshakes_per_s": ph["nginx_same_suite_full"]["rate"],
+  "handshake_ratio_vs_nginx_same_suite": ratio(a_full, ph["nginx_same_suite_full"]["rate"]),
+  "nginx_same_suite_cpu_us_per_handshake": cpu_per(["nginx_same_suite_full"]),
+  "negotiated_suites": {k: (open(os.path.join(work, "suite-" + k)).read().strip() or None)
+                        if os.path.exists(os.path.join(work, "suite-" + k)) else None
+                        for k in ("nginx", "nginx_same_suite", "autotls")},
   "keepalive_requests_per_s": a_ka,
   "nginx_keepalive_requests_per_s": n_ka,
   "keepalive_ratio_vs_nginx": ratio(a_ka, n_ka),

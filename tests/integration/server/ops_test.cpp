@@ -472,6 +472,44 @@ TEST_SUITE("server") {
     srv->shutdown(milliseconds(1'000));
   }
 
+  TEST_CASE("the server picks AES-128-GCM among the suites offered, ChaCha20 for a client that lists it first") {
+    auto store = store_for("t.test");
+    Dir dir("suites");
+    auto cfg = plain_config();
+    cfg.redirect_to_https = true;
+    cfg.default_site = StaticSite{dir.site("t", "t\n")};
+    auto srv = start(cfg, store);
+    int port = srv->https_port();
+    struct Case {
+      int version;
+      const char* offer;  // the client's list, in its order of preference (nullptr: OpenSSL's)
+      const char* want;
+    };
+    // OpenSSL's client lists TLS_AES_256_GCM_SHA384 first (TLS 1.3) and AES-256 before AES-128
+    // (TLS 1.2); a server that followed the client would settle on AES-256.
+    for (const auto& c : {Case{TLS1_3_VERSION, nullptr, "TLS_AES_128_GCM_SHA256"},
+                          Case{TLS1_3_VERSION, "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256",
+                               "TLS_AES_128_GCM_SHA256"},
+                          Case{TLS1_3_VERSION, "TLS_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384"},
+                          Case{TLS1_3_VERSION, "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+                               "TLS_CHACHA20_POLY1305_SHA256"},
+                          Case{TLS1_2_VERSION, nullptr, "ECDHE-ECDSA-AES128-GCM-SHA256"},
+                          Case{TLS1_2_VERSION, "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+                               "ECDHE-ECDSA-CHACHA20-POLY1305"}}) {
+      std::string offer = c.offer ? c.offer : "(default)";
+      CAPTURE(c.version);
+      CAPTURE(offer);
+      TlsClient client(c.version);
+      if (c.offer && c.version == TLS1_3_VERSION) REQUIRE(SSL_CTX_set_ciphersuites(client.ctx, c.offer) == 1);
+      if (c.offer && c.version == TLS1_2_VERSION) REQUIRE(SSL_CTX_set_cipher_list(client.ctx, c.offer) == 1);
+      auto g = autotls::testing::tls_get(port, "t.test", client.ctx);
+      REQUIRE(g.ok);
+      CHECK(g.status_line == "HTTP/1.1 200 OK");
+      CHECK(g.cipher == std::string(c.want));
+    }
+    srv->shutdown(milliseconds(1'000));
+  }
+
   TEST_CASE("every TLS 1.3 resumption carries a fresh ticket, so single-use clients resume each time") {
     // OpenSSL's client (wrk, curl) uses a TLS 1.3 ticket once: a resumption that brought no new
     // ticket leaves it a session it will not offer again, so the next connection is a full
