@@ -1079,7 +1079,7 @@ TEST_SUITE("cli.issue") {
     CHECK(read_file(out / "privkey.pem") == read_file(live / "privkey.pem"));
   }
 
-  TEST_CASE("--storage-sync per-file and the storage-sync key store a certificate; another value is a usage error") {
+  TEST_CASE("--storage-sync per-file and the storage-sync key store a certificate, another value is a usage error") {
     // The internal CA: no network. What each mode syncs is tested on FileStorage
     // (tlsreload.storage); here, that the flag and the key reach it and the files land.
     TempDir d;
