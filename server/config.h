@@ -137,7 +137,9 @@ struct ServerConfig {
   // (omitted from the URL when it is 443). Set it when a NAT maps 443 to another local port.
   int redirect_port = 0;
 
-  // sites maps lower-case host names (exact match, port ignored) to what they serve.
+  // sites maps lower-case host names (port ignored) to what they serve. A key "*.example.com"
+  // serves the hosts one label under example.com that have no site of their own (not
+  // example.com, not a.b.example.com), as a wildcard certificate covers them.
   std::map<std::string, Site> sites;
   // default_site serves hosts not in sites; without it they get 421 Misdirected Request.
   std::optional<Site> default_site;

@@ -65,6 +65,11 @@ constexpr const char* kIntermediateCiphers =
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
     "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305";
 
+bool looks_like_ipv4(const std::string& s) {
+  in_addr a{};
+  return ::inet_pton(AF_INET, s.c_str(), &a) == 1;
+}
+
 std::string errno_text(int err) {
   std::string s = std::strerror(err);
   if (!s.empty()) s[0] = static_cast<char>(std::tolower(static_cast<unsigned char>(s[0])));
@@ -476,6 +481,7 @@ class Router final : public httplib::Server {
 struct Routing {
   std::map<std::string, Site> sites;
   std::optional<Site> default_site;
+  bool wildcard_sites = false;  // a key of sites is "*.<host>"
   std::chrono::seconds hsts_max_age{0};
   bool hsts_include_subdomains = false;
   bool redirect_to_https = true;
@@ -486,12 +492,29 @@ struct Routing {
     auto r = std::make_shared<Routing>();
     r->sites = c.sites;
     r->default_site = c.default_site;
+    r->wildcard_sites = std::any_of(c.sites.begin(), c.sites.end(), [](const auto& kv) { return kv.first.starts_with("*."); });
     r->hsts_max_age = c.hsts_max_age;
     r->hsts_include_subdomains = c.hsts_include_subdomains;
     r->redirect_to_https = c.redirect_to_https;
     r->redirect_port = c.redirect_port;
     r->access_log = c.access_log;
     return r;
+  }
+
+  // site_for is what serves host (as detail::host_of reads the Host header): its own site, else
+  // the wildcard site one label up ("*.example.com" for a.example.com), else the default
+  // site; nullptr when none does.
+  const Site* site_for(const std::string& host) const {
+    if (auto it = sites.find(host); it != sites.end()) return &it->second;
+    if (wildcard_sites) {
+      // An IPv4 address never reaches a wildcard key: create() refuses "*.<address>".
+      if (auto dot = host.find('.'); dot != std::string::npos && dot > 0) {
+        std::string key = "*";
+        key.append(host, dot, std::string::npos);
+        if (auto it = sites.find(key); it != sites.end()) return &it->second;
+      }
+    }
+    return default_site ? &*default_site : nullptr;
   }
 };
 
@@ -740,11 +763,14 @@ struct Server::Impl {
     std::map<std::string, Site> sites;
     for (auto& [name, site] : cfg.sites) {
       // A site is keyed as host_of reads the Host header: an IPv6 address without its brackets.
+      // A wildcard is "*." and a host name (one label of any host under it), never an address.
       const bool v6 = name.find(':') != std::string::npos;
-      auto host = detail::host_of(v6 ? "[" + name + "]" : name);
-      if (!host || *host != name) {
+      const bool wildcard = name.starts_with("*.");
+      const std::string base = wildcard ? name.substr(2) : name;
+      auto host = detail::host_of(v6 ? "[" + base + "]" : base);
+      if (!host || *host != base || (wildcard && (v6 || looks_like_ipv4(base)))) {
         return fail(Errc::invalid_input, "server config: site name '" + name + "' is not a lower-case host name" +
-                                             (v6 ? " or IPv6 address" : ""));
+                                             (v6 ? " or IPv6 address" : wildcard ? " under a wildcard" : ""));
       }
       auto st = resolve_site(name, site);
       if (!st) return st;
@@ -1244,12 +1270,7 @@ struct Server::Impl {
     }
     // The snapshot keeps the site alive for this request even if a reload removes it.
     auto r = routing();
-    const Site* site = nullptr;
-    if (auto it = r->sites.find(*host); it != r->sites.end()) {
-      site = &it->second;
-    } else if (r->default_site) {
-      site = &*r->default_site;
-    }
+    const Site* site = r->site_for(*host);
     if (!site) {
       discard_body();
       res.status = 421;
@@ -1624,12 +1645,7 @@ struct Server::Impl {
         (r->redirect_to_https || detail::acme_challenge_token(target))) {
       return false;  // handle_http's redirect or challenge
     }
-    const Site* site = nullptr;
-    if (auto it = r->sites.find(*host); it != r->sites.end()) {
-      site = &it->second;
-    } else if (r->default_site) {
-      site = &*r->default_site;
-    }
+    const Site* site = r->site_for(*host);
     const auto* s = site ? std::get_if<StaticSite>(site) : nullptr;
     if (!s) return false;
     int fd = -1;

@@ -218,6 +218,11 @@ Result<std::vector<std::string>> normalized(const std::vector<std::string>& in);
 // normalized, each one a certificate can hold. Errors start with command ("serve: ...") except
 // --ip's, which name the flag.
 Result<std::vector<std::string>> requested_names(const Options& o, const std::string& command);
+// wildcard_challenge_error says why names cannot be issued when one is a wildcard
+// ("*.example.com") and an ACME CA would be asked to validate it with a challenge other than
+// dns-01: CAs offer only dns-01 for a wildcard (RFC 8555 §7.1.3; Let's Encrypt, Pebble), so the
+// order could never be fulfilled. Empty when they can (dns-01, or every issuer internal).
+std::string wildcard_challenge_error(const Options& o, const std::vector<std::string>& names, const std::string& command);
 // show_name is "ascii (unicode)" when they differ, else ascii.
 std::string show_name(const std::string& ascii);
 // unicode_names is the Unicode form of each name (as idn_name; the name itself when not an IDN),

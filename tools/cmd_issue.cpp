@@ -372,6 +372,7 @@ int cmd_issue(Context& ctx) {
   const std::vector<std::string>& names = *requested;
   if (names.empty()) return usage_error(ctx, "issue: give at least one name with -d NAME (or an address with --ip)");
   if (auto st = check_challenge_options(o); !st) return usage_error(ctx, st.error().message);
+  if (auto why = wildcard_challenge_error(o, names, "issue"); !why.empty()) return usage_error(ctx, why);
   if (!o.webroot.empty() && !std::filesystem::is_directory(o.webroot)) {
     return usage_error(ctx, "--webroot " + o.webroot + ": not a directory");
   }

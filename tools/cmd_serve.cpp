@@ -358,11 +358,12 @@ Result<ServeSetup> serve_setup(const Options& o) {
     std::map<std::string, std::string> written;  // normalized host -> the key as written
     for (auto it = o.sites.begin(); it != o.sites.end(); ++it) {
       // A site's host is one name, matched against the Host header as the server reads it:
-      // lower case, punycode for Unicode, no trailing dot; a wildcard is no host.
+      // lower case, punycode for Unicode, no trailing dot. "*.example.com" serves the hosts one
+      // label under example.com that have no site of their own (its certificate: a wildcard).
       auto host = idn_name(it.key());
       if (!host) return bad(in_file + "sites." + it.key() + ": " + host.error().message);
-      if (host->ascii.starts_with("*.")) {
-        return bad(in_file + "sites." + it.key() + ": a site is one host name, not a wildcard");
+      if (host->ascii.starts_with("*.") && acme::identifier_for(host->ascii.substr(2)).type == "ip") {
+        return bad(in_file + "sites." + it.key() + ": a wildcard is over a host name, not an address");
       }
       if (!tlsreload::is_valid_lookup_name(host->ascii)) {
         return bad(in_file + "sites." + it.key() + ": not a valid DNS name or IP address");
@@ -400,6 +401,8 @@ Result<ServeSetup> serve_setup(const Options& o) {
   if (o.challenge == "dns-01" && o.dns_hook.empty() && o.dns_server.empty()) {
     return bad("--challenge dns-01 needs --dns-server HOST[:PORT] with --tsig-key (RFC 2136), or --dns-hook CMD");
   }
+  // A wildcard that certificate files may hold is not refused: they are read after this.
+  if (auto why = wildcard_challenge_error(o, names, "serve"); !why.empty() && !files) return bad(why);
   auto https = endpoints(o.https_addresses, {"0.0.0.0:443", "[::]:443"});
   if (!https) return bad(https.error().message);
   if (https->empty()) return bad("serve: at least one --https-address is needed");

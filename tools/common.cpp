@@ -305,6 +305,21 @@ Result<std::vector<std::string>> requested_names(const Options& o, const std::st
   return names;
 }
 
+std::string wildcard_challenge_error(const Options& o, const std::vector<std::string>& names, const std::string& command) {
+  auto wildcard = std::find_if(names.begin(), names.end(), [](const std::string& n) { return n.starts_with("*."); });
+  if (wildcard == names.end() || o.challenge == "dns-01") return {};
+  // The internal CA takes no challenge. An issuer list that does not parse is reported later,
+  // by manager_options, with its own message.
+  auto issuers = issuer_list(o);
+  if (!issuers) return {};
+  const bool internal_only =
+      issuers->empty() ? directory_url_for(o.ca) == std::string(tlsreload::kInternalIssuer)
+                       : std::all_of(issuers->begin(), issuers->end(), [](const auto& is) { return is.internal; });
+  if (internal_only) return {};
+  return command + ": " + *wildcard + ": a wildcard certificate needs --challenge dns-01 (CAs validate wildcard names only over DNS, not " +
+         o.challenge + ")";
+}
+
 std::string show_name(const std::string& ascii) {
   auto n = idn_name(ascii);
   if (!n || n->unicode == n->ascii) return ascii;

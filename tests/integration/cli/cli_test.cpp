@@ -1044,6 +1044,25 @@ TEST_SUITE("cli.issue") {
     CHECK(certs[0]["unicode_names"] == json::array({"bücher.cli.test"}));
   }
 
+  TEST_CASE("issue refuses a wildcard an ACME CA would be asked to validate without dns-01, the internal CA issues it") {
+    TempDir d;
+    std::string storage = (d.path / "s").string();
+    // No CA is asked: the address below is never connected to (exit 2, not 4).
+    for (const auto& extra : std::vector<std::vector<std::string>>{
+             {"--ca", "https://127.0.0.1:1/dir"},
+             {"--ca", "https://127.0.0.1:1/dir", "--challenge", "tls-alpn-01"},
+             {"--issuer", "internal", "--issuer", "https://127.0.0.1:1/dir"}}) {
+      std::vector<std::string> args = {"issue", "-d", "*.Wild.test", "-d", "wild.test", "--storage", storage};
+      args.insert(args.end(), extra.begin(), extra.end());
+      auto r = run(args);
+      CHECK_MESSAGE(r.code == 2, show(r));
+      CHECK_MESSAGE(r.err.find("issue: *.wild.test: a wildcard certificate needs --challenge dns-01") != std::string::npos, show(r));
+    }
+    auto ok = run({"issue", "-d", "*.wild.test", "--ca", "internal", "--storage", storage});
+    CHECK_MESSAGE(ok.code == 0, show(ok));
+    CHECK(fs::exists(d.path / "s" / "live" / "_wildcard_.wild.test" / "fullchain.pem"));
+  }
+
   TEST_CASE("issue --out writes the certificate files into a directory and renew keeps it current") {
     // The internal CA: no network, so this runs without Pebble.
     TempDir d;
@@ -1622,10 +1641,10 @@ TEST_SUITE("cli.serve") {
           "obtained|internal.cli.test|" + (storage / "live" / "internal.cli.test" / "fullchain.pem").string() + "\n");
   }
 
-  TEST_CASE("serve takes site names as issue does: Unicode, upper case and a trailing dot") {
+  TEST_CASE("serve takes site names as issue does: Unicode, upper case, a trailing dot and a wildcard") {
     TempDir d;
     fs::path storage = d.path / "storage";
-    for (const char* site : {"idn", "upper"}) {
+    for (const char* site : {"idn", "upper", "wild"}) {
       fs::create_directories(d.path / site);
       write_file(d.path / site / "index.html", std::string(site) + " site\n");
     }
@@ -1633,7 +1652,8 @@ TEST_SUITE("cli.serve") {
     // "bücher" in UTF-8: served and issued as xn--bcher-kva, the name clients send.
     write_file(cfg, json({{"sites",
                            {{"Bücher.cli.test", {{"root", (d.path / "idn").string()}}},
-                            {"Upper.CLI.test.", {{"root", (d.path / "upper").string()}}}}}})
+                            {"Upper.CLI.test.", {{"root", (d.path / "upper").string()}}},
+                            {"*.Wild.CLI.test", {{"root", (d.path / "wild").string()}}}}}})
                         .dump());
     int https = free_port();
     std::vector<std::string> argv = {AUTOTLS_BINARY, "serve", "--ca", "internal", "--storage", storage.string(),
@@ -1643,13 +1663,15 @@ TEST_SUITE("cli.serve") {
     pid_t pid = spawn(argv, d.path / "serve.out", d.path / "serve.err", {});
     fs::path root = storage / "internal" / "root.pem";
     auto deadline = std::chrono::steady_clock::now() + 30s;
-    std::pair<long, std::string> idn, upper;
+    std::pair<long, std::string> idn, upper, wild;
     while (std::chrono::steady_clock::now() < deadline) {
       if (fs::exists(root)) {
         idn = https_get("xn--bcher-kva.cli.test", https, root);
         upper = https_get("upper.cli.test", https, root);
+        // Any one label under the wildcard, with its wildcard certificate verified for the name.
+        wild = https_get("any.wild.cli.test", https, root);
       }
-      if (idn.first == 200 && upper.first == 200) break;
+      if (idn.first == 200 && upper.first == 200 && wild.first == 200) break;
       int status = 0;
       if (::waitpid(pid, &status, WNOHANG) == pid) break;
       std::this_thread::sleep_for(100ms);
@@ -1659,6 +1681,10 @@ TEST_SUITE("cli.serve") {
     CHECK(idn.second == "idn site\n");
     CHECK_MESSAGE(upper.first == 200, logs());
     CHECK(upper.second == "upper site\n");
+    CHECK_MESSAGE(wild.first == 200, logs());
+    CHECK(wild.second == "wild site\n");
+    CHECK(https_get("other.wild.cli.test", https, root) == std::pair<long, std::string>{200, "wild site\n"});
+    CHECK(fs::exists(storage / "live" / "_wildcard_.wild.cli.test" / "fullchain.pem"));
     CHECK(fs::exists(storage / "live" / "xn--bcher-kva.cli.test" / "fullchain.pem"));
     CHECK(fs::exists(storage / "live" / "upper.cli.test" / "fullchain.pem"));
     REQUIRE(::kill(pid, SIGTERM) == 0);
@@ -1670,7 +1696,7 @@ TEST_SUITE("cli.serve") {
       auto j = json::parse(line, nullptr, false);
       if (j.is_object() && j.value("event", "") == "ready") ready = j["names"];
     }
-    CHECK_MESSAGE(ready == json::array({"xn--bcher-kva.cli.test", "upper.cli.test"}), logs());
+    CHECK_MESSAGE(ready == json::array({"*.wild.cli.test", "xn--bcher-kva.cli.test", "upper.cli.test"}), logs());
   }
 }
 
@@ -2220,7 +2246,12 @@ TEST_SUITE("cli.serve_files") {
       return serve({"--config", cfg.string()});
     };
     const json www = {{"root", (d.path / "www").string()}};
-    expect(sites({{"*.cli.test", www}}), {cfg.string(), "sites.*.cli.test: a site is one host name, not a wildcard"});
+    // A wildcard site is over a host name; its certificate needs dns-01 from an ACME CA (the
+    // default challenge here is http-01), as -d with a wildcard does, and as issue says.
+    expect(sites({{"*.10.0.0.1", www}}), {cfg.string(), "sites.*.10.0.0.1: a wildcard is over a host name, not an address"});
+    expect(sites({{"*.cli.test", www}}),
+           {"serve: *.cli.test: a wildcard certificate needs --challenge dns-01 (CAs validate wildcard names only over DNS, not http-01)"});
+    expect(serve({"-d", "*.Cli.test", "--challenge", "tls-alpn-01"}), {"serve: *.cli.test: a wildcard certificate needs --challenge dns-01", "not tls-alpn-01"});
     expect(sites({{"two words.cli.test", www}}), {"sites.two words.cli.test: not a valid DNS name or IP address"});
     expect(sites({{"Same.cli.test", www}, {"same.cli.test.", www}}),
            {"sites.Same.cli.test and sites.same.cli.test. are the same host (same.cli.test)"});

@@ -375,6 +375,62 @@ TEST_SUITE("server") {
     srv->shutdown(milliseconds(1'000));
   }
 
+  TEST_CASE("a wildcard site serves the hosts one label under it that have no site of their own") {
+    Dir dir("wildsites");
+    auto wild = dir.site("wild", "wild\n");
+    auto exact = dir.site("exact", "exact\n");
+    // Both request paths: the reactor's static fast path, and httplib's (taken for every
+    // request when the access log is on).
+    for (bool logged : {false, true}) {
+      CAPTURE(logged);
+      auto cfg = plain_config();
+      cfg.sites["*.w.test"] = StaticSite{wild};
+      cfg.sites["exact.w.test"] = StaticSite{exact};
+      std::vector<std::string> lines;
+      std::mutex mu;
+      if (logged) {
+        cfg.access_log.enabled = true;
+        cfg.access_log.sink = [&](const std::string& line) {
+          std::lock_guard lock(mu);
+          lines.push_back(line);
+        };
+      }
+      auto srv = start(cfg);
+      Conn c(srv->http_port());
+      CHECK(c.get("a.w.test") == std::pair<int, std::string>{200, "wild\n"});
+      CHECK(c.get("xn--bcher-kva.w.test:" + std::to_string(srv->http_port())) ==
+            std::pair<int, std::string>{200, "wild\n"});
+      CHECK(c.get("exact.w.test") == std::pair<int, std::string>{200, "exact\n"});
+      CHECK(c.get("w.test").first == 421);      // the wildcard's base is not under it
+      CHECK(c.get("b.a.w.test").first == 421);  // nor two labels down
+      CHECK(c.get("a.x.test").first == 421);
+      srv->shutdown(milliseconds(1'000));
+      if (logged) {
+        std::lock_guard lock(mu);
+        CHECK(lines.size() == 6);
+      }
+    }
+    // With a default site, what no site (exact or wildcard) takes goes to it.
+    auto cfg = plain_config();
+    cfg.sites["*.w.test"] = StaticSite{wild};
+    cfg.default_site = StaticSite{exact};
+    auto srv = start(cfg);
+    Conn c(srv->http_port());
+    CHECK(c.get("a.w.test").second == "wild\n");
+    CHECK(c.get("b.a.w.test").second == "exact\n");
+    srv->shutdown(milliseconds(1'000));
+    // A wildcard is "*." and a lower-case host name: no address under it, no second star.
+    for (const char* bad : {"*.", "*.127.0.0.1", "*.::1", "*.*.w.test", "a.*.w.test", "*w.test", "*.W.test"}) {
+      CAPTURE(bad);
+      auto other = plain_config();
+      other.sites[bad] = StaticSite{wild};
+      auto refused = Server::create(other, std::make_shared<tlsreload::CertStore>(), nullptr, nullptr);
+      REQUIRE_FALSE(refused);
+      CHECK(refused.error().message.find(std::string("site name '") + bad + "' is not a lower-case host name") !=
+            std::string::npos);
+    }
+  }
+
   TEST_CASE("session tickets resume and a ticket whose key left the ring gets a full handshake") {
     auto store = store_for("t.test");
     Dir dir("tickets");
