@@ -1,5 +1,6 @@
 #pragma once
 
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -18,5 +19,11 @@ struct Identifier {
 
 // identifier_for picks "ip" for an IPv4/IPv6 literal and "dns" for anything else.
 Identifier identifier_for(std::string_view name);
+
+// canonical_ip is an IPv4 or IPv6 address's canonical text (RFC 8738 §3: RFC 1123 dotted
+// decimal, RFC 5952 for IPv6: lower case, the longest run of zero groups as "::"), the form
+// certificates' names are read in (tlsreload::Certificate::names); nullopt when name is no
+// address. "0:0::ABCD" -> "::abcd".
+std::optional<std::string> canonical_ip(std::string_view name);
 
 }  // namespace autotls::acme

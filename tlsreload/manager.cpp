@@ -41,7 +41,9 @@ std::vector<std::string> normalize(const std::vector<std::string>& names) {
   for (const auto& n : names) {
     std::string_view v = n;
     while (v.ends_with('.')) v.remove_suffix(1);
-    std::string l = lower(v);
+    // An address in the text its certificate's names give it ("0:0::ABCD" is "::abcd"), or a
+    // stored certificate would never be found to cover it.
+    std::string l = acme::canonical_ip(v).value_or(lower(v));
     if (std::find(out.begin(), out.end(), l) == out.end()) out.push_back(std::move(l));
   }
   return out;

@@ -237,7 +237,7 @@ Result<std::shared_ptr<acme::Solver>> dns_update_solver(const Options& o) {
 Result<IdnName> idn_name(const std::string& input) {
   std::string n = input;
   while (!n.empty() && n.back() == '.') n.pop_back();
-  if (acme::identifier_for(n).type == "ip") return IdnName{n, n};
+  if (auto ip = acme::canonical_ip(n)) return IdnName{*ip, *ip};
   std::string prefix;
   if (n.starts_with("*.")) {
     prefix = "*.";

@@ -1,5 +1,7 @@
 #include "server/detail/http_util.h"
 
+#include <arpa/inet.h>
+
 #include <algorithm>
 #include <array>
 #include <cctype>
@@ -33,6 +35,15 @@ std::optional<std::string> host_of(std::string_view h) {
         return std::nullopt;
       }
     }
+    // An IPv6 literal is one address however it is written: its canonical text (RFC 5952:
+    // lower case, the longest run of zero groups as "::"), as sites and certificates name it.
+    if (host.size() >= INET6_ADDRSTRLEN) return std::nullopt;
+    char in[INET6_ADDRSTRLEN] = {};
+    std::copy(host.begin(), host.end(), in);
+    in6_addr a{};
+    char text[INET6_ADDRSTRLEN] = {};
+    if (::inet_pton(AF_INET6, in, &a) != 1 || !::inet_ntop(AF_INET6, &a, text, sizeof text)) return std::nullopt;
+    return std::string(text);
   } else {
     auto colon = h.find(':');
     if (colon != std::string_view::npos) host = h.substr(0, colon);

@@ -11,8 +11,9 @@
 namespace autotls::server::detail {
 
 // host_of returns the lower-cased host part of a Host header ("Example.COM:8443" ->
-// "example.com", "[::1]:443" -> "::1"), or nullopt when the value is empty or has characters
-// no host name or IP literal contains (so it is safe to put into a Location header).
+// "example.com", "[::1]:443" -> "::1", "[0:0::ABCD]" -> "::abcd": an IPv6 literal in its
+// canonical RFC 5952 text), or nullopt when the value is empty, has characters no host name or
+// IP literal contains (so it is safe to put into a Location header), or brackets no IPv6 address.
 std::optional<std::string> host_of(std::string_view host_header);
 
 // redirect_location builds the https URL for a plain-HTTP request: the Host header's host,

@@ -1063,6 +1063,17 @@ TEST_SUITE("cli.issue") {
     CHECK(fs::exists(d.path / "s" / "live" / "_wildcard_.wild.test" / "fullchain.pem"));
   }
 
+  TEST_CASE("issue takes an IPv6 address in any spelling as its canonical text") {
+    TempDir d;
+    std::string storage = (d.path / "s").string();
+    auto r = run({"issue", "--ip", "0:0:0:0:0:0:0:1", "-d", "ip6.test", "--ca", "internal", "--storage", storage, "--json"});
+    REQUIRE_MESSAGE(r.code == 0, show(r));
+    CHECK_MESSAGE(last_json_line(r.out)["unicode_names"] == json::array({"ip6.test", "::1"}), show(r));
+    // Written another way, the same certificate: nothing issued.
+    auto again = run({"issue", "--ip", "::1", "-d", "IP6.test", "--ca", "internal", "--storage", storage, "--json"});
+    CHECK_MESSAGE(last_json_line(again.out).value("status", "") == "nothing to do", show(again));
+  }
+
   TEST_CASE("issue --out writes the certificate files into a directory and renew keeps it current") {
     // The internal CA: no network, so this runs without Pebble.
     TempDir d;

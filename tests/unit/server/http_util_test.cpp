@@ -26,6 +26,18 @@ TEST_SUITE("server.http_util") {
     CHECK_FALSE(host_of("[::1"));
   }
 
+  TEST_CASE("host_of gives an IPv6 literal in its canonical text and refuses brackets around no address") {
+    CHECK(host_of("[::ABCD]") == "::abcd");
+    CHECK(host_of("[0:0:0:0:0:0:0:1]:8443") == "::1");
+    CHECK(host_of("[2001:DB8:0:0:1:0:0:1]") == "2001:db8::1:0:0:1");  // the first longest run
+    CHECK(host_of("[2001:db8:0:1:1:1:1:1]") == "2001:db8:0:1:1:1:1:1");  // one zero group stays
+    CHECK(host_of("[::FFFF:192.0.2.1]") == "::ffff:192.0.2.1");
+    CHECK_FALSE(host_of("[1:2]"));
+    CHECK_FALSE(host_of("[:::1]"));
+    CHECK_FALSE(host_of("[]"));
+    CHECK_FALSE(host_of("[0000:0000:0000:0000:0000:0000:0000:0000:1]"));  // longer than any address
+  }
+
   TEST_CASE("redirect_location keeps path and query") {
     CHECK(redirect_location("example.com", "/a/b?x=1&y=2", 443) ==
           "https://example.com/a/b?x=1&y=2");

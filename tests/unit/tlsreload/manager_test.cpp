@@ -174,6 +174,21 @@ TEST_CASE("manage loads a stored certificate and places no order") {
   CHECK(store2->lookup("example.com")->id() == env.served("example.com"));
 }
 
+TEST_CASE("manage takes an IPv6 address in any spelling as its canonical text") {
+  // The order names it as RFC 8738 asks (RFC 5952 text), and the certificate's names, read
+  // back the same way, cover the address however it was written: no second order.
+  Env env;
+  REQUIRE(env.manager()->manage({"example.com", "0:0:0::ABCD"}).has_value());
+  REQUIRE(env.ca->orders().size() == 1);
+  auto ids = env.ca->orders()[0].payload["identifiers"];
+  CHECK(ids == nlohmann::json::array({{{"type", "dns"}, {"value", "example.com"}}, {{"type", "ip"}, {"value", "::abcd"}}}));
+  auto m = env.manager();
+  REQUIRE(m->manage({"example.com", "::abcd"}).has_value());
+  CHECK(m->counters().loaded == 1);
+  CHECK(env.ca->orders().size() == 1);
+  REQUIRE(m->state({"example.com", "0::AbCd"}).has_value());
+}
+
 TEST_CASE("a stored certificate that does not cover the names is replaced") {
   Env env;
   REQUIRE(env.manager()->manage({"example.com"}).has_value());
