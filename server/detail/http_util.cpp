@@ -61,8 +61,9 @@ std::optional<std::string> host_of(std::string_view h) {
   if (host.empty()) return std::nullopt;
   std::string out(host);
   std::transform(out.begin(), out.end(), out.begin(), lower);
-  // RFC 4343: a trailing dot names the same host.
+  // RFC 4343: a trailing dot names the same host. One only: "a.." ends in an empty label.
   if (out.size() > 1 && out.back() == '.') out.pop_back();
+  if (out.size() > 1 && out.back() == '.') return std::nullopt;
   return out;
 }
 

@@ -15,6 +15,7 @@
 #include "acme/client.h"
 #include "acme/key.h"
 #include "acme/problem.h"
+#include "acme/types.h"
 #include "server/detail/http_util.h"
 
 using namespace autotls;
@@ -51,7 +52,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       break;
     }
     case 5: (void)acme::split_pem_chain(in); break;
-    case 6: (void)server::detail::host_of(in); break;
+    case 6: {
+      // What it yields is a key sites are looked up by: read again (an IPv6 one in brackets)
+      // it is itself, and an address is in its canonical text.
+      auto h = server::detail::host_of(in);
+      if (!h) break;
+      const bool v6 = h->find(':') != std::string::npos;
+      if (server::detail::host_of(v6 ? "[" + *h + "]" : *h) != h) __builtin_trap();
+      if (auto ip = acme::canonical_ip(*h); ip && *ip != *h && v6) __builtin_trap();
+      break;
+    }
     case 7: (void)server::detail::acme_challenge_token(in); break;
     case 8: (void)server::detail::header_end(in); break;
     case 9: {

@@ -24,6 +24,7 @@ TEST_SUITE("server.http_util") {
     CHECK_FALSE(host_of("a b"));
     CHECK_FALSE(host_of("example.com:8x"));
     CHECK_FALSE(host_of("[::1"));
+    CHECK_FALSE(host_of("example.com.."));  // an empty label (it was read as "example.com.", no site)
   }
 
   TEST_CASE("host_of gives an IPv6 literal in its canonical text and refuses brackets around no address") {
