@@ -896,10 +896,10 @@ struct Server::Impl {
     }
     // Renegotiation is a DoS lever and HTTP/1.1 over TLS never needs it.
     // The suites are all strong, so the server picks the cheapest one the client offers, as Go
-    // (Caddy) does: AES-128-GCM with SHA-256 costs a TLS 1.3 handshake 5-9 % less CPU in
-    // OpenSSL than the AES-256-GCM with SHA-384 that OpenSSL clients list first (its HKDF
-    // steps hash with SHA-256). A client that lists ChaCha20 first (no AES hardware) still
-    // gets ChaCha20 (SSL_OP_PRIORITIZE_CHACHA).
+    // (Caddy) does: AES-128-GCM with SHA-256 costs a TLS 1.3 resumption 7-9 % less server CPU
+    // in OpenSSL (a full handshake 1-7 %) than the AES-256-GCM with SHA-384 that OpenSSL
+    // clients list first: its key schedule hashes with SHA-256 (tools/bench/suite_cost). A
+    // client that lists ChaCha20 first (no AES hardware) still gets it (PRIORITIZE_CHACHA).
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION |
                                  SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_PRIORITIZE_CHACHA);
     // Idle keep-alive connections should not pin 34 KiB of TLS buffers each.
