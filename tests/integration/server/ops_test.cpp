@@ -63,6 +63,15 @@ ServerConfig plain_config() {
   return cfg;
 }
 
+// tls_config is plain_config for the TLS tests: plain HTTP redirects to HTTPS, and every host
+// gets one static site ("t\n") whose files are in dir.
+ServerConfig tls_config(const Dir& dir) {
+  auto cfg = plain_config();
+  cfg.redirect_to_https = true;
+  cfg.default_site = StaticSite{dir.site("t", "t\n")};
+  return cfg;
+}
+
 std::unique_ptr<Server> start(ServerConfig cfg,
                               std::shared_ptr<tlsreload::CertStore> store = nullptr) {
   if (!store) store = std::make_shared<tlsreload::CertStore>();
@@ -434,9 +443,7 @@ TEST_SUITE("server") {
   TEST_CASE("session tickets resume and a ticket whose key left the ring gets a full handshake") {
     auto store = store_for("t.test");
     Dir dir("tickets");
-    auto cfg = plain_config();
-    cfg.redirect_to_https = true;
-    cfg.default_site = StaticSite{dir.site("t", "t\n")};
+    auto cfg = tls_config(dir);
     // Two hours of tickets with hourly keys: the current key and two retired ones.
     cfg.tickets.rotate_every = std::chrono::hours(1);
     cfg.tickets.lifetime = std::chrono::hours(2);
@@ -486,9 +493,7 @@ TEST_SUITE("server") {
   TEST_CASE("TLS 1.2 takes only Mozilla intermediate suites and refuses renegotiation") {
     auto store = store_for("t.test");
     Dir dir("tls12");
-    auto cfg = plain_config();
-    cfg.redirect_to_https = true;
-    cfg.default_site = StaticSite{dir.site("t", "t\n")};
+    auto cfg = tls_config(dir);
     auto srv = start(cfg, store);
     int port = srv->https_port();
     // An ECDHE-ECDSA AEAD suite is in the intermediate list; the same key exchange with CBC
@@ -531,9 +536,7 @@ TEST_SUITE("server") {
   TEST_CASE("the server picks AES-128-GCM among the suites offered, ChaCha20 for a client that lists it first") {
     auto store = store_for("t.test");
     Dir dir("suites");
-    auto cfg = plain_config();
-    cfg.redirect_to_https = true;
-    cfg.default_site = StaticSite{dir.site("t", "t\n")};
+    auto cfg = tls_config(dir);
     auto srv = start(cfg, store);
     int port = srv->https_port();
     struct Case {
@@ -572,9 +575,7 @@ TEST_SUITE("server") {
     // handshake. TLS 1.2 tickets are reused and are not renewed while their key is current.
     auto store = store_for("t.test");
     Dir dir("tickets13");
-    auto cfg = plain_config();
-    cfg.redirect_to_https = true;
-    cfg.default_site = StaticSite{dir.site("t", "t\n")};
+    auto cfg = tls_config(dir);
     auto srv = start(cfg, store);
     int port = srv->https_port();
     auto ticket = [](SSL_SESSION* s) {
