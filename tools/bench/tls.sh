@@ -321,7 +321,7 @@ upstream_accepts() {  # connections the upstream nginx has accepted so far (this
   reply=$( { exec 3<>"/dev/tcp/127.0.0.1/$upstream_port" && printf 'GET /bench_status HTTP/1.0\r\n\r\n' >&3 && cat <&3; } 2>/dev/null || true)
   echo "$reply" | awk '/server accepts handled requests/ { getline; print $1; exit }'
 }
-phase() {  # phase NAME SERVER(nginx|autotls|nginx_proxy|autotls_proxy) MODE(full|keepalive)
+phase() {  # phase NAME SERVER(nginx|nginx_suite|autotls|nginx_proxy|autotls_proxy) MODE(full|keepalive)
   local name=$1 server=$2 mode=$3 port pids args=()
   case "$server" in
     nginx) port=$nginx_port; pids=$(nginx_pids) ;;
