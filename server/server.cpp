@@ -32,6 +32,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "acme/types.h"
 #include "acme/util/openssl.h"
 #include "server/detail/access_log.h"
 #include "server/detail/http_util.h"
@@ -64,11 +65,6 @@ constexpr const char* kIntermediateCiphers =
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
     "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305";
-
-bool looks_like_ipv4(const std::string& s) {
-  in_addr a{};
-  return ::inet_pton(AF_INET, s.c_str(), &a) == 1;
-}
 
 std::string errno_text(int err) {
   std::string s = std::strerror(err);
@@ -768,7 +764,7 @@ struct Server::Impl {
       const bool wildcard = name.starts_with("*.");
       const std::string base = wildcard ? name.substr(2) : name;
       auto host = detail::host_of(v6 ? "[" + base + "]" : base);
-      if (!host || *host != base || (wildcard && (v6 || looks_like_ipv4(base)))) {
+      if (!host || *host != base || (wildcard && acme::identifier_for(base).type == "ip")) {
         return fail(Errc::invalid_input, "server config: site name '" + name + "' is not a lower-case host name" +
                                              (v6 ? " or IPv6 address" : wildcard ? " under a wildcard" : ""));
       }

@@ -1,12 +1,12 @@
 #include "server/detail/http_util.h"
 
-#include <arpa/inet.h>
-
 #include <algorithm>
 #include <array>
 #include <cctype>
 #include <system_error>
 #include <utility>
+
+#include "acme/types.h"
 
 namespace autotls::server::detail {
 namespace {
@@ -37,13 +37,10 @@ std::optional<std::string> host_of(std::string_view h) {
     }
     // An IPv6 literal is one address however it is written: its canonical text (RFC 5952:
     // lower case, the longest run of zero groups as "::"), as sites and certificates name it.
-    if (host.size() >= INET6_ADDRSTRLEN) return std::nullopt;
-    char in[INET6_ADDRSTRLEN] = {};
-    std::copy(host.begin(), host.end(), in);
-    in6_addr a{};
-    char text[INET6_ADDRSTRLEN] = {};
-    if (::inet_pton(AF_INET6, in, &a) != 1 || !::inet_ntop(AF_INET6, &a, text, sizeof text)) return std::nullopt;
-    return std::string(text);
+    // Brackets hold an IPv6 address only: an IPv4 one has no ':' in its text.
+    auto ip = acme::canonical_ip(host);
+    if (!ip || ip->find(':') == std::string::npos) return std::nullopt;
+    return ip;
   } else {
     auto colon = h.find(':');
     if (colon != std::string_view::npos) host = h.substr(0, colon);
