@@ -51,6 +51,10 @@ struct ProxySite {
   // close is retried once on a new connection; a POST answers 502).
   std::size_t max_idle = 32;
   std::chrono::milliseconds idle_timeout{4'000};
+  // A WebSocket passed through (after the upstream's 101) is closed when no byte has moved in
+  // either direction for this long (nginx closes after proxy_read_timeout, 60 s, without a
+  // byte from the upstream; Caddy never). Applications that keep sockets open send pings.
+  std::chrono::milliseconds tunnel_idle_timeout{300'000};
 };
 
 // upstream_error is empty when url is a usable ProxySite::upstream ("http://host[:port]" or

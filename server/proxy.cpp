@@ -284,9 +284,11 @@ struct Head {
   httplib::Headers headers;
 };
 
-// read_head reads a response header (1xx interim responses skipped). got_bytes tells whether
+// read_head reads a response header (1xx interim responses other than 101 skipped). got_bytes tells whether
 // any byte of a response arrived (a pooled connection that fails before that may be retried).
-Err read_head(UpstreamConn& c, Head& h, bool& got_bytes) {
+// A 101 is an answer only to a request that asked for an upgrade (upgrade); to any other it
+// is a malformed response.
+Err read_head(UpstreamConn& c, Head& h, bool& got_bytes, bool upgrade) {
   for (;;) {
     std::size_t end;
     while ((end = c.buf ? header_end(std::string_view(c.buf.get() + c.pos, c.end - c.pos)) : 0) ==
@@ -320,7 +322,7 @@ Err read_head(UpstreamConn& c, Head& h, bool& got_bytes) {
       h.headers.emplace(std::string(name), std::string(trim(line.substr(colon + 1))));
     }
     c.pos = stop;
-    if (status == 101) return Err::bad_response;  // we never ask for an upgrade
+    if (status == 101) return upgrade && !h.http10 ? Err::none : Err::bad_response;
     if (status >= 200) return Err::none;
     // 100 Continue, 103 Early Hints: not passed on; the final response follows.
   }
@@ -345,6 +347,7 @@ struct Exchange {
   int fd = -1;           // under mu: conn's socket while it is in use
   bool aborted = false;  // under mu: abort_all cut the exchange
   std::string why;       // the worker's: what a TLS handshake failed on, for the log line
+  bool tunnel = false;   // under the pool's mu_: a WebSocket passed through (end_tunnels)
 
   explicit Exchange(UpstreamPool& p) : pool(p) {}
   Exchange(const Exchange&) = delete;
@@ -622,6 +625,24 @@ void UpstreamPool::leave(Exchange* e) {
   active_.erase(e);
 }
 
+bool UpstreamPool::enter_tunnel(Exchange* e) {
+  std::lock_guard lock(mu_);
+  if (aborting_ || tunnels_ended_) return false;
+  e->tunnel = true;
+  return true;
+}
+
+void UpstreamPool::end_tunnels() {
+  std::lock_guard lock(mu_);
+  tunnels_ended_ = true;
+  for (Exchange* e : active_) {
+    if (!e->tunnel) continue;
+    std::lock_guard elock(e->mu);
+    e->aborted = true;
+    if (e->fd >= 0) ::shutdown(e->fd, SHUT_RDWR);
+  }
+}
+
 void UpstreamPool::abort_all() {
   std::map<std::string, std::vector<Idle>, std::less<>> gone;
   std::lock_guard lock(mu_);
@@ -722,6 +743,264 @@ struct BodyReader {
   }
 };
 
+// --- tunnels: a WebSocket passed through after the upstream's 101 ---------------------------
+
+// kTunnelChunk is the most a tunnel reads from one side before it writes it to the other.
+constexpr std::size_t kTunnelChunk = 16 * 1024;
+
+// Side is one end of a tunnel: a non-blocking socket, with TLS over it or not.
+struct Side {
+  int fd = -1;
+  SSL* ssl = nullptr;
+  bool eof = false;   // it has sent its last byte (a TCP FIN or a TLS close_notify)
+  bool shut = false;  // we have told it that we send no more
+};
+
+enum class Io { done, again, eof, failed };
+
+// side_read reads at most cap bytes (n on done; on again, events is what to poll for).
+Io side_read(Side& s, char* dst, std::size_t cap, std::size_t& n, short& events) {
+  if (s.ssl) {
+    ERR_clear_error();
+    int r = SSL_read(s.ssl, dst, static_cast<int>(std::min<std::size_t>(cap, 1 << 30)));
+    if (r > 0) {
+      n = static_cast<std::size_t>(r);
+      return Io::done;
+    }
+    int e = SSL_get_error(s.ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+      events = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+      return Io::again;
+    }
+    // A close without close_notify ends the stream too (OpenSSL 3 reports it as an error).
+    bool eof = e == SSL_ERROR_ZERO_RETURN ||
+               (e == SSL_ERROR_SSL &&
+                ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING);
+    ERR_clear_error();
+    return eof ? Io::eof : Io::failed;
+  }
+  for (;;) {
+    ssize_t r = ::recv(s.fd, dst, cap, 0);
+    if (r > 0) {
+      n = static_cast<std::size_t>(r);
+      return Io::done;
+    }
+    if (r == 0) return Io::eof;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      events = POLLIN;
+      return Io::again;
+    }
+    return Io::failed;
+  }
+}
+
+// side_write writes at most len bytes (n on done). A TLS write that must wait is called again
+// later with the same bytes at the same address, as SSL_write requires.
+Io side_write(Side& s, const char* src, std::size_t len, std::size_t& n, short& events) {
+  if (s.ssl) {
+    ERR_clear_error();
+    int r = SSL_write(s.ssl, src, static_cast<int>(std::min<std::size_t>(len, 1 << 30)));
+    if (r > 0) {
+      n = static_cast<std::size_t>(r);
+      return Io::done;
+    }
+    int e = SSL_get_error(s.ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+      events = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+      return Io::again;
+    }
+    ERR_clear_error();
+    return Io::failed;
+  }
+  for (;;) {
+    ssize_t r = ::send(s.fd, src, len, MSG_NOSIGNAL);
+    if (r >= 0) {
+      n = static_cast<std::size_t>(r);
+      return Io::done;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      events = POLLOUT;
+      return Io::again;
+    }
+    return Io::failed;
+  }
+}
+
+// Pump is one direction of a tunnel: bytes read from `from`, not yet all written to `to`.
+struct Pump {
+  Side* from = nullptr;
+  Side* to = nullptr;
+  std::string buf;
+  std::size_t pos = 0;
+  std::uint64_t bytes = 0;  // written to `to`
+  short read_events = 0;    // what the read that would block waits for (0: none waiting)
+  short write_events = 0;   // ... the write
+};
+
+// step makes what progress one direction can without waiting: a write of what is pending,
+// else a read and a write of it. Sets moved when a byte went anywhere; false on a failure.
+bool step(Pump& p, bool& moved) {
+  p.read_events = p.write_events = 0;
+  for (int round = 0; round < 2; ++round) {
+    if (p.pos < p.buf.size()) {
+      std::size_t n = 0;
+      short ev = 0;
+      Io r = side_write(*p.to, p.buf.data() + p.pos, p.buf.size() - p.pos, n, ev);
+      if (r == Io::failed) return false;
+      if (r == Io::again) {
+        p.write_events = ev;
+        return true;
+      }
+      p.pos += n;
+      p.bytes += n;
+      moved = true;
+      if (p.pos < p.buf.size()) continue;
+      p.buf.clear();
+      p.pos = 0;
+    }
+    if (round == 1 || p.from->eof) break;
+    p.buf.resize(kTunnelChunk);
+    std::size_t n = 0;
+    short ev = 0;
+    Io r = side_read(*p.from, p.buf.data(), p.buf.size(), n, ev);
+    p.buf.resize(r == Io::done ? n : 0);
+    if (r == Io::failed) return false;
+    if (r == Io::again) {
+      p.read_events = ev;
+      break;
+    }
+    if (r == Io::eof) {
+      p.from->eof = true;
+      break;
+    }
+    moved = true;
+  }
+  if (p.from->eof && p.buf.empty() && !p.to->shut) {
+    // Pass the end on, and keep the other direction open (a half-close).
+    p.to->shut = true;
+    if (p.to->ssl) {
+      SSL_shutdown(p.to->ssl);
+      ERR_clear_error();
+    } else {
+      ::shutdown(p.to->fd, SHUT_WR);
+    }
+  }
+  return true;
+}
+
+enum class TunnelEnd { closed, idle, failed, cut };
+
+const char* to_string(TunnelEnd e) {
+  switch (e) {
+    case TunnelEnd::closed: return "closed by both sides";
+    case TunnelEnd::idle: return "idle timeout";
+    case TunnelEnd::failed: return "a side failed or reset";
+    case TunnelEnd::cut: return "ended by the server (shutdown)";
+  }
+  return "?";
+}
+
+// run_tunnel passes bytes between client and upstream (to_client and to_upstream go first)
+// until both sides have closed and everything is delivered, nothing moved for idle, a side
+// failed, or the exchange was aborted (end_tunnels, abort_all).
+TunnelEnd run_tunnel(Side& client, Side& upstream, Pump& down, Pump& up, milliseconds idle,
+                     Exchange& ex) {
+  auto deadline = SteadyClock::now() + idle;
+  for (;;) {
+    if (ex.is_aborted()) return TunnelEnd::cut;
+    bool moved = false;
+    if (!step(up, moved) || !step(down, moved)) return TunnelEnd::failed;
+    if (client.eof && upstream.eof && up.buf.empty() && down.buf.empty()) {
+      return TunnelEnd::closed;
+    }
+    auto now = SteadyClock::now();
+    if (moved) {
+      deadline = now + idle;
+      continue;
+    }
+    pollfd p[2] = {{client.fd, static_cast<short>(up.read_events | down.write_events), 0},
+                   {upstream.fd, static_cast<short>(down.read_events | up.write_events), 0}};
+    if (p[0].events == 0 && p[1].events == 0) return TunnelEnd::closed;  // nothing to wait for
+    if (now >= deadline) return TunnelEnd::idle;
+    auto left = std::chrono::duration_cast<milliseconds>(deadline - now).count() + 1;
+    int r = ::poll(p, 2, static_cast<int>(std::min<long long>(left, 1 << 30)));
+    if (r < 0 && errno != EINTR) return TunnelEnd::failed;
+  }
+}
+
+// tunnel takes the client connection over after the upstream's 101 (h) and runs the tunnel
+// on this thread. Always false: the client connection is closed after it.
+bool tunnel(const ProxySite& site, const std::shared_ptr<Exchange>& ex, const Head& h,
+            const UpgradeHooks& hooks, httplib::Response& res, Logger& log) {
+  res.status = 101;  // what the access log records
+  std::string protocol;
+  for (const auto& [k, v] : h.headers) {
+    if (iequals(k, "upgrade")) protocol = v;
+  }
+  if (protocol.empty()) {
+    // RFC 9110 7.8: a 101 names the protocol it switches to.
+    ex->drop();
+    res.status = 502;
+    res.set_content("upstream unavailable\n", "text/plain");
+    log.log(LogLevel::warn, "server", "upstream request failed",
+            {{"upstream", site.upstream},
+             {"error", "101 without an Upgrade header"},
+             {"status", "502"},
+             {"connection", "closed"}});
+    return false;
+  }
+  if (!ex->pool.enter_tunnel(ex.get())) {
+    ex->drop();
+    res.status = 503;
+    res.set_content("shutting down\n", "text/plain");
+    return false;
+  }
+  TunnelClient tc;
+  if (!hooks.take(tc)) {
+    ex->drop();
+    return false;
+  }
+  UpstreamConn& c = *ex->conn;
+  int flags = ::fcntl(c.fd, F_GETFL);
+  if (flags < 0 || ::fcntl(c.fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    ex->drop();
+    return false;
+  }
+  Side client{tc.fd, tc.ssl, false, false}, upstream{c.fd, c.ssl, false, false};
+  Pump down, up;
+  down.from = up.to = &upstream;
+  down.to = up.from = &client;
+  // The 101 as the client gets it: the upstream's fields but the hop-by-hop ones, then any
+  // bytes the upstream sent after it (a first message).
+  down.buf = "HTTP/1.1 101 Switching Protocols\r\n";
+  for (const auto& [k, v] : h.headers) {
+    if (!is_hop_by_hop(k)) down.buf.append(k).append(": ").append(v).append("\r\n");
+  }
+  down.buf.append("Connection: Upgrade\r\nUpgrade: ").append(protocol).append("\r\n\r\n");
+  std::size_t head_bytes = down.buf.size();
+  if (c.buf) down.buf.append(c.buf.get() + c.pos, c.end - c.pos);
+  c.pos = c.end = 0;
+  up.buf = std::move(tc.early);
+
+  auto started = SteadyClock::now();
+  hooks.hold(true);
+  TunnelEnd end = run_tunnel(client, upstream, down, up, site.tunnel_idle_timeout, *ex);
+  hooks.hold(false);
+  ex->drop();
+  auto secs = std::chrono::duration<double>(SteadyClock::now() - started).count();
+  log.log(LogLevel::info, "server", "tunnel closed",
+          {{"upstream", site.upstream},
+           {"protocol", protocol},
+           {"end", to_string(end)},
+           {"seconds", std::to_string(secs)},
+           {"bytes_to_upstream", std::to_string(up.bytes)},
+           {"bytes_to_client",
+            std::to_string(down.bytes > head_bytes ? down.bytes - head_bytes : 0)}});
+  return false;
+}
+
 bool is_idempotent(const std::string& m) {
   // Sending these twice does no more than sending them once (RFC 9110 9.2.2).
   return m == "GET" || m == "HEAD" || m == "OPTIONS" || m == "PUT" || m == "DELETE";
@@ -745,9 +1024,15 @@ namespace autotls::server::detail {
 bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
            std::size_t max_body, UpstreamPool& pool, Logger& log,
-           const std::atomic<bool>* client_read_timed_out) {
+           const std::atomic<bool>* client_read_timed_out, const UpgradeHooks* upgrade) {
   bool has_length = req.has_header("Content-Length");
   bool chunked = iequals(req.get_header_value("Transfer-Encoding"), "chunked");
+  // A WebSocket handshake (RFC 6455 4.1: GET, HTTP/1.1) is passed on with its upgrade; any
+  // other Upgrade (h2c, ...) is dropped with the hop-by-hop fields.
+  bool want_upgrade = upgrade && req.method == "GET" && req.version == "HTTP/1.1" &&
+                      !has_length && !req.has_header("Transfer-Encoding") &&
+                      has_token(req.get_header_value("Connection"), "upgrade") &&
+                      has_token(req.get_header_value("Upgrade"), "websocket");
   if (reader && has_length && req.get_header_value<uint64_t>("Content-Length") > max_body) {
     // httplib's reader refuses it at once and sets 413 on res (its payload limit).
     (*reader)([](const char*, size_t) { return true; });
@@ -785,7 +1070,13 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   head.append("X-Forwarded-For: ").append(req.remote_addr).append("\r\n");
   head.append(tls ? "X-Forwarded-Proto: https\r\n" : "X-Forwarded-Proto: http\r\n");
   head.append("X-Forwarded-Host: ").append(req.get_header_value("Host")).append("\r\n");
-  if (site.max_idle == 0) head.append("Connection: close\r\n");
+  if (want_upgrade) {
+    head.append("Connection: Upgrade\r\nUpgrade: ")
+        .append(req.get_header_value("Upgrade"))
+        .append("\r\n");
+  } else if (site.max_idle == 0) {
+    head.append("Connection: close\r\n");
+  }
   if (streamed && has_length) {
     head.append("Content-Length: ")
         .append(std::to_string(req.get_header_value<uint64_t>("Content-Length")))
@@ -852,7 +1143,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     auto sent_at = SteadyClock::now();
     err = send(*ex->conn);
     bool got_bytes = false;
-    if (err == Err::none) err = read_head(*ex->conn, h, got_bytes);
+    if (err == Err::none) err = read_head(*ex->conn, h, got_bytes, want_upgrade);
     if (err == Err::none) break;
     // The pooled connection failed before any byte of a response (the upstream closed it as
     // we reused it: its keep-alive timeout ran out, or it restarted): once on a new one. Only
@@ -865,6 +1156,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     ex->drop();
     if (!retry) break;
   }
+  if (err == Err::none && h.status == 101) return tunnel(site, ex, h, *upgrade, res, log);
   std::optional<std::uint64_t> length;
   bool te = false;
   if (err == Err::none && !body_framing(h.headers, length, te)) {

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -75,10 +76,17 @@ class UpstreamPool {
   // back to the pool. Server::shutdown calls it when the drain deadline has passed. Idempotent.
   void abort_all();
 
+  // end_tunnels ends every tunnel (a WebSocket passed through after a 101) at once, and
+  // refuses every later one (503): Server::shutdown calls it as the drain begins, since a
+  // tunnel may stay open for hours and a drain waits for open connections. Idempotent.
+  void end_tunnels();
+
   // enter registers an exchange for abort_all (false: aborting, do not start it); leave is
-  // called by the exchange's destructor. Used by proxy() only.
+  // called by the exchange's destructor; enter_tunnel marks a registered exchange as a tunnel
+  // for end_tunnels (false: tunnels are ended, do not start it). Used by proxy() only.
   bool enter(Exchange* e);
   void leave(Exchange* e);
+  bool enter_tunnel(Exchange* e);
 
   // tls_ctx is the client SSL_CTX for https upstreams, made on first use and shared by all of
   // them: TLS 1.2 or later, the peer verified against the system's CAs
@@ -94,8 +102,30 @@ class UpstreamPool {
   mutable std::mutex mu_;
   std::map<std::string, std::vector<Idle>, std::less<>> idle_;  // oldest first
   bool aborting_ = false;
+  bool tunnels_ended_ = false;
   std::unordered_set<Exchange*> active_;
   SSL_CTX* tls_ctx_ = nullptr;  // under mu_
+};
+
+// TunnelClient is the client's side of a tunnel: the connection the upgrade request came on,
+// handed over by the server once the upstream has agreed to switch protocols.
+struct TunnelClient {
+  int fd = -1;          // non-blocking
+  SSL* ssl = nullptr;   // TLS over fd; null on a plain HTTP listener
+  std::string early;    // bytes the client sent after the request, already read by the server
+};
+
+// UpgradeHooks let proxy() pass a WebSocket upgrade through to the upstream (without them the
+// Upgrade header is dropped, as every hop-by-hop header is).
+struct UpgradeHooks {
+  // take hands the client connection over: what the server still owes the client is written
+  // first, and after it the server neither reads nor writes the connection, and closes it
+  // when the handler returns. False when that write failed (the client is gone).
+  std::function<bool(TunnelClient&)> take;
+  // hold(true) as a tunnel starts to hold the calling worker for its whole life, hold(false)
+  // as it ends: the server lends its pool one more worker meanwhile, so that tunnels never
+  // starve ordinary requests.
+  std::function<void(bool)> hold;
 };
 
 // proxy forwards req to site and fills res. reader (may be null) streams the request body;
@@ -119,9 +149,19 @@ class UpstreamPool {
 // request whose body stopped coming is the client's fault, not the upstream's: it answers 408
 // and returns false (the rest of the body is not on the connection); the upstream, which got a
 // request cut short, sees its connection closed.
+// WebSocket (with upgrade non-null): a GET over HTTP/1.1 without a body, with "Connection:
+// upgrade" and "Upgrade: websocket", is sent on with both headers. When the upstream answers
+// 101, proxy() takes the client connection over (upgrade->take), writes the 101 with the
+// upstream's header fields to it, and passes bytes both ways on the calling thread until one
+// side has closed and the other has sent everything, nothing moved either way for the site's
+// tunnel_idle_timeout, a side failed, or end_tunnels / abort_all. It then sets res.status to
+// 101 (for the access log) and returns false: the connection is closed, never reused. Any
+// other answer to an upgrade request is passed on as usual. Other Upgrade values (h2c, ...)
+// are dropped: the request goes on as a plain one.
 [[nodiscard]] bool proxy(const ProxySite& site, const httplib::Request& req,
            const httplib::ContentReader* reader, httplib::Response& res, bool tls,
            std::size_t max_body, UpstreamPool& pool, Logger& log,
-           const std::atomic<bool>* client_read_timed_out = nullptr);
+           const std::atomic<bool>* client_read_timed_out = nullptr,
+           const UpgradeHooks* upgrade = nullptr);
 
 }  // namespace autotls::server::detail

@@ -201,6 +201,7 @@ class ConnStream final : public httplib::Stream {
         inline_(inline_mode), counters_(counters) {}
 
   bool is_readable() const override {
+    if (hijacked_) return false;
     if (!c_.unread().empty()) return true;
     // SSL_has_pending, not SSL_pending: with read-ahead a whole record may sit unprocessed.
     if (c_.ssl && SSL_has_pending(c_.ssl.get())) return true;
@@ -208,7 +209,7 @@ class ConnStream final : public httplib::Stream {
     return wait(POLLIN, read_timeout_);
   }
   bool is_writable() const override {
-    if (write_failed_) return false;
+    if (write_failed_ || hijacked_) return false;
     if (inline_ || c_.out.size() < kFlushBytes) return true;
     if (wait(POLLOUT, write_timeout_, counters_.write)) return true;
     write_failed_ = true;
@@ -216,6 +217,7 @@ class ConnStream final : public httplib::Stream {
   }
 
   ssize_t read(char* ptr, size_t size) override {
+    if (hijacked_) return -1;
     if (size == 0) return 0;
     if (auto u = c_.unread(); !u.empty()) {
       size_t n = std::min(size, u.size());
@@ -264,6 +266,7 @@ class ConnStream final : public httplib::Stream {
   }
 
   ssize_t write(const char* ptr, size_t size) override {
+    if (hijacked_) return -1;
     if (size == 0) return 0;
     c_.out.append(ptr, size);
     if (!inline_ && c_.out.size() >= kFlushBytes && !flush()) return -1;
@@ -274,6 +277,7 @@ class ConnStream final : public httplib::Stream {
   // write failed (timed out or refused) every later one fails at once: the connection is
   // closing, and a second wait would hold the worker and count a second timeout.
   bool flush() {
+    if (hijacked_) return false;
     while (c_.out_pos < c_.out.size()) {
       if (write_failed_) return false;
       ssize_t n = write_socket(c_.out.data() + c_.out_pos, c_.out.size() - c_.out_pos);
@@ -323,6 +327,19 @@ class ConnStream final : public httplib::Stream {
   }
   socket_t socket() const override { return c_.fd; }
 
+  // hijack hands the connection over to a tunnel (a WebSocket after a 101): what is owed to
+  // the client is written, then every later read, write and flush of this stream fails, so
+  // httplib writes nothing more and the worker closes the connection after the handler.
+  // The bytes received past the request move to early. False when the flush failed.
+  bool hijack(std::string& early) {
+    if (inline_ || !flush()) return false;
+    early.assign(c_.unread());
+    c_.buf.clear();
+    c_.pos = 0;
+    hijacked_ = true;
+    return true;
+  }
+
  private:
   // wait_until waits for events until deadline: ready, timeout (the deadline passed; counted
   // in *timed_out, if given) or error (poll failed, or woke without the events: closed).
@@ -353,6 +370,7 @@ class ConnStream final : public httplib::Stream {
   bool inline_;
   TimeoutCounters counters_;
   mutable bool write_failed_ = false;  // a write or a wait for one failed: the rest fail at once
+  bool hijacked_ = false;              // a tunnel took the connection over (hijack)
 };
 
 // Reactor is one event loop thread: its own epoll set (the shared listeners are in every set
@@ -405,6 +423,9 @@ thread_local InlineRequest* tl_inline = nullptr;
 // tl_conn is the connection whose request this thread (reactor or worker) is running, so the
 // post-routing handler can see that its listener was retired by a reload meanwhile.
 thread_local const Connection* tl_conn = nullptr;
+// tl_stream is the stream of that connection on a worker (null on a reactor): a tunnel takes
+// the connection over through it.
+thread_local ConnStream* tl_stream = nullptr;
 
 // Static files up to this size are read whole and served by a reactor; larger ones stream on
 // a worker.
@@ -595,9 +616,13 @@ struct Server::Impl {
   std::unordered_map<std::string, int> root_fds;
   // Worker pool: worker_target is the size asked for, worker_running the threads still in
   // worker_loop (both under work_mu); a loop over the target leaves.
+  // Each tunnel (a WebSocket passed through) holds its worker for its whole life; the pool
+  // counts them (tunnel_workers) and keeps worker_target workers besides. workers is changed
+  // under work_mu too (a worker lends the pool one more when its tunnel starts).
   std::vector<std::unique_ptr<Worker>> workers;
   std::size_t worker_target = 0;
   std::size_t worker_running = 0;
+  std::size_t tunnel_workers = 0;
 
   // Closing the client listeners at the drain and (re)adding them to an epoll set after an
   // accept pause are serialized, so no reactor ever adds a closed (or reused) descriptor.
@@ -802,6 +827,9 @@ struct Server::Impl {
     if (p.max_idle > 1024 || (p.max_idle > 0 && p.idle_timeout.count() <= 0)) {
       return fail(Errc::invalid_input,
                   "site " + name + ": upstream max_idle must be 0-1024, idle_timeout positive");
+    }
+    if (p.tunnel_idle_timeout.count() <= 0) {
+      return fail(Errc::invalid_input, "site " + name + ": tunnel_idle_timeout must be positive");
     }
     return {};
   }
@@ -1282,8 +1310,21 @@ struct Server::Impl {
         tl_inline->defer = true;
         return;
       }
+      detail::UpgradeHooks hooks;
+      if (tl_stream && tl_conn) {
+        const Connection* conn = tl_conn;
+        ConnStream* stream = tl_stream;
+        hooks.take = [conn, stream](detail::TunnelClient& tc) {
+          if (!stream->hijack(tc.early)) return false;
+          tc.fd = conn->fd;
+          tc.ssl = conn->ssl.get();
+          return true;
+        };
+        hooks.hold = [this](bool on) { hold_for_tunnel(on); };
+      }
       if (!detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, max_body,
-                         upstreams, *log, tl_conn ? &tl_conn->read_timed_out : nullptr)) {
+                         upstreams, *log, tl_conn ? &tl_conn->read_timed_out : nullptr,
+                         hooks.take ? &hooks : nullptr)) {
         t_close_after = true;
       }
     }
@@ -2160,22 +2201,25 @@ struct Server::Impl {
   // resize_workers makes the pool n threads: missing ones start at once, extra ones leave when
   // next idle (a request in flight finishes first). Threads that have left are joined here.
   void resize_workers(std::size_t n) {
-    std::size_t more = 0;
     {
       std::lock_guard lock(work_mu);
       worker_target = n;
-      if (worker_running < n) {
-        more = n - worker_running;
-        worker_running = n;
-      }
+      add_workers_locked();
     }
     work_cv.notify_all();
+  }
+
+  // add_workers_locked starts the workers missing from worker_target + tunnel_workers, and
+  // joins those that have left (they hold no lock, and are past worker_loop). Under work_mu;
+  // never once shutdown has stopped the pool.
+  void add_workers_locked() {
+    if (work_stop) return;
     std::erase_if(workers, [](const std::unique_ptr<Worker>& w) {
       if (!w->done.load()) return false;
       w->thread.join();
       return true;
     });
-    for (std::size_t i = 0; i < more; ++i) {
+    for (; worker_running < worker_target + tunnel_workers; ++worker_running) {
       auto w = std::make_unique<Worker>();
       Worker* raw = w.get();
       w->thread = std::thread([this, raw] {
@@ -2184,6 +2228,21 @@ struct Server::Impl {
       });
       workers.push_back(std::move(w));
     }
+  }
+
+  // hold_for_tunnel is UpgradeHooks::hold: while a tunnel holds the calling worker, the pool
+  // has one more; when it ends, the next worker to be idle leaves.
+  void hold_for_tunnel(bool on) {
+    {
+      std::lock_guard lock(work_mu);
+      if (on) {
+        ++tunnel_workers;
+        add_workers_locked();
+      } else {
+        --tunnel_workers;
+      }
+    }
+    if (!on) work_cv.notify_all();
   }
 
   // reload_listeners makes the open listeners of one kind (https, http or admin) those of
@@ -2280,9 +2339,9 @@ struct Server::Impl {
       {
         std::unique_lock lock(work_mu);
         work_cv.wait(lock, [&] {
-          return work_stop || !work.empty() || worker_running > worker_target;
+          return work_stop || !work.empty() || worker_running > worker_target + tunnel_workers;
         });
-        if (work.empty() || worker_running > worker_target) {
+        if (work.empty() || worker_running > worker_target + tunnel_workers) {
           --worker_running;  // stopping, or a reload made the pool smaller
           return;
         }
@@ -2305,8 +2364,10 @@ struct Server::Impl {
       t_close_after = false;
       c->read_timed_out.store(false, std::memory_order_relaxed);
       tl_conn = c.get();
+      tl_stream = &stream;
       bool ok = router.serve(stream, close_connection, connection_closed);
       tl_conn = nullptr;
+      tl_stream = nullptr;
       ok = stream.flush() && ok;
       ++c->requests;
       if (!c->listener->admin) ++requests;
@@ -2440,6 +2501,9 @@ void Server::shutdown(milliseconds drain) {
   }
   auto deadline = SteadyClock::now() + drain;
   m.draining = true;
+  // Tunnels (WebSockets) would hold the drain to its deadline: they end now, as Caddy's do;
+  // their clients reconnect to the next instance.
+  m.upstreams.end_tunnels();
   m.wake_all();
   {
     std::unique_lock lock(m.open_mu);

@@ -122,17 +122,18 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
     bool cert_key = std::any_of(std::begin(kSiteCertKeys), std::end(kSiteCertKeys),
                                 [&](const auto& p) { return k == p.first || k == p.second; });
     if (k != "root" && k != "proxy" && k != "index" && k != "upstream-keepalive" &&
-        k != "upstream-idle-timeout" && !cert_key) {
+        k != "upstream-idle-timeout" && k != "tunnel-idle-timeout" && !cert_key) {
       return fail(Errc::invalid_input,
-                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, key-type, profile, preferred-chain)");
+                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, tunnel-idle-timeout, key-type, profile, preferred-chain)");
     }
   }
   auto cert = site_cert_settings(host, j);
   if (!cert) return fail(cert.error());
   bool root = j.contains("root"), proxy = j.contains("proxy");
   if (root == proxy) return fail(Errc::invalid_input, "sites." + host + ": give exactly one of \"root\" and \"proxy\"");
-  if (root && (j.contains("upstream-keepalive") || j.contains("upstream-idle-timeout"))) {
-    return fail(Errc::invalid_input, "sites." + host + ": upstream-keepalive and upstream-idle-timeout need \"proxy\"");
+  if (root && (j.contains("upstream-keepalive") || j.contains("upstream-idle-timeout") ||
+               j.contains("tunnel-idle-timeout"))) {
+    return fail(Errc::invalid_input, "sites." + host + ": upstream-keepalive, upstream-idle-timeout and tunnel-idle-timeout need \"proxy\"");
   }
   if (root) {
     if (!j["root"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".root: expected a string");
@@ -160,6 +161,14 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
       return fail(Errc::invalid_input, "sites." + host + ".upstream-idle-timeout: expected seconds, 0.001-86400");
     }
     p.idle_timeout = std::chrono::milliseconds(static_cast<long long>(v.get<double>() * 1000));
+  }
+  if (j.contains("tunnel-idle-timeout")) {
+    const auto& v = j["tunnel-idle-timeout"];
+    if (!v.is_number() || v.get<double>() < 0.001 || v.get<double>() > 604800) {
+      return fail(Errc::invalid_input, "sites." + host + ".tunnel-idle-timeout: expected seconds, 0.001-604800");
+    }
+    p.tunnel_idle_timeout =
+        std::chrono::milliseconds(static_cast<long long>(v.get<double>() * 1000));
   }
   return SiteEntry{server::Site(p), *cert};
 }

@@ -445,6 +445,9 @@ TEST_SUITE("cli.config") {
     expect({{"proxy", "http://127.0.0.1:9"}, {"upstream-keepalive", -1}}, {"sites.shop.test.upstream-keepalive", "0-1024"});
     expect({{"proxy", "http://127.0.0.1:9"}, {"upstream-idle-timeout", 0}}, {"sites.shop.test.upstream-idle-timeout"});
     expect({{"root", root}, {"upstream-keepalive", 8}}, {"sites.shop.test", "need \"proxy\""});
+    expect({{"proxy", "http://127.0.0.1:9"}, {"tunnel-idle-timeout", 0}}, {"sites.shop.test.tunnel-idle-timeout", "0.001-604800"});
+    expect({{"proxy", "http://127.0.0.1:9"}, {"tunnel-idle-timeout", "1h"}}, {"sites.shop.test.tunnel-idle-timeout", "expected seconds"});
+    expect({{"root", root}, {"tunnel-idle-timeout", 60}}, {"sites.shop.test", "need \"proxy\""});
   }
 
   TEST_CASE("a bad upstream URL is refused when the configuration is read naming the site and the fault") {
