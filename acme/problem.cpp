@@ -6,6 +6,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "acme/util/http_date.h"
+
 namespace autotls::acme {
 namespace {
 
@@ -69,12 +71,10 @@ std::optional<std::chrono::seconds> parse_retry_after(std::string_view value,
     if (ec != std::errc() || p != value.data() + value.size()) return std::nullopt;
     return std::chrono::seconds(std::min(secs, max_secs));
   }
-  // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT" (RFC 9110 §5.6.7).
-  std::tm tm{};
-  std::string s(value);
-  const char* end = strptime(s.c_str(), "%a, %d %b %Y %H:%M:%S GMT", &tm);
-  if (end == nullptr || *end != '\0') return std::nullopt;
-  const long long when = static_cast<long long>(timegm(&tm));
+  // An HTTP-date (RFC 9110 §5.6.7), IMF-fixdate or one of the obsolete forms.
+  auto date = parse_http_date(value);
+  if (!date) return std::nullopt;
+  const long long when = static_cast<long long>(*date);
   const long long at = static_cast<long long>(std::chrono::system_clock::to_time_t(now));
   if (when <= at) return std::chrono::seconds(0);
   return std::chrono::seconds(when - at > max_secs ? max_secs : when - at);

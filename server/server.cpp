@@ -1422,14 +1422,51 @@ struct Server::Impl {
       case detail::StaticLookup::found:
         break;
     }
+    // open_beneath's fstat stands (one fstat a request, not two).
+    if (fd < 0) fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0 && !have_st) have_st = ::fstat(fd, &st) == 0;
+    if (fd < 0 || !have_st || !S_ISREG(st.st_mode)) {
+      if (fd >= 0) ::close(fd);
+      res.status = 404;
+      res.set_content("not found\n", "text/plain");
+      return;
+    }
+    // Validators and conditional requests (RFC 9110 §8.8, §13), as Caddy's and nginx's file
+    // servers: a browser revalidating its cached copy gets a 304 instead of the file again.
+    auto v = detail::file_validators(st);
+    auto field = [&](const char* name) -> const std::string* {
+      auto it = req.headers.find(name);
+      return it == req.headers.end() ? nullptr : &it->second;
+    };
+    int pre = detail::evaluate_preconditions(
+        {field("If-Match"), field("If-None-Match"), field("If-Modified-Since"),
+         field("If-Unmodified-Since")},
+        v);
+    if (pre != 200) {
+      ::close(fd);
+      res.status = pre;
+      res.set_header("ETag", v.etag);
+      res.set_header("Last-Modified", v.last_modified);
+      if (pre == 412) {
+        res.set_content("precondition failed\n", "text/plain");
+      } else {
+        // What a 200 would carry (RFC 9110 §8.6), not httplib's "0" for an empty body.
+        res.set_header("Content-Length", std::to_string(st.st_size));
+      }
+      return;
+    }
+    if (const std::string* if_range = field("If-Range");
+        if_range && !req.ranges.empty() && !detail::if_range_holds(*if_range, v)) {
+      // The client's copy is not this one: the whole file, not the range. httplib applies
+      // req.ranges after the handler; the request is httplib's own (non-const) object.
+      const_cast<httplib::Request&>(req).ranges.clear();
+    }
+    res.set_header("ETag", v.etag);
+    res.set_header("Last-Modified", v.last_modified);
     if (tl_inline) {
       // On a reactor: a small file is read whole (one open, fstat, read); a larger one is
       // streamed by a worker.
-      // open_beneath's fstat stands (one fstat a request, not two).
-      if (fd < 0) fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-      if (fd >= 0 && !have_st) have_st = ::fstat(fd, &st) == 0;
-      if (fd >= 0 && have_st && S_ISREG(st.st_mode) &&
-          static_cast<std::uintmax_t>(st.st_size) <= kInlineFileBytes) {
+      if (static_cast<std::uintmax_t>(st.st_size) <= kInlineFileBytes) {
         std::string body(static_cast<std::size_t>(st.st_size), '\0');
         std::size_t got = 0;
         while (got < body.size()) {
@@ -1448,15 +1485,14 @@ struct Server::Impl {
         res.set_header("Content-Type", std::string(detail::content_type_for(file)));
         return;
       }
-      if (fd >= 0) ::close(fd);
+      ::close(fd);
       tl_inline->defer = true;
       return;
     }
-    if (fd >= 0) ::close(fd);
-    std::error_code ec;
-    auto size = std::filesystem::file_size(file, ec);
+    ::close(fd);
+    auto size = static_cast<std::uintmax_t>(st.st_size);
     auto in = std::make_shared<std::ifstream>(file, std::ios::binary);
-    if (ec || !*in) {
+    if (!*in) {
       res.status = 404;
       res.set_content("not found\n", "text/plain");
       return;
@@ -1712,10 +1748,13 @@ struct Server::Impl {
       auto [end, ec] = std::to_chars(num, num + sizeof num, v);
       out.append(num, static_cast<std::size_t>(end - num));
     };
+    auto v = detail::file_validators(st);
     out += "Content-Length: ";
     append_num(size);
     out += "\r\nContent-Type: ";
     out += detail::content_type_for(file);
+    out += "\r\nETag: ";
+    out += v.etag;
     out += "\r\n";
     if (!say_close) {
       out += "Keep-Alive: timeout=";
@@ -1725,6 +1764,9 @@ struct Server::Impl {
       append_num(c->lim->keep_alive_max_requests);
       out += "\r\n";
     }
+    out += "Last-Modified: ";
+    out += v.last_modified;
+    out += "\r\n";
     if (c->listener->tls && r->hsts_max_age.count() > 0) {
       out += "Strict-Transport-Security: max-age=";
       append_num(static_cast<std::uintmax_t>(r->hsts_max_age.count()));

@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <charconv>
 #include <system_error>
 #include <utility>
 
 #include "acme/types.h"
+#include "acme/util/http_date.h"
 
 namespace autotls::server::detail {
 namespace {
@@ -20,6 +22,88 @@ bool is_base64url(char c) {
 }
 
 }  // namespace
+
+namespace {
+// next_etag takes the next entity-tag off a comma-separated If-Match / If-None-Match / If-Range
+// list: its opaque tag (quotes included) and whether it was weak. False at the end of the list
+// or on a malformed element (the rest of the list is then ignored).
+bool next_etag(std::string_view& list, std::string_view& tag, bool& weak) {
+  auto skip = [&] {
+    while (!list.empty() && (list.front() == ' ' || list.front() == '\t' || list.front() == ',')) {
+      list.remove_prefix(1);
+    }
+  };
+  skip();
+  weak = list.substr(0, 2) == "W/";
+  if (weak) list.remove_prefix(2);
+  if (list.empty() || list.front() != '"') return false;
+  auto close = list.find('"', 1);
+  if (close == std::string_view::npos) return false;
+  tag = list.substr(0, close + 1);
+  list.remove_prefix(close + 1);
+  return true;
+}
+
+// etag_matches: does the list (or "*") hold etag (a strong tag)? Weak comparison ignores W/;
+// strong comparison lets no weak tag match.
+bool etag_matches(std::string_view list, std::string_view etag, bool weak_comparison) {
+  auto t = list;
+  while (!t.empty() && (t.front() == ' ' || t.front() == '\t')) t.remove_prefix(1);
+  while (!t.empty() && (t.back() == ' ' || t.back() == '\t')) t.remove_suffix(1);
+  if (t == "*") return true;
+  std::string_view tag;
+  bool weak = false;
+  while (next_etag(list, tag, weak)) {
+    if (tag == etag && (weak_comparison || !weak)) return true;
+  }
+  return false;
+}
+}  // namespace
+
+FileValidators file_validators(const struct stat& st) {
+  FileValidators v;
+  v.mtime = st.st_mtim.tv_sec;
+  v.last_modified = format_http_date(v.mtime);
+  auto hex = [&](unsigned long long n) {
+    char buf[16];
+    auto r = std::to_chars(buf, buf + sizeof buf, n, 16);
+    v.etag.append(buf, r.ptr);
+  };
+  v.etag.reserve(40);
+  v.etag += '"';
+  hex(static_cast<unsigned long long>(st.st_mtim.tv_sec));
+  v.etag += '.';
+  hex(static_cast<unsigned long long>(st.st_mtim.tv_nsec));
+  v.etag += '-';
+  hex(static_cast<unsigned long long>(st.st_size));
+  v.etag += '"';
+  return v;
+}
+
+int evaluate_preconditions(const Preconditions& p, const FileValidators& v) {
+  if (p.if_match) {
+    if (!etag_matches(*p.if_match, v.etag, false)) return 412;
+  } else if (p.if_unmodified_since) {
+    auto date = parse_http_date(*p.if_unmodified_since);
+    if (date && v.mtime > *date) return 412;
+  }
+  if (p.if_none_match) {
+    if (etag_matches(*p.if_none_match, v.etag, true)) return 304;
+  } else if (p.if_modified_since) {
+    auto date = parse_http_date(*p.if_modified_since);
+    if (date && v.mtime <= *date) return 304;
+  }
+  return 200;
+}
+
+bool if_range_holds(std::string_view if_range, const FileValidators& v) {
+  std::string_view list = if_range;
+  std::string_view tag;
+  bool weak = false;
+  if (next_etag(list, tag, weak)) return !weak && tag == v.etag;
+  auto date = parse_http_date(if_range);
+  return date && *date == v.mtime;
+}
 
 std::optional<std::string> host_of(std::string_view h) {
   if (h.empty()) return std::nullopt;
@@ -122,7 +206,8 @@ std::optional<FastRequest> parse_fast_request(std::string_view head, std::size_t
       conn_value = value;
     } else if (iequals(name, "range") || iequals(name, "accept-encoding") ||
                iequals(name, "content-length") ||
-               iequals(name, "transfer-encoding") || iequals(name, "expect")) {
+               iequals(name, "transfer-encoding") || iequals(name, "expect") ||
+               (name.size() > 3 && iequals(name.substr(0, 3), "if-"))) {
       return std::nullopt;
     }
   }

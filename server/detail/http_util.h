@@ -2,7 +2,10 @@
 
 // Pure helpers of the frontend (no sockets, no threads), kept apart so unit tests reach them.
 
+#include <sys/stat.h>
+
 #include <cstddef>
+#include <ctime>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -39,6 +42,35 @@ enum class StaticLookup { found, bad_request, not_found };
 StaticLookup resolve_static(const std::filesystem::path& root, std::string_view url_path,
                             std::string_view index, std::filesystem::path& out);
 
+// FileValidators are a static file's validators (RFC 9110 §8.8): a strong entity tag made of
+// its modification time (to the nanosecond) and size, as nginx makes its own, and its
+// Last-Modified in whole seconds.
+struct FileValidators {
+  std::string etag;           // "\"<mtime s hex>.<mtime ns hex>-<size hex>\""
+  std::string last_modified;  // IMF-fixdate
+  std::time_t mtime = 0;      // whole seconds
+};
+FileValidators file_validators(const struct stat& st);
+
+// Preconditions are the conditional fields of a GET or HEAD request (null: absent).
+struct Preconditions {
+  const std::string* if_match = nullptr;
+  const std::string* if_none_match = nullptr;
+  const std::string* if_modified_since = nullptr;
+  const std::string* if_unmodified_since = nullptr;
+};
+
+// evaluate_preconditions applies RFC 9110 §13.2.2 to a GET or HEAD of a file that exists:
+// If-Match (strong comparison) or else If-Unmodified-Since failing gives 412; then
+// If-None-Match (weak comparison) or else If-Modified-Since holding gives 304; otherwise 200
+// (serve it). A date that is not an HTTP-date is ignored, as the RFC asks.
+int evaluate_preconditions(const Preconditions& p, const FileValidators& v);
+
+// if_range_holds tells whether a Range request with this If-Range value may be served as a
+// range (RFC 9110 §13.1.5): an entity tag that matches strongly, or a date equal to
+// Last-Modified. Otherwise the whole file is sent (200).
+bool if_range_holds(std::string_view if_range, const FileValidators& v);
+
 // iequals compares two ASCII strings ignoring case (header field names).
 bool iequals(std::string_view a, std::string_view b);
 
@@ -57,7 +89,7 @@ std::size_t header_end(std::string_view buf);
 // FastRequest is what serve_fast needs of a request head it can answer itself: GET or HEAD
 // of a plain path (no query, no percent-encoding), HTTP/1.0 or 1.1, exactly one Host, at most
 // one Connection, and none of the fields that change the answer (Range, Accept-Encoding,
-// Content-Length, Transfer-Encoding, Expect). The views point into the head parsed.
+// Content-Length, Transfer-Encoding, Expect, and the conditional If-* fields). The views point into the head parsed.
 struct FastRequest {
   std::string_view target, host, connection;  // host and connection: the field values
   bool head = false;                          // HEAD (else GET)

@@ -155,6 +155,9 @@ TEST_SUITE("server") {
              "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
              "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
              "GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+             "GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"x\"\r\n\r\n",   // conditional
+             "GET / HTTP/1.1\r\nHost: a\r\nif-modified-since: x\r\n\r\n",
+             "GET / HTTP/1.1\r\nHost: a\r\nIF-RANGE: x\r\n\r\n",
              "GET / HTTP/1.1\r\nHost: a\r\nX: \r\n\r\n",        // an empty value (httplib drops it)
              "GET / HTTP/1.1\r\nHost: a\r\nX: %41\r\n\r\n",     // httplib decodes values
              "GET / HTTP/1.1\r\nHost: a\r\n: v\r\n\r\n",        // no field name
@@ -174,5 +177,71 @@ TEST_SUITE("server") {
     const std::string req = "GET / HTTP/1.1\r\nHost: a\r\n" + field + "\r\n";
     CHECK(parse_fast_request(req, field.size()));
     CHECK_FALSE(parse_fast_request(req, field.size() - 1));
+  }
+
+  TEST_CASE("file_validators: a strong tag of mtime and size, Last-Modified in IMF-fixdate") {
+    struct stat st {};
+    st.st_mtim.tv_sec = 784111777;  // RFC 9110's example date
+    st.st_mtim.tv_nsec = 0x1234;
+    st.st_size = 0x1f4;
+    auto v = file_validators(st);
+    CHECK(v.etag == "\"2ebc98a1.1234-1f4\"");
+    CHECK(v.last_modified == "Sun, 06 Nov 1994 08:49:37 GMT");
+    CHECK(v.mtime == 784111777);
+    st.st_mtim.tv_nsec = 0x1235;  // touched within the same second: another tag
+    CHECK(file_validators(st).etag != v.etag);
+    CHECK(file_validators(st).last_modified == v.last_modified);
+  }
+
+  TEST_CASE("evaluate_preconditions follows RFC 9110 13.2.2 for GET and HEAD") {
+    struct stat st {};
+    st.st_mtim.tv_sec = 784111777;
+    st.st_size = 10;
+    auto v = file_validators(st);
+    const std::string tag = v.etag, weak = "W/" + v.etag, other = "\"zz\"",
+                      same = "Sun, 06 Nov 1994 08:49:37 GMT", later = "Sun, 06 Nov 1994 08:49:38 GMT",
+                      earlier = "Sun, 06 Nov 1994 08:49:36 GMT", obsolete = "Sunday, 06-Nov-94 08:49:37 GMT",
+                      junk = "yesterday", star = "*", list = other + ", " + weak, malformed = "zz, " + tag;
+    auto eval = [&](const std::string* im, const std::string* inm, const std::string* ims,
+                    const std::string* ius) { return evaluate_preconditions({im, inm, ims, ius}, v); };
+    CHECK(eval(nullptr, nullptr, nullptr, nullptr) == 200);
+    // If-None-Match: weak comparison, lists, *.
+    CHECK(eval(nullptr, &tag, nullptr, nullptr) == 304);
+    CHECK(eval(nullptr, &weak, nullptr, nullptr) == 304);
+    CHECK(eval(nullptr, &list, nullptr, nullptr) == 304);
+    CHECK(eval(nullptr, &star, nullptr, nullptr) == 304);
+    CHECK(eval(nullptr, &other, nullptr, nullptr) == 200);
+    CHECK(eval(nullptr, &malformed, nullptr, nullptr) == 200);
+    // If-Modified-Since, ignored when If-None-Match is there or the date is not one.
+    CHECK(eval(nullptr, nullptr, &same, nullptr) == 304);
+    CHECK(eval(nullptr, nullptr, &later, nullptr) == 304);
+    CHECK(eval(nullptr, nullptr, &obsolete, nullptr) == 304);
+    CHECK(eval(nullptr, nullptr, &earlier, nullptr) == 200);
+    CHECK(eval(nullptr, nullptr, &junk, nullptr) == 200);
+    CHECK(eval(nullptr, &other, &same, nullptr) == 200);
+    // If-Match: strong comparison; If-Unmodified-Since only without it.
+    CHECK(eval(&tag, nullptr, nullptr, nullptr) == 200);
+    CHECK(eval(&star, nullptr, nullptr, nullptr) == 200);
+    CHECK(eval(&weak, nullptr, nullptr, nullptr) == 412);
+    CHECK(eval(&other, nullptr, nullptr, nullptr) == 412);
+    CHECK(eval(nullptr, nullptr, nullptr, &earlier) == 412);
+    CHECK(eval(nullptr, nullptr, nullptr, &same) == 200);
+    CHECK(eval(nullptr, nullptr, nullptr, &junk) == 200);
+    CHECK(eval(&tag, nullptr, nullptr, &earlier) == 200);
+    // 412 comes before 304.
+    CHECK(eval(&other, &tag, nullptr, nullptr) == 412);
+  }
+
+  TEST_CASE("if_range_holds: a strong tag that matches, or exactly the Last-Modified date") {
+    struct stat st {};
+    st.st_mtim.tv_sec = 784111777;
+    st.st_size = 10;
+    auto v = file_validators(st);
+    CHECK(if_range_holds(v.etag, v));
+    CHECK_FALSE(if_range_holds("W/" + v.etag, v));
+    CHECK_FALSE(if_range_holds("\"zz\"", v));
+    CHECK(if_range_holds("Sun, 06 Nov 1994 08:49:37 GMT", v));
+    CHECK_FALSE(if_range_holds("Sun, 06 Nov 1994 08:49:38 GMT", v));
+    CHECK_FALSE(if_range_holds("soon", v));
   }
 }
