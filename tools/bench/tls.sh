@@ -7,8 +7,8 @@
 # server::Server) with its default worker threads. wrk (-t2 -c50) loads each in turn, on the
 # same 2 cores as the servers. Phases, SECS seconds each, interleaved so that drift in the
 # machine's load hits both sides:
-#   nginx full, autotls full, (autotls swap, autotls full) x 2, nginx full, nginx-same-suite full,
-#   nginx keep-alive, autotls keep-alive
+#   nginx full, autotls full, (autotls swap, autotls full) x SWAP_ROUNDS (4; 2 with --quick),
+#   nginx full, nginx-same-suite full, nginx keep-alive, autotls keep-alive
 # The servers' TLS 1.3 suites differ by default: autotls picks TLS_AES_128_GCM_SHA256 (server
 # preference, as Go/Caddy), nginx takes the client's first, TLS_AES_256_GCM_SHA384 for wrk's
 # OpenSSL. "nginx-same-suite" is a second nginx server block told to prefer the suite autotls
@@ -43,7 +43,7 @@
 # (default 3: nginx_proxy then autotls_proxy each round, SECS each), and prints one JSON object
 # with each round's figures (rate, server CPU µs and context switches per request, load
 # average) and their medians; one run takes about ROUNDS x 2 x SECS + 15 s.
-# Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_NICE (unset),
+# Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_SWAP_ROUNDS (4), TLS_BENCH_NICE (unset),
 # TLS_BENCH_RESUME (1), TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE (32), TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
 # (bounded by its -d) and clean up both servers.
 set -euo pipefail
@@ -55,6 +55,8 @@ quick=0
 secs="${TLS_BENCH_SECS:-10}"
 [ "$quick" = 1 ] && secs=3
 conns="${TLS_BENCH_CONNS:-50}"
+swap_rounds="${TLS_BENCH_SWAP_ROUNDS:-4}"
+[ "$quick" = 1 ] && swap_rounds=2
 resume="${TLS_BENCH_RESUME:-1}"
 nginx_no_resume=""
 autotls_no_resume=()
@@ -402,7 +404,9 @@ run_wrk "$autotls_port" 1 -H "Connection: close" >/dev/null 2>&1 || true
 phase nginx_full_1 nginx full
 phase autotls_full_1 autotls full
 # Swap phases alternate with plain ones, so the ratio compares neighbours in time.
-for r in 1 2; do
+# TLS_BENCH_SWAP_ROUNDS of them (4; one 10 s window reads 10-15 % apart from the next on these
+# machines, so two were too few to tell a 5 % cost).
+for r in $(seq "$swap_rounds"); do
   kill -USR1 "$autotls_pid"
   phase "autotls_swap_$r" autotls full
   kill -USR2 "$autotls_pid"
@@ -525,13 +529,13 @@ autotls_pid=""
 counters_json=$(grep '"accepted"' autotls.out | tail -n 1 || true)
 echo "autotls counters: $counters_json" >&2
 
-python3 - "$work" "$secs" "$conns" "$threads" "$swaps_per_s" "$host" "${swap_json:-{\}}" "${counters_json:-{\}}" "$(getconf CLK_TCK)" "$many_json" <<'PY'
+python3 - "$work" "$secs" "$conns" "$threads" "$swaps_per_s" "$host" "${swap_json:-{\}}" "${counters_json:-{\}}" "$(getconf CLK_TCK)" "$many_json" "$swap_rounds" <<'PY'
 import glob, json, os, sys
 sys.path.insert(0, os.environ["TLS_BENCH_DIR"])
 import wrk_phase
 work, secs, conns, threads, swaps_per_s, host = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 swap = json.loads(sys.argv[7] or "{}"); counters = json.loads(sys.argv[8] or "{}"); hz = int(sys.argv[9])
-many = json.loads(sys.argv[10] or "{}")
+many = json.loads(sys.argv[10] or "{}"); swap_rounds = int(sys.argv[11])
 notes = []
 
 def wrk(name):
@@ -540,11 +544,11 @@ def wrk(name):
     notes.append("%s: no wrk figure (%s)" % (name, r["failure"]))
   return r
 
-ph = {k: wrk(k) for k in ["nginx_full_1", "autotls_full_1", "autotls_swap_1", "autotls_full_2",
-                           "autotls_swap_2", "autotls_full_3", "nginx_full_2", "nginx_same_suite_full", "nginx_keepalive",
-                           "autotls_keepalive", "nginx_proxy", "autotls_proxy"]}
-swap_names = ["autotls_swap_1", "autotls_swap_2"]
-a_full_names = ["autotls_full_1", "autotls_full_2", "autotls_full_3"]
+swap_names = ["autotls_swap_%d" % r for r in range(1, swap_rounds + 1)]
+a_full_names = ["autotls_full_%d" % r for r in range(1, swap_rounds + 2)]
+ph = {k: wrk(k) for k in ["nginx_full_1"] + a_full_names + swap_names +
+                         ["nginx_full_2", "nginx_same_suite_full", "nginx_keepalive",
+                          "autotls_keepalive", "nginx_proxy", "autotls_proxy"]}
 
 def mean(*xs):
   xs = [x for x in xs if x is not None]
@@ -600,6 +604,11 @@ out = {
   "keepalive_ratio_vs_nginx": ratio(a_ka, n_ka),
   "swap_handshakes_per_s": sw_rate,
   "swap_handshake_ratio": ratio(sw_rate, a_full),
+  # Each swap window against the mean of the two plain windows either side of it.
+  "swap_window_ratios": [ratio(ph["autotls_swap_%d" % r]["rate"],
+                               mean(ph["autotls_full_%d" % r]["rate"], ph["autotls_full_%d" % (r + 1)]["rate"]))
+                         for r in range(1, swap_rounds + 1)],
+  "swap_rounds": swap_rounds,
   "swap_failures": sum(ph[n]["socket_errors"] + ph[n]["non_2xx"] for n in swap_names),
   "swaps_done_last_phase": swap.get("swaps"),
   "swap_publish_failed": swap.get("publish_failed"),
