@@ -23,6 +23,7 @@
 #include <deque>
 #include <fstream>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -2264,10 +2265,17 @@ struct Server::Impl {
     for (; worker_running < worker_target + tunnel_workers; ++worker_running) {
       auto w = std::make_unique<Worker>();
       Worker* raw = w.get();
-      w->thread = std::thread([this, raw] {
-        worker_loop();
-        raw->done = true;
-      });
+      try {
+        w->thread = std::thread([this, raw] {
+          worker_loop();
+          raw->done = true;
+        });
+      } catch (const std::system_error& e) {
+        // Out of threads (RLIMIT_NPROC, memory): the pool stays smaller; the next call tries
+        // again. Never an exception out of a request handler or a reload.
+        log->log(LogLevel::error, kLog, "cannot start a worker thread", {{"error", e.what()}});
+        return;
+      }
       workers.push_back(std::move(w));
     }
   }
@@ -2511,6 +2519,10 @@ Status Server::start() {
     m.reactors.push_back(std::move(r));
   }
   m.resize_workers(m.worker_count);
+  {
+    std::lock_guard lock(m.work_mu);
+    if (m.worker_running == 0) return fail(Errc::io, "server: cannot start any worker thread");
+  }
   for (auto& r : m.reactors) {
     r->thread = std::thread([&m, rp = r.get()] { m.reactor_loop(*rp); });
   }
