@@ -80,7 +80,10 @@ std::string format_http_date(std::time_t t) {
   out += ' ';
   out += kMonths[static_cast<std::size_t>(tm.tm_mon)];
   out += ' ';
-  out += std::to_string(tm.tm_year + 1900);
+  // Four digits, as the grammar has them (a year before 1000 is zero-padded).
+  std::string year = std::to_string(tm.tm_year + 1900);
+  if (year.size() < 4) out.append(4 - year.size(), '0');
+  out += year;
   out += ' ';
   two(tm.tm_hour);
   out += ':';

@@ -1,7 +1,8 @@
 // libFuzzer target: the parsers of text that comes from a peer or a file: an ACME problem
 // document, Retry-After, ARI renewal info, RFC 3339 times, Link headers and PEM chains from a
 // CA's reply; the Host header, the request target, the header block of an HTTP request and
-// the request head the server answers without httplib (parse_fast_request).
+// the request head the server answers without httplib (parse_fast_request); HTTP-dates and
+// the conditional request fields of static files.
 // The first byte picks the parser, the rest is its input. No input may crash one or read
 // outside it (ASan, UBSan). tools/fuzz runs it.
 
@@ -16,6 +17,7 @@
 #include "acme/key.h"
 #include "acme/problem.h"
 #include "acme/types.h"
+#include "acme/util/http_date.h"
 #include "server/detail/http_util.h"
 
 using namespace autotls;
@@ -27,7 +29,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::string text(reinterpret_cast<const char*>(data + 1), size - 1);
   std::string_view in(text);
   const auto now = std::chrono::system_clock::time_point(std::chrono::seconds(1'800'000'000));
-  switch (which % 13) {
+  switch (which % 14) {
     case 0: {
       auto p = acme::parse_problem(in, 400);
       if (p) (void)acme::describe(*p);
@@ -95,6 +97,21 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           r->target.find_first_of("?%#\\ ") != std::string_view::npos) {
         __builtin_trap();
       }
+      break;
+    }
+    case 13: {
+      // A date it reads, written again, reads as the same instant; any text as any of the
+      // conditional fields decides without crashing.
+      if (auto t = parse_http_date(in)) {
+        if (parse_http_date(format_http_date(*t)) != t) __builtin_trap();
+      }
+      struct stat st {};
+      st.st_mtim.tv_sec = 784111777;
+      st.st_size = 10;
+      auto v = server::detail::file_validators(st);
+      (void)server::detail::evaluate_preconditions({&text, nullptr, nullptr, &text}, v);
+      (void)server::detail::evaluate_preconditions({nullptr, &text, &text, nullptr}, v);
+      (void)server::detail::if_range_holds(in, v);
       break;
     }
   }

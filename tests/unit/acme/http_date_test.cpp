@@ -13,6 +13,11 @@ TEST_SUITE("acme.http_date") {
     CHECK(format_http_date(784111777) == "Sun, 06 Nov 1994 08:49:37 GMT");
     CHECK(format_http_date(0) == "Thu, 01 Jan 1970 00:00:00 GMT");
     CHECK(format_http_date(951782400) == "Tue, 29 Feb 2000 00:00:00 GMT");
+    // Found by fuzz_text_parsers: a year before 1000 was written with fewer digits, and did
+    // not read back.
+    CHECK(format_http_date(-50'000'000'000) == "Thu, 25 Jul 0385 07:06:40 GMT");
+    CHECK(parse_http_date("Sun, 06 Nov 0380 08:49:37 GMT") ==
+          parse_http_date(format_http_date(*parse_http_date("Sun, 06 Nov 0380 08:49:37 GMT"))));
   }
 
   TEST_CASE("parse_http_date reads the three forms of RFC 9110 5.6.7") {
