@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -40,7 +41,17 @@ struct StaticSite {
 // kept; X-Forwarded-For/-Proto/-Host are set by us (client-supplied values are replaced, never
 // trusted). Connect failure answers 502, a connect or read timeout 504.
 struct ProxySite {
+  ProxySite() = default;
+  explicit ProxySite(std::string url) : upstream(std::move(url)) {}
+
+  // The upstream; with more_upstreams, the first of several that requests are spread over in
+  // turn (round robin). An upstream whose connect fails (refused, unreachable, timed out, TLS
+  // refused) is left out for fail_timeout, and the request goes to the next one: it never
+  // reached the failed one, so any method may move. When every upstream is left out, they are
+  // tried all the same, in turn.
   std::string upstream;
+  std::vector<std::string> more_upstreams;
+  std::chrono::milliseconds fail_timeout{10'000};
   std::chrono::milliseconds connect_timeout{5'000};
   std::chrono::milliseconds read_timeout{60'000};
   std::chrono::milliseconds write_timeout{60'000};

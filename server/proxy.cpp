@@ -514,13 +514,14 @@ bool tls_idle(UpstreamConn& c) {
 }
 }  // namespace
 
-std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const ProxySite& site) {
+std::unique_ptr<UpstreamConn> UpstreamPool::acquire(const std::string& upstream,
+                                                   const ProxySite& site) {
   for (;;) {
     std::unique_ptr<UpstreamConn> conn;
     std::vector<Idle> expired;  // closed outside mu_
     {
       std::lock_guard lock(mu_);
-      auto it = idle_.find(site.upstream);
+      auto it = idle_.find(upstream);
       if (it == idle_.end() || it->second.empty()) return nullptr;
       auto& list = it->second;
       // The newest is the likeliest still open; everything idle for too long is closed.
@@ -567,7 +568,8 @@ SSL_CTX* UpstreamPool::tls_ctx() {
   return ctx;
 }
 
-void UpstreamPool::release(const ProxySite& site, std::unique_ptr<UpstreamConn> conn) {
+void UpstreamPool::release(const std::string& upstream, const ProxySite& site,
+                           std::unique_ptr<UpstreamConn> conn) {
   // Bytes past the response (an upstream that sent more than it framed): never reused.
   if (!conn || site.max_idle == 0 || conn->pos != conn->end ||
       (conn->ssl && SSL_pending(conn->ssl) > 0)) {
@@ -576,8 +578,8 @@ void UpstreamPool::release(const ProxySite& site, std::unique_ptr<UpstreamConn> 
   std::unique_ptr<UpstreamConn> dropped;
   std::lock_guard lock(mu_);
   if (aborting_) return;
-  auto it = idle_.find(site.upstream);
-  if (it == idle_.end()) it = idle_.emplace(site.upstream, std::vector<Idle>{}).first;
+  auto it = idle_.find(upstream);
+  if (it == idle_.end()) it = idle_.emplace(upstream, std::vector<Idle>{}).first;
   auto& list = it->second;
   list.push_back({std::move(conn), SteadyClock::now()});
   if (list.size() > site.max_idle) {
@@ -586,10 +588,33 @@ void UpstreamPool::release(const ProxySite& site, std::unique_ptr<UpstreamConn> 
   }
 }
 
+std::vector<const std::string*> UpstreamPool::order(const ProxySite& site) {
+  std::vector<const std::string*> all{&site.upstream};
+  if (site.more_upstreams.empty()) return all;  // one upstream: no turn, no lock
+  for (const auto& u : site.more_upstreams) all.push_back(&u);
+  auto now = SteadyClock::now();
+  std::lock_guard lock(mu_);
+  std::rotate(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(turn_++ % all.size()),
+              all.end());
+  std::stable_partition(all.begin(), all.end(), [&](const std::string* u) {
+    auto it = failed_until_.find(*u);
+    return it == failed_until_.end() || it->second <= now;
+  });
+  return all;
+}
+
+void UpstreamPool::mark_failed(const std::string& upstream, SteadyClock::time_point until) {
+  std::lock_guard lock(mu_);
+  failed_until_[upstream] = until;
+}
+
 void UpstreamPool::retain(const std::vector<std::string>& keep) {
   std::map<std::string, std::vector<Idle>, std::less<>> gone;
   {
     std::lock_guard lock(mu_);
+    std::erase_if(failed_until_, [&](const auto& f) {
+      return std::find(keep.begin(), keep.end(), f.first) == keep.end();
+    });
     for (auto it = idle_.begin(); it != idle_.end();) {
       if (std::find(keep.begin(), keep.end(), it->first) == keep.end()) {
         gone.insert(idle_.extract(it++));
@@ -666,6 +691,7 @@ struct BodyReader {
   enum class Chunk { size, data, crlf, trailers };
   std::shared_ptr<Exchange> ex;
   ProxySite site;
+  std::string upstream;  // the one of site's upstreams that answers
   Mode mode = Mode::length;
   bool keep = false;        // the connection may go back to the pool once the body is read
   std::uint64_t left = 0;   // length: bytes still to come; chunked: of the current chunk
@@ -673,7 +699,7 @@ struct BodyReader {
 
   void finish() {
     auto conn = ex->take();
-    if (keep && !ex->is_aborted()) ex->pool.release(site, std::move(conn));
+    if (keep && !ex->is_aborted()) ex->pool.release(upstream, site, std::move(conn));
   }
   // data passes bytes from the buffer to the client; at the end of the body the connection
   // is released first (the bytes are copied out of its buffer).
@@ -932,8 +958,9 @@ TunnelEnd run_tunnel(Side& client, Side& upstream, Pump& down, Pump& up, millise
 
 // tunnel takes the client connection over after the upstream's 101 (h) and runs the tunnel
 // on this thread. Always false: the client connection is closed after it.
-bool tunnel(const ProxySite& site, const std::shared_ptr<Exchange>& ex, const Head& h,
-            const UpgradeHooks& hooks, httplib::Response& res, Logger& log) {
+bool tunnel(const std::string& upstream_url, const ProxySite& site,
+            const std::shared_ptr<Exchange>& ex, const Head& h, const UpgradeHooks& hooks,
+            httplib::Response& res, Logger& log) {
   res.status = 101;  // what the access log records
   std::string protocol;
   for (const auto& [k, v] : h.headers) {
@@ -945,7 +972,7 @@ bool tunnel(const ProxySite& site, const std::shared_ptr<Exchange>& ex, const He
     res.status = 502;
     res.set_content("upstream unavailable\n", "text/plain");
     log.log(LogLevel::warn, "server", "upstream request failed",
-            {{"upstream", site.upstream},
+            {{"upstream", upstream_url},
              {"error", "101 without an Upgrade header"},
              {"status", "502"},
              {"connection", "closed"}});
@@ -991,7 +1018,7 @@ bool tunnel(const ProxySite& site, const std::shared_ptr<Exchange>& ex, const He
   ex->drop();
   auto secs = std::chrono::duration<double>(SteadyClock::now() - started).count();
   log.log(LogLevel::info, "server", "tunnel closed",
-          {{"upstream", site.upstream},
+          {{"upstream", upstream_url},
            {"protocol", protocol},
            {"end", to_string(end)},
            {"seconds", std::to_string(secs)},
@@ -1061,9 +1088,13 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     if (is_hop_by_hop(k) || iequals(k, "accept-encoding") || iequals(k, "expect")) continue;
     head.append(k).append(": ").append(v).append("\r\n");
   }
+  // The upstreams in the order this request tries them (one, unless the site has several).
+  auto candidates = pool.order(site);
+  std::size_t pick = 0;
+  const std::string* upstream = candidates[0];
   Target target;
   std::string url_error;
-  bool url_ok = parse_upstream(site.upstream, target, url_error);
+  bool url_ok = parse_upstream(*upstream, target, url_error);
   if (!req.has_header("Host")) head.append("Host: ").append(target.host_header).append("\r\n");
   // Client-supplied X-Forwarded-* were dropped above: we are the edge, nothing before us is
   // trusted.
@@ -1130,13 +1161,35 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   for (int attempt = 0; url_ok; ++attempt) {
     bool reused = false;
     if (attempt == 0) {
-      if (auto c = pool.acquire(site)) {
+      if (auto c = pool.acquire(*upstream, site)) {
         ex->watch(std::move(c));
         reused = true;
       }
     }
     if (!reused) {
       err = connect_to(*ex, target, site);
+      bool unreachable = err == Err::resolve || err == Err::connect ||
+                         err == Err::connect_timeout || err == Err::tls || err == Err::tls_verify;
+      if (unreachable && candidates.size() > 1 && !ex->is_aborted()) {
+        // The request never reached it: left out for a while, and the next one gets it.
+        pool.mark_failed(*upstream, SteadyClock::now() + site.fail_timeout);
+        if (pick + 1 < candidates.size()) {
+          log.log(LogLevel::warn, "server", "upstream unreachable, trying the next",
+                  {{"upstream", *upstream},
+                   {"error", ex->why.empty() ? to_string(err)
+                                             : std::string(to_string(err)) + ": " + ex->why},
+                   {"next", *candidates[pick + 1]}});
+          upstream = candidates[++pick];
+          ex->why.clear();
+          if (!parse_upstream(*upstream, target, url_error)) {
+            err = Err::unsupported;
+            ex->why = url_error;
+            break;
+          }
+          attempt = -1;  // the next upstream's pool first
+          continue;
+        }
+      }
       if (err != Err::none) break;
     }
     set_timeouts(*ex->conn, site);
@@ -1156,7 +1209,9 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     ex->drop();
     if (!retry) break;
   }
-  if (err == Err::none && h.status == 101) return tunnel(site, ex, h, *upgrade, res, log);
+  if (err == Err::none && h.status == 101) {
+    return tunnel(*upstream, site, ex, h, *upgrade, res, log);
+  }
   std::optional<std::uint64_t> length;
   bool te = false;
   if (err == Err::none && !body_framing(h.headers, length, te)) {
@@ -1190,7 +1245,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
       res.status = 408;
       res.set_content("request body timed out\n", "text/plain");
       log.log(LogLevel::info, "server", "client request body timed out",
-              {{"upstream", site.upstream},
+              {{"upstream", *upstream},
                {"sent_to_upstream", reader_used ? "partly" : "no"},
                {"exchange", to_string(err)},
                {"status", "408"},
@@ -1201,7 +1256,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     res.status = timed_out ? 504 : 502;
     res.set_content(timed_out ? "upstream timed out\n" : "upstream unavailable\n", "text/plain");
     log.log(LogLevel::warn, "server", "upstream request failed",
-            {{"upstream", site.upstream},
+            {{"upstream", *upstream},
              {"error", aborted ? "cut at the drain deadline"
                        : ex->why.empty() ? to_string(err)
                                          : std::string(to_string(err)) + ": " + ex->why},
@@ -1225,7 +1280,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
                  (length && *length == 0);
   if (no_body) {
     auto conn = ex->take();
-    if (keep) pool.release(site, std::move(conn));
+    if (keep) pool.release(*upstream, site, std::move(conn));
     if (length && req.method == "HEAD") res.set_header("Content-Length", std::to_string(*length));
     if (h.status != 204 && h.status != 304 && req.method != "HEAD") {
       res.set_content("", content_type);
@@ -1237,6 +1292,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   auto body = std::make_shared<BodyReader>();
   body->ex = ex;
   body->site = site;
+  body->upstream = *upstream;
   body->keep = keep;
   if (length) {
     body->mode = BodyReader::Mode::length;

@@ -60,10 +60,17 @@ class UpstreamPool {
   UpstreamPool(const UpstreamPool&) = delete;
   UpstreamPool& operator=(const UpstreamPool&) = delete;
 
-  // acquire returns an idle connection to site.upstream that the upstream has not closed
-  // (nullptr when there is none); expired ones are closed.
-  std::unique_ptr<UpstreamConn> acquire(const ProxySite& site);
-  void release(const ProxySite& site, std::unique_ptr<UpstreamConn> conn);
+  // acquire returns an idle connection to upstream (one of site's) that the upstream has not
+  // closed (nullptr when there is none); expired ones are closed.
+  std::unique_ptr<UpstreamConn> acquire(const std::string& upstream, const ProxySite& site);
+  void release(const std::string& upstream, const ProxySite& site,
+               std::unique_ptr<UpstreamConn> conn);
+
+  // order is the site's upstreams in the order a request tries them: round robin from a turn
+  // shared by all sites, those left out after a failed connect (mark_failed) last.
+  std::vector<const std::string*> order(const ProxySite& site);
+  // mark_failed leaves upstream out until `until` (a connect to it failed).
+  void mark_failed(const std::string& upstream, std::chrono::steady_clock::time_point until);
   std::size_t idle(const std::string& upstream) const;
   // retain closes the idle connections of every upstream not in keep (a reload changed or
   // removed the sites that used them); clear closes all of them (shutdown).
@@ -103,6 +110,8 @@ class UpstreamPool {
   std::map<std::string, std::vector<Idle>, std::less<>> idle_;  // oldest first
   bool aborting_ = false;
   bool tunnels_ended_ = false;
+  std::map<std::string, std::chrono::steady_clock::time_point, std::less<>> failed_until_;
+  std::size_t turn_ = 0;
   std::unordered_set<Exchange*> active_;
   SSL_CTX* tls_ctx_ = nullptr;  // under mu_
 };

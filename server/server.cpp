@@ -821,6 +821,14 @@ struct Server::Impl {
     if (auto why = upstream_error(p.upstream); !why.empty()) {
       return fail(Errc::invalid_input, "site " + name + ": " + why);
     }
+    for (const auto& u : p.more_upstreams) {
+      if (auto why = upstream_error(u); !why.empty()) {
+        return fail(Errc::invalid_input, "site " + name + ": " + why);
+      }
+    }
+    if (p.fail_timeout.count() < 0) {
+      return fail(Errc::invalid_input, "site " + name + ": fail_timeout must not be negative");
+    }
     if (p.connect_timeout.count() <= 0 || p.read_timeout.count() <= 0 ||
         p.write_timeout.count() <= 0) {
       return fail(Errc::invalid_input, "site " + name + ": upstream timeouts must be positive");
@@ -2701,7 +2709,10 @@ Result<Server::ReloadReport> Server::reload(ServerConfig config) {
     // one is closed at the next reload, or at shutdown).
     std::vector<std::string> keep;
     auto add = [&](const Site& site) {
-      if (auto* p = std::get_if<ProxySite>(&site)) keep.push_back(p->upstream);
+      if (auto* p = std::get_if<ProxySite>(&site)) {
+        keep.push_back(p->upstream);
+        keep.insert(keep.end(), p->more_upstreams.begin(), p->more_upstreams.end());
+      }
     };
     for (const auto& [name, site] : config.sites) add(site);
     if (config.default_site) add(*config.default_site);

@@ -142,12 +142,28 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
     if (j.contains("index") && j["index"].is_string()) s.index = j["index"].get<std::string>();
     return SiteEntry{server::Site(s), *cert};
   }
-  if (!j["proxy"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".proxy: expected a string");
-  server::ProxySite p;
-  p.upstream = j["proxy"].get<std::string>();
-  if (auto why = server::upstream_error(p.upstream); !why.empty()) {
-    return fail(Errc::invalid_input, "sites." + host + ".proxy: " + why);
+  // One upstream, or a list that requests are spread over in turn.
+  const auto& pj = j["proxy"];
+  std::vector<std::string> urls;
+  if (pj.is_string()) {
+    urls.push_back(pj.get<std::string>());
+  } else if (pj.is_array() && !pj.empty() &&
+             std::all_of(pj.begin(), pj.end(), [](const json& u) { return u.is_string(); })) {
+    for (const auto& u : pj) urls.push_back(u.get<std::string>());
+  } else {
+    return fail(Errc::invalid_input, "sites." + host + ".proxy: expected a URL or a non-empty list of URLs");
   }
+  for (const auto& url : urls) {
+    if (auto why = server::upstream_error(url); !why.empty()) {
+      return fail(Errc::invalid_input, "sites." + host + ".proxy: " + why);
+    }
+    if (std::count(urls.begin(), urls.end(), url) > 1) {
+      return fail(Errc::invalid_input, "sites." + host + ".proxy: \"" + url + "\" is listed twice");
+    }
+  }
+  server::ProxySite p;
+  p.upstream = urls.front();
+  p.more_upstreams.assign(urls.begin() + 1, urls.end());
   if (j.contains("upstream-keepalive")) {
     const auto& v = j["upstream-keepalive"];
     if (!v.is_number_integer() || v.get<long long>() < 0 || v.get<long long>() > 1024) {

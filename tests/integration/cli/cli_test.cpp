@@ -448,6 +448,11 @@ TEST_SUITE("cli.config") {
     expect({{"proxy", "http://127.0.0.1:9"}, {"tunnel-idle-timeout", 0}}, {"sites.shop.test.tunnel-idle-timeout", "0.001-604800"});
     expect({{"proxy", "http://127.0.0.1:9"}, {"tunnel-idle-timeout", "1h"}}, {"sites.shop.test.tunnel-idle-timeout", "expected seconds"});
     expect({{"root", root}, {"tunnel-idle-timeout", 60}}, {"sites.shop.test", "need \"proxy\""});
+    expect({{"proxy", json::array()}}, {"sites.shop.test.proxy", "non-empty list of URLs"});
+    expect({{"proxy", json::array({"http://127.0.0.1:9", 5})}}, {"sites.shop.test.proxy", "list of URLs"});
+    expect({{"proxy", json::array({"http://127.0.0.1:9", "http://127.0.0.1:9"})}},
+           {"sites.shop.test.proxy: \"http://127.0.0.1:9\" is listed twice"});
+    expect({{"proxy", json::array({"http://127.0.0.1:9", "ftp://x"})}}, {"sites.shop.test.proxy: upstream \"ftp://x\""});
   }
 
   TEST_CASE("a bad upstream URL is refused when the configuration is read naming the site and the fault") {
@@ -1653,6 +1658,56 @@ TEST_SUITE("cli.serve") {
     CHECK_MESSAGE(printed, out);
     CHECK(read_file(hook_out) ==
           "obtained|internal.cli.test|" + (storage / "live" / "internal.cli.test" / "fullchain.pem").string() + "\n");
+  }
+
+  TEST_CASE("serve spreads a proxy site over the upstreams its config lists") {
+    TempDir d;
+    // Two upstreams that answer their name.
+    struct Named {
+      httplib::Server svr;
+      std::thread thread;
+      int port = 0;
+      explicit Named(const std::string& name) {
+        svr.Get("/", [name](const httplib::Request&, httplib::Response& res) { res.set_content(name, "text/plain"); });
+        port = autotls::testing::bind_claimed(svr);
+        thread = std::thread([this] { svr.listen_after_bind(); });
+      }
+      ~Named() {
+        svr.stop();
+        thread.join();
+      }
+    } a("upstream a"), b("upstream b");
+    fs::path cfg = d.path / "serve.json";
+    write_file(cfg, json({{"sites", {{"lb.cli.test", {{"proxy", json::array({"http://127.0.0.1:" + std::to_string(a.port),
+                                                                               "http://127.0.0.1:" + std::to_string(b.port)})}}}}}})
+                        .dump());
+    fs::path storage = d.path / "storage";
+    int https = free_port();
+    pid_t pid = spawn({AUTOTLS_BINARY, "serve", "--ca", "internal", "--storage", storage.string(), "--config", cfg.string(),
+                       "--https-address", "127.0.0.1:" + std::to_string(https), "--http-address", "off", "--challenge",
+                       "tls-alpn-01", "--drain", "1", "--admin-address", "off"},
+                      d.path / "serve.out", d.path / "serve.err", {});
+    fs::path root = storage / "internal" / "root.pem";
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    std::pair<long, std::string> first;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (fs::exists(root)) first = https_get("lb.cli.test", https, root);
+      if (first.first == 200) break;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    auto logs = [&] { return read_file(d.path / "serve.err") + read_file(d.path / "serve.out"); };
+    REQUIRE_MESSAGE(first.first == 200, logs());
+    auto second = https_get("lb.cli.test", https, root);
+    auto third = https_get("lb.cli.test", https, root);
+    CHECK(second.first == 200);
+    // In turn: the second answer is the other upstream, the third the first again.
+    CHECK((first.second == "upstream a" || first.second == "upstream b"));
+    CHECK(second.second == (first.second == "upstream a" ? "upstream b" : "upstream a"));
+    CHECK(third.second == first.second);
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
   }
 
   TEST_CASE("serve takes site names as issue does: Unicode, upper case, a trailing dot and a wildcard") {
