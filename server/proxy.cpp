@@ -784,11 +784,16 @@ struct Side {
 
 enum class Io { done, again, eof, failed };
 
-// side_read reads at most cap bytes (n on done; on again, events is what to poll for).
-Io side_read(Side& s, char* dst, std::size_t cap, std::size_t& n, short& events) {
+// side_io reads into buf (writing: false) or writes from it (true) at most len bytes, without
+// waiting: done (n bytes), again (events: what to poll for), eof (reading only: the peer's
+// end; a TLS close without close_notify counts, which OpenSSL 3 reports as an error) or
+// failed. A TLS write that must wait is called again later with the same bytes at the same
+// address, as SSL_write requires.
+Io side_io(Side& s, char* buf, std::size_t len, bool writing, std::size_t& n, short& events) {
   if (s.ssl) {
     ERR_clear_error();
-    int r = SSL_read(s.ssl, dst, static_cast<int>(std::min<std::size_t>(cap, 1 << 30)));
+    int cap = static_cast<int>(std::min<std::size_t>(len, 1 << 30));
+    int r = writing ? SSL_write(s.ssl, buf, cap) : SSL_read(s.ssl, buf, cap);
     if (r > 0) {
       n = static_cast<std::size_t>(r);
       return Io::done;
@@ -798,56 +803,22 @@ Io side_read(Side& s, char* dst, std::size_t cap, std::size_t& n, short& events)
       events = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
       return Io::again;
     }
-    // A close without close_notify ends the stream too (OpenSSL 3 reports it as an error).
-    bool eof = e == SSL_ERROR_ZERO_RETURN ||
-               (e == SSL_ERROR_SSL &&
-                ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING);
+    bool eof = !writing && (e == SSL_ERROR_ZERO_RETURN ||
+                            (e == SSL_ERROR_SSL && ERR_GET_REASON(ERR_peek_error()) ==
+                                                       SSL_R_UNEXPECTED_EOF_WHILE_READING));
     ERR_clear_error();
     return eof ? Io::eof : Io::failed;
   }
   for (;;) {
-    ssize_t r = ::recv(s.fd, dst, cap, 0);
-    if (r > 0) {
+    ssize_t r = writing ? ::send(s.fd, buf, len, MSG_NOSIGNAL) : ::recv(s.fd, buf, len, 0);
+    if (r > 0 || (r == 0 && writing)) {
       n = static_cast<std::size_t>(r);
       return Io::done;
     }
     if (r == 0) return Io::eof;
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      events = POLLIN;
-      return Io::again;
-    }
-    return Io::failed;
-  }
-}
-
-// side_write writes at most len bytes (n on done). A TLS write that must wait is called again
-// later with the same bytes at the same address, as SSL_write requires.
-Io side_write(Side& s, const char* src, std::size_t len, std::size_t& n, short& events) {
-  if (s.ssl) {
-    ERR_clear_error();
-    int r = SSL_write(s.ssl, src, static_cast<int>(std::min<std::size_t>(len, 1 << 30)));
-    if (r > 0) {
-      n = static_cast<std::size_t>(r);
-      return Io::done;
-    }
-    int e = SSL_get_error(s.ssl, r);
-    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-      events = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
-      return Io::again;
-    }
-    ERR_clear_error();
-    return Io::failed;
-  }
-  for (;;) {
-    ssize_t r = ::send(s.fd, src, len, MSG_NOSIGNAL);
-    if (r >= 0) {
-      n = static_cast<std::size_t>(r);
-      return Io::done;
-    }
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      events = POLLOUT;
+      events = writing ? POLLOUT : POLLIN;
       return Io::again;
     }
     return Io::failed;
@@ -873,7 +844,7 @@ bool step(Pump& p, bool& moved) {
     if (p.pos < p.buf.size()) {
       std::size_t n = 0;
       short ev = 0;
-      Io r = side_write(*p.to, p.buf.data() + p.pos, p.buf.size() - p.pos, n, ev);
+      Io r = side_io(*p.to, p.buf.data() + p.pos, p.buf.size() - p.pos, true, n, ev);
       if (r == Io::failed) return false;
       if (r == Io::again) {
         p.write_events = ev;
@@ -890,7 +861,7 @@ bool step(Pump& p, bool& moved) {
     p.buf.resize(kTunnelChunk);
     std::size_t n = 0;
     short ev = 0;
-    Io r = side_read(*p.from, p.buf.data(), p.buf.size(), n, ev);
+    Io r = side_io(*p.from, p.buf.data(), p.buf.size(), false, n, ev);
     p.buf.resize(r == Io::done ? n : 0);
     if (r == Io::failed) return false;
     if (r == Io::again) {

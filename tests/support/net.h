@@ -68,6 +68,25 @@ int bind_claimed(Server& server, const char* host = "127.0.0.1") {
   throw std::runtime_error("bind_claimed: no loopback port could be bound");
 }
 
+// listen_loopback returns a socket listening on 127.0.0.1 at a port the kernel picks (set in
+// port), for a test's own bare-socket server; throws when it cannot.
+inline int listen_loopback(int& port, int backlog = 64) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::listen(fd, backlog) != 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    if (fd >= 0) ::close(fd);
+    throw std::runtime_error("listen_loopback: cannot listen on a loopback port");
+  }
+  port = ntohs(a.sin_port);
+  return fd;
+}
+
 // RefusedPort is a loopback port that refuses connections: bound (so no other socket, in this
 // process or another, gets it from bind(0) meanwhile) but not listening, until the end of the
 // object. Its port is recorded with claim_port, so it is never one free_port or a PebbleEnv

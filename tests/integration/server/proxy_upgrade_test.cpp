@@ -71,18 +71,7 @@ class WsUpstream {
   std::atomic<int> live{0};    // connections open now
   std::atomic<int> tunnels{0}; // 101s sent
 
-  WsUpstream() {
-    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-    REQUIRE(::listen(listen_fd_, 64) == 0);
-    socklen_t len = sizeof a;
-    ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
-    port = ntohs(a.sin_port);
+  WsUpstream() : listen_fd_(autotls::testing::listen_loopback(port)) {
     acceptor_ = std::thread([this] { accept_loop(); });
   }
   ~WsUpstream() {
