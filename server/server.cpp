@@ -1117,7 +1117,9 @@ struct Server::Impl {
     auto start = t_request_start == SteadyClock::time_point{} ? now : t_request_start;
     t_request_start = {};
     auto duration = now - start;
-    latency.observe(duration);
+    // A 101's "duration" is its tunnel's whole life (a WebSocket, minutes or hours): not a
+    // request's latency, and it would fill the top bucket. The access log keeps it.
+    if (res.status != 101) latency.observe(duration);
     auto r = routing();
     if (!r->access_log.enabled) return;
     detail::AccessEntry e;

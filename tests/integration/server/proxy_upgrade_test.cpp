@@ -26,6 +26,8 @@
 #include <thread>
 #include <vector>
 
+#include <httplib.h>
+
 #include "server/server.h"
 #include "tests/support/net.h"
 #include "tests/support/temp_dir.h"
@@ -330,7 +332,9 @@ std::string opened(Stream& s, const std::string& path, const std::string& early 
 TEST_SUITE("server") {
   TEST_CASE("proxy passes a WebSocket upgrade on and tunnels bytes both ways until both ends close") {
     WsUpstream up;
-    auto srv = start(ws_config(up));
+    auto cfg = ws_config(up);
+    cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
+    auto srv = start(std::move(cfg));
     Stream s(srv->http_port(), nullptr, "");
     // Bytes sent right behind the request reach the upstream after it.
     std::string got = opened(s, "/ws", "early;");
@@ -370,6 +374,11 @@ TEST_SUITE("server") {
     CHECK(wait_until([&] { return up.live.load() == 0; }));
     // The server closed the client connection after the tunnel.
     CHECK(wait_until([&] { return srv->counters().open_connections == 0; }));
+    // The tunnel's life is not a request's latency: the histogram has no entry for the 101.
+    httplib::Client adm("127.0.0.1", srv->admin_port());
+    auto m = adm.Get("/metrics");
+    REQUIRE(m);
+    CHECK(m->body.find("\nautotls_server_request_duration_seconds_count 0\n") != std::string::npos);
     srv->shutdown(milliseconds(1'000));
   }
 
