@@ -207,9 +207,9 @@ class Stream {
     }
     return true;
   }
-  // read_until reads until got holds want (true), or the peer closes or 5 s pass (false).
+  // read_until reads until got holds want (true), or the peer closes or 10 s pass (false).
   bool read_until(std::string& got, const std::string& want) {
-    auto deadline = SteadyClock::now() + std::chrono::seconds(5);
+    auto deadline = SteadyClock::now() + std::chrono::seconds(10);
     while (got.find(want) == std::string::npos) {
       if (!read_some(got, deadline)) return false;
     }
@@ -508,12 +508,14 @@ TEST_SUITE("server") {
 
   TEST_CASE("a tunnel where nothing moves is closed at tunnel_idle_timeout") {
     WsUpstream up;
-    auto srv = start(ws_config(up, milliseconds(300)));
+    // 1 s: wide enough that a loaded machine (sanitizers, -j2) never lets 1 s pass between
+    // two of the messages below.
+    auto srv = start(ws_config(up, milliseconds(1'000)));
     Stream s(srv->http_port(), nullptr, "");
     std::string got = opened(s, "/ws-quiet");
     // Traffic keeps it open past the timeout.
-    for (int i = 0; i < 4; ++i) {
-      std::this_thread::sleep_for(milliseconds(150));
+    for (int i = 0; i < 8; ++i) {
+      std::this_thread::sleep_for(milliseconds(200));
       REQUIRE(s.send("x"));
       REQUIRE(s.read_until(got, std::string(static_cast<std::size_t>(i + 1), 'X')));
     }
@@ -521,7 +523,7 @@ TEST_SUITE("server") {
     got.clear();
     CHECK(s.read_to_close(got, milliseconds(5'000)));
     CHECK(got.empty());
-    CHECK(SteadyClock::now() - quiet_from >= milliseconds(250));
+    CHECK(SteadyClock::now() - quiet_from >= milliseconds(800));
     CHECK(wait_until([&] { return up.live.load() == 0; }));
     srv->shutdown(milliseconds(1'000));
   }
