@@ -122,9 +122,10 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
     bool cert_key = std::any_of(std::begin(kSiteCertKeys), std::end(kSiteCertKeys),
                                 [&](const auto& p) { return k == p.first || k == p.second; });
     if (k != "root" && k != "proxy" && k != "index" && k != "upstream-keepalive" &&
-        k != "upstream-idle-timeout" && k != "tunnel-idle-timeout" && !cert_key) {
+        k != "upstream-idle-timeout" && k != "tunnel-idle-timeout" && k != "upstream-fail-timeout" &&
+        !cert_key) {
       return fail(Errc::invalid_input,
-                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, tunnel-idle-timeout, key-type, profile, preferred-chain)");
+                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, upstream-fail-timeout, tunnel-idle-timeout, key-type, profile, preferred-chain)");
     }
   }
   auto cert = site_cert_settings(host, j);
@@ -132,8 +133,8 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
   bool root = j.contains("root"), proxy = j.contains("proxy");
   if (root == proxy) return fail(Errc::invalid_input, "sites." + host + ": give exactly one of \"root\" and \"proxy\"");
   if (root && (j.contains("upstream-keepalive") || j.contains("upstream-idle-timeout") ||
-               j.contains("tunnel-idle-timeout"))) {
-    return fail(Errc::invalid_input, "sites." + host + ": upstream-keepalive, upstream-idle-timeout and tunnel-idle-timeout need \"proxy\"");
+               j.contains("upstream-fail-timeout") || j.contains("tunnel-idle-timeout"))) {
+    return fail(Errc::invalid_input, "sites." + host + ": upstream-keepalive, upstream-idle-timeout, upstream-fail-timeout and tunnel-idle-timeout need \"proxy\"");
   }
   if (root) {
     if (!j["root"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".root: expected a string");
@@ -177,6 +178,13 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
       return fail(Errc::invalid_input, "sites." + host + ".upstream-idle-timeout: expected seconds, 0.001-86400");
     }
     p.idle_timeout = std::chrono::milliseconds(static_cast<long long>(v.get<double>() * 1000));
+  }
+  if (j.contains("upstream-fail-timeout")) {
+    const auto& v = j["upstream-fail-timeout"];
+    if (!v.is_number() || v.get<double>() < 0 || v.get<double>() > 86400) {
+      return fail(Errc::invalid_input, "sites." + host + ".upstream-fail-timeout: expected seconds, 0-86400");
+    }
+    p.fail_timeout = std::chrono::milliseconds(static_cast<long long>(v.get<double>() * 1000));
   }
   if (j.contains("tunnel-idle-timeout")) {
     const auto& v = j["tunnel-idle-timeout"];

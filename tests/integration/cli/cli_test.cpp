@@ -448,6 +448,8 @@ TEST_SUITE("cli.config") {
     expect({{"proxy", "http://127.0.0.1:9"}, {"tunnel-idle-timeout", 0}}, {"sites.shop.test.tunnel-idle-timeout", "0.001-604800"});
     expect({{"proxy", "http://127.0.0.1:9"}, {"tunnel-idle-timeout", "1h"}}, {"sites.shop.test.tunnel-idle-timeout", "expected seconds"});
     expect({{"root", root}, {"tunnel-idle-timeout", 60}}, {"sites.shop.test", "need \"proxy\""});
+    expect({{"proxy", "http://127.0.0.1:9"}, {"upstream-fail-timeout", -1}}, {"sites.shop.test.upstream-fail-timeout", "0-86400"});
+    expect({{"root", root}, {"upstream-fail-timeout", 5}}, {"sites.shop.test", "need \"proxy\""});
     expect({{"proxy", json::array()}}, {"sites.shop.test.proxy", "non-empty list of URLs"});
     expect({{"proxy", json::array({"http://127.0.0.1:9", 5})}}, {"sites.shop.test.proxy", "list of URLs"});
     expect({{"proxy", json::array({"http://127.0.0.1:9", "http://127.0.0.1:9"})}},
@@ -1679,7 +1681,8 @@ TEST_SUITE("cli.serve") {
     } a("upstream a"), b("upstream b");
     fs::path cfg = d.path / "serve.json";
     write_file(cfg, json({{"sites", {{"lb.cli.test", {{"proxy", json::array({"http://127.0.0.1:" + std::to_string(a.port),
-                                                                               "http://127.0.0.1:" + std::to_string(b.port)})}}}}}})
+                                                                               "http://127.0.0.1:" + std::to_string(b.port)})},
+                                                      {"upstream-fail-timeout", 5}}}}}})
                         .dump());
     fs::path storage = d.path / "storage";
     int https = free_port();
