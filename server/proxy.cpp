@@ -648,12 +648,15 @@ bool UpstreamPool::enter(Exchange* e) {
 void UpstreamPool::leave(Exchange* e) {
   std::lock_guard lock(mu_);
   active_.erase(e);
+  if (e->tunnel) tunnels_open_.fetch_sub(1, std::memory_order_relaxed);
 }
 
 bool UpstreamPool::enter_tunnel(Exchange* e) {
   std::lock_guard lock(mu_);
   if (aborting_ || tunnels_ended_) return false;
   e->tunnel = true;
+  tunnels_open_.fetch_add(1, std::memory_order_relaxed);
+  tunnels_total_.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
@@ -1151,6 +1154,7 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
                                              : std::string(to_string(err)) + ": " + ex->why},
                    {"next", *candidates[pick + 1]}});
           upstream = candidates[++pick];
+          pool.count_failover();
           ex->why.clear();
           if (!parse_upstream(*upstream, target, url_error)) {
             err = Err::unsupported;

@@ -66,6 +66,13 @@ class UpstreamPool {
   void release(const std::string& upstream, const ProxySite& site,
                std::unique_ptr<UpstreamConn> conn);
 
+  // Counts for /metrics: tunnels open now and since start, requests moved to another
+  // upstream after a failed connect.
+  std::uint64_t tunnels_open() const { return tunnels_open_.load(std::memory_order_relaxed); }
+  std::uint64_t tunnels_total() const { return tunnels_total_.load(std::memory_order_relaxed); }
+  std::uint64_t failovers() const { return failovers_.load(std::memory_order_relaxed); }
+  void count_failover() { failovers_.fetch_add(1, std::memory_order_relaxed); }
+
   // order is the site's upstreams in the order a request tries them: round robin from a turn
   // shared by all sites, those left out after a failed connect (mark_failed) last.
   std::vector<const std::string*> order(const ProxySite& site);
@@ -112,6 +119,7 @@ class UpstreamPool {
   bool tunnels_ended_ = false;
   std::map<std::string, std::chrono::steady_clock::time_point, std::less<>> failed_until_;
   std::size_t turn_ = 0;
+  std::atomic<std::uint64_t> tunnels_open_{0}, tunnels_total_{0}, failovers_{0};
   std::unordered_set<Exchange*> active_;
   SSL_CTX* tls_ctx_ = nullptr;  // under mu_
 };

@@ -1232,6 +1232,13 @@ struct Server::Impl {
         {"autotls_server_forced_closed_total", "counter",
          "Connections still open when the drain deadline passed.", forced_closed.load()},
         {"autotls_server_open_connections", "gauge", "Open client connections.", open_count()},
+        {"autotls_server_tunnels_open", "gauge", "WebSockets passed through to an upstream now.",
+         upstreams.tunnels_open()},
+        {"autotls_server_tunnels_total", "counter",
+         "WebSockets passed through to an upstream since start.", upstreams.tunnels_total()},
+        {"autotls_server_upstream_failovers_total", "counter",
+         "Proxied requests moved to another upstream after a failed connect.",
+         upstreams.failovers()},
         {"autotls_server_ready", "gauge", "1 when started and not draining.",
          started.load() && !draining.load() ? 1u : 0u},
     };
@@ -2765,6 +2772,9 @@ Server::Counters Server::counters() const {
   c.requests = m.requests.load();
   c.forced_closed = m.forced_closed.load();
   c.open_connections = m.open_count();
+  c.tunnels_open = m.upstreams.tunnels_open();
+  c.tunnels = m.upstreams.tunnels_total();
+  c.upstream_failovers = m.upstreams.failovers();
   return c;
 }
 

@@ -55,6 +55,9 @@ class Server {
     std::uint64_t requests = 0;             // requests answered (by a reactor or a worker)
     std::uint64_t forced_closed = 0;        // still open when the drain deadline passed
     std::uint64_t open_connections = 0;     // gauge
+    std::uint64_t tunnels_open = 0;         // gauge: WebSockets passed through now
+    std::uint64_t tunnels = 0;              // WebSockets passed through since start
+    std::uint64_t upstream_failovers = 0;   // requests moved to another upstream after a failed connect
   };
 
   // create validates config and binds every listening socket (so "address already in use" is

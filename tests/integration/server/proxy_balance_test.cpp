@@ -136,6 +136,7 @@ TEST_SUITE("server") {
     REQUIRE(SteadyClock::now() - t0 < milliseconds(2'000));
     CHECK(lines_with(log, "upstream unreachable, trying the next upstream=" + url(b_port)) == 1);
     CHECK(lines_with(log, "upstream request failed") == 0);
+    CHECK(srv->counters().upstream_failovers == 1);
 
     // b comes up; after fail_timeout it takes its turn again.
     Named b("b", b_port);
@@ -155,6 +156,7 @@ TEST_SUITE("server") {
     auto srv = start(site, &log);
     CHECK(ask(srv->http_port()) == "HTTP/1.1 502 Bad Gateway");
     CHECK(lines_with(log, "upstream unreachable, trying the next") == 1);
+    CHECK(srv->counters().upstream_failovers == 1);
     CHECK(lines_with(log, "upstream request failed") == 1);
     // Both left out now: they are still tried, in turn, rather than refusing at once.
     CHECK(ask(srv->http_port()) == "HTTP/1.1 502 Bad Gateway");

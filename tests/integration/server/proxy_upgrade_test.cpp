@@ -341,6 +341,8 @@ TEST_SUITE("server") {
     REQUIRE(s.read_until(got, "helloEARLY;"));
     CHECK(got == "helloEARLY;");
 
+    CHECK(srv->counters().tunnels_open == 1);
+    CHECK(srv->counters().tunnels == 1);
     auto heads = up.heads();
     REQUIRE(heads.size() == 1);
     CAPTURE(heads[0]);
@@ -379,6 +381,8 @@ TEST_SUITE("server") {
     auto m = adm.Get("/metrics");
     REQUIRE(m);
     CHECK(m->body.find("\nautotls_server_request_duration_seconds_count 0\n") != std::string::npos);
+    CHECK(m->body.find("\nautotls_server_tunnels_open 0\n") != std::string::npos);
+    CHECK(m->body.find("\nautotls_server_tunnels_total 1\n") != std::string::npos);
     srv->shutdown(milliseconds(1'000));
   }
 
