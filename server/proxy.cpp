@@ -591,6 +591,7 @@ void UpstreamPool::release(const std::string& upstream, const ProxySite& site,
 std::vector<const std::string*> UpstreamPool::order(const ProxySite& site) {
   std::vector<const std::string*> all{&site.upstream};
   if (site.more_upstreams.empty()) return all;  // one upstream: no turn, no lock
+  all.reserve(1 + site.more_upstreams.size());
   for (const auto& u : site.more_upstreams) all.push_back(&u);
   auto now = SteadyClock::now();
   std::lock_guard lock(mu_);
@@ -1062,10 +1063,11 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
     if (is_hop_by_hop(k) || iequals(k, "accept-encoding") || iequals(k, "expect")) continue;
     head.append(k).append(": ").append(v).append("\r\n");
   }
-  // The upstreams in the order this request tries them (one, unless the site has several).
-  auto candidates = pool.order(site);
+  // The upstreams in the order this request tries them; a site with one builds no list.
+  std::vector<const std::string*> candidates;
+  if (!site.more_upstreams.empty()) candidates = pool.order(site);
   std::size_t pick = 0;
-  const std::string* upstream = candidates[0];
+  const std::string* upstream = candidates.empty() ? &site.upstream : candidates[0];
   Target target;
   std::string url_error;
   bool url_ok = parse_upstream(*upstream, target, url_error);
