@@ -17,6 +17,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 
 namespace autotls::testing {
@@ -66,6 +67,18 @@ int bind_claimed(Server& server, const char* host = "127.0.0.1") {
     if (server.bind_to_port(host, port)) return port;
   }
   throw std::runtime_error("bind_claimed: no loopback port could be bound");
+}
+
+// wait_until polls done every 5 ms until it holds (true) or bound passes (false): for a test
+// waiting on something another thread or process does.
+template <class F>
+bool wait_until(F done, std::chrono::milliseconds bound = std::chrono::milliseconds(3'000)) {
+  auto deadline = std::chrono::steady_clock::now() + bound;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
 }
 
 // listen_loopback returns a socket listening on 127.0.0.1 at a port the kernel picks (set in

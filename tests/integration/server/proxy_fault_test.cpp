@@ -355,15 +355,7 @@ std::unique_ptr<Server> start(ServerConfig cfg) {
   return std::move(*s);
 }
 
-template <class F>
-bool wait_until(F done, milliseconds bound = milliseconds(3'000)) {
-  auto deadline = SteadyClock::now() + bound;
-  while (!done()) {
-    if (SteadyClock::now() >= deadline) return false;
-    std::this_thread::sleep_for(milliseconds(5));
-  }
-  return true;
-}
+using autotls::testing::wait_until;
 
 }  // namespace
 
