@@ -74,7 +74,23 @@ struct ProxySite {
 // `autotls serve` refuses it when it reads its configuration.
 std::string upstream_error(std::string_view url);
 
-using Site = std::variant<StaticSite, ProxySite>;
+// RedirectSite answers every request with a redirect (as Caddy's `redir` and nginx's
+// `return 301 URL` do; www to the bare domain is the common case). to is an absolute URL,
+// "http(s)://host[:port][/path...]", or a path beginning with "/" (the same host). "{uri}" in
+// it stands for the request target (path and query, as received); a URL with no path at all
+// ("https://example.com") keeps the request target, as if it ended in "{uri}". status is 301,
+// 302, 303, 307 or 308; 302 by default, as Caddy's (a permanent redirect is cached by browsers,
+// so a mistake outlives its fix). A request body is read away, as for a static site.
+struct RedirectSite {
+  std::string to;
+  int status = 302;
+};
+
+// redirect_error is empty when to and status make a usable RedirectSite; otherwise one line
+// saying what is wrong. Server::create and reload refuse such a site.
+std::string redirect_error(std::string_view to, int status);
+
+using Site = std::variant<StaticSite, ProxySite, RedirectSite>;
 
 struct Timeouts {
   // handshake: from accept until the TLS handshake completes.

@@ -817,6 +817,12 @@ struct Server::Impl {
       s->root = root;
       return {};
     }
+    if (const auto* rd = std::get_if<RedirectSite>(&site)) {
+      if (auto why = redirect_error(rd->to, rd->status); !why.empty()) {
+        return fail(Errc::invalid_input, "site " + name + ": " + why);
+      }
+      return {};
+    }
     auto& p = std::get<ProxySite>(site);
     if (auto why = upstream_error(p.upstream); !why.empty()) {
       return fail(Errc::invalid_input, "site " + name + ": " + why);
@@ -1322,6 +1328,10 @@ struct Server::Impl {
     if (const auto* s = std::get_if<StaticSite>(site)) {
       discard_body();
       serve_static(*s, req, res);
+    } else if (const auto* rd = std::get_if<RedirectSite>(site)) {
+      discard_body();
+      res.status = rd->status;
+      res.set_header("Location", detail::redirect_site_location(rd->to, req.target));
     } else {
       if (tl_inline) {
         // The upstream may take its time: never on a reactor.
@@ -2776,6 +2786,14 @@ Server::Counters Server::counters() const {
   c.tunnels = m.upstreams.tunnels_total();
   c.upstream_failovers = m.upstreams.failovers();
   return c;
+}
+
+std::string redirect_error(std::string_view to, int status) {
+  if (auto why = detail::redirect_to_error(to); !why.empty()) return why;
+  if (status != 301 && status != 302 && status != 303 && status != 307 && status != 308) {
+    return "redirect status " + std::to_string(status) + ": expected 301, 302, 303, 307 or 308";
+  }
+  return {};
 }
 
 }  // namespace autotls::server

@@ -116,22 +116,57 @@ Result<tlsreload::CertificateSettings> site_cert_settings(const std::string& hos
 }
 
 Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
-  if (!j.is_object()) return fail(Errc::invalid_input, "sites." + host + ": expected an object {\"root\": DIR} or {\"proxy\": URL}");
+  if (!j.is_object()) {
+    return fail(Errc::invalid_input, "sites." + host + ": expected an object {\"root\": DIR}, {\"proxy\": URL} or {\"redirect\": URL}");
+  }
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& k = it.key();
     bool cert_key = std::any_of(std::begin(kSiteCertKeys), std::end(kSiteCertKeys),
                                 [&](const auto& p) { return k == p.first || k == p.second; });
     if (k != "root" && k != "proxy" && k != "index" && k != "upstream-keepalive" &&
         k != "upstream-idle-timeout" && k != "tunnel-idle-timeout" && k != "upstream-fail-timeout" &&
-        !cert_key) {
+        k != "redirect" && k != "redirect-code" && !cert_key) {
       return fail(Errc::invalid_input,
-                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, upstream-fail-timeout, tunnel-idle-timeout, key-type, profile, preferred-chain)");
+                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, upstream-fail-timeout, tunnel-idle-timeout, redirect, redirect-code, key-type, profile, preferred-chain)");
     }
   }
   auto cert = site_cert_settings(host, j);
   if (!cert) return fail(cert.error());
-  bool root = j.contains("root"), proxy = j.contains("proxy");
-  if (root == proxy) return fail(Errc::invalid_input, "sites." + host + ": give exactly one of \"root\" and \"proxy\"");
+  bool root = j.contains("root"), proxy = j.contains("proxy"), redirect = j.contains("redirect");
+  if (int(root) + int(proxy) + int(redirect) != 1) {
+    return fail(Errc::invalid_input, "sites." + host + ": give exactly one of \"root\", \"proxy\" and \"redirect\"");
+  }
+  if (!redirect && j.contains("redirect-code")) {
+    return fail(Errc::invalid_input, "sites." + host + ": redirect-code needs \"redirect\"");
+  }
+  if (!root && j.contains("index")) {
+    return fail(Errc::invalid_input, "sites." + host + ": index needs \"root\"");
+  }
+  if (redirect) {
+    if (j.contains("upstream-keepalive") || j.contains("upstream-idle-timeout") ||
+        j.contains("upstream-fail-timeout") || j.contains("tunnel-idle-timeout")) {
+      return fail(Errc::invalid_input, "sites." + host + ": upstream-keepalive, upstream-idle-timeout, upstream-fail-timeout and tunnel-idle-timeout need \"proxy\"");
+    }
+    if (!j["redirect"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".redirect: expected a string");
+    server::RedirectSite r;
+    r.to = j["redirect"].get<std::string>();
+    if (j.contains("redirect-code")) {
+      const auto& v = j["redirect-code"];
+      if (!v.is_number_integer()) {
+        return fail(Errc::invalid_input, "sites." + host + ".redirect-code: expected 301, 302, 303, 307 or 308");
+      }
+      auto code = v.get<long long>();
+      if (code != 301 && code != 302 && code != 303 && code != 307 && code != 308) {
+        return fail(Errc::invalid_input, "sites." + host + ".redirect-code: " + std::to_string(code) +
+                                             " is not a redirect status (301, 302, 303, 307 or 308)");
+      }
+      r.status = static_cast<int>(code);
+    }
+    if (auto why = server::redirect_error(r.to, r.status); !why.empty()) {
+      return fail(Errc::invalid_input, "sites." + host + ": " + why);
+    }
+    return SiteEntry{server::Site(r), *cert};
+  }
   if (root && (j.contains("upstream-keepalive") || j.contains("upstream-idle-timeout") ||
                j.contains("upstream-fail-timeout") || j.contains("tunnel-idle-timeout"))) {
     return fail(Errc::invalid_input, "sites." + host + ": upstream-keepalive, upstream-idle-timeout, upstream-fail-timeout and tunnel-idle-timeout need \"proxy\"");
@@ -140,7 +175,13 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
     if (!j["root"].is_string()) return fail(Errc::invalid_input, "sites." + host + ".root: expected a string");
     server::StaticSite s;
     s.root = j["root"].get<std::string>();
-    if (j.contains("index") && j["index"].is_string()) s.index = j["index"].get<std::string>();
+    if (j.contains("index")) {
+      const auto& v = j["index"];
+      if (!v.is_string() || v.get<std::string>().empty()) {
+        return fail(Errc::invalid_input, "sites." + host + ".index: expected a file name such as \"index.html\"");
+      }
+      s.index = v.get<std::string>();
+    }
     return SiteEntry{server::Site(s), *cert};
   }
   // One upstream, or a list that requests are spread over in turn.

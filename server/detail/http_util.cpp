@@ -233,6 +233,81 @@ std::string redirect_location(std::string_view host, std::string_view target, in
   return url;
 }
 
+namespace {
+constexpr std::string_view kUriPlaceholder = "{uri}";
+
+// origin_end returns where the path of an absolute http(s) URL begins (its length when it has
+// none), or npos when to is not one.
+std::size_t origin_end(std::string_view to) {
+  std::size_t scheme = 0;
+  if (to.substr(0, 7) == "http://") scheme = 7;
+  else if (to.substr(0, 8) == "https://") scheme = 8;
+  else return std::string_view::npos;
+  std::size_t end = to.find_first_of("/?{", scheme);
+  return end == std::string_view::npos ? to.size() : end;
+}
+}  // namespace
+
+std::string redirect_to_error(std::string_view to) {
+  auto quoted = "redirect \"" + std::string(to) + "\": ";
+  if (to.empty()) return "redirect: expected a URL or a path, got an empty string";
+  for (std::size_t i = 0; i < to.size(); ++i) {
+    auto c = static_cast<unsigned char>(to[i]);
+    if (c <= 0x20 || c == 0x7f || c == '\\' || c == '#' || c == '"' || c == '<' || c == '>') {
+      return quoted + "spaces, control characters, quotes, '<', '>', '\\' and '#' are not allowed";
+    }
+    if (c == '{') {
+      if (to.substr(i, kUriPlaceholder.size()) != kUriPlaceholder) {
+        return quoted + "'{' only as part of {uri}";
+      }
+      i += kUriPlaceholder.size() - 1;
+    } else if (c == '}') {
+      return quoted + "'}' only as part of {uri}";
+    }
+  }
+  if (to.front() == '/') {
+    if (to.size() > 1 && to[1] == '/') {
+      return quoted + "a path must not begin with \"//\" (that names another host)";
+    }
+    return {};
+  }
+  std::size_t end = origin_end(to);
+  if (end == std::string_view::npos) {
+    return quoted + "expected an http:// or https:// URL, or a path beginning with /";
+  }
+  std::size_t start = to.find("//") + 2;
+  auto authority = to.substr(start, end - start);
+  if (authority.empty() || authority.front() == ':') return quoted + "no host";
+  bool ok = std::all_of(authority.begin(), authority.end(), [](char ch) {
+    return std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '-' || ch == ':' ||
+           ch == '[' || ch == ']' || ch == '_';
+  });
+  if (!ok) return quoted + "the host part holds characters no host name, address or port has";
+  return {};
+}
+
+std::string redirect_site_location(std::string_view to, std::string_view target) {
+  if (target.empty() || target.front() != '/') target = "/";
+  std::string out;
+  out.reserve(to.size() + target.size());
+  bool substituted = false;
+  for (std::size_t i = 0; i < to.size();) {
+    if (to.substr(i, kUriPlaceholder.size()) == kUriPlaceholder) {
+      out += target;
+      i += kUriPlaceholder.size();
+      substituted = true;
+    } else {
+      out += to[i++];
+    }
+  }
+  if (!substituted && to.front() != '/' && origin_end(to) == to.size()) out += target;
+  if (out.size() > 1 && out[0] == '/' && out[1] == '/') {
+    auto k = out.find_first_not_of('/');
+    out.erase(0, (k == std::string::npos ? out.size() : k) - 1);
+  }
+  return out;
+}
+
 std::optional<std::string_view> acme_challenge_token(std::string_view path) {
   constexpr std::string_view kPrefix = "/.well-known/acme-challenge/";
   if (path.substr(0, kPrefix.size()) != kPrefix) return std::nullopt;

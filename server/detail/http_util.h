@@ -23,6 +23,18 @@ std::optional<std::string> host_of(std::string_view host_header);
 // ":port" unless port is 443, then target (path and query, as received).
 std::string redirect_location(std::string_view host, std::string_view target, int port);
 
+// redirect_to_error is empty when to is a usable RedirectSite::to (config.h): an absolute
+// "http://" or "https://" URL with a host, or a path beginning with "/", with no space, control
+// character, '\\' or '#', and "{" only as part of "{uri}". Otherwise one line saying why.
+std::string redirect_to_error(std::string_view to);
+
+// redirect_site_location builds the Location of a RedirectSite answer: to with each "{uri}"
+// replaced by target (the request target as received; "/" when it is not origin-form), and
+// target appended when to is an absolute URL without a path. A result that would begin with
+// "//" (a path-only to whose "{uri}" supplied a second slash) keeps one slash, so that it stays
+// on this host instead of naming another.
+std::string redirect_site_location(std::string_view to, std::string_view target);
+
 // acme_challenge_token returns the token of "/.well-known/acme-challenge/<token>" when the
 // token is non-empty base64url (RFC 8555 §8.3: "token ... MUST NOT contain any characters
 // outside the base64url alphabet"), nullopt for any other path.

@@ -71,6 +71,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       std::string_view a = in.substr(0, cut), b = cut == std::string_view::npos ? "" : in.substr(cut + 1);
       (void)server::detail::has_token(a, b);
       (void)server::detail::redirect_location(a, b, 8443);
+      // A redirect site's Location: a path stays a path on this host (never "//host"); a URL
+      // keeps the scheme and host it was given.
+      if (server::detail::redirect_to_error(a).empty()) {
+        auto loc = server::detail::redirect_site_location(a, b);
+        if (loc.empty()) __builtin_trap();
+        if (a.front() == '/' && (loc.front() != '/' || loc.starts_with("//"))) __builtin_trap();
+        auto origin = a.substr(0, a.find_first_of("/?{", a.find("//") + 2));
+        if (a.front() != '/' && !loc.starts_with(origin)) __builtin_trap();
+      }
       break;
     }
     case 10: (void)acme::parse_key_type(in); break;

@@ -455,6 +455,16 @@ TEST_SUITE("cli.config") {
     expect({{"proxy", json::array({"http://127.0.0.1:9", "http://127.0.0.1:9"})}},
            {"sites.shop.test.proxy: \"http://127.0.0.1:9\" is listed twice"});
     expect({{"proxy", json::array({"http://127.0.0.1:9", "ftp://x"})}}, {"sites.shop.test.proxy: upstream \"ftp://x\""});
+    expect({{"root", root}, {"redirect", "https://x.test"}}, {"sites.shop.test: give exactly one of \"root\", \"proxy\" and \"redirect\""});
+    expect({{"redirect", "x.test"}}, {"sites.shop.test: redirect \"x.test\"", "http:// or https://"});
+    expect({{"redirect", 5}}, {"sites.shop.test.redirect: expected a string"});
+    expect({{"redirect", "https://x.test/{host}"}}, {"sites.shop.test: redirect", "{uri}"});
+    expect({{"redirect", "https://x.test"}, {"redirect-code", 200}}, {"sites.shop.test.redirect-code: 200 is not a redirect status"});
+    expect({{"redirect", "https://x.test"}, {"redirect-code", "301"}}, {"sites.shop.test.redirect-code: expected 301"});
+    expect({{"root", root}, {"redirect-code", 301}}, {"sites.shop.test: redirect-code needs \"redirect\""});
+    expect({{"redirect", "https://x.test"}, {"upstream-keepalive", 1}}, {"sites.shop.test", "need \"proxy\""});
+    expect({{"proxy", "http://127.0.0.1:9"}, {"index", "a.html"}}, {"sites.shop.test: index needs \"root\""});
+    expect({{"root", root}, {"index", 1}}, {"sites.shop.test.index: expected a file name"});
   }
 
   TEST_CASE("a bad upstream URL is refused when the configuration is read naming the site and the fault") {
@@ -1709,6 +1719,42 @@ TEST_SUITE("cli.serve") {
     CHECK((first.second == "upstream a" || first.second == "upstream b"));
     CHECK(second.second == (first.second == "upstream a" ? "upstream b" : "upstream a"));
     CHECK(third.second == first.second);
+    REQUIRE(::kill(pid, SIGTERM) == 0);
+    CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
+  }
+
+  TEST_CASE("serve answers a redirect site with its status and Location over its own certificate") {
+    TempDir d;
+    fs::path www = d.path / "www";
+    fs::create_directories(www);
+    write_file(www / "index.html", "the new home\n");
+    fs::path cfg = d.path / "serve.json";
+    write_file(cfg, json({{"sites", {{"new.cli.test", {{"root", www.string()}}},
+                                     {"www.new.cli.test", {{"redirect", "https://new.cli.test"}, {"redirect-code", 301}}}}}})
+                        .dump());
+    fs::path storage = d.path / "storage";
+    int https = free_port();
+    pid_t pid = spawn({AUTOTLS_BINARY, "serve", "--ca", "internal", "--storage", storage.string(), "--config", cfg.string(),
+                       "--https-address", "127.0.0.1:" + std::to_string(https), "--http-address", "off", "--challenge",
+                       "tls-alpn-01", "--drain", "1", "--admin-address", "off"},
+                      d.path / "serve.out", d.path / "serve.err", {});
+    fs::path root = storage / "internal" / "root.pem";
+    auto logs = [&] { return read_file(d.path / "serve.err") + read_file(d.path / "serve.out"); };
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    std::pair<long, std::string> got;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (fs::exists(root)) got = https_get("www.new.cli.test", https, root);
+      if (got.first != 0) break;
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    // Verified against the internal root: the redirect site has a certificate of its own.
+    CHECK_MESSAGE(got.first == 301, logs());
+    CHECK(got.second.empty());
+    auto home = https_get("new.cli.test", https, root);
+    CHECK_MESSAGE(home.first == 200, logs());
+    CHECK(home.second == "the new home\n");
     REQUIRE(::kill(pid, SIGTERM) == 0);
     CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
   }

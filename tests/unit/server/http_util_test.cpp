@@ -46,6 +46,56 @@ TEST_SUITE("server.http_util") {
     CHECK(redirect_location("::1", "/x", 443) == "https://[::1]/x");
   }
 
+  TEST_CASE("redirect_site_location keeps the request target for a bare origin and fills {uri}") {
+    CHECK(redirect_site_location("https://example.com", "/a/b?x=1") == "https://example.com/a/b?x=1");
+    CHECK(redirect_site_location("https://example.com:8443", "/") == "https://example.com:8443/");
+    CHECK(redirect_site_location("https://example.com{uri}", "/a?q") == "https://example.com/a?q");
+    CHECK(redirect_site_location("https://example.com/new{uri}", "/a") == "https://example.com/new/a");
+    CHECK(redirect_site_location("http://[::1]:8080/{uri}{uri}", "/x") == "http://[::1]:8080//x/x");
+    // A URL with a path but no {uri}, and a path: exactly that, whatever was asked.
+    CHECK(redirect_site_location("https://example.com/", "/a/b") == "https://example.com/");
+    CHECK(redirect_site_location("https://example.com/landing?from=old", "/a") ==
+          "https://example.com/landing?from=old");
+    CHECK(redirect_site_location("https://example.com?x=1", "/a") == "https://example.com?x=1");
+    CHECK(redirect_site_location("/moved", "/a") == "/moved");
+    CHECK(redirect_site_location("/moved{uri}", "/a?b") == "/moved/a?b");
+    // A target that is not origin-form (absolute-form, "*") counts as "/".
+    CHECK(redirect_site_location("https://example.com", "*") == "https://example.com/");
+    CHECK(redirect_site_location("https://example.com{uri}", "http://evil.test/x") == "https://example.com/");
+  }
+
+  TEST_CASE("redirect_site_location never turns a path into another host") {
+    // "{uri}" alone, or after "/", with a target starting "//": the Location must stay a path.
+    CHECK(redirect_site_location("{uri}", "//evil.test/x") == "/evil.test/x");
+    CHECK(redirect_site_location("/{uri}", "/evil.test/x") == "/evil.test/x");
+    CHECK(redirect_site_location("{uri}", "///") == "/");
+    CHECK(redirect_site_location("{uri}", "/") == "/");
+  }
+
+  TEST_CASE("redirect_to_error accepts URLs and paths, and says what is wrong with anything else") {
+    CHECK(redirect_to_error("https://example.com") == "");
+    CHECK(redirect_to_error("http://example.com:8080/a{uri}") == "");
+    CHECK(redirect_to_error("https://[::1]:8443") == "");
+    CHECK(redirect_to_error("https://example.com{uri}") == "");
+    CHECK(redirect_to_error("/landing") == "");
+    CHECK(redirect_to_error("{uri}") != "");  // neither a URL nor a path
+    CHECK(redirect_to_error("") != "");
+    CHECK(redirect_to_error("example.com") != "");
+    CHECK(redirect_to_error("ftp://example.com") != "");
+    CHECK(redirect_to_error("https://") != "");
+    CHECK(redirect_to_error("https://:443/") != "");
+    CHECK(redirect_to_error("https://user@example.com") != "");
+    CHECK(redirect_to_error("//example.com") != "");
+    CHECK(redirect_to_error("https://example.com/a b") != "");
+    CHECK(redirect_to_error("https://example.com/\r\nSet-Cookie: x") != "");
+    CHECK(redirect_to_error("https://example.com/#frag") != "");
+    CHECK(redirect_to_error("https://example.com/{path}") != "");
+    CHECK(redirect_to_error("https://example.com/{uri") != "");
+    CHECK(redirect_to_error("https://example.com/uri}") != "");
+    CHECK(redirect_to_error("https://example.com/a\"b") != "");
+    CHECK(redirect_to_error("https://exa%6dple.com") != "");
+  }
+
   TEST_CASE("acme_challenge_token accepts only base64url tokens") {
     CHECK(acme_challenge_token("/.well-known/acme-challenge/abc-DEF_123") == "abc-DEF_123");
     CHECK_FALSE(acme_challenge_token("/.well-known/acme-challenge/"));
