@@ -28,12 +28,26 @@ struct Endpoint {
   int port = 0;
 };
 
+// ResponseHeaders are header fields a site puts on every response it gives (as Caddy's
+// `header` directive does: security headers, Cache-Control): each replaces any field of the
+// same name the response had, an upstream's included. Not on a WebSocket's 101, nor on the
+// answers that come before a site is chosen (400 for a bad Host, 421, 431, 408, ...).
+using ResponseHeaders = std::vector<std::pair<std::string, std::string>>;
+
+// response_header_error is empty when name: value may be a ResponseHeaders entry: name a
+// field name (RFC 9110 token), not one that frames the message or the connection
+// (Content-Length, Transfer-Encoding, Connection, Keep-Alive, Upgrade, TE, Trailer,
+// Proxy-Connection), value visible ASCII, spaces and tabs (no line breaks, no leading or
+// trailing white space). Otherwise one line saying what is wrong.
+std::string response_header_error(std::string_view name, std::string_view value);
+
 // StaticSite serves files below root. Request paths are URL-decoded, must not contain a ".."
 // segment (400), and the resolved file (symlinks followed) must stay inside root (404).
 // A directory serves its index file. Only GET and HEAD are allowed (405 otherwise).
 struct StaticSite {
   std::filesystem::path root;
   std::string index = "index.html";
+  ResponseHeaders headers{};
 };
 
 // ProxySite forwards requests to upstream, "http://host:port" or "https://host:port" (no path).
@@ -66,6 +80,7 @@ struct ProxySite {
   // either direction for this long (nginx closes after proxy_read_timeout, 60 s, without a
   // byte from the upstream; Caddy never). Applications that keep sockets open send pings.
   std::chrono::milliseconds tunnel_idle_timeout{300'000};
+  ResponseHeaders headers{};
 };
 
 // upstream_error is empty when url is a usable ProxySite::upstream ("http://host[:port]" or
@@ -84,6 +99,7 @@ std::string upstream_error(std::string_view url);
 struct RedirectSite {
   std::string to;
   int status = 302;
+  ResponseHeaders headers{};
 };
 
 // redirect_error is empty when to and status make a usable RedirectSite; otherwise one line
@@ -91,6 +107,11 @@ struct RedirectSite {
 std::string redirect_error(std::string_view to, int status);
 
 using Site = std::variant<StaticSite, ProxySite, RedirectSite>;
+
+// headers_of gives the ResponseHeaders of whichever kind of site s is.
+inline const ResponseHeaders& headers_of(const Site& s) {
+  return std::visit([](const auto& v) -> const ResponseHeaders& { return v.headers; }, s);
+}
 
 struct Timeouts {
   // handshake: from accept until the TLS handshake completes.
@@ -175,7 +196,8 @@ struct ServerConfig {
   // default_site serves hosts not in sites; without it they get 421 Misdirected Request.
   std::optional<Site> default_site;
 
-  // hsts_max_age > 0 adds "Strict-Transport-Security: max-age=N" to HTTPS responses.
+  // hsts_max_age > 0 adds "Strict-Transport-Security: max-age=N" to HTTPS responses that do
+  // not carry one already (from the site's headers, or its upstream).
   std::chrono::seconds hsts_max_age{0};
   bool hsts_include_subdomains = false;
 

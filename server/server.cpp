@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <atomic>
 #include <cerrno>
 #include <charconv>
@@ -807,6 +808,11 @@ struct Server::Impl {
   }
 
   static Status resolve_site(const std::string& name, Site& site) {
+    for (const auto& [field, value] : headers_of(site)) {
+      if (auto why = response_header_error(field, value); !why.empty()) {
+        return fail(Errc::invalid_input, "site " + name + ": " + why);
+      }
+    }
     if (auto* s = std::get_if<StaticSite>(&site)) {
       std::error_code ec;
       auto root = std::filesystem::canonical(s->root, ec);
@@ -1077,7 +1083,9 @@ struct Server::Impl {
       router->set_post_routing_handler(
           [this, tls = tls](const httplib::Request&, httplib::Response& res) {
             auto r = routing();
-            if (tls && r->hsts_max_age.count() > 0) {
+            // Unless the answer has one already: a site's headers or its upstream may set
+            // their own (one field, never two).
+            if (tls && r->hsts_max_age.count() > 0 && !res.has_header("Strict-Transport-Security")) {
               std::string v = "max-age=" + std::to_string(r->hsts_max_age.count());
               if (r->hsts_include_subdomains) v += "; includeSubDomains";
               res.set_header("Strict-Transport-Security", v);
@@ -1355,6 +1363,13 @@ struct Server::Impl {
                          hooks.take ? &hooks : nullptr)) {
         t_close_after = true;
       }
+      if (res.status == 101) return;  // a tunnel: its head went out as the upstream gave it
+    }
+    // The site's own fields replace any of the same name (httplib's Headers compare names
+    // without case).
+    for (const auto& [field, value] : headers_of(*site)) {
+      res.headers.erase(field);
+      res.headers.emplace(field, value);
     }
   }
 
@@ -1748,7 +1763,7 @@ struct Server::Impl {
     }
     const Site* site = r->site_for(*host);
     const auto* s = site ? std::get_if<StaticSite>(site) : nullptr;
-    if (!s) return false;
+    if (!s || !s->headers.empty()) return false;  // httplib's path puts the site's fields on
     int fd = -1;
     std::filesystem::path file;
     struct stat st {};
@@ -2786,6 +2801,34 @@ Server::Counters Server::counters() const {
   c.tunnels = m.upstreams.tunnels_total();
   c.upstream_failovers = m.upstreams.failovers();
   return c;
+}
+
+std::string response_header_error(std::string_view name, std::string_view value) {
+  static constexpr std::string_view kTchar = "!#$%&'*+-.^_`|~";
+  auto is_tchar = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || kTchar.find(c) != std::string_view::npos;
+  };
+  if (name.empty() || !std::all_of(name.begin(), name.end(), is_tchar)) {
+    return "header \"" + std::string(name) + "\": not a field name (letters, digits and !#$%&'*+-.^_`|~)";
+  }
+  static constexpr std::string_view kManaged[] = {"content-length", "transfer-encoding", "connection",
+                                                  "keep-alive", "upgrade", "te", "trailer",
+                                                  "proxy-connection"};
+  for (auto m : kManaged) {
+    if (detail::iequals(name, m)) {
+      return "header \"" + std::string(name) + "\": set by the server for each response, not by a site";
+    }
+  }
+  bool ok = std::all_of(value.begin(), value.end(), [](char c) {
+    auto u = static_cast<unsigned char>(c);
+    return u == '\t' || (u >= 0x20 && u != 0x7f);
+  });
+  if (!ok) return "header \"" + std::string(name) + "\": the value holds a line break or another control character";
+  if (!value.empty() && (value.front() == ' ' || value.front() == '\t' || value.back() == ' ' ||
+                         value.back() == '\t')) {
+    return "header \"" + std::string(name) + "\": the value begins or ends with white space";
+  }
+  return {};
 }
 
 std::string redirect_error(std::string_view to, int status) {

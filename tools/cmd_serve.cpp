@@ -125,13 +125,38 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
                                 [&](const auto& p) { return k == p.first || k == p.second; });
     if (k != "root" && k != "proxy" && k != "index" && k != "upstream-keepalive" &&
         k != "upstream-idle-timeout" && k != "tunnel-idle-timeout" && k != "upstream-fail-timeout" &&
-        k != "redirect" && k != "redirect-code" && !cert_key) {
+        k != "redirect" && k != "redirect-code" && k != "headers" && !cert_key) {
       return fail(Errc::invalid_input,
-                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, upstream-fail-timeout, tunnel-idle-timeout, redirect, redirect-code, key-type, profile, preferred-chain)");
+                  "sites." + host + ": unknown key \"" + k + "\" (root, index, proxy, upstream-keepalive, upstream-idle-timeout, upstream-fail-timeout, tunnel-idle-timeout, redirect, redirect-code, headers, key-type, profile, preferred-chain)");
     }
   }
   auto cert = site_cert_settings(host, j);
   if (!cert) return fail(cert.error());
+  server::ResponseHeaders headers;
+  if (j.contains("headers")) {
+    const auto& hj = j["headers"];
+    if (!hj.is_object()) {
+      return fail(Errc::invalid_input, "sites." + host + ".headers: expected an object {\"Field-Name\": \"value\", ...}");
+    }
+    for (auto it = hj.begin(); it != hj.end(); ++it) {
+      if (!it.value().is_string()) {
+        return fail(Errc::invalid_input, "sites." + host + ".headers." + it.key() + ": expected a string");
+      }
+      if (auto why = server::response_header_error(it.key(), it.value().get<std::string>()); !why.empty()) {
+        return fail(Errc::invalid_input, "sites." + host + ".headers: " + why);
+      }
+      for (const auto& [seen, v] : headers) {
+        auto lower = [](std::string t) {
+          for (auto& c : t) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+          return t;
+        };
+        if (lower(seen) == lower(it.key())) {
+          return fail(Errc::invalid_input, "sites." + host + ".headers: \"" + seen + "\" and \"" + it.key() + "\" are the same field");
+        }
+      }
+      headers.emplace_back(it.key(), it.value().get<std::string>());
+    }
+  }
   bool root = j.contains("root"), proxy = j.contains("proxy"), redirect = j.contains("redirect");
   if (int(root) + int(proxy) + int(redirect) != 1) {
     return fail(Errc::invalid_input, "sites." + host + ": give exactly one of \"root\", \"proxy\" and \"redirect\"");
@@ -165,6 +190,7 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
     if (auto why = server::redirect_error(r.to, r.status); !why.empty()) {
       return fail(Errc::invalid_input, "sites." + host + ": " + why);
     }
+    r.headers = std::move(headers);
     return SiteEntry{server::Site(r), *cert};
   }
   if (root && (j.contains("upstream-keepalive") || j.contains("upstream-idle-timeout") ||
@@ -182,6 +208,7 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
       }
       s.index = v.get<std::string>();
     }
+    s.headers = std::move(headers);
     return SiteEntry{server::Site(s), *cert};
   }
   // One upstream, or a list that requests are spread over in turn.
@@ -235,6 +262,7 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
     p.tunnel_idle_timeout =
         std::chrono::milliseconds(static_cast<long long>(v.get<double>() * 1000));
   }
+  p.headers = std::move(headers);
   return SiteEntry{server::Site(p), *cert};
 }
 

@@ -465,6 +465,11 @@ TEST_SUITE("cli.config") {
     expect({{"redirect", "https://x.test"}, {"upstream-keepalive", 1}}, {"sites.shop.test", "need \"proxy\""});
     expect({{"proxy", "http://127.0.0.1:9"}, {"index", "a.html"}}, {"sites.shop.test: index needs \"root\""});
     expect({{"root", root}, {"index", 1}}, {"sites.shop.test.index: expected a file name"});
+    expect({{"root", root}, {"headers", json::array()}}, {"sites.shop.test.headers: expected an object"});
+    expect({{"root", root}, {"headers", {{"X-A", 1}}}}, {"sites.shop.test.headers.X-A: expected a string"});
+    expect({{"root", root}, {"headers", {{"Content-Length", "1"}}}}, {"sites.shop.test.headers: header \"Content-Length\": set by the server"});
+    expect({{"root", root}, {"headers", {{"X-A", "a\nb"}}}}, {"sites.shop.test.headers: header \"X-A\"", "control character"});
+    expect({{"root", root}, {"headers", {{"x-a", "1"}, {"X-A", "2"}}}}, {"sites.shop.test.headers:", "are the same field"});
   }
 
   TEST_CASE("a bad upstream URL is refused when the configuration is read naming the site and the fault") {
@@ -1730,7 +1735,8 @@ TEST_SUITE("cli.serve") {
     write_file(www / "index.html", "the new home\n");
     fs::path cfg = d.path / "serve.json";
     write_file(cfg, json({{"sites", {{"new.cli.test", {{"root", www.string()}}},
-                                     {"www.new.cli.test", {{"redirect", "https://new.cli.test"}, {"redirect-code", 301}}}}}})
+                                     {"www.new.cli.test", {{"redirect", "https://new.cli.test"}, {"redirect-code", 301},
+                                                           {"headers", {{"X-Frame-Options", "DENY"}}}}}}}})
                         .dump());
     fs::path storage = d.path / "storage";
     int https = free_port();
