@@ -182,7 +182,7 @@ TEST_SUITE("server") {
     srv->shutdown(milliseconds(1'000));
   }
 
-  TEST_CASE("a reload turns a static site into a redirect and back; a bad redirect is refused") {
+  TEST_CASE("a reload turns a static site into a redirect and back and refuses a bad redirect") {
     autotls::testing::TempDir dir("autotls-redir-reload");
     fs::path www = dir.path / "www";
     fs::create_directories(www);
