@@ -146,11 +146,9 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
         return fail(Errc::invalid_input, "sites." + host + ".headers: " + why);
       }
       for (const auto& [seen, v] : headers) {
-        auto lower = [](std::string t) {
-          for (auto& c : t) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-          return t;
-        };
-        if (lower(seen) == lower(it.key())) {
+        if (std::equal(seen.begin(), seen.end(), it.key().begin(), it.key().end(), [](char a, char b) {
+              return std::tolower(static_cast<unsigned char>(a)) == std::tolower(static_cast<unsigned char>(b));
+            })) {
           return fail(Errc::invalid_input, "sites." + host + ".headers: \"" + seen + "\" and \"" + it.key() + "\" are the same field");
         }
       }

@@ -33,6 +33,7 @@
 
 #include "server/server.h"
 #include "tests/support/net.h"
+#include "tests/support/start_server.h"
 #include "tests/support/pebble_env.h"
 #include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
@@ -42,6 +43,8 @@ using namespace autotls::server;
 using std::chrono::milliseconds;
 using SteadyClock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
+
+using autotls::testing::start_server;
 
 namespace {
 
@@ -63,15 +66,6 @@ ServerConfig plain_config(const fs::path& root) {
   cfg.worker_threads = 4;
   cfg.default_site = StaticSite{root};
   return cfg;
-}
-
-std::unique_ptr<Server> start(ServerConfig cfg,
-                              std::shared_ptr<tlsreload::CertStore> store = nullptr) {
-  if (!store) store = std::make_shared<tlsreload::CertStore>();
-  auto s = Server::create(std::move(cfg), store, nullptr, nullptr);
-  REQUIRE_MESSAGE(s, s.error().message);
-  REQUIRE((*s)->start());
-  return std::move(*s);
 }
 
 // read_until_closed reads fd until the server closes it (EOF or reset) or `bound` passes.
@@ -247,7 +241,7 @@ TEST_SUITE("server") {
     Dir dir("idle");
     ServerConfig cfg = plain_config(dir.site("ok"));
     cfg.timeouts.idle = milliseconds(500);
-    auto server = start(cfg);
+    auto server = start_server(cfg);
     autotls::testing::RawConn conn(server->http_port());
     REQUIRE(conn.connected());
     auto [status, body] = conn.get("idle.test");
@@ -279,7 +273,7 @@ TEST_SUITE("server") {
     cfg.timeouts.idle = milliseconds(60'000);
     cfg.timeouts.header = milliseconds(60'000);
     cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
-    auto server = start(cfg);
+    auto server = start_server(cfg);
 
     // stall sends a complete header and part of the body, then nothing more; returns what the
     // server answered before it closed (bound 10 s: the read timeout is 500 ms).
@@ -355,7 +349,7 @@ TEST_SUITE("server") {
     std::ofstream(root / "secret") << "SECRET";
     ServerConfig cfg = plain_config(root);
     cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
-    auto server = start(cfg);
+    auto server = start_server(cfg);
     const std::string inner = "GET /secret HTTP/1.1\r\nHost: other.test\r\n\r\n";
     auto one_answer = [&](int port, const std::string& req) {
       int fd = autotls::testing::connect_to(port);
@@ -429,7 +423,7 @@ TEST_SUITE("server") {
     cfg.timeouts.write = milliseconds(300);
     cfg.worker_threads = 2;
     cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
-    auto server = start(cfg);
+    auto server = start_server(cfg);
 
     int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     REQUIRE(fd >= 0);
@@ -497,7 +491,7 @@ TEST_SUITE("server") {
     ServerConfig cfg = plain_config(dir.site("over v6"));
     cfg.https = {{"::1", 0}};
     cfg.http = {{"::1", 0}};
-    auto server = start(cfg, store);
+    auto server = start_server(cfg, store);
     int port = server->https_port();
     REQUIRE(port > 0);
 

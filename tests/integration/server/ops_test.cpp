@@ -25,6 +25,7 @@
 
 #include "server/server.h"
 #include "tests/support/net.h"
+#include "tests/support/start_server.h"
 #include "tests/support/pebble_env.h"
 #include "tests/support/sni_handshake.h"
 #include "tests/support/temp_dir.h"
@@ -34,6 +35,8 @@ using namespace autotls;
 using namespace autotls::server;
 using std::chrono::milliseconds;
 namespace fs = std::filesystem;
+
+using autotls::testing::start_server;
 
 namespace {
 
@@ -70,15 +73,6 @@ ServerConfig tls_config(const Dir& dir) {
   cfg.redirect_to_https = true;
   cfg.default_site = StaticSite{dir.site("t", "t\n")};
   return cfg;
-}
-
-std::unique_ptr<Server> start(ServerConfig cfg,
-                              std::shared_ptr<tlsreload::CertStore> store = nullptr) {
-  if (!store) store = std::make_shared<tlsreload::CertStore>();
-  auto s = Server::create(std::move(cfg), store, nullptr, nullptr);
-  REQUIRE_MESSAGE(s, s.error().message);
-  REQUIRE((*s)->start());
-  return std::move(*s);
 }
 
 // store_for is a store holding one certificate for name, from a fresh test CA.
@@ -193,7 +187,7 @@ TEST_SUITE("server") {
     auto cfg = plain_config();
     cfg.sites["p.test"] = ProxySite{"http://127.0.0.1:" + std::to_string(up.port)};
     cfg.max_body_bytes = 100u << 20;
-    auto srv = start(cfg);
+    auto srv = start_server(cfg);
     int port = srv->http_port();
     std::string base = "http://p.test:" + std::to_string(port);
     curl_slist* resolve =
@@ -312,7 +306,7 @@ TEST_SUITE("server") {
     auto b_root = dir.site("b", "site b\n");
     auto cfg = plain_config();
     cfg.sites["a.test"] = StaticSite{a_root};
-    auto srv = start(cfg);
+    auto srv = start_server(cfg);
     int port = srv->http_port();
 
     Conn old_conn(port);
@@ -367,7 +361,7 @@ TEST_SUITE("server") {
     auto cfg = plain_config();
     cfg.sites["127.0.0.1"] = StaticSite{dir.site("v4", "site v4\n")};
     cfg.sites["::1"] = StaticSite{dir.site("v6", "site v6\n")};
-    auto srv = start(cfg);
+    auto srv = start_server(cfg);
     Conn c(srv->http_port());
     CHECK(c.get("127.0.0.1:" + std::to_string(srv->http_port())) == std::pair<int, std::string>{200, "site v4\n"});
     CHECK(c.get("[::1]:" + std::to_string(srv->http_port())) == std::pair<int, std::string>{200, "site v6\n"});
@@ -404,7 +398,7 @@ TEST_SUITE("server") {
           lines.push_back(line);
         };
       }
-      auto srv = start(cfg);
+      auto srv = start_server(cfg);
       Conn c(srv->http_port());
       CHECK(c.get("a.w.test") == std::pair<int, std::string>{200, "wild\n"});
       CHECK(c.get("xn--bcher-kva.w.test:" + std::to_string(srv->http_port())) ==
@@ -423,7 +417,7 @@ TEST_SUITE("server") {
     auto cfg = plain_config();
     cfg.sites["*.w.test"] = StaticSite{wild};
     cfg.default_site = StaticSite{exact};
-    auto srv = start(cfg);
+    auto srv = start_server(cfg);
     Conn c(srv->http_port());
     CHECK(c.get("a.w.test").second == "wild\n");
     CHECK(c.get("b.a.w.test").second == "exact\n");
@@ -447,7 +441,7 @@ TEST_SUITE("server") {
     // Two hours of tickets with hourly keys: the current key and two retired ones.
     cfg.tickets.rotate_every = std::chrono::hours(1);
     cfg.tickets.lifetime = std::chrono::hours(2);
-    auto srv = start(cfg, store);
+    auto srv = start_server(cfg, store);
     int port = srv->https_port();
 
     for (int version : {TLS1_3_VERSION, TLS1_2_VERSION}) {
@@ -494,7 +488,7 @@ TEST_SUITE("server") {
     auto store = store_for("t.test");
     Dir dir("tls12");
     auto cfg = tls_config(dir);
-    auto srv = start(cfg, store);
+    auto srv = start_server(cfg, store);
     int port = srv->https_port();
     // An ECDHE-ECDSA AEAD suite is in the intermediate list; the same key exchange with CBC
     // and SHA-1 is not (it is in OpenSSL's defaults, so only our cipher list refuses it).
@@ -537,7 +531,7 @@ TEST_SUITE("server") {
     auto store = store_for("t.test");
     Dir dir("suites");
     auto cfg = tls_config(dir);
-    auto srv = start(cfg, store);
+    auto srv = start_server(cfg, store);
     int port = srv->https_port();
     struct Case {
       int version;
@@ -576,7 +570,7 @@ TEST_SUITE("server") {
     auto store = store_for("t.test");
     Dir dir("tickets13");
     auto cfg = tls_config(dir);
-    auto srv = start(cfg, store);
+    auto srv = start_server(cfg, store);
     int port = srv->https_port();
     auto ticket = [](SSL_SESSION* s) {
       const unsigned char* t = nullptr;
@@ -620,7 +614,7 @@ TEST_SUITE("server") {
     cfg.default_site = StaticSite{dir.site("t", "t\n")};
     cfg.tickets.rotate_every = std::chrono::hours(1);
     cfg.tickets.lifetime = std::chrono::hours(2);
-    auto srv = start(cfg, store);
+    auto srv = start_server(cfg, store);
     int port = srv->https_port();
     TlsClient client(TLS1_3_VERSION);
     // A ticket starts with the 16-byte name of the key that sealed it.
@@ -669,7 +663,7 @@ TEST_SUITE("server") {
     auto cfg = plain_config();
     cfg.sites["a.test"] = StaticSite{dir.site("a", "site a\n")};
     cfg.max_connections = 20;
-    auto srv = start(cfg);
+    auto srv = start_server(cfg);
     int port = srv->http_port();
     std::vector<std::unique_ptr<Conn>> flood;
     for (int i = 0; i < 40; ++i) flood.push_back(std::make_unique<Conn>(port));
@@ -721,7 +715,7 @@ TEST_SUITE("server") {
         std::this_thread::sleep_for(milliseconds(5));
       }
     };
-    auto srv = start(cfg);
+    auto srv = start_server(cfg);
     {
       Conn c(srv->http_port());
       CHECK(c.get("a.test").first == 200);

@@ -30,6 +30,7 @@
 
 #include "server/server.h"
 #include "tests/support/net.h"
+#include "tests/support/start_server.h"
 #include "tests/support/temp_dir.h"
 #include "tests/support/pebble_env.h"
 #include "tlsreload/store.h"
@@ -40,6 +41,8 @@ using std::chrono::milliseconds;
 using autotls::testing::connect_to;
 using SteadyClock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
+
+using autotls::testing::start_server;
 
 namespace {
 
@@ -293,15 +296,6 @@ ServerConfig ws_config(const WsUpstream& up, milliseconds tunnel_idle = millisec
   return cfg;
 }
 
-std::unique_ptr<Server> start(ServerConfig cfg,
-                              std::shared_ptr<tlsreload::CertStore> store = nullptr) {
-  if (!store) store = std::make_shared<tlsreload::CertStore>();
-  auto s = Server::create(std::move(cfg), store, nullptr, nullptr);
-  REQUIRE_MESSAGE(s, s.error().message);
-  REQUIRE((*s)->start());
-  return std::move(*s);
-}
-
 using autotls::testing::wait_until;
 
 // opened runs an upgrade for path on s and checks the 101; returns what followed it.
@@ -326,7 +320,7 @@ TEST_SUITE("server") {
     WsUpstream up;
     auto cfg = ws_config(up);
     cfg.admin.endpoint = Endpoint{"127.0.0.1", 0};
-    auto srv = start(std::move(cfg));
+    auto srv = start_server(std::move(cfg));
     Stream s(srv->http_port(), nullptr, "");
     // Bytes sent right behind the request reach the upstream after it.
     std::string got = opened(s, "/ws", "early;");
@@ -386,7 +380,7 @@ TEST_SUITE("server") {
     REQUIRE(leaf);
     auto store = std::make_shared<tlsreload::CertStore>();
     REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
-    auto srv = start(ws_config(up), store);
+    auto srv = start_server(ws_config(up), store);
     SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
     {
       Stream s(srv->https_port(), ctx, "p.test");
@@ -418,7 +412,7 @@ TEST_SUITE("server") {
 
   TEST_CASE("an upgrade the upstream refuses is an ordinary response, and h2c is never passed on") {
     WsUpstream up;
-    auto srv = start(ws_config(up));
+    auto srv = start_server(ws_config(up));
     Stream s(srv->http_port(), nullptr, "");
     REQUIRE(s.send(upgrade_request("/refuse")));
     std::string got;
@@ -447,7 +441,7 @@ TEST_SUITE("server") {
 
   TEST_CASE("a 101 without an Upgrade header, or to a request that asked none, is a 502") {
     WsUpstream up;
-    auto srv = start(ws_config(up));
+    auto srv = start_server(ws_config(up));
     {
       Stream s(srv->http_port(), nullptr, "");
       REQUIRE(s.send(upgrade_request("/ws-no-name")));
@@ -472,7 +466,7 @@ TEST_SUITE("server") {
     WsUpstream up;
     auto cfg = ws_config(up);
     cfg.worker_threads = 2;
-    auto srv = start(std::move(cfg));
+    auto srv = start_server(std::move(cfg));
     std::vector<std::unique_ptr<Stream>> open;
     for (int i = 0; i < 6; ++i) {
       open.push_back(std::make_unique<Stream>(srv->http_port(), nullptr, ""));
@@ -506,7 +500,7 @@ TEST_SUITE("server") {
     WsUpstream up;
     // 1 s: wide enough that a loaded machine (sanitizers, -j2) never lets 1 s pass between
     // two of the messages below.
-    auto srv = start(ws_config(up, milliseconds(1'000)));
+    auto srv = start_server(ws_config(up, milliseconds(1'000)));
     Stream s(srv->http_port(), nullptr, "");
     std::string got = opened(s, "/ws-quiet");
     // Traffic keeps it open past the timeout.
@@ -526,7 +520,7 @@ TEST_SUITE("server") {
 
   TEST_CASE("shutdown ends open tunnels at once instead of waiting out the drain") {
     WsUpstream up;
-    auto srv = start(ws_config(up));
+    auto srv = start_server(ws_config(up));
     Stream a(srv->http_port(), nullptr, "");
     Stream b(srv->http_port(), nullptr, "");
     opened(a, "/ws-quiet");

@@ -5,10 +5,6 @@
 
 #include <doctest/doctest.h>
 
-#include <poll.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +13,7 @@
 
 #include "server/server.h"
 #include "tests/support/net.h"
+#include "tests/support/start_server.h"
 #include "tests/support/sni_handshake.h"
 #include "tests/support/temp_dir.h"
 #include "tests/support/pebble_env.h"
@@ -25,71 +22,42 @@
 using namespace autotls;
 using namespace autotls::server;
 using std::chrono::milliseconds;
-using autotls::testing::connect_to;
-using SteadyClock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
+
+using autotls::testing::start_server;
 
 namespace {
 
 struct Response {
-  std::string head;
-  std::string body;
   int status = 0;
+  std::string body;
+  std::string head;  // status line and fields, without the blank line
   std::string field(const std::string& name) const {
     auto at = head.find("\r\n" + name + ": ");
     if (at == std::string::npos) return {};
     at += name.size() + 4;
-    return head.substr(at, head.find("\r\n", at) - at);
+    auto end = head.find("\r\n", at);
+    return head.substr(at, end == std::string::npos ? std::string::npos : end - at);
   }
 };
 
-// Client is one keep-alive plain-HTTP connection: send a request, read one response (framed by
-// Content-Length; none after a HEAD).
+// Client is one keep-alive plain-HTTP connection (RawConn) that sends a request and reads one
+// response.
 class Client {
  public:
-  explicit Client(int port) : fd_(connect_to(port, std::chrono::seconds(3))) { REQUIRE(fd_ >= 0); }
-  ~Client() { ::close(fd_); }
-  Client(const Client&) = delete;
-  Client& operator=(const Client&) = delete;
-
-  Response send(const std::string& request, bool head = false) {
-    REQUIRE(::send(fd_, request.data(), request.size(), MSG_NOSIGNAL) ==
-            static_cast<ssize_t>(request.size()));
-    Response r;
-    REQUIRE(read_until([&] { return buf_.find("\r\n\r\n") != std::string::npos; }));
-    auto end = buf_.find("\r\n\r\n");
-    r.head = buf_.substr(0, end + 2);
-    buf_.erase(0, end + 4);
-    r.status = std::stoi(r.head.substr(9, 3));
-    std::size_t len = 0;
-    if (auto cl = r.field("Content-Length"); !cl.empty()) len = std::stoul(cl);
-    if (head) len = 0;
-    REQUIRE(read_until([&] { return buf_.size() >= len; }));
-    r.body = buf_.substr(0, len);
-    buf_.erase(0, len);
-    return r;
+  explicit Client(int port) : conn_(port) { REQUIRE(conn_.connected()); }
+  Response send(const std::string& request) {
+    REQUIRE(conn_.send(request));
+    auto [status, body] = conn_.response();
+    REQUIRE(status != 0);
+    return {status, body, conn_.last_head()};
   }
   Response get(const std::string& host, const std::string& target) {
     return send("GET " + target + " HTTP/1.1\r\nHost: " + host + "\r\n\r\n");
   }
 
  private:
-  template <class F>
-  bool read_until(F done) {
-    auto deadline = SteadyClock::now() + std::chrono::seconds(5);
-    char tmp[16 * 1024];
-    while (!done()) {
-      auto left = std::chrono::duration_cast<milliseconds>(deadline - SteadyClock::now());
-      pollfd p{fd_, POLLIN, 0};
-      if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return false;
-      ssize_t n = ::recv(fd_, tmp, sizeof tmp, 0);
-      if (n <= 0) return false;
-      buf_.append(tmp, static_cast<std::size_t>(n));
-    }
-    return true;
-  }
-  int fd_;
-  std::string buf_;
+  autotls::testing::RawConn conn_;
 };
 
 ServerConfig base_config(const fs::path& www) {
@@ -104,15 +72,6 @@ ServerConfig base_config(const fs::path& www) {
   return cfg;
 }
 
-std::unique_ptr<Server> start(ServerConfig cfg,
-                              std::shared_ptr<tlsreload::CertStore> store = nullptr) {
-  if (!store) store = std::make_shared<tlsreload::CertStore>();
-  auto s = Server::create(std::move(cfg), store, nullptr, nullptr);
-  REQUIRE_MESSAGE(s, s.error().message);
-  REQUIRE((*s)->start());
-  return std::move(*s);
-}
-
 }  // namespace
 
 TEST_SUITE("server") {
@@ -121,7 +80,7 @@ TEST_SUITE("server") {
     fs::path www = dir.path / "www";
     fs::create_directories(www);
     std::ofstream(www / "index.html") << "new home\n";
-    auto srv = start(base_config(www));
+    auto srv = start_server(base_config(www));
     Client c(srv->http_port());
 
     // The bare origin keeps path and query; 302 unless told otherwise.
@@ -142,7 +101,7 @@ TEST_SUITE("server") {
     r = c.get("moved.test", "/anything");
     CHECK(r.status == 308);
     CHECK(r.field("Location") == "/landing.html");
-    r = c.send("HEAD /x HTTP/1.1\r\nHost: moved.test\r\n\r\n", true);
+    r = c.send("HEAD /x HTTP/1.1\r\nHost: moved.test\r\n\r\n");
     CHECK(r.status == 308);
     CHECK(r.field("Location") == "/landing.html");
 
@@ -175,7 +134,7 @@ TEST_SUITE("server") {
     REQUIRE(leaf);
     auto store = std::make_shared<tlsreload::CertStore>();
     REQUIRE(store->publish_pem(leaf->cert_pem, leaf->key_pem));
-    auto srv = start(base_config(www), store);
+    auto srv = start_server(base_config(www), store);
     auto g = autotls::testing::tls_get(srv->https_port(), "www.new.test");
     CHECK(g.ok);
     CHECK(g.status_line == "HTTP/1.1 302 Found");
@@ -188,7 +147,7 @@ TEST_SUITE("server") {
     fs::create_directories(www);
     std::ofstream(www / "index.html") << "home\n";
     auto cfg = base_config(www);
-    auto srv = start(cfg);
+    auto srv = start_server(cfg);
 
     cfg.sites["new.test"] = RedirectSite{"https://newer.test", 307};
     auto st = srv->reload(cfg);

@@ -18,6 +18,7 @@
 
 #include "server/server.h"
 #include "tests/support/net.h"
+#include "tests/support/start_server.h"
 #include "tests/support/pebble_env.h"
 #include "tests/support/temp_dir.h"
 #include "tlsreload/store.h"
@@ -27,15 +28,9 @@ using namespace autotls::server;
 using std::chrono::milliseconds;
 namespace fs = std::filesystem;
 
-namespace {
+using autotls::testing::start_server;
 
-std::unique_ptr<Server> start(ServerConfig cfg, std::shared_ptr<tlsreload::CertStore> store = nullptr) {
-  if (!store) store = std::make_shared<tlsreload::CertStore>();
-  auto s = Server::create(std::move(cfg), store, nullptr, nullptr);
-  REQUIRE_MESSAGE(s, s.error().message);
-  REQUIRE((*s)->start());
-  return std::move(*s);
-}
+namespace {
 
 // raw_get sends a GET with no field but Host (what the reactor's fast path answers when the
 // site has no headers of its own) and returns the response's head and body.
@@ -98,7 +93,7 @@ TEST_SUITE("server") {
     RedirectSite rd{"https://s.test", 301};
     rd.headers = {{"X-Frame-Options", "DENY"}};
     cfg.sites["r.test"] = rd;
-    auto srv = start(cfg);
+    auto srv = start_server(cfg);
 
     httplib::Client cli("127.0.0.1", srv->http_port());
     auto get = [&](const std::string& host, const std::string& path) {
@@ -175,7 +170,7 @@ TEST_SUITE("server") {
     st.headers = {{"Strict-Transport-Security", "max-age=31536000; preload"}};
     cfg.sites["s.test"] = st;
     cfg.sites["plain.test"] = StaticSite{www};
-    auto srv = start(cfg, store);
+    auto srv = start_server(cfg, store);
 
     httplib::SSLClient cli("127.0.0.1", srv->https_port());
     cli.enable_server_certificate_verification(false);
