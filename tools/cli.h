@@ -92,6 +92,8 @@ struct Options {
   // serve.
   std::string root;
   std::string proxy;
+  std::string redirect;     // serve: redirect every other name (server::RedirectSite::to)
+  int redirect_code = 302;  // serve: its status
   double drain = 15;
   std::string admin_address = "127.0.0.1:2019";  // serve: admin listener, "off" for none
   bool no_redirect = false;

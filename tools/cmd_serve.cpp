@@ -488,14 +488,21 @@ Result<ServeSetup> serve_setup(const Options& o) {
     return bad("serve: give the names to serve with -d NAME (or \"sites\" in the config file, --cert/--key, "
                "--cert-dir, or --on-demand)");
   }
-  if (!o.root.empty() && !o.proxy.empty()) return bad("serve: give --root or --proxy, not both");
+  if (int(!o.root.empty()) + int(!o.proxy.empty()) + int(!o.redirect.empty()) > 1) {
+    return bad("serve: give one of --root, --proxy and --redirect, not several");
+  }
+  if (o.redirect.empty() && o.redirect_code != 302) return bad("serve: --redirect-code needs --redirect");
   if (!o.root.empty()) cfg.default_site = server::StaticSite{o.root};
   if (!o.proxy.empty()) {
     if (auto why = server::upstream_error(o.proxy); !why.empty()) return bad("--proxy: " + why);
     cfg.default_site = server::ProxySite{o.proxy};
   }
+  if (!o.redirect.empty()) {
+    if (auto why = server::redirect_error(o.redirect, o.redirect_code); !why.empty()) return bad("--redirect: " + why);
+    cfg.default_site = server::RedirectSite{o.redirect, o.redirect_code};
+  }
   if (!cfg.default_site && cfg.sites.empty()) {
-    return bad("serve: say what to serve: --root DIR, --proxy URL, or \"sites\" in the config file");
+    return bad("serve: say what to serve: --root DIR, --proxy URL, --redirect URL, or \"sites\" in the config file");
   }
   if (!o.webroot.empty()) return bad("serve: --webroot is for issue; serve answers http-01 itself");
   if (o.challenge == "dns-01" && o.dns_hook.empty() && o.dns_server.empty()) {

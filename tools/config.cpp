@@ -325,6 +325,10 @@ void build_cli(Cli& cli, Options& o) {
                     "\"off\" for none)");
   serve->add_option("--root", o.root, "serve static files from DIR for every name");
   serve->add_option("--proxy", o.proxy, "reverse-proxy every name to URL (http://host:port)");
+  serve->add_option("--redirect", o.redirect,
+                    "redirect every name to URL ({uri}: the request's path and query, which a bare "
+                    "https://host keeps too) or to a /path on the same host");
+  serve->add_option("--redirect-code", o.redirect_code, "status of --redirect: 301, 302 (default), 303, 307 or 308");
   serve->add_option("--admin-address", o.admin_address,
                     "admin listener HOST:PORT for /healthz, /readyz, /metrics, /certificates (plain HTTP; "
                     "\"off\" for none)")

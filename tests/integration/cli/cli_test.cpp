@@ -515,6 +515,24 @@ TEST_SUITE("cli.config") {
                       std::string::npos,
                   show(r));
     CHECK(r.out.find("listening") == std::string::npos);
+
+    // --redirect: the same checks as a redirect site's, and one kind of default site only.
+    for (const auto& [args, says] :
+         {std::pair{std::vector<std::string>{"--redirect", "ftp://127.0.0.1"}, std::string("--redirect: redirect \"ftp://127.0.0.1\"")},
+          std::pair{std::vector<std::string>{"--redirect", "https://x.test", "--redirect-code", "200"},
+                    std::string("--redirect: redirect status 200")},
+          std::pair{std::vector<std::string>{"--redirect", "//x.test"}, std::string("another host")},
+          std::pair{std::vector<std::string>{"--redirect-code", "301", "--root", www.string()},
+                    std::string("--redirect-code needs --redirect")},
+          std::pair{std::vector<std::string>{"--redirect", "https://x.test", "--root", www.string()},
+                    std::string("give one of --root, --proxy and --redirect")}}) {
+      std::vector<std::string> extra = {"-d", "shop.test"};
+      extra.insert(extra.end(), args.begin(), args.end());
+      auto rr = serve(json::object(), extra);
+      CHECK_MESSAGE(rr.code == 2, show(rr));
+      CHECK_MESSAGE(rr.err.find(says) != std::string::npos, (says + "\n" + show(rr)));
+      CHECK(rr.out.find("listening") == std::string::npos);
+    }
   }
 
   TEST_CASE("bad JSON unknown keys and wrong types are errors naming the file") {
@@ -1728,13 +1746,16 @@ TEST_SUITE("cli.serve") {
     CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
   }
 
-  TEST_CASE("serve answers a redirect site with its status and Location over its own certificate") {
+  TEST_CASE("serve answers a redirect site and --redirect with their status over their own certificates") {
     TempDir d;
     fs::path www = d.path / "www";
     fs::create_directories(www);
     write_file(www / "index.html", "the new home\n");
     fs::path cfg = d.path / "serve.json";
-    write_file(cfg, json({{"sites", {{"new.cli.test", {{"root", www.string()}}},
+    write_file(cfg, json({{"domain", json::array({"new.cli.test", "www.new.cli.test", "parked.cli.test"})},
+                          {"redirect", "https://new.cli.test/parked{uri}"},
+                          {"redirect-code", 308},
+                          {"sites", {{"new.cli.test", {{"root", www.string()}}},
                                      {"www.new.cli.test", {{"redirect", "https://new.cli.test"}, {"redirect-code", 301},
                                                            {"headers", {{"X-Frame-Options", "DENY"}}}}}}}})
                         .dump());
@@ -1761,6 +1782,13 @@ TEST_SUITE("cli.serve") {
     auto home = https_get("new.cli.test", https, root);
     CHECK_MESSAGE(home.first == 200, logs());
     CHECK(home.second == "the new home\n");
+    // A name no site takes gets the top-level "redirect" (--redirect), with its code.
+    std::pair<long, std::string> parked;
+    for (int i = 0; i < 100 && parked.first == 0; ++i) {
+      parked = https_get("parked.cli.test", https, root);
+      if (parked.first == 0) std::this_thread::sleep_for(100ms);
+    }
+    CHECK_MESSAGE(parked.first == 308, logs());
     REQUIRE(::kill(pid, SIGTERM) == 0);
     CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
   }
