@@ -209,6 +209,23 @@ std::pair<long, std::string> https_get(const std::string& host, int port, const 
   return {status, body};
 }
 
+// https_get_when_served polls https_get (every 100 ms, 30 s at most, once ca_file exists)
+// until it answers want, or the serve process pid has exited; it returns the last answer
+// ({0, ""} when no TLS connection ever completed).
+std::pair<long, std::string> https_get_when_served(const std::string& host, int port, const fs::path& ca_file,
+                                                   pid_t pid, long want) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  std::pair<long, std::string> got;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (fs::exists(ca_file)) got = https_get(host, port, ca_file);
+    if (got.first == want) break;
+    int status = 0;
+    if (::waitpid(pid, &status, WNOHANG) == pid) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return got;
+}
+
 
 
 // spawn_on_pty starts argv (argv[0] a path) in its own process group with stdout and stderr,
@@ -1667,15 +1684,7 @@ TEST_SUITE("cli.serve") {
                                      "--json", "--drain", "1", "--admin-address", "off", "--deploy-hook", hook};
     pid_t pid = spawn(argv, d.path / "serve.out", d.path / "serve.err", {});
     fs::path root = storage / "internal" / "root.pem";
-    auto deadline = std::chrono::steady_clock::now() + 30s;
-    std::pair<long, std::string> got;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (fs::exists(root)) got = https_get("internal.cli.test", https, root);
-      if (got.first == 200) break;
-      int status = 0;
-      if (::waitpid(pid, &status, WNOHANG) == pid) break;
-      std::this_thread::sleep_for(100ms);
-    }
+    auto got = https_get_when_served("internal.cli.test", https, root, pid, 200);
     CHECK_MESSAGE(got.first == 200, (read_file(d.path / "serve.err") + read_file(d.path / "serve.out")));
     CHECK(got.second == "internal hello\n");
     REQUIRE(::kill(pid, SIGTERM) == 0);
@@ -1724,15 +1733,7 @@ TEST_SUITE("cli.serve") {
                        "tls-alpn-01", "--drain", "1", "--admin-address", "off"},
                       d.path / "serve.out", d.path / "serve.err", {});
     fs::path root = storage / "internal" / "root.pem";
-    auto deadline = std::chrono::steady_clock::now() + 30s;
-    std::pair<long, std::string> first;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (fs::exists(root)) first = https_get("lb.cli.test", https, root);
-      if (first.first == 200) break;
-      int status = 0;
-      if (::waitpid(pid, &status, WNOHANG) == pid) break;
-      std::this_thread::sleep_for(100ms);
-    }
+    auto first = https_get_when_served("lb.cli.test", https, root, pid, 200);
     auto logs = [&] { return read_file(d.path / "serve.err") + read_file(d.path / "serve.out"); };
     REQUIRE_MESSAGE(first.first == 200, logs());
     auto second = https_get("lb.cli.test", https, root);
@@ -1767,15 +1768,7 @@ TEST_SUITE("cli.serve") {
                       d.path / "serve.out", d.path / "serve.err", {});
     fs::path root = storage / "internal" / "root.pem";
     auto logs = [&] { return read_file(d.path / "serve.err") + read_file(d.path / "serve.out"); };
-    auto deadline = std::chrono::steady_clock::now() + 30s;
-    std::pair<long, std::string> got;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (fs::exists(root)) got = https_get("www.new.cli.test", https, root);
-      if (got.first != 0) break;
-      int status = 0;
-      if (::waitpid(pid, &status, WNOHANG) == pid) break;
-      std::this_thread::sleep_for(100ms);
-    }
+    auto got = https_get_when_served("www.new.cli.test", https, root, pid, 301);
     // Verified against the internal root: the redirect site has a certificate of its own.
     CHECK_MESSAGE(got.first == 301, logs());
     CHECK(got.second.empty());
@@ -1783,11 +1776,7 @@ TEST_SUITE("cli.serve") {
     CHECK_MESSAGE(home.first == 200, logs());
     CHECK(home.second == "the new home\n");
     // A name no site takes gets the top-level "redirect" (--redirect), with its code.
-    std::pair<long, std::string> parked;
-    for (int i = 0; i < 100 && parked.first == 0; ++i) {
-      parked = https_get("parked.cli.test", https, root);
-      if (parked.first == 0) std::this_thread::sleep_for(100ms);
-    }
+    auto parked = https_get_when_served("parked.cli.test", https, root, pid, 308);
     CHECK_MESSAGE(parked.first == 308, logs());
     REQUIRE(::kill(pid, SIGTERM) == 0);
     CHECK_MESSAGE(wait_exit(pid, 20s) == 0, logs());
