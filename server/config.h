@@ -30,16 +30,20 @@ struct Endpoint {
 
 // ResponseHeaders are header fields a site puts on every response it gives (as Caddy's
 // `header` directive does: security headers, Cache-Control): each replaces any field of the
-// same name the response had, an upstream's included. Not on a WebSocket's 101, nor on the
-// answers that come before a site is chosen (400 for a bad Host, 421, 431, 408, ...).
-using ResponseHeaders = std::vector<std::pair<std::string, std::string>>;
+// same name the response had, an upstream's included. An entry without a value removes the
+// field instead (Caddy's `header -Server`): an upstream's Server or X-Powered-By, or, for
+// Strict-Transport-Security, the server-wide HSTS field on this site. Not on a WebSocket's
+// 101, nor on the answers that come before a site is chosen (400 for a bad Host, 421, 431,
+// 408, ...).
+using ResponseHeaders = std::vector<std::pair<std::string, std::optional<std::string>>>;
 
 // response_header_error is empty when name: value may be a ResponseHeaders entry: name a
 // field name (RFC 9110 token), not one that frames the message or the connection
 // (Content-Length, Transfer-Encoding, Connection, Keep-Alive, Upgrade, TE, Trailer,
-// Proxy-Connection), value visible ASCII, spaces and tabs (no line breaks, no leading or
-// trailing white space). Otherwise one line saying what is wrong.
-std::string response_header_error(std::string_view name, std::string_view value);
+// Proxy-Connection; they can be neither set nor removed), value (when set) visible ASCII,
+// spaces and tabs (no line breaks, no leading or trailing white space). Otherwise one line
+// saying what is wrong.
+std::string response_header_error(std::string_view name, const std::optional<std::string>& value);
 
 // StaticSite serves files below root. Request paths are URL-decoded, must not contain a ".."
 // segment (400), and the resolved file (symlinks followed) must stay inside root (404).

@@ -101,6 +101,11 @@ thread_local SteadyClock::time_point t_request_start{};
 // "Connection: close" and the connection closes once it is written. Reset before each request.
 thread_local bool t_close_after = false;
 
+// t_no_hsts is set by a handler whose site removes Strict-Transport-Security (its headers name
+// the field without a value): the server-wide HSTS field is not added. Reset before each
+// request, with t_close_after.
+thread_local bool t_no_hsts = false;
+
 // Pollable is what an epoll event points at: a listener, the wake-up eventfd, or a connection.
 struct Pollable {
   enum class Kind { listener, wake, connection } kind;
@@ -1085,7 +1090,8 @@ struct Server::Impl {
             auto r = routing();
             // Unless the answer has one already: a site's headers or its upstream may set
             // their own (one field, never two).
-            if (tls && r->hsts_max_age.count() > 0 && !res.has_header("Strict-Transport-Security")) {
+            if (tls && r->hsts_max_age.count() > 0 && !t_no_hsts &&
+                !res.has_header("Strict-Transport-Security")) {
               std::string v = "max-age=" + std::to_string(r->hsts_max_age.count());
               if (r->hsts_include_subdomains) v += "; includeSubDomains";
               res.set_header("Strict-Transport-Security", v);
@@ -1369,7 +1375,11 @@ struct Server::Impl {
     // without case).
     for (const auto& [field, value] : headers_of(*site)) {
       res.headers.erase(field);
-      res.headers.emplace(field, value);
+      if (value) {
+        res.headers.emplace(field, *value);
+      } else if (detail::iequals(field, "Strict-Transport-Security")) {
+        t_no_hsts = true;
+      }
     }
   }
 
@@ -1850,6 +1860,7 @@ struct Server::Impl {
     bool close_connection = closing(*c) || c->requests + 1 >= c->lim->keep_alive_max_requests;
     bool connection_closed = false;
     t_close_after = false;
+    t_no_hsts = false;
     tl_conn = c;
     bool ok = serve_fast(c, head, close_connection, connection_closed) ||
               router_for(*c).serve(stream, close_connection, connection_closed);
@@ -2454,6 +2465,7 @@ struct Server::Impl {
           closing(*c) || c->requests + 1 >= c->lim->keep_alive_max_requests;
       bool connection_closed = false;
       t_close_after = false;
+      t_no_hsts = false;
       c->read_timed_out.store(false, std::memory_order_relaxed);
       tl_conn = c.get();
       tl_stream = &stream;
@@ -2803,7 +2815,7 @@ Server::Counters Server::counters() const {
   return c;
 }
 
-std::string response_header_error(std::string_view name, std::string_view value) {
+std::string response_header_error(std::string_view name, const std::optional<std::string>& set) {
   static constexpr std::string_view kTchar = "!#$%&'*+-.^_`|~";
   auto is_tchar = [](char c) {
     return std::isalnum(static_cast<unsigned char>(c)) || kTchar.find(c) != std::string_view::npos;
@@ -2819,6 +2831,8 @@ std::string response_header_error(std::string_view name, std::string_view value)
       return "header \"" + std::string(name) + "\": set by the server for each response, not by a site";
     }
   }
+  if (!set) return {};  // removed: the name is all there is to check
+  std::string_view value = *set;
   bool ok = std::all_of(value.begin(), value.end(), [](char c) {
     auto u = static_cast<unsigned char>(c);
     return u == '\t' || (u >= 0x20 && u != 0x7f);

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -139,10 +140,13 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
       return fail(Errc::invalid_input, "sites." + host + ".headers: expected an object {\"Field-Name\": \"value\", ...}");
     }
     for (auto it = hj.begin(); it != hj.end(); ++it) {
-      if (!it.value().is_string()) {
-        return fail(Errc::invalid_input, "sites." + host + ".headers." + it.key() + ": expected a string");
+      if (!it.value().is_string() && !it.value().is_null()) {
+        return fail(Errc::invalid_input, "sites." + host + ".headers." + it.key() +
+                                             ": expected a string (or null, to remove the field)");
       }
-      if (auto why = server::response_header_error(it.key(), it.value().get<std::string>()); !why.empty()) {
+      std::optional<std::string> value;
+      if (it.value().is_string()) value = it.value().get<std::string>();
+      if (auto why = server::response_header_error(it.key(), value); !why.empty()) {
         return fail(Errc::invalid_input, "sites." + host + ".headers: " + why);
       }
       for (const auto& [seen, v] : headers) {
@@ -152,7 +156,7 @@ Result<SiteEntry> site_from_json(const std::string& host, const json& j) {
           return fail(Errc::invalid_input, "sites." + host + ".headers: \"" + seen + "\" and \"" + it.key() + "\" are the same field");
         }
       }
-      headers.emplace_back(it.key(), it.value().get<std::string>());
+      headers.emplace_back(it.key(), std::move(value));
     }
   }
   bool root = j.contains("root"), proxy = j.contains("proxy"), redirect = j.contains("redirect");

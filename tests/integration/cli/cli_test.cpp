@@ -483,8 +483,10 @@ TEST_SUITE("cli.config") {
     expect({{"proxy", "http://127.0.0.1:9"}, {"index", "a.html"}}, {"sites.shop.test: index needs \"root\""});
     expect({{"root", root}, {"index", 1}}, {"sites.shop.test.index: expected a file name"});
     expect({{"root", root}, {"headers", json::array()}}, {"sites.shop.test.headers: expected an object"});
-    expect({{"root", root}, {"headers", {{"X-A", 1}}}}, {"sites.shop.test.headers.X-A: expected a string"});
+    expect({{"root", root}, {"headers", {{"X-A", 1}}}}, {"sites.shop.test.headers.X-A: expected a string (or null, to remove the field)"});
     expect({{"root", root}, {"headers", {{"Content-Length", "1"}}}}, {"sites.shop.test.headers: header \"Content-Length\": set by the server"});
+    expect({{"root", root}, {"headers", {{"Content-Length", nullptr}}}}, {"sites.shop.test.headers: header \"Content-Length\": set by the server"});
+    expect({{"root", root}, {"headers", {{"X A", nullptr}}}}, {"sites.shop.test.headers: header \"X A\": not a field name"});
     expect({{"root", root}, {"headers", {{"X-A", "a\nb"}}}}, {"sites.shop.test.headers: header \"X-A\"", "control character"});
     expect({{"root", root}, {"headers", {{"x-a", "1"}, {"X-A", "2"}}}}, {"sites.shop.test.headers:", "are the same field"});
   }
@@ -1758,7 +1760,7 @@ TEST_SUITE("cli.serve") {
                           {"redirect-code", 308},
                           {"sites", {{"new.cli.test", {{"root", www.string()}}},
                                      {"www.new.cli.test", {{"redirect", "https://new.cli.test"}, {"redirect-code", 301},
-                                                           {"headers", {{"X-Frame-Options", "DENY"}}}}}}}})
+                                                           {"headers", {{"X-Frame-Options", "DENY"}, {"X-Powered-By", nullptr}}}}}}}})
                         .dump());
     fs::path storage = d.path / "storage";
     int https = free_port();

@@ -1,7 +1,8 @@
 // A site's headers (StaticSite/ProxySite/RedirectSite::headers, serve's "headers") are on each
 // of its responses, replacing a field of the same name: a static file the reactor would answer
 // on its fast path, a 404, a redirect, a proxied answer whose upstream set the same field; and
-// over TLS the server's HSTS field gives way to a site's own instead of doubling it.
+// over TLS the server's HSTS field gives way to a site's own instead of doubling it. A field
+// named without a value is removed: an upstream's, the static path's own, the server's HSTS.
 
 #include <doctest/doctest.h>
 
@@ -13,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -186,15 +188,104 @@ TEST_SUITE("server") {
     srv->shutdown(milliseconds(1'000));
   }
 
+  TEST_CASE("a site's header without a value removes the field: an upstream's, a file's validators, the server's HSTS") {
+    autotls::testing::TempDir dir("autotls-hdrs-rm");
+    fs::path www = dir.path / "www";
+    fs::create_directories(www);
+    std::ofstream(www / "index.html") << "home\n";
+    httplib::Server upstream;
+    upstream.Get("/", [](const httplib::Request&, httplib::Response& res) {
+      res.set_header("Server", "upstreamd/1.0");
+      res.set_header("X-Powered-By", "php/5");
+      res.set_header("X-Upstream", "yes");
+      res.set_content("from upstream\n", "text/plain");
+    });
+    int up_port = autotls::testing::bind_claimed(upstream);
+    std::thread up_thread([&] { upstream.listen_after_bind(); });
+    auto ca = autotls::testing::make_test_ca("headers test CA");
+    REQUIRE(ca);
+    auto leaf = autotls::testing::make_test_leaf({"p.test", "s.test", "plain.test"}, *ca);
+    REQUIRE(leaf);
+    auto store = std::make_shared<tlsreload::CertStore>();
+    auto cert = store->publish_pem(leaf->cert_pem, leaf->key_pem);
+    REQUIRE(cert);
+    REQUIRE(store->set_default(*cert));
+
+    ServerConfig cfg;
+    cfg.https = {{"127.0.0.1", 0}};
+    cfg.http = {{"127.0.0.1", 0}};
+    cfg.redirect_to_https = false;
+    cfg.hsts_max_age = std::chrono::seconds(600);
+    ProxySite px("http://127.0.0.1:" + std::to_string(up_port));
+    px.headers = {{"Server", std::nullopt}, {"x-powered-by", std::nullopt}, {"X-Frame-Options", "DENY"}};
+    cfg.sites["p.test"] = px;
+    // A static site that takes a file's validators away: the reactor's fast path, which would
+    // put them on, must give the request to httplib's path.
+    StaticSite st{www};
+    st.headers = {{"ETag", std::nullopt}, {"Last-Modified", std::nullopt},
+                  {"Strict-Transport-Security", std::nullopt}};
+    cfg.sites["s.test"] = st;
+    cfg.sites["plain.test"] = StaticSite{www};
+    auto srv = start_server(cfg, store);
+
+    httplib::Client cli("127.0.0.1", srv->http_port());
+    auto proxied = cli.Get("/", {{"Host", "p.test"}});
+    REQUIRE(proxied);
+    CHECK(proxied->status == 200);
+    CHECK(proxied->body == "from upstream\n");
+    CHECK_FALSE(proxied->has_header("Server"));
+    CHECK_FALSE(proxied->has_header("X-Powered-By"));
+    CHECK(proxied->get_header_value("X-Upstream") == "yes");
+    CHECK(proxied->get_header_value("X-Frame-Options") == "DENY");
+
+    auto fast_plain = raw_get(srv->http_port(), "plain.test", "/index.html");
+    CHECK(fast_plain.rfind("HTTP/1.1 200 OK\r\n", 0) == 0);
+    CHECK(fast_plain.find("\r\nETag: ") != std::string::npos);  // what the removal must take away
+    auto fast = raw_get(srv->http_port(), "s.test", "/index.html");
+    CHECK(fast.rfind("HTTP/1.1 200 OK\r\n", 0) == 0);
+    CHECK(fast.find("ETag") == std::string::npos);
+    CHECK(fast.find("Last-Modified") == std::string::npos);
+    CHECK(fast.substr(fast.size() - 5) == "home\n");
+
+    // Over TLS: the site that removes Strict-Transport-Security gets no HSTS field; the site
+    // next to it gets the server's.
+    httplib::SSLClient tls("127.0.0.1", srv->https_port());
+    tls.enable_server_certificate_verification(false);
+    auto no_hsts = tls.Get("/index.html", {{"Host", "s.test"}});
+    REQUIRE(no_hsts);
+    CHECK(no_hsts->status == 200);
+    CHECK_FALSE(no_hsts->has_header("Strict-Transport-Security"));
+    CHECK_FALSE(no_hsts->has_header("ETag"));
+    auto missing = tls.Get("/nope.html", {{"Host", "s.test"}});
+    REQUIRE(missing);
+    CHECK(missing->status == 404);
+    CHECK_FALSE(missing->has_header("Strict-Transport-Security"));
+    auto with_hsts = tls.Get("/index.html", {{"Host", "plain.test"}});
+    REQUIRE(with_hsts);
+    CHECK(with_hsts->get_header_value("Strict-Transport-Security") == "max-age=600");
+    CHECK(with_hsts->has_header("ETag"));
+    // Proxied over TLS, on the same worker after the static site's request: the flag of the
+    // request before does not carry over.
+    auto proxied_tls = tls.Get("/", {{"Host", "p.test"}});
+    REQUIRE(proxied_tls);
+    CHECK(proxied_tls->get_header_value("Strict-Transport-Security") == "max-age=600");
+    CHECK_FALSE(proxied_tls->has_header("Server"));
+    srv->shutdown(milliseconds(1'000));
+    upstream.stop();
+    up_thread.join();
+  }
+
   TEST_CASE("Server::create refuses a site header that would break the message") {
     for (const auto& [field, value, says] :
-         {std::tuple{std::string("Content-Length"), std::string("5"), std::string("set by the server")},
-          std::tuple{std::string("transfer-encoding"), std::string("chunked"), std::string("set by the server")},
-          std::tuple{std::string("Connection"), std::string("close"), std::string("set by the server")},
-          std::tuple{std::string("X Bad"), std::string("v"), std::string("not a field name")},
-          std::tuple{std::string(""), std::string("v"), std::string("not a field name")},
-          std::tuple{std::string("X-Ok"), std::string("a\r\nSet-Cookie: x=1"), std::string("control character")},
-          std::tuple{std::string("X-Ok"), std::string(" padded"), std::string("white space")}}) {
+         {std::tuple{std::string("Content-Length"), std::optional<std::string>("5"), std::string("set by the server")},
+          std::tuple{std::string("Content-Length"), std::optional<std::string>(), std::string("set by the server")},
+          std::tuple{std::string("X Bad"), std::optional<std::string>(), std::string("not a field name")},
+          std::tuple{std::string("transfer-encoding"), std::optional<std::string>("chunked"), std::string("set by the server")},
+          std::tuple{std::string("Connection"), std::optional<std::string>("close"), std::string("set by the server")},
+          std::tuple{std::string("X Bad"), std::optional<std::string>("v"), std::string("not a field name")},
+          std::tuple{std::string(""), std::optional<std::string>("v"), std::string("not a field name")},
+          std::tuple{std::string("X-Ok"), std::optional<std::string>("a\r\nSet-Cookie: x=1"), std::string("control character")},
+          std::tuple{std::string("X-Ok"), std::optional<std::string>(" padded"), std::string("white space")}}) {
       CAPTURE(field);
       ServerConfig cfg;
       cfg.https = {{"127.0.0.1", 0}};
