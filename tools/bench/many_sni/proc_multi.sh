@@ -4,7 +4,10 @@
 # by side, loaded in turn (one window each per round, the order reversed every other round).
 # SPEC = LABEL:KIND:ENV:FLAGS
 #   KIND  small (one certificate; windows use SNI bench.test) or big (holds FIXTURE, --warm, cache
-#         for all; windows draw SNI at random over FIXTURE)
+#         for all; windows draw SNI at random over FIXTURE); bigone holds FIXTURE as big does but
+#         its windows use bench.test (the context's own certificate); bigname holds FIXTURE and its
+#         windows use the fixture's first name (a certificate set on each handshake, always hot);
+#         storeone loads FIXTURE but builds none of it (default cache), windows use bench.test
 #   ENV   comma-separated VAR=VALUE for that process (e.g. LD_PRELOAD=..., for ballast.c), or empty
 #   FLAGS comma-separated extra tls_bench flags (e.g. --no-huge-pages), or empty
 # Prints per window, then pooled (pool_rows.py): handshakes and the server's CPU us per handshake (/proc ticks).
@@ -22,7 +25,8 @@ for spec in "$@"; do
     haproxy-small) haproxy_start $l ${PORT[$l]} "" > $W/multi.$l.out 2>&1; PID[$l]=$HAPROXY_PID; continue ;;
     haproxy-big) haproxy_start $l ${PORT[$l]} $fx > $W/multi.$l.out 2>&1; PID[$l]=$HAPROXY_PID; continue ;;
   esac
-  extra=""; [ "$kind" = big ] && extra="--store $fx --cache $((n+1000)) --warm"
+  extra=""; [[ "$kind" = big* ]] && extra="--store $fx --cache $((n+1000)) --warm"
+  [ "$kind" = storeone ] && extra="--store $fx"
   # shellcheck disable=SC2046,SC2086
   env $(echo "$envs" | tr , ' ') $bin --port ${PORT[$l]} --root $W/www --cert $W/a.pem --key $W/a.key \
     --swaps-per-s 0 $extra $(echo "$flags" | tr , ' ') > $W/multi.$l.out 2>&1 &
@@ -37,7 +41,10 @@ for l in "${labels[@]}"; do echo "$l pid ${PID[$l]} rss_kb=$(awk '/VmRSS/ {print
 ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' /proc/$1/stat; }
 win() { # LABEL SEED
   local l=$1 pid=${PID[$1]} a="--name bench.test"
-  case ${KIND[$l]} in *big) a="--names-dir $fx/live --seed $2" ;; esac
+  case ${KIND[$l]} in
+    *big) a="--names-dir $fx/live --seed $2" ;;
+    bigname) a="--name $(ls $fx/live | grep -v _wildcard_ | head -1)" ;;
+  esac
   local t0; t0=$(ticks $pid)
   # shellcheck disable=SC2086
   local hs; hs=$($bin client --port ${PORT[$l]} --threads 2 --secs $secs $a | python3 -c 'import json,sys; print(json.load(sys.stdin)["handshakes"])')
