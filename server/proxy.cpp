@@ -777,6 +777,9 @@ struct BodyReader {
 
 // kTunnelChunk is the most a tunnel reads from one side before it writes it to the other.
 constexpr std::size_t kTunnelChunk = 16 * 1024;
+// kTunnelShare is how many bytes one call of Tunnel::run moves at most (give or take a chunk)
+// before the tunnel thread turns to the others.
+constexpr std::uint64_t kTunnelShare = 256 * 1024;
 
 // Side is one end of a tunnel: a non-blocking socket, with TLS over it or not.
 struct Side {
@@ -891,48 +894,83 @@ bool step(Pump& p, bool& moved) {
   return true;
 }
 
-enum class TunnelEnd { closed, idle, failed, cut };
+}  // namespace
 
-const char* to_string(TunnelEnd e) {
+struct Tunnel::State {
+  std::shared_ptr<Exchange> ex;  // holds the upstream connection; end_tunnels reaches it
+  Logger* log = nullptr;
+  std::string upstream_url, protocol;
+  Side client, upstream;
+  Pump down, up;  // down: upstream to client (the 101 first), up: client to upstream
+  std::size_t head_bytes = 0;  // the 101's bytes at the front of down
+  milliseconds idle{0};
+  SteadyClock::time_point started, deadline;
+};
+
+Tunnel::Tunnel(std::unique_ptr<State> state) : s_(std::move(state)) {}
+Tunnel::~Tunnel() = default;
+int Tunnel::client_fd() const { return s_->client.fd; }
+int Tunnel::upstream_fd() const { return s_->upstream.fd; }
+SteadyClock::time_point Tunnel::deadline() const { return s_->deadline; }
+
+Tunnel::End Tunnel::run(Wait& wait) {
+  State& s = *s_;
+  wait = {};
+  const std::uint64_t budget_end = s.up.bytes + s.down.bytes + kTunnelShare;
+  for (;;) {
+    if (s.ex->is_aborted()) return End::cut;
+    bool moved = false;
+    if (!step(s.up, moved) || !step(s.down, moved)) return End::failed;
+    if (s.client.eof && s.upstream.eof && s.up.buf.empty() && s.down.buf.empty()) {
+      return End::closed;
+    }
+    if (moved) {
+      s.deadline = SteadyClock::now() + s.idle;
+      if (s.up.bytes + s.down.bytes >= budget_end) {
+        wait.again = true;
+        return End::open;
+      }
+      continue;
+    }
+    wait.client = static_cast<short>(s.up.read_events | s.down.write_events);
+    wait.upstream = static_cast<short>(s.down.read_events | s.up.write_events);
+    if (wait.client == 0 && wait.upstream == 0) return End::closed;  // nothing to wait for
+    if (SteadyClock::now() >= s.deadline) return End::idle;
+    return End::open;
+  }
+}
+
+namespace {
+const char* to_string(Tunnel::End e) {
   switch (e) {
-    case TunnelEnd::closed: return "closed by both sides";
-    case TunnelEnd::idle: return "idle timeout";
-    case TunnelEnd::failed: return "a side failed or reset";
-    case TunnelEnd::cut: return "ended by the server (shutdown)";
+    case Tunnel::End::open: return "open";
+    case Tunnel::End::closed: return "closed by both sides";
+    case Tunnel::End::idle: return "idle timeout";
+    case Tunnel::End::failed: return "a side failed or reset";
+    case Tunnel::End::cut: return "ended by the server (shutdown)";
   }
   return "?";
 }
+}  // namespace
 
-// run_tunnel passes bytes between client and upstream (to_client and to_upstream go first)
-// until both sides have closed and everything is delivered, nothing moved for idle, a side
-// failed, or the exchange was aborted (end_tunnels, abort_all).
-TunnelEnd run_tunnel(Side& client, Side& upstream, Pump& down, Pump& up, milliseconds idle,
-                     Exchange& ex) {
-  auto deadline = SteadyClock::now() + idle;
-  for (;;) {
-    if (ex.is_aborted()) return TunnelEnd::cut;
-    bool moved = false;
-    if (!step(up, moved) || !step(down, moved)) return TunnelEnd::failed;
-    if (client.eof && upstream.eof && up.buf.empty() && down.buf.empty()) {
-      return TunnelEnd::closed;
-    }
-    auto now = SteadyClock::now();
-    if (moved) {
-      deadline = now + idle;
-      continue;
-    }
-    pollfd p[2] = {{client.fd, static_cast<short>(up.read_events | down.write_events), 0},
-                   {upstream.fd, static_cast<short>(down.read_events | up.write_events), 0}};
-    if (p[0].events == 0 && p[1].events == 0) return TunnelEnd::closed;  // nothing to wait for
-    if (now >= deadline) return TunnelEnd::idle;
-    auto left = std::chrono::duration_cast<milliseconds>(deadline - now).count() + 1;
-    int r = ::poll(p, 2, static_cast<int>(std::min<long long>(left, 1 << 30)));
-    if (r < 0 && errno != EINTR) return TunnelEnd::failed;
-  }
+void Tunnel::finish(End end) {
+  State& s = *s_;
+  s.ex->drop();
+  auto secs = std::chrono::duration<double>(SteadyClock::now() - s.started).count();
+  s.log->log(LogLevel::info, "server", "tunnel closed",
+             {{"upstream", s.upstream_url},
+              {"protocol", s.protocol},
+              {"end", to_string(end)},
+              {"seconds", std::to_string(secs)},
+              {"bytes_to_upstream", std::to_string(s.up.bytes)},
+              {"bytes_to_client",
+               std::to_string(s.down.bytes > s.head_bytes ? s.down.bytes - s.head_bytes : 0)}});
 }
 
-// tunnel takes the client connection over after the upstream's 101 (h) and runs the tunnel
-// on this thread. Always false: the client connection is closed after it.
+namespace {
+// tunnel takes the client connection over after the upstream's 101 (h) and hands the tunnel
+// to the server (hooks.run), which runs it off this worker. Always false: the client
+// connection is never reused.
 bool tunnel(const std::string& upstream_url, const ProxySite& site,
             const std::shared_ptr<Exchange>& ex, const Head& h, const UpgradeHooks& hooks,
             httplib::Response& res, Logger& log) {
@@ -970,36 +1008,31 @@ bool tunnel(const std::string& upstream_url, const ProxySite& site,
     ex->drop();
     return false;
   }
-  Side client{tc.fd, tc.ssl, false, false}, upstream{c.fd, c.ssl, false, false};
-  Pump down, up;
-  down.from = up.to = &upstream;
-  down.to = up.from = &client;
+  auto s = std::make_unique<Tunnel::State>();
+  s->ex = ex;
+  s->log = &log;
+  s->upstream_url = upstream_url;
+  s->protocol = protocol;
+  s->client = {tc.fd, tc.ssl, false, false};
+  s->upstream = {c.fd, c.ssl, false, false};
+  s->down.from = s->up.to = &s->upstream;
+  s->down.to = s->up.from = &s->client;
   // The 101 as the client gets it: the upstream's fields but the hop-by-hop ones, then any
   // bytes the upstream sent after it (a first message).
-  down.buf = "HTTP/1.1 101 Switching Protocols\r\n";
+  std::string& head = s->down.buf;
+  head = "HTTP/1.1 101 Switching Protocols\r\n";
   for (const auto& [k, v] : h.headers) {
-    if (!is_hop_by_hop(k)) down.buf.append(k).append(": ").append(v).append("\r\n");
+    if (!is_hop_by_hop(k)) head.append(k).append(": ").append(v).append("\r\n");
   }
-  down.buf.append("Connection: Upgrade\r\nUpgrade: ").append(protocol).append("\r\n\r\n");
-  std::size_t head_bytes = down.buf.size();
-  if (c.buf) down.buf.append(c.buf.get() + c.pos, c.end - c.pos);
+  head.append("Connection: Upgrade\r\nUpgrade: ").append(protocol).append("\r\n\r\n");
+  s->head_bytes = head.size();
+  if (c.buf) head.append(c.buf.get() + c.pos, c.end - c.pos);
   c.pos = c.end = 0;
-  up.buf = std::move(tc.early);
-
-  auto started = SteadyClock::now();
-  hooks.hold(true);
-  TunnelEnd end = run_tunnel(client, upstream, down, up, site.tunnel_idle_timeout, *ex);
-  hooks.hold(false);
-  ex->drop();
-  auto secs = std::chrono::duration<double>(SteadyClock::now() - started).count();
-  log.log(LogLevel::info, "server", "tunnel closed",
-          {{"upstream", upstream_url},
-           {"protocol", protocol},
-           {"end", to_string(end)},
-           {"seconds", std::to_string(secs)},
-           {"bytes_to_upstream", std::to_string(up.bytes)},
-           {"bytes_to_client",
-            std::to_string(down.bytes > head_bytes ? down.bytes - head_bytes : 0)}});
+  s->up.buf = std::move(tc.early);
+  s->idle = site.tunnel_idle_timeout;
+  s->started = SteadyClock::now();
+  s->deadline = s->started + s->idle;
+  hooks.run(std::make_unique<Tunnel>(std::move(s)));
   return false;
 }
 

@@ -132,17 +132,62 @@ struct TunnelClient {
   std::string early;    // bytes the client sent after the request, already read by the server
 };
 
+// Tunnel is a WebSocket (whatever protocol the upstream switched to with its 101) passed
+// through: the client's socket and the upstream's, both non-blocking, and the bytes on their
+// way in each direction (first the 101 to the client, and whatever either side sent early).
+// proxy() makes it and hands it to the server (UpgradeHooks::run), which runs every tunnel on
+// one thread of its own: run() when a socket is ready, deadline() checked now and then, then
+// finish() once. Not thread-safe: one thread at a time.
+class Tunnel {
+ public:
+  enum class End {
+    open,    // still running: wait for `wait`
+    closed,  // both sides have ended and everything was delivered
+    idle,    // nothing moved either way for the site's tunnel_idle_timeout
+    failed,  // a side failed or was reset
+    cut,     // end_tunnels or abort_all (shutdown)
+  };
+  // What run() stopped on, when it says open: the events each socket would have to report
+  // (POLLIN / POLLOUT, which are EPOLLIN / EPOLLOUT), or again: it stopped after its share of
+  // bytes with more to move, and wants to run again soon without waiting for an event.
+  struct Wait {
+    short client = 0;
+    short upstream = 0;
+    bool again = false;
+  };
+  struct State;  // proxy.cpp
+  explicit Tunnel(std::unique_ptr<State> state);
+  Tunnel(const Tunnel&) = delete;
+  Tunnel& operator=(const Tunnel&) = delete;
+  ~Tunnel();
+
+  int client_fd() const;
+  int upstream_fd() const;
+  // run moves the bytes that can move without waiting, up to a share (kTunnelShare bytes) so
+  // that one busy tunnel does not hold up the others. open: wait as `wait` says (or until
+  // deadline()); anything else: the tunnel is over, call finish(). Every socket it stops on
+  // has reported EAGAIN for what it waits for, so edge-triggered readiness is enough.
+  End run(Wait& wait);
+  // deadline is when the tunnel ends as idle unless a byte moves before.
+  std::chrono::steady_clock::time_point deadline() const;
+  // finish logs the end ("tunnel closed": how, how long, bytes each way) and closes the
+  // upstream connection. The client connection is the server's to close.
+  void finish(End end);
+
+ private:
+  std::unique_ptr<State> s_;
+};
+
 // UpgradeHooks let proxy() pass a WebSocket upgrade through to the upstream (without them the
 // Upgrade header is dropped, as every hop-by-hop header is).
 struct UpgradeHooks {
   // take hands the client connection over: what the server still owes the client is written
-  // first, and after it the server neither reads nor writes the connection, and closes it
-  // when the handler returns. False when that write failed (the client is gone).
+  // first, and after it httplib neither reads nor writes the connection. False when that
+  // write failed (the client is gone).
   std::function<bool(TunnelClient&)> take;
-  // hold(true) as a tunnel starts to hold the calling worker for its whole life, hold(false)
-  // as it ends: the server lends its pool one more worker meanwhile, so that tunnels never
-  // starve ordinary requests.
-  std::function<void(bool)> hold;
+  // run takes the tunnel that take's connection went to: once the handler has returned, the
+  // server runs it off the worker, and closes the client connection when it ends.
+  std::function<void(std::unique_ptr<Tunnel>)> run;
 };
 
 // proxy forwards req to site and fills res. reader (may be null) streams the request body;
@@ -168,11 +213,12 @@ struct UpgradeHooks {
 // request cut short, sees its connection closed.
 // WebSocket (with upgrade non-null): a GET over HTTP/1.1 without a body, with "Connection:
 // upgrade" and "Upgrade: websocket", is sent on with both headers. When the upstream answers
-// 101, proxy() takes the client connection over (upgrade->take), writes the 101 with the
-// upstream's header fields to it, and passes bytes both ways on the calling thread until one
-// side has closed and the other has sent everything, nothing moved either way for the site's
-// tunnel_idle_timeout, a side failed, or end_tunnels / abort_all. It then sets res.status to
-// 101 (for the access log) and returns false: the connection is closed, never reused. Any
+// 101, proxy() takes the client connection over (upgrade->take) and hands a Tunnel to
+// upgrade->run, which writes the 101 with the upstream's header fields to the client and
+// passes bytes both ways until one side has closed and the other has sent everything, nothing
+// moved either way for the site's tunnel_idle_timeout, a side failed, or end_tunnels /
+// abort_all. proxy() sets res.status to 101 (for the access log) and returns false at once:
+// the worker is free, and the connection is never reused. Any
 // other answer to an upgrade request is passed on as usual. Other Upgrade values (h2c, ...)
 // are dropped: the request goes on as a plain one.
 [[nodiscard]] bool proxy(const ProxySite& site, const httplib::Request& req,

@@ -433,6 +433,18 @@ thread_local const Connection* tl_conn = nullptr;
 // tl_stream is the stream of that connection on a worker (null on a reactor): a tunnel takes
 // the connection over through it.
 thread_local ConnStream* tl_stream = nullptr;
+// t_tunnel is the tunnel UpgradeHooks::run gave this worker during the current request: once
+// the handler has returned, serve() hands it and the connection to the tunnel thread.
+thread_local std::unique_ptr<detail::Tunnel> t_tunnel;
+
+// TunnelEntry is one tunnel on the tunnel thread: the client connection a worker handed over
+// and the tunnel that runs on it. Both its sockets are in the tunnel thread's epoll set
+// (edge-triggered), with the entry as their data.
+struct TunnelEntry {
+  std::unique_ptr<Connection> conn;
+  std::unique_ptr<detail::Tunnel> tunnel;
+  bool queued = false;  // in the list of entries to run in this round
+};
 
 // Static files up to this size are read whole and served by a reactor; larger ones stream on
 // a worker.
@@ -622,14 +634,21 @@ struct Server::Impl {
   // Static roots (canonical path) opened O_PATH once, for open_beneath.
   std::unordered_map<std::string, int> root_fds;
   // Worker pool: worker_target is the size asked for, worker_running the threads still in
-  // worker_loop (both under work_mu); a loop over the target leaves.
-  // Each tunnel (a WebSocket passed through) holds its worker for its whole life; the pool
-  // counts them (tunnel_workers) and keeps worker_target workers besides. workers is changed
-  // under work_mu too (a worker lends the pool one more when its tunnel starts).
+  // worker_loop (both under work_mu); a loop over the target leaves. workers is changed under
+  // work_mu too.
   std::vector<std::unique_ptr<Worker>> workers;
   std::size_t worker_target = 0;
   std::size_t worker_running = 0;
-  std::size_t tunnel_workers = 0;
+
+  // Tunnels (WebSockets passed through after a 101) run on one thread of their own, started
+  // with the first tunnel (tunnel_loop): a tunnel costs two descriptors and its buffers, never
+  // a thread. Workers hand them over through tunnel_new.
+  std::mutex tunnel_mu;
+  std::vector<std::unique_ptr<TunnelEntry>> tunnel_new;  // under tunnel_mu
+  bool tunnel_stop = false;                               // under tunnel_mu
+  std::thread tunnel_thread;                              // started under tunnel_mu
+  int tunnel_epoll = -1;
+  int tunnel_wake = -1;
 
   // Closing the client listeners at the drain and (re)adding them to an epoll set after an
   // accept pause are serialized, so no reactor ever adds a closed (or reused) descriptor.
@@ -700,6 +719,8 @@ struct Server::Impl {
     }
     if (int fd = spare_fd.exchange(-1); fd >= 0) ::close(fd);
     for (auto& [root, fd] : root_fds) ::close(fd);
+    if (tunnel_epoll >= 0) ::close(tunnel_epoll);
+    if (tunnel_wake >= 0) ::close(tunnel_wake);
   }
 
   // --- setup ---------------------------------------------------------------------------------
@@ -1362,7 +1383,7 @@ struct Server::Impl {
           tc.ssl = conn->ssl.get();
           return true;
         };
-        hooks.hold = [this](bool on) { hold_for_tunnel(on); };
+        hooks.run = [](std::unique_ptr<detail::Tunnel> t) { t_tunnel = std::move(t); };
       }
       if (!detail::proxy(std::get<ProxySite>(*site), req, reader, res, tls, max_body,
                          upstreams, *log, tl_conn ? &tl_conn->read_timed_out : nullptr,
@@ -2305,7 +2326,7 @@ struct Server::Impl {
     work_cv.notify_all();
   }
 
-  // add_workers_locked starts the workers missing from worker_target + tunnel_workers, and
+  // add_workers_locked starts the workers missing from worker_target, and
   // joins those that have left (they hold no lock, and are past worker_loop). Under work_mu;
   // never once shutdown has stopped the pool.
   void add_workers_locked() {
@@ -2315,7 +2336,7 @@ struct Server::Impl {
       w->thread.join();
       return true;
     });
-    for (; worker_running < worker_target + tunnel_workers; ++worker_running) {
+    for (; worker_running < worker_target; ++worker_running) {
       auto w = std::make_unique<Worker>();
       Worker* raw = w.get();
       try {
@@ -2331,21 +2352,6 @@ struct Server::Impl {
       }
       workers.push_back(std::move(w));
     }
-  }
-
-  // hold_for_tunnel is UpgradeHooks::hold: while a tunnel holds the calling worker, the pool
-  // has one more; when it ends, the next worker to be idle leaves.
-  void hold_for_tunnel(bool on) {
-    {
-      std::lock_guard lock(work_mu);
-      if (on) {
-        ++tunnel_workers;
-        add_workers_locked();
-      } else {
-        --tunnel_workers;
-      }
-    }
-    if (!on) work_cv.notify_all();
   }
 
   // reload_listeners makes the open listeners of one kind (https, http or admin) those of
@@ -2434,6 +2440,149 @@ struct Server::Impl {
     admin_port = port_of(admin_eps, false, true);
   }
 
+  // --- tunnels -------------------------------------------------------------------------------
+
+  // start_tunnel hands a tunnel and its client connection to the tunnel thread (started with
+  // the first). During shutdown, or when the thread cannot be had, the tunnel ends at once.
+  void start_tunnel(std::unique_ptr<Connection> c, std::unique_ptr<detail::Tunnel> t) {
+    auto e = std::make_unique<TunnelEntry>();
+    e->conn = std::move(c);
+    e->tunnel = std::move(t);
+    {
+      std::lock_guard lock(tunnel_mu);
+      if (!tunnel_stop && start_tunnel_thread_locked()) tunnel_new.push_back(std::move(e));
+    }
+    if (e) {
+      e->tunnel->finish(detail::Tunnel::End::cut);
+      close_socket(*e->conn);
+      return;
+    }
+    wake_tunnels();
+  }
+
+  void wake_tunnels() {
+    uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(tunnel_wake, &one, sizeof one);
+  }
+
+  // start_tunnel_thread_locked starts the tunnel thread unless it runs; false when it cannot
+  // (no descriptors, no threads: logged). Under tunnel_mu.
+  bool start_tunnel_thread_locked() {
+    if (tunnel_thread.joinable()) return true;
+    if (tunnel_epoll < 0) tunnel_epoll = ::epoll_create1(EPOLL_CLOEXEC);
+    if (tunnel_wake < 0) tunnel_wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.ptr = nullptr;  // the wake-up
+    if (tunnel_epoll < 0 || tunnel_wake < 0 ||
+        (::epoll_ctl(tunnel_epoll, EPOLL_CTL_ADD, tunnel_wake, &ev) != 0 && errno != EEXIST)) {
+      log->log(LogLevel::error, kLog, "cannot start the tunnel thread",
+               {{"error", std::strerror(errno)}});
+      return false;
+    }
+    try {
+      tunnel_thread = std::thread([this] { tunnel_loop(); });
+    } catch (const std::system_error& ex) {
+      log->log(LogLevel::error, kLog, "cannot start the tunnel thread", {{"error", ex.what()}});
+      return false;
+    }
+    return true;
+  }
+
+  // tunnel_loop runs every tunnel: each is run when one of its sockets reports an event (or
+  // at once, when its last run stopped on its share of bytes), and checked for its idle
+  // deadline every 200 ms. At tunnel_stop the ones left are cut.
+  void tunnel_loop() {
+    using End = detail::Tunnel::End;
+    std::unordered_map<TunnelEntry*, std::unique_ptr<TunnelEntry>> live;
+    std::vector<epoll_event> events(128);
+    std::vector<TunnelEntry*> batch, again;
+    auto next_scan = SteadyClock::now() + milliseconds(200);
+    auto end = [&](TunnelEntry* e, End how) {
+      ::epoll_ctl(tunnel_epoll, EPOLL_CTL_DEL, e->conn->fd, nullptr);
+      ::epoll_ctl(tunnel_epoll, EPOLL_CTL_DEL, e->tunnel->upstream_fd(), nullptr);
+      e->tunnel->finish(how);
+      close_socket(*e->conn);
+      live.erase(e);
+    };
+    auto queue = [&](TunnelEntry* e) {
+      if (e->queued) return;
+      e->queued = true;
+      batch.push_back(e);
+    };
+    for (;;) {
+      int n = ::epoll_wait(tunnel_epoll, events.data(), static_cast<int>(events.size()),
+                           again.empty() ? 200 : 0);
+      batch.clear();
+      for (TunnelEntry* e : again) queue(e);
+      again.clear();
+      for (int i = 0; i < n; ++i) {
+        auto* e = static_cast<TunnelEntry*>(events[i].data.ptr);
+        if (!e) {
+          uint64_t v;
+          [[maybe_unused]] auto rd = ::read(tunnel_wake, &v, sizeof v);
+          continue;
+        }
+        queue(e);
+      }
+      std::vector<std::unique_ptr<TunnelEntry>> fresh;
+      bool stop;
+      {
+        std::lock_guard lock(tunnel_mu);
+        fresh.swap(tunnel_new);
+        stop = tunnel_stop;
+      }
+      for (auto& f : fresh) {
+        TunnelEntry* e = f.get();
+        live.emplace(e, std::move(f));
+        epoll_event ev{};
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+        ev.data.ptr = e;
+        if (::epoll_ctl(tunnel_epoll, EPOLL_CTL_ADD, e->conn->fd, &ev) != 0 ||
+            ::epoll_ctl(tunnel_epoll, EPOLL_CTL_ADD, e->tunnel->upstream_fd(), &ev) != 0) {
+          end(e, End::failed);
+          continue;
+        }
+        queue(e);
+      }
+      if (stop) {
+        std::vector<TunnelEntry*> all;
+        for (auto& [raw, e] : live) all.push_back(raw);
+        for (TunnelEntry* e : all) end(e, End::cut);
+        return;
+      }
+      for (TunnelEntry* e : batch) {
+        e->queued = false;
+        detail::Tunnel::Wait w;
+        End how = e->tunnel->run(w);
+        if (how != End::open) {
+          end(e, how);
+        } else if (w.again) {
+          again.push_back(e);
+        }
+      }
+      auto now = SteadyClock::now();
+      if (now >= next_scan) {
+        next_scan = now + milliseconds(200);
+        // Run the ones past their idle deadline: run() ends them as idle unless a byte moves.
+        std::vector<TunnelEntry*> due;
+        for (auto& [raw, e] : live) {
+          if (now >= e->tunnel->deadline()) due.push_back(raw);
+        }
+        for (TunnelEntry* e : due) {
+          detail::Tunnel::Wait w;
+          End how = e->tunnel->run(w);
+          if (how != End::open) {
+            std::erase(again, e);
+            end(e, how);
+          } else if (w.again && std::find(again.begin(), again.end(), e) == again.end()) {
+            again.push_back(e);
+          }
+        }
+      }
+    }
+  }
+
   // --- workers -------------------------------------------------------------------------------
 
   void worker_loop() {
@@ -2442,9 +2591,9 @@ struct Server::Impl {
       {
         std::unique_lock lock(work_mu);
         work_cv.wait(lock, [&] {
-          return work_stop || !work.empty() || worker_running > worker_target + tunnel_workers;
+          return work_stop || !work.empty() || worker_running > worker_target;
         });
-        if (work.empty() || worker_running > worker_target + tunnel_workers) {
+        if (work.empty() || worker_running > worker_target) {
           --worker_running;  // stopping, or a reload made the pool smaller
           return;
         }
@@ -2472,6 +2621,13 @@ struct Server::Impl {
       bool ok = router.serve(stream, close_connection, connection_closed);
       tl_conn = nullptr;
       tl_stream = nullptr;
+      if (t_tunnel) {
+        // The connection is a tunnel's now (its stream was hijacked: nothing more to flush).
+        ++c->requests;
+        ++requests;
+        start_tunnel(std::move(c), std::move(t_tunnel));
+        return;
+      }
       ok = stream.flush() && ok;
       ++c->requests;
       if (!c->listener->admin) ++requests;
@@ -2638,6 +2794,16 @@ void Server::shutdown(milliseconds drain) {
   m.work_cv.notify_all();
   for (auto& w : m.workers) w->thread.join();
   m.workers.clear();
+  // Tunnels ended with the drain's start (end_tunnels); the thread cuts any left (one handed
+  // over since) and leaves.
+  {
+    std::lock_guard lock(m.tunnel_mu);
+    m.tunnel_stop = true;
+  }
+  if (m.tunnel_thread.joinable()) {
+    m.wake_tunnels();
+    m.tunnel_thread.join();
+  }
   // A worker that looked at `draining` just before it was set may have handed a connection
   // back after the reactor left.
   for (auto& r : m.reactors) {

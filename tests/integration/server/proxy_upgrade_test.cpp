@@ -467,12 +467,25 @@ TEST_SUITE("server") {
     auto cfg = ws_config(up);
     cfg.worker_threads = 2;
     auto srv = start_server(std::move(cfg));
+    auto threads = [] {
+      std::size_t n = 0;
+      for ([[maybe_unused]] const auto& t : fs::directory_iterator("/proc/self/task")) ++n;
+      return n;
+    };
+    const std::size_t before = threads();
+    constexpr int kTunnels = 16;
     std::vector<std::unique_ptr<Stream>> open;
-    for (int i = 0; i < 6; ++i) {
+    for (int i = 0; i < kTunnels; ++i) {
       open.push_back(std::make_unique<Stream>(srv->http_port(), nullptr, ""));
       std::string got = opened(*open.back(), "/ws-quiet");
       CHECK(got.empty());
     }
+    // All tunnels run on one thread of the server's: the process has one thread more per
+    // tunnel (the test upstream's, one per connection) and the tunnel thread, not a worker per
+    // tunnel besides.
+    const std::size_t during = threads();
+    CHECK_MESSAGE(during <= before + kTunnels + 2, ("threads before " + std::to_string(before) +
+                                                    ", with the tunnels " + std::to_string(during)));
     // Every tunnel still answers.
     for (std::size_t i = 0; i < open.size(); ++i) {
       std::string msg = "t" + std::to_string(i) + ";";
