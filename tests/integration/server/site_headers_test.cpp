@@ -17,6 +17,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "server/server.h"
 #include "tests/support/net.h"
@@ -49,6 +50,19 @@ std::string raw_get(int port, const std::string& host, const std::string& path) 
 }
 
 std::size_t count_of(const httplib::Headers& h, const std::string& name) { return h.count(name); }
+
+// store_for is a store whose default certificate (from a test CA) covers names.
+std::shared_ptr<tlsreload::CertStore> store_for(const std::vector<std::string>& names) {
+  auto ca = autotls::testing::make_test_ca("headers test CA");
+  REQUIRE(ca);
+  auto leaf = autotls::testing::make_test_leaf(names, *ca);
+  REQUIRE(leaf);
+  auto store = std::make_shared<tlsreload::CertStore>();
+  auto cert = store->publish_pem(leaf->cert_pem, leaf->key_pem);
+  REQUIRE(cert);
+  REQUIRE(store->set_default(*cert));
+  return store;
+}
 
 // Upstream answers with its own Cache-Control and X-Upstream.
 struct Upstream {
@@ -156,14 +170,7 @@ TEST_SUITE("server") {
     fs::path www = dir.path / "www";
     fs::create_directories(www);
     std::ofstream(www / "index.html") << "home\n";
-    auto ca = autotls::testing::make_test_ca("headers test CA");
-    REQUIRE(ca);
-    auto leaf = autotls::testing::make_test_leaf({"s.test", "plain.test"}, *ca);
-    REQUIRE(leaf);
-    auto store = std::make_shared<tlsreload::CertStore>();
-    auto cert = store->publish_pem(leaf->cert_pem, leaf->key_pem);
-    REQUIRE(cert);
-    REQUIRE(store->set_default(*cert));
+    auto store = store_for({"s.test", "plain.test"});
     ServerConfig cfg;
     cfg.https = {{"127.0.0.1", 0}};
     cfg.http = {};
@@ -202,14 +209,7 @@ TEST_SUITE("server") {
     });
     int up_port = autotls::testing::bind_claimed(upstream);
     std::thread up_thread([&] { upstream.listen_after_bind(); });
-    auto ca = autotls::testing::make_test_ca("headers test CA");
-    REQUIRE(ca);
-    auto leaf = autotls::testing::make_test_leaf({"p.test", "s.test", "plain.test"}, *ca);
-    REQUIRE(leaf);
-    auto store = std::make_shared<tlsreload::CertStore>();
-    auto cert = store->publish_pem(leaf->cert_pem, leaf->key_pem);
-    REQUIRE(cert);
-    REQUIRE(store->set_default(*cert));
+    auto store = store_for({"p.test", "s.test", "plain.test"});
 
     ServerConfig cfg;
     cfg.https = {{"127.0.0.1", 0}};
