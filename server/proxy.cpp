@@ -909,13 +909,12 @@ struct Tunnel::State {
 
 Tunnel::Tunnel(std::unique_ptr<State> state) : s_(std::move(state)) {}
 Tunnel::~Tunnel() = default;
-int Tunnel::client_fd() const { return s_->client.fd; }
 int Tunnel::upstream_fd() const { return s_->upstream.fd; }
 SteadyClock::time_point Tunnel::deadline() const { return s_->deadline; }
 
-Tunnel::End Tunnel::run(Wait& wait) {
+Tunnel::End Tunnel::run(bool& again) {
   State& s = *s_;
-  wait = {};
+  again = false;
   const std::uint64_t budget_end = s.up.bytes + s.down.bytes + kTunnelShare;
   for (;;) {
     if (s.ex->is_aborted()) return End::cut;
@@ -927,14 +926,14 @@ Tunnel::End Tunnel::run(Wait& wait) {
     if (moved) {
       s.deadline = SteadyClock::now() + s.idle;
       if (s.up.bytes + s.down.bytes >= budget_end) {
-        wait.again = true;
+        again = true;
         return End::open;
       }
       continue;
     }
-    wait.client = static_cast<short>(s.up.read_events | s.down.write_events);
-    wait.upstream = static_cast<short>(s.down.read_events | s.up.write_events);
-    if (wait.client == 0 && wait.upstream == 0) return End::closed;  // nothing to wait for
+    bool waiting = s.up.read_events || s.up.write_events || s.down.read_events ||
+                   s.down.write_events;
+    if (!waiting) return End::closed;  // nothing left to wait for
     if (SteadyClock::now() >= s.deadline) return End::idle;
     return End::open;
   }

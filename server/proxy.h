@@ -147,27 +147,20 @@ class Tunnel {
     failed,  // a side failed or was reset
     cut,     // end_tunnels or abort_all (shutdown)
   };
-  // What run() stopped on, when it says open: the events each socket would have to report
-  // (POLLIN / POLLOUT, which are EPOLLIN / EPOLLOUT), or again: it stopped after its share of
-  // bytes with more to move, and wants to run again soon without waiting for an event.
-  struct Wait {
-    short client = 0;
-    short upstream = 0;
-    bool again = false;
-  };
   struct State;  // proxy.cpp
   explicit Tunnel(std::unique_ptr<State> state);
   Tunnel(const Tunnel&) = delete;
   Tunnel& operator=(const Tunnel&) = delete;
   ~Tunnel();
 
-  int client_fd() const;
   int upstream_fd() const;
   // run moves the bytes that can move without waiting, up to a share (kTunnelShare bytes) so
-  // that one busy tunnel does not hold up the others. open: wait as `wait` says (or until
-  // deadline()); anything else: the tunnel is over, call finish(). Every socket it stops on
-  // has reported EAGAIN for what it waits for, so edge-triggered readiness is enough.
-  End run(Wait& wait);
+  // that one busy tunnel does not hold up the others. open: wait for either socket (or for
+  // deadline()), or, with again set, run it again soon: it stopped on its share with more to
+  // move. Anything else: the tunnel is over, call finish(). Without again, every socket it
+  // stopped on has reported EAGAIN for what it waits for, so edge-triggered readiness is
+  // enough.
+  End run(bool& again);
   // deadline is when the tunnel ends as idle unless a byte moves before.
   std::chrono::steady_clock::time_point deadline() const;
   // finish logs the end ("tunnel closed": how, how long, bytes each way) and closes the

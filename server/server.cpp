@@ -2553,11 +2553,11 @@ struct Server::Impl {
       }
       for (TunnelEntry* e : batch) {
         e->queued = false;
-        detail::Tunnel::Wait w;
-        End how = e->tunnel->run(w);
+        bool more = false;
+        End how = e->tunnel->run(more);
         if (how != End::open) {
           end(e, how);
-        } else if (w.again) {
+        } else if (more) {
           again.push_back(e);
         }
       }
@@ -2570,12 +2570,12 @@ struct Server::Impl {
           if (now >= e->tunnel->deadline()) due.push_back(raw);
         }
         for (TunnelEntry* e : due) {
-          detail::Tunnel::Wait w;
-          End how = e->tunnel->run(w);
+          bool more = false;
+          End how = e->tunnel->run(more);
           if (how != End::open) {
             std::erase(again, e);
             end(e, how);
-          } else if (w.again && std::find(again.begin(), again.end(), e) == again.end()) {
+          } else if (more && std::find(again.begin(), again.end(), e) == again.end()) {
             again.push_back(e);
           }
         }
