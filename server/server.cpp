@@ -1296,8 +1296,31 @@ struct Server::Impl {
 
   // --- request handlers (worker threads) ------------------------------------------------------
 
+  // origin_form is req as an origin-form request when its target is absolute-form (RFC 9112
+  // §3.2.2: an origin server must accept "GET http://host/path", and goes by the target's
+  // authority, not by Host): target and path from the URL's path and query, Host its
+  // authority. nullopt for any other target (nearly every request: one comparison).
+  static std::optional<httplib::Request> origin_form(const httplib::Request& req) {
+    if (req.target.empty() || req.target.front() == '/') return std::nullopt;
+    auto abs = detail::absolute_target(req.target);
+    if (!abs) return std::nullopt;
+    httplib::Request out = req;
+    out.target = abs->origin;
+    auto q = abs->origin.find('?');
+    out.path = httplib::detail::decode_url(abs->origin.substr(0, q), false);
+    out.params.clear();
+    if (q != std::string::npos) httplib::detail::parse_query_text(abs->origin.substr(q + 1), out.params);
+    out.headers.erase("Host");
+    out.headers.emplace("Host", abs->authority);
+    return out;
+  }
+
   void handle_http(const httplib::Request& req, httplib::Response& res,
                    const httplib::ContentReader* reader, std::size_t max_body) {
+    if (auto origin = origin_form(req)) {
+      handle_http(*origin, res, reader, max_body);
+      return;
+    }
     auto r = routing();
     if (!r->redirect_to_https && !detail::acme_challenge_token(req.path)) {
       handle_site(req, res, false, reader, max_body);
@@ -1339,6 +1362,10 @@ struct Server::Impl {
 
   void handle_site(const httplib::Request& req, httplib::Response& res, bool tls,
                    const httplib::ContentReader* reader, std::size_t max_body) {
+    if (auto origin = origin_form(req)) {
+      handle_site(*origin, res, tls, reader, max_body);
+      return;
+    }
     // A body nobody reads would be parsed as the next request: read it away (bounded by
     // max_body_bytes and the read timeout) unless the proxy streams it.
     auto discard_body = [&] {

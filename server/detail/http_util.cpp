@@ -105,6 +105,24 @@ bool if_range_holds(std::string_view if_range, const FileValidators& v) {
   return date && *date == v.mtime;
 }
 
+std::optional<AbsoluteTarget> absolute_target(std::string_view target) {
+  std::size_t scheme = 0;
+  for (std::string_view s : {std::string_view("http://"), std::string_view("https://")}) {
+    if (target.size() >= s.size() && iequals(target.substr(0, s.size()), s)) scheme = s.size();
+  }
+  if (scheme == 0) return std::nullopt;
+  std::string_view rest = target.substr(scheme);
+  std::size_t end = std::min(rest.find_first_of("/?#"), rest.size());
+  AbsoluteTarget out;
+  std::string_view authority = rest.substr(0, end);
+  if (authority.find('@') == std::string_view::npos) out.authority = authority;
+  std::string_view origin = rest.substr(end);
+  origin = origin.substr(0, std::min(origin.find('#'), origin.size()));
+  if (origin.empty() || origin.front() != '/') out.origin = "/";
+  out.origin += origin;
+  return out;
+}
+
 std::optional<std::string> host_of(std::string_view h) {
   if (h.empty()) return std::nullopt;
   std::string_view host = h;

@@ -19,6 +19,18 @@ namespace autotls::server::detail {
 // IP literal contains (so it is safe to put into a Location header), or brackets no IPv6 address.
 std::optional<std::string> host_of(std::string_view host_header);
 
+// AbsoluteTarget is an absolute-form request target (RFC 9112 §3.2.2, "GET http://host/path
+// HTTP/1.1", what a client sends to a proxy) taken apart: authority is what the URL names
+// between "//" and the path ("host[:port]"; empty when it holds user info, which no host may),
+// origin the origin-form target ("/path?query"; "/" when the URL has no path).
+struct AbsoluteTarget {
+  std::string authority;
+  std::string origin;
+};
+// absolute_target takes target apart when it is absolute-form with the scheme http or https
+// (in any case); nullopt for any other target.
+std::optional<AbsoluteTarget> absolute_target(std::string_view target);
+
 // redirect_location builds the https URL for a plain-HTTP request: the Host header's host,
 // ":port" unless port is 443, then target (path and query, as received).
 std::string redirect_location(std::string_view host, std::string_view target, int port);

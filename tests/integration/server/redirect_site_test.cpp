@@ -75,6 +75,46 @@ ServerConfig base_config(const fs::path& www) {
 }  // namespace
 
 TEST_SUITE("server") {
+  TEST_CASE("an absolute-form target is answered as its origin form, on the site its authority names") {
+    autotls::testing::TempDir dir("autotls-absform");
+    fs::path www = dir.path / "www";
+    fs::create_directories(www);
+    std::ofstream(www / "index.html") << "new home\n";
+    auto srv = start_server(base_config(www));
+    Client c(srv->http_port());
+    // RFC 9112 3.2.2: the origin server uses the target's authority, not Host.
+    auto r = c.get("new.test", "http://new.test/index.html");
+    CHECK(r.status == 200);
+    CHECK(r.body == "new home\n");
+    r = c.get("old.test", "HTTP://New.Test:80/index.html?x=1");
+    CHECK(r.status == 200);
+    CHECK(r.body == "new home\n");
+    r = c.get("new.test", "http://old.test/post/7?c=1");
+    CHECK(r.status == 301);
+    CHECK(r.field("Location") == "https://new.test/archive/post/7?c=1");
+    r = c.get("new.test", "http://www.new.test");
+    CHECK(r.status == 302);
+    CHECK(r.field("Location") == "https://new.test/");
+    // User info names no host.
+    r = c.get("new.test", "http://user@new.test/index.html");
+    CHECK(r.status == 400);
+    // The connection is still in step, and origin form is as before.
+    r = c.get("new.test", "/index.html");
+    CHECK(r.status == 200);
+
+    // A plain-HTTP listener that sends everyone to HTTPS does so with the origin form.
+    auto cfg = base_config(www);
+    cfg.redirect_to_https = true;
+    cfg.redirect_port = 8443;
+    auto redirecting = start_server(cfg);
+    Client h(redirecting->http_port());
+    r = h.get("elsewhere.test", "http://new.test/a?b=1");
+    CHECK(r.status == 308);
+    CHECK(r.field("Location") == "https://new.test:8443/a?b=1");
+    srv->shutdown(milliseconds(1'000));
+    redirecting->shutdown(milliseconds(1'000));
+  }
+
   TEST_CASE("a redirect site answers every method with its status and Location, and the connection stays usable") {
     autotls::testing::TempDir dir("autotls-redir");
     fs::path www = dir.path / "www";

@@ -112,6 +112,33 @@ TEST_SUITE("server.http_util") {
     CHECK(content_type_for("noext") == "application/octet-stream");
   }
 
+  TEST_CASE("absolute_target takes an absolute-form target apart into authority and origin form") {
+    auto t = absolute_target("http://Example.com:8080/a/b?x=1&y=2");
+    REQUIRE(t);
+    CHECK(t->authority == "Example.com:8080");
+    CHECK(t->origin == "/a/b?x=1&y=2");
+    t = absolute_target("HTTPS://example.com");
+    REQUIRE(t);
+    CHECK(t->authority == "example.com");
+    CHECK(t->origin == "/");
+    t = absolute_target("http://example.com?q");
+    REQUIRE(t);
+    CHECK(t->origin == "/?q");
+    t = absolute_target("http://[::1]:80/p#frag");
+    REQUIRE(t);
+    CHECK(t->authority == "[::1]:80");
+    CHECK(t->origin == "/p");
+    // User info names no host: the authority is empty, so the request has no usable host.
+    t = absolute_target("http://user:pw@example.com/");
+    REQUIRE(t);
+    CHECK(t->authority.empty());
+    CHECK(t->origin == "/");
+    for (const char* other : {"/a", "*", "example.com:443", "ftp://example.com/", "http:/x", "httpx://h/"}) {
+      CAPTURE(other);
+      CHECK_FALSE(absolute_target(other));
+    }
+  }
+
   TEST_CASE("header_end finds the blank line") {
     CHECK(header_end("GET / HTTP/1.1\r\nHost: a\r\n\r\n") == 27);
     CHECK(header_end("GET / HTTP/1.1\nHost: a\n\n") == 24);
