@@ -64,7 +64,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (auto ip = acme::canonical_ip(*h); ip && *ip != *h && v6) __builtin_trap();
       break;
     }
-    case 7: (void)server::detail::acme_challenge_token(in); break;
+    case 7: {
+      (void)server::detail::acme_challenge_token(in);
+      // An absolute-form target becomes an origin-form one (a path the static lookup and a
+      // redirect's {uri} take) and an authority with nothing of the path or user info in it.
+      if (auto t = server::detail::absolute_target(in)) {
+        if (t->origin.empty() || t->origin.front() != '/' || t->origin.find('#') != std::string::npos ||
+            t->authority.find_first_of("/?#@") != std::string::npos) {
+          __builtin_trap();
+        }
+      }
+      break;
+    }
     case 8: (void)server::detail::header_end(in); break;
     case 9: {
       std::size_t cut = in.find('\n');
