@@ -60,6 +60,15 @@ class Client {
   autotls::testing::RawConn conn_;
 };
 
+// new_home makes dir/www with an index.html of "new home\n", the root of base_config's static
+// site.
+fs::path new_home(const autotls::testing::TempDir& dir) {
+  fs::path www = dir.path / "www";
+  fs::create_directories(www);
+  std::ofstream(www / "index.html") << "new home\n";
+  return www;
+}
+
 ServerConfig base_config(const fs::path& www) {
   ServerConfig cfg;
   cfg.https = {{"127.0.0.1", 0}};
@@ -77,9 +86,7 @@ ServerConfig base_config(const fs::path& www) {
 TEST_SUITE("server") {
   TEST_CASE("an absolute-form target is answered as its origin form, on the site its authority names") {
     autotls::testing::TempDir dir("autotls-absform");
-    fs::path www = dir.path / "www";
-    fs::create_directories(www);
-    std::ofstream(www / "index.html") << "new home\n";
+    fs::path www = new_home(dir);
     auto srv = start_server(base_config(www));
     Client c(srv->http_port());
     // RFC 9112 3.2.2: the origin server uses the target's authority, not Host.
@@ -117,9 +124,7 @@ TEST_SUITE("server") {
 
   TEST_CASE("a redirect site answers every method with its status and Location, and the connection stays usable") {
     autotls::testing::TempDir dir("autotls-redir");
-    fs::path www = dir.path / "www";
-    fs::create_directories(www);
-    std::ofstream(www / "index.html") << "new home\n";
+    fs::path www = new_home(dir);
     auto srv = start_server(base_config(www));
     Client c(srv->http_port());
 
