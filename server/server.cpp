@@ -2516,9 +2516,9 @@ struct Server::Impl {
     return true;
   }
 
-  // tunnel_loop runs every tunnel: each is run when one of its sockets reports an event (or
-  // at once, when its last run stopped on its share of bytes), and checked for its idle
-  // deadline every 200 ms. At tunnel_stop the ones left are cut.
+  // tunnel_loop runs every tunnel: each is run when one of its sockets reports an event, at
+  // once when its last run stopped on its share of bytes, and once past its idle deadline
+  // (checked every 200 ms). At tunnel_stop the ones left are cut.
   void tunnel_loop() {
     using End = detail::Tunnel::End;
     std::unordered_map<TunnelEntry*, std::unique_ptr<TunnelEntry>> live;
@@ -2591,20 +2591,10 @@ struct Server::Impl {
       auto now = SteadyClock::now();
       if (now >= next_scan) {
         next_scan = now + milliseconds(200);
-        // Run the ones past their idle deadline: run() ends them as idle unless a byte moves.
-        std::vector<TunnelEntry*> due;
+        // The ones past their idle deadline run in the next round (at once: `again` makes the
+        // wait zero), where run() ends them as idle unless a byte moves.
         for (auto& [raw, e] : live) {
-          if (now >= e->tunnel->deadline()) due.push_back(raw);
-        }
-        for (TunnelEntry* e : due) {
-          bool more = false;
-          End how = e->tunnel->run(more);
-          if (how != End::open) {
-            std::erase(again, e);
-            end(e, how);
-          } else if (more && std::find(again.begin(), again.end(), e) == again.end()) {
-            again.push_back(e);
-          }
+          if (now >= e->tunnel->deadline()) again.push_back(raw);
         }
       }
     }
