@@ -678,7 +678,7 @@ struct Server::Impl {
   detail::LatencyHistogram latency;  // client requests, header parsed -> response written
   std::atomic<std::uint64_t> accepted{0}, rejected{0}, handshakes{0}, handshake_failed{0},
       handshake_timeout{0}, header_timeout{0}, idle_closed{0}, header_too_large{0},
-      requests{0}, forced_closed{0}, read_timeout{0}, write_timeout{0};
+      bad_head{0}, requests{0}, forced_closed{0}, read_timeout{0}, write_timeout{0};
   // The https SSL_CTX once attach succeeded on it and on reactor_ctxs (their client-hello hooks
   // count SNI misses), for the metrics; set once, and the SSL_CTXs live as long as the Impl.
   std::atomic<SSL_CTX*> hooked_ctx{nullptr};
@@ -1268,6 +1268,9 @@ struct Server::Impl {
          "TLS ClientHellos without SNI (default certificate or refused).", sni.no_sni},
         {"autotls_server_header_too_large_total", "counter",
          "Requests refused with 431 (max_header_bytes).", header_too_large.load()},
+        {"autotls_server_bad_request_head_total", "counter",
+         "Requests refused with 400, 501 or 505 for their head (framing, field syntax, version).",
+         bad_head.load()},
         {"autotls_server_requests_total", "counter", "Requests answered.",
          requests.load()},
         {"autotls_server_forced_closed_total", "counter",
@@ -1698,6 +1701,25 @@ struct Server::Impl {
     work_cv.notify_one();
   }
 
+  // vet_head checks the request head at c.unread()[0, head) before anything reads it
+  // (detail::check_request_head) and, when httplib must read another text, rewrites it in
+  // c.buf (detail::normalize_request_head; head follows). Every head is vetted once, by the
+  // reactor or by the worker that serves the request behind another. Returns the answer to
+  // send before closing the connection; empty: go on.
+  std::string vet_head(Connection& c, std::size_t& head) {
+    detail::HeadCheck check = detail::check_request_head(c.unread().substr(0, head));
+    if (check.status != 0) {
+      if (!c.listener->admin) ++bad_head;
+      return detail::head_fault_response(check);
+    }
+    if (check.rewrite) {
+      std::string normal = detail::normalize_request_head(c.unread().substr(0, head));
+      c.buf.replace(c.pos, head, normal);
+      head = normal.size();
+    }
+    return {};
+  }
+
   void reply_and_close(Connection* c, std::string_view response) {
     // Best effort on a non-blocking socket: the client is misbehaving anyway.
     if (c->ssl) {
@@ -1980,6 +2002,9 @@ struct Server::Impl {
         c->pos = 0;
       }
       if (std::size_t head = detail::header_end(c->unread()); head != 0) {
+        if (std::string refusal = vet_head(*c, head); !refusal.empty()) {
+          return reply_and_close(c, refusal);
+        }
         // Handlers that never block run here; anything that may wait goes to a worker.
         if (c->listener->admin || c->prefer_worker ||
             !request_fully_buffered(c->unread(), head)) {
@@ -2656,8 +2681,16 @@ struct Server::Impl {
       // through the reactor.
       auto u = c->unread();
       auto start = u.find_first_not_of("\r\n");
-      if (start != std::string_view::npos && detail::header_end(u.substr(start)) != 0) continue;
-      break;
+      if (start == std::string_view::npos) break;
+      std::size_t head = detail::header_end(u.substr(start));
+      if (head == 0) break;
+      c->pos += start;
+      if (std::string refusal = vet_head(*c, head); !refusal.empty()) {
+        stream.write(refusal.data(), refusal.size());
+        stream.flush();
+        close_socket(*c);
+        return;
+      }
     }
     next_request(*c);
     Reactor& home = *c->home;
@@ -2989,6 +3022,7 @@ Server::Counters Server::counters() const {
   c.sni_misses = sni.sni_misses;
   c.no_sni = sni.no_sni;
   c.header_too_large = m.header_too_large.load();
+  c.bad_request_head = m.bad_head.load();
   c.requests = m.requests.load();
   c.forced_closed = m.forced_closed.load();
   c.open_connections = m.open_count();

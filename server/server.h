@@ -52,6 +52,7 @@ class Server {
     std::uint64_t sni_misses = 0;           // ClientHello SNI no certificate names (tlsreload::HookCounters)
     std::uint64_t no_sni = 0;               // ClientHello without SNI
     std::uint64_t header_too_large = 0;     // 431
+    std::uint64_t bad_request_head = 0;     // 400, 501, 505 for the head (check_request_head)
     std::uint64_t requests = 0;             // requests answered (by a reactor or a worker)
     std::uint64_t forced_closed = 0;        // still open when the drain deadline passed
     std::uint64_t open_connections = 0;     // gauge

@@ -459,6 +459,177 @@ std::size_t header_end(std::string_view buf) {
   return 0;
 }
 
+namespace {
+struct HeadChars {
+  bool tchar[256] = {};      // RFC 9110 §5.6.2 token characters
+  bool value_bad[256] = {};  // control characters other than HT (CR and LF included), DEL
+};
+constexpr HeadChars make_head_chars() {
+  HeadChars t;
+  for (int c = 0; c < 256; ++c) {
+    t.tchar[c] = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+    t.value_bad[c] = (c < 0x20 && c != '\t') || c == 0x7f;
+  }
+  for (char c : std::string_view("!#$%&'*+-.^_`|~")) t.tchar[static_cast<unsigned char>(c)] = true;
+  return t;
+}
+constexpr HeadChars kHeadChars = make_head_chars();
+
+bool all_tchar(std::string_view s) {
+  for (char c : s) {
+    if (!kHeadChars.tchar[static_cast<unsigned char>(c)]) return false;
+  }
+  return !s.empty();
+}
+
+std::string_view trim_ows(std::string_view v) {
+  while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
+  while (!v.empty() && (v.back() == ' ' || v.back() == '\t')) v.remove_suffix(1);
+  return v;
+}
+
+// next_head_line takes the line at pos off head (its CR, if any, dropped); bare tells whether
+// it ended in LF alone. False when no LF is left.
+bool next_head_line(std::string_view head, std::size_t& pos, std::string_view& line, bool& bare) {
+  std::size_t e = head.find('\n', pos);
+  if (e == std::string_view::npos) return false;
+  line = head.substr(pos, e - pos);
+  pos = e + 1;
+  bare = line.empty() || line.back() != '\r';
+  if (!bare) line.remove_suffix(1);
+  return true;
+}
+}  // namespace
+
+HeadCheck check_request_head(std::string_view head) {
+  HeadCheck r;
+  auto fault = [&r](int status, std::string_view why) {
+    r.status = status;
+    r.why = why;
+    r.rewrite = false;
+    return r;
+  };
+  std::size_t pos = 0;
+  std::string_view line;
+  bool bare = false;
+  if (!next_head_line(head, pos, line, bare)) return fault(400, "incomplete request head");
+  r.rewrite = bare;
+  // method SP request-target SP HTTP-version, one space each (a target holds no space).
+  std::size_t sp1 = line.find(' ');
+  std::size_t sp2 = line.rfind(' ');
+  if (sp1 == std::string_view::npos || sp1 == sp2 || !all_tchar(line.substr(0, sp1))) {
+    return fault(400, "bad request line");
+  }
+  std::string_view target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  if (target.empty()) return fault(400, "bad request line");
+  for (char c : target) {
+    if (static_cast<unsigned char>(c) <= ' ' || c == 0x7f) return fault(400, "bad request line");
+  }
+  std::string_view version = line.substr(sp2 + 1);
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  if (version.size() != 8 || version.substr(0, 5) != "HTTP/" || !digit(version[5]) ||
+      version[6] != '.' || !digit(version[7])) {
+    return fault(400, "bad request line");
+  }
+  if (version[5] != '1') return fault(505, "HTTP version not supported");
+  const bool http10 = version[7] == '0';
+  if (version[7] > '1') r.rewrite = true;
+
+  int hosts = 0, lengths = 0;
+  bool te = false, te_chunked_last = false;
+  int te_codings = 0, te_chunked = 0;
+  while (next_head_line(head, pos, line, bare)) {
+    if (bare) r.rewrite = true;
+    if (line.empty()) break;
+    if (line.front() == ' ' || line.front() == '\t') {
+      return fault(400, "field line begins with whitespace (obs-fold)");
+    }
+    std::size_t colon = line.find(':');
+    if (colon == std::string_view::npos || colon == 0) return fault(400, "field line without a name");
+    std::string_view name = line.substr(0, colon);
+    if (!all_tchar(name)) return fault(400, "bad field name");
+    std::string_view value = line.substr(colon + 1);
+    for (char c : value) {
+      if (kHeadChars.value_bad[static_cast<unsigned char>(c)]) {
+        return fault(400, "control character in a field value");
+      }
+      if (c == '%') r.rewrite = true;
+    }
+    value = trim_ows(value);
+    if (iequals(name, "host")) {
+      if (++hosts > 1) return fault(400, "more than one Host field");
+    } else if (iequals(name, "content-length")) {
+      if (++lengths > 1) return fault(400, "more than one Content-Length field");
+      if (value.empty() || value.size() > 18 ||
+          !std::all_of(value.begin(), value.end(), digit)) {
+        return fault(400, "bad Content-Length");
+      }
+    } else if (iequals(name, "transfer-encoding")) {
+      te = true;
+      while (!value.empty()) {
+        std::size_t comma = value.find(',');
+        std::string_view coding = trim_ows(value.substr(0, comma));
+        value = comma == std::string_view::npos ? std::string_view() : value.substr(comma + 1);
+        if (coding.empty()) continue;
+        ++te_codings;
+        te_chunked_last = iequals(coding, "chunked");
+        if (te_chunked_last) ++te_chunked;
+      }
+    }
+  }
+  if (te) {
+    if (http10) return fault(400, "Transfer-Encoding in an HTTP/1.0 request");
+    if (lengths > 0) return fault(400, "both Content-Length and Transfer-Encoding");
+    if (!te_chunked_last || te_chunked > 1) {
+      return fault(400, "chunked is not the final transfer coding, once");
+    }
+    if (te_codings > 1) return fault(501, "transfer coding not implemented");
+  }
+  return r;
+}
+
+std::string normalize_request_head(std::string_view head) {
+  std::string out;
+  out.reserve(head.size() + 32);
+  std::size_t pos = 0;
+  std::string_view line;
+  bool bare = false;
+  if (!next_head_line(head, pos, line, bare)) return std::string(head);
+  out.append(line);
+  // "HTTP/1.x": the last character is the minor version.
+  if (!out.empty() && out.back() > '1' && out.back() <= '9') out.back() = '1';
+  out.append("\r\n");
+  while (next_head_line(head, pos, line, bare)) {
+    if (line.empty()) break;
+    std::size_t colon = line.find(':');
+    out.append(line.substr(0, colon + 1));
+    for (char c : line.substr(colon + 1)) {
+      if (c == '%') {
+        out.append("%25");
+      } else {
+        out.push_back(c);
+      }
+    }
+    out.append("\r\n");
+  }
+  out.append("\r\n");
+  return out;
+}
+
+std::string head_fault_response(const HeadCheck& check) {
+  std::string_view reason = check.status == 505   ? "HTTP Version Not Supported"
+                            : check.status == 501 ? "Not Implemented"
+                                                  : "Bad Request";
+  std::string body = std::string(check.why) + "\n";
+  std::string out = "HTTP/1.1 " + std::to_string(check.status) + " ";
+  out.append(reason)
+      .append("\r\nContent-Type: text/plain\r\nContent-Length: ")
+      .append(std::to_string(body.size()))
+      .append("\r\nConnection: close\r\n\r\n")
+      .append(body);
+  return out;
+}
+
 std::string format_endpoint(std::string_view address, int port) {
   if (address.find(':') != std::string_view::npos) {
     return "[" + std::string(address) + "]:" + std::to_string(port);

@@ -110,6 +110,40 @@ bool is_hop_by_hop(std::string_view name);
 // (CRLF CRLF, or a bare LF LF), or 0 when the header is not complete yet.
 std::size_t header_end(std::string_view buf);
 
+// HeadCheck is what check_request_head found in a complete request head.
+struct HeadCheck {
+  int status = 0;         // 0: acceptable; else 400, 501 or 505, to answer before closing
+  std::string_view why;   // the fault in a few words (static text), for the answer's body
+  bool rewrite = false;   // httplib must read normalize_request_head(head), not head
+};
+
+// check_request_head reads a complete request head (request line, field lines, the blank line:
+// head as header_end delimits it) before anything else does, and refuses what would let two
+// readers disagree on where the request ends or what it says (RFC 9112):
+// - 400: a request line that is not "token SP target SP HTTP/d.d"; a field line that begins
+//   with whitespace (obs-fold, §5.2), has no name, whitespace or another non-token character
+//   in its name (§5.1), or a control character other than HT in its value (a bare CR
+//   included); a second Host (§3.2); a second Content-Length, or one that is not 1*DIGIT
+//   (up to 18 digits); Transfer-Encoding beside Content-Length, in an HTTP/1.0 request, or
+//   whose final coding is not chunked, or with chunked twice (§6.1, §6.3).
+// - 501: a transfer coding other than chunked before the final chunked (§6.1).
+// - 505: a major version other than 1.
+// rewrite is set for what is accepted but must reach httplib in another form:
+// normalize_request_head.
+HeadCheck check_request_head(std::string_view head);
+
+// normalize_request_head returns head (accepted by check_request_head) as httplib 0.11 must
+// read it to see what the client sent: each '%' in a field value as "%25" (httplib URL-decodes
+// field values, so "%0d%0a" in a value forwarded upstream became a line break there, and a
+// Cookie's "%3D" an '='), each line ending in a bare LF with CRLF (§2.2 lets a recipient accept
+// it), and a version "HTTP/1.x" with x > 1 as "HTTP/1.1" (RFC 9110 §2.5: processed as the
+// highest minor version implemented).
+std::string normalize_request_head(std::string_view head);
+
+// head_fault_response is the whole answer to a refused head: its status line, a text body
+// with check.why, and Connection: close.
+std::string head_fault_response(const HeadCheck& check);
+
 // FastRequest is what serve_fast needs of a request head it can answer itself: GET or HEAD
 // of a plain path (no query, no percent-encoding), HTTP/1.0 or 1.1, exactly one Host, at most
 // one Connection, and none of the fields that change the answer (Range, Accept-Encoding,

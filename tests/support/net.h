@@ -218,6 +218,7 @@ class RawConn {
   // closed_within: the server closed the connection (EOF or reset) within d, with no byte sent.
   bool closed_within(std::chrono::milliseconds d) {
     if (fd_ < 0) return true;  // never connected
+    if (!pending_.empty()) return false;
     pollfd p{fd_, POLLIN, 0};
     if (::poll(&p, 1, static_cast<int>(d.count())) <= 0) return false;
     char c;
@@ -229,10 +230,16 @@ class RawConn {
     if (!send("GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n")) return {0, ""};
     return response();
   }
-  // response reads one response (its body by Content-Length), as get does.
+  // response reads one response (its body by Content-Length), as get does. Bytes after it
+  // (pipelined responses that came in the same read) are kept for the next call.
   std::pair<int, std::string> response() {
-    std::string in;
-    std::size_t head = std::string::npos, need = 0;
+    std::string& in = pending_;
+    std::size_t head = in.find("\r\n\r\n"), need = 0;
+    auto length = [&] {
+      auto cl = in.find("Content-Length: ");
+      if (cl != std::string::npos && cl < head) need = std::stoul(in.substr(cl + 16));
+    };
+    if (head != std::string::npos) length();
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
     while (head == std::string::npos || in.size() < head + 4 + need) {
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
@@ -242,13 +249,12 @@ class RawConn {
       ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
       if (n <= 0) return {0, ""};
       in.append(buf, static_cast<std::size_t>(n));
-      if (head == std::string::npos && (head = in.find("\r\n\r\n")) != std::string::npos) {
-        auto cl = in.find("Content-Length: ");
-        if (cl != std::string::npos && cl < head) need = std::stoul(in.substr(cl + 16));
-      }
+      if (head == std::string::npos && (head = in.find("\r\n\r\n")) != std::string::npos) length();
     }
     last_head_ = in.substr(0, head);
-    return {std::stoi(in.substr(9, 3)), in.substr(head + 4, need)};
+    std::pair<int, std::string> r{std::stoi(in.substr(9, 3)), in.substr(head + 4, need)};
+    in.erase(0, head + 4 + need);
+    return r;
   }
   // last_head is the status line and headers of the last response read.
   const std::string& last_head() const { return last_head_; }
@@ -256,6 +262,7 @@ class RawConn {
  private:
   int fd_ = -1;
   std::string last_head_;
+  std::string pending_;  // received after the last response read
 };
 
 }  // namespace autotls::testing

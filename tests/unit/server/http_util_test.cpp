@@ -256,6 +256,124 @@ TEST_SUITE("server") {
     CHECK_FALSE(parse_fast_request(req, field.size() - 1));
   }
 
+  TEST_CASE("check_request_head refuses heads whose framing or fields two readers could read apart") {
+    struct Case {
+      std::string head;
+      int status;
+    };
+    const std::string get = "GET / HTTP/1.1\r\nHost: a.test\r\n";
+    const std::string post = "POST /u HTTP/1.1\r\nHost: a.test\r\n";
+    const std::vector<Case> cases = {
+        {get + "\r\n", 0},
+        {"GET / HTTP/1.0\r\n\r\n", 0},
+        {post + "Content-Length: 12\r\n\r\n", 0},
+        {post + "Content-Length:  7 \r\n\r\n", 0},
+        {post + "Transfer-Encoding: chunked\r\n\r\n", 0},
+        {post + "Transfer-Encoding: Chunked\r\nX: %41\r\n\r\n", 0},
+        {post + "transfer-encoding: ,chunked,\r\n\r\n", 0},
+        {get + "X-Empty:\r\nX-Tab:\ta\tb\r\n\r\n", 0},
+        {get + "X-Bytes: caf\xc3\xa9\r\n\r\n", 0},  // obs-text
+        // framing
+        {post + "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+        {post + "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n", 400},
+        {post + "Content-Length: 4\r\nContent-Length: 5\r\n\r\n", 400},
+        {post + "Content-Length: 4\r\nContent-Length: 4\r\n\r\n", 400},
+        {post + "Content-Length: 3, 3\r\n\r\n", 400},
+        {post + "Content-Length: +3\r\n\r\n", 400},
+        {post + "Content-Length: -1\r\n\r\n", 400},
+        {post + "Content-Length: 0x10\r\n\r\n", 400},
+        {post + "Content-Length:\r\n\r\n", 400},
+        {post + "Content-Length: 1234567890123456789\r\n\r\n", 400},
+        {post + "Content-Length: 123456789012345678\r\n\r\n", 0},
+        {post + "Transfer-Encoding: gzip\r\n\r\n", 400},
+        {post + "Transfer-Encoding: chunked, gzip\r\n\r\n", 400},
+        {post + "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+        {post + "Transfer-Encoding: chunked, chunked\r\n\r\n", 400},
+        {post + "Transfer-Encoding:\r\n\r\n", 400},
+        {post + "Transfer-Encoding: chunkedx\r\n\r\n", 400},
+        {post + "Transfer-Encoding: gzip, chunked\r\n\r\n", 501},
+        {post + "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", 501},
+        {"POST /u HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+        // field lines
+        {get + "Host: b.test\r\n\r\n", 400},
+        {get + "X-A: 1\r\n 2\r\n\r\n", 400},
+        {get + "X-A: 1\r\n\t2\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\n Host: a.test\r\n\r\n", 400},
+        {post + "Content-Length : 3\r\n\r\n", 400},
+        {post + "Content-Length\t: 3\r\n\r\n", 400},
+        {get + ": x\r\n\r\n", 400},
+        {get + "no colon\r\n\r\n", 400},
+        {get + "X(A): 1\r\n\r\n", 400},
+        {get + "X-A: a\rb\r\n\r\n", 400},
+        {get + "X-A: a\r\r\n\r\n", 400},
+        {get + std::string("X-A: a\0b\r\n\r\n", 12), 400},
+        {get + "X-A: a\x7f\r\n\r\n", 400},
+        {get + "X-A: a\x1b[0m\r\n\r\n", 400},
+        // request line
+        {"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400},
+        {"GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400},
+        {"GET /\r\nHost: a\r\n\r\n", 400},
+        {"GET / a HTTP/1.1\r\nHost: a\r\n\r\n", 400},
+        {"GET / HTTP/1.10\r\nHost: a\r\n\r\n", 400},
+        {"GET / HTTP/1\r\nHost: a\r\n\r\n", 400},
+        {"GET / http/1.1\r\nHost: a\r\n\r\n", 400},
+        {"G\"T / HTTP/1.1\r\nHost: a\r\n\r\n", 400},
+        {" / HTTP/1.1\r\nHost: a\r\n\r\n", 400},
+        {"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n", 400},
+        {"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505},
+        {"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505},
+        {"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 0},
+        {"GET / HTTP/1.1\nHost: a\n\n", 0},
+    };
+    for (const auto& c : cases) {
+      CAPTURE(c.head);
+      HeadCheck r = check_request_head(c.head);
+      CHECK(r.status == c.status);
+      CHECK(r.why.empty() == (c.status == 0));
+    }
+    // What httplib may read as sent needs no rewrite; the rest does.
+    CHECK_FALSE(check_request_head(get + "X-A: b\r\n\r\n").rewrite);
+    CHECK(check_request_head(get + "X-A: 100%\r\n\r\n").rewrite);
+    CHECK(check_request_head("GET / HTTP/1.1\nHost: a\r\n\r\n").rewrite);
+    CHECK(check_request_head("GET / HTTP/1.1\r\nHost: a\r\n\n").rewrite);
+    CHECK(check_request_head("GET / HTTP/1.3\r\nHost: a\r\n\r\n").rewrite);
+    // '%' in the target is httplib's to decode (the path), not a rewrite.
+    CHECK_FALSE(check_request_head("GET /a%20b?q=%26 HTTP/1.1\r\nHost: a\r\n\r\n").rewrite);
+    CHECK_FALSE(check_request_head(post + "Content-Length: 4\r\nContent-Length: 4\r\n\r\n").rewrite);
+  }
+
+  TEST_CASE("normalize_request_head escapes '%' in field values, ends lines in CRLF and reads HTTP/1.x as 1.1") {
+    CHECK(normalize_request_head("GET /a%20b HTTP/1.1\r\nHost: a\r\nX-A: foo%0d%0aX-B: 1\r\n"
+                                 "Cookie: s=a%3Db; t=%u0041%\r\n\r\n") ==
+          "GET /a%20b HTTP/1.1\r\nHost: a\r\nX-A: foo%250d%250aX-B: 1\r\n"
+          "Cookie: s=a%253Db; t=%25u0041%25\r\n\r\n");
+    CHECK(normalize_request_head("GET / HTTP/1.1\nHost: a\nX: 1\r\n\n") ==
+          "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n");
+    CHECK(normalize_request_head("GET / HTTP/1.7\r\nHost: a\r\n\r\n") ==
+          "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    CHECK(normalize_request_head("GET / HTTP/1.0\r\n\r\n") == "GET / HTTP/1.0\r\n\r\n");
+    // A name never holds '%' escaped (a name is a token: '%' in it stays as sent).
+    CHECK(normalize_request_head("GET / HTTP/1.1\r\nX%: %\r\n\r\n") ==
+          "GET / HTTP/1.1\r\nX%: %25\r\n\r\n");
+    // What it gives is accepted again, with nothing more to rewrite but the '%' it wrote.
+    auto again = check_request_head(normalize_request_head("GET / HTTP/1.2\nHost: a\n\n"));
+    CHECK(again.status == 0);
+    CHECK_FALSE(again.rewrite);
+  }
+
+  TEST_CASE("head_fault_response is a complete answer that closes the connection") {
+    HeadCheck c;
+    c.status = 501;
+    c.why = "transfer coding not implemented";
+    CHECK(head_fault_response(c) ==
+          "HTTP/1.1 501 Not Implemented\r\nContent-Type: text/plain\r\nContent-Length: 32\r\n"
+          "Connection: close\r\n\r\ntransfer coding not implemented\n");
+    c.status = 505;
+    CHECK(head_fault_response(c).starts_with("HTTP/1.1 505 HTTP Version Not Supported\r\n"));
+    c.status = 400;
+    CHECK(head_fault_response(c).starts_with("HTTP/1.1 400 Bad Request\r\n"));
+  }
+
   TEST_CASE("file_validators: a strong tag of mtime and size, Last-Modified in IMF-fixdate") {
     struct stat st {};
     st.st_mtim.tv_sec = 784111777;  // RFC 9110's example date
