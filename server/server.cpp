@@ -1475,9 +1475,10 @@ struct Server::Impl {
     }
     file = site.root / rel;
     if (S_ISDIR(st.st_mode)) {
-      if (site.index.empty()) {
+      if (site.index.empty() || url_path.back() != '/') {
         ::close(f);
-        return detail::StaticLookup::not_found;
+        return site.index.empty() ? detail::StaticLookup::not_found
+                                  : detail::StaticLookup::add_slash;
       }
       int g = open_at(f, site.index.c_str());
       int err = errno;
@@ -1523,6 +1524,20 @@ struct Server::Impl {
         res.status = 404;
         res.set_content("not found\n", "text/plain");
         return;
+      case detail::StaticLookup::add_slash: {
+        // The target as sent (path still encoded), with '/' after its path; leading slashes
+        // made one, or "//host/dir" would send the client to another host.
+        std::string_view target = req.target;
+        auto query = target.find('?');
+        std::string_view path = target.substr(0, query);
+        while (path.starts_with("//")) path.remove_prefix(1);
+        std::string to(path);
+        to += '/';
+        if (query != std::string_view::npos) to += target.substr(query);
+        res.status = 308;
+        res.set_header("Location", to);
+        return;
+      }
       case detail::StaticLookup::found:
         break;
     }

@@ -405,15 +405,18 @@ StaticLookup resolve_static(const std::filesystem::path& root, std::string_view 
   auto [root_end, cand_it] = std::mismatch(root.begin(), root.end(), candidate.begin(),
                                            candidate.end());
   if (root_end != root.end()) return StaticLookup::not_found;
+  bool slash_last = url_path.back() == '/';
   if (fs::is_directory(candidate, ec)) {
     if (index.empty()) return StaticLookup::not_found;
+    if (!slash_last) return StaticLookup::add_slash;
+    slash_last = false;  // the index file's name has none
     fs::path idx = fs::canonical(candidate / std::string(index), ec);
     if (ec) return StaticLookup::not_found;
     auto [r2, c2] = std::mismatch(root.begin(), root.end(), idx.begin(), idx.end());
     if (r2 != root.end()) return StaticLookup::not_found;
     candidate = std::move(idx);
   }
-  if (!fs::is_regular_file(candidate, ec)) return StaticLookup::not_found;
+  if (!fs::is_regular_file(candidate, ec) || slash_last) return StaticLookup::not_found;
   out = std::move(candidate);
   return StaticLookup::found;
 }

@@ -56,13 +56,17 @@ std::optional<std::string_view> acme_challenge_token(std::string_view path);
 // "application/octet-stream" when unknown.
 std::string_view content_type_for(const std::filesystem::path& file);
 
-// StaticLookup is the outcome of resolving a URL path below a static root.
-enum class StaticLookup { found, bad_request, not_found };
+// StaticLookup is the outcome of resolving a URL path below a static root. add_slash: the path
+// names a directory but does not end in '/'; the answer is a redirect to the path with one
+// (as Caddy's and nginx's file servers do), so that the index file's relative links resolve
+// inside the directory.
+enum class StaticLookup { found, bad_request, not_found, add_slash };
 
 // resolve_static maps an already URL-decoded path to a regular file below root, which MUST be
 // canonical (std::filesystem::canonical). A NUL byte, a backslash or a "." / ".." segment is a
-// bad_request; a file that resolves (through symlinks) outside root, or does not exist, is
-// not_found; a directory resolves to its index file.
+// bad_request; a file that resolves (through symlinks) outside root, or does not exist, or a
+// file named with a trailing '/', is not_found; a directory resolves to its index file when
+// the path ends in '/', else add_slash (not_found when index is empty).
 StaticLookup resolve_static(const std::filesystem::path& root, std::string_view url_path,
                             std::string_view index, std::filesystem::path& out);
 

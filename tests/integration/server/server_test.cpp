@@ -519,6 +519,22 @@ TEST_SUITE("server") {
     CHECK(r.body == "body{}");
     CHECK(r.headers.find("Content-Type: text/css") != std::string::npos);
     CHECK(get("/missing.txt").status == 404);
+    // A directory without its '/' is redirected to it, query kept, never to another host
+    // ("//css" is a path here, not a network-path reference); a file with a trailing '/' is
+    // not found. css/ has no index file: 404 there.
+    std::ofstream(env.dir / "www" / "css" / "index.html") << "css home";
+    for (auto [path, to] : {std::pair{"/css", "/css/"}, {"/css?v=1&w", "/css/?v=1&w"},
+                            {"//css", "/css/"}, {"/c%73s", "/c%73s/"}}) {
+      CAPTURE(path);
+      auto p = get(path, true);
+      CHECK(p.status == 308);
+      CHECK(p.headers.find("\r\nLocation: " + std::string(to) + "\r\n") != std::string::npos);
+    }
+    CHECK(get("/css/").body == "css home");
+    CHECK(get("/css/site.css/", true).status == 404);
+    CHECK(get("/index.html/", true).status == 404);
+    fs::remove(env.dir / "www" / "css" / "index.html");
+    CHECK(get("/css/").status == 404);
     for (std::string probe : {"/../secret.txt", "/css/../../secret.txt", "/%2e%2e/secret.txt",
                               "/css/%2E%2E/%2e%2e/secret.txt", "/..%2fsecret.txt"}) {
       CAPTURE(probe);

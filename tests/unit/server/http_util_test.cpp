@@ -183,7 +183,19 @@ TEST_SUITE("server.http_util") {
     CHECK(resolve_static(root, "/linkdir/secret.txt", "index.html", out) ==
           StaticLookup::not_found);
     CHECK(resolve_static(root, "/missing", "index.html", out) == StaticLookup::not_found);
-    CHECK(resolve_static(root, "/sub", "index.html", out) == StaticLookup::not_found);
+    // A directory without its '/' is redirected to it (even one with no index: that 404s
+    // after); with no index file name at all, it is not found either way. A file named with a
+    // trailing '/' is not found.
+    CHECK(resolve_static(root, "/sub", "index.html", out) == StaticLookup::add_slash);
+    CHECK(resolve_static(root, "/sub/", "index.html", out) == StaticLookup::not_found);
+    CHECK(resolve_static(root, "/sub", "", out) == StaticLookup::not_found);
+    CHECK(resolve_static(root, "/sub/a.txt/", "index.html", out) == StaticLookup::not_found);
+    CHECK(resolve_static(root, "/index.html/", "index.html", out) == StaticLookup::not_found);
+    std::ofstream(base / "root" / "sub" / "index.html") << "sub";
+    CHECK(resolve_static(root, "/sub", "index.html", out) == StaticLookup::add_slash);
+    CHECK(resolve_static(root, "/sub/", "index.html", out) == StaticLookup::found);
+    CHECK(out == root / "sub" / "index.html");
+    CHECK(resolve_static(root, "//sub//", "index.html", out) == StaticLookup::found);
     fs::remove_all(base);
   }
 }
