@@ -1261,6 +1261,17 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
                {"connection", "closed"}});
       return false;
     }
+    if (err == Err::client_body && !aborted) {
+      // The client's body is at fault, not the upstream: a chunk size that is no number or
+      // overflows, a trailer section (httplib 0.11's reader takes none), or the client gone.
+      // The upstream got a request cut short and its connection closed.
+      res.status = 400;
+      res.set_content("bad request body\n", "text/plain");
+      log.log(LogLevel::info, "server", "client request body malformed",
+              {{"upstream", *upstream}, {"sent_to_upstream", "partly"}, {"status", "400"},
+               {"connection", "closed"}});
+      return false;
+    }
     bool timed_out = err == Err::connect_timeout || err == Err::read_timeout;
     res.status = timed_out ? 504 : 502;
     res.set_content(timed_out ? "upstream timed out\n" : "upstream unavailable\n", "text/plain");

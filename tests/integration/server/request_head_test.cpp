@@ -241,6 +241,30 @@ TEST_SUITE("server") {
     CHECK(server->counters().bad_request_head == refused);
   }
 
+  TEST_CASE("a chunked body the proxy cannot read answers 400, not the upstream's 502") {
+    HeadEcho up;
+    autotls::testing::TempDir dir("autotls-rh-chunk");
+    auto server = start_sites(up, dir.path / "www");
+    const std::string head = "POST /c HTTP/1.1\r\nHost: p.test\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for (std::string body : {std::string("zz\r\nabc\r\n0\r\n\r\n"),
+                             std::string("ffffffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
+                             std::string("3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n")}) {
+      CAPTURE(body);
+      autotls::testing::RawConn c(server->http_port());
+      REQUIRE(c.connected());
+      REQUIRE(c.send(head + body));
+      auto [status, text] = c.response();
+      CHECK(status == 400);
+      CHECK(text == "bad request body\n");
+      CHECK(c.last_head().find("\r\nConnection: close") != std::string::npos);
+      CHECK(c.closed_within(milliseconds(2'000)));
+    }
+    // A good one still goes through.
+    autotls::testing::RawConn c(server->http_port());
+    REQUIRE(c.send(head + "3\r\nabc\r\n0\r\n\r\n"));
+    CHECK(c.response().first == 200);
+  }
+
   TEST_CASE("a head with bare LF line ends or HTTP/1.2 is served as HTTP/1.1") {
     HeadEcho up;
     autotls::testing::TempDir dir("autotls-rh-lf");
