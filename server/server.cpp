@@ -32,6 +32,7 @@
 
 #include <httplib.h>
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
 
 #include "acme/types.h"
@@ -461,6 +462,24 @@ bool body_left_unread(const httplib::Request& req) {
   if (m == "POST" || m == "PUT" || m == "PATCH" || m == "DELETE" || m == "PRI") return false;
   if (req.has_header("Transfer-Encoding")) return true;
   return req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0";
+}
+
+// new_boundary is a multipart boundary no file is likely to hold: "autotls-" and 24 random
+// hex digits.
+std::string new_boundary() {
+  unsigned char raw[12];
+  if (RAND_bytes(raw, sizeof raw) != 1) {
+    ERR_clear_error();
+    auto t = static_cast<std::uint64_t>(SteadyClock::now().time_since_epoch().count());
+    std::memcpy(raw, &t, sizeof t);
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string b = "autotls-";
+  for (unsigned char c : raw) {
+    b.push_back(kHex[c >> 4]);
+    b.push_back(kHex[c & 15]);
+  }
+  return b;
 }
 
 // request_fully_buffered tells whether the request whose header is buf[0, head) also has its
@@ -1574,14 +1593,46 @@ struct Server::Impl {
       }
       return;
     }
-    if (const std::string* if_range = field("If-Range");
-        if_range && !req.ranges.empty() && !detail::if_range_holds(*if_range, v)) {
-      // The client's copy is not this one: the whole file, not the range. httplib applies
-      // req.ranges after the handler; the request is httplib's own (non-const) object.
-      const_cast<httplib::Request&>(req).ranges.clear();
+    // httplib applies req.ranges after the handler (the request is httplib's own, non-const
+    // object); they are replaced by plan_ranges' parts, or cleared for the whole file.
+    auto& ranges = const_cast<httplib::Request&>(req).ranges;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> multi;  // parts, when more than one
+    if (const std::string* range = field("Range"); range && !ranges.empty()) {
+      const std::string* if_range = field("If-Range");
+      // The client's copy is not this one: the whole file, not the range.
+      auto plan = if_range && !detail::if_range_holds(*if_range, v)
+                      ? detail::RangePlan{}
+                      : detail::plan_ranges(*range, static_cast<std::uint64_t>(st.st_size));
+      ranges.clear();
+      if (plan.kind == detail::RangePlan::Kind::unsatisfiable) {
+        ::close(fd);
+        res.status = 416;
+        res.set_header("Content-Range", "bytes */" + std::to_string(st.st_size));
+        res.set_header("ETag", v.etag);
+        res.set_header("Last-Modified", v.last_modified);
+        res.set_content("range not satisfiable\n", "text/plain");
+        return;
+      }
+      if (plan.parts.size() == 1) {
+        ranges.emplace_back(static_cast<ssize_t>(plan.parts[0].first),
+                            static_cast<ssize_t>(plan.parts[0].second));
+      } else {
+        multi = std::move(plan.parts);  // laid out below, not by httplib
+      }
+    } else {
+      ranges.clear();
     }
     res.set_header("ETag", v.etag);
     res.set_header("Last-Modified", v.last_modified);
+    const std::string type(detail::content_type_for(file));
+    std::string boundary;
+    std::shared_ptr<detail::Byteranges> layout;
+    if (!multi.empty()) {
+      boundary = new_boundary();
+      layout = std::make_shared<detail::Byteranges>(detail::byteranges_layout(
+          multi, static_cast<std::uint64_t>(st.st_size), type, boundary));
+      res.status = 206;
+    }
     if (tl_inline) {
       // On a reactor: a small file is read whole (one open, fstat, read); a larger one is
       // streamed by a worker.
@@ -1600,8 +1651,21 @@ struct Server::Impl {
           res.set_content("not found\n", "text/plain");
           return;
         }
+        if (layout) {
+          std::string out;
+          out.reserve(static_cast<std::size_t>(layout->length));
+          for (std::size_t i = 0; i < multi.size(); ++i) {
+            out.append(layout->heads[i]);
+            out.append(body, static_cast<std::size_t>(multi[i].first),
+                       static_cast<std::size_t>(multi[i].second - multi[i].first + 1));
+          }
+          out.append(layout->tail);
+          res.body = std::move(out);
+          res.set_header("Content-Type", "multipart/byteranges; boundary=" + boundary);
+          return;
+        }
         res.body = std::move(body);
-        res.set_header("Content-Type", std::string(detail::content_type_for(file)));
+        res.set_header("Content-Type", type);
         return;
       }
       ::close(fd);
@@ -1614,6 +1678,38 @@ struct Server::Impl {
     if (!*in) {
       res.status = 404;
       res.set_content("not found\n", "text/plain");
+      return;
+    }
+    if (layout) {
+      // The parts' heads and file bytes in turn, each call from where the last one ended.
+      res.set_content_provider(
+          static_cast<size_t>(layout->length), "multipart/byteranges; boundary=" + boundary,
+          [in, layout, multi](size_t offset, size_t length, httplib::DataSink& sink) {
+            std::uint64_t at = 0;
+            auto text = [&](const std::string& t) {
+              auto from = static_cast<std::size_t>(offset - at);
+              return sink.write(t.data() + from, std::min(t.size() - from, length));
+            };
+            for (std::size_t i = 0; i < multi.size(); ++i) {
+              const std::string& head = layout->heads[i];
+              if (offset < at + head.size()) return text(head);
+              at += head.size();
+              std::uint64_t len = multi[i].second - multi[i].first + 1;
+              if (offset < at + len) {
+                char chunk[64 * 1024];
+                std::uint64_t want = std::min<std::uint64_t>({len - (offset - at), sizeof chunk, length});
+                in->clear();
+                in->seekg(static_cast<std::streamoff>(multi[i].first + (offset - at)));
+                in->read(chunk, static_cast<std::streamsize>(want));
+                auto n = in->gcount();
+                if (n <= 0) return false;
+                return sink.write(chunk, static_cast<size_t>(n));
+              }
+              at += len;
+            }
+            if (offset < at + layout->tail.size()) return text(layout->tail);
+            return false;
+          });
       return;
     }
     // Streamed in chunks so a large file never sits in memory whole.

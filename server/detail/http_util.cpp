@@ -633,6 +633,77 @@ std::string head_fault_response(const HeadCheck& check) {
   return out;
 }
 
+RangePlan plan_ranges(std::string_view value, std::uint64_t size) {
+  RangePlan plan;
+  auto whole = [] { return RangePlan{}; };
+  value = trim_ows(value);
+  if (value.size() < 6 || !iequals(value.substr(0, 6), "bytes=") || size == 0) return whole();
+  value.remove_prefix(6);
+  // A number of up to 18 digits (more: not a length any file has; read as such a length).
+  auto number = [](std::string_view s, std::uint64_t& n) {
+    if (s.empty()) return false;
+    n = 0;
+    for (char c : s) {
+      if (c < '0' || c > '9') return false;
+      if (n < 1'000'000'000'000'000'000ULL) n = n * 10 + static_cast<std::uint64_t>(c - '0');
+    }
+    return true;
+  };
+  std::uint64_t total = 0;
+  std::size_t specs = 0;
+  while (!value.empty()) {
+    std::size_t comma = value.find(',');
+    std::string_view spec = trim_ows(value.substr(0, comma));
+    value = comma == std::string_view::npos ? std::string_view() : value.substr(comma + 1);
+    if (spec.empty()) continue;  // "1#" lists may hold empty elements
+    ++specs;
+    std::size_t dash = spec.find('-');
+    if (dash == std::string_view::npos) return whole();
+    std::uint64_t first = 0, last = 0;
+    if (dash == 0) {
+      // suffix-range: the last N bytes
+      if (!number(spec.substr(1), last)) return whole();
+      if (last == 0) continue;  // unsatisfiable
+      first = last >= size ? 0 : size - last;
+      last = size - 1;
+    } else {
+      if (!number(spec.substr(0, dash), first)) return whole();
+      std::string_view end = spec.substr(dash + 1);
+      if (end.empty()) {
+        last = size - 1;
+      } else if (!number(end, last) || last < first) {
+        return whole();
+      }
+      if (first >= size) continue;  // unsatisfiable
+      last = std::min(last, size - 1);
+    }
+    total += last - first + 1;
+    if (plan.parts.size() == kMaxRanges || total > size) return whole();
+    plan.parts.emplace_back(first, last);
+  }
+  if (specs == 0) return whole();
+  plan.kind = plan.parts.empty() ? RangePlan::Kind::unsatisfiable : RangePlan::Kind::parts;
+  return plan;
+}
+
+Byteranges byteranges_layout(const std::vector<std::pair<std::uint64_t, std::uint64_t>>& parts,
+                             std::uint64_t size, std::string_view content_type,
+                             std::string_view boundary) {
+  Byteranges b;
+  for (const auto& [first, last] : parts) {
+    // The CRLF before a delimiter belongs to it (RFC 2046 §5.1.1).
+    std::string head = b.heads.empty() ? "--" : "\r\n--";
+    head.append(boundary).append("\r\nContent-Type: ").append(content_type);
+    head.append("\r\nContent-Range: bytes ").append(std::to_string(first)).append("-");
+    head.append(std::to_string(last)).append("/").append(std::to_string(size)).append("\r\n\r\n");
+    b.length += head.size() + (last - first + 1);
+    b.heads.push_back(std::move(head));
+  }
+  b.tail.append("\r\n--").append(boundary).append("--\r\n");
+  b.length += b.tail.size();
+  return b;
+}
+
 std::string format_endpoint(std::string_view address, int port) {
   if (address.find(':') != std::string_view::npos) {
     return "[" + std::string(address) + "]:" + std::to_string(port);

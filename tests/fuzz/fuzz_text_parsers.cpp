@@ -3,7 +3,7 @@
 // CA's reply; the Host header, the request target, the header block of an HTTP request (its
 // end, and check_request_head / normalize_request_head on it) and
 // the request head the server answers without httplib (parse_fast_request); HTTP-dates and
-// the conditional request fields of static files.
+// the conditional request fields and Range values of static files.
 // The first byte picks the parser, the rest is its input. No input may crash one or read
 // outside it (ASan, UBSan). tools/fuzz runs it.
 
@@ -169,6 +169,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       (void)server::detail::evaluate_preconditions({&text, nullptr, nullptr, &text}, v);
       (void)server::detail::evaluate_preconditions({nullptr, &text, &text, nullptr}, v);
       (void)server::detail::if_range_holds(in, v);
+      // As a Range value for files of a few sizes: parts inside the file, in number and in
+      // bytes no more than it; the multipart body's length is what its layout holds.
+      for (std::uint64_t size : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{10}, std::uint64_t{100'000}}) {
+        auto plan = server::detail::plan_ranges(in, size);
+        std::uint64_t total = 0;
+        for (auto [first, last] : plan.parts) {
+          if (first > last || last >= size) __builtin_trap();
+          total += last - first + 1;
+        }
+        if (total > size || plan.parts.size() > server::detail::kMaxRanges ||
+            (plan.kind == server::detail::RangePlan::Kind::parts) == plan.parts.empty()) {
+          __builtin_trap();
+        }
+        auto layout = server::detail::byteranges_layout(plan.parts, size, "text/plain", "b");
+        std::uint64_t length = layout.tail.size() + total;
+        for (const auto& h : layout.heads) length += h.size();
+        if (layout.heads.size() != plan.parts.size() || layout.length != length) __builtin_trap();
+      }
       break;
     }
   }

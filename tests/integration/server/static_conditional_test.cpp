@@ -206,4 +206,70 @@ TEST_SUITE("server") {
     CHECK(after.field("ETag") != old_tag);
     srv->shutdown(milliseconds(1'000));
   }
+
+  TEST_CASE("static ranges: ends cut to the file, 416 with bytes */size, and no answer larger than the file") {
+    autotls::testing::TempDir dir("autotls-range");
+    fs::path www = dir.path / "www";
+    fs::create_directories(www);
+    std::string small = "0123456789", large(300'000, 'x');
+    for (std::size_t i = 0; i < large.size(); ++i) large[i] = static_cast<char>('a' + i % 26);
+    std::ofstream(www / "small.txt") << small;
+    std::ofstream(www / "large.bin") << large;
+    std::ofstream(www / "empty.txt");
+    auto srv = start(www);
+    Client c(srv->http_port());
+    for (const auto& [path, content] : {std::pair{std::string("/small.txt"), small},
+                                        std::pair{std::string("/large.bin"), large}}) {
+      CAPTURE(path);
+      const std::string size = std::to_string(content.size());
+      // A range past the end is cut to it (a player asks bytes=0-1048575 of a small file).
+      auto cut = c.get(path, "Range: bytes=2-100000000\r\n");
+      CHECK(cut.status == 206);
+      CHECK(cut.field("Content-Range") == "bytes 2-" + std::to_string(content.size() - 1) + "/" + size);
+      CHECK(cut.body == content.substr(2));
+      auto open_end = c.get(path, "Range: bytes=3-\r\n");
+      CHECK(open_end.field("Content-Range") == "bytes 3-" + std::to_string(content.size() - 1) + "/" + size);
+      CHECK(open_end.body == content.substr(3));
+      auto suffix = c.get(path, "Range: bytes=-4\r\n");
+      CHECK(suffix.status == 206);
+      CHECK(suffix.body == content.substr(content.size() - 4));
+      CHECK(c.get(path, "Range: bytes=-100000000\r\n").body == content);
+      // Nothing satisfiable: 416 naming the size.
+      for (std::string r : {"bytes=" + size + "-", std::string("bytes=-0"), std::string("bytes=900000000-900000001")}) {
+        CAPTURE(r);
+        auto none = c.get(path, "Range: " + r + "\r\n");
+        CHECK(none.status == 416);
+        CHECK(none.field("Content-Range") == "bytes */" + size);
+      }
+      // Two parts: multipart, each with its own Content-Range.
+      auto two = c.get(path, "Range: bytes=0-1,-2\r\n");
+      CHECK(two.status == 206);
+      CHECK(two.field("Content-Type").starts_with("multipart/byteranges"));
+      const std::string boundary = two.field("Content-Type").substr(two.field("Content-Type").find("boundary=") + 9);
+      const std::string type = path == "/small.txt" ? "text/plain; charset=utf-8" : "application/octet-stream";
+      CHECK(two.body == "--" + boundary + "\r\nContent-Type: " + type +
+                            "\r\nContent-Range: bytes 0-1/" + size + "\r\n\r\n" + content.substr(0, 2) +
+                            "\r\n--" + boundary + "\r\nContent-Type: " + type +
+                            "\r\nContent-Range: bytes " + std::to_string(content.size() - 2) + "-" +
+                            std::to_string(content.size() - 1) + "/" + size + "\r\n\r\n" +
+                            content.substr(content.size() - 2) + "\r\n--" + boundary + "--\r\n");
+      CHECK(boundary.size() >= 20);
+      // Parts that add up to more than the file, or more than kMaxRanges of them: the file
+      // once, 200 (before: 200 x "0-99999" of a 100 KB file answered 20 MB; 200 x "0-", parts
+      // without their bytes).
+      std::string many = "bytes=0-";
+      for (int i = 0; i < 199; ++i) many += ",0-";
+      auto whole = c.get(path, "Range: " + many + "\r\n");
+      CHECK(whole.status == 200);
+      CHECK(whole.body == content);
+      std::string single_bytes = "bytes=0-0";
+      for (int i = 1; i <= 100; ++i) single_bytes += "," + std::to_string(i) + "-" + std::to_string(i);
+      if (content.size() > 101) CHECK(c.get(path, "Range: " + single_bytes + "\r\n").status == 200);
+    }
+    // An empty file has no range to give: the (empty) file.
+    auto empty = c.get("/empty.txt", "Range: bytes=0-\r\n");
+    CHECK(empty.status == 200);
+    CHECK(empty.body.empty());
+    srv->shutdown(milliseconds(1'000));
+  }
 }

@@ -373,6 +373,43 @@ TEST_SUITE("server") {
     CHECK_FALSE(again.rewrite);
   }
 
+  TEST_CASE("plan_ranges cuts ends to the file, drops ranges past it, and gives the whole file for what it will not split") {
+    using Kind = RangePlan::Kind;
+    using Parts = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
+    auto parts = [](std::string_view v, std::uint64_t size) {
+      auto p = plan_ranges(v, size);
+      REQUIRE(p.kind == Kind::parts);
+      return p.parts;
+    };
+    CHECK(parts("bytes=0-4", 10) == Parts{{0, 4}});
+    CHECK(parts("bytes=2-100000000", 10) == Parts{{2, 9}});
+    CHECK(parts("bytes=3-", 10) == Parts{{3, 9}});
+    CHECK(parts("bytes=-4", 10) == Parts{{6, 9}});
+    CHECK(parts("bytes=-40", 10) == Parts{{0, 9}});
+    CHECK(parts("Bytes=0-1 , , -2 ", 10) == Parts{{0, 1}, {8, 9}});
+    CHECK(parts("bytes=0-1,20-30,-2", 10) == Parts{{0, 1}, {8, 9}});  // one past the end dropped
+    CHECK(parts("bytes=9-9", 10) == Parts{{9, 9}});
+    CHECK(parts("bytes=0-99999999999999999999999", 10) == Parts{{0, 9}});
+    for (std::string_view none : {"bytes=10-", "bytes=10-20", "bytes=-0", "bytes=10-,-0"}) {
+      CAPTURE(none);
+      CHECK(plan_ranges(none, 10).kind == Kind::unsatisfiable);
+    }
+    for (std::string_view whole : {"", "bytes=", "bytes=,", "items=0-1", "bytes 0-1", "bytes=5-2",
+                                   "bytes=a-b", "bytes=-", "bytes=1", "bytes=0-1-2", "bytes=+1-2",
+                                   "bytes=0-5,5-9",       // 11 bytes of a 10-byte file
+                                   "bytes=0-,0-"}) {
+      CAPTURE(whole);
+      auto p = plan_ranges(whole, 10);
+      CHECK(p.kind == Kind::whole);
+      CHECK(p.parts.empty());
+    }
+    CHECK(plan_ranges("bytes=0-", 0).kind == Kind::whole);  // an empty file: nothing to split
+    std::string many = "bytes=0-0";
+    for (std::size_t i = 1; i < kMaxRanges; ++i) many += "," + std::to_string(i) + "-" + std::to_string(i);
+    CHECK(plan_ranges(many, 1000).parts.size() == kMaxRanges);
+    CHECK(plan_ranges(many + ",999-999", 1000).kind == Kind::whole);
+  }
+
   TEST_CASE("head_fault_response is a complete answer that closes the connection") {
     HeadCheck c;
     c.status = 501;
