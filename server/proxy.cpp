@@ -71,6 +71,19 @@ const char* to_string(Err e) {
   return "?";
 }
 
+// connection_options joins the values of a message's Connection fields: the connection
+// options, among them the names of fields meant for this hop only (RFC 9110 §7.6.1: a proxy
+// removes them before it forwards the message). named_in tells whether options names name.
+std::string connection_options(const httplib::Headers& headers) {
+  std::string options;
+  auto [from, to] = headers.equal_range("Connection");
+  for (auto it = from; it != to; ++it) options.append(it->second).append(",");
+  return options;
+}
+bool named_in(const std::string& options, std::string_view name) {
+  return !options.empty() && has_token(options, name);
+}
+
 // body_framing reads the response's Content-Length; false when its framing is ambiguous:
 // Content-Length with Transfer-Encoding (RFC 9112 6.1: a server MUST NOT send both), several
 // Content-Length values that differ, or one that is not a number. A proxy must not forward
@@ -1020,8 +1033,9 @@ bool tunnel(const std::string& upstream_url, const ProxySite& site,
   // bytes the upstream sent after it (a first message).
   std::string& head = s->down.buf;
   head = "HTTP/1.1 101 Switching Protocols\r\n";
+  const std::string options = connection_options(h.headers);
   for (const auto& [k, v] : h.headers) {
-    if (!is_hop_by_hop(k)) head.append(k).append(": ").append(v).append("\r\n");
+    if (!is_hop_by_hop(k) && !named_in(options, k)) head.append(k).append(": ").append(v).append("\r\n");
   }
   head.append("Connection: Upgrade\r\nUpgrade: ").append(protocol).append("\r\n\r\n");
   s->head_bytes = head.size();
@@ -1087,12 +1101,17 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   std::string head;
   head.reserve(512);
   head.append(req.method).append(" ").append(req.target).append(" HTTP/1.1\r\n");
+  const std::string options = connection_options(req.headers);
   for (const auto& [k, v] : req.headers) {
     // Accept-Encoding is dropped so the upstream answers uncompressed and httplib's own
     // compression (negotiated with the client) never encodes twice. Expect: the body follows
     // at once (httplib already answered 100-continue to the client). Content-Length and
-    // Transfer-Encoding are hop-by-hop here: set below for the body we send.
-    if (is_hop_by_hop(k) || iequals(k, "accept-encoding") || iequals(k, "expect")) continue;
+    // Transfer-Encoding are hop-by-hop here: set below for the body we send. So is any field
+    // the client's Connection names (RFC 9110 §7.6.1), but Host.
+    if (is_hop_by_hop(k) || iequals(k, "accept-encoding") || iequals(k, "expect") ||
+        (named_in(options, k) && !iequals(k, "host"))) {
+      continue;
+    }
     head.append(k).append(": ").append(v).append("\r\n");
   }
   // The upstreams in the order this request tries them; a site with one builds no list.
@@ -1288,13 +1307,14 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   res.status = h.status;
   std::string content_type = "application/octet-stream";
   bool keep = !h.http10 && site.max_idle > 0;
+  const std::string upstream_options = connection_options(h.headers);
+  if (named_in(upstream_options, "close")) keep = false;
   for (const auto& [k, v] : h.headers) {
     if (iequals(k, "content-type")) {
       content_type = v;
       continue;
     }
-    if (iequals(k, "connection") && has_token(v, "close")) keep = false;
-    if (!is_hop_by_hop(k)) res.headers.emplace(k, v);
+    if (!is_hop_by_hop(k) && !named_in(upstream_options, k)) res.headers.emplace(k, v);
   }
   bool no_body = req.method == "HEAD" || h.status == 204 || h.status == 304 ||
                  (length && *length == 0);

@@ -32,8 +32,9 @@ namespace fs = std::filesystem;
 namespace {
 
 // HeadEcho is a loopback upstream on bare sockets: for each request it reads the head (and a
-// Content-Length body), then answers 200 whose body is the head exactly as it arrived.
-// requests counts the heads it read.
+// Content-Length body), then answers 200 whose body is the head exactly as it arrived; to a
+// head with "X-Hop-Fields: yes" the answer also carries "Connection: X-Up-Hop", "X-Up-Hop"
+// and "X-Up-Kept". requests counts the heads it read.
 class HeadEcho {
  public:
   HeadEcho() {
@@ -102,8 +103,11 @@ class HeadEcho {
       }
       in.erase(0, head.size() + body);
       ++requests;
-      std::string out = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: " +
-                        std::to_string(head.size()) + "\r\n\r\n" + head;
+      std::string hop = head.find("\r\nX-Hop-Fields: yes\r\n") != std::string::npos
+                            ? "Connection: X-Up-Hop\r\nX-Up-Hop: 1\r\nX-Up-Kept: 2\r\n"
+                            : "";
+      std::string out = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + hop +
+                        "Content-Length: " + std::to_string(head.size()) + "\r\n\r\n" + head;
       if (::send(fd, out.data(), out.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(out.size())) return;
     }
   }
@@ -182,6 +186,28 @@ TEST_SUITE("server") {
     REQUIRE(c.send("GET /a.txt HTTP/1.1\r\nHost: s%2etest\r\n\r\n"));
     CHECK(c.response().first == 400);
     CHECK(server->counters().bad_request_head == 0);
+  }
+
+  TEST_CASE("fields a Connection field names are not forwarded, either way") {
+    HeadEcho up;
+    autotls::testing::TempDir dir("autotls-rh-conn");
+    auto server = start_sites(up, dir.path / "www");
+    autotls::testing::RawConn c(server->http_port());
+    REQUIRE(c.connected());
+    // RFC 9110 §7.6.1: the fields a Connection names are for that hop alone (Host is never
+    // dropped: the upstream needs it).
+    REQUIRE(c.send("GET /c HTTP/1.1\r\nHost: p.test\r\nConnection: keep-alive, X-Secret\r\n"
+                   "Connection: host, x-other-secret\r\nX-Secret: 1\r\nX-Other-Secret: 2\r\n"
+                   "X-Kept: 3\r\nX-Hop-Fields: yes\r\n\r\n"));
+    auto [status, seen] = c.response();
+    REQUIRE(status == 200);
+    CHECK(line_starts(seen, "Host: p.test\r\n"));
+    CHECK(line_starts(seen, "X-Kept: 3\r\n"));
+    CHECK_FALSE(line_starts(seen, "X-Secret"));
+    CHECK_FALSE(line_starts(seen, "X-Other-Secret"));
+    // And the upstream's: its X-Up-Hop stays on its hop.
+    CHECK(c.last_head().find("\r\nX-Up-Kept: 2") != std::string::npos);
+    CHECK(c.last_head().find("X-Up-Hop") == std::string::npos);
   }
 
   TEST_CASE("a head with ambiguous framing or a bad field line is refused and the connection closed") {
