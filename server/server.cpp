@@ -1337,8 +1337,17 @@ struct Server::Impl {
     return out;
   }
 
+  // no_library_ranges clears the ranges httplib parsed from a Range field: it would apply
+  // them to whatever the handler answers (a proxied 200 the upstream sent whole went out with
+  // Content-Length 5 and all its bytes; a 404 got a Content-Range). Static files plan their
+  // own (serve_static). The request is httplib's own, non-const object.
+  static void no_library_ranges(const httplib::Request& req) {
+    if (!req.ranges.empty()) const_cast<httplib::Request&>(req).ranges.clear();
+  }
+
   void handle_http(const httplib::Request& req, httplib::Response& res,
                    const httplib::ContentReader* reader, std::size_t max_body) {
+    no_library_ranges(req);
     if (auto origin = origin_form(req)) {
       handle_http(*origin, res, reader, max_body);
       return;
@@ -1384,6 +1393,7 @@ struct Server::Impl {
 
   void handle_site(const httplib::Request& req, httplib::Response& res, bool tls,
                    const httplib::ContentReader* reader, std::size_t max_body) {
+    no_library_ranges(req);
     if (auto origin = origin_form(req)) {
       handle_site(*origin, res, tls, reader, max_body);
       return;
@@ -1593,79 +1603,80 @@ struct Server::Impl {
       }
       return;
     }
-    // httplib applies req.ranges after the handler (the request is httplib's own, non-const
-    // object); they are replaced by plan_ranges' parts, or cleared for the whole file.
-    auto& ranges = const_cast<httplib::Request&>(req).ranges;
-    std::vector<std::pair<std::uint64_t, std::uint64_t>> multi;  // parts, when more than one
-    if (const std::string* range = field("Range"); range && !ranges.empty()) {
+    // Ranges are ours (plan_ranges); handle_site cleared httplib's req.ranges, which it would
+    // apply after the handler.
+    const auto size = static_cast<std::uint64_t>(st.st_size);
+    const std::string type(detail::content_type_for(file));
+    detail::RangePlan plan;
+    if (const std::string* range = field("Range")) {
       const std::string* if_range = field("If-Range");
       // The client's copy is not this one: the whole file, not the range.
-      auto plan = if_range && !detail::if_range_holds(*if_range, v)
-                      ? detail::RangePlan{}
-                      : detail::plan_ranges(*range, static_cast<std::uint64_t>(st.st_size));
-      ranges.clear();
-      if (plan.kind == detail::RangePlan::Kind::unsatisfiable) {
-        ::close(fd);
-        res.status = 416;
-        res.set_header("Content-Range", "bytes */" + std::to_string(st.st_size));
-        res.set_header("ETag", v.etag);
-        res.set_header("Last-Modified", v.last_modified);
-        res.set_content("range not satisfiable\n", "text/plain");
-        return;
-      }
-      if (plan.parts.size() == 1) {
-        ranges.emplace_back(static_cast<ssize_t>(plan.parts[0].first),
-                            static_cast<ssize_t>(plan.parts[0].second));
-      } else {
-        multi = std::move(plan.parts);  // laid out below, not by httplib
-      }
-    } else {
-      ranges.clear();
+      if (!if_range || detail::if_range_holds(*if_range, v)) plan = detail::plan_ranges(*range, size);
     }
     res.set_header("ETag", v.etag);
     res.set_header("Last-Modified", v.last_modified);
-    const std::string type(detail::content_type_for(file));
-    std::string boundary;
-    std::shared_ptr<detail::Byteranges> layout;
-    if (!multi.empty()) {
-      boundary = new_boundary();
-      layout = std::make_shared<detail::Byteranges>(detail::byteranges_layout(
-          multi, static_cast<std::uint64_t>(st.st_size), type, boundary));
+    if (plan.kind == detail::RangePlan::Kind::unsatisfiable) {
+      ::close(fd);
+      res.status = 416;
+      res.set_header("Content-Range", "bytes */" + std::to_string(size));
+      res.set_content("range not satisfiable\n", "text/plain");
+      return;
+    }
+    // The body: each part of the file after its head, then the tail. The whole file is one
+    // part without either; one range, a part with a Content-Range field; several, a
+    // multipart/byteranges body.
+    auto body = std::make_shared<Body>();
+    std::string content_type = type;
+    if (plan.parts.size() > 1) {
+      std::string boundary = new_boundary();
+      body->layout = detail::byteranges_layout(plan.parts, size, type, boundary);
+      content_type = "multipart/byteranges; boundary=" + boundary;
+      body->parts = std::move(plan.parts);
       res.status = 206;
+    } else {
+      if (plan.parts.size() == 1) {
+        res.status = 206;
+        res.set_header("Content-Range", "bytes " + std::to_string(plan.parts[0].first) + "-" +
+                                            std::to_string(plan.parts[0].second) + "/" +
+                                            std::to_string(size));
+        body->parts = std::move(plan.parts);
+      } else if (size > 0) {
+        body->parts = {{0, size - 1}};
+      }
+      body->layout.heads.assign(body->parts.size(), std::string());
+      body->layout.length = body->parts.empty() ? 0 : body->parts[0].second - body->parts[0].first + 1;
     }
     if (tl_inline) {
       // On a reactor: a small file is read whole (one open, fstat, read); a larger one is
       // streamed by a worker.
-      if (static_cast<std::uintmax_t>(st.st_size) <= kInlineFileBytes) {
-        std::string body(static_cast<std::size_t>(st.st_size), '\0');
+      if (size <= kInlineFileBytes) {
+        std::string whole(static_cast<std::size_t>(size), '\0');
         std::size_t got = 0;
-        while (got < body.size()) {
-          ssize_t n = ::read(fd, body.data() + got, body.size() - got);
+        while (got < whole.size()) {
+          ssize_t n = ::read(fd, whole.data() + got, whole.size() - got);
           if (n < 0 && errno == EINTR) continue;
           if (n <= 0) break;
           got += static_cast<std::size_t>(n);
         }
         ::close(fd);
-        if (got != body.size()) {
+        if (got != whole.size()) {
           res.status = 404;
           res.set_content("not found\n", "text/plain");
           return;
         }
-        if (layout) {
+        if (res.status == 206) {
           std::string out;
-          out.reserve(static_cast<std::size_t>(layout->length));
-          for (std::size_t i = 0; i < multi.size(); ++i) {
-            out.append(layout->heads[i]);
-            out.append(body, static_cast<std::size_t>(multi[i].first),
-                       static_cast<std::size_t>(multi[i].second - multi[i].first + 1));
+          out.reserve(static_cast<std::size_t>(body->layout.length));
+          for (std::size_t i = 0; i < body->parts.size(); ++i) {
+            auto [first, last] = body->parts[i];
+            out.append(body->layout.heads[i]);
+            out.append(whole, static_cast<std::size_t>(first), static_cast<std::size_t>(last - first + 1));
           }
-          out.append(layout->tail);
-          res.body = std::move(out);
-          res.set_header("Content-Type", "multipart/byteranges; boundary=" + boundary);
-          return;
+          out.append(body->layout.tail);
+          whole = std::move(out);
         }
-        res.body = std::move(body);
-        res.set_header("Content-Type", type);
+        res.body = std::move(whole);
+        res.set_header("Content-Type", content_type);
         return;
       }
       ::close(fd);
@@ -1673,58 +1684,56 @@ struct Server::Impl {
       return;
     }
     ::close(fd);
-    auto size = static_cast<std::uintmax_t>(st.st_size);
-    auto in = std::make_shared<std::ifstream>(file, std::ios::binary);
-    if (!*in) {
+    body->in.open(file, std::ios::binary);
+    if (!body->in) {
       res.status = 404;
       res.set_content("not found\n", "text/plain");
       return;
     }
-    if (layout) {
-      // The parts' heads and file bytes in turn, each call from where the last one ended.
-      res.set_content_provider(
-          static_cast<size_t>(layout->length), "multipart/byteranges; boundary=" + boundary,
-          [in, layout, multi](size_t offset, size_t length, httplib::DataSink& sink) {
-            std::uint64_t at = 0;
-            auto text = [&](const std::string& t) {
-              auto from = static_cast<std::size_t>(offset - at);
-              return sink.write(t.data() + from, std::min(t.size() - from, length));
-            };
-            for (std::size_t i = 0; i < multi.size(); ++i) {
-              const std::string& head = layout->heads[i];
-              if (offset < at + head.size()) return text(head);
-              at += head.size();
-              std::uint64_t len = multi[i].second - multi[i].first + 1;
-              if (offset < at + len) {
-                char chunk[64 * 1024];
-                std::uint64_t want = std::min<std::uint64_t>({len - (offset - at), sizeof chunk, length});
-                in->clear();
-                in->seekg(static_cast<std::streamoff>(multi[i].first + (offset - at)));
-                in->read(chunk, static_cast<std::streamsize>(want));
-                auto n = in->gcount();
-                if (n <= 0) return false;
-                return sink.write(chunk, static_cast<size_t>(n));
-              }
-              at += len;
-            }
-            if (offset < at + layout->tail.size()) return text(layout->tail);
-            return false;
-          });
-      return;
-    }
     // Streamed in chunks so a large file never sits in memory whole.
     res.set_content_provider(
-        static_cast<size_t>(size), std::string(detail::content_type_for(file)),
-        [in](size_t offset, size_t length, httplib::DataSink& sink) {
-          char chunk[64 * 1024];
-          in->clear();
-          in->seekg(static_cast<std::streamoff>(offset));
-          in->read(chunk, static_cast<std::streamsize>(std::min(length, sizeof chunk)));
-          auto n = in->gcount();
-          if (n <= 0) return false;
-          return sink.write(chunk, static_cast<size_t>(n));
+        static_cast<size_t>(body->layout.length), content_type,
+        [body](size_t offset, size_t length, httplib::DataSink& sink) {
+          return body->write(offset, length, sink);
         });
   }
+
+  // Body is a static answer streamed by a worker: the file's parts, each after its head, then
+  // the tail (Byteranges).
+  struct Body {
+    std::ifstream in;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> parts;
+    detail::Byteranges layout;
+
+    // write sends what comes at offset of the body, at most length bytes (one head, or up to
+    // 64 KiB of one part); httplib calls it again from where it ended.
+    bool write(std::uint64_t offset, std::uint64_t length, httplib::DataSink& sink) {
+      std::uint64_t at = 0;
+      auto text = [&](const std::string& t) {
+        auto from = static_cast<std::size_t>(offset - at);
+        return sink.write(t.data() + from, static_cast<std::size_t>(std::min<std::uint64_t>(t.size() - from, length)));
+      };
+      for (std::size_t i = 0; i < parts.size(); ++i) {
+        const std::string& head = layout.heads[i];
+        if (offset < at + head.size()) return text(head);
+        at += head.size();
+        const std::uint64_t len = parts[i].second - parts[i].first + 1;
+        if (offset < at + len) {
+          char chunk[64 * 1024];
+          std::uint64_t want = std::min<std::uint64_t>({len - (offset - at), sizeof chunk, length});
+          in.clear();
+          in.seekg(static_cast<std::streamoff>(parts[i].first + (offset - at)));
+          in.read(chunk, static_cast<std::streamsize>(want));
+          auto n = in.gcount();
+          if (n <= 0) return false;
+          return sink.write(chunk, static_cast<size_t>(n));
+        }
+        at += len;
+      }
+      if (offset < at + layout.tail.size()) return text(layout.tail);
+      return false;
+    }
+  };
 
   std::shared_ptr<const Routing> routing() const { return routing_cell.load(); }
 

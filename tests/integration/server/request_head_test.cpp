@@ -210,6 +210,28 @@ TEST_SUITE("server") {
     CHECK(c.last_head().find("X-Up-Hop") == std::string::npos);
   }
 
+  TEST_CASE("a proxied Range is the upstream's to answer: its whole 200 reaches the client whole") {
+    HeadEcho up;
+    autotls::testing::TempDir dir("autotls-rh-range");
+    auto server = start_sites(up, dir.path / "www");
+    autotls::testing::RawConn c(server->http_port());
+    REQUIRE(c.connected());
+    // httplib applied the ranges it parsed to the proxied answer: "200 OK", Content-Length 5,
+    // a Content-Range, then every byte of the upstream's body (the rest read as the next
+    // response).
+    for (int i = 0; i < 2; ++i) {
+      REQUIRE(c.send("GET /r HTTP/1.1\r\nHost: p.test\r\nRange: bytes=0-4\r\n\r\n"));
+      auto [status, seen] = c.response();
+      CHECK(status == 200);
+      CHECK(seen.starts_with("GET /r HTTP/1.1\r\n"));
+      CHECK(line_starts(seen, "Range: bytes=0-4\r\n"));
+      CHECK(c.last_head().find("Content-Range") == std::string::npos);
+      CHECK(c.last_head().find("\r\nContent-Length: " + std::to_string(seen.size())) != std::string::npos);
+    }
+    CHECK(c.closed_within(milliseconds(200)) == false);
+    CHECK(up.requests == 2);
+  }
+
   TEST_CASE("a head with ambiguous framing or a bad field line is refused and the connection closed") {
     HeadEcho up;
     autotls::testing::TempDir dir("autotls-rh-bad");

@@ -266,6 +266,15 @@ TEST_SUITE("server") {
       for (int i = 1; i <= 100; ++i) single_bytes += "," + std::to_string(i) + "-" + std::to_string(i);
       if (content.size() > 101) CHECK(c.get(path, "Range: " + single_bytes + "\r\n").status == 200);
     }
+    // A 404 is no part of anything; an absolute-form target (served from a copy of the
+    // request) gets its range too.
+    auto missing = c.get("/missing.txt", "Range: bytes=0-2\r\n");
+    CHECK(missing.status == 404);
+    CHECK(missing.body == "not found\n");
+    CHECK(missing.field("Content-Range").empty());
+    auto absolute = c.get("http://s.test/small.txt", "Range: bytes=1-2\r\n");
+    CHECK(absolute.status == 206);
+    CHECK(absolute.body == "12");
     // An empty file has no range to give: the (empty) file.
     auto empty = c.get("/empty.txt", "Range: bytes=0-\r\n");
     CHECK(empty.status == 200);
