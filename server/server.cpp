@@ -1623,28 +1623,25 @@ struct Server::Impl {
       return;
     }
     // The body: each part of the file after its head, then the tail. The whole file is one
-    // part without either; one range, a part with a Content-Range field; several, a
-    // multipart/byteranges body.
-    auto body = std::make_shared<Body>();
+    // part without either (set below when it is streamed); one range, a part with a
+    // Content-Range field; several, a multipart/byteranges body.
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> parts;
+    detail::Byteranges layout;
     std::string content_type = type;
     if (plan.parts.size() > 1) {
       std::string boundary = new_boundary();
-      body->layout = detail::byteranges_layout(plan.parts, size, type, boundary);
+      layout = detail::byteranges_layout(plan.parts, size, type, boundary);
       content_type = "multipart/byteranges; boundary=" + boundary;
-      body->parts = std::move(plan.parts);
+      parts = std::move(plan.parts);
       res.status = 206;
-    } else {
-      if (plan.parts.size() == 1) {
-        res.status = 206;
-        res.set_header("Content-Range", "bytes " + std::to_string(plan.parts[0].first) + "-" +
-                                            std::to_string(plan.parts[0].second) + "/" +
-                                            std::to_string(size));
-        body->parts = std::move(plan.parts);
-      } else if (size > 0) {
-        body->parts = {{0, size - 1}};
-      }
-      body->layout.heads.assign(body->parts.size(), std::string());
-      body->layout.length = body->parts.empty() ? 0 : body->parts[0].second - body->parts[0].first + 1;
+    } else if (plan.parts.size() == 1) {
+      res.status = 206;
+      res.set_header("Content-Range", "bytes " + std::to_string(plan.parts[0].first) + "-" +
+                                          std::to_string(plan.parts[0].second) + "/" +
+                                          std::to_string(size));
+      parts = std::move(plan.parts);
+      layout.heads.assign(1, std::string());
+      layout.length = parts[0].second - parts[0].first + 1;
     }
     if (tl_inline) {
       // On a reactor: a small file is read whole (one open, fstat, read); a larger one is
@@ -1666,13 +1663,13 @@ struct Server::Impl {
         }
         if (res.status == 206) {
           std::string out;
-          out.reserve(static_cast<std::size_t>(body->layout.length));
-          for (std::size_t i = 0; i < body->parts.size(); ++i) {
-            auto [first, last] = body->parts[i];
-            out.append(body->layout.heads[i]);
+          out.reserve(static_cast<std::size_t>(layout.length));
+          for (std::size_t i = 0; i < parts.size(); ++i) {
+            auto [first, last] = parts[i];
+            out.append(layout.heads[i]);
             out.append(whole, static_cast<std::size_t>(first), static_cast<std::size_t>(last - first + 1));
           }
-          out.append(body->layout.tail);
+          out.append(layout.tail);
           whole = std::move(out);
         }
         res.body = std::move(whole);
@@ -1684,6 +1681,14 @@ struct Server::Impl {
       return;
     }
     ::close(fd);
+    if (res.status != 206 && size > 0) {
+      parts = {{0, size - 1}};
+      layout.heads.assign(1, std::string());
+      layout.length = size;
+    }
+    auto body = std::make_shared<Body>();
+    body->parts = std::move(parts);
+    body->layout = std::move(layout);
     body->in.open(file, std::ios::binary);
     if (!body->in) {
       res.status = 404;
