@@ -122,6 +122,7 @@ class HeadEcho {
 // files.
 std::unique_ptr<Server> start_sites(const HeadEcho& up, const fs::path& www) {
   ServerConfig cfg;
+  cfg.https = {{"127.0.0.1", 0}};  // the default is 0.0.0.0:443
   cfg.http = {{"127.0.0.1", 0}};
   cfg.redirect_to_https = false;
   cfg.worker_threads = 2;
