@@ -1112,6 +1112,10 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
         (named_in(options, k) && !iequals(k, "host"))) {
       continue;
     }
+    if (iequals(k, kRangeField)) {
+      head.append("Range: ").append(v).append("\r\n");  // the client's Range (kRangeField)
+      continue;
+    }
     head.append(k).append(": ").append(v).append("\r\n");
   }
   // The upstreams in the order this request tries them; a site with one builds no list.

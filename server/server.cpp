@@ -1337,17 +1337,8 @@ struct Server::Impl {
     return out;
   }
 
-  // no_library_ranges clears the ranges httplib parsed from a Range field: it would apply
-  // them to whatever the handler answers (a proxied 200 the upstream sent whole went out with
-  // Content-Length 5 and all its bytes; a 404 got a Content-Range). Static files plan their
-  // own (serve_static). The request is httplib's own, non-const object.
-  static void no_library_ranges(const httplib::Request& req) {
-    if (!req.ranges.empty()) const_cast<httplib::Request&>(req).ranges.clear();
-  }
-
   void handle_http(const httplib::Request& req, httplib::Response& res,
                    const httplib::ContentReader* reader, std::size_t max_body) {
-    no_library_ranges(req);
     if (auto origin = origin_form(req)) {
       handle_http(*origin, res, reader, max_body);
       return;
@@ -1393,7 +1384,6 @@ struct Server::Impl {
 
   void handle_site(const httplib::Request& req, httplib::Response& res, bool tls,
                    const httplib::ContentReader* reader, std::size_t max_body) {
-    no_library_ranges(req);
     if (auto origin = origin_form(req)) {
       handle_site(*origin, res, tls, reader, max_body);
       return;
@@ -1603,12 +1593,12 @@ struct Server::Impl {
       }
       return;
     }
-    // Ranges are ours (plan_ranges); handle_site cleared httplib's req.ranges, which it would
-    // apply after the handler.
+    // Ranges are ours (plan_ranges): httplib never sees a Range field (normalize_request_head
+    // renames it kRangeField), so it neither parses nor applies one.
     const auto size = static_cast<std::uint64_t>(st.st_size);
     const std::string type(detail::content_type_for(file));
     detail::RangePlan plan;
-    if (const std::string* range = field("Range")) {
+    if (const std::string* range = field(detail::kRangeField.data())) {
       const std::string* if_range = field("If-Range");
       // The client's copy is not this one: the whole file, not the range.
       if (!if_range || detail::if_range_holds(*if_range, v)) plan = detail::plan_ranges(*range, size);

@@ -222,7 +222,7 @@ std::optional<FastRequest> parse_fast_request(std::string_view head, std::size_t
       if (have_conn) return std::nullopt;
       have_conn = true;
       conn_value = value;
-    } else if (iequals(name, "range") || iequals(name, "accept-encoding") ||
+    } else if (iequals(name, "range") || iequals(name, kRangeField) || iequals(name, "accept-encoding") ||
                iequals(name, "content-length") ||
                iequals(name, "transfer-encoding") || iequals(name, "expect") ||
                (name.size() > 3 && iequals(name.substr(0, 3), "if-"))) {
@@ -559,6 +559,7 @@ HeadCheck check_request_head(std::string_view head) {
       if (c == '%') r.rewrite = true;
     }
     value = trim_ows(value);
+    if (iequals(name, "range")) r.rewrite = true;
     if (iequals(name, "host")) {
       if (++hosts > 1) return fault(400, "more than one Host field");
     } else if (iequals(name, "content-length")) {
@@ -605,7 +606,11 @@ std::string normalize_request_head(std::string_view head) {
   while (next_head_line(head, pos, line, bare)) {
     if (line.empty()) break;
     std::size_t colon = line.find(':');
-    out.append(line.substr(0, colon + 1));
+    if (iequals(line.substr(0, colon), "range")) {
+      out.append(kRangeField).append(":");
+    } else {
+      out.append(line.substr(0, colon + 1));
+    }
     for (char c : line.substr(colon + 1)) {
       if (c == '%') {
         out.append("%25");

@@ -169,16 +169,24 @@ struct HeadCheck {
 //   whose final coding is not chunked, or with chunked twice (§6.1, §6.3).
 // - 501: a transfer coding other than chunked before the final chunked (§6.1).
 // - 505: a major version other than 1.
-// rewrite is set for what is accepted but must reach httplib in another form:
-// normalize_request_head.
+// rewrite is set for what is accepted but must reach httplib in another form (a Range field
+// among them): normalize_request_head.
 HeadCheck check_request_head(std::string_view head);
+
+// kRangeField is the name a request's Range field has once normalized: httplib never sees a
+// Range. It parsed one itself (a std::regex), answered 416 before any handler ran for one it
+// could not parse (another unit, "0-1 ,2-3", a 20-digit number), even on a proxy site whose
+// upstream was to answer it, and applied the ranges it parsed to every answer. Static files
+// plan their own from this field (plan_ranges); the proxy forwards it as Range. (A client
+// sending a field of this name is read as having sent a Range: nothing it could not do.)
+inline constexpr std::string_view kRangeField = "X-Autotls-Range";
 
 // normalize_request_head returns head (accepted by check_request_head) as httplib 0.11 must
 // read it to see what the client sent: each '%' in a field value as "%25" (httplib URL-decodes
 // field values, so "%0d%0a" in a value forwarded upstream became a line break there, and a
 // Cookie's "%3D" an '='), each line ending in a bare LF with CRLF (§2.2 lets a recipient accept
-// it), and a version "HTTP/1.x" with x > 1 as "HTTP/1.1" (RFC 9110 §2.5: processed as the
-// highest minor version implemented).
+// it), a version "HTTP/1.x" with x > 1 as "HTTP/1.1" (RFC 9110 §2.5: processed as the highest
+// minor version implemented), and a Range field named kRangeField.
 std::string normalize_request_head(std::string_view head);
 
 // head_fault_response is the whole answer to a refused head: its status line, a text body

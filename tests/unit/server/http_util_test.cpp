@@ -352,6 +352,9 @@ TEST_SUITE("server") {
     // '%' in the target is httplib's to decode (the path), not a rewrite.
     CHECK_FALSE(check_request_head("GET /a%20b?q=%26 HTTP/1.1\r\nHost: a\r\n\r\n").rewrite);
     CHECK_FALSE(check_request_head(post + "Content-Length: 4\r\nContent-Length: 4\r\n\r\n").rewrite);
+    // A Range is renamed for httplib, whatever it says.
+    CHECK(check_request_head(get + "range: items=0-1\r\n\r\n").rewrite);
+    CHECK_FALSE(check_request_head(get + "If-Range: \"x\"\r\n\r\n").rewrite);
   }
 
   TEST_CASE("normalize_request_head escapes '%' in field values, ends lines in CRLF and reads HTTP/1.x as 1.1") {
@@ -364,6 +367,8 @@ TEST_SUITE("server") {
     CHECK(normalize_request_head("GET / HTTP/1.7\r\nHost: a\r\n\r\n") ==
           "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     CHECK(normalize_request_head("GET / HTTP/1.0\r\n\r\n") == "GET / HTTP/1.0\r\n\r\n");
+    CHECK(normalize_request_head("GET / HTTP/1.1\r\nRANGE: bytes=0-1%\r\nIf-Range: x\r\n\r\n") ==
+          "GET / HTTP/1.1\r\nX-Autotls-Range: bytes=0-1%25\r\nIf-Range: x\r\n\r\n");
     // A name never holds '%' escaped (a name is a token: '%' in it stays as sent).
     CHECK(normalize_request_head("GET / HTTP/1.1\r\nX%: %\r\n\r\n") ==
           "GET / HTTP/1.1\r\nX%: %25\r\n\r\n");
