@@ -1103,12 +1103,12 @@ bool proxy(const ProxySite& site, const httplib::Request& req,
   head.append(req.method).append(" ").append(req.target).append(" HTTP/1.1\r\n");
   const std::string options = connection_options(req.headers);
   for (const auto& [k, v] : req.headers) {
-    // Accept-Encoding is dropped so the upstream answers uncompressed and httplib's own
-    // compression (negotiated with the client) never encodes twice. Expect: the body follows
+    // Accept-Encoding goes on: the upstream's encoding reaches the client as sent (the server
+    // never compresses). Expect: the body follows
     // at once (httplib already answered 100-continue to the client). Content-Length and
     // Transfer-Encoding are hop-by-hop here: set below for the body we send. So is any field
     // the client's Connection names (RFC 9110 §7.6.1), but Host.
-    if (is_hop_by_hop(k) || iequals(k, "accept-encoding") || iequals(k, "expect") ||
+    if (is_hop_by_hop(k) || iequals(k, "expect") ||
         (named_in(options, k) && !iequals(k, "host"))) {
       continue;
     }

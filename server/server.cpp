@@ -1337,8 +1337,21 @@ struct Server::Impl {
     return out;
   }
 
+  // NoLibraryCompression takes Accept-Encoding off httplib's own request when the handler is
+  // done, before httplib writes the answer: it gzipped any text answer for a request whose
+  // Accept-Encoding held "gzip" (even "gzip;q=0", a refusal), a 206 included (its
+  // Content-Range then named bytes of the identity body that the client never got), under the
+  // file's strong ETag, and a chunked proxied answer too. We compress nothing, as Caddy without
+  // `encode` and nginx without `gzip on`; the proxy passes the field to the upstream, whose
+  // encoding reaches the client as it was sent. The request is httplib's own, non-const object.
+  struct NoLibraryCompression {
+    const httplib::Request& req;
+    ~NoLibraryCompression() { const_cast<httplib::Request&>(req).headers.erase("Accept-Encoding"); }
+  };
+
   void handle_http(const httplib::Request& req, httplib::Response& res,
                    const httplib::ContentReader* reader, std::size_t max_body) {
+    NoLibraryCompression identity{req};
     if (auto origin = origin_form(req)) {
       handle_http(*origin, res, reader, max_body);
       return;
@@ -1384,6 +1397,7 @@ struct Server::Impl {
 
   void handle_site(const httplib::Request& req, httplib::Response& res, bool tls,
                    const httplib::ContentReader* reader, std::size_t max_body) {
+    NoLibraryCompression identity{req};
     if (auto origin = origin_form(req)) {
       handle_site(*origin, res, tls, reader, max_body);
       return;

@@ -222,7 +222,7 @@ std::optional<FastRequest> parse_fast_request(std::string_view head, std::size_t
       if (have_conn) return std::nullopt;
       have_conn = true;
       conn_value = value;
-    } else if (iequals(name, "range") || iequals(name, kRangeField) || iequals(name, "accept-encoding") ||
+    } else if (iequals(name, "range") || iequals(name, kRangeField) ||
                iequals(name, "content-length") ||
                iequals(name, "transfer-encoding") || iequals(name, "expect") ||
                (name.size() > 3 && iequals(name.substr(0, 3), "if-"))) {

@@ -195,8 +195,9 @@ std::string head_fault_response(const HeadCheck& check);
 
 // FastRequest is what serve_fast needs of a request head it can answer itself: GET or HEAD
 // of a plain path (no query, no percent-encoding), HTTP/1.0 or 1.1, exactly one Host, at most
-// one Connection, and none of the fields that change the answer (Range, Accept-Encoding,
-// Content-Length, Transfer-Encoding, Expect, and the conditional If-* fields). The views point into the head parsed.
+// one Connection, and none of the fields that change the answer (Range as sent or as
+// kRangeField, Content-Length, Transfer-Encoding, Expect, and the conditional If-* fields;
+// Accept-Encoding changes nothing: nothing is compressed). The views point into the head parsed.
 struct FastRequest {
   std::string_view target, host, connection;  // host and connection: the field values
   bool head = false;                          // HEAD (else GET)

@@ -256,6 +256,25 @@ class RawConn {
     in.erase(0, head + 4 + need);
     return r;
   }
+  // read_until reads until marker has arrived (5 s at most) and returns what came up to and
+  // including it ("" when it did not come), keeping the rest for the next read: for an answer
+  // response() cannot frame (chunked).
+  std::string read_until(const std::string& marker) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    std::size_t at;
+    while ((at = pending_.find(marker)) == std::string::npos) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      pollfd p{fd_, POLLIN, 0};
+      if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return "";
+      char buf[4096];
+      ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n <= 0) return "";
+      pending_.append(buf, static_cast<std::size_t>(n));
+    }
+    std::string got = pending_.substr(0, at + marker.size());
+    pending_.erase(0, at + marker.size());
+    return got;
+  }
   // last_head is the status line and headers of the last response read.
   const std::string& last_head() const { return last_head_; }
 

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -34,7 +35,8 @@ namespace {
 // HeadEcho is a loopback upstream on bare sockets: for each request it reads the head (and a
 // Content-Length body), then answers 200 whose body is the head exactly as it arrived; to a
 // head with "X-Hop-Fields: yes" the answer also carries "Connection: X-Up-Hop", "X-Up-Hop"
-// and "X-Up-Kept". requests counts the heads it read.
+// and "X-Up-Kept"; to one with "X-Chunked: yes" the body goes in one chunk (no
+// Content-Length). requests counts the heads it read.
 class HeadEcho {
  public:
   HeadEcho() {
@@ -106,8 +108,14 @@ class HeadEcho {
       std::string hop = head.find("\r\nX-Hop-Fields: yes\r\n") != std::string::npos
                             ? "Connection: X-Up-Hop\r\nX-Up-Hop: 1\r\nX-Up-Kept: 2\r\n"
                             : "";
-      std::string out = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + hop +
-                        "Content-Length: " + std::to_string(head.size()) + "\r\n\r\n" + head;
+      std::string out = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + hop;
+      if (head.find("\r\nX-Chunked: yes\r\n") != std::string::npos) {
+        char size[32];
+        std::snprintf(size, sizeof size, "%zx", head.size());
+        out += "Transfer-Encoding: chunked\r\n\r\n" + std::string(size) + "\r\n" + head + "\r\n0\r\n\r\n";
+      } else {
+        out += "Content-Length: " + std::to_string(head.size()) + "\r\n\r\n" + head;
+      }
       if (::send(fd, out.data(), out.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(out.size())) return;
     }
   }
@@ -238,6 +246,27 @@ TEST_SUITE("server") {
     CHECK_FALSE(line_starts(seen, "X-Autotls-Range"));
     CHECK(c.closed_within(milliseconds(200)) == false);
     CHECK(up.requests == 3);
+  }
+
+  TEST_CASE("the proxy passes Accept-Encoding on and never compresses an answer itself") {
+    HeadEcho up;
+    autotls::testing::TempDir dir("autotls-rh-gzip");
+    auto server = start_sites(up, dir.path / "www");
+    autotls::testing::RawConn c(server->http_port());
+    REQUIRE(c.connected());
+    // A fixed-length text answer, then a chunked one (httplib gzipped that one).
+    REQUIRE(c.send("GET /a HTTP/1.1\r\nHost: p.test\r\nAccept-Encoding: gzip\r\n\r\n"));
+    auto [status, seen] = c.response();
+    CHECK(status == 200);
+    CHECK(line_starts(seen, "Accept-Encoding: gzip\r\n"));
+    CHECK(c.last_head().find("Content-Encoding") == std::string::npos);
+    REQUIRE(c.send("GET /b HTTP/1.1\r\nHost: p.test\r\nAccept-Encoding: gzip\r\nX-Chunked: yes\r\n\r\n"));
+    std::string head = c.read_until("\r\n\r\n");
+    REQUIRE_FALSE(head.empty());
+    CHECK(head.starts_with("HTTP/1.1 200"));
+    CHECK(head.find("Content-Encoding") == std::string::npos);
+    std::string body = c.read_until("\r\n0\r\n\r\n");
+    CHECK(body.find("GET /b HTTP/1.1\r\n") != std::string::npos);  // the upstream's text, as is
   }
 
   TEST_CASE("a head with ambiguous framing or a bad field line is refused and the connection closed") {

@@ -290,6 +290,19 @@ TEST_SUITE("server") {
     auto huge_end = c.get("/small.txt", "Range: bytes=3-99999999999999999999\r\n");
     CHECK(huge_end.status == 206);
     CHECK(huge_end.body == small.substr(3));
+    // Nothing is compressed: httplib gzipped a text answer for any Accept-Encoding naming gzip
+    // (a refusal, "gzip;q=0", too), a 206 included, under the file's strong ETag.
+    for (std::string accept : {"gzip", "gzip;q=0", "gzip, deflate, br"}) {
+      CAPTURE(accept);
+      auto plain = c.get("/small.txt", "Accept-Encoding: " + accept + "\r\n");
+      CHECK(plain.status == 200);
+      CHECK(plain.field("Content-Encoding").empty());
+      CHECK(plain.body == small);
+      auto ranged = c.get("/small.txt", "Accept-Encoding: " + accept + "\r\nRange: bytes=2-4\r\n");
+      CHECK(ranged.status == 206);
+      CHECK(ranged.field("Content-Encoding").empty());
+      CHECK(ranged.body == small.substr(2, 3));
+    }
     // An empty file has no range to give: the (empty) file.
     auto empty = c.get("/empty.txt", "Range: bytes=0-\r\n");
     CHECK(empty.status == 200);
