@@ -141,6 +141,15 @@ std::unique_ptr<Server> start_sites(const HeadEcho& up, const fs::path& www) {
   return autotls::testing::start_server(std::move(cfg));
 }
 
+// Sites is a test's upstream, site root and server (start_sites), made fresh for it.
+struct Sites {
+  HeadEcho up;
+  autotls::testing::TempDir dir;
+  std::unique_ptr<Server> server;
+  explicit Sites(const std::string& tag)
+      : dir("autotls-rh-" + tag), server(start_sites(up, dir.path / "www")) {}
+};
+
 // line_starts tells whether some line of text (after a CRLF) begins with prefix.
 bool line_starts(const std::string& text, const std::string& prefix) {
   return text.find("\r\n" + prefix) != std::string::npos;
@@ -150,10 +159,8 @@ bool line_starts(const std::string& text, const std::string& prefix) {
 
 TEST_SUITE("server") {
   TEST_CASE("field values reach the upstream as the client sent them, '%' and all") {
-    HeadEcho up;
-    autotls::testing::TempDir dir("autotls-rh-pct");
-    auto server = start_sites(up, dir.path / "www");
-    autotls::testing::RawConn c(server->http_port());
+    Sites s("pct");
+    autotls::testing::RawConn c(s.server->http_port());
     REQUIRE(c.connected());
     // httplib 0.11 URL-decodes field values: forwarded, "%0d%0a" became a line break in the
     // upstream's head (a field of the client's making), and "%3D" an '='.
@@ -189,19 +196,17 @@ TEST_SUITE("server") {
     CHECK(r4 == r3);
     REQUIRE(c.send(stat));
     CHECK(c.response() == std::make_pair(200, std::string("AAA")));
-    CHECK(up.requests == 4);
+    CHECK(s.up.requests == 4);
 
     // A Host whose '%' httplib would have decoded into a served name is no such name.
     REQUIRE(c.send("GET /a.txt HTTP/1.1\r\nHost: s%2etest\r\n\r\n"));
     CHECK(c.response().first == 400);
-    CHECK(server->counters().bad_request_head == 0);
+    CHECK(s.server->counters().bad_request_head == 0);
   }
 
   TEST_CASE("fields a Connection field names are not forwarded, either way") {
-    HeadEcho up;
-    autotls::testing::TempDir dir("autotls-rh-conn");
-    auto server = start_sites(up, dir.path / "www");
-    autotls::testing::RawConn c(server->http_port());
+    Sites s("conn");
+    autotls::testing::RawConn c(s.server->http_port());
     REQUIRE(c.connected());
     // RFC 9110 §7.6.1: the fields a Connection names are for that hop alone (Host is never
     // dropped: the upstream needs it).
@@ -220,10 +225,8 @@ TEST_SUITE("server") {
   }
 
   TEST_CASE("a proxied Range is the upstream's to answer: its whole 200 reaches the client whole") {
-    HeadEcho up;
-    autotls::testing::TempDir dir("autotls-rh-range");
-    auto server = start_sites(up, dir.path / "www");
-    autotls::testing::RawConn c(server->http_port());
+    Sites s("range");
+    autotls::testing::RawConn c(s.server->http_port());
     REQUIRE(c.connected());
     // httplib applied the ranges it parsed to the proxied answer: "200 OK", Content-Length 5,
     // a Content-Range, then every byte of the upstream's body (the rest read as the next
@@ -245,14 +248,12 @@ TEST_SUITE("server") {
     CHECK(line_starts(seen, "Range: items=0-1 , 5%\r\n"));
     CHECK_FALSE(line_starts(seen, "X-Autotls-Range"));
     CHECK(c.closed_within(milliseconds(200)) == false);
-    CHECK(up.requests == 3);
+    CHECK(s.up.requests == 3);
   }
 
   TEST_CASE("the proxy passes Accept-Encoding on and never compresses an answer itself") {
-    HeadEcho up;
-    autotls::testing::TempDir dir("autotls-rh-gzip");
-    auto server = start_sites(up, dir.path / "www");
-    autotls::testing::RawConn c(server->http_port());
+    Sites s("gzip");
+    autotls::testing::RawConn c(s.server->http_port());
     REQUIRE(c.connected());
     // A fixed-length text answer, then a chunked one (httplib gzipped that one).
     REQUIRE(c.send("GET /a HTTP/1.1\r\nHost: p.test\r\nAccept-Encoding: gzip\r\n\r\n"));
@@ -270,9 +271,7 @@ TEST_SUITE("server") {
   }
 
   TEST_CASE("a head with ambiguous framing or a bad field line is refused and the connection closed") {
-    HeadEcho up;
-    autotls::testing::TempDir dir("autotls-rh-bad");
-    auto server = start_sites(up, dir.path / "www");
+    Sites s("bad");
     struct Case {
       std::string head;
       int status;
@@ -306,12 +305,12 @@ TEST_SUITE("server") {
       CAPTURE(c.head);
       for (bool behind : {false, true}) {
         CAPTURE(behind);
-        autotls::testing::RawConn conn(server->http_port());
+        autotls::testing::RawConn conn(s.server->http_port());
         REQUIRE(conn.connected());
         // Alone (the reactor reads it), and behind a proxied request on the same connection (the
         // worker that served that one reads it).
         const std::string first = behind ? "GET /first HTTP/1.1\r\nHost: p.test\r\n\r\n" : "";
-        const int before = up.requests;
+        const int before = s.up.requests;
         REQUIRE(conn.send(first + c.head));
         if (behind) CHECK(conn.response().first == 200);
         auto [status, body] = conn.response();
@@ -319,23 +318,21 @@ TEST_SUITE("server") {
         CHECK(body == c.why + "\n");
         CHECK(conn.last_head().find("\r\nConnection: close") != std::string::npos);
         CHECK(conn.closed_within(milliseconds(2'000)));
-        CHECK(up.requests == before + (behind ? 1 : 0));
+        CHECK(s.up.requests == before + (behind ? 1 : 0));
         ++refused;
       }
     }
-    CHECK(server->counters().bad_request_head == refused);
+    CHECK(s.server->counters().bad_request_head == refused);
   }
 
   TEST_CASE("a chunked body the proxy cannot read answers 400, not the upstream's 502") {
-    HeadEcho up;
-    autotls::testing::TempDir dir("autotls-rh-chunk");
-    auto server = start_sites(up, dir.path / "www");
+    Sites s("chunk");
     const std::string head = "POST /c HTTP/1.1\r\nHost: p.test\r\nTransfer-Encoding: chunked\r\n\r\n";
     for (std::string body : {std::string("zz\r\nabc\r\n0\r\n\r\n"),
                              std::string("ffffffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
                              std::string("3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n")}) {
       CAPTURE(body);
-      autotls::testing::RawConn c(server->http_port());
+      autotls::testing::RawConn c(s.server->http_port());
       REQUIRE(c.connected());
       REQUIRE(c.send(head + body));
       auto [status, text] = c.response();
@@ -345,16 +342,14 @@ TEST_SUITE("server") {
       CHECK(c.closed_within(milliseconds(2'000)));
     }
     // A good one still goes through.
-    autotls::testing::RawConn c(server->http_port());
+    autotls::testing::RawConn c(s.server->http_port());
     REQUIRE(c.send(head + "3\r\nabc\r\n0\r\n\r\n"));
     CHECK(c.response().first == 200);
   }
 
   TEST_CASE("a head with bare LF line ends or HTTP/1.2 is served as HTTP/1.1") {
-    HeadEcho up;
-    autotls::testing::TempDir dir("autotls-rh-lf");
-    auto server = start_sites(up, dir.path / "www");
-    autotls::testing::RawConn c(server->http_port());
+    Sites s("lf");
+    autotls::testing::RawConn c(s.server->http_port());
     REQUIRE(c.connected());
     REQUIRE(c.send("GET /a.txt HTTP/1.1\nHost: s.test\n\n"));
     CHECK(c.response() == std::make_pair(200, std::string("AAA")));
@@ -366,6 +361,6 @@ TEST_SUITE("server") {
     REQUIRE(c.send("GET /a.txt HTTP/1.2\r\nHost: s.test\r\n\r\n"));
     CHECK(c.response() == std::make_pair(200, std::string("AAA")));
     CHECK(c.last_head().starts_with("HTTP/1.1 200"));
-    CHECK(server->counters().bad_request_head == 0);
+    CHECK(s.server->counters().bad_request_head == 0);
   }
 }
