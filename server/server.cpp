@@ -482,35 +482,6 @@ std::string new_boundary() {
   return b;
 }
 
-// request_fully_buffered tells whether the request whose header is buf[0, head) also has its
-// whole body in buf: no Transfer-Encoding and Content-Length (if any) bytes present.
-bool request_fully_buffered(std::string_view buf, std::size_t head) {
-  std::string_view h = buf.substr(0, head);
-  std::size_t line = h.find('\n');
-  while (line != std::string_view::npos && line + 1 < h.size()) {
-    std::size_t next = h.find('\n', line + 1);
-    std::string_view field = h.substr(line + 1, (next == std::string_view::npos ? h.size() : next) - line - 1);
-    line = next;
-    auto colon = field.find(':');
-    if (colon == std::string_view::npos) continue;
-    std::string_view name = field.substr(0, colon);
-    if (detail::iequals(name, "transfer-encoding")) return false;
-    if (detail::iequals(name, "content-length")) {
-      std::string_view v = field.substr(colon + 1);
-      while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
-      while (!v.empty() && (v.back() == ' ' || v.back() == '\t' || v.back() == '\r')) v.remove_suffix(1);
-      std::size_t len = 0;
-      if (v.empty() || v.size() > 12) return false;
-      for (char ch : v) {
-        if (ch < '0' || ch > '9') return false;
-        len = len * 10 + static_cast<std::size_t>(ch - '0');
-      }
-      if (buf.size() - head < len) return false;
-    }
-  }
-  return true;
-}
-
 // Router is httplib's request parser, router and response writer without its listener: our
 // reactor feeds it one complete request at a time through process_request (protected).
 class Router final : public httplib::Server {
@@ -1631,6 +1602,11 @@ struct Server::Impl {
     // Content-Range field; several, a multipart/byteranges body.
     std::vector<std::pair<std::uint64_t, std::uint64_t>> parts;
     detail::Byteranges layout;
+    auto one_part = [&](std::uint64_t first, std::uint64_t last) {
+      parts = {{first, last}};
+      layout.heads.assign(1, std::string());
+      layout.length = last - first + 1;
+    };
     std::string content_type = type;
     if (plan.parts.size() > 1) {
       std::string boundary = new_boundary();
@@ -1640,12 +1616,10 @@ struct Server::Impl {
       res.status = 206;
     } else if (plan.parts.size() == 1) {
       res.status = 206;
-      res.set_header("Content-Range", "bytes " + std::to_string(plan.parts[0].first) + "-" +
-                                          std::to_string(plan.parts[0].second) + "/" +
-                                          std::to_string(size));
-      parts = std::move(plan.parts);
-      layout.heads.assign(1, std::string());
-      layout.length = parts[0].second - parts[0].first + 1;
+      auto [first, last] = plan.parts[0];
+      res.set_header("Content-Range", "bytes " + std::to_string(first) + "-" +
+                                          std::to_string(last) + "/" + std::to_string(size));
+      one_part(first, last);
     }
     if (tl_inline) {
       // On a reactor: a small file is read whole (one open, fstat, read); a larger one is
@@ -1685,11 +1659,7 @@ struct Server::Impl {
       return;
     }
     ::close(fd);
-    if (res.status != 206 && size > 0) {
-      parts = {{0, size - 1}};
-      layout.heads.assign(1, std::string());
-      layout.length = size;
-    }
+    if (res.status != 206 && size > 0) one_part(0, size - 1);
     auto body = std::make_shared<Body>();
     body->parts = std::move(parts);
     body->layout = std::move(layout);
@@ -1833,20 +1803,21 @@ struct Server::Impl {
   // vet_head checks the request head at c.unread()[0, head) before anything reads it
   // (detail::check_request_head) and, when httplib must read another text, rewrites it in
   // c.buf (detail::normalize_request_head; head follows). Every head is vetted once, by the
-  // reactor or by the worker that serves the request behind another. Returns the answer to
-  // send before closing the connection; empty: go on.
-  std::string vet_head(Connection& c, std::size_t& head) {
+  // reactor or by the worker that serves the request behind another. A check whose status is
+  // not 0 is answered (detail::head_fault_response) and the connection closed; otherwise it
+  // tells how the body is framed.
+  detail::HeadCheck vet_head(Connection& c, std::size_t& head) {
     detail::HeadCheck check = detail::check_request_head(c.unread().substr(0, head));
     if (check.status != 0) {
       if (!c.listener->admin) ++bad_head;
-      return detail::head_fault_response(check);
+      return check;
     }
     if (check.rewrite) {
       std::string normal = detail::normalize_request_head(c.unread().substr(0, head));
       c.buf.replace(c.pos, head, normal);
       head = normal.size();
     }
-    return {};
+    return check;
   }
 
   void reply_and_close(Connection* c, std::string_view response) {
@@ -2131,12 +2102,12 @@ struct Server::Impl {
         c->pos = 0;
       }
       if (std::size_t head = detail::header_end(c->unread()); head != 0) {
-        if (std::string refusal = vet_head(*c, head); !refusal.empty()) {
-          return reply_and_close(c, refusal);
-        }
-        // Handlers that never block run here; anything that may wait goes to a worker.
-        if (c->listener->admin || c->prefer_worker ||
-            !request_fully_buffered(c->unread(), head)) {
+        detail::HeadCheck check = vet_head(*c, head);
+        if (check.status != 0) return reply_and_close(c, detail::head_fault_response(check));
+        // Handlers that never block run here; anything that may wait goes to a worker (so
+        // does a request whose body is not all here yet).
+        if (c->listener->admin || c->prefer_worker || check.chunked ||
+            c->unread().size() - head < check.content_length) {
           return dispatch(c);
         }
         if (!serve_inline(c, head)) return;
@@ -2814,7 +2785,8 @@ struct Server::Impl {
       std::size_t head = detail::header_end(u.substr(start));
       if (head == 0) break;
       c->pos += start;
-      if (std::string refusal = vet_head(*c, head); !refusal.empty()) {
+      if (detail::HeadCheck check = vet_head(*c, head); check.status != 0) {
+        std::string refusal = detail::head_fault_response(check);
         stream.write(refusal.data(), refusal.size());
         stream.flush();
         close_socket(*c);

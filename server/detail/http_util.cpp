@@ -568,6 +568,7 @@ HeadCheck check_request_head(std::string_view head) {
           !std::all_of(value.begin(), value.end(), digit)) {
         return fault(400, "bad Content-Length");
       }
+      std::from_chars(value.data(), value.data() + value.size(), r.content_length);
     } else if (iequals(name, "transfer-encoding")) {
       te = true;
       while (!value.empty()) {
@@ -588,6 +589,7 @@ HeadCheck check_request_head(std::string_view head) {
       return fault(400, "chunked is not the final transfer coding, once");
     }
     if (te_codings > 1) return fault(501, "transfer coding not implemented");
+    r.chunked = true;
   }
   return r;
 }

@@ -156,6 +156,10 @@ struct HeadCheck {
   int status = 0;         // 0: acceptable; else 400, 501 or 505, to answer before closing
   std::string_view why;   // the fault in a few words (static text), for the answer's body
   bool rewrite = false;   // httplib must read normalize_request_head(head), not head
+  // The body's framing, when acceptable: chunked (Transfer-Encoding), else content_length
+  // bytes (0 without a Content-Length).
+  bool chunked = false;
+  std::uint64_t content_length = 0;
 };
 
 // check_request_head reads a complete request head (request line, field lines, the blank line:

@@ -354,6 +354,11 @@ TEST_SUITE("server") {
     // '%' in the target is httplib's to decode (the path), not a rewrite.
     CHECK_FALSE(check_request_head("GET /a%20b?q=%26 HTTP/1.1\r\nHost: a\r\n\r\n").rewrite);
     CHECK_FALSE(check_request_head(post + "Content-Length: 4\r\nContent-Length: 4\r\n\r\n").rewrite);
+    // The body's framing, for the reactor to tell whether the body is all there.
+    CHECK(check_request_head(post + "Content-Length:  7 \r\n\r\n").content_length == 7);
+    CHECK_FALSE(check_request_head(post + "Content-Length: 7\r\n\r\n").chunked);
+    CHECK(check_request_head(post + "Transfer-Encoding: chunked\r\n\r\n").chunked);
+    CHECK(check_request_head(get + "\r\n").content_length == 0);
     // A Range is renamed for httplib, whatever it says.
     CHECK(check_request_head(get + "range: items=0-1\r\n\r\n").rewrite);
     CHECK_FALSE(check_request_head(get + "If-Range: \"x\"\r\n\r\n").rewrite);
