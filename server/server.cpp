@@ -32,6 +32,7 @@
 
 #include <httplib.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 
@@ -593,6 +594,7 @@ struct Server::Impl {
   // one reactor, or when no such context could be made (every reactor uses ssl_ctx). Filled by
   // build_tls before hooked_ctx is set, unchanged after.
   std::vector<ossl::SslCtxPtr> reactor_ctxs;
+  std::vector<OSSL_LIB_CTX*> reactor_libs;  // the library context of each of reactor_ctxs
   // What requests route by: replaced as a whole by reload, read by every request without a
   // lock (detail::SnapshotCell).
   detail::SnapshotCell<Routing> routing_cell;
@@ -925,6 +927,7 @@ struct Server::Impl {
     if (!ssl_ctx) return fail(ossl::error("https: SSL_CTX_new"));
     if (auto st = configure_tls(ssl_ctx.get(), nullptr, opts); !st) return st;
     reactor_ctxs.clear();
+    reactor_libs.clear();
     for (std::size_t k = 1; k < reactor_count; ++k) {
       std::string why;
       OSSL_LIB_CTX* lib = detail::reactor_lib_context(k - 1, why);
@@ -935,10 +938,12 @@ struct Server::Impl {
         log->log(LogLevel::warn, kLog, "reactors share one OpenSSL library context",
                  {{"reactor", std::to_string(k)}, {"error", why}});
         reactor_ctxs.clear();
+        reactor_libs.clear();
         break;
       }
       if (auto st = configure_tls(ctx.get(), lib, opts); !st) return st;
       reactor_ctxs.push_back(std::move(ctx));
+      reactor_libs.push_back(lib);
     }
     // Keys copied into reactor_ctxs' contexts cost the object cache room (tlsreload).
     tlsreload::note_openssl_signing_contexts(1 + reactor_ctxs.size());
@@ -2900,6 +2905,20 @@ int Server::https_port() const { return impl_->https_port; }
 int Server::http_port() const { return impl_->http_port; }
 int Server::admin_port() const { return impl_->admin_port; }
 
+std::size_t Server::prepare_key(EVP_PKEY* key) const {
+  std::size_t made = 0;
+  if (!key) return made;
+  for (OSSL_LIB_CTX* lib : impl_->reactor_libs) {
+    // Initializing a signature in lib exports the key into lib's provider (evp_pkey_export_to_
+    // provider) and caches the copy in the key, as the first handshake there would.
+    EVP_PKEY_CTX* c = EVP_PKEY_CTX_new_from_pkey(lib, key, nullptr);
+    if (c && EVP_PKEY_sign_init(c) == 1) ++made;
+    else ossl::drain_errors();
+    EVP_PKEY_CTX_free(c);
+  }
+  return made;
+}
+
 bool Server::ready() const { return impl_->started.load() && !impl_->draining.load(); }
 
 void Server::shutdown(milliseconds drain) {
@@ -2997,6 +3016,7 @@ Result<Server::ReloadReport> Server::reload(ServerConfig config) {
   if (!config.https.empty() && !m.ssl_ctx) {
     if (auto st = m.build_tls(); !st) {
       m.reactor_ctxs.clear();
+      m.reactor_libs.clear();
       m.ssl_ctx.reset();
       m.tickets.reset();
       report.failed.push_back(st.error().message);

@@ -5,6 +5,8 @@
 // material comes from a tlsreload::ChallengeStore (http-01 on the HTTP listener, tls-alpn-01
 // on the HTTPS listener).
 
+#include <openssl/types.h>
+
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -84,6 +86,16 @@ class Server {
   int http_port() const;
   // admin_port returns the bound port of the admin listener (ServerConfig::admin), or 0.
   int admin_port() const;
+
+  // prepare_key makes key's copy in the OpenSSL library context of every reactor after the
+  // first (ServerConfig::reactor_threads; docs/server.md): the copy the first handshake that
+  // reactor signs with key would otherwise make, an export of ~25 us for a P-256 key (docs/
+  // benchmarks.md, session 26), which the key keeps while it lives (~2.1 KiB each). For an
+  // embedder that builds its certificates' objects before serving (Certificate::openssl()),
+  // so that no handshake pays it; `autotls serve` builds them in handshakes and does not call
+  // it. Returns the number of contexts that hold a copy now (0 with one reactor, or for a null
+  // key). Thread-safe; not during a reload that adds the first https listener.
+  std::size_t prepare_key(EVP_PKEY* key) const;
 
   // shutdown closes the listening sockets (new connections are refused), closes idle
   // connections, lets requests in flight finish and answer with "Connection: close" until

@@ -3,14 +3,18 @@
 //
 //   tls_bench --port P --root DIR --cert A.pem --key A.key [--cert2 B.pem --key2 B.key]
 //             [--swaps-per-s N] [--workers N] [--reactors N]
-//             [--store DIR [--cache N] [--warm] [--no-huge-pages]] [--upstream URL] [--no-tickets]
+//             [--store DIR [--cache N] [--warm] [--no-huge-pages] [--no-key-copies]]
+//             [--upstream URL] [--no-tickets]
 //   tls_bench client --port P (--name NAME | --names-dir DIR) --threads T --secs S [--seed N]
 //
 // --store DIR also loads every certificate of a certbot-layout DIR/live (store_bench gen),
 // --cache sets the OpenSSL object cache capacity (default: the library's) and --warm builds
 // every certificate's OpenSSL objects before listening (what a long-running server has done by
 // the time each name has been seen once), and then puts the malloc heaps on huge pages
-// (tlsreload::advise_heap_huge_pages, with MADV_COLLAPSE) unless --no-huge-pages.
+// (tlsreload::advise_heap_huge_pages, with MADV_COLLAPSE) unless --no-huge-pages. It also
+// makes each key's copy in the library context of every reactor after the first
+// (Server::prepare_key), which that reactor's first handshake with the key would make, unless
+// --no-key-copies (the state right after a warm-up of the objects alone).
 // --upstream serves every request by reverse proxy to
 // URL instead of the static root. --no-tickets turns session tickets off (tickets.enabled =
 // false), so that no client can resume: every connection is a full handshake.
@@ -191,6 +195,7 @@ int main(int argc, char** argv) {
   bool warm = false;
   bool huge_pages = true;
   bool tickets = true;
+  bool key_copies = true;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -211,6 +216,7 @@ int main(int argc, char** argv) {
     else if (a == "--warm") warm = true;
     else if (a == "--no-huge-pages") huge_pages = false;
     else if (a == "--no-tickets") tickets = false;
+    else if (a == "--no-key-copies") key_copies = false;
     else if (a == "--upstream") upstream = next();
     else die("unknown option " + a);
   }
@@ -230,6 +236,7 @@ int main(int argc, char** argv) {
   if (auto st = store->publish(a); !st) die("publish: " + st.error().message);
   if (auto st = store->set_default(a); !st) die("set_default: " + st.error().message);
   json loaded;
+  std::vector<std::shared_ptr<const tlsreload::Certificate>> warmed;  // --warm: what was built
   if (!store_dir.empty()) {
     if (cache >= 0) tlsreload::set_openssl_cache_capacity(static_cast<std::size_t>(cache));
     auto t0 = std::chrono::steady_clock::now();
@@ -249,24 +256,13 @@ int main(int argc, char** argv) {
         });
       }
       for (auto& t : ts) t.join();
+      warmed = certs;
       warm_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
     }
     auto stats = tlsreload::openssl_cache_stats();
     loaded = {{"loaded", n}, {"load_s", load_s}, {"warm_s", warm_s},
               {"openssl_cache_capacity", stats.capacity}, {"openssl_cache_size", stats.size},
               {"openssl_cache_builds", stats.builds}};
-    if (warm && huge_pages) {
-      // What `autotls serve` does once the cache has grown by 8,192 (tools/cmd_serve.cpp), done
-      // here at once so that the measurement does not depend on when that happens.
-      auto t2 = std::chrono::steady_clock::now();
-      auto hp = tlsreload::advise_heap_huge_pages(true);
-      loaded["huge_pages"] = {
-          {"advised_mib", hp.advised_bytes >> 20}, {"collapsed_mib", hp.collapsed_bytes >> 20},
-          {"not_collapsed_mib", hp.not_collapsed_bytes >> 20},
-          {"s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count()},
-          {"error", hp.error}};
-    }
-    std::cerr << "tls_bench: " << loaded.dump() << "\n";
   }
 
   server::ServerConfig cfg;
@@ -279,6 +275,38 @@ int main(int argc, char** argv) {
   cfg.tickets.enabled = tickets;
   auto srv = server::Server::create(cfg, store, nullptr, nullptr);
   if (!srv) die("create: " + srv.error().message);
+  if (warm && key_copies && !warmed.empty()) {
+    // Every key's copy in the other reactors' library contexts too, as a server that has been
+    // up a while holds them (Server::prepare_key): otherwise a random name's first handshake on
+    // such a reactor pays an export, ~25 us, and the measurement a warm-up.
+    auto t3 = std::chrono::steady_clock::now();
+    std::atomic<std::size_t> next{0}, copies{0};
+    auto& certs = warmed;
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < std::max(1u, std::thread::hardware_concurrency()); ++t) {
+      ts.emplace_back([&] {
+        for (std::size_t i; (i = next++) < certs.size();) {
+          if (auto v = certs[i]->openssl()) copies += (*srv)->prepare_key(v.key);
+        }
+      });
+    }
+    for (auto& t : ts) t.join();
+    loaded["key_copies"] = copies.load();
+    loaded["key_copies_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t3).count();
+  }
+  if (warm && huge_pages) {
+    // What `autotls serve` does once the cache has grown by 8,192 (tools/cmd_serve.cpp), done
+    // here at once, after the key copies, so that the measurement does not depend on when that
+    // happens.
+    auto t2 = std::chrono::steady_clock::now();
+    auto hp = tlsreload::advise_heap_huge_pages(true);
+    loaded["huge_pages"] = {
+        {"advised_mib", hp.advised_bytes >> 20}, {"collapsed_mib", hp.collapsed_bytes >> 20},
+        {"not_collapsed_mib", hp.not_collapsed_bytes >> 20},
+        {"s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count()},
+        {"error", hp.error}};
+  }
+  if (!store_dir.empty()) std::cerr << "tls_bench: " << loaded.dump() << "\n";
   if (auto st = (*srv)->start(); !st) die("start: " + st.error().message);
   std::cout << json{{"listening", (*srv)->https_port()}, {"store", loaded}}.dump() << std::endl;
 

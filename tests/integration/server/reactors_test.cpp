@@ -1,6 +1,7 @@
 // Reactors after the first run their handshakes in OpenSSL library contexts of their own
 // (server/detail/lib_contexts.h): every reactor serves, keys built in the default context sign
-// in the others, and the SNI counters add up across the contexts.
+// in the others (or are copied there before serving: Server::prepare_key), and the SNI counters
+// add up across the contexts.
 
 #include <doctest/doctest.h>
 
@@ -119,6 +120,30 @@ TEST_SUITE("server") {
     CHECK(t.reactors_seen() >= 2);  // so some handshakes signed in a reactor's own context
     // The misses of every context are counted.
     CHECK(t.srv->counters().sni_misses == static_cast<std::uint64_t>(refused.load()));
+  }
+
+  TEST_CASE("prepare_key makes a key's copy in every other reactor's library context") {
+    ThreeReactors t;
+    auto cert = t.store->lookup("a.test", true);
+    REQUIRE(cert);
+    auto view = cert->openssl();
+    REQUIRE(view);
+    // Three reactors: the first signs in the default context, the two others in contexts of
+    // their own, each of which gets a copy; a second call finds them made.
+    CHECK(t.srv->prepare_key(view.key) == 2);
+    CHECK(t.srv->prepare_key(view.key) == 2);
+    CHECK(t.srv->prepare_key(nullptr) == 0);
+    // The copies sign: every reactor still completes handshakes with the key.
+    for (int i = 0; i < 12; ++i) CHECK(get(t.port, "a.test") == Outcome::answered);
+
+    // One reactor: no context of its own to copy into.
+    ServerConfig cfg;
+    cfg.https = {{"127.0.0.1", 0}};
+    cfg.http = {};
+    cfg.reactor_threads = 1;
+    auto one = Server::create(cfg, t.store, nullptr, nullptr);
+    REQUIRE_MESSAGE(one, one.error().message);
+    CHECK((*one)->prepare_key(view.key) == 0);
   }
 
   TEST_CASE("a ticket sealed in one reactor's library context opens in the others") {
