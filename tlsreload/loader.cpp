@@ -5,9 +5,12 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <functional>
+#include <mutex>
 #include <optional>
 #include <system_error>
 #include <thread>
@@ -137,6 +140,75 @@ constexpr std::size_t kChunk = 32;
 
 std::size_t io_threads() { return std::max(1u, std::thread::hardware_concurrency()) * 4; }
 
+// LoaderThreads: the threads parallel_chunks lends work to, made on first use and kept, parked,
+// for the life of the process. Kept, because glibc gives each thread a malloc arena and hands
+// the arena of a thread that exits to the next thread made: threads made per load left their
+// arenas, full of the certificates just loaded and of the holes their parsing left, to the
+// server's reactors started next, whose every handshake then allocated among them. A server
+// holding 100,000 certificates spent ~5 % more CPU per handshake for that (docs/benchmarks.md,
+// session 26). One job at a time: a caller that finds the threads busy (another load, on
+// another thread) makes threads of its own, as before.
+class LoaderThreads {
+ public:
+  static LoaderThreads& get() {
+    static auto* threads = new LoaderThreads;  // never destroyed: parked threads hold nothing
+    return *threads;
+  }
+
+  // try_run runs work on the caller and on up to extra of these threads at once, and returns
+  // when every one has returned; false, having run nothing, when another caller's job is
+  // running. Fewer threads when no more can be made.
+  bool try_run(std::size_t extra, const std::function<void()>& work) {
+    std::unique_lock running(run_mu_, std::try_to_lock);
+    if (!running) return false;
+    {
+      std::lock_guard lock(mu_);
+      while (threads_.size() < extra) {
+        try {
+          threads_.emplace_back([this, index = threads_.size(), seen = generation_] { loop(index, seen); });
+        } catch (const std::system_error&) {
+          break;
+        }
+      }
+      job_ = &work;
+      wanted_ = std::min(extra, threads_.size());
+      pending_ = wanted_;
+      ++generation_;
+    }
+    cv_.notify_all();
+    work();
+    std::unique_lock lock(mu_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    job_ = nullptr;
+    return true;
+  }
+
+ private:
+  void loop(std::size_t index, std::uint64_t seen) {
+    for (;;) {
+      const std::function<void()>* job = nullptr;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= wanted_) continue;
+        job = job_;
+      }
+      (*job)();
+      std::lock_guard lock(mu_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex run_mu_;  // held by the caller whose job runs
+  std::mutex mu_;
+  std::condition_variable cv_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void()>* job_ = nullptr;
+  std::uint64_t generation_ = 0;
+  std::size_t wanted_ = 0, pending_ = 0;
+};
+
 // parallel_for runs body(i) for i in [0, n) on up to hardware_concurrency threads, in chunks
 // (an atomic counter hands them out, so a slow file does not idle the other threads).
 // io_bound multiplies the thread count: a cold start reads 200,000 small files, and the disk
@@ -154,6 +226,7 @@ void parallel_chunks(std::size_t n, std::size_t chunk, Body&& body, bool io_boun
       body(begin, std::min(n, begin + chunk));
     }
   };
+  if (threads > 1 && LoaderThreads::get().try_run(threads - 1, work)) return;
   std::vector<std::thread> pool;
   for (std::size_t t = 1; t < threads; ++t) {
     try {

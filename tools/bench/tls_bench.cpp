@@ -48,9 +48,11 @@
 #include <condition_variable>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <random>
@@ -184,6 +186,62 @@ int client_main(int argc, char** argv) {
 
 }  // namespace
 
+// Builders runs a job on every one of its threads at once (run waits for all of them), and
+// keeps the threads until it is destroyed: the warm-up's. glibc gives each thread a malloc
+// arena, and a thread that exits leaves its arena to the next thread made; kept alive until
+// the process ends (the default), the builders' arenas stay theirs, and the server's threads,
+// started later, get fresh ones instead of heaps full of the built objects and the holes the
+// builds left (as the library's loader threads, tlsreload/loader.cpp). --no-park-builders ends
+// them before the server starts, as before.
+class Builders {
+ public:
+  explicit Builders(unsigned n) {
+    for (unsigned i = 0; i < n; ++i) {
+      threads_.emplace_back([this] {
+        std::uint64_t seen = 0;
+        for (;;) {
+          std::function<void()> job;
+          {
+            std::unique_lock lock(mu_);
+            cv_.wait(lock, [&] { return quit_ || generation_ != seen; });
+            if (quit_) return;
+            seen = generation_;
+            job = job_;
+          }
+          job();
+          std::lock_guard lock(mu_);
+          if (--pending_ == 0) cv_.notify_all();
+        }
+      });
+    }
+  }
+  ~Builders() {
+    {
+      std::lock_guard lock(mu_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void run(std::function<void()> job) {
+    std::unique_lock lock(mu_);
+    job_ = std::move(job);
+    pending_ = threads_.size();
+    ++generation_;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return pending_ == 0; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::function<void()> job_;
+  std::uint64_t generation_ = 0;
+  std::size_t pending_ = 0;
+  bool quit_ = false;
+  std::vector<std::thread> threads_;
+};
+
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "client") return client_main(argc, argv);
   int port = 0;
@@ -196,6 +254,7 @@ int main(int argc, char** argv) {
   bool huge_pages = true;
   bool tickets = true;
   bool key_copies = true;
+  bool park_builders = true;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -217,6 +276,7 @@ int main(int argc, char** argv) {
     else if (a == "--no-huge-pages") huge_pages = false;
     else if (a == "--no-tickets") tickets = false;
     else if (a == "--no-key-copies") key_copies = false;
+    else if (a == "--no-park-builders") park_builders = false;
     else if (a == "--upstream") upstream = next();
     else die("unknown option " + a);
   }
@@ -237,6 +297,7 @@ int main(int argc, char** argv) {
   if (auto st = store->set_default(a); !st) die("set_default: " + st.error().message);
   json loaded;
   std::vector<std::shared_ptr<const tlsreload::Certificate>> warmed;  // --warm: what was built
+  std::optional<Builders> builders;                                     // --warm: who built it
   if (!store_dir.empty()) {
     if (cache >= 0) tlsreload::set_openssl_cache_capacity(static_cast<std::size_t>(cache));
     auto t0 = std::chrono::steady_clock::now();
@@ -249,13 +310,10 @@ int main(int argc, char** argv) {
       auto t1 = std::chrono::steady_clock::now();
       auto& certs = report->certificates;
       std::atomic<std::size_t> next{0};
-      std::vector<std::thread> ts;
-      for (unsigned t = 0; t < std::max(1u, std::thread::hardware_concurrency()); ++t) {
-        ts.emplace_back([&] {
-          for (std::size_t i; (i = next++) < certs.size();) (void)certs[i]->openssl();
-        });
-      }
-      for (auto& t : ts) t.join();
+      builders.emplace(std::max(1u, std::thread::hardware_concurrency()));
+      builders->run([&] {
+        for (std::size_t i; (i = next++) < certs.size();) (void)certs[i]->openssl();
+      });
       warmed = certs;
       warm_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
     }
@@ -282,15 +340,11 @@ int main(int argc, char** argv) {
     auto t3 = std::chrono::steady_clock::now();
     std::atomic<std::size_t> next{0}, copies{0};
     auto& certs = warmed;
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < std::max(1u, std::thread::hardware_concurrency()); ++t) {
-      ts.emplace_back([&] {
-        for (std::size_t i; (i = next++) < certs.size();) {
-          if (auto v = certs[i]->openssl()) copies += (*srv)->prepare_key(v.key);
-        }
-      });
-    }
-    for (auto& t : ts) t.join();
+    builders->run([&] {
+      for (std::size_t i; (i = next++) < certs.size();) {
+        if (auto v = certs[i]->openssl()) copies += (*srv)->prepare_key(v.key);
+      }
+    });
     loaded["key_copies"] = copies.load();
     loaded["key_copies_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t3).count();
   }
@@ -307,6 +361,7 @@ int main(int argc, char** argv) {
         {"error", hp.error}};
   }
   if (!store_dir.empty()) std::cerr << "tls_bench: " << loaded.dump() << "\n";
+  if (!park_builders) builders.reset();
   if (auto st = (*srv)->start(); !st) die("start: " + st.error().message);
   std::cout << json{{"listening", (*srv)->https_port()}, {"store", loaded}}.dump() << std::endl;
 
