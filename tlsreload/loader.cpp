@@ -144,10 +144,13 @@ std::size_t io_threads() { return std::max(1u, std::thread::hardware_concurrency
 // for the life of the process. Kept, because glibc gives each thread a malloc arena and hands
 // the arena of a thread that exits to the next thread made: threads made per load left their
 // arenas, full of the certificates just loaded and of the holes their parsing left, to the
-// server's reactors started next, whose every handshake then allocated among them. A server
-// holding 100,000 certificates spent ~5 % more CPU per handshake for that (docs/benchmarks.md,
+// server's reactors started next, whose every handshake then allocated among them (with the
+// benchmark's warm-up threads kept too, a process holding 100,000 built certificates went from
+// +10-12 % CPU per handshake over a one-certificate process to +6.9 %: docs/benchmarks.md,
 // session 26). One job at a time: a caller that finds the threads busy (another load, on
-// another thread) makes threads of its own, as before.
+// another thread), or that is itself running a job, makes threads of its own, as before. What
+// a kept thread holds between loads: its thread-locals (file buffers, wiped; a Prefetch's AIO
+// context of 64 events) and its arena's free space.
 class LoaderThreads {
  public:
   static LoaderThreads& get() {
@@ -159,6 +162,7 @@ class LoaderThreads {
   // when every one has returned; false, having run nothing, when another caller's job is
   // running. Fewer threads when no more can be made.
   bool try_run(std::size_t extra, const std::function<void()>& work) {
+    if (in_job) return false;  // a job's own nested load: run_mu_ may be this thread's
     std::unique_lock running(run_mu_, std::try_to_lock);
     if (!running) return false;
     {
@@ -176,7 +180,9 @@ class LoaderThreads {
       ++generation_;
     }
     cv_.notify_all();
+    in_job = true;
     work();
+    in_job = false;
     std::unique_lock lock(mu_);
     done_.wait(lock, [&] { return pending_ == 0; });
     job_ = nullptr;
@@ -194,11 +200,15 @@ class LoaderThreads {
         if (index >= wanted_) continue;
         job = job_;
       }
+      in_job = true;
       (*job)();
+      in_job = false;
       std::lock_guard lock(mu_);
       if (--pending_ == 0) done_.notify_one();
     }
   }
+
+  static inline thread_local bool in_job = false;  // running a job's work on this thread
 
   std::mutex run_mu_;  // held by the caller whose job runs
   std::mutex mu_;
@@ -524,10 +534,15 @@ class Prefetch {
     if (ctx_) ::syscall(SYS_io_destroy, ctx_);
   }
 
-  // retry forgets an earlier failure. The thread that calls load_directory keeps its Prefetch
-  // (the others are new each load), so one failed io_getevents or io_setup (EAGAIN at
-  // fs.aio-max-nr) would otherwise turn prefetching off for its every later load.
-  void retry() { unavailable_ = false; }
+  // retry_for forgets an earlier failure once per load (load: a number new for each load).
+  // Threads keep their Prefetch from load to load (the caller of load_directory, and the
+  // loader's threads, which are kept: LoaderThreads), so one failed io_getevents or io_setup
+  // (EAGAIN at fs.aio-max-nr) would otherwise turn prefetching off for their every later load.
+  void retry_for(std::uint64_t load) {
+    if (load == load_) return;
+    load_ = load;
+    unavailable_ = false;
+  }
 
   // probe opens path (relative to dir_fd) and tells whether its first page is in the page
   // cache (a cold one is read ahead by the probe itself). It returns the descriptor of a
@@ -633,6 +648,7 @@ class Prefetch {
 
   aio_context_t ctx_ = 0;
   bool unavailable_ = false;
+  std::uint64_t load_ = 0;  // the load retry_for last saw
   std::array<int, kMaxBatch> fds_{};
   std::array<iocb, kMaxBatch> cbs_{};
   std::array<iocb*, kMaxBatch> ptrs_{};
@@ -691,9 +707,11 @@ Result<LoadReport> load_directory(const fs::path& dir, const LoadOptions& option
   std::vector<std::size_t> order(candidates.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
   bool cold_start = false;
+  static std::atomic<std::uint64_t> loads{0};
+  const std::uint64_t load = ++loads;
   if (!candidates.empty()) {
     const Candidate& c = candidates.front();
-    thread_prefetch().retry();
+    thread_prefetch().retry_for(load);
     int fd = thread_prefetch().probe(c.level->fd.fd, c.chain().c_str(), cold_start);
     if (fd >= 0) ::close(fd);
   }
@@ -711,6 +729,7 @@ Result<LoadReport> load_directory(const fs::path& dir, const LoadOptions& option
       order.size(), kChunk,
       [&](std::size_t begin, std::size_t end) {
         Prefetch& prefetch = thread_prefetch();
+        prefetch.retry_for(load);
         const Candidate& first = candidates[order[begin]];
         bool cold = false;
         int first_chain = prefetch.probe(first.level->fd.fd, first.chain().c_str(), cold);
