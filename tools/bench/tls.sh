@@ -43,7 +43,8 @@
 # (default 3: nginx_proxy then autotls_proxy each round, SECS each), and prints one JSON object
 # with each round's figures (rate, server CPU µs and context switches per request, load
 # average) and their medians; one run takes about ROUNDS x 2 x SECS + 15 s.
-# Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_SWAP_ROUNDS (4), TLS_BENCH_NICE (unset),
+# Environment: TLS_BENCH_SECS (10, per phase), TLS_BENCH_CONNS (50), TLS_BENCH_SWAP_ROUNDS (4),
+# TLS_BENCH_MANY_ROUNDS (8), TLS_BENCH_NICE (unset),
 # TLS_BENCH_RESUME (1), TLS_BENCH_NGINX_UPSTREAM_KEEPALIVE (32), TLS_BENCH_KEEP=1 keeps the scratch directory. SIGINT/SIGTERM stop it after the running wrk
 # (bounded by its -d) and clean up both servers.
 set -euo pipefail
@@ -453,8 +454,9 @@ if [ -f "$fixture/complete" ]; then
   }
   "$bench_bin" client --port "$autotls_many_port" --threads 2 --secs 1 --names-dir "$fixture/live" >/dev/null
   # Single windows of one server swing by ~10 % on these machines (docs/benchmarks.md, session
-  # 15), so the full mode takes 4 rounds and alternates the order of the windows.
-  rounds=4
+  # 15), and a round's ratio from 0.71 to 1.24 (session 26), so the full mode takes 8 rounds
+  # (TLS_BENCH_MANY_ROUNDS; 4 until session 26) and alternates the order of the windows.
+  rounds="${TLS_BENCH_MANY_ROUNDS:-8}"
   [ "$quick" = 1 ] && rounds=1
   # Also, each round, the many-certificate server's own certificate (bench.test): random SNI
   # against it separates the cost of the drawn names from that of a process holding them all.
@@ -508,6 +510,11 @@ out = {"certificates": n, "one_cert_handshakes_per_s": rate(one), "many_certs_ha
        "rounds": [{"one": o["rate"], "many": m["rate"], "many_server_one": mo["rate"]}
                   for o, m, mo in zip(one, many, many_one)],
        "store": store}
+# The median of the rounds' own ratios: one slow window moves it less than the ratio of means.
+per_round = sorted(m["rate"] / o["rate"] for o, m in zip(one, many) if o["rate"])
+if per_round:
+  k = len(per_round)
+  out["many_certs_ratio_median_round"] = round((per_round[(k - 1) // 2] + per_round[k // 2]) / 2, 3)
 if counters and store:
   out["openssl_cache_builds_while_serving"] = counters.get("openssl_cache_builds", 0) - store.get("openssl_cache_builds", 0)
 cold = load("cold")[:1] if os.path.exists(os.path.join(work, "client-cold_1.json")) else []
