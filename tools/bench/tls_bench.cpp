@@ -348,7 +348,7 @@ int main(int argc, char** argv) {
     loaded["key_copies"] = copies.load();
     loaded["key_copies_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t3).count();
   }
-  if (warm && huge_pages) {
+  if (warm && huge_pages && !warmed.empty()) {
     // What `autotls serve` does once the cache has grown by 8,192 (tools/cmd_serve.cpp), done
     // here at once, after the key copies, so that the measurement does not depend on when that
     // happens.
