@@ -32,6 +32,24 @@ struct ShardTable {
 };
 }  // namespace detail
 
+// kMaxSniName: lookup names are at most 253 characters (RFC 1035 §2.3.4), plus an optional
+// trailing dot.
+inline constexpr std::size_t kMaxSniName = 253;
+
+namespace detail {
+// normalize_sni turns an SNI name into its lookup key in buf (at least kMaxSniName + 16
+// bytes): A-Z lower-cased, one trailing dot dropped, and the bytes after the key zeroed up to
+// the next multiple of 8 (the lookup hashes and compares 8 bytes at a time, reading up to 8
+// bytes past the key and masking what lies beyond it). Returns the key's length, or 0 for a
+// name that cannot be a key (empty, too long, a leading dot, a byte outside
+// [A-Za-z0-9-_.:]), which then only gets the default certificate. A leading dot is refused so
+// that a client cannot name a wildcard key (".example.com") directly. Never reads past sni.
+std::size_t normalize_sni(std::string_view sni, char* buf);
+// normalize_sni_swar is the same without SSE2 (8 bytes at a time in general registers): what
+// normalize_sni does where SSE2 is missing, and a second implementation for the tests.
+std::size_t normalize_sni_swar(std::string_view sni, char* buf);
+}  // namespace detail
+
 // kShardCount splits the name map so that a publish copies 1/kShardCount of it (about 100
 // entries at 100,000 names) plus kShardGroups group pointers and one group, never the whole
 // map. Each shard is a flat open-addressing table of 64-byte slots

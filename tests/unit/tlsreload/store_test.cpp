@@ -1,6 +1,9 @@
 #include <doctest/doctest.h>
 
 #include <cctype>
+#include <cstring>
+#include <memory>
+#include <random>
 
 #include "tests/support/fake_clock.h"
 #include "tests/unit/tlsreload/test_ca.h"
@@ -133,6 +136,80 @@ TEST_CASE_FIXTURE(Fixture, "store matches names of every length and refuses byte
   CHECK(store.lookup(held.back().first) == def);
   CHECK(store.lookup(held.front().first) == def);
   CHECK(store.lookup(held[5].first) == held[5].second);
+}
+
+// The lookup's key: both normalizations (SSE2 where the build has it, and the SWAR one) against
+// a byte-at-a-time reference, for every byte value at every position of names of every
+// length up to 48 (across the 8- and 16-byte chunks), every length up to the limit, and
+// random names. The input sits at the very end of its buffer, so a read past it is a
+// sanitizer error. The bytes after the key up to the next multiple of 8 must be zero.
+TEST_CASE("normalize_sni lower-cases the name alphabet and refuses every other byte") {
+  auto reference = [](std::string_view sni, std::string& key) -> std::size_t {
+    if (!sni.empty() && sni.back() == '.') sni.remove_suffix(1);
+    if (sni.empty() || sni.size() > kMaxSniName || sni.front() == '.') return 0;
+    key.clear();
+    for (char c : sni) {
+      if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+      bool ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_' || c == ':';
+      if (!ok) return 0;
+      key += c;
+    }
+    return key.size();
+  };
+  std::size_t checked = 0;
+  auto check = [&](const std::string& name) {
+    std::string want;
+    const std::size_t n = reference(name, want);
+    // Exactly sized heap copy: the name ends where its allocation ends.
+    std::unique_ptr<char[]> exact(new char[name.size()]);
+    std::memcpy(exact.get(), name.data(), name.size());
+    std::string_view sni(exact.get(), name.size());
+    for (auto* f : {&detail::normalize_sni, &detail::normalize_sni_swar}) {
+      char buf[kMaxSniName + 16];
+      std::memset(buf, 0x5a, sizeof buf);
+      const std::size_t got = f(sni, buf);
+      if (got != n) {
+        CAPTURE(name);
+        CAPTURE(f == &detail::normalize_sni_swar);
+        REQUIRE(got == n);
+      }
+      if (n != 0) {
+        const std::string key(buf, n);
+        const std::string pad(buf + n, (n + 7) / 8 * 8 - n);
+        if (key != want || pad != std::string(pad.size(), '\0')) {
+          CAPTURE(name);
+          CAPTURE(f == &detail::normalize_sni_swar);
+          CHECK(key == want);
+          CHECK(pad == std::string(pad.size(), '\0'));
+        }
+      }
+    }
+    ++checked;
+  };
+  for (std::size_t len = 1; len <= 48; ++len) {
+    std::string base(len, 'a');
+    for (std::size_t i = 0; i < len; ++i) base[i] = "aZ0-_.:9y"[i % 9];
+    if (base.front() == '.') base.front() = 'a';
+    for (std::size_t pos = 0; pos < len; ++pos) {
+      for (int b = 0; b < 256; ++b) {
+        std::string name = base;
+        name[pos] = static_cast<char>(b);
+        check(name);
+      }
+    }
+  }
+  for (std::size_t len = 0; len <= kMaxSniName + 2; ++len) {
+    check(std::string(len, 'Q'));
+    check(std::string(len, 'q') + ".");
+  }
+  std::mt19937 rng(7);
+  const std::string alphabet = "abcxyzABCXYZ0189-._:@[`{/ \x7f\x80\xff";
+  for (int k = 0; k < 20000; ++k) {
+    std::string name(rng() % 80, 'a');
+    for (char& c : name) c = alphabet[rng() % alphabet.size()];
+    check(name);
+  }
+  CHECK(checked > 300000);
 }
 
 TEST_CASE_FIXTURE(Fixture, "store wildcard covers exactly one label") {
