@@ -452,9 +452,6 @@ std::size_t normalize_sni(std::string_view sni, char* buf) {
 
 namespace {
 
-using detail::normalize_sni;
-constexpr std::size_t kMaxName = kMaxSniName;
-
 // key_of turns a certificate name into its map key: wildcards are stored as ".example.com"
 // (the suffix after the first label), which no exact name can equal.
 std::string_view key_of(std::string_view name) {
@@ -629,7 +626,7 @@ struct SnapshotEditor {
   // keep copies a new key into arena_ (64 KiB chunks: a bulk load adds 100,000 keys, and one
   // allocation each was a fifth of publish_batch).
   std::string_view keep(std::string_view key) {
-    constexpr std::size_t kChunk = 64 * 1024;  // > kMaxName
+    constexpr std::size_t kChunk = 64 * 1024;  // > kMaxSniName
     if (arena_.empty() || arena_used_ + key.size() > kChunk) {
       arena_.push_back(std::make_unique_for_overwrite<char[]>(kChunk));
       arena_used_ = 0;
@@ -686,8 +683,8 @@ auto Snapshot::find_impl(std::string_view sni, bool client_supports_ecdsa, bool*
     return detail::Slot::probe<true>(t.slots, t.mask, key, h);
   };
 
-  char buf[kMaxName + 16];
-  std::size_t n = normalize_sni(sni, buf);
+  char buf[kMaxSniName + 16];
+  std::size_t n = detail::normalize_sni(sni, buf);
   if (n != 0) {
     std::string_view name(buf, n);
     if (const detail::Slot* s = entry(name)) {
